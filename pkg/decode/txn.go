@@ -1,0 +1,155 @@
+package decode
+
+import (
+	"strconv"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+)
+
+// Op is the kind of one row change.
+type Op uint8
+
+// The row operations a Change can carry.
+const (
+	OpInsert Op = 1 + iota
+	OpUpdate
+	OpDelete
+	OpTruncate
+)
+
+// String returns the SQL verb of the operation.
+func (o Op) String() string {
+	switch o {
+	case OpInsert:
+		return "INSERT"
+	case OpUpdate:
+		return "UPDATE"
+	case OpDelete:
+		return "DELETE"
+	case OpTruncate:
+		return "TRUNCATE"
+	}
+	return "Op(" + strconv.Itoa(int(o)) + ")"
+}
+
+// Column describes one column of a relation as the source sent it.
+type Column struct {
+	Name string
+	// TypeOID is the source's type OID. Built-in types (OID below 16384) have
+	// the same OID in every cluster; for other types TypeName is set.
+	TypeOID uint32
+	// TypeName is the schema-qualified name of a non-built-in type (enum,
+	// domain, composite, ...) from the pgoutput Type message; empty otherwise.
+	TypeName string
+	TypeMod  int32
+	// Key reports whether the column is part of the replica identity.
+	Key bool
+}
+
+// Replica identity settings, as pgoutput sends them in the Relation message.
+const (
+	IdentityDefault byte = 'd'
+	IdentityNothing byte = 'n'
+	IdentityFull    byte = 'f'
+	IdentityIndex   byte = 'i'
+)
+
+// Relation is the source's description of one table. Changes of a
+// transaction share Relation values; a Relation is never mutated after it
+// was handed out (a schema change produces a new one).
+type Relation struct {
+	ID              uint32
+	Schema          string
+	Table           string
+	ReplicaIdentity byte
+	Columns         []Column
+}
+
+// ValueKind tells how a Value was sent.
+type ValueKind uint8
+
+// The kinds of column value pgoutput sends.
+const (
+	ValueNull      ValueKind = iota // SQL NULL
+	ValueText                       // text representation in Data
+	ValueUnchanged                  // unchanged TOASTed value: not sent, must not be written
+	ValueBinary                     // binary representation in Data
+)
+
+// String names the value kind.
+func (k ValueKind) String() string {
+	switch k {
+	case ValueNull:
+		return "null"
+	case ValueText:
+		return "text"
+	case ValueUnchanged:
+		return "unchanged"
+	case ValueBinary:
+		return "binary"
+	}
+	return "ValueKind(" + strconv.Itoa(int(k)) + ")"
+}
+
+// Value is one column value. Data is nil unless Kind is ValueText or
+// ValueBinary.
+type Value struct {
+	Kind ValueKind
+	Data []byte
+}
+
+// Truncate flags, as pgoutput sends them.
+const (
+	TruncateCascade         uint8 = 1
+	TruncateRestartIdentity uint8 = 2
+)
+
+// Change is one row change (or one TRUNCATE) of a transaction.
+type Change struct {
+	Op Op
+	// Rel is the changed table. For OpTruncate it is the first truncated
+	// table and Truncated lists all of them.
+	Rel *Relation
+	// Old is the old row when the WAL carries it: the replica identity
+	// columns for UPDATE and DELETE (other columns ValueNull), or the whole
+	// old row with REPLICA IDENTITY FULL. Nil when not sent. Same length as
+	// Rel.Columns when set.
+	Old []Value
+	// New is the new row for INSERT and UPDATE, same length as Rel.Columns.
+	New []Value
+	// Truncated lists the truncated tables for OpTruncate.
+	Truncated []*Relation
+	// TruncateFlags is a combination of TruncateCascade and
+	// TruncateRestartIdentity.
+	TruncateFlags uint8
+}
+
+// Txn is one committed source transaction, in commit order.
+type Txn struct {
+	// Origin is the source region; it names the replication origin
+	// prism_<region> on the targets.
+	Origin     string
+	Xid        uint32
+	CommitLSN  pglogrepl.LSN
+	EndLSN     pglogrepl.LSN // idempotency key with Origin; what a region ACKs
+	CommitTime time.Time
+	Changes    []Change
+}
+
+// Size is an estimate of the memory the transaction holds, in bytes. The
+// shipper bounds its window of unacknowledged transactions with it.
+func (t *Txn) Size() int {
+	n := 64 + len(t.Origin)
+	for i := range t.Changes {
+		c := &t.Changes[i]
+		n += 48
+		for _, v := range c.Old {
+			n += 16 + len(v.Data)
+		}
+		for _, v := range c.New {
+			n += 16 + len(v.Data)
+		}
+	}
+	return n
+}
