@@ -1,0 +1,87 @@
+package pgtest
+
+import (
+	"context"
+	"os"
+	"testing"
+	"time"
+)
+
+func TestTwoClustersCrashAndRestart(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	a := Start(t, Options{Name: "a"})
+	b := Start(t, Options{Name: "b"})
+	if a.Port == b.Port {
+		t.Fatalf("both clusters on port %d", a.Port)
+	}
+	if err := a.Exec(ctx, "postgres", "CREATE TABLE t (id int primary key, v text); INSERT INTO t VALUES (1, 'one')"); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []*Cluster{a, b} {
+		conn, err := c.Connect(ctx, "postgres")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var level, ts string
+		if err := conn.QueryRow(ctx, "SELECT current_setting('wal_level'), current_setting('track_commit_timestamp')").Scan(&level, &ts); err != nil {
+			t.Fatal(err)
+		}
+		conn.Close(ctx)
+		if level != "logical" || ts != "on" {
+			t.Fatalf("%s: wal_level=%s track_commit_timestamp=%s, want logical/on", c.Name, level, ts)
+		}
+	}
+
+	if err := a.Stop("immediate"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Connect(ctx, "postgres"); err == nil {
+		t.Fatalf("connect after immediate stop succeeded")
+	}
+	if err := a.Start(); err != nil {
+		t.Fatal(err)
+	}
+	conn, err := a.Connect(ctx, "postgres")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	var v string
+	if err := conn.QueryRow(ctx, "SELECT v FROM t WHERE id = 1").Scan(&v); err != nil {
+		t.Fatalf("row after crash restart: %v", err)
+	}
+	if v != "one" {
+		t.Fatalf("v = %q, want %q", v, "one")
+	}
+}
+
+func TestCloseRemovesEverything(t *testing.T) {
+	c, err := New(Options{Name: "close"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := c.Dir
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatalf("second Close = %v, want nil", err)
+	}
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Fatalf("Stat(%s) = %v, want not exist", dir, err)
+	}
+	if _, err := c.Connect(context.Background(), "postgres"); err == nil {
+		t.Fatalf("connect after Close succeeded")
+	}
+}
+
+func TestBinDir(t *testing.T) {
+	d, err := BinDir()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(d + "/pg_ctl"); err != nil {
+		t.Fatalf("BinDir() = %s without pg_ctl: %v", d, err)
+	}
+}
