@@ -1,0 +1,486 @@
+package decode
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/jackc/pglogrepl"
+)
+
+// Assembler turns a stream of pgoutput messages into committed
+// transactions. It does no I/O: it is fed one message at a time, in stream
+// order, and returns a Txn at each commit. It understands protocol
+// versions 1 and 2 (streamed transactions are assembled by xid and
+// returned at their Stream Commit; aborted subtransactions are dropped).
+//
+// Transactions that carry an Origin message were applied by some
+// replication (prism-cdc itself, or another tool) and are not returned;
+// Filtered counts them.
+//
+// An Assembler is not safe for concurrent use. It never keeps a reference
+// to the slices it is fed.
+type Assembler struct {
+	region string
+
+	rels  map[uint32]*Relation
+	types map[uint32]string
+
+	cur         *Txn // open Begin ... Commit transaction
+	curFiltered bool // cur carries an Origin message
+
+	inStream  bool   // between Stream Start and Stream Stop
+	streamXid uint32 // top-level xid of the open stream block
+	streams   map[uint32]*streamTxn
+
+	filtered uint64
+}
+
+// streamTxn collects a streamed transaction's changes until its Stream
+// Commit. subxids[i] is the (sub)transaction that made changes[i].
+type streamTxn struct {
+	changes  []Change
+	subxids  []uint32
+	filtered bool
+}
+
+// NewAssembler returns an Assembler whose transactions name region as
+// their origin.
+func NewAssembler(region string) *Assembler {
+	return &Assembler{
+		region:  region,
+		rels:    make(map[uint32]*Relation),
+		types:   make(map[uint32]string),
+		streams: make(map[uint32]*streamTxn),
+	}
+}
+
+// Filtered returns how many committed transactions were dropped because
+// they carried a replication origin.
+func (a *Assembler) Filtered() uint64 { return a.filtered }
+
+// inFlight reports whether a transaction has started but not yet ended.
+func (a *Assembler) inFlight() bool {
+	return a.cur != nil || a.inStream || len(a.streams) > 0
+}
+
+// Feed decodes one pgoutput message (the WAL data of one XLogData message,
+// which started at lsn). It returns the completed transaction at a Commit
+// or Stream Commit, and nil otherwise. Malformed, unknown or out-of-place
+// messages are errors naming the message type and lsn; after an error the
+// Assembler should be discarded.
+func (a *Assembler) Feed(lsn pglogrepl.LSN, walData []byte) (*Txn, error) {
+	if len(walData) == 0 {
+		return nil, fmt.Errorf("decode message at %s: empty message", lsn)
+	}
+	typ := walData[0]
+	r := &buf{b: walData[1:]}
+	txn, err := a.feed(typ, r)
+	if err == nil {
+		err = r.end()
+		if err != nil {
+			txn = nil
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("decode %s message at %s: %w", msgName(typ), lsn, err)
+	}
+	return txn, nil
+}
+
+func msgName(typ byte) string {
+	switch typ {
+	case 'B':
+		return "Begin"
+	case 'C':
+		return "Commit"
+	case 'O':
+		return "Origin"
+	case 'R':
+		return "Relation"
+	case 'Y':
+		return "Type"
+	case 'I':
+		return "Insert"
+	case 'U':
+		return "Update"
+	case 'D':
+		return "Delete"
+	case 'T':
+		return "Truncate"
+	case 'M':
+		return "Message"
+	case 'S':
+		return "Stream Start"
+	case 'E':
+		return "Stream Stop"
+	case 'c':
+		return "Stream Commit"
+	case 'A':
+		return "Stream Abort"
+	}
+	if typ >= 0x20 && typ < 0x7f {
+		return fmt.Sprintf("unknown %q", typ)
+	}
+	return fmt.Sprintf("unknown 0x%02x", typ)
+}
+
+var (
+	errNoTxn     = errors.New("outside a transaction")
+	errNested    = errors.New("inside an open transaction")
+	errInStream  = errors.New("inside a stream block")
+	errNoStream  = errors.New("outside a stream block")
+	errUnknownTy = errors.New("unknown message type")
+)
+
+func (a *Assembler) feed(typ byte, r *buf) (*Txn, error) {
+	switch typ {
+	case 'B':
+		return nil, a.begin(r)
+	case 'C':
+		return a.commit(r)
+	case 'O':
+		return nil, a.origin(r)
+	case 'R':
+		return nil, a.relation(r)
+	case 'Y':
+		return nil, a.typ(r)
+	case 'I', 'U', 'D':
+		return nil, a.row(typ, r)
+	case 'T':
+		return nil, a.truncate(r)
+	case 'M':
+		return nil, a.message(r)
+	case 'S':
+		return nil, a.streamStart(r)
+	case 'E':
+		if !a.inStream {
+			return nil, errNoStream
+		}
+		a.inStream = false
+		return nil, nil
+	case 'c':
+		return a.streamCommit(r)
+	case 'A':
+		return nil, a.streamAbort(r)
+	}
+	return nil, errUnknownTy
+}
+
+func (a *Assembler) begin(r *buf) error {
+	finalLSN := r.lsn()
+	commitTime := r.time()
+	xid := r.u32()
+	if r.err != nil {
+		return r.err
+	}
+	if a.inStream {
+		return errInStream
+	}
+	if a.cur != nil {
+		return errNested
+	}
+	a.cur = &Txn{Origin: a.region, Xid: xid, CommitLSN: finalLSN, CommitTime: commitTime}
+	a.curFiltered = false
+	return nil
+}
+
+func (a *Assembler) commit(r *buf) (*Txn, error) {
+	r.u8() // flags: unused
+	commitLSN := r.lsn()
+	endLSN := r.lsn()
+	commitTime := r.time()
+	if r.err != nil {
+		return nil, r.err
+	}
+	if a.inStream {
+		return nil, errInStream
+	}
+	if a.cur == nil {
+		return nil, errNoTxn
+	}
+	txn, filtered := a.cur, a.curFiltered
+	a.cur, a.curFiltered = nil, false
+	if commitLSN != txn.CommitLSN {
+		return nil, fmt.Errorf("commit lsn %s does not match begin's %s", commitLSN, txn.CommitLSN)
+	}
+	if endLSN < commitLSN {
+		return nil, fmt.Errorf("end lsn %s before commit lsn %s", endLSN, commitLSN)
+	}
+	if filtered {
+		a.filtered++
+		return nil, nil
+	}
+	txn.EndLSN = endLSN
+	txn.CommitTime = commitTime
+	return txn, nil
+}
+
+func (a *Assembler) origin(r *buf) error {
+	r.lsn()
+	r.str()
+	if r.err != nil {
+		return r.err
+	}
+	switch {
+	case a.inStream:
+		st := a.streams[a.streamXid]
+		st.filtered = true
+		st.changes, st.subxids = nil, nil
+	case a.cur != nil:
+		a.curFiltered = true
+		a.cur.Changes = nil
+	default:
+		return errNoTxn
+	}
+	return nil
+}
+
+// streamPrefix reads the xid that stream-block messages carry.
+func (a *Assembler) streamPrefix(r *buf) uint32 {
+	if !a.inStream {
+		return 0
+	}
+	return r.u32()
+}
+
+func (a *Assembler) relation(r *buf) error {
+	a.streamPrefix(r)
+	rel := &Relation{ID: r.u32(), Schema: r.str(), Table: r.str(), ReplicaIdentity: r.u8()}
+	n := int(r.u16())
+	if r.err != nil {
+		return r.err
+	}
+	// A column takes at least 10 bytes.
+	if n*10 > len(r.b) {
+		return fmt.Errorf("relation claims %d columns in %d bytes", n, len(r.b))
+	}
+	switch rel.ReplicaIdentity {
+	case IdentityDefault, IdentityNothing, IdentityFull, IdentityIndex:
+	default:
+		return fmt.Errorf("relation %d: unknown replica identity %q", rel.ID, rel.ReplicaIdentity)
+	}
+	rel.Columns = make([]Column, n)
+	for i := range rel.Columns {
+		flags := r.u8()
+		c := Column{Key: flags&1 != 0, Name: r.str(), TypeOID: r.u32(), TypeMod: int32(r.u32())}
+		c.TypeName = a.types[c.TypeOID]
+		rel.Columns[i] = c
+	}
+	if r.err != nil {
+		return r.err
+	}
+	a.rels[rel.ID] = rel
+	return nil
+}
+
+func (a *Assembler) typ(r *buf) error {
+	a.streamPrefix(r)
+	oid := r.u32()
+	schema := r.str()
+	name := r.str()
+	if r.err != nil {
+		return r.err
+	}
+	a.types[oid] = schema + "." + name
+	return nil
+}
+
+// add appends a change to the open transaction: the stream block's
+// transaction (made by subtransaction xid) or the Begin ... Commit one.
+func (a *Assembler) add(xid uint32, c Change) error {
+	switch {
+	case a.inStream:
+		st := a.streams[a.streamXid]
+		if st.filtered {
+			return nil
+		}
+		st.changes = append(st.changes, c)
+		st.subxids = append(st.subxids, xid)
+	case a.cur != nil:
+		if !a.curFiltered {
+			a.cur.Changes = append(a.cur.Changes, c)
+		}
+	default:
+		return errNoTxn
+	}
+	return nil
+}
+
+func (a *Assembler) rel(id uint32) (*Relation, error) {
+	rel, ok := a.rels[id]
+	if !ok {
+		return nil, fmt.Errorf("unknown relation %d", id)
+	}
+	return rel, nil
+}
+
+func (a *Assembler) row(typ byte, r *buf) error {
+	if !a.inStream && a.cur == nil {
+		return errNoTxn
+	}
+	xid := a.streamPrefix(r)
+	id := r.u32()
+	if r.err != nil {
+		return r.err
+	}
+	rel, err := a.rel(id)
+	if err != nil {
+		return err
+	}
+	c := Change{Rel: rel}
+	switch typ {
+	case 'I':
+		c.Op = OpInsert
+		if k := r.u8(); r.err == nil && k != 'N' {
+			return fmt.Errorf("relation %d: tuple marker %q, want 'N'", id, k)
+		}
+		c.New = r.tuple()
+	case 'U':
+		c.Op = OpUpdate
+		k := r.u8()
+		if r.err == nil && (k == 'K' || k == 'O') {
+			c.Old = r.tuple()
+			k = r.u8()
+		}
+		if r.err == nil && k != 'N' {
+			return fmt.Errorf("relation %d: tuple marker %q, want 'N'", id, k)
+		}
+		c.New = r.tuple()
+	case 'D':
+		c.Op = OpDelete
+		if k := r.u8(); r.err == nil && k != 'K' && k != 'O' {
+			return fmt.Errorf("relation %d: tuple marker %q, want 'K' or 'O'", id, k)
+		}
+		c.Old = r.tuple()
+	}
+	if r.err != nil {
+		return r.err
+	}
+	for _, t := range [][]Value{c.Old, c.New} {
+		if t != nil && len(t) != len(rel.Columns) {
+			return fmt.Errorf("relation %d (%s.%s): tuple has %d columns, relation %d", id, rel.Schema, rel.Table, len(t), len(rel.Columns))
+		}
+	}
+	return a.add(xid, c)
+}
+
+func (a *Assembler) truncate(r *buf) error {
+	if !a.inStream && a.cur == nil {
+		return errNoTxn
+	}
+	xid := a.streamPrefix(r)
+	n := r.u32()
+	flags := r.u8()
+	if r.err != nil {
+		return r.err
+	}
+	if n == 0 || uint64(n)*4 != uint64(len(r.b)) {
+		return fmt.Errorf("truncate claims %d relations in %d bytes", n, len(r.b))
+	}
+	c := Change{Op: OpTruncate, TruncateFlags: flags, Truncated: make([]*Relation, n)}
+	for i := range c.Truncated {
+		rel, err := a.rel(r.u32())
+		if err != nil {
+			return err
+		}
+		c.Truncated[i] = rel
+	}
+	c.Rel = c.Truncated[0]
+	return a.add(xid, c)
+}
+
+// message checks a logical decoding message (pg_logical_emit_message) and
+// drops it: prism-cdc uses them only as heartbeats.
+func (a *Assembler) message(r *buf) error {
+	a.streamPrefix(r)
+	r.u8()  // flags
+	r.lsn() // lsn
+	r.str() // prefix
+	r.bytes(r.u32())
+	return r.err
+}
+
+func (a *Assembler) streamStart(r *buf) error {
+	xid := r.u32()
+	r.u8() // first segment
+	if r.err != nil {
+		return r.err
+	}
+	if a.inStream {
+		return errInStream
+	}
+	if a.cur != nil {
+		return errNested
+	}
+	a.inStream = true
+	a.streamXid = xid
+	if a.streams[xid] == nil {
+		a.streams[xid] = &streamTxn{}
+	}
+	return nil
+}
+
+func (a *Assembler) streamCommit(r *buf) (*Txn, error) {
+	xid := r.u32()
+	r.u8() // flags
+	commitLSN := r.lsn()
+	endLSN := r.lsn()
+	commitTime := r.time()
+	if r.err != nil {
+		return nil, r.err
+	}
+	if a.inStream {
+		return nil, errInStream
+	}
+	if a.cur != nil {
+		return nil, errNested
+	}
+	st, ok := a.streams[xid]
+	if !ok {
+		return nil, fmt.Errorf("commit of unknown streamed transaction %d", xid)
+	}
+	delete(a.streams, xid)
+	if endLSN < commitLSN {
+		return nil, fmt.Errorf("end lsn %s before commit lsn %s", endLSN, commitLSN)
+	}
+	if st.filtered {
+		a.filtered++
+		return nil, nil
+	}
+	return &Txn{Origin: a.region, Xid: xid, CommitLSN: commitLSN, EndLSN: endLSN, CommitTime: commitTime, Changes: st.changes}, nil
+}
+
+// streamAbort drops an aborted streamed transaction, or the changes of an
+// aborted subtransaction. Servers may send aborts for transactions this
+// stream never saw; those are ignored.
+func (a *Assembler) streamAbort(r *buf) error {
+	xid := r.u32()
+	subxid := r.u32()
+	if r.err != nil {
+		return r.err
+	}
+	// Protocol version 4 appends the abort LSN and time; they are not needed.
+	r.b = r.b[:0:0]
+	if a.inStream {
+		return errInStream
+	}
+	st, ok := a.streams[xid]
+	if !ok {
+		return nil
+	}
+	if subxid == xid {
+		delete(a.streams, xid)
+		return nil
+	}
+	keep := 0
+	for i, c := range st.changes {
+		if st.subxids[i] != subxid {
+			st.changes[keep] = c
+			st.subxids[keep] = st.subxids[i]
+			keep++
+		}
+	}
+	clear(st.changes[keep:])
+	st.changes, st.subxids = st.changes[:keep], st.subxids[:keep]
+	return nil
+}
