@@ -1,0 +1,27 @@
+// Package peers carries update messages between regions: the binary peer
+// protocol, the Server that receives a source region's transactions and
+// applies them, and the Shipper that sends one source's transactions to one
+// target region with acknowledgement by LSN, retries, failover to the
+// region's other nodes and the direct-SQL fallback.
+//
+// Ordering guarantees, in the order things happen to one transaction:
+//
+//  1. The reader hands transactions to Shipper.Send in commit order; each
+//     target region receives them in exactly that order, whichever path
+//     (node, failover node, direct SQL) carries them, and a shipper never
+//     applies through two paths at once.
+//  2. The receiving side applies them strictly in order, one database
+//     transaction each, and advances the replication origin
+//     prism_<source region> in the same database transaction (the Applier's
+//     duty), so a transaction at or below the origin's progress is skipped.
+//  3. Only after Apply returned nil (the transaction is committed) does the
+//     Server send Ack(EndLSN). An Ack is cumulative: everything up to it is
+//     durable in the target region.
+//  4. Shipper.Acked advances only over acknowledged transactions, in Send
+//     order; MinAcked over all target regions is the position the reader may
+//     confirm to its replication slot.
+//
+// A path switch never loses or duplicates a transaction: on every new
+// connection the receiver reports the origin's durable progress (Welcome) and
+// the shipper resends its window from just after it.
+package peers

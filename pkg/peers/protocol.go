@@ -1,0 +1,600 @@
+package peers
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
+)
+
+// ProtocolVersion is the version of the peer protocol this package speaks.
+// A peer announcing another version is rejected.
+const ProtocolVersion = 1
+
+// DefaultMaxFrame is the default limit on one frame's length: a length
+// prefix above it is rejected before anything is allocated.
+const DefaultMaxFrame = 64 << 20
+
+// magic opens every Hello so that a stray client is told apart from an old
+// prism-cdc node at once.
+const magic = "PRSM"
+
+// Frame types. A frame on the wire is a 4-byte big-endian length n, then n
+// bytes: a 1-byte type and the payload.
+const (
+	frameHello     byte = 'H'
+	frameWelcome   byte = 'W'
+	frameReject    byte = 'R'
+	frameTxn       byte = 'T'
+	frameAck       byte = 'A'
+	frameNack      byte = 'N'
+	frameHeartbeat byte = 'B'
+)
+
+// helloProbe marks a Hello that only checks health: the receiver answers
+// with Welcome and closes, and takes no other action for the source.
+const helloProbe uint8 = 1
+
+// errFrame is wrapped by every decoding error: the peer sent something that
+// is not a valid frame.
+var errFrame = errors.New("malformed frame")
+
+// hello opens a connection from a shipper.
+type hello struct {
+	Version uint16
+	Flags   uint8
+	Region  string // source region
+	Node    string // source node
+	Token   string
+}
+
+// welcome accepts a connection and reports the durable progress of the
+// origin prism_<source region> in the receiver's database.
+type welcome struct {
+	Region   string
+	Node     string
+	Progress pglogrepl.LSN
+}
+
+// reject refuses a connection; the receiver closes it after sending.
+type reject struct {
+	Reason string
+}
+
+// ack says every transaction up to LSN is durable in the receiver's region.
+type ack struct {
+	LSN pglogrepl.LSN
+}
+
+// nack says the transaction ending at LSN failed; the receiver applies no
+// later transaction on this connection.
+type nack struct {
+	LSN       pglogrepl.LSN
+	SQLState  string
+	Message   string
+	Retryable bool
+}
+
+// heartbeat keeps an idle or busy connection alive, in both directions.
+type heartbeat struct{}
+
+// txnFrame carries one update message.
+type txnFrame struct {
+	Txn *decode.Txn
+}
+
+// encoder appends big-endian values to a byte slice.
+type encoder struct {
+	b []byte
+}
+
+func (e *encoder) u8(v uint8)   { e.b = append(e.b, v) }
+func (e *encoder) u16(v uint16) { e.b = binary.BigEndian.AppendUint16(e.b, v) }
+func (e *encoder) u32(v uint32) { e.b = binary.BigEndian.AppendUint32(e.b, v) }
+func (e *encoder) u64(v uint64) { e.b = binary.BigEndian.AppendUint64(e.b, v) }
+func (e *encoder) str(s string) {
+	e.u32(uint32(len(s)))
+	e.b = append(e.b, s...)
+}
+func (e *encoder) bytes(p []byte) {
+	e.u32(uint32(len(p)))
+	e.b = append(e.b, p...)
+}
+
+// appendFrame appends the encoding of f (one of the frame structs above),
+// length prefix included, to b.
+func appendFrame(b []byte, f any) ([]byte, error) {
+	e := encoder{b: b}
+	start := len(e.b)
+	e.u32(0) // length, patched below
+	switch f := f.(type) {
+	case *hello:
+		e.u8(frameHello)
+		e.b = append(e.b, magic...)
+		e.u16(f.Version)
+		e.u8(f.Flags)
+		e.str(f.Region)
+		e.str(f.Node)
+		e.str(f.Token)
+	case *welcome:
+		e.u8(frameWelcome)
+		e.str(f.Region)
+		e.str(f.Node)
+		e.u64(uint64(f.Progress))
+	case *reject:
+		e.u8(frameReject)
+		e.str(f.Reason)
+	case *ack:
+		e.u8(frameAck)
+		e.u64(uint64(f.LSN))
+	case *nack:
+		e.u8(frameNack)
+		e.u64(uint64(f.LSN))
+		e.str(f.SQLState)
+		e.str(f.Message)
+		if f.Retryable {
+			e.u8(1)
+		} else {
+			e.u8(0)
+		}
+	case *heartbeat:
+		e.u8(frameHeartbeat)
+	case *txnFrame:
+		e.u8(frameTxn)
+		if err := encodeTxn(&e, f.Txn); err != nil {
+			return b, err
+		}
+	default:
+		return b, fmt.Errorf("encode frame: unknown frame %T", f)
+	}
+	n := len(e.b) - start - 4
+	if uint64(n) > 1<<32-1 {
+		return b, fmt.Errorf("encode frame: %d bytes is too large", n)
+	}
+	binary.BigEndian.PutUint32(e.b[start:], uint32(n))
+	return e.b, nil
+}
+
+// noRel is the relation index of a change without a relation.
+const noRel = ^uint32(0)
+
+// encodeTxn writes a transaction: header, the relations it uses (each
+// once, referenced by index), then the changes.
+func encodeTxn(e *encoder, t *decode.Txn) error {
+	if t == nil {
+		return errors.New("encode txn: nil")
+	}
+	e.str(t.Origin)
+	e.u32(t.Xid)
+	e.u64(uint64(t.CommitLSN))
+	e.u64(uint64(t.EndLSN))
+	if t.CommitTime.IsZero() {
+		e.u8(0)
+		e.u64(0)
+	} else {
+		e.u8(1)
+		e.u64(uint64(t.CommitTime.UnixNano()))
+	}
+
+	index := map[*decode.Relation]uint32{}
+	var rels []*decode.Relation
+	ref := func(r *decode.Relation) {
+		if r == nil {
+			return
+		}
+		if _, ok := index[r]; !ok {
+			index[r] = uint32(len(rels))
+			rels = append(rels, r)
+		}
+	}
+	for i := range t.Changes {
+		ref(t.Changes[i].Rel)
+		for _, r := range t.Changes[i].Truncated {
+			ref(r)
+		}
+	}
+	e.u32(uint32(len(rels)))
+	for _, r := range rels {
+		e.u32(r.ID)
+		e.str(r.Schema)
+		e.str(r.Table)
+		e.u8(r.ReplicaIdentity)
+		e.u32(uint32(len(r.Columns)))
+		for _, c := range r.Columns {
+			e.str(c.Name)
+			e.u32(c.TypeOID)
+			e.str(c.TypeName)
+			e.u32(uint32(c.TypeMod))
+			if c.Key {
+				e.u8(1)
+			} else {
+				e.u8(0)
+			}
+		}
+	}
+	relIndex := func(r *decode.Relation) uint32 {
+		if r == nil {
+			return noRel
+		}
+		return index[r]
+	}
+	e.u32(uint32(len(t.Changes)))
+	for i := range t.Changes {
+		c := &t.Changes[i]
+		e.u8(uint8(c.Op))
+		e.u32(relIndex(c.Rel))
+		encodeRow(e, c.Old)
+		encodeRow(e, c.New)
+		e.u32(uint32(len(c.Truncated)))
+		for _, r := range c.Truncated {
+			e.u32(relIndex(r))
+		}
+		e.u8(c.TruncateFlags)
+	}
+	return nil
+}
+
+// encodeRow writes a row: a presence byte (a nil row stays nil), the count,
+// then each value's kind and, for text and binary values, its bytes.
+func encodeRow(e *encoder, row []decode.Value) {
+	if row == nil {
+		e.u8(0)
+		return
+	}
+	e.u8(1)
+	e.u32(uint32(len(row)))
+	for _, v := range row {
+		e.u8(uint8(v.Kind))
+		if v.Kind == decode.ValueText || v.Kind == decode.ValueBinary {
+			e.bytes(v.Data)
+		}
+	}
+}
+
+// decoder reads big-endian values from a payload; the first error sticks
+// and every later read returns zero values.
+type decoder struct {
+	b   []byte
+	err error
+}
+
+func (d *decoder) fail(format string, args ...any) {
+	if d.err == nil {
+		d.err = fmt.Errorf("%w: %s", errFrame, fmt.Sprintf(format, args...))
+	}
+}
+
+func (d *decoder) take(n int, what string) []byte {
+	if d.err != nil {
+		return nil
+	}
+	if n < 0 || n > len(d.b) {
+		d.fail("%s: need %d bytes, have %d", what, n, len(d.b))
+		return nil
+	}
+	p := d.b[:n:n]
+	d.b = d.b[n:]
+	return p
+}
+
+func (d *decoder) u8(what string) uint8 {
+	p := d.take(1, what)
+	if p == nil {
+		return 0
+	}
+	return p[0]
+}
+
+func (d *decoder) u16(what string) uint16 {
+	p := d.take(2, what)
+	if p == nil {
+		return 0
+	}
+	return binary.BigEndian.Uint16(p)
+}
+
+func (d *decoder) u32(what string) uint32 {
+	p := d.take(4, what)
+	if p == nil {
+		return 0
+	}
+	return binary.BigEndian.Uint32(p)
+}
+
+func (d *decoder) u64(what string) uint64 {
+	p := d.take(8, what)
+	if p == nil {
+		return 0
+	}
+	return binary.BigEndian.Uint64(p)
+}
+
+func (d *decoder) bool(what string) bool {
+	switch v := d.u8(what); v {
+	case 0:
+		return false
+	case 1:
+		return true
+	default:
+		d.fail("%s: bad boolean %d", what, v)
+		return false
+	}
+}
+
+func (d *decoder) bytes(what string) []byte {
+	n := d.u32(what)
+	if d.err != nil {
+		return nil
+	}
+	if uint64(n) > uint64(len(d.b)) {
+		d.fail("%s: length %d exceeds the %d bytes left", what, n, len(d.b))
+		return nil
+	}
+	p := d.take(int(n), what)
+	// Copy so that the frame buffer can be reused and a decoded value
+	// never pins a large buffer.
+	return append([]byte(nil), p...)
+}
+
+func (d *decoder) str(what string) string {
+	n := d.u32(what)
+	if d.err != nil {
+		return ""
+	}
+	if uint64(n) > uint64(len(d.b)) {
+		d.fail("%s: length %d exceeds the %d bytes left", what, n, len(d.b))
+		return ""
+	}
+	return string(d.take(int(n), what))
+}
+
+// count reads an element count and checks that the bytes left can hold
+// that many elements of at least minSize bytes each, so that no
+// allocation is larger than the frame itself.
+func (d *decoder) count(what string, minSize int) int {
+	n := d.u32(what)
+	if d.err != nil {
+		return 0
+	}
+	if uint64(n)*uint64(minSize) > uint64(len(d.b)) {
+		d.fail("%s: count %d exceeds the %d bytes left", what, n, len(d.b))
+		return 0
+	}
+	return int(n)
+}
+
+func (d *decoder) end() error {
+	if d.err == nil && len(d.b) != 0 {
+		d.fail("%d trailing bytes", len(d.b))
+	}
+	return d.err
+}
+
+// decodeFrame parses one frame (type byte and payload, without the length
+// prefix) into one of the frame structs. It never panics; anything but a
+// complete, well-formed frame is an error wrapping errFrame.
+func decodeFrame(p []byte) (any, error) {
+	if len(p) == 0 {
+		return nil, fmt.Errorf("%w: empty", errFrame)
+	}
+	d := &decoder{b: p[1:]}
+	var f any
+	switch p[0] {
+	case frameHello:
+		if m := d.take(len(magic), "magic"); d.err == nil && string(m) != magic {
+			return nil, fmt.Errorf("%w: bad magic %q", errFrame, m)
+		}
+		f = &hello{
+			Version: d.u16("version"),
+			Flags:   d.u8("flags"),
+			Region:  d.str("region"),
+			Node:    d.str("node"),
+			Token:   d.str("token"),
+		}
+	case frameWelcome:
+		f = &welcome{
+			Region:   d.str("region"),
+			Node:     d.str("node"),
+			Progress: pglogrepl.LSN(d.u64("progress")),
+		}
+	case frameReject:
+		f = &reject{Reason: d.str("reason")}
+	case frameAck:
+		f = &ack{LSN: pglogrepl.LSN(d.u64("lsn"))}
+	case frameNack:
+		f = &nack{
+			LSN:       pglogrepl.LSN(d.u64("lsn")),
+			SQLState:  d.str("sqlstate"),
+			Message:   d.str("message"),
+			Retryable: d.bool("retryable"),
+		}
+	case frameHeartbeat:
+		f = &heartbeat{}
+	case frameTxn:
+		f = &txnFrame{Txn: decodeTxn(d)}
+	default:
+		return nil, fmt.Errorf("%w: unknown type %#x", errFrame, p[0])
+	}
+	if err := d.end(); err != nil {
+		return nil, err
+	}
+	return f, nil
+}
+
+// Minimum encoded sizes, for bounding counts before allocation.
+const (
+	minRelation = 4 + 4 + 4 + 1 + 4
+	minColumn   = 4 + 4 + 4 + 4 + 1
+	minChange   = 1 + 4 + 1 + 1 + 4 + 1
+	minValue    = 1
+)
+
+func decodeTxn(d *decoder) *decode.Txn {
+	t := &decode.Txn{
+		Origin:    d.str("origin"),
+		Xid:       d.u32("xid"),
+		CommitLSN: pglogrepl.LSN(d.u64("commit lsn")),
+		EndLSN:    pglogrepl.LSN(d.u64("end lsn")),
+	}
+	hasTime := d.bool("commit time flag")
+	ns := int64(d.u64("commit time"))
+	if hasTime {
+		t.CommitTime = time.Unix(0, ns).UTC()
+	} else if ns != 0 {
+		d.fail("commit time without flag")
+	}
+
+	rels := make([]*decode.Relation, d.count("relations", minRelation))
+	for i := range rels {
+		r := &decode.Relation{
+			ID:              d.u32("relation id"),
+			Schema:          d.str("schema"),
+			Table:           d.str("table"),
+			ReplicaIdentity: d.u8("replica identity"),
+		}
+		switch r.ReplicaIdentity {
+		case decode.IdentityDefault, decode.IdentityNothing, decode.IdentityFull, decode.IdentityIndex:
+		default:
+			d.fail("relation %d: bad replica identity %#x", i, r.ReplicaIdentity)
+		}
+		r.Columns = make([]decode.Column, d.count("columns", minColumn))
+		for j := range r.Columns {
+			r.Columns[j] = decode.Column{
+				Name:     d.str("column name"),
+				TypeOID:  d.u32("type oid"),
+				TypeName: d.str("type name"),
+				TypeMod:  int32(d.u32("typmod")),
+				Key:      d.bool("key"),
+			}
+		}
+		if d.err != nil {
+			return nil
+		}
+		rels[i] = r
+	}
+	rel := func(what string) *decode.Relation {
+		i := d.u32(what)
+		if d.err != nil || i == noRel {
+			return nil
+		}
+		if uint64(i) >= uint64(len(rels)) {
+			d.fail("%s: index %d of %d relations", what, i, len(rels))
+			return nil
+		}
+		return rels[i]
+	}
+
+	n := d.count("changes", minChange)
+	if n > 0 {
+		t.Changes = make([]decode.Change, n)
+	}
+	for i := range t.Changes {
+		c := &t.Changes[i]
+		c.Op = decode.Op(d.u8("op"))
+		c.Rel = rel("relation")
+		c.Old = decodeRow(d, "old")
+		c.New = decodeRow(d, "new")
+		if m := d.count("truncated", 4); m > 0 {
+			c.Truncated = make([]*decode.Relation, m)
+			for j := range c.Truncated {
+				if c.Truncated[j] = rel("truncated relation"); c.Truncated[j] == nil && d.err == nil {
+					d.fail("change %d: truncated relation without index", i)
+				}
+			}
+		}
+		c.TruncateFlags = d.u8("truncate flags")
+		if d.err != nil {
+			return nil
+		}
+		if err := checkChange(c); err != nil {
+			d.fail("change %d: %v", i, err)
+			return nil
+		}
+	}
+	return t
+}
+
+// checkChange enforces what appliers rely on: a known op, a relation, and
+// rows as long as the relation's column list.
+func checkChange(c *decode.Change) error {
+	switch c.Op {
+	case decode.OpInsert, decode.OpUpdate, decode.OpDelete:
+		if c.Rel == nil {
+			return fmt.Errorf("%s without relation", c.Op)
+		}
+		if len(c.Truncated) != 0 || c.TruncateFlags != 0 {
+			return fmt.Errorf("%s with truncate data", c.Op)
+		}
+	case decode.OpTruncate:
+		if len(c.Truncated) == 0 {
+			return errors.New("TRUNCATE without relations")
+		}
+		if c.Old != nil || c.New != nil {
+			return errors.New("TRUNCATE with rows")
+		}
+		return nil
+	default:
+		return fmt.Errorf("unknown op %d", c.Op)
+	}
+	for _, row := range [][]decode.Value{c.Old, c.New} {
+		if row != nil && len(row) != len(c.Rel.Columns) {
+			return fmt.Errorf("%s on %s.%s: %d values for %d columns", c.Op, c.Rel.Schema, c.Rel.Table, len(row), len(c.Rel.Columns))
+		}
+	}
+	return nil
+}
+
+func decodeRow(d *decoder, what string) []decode.Value {
+	if !d.bool(what + " row flag") {
+		return nil
+	}
+	row := make([]decode.Value, d.count(what+" values", minValue))
+	for i := range row {
+		k := decode.ValueKind(d.u8("value kind"))
+		switch k {
+		case decode.ValueNull, decode.ValueUnchanged:
+			row[i] = decode.Value{Kind: k}
+		case decode.ValueText, decode.ValueBinary:
+			row[i] = decode.Value{Kind: k, Data: d.bytes("value")}
+		default:
+			d.fail("bad value kind %d", k)
+		}
+		if d.err != nil {
+			return nil
+		}
+	}
+	return row
+}
+
+// readFrame reads one frame from r into buf (grown as needed) and returns
+// the type-and-payload bytes. A length prefix of zero or above max is
+// rejected before anything is allocated.
+func readFrame(r io.Reader, buf []byte, max int) ([]byte, error) {
+	var hdr [4]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		return buf, err
+	}
+	n := binary.BigEndian.Uint32(hdr[:])
+	if n == 0 {
+		return buf, fmt.Errorf("%w: zero length", errFrame)
+	}
+	if uint64(n) > uint64(max) {
+		return buf, fmt.Errorf("%w: length %d exceeds the limit of %d bytes", errFrame, n, max)
+	}
+	if cap(buf) < int(n) {
+		buf = make([]byte, n)
+	}
+	buf = buf[:n]
+	if _, err := io.ReadFull(r, buf); err != nil {
+		if errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
+		return buf, err
+	}
+	return buf, nil
+}

@@ -1,0 +1,411 @@
+package peers
+
+import (
+	"context"
+	"crypto/subtle"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"slices"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
+)
+
+// ServerConfig configures the receiving side of the peer protocol.
+type ServerConfig struct {
+	Region string // the region this node serves
+	Node   string // this node's name
+	// Token is the shared secret every peer's Hello must carry. It may be
+	// empty only when Insecure is set.
+	Token string
+	// TLS, when set, wraps every connection (set ClientAuth to
+	// tls.RequireAndVerifyClientCert for mutual TLS; see TLSConfigs).
+	TLS *tls.Config
+	// Insecure allows plaintext connections without TLS, and an empty
+	// Token.
+	Insecure bool
+	// AcceptRegions are the source regions allowed to ship here.
+	AcceptRegions []string
+	// MaxFrame limits one frame's length (default DefaultMaxFrame).
+	MaxFrame int
+	// HelloTimeout bounds the TLS handshake, the first frame and the
+	// Welcome (default 5s).
+	HelloTimeout time.Duration
+	// Heartbeat is how often the server sends a heartbeat, also while an
+	// apply is running (default 1s). It must be well below the shippers'
+	// AckTimeout.
+	Heartbeat time.Duration
+	// IdleTimeout drops a peer that sent nothing for that long (default
+	// 15s).
+	IdleTimeout time.Duration
+	// MaxBatch bounds how many queued transactions one ApplyBatch call
+	// takes (default 64).
+	MaxBatch int
+	// FenceTimeout bounds fencing a previous holder of the origin when a
+	// source connects (default 5s).
+	FenceTimeout time.Duration
+}
+
+func (c *ServerConfig) setDefaults() {
+	if c.MaxFrame <= 0 {
+		c.MaxFrame = DefaultMaxFrame
+	}
+	if c.HelloTimeout <= 0 {
+		c.HelloTimeout = 5 * time.Second
+	}
+	if c.Heartbeat <= 0 {
+		c.Heartbeat = time.Second
+	}
+	if c.IdleTimeout <= 0 {
+		c.IdleTimeout = 15 * time.Second
+	}
+	if c.MaxBatch <= 0 {
+		c.MaxBatch = 64
+	}
+	if c.FenceTimeout <= 0 {
+		c.FenceTimeout = 5 * time.Second
+	}
+}
+
+// Server receives update messages from other regions' shippers and applies
+// them in order through its Applier, acknowledging each by LSN once it is
+// committed.
+type Server struct {
+	cfg ServerConfig
+	app Applier
+	log zerolog.Logger
+
+	mu     sync.Mutex
+	active map[string]*stream // by source region
+}
+
+// stream is one accepted connection of a source region.
+type stream struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// NewServer returns a Server that applies through app.
+func NewServer(cfg ServerConfig, app Applier, log zerolog.Logger) *Server {
+	cfg.setDefaults()
+	return &Server{
+		cfg:    cfg,
+		app:    app,
+		log:    log.With().Str("component", "peers").Str("role", "server").Logger(),
+		active: map[string]*stream{},
+	}
+}
+
+// Serve accepts connections on ln until ctx is done, then closes ln and
+// every connection and returns after all of its goroutines have exited.
+// It returns nil when stopped by ctx.
+func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	if s.cfg.TLS == nil && !s.cfg.Insecure {
+		ln.Close()
+		return errors.New("serve: no TLS configuration and not insecure")
+	}
+	if s.cfg.Token == "" && !s.cfg.Insecure {
+		ln.Close()
+		return errors.New("serve: empty token and not insecure")
+	}
+	if s.cfg.TLS != nil {
+		ln = tls.NewListener(ln, s.cfg.TLS)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel()
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+
+	s.log.Info().Str("addr", ln.Addr().String()).Msg("serving peers")
+	var delay time.Duration
+	for {
+		nc, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				s.log.Warn().Err(err).Dur("retry_in", delay).Msg("accept")
+				select {
+				case <-time.After(delay):
+				case <-ctx.Done():
+					return nil
+				}
+				continue
+			}
+			return fmt.Errorf("serve %s: %w", ln.Addr(), err)
+		}
+		delay = 0
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s.handle(ctx, nc)
+		}()
+	}
+}
+
+// handle runs one connection: handshake, then the stream.
+func (s *Server) handle(ctx context.Context, nc net.Conn) {
+	defer nc.Close()
+	stop := context.AfterFunc(ctx, func() { nc.Close() })
+	defer stop()
+	log := s.log.With().Str("remote", nc.RemoteAddr().String()).Logger()
+
+	if tc, ok := nc.(*tls.Conn); ok {
+		hctx, cancel := context.WithTimeout(ctx, s.cfg.HelloTimeout)
+		err := tc.HandshakeContext(hctx)
+		cancel()
+		if err != nil {
+			log.Warn().Err(err).Msg("peer rejected: tls handshake")
+			return
+		}
+	}
+	fc := newFrameConn(nc, s.cfg.MaxFrame)
+	f, err := fc.read(s.cfg.HelloTimeout)
+	if err != nil {
+		s.refuse(fc, log, "", "", fmt.Sprintf("first frame: %v", err))
+		return
+	}
+	h, ok := f.(*hello)
+	if !ok {
+		s.refuse(fc, log, "", "", fmt.Sprintf("first frame is %T, not hello", f))
+		return
+	}
+	if reason := s.check(h); reason != "" {
+		s.refuse(fc, log, h.Region, h.Node, reason)
+		return
+	}
+	log = log.With().Str("source", h.Region).Str("source_node", h.Node).Logger()
+
+	if h.Flags&helloProbe != 0 {
+		pctx, cancel := context.WithTimeout(ctx, s.cfg.HelloTimeout)
+		progress, err := s.app.Progress(pctx, h.Region)
+		cancel()
+		if err != nil {
+			s.refuse(fc, log, h.Region, h.Node, fmt.Sprintf("progress: %v", err))
+			return
+		}
+		_ = fc.write(s.cfg.HelloTimeout, &welcome{Region: s.cfg.Region, Node: s.cfg.Node, Progress: progress})
+		return
+	}
+
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	st := &stream{cancel: cancel, done: make(chan struct{})}
+	defer close(st.done)
+	if !s.takeOver(ctx, h.Region, st) {
+		return
+	}
+	defer s.release(h.Region, st)
+
+	if f, ok := s.app.(fencer); ok {
+		fctx, fcancel := context.WithTimeout(sctx, s.cfg.FenceTimeout)
+		n, err := f.Fence(fctx, h.Region)
+		fcancel()
+		switch {
+		case err != nil:
+			log.Warn().Err(err).Msg("fence previous origin holder")
+		case n > 0:
+			log.Warn().Int("sessions", n).Msg("fenced previous origin holder")
+		}
+	}
+	pctx, pcancel := context.WithTimeout(sctx, s.cfg.HelloTimeout)
+	progress, err := s.app.Progress(pctx, h.Region)
+	pcancel()
+	if err != nil {
+		s.refuse(fc, log, h.Region, h.Node, fmt.Sprintf("progress: %v", err))
+		return
+	}
+	if err := fc.write(s.cfg.HelloTimeout, &welcome{Region: s.cfg.Region, Node: s.cfg.Node, Progress: progress}); err != nil {
+		log.Warn().Err(err).Msg("send welcome")
+		return
+	}
+	log.Info().Stringer("progress", progress).Msg("peer connected")
+	err = s.stream(sctx, fc, h.Region, log)
+	log.Info().AnErr("reason", err).Msg("peer disconnected")
+}
+
+// check validates a Hello and returns why it is refused, or "".
+func (s *Server) check(h *hello) string {
+	if h.Version != ProtocolVersion {
+		return fmt.Sprintf("protocol version %d, want %d", h.Version, ProtocolVersion)
+	}
+	if s.cfg.Token != "" && subtle.ConstantTimeCompare([]byte(h.Token), []byte(s.cfg.Token)) != 1 {
+		if h.Token == "" {
+			return "no token"
+		}
+		return "wrong token"
+	}
+	if h.Region == "" {
+		return "no source region"
+	}
+	if h.Region == s.cfg.Region {
+		return fmt.Sprintf("source region %q is this node's own region", h.Region)
+	}
+	if !slices.Contains(s.cfg.AcceptRegions, h.Region) {
+		return fmt.Sprintf("source region %q is not accepted", h.Region)
+	}
+	return ""
+}
+
+// refuse logs why a peer is refused (never its token) and sends it a
+// Reject, best effort.
+func (s *Server) refuse(fc *frameConn, log zerolog.Logger, region, node, reason string) {
+	log.Warn().Str("source", region).Str("source_node", node).Str("reason", reason).Msg("peer rejected")
+	_ = fc.write(time.Second, &reject{Reason: reason})
+}
+
+// takeOver registers st as the stream of a source region, ending and
+// waiting for a previous stream of the same region on this server (the
+// source reconnected; the old connection is stale).
+func (s *Server) takeOver(ctx context.Context, region string, st *stream) bool {
+	for {
+		s.mu.Lock()
+		old := s.active[region]
+		if old == nil {
+			s.active[region] = st
+			s.mu.Unlock()
+			return true
+		}
+		s.mu.Unlock()
+		old.cancel()
+		select {
+		case <-old.done:
+		case <-ctx.Done():
+			return false
+		}
+	}
+}
+
+func (s *Server) release(region string, st *stream) {
+	s.mu.Lock()
+	if s.active[region] == st {
+		delete(s.active, region)
+	}
+	s.mu.Unlock()
+}
+
+// stream reads Txn frames and applies them in order until the connection
+// ends. Order of duties per transaction: apply (commit, with the origin
+// advanced in the same database transaction), then Ack. After any Nack no
+// later transaction is applied on this connection.
+func (s *Server) stream(ctx context.Context, fc *frameConn, region string, log zerolog.Logger) error {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	defer fc.close() // unblocks the reader before wg.Wait
+
+	queue := make(chan *decode.Txn, 2*s.cfg.MaxBatch)
+	wg.Add(2)
+	go func() { // reader; owned by stream, ends with the connection or ctx
+		defer wg.Done()
+		defer close(queue)
+		for {
+			f, err := fc.read(s.cfg.IdleTimeout)
+			if err != nil {
+				cancel(fmt.Errorf("read: %w", err))
+				return
+			}
+			switch f := f.(type) {
+			case *heartbeat:
+			case *txnFrame:
+				if f.Txn.Origin != region {
+					cancel(fmt.Errorf("%w: txn of origin %q on a stream of %q", errFrame, f.Txn.Origin, region))
+					return
+				}
+				select {
+				case queue <- f.Txn:
+				case <-ctx.Done():
+					return
+				}
+			default:
+				cancel(fmt.Errorf("%w: unexpected %T", errFrame, f))
+				return
+			}
+		}
+	}()
+	go func() { // heartbeats; owned by stream
+		defer wg.Done()
+		t := time.NewTicker(s.cfg.Heartbeat)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				if err := fc.write(s.cfg.IdleTimeout, &heartbeat{}); err != nil {
+					cancel(fmt.Errorf("write heartbeat: %w", err))
+					return
+				}
+			}
+		}
+	}()
+	batcher, _ := s.app.(batchApplier)
+	halted := false
+	batch := make([]*decode.Txn, 0, s.cfg.MaxBatch)
+	for txn := range queue {
+		if halted {
+			continue // the shipper decides; drain until it goes away
+		}
+		batch = append(batch[:0], txn)
+	more:
+		for batcher != nil && len(batch) < s.cfg.MaxBatch {
+			select {
+			case t, ok := <-queue:
+				if !ok {
+					break more
+				}
+				batch = append(batch, t)
+			default:
+				break more
+			}
+		}
+		var n int
+		var err error
+		if batcher != nil && len(batch) > 1 {
+			n, err = batcher.ApplyBatch(ctx, batch)
+			n = max(0, min(n, len(batch)))
+		} else if err = s.app.Apply(ctx, batch[0]); err == nil {
+			n = 1
+		}
+		if err == nil {
+			n = len(batch)
+		}
+		var frames []any
+		if n > 0 {
+			frames = append(frames, &ack{LSN: batch[n-1].EndLSN})
+		}
+		if err != nil {
+			if ctx.Err() != nil {
+				return context.Cause(ctx)
+			}
+			failed := batch[min(n, len(batch)-1)]
+			state, retryable := classify(err)
+			ev := log.Warn()
+			if !retryable {
+				ev = log.Error()
+			}
+			ev.Err(err).Stringer("lsn", failed.EndLSN).Str("sqlstate", state).Bool("retryable", retryable).Msg("apply failed; stream stopped")
+			frames = append(frames, &nack{LSN: failed.EndLSN, SQLState: state, Message: err.Error(), Retryable: retryable})
+			halted = true
+		}
+		if len(frames) > 0 {
+			if werr := fc.write(s.cfg.IdleTimeout, frames...); werr != nil {
+				cancel(fmt.Errorf("write ack: %w", werr))
+				return context.Cause(ctx)
+			}
+		}
+	}
+	return context.Cause(ctx)
+}

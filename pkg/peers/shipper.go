@@ -1,0 +1,751 @@
+package peers
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"math/rand"
+	"net"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/rs/zerolog"
+
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
+)
+
+// NodeAddr is one node of a target region, in preference order.
+type NodeAddr struct {
+	Name string
+	Addr string // host:port of its peer listener
+}
+
+// ShipperConfig configures the delivery of one source region's
+// transactions to one target region.
+type ShipperConfig struct {
+	SourceRegion string
+	SourceNode   string
+	TargetRegion string
+	// Nodes of the target region, in preference order: the first healthy
+	// one carries the traffic.
+	Nodes []NodeAddr
+	Token string
+	// TLS is the client configuration (see TLSConfigs). When nil the
+	// connection is plaintext, which needs Insecure.
+	TLS      *tls.Config
+	Insecure bool
+	// AckTimeout is how long the shipper waits for the receiver (an Ack
+	// or a heartbeat) while transactions are unacknowledged (default 2s).
+	AckTimeout time.Duration
+	// Retries is how often a silent node is retried before failing over
+	// to the next one (default 5; negative means none).
+	Retries int
+	// Backoff and MaxBackoff bound the exponential backoff between
+	// attempts (defaults 200ms and 5s); each wait is jittered.
+	Backoff    time.Duration
+	MaxBackoff time.Duration
+	// MaxInFlight bounds the bytes (Txn.Size) of unacknowledged
+	// transactions; Send blocks above it (default 64 MiB).
+	MaxInFlight int64
+	// ProbeInterval is how often the preferred nodes are probed while a
+	// less preferred path carries the traffic (default 2s).
+	ProbeInterval time.Duration
+	// Heartbeat is how often an idle connection sends a heartbeat
+	// (default 1s).
+	Heartbeat time.Duration
+	// MaxFrame limits one frame's length (default DefaultMaxFrame); it
+	// must not exceed the receivers' limit.
+	MaxFrame int
+	// FenceTimeout bounds fencing a previous holder of the origin before
+	// the direct-SQL fallback applies (default 5s).
+	FenceTimeout time.Duration
+	// Seed seeds the backoff jitter; 0 seeds from the clock.
+	Seed int64
+}
+
+func (c *ShipperConfig) setDefaults() {
+	if c.AckTimeout <= 0 {
+		c.AckTimeout = 2 * time.Second
+	}
+	if c.Retries == 0 {
+		c.Retries = 5
+	} else if c.Retries < 0 {
+		c.Retries = 0
+	}
+	if c.Backoff <= 0 {
+		c.Backoff = 200 * time.Millisecond
+	}
+	if c.MaxBackoff <= 0 {
+		c.MaxBackoff = 5 * time.Second
+	}
+	c.MaxBackoff = max(c.MaxBackoff, c.Backoff)
+	if c.MaxInFlight <= 0 {
+		c.MaxInFlight = 64 << 20
+	}
+	if c.ProbeInterval <= 0 {
+		c.ProbeInterval = 2 * time.Second
+	}
+	if c.Heartbeat <= 0 {
+		c.Heartbeat = time.Second
+	}
+	if c.MaxFrame <= 0 {
+		c.MaxFrame = DefaultMaxFrame
+	}
+	if c.FenceTimeout <= 0 {
+		c.FenceTimeout = 5 * time.Second
+	}
+	if c.Seed == 0 {
+		c.Seed = time.Now().UnixNano()
+	}
+}
+
+// PathFallback is Status.Path while the direct-SQL fallback carries the
+// traffic; PathConnecting while no path is established.
+const (
+	PathFallback   = "sql fallback"
+	PathConnecting = "connecting"
+)
+
+// Status is a snapshot of a Shipper.
+type Status struct {
+	Target string
+	// Path is the name of the node carrying the traffic, PathFallback,
+	// PathConnecting, or "halted: <sqlstate> <message> at <lsn>".
+	Path  string
+	Acked pglogrepl.LSN // see Shipper.Acked
+	Sent  pglogrepl.LSN // EndLSN of the last transaction passed to Send
+	// WindowBytes and WindowTxns measure the unacknowledged window.
+	WindowBytes int64
+	WindowTxns  int
+	// Path switches since the start, each logged once.
+	Retries    int
+	Failovers  int
+	Fallbacks  int
+	Recoveries int
+	Halts      int
+	LastError  string
+	LastAckAt  time.Time
+}
+
+// Shipper delivers one source region's transactions to one target region
+// in Send order, through the region's nodes or the direct-SQL fallback.
+type Shipper struct {
+	cfg      ShipperConfig
+	fallback Fallback
+	log      zerolog.Logger
+
+	mu          sync.Mutex
+	window      []entry // unacknowledged, in Send order
+	bytes       int64
+	busySince   time.Time     // when the window last became non-empty
+	changed     chan struct{} // closed and replaced whenever the window changes
+	acked, sent pglogrepl.LSN
+	path        string
+	halted      string        // non-empty while halted
+	haltedAt    pglogrepl.LSN // the transaction the halt is about
+	st          Status        // counters, LastError, LastAckAt
+}
+
+type entry struct {
+	txn  *decode.Txn
+	size int64
+}
+
+// NewShipper returns a Shipper for cfg.TargetRegion. fallback opens the
+// direct-SQL path to the region's database; nil means there is none and an
+// unreachable region waits for its nodes.
+func NewShipper(cfg ShipperConfig, fallback Fallback, log zerolog.Logger) *Shipper {
+	cfg.setDefaults()
+	return &Shipper{
+		cfg:      cfg,
+		fallback: fallback,
+		log:      log.With().Str("component", "peers").Str("target", cfg.TargetRegion).Logger(),
+		changed:  make(chan struct{}),
+		path:     PathConnecting,
+	}
+}
+
+// Send appends txn to the window of unacknowledged transactions; Run
+// delivers it after everything sent before. Transactions must come in
+// commit order. A transaction whose EndLSN is at or below one already sent
+// is a redelivery from the source and is ignored. Send blocks while the
+// window is full (MaxInFlight bytes); a transaction larger than
+// MaxInFlight is admitted alone into an empty window.
+func (s *Shipper) Send(ctx context.Context, txn *decode.Txn) error {
+	size := int64(txn.Size())
+	s.mu.Lock()
+	for s.bytes > 0 && s.bytes+size > s.cfg.MaxInFlight {
+		ch := s.changed
+		s.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		s.mu.Lock()
+	}
+	defer s.mu.Unlock()
+	if txn.EndLSN <= s.sent {
+		return nil
+	}
+	if len(s.window) == 0 {
+		s.busySince = time.Now()
+	}
+	s.window = append(s.window, entry{txn: txn, size: size})
+	s.bytes += size
+	s.sent = txn.EndLSN
+	s.signalLocked()
+	return nil
+}
+
+func (s *Shipper) signalLocked() {
+	close(s.changed)
+	s.changed = make(chan struct{})
+}
+
+// Acked returns the highest EndLSN such that it and every transaction
+// sent before it are durable in the target region.
+func (s *Shipper) Acked() pglogrepl.LSN {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.acked
+}
+
+// Status returns a snapshot of the shipper's state.
+func (s *Shipper) Status() Status {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.st
+	st.Target = s.cfg.TargetRegion
+	st.Path = s.path
+	if s.halted != "" {
+		st.Path = s.halted
+	}
+	st.Acked = s.acked
+	st.Sent = s.sent
+	st.WindowBytes = s.bytes
+	st.WindowTxns = len(s.window)
+	return st
+}
+
+// ackUpTo drops the window's transactions at or below lsn: they are
+// durable in the target region. It reports how many were dropped.
+func (s *Shipper) ackUpTo(lsn pglogrepl.LSN) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for n < len(s.window) && s.window[n].txn.EndLSN <= lsn {
+		s.bytes -= s.window[n].size
+		s.acked = s.window[n].txn.EndLSN
+		s.window[n] = entry{}
+		n++
+	}
+	if n == 0 {
+		return 0
+	}
+	s.window = s.window[n:]
+	if len(s.window) == 0 {
+		s.window = nil
+	}
+	s.busySince = time.Now()
+	s.st.LastAckAt = s.busySince
+	if s.halted != "" && s.acked >= s.haltedAt {
+		s.log.Info().Stringer("lsn", s.haltedAt).Msg("halted transaction applied; replication resumed")
+		s.halted = ""
+	}
+	s.signalLocked()
+	return n
+}
+
+// unsent returns up to max transactions after cursor, and the channel
+// that is closed when the window changes next.
+func (s *Shipper) unsent(cursor pglogrepl.LSN, max int) ([]*decode.Txn, <-chan struct{}) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	i := sort.Search(len(s.window), func(i int) bool { return s.window[i].txn.EndLSN > cursor })
+	var out []*decode.Txn
+	for ; i < len(s.window) && len(out) < max; i++ {
+		out = append(out, s.window[i].txn)
+	}
+	return out, s.changed
+}
+
+// overdue reports whether the window has waited for the receiver longer
+// than AckTimeout, given when the receiver was last heard from.
+func (s *Shipper) overdue(heard time.Time) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.window) == 0 {
+		return false
+	}
+	last := s.busySince
+	if heard.After(last) {
+		last = heard
+	}
+	return time.Since(last) > s.cfg.AckTimeout
+}
+
+func (s *Shipper) setPath(p string) {
+	s.mu.Lock()
+	s.path = p
+	s.mu.Unlock()
+}
+
+// note records a failure as LastError and counts a path switch with
+// count (nil for none).
+func (s *Shipper) note(err error, count *int) {
+	s.mu.Lock()
+	if err != nil {
+		s.st.LastError = err.Error()
+	}
+	if count != nil {
+		*count++
+	}
+	s.mu.Unlock()
+}
+
+// haltError is a permanent apply failure of the transaction ending at LSN.
+type haltError struct {
+	LSN      pglogrepl.LSN
+	SQLState string
+	Message  string
+	Table    string
+}
+
+func (e *haltError) Error() string {
+	return fmt.Sprintf("halted: %s %s at %s", e.SQLState, e.Message, e.LSN)
+}
+
+// halt puts the region in the halted state; it logs at error once per
+// transaction and reason.
+func (s *Shipper) halt(h *haltError) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	msg := h.Error()
+	s.st.LastError = msg
+	if s.halted == msg {
+		return
+	}
+	s.halted = msg
+	s.haltedAt = h.LSN
+	s.st.Halts++
+	table := h.Table
+	for _, e := range s.window {
+		if e.txn.EndLSN == h.LSN && table == "" && len(e.txn.Changes) > 0 && e.txn.Changes[0].Rel != nil {
+			table = e.txn.Changes[0].Rel.Schema + "." + e.txn.Changes[0].Rel.Table
+		}
+	}
+	s.log.Error().Str("origin", s.cfg.SourceRegion).Stringer("lsn", h.LSN).Str("table", table).
+		Str("sqlstate", h.SQLState).Str("error", h.Message).
+		Msg("replication to region halted; retrying until the cause is fixed")
+}
+
+// recovery ends a less preferred path because node is healthy again.
+type recovery struct{ node int }
+
+func (r *recovery) Error() string { return fmt.Sprintf("node %d answers again", r.node) }
+
+// Run delivers the window until ctx is done, switching paths as described
+// in the package documentation: the first node, retries with backoff,
+// failover to the next nodes, the direct-SQL fallback, and back to the
+// first healthy node. It owns every connection and goroutine of the
+// shipper and returns after all have ended; it returns nil when stopped by
+// ctx.
+func (s *Shipper) Run(ctx context.Context) error {
+	if len(s.cfg.Nodes) == 0 && s.fallback == nil {
+		return fmt.Errorf("ship to %s: no nodes and no fallback", s.cfg.TargetRegion)
+	}
+	if s.cfg.TLS == nil && !s.cfg.Insecure {
+		return fmt.Errorf("ship to %s: no TLS configuration and not insecure", s.cfg.TargetRegion)
+	}
+	rnd := rand.New(rand.NewSource(s.cfg.Seed))
+	backoff := func(attempt int) time.Duration {
+		d := s.cfg.Backoff
+		for i := 1; i < attempt && d < s.cfg.MaxBackoff; i++ {
+			d *= 2
+		}
+		d = min(d, s.cfg.MaxBackoff)
+		return d/2 + time.Duration(rnd.Int63n(int64(d/2)+1))
+	}
+	node, attempts := 0, 0
+	for ctx.Err() == nil {
+		if node >= len(s.cfg.Nodes) {
+			if s.fallback == nil {
+				s.setPath(PathConnecting)
+				s.log.Warn().Dur("retry_in", s.cfg.MaxBackoff).Msg("every node of the region failed and there is no fallback; the region holds the slot back")
+				sleep(ctx, s.cfg.MaxBackoff)
+				node, attempts = 0, 0
+				continue
+			}
+			node = s.runFallback(ctx, rnd, backoff)
+			attempts = 0
+			continue
+		}
+		progressed, err := s.session(ctx, node)
+		if ctx.Err() != nil {
+			break
+		}
+		var rec *recovery
+		if errors.As(err, &rec) {
+			s.note(nil, &s.st.Recoveries)
+			s.log.Info().Str("node", s.cfg.Nodes[rec.node].Name).Str("from", s.cfg.Nodes[node].Name).Msg("preferred node answers again; switching back")
+			node, attempts = rec.node, 0
+			continue
+		}
+		var h *haltError
+		if errors.As(err, &h) {
+			s.halt(h)
+			sleep(ctx, s.cfg.MaxBackoff)
+			attempts = 0
+			continue
+		}
+		if progressed {
+			attempts = 0
+		}
+		attempts++
+		s.setPath(PathConnecting)
+		if attempts <= s.cfg.Retries {
+			d := backoff(attempts)
+			s.note(err, &s.st.Retries)
+			s.log.Warn().Err(err).Str("node", s.cfg.Nodes[node].Name).Int("attempt", attempts).Dur("retry_in", d).Msg("node failed; retrying")
+			sleep(ctx, d)
+			continue
+		}
+		attempts = 0
+		node++
+		if node < len(s.cfg.Nodes) {
+			s.note(err, &s.st.Failovers)
+			s.log.Warn().Err(err).Str("from", s.cfg.Nodes[node-1].Name).Str("node", s.cfg.Nodes[node].Name).Msg("node exhausted its retries; failing over")
+		} else {
+			s.note(err, nil)
+		}
+	}
+	return nil
+}
+
+// sleep waits d or until ctx is done.
+func sleep(ctx context.Context, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-ctx.Done():
+	}
+}
+
+// dial connects to a node: TCP, TLS when configured.
+func (s *Shipper) dial(ctx context.Context, addr string) (net.Conn, error) {
+	d := net.Dialer{Timeout: s.cfg.AckTimeout}
+	nc, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	if s.cfg.TLS == nil {
+		return nc, nil
+	}
+	cfg := s.cfg.TLS
+	if cfg.ServerName == "" {
+		cfg = cfg.Clone()
+		if host, _, err := net.SplitHostPort(addr); err == nil {
+			cfg.ServerName = host
+		}
+	}
+	tc := tls.Client(nc, cfg)
+	hctx, cancel := context.WithTimeout(ctx, s.cfg.AckTimeout)
+	defer cancel()
+	if err := tc.HandshakeContext(hctx); err != nil {
+		nc.Close()
+		return nil, err
+	}
+	return tc, nil
+}
+
+// handshake sends Hello and waits for Welcome.
+func (s *Shipper) handshake(ctx context.Context, i int, flags uint8) (*frameConn, *welcome, error) {
+	n := s.cfg.Nodes[i]
+	nc, err := s.dial(ctx, n.Addr)
+	if err != nil {
+		return nil, nil, fmt.Errorf("connect %s: %w", n.Name, err)
+	}
+	stop := context.AfterFunc(ctx, func() { nc.Close() })
+	fc := newFrameConn(nc, s.cfg.MaxFrame)
+	h := &hello{Version: ProtocolVersion, Flags: flags, Region: s.cfg.SourceRegion, Node: s.cfg.SourceNode, Token: s.cfg.Token}
+	if err := fc.write(s.cfg.AckTimeout, h); err != nil {
+		stop()
+		nc.Close()
+		return nil, nil, fmt.Errorf("hello %s: %w", n.Name, err)
+	}
+	f, err := fc.read(s.cfg.AckTimeout)
+	stop()
+	if err == nil && ctx.Err() != nil {
+		err = ctx.Err()
+	}
+	if err != nil {
+		nc.Close()
+		return nil, nil, fmt.Errorf("hello %s: %w", n.Name, err)
+	}
+	switch f := f.(type) {
+	case *welcome:
+		if f.Region != s.cfg.TargetRegion {
+			nc.Close()
+			return nil, nil, fmt.Errorf("hello %s: node serves region %q, want %q", n.Name, f.Region, s.cfg.TargetRegion)
+		}
+		return fc, f, nil
+	case *reject:
+		nc.Close()
+		return nil, nil, fmt.Errorf("hello %s: rejected: %s", n.Name, f.Reason)
+	default:
+		nc.Close()
+		return nil, nil, fmt.Errorf("hello %s: %w: %T instead of welcome", n.Name, errFrame, f)
+	}
+}
+
+// probeNodes starts a goroutine, owned by the caller through wg, that
+// probes nodes [0, limit) every ProbeInterval and cancels ctx with a
+// *recovery for the first that answers.
+func (s *Shipper) probeNodes(ctx context.Context, cancel context.CancelCauseFunc, limit int, wg *sync.WaitGroup) {
+	if limit == 0 {
+		return
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		t := time.NewTicker(s.cfg.ProbeInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			for i := 0; i < limit; i++ {
+				fc, _, err := s.handshake(ctx, i, helloProbe)
+				if err == nil {
+					fc.close()
+					cancel(&recovery{node: i})
+					return
+				}
+			}
+		}
+	}()
+}
+
+// session carries the window over node i until the connection fails, the
+// receiver nacks, a preferred node answers again, or ctx is done. It
+// reports whether any transaction was acknowledged.
+func (s *Shipper) session(ctx context.Context, i int) (progressed bool, err error) {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	s.probeNodes(ctx, cancel, i, &wg)
+
+	fc, w, err := s.handshake(ctx, i, 0)
+	if err != nil {
+		if c := context.Cause(ctx); c != nil {
+			return false, c
+		}
+		return false, err
+	}
+	stop := context.AfterFunc(ctx, func() { fc.close() })
+	defer stop()
+	defer fc.close()
+	name := s.cfg.Nodes[i].Name
+	if n := s.ackUpTo(w.Progress); n > 0 {
+		progressed = true
+	}
+	s.setPath(name)
+	s.log.Info().Str("node", name).Stringer("progress", w.Progress).Msg("connected")
+
+	var heard atomic.Int64
+	heard.Store(time.Now().UnixNano())
+	var acked atomic.Bool
+	wg.Add(2)
+	go func() { // reader; owned by session
+		defer wg.Done()
+		for {
+			f, err := fc.read(max(s.cfg.AckTimeout, 3*s.cfg.Heartbeat) + time.Minute)
+			if err != nil {
+				cancel(fmt.Errorf("read %s: %w", name, err))
+				return
+			}
+			heard.Store(time.Now().UnixNano())
+			switch f := f.(type) {
+			case *heartbeat:
+			case *ack:
+				if s.ackUpTo(f.LSN) > 0 {
+					acked.Store(true)
+				}
+			case *nack:
+				if f.Retryable {
+					cancel(fmt.Errorf("node %s: apply %s/%s: %s %s", name, s.cfg.SourceRegion, f.LSN, f.SQLState, f.Message))
+				} else {
+					cancel(&haltError{LSN: f.LSN, SQLState: f.SQLState, Message: f.Message})
+				}
+				return
+			default:
+				cancel(fmt.Errorf("read %s: %w: unexpected %T", name, errFrame, f))
+				return
+			}
+		}
+	}()
+	go func() { // writer; owned by session
+		defer wg.Done()
+		cursor := w.Progress
+		hb := time.NewTicker(s.cfg.Heartbeat)
+		defer hb.Stop()
+		for {
+			txns, changed := s.unsent(cursor, 64)
+			if len(txns) == 0 {
+				select {
+				case <-ctx.Done():
+					return
+				case <-changed:
+				case <-hb.C:
+					if err := fc.write(s.cfg.AckTimeout, &heartbeat{}); err != nil {
+						cancel(fmt.Errorf("write %s: %w", name, err))
+						return
+					}
+				}
+				continue
+			}
+			frames := make([]any, len(txns))
+			for j, t := range txns {
+				frames[j] = &txnFrame{Txn: t}
+			}
+			if err := fc.write(0, frames...); err != nil {
+				if errors.Is(err, errTooLarge) {
+					cancel(&haltError{LSN: txns[0].EndLSN, SQLState: "", Message: err.Error()})
+				} else {
+					cancel(fmt.Errorf("write %s: %w", name, err))
+				}
+				return
+			}
+			cursor = txns[len(txns)-1].EndLSN
+		}
+	}()
+
+	tick := time.NewTicker(max(s.cfg.AckTimeout/8, time.Millisecond))
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return progressed || acked.Load(), context.Cause(ctx)
+		case <-tick.C:
+			if s.overdue(time.Unix(0, heard.Load())) {
+				cancel(fmt.Errorf("node %s: no ack within %s", name, s.cfg.AckTimeout))
+			}
+		}
+	}
+}
+
+// runFallback applies the window through the direct-SQL fallback until a
+// node answers again (it returns that node's index) or ctx is done. A
+// database that cannot be reached is retried forever: nothing is dropped,
+// and Acked stays put so the source keeps its WAL.
+func (s *Shipper) runFallback(ctx context.Context, rnd *rand.Rand, backoff func(int) time.Duration) int {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	s.probeNodes(ctx, cancel, len(s.cfg.Nodes), &wg)
+
+	s.note(nil, &s.st.Fallbacks)
+	s.log.Warn().Str("reason", s.Status().LastError).Msg("every node of the region failed; applying through direct SQL")
+	attempts := 0
+	for {
+		err := s.applyFallback(ctx)
+		var rec *recovery
+		if errors.As(context.Cause(ctx), &rec) {
+			s.note(nil, &s.st.Recoveries)
+			s.log.Info().Str("node", s.cfg.Nodes[rec.node].Name).Msg("node answers again; leaving the direct-SQL fallback")
+			return rec.node
+		}
+		if ctx.Err() != nil {
+			return 0
+		}
+		var h *haltError
+		if errors.As(err, &h) {
+			s.halt(h)
+			attempts = 0
+			sleep(ctx, s.cfg.MaxBackoff)
+			continue
+		}
+		attempts++
+		s.setPath(PathConnecting)
+		d := backoff(attempts)
+		s.note(err, &s.st.Retries)
+		s.log.Warn().Err(err).Int("attempt", attempts).Dur("retry_in", d).Msg("direct-SQL fallback failed; retrying")
+		sleep(ctx, d)
+	}
+}
+
+// applyFallback opens the fallback, fences a previous holder of the
+// origin, skips what is durable and applies the window in order, acking
+// each transaction as it commits, until an error or ctx is done.
+func (s *Shipper) applyFallback(ctx context.Context) error {
+	app, release, err := s.fallback(ctx)
+	if err != nil {
+		return fmt.Errorf("fallback %s: %w", s.cfg.TargetRegion, err)
+	}
+	defer release()
+	if f, ok := app.(fencer); ok {
+		fctx, cancel := context.WithTimeout(ctx, s.cfg.FenceTimeout)
+		n, err := f.Fence(fctx, s.cfg.SourceRegion)
+		cancel()
+		switch {
+		case err != nil:
+			s.log.Warn().Err(err).Msg("fence previous origin holder")
+		case n > 0:
+			s.log.Warn().Int("sessions", n).Msg("fenced previous origin holder")
+		}
+	}
+	progress, err := app.Progress(ctx, s.cfg.SourceRegion)
+	if err != nil {
+		return fmt.Errorf("fallback %s: progress: %w", s.cfg.TargetRegion, err)
+	}
+	s.ackUpTo(progress)
+	s.setPath(PathFallback)
+	var cursor pglogrepl.LSN
+	for {
+		txns, changed := s.unsent(cursor, 1)
+		if len(txns) == 0 {
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-changed:
+			}
+			continue
+		}
+		t := txns[0]
+		if err := app.Apply(ctx, t); err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			state, retryable := classify(err)
+			if !retryable {
+				return &haltError{LSN: t.EndLSN, SQLState: state, Message: err.Error()}
+			}
+			return fmt.Errorf("fallback %s: apply %s/%s: %w", s.cfg.TargetRegion, t.Origin, t.EndLSN, err)
+		}
+		s.ackUpTo(t.EndLSN)
+		cursor = t.EndLSN
+	}
+}
+
+// MinAcked returns the position the reader may confirm to its replication
+// slot: the minimum Acked over every target region's shipper (zero when
+// there are none).
+func MinAcked(shippers ...*Shipper) pglogrepl.LSN {
+	var m pglogrepl.LSN
+	for i, s := range shippers {
+		if a := s.Acked(); i == 0 || a < m {
+			m = a
+		}
+	}
+	return m
+}
