@@ -229,17 +229,24 @@ func (v *validator) dsn(key, s string) {
 	if err == nil {
 		return
 	}
-	detail := ""
+	// pgconn's message quotes the whole DSN before the reason; keep only
+	// the reason, and mask anything in it that looks like a password.
+	msg := err.Error()
 	var pce *pgconn.ParseConfigError
 	if errors.As(err, &pce) {
-		err = pce.Unwrap()
+		if i := strings.LastIndex(msg, "`: "); i >= 0 {
+			msg = msg[i+len("`: "):]
+		} else {
+			msg = ""
+		}
 	}
 	var ue *url.Error
 	if errors.As(err, &ue) {
-		err = ue.Err
+		msg = ue.Err.Error()
 	}
-	if err != nil {
-		detail = " (" + RedactDSN(err.Error()) + ")"
+	detail := ""
+	if msg != "" {
+		detail = " (" + RedactDSN(msg) + ")"
 	}
 	v.add(key, `not a valid PostgreSQL connection string%s; write key=value pairs, e.g. "host=127.0.0.1 port=5432 user=postgres dbname=app", or a postgres:// URL`, detail)
 }

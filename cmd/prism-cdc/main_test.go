@@ -1,0 +1,136 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+)
+
+const goodConfig = `node: eu1
+region: eu
+database: "host=127.0.0.1 port=5433 user=postgres dbname=app"
+listen: "127.0.0.1:7201"
+auth: {insecure: true}
+peers:
+  - region: na
+    nodes: [{name: na1, addr: "127.0.0.1:7101"}]
+    database: "host=127.0.0.1 port=5432 user=postgres dbname=app"
+log: {level: debug, format: json}
+`
+
+func writeFile(t *testing.T, name, content string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func TestRun(t *testing.T) {
+	good := writeFile(t, "eu1.yaml", goodConfig)
+	badKey := writeFile(t, "bad.yaml", strings.Replace(goodConfig, `listen: "127.0.0.1:7201"`, `listen: "nowhere"`, 1))
+	unknownKey := writeFile(t, "unknown.yaml", goodConfig+"delivery: {ack_timout: 1s}\n")
+	tests := []struct {
+		name       string
+		args       []string
+		wantCode   int
+		wantStdout string // substrings; empty means no check
+		wantStderr string
+	}{
+		{"no arguments", nil, exitUsage, "", "Usage:"},
+		{"unknown command", []string{"bogus"}, exitUsage, "", `unknown command "bogus"`},
+		{"top help", []string{"--help"}, exitOK, "Commands:", ""},
+		{"top -h", []string{"-h"}, exitOK, "Commands:", ""},
+		{"help command", []string{"help"}, exitOK, "Commands:", ""},
+		{"help run", []string{"help", "run"}, exitOK, "Usage: prism-cdc run --config FILE", ""},
+		{"help unknown", []string{"help", "bogus"}, exitUsage, "", `unknown command "bogus"`},
+		{"version", []string{"version"}, exitOK, "prism-cdc dev " + runtime.Version(), ""},
+		{"--version", []string{"--version"}, exitOK, "prism-cdc dev", ""},
+		{"version help", []string{"version", "--help"}, exitOK, "Usage: prism-cdc version", ""},
+		{"version extra", []string{"version", "x"}, exitUsage, "", `unexpected argument "x"`},
+		{"version bad flag", []string{"version", "--nope"}, exitUsage, "", "flag provided but not defined: -nope"},
+		{"run help", []string{"run", "--help"}, exitOK, "--config FILE", ""},
+		{"doctor help", []string{"doctor", "-h"}, exitOK, "Usage: prism-cdc doctor --config FILE", ""},
+		{"status help", []string{"status", "--help"}, exitOK, "Usage: prism-cdc status", ""},
+		{"verify help", []string{"verify", "--help"}, exitOK, "Usage: prism-cdc verify", ""},
+		{"run without config", []string{"run"}, exitUsage, "", "--config FILE is required"},
+		{"run bad flag", []string{"run", "--conf", good}, exitUsage, "", "flag provided but not defined: -conf"},
+		{"run extra argument", []string{"run", "--config", good, "extra"}, exitUsage, "", `unexpected argument "extra"`},
+		{"run missing file", []string{"run", "--config", "/nonexistent/x.yaml"}, exitUsage, "", "no such file or directory"},
+		{"run bad config", []string{"run", "--config", badKey}, exitUsage, "", `bad.yaml:4: listen: "nowhere" is not host:port`},
+		{"doctor unknown key", []string{"doctor", "--config", unknownKey}, exitUsage, "", `delivery.ack_timout: unknown key`},
+		{"run not built", []string{"run", "--config", good}, exitUsage, "", "prism-cdc run: not available yet in this build"},
+		{"doctor not built", []string{"doctor", "--config=" + good}, exitUsage, "", "prism-cdc doctor: not available yet in this build"},
+		{"status not built", []string{"status", "-config", good}, exitUsage, "", "prism-cdc status: not available yet in this build"},
+		{"verify not built", []string{"verify", "--config", good}, exitUsage, "", "prism-cdc verify: not available yet in this build"},
+		{"logger from config", []string{"run", "--config", good}, exitUsage, "", `"message":"configuration loaded"`},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var stdout, stderr bytes.Buffer
+			code := run(context.Background(), tc.args, &stdout, &stderr)
+			if code != tc.wantCode {
+				t.Errorf("run(%q) = %d, want %d\nstdout: %s\nstderr: %s", tc.args, code, tc.wantCode, &stdout, &stderr)
+			}
+			if tc.wantStdout != "" && !strings.Contains(stdout.String(), tc.wantStdout) {
+				t.Errorf("run(%q) stdout = %q, want it to contain %q", tc.args, &stdout, tc.wantStdout)
+			}
+			if tc.wantStderr != "" && !strings.Contains(stderr.String(), tc.wantStderr) {
+				t.Errorf("run(%q) stderr = %q, want it to contain %q", tc.args, &stderr, tc.wantStderr)
+			}
+		})
+	}
+}
+
+// TestUsageListsEveryCommand keeps usage and the command table in step.
+func TestUsageListsEveryCommand(t *testing.T) {
+	var buf bytes.Buffer
+	usage(&buf)
+	for _, c := range commands() {
+		if !strings.Contains(buf.String(), "  "+c.name+" ") {
+			t.Errorf("usage does not list %q:\n%s", c.name, &buf)
+		}
+	}
+}
+
+// TestBinary builds the command with a version stamped in and checks the
+// exit statuses a shell sees.
+func TestBinary(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the binary")
+	}
+	bin := filepath.Join(t.TempDir(), "prism-cdc")
+	build := exec.Command("go", "build", "-ldflags", "-X main.version=v9.8.7", "-o", bin, ".")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	tests := []struct {
+		args     []string
+		wantCode int
+		want     string
+	}{
+		{[]string{"version"}, exitOK, "prism-cdc v9.8.7 " + runtime.Version()},
+		{[]string{"bogus"}, exitUsage, `unknown command "bogus"`},
+		{[]string{"run", "--config", writeFile(t, "bad.yaml", "node: eu1\nnope: 1\n")}, exitUsage, `bad.yaml:2: nope: unknown key "nope"`},
+	}
+	for _, tc := range tests {
+		out, err := exec.Command(bin, tc.args...).CombinedOutput()
+		code := 0
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			code = ee.ExitCode()
+		} else if err != nil {
+			t.Fatalf("%s %q: %v", bin, tc.args, err)
+		}
+		if code != tc.wantCode || !strings.Contains(string(out), tc.want) {
+			t.Errorf("prism-cdc %q = %d %q, want %d and %q", tc.args, code, out, tc.wantCode, tc.want)
+		}
+	}
+}

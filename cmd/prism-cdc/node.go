@@ -1,0 +1,72 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"strings"
+
+	"github.com/rs/zerolog"
+
+	"github.com/prism-cdc/prism-cdc/internal/config"
+	"github.com/prism-cdc/prism-cdc/internal/logging"
+)
+
+// nodeAction is the work of a subcommand that acts for one node, called once
+// its configuration is loaded and validated and the root logger is built. It
+// returns the exit status. Logs go to stderr; results for the operator go to
+// stdout.
+type nodeAction func(ctx context.Context, name string, cfg *config.Config, log zerolog.Logger, stdout, stderr io.Writer) int
+
+// nodeCommand returns the runner of a subcommand that takes --config FILE:
+// it parses the flags, loads and validates the configuration (exit 2 with
+// every problem on stderr when it is bad), builds the root logger from the
+// log section and calls action.
+func nodeCommand(name string, action nodeAction) func(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	return func(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+		c, _ := lookup(name)
+		fs := flag.NewFlagSet(name, flag.ContinueOnError)
+		path := fs.String("config", "", "YAML configuration `FILE` of this node (see configs/)")
+		if code, done := parseFlags(fs, c, args, stdout, stderr); done {
+			return code
+		}
+		if *path == "" {
+			fmt.Fprintf(stderr, "prism-cdc %s: --config FILE is required\n\n", name)
+			commandUsage(stderr, fs, c)
+			return exitUsage
+		}
+		cfg, err := config.Load(*path)
+		if err != nil {
+			fmt.Fprintf(stderr, "prism-cdc %s: bad config %s:\n%s\n", name, *path, indent(err))
+			return exitUsage
+		}
+		log, err := logging.New(stderr, cfg.Log)
+		if err != nil {
+			fmt.Fprintf(stderr, "prism-cdc %s: bad config %s: %v\n", name, *path, err)
+			return exitUsage
+		}
+		log = log.With().Str("node", cfg.Node).Str("region", cfg.Region).Logger()
+		log.Debug().Str("command", name).Object("config", cfg).Msg("configuration loaded")
+		return action(ctx, name, cfg, log, stdout, stderr)
+	}
+}
+
+// notAvailable is the action of subcommands this build does not have yet.
+func notAvailable(_ context.Context, name string, _ *config.Config, _ zerolog.Logger, _, stderr io.Writer) int {
+	fmt.Fprintf(stderr, "prism-cdc %s: not available yet in this build\n", name)
+	return exitUsage
+}
+
+// indent lists each problem of a (joined) error on its own indented line.
+func indent(err error) string {
+	var lines []string
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		for _, e := range j.Unwrap() {
+			lines = append(lines, "  "+e.Error())
+		}
+	} else if err != nil {
+		lines = append(lines, "  "+err.Error())
+	}
+	return strings.Join(lines, "\n")
+}

@@ -1,0 +1,28 @@
+package logging
+
+import (
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/prism-cdc/prism-cdc/internal/config"
+)
+
+// New returns a logger writing to w at cfg.Level, as JSON lines or, for
+// format console, as human-readable lines. Every event carries a timestamp.
+func New(w io.Writer, cfg config.Log) (zerolog.Logger, error) {
+	level, err := zerolog.ParseLevel(cfg.Level)
+	if err != nil || cfg.Level == "" {
+		return zerolog.Nop(), fmt.Errorf("log level %q: write trace, debug, info, warn or error", cfg.Level)
+	}
+	switch cfg.Format {
+	case config.LogJSON:
+	case config.LogConsole:
+		w = zerolog.ConsoleWriter{Out: w, NoColor: true, TimeFormat: time.RFC3339}
+	default:
+		return zerolog.Nop(), fmt.Errorf("log format %q: write json or console", cfg.Format)
+	}
+	return zerolog.New(w).Level(level).With().Timestamp().Logger(), nil
+}
