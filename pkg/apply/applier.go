@@ -1,0 +1,623 @@
+package apply
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"regexp"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/rs/zerolog"
+
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
+)
+
+// Policy says how a conflict on a table is resolved.
+type Policy string
+
+// The conflict policies.
+const (
+	// LastWriteWins keeps the version with the later source commit time;
+	// exact ties go to the lexically greater region name. Convergent.
+	LastWriteWins Policy = "last_write_wins"
+	// SourceWins always applies the incoming change. Not convergent when
+	// two regions write the same row concurrently.
+	SourceWins Policy = "source_wins"
+	// KeepLocal keeps a local version written at or after the incoming
+	// change. Not convergent when two regions write the same row
+	// concurrently.
+	KeepLocal Policy = "keep_local"
+	// ErrorOnConflict fails the transaction with a permanent error.
+	ErrorOnConflict Policy = "error"
+)
+
+func (p Policy) valid() bool {
+	switch p {
+	case LastWriteWins, SourceWins, KeepLocal, ErrorOnConflict:
+		return true
+	}
+	return false
+}
+
+// Option tunes an Applier.
+type Option func(*Applier)
+
+// WithConflicts sets the default conflict policy and per-table overrides
+// keyed by "schema.table". Unknown policies fall back to LastWriteWins.
+func WithConflicts(def Policy, perTable map[string]Policy) Option {
+	return func(a *Applier) {
+		if def.valid() {
+			a.defPolicy = def
+		}
+		a.tables = make(map[string]Policy, len(perTable))
+		for k, v := range perTable {
+			if v.valid() {
+				a.tables[k] = v
+			}
+		}
+	}
+}
+
+// WithLocalRegion names the target region. It breaks exact commit-time
+// ties and names the local origin in prism.conflicts.
+func WithLocalRegion(name string) Option {
+	return func(a *Applier) { a.local = name }
+}
+
+// WithApplicationName sets the application_name prefix of apply sessions;
+// the default is "prism_apply", and sessions are named
+// "<prefix>_<source region>".
+func WithApplicationName(name string) Option {
+	return func(a *Applier) {
+		if name != "" {
+			a.appName = name
+		}
+	}
+}
+
+// Applier applies source transactions to one target database exactly once.
+// It is safe for concurrent use; concurrent applies of the same source
+// region serialise on the replication origin (one gets ErrBusy).
+type Applier struct {
+	pool      *pgxpool.Pool
+	log       zerolog.Logger
+	defPolicy Policy
+	tables    map[string]Policy
+	local     string
+	appName   string
+
+	mu      sync.Mutex
+	setup   bool
+	targets map[string]*target    // by schema.table
+	stmts   map[string]*statement // by shapeKey
+
+	// testAfterSend, when set, runs after the last pipeline of a run was
+	// sent (with the backend PID), before its results are read.
+	testAfterSend func(pid uint32)
+}
+
+// NewApplier returns an Applier writing through pool.
+func NewApplier(pool *pgxpool.Pool, log zerolog.Logger, opts ...Option) *Applier {
+	a := &Applier{
+		pool:      pool,
+		log:       log.With().Str("component", "apply").Logger(),
+		defPolicy: LastWriteWins,
+		appName:   "prism_apply",
+		targets:   map[string]*target{},
+		stmts:     map[string]*statement{},
+	}
+	for _, o := range opts {
+		o(a)
+	}
+	return a
+}
+
+func originName(region string) string { return "prism_" + region }
+
+func (a *Applier) policy(rel *decode.Relation) Policy {
+	if p, ok := a.tables[rel.Schema+"."+rel.Table]; ok {
+		return p
+	}
+	return a.defPolicy
+}
+
+// Setup creates schema prism, table prism.conflicts and the conflict
+// functions. It is idempotent; Apply calls it once lazily.
+func (a *Applier) Setup(ctx context.Context) error {
+	conn, err := a.pool.Acquire(ctx)
+	if err != nil {
+		return fmt.Errorf("apply setup: %w", err)
+	}
+	defer conn.Release()
+	var track string
+	if err := conn.QueryRow(ctx, "SHOW track_commit_timestamp").Scan(&track); err != nil {
+		return fmt.Errorf("apply setup: %w", err)
+	}
+	if track != "on" {
+		return fmt.Errorf("apply setup: %w", permanent("55000", "track_commit_timestamp is off in the target database; set track_commit_timestamp = on and restart PostgreSQL"))
+	}
+	if _, err := conn.Conn().PgConn().Exec(ctx, setupSQL).ReadAll(); err != nil {
+		return fmt.Errorf("apply setup: %w", err)
+	}
+	a.mu.Lock()
+	a.setup = true
+	a.mu.Unlock()
+	return nil
+}
+
+func (a *Applier) ensureSetup(ctx context.Context) error {
+	a.mu.Lock()
+	done := a.setup
+	a.mu.Unlock()
+	if done {
+		return nil
+	}
+	return a.Setup(ctx)
+}
+
+// Progress returns the durable progress of origin prism_<sourceRegion> in
+// the target database: the end LSN of the last applied transaction, or 0
+// when nothing was applied yet.
+func (a *Applier) Progress(ctx context.Context, sourceRegion string) (pglogrepl.LSN, error) {
+	var s *string
+	err := a.pool.QueryRow(ctx,
+		"SELECT pg_replication_origin_progress(roname, true)::text FROM pg_catalog.pg_replication_origin WHERE roname = $1",
+		originName(sourceRegion)).Scan(&s)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("apply progress %s: %w", sourceRegion, err)
+	}
+	if s == nil {
+		return 0, nil
+	}
+	lsn, err := pglogrepl.ParseLSN(*s)
+	if err != nil {
+		return 0, fmt.Errorf("apply progress %s: %w", sourceRegion, err)
+	}
+	return lsn, nil
+}
+
+// Apply applies one source transaction in one target transaction, with
+// the origin's progress advanced to txn.EndLSN in the same commit. A
+// transaction at or below the recorded progress is skipped and is a
+// success. Errors are *Error.
+func (a *Applier) Apply(ctx context.Context, txn *decode.Txn) error {
+	_, err := a.ApplyBatch(ctx, []*decode.Txn{txn})
+	return err
+}
+
+// ApplyBatch applies txns in order. Each one commits separately with its
+// own origin LSN and commit time; consecutive transactions share round
+// trips. On error, the first applied transactions are durable and the
+// error (an *Error) is about txns[applied].
+func (a *Applier) ApplyBatch(ctx context.Context, txns []*decode.Txn) (int, error) {
+	if len(txns) == 0 {
+		return 0, nil
+	}
+	for i, t := range txns {
+		if t == nil {
+			return i, &Error{Err: permanent("22023", "nil transaction at %d", i)}
+		}
+		if t.Origin == "" || t.CommitTime.IsZero() || t.EndLSN == 0 {
+			return i, newError(t, "", 0, permanent("22023", "transaction lacks origin, end LSN or commit time"))
+		}
+	}
+	if err := a.ensureSetup(ctx); err != nil {
+		return 0, newError(txns[0], "", 0, err)
+	}
+	applied := 0
+	for applied < len(txns) {
+		end := applied + 1
+		for end < len(txns) && txns[end].Origin == txns[applied].Origin {
+			end++
+		}
+		n, err := a.applyRun(ctx, txns[applied:end])
+		applied += n
+		if err != nil {
+			return applied, err
+		}
+	}
+	return applied, nil
+}
+
+// Limits of one pipeline: the statements of one round trip. They bound
+// the memory a batch holds besides the transactions themselves.
+const (
+	maxPipelineBytes = 4 << 20
+	maxPipelineCmds  = 4096
+)
+
+const txnSetupSQL = `SELECT pg_replication_origin_xact_setup($1::pg_lsn, $2::timestamptz), pg_current_xact_id(),
+	set_config('prism.remote_lsn', $1::pg_lsn::text, true), set_config('prism.remote_ts', $2::timestamptz::text, true),
+	set_config('prism.remote_region', $3::text, true), set_config('prism.local_region', $4::text, true)`
+
+// cmd describes one queued command of a pipeline.
+type cmd struct {
+	txn    int // index into the run
+	change int // index into Changes; -1 for transaction control
+	commit bool
+	reset  bool
+}
+
+// session is one pooled connection holding the origin of a run.
+type session struct {
+	a      *Applier
+	conn   *pgxpool.Conn
+	origin string
+	broken bool
+}
+
+func (s *session) release() {
+	if s.broken {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		s.conn.Conn().Close(ctx)
+		cancel()
+	}
+	s.conn.Release()
+}
+
+// hold sets the session up for origin and returns its progress, read
+// while holding the origin so nobody can advance it meanwhile.
+func (s *session) hold(ctx context.Context, source string) (pglogrepl.LSN, error) {
+	pc := s.conn.Conn().PgConn()
+	for attempt := 0; ; attempt++ {
+		b := &pgconn.Batch{}
+		b.ExecParams(`SELECT set_config('application_name', $1, false), set_config('synchronous_commit', 'on', false),
+			set_config('idle_in_transaction_session_timeout', '10s', false)`,
+			[][]byte{[]byte(s.a.appName + "_" + source)}, nil, nil, nil)
+		b.ExecParams("SELECT pg_replication_origin_session_setup($1)", [][]byte{[]byte(s.origin)}, nil, nil, nil)
+		b.ExecParams("SELECT pg_replication_origin_session_progress(true)::text", nil, nil, nil, nil)
+		res, err := pc.ExecBatch(ctx, b).ReadAll()
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == "42704" && attempt == 0 {
+			// The origin does not exist yet; create it. Losing a race with
+			// another creator is fine.
+			_, cerr := pc.ExecParams(ctx, "SELECT pg_replication_origin_create($1)", [][]byte{[]byte(s.origin)}, nil, nil, nil).Close()
+			var createErr *pgconn.PgError
+			switch {
+			case cerr == nil:
+			case errors.As(cerr, &createErr) && (createErr.Code == "42710" || createErr.Code == "23505"):
+			case errors.As(cerr, &createErr):
+				return 0, cerr
+			default:
+				s.broken = true
+				return 0, cerr
+			}
+			continue
+		}
+		if err != nil {
+			if errors.As(err, &pgErr) {
+				if pgErr.Code == "55006" {
+					return 0, fmt.Errorf("%w: %w", ErrBusy, err)
+				}
+			} else {
+				s.broken = true
+			}
+			return 0, err
+		}
+		if len(res) != 3 || len(res[2].Rows) != 1 || len(res[2].Rows[0]) != 1 {
+			s.broken = true
+			return 0, errors.New("unexpected reply to origin session setup")
+		}
+		if res[2].Rows[0][0] == nil {
+			return 0, nil
+		}
+		lsn, err := pglogrepl.ParseLSN(string(res[2].Rows[0][0]))
+		if err != nil {
+			s.broken = true
+			return 0, err
+		}
+		return lsn, nil
+	}
+}
+
+// applyRun applies txns of one origin on one connection.
+func (a *Applier) applyRun(ctx context.Context, txns []*decode.Txn) (int, error) {
+	source := txns[0].Origin
+	conn, err := a.pool.Acquire(ctx)
+	if err != nil {
+		return 0, newError(txns[0], "", 0, err)
+	}
+	s := &session{a: a, conn: conn, origin: originName(source)}
+	defer s.release()
+
+	progress, err := s.hold(ctx, source)
+	if err != nil {
+		return 0, newError(txns[0], "", 0, err)
+	}
+	// From here the origin is held: release it on every path.
+	held := true
+	defer func() {
+		if held && !s.broken {
+			if _, err := conn.Conn().PgConn().Exec(ctx, "ROLLBACK; SELECT pg_replication_origin_session_reset()").ReadAll(); err != nil {
+				s.broken = true
+			}
+		}
+	}()
+
+	// Skip what the origin already has; the rest must go in LSN order.
+	skip := make([]bool, len(txns))
+	last := progress
+	pending := 0
+	for i, t := range txns {
+		if t.EndLSN <= last {
+			skip[i] = true
+			continue
+		}
+		last = t.EndLSN
+		pending++
+	}
+	if pending == 0 {
+		a.log.Debug().Str("origin", source).Stringer("progress", progress).Int("skipped", len(txns)).Msg("already applied")
+		return len(txns), nil
+	}
+
+	pc := conn.Conn().PgConn()
+	setupSD, err := conn.Conn().Prepare(ctx, "prism_txn_setup", txnSetupSQL)
+	if err != nil {
+		return 0, a.fail(s, txns[0], "", 0, err)
+	}
+
+	committed := 0 // txns[:committed] are durable (applied or skipped)
+	for committed < len(txns) && skip[committed] {
+		committed++
+	}
+	b := &pgconn.Batch{}
+	var cmds []cmd
+	size := 0
+
+	flush := func(final bool) error {
+		if final {
+			b.ExecParams("SELECT pg_replication_origin_session_reset()", nil, nil, nil, nil)
+			cmds = append(cmds, cmd{txn: len(txns) - 1, change: -1, reset: true})
+		}
+		mrr := pc.ExecBatch(ctx, b)
+		if final && a.testAfterSend != nil {
+			a.testAfterSend(pc.PID())
+		}
+		res, err := mrr.ReadAll()
+		failed := len(res)
+		for i, r := range res {
+			if r.Err != nil {
+				failed, err = i, r.Err
+				break
+			}
+		}
+		for i := 0; i < failed && i < len(cmds); i++ {
+			if cmds[i].commit {
+				committed = cmds[i].txn + 1
+				for committed < len(txns) && skip[committed] {
+					committed++
+				}
+			}
+			if cmds[i].reset {
+				held = false
+			}
+		}
+		if err == nil {
+			b, cmds, size = &pgconn.Batch{}, cmds[:0], 0
+			return nil
+		}
+		var pgErr *pgconn.PgError
+		if !errors.As(err, &pgErr) {
+			s.broken = true
+		}
+		if failed < len(cmds) && cmds[failed].reset && committed == len(txns) {
+			// Everything is durable; only releasing the origin failed. The
+			// connection is dropped, which releases it too.
+			s.broken = true
+			a.log.Warn().Err(err).Str("origin", source).Msg("release origin after commit")
+			return nil
+		}
+		at := committed
+		if at >= len(txns) {
+			at = len(txns) - 1
+		}
+		t := txns[at]
+		if failed < len(cmds) && cmds[failed].change >= 0 {
+			c := &t.Changes[cmds[failed].change]
+			return a.fail(s, t, relName(c), c.Op, err)
+		}
+		return a.fail(s, t, "", 0, err)
+	}
+
+	for i, t := range txns {
+		if skip[i] {
+			continue
+		}
+		b.ExecParams("BEGIN", nil, nil, nil, nil)
+		cmds = append(cmds, cmd{txn: i, change: -1})
+		ts := t.CommitTime.UTC().Format("2006-01-02 15:04:05.999999Z07:00")
+		b.ExecStatement(setupSD, [][]byte{[]byte(t.EndLSN.String()), []byte(ts), []byte(t.Origin), []byte(a.local)}, nil, nil)
+		cmds = append(cmds, cmd{txn: i, change: -1})
+		for j := range t.Changes {
+			c := &t.Changes[j]
+			if c.Op == decode.OpTruncate {
+				sql, err := truncateSQL(c)
+				if err != nil {
+					return committed, a.fail(s, t, relName(c), c.Op, err)
+				}
+				b.ExecParams(sql, nil, nil, nil, nil)
+				cmds = append(cmds, cmd{txn: i, change: j})
+				size += len(sql)
+			} else {
+				if c.Rel == nil {
+					return committed, a.fail(s, t, "", c.Op, permanent("22023", "change %d has no relation", j))
+				}
+				st, sd, err := a.statementFor(ctx, conn.Conn(), c)
+				if err != nil {
+					return committed, a.fail(s, t, relName(c), c.Op, err)
+				}
+				vals, formats, err := bind(st, c)
+				if err != nil {
+					return committed, a.fail(s, t, relName(c), c.Op, err)
+				}
+				b.ExecStatement(sd, vals, formats, nil)
+				cmds = append(cmds, cmd{txn: i, change: j})
+				size += 32
+				for _, v := range vals {
+					size += len(v) + 8
+				}
+			}
+			if size > maxPipelineBytes || len(cmds) > maxPipelineCmds {
+				if err := flush(false); err != nil {
+					return committed, err
+				}
+			}
+		}
+		b.ExecParams("COMMIT", nil, nil, nil, nil)
+		cmds = append(cmds, cmd{txn: i, change: -1, commit: true})
+	}
+	if err := flush(true); err != nil {
+		return committed, err
+	}
+	held = false
+	a.log.Debug().Str("origin", source).Int("applied", pending).Int("skipped", len(txns)-pending).
+		Stringer("end_lsn", txns[len(txns)-1].EndLSN).Msg("applied")
+	return len(txns), nil
+}
+
+func relName(c *decode.Change) string {
+	if c.Rel == nil {
+		return ""
+	}
+	return c.Rel.Schema + "." + c.Rel.Table
+}
+
+// fail turns err into an *Error and forgets cached table descriptions
+// when the error says the target schema changed.
+func (a *Applier) fail(s *session, t *decode.Txn, table string, op decode.Op, err error) error {
+	e := newError(t, table, op, err)
+	switch e.SQLState {
+	case "42703", "42P01", "42804", "0A000", "26000":
+		a.mu.Lock()
+		a.targets = map[string]*target{}
+		a.stmts = map[string]*statement{}
+		a.mu.Unlock()
+		// The connection's prepared statements may reference the old
+		// schema; drop the connection.
+		s.broken = true
+	}
+	return e
+}
+
+// statementFor returns the prepared statement for change c on conn,
+// building it from the cached target description (loaded, or reloaded
+// once when a column is missing).
+func (a *Applier) statementFor(ctx context.Context, conn *pgx.Conn, c *decode.Change) (*statement, *pgconn.StatementDescription, error) {
+	policy := a.policy(c.Rel)
+	key := shapeKey(c, policy)
+	a.mu.Lock()
+	st := a.stmts[key]
+	a.mu.Unlock()
+	if st == nil {
+		var err error
+		for attempt := 0; ; attempt++ {
+			var t *target
+			t, err = a.target(ctx, conn, c.Rel, attempt > 0)
+			if err != nil {
+				return nil, nil, err
+			}
+			st, err = buildStatement(t, c, policy)
+			var pe *permanentError
+			if err != nil && attempt == 0 && errors.As(err, &pe) && pe.code == "42703" {
+				continue
+			}
+			break
+		}
+		if err != nil {
+			return nil, nil, err
+		}
+		a.mu.Lock()
+		a.stmts[key] = st
+		a.mu.Unlock()
+	}
+	sd, err := conn.Prepare(ctx, st.name, st.sql)
+	if err != nil {
+		return nil, nil, err
+	}
+	return st, sd, nil
+}
+
+func (a *Applier) target(ctx context.Context, conn *pgx.Conn, rel *decode.Relation, reload bool) (*target, error) {
+	name := rel.Schema + "." + rel.Table
+	a.mu.Lock()
+	t := a.targets[name]
+	a.mu.Unlock()
+	if t != nil && !reload {
+		return t, nil
+	}
+	t, err := loadTarget(ctx, conn, rel.Schema, rel.Table)
+	if err != nil {
+		return nil, err
+	}
+	a.mu.Lock()
+	a.targets[name] = t
+	a.mu.Unlock()
+	return t, nil
+}
+
+var busyPID = regexp.MustCompile(`PID (\d+)`)
+
+// Fence terminates the other sessions that hold origin
+// prism_<sourceRegion> in the target database and returns how many it
+// terminated. After it returns, the origin is free (until someone takes
+// it again). Callers fence before taking over a source region from a path
+// that may be frozen; Fence must not run while this Applier itself
+// applies the same source region.
+func (a *Applier) Fence(ctx context.Context, sourceRegion string) (int, error) {
+	conn, err := a.pool.Acquire(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("apply fence %s: %w", sourceRegion, err)
+	}
+	s := &session{a: a, conn: conn, origin: originName(sourceRegion)}
+	defer s.release()
+	pc := conn.Conn().PgConn()
+	killed := 0
+	for attempt := 0; attempt < 20; attempt++ {
+		_, err := pc.ExecParams(ctx, "SELECT pg_replication_origin_session_setup($1)", [][]byte{[]byte(s.origin)}, nil, nil, nil).Close()
+		if err == nil {
+			if _, err := pc.ExecParams(ctx, "SELECT pg_replication_origin_session_reset()", nil, nil, nil, nil).Close(); err != nil {
+				s.broken = true
+			}
+			return killed, nil
+		}
+		var pgErr *pgconn.PgError
+		if !errors.As(err, &pgErr) {
+			s.broken = true
+			return killed, fmt.Errorf("apply fence %s: %w", sourceRegion, err)
+		}
+		switch pgErr.Code {
+		case "42704": // no such origin: nobody holds it
+			return killed, nil
+		case "55006":
+		default:
+			return killed, fmt.Errorf("apply fence %s: %w", sourceRegion, err)
+		}
+		m := busyPID.FindStringSubmatch(pgErr.Message)
+		if m == nil {
+			return killed, fmt.Errorf("apply fence %s: no PID in %q: %w", sourceRegion, pgErr.Message, ErrBusy)
+		}
+		pid, err := strconv.Atoi(m[1])
+		if err != nil {
+			return killed, fmt.Errorf("apply fence %s: %w", sourceRegion, err)
+		}
+		var ok bool
+		if err := conn.QueryRow(ctx, "SELECT pg_terminate_backend($1, 5000)", pid).Scan(&ok); err != nil {
+			return killed, fmt.Errorf("apply fence %s: terminate %d: %w", sourceRegion, pid, err)
+		}
+		if ok {
+			killed++
+			a.log.Warn().Str("origin", s.origin).Int("pid", pid).Msg("fenced origin holder")
+		}
+	}
+	return killed, fmt.Errorf("apply fence %s: %w", sourceRegion, ErrBusy)
+}

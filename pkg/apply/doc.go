@@ -1,0 +1,79 @@
+// Package apply owns applying update messages (decode.Txn) to a region's
+// database exactly once. It is the applier half of a node and the engine
+// of the direct-SQL fallback; both use the same replication origin, so
+// switching between them never applies twice and never skips.
+//
+// # Exactly once
+//
+// Progress per (source region, target cluster) is the replication origin
+// prism_<source region>. A run of transactions from one source is applied
+// on one connection in this order:
+//
+//  1. pg_replication_origin_session_setup(prism_<source>): the origin is
+//     now held exclusively by this session (another holder makes it fail
+//     with ErrBusy);
+//  2. pg_replication_origin_session_progress(true): read under the lock, so
+//     nobody can advance it before this session commits;
+//  3. per transaction whose EndLSN is above that progress: BEGIN;
+//     pg_replication_origin_xact_setup(end_lsn, commit_time); the row
+//     statements; COMMIT (synchronous_commit = on, so a success is
+//     durable). Transactions at or below the progress are skipped;
+//  4. pg_replication_origin_session_reset(): the origin is held only while
+//     applying, so a failover path is never locked out by an idle holder.
+//
+// The data and the origin's progress commit atomically, so a transaction
+// committed before a crash or a lost reply is skipped when replayed.
+// Fence terminates a stale holder (a frozen node) before a takeover.
+// Note that replication origins are per cluster, not per database: two
+// target databases in one cluster share the progress of a source region.
+//
+// # Ordering
+//
+// ApplyBatch applies in slice order and commits each source transaction
+// separately, with its own origin LSN and commit timestamp; several
+// transactions share one pipelined round trip. If transaction k fails, the
+// ones before it are durable and nothing after it is executed.
+//
+// # Rows
+//
+// Values arrive in the source's text representation and are sent as text
+// parameters cast to the target column's type, so the server parses them
+// exactly as the source printed them. Columns are matched by name.
+// Unchanged TOASTed values (decode.ValueUnchanged) are never written. Rows
+// are found by the replica identity key (old key when sent, else the new
+// key columns), or with REPLICA IDENTITY FULL by every old column compared
+// by its text form, touching exactly one row (ctid ... LIMIT 1).
+//
+// # Conflicts
+//
+// A conflict is an INSERT of an existing key (insert_exists), an UPDATE or
+// DELETE of a row whose local version was written by another region at or
+// after the incoming commit (update, delete), or an UPDATE or DELETE of a
+// missing row (update_missing, delete_missing). Detection is part of each
+// row statement (ON CONFLICT, UPDATE ... WHERE key AND prism.resolve(...)),
+// so the common no-conflict case costs no extra round trip; only a row
+// that exists looks up its commit timestamp and origin with
+// pg_xact_commit_timestamp_origin(xmin). Every conflict is recorded in
+// prism.conflicts in the same transaction; the ErrorOnConflict policy
+// fails the transaction instead.
+//
+// Convergence under LastWriteWins: every version of a row carries the
+// commit time of the source transaction that wrote it, recorded on every
+// region by pg_replication_origin_xact_setup, plus the region that wrote
+// it (local, or the origin prism_<region>). The pairs (commit time,
+// region) are totally ordered (ties broken by the greater region name) and
+// every region sees the same pair for the same version. An incoming
+// version replaces the local one exactly when its pair is greater (or when
+// it comes from the same region, which delivers in commit order), and is
+// dropped otherwise. So after two regions received the same set of
+// transactions, each row holds the version with the greatest pair on both,
+// whatever the delivery order. Deletes: a delete older than the local
+// version is dropped on both sides; a delete newer than the local version
+// removes it. The exceptions, where no tombstone exists to compare with:
+// an UPDATE that arrives after a newer local DELETE re-inserts the row
+// (update_missing), and an UPDATE with unchanged TOASTed columns of a
+// missing row cannot be re-inserted and is skipped; both are recorded in
+// prism.conflicts. SourceWins and KeepLocal are not convergent under
+// concurrent writes to the same row: each region keeps the remote (or the
+// local) version, which differs between regions.
+package apply

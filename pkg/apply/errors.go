@@ -1,0 +1,126 @@
+package apply
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
+)
+
+// ErrBusy reports that another session holds the replication origin of the
+// source region in the target database. It is retryable: the holder either
+// finishes its transaction and releases the origin, or is fenced.
+var ErrBusy = errors.New("replication origin busy")
+
+// Error is a failed apply of one source transaction. Nothing of the
+// transaction is committed when Apply returns an Error, except when the
+// error is about releasing the origin after a successful commit (then
+// Apply returns nil instead).
+type Error struct {
+	Origin   string        // source region
+	EndLSN   pglogrepl.LSN // end LSN of the failed transaction
+	Table    string        // schema.table of the failing change; empty if not about a table
+	Op       decode.Op     // operation of the failing change; 0 if not about a change
+	SQLState string        // Postgres SQLSTATE when the server reported the error
+	// Retryable reports whether applying the same transaction again may
+	// succeed (lost connection, serialization failure, busy origin, ...).
+	Retryable bool
+	Err       error
+}
+
+// Error describes the failure with the source position and the table.
+func (e *Error) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "apply %s/%s", e.Origin, e.EndLSN)
+	if e.Table != "" {
+		b.WriteString(" ")
+		b.WriteString(e.Table)
+	}
+	if e.Op != 0 {
+		b.WriteString(" ")
+		b.WriteString(e.Op.String())
+	}
+	b.WriteString(": ")
+	if e.Err != nil {
+		b.WriteString(e.Err.Error())
+	}
+	return b.String()
+}
+
+// Unwrap returns the underlying error.
+func (e *Error) Unwrap() error { return e.Err }
+
+// Temporary reports whether the failure is retryable; it lets callers that
+// only know the behaviour classify it.
+func (e *Error) Temporary() bool { return e.Retryable }
+
+// IsRetryable reports whether err (from Apply, ApplyBatch, Setup, Progress
+// or Fence) is worth retrying with the same input.
+func IsRetryable(err error) bool {
+	if err == nil {
+		return false
+	}
+	var ae *Error
+	if errors.As(err, &ae) {
+		return ae.Retryable
+	}
+	_, retry := classify(err)
+	return retry
+}
+
+// permanentError is a failure found by the applier itself (no key, missing
+// column) that no retry can fix; it carries a SQLSTATE for the caller.
+type permanentError struct {
+	code string
+	msg  string
+}
+
+func (e *permanentError) Error() string { return e.msg }
+
+func permanent(code, format string, args ...any) error {
+	return &permanentError{code: code, msg: fmt.Sprintf(format, args...)}
+}
+
+// classify returns the SQLSTATE of err (empty when the server did not
+// report one) and whether a retry may succeed.
+func classify(err error) (string, bool) {
+	if errors.Is(err, ErrBusy) {
+		return "55006", true
+	}
+	var pe *permanentError
+	if errors.As(err, &pe) {
+		return pe.code, false
+	}
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		return pgErr.Code, retryableCode(pgErr.Code)
+	}
+	// Anything else came from the connection: network failure, closed
+	// connection, cancelled context. The server state is unknown, and
+	// replaying is safe because apply is idempotent.
+	return "", true
+}
+
+func retryableCode(code string) bool {
+	switch code {
+	case "40001", // serialization_failure
+		"40P01",                   // deadlock_detected
+		"55006",                   // object_in_use: the origin is held by another session
+		"55P03",                   // lock_not_available
+		"57014",                   // query_canceled
+		"57P01", "57P02", "57P03", // admin shutdown, crash shutdown, cannot connect now
+		"25P03", // idle_in_transaction_session_timeout
+		"58030": // io_error
+		return true
+	}
+	return strings.HasPrefix(code, "08") || strings.HasPrefix(code, "53")
+}
+
+func newError(txn *decode.Txn, table string, op decode.Op, err error) *Error {
+	code, retry := classify(err)
+	return &Error{Origin: txn.Origin, EndLSN: txn.EndLSN, Table: table, Op: op, SQLState: code, Retryable: retry, Err: err}
+}

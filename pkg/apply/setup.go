@@ -1,0 +1,102 @@
+package apply
+
+// setupSQL creates what the applier keeps in the target database. It is
+// idempotent and serialised by an advisory lock so that appliers starting
+// together do not race on CREATE ... IF NOT EXISTS.
+//
+// prism.resolve decides a conflict on an existing row and records it;
+// prism.missing records a change whose row is not there. Both read the
+// incoming transaction's commit time and regions from transaction-local
+// settings (prism.remote_ts, prism.remote_region, prism.local_region,
+// prism.remote_lsn) set at the start of every apply transaction.
+const setupSQL = `
+SELECT pg_advisory_xact_lock(hashtext('prism.apply.setup'));
+CREATE SCHEMA IF NOT EXISTS prism;
+CREATE TABLE IF NOT EXISTS prism.conflicts (
+	id                 bigserial PRIMARY KEY,
+	at                 timestamptz NOT NULL DEFAULT clock_timestamp(),
+	source_region      text NOT NULL,
+	source_lsn         pg_lsn,
+	table_name         text NOT NULL,
+	key                jsonb,
+	kind               text NOT NULL,
+	policy             text NOT NULL,
+	resolution         text NOT NULL,
+	winner             text NOT NULL,
+	local_commit_time  timestamptz,
+	local_origin       text,
+	remote_commit_time timestamptz,
+	remote_origin      text
+);
+CREATE OR REPLACE FUNCTION prism.region_of(ident oid) RETURNS text
+LANGUAGE sql STABLE AS $f$
+	SELECT CASE
+		WHEN ident IS NULL OR ident = 0 THEN current_setting('prism.local_region', true)
+		ELSE (SELECT CASE WHEN roname LIKE 'prism\_%' THEN substr(roname, 7) ELSE roname END
+		      FROM pg_catalog.pg_replication_origin WHERE roident = ident)
+	END
+$f$;
+CREATE OR REPLACE FUNCTION prism.resolve(kind text, policy text, tbl text, key jsonb, row_xmin xid)
+RETURNS boolean LANGUAGE plpgsql AS $f$
+DECLARE
+	rts     timestamptz := current_setting('prism.remote_ts')::timestamptz;
+	rregion text := current_setting('prism.remote_region');
+	lts     timestamptz;
+	lident  oid;
+	lregion text;
+	win     boolean;
+BEGIN
+	-- A row this transaction wrote is not a conflict.
+	IF row_xmin = xid(pg_current_xact_id_if_assigned()) THEN
+		RETURN true;
+	END IF;
+	SELECT c.timestamp, c.roident INTO lts, lident FROM pg_xact_commit_timestamp_origin(row_xmin) c;
+	lregion := prism.region_of(lident);
+	IF kind <> 'insert_exists' THEN
+		-- An update or delete conflicts only with a local version written by
+		-- another region at or after the incoming commit.
+		IF lts IS NULL OR lregion IS NOT DISTINCT FROM rregion OR lts < rts THEN
+			RETURN true;
+		END IF;
+	END IF;
+	IF policy = 'error' THEN
+		RAISE EXCEPTION 'prism conflict % on % key % (local % from %, remote % from %)',
+			kind, tbl, key, lts, lregion, rts, rregion USING ERRCODE = 'PR001';
+	END IF;
+	win := CASE policy
+		WHEN 'source_wins' THEN true
+		WHEN 'keep_local' THEN false
+		ELSE lts IS NULL OR lregion IS NOT DISTINCT FROM rregion OR rts > lts
+			OR (rts = lts AND rregion > lregion)
+	END;
+	INSERT INTO prism.conflicts (source_region, source_lsn, table_name, key, kind, policy,
+		resolution, winner, local_commit_time, local_origin, remote_commit_time, remote_origin)
+	VALUES (rregion, current_setting('prism.remote_lsn')::pg_lsn, tbl, key, kind, policy,
+		CASE WHEN win THEN 'apply_remote' ELSE 'keep_local' END,
+		CASE WHEN win THEN 'remote' ELSE 'local' END,
+		lts, lregion, rts, rregion);
+	RETURN win;
+END
+$f$;
+CREATE OR REPLACE FUNCTION prism.missing(kind text, policy text, tbl text, key jsonb, complete boolean)
+RETURNS boolean LANGUAGE plpgsql AS $f$
+DECLARE
+	rts     timestamptz := current_setting('prism.remote_ts')::timestamptz;
+	rregion text := current_setting('prism.remote_region');
+	ins     boolean;
+BEGIN
+	IF policy = 'error' THEN
+		RAISE EXCEPTION 'prism conflict % on % key % (remote % from %)',
+			kind, tbl, key, rts, rregion USING ERRCODE = 'PR001';
+	END IF;
+	ins := kind = 'update_missing' AND complete AND policy IN ('last_write_wins', 'source_wins');
+	INSERT INTO prism.conflicts (source_region, source_lsn, table_name, key, kind, policy,
+		resolution, winner, local_commit_time, local_origin, remote_commit_time, remote_origin)
+	VALUES (rregion, current_setting('prism.remote_lsn')::pg_lsn, tbl, key, kind, policy,
+		CASE WHEN ins THEN 'insert_remote' ELSE 'skip' END,
+		CASE WHEN ins THEN 'remote' ELSE 'none' END,
+		NULL, NULL, rts, rregion);
+	RETURN ins;
+END
+$f$;
+`

@@ -1,0 +1,493 @@
+package apply
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"strconv"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
+)
+
+// target is the applier's cached view of one table in the target database.
+type target struct {
+	ident string            // quoted "schema"."table"
+	name  string            // schema.table, for messages and the conflicts log
+	types map[string]string // column name -> quoted, schema-qualified type name
+}
+
+const loadTargetSQL = `
+SELECT a.attname, quote_ident(n.nspname) || '.' || quote_ident(t.typname)
+FROM pg_catalog.pg_attribute a
+JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
+WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped`
+
+// loadTarget reads the columns of schema.table from the catalog.
+func loadTarget(ctx context.Context, conn *pgx.Conn, schema, table string) (*target, error) {
+	ident := pgx.Identifier{schema, table}.Sanitize()
+	rows, err := conn.Query(ctx, loadTargetSQL, ident)
+	if err != nil {
+		return nil, err
+	}
+	t := &target{ident: ident, name: schema + "." + table, types: map[string]string{}}
+	for rows.Next() {
+		var name, typ string
+		if err := rows.Scan(&name, &typ); err != nil {
+			rows.Close()
+			return nil, err
+		}
+		t.types[name] = typ
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	if len(t.types) == 0 {
+		return nil, permanent("42P01", "table %s does not exist in the target database", t.name)
+	}
+	return t, nil
+}
+
+// tuple tells which row of a change a parameter comes from.
+type tuple uint8
+
+const (
+	tupleNew tuple = iota
+	tupleOld
+)
+
+// paramRef is where one statement parameter's value comes from.
+type paramRef struct {
+	from tuple
+	col  int // index into Rel.Columns
+}
+
+// statement is one prepared row statement for a (table, op, column set,
+// policy) shape.
+type statement struct {
+	name   string
+	sql    string
+	params []paramRef
+}
+
+// shapeKey identifies the statement a change needs. Values (and whether
+// they are NULL) do not change the SQL; which columns are sent, unchanged
+// or used as key does.
+func shapeKey(c *decode.Change, policy Policy) string {
+	var b strings.Builder
+	rel := c.Rel
+	b.Grow(64 + 16*len(rel.Columns))
+	b.WriteString(strconv.Itoa(int(c.Op)))
+	b.WriteByte('|')
+	b.WriteString(string(policy))
+	b.WriteByte('|')
+	b.WriteByte(rel.ReplicaIdentity)
+	b.WriteString(rel.Schema)
+	b.WriteByte('.')
+	b.WriteString(rel.Table)
+	if c.Old != nil {
+		b.WriteString("|old")
+	}
+	for i, col := range rel.Columns {
+		b.WriteByte('|')
+		b.WriteString(col.Name)
+		if col.Key {
+			b.WriteString("*")
+		}
+		if i < len(c.New) && c.New[i].Kind == decode.ValueUnchanged {
+			b.WriteString("~n")
+		}
+		if i < len(c.Old) && c.Old[i].Kind == decode.ValueUnchanged {
+			b.WriteString("~o")
+		}
+	}
+	return b.String()
+}
+
+// lit quotes s as a SQL string literal (standard_conforming_strings=on).
+func lit(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
+
+// builder assembles one statement's SQL and parameter list.
+type builder struct {
+	t      *target
+	rel    *decode.Relation
+	params []paramRef
+	index  map[paramRef]int
+}
+
+// param returns the placeholder for a value, cast to the target column's
+// type so the server parses the text exactly like the source printed it.
+func (b *builder) param(from tuple, col int) (string, error) {
+	name := b.rel.Columns[col].Name
+	typ, ok := b.t.types[name]
+	if !ok {
+		return "", permanent("42703", "column %q of table %s does not exist in the target database", name, b.t.name)
+	}
+	ref := paramRef{from: from, col: col}
+	n, ok := b.index[ref]
+	if !ok {
+		b.params = append(b.params, ref)
+		n = len(b.params)
+		b.index[ref] = n
+	}
+	return "$" + strconv.Itoa(n) + "::" + typ, nil
+}
+
+// buildStatement writes the SQL for change c under policy.
+func buildStatement(t *target, c *decode.Change, policy Policy) (*statement, error) {
+	b := &builder{t: t, rel: c.Rel, index: map[paramRef]int{}}
+	var sql string
+	var err error
+	switch c.Op {
+	case decode.OpInsert:
+		sql, err = b.insert(c, policy)
+	case decode.OpUpdate:
+		sql, err = b.update(c, policy)
+	case decode.OpDelete:
+		sql, err = b.delete(c, policy)
+	default:
+		return nil, permanent("22023", "unsupported row operation %s on %s", c.Op, t.name)
+	}
+	if err != nil {
+		return nil, err
+	}
+	sum := sha256.Sum256([]byte(sql))
+	return &statement{name: "prism_" + hex.EncodeToString(sum[:12]), sql: sql, params: b.params}, nil
+}
+
+func quote(name string) string { return pgx.Identifier{name}.Sanitize() }
+
+// keyed reports whether the relation identifies rows by key columns
+// (primary key or replica identity index) rather than by the whole row.
+func keyed(rel *decode.Relation) bool {
+	if rel.ReplicaIdentity == decode.IdentityFull {
+		return false
+	}
+	for _, col := range rel.Columns {
+		if col.Key {
+			return true
+		}
+	}
+	return false
+}
+
+func (b *builder) keyCols() []int {
+	var ks []int
+	for i, col := range b.rel.Columns {
+		if col.Key {
+			ks = append(ks, i)
+		}
+	}
+	return ks
+}
+
+// keyJSON builds a jsonb object of the given columns read from alias.
+func (b *builder) keyJSON(alias string, cols []int) string {
+	names := make([]string, len(cols))
+	vals := make([]string, len(cols))
+	for i, c := range cols {
+		name := b.rel.Columns[c].Name
+		names[i] = lit(name)
+		vals[i] = alias + "." + quote(name) + "::text"
+	}
+	return "jsonb_object(ARRAY[" + strings.Join(names, ", ") + "]::text[], ARRAY[" + strings.Join(vals, ", ") + "]::text[])"
+}
+
+// keyJSONParams builds a jsonb object of the given columns' parameters.
+func (b *builder) keyJSONParams(from tuple, cols []int) (string, error) {
+	names := make([]string, len(cols))
+	vals := make([]string, len(cols))
+	for i, c := range cols {
+		p, err := b.param(from, c)
+		if err != nil {
+			return "", err
+		}
+		names[i] = lit(b.rel.Columns[c].Name)
+		vals[i] = "(" + p + ")::text"
+	}
+	return "jsonb_object(ARRAY[" + strings.Join(names, ", ") + "]::text[], ARRAY[" + strings.Join(vals, ", ") + "]::text[])", nil
+}
+
+// sentCols lists the columns of New that carry a value (not unchanged).
+func sentCols(c *decode.Change) (cols []int, complete bool) {
+	complete = true
+	for i := range c.Rel.Columns {
+		if i >= len(c.New) || c.New[i].Kind == decode.ValueUnchanged {
+			complete = false
+			continue
+		}
+		cols = append(cols, i)
+	}
+	return cols, complete
+}
+
+// values returns the column list and the parameter list of a full-row
+// INSERT from New.
+func (b *builder) values(cols []int) (string, string, error) {
+	names := make([]string, len(cols))
+	ps := make([]string, len(cols))
+	for i, c := range cols {
+		p, err := b.param(tupleNew, c)
+		if err != nil {
+			return "", "", err
+		}
+		names[i] = quote(b.rel.Columns[c].Name)
+		ps[i] = p
+	}
+	return strings.Join(names, ", "), strings.Join(ps, ", "), nil
+}
+
+func (b *builder) insert(c *decode.Change, policy Policy) (string, error) {
+	cols, complete := sentCols(c)
+	if !complete {
+		return "", permanent("22023", "insert into %s carries an unchanged-value column", b.t.name)
+	}
+	names, ps, err := b.values(cols)
+	if err != nil {
+		return "", err
+	}
+	sql := "INSERT INTO " + b.t.ident + " AS x (" + names + ") VALUES (" + ps + ")"
+	if !keyed(b.rel) {
+		return sql, nil
+	}
+	keys := b.keyCols()
+	keyNames := make([]string, len(keys))
+	isKey := map[int]bool{}
+	for i, k := range keys {
+		keyNames[i] = quote(b.rel.Columns[k].Name)
+		isKey[k] = true
+	}
+	var sets []string
+	for _, col := range cols {
+		if !isKey[col] {
+			n := quote(b.rel.Columns[col].Name)
+			sets = append(sets, n+" = EXCLUDED."+n)
+		}
+	}
+	if len(sets) == 0 {
+		sets = append(sets, keyNames[0]+" = EXCLUDED."+keyNames[0])
+	}
+	return sql + " ON CONFLICT (" + strings.Join(keyNames, ", ") + ") DO UPDATE SET " + strings.Join(sets, ", ") +
+		" WHERE prism.resolve('insert_exists', " + lit(string(policy)) + ", " + lit(b.t.name) + ", " +
+		b.keyJSON("x", keys) + ", x.xmin)", nil
+}
+
+// match returns the row-identifying condition on alias and the columns it
+// uses. Keyed tables match the key columns (from Old when sent, else from
+// New); REPLICA IDENTITY FULL matches every sent old column by its text
+// form, which works for types without an equality operator too.
+func (b *builder) match(c *decode.Change, alias string) (string, []int, tuple, error) {
+	if keyed(b.rel) {
+		from := tupleNew
+		vals := c.New
+		if c.Old != nil {
+			from, vals = tupleOld, c.Old
+		}
+		keys := b.keyCols()
+		conds := make([]string, len(keys))
+		for i, k := range keys {
+			if k >= len(vals) || vals[k].Kind == decode.ValueUnchanged || vals[k].Kind == decode.ValueNull {
+				return "", nil, 0, permanent("22023", "%s on %s lacks a value for key column %q", c.Op, b.t.name, b.rel.Columns[k].Name)
+			}
+			p, err := b.param(from, k)
+			if err != nil {
+				return "", nil, 0, err
+			}
+			conds[i] = alias + "." + quote(b.rel.Columns[k].Name) + " = " + p
+		}
+		return strings.Join(conds, " AND "), keys, from, nil
+	}
+	if b.rel.ReplicaIdentity != decode.IdentityFull {
+		return "", nil, 0, permanent("55000", "table %s has no replica identity key (REPLICA IDENTITY NOTHING or no primary key): cannot %s", b.t.name, c.Op)
+	}
+	if c.Old == nil {
+		return "", nil, 0, permanent("22023", "%s on %s with REPLICA IDENTITY FULL lacks the old row", c.Op, b.t.name)
+	}
+	var conds []string
+	var cols []int
+	for i := range b.rel.Columns {
+		if i >= len(c.Old) || c.Old[i].Kind == decode.ValueUnchanged {
+			continue
+		}
+		p, err := b.param(tupleOld, i)
+		if err != nil {
+			return "", nil, 0, err
+		}
+		n := quote(b.rel.Columns[i].Name)
+		conds = append(conds, alias+"."+n+"::text IS NOT DISTINCT FROM ("+p+")::text")
+		cols = append(cols, i)
+	}
+	if len(conds) == 0 {
+		return "", nil, 0, permanent("22023", "%s on %s carries no old column to match", c.Op, b.t.name)
+	}
+	return strings.Join(conds, " AND "), cols, tupleOld, nil
+}
+
+func (b *builder) update(c *decode.Change, policy Policy) (string, error) {
+	cols, complete := sentCols(c)
+	if len(cols) == 0 {
+		return "", permanent("22023", "update of %s carries no column value", b.t.name)
+	}
+	sets := make([]string, len(cols))
+	for i, col := range cols {
+		p, err := b.param(tupleNew, col)
+		if err != nil {
+			return "", err
+		}
+		sets[i] = quote(b.rel.Columns[col].Name) + " = " + p
+	}
+	pol := lit(string(policy))
+	tbl := lit(b.t.name)
+	var sb strings.Builder
+	if keyed(b.rel) {
+		cond, keyCols, from, err := b.match(c, "x")
+		if err != nil {
+			return "", err
+		}
+		condY, _, _, _ := b.match(c, "y")
+		keyP, err := b.keyJSONParams(from, keyCols)
+		if err != nil {
+			return "", err
+		}
+		sb.WriteString("WITH u AS (UPDATE " + b.t.ident + " AS x SET " + strings.Join(sets, ", ") +
+			" WHERE " + cond + " AND prism.resolve('update', " + pol + ", " + tbl + ", " + b.keyJSON("x", keyCols) + ", x.xmin) RETURNING 1), " +
+			"m AS (SELECT prism.missing('update_missing', " + pol + ", " + tbl + ", " + keyP + ", " + strconv.FormatBool(complete) + ") AS ins" +
+			" WHERE NOT EXISTS (SELECT 1 FROM " + b.t.ident + " AS y WHERE " + condY + ")) ")
+		if !complete {
+			sb.WriteString("SELECT (SELECT count(*) FROM u), (SELECT count(*) FROM m)")
+			return sb.String(), nil
+		}
+		names, ps, err := b.values(cols)
+		if err != nil {
+			return "", err
+		}
+		keyNames := make([]string, 0, len(keyCols))
+		for _, k := range b.keyCols() {
+			keyNames = append(keyNames, quote(b.rel.Columns[k].Name))
+		}
+		sb.WriteString("INSERT INTO " + b.t.ident + " (" + names + ") SELECT " + ps + " FROM m WHERE m.ins" +
+			" ON CONFLICT (" + strings.Join(keyNames, ", ") + ") DO NOTHING")
+		return sb.String(), nil
+	}
+	cond, matchCols, _, err := b.match(c, "y")
+	if err != nil {
+		return "", err
+	}
+	keyP, err := b.keyJSONParams(tupleOld, matchCols)
+	if err != nil {
+		return "", err
+	}
+	sb.WriteString("WITH target AS (SELECT y.ctid FROM " + b.t.ident + " AS y WHERE " + cond + " LIMIT 1 FOR UPDATE), " +
+		"u AS (UPDATE " + b.t.ident + " AS x SET " + strings.Join(sets, ", ") + " FROM target WHERE x.ctid = target.ctid" +
+		" AND prism.resolve('update', " + pol + ", " + tbl + ", " + keyP + ", x.xmin) RETURNING 1), " +
+		"m AS (SELECT prism.missing('update_missing', " + pol + ", " + tbl + ", " + keyP + ", " + strconv.FormatBool(complete) + ") AS ins" +
+		" WHERE NOT EXISTS (SELECT 1 FROM target)) ")
+	if !complete {
+		sb.WriteString("SELECT (SELECT count(*) FROM u), (SELECT count(*) FROM m)")
+		return sb.String(), nil
+	}
+	names, ps, err := b.values(cols)
+	if err != nil {
+		return "", err
+	}
+	sb.WriteString("INSERT INTO " + b.t.ident + " (" + names + ") SELECT " + ps + " FROM m WHERE m.ins")
+	return sb.String(), nil
+}
+
+func (b *builder) delete(c *decode.Change, policy Policy) (string, error) {
+	pol := lit(string(policy))
+	tbl := lit(b.t.name)
+	if keyed(b.rel) {
+		cond, keyCols, from, err := b.match(c, "x")
+		if err != nil {
+			return "", err
+		}
+		condY, _, _, _ := b.match(c, "y")
+		keyP, err := b.keyJSONParams(from, keyCols)
+		if err != nil {
+			return "", err
+		}
+		return "WITH d AS (DELETE FROM " + b.t.ident + " AS x WHERE " + cond +
+			" AND prism.resolve('delete', " + pol + ", " + tbl + ", " + b.keyJSON("x", keyCols) + ", x.xmin) RETURNING 1), " +
+			"m AS (SELECT prism.missing('delete_missing', " + pol + ", " + tbl + ", " + keyP + ", false)" +
+			" WHERE NOT EXISTS (SELECT 1 FROM " + b.t.ident + " AS y WHERE " + condY + ")) " +
+			"SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM m)", nil
+	}
+	cond, matchCols, _, err := b.match(c, "y")
+	if err != nil {
+		return "", err
+	}
+	keyP, err := b.keyJSONParams(tupleOld, matchCols)
+	if err != nil {
+		return "", err
+	}
+	return "WITH target AS (SELECT y.ctid FROM " + b.t.ident + " AS y WHERE " + cond + " LIMIT 1 FOR UPDATE), " +
+		"d AS (DELETE FROM " + b.t.ident + " AS x USING target WHERE x.ctid = target.ctid" +
+		" AND prism.resolve('delete', " + pol + ", " + tbl + ", " + keyP + ", x.xmin) RETURNING 1), " +
+		"m AS (SELECT prism.missing('delete_missing', " + pol + ", " + tbl + ", " + keyP + ", false)" +
+		" WHERE NOT EXISTS (SELECT 1 FROM target)) " +
+		"SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM m)", nil
+}
+
+// truncateSQL is one TRUNCATE of every listed table with the source's
+// flags.
+func truncateSQL(c *decode.Change) (string, error) {
+	rels := c.Truncated
+	if len(rels) == 0 && c.Rel != nil {
+		rels = []*decode.Relation{c.Rel}
+	}
+	if len(rels) == 0 {
+		return "", permanent("22023", "truncate without tables")
+	}
+	names := make([]string, len(rels))
+	for i, r := range rels {
+		names[i] = pgx.Identifier{r.Schema, r.Table}.Sanitize()
+	}
+	sql := "TRUNCATE TABLE " + strings.Join(names, ", ")
+	if c.TruncateFlags&decode.TruncateRestartIdentity != 0 {
+		sql += " RESTART IDENTITY"
+	}
+	if c.TruncateFlags&decode.TruncateCascade != 0 {
+		sql += " CASCADE"
+	}
+	return sql, nil
+}
+
+// bind returns the parameter values and formats of change c for s.
+func bind(s *statement, c *decode.Change) ([][]byte, []int16, error) {
+	vals := make([][]byte, len(s.params))
+	var formats []int16
+	for i, ref := range s.params {
+		row := c.New
+		if ref.from == tupleOld {
+			row = c.Old
+		}
+		if ref.col >= len(row) {
+			return nil, nil, permanent("22023", "%s on %s.%s: row has %d values for %d columns", c.Op, c.Rel.Schema, c.Rel.Table, len(row), len(c.Rel.Columns))
+		}
+		v := row[ref.col]
+		switch v.Kind {
+		case decode.ValueNull:
+		case decode.ValueText:
+			vals[i] = v.Data
+			if vals[i] == nil {
+				vals[i] = []byte{}
+			}
+		case decode.ValueBinary:
+			if formats == nil {
+				formats = make([]int16, len(s.params))
+			}
+			formats[i] = 1
+			vals[i] = v.Data
+			if vals[i] == nil {
+				vals[i] = []byte{}
+			}
+		default:
+			return nil, nil, permanent("22023", "%s on %s.%s column %q: value kind %s cannot be bound", c.Op, c.Rel.Schema, c.Rel.Table, c.Rel.Columns[ref.col].Name, v.Kind)
+		}
+	}
+	return vals, formats, nil
+}
