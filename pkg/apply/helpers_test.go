@@ -1,0 +1,117 @@
+package apply
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/rs/zerolog"
+
+	"github.com/prism-cdc/prism-cdc/internal/pgtest"
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
+)
+
+func testCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func newPool(t testing.TB, ctx context.Context, c *pgtest.Cluster, db string) *pgxpool.Pool {
+	t.Helper()
+	pool, err := pgxpool.New(ctx, c.DSN(db))
+	if err != nil {
+		t.Fatalf("pool: %v", err)
+	}
+	t.Cleanup(pool.Close)
+	return pool
+}
+
+func newApplier(t testing.TB, ctx context.Context, c *pgtest.Cluster, db string, opts ...Option) *Applier {
+	t.Helper()
+	return NewApplier(newPool(t, ctx, c, db), zerolog.Nop(), opts...)
+}
+
+func mustExec(t testing.TB, ctx context.Context, c *pgtest.Cluster, db, sql string) {
+	t.Helper()
+	if err := c.Exec(ctx, db, sql); err != nil {
+		t.Fatalf("exec %q: %v", sql, err)
+	}
+}
+
+// queryString returns the single text value of a query (NULL as "<null>").
+func queryString(t testing.TB, ctx context.Context, pool *pgxpool.Pool, sql string, args ...any) string {
+	t.Helper()
+	var s *string
+	if err := pool.QueryRow(ctx, sql, args...).Scan(&s); err != nil {
+		t.Fatalf("query %q: %v", sql, err)
+	}
+	if s == nil {
+		return "<null>"
+	}
+	return *s
+}
+
+// tableRows returns all rows of table as JSON text lines ordered by their
+// text form, so two databases can be compared.
+func tableRows(t testing.TB, ctx context.Context, pool *pgxpool.Pool, table string) string {
+	t.Helper()
+	return queryString(t, ctx, pool, fmt.Sprintf(
+		"SELECT coalesce(string_agg(r::text, E'\\n' ORDER BY r::text), '') FROM (SELECT row_to_json(x) AS r FROM %s x) s", table))
+}
+
+// rel builds a relation; key columns are marked with a trailing '*'.
+func rel(schema, table string, identity byte, cols ...string) *decode.Relation {
+	r := &decode.Relation{ID: 1, Schema: schema, Table: table, ReplicaIdentity: identity}
+	for _, c := range cols {
+		key := strings.HasSuffix(c, "*")
+		r.Columns = append(r.Columns, decode.Column{Name: strings.TrimSuffix(c, "*"), Key: key || identity == decode.IdentityFull})
+	}
+	return r
+}
+
+// vals builds a row: "\\N" is NULL, "\\U" is an unchanged TOASTed value.
+func vals(vs ...string) []decode.Value {
+	out := make([]decode.Value, len(vs))
+	for i, v := range vs {
+		switch v {
+		case `\N`:
+			out[i] = decode.Value{Kind: decode.ValueNull}
+		case `\U`:
+			out[i] = decode.Value{Kind: decode.ValueUnchanged}
+		default:
+			out[i] = decode.Value{Kind: decode.ValueText, Data: []byte(v)}
+		}
+	}
+	return out
+}
+
+func ins(r *decode.Relation, v ...string) decode.Change {
+	return decode.Change{Op: decode.OpInsert, Rel: r, New: vals(v...)}
+}
+
+func upd(r *decode.Relation, old []decode.Value, v ...string) decode.Change {
+	return decode.Change{Op: decode.OpUpdate, Rel: r, Old: old, New: vals(v...)}
+}
+
+func del(r *decode.Relation, old ...string) decode.Change {
+	return decode.Change{Op: decode.OpDelete, Rel: r, Old: vals(old...)}
+}
+
+var baseTime = time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)
+
+// txn builds a transaction of origin ending at lsn, committed at
+// baseTime + sec seconds.
+func txn(origin string, lsn uint64, sec float64, changes ...decode.Change) *decode.Txn {
+	return &decode.Txn{
+		Origin:     origin,
+		CommitLSN:  pglogrepl.LSN(lsn - 8),
+		EndLSN:     pglogrepl.LSN(lsn),
+		CommitTime: baseTime.Add(time.Duration(sec * float64(time.Second))),
+		Changes:    changes,
+	}
+}
