@@ -322,17 +322,29 @@ func (s *session) hold(ctx context.Context, source string) (pglogrepl.LSN, error
 // applyRun applies txns of one origin on one connection.
 func (a *Applier) applyRun(ctx context.Context, txns []*decode.Txn) (int, error) {
 	source := txns[0].Origin
-	conn, err := a.pool.Acquire(ctx)
-	if err != nil {
-		return 0, newError(txns[0], "", 0, err)
+	var s *session
+	var progress pglogrepl.LSN
+	for attempt := 0; ; attempt++ {
+		conn, err := a.pool.Acquire(ctx)
+		if err != nil {
+			return 0, newError(txns[0], "", 0, err)
+		}
+		s = &session{a: a, conn: conn, origin: originName(source)}
+		progress, err = s.hold(ctx, source)
+		if err == nil {
+			break
+		}
+		closed := conn.Conn().PgConn().IsClosed()
+		s.broken = s.broken || closed
+		s.release()
+		// A pooled connection may have died while idle (server restart,
+		// terminated backend); nothing was done on it, so try a fresh one.
+		if !closed || attempt > 0 || ctx.Err() != nil {
+			return 0, newError(txns[0], "", 0, err)
+		}
 	}
-	s := &session{a: a, conn: conn, origin: originName(source)}
 	defer s.release()
-
-	progress, err := s.hold(ctx, source)
-	if err != nil {
-		return 0, newError(txns[0], "", 0, err)
-	}
+	conn := s.conn
 	// From here the origin is held: release it on every path.
 	held := true
 	defer func() {
