@@ -337,8 +337,8 @@ func (d *decoder) bytes(what string) []byte {
 	}
 	p := d.take(int(n), what)
 	// Copy so that the frame buffer can be reused and a decoded value
-	// never pins a large buffer.
-	return append([]byte(nil), p...)
+	// never pins a large buffer; an empty value stays non-nil.
+	return append(make([]byte, 0, len(p)), p...)
 }
 
 func (d *decoder) str(what string) string {
@@ -515,6 +515,23 @@ func decodeTxn(d *decoder) *decode.Txn {
 			d.fail("change %d: %v", i, err)
 			return nil
 		}
+	}
+	// Relations are listed in order of first use, each once: anything else
+	// is not what an encoder produces.
+	next := 0
+	for i := range t.Changes {
+		for _, r := range append([]*decode.Relation{t.Changes[i].Rel}, t.Changes[i].Truncated...) {
+			if r == nil {
+				continue
+			}
+			if next < len(rels) && rels[next] == r {
+				next++
+			}
+		}
+	}
+	if next != len(rels) {
+		d.fail("relations unused or out of order")
+		return nil
 	}
 	return t
 }
