@@ -281,6 +281,11 @@ func (a *Assembler) typ(r *buf) error {
 	if r.err != nil {
 		return r.err
 	}
+	// pgoutput names the base type of a domain and sends an empty schema
+	// for pg_catalog.
+	if schema == "" {
+		schema = "pg_catalog"
+	}
 	a.types[oid] = schema + "." + name
 	return nil
 }
