@@ -29,8 +29,8 @@ import (
 //	    terminates other sessions holding the source region's origin.
 //
 // Errors are classified by the methods they (or an error they wrap) offer:
-// Temporary() bool says whether retrying can succeed, and SQLState() string
-// names the Postgres condition. A *pgconn.PgError is classified by its code.
+// Temporary() bool says whether retrying can succeed, and SQLCode() string
+// names the Postgres condition (SQLSTATE). A *pgconn.PgError is classified by its code.
 // An error offering neither is treated as permanent, except network and
 // timeout errors.
 type Applier interface {
@@ -57,7 +57,7 @@ type Fallback func(ctx context.Context) (Applier, func(), error)
 type temporary interface{ Temporary() bool }
 
 // sqlStater is implemented by errors that carry a Postgres SQLSTATE.
-type sqlStater interface{ SQLState() string }
+type sqlStater interface{ SQLCode() string }
 
 // classify returns the SQLSTATE of an apply error (empty when unknown) and
 // whether retrying the same transaction can succeed.
@@ -66,7 +66,7 @@ func classify(err error) (sqlstate string, retryable bool) {
 	var pgErr *pgconn.PgError
 	switch {
 	case errors.As(err, &ss):
-		sqlstate = ss.SQLState()
+		sqlstate = ss.SQLCode()
 	case errors.As(err, &pgErr):
 		sqlstate = pgErr.Code
 	}
