@@ -1,0 +1,29 @@
+# prism-cdc build and test targets.
+
+GO       ?= go
+BIN      ?= bin/prism-cdc
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+FUZZTIME ?= 10s
+
+.PHONY: build vet test fuzz-short clean
+
+## build: compile the prism-cdc binary into bin/
+build:
+	$(GO) build -ldflags '-X main.version=$(VERSION)' -o $(BIN) ./cmd/prism-cdc
+
+## vet: run go vet on every package
+vet:
+	$(GO) vet ./...
+
+## test: vet, then run every test with the race detector (starts throwaway PostgreSQL clusters)
+test:
+	$(GO) vet ./... && $(GO) test -race -count=1 ./...
+
+## fuzz-short: run each fuzz target for FUZZTIME (default 10s)
+fuzz-short:
+	$(GO) test -run='^$$' -fuzz='^FuzzParseSize$$' -fuzztime=$(FUZZTIME) ./internal/config
+	$(GO) test -run='^$$' -fuzz='^FuzzParse$$' -fuzztime=$(FUZZTIME) ./internal/config
+
+## clean: remove build output
+clean:
+	rm -rf bin
