@@ -115,3 +115,5 @@ func txn(origin string, lsn uint64, sec float64, changes ...decode.Change) *deco
 		Changes:    changes,
 	}
 }
+
+func decodeLSN(v uint64) pglogrepl.LSN { return pglogrepl.LSN(v) }
