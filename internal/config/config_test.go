@@ -302,6 +302,15 @@ func TestValidate(t *testing.T) {
 	}
 }
 
+func TestBadRegionReportedOnce(t *testing.T) {
+	for _, yml := range []string{strings.Replace(base, "region: eu\n", "", 1), strings.Replace(base, "region: eu", "region: Europe", 1)} {
+		_, err := parse("eu1.yaml", []byte(yml), testEnv)
+		if err == nil || strings.Contains(err.Error(), "slot") {
+			t.Errorf("parse = %v, want a region error and no slot error", err)
+		}
+	}
+}
+
 func TestValidTLS(t *testing.T) {
 	dir := t.TempDir()
 	pem := filepath.Join(dir, "node.pem")

@@ -152,19 +152,19 @@ func (r *rawConfig) config(file string, lines map[string]int) (*Config, []error)
 		Node:         r.Node,
 		Region:       r.Region,
 		Database:     r.Database,
-		Publication:  or(r.Publication, DefaultPublication),
+		Publication:  orDefault(r.Publication, DefaultPublication),
 		Slot:         r.Slot,
 		Listen:       r.Listen,
 		Auth:         Auth{Token: r.Auth.Token, TLS: TLS(r.Auth.TLS), Insecure: r.Auth.Insecure},
-		OnApplyError: ApplyErrorPolicy(or(r.OnApplyError, string(DefaultOnApplyError))),
+		OnApplyError: ApplyErrorPolicy(orDefault(r.OnApplyError, string(DefaultOnApplyError))),
 		HTTP:         r.HTTP,
 		Log: Log{
-			Level:  or(r.Log.Level, DefaultLogLevel),
-			Format: LogFormat(or(r.Log.Format, string(DefaultLogFormat))),
+			Level:  orDefault(r.Log.Level, DefaultLogLevel),
+			Format: LogFormat(orDefault(r.Log.Format, string(DefaultLogFormat))),
 		},
 		lines: lines,
 	}
-	if c.Slot == "" && c.Region != "" {
+	if c.Slot == "" && validName(c.Region) && len(c.Region) <= maxRegionLen {
 		c.Slot = SlotName(c.Region)
 	}
 	for _, p := range r.Peers {
@@ -174,7 +174,7 @@ func (r *rawConfig) config(file string, lines map[string]int) (*Config, []error)
 		}
 		c.Peers = append(c.Peers, peer)
 	}
-	c.Conflicts.Default = ConflictPolicy(or(r.Conflicts.Default, string(DefaultConflict)))
+	c.Conflicts.Default = ConflictPolicy(orDefault(r.Conflicts.Default, string(DefaultConflict)))
 	if len(r.Conflicts.Tables) > 0 {
 		c.Conflicts.Tables = make(map[string]ConflictPolicy, len(r.Conflicts.Tables))
 		for k, v := range r.Conflicts.Tables {
@@ -203,7 +203,7 @@ func (r *rawConfig) config(file string, lines map[string]int) (*Config, []error)
 	return c, v.errs
 }
 
-func or(s, def string) string {
+func orDefault(s, def string) string {
 	if s == "" {
 		return def
 	}

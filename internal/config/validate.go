@@ -61,7 +61,8 @@ func (c *Config) Validate() error {
 	v.name("region", c.Region, "region name", "eu", maxRegionLen, true)
 	v.dsn("database", c.Database)
 	v.name("publication", c.Publication, "publication name", DefaultPublication, maxNameLen, false)
-	v.name("slot", c.Slot, "slot name", "prism_eu", maxNameLen, false)
+	// The slot defaults to prism_<region>; a missing region is reported once.
+	v.name("slot", c.Slot, "slot name", "prism_eu", maxNameLen, validName(c.Region))
 	if c.Listen == "" {
 		v.add("listen", `missing; write the host:port where other regions reach this node, e.g. "127.0.0.1:7201"`)
 	} else if v.addr("listen", c.Listen, true) {
