@@ -49,7 +49,8 @@
 // A conflict is an INSERT of an existing key (insert_exists), an UPDATE or
 // DELETE of a row whose local version was written by another region at or
 // after the incoming commit (update, delete), or an UPDATE or DELETE of a
-// missing row (update_missing, delete_missing). Detection is part of each
+// missing row (update_missing, delete_missing). An UPDATE over an older
+// version from another region is not a conflict and is not recorded. Detection is part of each
 // row statement (ON CONFLICT, UPDATE ... WHERE key AND prism.resolve(...)),
 // so the common no-conflict case costs no extra round trip; only a row
 // that exists looks up its commit timestamp and origin with
@@ -70,8 +71,9 @@
 // whatever the delivery order. Deletes: a delete older than the local
 // version is dropped on both sides; a delete newer than the local version
 // removes it. The exceptions, where no tombstone exists to compare with:
-// an UPDATE that arrives after a newer local DELETE re-inserts the row
-// (update_missing), and an UPDATE with unchanged TOASTed columns of a
+// an UPDATE that arrives after a newer DELETE (local or from another
+// region) re-inserts the row (update_missing), while the region that saw
+// them in the other order keeps it deleted; and an UPDATE with unchanged TOASTed columns of a
 // missing row cannot be re-inserted and is skipped; both are recorded in
 // prism.conflicts. SourceWins and KeepLocal are not convergent under
 // concurrent writes to the same row: each region keeps the remote (or the

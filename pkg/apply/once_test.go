@@ -249,6 +249,47 @@ func TestErrorClassification(t *testing.T) {
 		t.Fatalf("chk has %s rows after failed transactions, want 0", got)
 	}
 
+	t.Run("failure inside a batch", func(t *testing.T) {
+		txns := []*decode.Txn{
+			txn("b1", 1000, 1, ins(chk, "10", "1")),
+			txn("b1", 1100, 2, ins(chk, "11", "1"), ins(chk, "12", "-1")),
+			txn("b1", 1200, 3, ins(chk, "13", "1")),
+		}
+		n, err := a.ApplyBatch(ctx, txns)
+		var ae *Error
+		if n != 1 || !errors.As(err, &ae) || ae.EndLSN != txns[1].EndLSN || ae.SQLState != "23514" {
+			t.Fatalf("ApplyBatch = %d, %v; want 1 and 23514 about the second transaction", n, err)
+		}
+		if got := queryString(t, ctx, a.pool, "SELECT string_agg(id::text, ',' ORDER BY id) FROM chk"); got != "10" {
+			t.Fatalf("chk ids = %s, want 10", got)
+		}
+		if p, err := a.Progress(ctx, "b1"); err != nil || p != txns[0].EndLSN {
+			t.Fatalf("Progress = %s, %v; want %s", p, err, txns[0].EndLSN)
+		}
+	})
+
+	t.Run("large transaction spans pipelines", func(t *testing.T) {
+		const rows = 3 * maxPipelineCmds
+		changes := make([]decode.Change, 0, rows+1)
+		for i := 0; i < rows; i++ {
+			changes = append(changes, ins(chk, fmt.Sprint(1000+i), "1"))
+		}
+		bad := txn("big", 1000, 1, append(changes, ins(chk, "999999", "-1"))...)
+		if err := a.Apply(ctx, bad); err == nil || IsRetryable(err) {
+			t.Fatalf("Apply of a large failing transaction = %v; want a permanent error", err)
+		}
+		if got := queryString(t, ctx, a.pool, "SELECT count(*)::text FROM chk WHERE id >= 1000"); got != "0" {
+			t.Fatalf("%s rows of the failed large transaction are visible", got)
+		}
+		good := txn("big", 1000, 1, changes...)
+		if err := a.Apply(ctx, good); err != nil {
+			t.Fatalf("Apply large: %v", err)
+		}
+		if got := queryString(t, ctx, a.pool, "SELECT count(*)::text FROM chk WHERE id >= 1000"); got != fmt.Sprint(rows) {
+			t.Fatalf("%s rows applied, want %d", got, rows)
+		}
+	})
+
 	t.Run("killed connection", func(t *testing.T) {
 		locker, err := c.Connect(ctx, "postgres")
 		if err != nil {
