@@ -1,0 +1,597 @@
+package decode
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"regexp"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/rs/zerolog"
+)
+
+// ErrSlotLost means the replication slot can no longer deliver every change:
+// Postgres invalidated it (wal_status 'lost'), or it disappeared after this
+// Reader had used it. It is not retryable: a new slot would silently skip
+// the changes in between, so an operator must resynchronise the regions.
+var ErrSlotLost = errors.New("replication slot lost")
+
+// ErrPublicationMissing means the slot exists but its publication does not
+// (it was dropped after the slot was created). Decoding cannot continue;
+// it is not retryable.
+var ErrPublicationMissing = errors.New("publication missing for an existing slot")
+
+// ErrSlotBusy means another session (normally another node of the region)
+// is reading the slot. It is retryable: the slot's single active consumer is
+// the region's reader lock, and Next tries again when called again.
+var ErrSlotBusy = errors.New("replication slot is active in another session")
+
+// ErrClosed is returned by Next after Close.
+var ErrClosed = errors.New("reader closed")
+
+// ReaderConfig tells a Reader where to read.
+type ReaderConfig struct {
+	// DSN is a normal connection string for the region's database; the
+	// Reader adds replication=database for its streaming connection.
+	DSN    string
+	Region string
+	// Slot is the logical replication slot; default "prism_<region>".
+	Slot string
+	// Publication is created when missing; default "prism".
+	Publication string
+	// Tables are the published tables ("schema.table" or "table") when the
+	// Reader creates the publication; empty means FOR ALL TABLES.
+	Tables []string
+	// AppName is the streaming connection's application_name, the name
+	// synchronous_standby_names refers to; default "prism_<region>".
+	AppName string
+	// StatusInterval is how often standby status updates are sent, also
+	// while the consumer is not calling Next; default 1s. Keep it well
+	// below the server's wal_sender_timeout.
+	StatusInterval time.Duration
+}
+
+// ReaderStats are counters for status pages and metrics.
+type ReaderStats struct {
+	Received   uint64        // local transactions decoded (resent ones included)
+	Filtered   uint64        // transactions dropped because they carried a replication origin
+	LastEndLSN pglogrepl.LSN // end of the last transaction queued for Next
+	Confirmed  pglogrepl.LSN // position last reported to the server as flushed
+	Reconnects uint64
+}
+
+// Reader streams one region's committed local transactions from its
+// logical replication slot. Next returns them in commit order; Confirm
+// tells it how far the slot may advance.
+//
+// A Reader owns one goroutine, started by the first Next and stopped by
+// Close, which alone uses the replication connection. It reads, assembles
+// and queues transactions in a small buffer, and keeps sending standby
+// status updates while the consumer does not take them.
+type Reader struct {
+	cfg ReaderConfig
+	log zerolog.Logger
+
+	out chan *Txn
+
+	mu        sync.Mutex
+	closed    bool
+	cancel    context.CancelFunc
+	done      chan struct{} // closed when the current loop exits; nil when none runs
+	loopErr   error
+	confirmed pglogrepl.LSN // from Confirm
+	stats     ReaderStats
+
+	// Owned by the loop goroutine.
+	lastQueued pglogrepl.LSN // EndLSN of the last Txn queued: never queue one at or below it
+	idle       pglogrepl.LSN // highest keepalive position confirmed while nothing was in flight
+	streamed   bool          // a session reached START_REPLICATION once
+}
+
+// NewReader returns a Reader; it connects on the first Next.
+func NewReader(cfg ReaderConfig, log zerolog.Logger) *Reader {
+	if cfg.Slot == "" {
+		cfg.Slot = "prism_" + cfg.Region
+	}
+	if cfg.Publication == "" {
+		cfg.Publication = "prism"
+	}
+	if cfg.AppName == "" {
+		cfg.AppName = "prism_" + cfg.Region
+	}
+	if cfg.StatusInterval <= 0 {
+		cfg.StatusInterval = time.Second
+	}
+	return &Reader{
+		cfg: cfg,
+		log: log.With().Str("component", "decode").Str("slot", cfg.Slot).Logger(),
+		out: make(chan *Txn, 4),
+	}
+}
+
+// Next returns the next committed local transaction, in commit order. A
+// transaction whose EndLSN is at or below one already returned is never
+// returned again, even when the server resends it after a reconnect.
+// Errors wrapping ErrSlotLost or ErrPublicationMissing are permanent;
+// ErrSlotBusy is returned when another session holds the slot, and the
+// next call tries again.
+func (r *Reader) Next(ctx context.Context) (*Txn, error) {
+	done, err := r.ensureRunning()
+	if err != nil {
+		return nil, err
+	}
+	select {
+	case txn := <-r.out:
+		return txn, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-done:
+		select {
+		case txn := <-r.out:
+			return txn, nil
+		default:
+		}
+		return nil, r.takeErr()
+	}
+}
+
+func (r *Reader) ensureRunning() (chan struct{}, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return nil, ErrClosed
+	}
+	if r.done != nil {
+		return r.done, nil
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	r.cancel, r.done, r.loopErr = cancel, done, nil
+	go func() {
+		defer close(done)
+		err := r.run(ctx)
+		r.mu.Lock()
+		r.loopErr = err
+		r.mu.Unlock()
+	}()
+	return done, nil
+}
+
+// takeErr returns the error the loop stopped with. A busy slot lets the
+// next Next start over; other errors stick.
+func (r *Reader) takeErr() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	err := r.loopErr
+	if r.closed {
+		return ErrClosed
+	}
+	if errors.Is(err, ErrSlotBusy) {
+		r.done = nil
+	}
+	return err
+}
+
+// Confirm declares every transaction up to lsn durable in every region. The
+// Reader reports it to the server as the write, flush and apply position at
+// the next status update. It is safe to call from any goroutine; a lower
+// lsn than before is ignored.
+func (r *Reader) Confirm(lsn pglogrepl.LSN) {
+	r.mu.Lock()
+	if lsn > r.confirmed {
+		r.confirmed = lsn
+	}
+	r.mu.Unlock()
+}
+
+// Stats returns a snapshot of the Reader's counters.
+func (r *Reader) Stats() ReaderStats {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.stats
+}
+
+// Close stops the Reader's goroutine, closes its connection and waits for
+// both. Transactions not yet returned by Next are dropped; the slot resends
+// them to the next reader.
+func (r *Reader) Close() error {
+	r.mu.Lock()
+	r.closed = true
+	cancel, done := r.cancel, r.done
+	r.mu.Unlock()
+	if cancel != nil {
+		cancel()
+	}
+	if done != nil {
+		<-done
+	}
+	return nil
+}
+
+// permanentError marks an error that reconnecting cannot fix.
+type permanentError struct{ err error }
+
+func (e *permanentError) Error() string { return e.err.Error() }
+func (e *permanentError) Unwrap() error { return e.err }
+
+func permanent(err error) error { return &permanentError{err} }
+
+// run connects, streams and reconnects with exponential backoff until ctx
+// ends or an error that reconnecting cannot fix.
+func (r *Reader) run(ctx context.Context) error {
+	const minBackoff, maxBackoff = 100 * time.Millisecond, 10 * time.Second
+	backoff := minBackoff
+	for {
+		progressed, err := r.session(ctx)
+		if ctx.Err() != nil {
+			return ErrClosed
+		}
+		var perm *permanentError
+		if errors.As(err, &perm) {
+			r.log.Error().Err(err).Msg("reader stopped")
+			return err
+		}
+		if errors.Is(err, ErrSlotBusy) && !r.streamed {
+			return err
+		}
+		if progressed {
+			backoff = minBackoff
+		}
+		r.mu.Lock()
+		r.stats.Reconnects++
+		r.mu.Unlock()
+		r.log.Warn().Err(err).Dur("backoff", backoff).Msg("replication stream lost; reconnecting")
+		t := time.NewTimer(backoff)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ErrClosed
+		case <-t.C:
+		}
+		backoff = min(backoff*2, maxBackoff)
+	}
+}
+
+var slotNameRE = regexp.MustCompile(`^[a-z0-9_]{1,63}$`)
+
+// slotState is what pg_replication_slots and pg_publication say.
+type slotState struct {
+	database       string // current database
+	pubExists      bool
+	slotExists     bool
+	slotType       string
+	plugin         string
+	slotDatabase   string
+	walStatus      string
+	activePID      int // 0 when inactive
+	confirmedFlush string
+}
+
+// slotAction is what a session does about the slot before streaming.
+type slotAction int
+
+const (
+	slotUse slotAction = iota
+	slotCreate
+)
+
+// checkSlot decides from the catalog state whether the slot can be used,
+// must be created, or must not be touched. usedBefore reports that this
+// Reader already streamed from the slot.
+func checkSlot(slot, pub string, s slotState, usedBefore bool) (slotAction, error) {
+	if !s.slotExists {
+		if usedBefore {
+			return 0, permanent(fmt.Errorf("slot %s disappeared after it was used: %w", slot, ErrSlotLost))
+		}
+		return slotCreate, nil
+	}
+	if s.slotType != "logical" || s.plugin != "pgoutput" || s.slotDatabase != s.database {
+		return 0, permanent(fmt.Errorf("slot %s is a %s slot with plugin %q in database %q, want a logical pgoutput slot in %q; drop it or choose another slot name",
+			slot, s.slotType, s.plugin, s.slotDatabase, s.database))
+	}
+	if s.walStatus == "lost" {
+		return 0, permanent(fmt.Errorf("slot %s was invalidated by the server (wal_status lost): WAL it needed is gone, so regions must be resynchronised before replication can restart with a new slot: %w", slot, ErrSlotLost))
+	}
+	if !s.pubExists {
+		return 0, permanent(fmt.Errorf("publication %s does not exist but slot %s does (confirmed up to %s): the publication was dropped after the slot was used; %w", pub, slot, s.confirmedFlush, ErrPublicationMissing))
+	}
+	if s.activePID != 0 {
+		return 0, fmt.Errorf("slot %s is read by backend pid %d: %w", slot, s.activePID, ErrSlotBusy)
+	}
+	return slotUse, nil
+}
+
+// prepare checks the slot and creates the publication when needed, over a
+// normal connection.
+func (r *Reader) prepare(ctx context.Context) (slotAction, error) {
+	conn, err := pgx.Connect(ctx, r.cfg.DSN)
+	if err != nil {
+		return 0, fmt.Errorf("connect %s: %w", r.cfg.Region, err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	var s slotState
+	var slotType, plugin, slotDB, walStatus, confirmed *string
+	var activePID *int32
+	err = conn.QueryRow(ctx, `SELECT current_database(),
+			EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1),
+			s.slot_name IS NOT NULL, s.slot_type, s.plugin, s.database::text, s.wal_status, s.active_pid, s.confirmed_flush_lsn::text
+		FROM (SELECT 1) x LEFT JOIN pg_replication_slots s ON s.slot_name = $2`,
+		r.cfg.Publication, r.cfg.Slot).Scan(&s.database, &s.pubExists, &s.slotExists, &slotType, &plugin, &slotDB, &walStatus, &activePID, &confirmed)
+	if err != nil {
+		return 0, fmt.Errorf("check slot %s: %w", r.cfg.Slot, err)
+	}
+	s.slotType, s.plugin, s.slotDatabase, s.walStatus, s.confirmedFlush = deref(slotType), deref(plugin), deref(slotDB), deref(walStatus), deref(confirmed)
+	if activePID != nil {
+		s.activePID = int(*activePID)
+	}
+	action, err := checkSlot(r.cfg.Slot, r.cfg.Publication, s, r.streamed)
+	if err != nil {
+		return 0, err
+	}
+	if action == slotCreate && !s.pubExists {
+		if err := r.createPublication(ctx, conn); err != nil {
+			return 0, err
+		}
+	}
+	return action, nil
+}
+
+func deref(s *string) string {
+	if s == nil {
+		return ""
+	}
+	return *s
+}
+
+func (r *Reader) createPublication(ctx context.Context, conn *pgx.Conn) error {
+	sql := "CREATE PUBLICATION " + pgx.Identifier{r.cfg.Publication}.Sanitize()
+	if len(r.cfg.Tables) == 0 {
+		sql += " FOR ALL TABLES"
+	} else {
+		names := make([]string, len(r.cfg.Tables))
+		for i, t := range r.cfg.Tables {
+			names[i] = pgx.Identifier(strings.Split(t, ".")).Sanitize()
+		}
+		sql += " FOR TABLE " + strings.Join(names, ", ")
+	}
+	if _, err := conn.Exec(ctx, sql); err != nil {
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == "42710" {
+			return nil // created concurrently by another node
+		}
+		return fmt.Errorf("create publication %s: %w", r.cfg.Publication, err)
+	}
+	r.log.Info().Str("publication", r.cfg.Publication).Strs("tables", r.cfg.Tables).Msg("created publication")
+	return nil
+}
+
+// classify turns server errors into the Reader's sentinels.
+func (r *Reader) classify(err error) error {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) {
+		return err
+	}
+	switch pgErr.Code {
+	case "55006": // object_in_use: the slot is active for another PID
+		return fmt.Errorf("%w: %w", ErrSlotBusy, err)
+	case "55000": // object_not_in_prerequisite_state: invalidated slot
+		if strings.Contains(pgErr.Message, "slot") {
+			return permanent(fmt.Errorf("%w: %w", ErrSlotLost, err))
+		}
+	case "42704": // undefined_object: publication dropped while streaming
+		if strings.Contains(pgErr.Message, "publication") {
+			return permanent(fmt.Errorf("%w: %w", ErrPublicationMissing, err))
+		}
+	}
+	return err
+}
+
+// session runs one replication connection until it fails. progressed
+// reports that it reached streaming, so backoff can start over.
+func (r *Reader) session(ctx context.Context) (progressed bool, err error) {
+	if !slotNameRE.MatchString(r.cfg.Slot) {
+		return false, permanent(fmt.Errorf("slot name %q: use 1-63 lower case letters, digits and underscores", r.cfg.Slot))
+	}
+	action, err := r.prepare(ctx)
+	if err != nil {
+		return false, r.classify(err)
+	}
+	pcfg, err := pgconn.ParseConfig(r.cfg.DSN)
+	if err != nil {
+		return false, permanent(fmt.Errorf("parse dsn: %w", err))
+	}
+	pcfg.RuntimeParams["replication"] = "database"
+	pcfg.RuntimeParams["application_name"] = r.cfg.AppName
+	conn, err := pgconn.ConnectConfig(ctx, pcfg)
+	if err != nil {
+		return false, fmt.Errorf("connect for replication: %w", err)
+	}
+	defer func() {
+		closeCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+		defer cancel()
+		conn.Close(closeCtx)
+	}()
+
+	sys, err := pglogrepl.IdentifySystem(ctx, conn)
+	if err != nil {
+		return false, fmt.Errorf("identify system: %w", err)
+	}
+	r.log.Debug().Str("system", sys.SystemID).Int32("timeline", sys.Timeline).Stringer("xlogpos", sys.XLogPos).Msg("connected")
+
+	if action == slotCreate {
+		_, err := pglogrepl.CreateReplicationSlot(ctx, conn, r.cfg.Slot, "pgoutput",
+			pglogrepl.CreateReplicationSlotOptions{Mode: pglogrepl.LogicalReplication, SnapshotAction: "NOEXPORT_SNAPSHOT"})
+		var pgErr *pgconn.PgError
+		switch {
+		case errors.As(err, &pgErr) && pgErr.Code == "42710":
+			// Created concurrently by another node: use it like any other.
+		case err != nil:
+			return false, fmt.Errorf("create slot %s: %w", r.cfg.Slot, err)
+		default:
+			r.log.Info().Msg("created replication slot")
+		}
+	}
+
+	// Start from our own durable position (0/0 the first time): the server
+	// then starts at the slot's confirmed_flush_lsn, never skipping what the
+	// slot has not confirmed. IDENTIFY_SYSTEM's position must not be used.
+	start := r.Stats().Confirmed
+	pubs := strings.ReplaceAll(pgx.Identifier{r.cfg.Publication}.Sanitize(), "'", "''")
+	err = pglogrepl.StartReplication(ctx, conn, r.cfg.Slot, start, pglogrepl.StartReplicationOptions{
+		Mode:       pglogrepl.LogicalReplication,
+		PluginArgs: []string{"proto_version '1'", "publication_names '" + pubs + "'"},
+	})
+	if err != nil {
+		return false, r.classify(fmt.Errorf("start replication on %s: %w", r.cfg.Slot, err))
+	}
+	r.streamed = true
+	r.log.Info().Stringer("start", start).Msg("streaming")
+	return true, r.stream(ctx, conn)
+}
+
+// stream reads the replication stream until an error. It is the only user
+// of conn.
+func (r *Reader) stream(ctx context.Context, conn *pgconn.PgConn) error {
+	asm := NewAssembler(r.cfg.Region)
+	var pending *Txn // completed, waiting for room in r.out
+	nextStatus := time.Now()
+	ticker := time.NewTicker(r.cfg.StatusInterval)
+	defer ticker.Stop()
+
+	for {
+		if !time.Now().Before(nextStatus) {
+			if err := r.sendStatus(ctx, conn); err != nil {
+				return err
+			}
+			nextStatus = time.Now().Add(r.cfg.StatusInterval)
+		}
+		if pending != nil {
+			// The consumer is behind: stop reading, but keep the
+			// server's wal_sender_timeout from cutting the stream.
+			select {
+			case r.out <- pending:
+				pending = nil
+			case <-ticker.C:
+				nextStatus = time.Now()
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+			continue
+		}
+
+		rctx, cancel := context.WithDeadline(ctx, nextStatus)
+		msg, err := conn.ReceiveMessage(rctx)
+		cancel()
+		if err != nil {
+			if pgconn.Timeout(err) && ctx.Err() == nil {
+				continue
+			}
+			return fmt.Errorf("receive: %w", err)
+		}
+
+		switch m := msg.(type) {
+		case *pgproto3.CopyData:
+			if len(m.Data) == 0 {
+				return errors.New("receive: empty CopyData")
+			}
+			switch m.Data[0] {
+			case pglogrepl.PrimaryKeepaliveMessageByteID:
+				ka, err := pglogrepl.ParsePrimaryKeepaliveMessage(m.Data[1:])
+				if err != nil {
+					return fmt.Errorf("keepalive: %w", err)
+				}
+				r.maybeIdleAdvance(asm, ka.ServerWALEnd)
+				if ka.ReplyRequested {
+					nextStatus = time.Now()
+				}
+			case pglogrepl.XLogDataByteID:
+				xld, err := pglogrepl.ParseXLogData(m.Data[1:])
+				if err != nil {
+					return fmt.Errorf("xlogdata: %w", err)
+				}
+				filtered := asm.Filtered()
+				txn, err := asm.Feed(xld.WALStart, xld.WALData)
+				if err != nil {
+					return permanent(err)
+				}
+				if asm.Filtered() != filtered {
+					r.mu.Lock()
+					r.stats.Filtered++
+					r.mu.Unlock()
+					r.log.Debug().Stringer("lsn", xld.WALStart).Msg("skipped a transaction with a replication origin")
+				}
+				if txn != nil {
+					pending = r.admit(txn)
+				}
+			default:
+				return fmt.Errorf("receive: unknown CopyData message %q", m.Data[0])
+			}
+		case *pgproto3.ErrorResponse:
+			return r.classify(pgconn.ErrorResponseToPgError(m))
+		case *pgproto3.CopyDone:
+			return errors.New("server ended the replication stream")
+		default:
+			// NoticeResponse, ParameterStatus: nothing to do.
+		}
+	}
+}
+
+// admit counts a decoded transaction and returns it unless it is a resend
+// of one already queued.
+func (r *Reader) admit(txn *Txn) *Txn {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.stats.Received++
+	if txn.EndLSN <= r.lastQueued {
+		r.log.Debug().Stringer("end", txn.EndLSN).Msg("skipped a resent transaction")
+		return nil
+	}
+	r.lastQueued = txn.EndLSN
+	r.stats.LastEndLSN = txn.EndLSN
+	return txn
+}
+
+// maybeIdleAdvance lets the slot advance past WAL that holds nothing for
+// us. In a logical walsender a keepalive carries the position decoding has
+// already sent (sentPtr): every transaction that committed before it has
+// been streamed to us completely, or skipped by the server (other
+// databases, unpublished tables, origin-filtered work). So when nothing is
+// in flight - no transaction partly received, none queued for Next, and
+// every one handed out already confirmed by the caller - confirming that
+// position loses nothing and keeps an idle publication from pinning WAL.
+func (r *Reader) maybeIdleAdvance(asm *Assembler, walEnd pglogrepl.LSN) {
+	if asm.inFlight() || len(r.out) > 0 {
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.lastQueued <= r.confirmed && walEnd > r.idle {
+		r.idle = walEnd
+	}
+}
+
+// sendStatus reports the confirmed position as written, flushed and
+// applied. All three are set explicitly: pglogrepl fills zero ones with
+// the write position.
+func (r *Reader) sendStatus(ctx context.Context, conn *pgconn.PgConn) error {
+	r.mu.Lock()
+	pos := max(r.confirmed, r.idle, r.stats.Confirmed)
+	r.stats.Confirmed = pos
+	r.mu.Unlock()
+	err := pglogrepl.SendStandbyStatusUpdate(ctx, conn, pglogrepl.StandbyStatusUpdate{
+		WALWritePosition: pos,
+		WALFlushPosition: pos,
+		WALApplyPosition: pos,
+		ClientTime:       time.Now(),
+	})
+	if err != nil {
+		return fmt.Errorf("send standby status: %w", err)
+	}
+	return nil
+}

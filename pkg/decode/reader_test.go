@@ -1,0 +1,531 @@
+package decode
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/prism-cdc/prism-cdc/internal/pgtest"
+	"github.com/rs/zerolog"
+)
+
+func testLogger(t *testing.T) zerolog.Logger {
+	return zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.InfoLevel)
+}
+
+func newTestReader(t *testing.T, c *pgtest.Cluster, cfg ReaderConfig) *Reader {
+	t.Helper()
+	if cfg.DSN == "" {
+		cfg.DSN = c.DSN("postgres")
+	}
+	if cfg.Region == "" {
+		cfg.Region = "na"
+	}
+	if cfg.StatusInterval == 0 {
+		cfg.StatusInterval = 200 * time.Millisecond
+	}
+	r := NewReader(cfg, testLogger(t))
+	t.Cleanup(func() {
+		if err := r.Close(); err != nil {
+			t.Errorf("Close() = %v", err)
+		}
+	})
+	return r
+}
+
+// result is one Next outcome, passed from a collector goroutine.
+type result struct {
+	txn *Txn
+	err error
+}
+
+// collect calls Next in a goroutine until it fails; the test owns the
+// goroutine through its cleanup, which cancels and waits for it.
+func collect(t *testing.T, r *Reader) <-chan result {
+	ctx, cancel := context.WithCancel(context.Background())
+	ch := make(chan result, 1024)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			txn, err := r.Next(ctx)
+			ch <- result{txn, err}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+	})
+	return ch
+}
+
+// recv waits for the next transaction, failing the test on an error or at
+// the deadline.
+func recv(t *testing.T, ch <-chan result, deadline time.Time) *Txn {
+	t.Helper()
+	select {
+	case res := <-ch:
+		if res.err != nil {
+			t.Fatalf("Next() = %v", res.err)
+		}
+		return res.txn
+	case <-time.After(time.Until(deadline)):
+		t.Fatalf("no transaction before the deadline")
+	}
+	return nil
+}
+
+// query returns one value from the cluster.
+func query[T any](ctx context.Context, t *testing.T, c *pgtest.Cluster, sql string, args ...any) T {
+	t.Helper()
+	conn, err := c.Connect(ctx, "postgres")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	var v T
+	if err := conn.QueryRow(ctx, sql, args...).Scan(&v); err != nil {
+		t.Fatalf("%s: %v", sql, err)
+	}
+	return v
+}
+
+// poll calls cond until it is true or the deadline passes.
+func poll(t *testing.T, deadline time.Time, what string, cond func() bool) {
+	t.Helper()
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func exec(ctx context.Context, t *testing.T, c *pgtest.Cluster, sql string) {
+	t.Helper()
+	if err := c.Exec(ctx, "postgres", sql); err != nil {
+		t.Fatalf("%s: %v", sql, err)
+	}
+}
+
+func slotActive(ctx context.Context, t *testing.T, c *pgtest.Cluster, slot string) bool {
+	return query[bool](ctx, t, c, "SELECT coalesce((SELECT active FROM pg_replication_slots WHERE slot_name = $1), false)", slot)
+}
+
+func confirmedFlush(ctx context.Context, t *testing.T, c *pgtest.Cluster, slot string) pglogrepl.LSN {
+	t.Helper()
+	s := query[string](ctx, t, c, "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", slot)
+	lsn, err := pglogrepl.ParseLSN(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return lsn
+}
+
+// batchOf returns the batch column (the second) of a transaction's rows,
+// checking they all agree.
+func batchOf(t *testing.T, txn *Txn) int {
+	t.Helper()
+	b := -1
+	for _, c := range txn.Changes {
+		n, err := strconv.Atoi(string(c.New[1].Data))
+		if err != nil || (b != -1 && n != b) {
+			t.Fatalf("txn %s mixes batches or has no batch: %v", txn.EndLSN, c.New)
+		}
+		b = n
+	}
+	return b
+}
+
+// TestReaderConfirm checks that the slot's confirmed_flush_lsn never passes
+// what the caller confirmed, and that it moves past idle WAL once nothing is
+// in flight. It also checks that the publication is created.
+func TestReaderConfirm(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c := pgtest.Start(t, pgtest.Options{Name: "confirm"})
+	exec(ctx, t, c, "CREATE TABLE t (id serial PRIMARY KEY, batch int)")
+	exec(ctx, t, c, "CREATE DATABASE other")
+	r := newTestReader(t, c, ReaderConfig{Slot: "prism_na", AppName: "prism_na1"})
+	ch := collect(t, r)
+	deadline := time.Now().Add(time.Minute)
+	poll(t, deadline, "slot active", func() bool { return slotActive(ctx, t, c, "prism_na") })
+	if !query[bool](ctx, t, c, "SELECT puballtables FROM pg_publication WHERE pubname = 'prism'") {
+		t.Fatalf("publication prism was not created FOR ALL TABLES")
+	}
+	if n := query[int](ctx, t, c, "SELECT count(*)::int FROM pg_stat_replication WHERE application_name = 'prism_na1'"); n != 1 {
+		t.Fatalf("%d walsenders named prism_na1, want 1", n)
+	}
+
+	var txns []*Txn
+	for i := 1; i <= 20; i++ {
+		exec(ctx, t, c, fmt.Sprintf("INSERT INTO t (batch) VALUES (%d), (%d)", i, i))
+	}
+	for len(txns) < 20 {
+		txn := recv(t, ch, deadline)
+		if got := batchOf(t, txn); got != len(txns)+1 {
+			t.Fatalf("got batch %d, want %d", got, len(txns)+1)
+		}
+		txns = append(txns, txn)
+	}
+
+	// Confirm half. The slot must reach exactly that position and stay
+	// there over several further status updates.
+	half := txns[9].EndLSN
+	r.Confirm(half)
+	poll(t, deadline, "confirmed_flush_lsn to reach the confirmed position", func() bool {
+		return confirmedFlush(ctx, t, c, "prism_na") >= half
+	})
+	for i := 0; i < 3; i++ {
+		before := query[time.Time](ctx, t, c, "SELECT reply_time FROM pg_stat_replication WHERE application_name = 'prism_na1'")
+		poll(t, deadline, "another status update", func() bool {
+			return query[time.Time](ctx, t, c, "SELECT reply_time FROM pg_stat_replication WHERE application_name = 'prism_na1'").After(before)
+		})
+		if got := confirmedFlush(ctx, t, c, "prism_na"); got != half {
+			t.Fatalf("confirmed_flush_lsn = %s while only %s was confirmed (last txn ends at %s)", got, half, txns[19].EndLSN)
+		}
+	}
+	if s := r.Stats(); s.Confirmed != half || s.LastEndLSN != txns[19].EndLSN || s.Received != 20 {
+		t.Fatalf("Stats() = %+v, want Confirmed %s LastEndLSN %s Received 20", s, half, txns[19].EndLSN)
+	}
+
+	// Confirm everything; then WAL that holds nothing for this slot (another
+	// database) must not stay pinned.
+	r.Confirm(txns[19].EndLSN)
+	poll(t, deadline, "confirmed_flush_lsn to reach the last transaction", func() bool {
+		return confirmedFlush(ctx, t, c, "prism_na") >= txns[19].EndLSN
+	})
+	if err := c.Exec(ctx, "other", "CREATE TABLE idle (id int); INSERT INTO idle SELECT generate_series(1, 1000)"); err != nil {
+		t.Fatal(err)
+	}
+	walEnd, err := pglogrepl.ParseLSN(query[string](ctx, t, c, "SELECT pg_current_wal_lsn()::text"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	poll(t, deadline, "the slot to advance past idle WAL", func() bool {
+		return confirmedFlush(ctx, t, c, "prism_na") >= walEnd
+	})
+	t.Logf("idle advance: last txn end %s, idle WAL end %s, slot confirmed %s", txns[19].EndLSN, walEnd, confirmedFlush(ctx, t, c, "prism_na"))
+
+	// A local transaction after the idle advance still arrives.
+	exec(ctx, t, c, "INSERT INTO t (batch) VALUES (21)")
+	if txn := recv(t, ch, deadline); batchOf(t, txn) != 21 || txn.EndLSN <= walEnd {
+		t.Fatalf("after idle advance got batch %d ending %s, want batch 21 after %s", batchOf(t, txn), txn.EndLSN, walEnd)
+	}
+}
+
+// TestReaderOriginFiltered checks that a transaction applied with a
+// replication origin is not returned, while a later local one is.
+func TestReaderOriginFiltered(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c := pgtest.Start(t, pgtest.Options{Name: "origin"})
+	exec(ctx, t, c, "CREATE TABLE t (id serial PRIMARY KEY, batch int)")
+	r := newTestReader(t, c, ReaderConfig{})
+	ch := collect(t, r)
+	deadline := time.Now().Add(time.Minute)
+	poll(t, deadline, "slot active", func() bool { return slotActive(ctx, t, c, "prism_na") })
+
+	conn, err := c.Connect(ctx, "postgres")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	for _, sql := range []string{
+		"SELECT pg_replication_origin_create('prism_eu')",
+		"SELECT pg_replication_origin_session_setup('prism_eu')",
+		"INSERT INTO t (batch) VALUES (1)",
+		"SELECT pg_replication_origin_session_reset()",
+		"INSERT INTO t (batch) VALUES (2)",
+	} {
+		if _, err := conn.Exec(ctx, sql); err != nil {
+			t.Fatalf("%s: %v", sql, err)
+		}
+	}
+	if txn := recv(t, ch, deadline); batchOf(t, txn) != 2 {
+		t.Fatalf("first transaction is batch %d, want the local batch 2", batchOf(t, txn))
+	}
+	if s := r.Stats(); s.Filtered != 1 || s.Received != 1 {
+		t.Fatalf("Stats() = %+v, want Filtered 1 Received 1", s)
+	}
+}
+
+// TestReaderReconnect crashes the server and kills the walsender while
+// transactions flow: every committed transaction arrives once, in order.
+func TestReaderReconnect(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	c := pgtest.Start(t, pgtest.Options{Name: "reconnect", Settings: map[string]string{"logical_decoding_work_mem": "64kB"}})
+	exec(ctx, t, c, "CREATE TABLE t (id serial PRIMARY KEY, batch int, pad text)")
+	r := newTestReader(t, c, ReaderConfig{AppName: "prism_na1"})
+	ch := collect(t, r)
+	deadline := time.Now().Add(2 * time.Minute)
+	poll(t, deadline, "slot active", func() bool { return slotActive(ctx, t, c, "prism_na") })
+
+	const batches = 30
+	insert := func(b, rows int) {
+		exec(ctx, t, c, fmt.Sprintf("INSERT INTO t (batch, pad) SELECT %d, repeat('x', 50) FROM generate_series(1, %d)", b, rows))
+	}
+	var got []*Txn
+	next := func() {
+		txn := recv(t, ch, deadline)
+		b := batchOf(t, txn)
+		if b != len(got)+1 {
+			t.Fatalf("got batch %d after %d batches: lost, reordered or duplicated", b, len(got))
+		}
+		if len(got) > 0 && txn.EndLSN <= got[len(got)-1].EndLSN {
+			t.Fatalf("batch %d ends at %s, not after %s", b, txn.EndLSN, got[len(got)-1].EndLSN)
+		}
+		got = append(got, txn)
+		if len(got)%3 == 0 {
+			r.Confirm(txn.EndLSN) // confirm some, so restarts resume from both sides of it
+		}
+	}
+	for b := 1; b <= 10; b++ {
+		insert(b, b*100)
+	}
+	for len(got) < 5 {
+		next()
+	}
+	if err := c.Restart("immediate"); err != nil {
+		t.Fatal(err)
+	}
+	for b := 11; b <= 20; b++ {
+		insert(b, 10)
+	}
+	for len(got) < 12 {
+		next()
+	}
+	// A big transaction, and the walsender killed while it is decoded or sent.
+	insert(21, 20000)
+	if n := query[int](ctx, t, c, "SELECT count(pg_terminate_backend(pid))::int FROM pg_stat_replication WHERE application_name = 'prism_na1'"); n != 1 {
+		t.Fatalf("terminated %d walsenders, want 1", n)
+	}
+	for b := 22; b <= batches; b++ {
+		insert(b, 5)
+	}
+	for len(got) < batches {
+		next()
+	}
+	if n := len(got[20].Changes); n != 20000 {
+		t.Fatalf("batch 21 has %d changes, want 20000", n)
+	}
+	if s := r.Stats(); s.Reconnects < 2 {
+		t.Fatalf("Stats().Reconnects = %d after a crash and a kill, want at least 2", s.Reconnects)
+	}
+	// Nothing more is pending: a resend of an old transaction would show up.
+	insert(batches+1, 1)
+	next()
+}
+
+// TestReaderSlotBusy checks that a second reader of the same slot gets
+// ErrSlotBusy, and gets the slot once the first one is gone.
+func TestReaderSlotBusy(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c := pgtest.Start(t, pgtest.Options{Name: "busy"})
+	exec(ctx, t, c, "CREATE TABLE t (id serial PRIMARY KEY, batch int)")
+	first := newTestReader(t, c, ReaderConfig{AppName: "prism_na1"})
+	ch := collect(t, first)
+	deadline := time.Now().Add(time.Minute)
+	poll(t, deadline, "slot active", func() bool { return slotActive(ctx, t, c, "prism_na") })
+
+	second := newTestReader(t, c, ReaderConfig{AppName: "prism_na2"})
+	if _, err := second.Next(ctx); !errors.Is(err, ErrSlotBusy) {
+		t.Fatalf("second reader Next() = %v, want ErrSlotBusy", err)
+	}
+	exec(ctx, t, c, "INSERT INTO t (batch) VALUES (1)")
+	if txn := recv(t, ch, deadline); batchOf(t, txn) != 1 {
+		t.Fatalf("first reader got batch %d, want 1", batchOf(t, txn))
+	}
+	first.Confirm(0) // nothing confirmed: the second reader must see batch 1 again
+	if err := first.Close(); err != nil {
+		t.Fatal(err)
+	}
+	var txn *Txn
+	poll(t, deadline, "the second reader to take over", func() bool {
+		nctx, ncancel := context.WithTimeout(ctx, 2*time.Second)
+		defer ncancel()
+		var err error
+		txn, err = second.Next(nctx)
+		if err != nil && !errors.Is(err, ErrSlotBusy) && !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("second reader Next() = %v", err)
+		}
+		return err == nil
+	})
+	if batchOf(t, txn) != 1 {
+		t.Fatalf("second reader got batch %d, want the unconfirmed batch 1", batchOf(t, txn))
+	}
+}
+
+// TestReaderSlotLost invalidates the slot (max_slot_wal_keep_size) and
+// checks the reader stops with ErrSlotLost instead of creating a new slot.
+func TestReaderSlotLost(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c := pgtest.Start(t, pgtest.Options{Name: "lost", Settings: map[string]string{"max_slot_wal_keep_size": "1MB", "min_wal_size": "32MB", "max_wal_size": "64MB"}})
+	exec(ctx, t, c, "CREATE TABLE t (id serial PRIMARY KEY, batch int, pad text)")
+	r := newTestReader(t, c, ReaderConfig{})
+	ch := collect(t, r)
+	deadline := time.Now().Add(time.Minute)
+	poll(t, deadline, "slot active", func() bool { return slotActive(ctx, t, c, "prism_na") })
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if res := <-ch; !errors.Is(res.err, ErrClosed) {
+		t.Fatalf("Next() after Close = %v, want ErrClosed", res.err)
+	}
+	poll(t, deadline, "slot inactive", func() bool { return !slotActive(ctx, t, c, "prism_na") })
+	poll(t, deadline, "slot invalidation", func() bool {
+		exec(ctx, t, c, "INSERT INTO t (batch, pad) SELECT 1, repeat('x', 200) FROM generate_series(1, 20000)")
+		exec(ctx, t, c, "SELECT pg_switch_wal()")
+		exec(ctx, t, c, "CHECKPOINT")
+		return query[string](ctx, t, c, "SELECT coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = 'prism_na'") == "lost"
+	})
+	again := newTestReader(t, c, ReaderConfig{})
+	_, err := again.Next(ctx)
+	if !errors.Is(err, ErrSlotLost) {
+		t.Fatalf("Next() on an invalidated slot = %v, want ErrSlotLost", err)
+	}
+	t.Logf("invalidated slot: %v", err)
+	if _, err2 := again.Next(ctx); !errors.Is(err2, ErrSlotLost) {
+		t.Fatalf("second Next() = %v, want ErrSlotLost to stick", err2)
+	}
+	if n := query[int](ctx, t, c, "SELECT count(*)::int FROM pg_replication_slots"); n != 1 {
+		t.Fatalf("%d slots after the invalidation, want the lost one only", n)
+	}
+}
+
+// TestReaderPublicationDropped checks that a slot whose publication was
+// dropped is reported, not papered over by creating a new publication.
+func TestReaderPublicationDropped(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c := pgtest.Start(t, pgtest.Options{Name: "nopub"})
+	exec(ctx, t, c, "CREATE TABLE t (id serial PRIMARY KEY, batch int)")
+	exec(ctx, t, c, "CREATE TABLE u (id serial PRIMARY KEY, batch int)")
+	r := newTestReader(t, c, ReaderConfig{Publication: "only_t", Tables: []string{"public.t"}})
+	ch := collect(t, r)
+	deadline := time.Now().Add(time.Minute)
+	poll(t, deadline, "slot active", func() bool { return slotActive(ctx, t, c, "prism_na") })
+	exec(ctx, t, c, "INSERT INTO u (batch) VALUES (7); INSERT INTO t (batch) VALUES (8)")
+	if txn := recv(t, ch, deadline); len(txn.Changes) != 1 || txn.Changes[0].Rel.Table != "t" {
+		t.Fatalf("FOR TABLE publication delivered %d changes of %s, want one of t", len(txn.Changes), txn.Changes[0].Rel.Table)
+	}
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	poll(t, deadline, "slot inactive", func() bool { return !slotActive(ctx, t, c, "prism_na") })
+	exec(ctx, t, c, "DROP PUBLICATION only_t")
+	again := newTestReader(t, c, ReaderConfig{Publication: "only_t", Tables: []string{"public.t"}})
+	if _, err := again.Next(ctx); !errors.Is(err, ErrPublicationMissing) {
+		t.Fatalf("Next() = %v, want ErrPublicationMissing", err)
+	}
+	if query[bool](ctx, t, c, "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'only_t')") {
+		t.Fatalf("the dropped publication was created again")
+	}
+}
+
+// TestCheckSlot covers the slot decisions on catalog states that are hard
+// to provoke on a real server.
+func TestCheckSlot(t *testing.T) {
+	ok := slotState{database: "app", pubExists: true, slotExists: true, slotType: "logical", plugin: "pgoutput", slotDatabase: "app", walStatus: "reserved"}
+	with := func(f func(*slotState)) slotState { s := ok; f(&s); return s }
+	tests := []struct {
+		name       string
+		s          slotState
+		usedBefore bool
+		want       slotAction
+		wantErr    error
+		permanent  bool
+	}{
+		{name: "usable", s: ok, want: slotUse},
+		{name: "unreserved is still usable", s: with(func(s *slotState) { s.walStatus = "unreserved" }), want: slotUse},
+		{name: "missing: create", s: slotState{database: "app"}, want: slotCreate},
+		{name: "missing with publication: create", s: slotState{database: "app", pubExists: true}, want: slotCreate},
+		{name: "vanished after use", s: slotState{database: "app", pubExists: true}, usedBefore: true, wantErr: ErrSlotLost, permanent: true},
+		{name: "lost", s: with(func(s *slotState) { s.walStatus = "lost" }), wantErr: ErrSlotLost, permanent: true},
+		{name: "lost and busy", s: with(func(s *slotState) { s.walStatus = "lost"; s.activePID = 9 }), wantErr: ErrSlotLost, permanent: true},
+		{name: "publication dropped", s: with(func(s *slotState) { s.pubExists = false }), wantErr: ErrPublicationMissing, permanent: true},
+		{name: "busy", s: with(func(s *slotState) { s.activePID = 4242 }), wantErr: ErrSlotBusy},
+		{name: "physical slot", s: with(func(s *slotState) { s.slotType = "physical"; s.plugin = "" }), permanent: true},
+		{name: "other plugin", s: with(func(s *slotState) { s.plugin = "wal2json" }), permanent: true},
+		{name: "other database", s: with(func(s *slotState) { s.slotDatabase = "postgres" }), permanent: true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := checkSlot("prism_na", "prism", tc.s, tc.usedBefore)
+			var perm *permanentError
+			if isPerm := errors.As(err, &perm); isPerm != tc.permanent {
+				t.Fatalf("checkSlot() = %v, permanent %v, want permanent %v", err, isPerm, tc.permanent)
+			}
+			if tc.wantErr != nil && !errors.Is(err, tc.wantErr) {
+				t.Fatalf("checkSlot() = %v, want %v", err, tc.wantErr)
+			}
+			if !tc.permanent && tc.wantErr == nil && (err != nil || got != tc.want) {
+				t.Fatalf("checkSlot() = %v, %v, want %v", got, err, tc.want)
+			}
+		})
+	}
+}
+
+// TestReaderKeepaliveWhileBlocked stops consuming for several times the
+// server's wal_sender_timeout: the stream must survive on status updates.
+func TestReaderKeepaliveWhileBlocked(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c := pgtest.Start(t, pgtest.Options{Name: "keepalive", Settings: map[string]string{"wal_sender_timeout": "'2s'"}})
+	exec(ctx, t, c, "CREATE TABLE t (id serial PRIMARY KEY, batch int)")
+	r := newTestReader(t, c, ReaderConfig{AppName: "prism_na1", StatusInterval: 300 * time.Millisecond})
+	deadline := time.Now().Add(time.Minute)
+
+	// Next with a short context until the slot exists; then one row.
+	first := make(chan result, 1)
+	nctx, ncancel := context.WithCancel(ctx)
+	defer ncancel()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		txn, err := r.Next(nctx)
+		first <- result{txn, err}
+	}()
+	defer func() { ncancel(); <-done }()
+	poll(t, deadline, "slot active", func() bool { return slotActive(ctx, t, c, "prism_na") })
+	exec(ctx, t, c, "INSERT INTO t (batch) VALUES (1)")
+	if txn := recv(t, first, deadline); batchOf(t, txn) != 1 {
+		t.Fatalf("got batch %d, want 1", batchOf(t, txn))
+	}
+	pid := query[int](ctx, t, c, "SELECT pid FROM pg_stat_replication WHERE application_name = 'prism_na1'")
+
+	// Fill the reader's buffer and more, and do not call Next while the
+	// server's clock moves past three wal_sender_timeouts.
+	for b := 2; b <= 12; b++ {
+		exec(ctx, t, c, fmt.Sprintf("INSERT INTO t (batch) VALUES (%d)", b))
+	}
+	start := query[time.Time](ctx, t, c, "SELECT now()")
+	poll(t, deadline, "6s of server time", func() bool {
+		if got := query[int](ctx, t, c, "SELECT coalesce((SELECT pid FROM pg_stat_replication WHERE application_name = 'prism_na1'), 0)"); got != pid {
+			t.Fatalf("walsender pid changed from %d to %d while the consumer was blocked", pid, got)
+		}
+		return query[bool](ctx, t, c, "SELECT clock_timestamp() > $1::timestamptz + interval '6s'", start)
+	})
+	for b := 2; b <= 12; b++ {
+		txn, err := r.Next(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if batchOf(t, txn) != b {
+			t.Fatalf("got batch %d, want %d", batchOf(t, txn), b)
+		}
+	}
+	if s := r.Stats(); s.Reconnects != 0 {
+		t.Fatalf("Stats().Reconnects = %d, want 0: the stream was cut while blocked", s.Reconnects)
+	}
+}
