@@ -1,7 +1,20 @@
-// Package decode owns the update message: it streams a region's WAL from a
-// logical replication slot (pgoutput) and assembles each committed
-// transaction into one Txn.
+// Package decode owns the update message and the reading half of a node: it
+// streams a region's WAL from a logical replication slot (pgoutput) and
+// assembles each committed local transaction into one Txn.
 //
-// Ordering: Txns are produced in commit order. The position reported back to
-// the server is only ever the one the caller declares durable everywhere.
+// Assembler is the pure core: fed pgoutput messages in stream order, it
+// returns a Txn at each commit. It never panics on any input and copies
+// everything it keeps. Reader owns the I/O: the publication and slot setup,
+// the replication connection, standby status updates and reconnects.
+//
+// Ordering: Txns are produced in commit order, each with a strictly higher
+// EndLSN than the one before; a transaction the server resends after a
+// reconnect is not produced twice by the same Reader. Transactions that
+// carry a replication origin (applied by replication) are never produced.
+//
+// Progress: the position reported to the server is only ever one the
+// caller passed to Reader.Confirm (everything up to it is durable in every
+// region), or, while nothing is in flight, the position of a server
+// keepalive, which in a logical walsender covers only WAL already decoded
+// and sent.
 package decode

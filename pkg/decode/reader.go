@@ -63,7 +63,7 @@ type ReaderStats struct {
 	Filtered   uint64        // transactions dropped because they carried a replication origin
 	LastEndLSN pglogrepl.LSN // end of the last transaction queued for Next
 	Confirmed  pglogrepl.LSN // position last reported to the server as flushed
-	Reconnects uint64
+	Reconnects uint64        // streams lost after they were established
 }
 
 // Reader streams one region's committed local transactions from its
@@ -240,13 +240,17 @@ func (r *Reader) run(ctx context.Context) error {
 		if errors.Is(err, ErrSlotBusy) && !r.streamed {
 			return err
 		}
+		// One warning per lost stream; the attempts that follow until it
+		// is back are logged at debug.
 		if progressed {
 			backoff = minBackoff
+			r.mu.Lock()
+			r.stats.Reconnects++
+			r.mu.Unlock()
+			r.log.Warn().Err(err).Msg("replication stream lost; reconnecting")
+		} else {
+			r.log.Debug().Err(err).Dur("backoff", backoff).Msg("reconnect failed")
 		}
-		r.mu.Lock()
-		r.stats.Reconnects++
-		r.mu.Unlock()
-		r.log.Warn().Err(err).Dur("backoff", backoff).Msg("replication stream lost; reconnecting")
 		t := time.NewTimer(backoff)
 		select {
 		case <-ctx.Done():

@@ -323,6 +323,7 @@ func TestReaderReconnect(t *testing.T) {
 	// Nothing more is pending: a resend of an old transaction would show up.
 	insert(batches+1, 1)
 	next()
+	t.Logf("Stats() = %+v (received includes resends after the crash and the kill)", r.Stats())
 }
 
 // TestReaderSlotBusy checks that a second reader of the same slot gets
