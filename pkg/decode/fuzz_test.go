@@ -37,7 +37,21 @@ func unframe(data []byte) [][]byte {
 // FuzzAssembler feeds arbitrary message sequences. The assembler must never
 // panic, and what it returns must be consistent.
 func FuzzAssembler(f *testing.F) {
-	f.Add(frame([]captured{{data: []byte("B\x00\x00\x00\x00\x01\x00\x00\x10\x00\x02\xb6\x1c\x7e\x8f\x0b\x40\x00\x00\x02\xe8")}}))
+	// Hand-written streams next to the captured ones in testdata: protocol 2
+	// streaming with a subtransaction abort, and origin filtering.
+	seeds := [][][]byte{
+		{mRelation(1, "id", "v"), mStreamStart(10), mInsertX(10, 1, "1", "a"), mInsertX(11, 1, "2", "<u>"), {'E'},
+			mStreamAbort(10, 11), mStreamStart(10), mInsertX(10, 1, "3", "<null>"), {'E'}, mStreamCommit(10, 400, 420)},
+		{mRelation(1, "id"), mBegin(100, 7), mOrigin(), mInsert(1, "1"), mCommit(100, 120), mMessage(),
+			mBegin(200, 8), mUpdate(1, []string{"1"}, "2"), mCommit(200, 220)},
+	}
+	for _, msgs := range seeds {
+		var cs []captured
+		for _, m := range msgs {
+			cs = append(cs, captured{data: m})
+		}
+		f.Add(frame(cs))
+	}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		a := NewAssembler("fz")
 		pristine := NewAssembler("fz")

@@ -1,0 +1,248 @@
+package decode
+
+import (
+	"encoding/binary"
+	"strings"
+	"testing"
+
+	"github.com/jackc/pglogrepl"
+)
+
+// Message builders for hand-written pgoutput streams.
+
+func mBegin(final uint64, xid uint32) []byte {
+	b := []byte{'B'}
+	b = binary.BigEndian.AppendUint64(b, final)
+	b = binary.BigEndian.AppendUint64(b, 1)
+	return binary.BigEndian.AppendUint32(b, xid)
+}
+
+func mCommit(lsn, end uint64) []byte {
+	b := []byte{'C', 0}
+	b = binary.BigEndian.AppendUint64(b, lsn)
+	b = binary.BigEndian.AppendUint64(b, end)
+	return binary.BigEndian.AppendUint64(b, 1)
+}
+
+func withXid(typ byte, xid uint32, stream bool) []byte {
+	b := []byte{typ}
+	if stream {
+		b = binary.BigEndian.AppendUint32(b, xid)
+	}
+	return b
+}
+
+func mRelation(id uint32, cols ...string) []byte {
+	b := []byte{'R'}
+	b = binary.BigEndian.AppendUint32(b, id)
+	b = append(b, "public\x00t\x00d"...)
+	b = binary.BigEndian.AppendUint16(b, uint16(len(cols)))
+	for i, c := range cols {
+		flag := byte(0)
+		if i == 0 {
+			flag = 1
+		}
+		b = append(b, flag)
+		b = append(b, c+"\x00"...)
+		b = binary.BigEndian.AppendUint32(b, 25)
+		b = binary.BigEndian.AppendUint32(b, 0xffffffff)
+	}
+	return b
+}
+
+func appendTuple(b []byte, vals ...string) []byte {
+	b = binary.BigEndian.AppendUint16(b, uint16(len(vals)))
+	for _, v := range vals {
+		switch v {
+		case "<null>":
+			b = append(b, 'n')
+		case "<u>":
+			b = append(b, 'u')
+		default:
+			b = append(b, 't')
+			b = binary.BigEndian.AppendUint32(b, uint32(len(v)))
+			b = append(b, v...)
+		}
+	}
+	return b
+}
+
+func mInsert(rel uint32, vals ...string) []byte {
+	b := binary.BigEndian.AppendUint32([]byte{'I'}, rel)
+	return appendTuple(append(b, 'N'), vals...)
+}
+
+// mInsertX is an Insert inside a stream block, made by (sub)transaction xid.
+func mInsertX(xid, rel uint32, vals ...string) []byte {
+	b := binary.BigEndian.AppendUint32(withXid('I', xid, true), rel)
+	return appendTuple(append(b, 'N'), vals...)
+}
+
+func mUpdate(rel uint32, old []string, vals ...string) []byte {
+	b := binary.BigEndian.AppendUint32([]byte{'U'}, rel)
+	if old != nil {
+		b = appendTuple(append(b, 'K'), old...)
+	}
+	return appendTuple(append(b, 'N'), vals...)
+}
+
+func mStreamStart(xid uint32) []byte {
+	return append(binary.BigEndian.AppendUint32([]byte{'S'}, xid), 1)
+}
+
+func mStreamCommit(xid uint32, lsn, end uint64) []byte {
+	b := append(binary.BigEndian.AppendUint32([]byte{'c'}, xid), 0)
+	b = binary.BigEndian.AppendUint64(b, lsn)
+	b = binary.BigEndian.AppendUint64(b, end)
+	return binary.BigEndian.AppendUint64(b, 1)
+}
+
+func mStreamAbort(xid, sub uint32) []byte {
+	return binary.BigEndian.AppendUint32(binary.BigEndian.AppendUint32([]byte{'A'}, xid), sub)
+}
+
+func mOrigin() []byte {
+	return append(binary.BigEndian.AppendUint64([]byte{'O'}, 5), "prism_eu\x00"...)
+}
+
+func mMessage() []byte {
+	b := append([]byte{'M', 0}, make([]byte, 8)...)
+	b = append(b, "prism_heartbeat\x00"...)
+	return binary.BigEndian.AppendUint32(b, 0)
+}
+
+func TestAssemblerFeed(t *testing.T) {
+	tests := []struct {
+		name    string
+		msgs    [][]byte
+		wantErr string // on the last message; "" for none
+		want    string // rendered transactions
+		filter  uint64
+	}{
+		{
+			name: "insert and update with old key",
+			msgs: [][]byte{mRelation(1, "id", "v"), mBegin(100, 7), mInsert(1, "1", "a"), mUpdate(1, []string{"1", "<null>"}, "2", "<u>"), mCommit(100, 120)},
+			want: "BEGIN changes=2\n  INSERT public.t identity=d [id:25* v:25]\n    new: id=\"1\" v=\"a\"\n" +
+				"  UPDATE public.t identity=d [id:25* v:25]\n    old: id=\"1\" v=NULL\n    new: id=\"2\" v=UNCHANGED\nCOMMIT\n",
+		},
+		{name: "insert before begin", msgs: [][]byte{mRelation(1, "id"), mInsert(1, "1")}, wantErr: "decode Insert message at 0/1: outside a transaction"},
+		{name: "commit without begin", msgs: [][]byte{mCommit(100, 120)}, wantErr: "decode Commit message at 0/0: outside a transaction"},
+		{name: "nested begin", msgs: [][]byte{mBegin(100, 7), mBegin(100, 7)}, wantErr: "inside an open transaction"},
+		{name: "unknown message", msgs: [][]byte{{'Z', 1}}, wantErr: "decode unknown 'Z' message at 0/0"},
+		{name: "unknown binary message", msgs: [][]byte{{0x01}}, wantErr: "unknown 0x01"},
+		{name: "empty message", msgs: [][]byte{{}}, wantErr: "empty message"},
+		{name: "short begin", msgs: [][]byte{mBegin(1, 2)[:10]}, wantErr: "decode Begin message at 0/0: message too short"},
+		{name: "trailing bytes", msgs: [][]byte{append(mBegin(1, 2), 0)}, wantErr: "1 unexpected trailing bytes"},
+		{name: "unknown relation", msgs: [][]byte{mBegin(100, 7), mInsert(9, "1")}, wantErr: "unknown relation 9"},
+		{name: "column count mismatch", msgs: [][]byte{mRelation(1, "id", "v"), mBegin(100, 7), mInsert(1, "1")}, wantErr: "tuple has 1 columns, relation 2"},
+		{name: "commit lsn mismatch", msgs: [][]byte{mBegin(100, 7), mCommit(101, 120)}, wantErr: "does not match"},
+		{name: "huge column count", msgs: [][]byte{mRelation(1, "id"), mBegin(100, 7), append(binary.BigEndian.AppendUint32([]byte{'I'}, 1), 'N', 0xff, 0xff)}, wantErr: "tuple claims 65535 columns"},
+		{name: "value longer than message", msgs: [][]byte{mRelation(1, "id"), mBegin(100, 7), append(binary.BigEndian.AppendUint32([]byte{'I'}, 1), 'N', 0, 1, 't', 0xff, 0xff, 0xff, 0xff, 'x')}, wantErr: "message too short"},
+		{
+			name:   "origin filters the transaction",
+			msgs:   [][]byte{mRelation(1, "id"), mBegin(100, 7), mOrigin(), mInsert(1, "1"), mCommit(100, 120), mBegin(200, 8), mInsert(1, "2"), mCommit(200, 220)},
+			want:   "BEGIN changes=1\n  INSERT public.t identity=d [id:25*]\n    new: id=\"2\"\nCOMMIT\n",
+			filter: 1,
+		},
+		{name: "origin outside a transaction", msgs: [][]byte{mOrigin()}, wantErr: "decode Origin message at 0/0: outside a transaction"},
+		{name: "logical message anywhere", msgs: [][]byte{mMessage(), mBegin(100, 7), mMessage(), mCommit(100, 120)}, want: "BEGIN changes=0\nCOMMIT\n"},
+		{
+			name: "streamed transaction with aborted subtransaction",
+			msgs: [][]byte{
+				mRelation(1, "id"),
+				mStreamStart(10), mInsertX(10, 1, "1"), mInsertX(11, 1, "2"), {'E'},
+				mBegin(300, 20), mInsert(1, "9"), mCommit(300, 320), // another transaction commits meanwhile
+				mStreamStart(10), mInsertX(11, 1, "3"), mInsertX(12, 1, "4"), {'E'},
+				mStreamAbort(10, 11),
+				mStreamStart(10), mInsertX(10, 1, "5"), {'E'},
+				mStreamCommit(10, 400, 420),
+			},
+			want: "BEGIN changes=1\n  INSERT public.t identity=d [id:25*]\n    new: id=\"9\"\nCOMMIT\n" +
+				"BEGIN changes=3\n  INSERT public.t identity=d [id:25*]\n    new: id=\"1\"\n  INSERT public.t identity=d [id:25*]\n    new: id=\"4\"\n  INSERT public.t identity=d [id:25*]\n    new: id=\"5\"\nCOMMIT\n",
+		},
+		{name: "stream abort of an unknown transaction", msgs: [][]byte{mStreamAbort(10, 10), mStreamAbort(10, 11)}},
+		{name: "stream abort with v4 fields", msgs: [][]byte{mStreamStart(10), {'E'}, append(mStreamAbort(10, 10), make([]byte, 16)...)}},
+		{name: "aborted stream is not committed", msgs: [][]byte{mStreamStart(10), {'E'}, mStreamAbort(10, 10), mStreamCommit(10, 1, 2)}, wantErr: "commit of unknown streamed transaction 10"},
+		{name: "stream stop without start", msgs: [][]byte{{'E'}}, wantErr: "decode Stream Stop message at 0/0: outside a stream block"},
+		{name: "begin inside a stream block", msgs: [][]byte{mStreamStart(10), mBegin(1, 2)}, wantErr: "inside a stream block"},
+		{
+			name:   "streamed transaction with origin",
+			msgs:   [][]byte{mRelation(1, "id"), mStreamStart(10), mOrigin(), mInsertX(10, 1, "1"), {'E'}, mStreamCommit(10, 400, 420)},
+			filter: 1,
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			a := NewAssembler("na")
+			var txns []*Txn
+			var err error
+			for i, m := range tc.msgs {
+				var txn *Txn
+				txn, err = a.Feed(pglogrepl.LSN(i), m)
+				if err != nil {
+					if i != len(tc.msgs)-1 {
+						t.Fatalf("Feed(%q) = %v at message %d, want no error", m, err, i)
+					}
+					break
+				}
+				if txn != nil {
+					txns = append(txns, txn)
+				}
+			}
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("Feed(...) = %v, want an error containing %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Feed(...) = %v, want no error", err)
+			}
+			if got := render(txns); got != tc.want {
+				t.Fatalf("Feed(...) transactions:\n%s\nwant:\n%s", got, tc.want)
+			}
+			if a.Filtered() != tc.filter {
+				t.Fatalf("Filtered() = %d, want %d", a.Filtered(), tc.filter)
+			}
+			for _, txn := range txns {
+				if txn.Origin != "na" {
+					t.Fatalf("Origin = %q, want na", txn.Origin)
+				}
+			}
+		})
+	}
+}
+
+// TestAssemblerRelationReplaced checks that a new Relation message makes a
+// new Relation and leaves already built changes alone, and that values do
+// not alias the fed buffer.
+func TestAssemblerRelationReplaced(t *testing.T) {
+	a := NewAssembler("na")
+	feed := func(m []byte) *Txn {
+		t.Helper()
+		txn, err := a.Feed(1, m)
+		if err != nil {
+			t.Fatalf("Feed(%q) = %v", m, err)
+		}
+		for i := range m {
+			m[i] = 0 // the caller reuses its buffer
+		}
+		return txn
+	}
+	feed(mRelation(1, "id"))
+	feed(mBegin(100, 7))
+	feed(mInsert(1, "one"))
+	feed(mRelation(1, "id", "extra"))
+	feed(mInsert(1, "two", "x"))
+	txn := feed(mCommit(100, 120))
+	before, after := txn.Changes[0].Rel, txn.Changes[1].Rel
+	if before == after || len(before.Columns) != 1 || len(after.Columns) != 2 {
+		t.Fatalf("relations: same %v, columns %d and %d; want distinct with 1 and 2", before == after, len(before.Columns), len(after.Columns))
+	}
+	if string(txn.Changes[0].New[0].Data) != "one" || before.Columns[0].Name != "id" || !before.Columns[0].Key {
+		t.Fatalf("decoded data changed when the buffer was reused: %q %+v", txn.Changes[0].New[0].Data, before.Columns[0])
+	}
+	if txn.EndLSN != 120 || txn.CommitLSN != 100 || txn.Xid != 7 {
+		t.Fatalf("txn lsn %s end %s xid %d, want 0/64 0/78 7", txn.CommitLSN, txn.EndLSN, txn.Xid)
+	}
+}
