@@ -458,3 +458,43 @@ func countLines(s, sub string) int {
 	}
 	return n
 }
+
+// TestFencesFrozenHolder: a frozen session still holds the origin (a hung
+// previous path); the next path fences it instead of waiting behind it,
+// both through a node and through the direct-SQL fallback.
+func TestFencesFrozenHolder(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "eu"})
+	eu := newRegion(t, ctx, c, "eu", "postgres")
+	if err := c.Exec(ctx, "postgres", "SELECT pg_replication_origin_create('prism_na')"); err != nil {
+		t.Fatal(err)
+	}
+	freeze := func() {
+		conn, err := c.Connect(ctx, "postgres")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close(context.Background()) })
+		if _, err := conn.Exec(ctx, "SELECT pg_replication_origin_session_setup('prism_na')"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	freeze()
+	sh := eu.shipper(t, func(c *ShipperConfig) { c.Retries = 50 }, nil)
+	sendRange(t, ctx, sh, 1, 3)
+	if st := sh.Status(); st.Path != "eu1" {
+		t.Fatalf("Status = %+v, want eu1", st)
+	}
+
+	for _, p := range eu.proxies {
+		p.Refuse(true)
+		p.Reset()
+	}
+	freeze()
+	sh2 := eu.shipper(t, func(c *ShipperConfig) { c.Retries = 1; c.SourceNode = "na2" }, nil)
+	sendRange(t, ctx, sh2, 4, 6)
+	if st := sh2.Status(); st.Path != PathFallback {
+		t.Fatalf("Status = %+v, want the sql fallback", st)
+	}
+	eu.checkRows(t, ctx, 6)
+}
