@@ -246,3 +246,29 @@ func TestAssemblerRelationReplaced(t *testing.T) {
 		t.Fatalf("txn lsn %s end %s xid %d, want 0/64 0/78 7", txn.CommitLSN, txn.EndLSN, txn.Xid)
 	}
 }
+
+// BenchmarkAssembler decodes a 10,000-row transaction of three columns.
+func BenchmarkAssembler(b *testing.B) {
+	rel := mRelation(1, "id", "name", "note")
+	ins := mInsert(1, "12345", "some name", strings.Repeat("n", 60))
+	begin, commit := mBegin(100, 7), mCommit(100, 120)
+	b.SetBytes(int64(10000 * len(ins)))
+	b.ReportAllocs()
+	for b.Loop() {
+		a := NewAssembler("na")
+		if _, err := a.Feed(1, rel); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := a.Feed(2, begin); err != nil {
+			b.Fatal(err)
+		}
+		for range 10000 {
+			if _, err := a.Feed(3, ins); err != nil {
+				b.Fatal(err)
+			}
+		}
+		if txn, err := a.Feed(4, commit); err != nil || len(txn.Changes) != 10000 {
+			b.Fatalf("commit: %v", err)
+		}
+	}
+}
