@@ -43,10 +43,10 @@ type command struct {
 // commands returns the subcommands in the order usage lists them.
 func commands() []command {
 	return []command{
-		{"run", "--config FILE", "run one node until SIGINT/SIGTERM (graceful stop)", nodeCommand("run", notAvailable)},
+		{"run", "--config FILE", "run one node until SIGINT/SIGTERM (graceful stop)", nodeCommand("run", runAction)},
 		{"doctor", "--config FILE", "check the database and peers; explain every problem", nodeCommand("doctor", notAvailable)},
-		{"status", "--config FILE", "per-region table: acked LSN, lag, active path", nodeCommand("status", notAvailable)},
-		{"verify", "--config FILE", "compare every replicated table across regions", nodeCommand("verify", notAvailable)},
+		{"status", "--config FILE", "per-region table: acked LSN, lag, active path", nodeCommand("status", statusAction)},
+		{"verify", "--config FILE", "compare every replicated table across regions", nodeCommand("verify", verifyAction)},
 		{"version", "", "print the version and the Go version", versionCommand},
 	}
 }

@@ -66,11 +66,11 @@ func TestRun(t *testing.T) {
 		{"run missing file", []string{"run", "--config", "/nonexistent/x.yaml"}, exitUsage, "", "no such file or directory"},
 		{"run bad config", []string{"run", "--config", badKey}, exitUsage, "", `bad.yaml:4: listen: "nowhere" is not host:port`},
 		{"doctor unknown key", []string{"doctor", "--config", unknownKey}, exitUsage, "", `delivery.ack_timout: unknown key`},
-		{"run not built", []string{"run", "--config", good}, exitUsage, "", "prism-cdc run: not available yet in this build"},
+		{"run database unreachable", []string{"run", "--config", good}, exitFail, "", "database unreachable"},
 		{"doctor not built", []string{"doctor", "--config=" + good}, exitUsage, "", "prism-cdc doctor: not available yet in this build"},
-		{"status not built", []string{"status", "-config", good}, exitUsage, "", "prism-cdc status: not available yet in this build"},
-		{"verify not built", []string{"verify", "--config", good}, exitUsage, "", "prism-cdc verify: not available yet in this build"},
-		{"logger from config", []string{"run", "--config", good}, exitUsage, "", `"message":"configuration loaded"`},
+		{"status without http", []string{"status", "-config", good}, exitUsage, "", "has no http address"},
+		{"verify database unreachable", []string{"verify", "--config", good}, exitFail, "", "verify: connect region eu"},
+		{"logger from config", []string{"run", "--config", good}, exitFail, "", `"message":"configuration loaded"`},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

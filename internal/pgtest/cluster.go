@@ -184,7 +184,7 @@ func (c *Cluster) chown(path string) error {
 }
 
 func (c *Cluster) command(ctx context.Context, name string, args ...string) *exec.Cmd {
-	path := filepath.Join(c.bin, name)
+	path := c.binary(name)
 	if c.asUser != "" {
 		args = append([]string{"-u", c.asUser, "--", path}, args...)
 		path = "runuser"
@@ -193,6 +193,26 @@ func (c *Cluster) command(ctx context.Context, name string, args ...string) *exe
 	cmd.Dir = c.Dir
 	cmd.Env = append(os.Environ(), "LC_ALL=C", "TZ=UTC")
 	return cmd
+}
+
+// binary finds a PostgreSQL program: next to initdb, else in the newest
+// /usr/lib/postgresql/*/bin, else on PATH.
+func (c *Cluster) binary(name string) string {
+	path := filepath.Join(c.bin, name)
+	if _, err := os.Stat(path); err == nil {
+		return path
+	}
+	dirs, _ := filepath.Glob("/usr/lib/postgresql/*/bin")
+	sort.Slice(dirs, func(i, j int) bool { return versionOf(dirs[i]) > versionOf(dirs[j]) })
+	for _, d := range dirs {
+		if _, err := os.Stat(filepath.Join(d, name)); err == nil {
+			return filepath.Join(d, name)
+		}
+	}
+	if p, err := exec.LookPath(name); err == nil {
+		return p
+	}
+	return path
 }
 
 func (c *Cluster) run(timeout time.Duration, name string, args ...string) error {

@@ -64,6 +64,9 @@ type ReaderStats struct {
 	LastEndLSN pglogrepl.LSN // end of the last transaction queued for Next
 	Confirmed  pglogrepl.LSN // position last reported to the server as flushed
 	Reconnects uint64        // streams lost after they were established
+	// Streaming reports that the reader holds the slot and streams from
+	// it right now.
+	Streaming bool
 }
 
 // Reader streams one region's committed local transactions from its
@@ -456,6 +459,8 @@ func (r *Reader) session(ctx context.Context) (progressed bool, err error) {
 	}
 	r.streamed = true
 	r.log.Info().Stringer("start", start).Msg("streaming")
+	r.setStreaming(true)
+	defer r.setStreaming(false)
 	return true, r.stream(ctx, conn)
 }
 
@@ -544,6 +549,12 @@ func (r *Reader) stream(ctx context.Context, conn *pgconn.PgConn) error {
 			// NoticeResponse, ParameterStatus: nothing to do.
 		}
 	}
+}
+
+func (r *Reader) setStreaming(on bool) {
+	r.mu.Lock()
+	r.stats.Streaming = on
+	r.mu.Unlock()
 }
 
 // admit counts a decoded transaction and returns it unless it is a resend

@@ -1,0 +1,309 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/prism-cdc/prism-cdc/internal/node"
+	"github.com/prism-cdc/prism-cdc/internal/pgtest"
+	"github.com/prism-cdc/prism-cdc/internal/verify"
+)
+
+// Topology names the regions and their nodes, in failover order.
+type Topology map[string][]string
+
+// Deployment is a running multi-region test deployment.
+type Deployment struct {
+	t        *testing.T
+	Bin      string
+	Dir      string
+	Regions  []string
+	Clusters map[string]*pgtest.Cluster
+	topo     Topology
+	listen   map[string]string
+	http     map[string]string
+	// Delivery is written into every node's config.
+	Delivery string
+
+	mu    sync.Mutex
+	procs map[string]*Proc
+}
+
+// Proc is one node process.
+type Proc struct {
+	Name string
+	Cmd  *exec.Cmd
+	Done chan struct{}
+	Err  error
+}
+
+// Build builds the prism-cdc binary into dir.
+func Build(t *testing.T, dir string) string {
+	t.Helper()
+	bin := filepath.Join(dir, "prism-cdc")
+	cmd := exec.Command("go", "build", "-o", bin, "github.com/prism-cdc/prism-cdc/cmd/prism-cdc")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build prism-cdc: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// New starts one cluster per region with database app and schema, builds
+// the binary and writes one config per node. Nodes are not started.
+func New(t *testing.T, topo Topology, schema string) *Deployment {
+	t.Helper()
+	ctx := context.Background()
+	d := &Deployment{
+		t: t, Dir: t.TempDir(), topo: topo,
+		Clusters: map[string]*pgtest.Cluster{}, listen: map[string]string{}, http: map[string]string{},
+		procs:    map[string]*Proc{},
+		Delivery: "{ack_timeout: 1s, retries: 3, backoff: 50ms, max_backoff: 500ms, max_in_flight: 16MiB}",
+	}
+	for r := range topo {
+		d.Regions = append(d.Regions, r)
+	}
+	sortStrings(d.Regions)
+	d.Bin = Build(t, d.Dir)
+	for _, r := range d.Regions {
+		c := pgtest.Start(t, pgtest.Options{Name: "e2e-" + r})
+		if err := c.CreateDatabase(ctx, "app"); err != nil {
+			t.Fatal(err)
+		}
+		if schema != "" {
+			if err := c.Exec(ctx, "app", schema); err != nil {
+				t.Fatal(err)
+			}
+		}
+		d.Clusters[r] = c
+		for _, n := range topo[r] {
+			d.listen[n] = freeAddr(t)
+			d.http[n] = freeAddr(t)
+		}
+	}
+	t.Cleanup(d.stopAll)
+	return d
+}
+
+func sortStrings(s []string) {
+	for i := 1; i < len(s); i++ {
+		for j := i; j > 0 && s[j] < s[j-1]; j-- {
+			s[j], s[j-1] = s[j-1], s[j]
+		}
+	}
+}
+
+func freeAddr(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func (d *Deployment) regionOf(name string) string {
+	for r, ns := range d.topo {
+		for _, n := range ns {
+			if n == name {
+				return r
+			}
+		}
+	}
+	return ""
+}
+
+// Config returns the YAML config of node name.
+func (d *Deployment) Config(name string) string {
+	r := d.regionOf(name)
+	var b strings.Builder
+	fmt.Fprintf(&b, "node: %s\nregion: %s\ndatabase: %q\nlisten: %q\nhttp: %q\n", name, r, d.Clusters[r].DSN("app"), d.listen[name], d.http[name])
+	b.WriteString("auth: {token: \"${PRISM_TOKEN}\"}\n")
+	fmt.Fprintf(&b, "delivery: %s\nlog: {level: debug, format: json}\npeers:\n", d.Delivery)
+	for _, pr := range d.Regions {
+		if pr == r {
+			continue
+		}
+		fmt.Fprintf(&b, "  - region: %s\n    database: %q\n    nodes:\n", pr, d.Clusters[pr].DSN("app"))
+		for _, n := range d.topo[pr] {
+			fmt.Fprintf(&b, "      - {name: %s, addr: %q}\n", n, d.listen[n])
+		}
+	}
+	return b.String()
+}
+
+// ConfigPath writes node name's config and returns its path.
+func (d *Deployment) ConfigPath(name string) string {
+	p := filepath.Join(d.Dir, name+".yaml")
+	if err := os.WriteFile(p, []byte(d.Config(name)), 0o600); err != nil {
+		d.t.Fatal(err)
+	}
+	return p
+}
+
+// Start starts node name.
+func (d *Deployment) Start(name string) *Proc {
+	d.t.Helper()
+	logf, err := os.OpenFile(filepath.Join(d.Dir, name+".log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	cmd := exec.Command(d.Bin, "run", "--config", d.ConfigPath(name))
+	cmd.Env = append(os.Environ(), "PRISM_TOKEN=e2e-secret-token")
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		d.t.Fatalf("start %s: %v", name, err)
+	}
+	p := &Proc{Name: name, Cmd: cmd, Done: make(chan struct{})}
+	go func() {
+		p.Err = cmd.Wait()
+		logf.Close()
+		close(p.Done)
+	}()
+	d.mu.Lock()
+	d.procs[name] = p
+	d.mu.Unlock()
+	return p
+}
+
+// StartAll starts every node.
+func (d *Deployment) StartAll() {
+	for _, r := range d.Regions {
+		for _, n := range d.topo[r] {
+			d.Start(n)
+		}
+	}
+}
+
+// Proc returns node name's current process, or nil.
+func (d *Deployment) Proc(name string) *Proc {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.procs[name]
+}
+
+// Running reports whether node name's process is alive.
+func (d *Deployment) Running(name string) bool {
+	p := d.Proc(name)
+	if p == nil {
+		return false
+	}
+	select {
+	case <-p.Done:
+		return false
+	default:
+		return true
+	}
+}
+
+// Kill sends SIGKILL to node name and waits for it to exit.
+func (d *Deployment) Kill(name string) {
+	p := d.Proc(name)
+	if p == nil {
+		return
+	}
+	p.Cmd.Process.Signal(syscall.SIGKILL)
+	<-p.Done
+}
+
+// Status fetches node name's /status; ok is false when it does not answer.
+func (d *Deployment) Status(name string) (node.Status, bool) {
+	var st node.Status
+	c := http.Client{Timeout: time.Second}
+	resp, err := c.Get("http://" + d.http[name] + "/status")
+	if err != nil {
+		return st, false
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil || json.Unmarshal(b, &st) != nil {
+		return st, false
+	}
+	return st, true
+}
+
+// Role returns node name's role, or "" when it does not answer.
+func (d *Deployment) Role(name string) node.Role {
+	st, _ := d.Status(name)
+	return st.Role
+}
+
+// Target returns node name's shipping status towards region.
+func (d *Deployment) Target(name, region string) node.TargetStatus {
+	st, _ := d.Status(name)
+	for _, t := range st.Targets {
+		if t.Region == region {
+			return t
+		}
+	}
+	return node.TargetStatus{}
+}
+
+// Eventually polls cond every 100ms until it holds or timeout passes.
+func (d *Deployment) Eventually(timeout time.Duration, what string, cond func() bool) {
+	d.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			d.t.Fatalf("timed out after %s waiting for %s\n%s", timeout, what, d.Logs())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// Logs returns the tail of every node's log, for failure messages.
+func (d *Deployment) Logs() string {
+	var b strings.Builder
+	for _, r := range d.Regions {
+		for _, n := range d.topo[r] {
+			data, _ := os.ReadFile(filepath.Join(d.Dir, n+".log"))
+			lines := strings.Split(strings.TrimSpace(string(data)), "\n")
+			if len(lines) > 15 {
+				lines = lines[len(lines)-15:]
+			}
+			fmt.Fprintf(&b, "--- %s log (tail)\n%s\n", n, strings.Join(lines, "\n"))
+		}
+	}
+	return b.String()
+}
+
+// Verify compares every published table across all regions.
+func (d *Deployment) Verify(ctx context.Context) verify.Report {
+	d.t.Helper()
+	var rs []verify.Region
+	for _, r := range d.Regions {
+		rs = append(rs, verify.Region{Name: r, DSN: d.Clusters[r].DSN("app")})
+	}
+	rep, err := verify.Compare(ctx, rs, "prism", time.Second)
+	if err != nil {
+		d.t.Fatalf("verify: %v", err)
+	}
+	return rep
+}
+
+func (d *Deployment) stopAll() {
+	d.mu.Lock()
+	procs := make([]*Proc, 0, len(d.procs))
+	for _, p := range d.procs {
+		procs = append(procs, p)
+	}
+	d.mu.Unlock()
+	for _, p := range procs {
+		p.Cmd.Process.Signal(syscall.SIGKILL)
+		<-p.Done
+	}
+	if d.t.Failed() {
+		d.t.Log(d.Logs())
+	}
+}

@@ -1,0 +1,379 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/rs/zerolog"
+
+	"github.com/prism-cdc/prism-cdc/internal/config"
+	"github.com/prism-cdc/prism-cdc/pkg/apply"
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
+	"github.com/prism-cdc/prism-cdc/pkg/peers"
+)
+
+// DrainTimeout bounds how long a graceful stop waits for in-flight
+// transactions to be acknowledged before it confirms the slot and exits.
+const DrainTimeout = 15 * time.Second
+
+// Role is what a node currently does with its region's slot.
+type Role string
+
+// The roles of a node.
+const (
+	RoleStarting Role = "starting"
+	RoleReader   Role = "reader"  // holds the slot and ships local writes
+	RoleStandby  Role = "standby" // another node of the region holds the slot
+	RoleStopped  Role = "stopped"
+)
+
+// Node is one prism-cdc node: applier server, reader and shippers.
+type Node struct {
+	cfg *config.Config
+	log zerolog.Logger
+
+	shippers []*peers.Shipper
+
+	mu        sync.Mutex
+	role      Role
+	reader    *decode.Reader
+	lastSent  pglogrepl.LSN
+	confirmed pglogrepl.LSN
+	readerErr string
+	startedAt time.Time
+}
+
+// New returns a node for a validated configuration.
+func New(cfg *config.Config, log zerolog.Logger) *Node {
+	return &Node{cfg: cfg, log: log, role: RoleStarting}
+}
+
+// Run runs the node until ctx is done, then stops gracefully: it stops
+// reading, waits up to DrainTimeout for in-flight transactions to be
+// acknowledged, confirms the slot and closes. It returns an error for
+// start-up problems and for failures that stop replication (a lost slot).
+func (n *Node) Run(ctx context.Context) error {
+	n.startedAt = time.Now()
+	if err := Preflight(ctx, n.cfg.Database, n.log); err != nil {
+		return err
+	}
+	pool, err := pgxpool.New(ctx, n.cfg.Database)
+	if err != nil {
+		return fmt.Errorf("database: %s", config.RedactDSN(err.Error()))
+	}
+	defer pool.Close()
+	applier := apply.NewApplier(pool, n.log.With().Str("component", "apply").Logger(), n.applyOptions(n.cfg.Region)...)
+	if err := applier.Setup(ctx); err != nil {
+		return fmt.Errorf("prepare schema prism: %w", err)
+	}
+
+	serverTLS, clientTLS, err := n.tlsConfigs()
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", n.cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen %s (key listen in %s): %w", n.cfg.Listen, n.cfg.Path, err)
+	}
+	accept := make([]string, 0, len(n.cfg.Peers))
+	for _, p := range n.cfg.Peers {
+		accept = append(accept, p.Region)
+	}
+	server := peers.NewServer(peers.ServerConfig{
+		Region:        n.cfg.Region,
+		Node:          n.cfg.Node,
+		Token:         n.cfg.Auth.Token,
+		TLS:           serverTLS,
+		Insecure:      n.plaintext(),
+		AcceptRegions: accept,
+	}, applier, n.log.With().Str("component", "server").Logger())
+
+	for i, p := range n.cfg.Peers {
+		nodes := make([]peers.NodeAddr, 0, len(p.Nodes))
+		for _, pn := range p.Nodes {
+			nodes = append(nodes, peers.NodeAddr{Name: pn.Name, Addr: pn.Addr})
+		}
+		n.shippers = append(n.shippers, peers.NewShipper(peers.ShipperConfig{
+			SourceRegion: n.cfg.Region,
+			SourceNode:   n.cfg.Node,
+			TargetRegion: p.Region,
+			Nodes:        nodes,
+			Token:        n.cfg.Auth.Token,
+			TLS:          clientTLS,
+			Insecure:     n.plaintext(),
+			AckTimeout:   n.cfg.Delivery.AckTimeout,
+			Retries:      n.cfg.Delivery.Retries,
+			Backoff:      n.cfg.Delivery.Backoff,
+			MaxBackoff:   n.cfg.Delivery.MaxBackoff,
+			MaxInFlight:  int64(n.cfg.Delivery.MaxInFlight),
+		}, n.fallback(n.cfg.Peers[i]), n.log.With().Str("component", "shipper").Str("target", p.Region).Logger()))
+	}
+
+	// runCtx outlives ctx: after a stop signal the shippers and the server
+	// keep running until in-flight transactions are acknowledged.
+	runCtx, stopAll := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopAll()
+	var wg sync.WaitGroup
+	fatal := make(chan error, 4)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if err := server.Serve(runCtx, ln); err != nil && runCtx.Err() == nil {
+			fatal <- fmt.Errorf("peer server: %w", err)
+		}
+	}()
+	for _, s := range n.shippers {
+		wg.Add(1)
+		go func(s *peers.Shipper) {
+			defer wg.Done()
+			if err := s.Run(runCtx); err != nil && runCtx.Err() == nil {
+				fatal <- fmt.Errorf("shipper: %w", err)
+			}
+		}(s)
+	}
+	if n.cfg.HTTP != "" {
+		hl, err := net.Listen("tcp", n.cfg.HTTP)
+		if err != nil {
+			stopAll()
+			wg.Wait()
+			return fmt.Errorf("listen %s (key http in %s): %w", n.cfg.HTTP, n.cfg.Path, err)
+		}
+		hs := &http.Server{Handler: n.handler(), ReadHeaderTimeout: 5 * time.Second}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := hs.Serve(hl); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				fatal <- fmt.Errorf("http: %w", err)
+			}
+		}()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-runCtx.Done()
+			sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			hs.Shutdown(sctx)
+		}()
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		n.checkpointLoop(runCtx)
+	}()
+	n.log.Info().Str("listen", n.cfg.Listen).Str("http", n.cfg.HTTP).Int("peer_regions", len(n.shippers)).Msg("node started")
+
+	readCtx, stopReading := context.WithCancel(ctx)
+	defer stopReading()
+	readDone := make(chan error, 1)
+	go func() { readDone <- n.readLoop(readCtx) }()
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+		n.log.Info().Msg("stop requested: draining in-flight transactions")
+	case runErr = <-readDone:
+		readDone <- runErr
+	case runErr = <-fatal:
+	}
+	stopReading()
+	<-readDone
+	n.drain(DrainTimeout)
+
+	stopAll()
+	wg.Wait()
+	n.mu.Lock()
+	r := n.reader
+	n.reader = nil
+	n.role = RoleStopped
+	n.mu.Unlock()
+	if r != nil {
+		if err := r.Close(); err != nil {
+			n.log.Warn().Err(err).Msg("close reader")
+		}
+	}
+	n.log.Info().Stringer("confirmed", n.confirmedLSN()).Msg("node stopped")
+	return runErr
+}
+
+// readLoop holds the region's slot when it can: the slot's single active
+// consumer is the lock between the nodes of a region. It returns when ctx
+// is done or the slot can no longer be used.
+func (n *Node) readLoop(ctx context.Context) error {
+	backoff := n.cfg.Delivery.Backoff
+	for ctx.Err() == nil {
+		r := decode.NewReader(decode.ReaderConfig{
+			DSN:         n.cfg.Database,
+			Region:      n.cfg.Region,
+			Slot:        n.cfg.Slot,
+			Publication: n.cfg.Publication,
+			AppName:     "prism_" + n.cfg.Node,
+		}, n.log.With().Str("component", "reader").Logger())
+		n.mu.Lock()
+		n.reader = r
+		n.mu.Unlock()
+		err := n.readFrom(ctx, r)
+		if ctx.Err() != nil {
+			// Keep the reader: the drain confirms the slot through it.
+			return nil
+		}
+		r.Close()
+		n.mu.Lock()
+		n.reader = nil
+		n.mu.Unlock()
+		switch {
+		case errors.Is(err, decode.ErrSlotBusy):
+			n.setRole(RoleStandby, "")
+			n.log.Debug().Msg("slot held by another node of the region; standing by")
+			backoff = n.cfg.Delivery.Backoff
+		case errors.Is(err, decode.ErrSlotLost):
+			n.setRole(RoleStopped, err.Error())
+			return err
+		default:
+			n.setRole(RoleStandby, err.Error())
+			n.log.Warn().Err(err).Dur("retry_in", backoff).Msg("reader stopped; retrying")
+			backoff = min(backoff*2, n.cfg.Delivery.MaxBackoff)
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(standbyPoll(backoff)):
+		}
+	}
+	return nil
+}
+
+func standbyPoll(backoff time.Duration) time.Duration {
+	if backoff < time.Second {
+		return time.Second
+	}
+	return backoff
+}
+
+func (n *Node) readFrom(ctx context.Context, r *decode.Reader) error {
+	for {
+		txn, err := r.Next(ctx)
+		if err != nil {
+			return err
+		}
+		dropInternal(txn)
+		for _, s := range n.shippers {
+			if err := s.Send(ctx, txn); err != nil {
+				return err
+			}
+		}
+		n.mu.Lock()
+		n.lastSent = txn.EndLSN
+		n.mu.Unlock()
+	}
+}
+
+// dropInternal removes changes to prism-cdc's own tables (schema prism)
+// from a transaction: conflict logs and dead letters are per region. The
+// transaction itself is still shipped, so every region's progress passes
+// its LSN.
+func dropInternal(txn *decode.Txn) {
+	kept := txn.Changes[:0]
+	for _, c := range txn.Changes {
+		if c.Rel != nil && c.Rel.Schema == "prism" {
+			continue
+		}
+		kept = append(kept, c)
+	}
+	clear(txn.Changes[len(kept):])
+	txn.Changes = kept
+}
+
+// currentRole derives the role from the reader's state.
+func (n *Node) currentRole() (Role, string) {
+	n.mu.Lock()
+	role, reason, r := n.role, n.readerErr, n.reader
+	n.mu.Unlock()
+	if role == RoleStopped {
+		return role, reason
+	}
+	if r != nil && r.Stats().Streaming {
+		return RoleReader, ""
+	}
+	return role, reason
+}
+
+func (n *Node) setRole(r Role, reason string) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.role = r
+	n.readerErr = reason
+}
+
+// checkpoint is the position every region has made durable: the minimum
+// acknowledged LSN over all peer regions (DESIGN invariant 2).
+func (n *Node) checkpoint() pglogrepl.LSN {
+	if len(n.shippers) == 0 {
+		n.mu.Lock()
+		defer n.mu.Unlock()
+		return n.lastSent
+	}
+	return peers.MinAcked(n.shippers...)
+}
+
+func (n *Node) checkpointLoop(ctx context.Context) {
+	t := time.NewTicker(200 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			n.confirm()
+		}
+	}
+}
+
+func (n *Node) confirm() {
+	lsn := n.checkpoint()
+	n.mu.Lock()
+	r := n.reader
+	if lsn > n.confirmed {
+		n.confirmed = lsn
+	}
+	n.mu.Unlock()
+	if r != nil && lsn > 0 {
+		r.Confirm(lsn)
+	}
+}
+
+func (n *Node) confirmedLSN() pglogrepl.LSN {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.confirmed
+}
+
+// drain waits until every shipper has acknowledged everything sent, or the
+// timeout, then confirms the final checkpoint.
+func (n *Node) drain(timeout time.Duration) {
+	deadline := time.Now().Add(timeout)
+	n.mu.Lock()
+	last := n.lastSent
+	n.mu.Unlock()
+	for time.Now().Before(deadline) && n.checkpoint() < last {
+		time.Sleep(50 * time.Millisecond)
+	}
+	n.confirm()
+	n.mu.Lock()
+	holding := n.reader != nil
+	n.mu.Unlock()
+	if holding {
+		// The reader reports the confirmed position at its next status
+		// update (every second).
+		time.Sleep(1200 * time.Millisecond)
+	}
+	if cp := n.checkpoint(); cp < last {
+		n.log.Warn().Stringer("sent", last).Stringer("acked_by_all", cp).
+			Msg("stopped before every region acknowledged; the slot keeps the rest and it is resent at the next start")
+	}
+}

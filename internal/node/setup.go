@@ -1,0 +1,103 @@
+package node
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/rs/zerolog"
+
+	"github.com/prism-cdc/prism-cdc/internal/config"
+	"github.com/prism-cdc/prism-cdc/pkg/apply"
+	"github.com/prism-cdc/prism-cdc/pkg/peers"
+)
+
+// Preflight checks what the node needs from its region's database before it
+// starts: reachable, wal_level=logical, a role that may replicate. Each
+// error says how to fix it. Problems that do not stop replication are
+// logged as warnings.
+func Preflight(ctx context.Context, dsn string, log zerolog.Logger) error {
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		return fmt.Errorf("database unreachable: %s (check the database key and that Postgres runs)", config.RedactDSN(err.Error()))
+	}
+	defer conn.Close(ctx)
+	var walLevel, trackTS string
+	var repl, super bool
+	err = conn.QueryRow(ctx, `SELECT current_setting('wal_level'), current_setting('track_commit_timestamp'),
+		r.rolreplication, r.rolsuper FROM pg_roles r WHERE r.rolname = current_user`).Scan(&walLevel, &trackTS, &repl, &super)
+	if err != nil {
+		return fmt.Errorf("read database settings: %w", err)
+	}
+	var problems []string
+	if walLevel != "logical" {
+		problems = append(problems, fmt.Sprintf("wal_level is %q: set wal_level = logical in postgresql.conf and restart Postgres", walLevel))
+	}
+	if !repl && !super {
+		problems = append(problems, "the role has no REPLICATION privilege: ALTER ROLE <role> WITH REPLICATION")
+	}
+	if len(problems) > 0 {
+		return fmt.Errorf("database not ready for prism-cdc:\n  - %s", strings.Join(problems, "\n  - "))
+	}
+	if trackTS != "on" {
+		log.Warn().Msg("track_commit_timestamp is off: last_write_wins cannot compare local commit times; set track_commit_timestamp = on and restart Postgres")
+	}
+	return nil
+}
+
+func (n *Node) applyOptions(localRegion string) []apply.Option {
+	perTable := make(map[string]apply.Policy, len(n.cfg.Conflicts.Tables))
+	for t, p := range n.cfg.Conflicts.Tables {
+		perTable[t] = apply.Policy(p)
+	}
+	return []apply.Option{
+		apply.WithLocalRegion(localRegion),
+		apply.WithConflicts(apply.Policy(n.cfg.Conflicts.Default), perTable),
+	}
+}
+
+// fallback opens the direct-SQL path to a peer region's database: the same
+// apply code and the same replication origin as that region's nodes use.
+func (n *Node) fallback(p config.Peer) peers.Fallback {
+	if p.Database == "" {
+		return nil
+	}
+	return func(ctx context.Context) (peers.Applier, func(), error) {
+		pool, err := pgxpool.New(ctx, p.Database)
+		if err != nil {
+			return nil, nil, fmt.Errorf("fallback database of region %s: %s", p.Region, config.RedactDSN(err.Error()))
+		}
+		if err := pool.Ping(ctx); err != nil {
+			pool.Close()
+			return nil, nil, fmt.Errorf("fallback database of region %s: %s", p.Region, config.RedactDSN(err.Error()))
+		}
+		a := apply.NewApplier(pool, n.log.With().Str("component", "fallback").Str("target", p.Region).Logger(), n.applyOptions(p.Region)...)
+		if err := a.Setup(ctx); err != nil {
+			pool.Close()
+			return nil, nil, fmt.Errorf("fallback database of region %s: %w", p.Region, err)
+		}
+		return a, pool.Close, nil
+	}
+}
+
+func (n *Node) tlsConfigs() (server, client *tls.Config, err error) {
+	t := n.cfg.Auth.TLS
+	if !t.Enabled() {
+		return nil, nil, nil
+	}
+	server, client, err = peers.TLSConfigs(t.Cert, t.Key, t.CA)
+	if err != nil {
+		return nil, nil, fmt.Errorf("auth.tls in %s: %w", n.cfg.Path, err)
+	}
+	return server, client, nil
+}
+
+// plaintext reports whether peer traffic runs without TLS: with
+// auth.insecure, or with a token but no auth.tls files. The token is still
+// required and checked in the second case.
+func (n *Node) plaintext() bool {
+	return n.cfg.Auth.Insecure || !n.cfg.Auth.TLS.Enabled()
+}
