@@ -5,11 +5,15 @@ BIN      ?= bin/prism-cdc
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 FUZZTIME ?= 10s
 
-.PHONY: build vet test fuzz-short clean
+.PHONY: build demo vet test fuzz-short clean
 
 ## build: compile the prism-cdc binary into bin/
 build:
 	$(GO) build -ldflags '-X main.version=$(VERSION)' -o $(BIN) ./cmd/prism-cdc
+
+## demo: run the local multi-region demo (throwaway clusters, failures played live)
+demo:
+	scripts/demo.sh
 
 ## vet: run go vet on every package
 vet:

@@ -124,3 +124,7 @@ func newError(txn *decode.Txn, table string, op decode.Op, err error) *Error {
 	code, retry := classify(err)
 	return &Error{Origin: txn.Origin, EndLSN: txn.EndLSN, Table: table, Op: op, SQLState: code, Retryable: retry, Err: err}
 }
+
+// SQLCode returns the SQLSTATE of the failure ("" when it has none), for
+// callers that classify errors by behaviour.
+func (e *Error) SQLCode() string { return e.SQLState }
