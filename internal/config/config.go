@@ -40,10 +40,13 @@ type Config struct {
 	Conflicts   Conflicts
 	// OnApplyError is what a node does with a transaction it cannot apply.
 	OnApplyError ApplyErrorPolicy
-	Sync         Sync
-	Spool        Spool
-	HTTP         string // host:port for /metrics, /healthz, /status; empty disables it
-	Log          Log
+	// OnApplyErrorTables overrides OnApplyError per table; keys are
+	// "schema.table" and name the table of the failing change.
+	OnApplyErrorTables map[string]ApplyErrorPolicy
+	Sync               Sync
+	Spool              Spool
+	HTTP               string // host:port for /metrics, /healthz, /status; empty disables it
+	Log                Log
 
 	// lines maps key paths to the line they were written on, for errors.
 	lines map[string]int
@@ -154,6 +157,15 @@ func (p ApplyErrorPolicy) Valid() bool {
 		return true
 	}
 	return false
+}
+
+// ApplyErrorFor returns the apply error policy for the table "schema.table"
+// (empty when the failure is not about one table).
+func (c *Config) ApplyErrorFor(table string) ApplyErrorPolicy {
+	if p, ok := c.OnApplyErrorTables[table]; ok && table != "" {
+		return p
+	}
+	return c.OnApplyError
 }
 
 // LogFormat is the encoding of log lines.

@@ -84,6 +84,7 @@ conflicts:
   default: source_wins
   tables: {"public.accounts": keep_local}
 on_apply_error: dead_letter
+on_apply_error_tables: {"public.orders": undo, "public.audit": halt}
 sync: quorum:2
 spool: {dir: /var/lib/prism, max_bytes: 512KiB}
 http: "127.0.0.1:9201"
@@ -108,6 +109,10 @@ log: {level: debug, format: console}
 		{"conflicts.For(accounts)", c.Conflicts.For("public.accounts"), KeepLocal},
 		{"conflicts.For(other)", c.Conflicts.For("public.other"), SourceWins},
 		{"on_apply_error", c.OnApplyError, DeadLetter},
+		{"ApplyErrorFor(orders)", c.ApplyErrorFor("public.orders"), Undo},
+		{"ApplyErrorFor(audit)", c.ApplyErrorFor("public.audit"), Halt},
+		{"ApplyErrorFor(other)", c.ApplyErrorFor("public.other"), DeadLetter},
+		{"ApplyErrorFor(no table)", c.ApplyErrorFor(""), DeadLetter},
 		{"sync", c.Sync, Sync{Mode: SyncQuorum, Quorum: 2}},
 		{"spool", c.Spool, Spool{Dir: "/var/lib/prism", MaxBytes: 512 * KiB}},
 		{"http", c.HTTP, "127.0.0.1:9201"},
@@ -276,6 +281,9 @@ func TestValidate(t *testing.T) {
 		{"bad conflict table policy", appendYAML("conflicts: {tables: {public.t: newest}}\n"), `conflicts.tables["public.t"]: "newest" is not a conflict policy`},
 		{"bad conflict table name", appendYAML("conflicts: {tables: {accounts: source_wins}}\n"), `eu1.yaml:17: conflicts.tables["accounts"]: "accounts" is not a table name; write it as schema.table`},
 		{"bad on_apply_error", appendYAML("on_apply_error: skip\n"), `on_apply_error: "skip" is not an apply error policy; write halt, dead_letter or undo`},
+		{"bad on_apply_error table policy", appendYAML("on_apply_error_tables: {public.t: skip}\n"), `on_apply_error_tables["public.t"]: "skip" is not an apply error policy; write halt, dead_letter or undo`},
+		{"bad on_apply_error table name", appendYAML("on_apply_error_tables: {t: undo}\n"), `on_apply_error_tables["t"]: "t" is not a table name; write it as schema.table`},
+		{"on_apply_error_tables not a map", appendYAML("on_apply_error_tables: undo\n"), `on_apply_error_tables: expected a mapping`},
 		{"bad sync", appendYAML("sync: always\n"), `sync: "always" is not a sync mode`},
 		{"quorum too large", appendYAML("sync: quorum:3\n"), "sync: quorum:3 waits for 3 regions but there are 2 peer regions"},
 		{"quorum zero", appendYAML("sync: quorum:0\n"), `sync: "quorum:0" is not a sync mode`},

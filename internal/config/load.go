@@ -91,10 +91,12 @@ type rawConfig struct {
 	Delivery     rawDelivery  `yaml:"delivery"`
 	Conflicts    rawConflicts `yaml:"conflicts"`
 	OnApplyError string       `yaml:"on_apply_error"`
-	Sync         string       `yaml:"sync"`
-	Spool        rawSpool     `yaml:"spool"`
-	HTTP         string       `yaml:"http"`
-	Log          rawLog       `yaml:"log"`
+	// OnApplyErrorTables overrides on_apply_error per table.
+	OnApplyErrorTables map[string]string `yaml:"on_apply_error_tables"`
+	Sync               string            `yaml:"sync"`
+	Spool              rawSpool          `yaml:"spool"`
+	HTTP               string            `yaml:"http"`
+	Log                rawLog            `yaml:"log"`
 }
 
 type rawAuth struct {
@@ -179,6 +181,13 @@ func (r *rawConfig) config(file string, lines map[string]int) (*Config, []error)
 		c.Conflicts.Tables = make(map[string]ConflictPolicy, len(r.Conflicts.Tables))
 		for k, v := range r.Conflicts.Tables {
 			c.Conflicts.Tables[k] = ConflictPolicy(v)
+		}
+	}
+
+	if len(r.OnApplyErrorTables) > 0 {
+		c.OnApplyErrorTables = make(map[string]ApplyErrorPolicy, len(r.OnApplyErrorTables))
+		for k, v := range r.OnApplyErrorTables {
+			c.OnApplyErrorTables[k] = ApplyErrorPolicy(v)
 		}
 	}
 

@@ -135,6 +135,15 @@ func (c *Config) Validate() error {
 	if !c.OnApplyError.Valid() {
 		v.add("on_apply_error", "%q is not an apply error policy; write halt, dead_letter or undo", c.OnApplyError)
 	}
+	for table, p := range c.OnApplyErrorTables {
+		key := "on_apply_error_tables[" + strconv.Quote(table) + "]"
+		if !validTable(table) {
+			v.add(key, `%q is not a table name; write it as schema.table, e.g. "public.accounts"`, table)
+		}
+		if !p.Valid() {
+			v.add(key, "%q is not an apply error policy; write halt, dead_letter or undo", p)
+		}
+	}
 
 	switch c.Sync.Mode {
 	case SyncOff, SyncAll:
