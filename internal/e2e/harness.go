@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -36,6 +37,14 @@ type Deployment struct {
 	http     map[string]string
 	// Delivery is written into every node's config.
 	Delivery string
+	// PeerAddr, when set, is the address a node of region from is given
+	// for node to (e.g. a fault proxy in front of to's listen address);
+	// nil or "" means to's listen address.
+	PeerAddr func(from, to string) string
+	// PeerDatabase, when set, is the fallback DSN a node of region from
+	// is given for region to's database (e.g. through a fault proxy); nil
+	// or "" means the cluster's own DSN.
+	PeerDatabase func(from, to string) string
 
 	mu    sync.Mutex
 	procs map[string]*Proc
@@ -104,13 +113,28 @@ func sortStrings(s []string) {
 	}
 }
 
+// nextPort walks the ports below the kernel's ephemeral range (32768 and
+// up on Linux), so an outgoing connection's source port cannot take a port
+// between the moment it is chosen and the moment a node binds it.
+var nextPort atomic.Int64
+
 func freeAddr(t *testing.T) string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	nextPort.CompareAndSwap(0, int64(20000+(os.Getpid()*97)%10000))
+	for i := 0; i < 2000; i++ {
+		p := nextPort.Add(1)
+		if p >= 32000 {
+			nextPort.Store(20000)
+			continue
+		}
+		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
+		if err != nil {
+			continue
+		}
+		l.Close()
+		return l.Addr().String()
 	}
-	defer l.Close()
-	return l.Addr().String()
+	t.Fatal("no free port between 20000 and 32000")
+	return ""
 }
 
 func (d *Deployment) regionOf(name string) string {
@@ -135,9 +159,17 @@ func (d *Deployment) Config(name string) string {
 		if pr == r {
 			continue
 		}
-		fmt.Fprintf(&b, "  - region: %s\n    database: %q\n    nodes:\n", pr, d.Clusters[pr].DSN("app"))
+		dsn := d.Clusters[pr].DSN("app")
+		if d.PeerDatabase != nil && d.PeerDatabase(r, pr) != "" {
+			dsn = d.PeerDatabase(r, pr)
+		}
+		fmt.Fprintf(&b, "  - region: %s\n    database: %q\n    nodes:\n", pr, dsn)
 		for _, n := range d.topo[pr] {
-			fmt.Fprintf(&b, "      - {name: %s, addr: %q}\n", n, d.listen[n])
+			addr := d.listen[n]
+			if d.PeerAddr != nil && d.PeerAddr(r, n) != "" {
+				addr = d.PeerAddr(r, n)
+			}
+			fmt.Fprintf(&b, "      - {name: %s, addr: %q}\n", n, addr)
 		}
 	}
 	return b.String()
@@ -185,6 +217,15 @@ func (d *Deployment) StartAll() {
 		}
 	}
 }
+
+// Listen returns node name's peer listen address.
+func (d *Deployment) Listen(name string) string { return d.listen[name] }
+
+// Nodes returns region's nodes in failover order.
+func (d *Deployment) Nodes(region string) []string { return d.topo[region] }
+
+// LogPath returns the path of node name's log file.
+func (d *Deployment) LogPath(name string) string { return filepath.Join(d.Dir, name+".log") }
 
 // Proc returns node name's current process, or nil.
 func (d *Deployment) Proc(name string) *Proc {

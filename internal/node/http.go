@@ -6,6 +6,8 @@ import (
 	"net/http"
 	"strings"
 	"time"
+
+	"github.com/prism-cdc/prism-cdc/pkg/peers"
 )
 
 // Status is what /status reports: the node's role and, per peer region, the
@@ -51,8 +53,17 @@ func (n *Node) Status() Status {
 		Confirmed:  n.confirmed.String(),
 	}
 	last := n.lastSent
+	var shippers []*peers.Shipper
+	if n.term != nil {
+		shippers = n.term.shippers
+	}
 	n.mu.Unlock()
-	for _, s := range n.shippers {
+	if shippers == nil {
+		for _, p := range n.cfg.Peers {
+			st.Targets = append(st.Targets, TargetStatus{Region: p.Region, Path: "not shipping (" + string(role) + ")"})
+		}
+	}
+	for _, s := range shippers {
 		ss := s.Status()
 		ts := TargetStatus{
 			Region:      ss.Target,

@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -39,9 +40,10 @@ type Node struct {
 	cfg *config.Config
 	log zerolog.Logger
 
-	shippers []*peers.Shipper
+	clientTLS *tls.Config // for shippers; nil without auth.tls
 
 	mu        sync.Mutex
+	term      *term // shippers of the current reader term; nil while not reading
 	role      Role
 	reader    *decode.Reader
 	lastSent  pglogrepl.LSN
@@ -78,6 +80,7 @@ func (n *Node) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	n.clientTLS = clientTLS
 	ln, err := net.Listen("tcp", n.cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen %s (key listen in %s): %w", n.cfg.Listen, n.cfg.Path, err)
@@ -95,27 +98,6 @@ func (n *Node) Run(ctx context.Context) error {
 		AcceptRegions: accept,
 	}, applier, n.log.With().Str("component", "server").Logger())
 
-	for i, p := range n.cfg.Peers {
-		nodes := make([]peers.NodeAddr, 0, len(p.Nodes))
-		for _, pn := range p.Nodes {
-			nodes = append(nodes, peers.NodeAddr{Name: pn.Name, Addr: pn.Addr})
-		}
-		n.shippers = append(n.shippers, peers.NewShipper(peers.ShipperConfig{
-			SourceRegion: n.cfg.Region,
-			SourceNode:   n.cfg.Node,
-			TargetRegion: p.Region,
-			Nodes:        nodes,
-			Token:        n.cfg.Auth.Token,
-			TLS:          clientTLS,
-			Insecure:     n.plaintext(),
-			AckTimeout:   n.cfg.Delivery.AckTimeout,
-			Retries:      n.cfg.Delivery.Retries,
-			Backoff:      n.cfg.Delivery.Backoff,
-			MaxBackoff:   n.cfg.Delivery.MaxBackoff,
-			MaxInFlight:  int64(n.cfg.Delivery.MaxInFlight),
-		}, n.fallback(n.cfg.Peers[i]), n.log.With().Str("component", "shipper").Str("target", p.Region).Logger()))
-	}
-
 	// runCtx outlives ctx: after a stop signal the shippers and the server
 	// keep running until in-flight transactions are acknowledged.
 	runCtx, stopAll := context.WithCancel(context.WithoutCancel(ctx))
@@ -129,15 +111,6 @@ func (n *Node) Run(ctx context.Context) error {
 			fatal <- fmt.Errorf("peer server: %w", err)
 		}
 	}()
-	for _, s := range n.shippers {
-		wg.Add(1)
-		go func(s *peers.Shipper) {
-			defer wg.Done()
-			if err := s.Run(runCtx); err != nil && runCtx.Err() == nil {
-				fatal <- fmt.Errorf("shipper: %w", err)
-			}
-		}(s)
-	}
 	if n.cfg.HTTP != "" {
 		hl, err := net.Listen("tcp", n.cfg.HTTP)
 		if err != nil {
@@ -167,12 +140,12 @@ func (n *Node) Run(ctx context.Context) error {
 		defer wg.Done()
 		n.checkpointLoop(runCtx)
 	}()
-	n.log.Info().Str("listen", n.cfg.Listen).Str("http", n.cfg.HTTP).Int("peer_regions", len(n.shippers)).Msg("node started")
+	n.log.Info().Str("listen", n.cfg.Listen).Str("http", n.cfg.HTTP).Int("peer_regions", len(n.cfg.Peers)).Msg("node started")
 
 	readCtx, stopReading := context.WithCancel(ctx)
 	defer stopReading()
 	readDone := make(chan error, 1)
-	go func() { readDone <- n.readLoop(readCtx) }()
+	go func() { readDone <- n.readLoop(readCtx, runCtx) }()
 
 	var runErr error
 	select {
@@ -186,6 +159,13 @@ func (n *Node) Run(ctx context.Context) error {
 	<-readDone
 	n.drain(DrainTimeout)
 
+	n.mu.Lock()
+	t := n.term
+	n.term = nil
+	n.mu.Unlock()
+	if t != nil {
+		t.stop()
+	}
 	stopAll()
 	wg.Wait()
 	n.mu.Lock()
@@ -205,7 +185,12 @@ func (n *Node) Run(ctx context.Context) error {
 // readLoop holds the region's slot when it can: the slot's single active
 // consumer is the lock between the nodes of a region. It returns when ctx
 // is done or the slot can no longer be used.
-func (n *Node) readLoop(ctx context.Context) error {
+//
+// While it holds the slot the node runs one shipper per peer region (a
+// term); a node that stands by runs none, so two nodes of a region never
+// ship at the same time. Shippers run under shipCtx, which outlives ctx so
+// a graceful stop can drain them.
+func (n *Node) readLoop(ctx, shipCtx context.Context) error {
 	backoff := n.cfg.Delivery.Backoff
 	for ctx.Err() == nil {
 		r := decode.NewReader(decode.ReaderConfig{
@@ -218,7 +203,7 @@ func (n *Node) readLoop(ctx context.Context) error {
 		n.mu.Lock()
 		n.reader = r
 		n.mu.Unlock()
-		err := n.readFrom(ctx, r)
+		err := n.readFrom(ctx, shipCtx, r)
 		if ctx.Err() != nil {
 			// Keep the reader: the drain confirms the slot through it.
 			return nil
@@ -255,14 +240,45 @@ func standbyPoll(backoff time.Duration) time.Duration {
 	return backoff
 }
 
-func (n *Node) readFrom(ctx context.Context, r *decode.Reader) error {
+func (n *Node) readFrom(ctx, shipCtx context.Context, r *decode.Reader) error {
+	// Start shipping as soon as the reader holds the slot, even before the
+	// first transaction, so status shows the paths of an idle region.
+	watchDone := make(chan struct{})
+	var watch sync.WaitGroup
+	watch.Add(1)
+	go func() {
+		defer watch.Done()
+		t := time.NewTicker(100 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-watchDone:
+				return
+			case <-t.C:
+				if r.Stats().Streaming {
+					n.ensureTerm(shipCtx)
+				}
+			}
+		}
+	}()
+	defer func() {
+		close(watchDone)
+		watch.Wait()
+		if ctx.Err() == nil {
+			// Lost the slot: stop shipping. Unacknowledged transactions
+			// stay in the slot and reach the regions through whichever
+			// node reads it next.
+			n.endTerm()
+		}
+	}()
 	for {
 		txn, err := r.Next(ctx)
 		if err != nil {
 			return err
 		}
 		dropInternal(txn)
-		for _, s := range n.shippers {
+		t := n.ensureTerm(shipCtx)
+		for _, s := range t.shippers {
 			if err := s.Send(ctx, txn); err != nil {
 				return err
 			}
@@ -270,6 +286,76 @@ func (n *Node) readFrom(ctx context.Context, r *decode.Reader) error {
 		n.mu.Lock()
 		n.lastSent = txn.EndLSN
 		n.mu.Unlock()
+	}
+}
+
+// term is one reader term: the shippers a node runs while it holds the
+// slot.
+type term struct {
+	shippers []*peers.Shipper
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
+}
+
+func (t *term) stop() {
+	t.cancel()
+	t.wg.Wait()
+}
+
+// ensureTerm returns the current term, starting one when none runs.
+func (n *Node) ensureTerm(ctx context.Context) *term {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.term != nil {
+		return n.term
+	}
+	tctx, cancel := context.WithCancel(ctx)
+	t := &term{cancel: cancel}
+	for _, p := range n.cfg.Peers {
+		nodes := make([]peers.NodeAddr, 0, len(p.Nodes))
+		for _, pn := range p.Nodes {
+			nodes = append(nodes, peers.NodeAddr{Name: pn.Name, Addr: pn.Addr})
+		}
+		t.shippers = append(t.shippers, peers.NewShipper(peers.ShipperConfig{
+			SourceRegion: n.cfg.Region,
+			SourceNode:   n.cfg.Node,
+			TargetRegion: p.Region,
+			Nodes:        nodes,
+			Token:        n.cfg.Auth.Token,
+			TLS:          n.clientTLS,
+			Insecure:     n.plaintext(),
+			AckTimeout:   n.cfg.Delivery.AckTimeout,
+			Retries:      n.cfg.Delivery.Retries,
+			Backoff:      n.cfg.Delivery.Backoff,
+			MaxBackoff:   n.cfg.Delivery.MaxBackoff,
+			MaxInFlight:  int64(n.cfg.Delivery.MaxInFlight),
+		}, n.fallback(p), n.log.With().Str("component", "shipper").Str("target", p.Region).Logger()))
+	}
+	for _, s := range t.shippers {
+		t.wg.Add(1)
+		go func(s *peers.Shipper) {
+			defer t.wg.Done()
+			if err := s.Run(tctx); err != nil && tctx.Err() == nil {
+				n.log.Error().Err(err).Msg("shipper stopped")
+			}
+		}(s)
+	}
+	n.term = t
+	n.role = RoleReader
+	n.readerErr = ""
+	n.log.Info().Str("slot", n.cfg.Slot).Int("peer_regions", len(t.shippers)).Msg("holding the region's slot: shipping local writes")
+	return t
+}
+
+// endTerm stops the current term's shippers.
+func (n *Node) endTerm() {
+	n.mu.Lock()
+	t := n.term
+	n.term = nil
+	n.mu.Unlock()
+	if t != nil {
+		t.stop()
+		n.log.Info().Msg("no longer reading the slot: shippers stopped")
 	}
 }
 
@@ -313,12 +399,15 @@ func (n *Node) setRole(r Role, reason string) {
 // checkpoint is the position every region has made durable: the minimum
 // acknowledged LSN over all peer regions (DESIGN invariant 2).
 func (n *Node) checkpoint() pglogrepl.LSN {
-	if len(n.shippers) == 0 {
-		n.mu.Lock()
-		defer n.mu.Unlock()
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.term == nil {
+		return 0
+	}
+	if len(n.term.shippers) == 0 {
 		return n.lastSent
 	}
-	return peers.MinAcked(n.shippers...)
+	return peers.MinAcked(n.term.shippers...)
 }
 
 func (n *Node) checkpointLoop(ctx context.Context) {
