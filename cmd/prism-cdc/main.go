@@ -44,9 +44,10 @@ type command struct {
 func commands() []command {
 	return []command{
 		{"run", "--config FILE", "run one node until SIGINT/SIGTERM (graceful stop)", nodeCommand("run", runAction)},
-		{"doctor", "--config FILE", "check the database and peers; explain every problem", nodeCommand("doctor", notAvailable)},
+		{"doctor", "--config FILE", "check the database and peers; explain every problem", nodeCommandWith("doctor", doctorCommand)},
 		{"status", "--config FILE", "per-region table: acked LSN, lag, active path", nodeCommand("status", statusAction)},
 		{"verify", "--config FILE", "compare every replicated table across regions", nodeCommand("verify", verifyAction)},
+		{"sequences", "--config FILE", "interleave this region's sequences with the other regions' (--apply)", nodeCommandWith("sequences", sequencesCommand)},
 		{"version", "", "print the version and the Go version", versionCommand},
 	}
 }

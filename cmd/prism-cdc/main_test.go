@@ -67,7 +67,7 @@ func TestRun(t *testing.T) {
 		{"run bad config", []string{"run", "--config", badKey}, exitUsage, "", `bad.yaml:4: listen: "nowhere" is not host:port`},
 		{"doctor unknown key", []string{"doctor", "--config", unknownKey}, exitUsage, "", `delivery.ack_timout: unknown key`},
 		{"run database unreachable", []string{"run", "--config", good}, exitFail, "", "database unreachable"},
-		{"doctor not built", []string{"doctor", "--config=" + good}, exitUsage, "", "prism-cdc doctor: not available yet in this build"},
+		{"doctor database unreachable", []string{"doctor", "--config=" + good}, exitFail, "[PROBLEM] database eu: unreachable", ""},
 		{"status without http", []string{"status", "-config", good}, exitUsage, "", "has no http address"},
 		{"verify database unreachable", []string{"verify", "--config", good}, exitFail, "", "verify: connect region eu"},
 		{"logger from config", []string{"run", "--config", good}, exitFail, "", `"message":"configuration loaded"`},

@@ -1,0 +1,498 @@
+package doctor
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"regexp"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/prism-cdc/prism-cdc/internal/config"
+	"github.com/prism-cdc/prism-cdc/pkg/peers"
+)
+
+// RetainedWALWarn is the WAL a slot may retain before doctor warns.
+const RetainedWALWarn = 1 << 30
+
+// Options tune a doctor run. The zero value is the default.
+type Options struct {
+	// Timeout bounds each connection and probe (default 5s).
+	Timeout time.Duration
+	// ClientTLS is the peer client TLS configuration; nil builds it from
+	// the configuration's auth.tls files.
+	ClientTLS *tls.Config
+}
+
+// Run checks the node described by cfg and returns every finding. It does
+// not fail: a check that cannot be made is itself a finding.
+func Run(ctx context.Context, cfg *config.Config, opts Options) Report {
+	if opts.Timeout <= 0 {
+		opts.Timeout = 5 * time.Second
+	}
+	var r Report
+	d := &doctor{cfg: cfg, opts: opts, rep: &r}
+	localID := d.local(ctx)
+	d.fallbacks(ctx, localID)
+	d.peerNodes(ctx)
+	return r
+}
+
+type doctor struct {
+	cfg  *config.Config
+	opts Options
+	rep  *Report
+}
+
+func (d *doctor) connect(ctx context.Context, dsn string) (*pgx.Conn, error) {
+	cctx, cancel := context.WithTimeout(ctx, d.opts.Timeout)
+	defer cancel()
+	c, err := pgx.Connect(cctx, dsn)
+	if err != nil {
+		return nil, errors.New(config.RedactDSN(err.Error()))
+	}
+	return c, nil
+}
+
+// local checks this region's database and returns its system identifier
+// ("" when unknown).
+func (d *doctor) local(ctx context.Context) string {
+	cfg, r := d.cfg, d.rep
+	db := "database " + cfg.Region
+	conn, err := d.connect(ctx, cfg.Database)
+	if err != nil {
+		r.add(Problem, db, "unreachable: "+err.Error(),
+			"check the database key in "+cfg.Path+", that PostgreSQL runs and that pg_hba.conf admits this host and role")
+		return ""
+	}
+	defer conn.Close(context.Background())
+	r.ok(db, "reachable")
+
+	var s struct {
+		version                        int
+		walLevel, trackTS, role        string
+		maxSlots, maxSenders, usedSlot int
+		senders                        int
+		repl, super                    bool
+	}
+	err = conn.QueryRow(ctx, `SELECT current_setting('server_version_num')::int, current_setting('wal_level'),
+		current_setting('track_commit_timestamp'), current_user,
+		current_setting('max_replication_slots')::int, current_setting('max_wal_senders')::int,
+		(SELECT count(*) FROM pg_replication_slots WHERE slot_name <> $1)::int,
+		(SELECT count(*) FROM pg_stat_replication)::int,
+		r.rolreplication, r.rolsuper FROM pg_roles r WHERE r.rolname = current_user`, cfg.Slot).
+		Scan(&s.version, &s.walLevel, &s.trackTS, &s.role, &s.maxSlots, &s.maxSenders, &s.usedSlot, &s.senders, &s.repl, &s.super)
+	if err != nil {
+		r.add(Problem, db, "read settings: "+err.Error(), "")
+		return ""
+	}
+	switch {
+	case s.version < 140000:
+		r.add(Problem, db+": server version", fmt.Sprintf("PostgreSQL %d.%d is too old; prism-cdc needs 14 or later (tested on 15)", s.version/10000, s.version%10000), "upgrade PostgreSQL to 15 or later")
+	case s.version < 150000:
+		r.add(Warn, db+": server version", fmt.Sprintf("PostgreSQL %d; prism-cdc is tested on 15", s.version/10000), "upgrade PostgreSQL to 15 or later")
+	default:
+		r.ok(db+": server version", fmt.Sprintf("PostgreSQL %d.%d", s.version/10000, s.version%10000))
+	}
+	if s.walLevel != "logical" {
+		r.add(Problem, db+": wal_level", fmt.Sprintf("wal_level is %q; logical replication needs logical", s.walLevel),
+			"ALTER SYSTEM SET wal_level = logical;  -- then restart PostgreSQL")
+	} else {
+		r.ok(db+": wal_level", "logical")
+	}
+	if s.trackTS != "on" {
+		r.add(Warn, db+": track_commit_timestamp", "off: last_write_wins cannot compare the local commit time of a conflicting row (the incoming change wins)",
+			"ALTER SYSTEM SET track_commit_timestamp = on;  -- then restart PostgreSQL")
+	} else {
+		r.ok(db+": track_commit_timestamp", "on")
+	}
+	var slotExists, slotActive bool
+	var slotPlugin, walStatus string
+	var retained *int64
+	err = conn.QueryRow(ctx, `SELECT true, coalesce(plugin, ''), active, coalesce(wal_status, ''),
+		pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint
+		FROM pg_replication_slots WHERE slot_name = $1`, cfg.Slot).Scan(&slotExists, &slotPlugin, &slotActive, &walStatus, &retained)
+	if err != nil && !errors.Is(err, pgx.ErrNoRows) {
+		r.add(Warn, db+": slot "+cfg.Slot, "read slot: "+err.Error(), "")
+	}
+	if !slotExists && s.usedSlot >= s.maxSlots {
+		r.add(Problem, db+": max_replication_slots", fmt.Sprintf("all %d replication slots are taken by other consumers; slot %s cannot be created", s.maxSlots, cfg.Slot),
+			fmt.Sprintf("ALTER SYSTEM SET max_replication_slots = %d;  -- then restart PostgreSQL (or drop an unused slot: SELECT pg_drop_replication_slot('<name>'))", s.usedSlot+2))
+	} else {
+		r.ok(db+": max_replication_slots", fmt.Sprintf("%d, %d used by other consumers", s.maxSlots, s.usedSlot))
+	}
+	need := 1
+	if slotActive {
+		need = 0 // prism-cdc's own sender is already counted
+	}
+	if s.senders+need > s.maxSenders {
+		r.add(Problem, db+": max_wal_senders", fmt.Sprintf("all %d WAL senders are in use", s.maxSenders),
+			fmt.Sprintf("ALTER SYSTEM SET max_wal_senders = %d;  -- then restart PostgreSQL", s.senders+2))
+	} else {
+		r.ok(db+": max_wal_senders", fmt.Sprintf("%d, %d in use", s.maxSenders, s.senders))
+	}
+	if !s.repl && !s.super {
+		r.add(Problem, db+": role "+s.role, "has no REPLICATION privilege; it cannot stream the slot",
+			fmt.Sprintf("ALTER ROLE %s WITH REPLICATION;", qident(s.role)))
+	} else {
+		r.ok(db+": role "+s.role, "may replicate")
+	}
+	d.schemaPrivilege(ctx, conn, db, s.role)
+
+	var pubExists, allTables bool
+	err = conn.QueryRow(ctx, `SELECT true, puballtables FROM pg_publication WHERE pubname = $1`, cfg.Publication).Scan(&pubExists, &allTables)
+	if err != nil && !errors.Is(err, pgx.ErrNoRows) {
+		r.add(Warn, db+": publication "+cfg.Publication, "read publication: "+err.Error(), "")
+	}
+	switch {
+	case pubExists:
+		r.ok(db+": publication "+cfg.Publication, map[bool]string{true: "exists, FOR ALL TABLES", false: "exists, with a table list"}[allTables])
+	case s.super:
+		r.ok(db+": publication "+cfg.Publication, "does not exist yet; the node creates it FOR ALL TABLES at its first start")
+	default:
+		r.add(Problem, db+": publication "+cfg.Publication, "does not exist, and the role is not a superuser, which PostgreSQL 15 requires to create it FOR ALL TABLES",
+			fmt.Sprintf("CREATE PUBLICATION %s FOR ALL TABLES;  -- as a superuser", qident(cfg.Publication)))
+	}
+
+	switch {
+	case !slotExists:
+		r.ok(db+": slot "+cfg.Slot, "does not exist yet; the node creates it at its first start")
+	case slotPlugin != "pgoutput":
+		r.add(Problem, db+": slot "+cfg.Slot, fmt.Sprintf("uses plugin %q, not pgoutput", slotPlugin),
+			fmt.Sprintf("SELECT pg_drop_replication_slot('%s');  -- the node recreates it with pgoutput (changes since it was last read are not shipped)", cfg.Slot))
+	case walStatus == "lost":
+		r.add(Problem, db+": slot "+cfg.Slot, "wal_status is lost: WAL the slot needs was removed (max_slot_wal_keep_size); changes since were not shipped",
+			fmt.Sprintf("SELECT pg_drop_replication_slot('%s');  -- then resynchronise the regions (prism-cdc verify --repair) and restart the nodes", cfg.Slot))
+	default:
+		msg := fmt.Sprintf("wal_status %s, retains %s of WAL", orNone(walStatus), bytesText(retained))
+		if slotActive {
+			msg += ", streaming"
+		} else {
+			msg += ", not streaming (no node of the region reads it)"
+		}
+		switch {
+		case walStatus == "unreserved":
+			r.add(Warn, db+": slot "+cfg.Slot, msg+"; the WAL it needs is about to be removed", "start a node of region "+cfg.Region+" and make sure every peer region acknowledges (prism-cdc status)")
+		case retained != nil && *retained > RetainedWALWarn:
+			r.add(Warn, db+": slot "+cfg.Slot, msg+"; a region that does not acknowledge pins WAL on disk", "prism-cdc status --config "+cfg.Path+"  -- find the region that lags and bring it back")
+		default:
+			r.ok(db+": slot "+cfg.Slot, msg)
+		}
+	}
+
+	tables := d.tables(ctx, conn, db)
+	d.identities(ctx, conn, db, tables)
+	d.privileges(ctx, conn, db, s.role, tables)
+	d.sequences(ctx, conn, db)
+	d.sync(ctx, conn, db)
+	return d.systemID(ctx, conn, db)
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "none"
+	}
+	return s
+}
+
+func bytesText(n *int64) string {
+	if n == nil {
+		return "no"
+	}
+	v := float64(*n)
+	for _, u := range []string{"B", "KiB", "MiB", "GiB"} {
+		if v < 1024 || u == "GiB" {
+			if u == "B" {
+				return fmt.Sprintf("%d B", *n)
+			}
+			return fmt.Sprintf("%.1f %s", v, u)
+		}
+		v /= 1024
+	}
+	return ""
+}
+
+// schemaPrivilege checks the role can create or use schema prism.
+func (d *doctor) schemaPrivilege(ctx context.Context, conn *pgx.Conn, db, role string) {
+	var exists, usable, create bool
+	err := conn.QueryRow(ctx, `SELECT n.oid IS NOT NULL,
+		coalesce(has_schema_privilege(n.oid, 'USAGE,CREATE'), false),
+		has_database_privilege(current_database(), 'CREATE')
+		FROM (SELECT 1) x LEFT JOIN pg_namespace n ON n.nspname = 'prism'`).Scan(&exists, &usable, &create)
+	if err != nil {
+		d.rep.add(Warn, db+": schema prism", "read privileges: "+err.Error(), "")
+		return
+	}
+	ident := qident(role)
+	switch {
+	case exists && !usable:
+		d.rep.add(Problem, db+": schema prism", "exists but role "+role+" may not use it", "GRANT USAGE, CREATE ON SCHEMA prism TO "+ident+";")
+	case !exists && !create:
+		d.rep.add(Problem, db+": schema prism", "does not exist and role "+role+" may not create it", "GRANT CREATE ON DATABASE "+qident(d.dbName(ctx, conn))+" TO "+ident+";")
+	default:
+		d.rep.ok(db+": schema prism", "usable")
+	}
+}
+
+func (d *doctor) dbName(ctx context.Context, conn *pgx.Conn) string {
+	var name string
+	_ = conn.QueryRow(ctx, "SELECT current_database()").Scan(&name)
+	return name
+}
+
+// table is one replicated table.
+type table struct {
+	oid      uint32
+	name     string // schema.table, quoted as needed
+	identity byte   // relreplident
+	hasKey   bool   // primary key or replica identity index
+}
+
+// tables lists the replicated tables.
+func (d *doctor) tables(ctx context.Context, conn *pgx.Conn, db string) []table {
+	out, err := listTables(ctx, conn, d.cfg.Publication)
+	if err != nil {
+		d.rep.add(Warn, db+": tables", err.Error(), "")
+		return nil
+	}
+	if len(out) == 0 {
+		d.rep.add(Warn, db+": tables", "no table is replicated", "create the application's tables in every region (schema changes are not replicated)")
+	}
+	return out
+}
+
+// identities checks that every replicated table can be replicated:
+// without a key or replica identity the source refuses UPDATE and DELETE.
+func (d *doctor) identities(_ context.Context, _ *pgx.Conn, db string, tables []table) {
+	good := 0
+	for _, t := range tables {
+		check := db + ": table " + t.name
+		switch {
+		case t.identity == 'n':
+			d.rep.add(Problem, check, "REPLICA IDENTITY NOTHING: UPDATE and DELETE on it fail while it is published, and no region could find the row",
+				fmt.Sprintf("ALTER TABLE %s ADD PRIMARY KEY (<key columns>);  ALTER TABLE %s REPLICA IDENTITY DEFAULT;\n-- or, without a key: ALTER TABLE %s REPLICA IDENTITY FULL;", t.name, t.name, t.name))
+		case t.identity == 'd' && !t.hasKey:
+			d.rep.add(Problem, check, "has no primary key and no replica identity: UPDATE and DELETE on it fail while it is published",
+				fmt.Sprintf("ALTER TABLE %s ADD PRIMARY KEY (<key columns>);\n-- or, without a key: ALTER TABLE %s REPLICA IDENTITY FULL;", t.name, t.name))
+		case d.cfg.OnApplyError == config.Undo && t.identity != 'f':
+			d.rep.add(Warn, check, "on_apply_error is undo, which needs the whole old row: the table's replica identity is not FULL",
+				fmt.Sprintf("ALTER TABLE %s REPLICA IDENTITY FULL;", t.name))
+		default:
+			good++
+		}
+	}
+	if good > 0 {
+		d.rep.ok(db+": keys", fmt.Sprintf("%d replicated tables have a primary key or replica identity", good))
+	}
+}
+
+// privileges checks that the role may read and write every replicated
+// table (the applier writes other regions' changes into them).
+func (d *doctor) privileges(ctx context.Context, conn *pgx.Conn, db, role string, tables []table) {
+	good := 0
+	for _, t := range tables {
+		var missing []string
+		for _, p := range []string{"SELECT", "INSERT", "UPDATE", "DELETE"} {
+			var ok bool
+			if err := conn.QueryRow(ctx, "SELECT has_table_privilege($1::oid, $2)", t.oid, p).Scan(&ok); err != nil {
+				d.rep.add(Warn, db+": privileges on "+t.name, err.Error(), "")
+				missing = nil
+				break
+			}
+			if !ok {
+				missing = append(missing, p)
+			}
+		}
+		if len(missing) > 0 {
+			d.rep.add(Problem, db+": privileges on "+t.name, fmt.Sprintf("role %s lacks %s: changes from other regions cannot be applied", role, strings.Join(missing, ", ")),
+				fmt.Sprintf("GRANT %s ON %s TO %s;", strings.Join(missing, ", "), t.name, qident(role)))
+			continue
+		}
+		good++
+	}
+	if good > 0 {
+		d.rep.ok(db+": privileges", fmt.Sprintf("role %s may read and write %d replicated tables", role, good))
+	}
+}
+
+// sequences warns about sequences that would hand out the same values in
+// several regions.
+func (d *doctor) sequences(ctx context.Context, conn *pgx.Conn, db string) {
+	regions := Regions(d.cfg)
+	if len(regions) < 2 {
+		return
+	}
+	plan, err := planSequences(ctx, conn, d.cfg.Publication, regions, d.cfg.Region)
+	if err != nil {
+		d.rep.add(Warn, db+": sequences", "plan sequences: "+err.Error(), "")
+		return
+	}
+	bad := 0
+	for _, s := range plan.Sequences {
+		if s.SQL == "" && s.Skip == "" {
+			continue
+		}
+		bad++
+		if s.Skip != "" {
+			d.rep.add(Warn, db+": sequence "+s.Name, s.Skip, "use UUID keys for "+s.Table+"."+s.Column)
+			continue
+		}
+		d.rep.add(Warn, db+": sequence "+s.Name, fmt.Sprintf("feeds %s.%s with INCREMENT BY %d: keys generated in different regions collide", s.Table, s.Column, s.Increment),
+			s.SQL+"\n-- or for every sequence at once: prism-cdc sequences --config "+d.cfg.Path+" --apply (in every region)")
+	}
+	if bad == 0 && len(plan.Sequences) > 0 {
+		d.rep.ok(db+": sequences", fmt.Sprintf("%d sequences interleaved across %d regions", len(plan.Sequences), len(regions)))
+	}
+}
+
+// sync prints the synchronous_standby_names line the sync mode needs.
+func (d *doctor) sync(ctx context.Context, conn *pgx.Conn, db string) {
+	var names, commit string
+	if err := conn.QueryRow(ctx, "SELECT current_setting('synchronous_standby_names'), current_setting('synchronous_commit')").Scan(&names, &commit); err != nil {
+		d.rep.add(Warn, db+": sync", err.Error(), "")
+		return
+	}
+	app := "prism_" + d.cfg.Node
+	named := strings.Contains(names, app)
+	check := db + ": sync " + d.cfg.Sync.String()
+	if d.cfg.Sync.Mode == config.SyncOff || d.cfg.Sync.Mode == "" {
+		if named {
+			d.rep.add(Warn, check, fmt.Sprintf("sync is off but synchronous_standby_names = '%s' names %s: local commits wait for other regions", names, app),
+				"ALTER SYSTEM SET synchronous_standby_names = '';  SELECT pg_reload_conf();")
+			return
+		}
+		d.rep.ok(check, "commits do not wait for other regions")
+		return
+	}
+	// Only the node holding the slot streams, so one standby is waited
+	// for: the reader reports as flushed only what the regions the mode
+	// requires have acknowledged.
+	line := fmt.Sprintf("synchronous_standby_names = 'ANY 1 (%s)'", app)
+	fix := fmt.Sprintf("ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (%s)';  SELECT pg_reload_conf();\n-- list prism_<node> of every node of region %s, e.g. 'ANY 1 (%s, prism_<other node>)'; synchronous_commit must be on or remote_apply",
+		app, d.cfg.Region, app)
+	switch {
+	case !named:
+		d.rep.add(Warn, check, fmt.Sprintf("needs %s, but it is '%s': commits do not wait for other regions", line, names), fix)
+	case commit != "on" && commit != "remote_apply" && commit != "remote_write":
+		d.rep.add(Warn, check, fmt.Sprintf("synchronous_commit is %s: commits do not wait", commit), "ALTER SYSTEM SET synchronous_commit = on;  SELECT pg_reload_conf();")
+	default:
+		d.rep.ok(check, fmt.Sprintf("synchronous_standby_names = '%s'", names))
+	}
+}
+
+// systemID returns the cluster's system identifier, or "".
+func (d *doctor) systemID(ctx context.Context, conn *pgx.Conn, db string) string {
+	var id string
+	if err := conn.QueryRow(ctx, "SELECT system_identifier::text FROM pg_control_system()").Scan(&id); err != nil {
+		d.rep.add(Warn, db+": cluster", "cannot read the system identifier ("+err.Error()+"); make sure every region has its own PostgreSQL cluster",
+			"GRANT pg_monitor TO <role>;  -- lets doctor compare clusters")
+		return ""
+	}
+	return id
+}
+
+// fallbacks checks every peer region's fallback database and that it is
+// not the local cluster.
+func (d *doctor) fallbacks(ctx context.Context, localID string) {
+	for _, p := range d.cfg.Peers {
+		check := "fallback database " + p.Region
+		if p.Database == "" {
+			d.rep.add(Warn, check, "none configured: when every node of region "+p.Region+" is down, the region waits and the source retains WAL",
+				"set peers[].database for region "+p.Region+" in "+d.cfg.Path)
+			continue
+		}
+		conn, err := d.connect(ctx, p.Database)
+		if err != nil {
+			d.rep.add(Warn, check, "unreachable: "+err.Error()+" (the direct-SQL fallback cannot be used)",
+				"check peers[].database of region "+p.Region+" in "+d.cfg.Path+" and that this host may connect to it")
+			continue
+		}
+		id := d.systemID(ctx, conn, check)
+		conn.Close(context.Background())
+		if id != "" && id == localID {
+			d.rep.add(Problem, check, fmt.Sprintf("is in the same PostgreSQL cluster as region %s's database (system identifier %s): replication origins are cluster-wide, so the regions would share progress and skip each other's changes", d.cfg.Region, id),
+				"give region "+p.Region+" its own PostgreSQL cluster (initdb) and point peers[].database there")
+			continue
+		}
+		d.rep.ok(check, "reachable")
+	}
+}
+
+// peerNodes probes every node of every peer region.
+func (d *doctor) peerNodes(ctx context.Context) {
+	client := d.opts.ClientTLS
+	if client == nil && d.cfg.Auth.TLS.Enabled() {
+		var err error
+		_, client, err = peers.TLSConfigs(d.cfg.Auth.TLS.Cert, d.cfg.Auth.TLS.Key, d.cfg.Auth.TLS.CA)
+		if err != nil {
+			d.rep.add(Problem, "auth.tls", err.Error(), "fix the certificate files named in auth.tls of "+d.cfg.Path)
+			return
+		}
+	}
+	plaintext := d.cfg.Auth.Insecure || !d.cfg.Auth.TLS.Enabled()
+	for _, p := range d.cfg.Peers {
+		answered := 0
+		for _, n := range p.Nodes {
+			check := fmt.Sprintf("peer %s/%s (%s)", p.Region, n.Name, n.Addr)
+			res, err := peers.Probe(ctx, peers.ProbeConfig{
+				SourceRegion: d.cfg.Region, SourceNode: d.cfg.Node, TargetRegion: p.Region,
+				Addr: n.Addr, Token: d.cfg.Auth.Token, TLS: client, Insecure: plaintext, Timeout: d.opts.Timeout,
+			})
+			switch {
+			case errors.Is(err, peers.ErrRejected):
+				fix := "give every node the same auth.token (and auth.tls CA); check that region " + p.Region + "'s configs list region " + d.cfg.Region + " under peers"
+				d.rep.add(Problem, check, "refused our hello: "+reason(err), fix)
+			case errors.Is(err, peers.ErrUnreachable):
+				d.rep.add(Warn, check, "unreachable: "+reason(err)+"; shipping fails over to the region's next node or its fallback database",
+					"start prism-cdc run on node "+n.Name+", or fix its addr in "+d.cfg.Path+" and the firewall")
+			case err != nil:
+				d.rep.add(Problem, check, err.Error(), "fix the addr of node "+n.Name+" in "+d.cfg.Path)
+			default:
+				answered++
+				d.rep.ok(check, fmt.Sprintf("answers as %s/%s in %s, has applied %s up to %s", res.Region, res.Node, res.RTT.Round(time.Millisecond), d.cfg.Region, res.Progress))
+			}
+		}
+		if answered == 0 && len(p.Nodes) > 0 {
+			d.rep.add(Warn, "region "+p.Region, "no node answers; changes go through the fallback database or wait",
+				"start a prism-cdc node of region "+p.Region)
+		}
+	}
+}
+
+// reason returns the end of a probe error: what the node said or why it
+// could not be reached.
+func reason(err error) string {
+	msg := err.Error()
+	for _, sentinel := range []error{peers.ErrRejected, peers.ErrUnreachable} {
+		if i := strings.Index(msg, sentinel.Error()+": "); i >= 0 {
+			return msg[i+len(sentinel.Error())+2:]
+		}
+	}
+	return msg
+}
+
+var plainIdent = regexp.MustCompile(`^[a-z_][a-z0-9_]*$`)
+
+// qident quotes an SQL identifier when it needs quoting, as quote_ident
+// does (reserved words aside), so that fixes read naturally.
+func qident(s string) string {
+	if plainIdent.MatchString(s) {
+		return s
+	}
+	return pgx.Identifier{s}.Sanitize()
+}
+
+// Regions returns every region of the topology, sorted: the region index
+// of PlanSequences is a position in this list.
+func Regions(cfg *config.Config) []string {
+	rs := []string{cfg.Region}
+	for _, p := range cfg.Peers {
+		rs = append(rs, p.Region)
+	}
+	sort.Strings(rs)
+	return rs
+}

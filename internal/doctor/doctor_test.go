@@ -1,0 +1,196 @@
+package doctor
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/rs/zerolog"
+
+	"github.com/prism-cdc/prism-cdc/internal/config"
+	"github.com/prism-cdc/prism-cdc/internal/pgtest"
+	"github.com/prism-cdc/prism-cdc/pkg/apply"
+	"github.com/prism-cdc/prism-cdc/pkg/peers"
+)
+
+func testCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func mustExec(t *testing.T, c *pgtest.Cluster, sql string) {
+	t.Helper()
+	if err := c.Exec(context.Background(), "postgres", sql); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// loadConfig writes yaml to a file and loads it as the command would.
+func loadConfig(t *testing.T, yaml string) *config.Config {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "node.yaml")
+	if err := os.WriteFile(p, []byte(yaml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := config.Load(p)
+	if err != nil {
+		t.Fatalf("config.Load:\n%s\n%v", yaml, err)
+	}
+	return cfg
+}
+
+// serve runs a real peers.Server for region with token, applying into c,
+// and returns its address. It stops at the end of the test.
+func serve(t *testing.T, c *pgtest.Cluster, region, node, token string, accept ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	pool, err := pgxpool.New(ctx, c.DSN("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	app := apply.NewApplier(pool, zerolog.Nop(), apply.WithLocalRegion(region))
+	srv := peers.NewServer(peers.ServerConfig{Region: region, Node: node, Token: token, Insecure: true, AcceptRegions: accept}, app, zerolog.Nop())
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		srv.Serve(ctx, ln)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		wg.Wait()
+		pool.Close()
+	})
+	return ln.Addr().String()
+}
+
+// closedAddr returns an address nothing listens on.
+func closedAddr(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	return addr
+}
+
+func TestDoctor(t *testing.T) {
+	ctx := testCtx(t)
+	// eu is healthy; na has wal_level=replica, a table without a key and a
+	// role without REPLICATION or privileges on one table.
+	eu := pgtest.Start(t, pgtest.Options{Name: "doctor-eu"})
+	na := pgtest.Start(t, pgtest.Options{Name: "doctor-na", Settings: map[string]string{"wal_level": "replica", "track_commit_timestamp": "off"}})
+	mustExec(t, eu, `CREATE TABLE accounts (id int PRIMARY KEY, balance int);
+		CREATE TABLE orders (id bigserial PRIMARY KEY, note text)`)
+	mustExec(t, na, `CREATE TABLE accounts (id int PRIMARY KEY, balance int);
+		CREATE TABLE orders (id bigserial PRIMARY KEY, note text);
+		CREATE TABLE events (at timestamptz, what text);
+		CREATE ROLE app_ro LOGIN; GRANT pg_monitor TO app_ro;
+		GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, events TO app_ro;
+		GRANT SELECT ON orders TO app_ro`)
+
+	naNode := serve(t, na, "na", "na1", "right-token", "eu")
+	euNode := serve(t, eu, "eu", "eu2", "other-token", "na")
+	deadNode := closedAddr(t)
+
+	t.Run("healthy", func(t *testing.T) {
+		cfg := loadConfig(t, fmt.Sprintf(`node: eu1
+region: eu
+database: %q
+listen: "127.0.0.1:1"
+auth: {token: right-token}
+peers:
+  - region: na
+    nodes: [{name: na1, addr: %q}]
+    database: %q
+`, eu.DSN("postgres"), naNode, na.DSN("postgres")))
+		rep := Run(ctx, cfg, Options{})
+		var out strings.Builder
+		rep.Write(&out)
+		if rep.Blocking() {
+			t.Fatalf("Run(healthy) has problems:\n%s", &out)
+		}
+		for _, want := range []string{
+			"[ok]      database eu: wal_level: logical",
+			"[ok]      peer na/na1",
+			"answers as na/na1",
+			"[ok]      fallback database na: reachable",
+			"publication prism: does not exist yet",
+			// Two regions and bigserial keys: the sequence collides.
+			"[warn]    database eu: sequence public.orders_id_seq: feeds public.orders.id with INCREMENT BY 1",
+			"fix: ALTER SEQUENCE public.orders_id_seq INCREMENT BY 2 RESTART WITH 2;",
+			"[ok]      database eu: sync off",
+		} {
+			if !strings.Contains(out.String(), want) {
+				t.Errorf("Run(healthy) output lacks %q:\n%s", want, &out)
+			}
+		}
+	})
+
+	t.Run("broken", func(t *testing.T) {
+		cfg := loadConfig(t, fmt.Sprintf(`node: na1
+region: na
+database: %q
+listen: "127.0.0.1:1"
+auth: {token: right-token}
+sync: all
+peers:
+  - region: eu
+    nodes: [{name: eu1, addr: %q}, {name: eu2, addr: %q}]
+    database: %q
+`, strings.Replace(na.DSN("postgres"), "user=postgres", "user=app_ro", 1), deadNode, euNode, na.DSN("postgres")))
+		rep := Run(ctx, cfg, Options{Timeout: 2 * time.Second})
+		var out strings.Builder
+		rep.Write(&out)
+		if !rep.Blocking() {
+			t.Fatalf("Run(broken) reports nothing blocking:\n%s", &out)
+		}
+		tests := []struct {
+			check    string
+			severity Severity
+			message  string
+			fix      string
+		}{
+			{"database na: wal_level", Problem, `wal_level is "replica"`, "ALTER SYSTEM SET wal_level = logical;"},
+			{"database na: track_commit_timestamp", Warn, "off", "ALTER SYSTEM SET track_commit_timestamp = on;"},
+			{"database na: role app_ro", Problem, "no REPLICATION", "ALTER ROLE app_ro WITH REPLICATION;"},
+			{"database na: publication prism", Problem, "not a superuser", "CREATE PUBLICATION prism FOR ALL TABLES;"},
+			{"database na: table public.events", Problem, "no primary key", "ALTER TABLE public.events REPLICA IDENTITY FULL;"},
+			{"database na: privileges on public.orders", Problem, "lacks INSERT, UPDATE, DELETE", "GRANT INSERT, UPDATE, DELETE ON public.orders TO app_ro;"},
+			{"database na: sync all", Warn, "synchronous_standby_names = 'ANY 1 (prism_na1)'", "ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (prism_na1)';"},
+			{"peer eu/eu1", Warn, "unreachable", "start prism-cdc run on node eu1"},
+			{"peer eu/eu2", Problem, "refused our hello: wrong token", "same auth.token"},
+			{"fallback database eu", Problem, "same PostgreSQL cluster", "its own PostgreSQL cluster"},
+		}
+		for _, tc := range tests {
+			fs := rep.Find(tc.check)
+			if len(fs) != 1 {
+				t.Errorf("Find(%q) = %d findings, want 1:\n%s", tc.check, len(fs), &out)
+				continue
+			}
+			f := fs[0]
+			if f.Severity != tc.severity || !strings.Contains(f.Message, tc.message) || !strings.Contains(f.Fix, tc.fix) {
+				t.Errorf("finding %q = %s %q fix %q, want %s with %q and fix %q", tc.check, f.Severity, f.Message, f.Fix, tc.severity, tc.message, tc.fix)
+			}
+		}
+		if fs := rep.Find("table public.accounts"); len(fs) != 0 {
+			t.Errorf("a table with a primary key is reported: %+v", fs)
+		}
+		if strings.Contains(out.String(), "right-token") || strings.Contains(out.String(), "other-token") {
+			t.Errorf("the report shows a token:\n%s", &out)
+		}
+	})
+}
