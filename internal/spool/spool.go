@@ -1,0 +1,617 @@
+package spool
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/rs/zerolog"
+
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
+	"github.com/prism-cdc/prism-cdc/pkg/peers"
+)
+
+// ErrCorrupt reports a record that fails its checksum or length check
+// where a crash cannot have left it.
+var ErrCorrupt = errors.New("spool corrupt")
+
+const (
+	headerSize = 8
+	// SegmentSize is the size at which a new segment is started.
+	SegmentSize = 64 << 20
+	// maxRecord bounds one record, as the peer protocol bounds a frame.
+	maxRecord = peers.DefaultMaxFrame
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+type segment struct {
+	name     string
+	firstEnd pglogrepl.LSN // end LSN of its first record (from the name)
+	size     int64         // bytes durable (flushed and fsynced)
+}
+
+// Spool is an open spool directory. Its methods are safe for concurrent
+// use: one goroutine appends, any number read.
+type Spool struct {
+	dir      string
+	maxBytes int64
+	segSize  int64
+	log      zerolog.Logger
+	lock     *os.File
+
+	mu       sync.Mutex
+	segs     []*segment
+	w        *os.File // active (last) segment, nil before the first append
+	bw       *bufio.Writer
+	written  int64 // bytes written to the active segment, durable or not
+	lastEnd  pglogrepl.LSN
+	pending  pglogrepl.LSN // last appended, not yet durable
+	durable  pglogrepl.LSN
+	total    int64 // durable bytes in all segments
+	cursors  map[string]pglogrepl.LSN
+	changed  chan struct{} // closed and replaced when something becomes durable or space frees
+	full     bool
+	closed   bool
+	flushErr error
+
+	stopFlusher chan struct{}
+	flusherDone chan struct{}
+}
+
+// Open opens (creating it when missing) the spool in dir for the given peer
+// regions. maxBytes bounds its size: Append blocks while it is full.
+func Open(dir string, maxBytes int64, regions []string, log zerolog.Logger) (*Spool, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("spool %s: %w", dir, err)
+	}
+	lock, err := os.OpenFile(filepath.Join(dir, "LOCK"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("spool %s: %w", dir, err)
+	}
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("spool %s is in use by another process (only the node that reads the region's slot writes it): %w", dir, err)
+	}
+	s := &Spool{
+		dir: dir, maxBytes: maxBytes, segSize: SegmentSize, log: log, lock: lock,
+		cursors: map[string]pglogrepl.LSN{}, changed: make(chan struct{}),
+		stopFlusher: make(chan struct{}), flusherDone: make(chan struct{}),
+	}
+	if err := s.load(regions); err != nil {
+		lock.Close()
+		return nil, err
+	}
+	go s.flusher()
+	return s, nil
+}
+
+func segName(firstEnd pglogrepl.LSN) string { return fmt.Sprintf("seg-%016X.log", uint64(firstEnd)) }
+
+func (s *Spool) load(regions []string) error {
+	for _, r := range regions {
+		b, err := os.ReadFile(filepath.Join(s.dir, "cursor-"+r))
+		switch {
+		case errors.Is(err, os.ErrNotExist):
+			s.cursors[r] = 0
+		case err != nil:
+			return fmt.Errorf("spool cursor %s: %w", r, err)
+		default:
+			v, err := strconv.ParseUint(strings.TrimSpace(string(b)), 16, 64)
+			if err != nil {
+				return fmt.Errorf("spool cursor %s: %q: %w: %v", r, b, ErrCorrupt, err)
+			}
+			s.cursors[r] = pglogrepl.LSN(v)
+		}
+	}
+	names, err := filepath.Glob(filepath.Join(s.dir, "seg-*.log"))
+	if err != nil {
+		return err
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		base := filepath.Base(n)
+		v, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(base, "seg-"), ".log"), 16, 64)
+		if err != nil {
+			return fmt.Errorf("spool segment %s: bad name: %w", base, ErrCorrupt)
+		}
+		fi, err := os.Stat(n)
+		if err != nil {
+			return err
+		}
+		s.segs = append(s.segs, &segment{name: base, firstEnd: pglogrepl.LSN(v), size: fi.Size()})
+		s.total += fi.Size()
+	}
+	if len(s.segs) == 0 {
+		return nil
+	}
+	// Scan the last segment: find its last end LSN and cut a torn tail.
+	last := s.segs[len(s.segs)-1]
+	path := filepath.Join(s.dir, last.name)
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	good, lastEnd, err := scan(f, last.size)
+	if err != nil {
+		f.Close()
+		return fmt.Errorf("spool segment %s: %w", last.name, err)
+	}
+	if good < last.size {
+		s.log.Warn().Str("segment", last.name).Int64("bytes", last.size-good).
+			Msg("spool: truncated a torn record at the tail (a crash while writing); it is read again from the slot")
+		if err := f.Truncate(good); err != nil {
+			f.Close()
+			return err
+		}
+		if err := f.Sync(); err != nil {
+			f.Close()
+			return err
+		}
+		s.total -= last.size - good
+		last.size = good
+	}
+	f.Close()
+	if lastEnd == 0 && len(s.segs) > 1 {
+		// An empty last segment: the previous one holds the last record.
+		prev := s.segs[len(s.segs)-2]
+		pf, err := os.Open(filepath.Join(s.dir, prev.name))
+		if err != nil {
+			return err
+		}
+		_, lastEnd, err = scan(pf, prev.size)
+		pf.Close()
+		if err != nil {
+			return fmt.Errorf("spool segment %s: %w", prev.name, err)
+		}
+	}
+	s.lastEnd, s.durable, s.pending = lastEnd, lastEnd, lastEnd
+	return nil
+}
+
+// scan reads records from f up to size. It returns the offset after the
+// last good record and that record's end LSN. A bad record followed only
+// by garbage up to the end is a torn tail (good < size, no error); a bad
+// record followed by a good one is corruption.
+func scan(f *os.File, size int64) (good int64, lastEnd pglogrepl.LSN, err error) {
+	var off int64
+	for off < size {
+		txn, n, rerr := readRecord(f, off, size)
+		if rerr != nil {
+			if tailOnlyGarbage(f, off, size) {
+				return off, lastEnd, nil
+			}
+			return off, lastEnd, fmt.Errorf("record at offset %d: %w", off, rerr)
+		}
+		lastEnd = txn.EndLSN
+		off += n
+	}
+	return off, lastEnd, nil
+}
+
+// tailOnlyGarbage reports whether no valid record starts anywhere after
+// off: then the bad bytes are a write cut short by a crash.
+func tailOnlyGarbage(f *os.File, off, size int64) bool {
+	tail := make([]byte, size-off)
+	if _, err := f.ReadAt(tail, off); err != nil {
+		return false
+	}
+	r := bytes.NewReader(tail)
+	for p := int64(1); p+headerSize <= int64(len(tail)); p++ {
+		n := int64(binary.BigEndian.Uint32(tail[p : p+4]))
+		if n == 0 || n > int64(len(tail))-p-headerSize {
+			continue
+		}
+		if _, _, err := readRecord(r, p, int64(len(tail))); err == nil {
+			return false
+		}
+	}
+	return true
+}
+
+// readRecord reads the record at off and returns it and its size.
+func readRecord(r io.ReaderAt, off, limit int64) (*decode.Txn, int64, error) {
+	var hdr [headerSize]byte
+	if limit-off < headerSize {
+		return nil, 0, fmt.Errorf("%w: short header", ErrCorrupt)
+	}
+	if _, err := r.ReadAt(hdr[:], off); err != nil {
+		return nil, 0, fmt.Errorf("%w: read header: %v", ErrCorrupt, err)
+	}
+	n := int64(binary.BigEndian.Uint32(hdr[0:4]))
+	sum := binary.BigEndian.Uint32(hdr[4:8])
+	if n == 0 || n > maxRecord || n > limit-off-headerSize {
+		return nil, 0, fmt.Errorf("%w: record length %d", ErrCorrupt, n)
+	}
+	body := make([]byte, n)
+	if _, err := r.ReadAt(body, off+headerSize); err != nil {
+		return nil, 0, fmt.Errorf("%w: read record: %v", ErrCorrupt, err)
+	}
+	if crc32.Checksum(body, castagnoli) != sum {
+		return nil, 0, fmt.Errorf("%w: checksum mismatch", ErrCorrupt)
+	}
+	txn, err := peers.UnmarshalTxn(body)
+	if err != nil {
+		return nil, 0, fmt.Errorf("%w: %v", ErrCorrupt, err)
+	}
+	return txn, headerSize + n, nil
+}
+
+// Append adds txn to the spool. A transaction at or below the last one
+// appended (a resend after a reconnect) is ignored. Append blocks while the
+// spool is full, until space frees or ctx ends. The transaction becomes
+// durable at the next flush (see Durable).
+func (s *Spool) Append(ctx context.Context, txn *decode.Txn) error {
+	body, err := peers.MarshalTxn(make([]byte, 0, txn.Size()), txn)
+	if err != nil {
+		return fmt.Errorf("spool append %s: %w", txn.EndLSN, err)
+	}
+	if len(body) > maxRecord {
+		return fmt.Errorf("spool append %s: transaction of %d bytes exceeds the %d byte record limit", txn.EndLSN, len(body), maxRecord)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for {
+		if s.closed {
+			return errors.New("spool closed")
+		}
+		if s.flushErr != nil {
+			return s.flushErr
+		}
+		if txn.EndLSN <= s.lastEnd {
+			return nil
+		}
+		if s.maxBytes <= 0 || s.total+s.written-s.activeDurable()+int64(len(body)) <= s.maxBytes || s.total == 0 {
+			break
+		}
+		if !s.full {
+			s.full = true
+			s.log.Warn().Int64("max_bytes", s.maxBytes).Msg("spool full: stopped reading the slot until a region acknowledges more (the slot keeps the rest)")
+		}
+		ch := s.changed
+		s.mu.Unlock()
+		select {
+		case <-ctx.Done():
+			s.mu.Lock()
+			return ctx.Err()
+		case <-ch:
+		}
+		s.mu.Lock()
+	}
+	if s.full {
+		s.full = false
+		s.log.Info().Msg("spool has room again")
+	}
+	if s.w == nil || s.written >= s.segSize {
+		if err := s.rollLocked(txn.EndLSN); err != nil {
+			return err
+		}
+	}
+	var hdr [headerSize]byte
+	binary.BigEndian.PutUint32(hdr[0:4], uint32(len(body)))
+	binary.BigEndian.PutUint32(hdr[4:8], crc32.Checksum(body, castagnoli))
+	if _, err := s.bw.Write(hdr[:]); err != nil {
+		return s.failLocked(err)
+	}
+	if _, err := s.bw.Write(body); err != nil {
+		return s.failLocked(err)
+	}
+	s.written += int64(headerSize + len(body))
+	s.lastEnd = txn.EndLSN
+	s.pending = txn.EndLSN
+	return nil
+}
+
+func (s *Spool) activeDurable() int64 {
+	if len(s.segs) == 0 || s.w == nil {
+		return 0
+	}
+	return s.segs[len(s.segs)-1].size
+}
+
+func (s *Spool) failLocked(err error) error {
+	s.flushErr = fmt.Errorf("spool write: %w", err)
+	return s.flushErr
+}
+
+// rollLocked starts a new segment whose first record ends at firstEnd.
+func (s *Spool) rollLocked(firstEnd pglogrepl.LSN) error {
+	if s.w != nil {
+		if err := s.flushLocked(); err != nil {
+			return err
+		}
+		s.w.Close()
+		s.w = nil
+	}
+	name := segName(firstEnd)
+	if n := len(s.segs); n > 0 && s.segs[n-1].name == name {
+		// An empty segment left by a crash before its first record was
+		// durable: start it again.
+		s.segs = s.segs[:n-1]
+	}
+	f, err := os.OpenFile(filepath.Join(s.dir, name), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return s.failLocked(err)
+	}
+	if d, err := os.Open(s.dir); err == nil {
+		d.Sync()
+		d.Close()
+	}
+	s.w, s.bw, s.written = f, bufio.NewWriterSize(f, 1<<20), 0
+	s.segs = append(s.segs, &segment{name: name, firstEnd: firstEnd})
+	return nil
+}
+
+// flushLocked writes buffered records and fsyncs them; then they are
+// durable and readers may see them.
+func (s *Spool) flushLocked() error {
+	if s.w == nil || s.pending == s.durable && s.bw.Buffered() == 0 {
+		return nil
+	}
+	if err := s.bw.Flush(); err != nil {
+		return s.failLocked(err)
+	}
+	if err := s.w.Sync(); err != nil {
+		return s.failLocked(err)
+	}
+	seg := s.segs[len(s.segs)-1]
+	s.total += s.written - seg.size
+	seg.size = s.written
+	s.durable = s.pending
+	s.broadcastLocked()
+	return nil
+}
+
+func (s *Spool) broadcastLocked() {
+	close(s.changed)
+	s.changed = make(chan struct{})
+}
+
+// flusher makes appends durable in batches: every few milliseconds it
+// flushes and fsyncs what was appended since.
+func (s *Spool) flusher() {
+	defer close(s.flusherDone)
+	t := time.NewTicker(5 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stopFlusher:
+			return
+		case <-t.C:
+			s.mu.Lock()
+			if s.pending != s.durable {
+				if err := s.flushLocked(); err != nil {
+					s.log.Error().Err(err).Msg("spool flush failed; the slot stops advancing")
+				}
+			}
+			s.mu.Unlock()
+		}
+	}
+}
+
+// Durable is the end LSN of the last durable transaction: the slot may be
+// confirmed up to it (unless synchronous mode asks for more).
+func (s *Spool) Durable() pglogrepl.LSN {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.durable
+}
+
+// Cursor is region's persisted acknowledged position.
+func (s *Spool) Cursor(region string) pglogrepl.LSN {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.cursors[region]
+}
+
+// SetCursor persists region's acknowledged position (a lower one is
+// ignored) and deletes segments every region has acknowledged.
+func (s *Spool) SetCursor(region string, lsn pglogrepl.LSN) error {
+	s.mu.Lock()
+	if lsn <= s.cursors[region] {
+		s.mu.Unlock()
+		return nil
+	}
+	s.mu.Unlock()
+	path := filepath.Join(s.dir, "cursor-"+region)
+	tmp := path + ".tmp"
+	if err := writeSync(tmp, []byte(fmt.Sprintf("%016X\n", uint64(lsn)))); err != nil {
+		return fmt.Errorf("spool cursor %s: %w", region, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("spool cursor %s: %w", region, err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if lsn > s.cursors[region] {
+		s.cursors[region] = lsn
+	}
+	return s.gcLocked()
+}
+
+func writeSync(path string, b []byte) error {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+// gcLocked deletes segments whose every record every region acknowledged:
+// segment i qualifies when the first record of segment i+1 is acknowledged.
+func (s *Spool) gcLocked() error {
+	minCursor := pglogrepl.LSN(1<<64 - 1)
+	for _, c := range s.cursors {
+		minCursor = min(minCursor, c)
+	}
+	freed := false
+	for len(s.segs) > 1 && s.segs[1].firstEnd <= minCursor {
+		seg := s.segs[0]
+		if err := os.Remove(filepath.Join(s.dir, seg.name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("spool remove %s: %w", seg.name, err)
+		}
+		s.total -= seg.size
+		s.segs = s.segs[1:]
+		freed = true
+	}
+	if freed {
+		s.broadcastLocked()
+	}
+	return nil
+}
+
+// Bytes is the spool's durable size.
+func (s *Spool) Bytes() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.total
+}
+
+// Close flushes and closes the spool.
+func (s *Spool) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	err := s.flushLocked()
+	if s.w != nil {
+		s.w.Close()
+	}
+	s.broadcastLocked()
+	s.mu.Unlock()
+	close(s.stopFlusher)
+	<-s.flusherDone
+	s.lock.Close()
+	return err
+}
+
+// Reader reads the spool's durable transactions in order, following new
+// appends.
+type Reader struct {
+	s     *Spool
+	after pglogrepl.LSN // return records with EndLSN above this
+	seg   string
+	off   int64
+	f     *os.File
+}
+
+// NewReader returns a reader of the transactions with end LSN above after.
+func (s *Spool) NewReader(after pglogrepl.LSN) *Reader {
+	return &Reader{s: s, after: after}
+}
+
+// Next returns the next durable transaction, waiting for one when the
+// reader is at the end.
+func (r *Reader) Next(ctx context.Context) (*decode.Txn, error) {
+	for {
+		txn, wait, err := r.step()
+		if err != nil {
+			return nil, err
+		}
+		if txn != nil {
+			if txn.EndLSN <= r.after {
+				continue
+			}
+			r.after = txn.EndLSN
+			return txn, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-wait:
+		}
+	}
+}
+
+// step reads one record, or returns a channel to wait on.
+func (r *Reader) step() (*decode.Txn, <-chan struct{}, error) {
+	s := r.s
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil, nil, errors.New("spool closed")
+	}
+	idx := -1
+	for i, seg := range s.segs {
+		if seg.name == r.seg {
+			idx = i
+		}
+	}
+	if idx < 0 {
+		// Start, or our segment was deleted: pick the last segment whose
+		// first record is at or below the position.
+		r.closeFile()
+		idx = -1
+		for i, seg := range s.segs {
+			if i == 0 || seg.firstEnd <= r.after+1 {
+				idx = i
+			}
+		}
+		if idx < 0 {
+			wait := s.changed
+			s.mu.Unlock()
+			return nil, wait, nil
+		}
+		r.seg, r.off = s.segs[idx].name, 0
+	}
+	size := s.segs[idx].size
+	if r.off >= size {
+		if idx+1 < len(s.segs) && s.segs[idx+1].size > 0 {
+			r.closeFile()
+			r.seg, r.off = s.segs[idx+1].name, 0
+			s.mu.Unlock()
+			return r.step()
+		}
+		wait := s.changed
+		s.mu.Unlock()
+		return nil, wait, nil
+	}
+	s.mu.Unlock()
+	if r.f == nil {
+		f, err := os.Open(filepath.Join(s.dir, r.seg))
+		if err != nil {
+			return nil, nil, fmt.Errorf("spool read %s: %w", r.seg, err)
+		}
+		r.f = f
+	}
+	txn, n, err := readRecord(r.f, r.off, size)
+	if err != nil {
+		return nil, nil, fmt.Errorf("spool read %s at offset %d: %w", r.seg, r.off, err)
+	}
+	r.off += n
+	return txn, nil, nil
+}
+
+func (r *Reader) closeFile() {
+	if r.f != nil {
+		r.f.Close()
+		r.f = nil
+	}
+}
+
+// Close releases the reader's file.
+func (r *Reader) Close() { r.closeFile() }
