@@ -127,8 +127,8 @@ func (a *Applier) policy(rel *decode.Relation) Policy {
 	return a.defPolicy
 }
 
-// Setup creates schema prism, table prism.conflicts and the conflict
-// functions. It is idempotent; Apply calls it once lazily.
+// Setup creates schema prism, tables prism.conflicts, prism.dead_letters
+// and prism.undo_log, and the conflict functions. It is idempotent; Apply calls it once lazily.
 func (a *Applier) Setup(ctx context.Context) error {
 	conn, err := a.pool.Acquire(ctx)
 	if err != nil {
@@ -142,7 +142,7 @@ func (a *Applier) Setup(ctx context.Context) error {
 	if track != "on" {
 		return fmt.Errorf("apply setup: %w", permanent("55000", "track_commit_timestamp is off in the target database; set track_commit_timestamp = on and restart PostgreSQL"))
 	}
-	if _, err := conn.Conn().PgConn().Exec(ctx, setupSQL).ReadAll(); err != nil {
+	if _, err := conn.Conn().PgConn().Exec(ctx, setupSQL+policySetupSQL).ReadAll(); err != nil {
 		return fmt.Errorf("apply setup: %w", err)
 	}
 	a.mu.Lock()
@@ -270,7 +270,7 @@ func (s *session) hold(ctx context.Context, source string) (pglogrepl.LSN, error
 	pc := s.conn.Conn().PgConn()
 	for attempt := 0; ; attempt++ {
 		b := &pgconn.Batch{}
-		b.ExecParams(`SELECT set_config('application_name', $1, false), set_config('synchronous_commit', 'on', false),
+		b.ExecParams(`SELECT set_config('application_name', $1, false), set_config('synchronous_commit', 'local', false),
 			set_config('idle_in_transaction_session_timeout', '10s', false)`,
 			[][]byte{[]byte(s.a.appName + "_" + source)}, nil, nil, nil)
 		b.ExecParams("SELECT pg_replication_origin_session_setup($1)", [][]byte{[]byte(s.origin)}, nil, nil, nil)
