@@ -19,14 +19,17 @@ demo:
 vet:
 	$(GO) vet ./...
 
-## test: vet, then run every test with the race detector (starts throwaway PostgreSQL clusters)
+## test: vet, run every test with the race detector (starts throwaway PostgreSQL clusters), then fuzz-short
 test:
 	$(GO) vet ./... && $(GO) test -race -count=1 ./...
+	$(MAKE) fuzz-short FUZZTIME=10s
 
 ## fuzz-short: run each fuzz target for FUZZTIME (default 10s)
 fuzz-short:
 	$(GO) test -run='^$$' -fuzz='^FuzzParseSize$$' -fuzztime=$(FUZZTIME) ./internal/config
 	$(GO) test -run='^$$' -fuzz='^FuzzParse$$' -fuzztime=$(FUZZTIME) ./internal/config
+	$(GO) test -run='^$$' -fuzz='^FuzzAssembler$$' -fuzztime=$(FUZZTIME) ./pkg/decode
+	$(GO) test -run='^$$' -fuzz='^FuzzDecodeFrame$$' -fuzztime=$(FUZZTIME) ./pkg/peers
 
 ## clean: remove build output
 clean:
