@@ -34,6 +34,8 @@ const (
 	frameAck       byte = 'A'
 	frameNack      byte = 'N'
 	frameHeartbeat byte = 'B'
+	frameUndo      byte = 'U' // receiver to shipper: revert a transaction at the source
+	frameUndone    byte = 'D' // shipper to receiver: the outcome of an undo
 )
 
 // helloProbe marks a Hello that only checks health: the receiver answers
@@ -149,6 +151,18 @@ func appendFrame(b []byte, f any) ([]byte, error) {
 		if err := encodeTxn(&e, f.Txn); err != nil {
 			return b, err
 		}
+	case *undoFrame:
+		e.u8(frameUndo)
+		if err := encodeTxn(&e, f.Txn); err != nil {
+			return b, err
+		}
+		e.str(f.SQLState)
+		e.str(f.Message)
+	case *undoneFrame:
+		e.u8(frameUndone)
+		e.u64(uint64(f.LSN))
+		e.str(f.Status)
+		e.str(f.Note)
 	default:
 		return b, fmt.Errorf("encode frame: unknown frame %T", f)
 	}
@@ -417,6 +431,10 @@ func decodeFrame(p []byte) (any, error) {
 		f = &heartbeat{}
 	case frameTxn:
 		f = &txnFrame{Txn: decodeTxn(d)}
+	case frameUndo:
+		f = &undoFrame{Txn: decodeTxn(d), SQLState: d.str("sqlstate"), Message: d.str("message")}
+	case frameUndone:
+		f = &undoneFrame{LSN: pglogrepl.LSN(d.u64("lsn")), Status: d.str("status"), Note: d.str("note")}
 	default:
 		return nil, fmt.Errorf("%w: unknown type %#x", errFrame, p[0])
 	}

@@ -50,6 +50,9 @@ type ServerConfig struct {
 	// FenceTimeout bounds fencing a previous holder of the origin when a
 	// source connects (default 5s).
 	FenceTimeout time.Duration
+	// Errors carries out the apply error policy for transactions that
+	// fail permanently; nil halts on every such failure.
+	Errors ErrorHandler
 }
 
 func (c *ServerConfig) setDefaults() {
@@ -231,6 +234,10 @@ func (s *Server) handle(ctx context.Context, nc net.Conn) {
 		return
 	}
 	log.Info().Stringer("progress", progress).Msg("peer connected")
+	if err := s.resendUndos(sctx, fc, h.Region, log); err != nil {
+		log.Warn().Err(err).Msg("send pending undo requests")
+		return
+	}
 	err = s.stream(sctx, fc, h.Region, log)
 	log.Info().AnErr("reason", err).Msg("peer disconnected")
 }
@@ -319,6 +326,8 @@ func (s *Server) stream(ctx context.Context, fc *frameConn, region string, log z
 			}
 			switch f := f.(type) {
 			case *heartbeat:
+			case *undoneFrame:
+				s.undone(ctx, region, f, log)
 			case *txnFrame:
 				if f.Txn.Origin != region {
 					cancel(fmt.Errorf("%w: txn of origin %q on a stream of %q", errFrame, f.Txn.Origin, region))
@@ -371,41 +380,109 @@ func (s *Server) stream(ctx context.Context, fc *frameConn, region string, log z
 				break more
 			}
 		}
-		var n int
-		var err error
-		if batcher != nil && len(batch) > 1 {
-			n, err = batcher.ApplyBatch(ctx, batch)
-			n = max(0, min(n, len(batch)))
-		} else if err = s.app.Apply(ctx, batch[0]); err == nil {
-			n = 1
-		}
-		if err == nil {
-			n = len(batch)
-		}
-		var frames []any
-		if n > 0 {
-			frames = append(frames, &ack{LSN: batch[n-1].EndLSN})
-		}
-		if err != nil {
-			if ctx.Err() != nil {
-				return context.Cause(ctx)
+		for len(batch) > 0 && !halted {
+			var n int
+			var err error
+			if batcher != nil && len(batch) > 1 {
+				n, err = batcher.ApplyBatch(ctx, batch)
+				n = max(0, min(n, len(batch)))
+			} else if err = s.app.Apply(ctx, batch[0]); err == nil {
+				n = 1
 			}
-			failed := batch[min(n, len(batch)-1)]
-			state, retryable := classify(err)
-			ev := log.Warn()
-			if !retryable {
-				ev = log.Error()
+			if err == nil {
+				n = len(batch)
 			}
-			ev.Err(err).Stringer("lsn", failed.EndLSN).Str("sqlstate", state).Bool("retryable", retryable).Msg("apply failed; stream stopped")
-			frames = append(frames, &nack{LSN: failed.EndLSN, SQLState: state, Message: err.Error(), Retryable: retryable})
-			halted = true
-		}
-		if len(frames) > 0 {
-			if werr := fc.write(s.cfg.IdleTimeout, frames...); werr != nil {
-				cancel(fmt.Errorf("write ack: %w", werr))
-				return context.Cause(ctx)
+			var frames []any
+			if n > 0 {
+				frames = append(frames, &ack{LSN: batch[n-1].EndLSN})
 			}
+			rest := batch[:0]
+			if err != nil {
+				if ctx.Err() != nil {
+					return context.Cause(ctx)
+				}
+				failed := batch[min(n, len(batch)-1)]
+				if act, ok := s.resolve(ctx, failed, err, log); ok {
+					// Parked durably: acknowledge it and go on with the rest.
+					frames = append(frames, &ack{LSN: failed.EndLSN})
+					if act == ActionUndo {
+						state, _ := classify(err)
+						frames = append(frames, &undoFrame{Txn: failed, SQLState: state, Message: describeFailure(failed, err)})
+					}
+					rest = batch[min(n+1, len(batch)):]
+				} else {
+					state, retryable := classify(err)
+					ev := log.Warn()
+					if !retryable {
+						ev = log.Error()
+					}
+					msg := describeFailure(failed, err)
+					ev.Str("error", msg).Stringer("lsn", failed.EndLSN).Uint32("xid", failed.Xid).Str("sqlstate", state).
+						Bool("retryable", retryable).Msg("apply failed; stream stopped")
+					frames = append(frames, &nack{LSN: failed.EndLSN, SQLState: state, Message: msg, Retryable: retryable})
+					halted = true
+				}
+			}
+			if len(frames) > 0 {
+				if werr := fc.write(s.cfg.IdleTimeout, frames...); werr != nil {
+					cancel(fmt.Errorf("write ack: %w", werr))
+					return context.Cause(ctx)
+				}
+			}
+			batch = rest
 		}
 	}
 	return context.Cause(ctx)
+}
+
+// resolve applies the error policy to a transaction that failed with err.
+// It reports true when the transaction is parked durably (and must be
+// acknowledged), false when the stream halts at it.
+func (s *Server) resolve(ctx context.Context, txn *decode.Txn, err error, log zerolog.Logger) (Action, bool) {
+	if _, retryable := classify(err); retryable || s.cfg.Errors == nil {
+		return ActionHalt, false
+	}
+	act, herr := s.cfg.Errors.Handle(ctx, s.app, txn, err)
+	if herr != nil {
+		log.Warn().Err(herr).Stringer("lsn", txn.EndLSN).Msg("apply error policy failed; halting at the transaction")
+		return ActionHalt, false
+	}
+	if act == ActionHalt {
+		return act, false
+	}
+	log.Warn().Str("error", describeFailure(txn, err)).Stringer("lsn", txn.EndLSN).Uint32("xid", txn.Xid).
+		Stringer("action", act).Msg("transaction could not be applied; parked in prism.dead_letters")
+	return act, true
+}
+
+// resendUndos sends the undo requests the source has not answered yet, on
+// a new connection of that source.
+func (s *Server) resendUndos(ctx context.Context, fc *frameConn, region string, log zerolog.Logger) error {
+	if s.cfg.Errors == nil {
+		return nil
+	}
+	reqs, err := s.cfg.Errors.PendingUndos(ctx, s.app, region)
+	if err != nil {
+		log.Warn().Err(err).Msg("read pending undo requests")
+		return nil
+	}
+	for _, r := range reqs {
+		if err := fc.write(s.cfg.IdleTimeout, &undoFrame{Txn: r.Txn, SQLState: r.SQLState, Message: r.Message}); err != nil {
+			return err
+		}
+		log.Info().Stringer("lsn", r.Txn.EndLSN).Msg("undo request sent again")
+	}
+	return nil
+}
+
+// undone records the source's answer to an undo request.
+func (s *Server) undone(ctx context.Context, region string, f *undoneFrame, log zerolog.Logger) {
+	if s.cfg.Errors == nil {
+		return
+	}
+	if err := s.cfg.Errors.Undone(ctx, s.app, region, f.LSN, f.Status, f.Note); err != nil {
+		log.Warn().Err(err).Stringer("lsn", f.LSN).Msg("record undo outcome; the request is sent again at the next connection")
+		return
+	}
+	log.Info().Stringer("lsn", f.LSN).Str("status", f.Status).Str("note", f.Note).Msg("source answered undo request")
 }

@@ -65,6 +65,13 @@ type ShipperConfig struct {
 	FenceTimeout time.Duration
 	// Seed seeds the backoff jitter; 0 seeds from the clock.
 	Seed int64
+	// Errors carries out the apply error policy on the direct-SQL
+	// fallback; nil halts on every permanent failure.
+	Errors ErrorHandler
+	// Undo reverts a source transaction the target region could not
+	// apply, when the target asks; nil refuses such requests (they stay
+	// pending in the target's prism.dead_letters).
+	Undo UndoFunc
 }
 
 func (c *ShipperConfig) setDefaults() {
@@ -580,6 +587,11 @@ func (s *Shipper) session(ctx context.Context, i int) (progressed bool, err erro
 				if s.ackUpTo(f.LSN) > 0 {
 					acked.Store(true)
 				}
+			case *undoFrame:
+				if err := s.undoRequested(ctx, fc, f); err != nil {
+					cancel(fmt.Errorf("write %s: %w", name, err))
+					return
+				}
 			case *nack:
 				if f.Retryable {
 					cancel(fmt.Errorf("node %s: apply %s/%s: %s %s", name, s.cfg.SourceRegion, f.LSN, f.SQLState, f.Message))
@@ -708,6 +720,15 @@ func (s *Shipper) applyFallback(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("fallback %s: progress: %w", s.cfg.TargetRegion, err)
 	}
+	if s.cfg.Errors != nil && s.cfg.Undo != nil {
+		reqs, err := s.cfg.Errors.PendingUndos(ctx, app, s.cfg.SourceRegion)
+		if err != nil {
+			s.log.Warn().Err(err).Msg("read pending undo requests through the fallback")
+		}
+		for _, r := range reqs {
+			s.undoLocal(ctx, app, r)
+		}
+	}
 	s.ackUpTo(progress)
 	s.setPath(PathFallback)
 	var cursor pglogrepl.LSN
@@ -727,8 +748,24 @@ func (s *Shipper) applyFallback(ctx context.Context) error {
 				return ctx.Err()
 			}
 			state, retryable := classify(err)
+			if !retryable && s.cfg.Errors != nil {
+				act, herr := s.cfg.Errors.Handle(ctx, app, t, err)
+				if herr != nil {
+					return fmt.Errorf("fallback %s: apply error policy for %s/%s: %w", s.cfg.TargetRegion, t.Origin, t.EndLSN, herr)
+				}
+				if act != ActionHalt {
+					s.log.Warn().Str("error", describeFailure(t, err)).Stringer("action", act).
+						Msg("transaction could not be applied through the fallback; parked in prism.dead_letters")
+					s.ackUpTo(t.EndLSN)
+					cursor = t.EndLSN
+					if act == ActionUndo {
+						s.undoLocal(ctx, app, UndoRequest{Txn: t, SQLState: state, Message: describeFailure(t, err)})
+					}
+					continue
+				}
+			}
 			if !retryable {
-				return &haltError{LSN: t.EndLSN, SQLState: state, Message: err.Error()}
+				return &haltError{LSN: t.EndLSN, SQLState: state, Message: describeFailure(t, err)}
 			}
 			return fmt.Errorf("fallback %s: apply %s/%s: %w", s.cfg.TargetRegion, t.Origin, t.EndLSN, err)
 		}
@@ -748,4 +785,40 @@ func MinAcked(shippers ...*Shipper) pglogrepl.LSN {
 		}
 	}
 	return m
+}
+
+// undoRequested runs an undo request from the receiver and answers it on
+// fc. A failed undo is logged and not answered: the receiver asks again at
+// the next connection.
+func (s *Shipper) undoRequested(ctx context.Context, fc *frameConn, f *undoFrame) error {
+	if f.Txn == nil || f.Txn.Origin != s.cfg.SourceRegion {
+		return fmt.Errorf("%w: undo request for another source", errFrame)
+	}
+	if s.cfg.Undo == nil {
+		s.log.Error().Stringer("lsn", f.Txn.EndLSN).Msg("undo requested but this node cannot undo; the request stays pending")
+		return nil
+	}
+	status, note, err := s.cfg.Undo(ctx, s.cfg.TargetRegion, UndoRequest{Txn: f.Txn, SQLState: f.SQLState, Message: f.Message})
+	if err != nil {
+		s.log.Error().Err(err).Stringer("lsn", f.Txn.EndLSN).Msg("undo failed; it is requested again at the next connection")
+		return nil
+	}
+	return fc.write(s.cfg.AckTimeout, &undoneFrame{LSN: f.Txn.EndLSN, Status: status, Note: note})
+}
+
+// undoLocal reverts a transaction for the direct-SQL fallback path, which
+// reaches the target database itself, and records the outcome there. A
+// failure leaves the request pending in the target database.
+func (s *Shipper) undoLocal(ctx context.Context, app Applier, r UndoRequest) {
+	if s.cfg.Undo == nil || s.cfg.Errors == nil {
+		s.log.Error().Stringer("lsn", r.Txn.EndLSN).Msg("undo requested but this node cannot undo; the request stays pending")
+		return
+	}
+	status, note, err := s.cfg.Undo(ctx, s.cfg.TargetRegion, r)
+	if err == nil {
+		err = s.cfg.Errors.Undone(ctx, app, s.cfg.SourceRegion, r.Txn.EndLSN, status, note)
+	}
+	if err != nil {
+		s.log.Error().Err(err).Stringer("lsn", r.Txn.EndLSN).Msg("undo through the fallback failed; it stays pending")
+	}
 }
