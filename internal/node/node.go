@@ -40,6 +40,8 @@ type Node struct {
 	cfg *config.Config
 	log zerolog.Logger
 
+	applier *apply.Applier // this region's database; set by Run before anything ships
+
 	clientTLS *tls.Config // for shippers; nil without auth.tls
 
 	mu        sync.Mutex
@@ -76,6 +78,7 @@ func (n *Node) Run(ctx context.Context) error {
 		return fmt.Errorf("prepare schema prism: %w", err)
 	}
 
+	n.applier = applier
 	serverTLS, clientTLS, err := n.tlsConfigs()
 	if err != nil {
 		return err
@@ -96,6 +99,7 @@ func (n *Node) Run(ctx context.Context) error {
 		TLS:           serverTLS,
 		Insecure:      n.plaintext(),
 		AcceptRegions: accept,
+		Errors:        newErrorPolicy(n.cfg, n.log),
 	}, applier, n.log.With().Str("component", "server").Logger())
 
 	// runCtx outlives ctx: after a stop signal the shippers and the server
@@ -329,6 +333,8 @@ func (n *Node) ensureTerm(ctx context.Context) *term {
 			Backoff:      n.cfg.Delivery.Backoff,
 			MaxBackoff:   n.cfg.Delivery.MaxBackoff,
 			MaxInFlight:  int64(n.cfg.Delivery.MaxInFlight),
+			Errors:       newErrorPolicy(n.cfg, n.log),
+			Undo:         newErrorPolicy(n.cfg, n.log).undoFunc(n.applier),
 		}, n.fallback(p), n.log.With().Str("component", "shipper").Str("target", p.Region).Logger()))
 	}
 	for _, s := range t.shippers {
