@@ -47,6 +47,8 @@ func commands() []command {
 		{"doctor", "--config FILE", "check the database and peers; explain every problem", nodeCommandWith("doctor", doctorCommand)},
 		{"status", "--config FILE", "per-region table: acked LSN, lag, active path", nodeCommand("status", statusAction)},
 		{"verify", "--config FILE", "compare every replicated table across regions", nodeCommand("verify", verifyAction)},
+		{"deadletters", "list|retry --config FILE", "list parked transactions, or retry them (--id N | --all)", deadLettersCommand},
+		{"skip", "--config FILE --source REGION --lsn LSN", "skip the transaction a region halted at", skipCommand},
 		{"sequences", "--config FILE", "interleave this region's sequences with the other regions' (--apply)", nodeCommandWith("sequences", sequencesCommand)},
 		{"version", "", "print the version and the Go version", versionCommand},
 	}
