@@ -1,0 +1,445 @@
+package bootstrap
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/rs/zerolog"
+)
+
+// Limits of the rows written with their source commit time.
+const (
+	maxRunRows     = 500     // rows of one source transaction per target transaction
+	maxBatchStmts  = 4000    // statements per round trip
+	maxBatchBytes  = 4 << 20 // bytes per round trip
+	timestamptzOID = 1184
+)
+
+// epochMicros is epoch in PostgreSQL's binary timestamptz (microseconds
+// since 2000-01-01).
+var epochMicros = epoch.Sub(time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)).Microseconds()
+
+// run is rows of one table that share a source commit time and origin:
+// written in one target transaction with that commit time.
+type run struct {
+	t    *table
+	ts   []byte     // binary timestamptz
+	rows [][][]byte // column values, binary; nil for NULL
+	size int
+}
+
+// writers owns the target sessions that write rows under the origin of
+// their source region. The sessions of the peer regions' origins are the
+// guards of the run: they hold the origins from the start to the end.
+type writers struct {
+	dsn string
+	log zerolog.Logger
+
+	mu       sync.Mutex
+	byOrigin map[string]*originWriter
+	order    []*originWriter
+	closed   bool
+	wg       sync.WaitGroup
+}
+
+type originWriter struct {
+	s        *originSession
+	ch       chan *run
+	done     chan struct{}
+	err      error // set before done is closed
+	prepared map[*table]string
+	guard    bool
+	rows     int64
+}
+
+func newWriters(dsn string, log zerolog.Logger) *writers {
+	return &writers{dsn: dsn, log: log, byOrigin: map[string]*originWriter{}}
+}
+
+// guard holds origin for the whole run; its holder is terminated if it is
+// an applier.
+func (ws *writers) guard(ctx context.Context, origin string) (*originWriter, error) {
+	w, err := ws.get(ctx, origin)
+	if err != nil {
+		return nil, err
+	}
+	w.guard = true
+	return w, nil
+}
+
+// get returns the writer of origin, holding it on first use. Its goroutine
+// runs until finish or close.
+func (ws *writers) get(ctx context.Context, origin string) (*originWriter, error) {
+	ws.mu.Lock()
+	defer ws.mu.Unlock()
+	if w, ok := ws.byOrigin[origin]; ok {
+		return w, nil
+	}
+	if ws.closed {
+		return nil, errors.New("bootstrap: writers already finished")
+	}
+	s, err := holdOrigin(ctx, ws.dsn, origin, true, writerParams)
+	if err != nil {
+		return nil, fmt.Errorf("bootstrap: target: %w", err)
+	}
+	w := &originWriter{s: s, ch: make(chan *run, 16), done: make(chan struct{}), prepared: map[*table]string{}}
+	ws.byOrigin[origin] = w
+	ws.order = append(ws.order, w)
+	ws.wg.Add(1)
+	go func() {
+		defer ws.wg.Done()
+		defer close(w.done)
+		w.err = w.loop(ctx)
+		if w.err != nil {
+			// Drain so senders never block on a dead writer.
+			for range w.ch {
+			}
+		}
+	}()
+	return w, nil
+}
+
+// send queues r for the writer of origin.
+func (ws *writers) send(ctx context.Context, origin string, r *run) error {
+	w, err := ws.get(ctx, origin)
+	if err != nil {
+		return err
+	}
+	select {
+	case w.ch <- r:
+		return nil
+	case <-w.done:
+		return w.err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// finish waits until every queued row is written and checks that every
+// guard still holds its origin. The sessions stay open for setProgress.
+func (ws *writers) finish() error {
+	ws.mu.Lock()
+	if !ws.closed {
+		ws.closed = true
+		for _, w := range ws.order {
+			close(w.ch)
+		}
+	}
+	order := ws.order
+	ws.mu.Unlock()
+	ws.wg.Wait()
+	var errs []error
+	for _, w := range order {
+		if w.err != nil {
+			errs = append(errs, fmt.Errorf("bootstrap: write rows of origin %s: %w", w.s.origin, w.err))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, w := range order {
+		if w.guard && !w.s.held(ctx) {
+			return fmt.Errorf("bootstrap: origin %s in the target was taken from the run (an applier fenced it); nothing is lost, run bootstrap again", w.s.origin)
+		}
+	}
+	return nil
+}
+
+// setProgress sets the progress of a guarded origin.
+func (ws *writers) setProgress(ctx context.Context, origin string, lsn pglogrepl.LSN) error {
+	ws.mu.Lock()
+	w, ok := ws.byOrigin[origin]
+	ws.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("bootstrap: origin %s is not held", origin)
+	}
+	if err := w.s.setProgress(ctx, lsn); err != nil {
+		return fmt.Errorf("bootstrap: target: %w", err)
+	}
+	return nil
+}
+
+// close stops the writers and closes their sessions.
+func (ws *writers) close() {
+	_ = ws.finish()
+	for _, w := range ws.order {
+		w.s.close()
+	}
+}
+
+// loop writes the queued runs, several per round trip, until the channel
+// is closed.
+func (w *originWriter) loop(ctx context.Context) error {
+	for r := range w.ch {
+		b := &pgconn.Batch{}
+		stmts, size := 0, 0
+		add := func(r *run) error {
+			name, err := w.prepare(ctx, r.t)
+			if err != nil {
+				return err
+			}
+			b.ExecParams("BEGIN", nil, nil, nil, nil)
+			b.ExecParams("SELECT pg_replication_origin_xact_setup('0/0', $1)", [][]byte{r.ts}, []uint32{timestamptzOID}, []int16{1}, nil)
+			for _, row := range r.rows {
+				b.ExecPrepared(name, row, []int16{1}, nil)
+			}
+			b.ExecParams("COMMIT", nil, nil, nil, nil)
+			stmts += len(r.rows) + 3
+			size += r.size
+			w.rows += int64(len(r.rows))
+			return nil
+		}
+		if err := add(r); err != nil {
+			return err
+		}
+	more:
+		for stmts < maxBatchStmts && size < maxBatchBytes {
+			select {
+			case r, ok := <-w.ch:
+				if !ok {
+					break more
+				}
+				if err := add(r); err != nil {
+					return err
+				}
+			default:
+				break more
+			}
+		}
+		if _, err := w.s.conn.ExecBatch(ctx, b).ReadAll(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (w *originWriter) prepare(ctx context.Context, t *table) (string, error) {
+	if name, ok := w.prepared[t]; ok {
+		return name, nil
+	}
+	name := fmt.Sprintf("prism_bootstrap_%d", len(w.prepared))
+	if _, err := w.s.conn.Prepare(ctx, name, t.insertSQL(), nil); err != nil {
+		return "", fmt.Errorf("prepare insert into %s: %w", t.name(), err)
+	}
+	w.prepared[t] = name
+	return name, nil
+}
+
+// copyTables copies every table at the snapshot with cfg.Jobs workers and
+// waits for every row to be written.
+func copyTables(ctx context.Context, cfg Config, srcDSN string, snap *snapshot, tables []*table, ws *writers, log zerolog.Logger) ([]TableStats, error) {
+	jobs := min(cfg.Jobs, len(tables))
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+
+	// Every worker imports the snapshot before the exporting connection
+	// (and the temporary slot) goes.
+	srcs := make([]*pgconn.PgConn, 0, jobs)
+	defer func() {
+		for _, c := range srcs {
+			c.Close(context.Background())
+		}
+	}()
+	for i := 0; i < jobs; i++ {
+		c, err := dial(ctx, srcDSN, nil)
+		if err != nil {
+			return nil, fmt.Errorf("bootstrap: source: %w", err)
+		}
+		srcs = append(srcs, c)
+		if _, err := c.Exec(ctx, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '"+strings.ReplaceAll(snap.name, "'", "''")+"'").ReadAll(); err != nil {
+			return nil, fmt.Errorf("bootstrap: source: import snapshot %s: %w", snap.name, err)
+		}
+	}
+	snap.close()
+
+	bulk := make([]*originSession, 0, jobs)
+	defer func() {
+		for _, s := range bulk {
+			s.close()
+		}
+	}()
+	for i := 0; i < jobs; i++ {
+		s, err := holdOrigin(ctx, cfg.DSN, fmt.Sprintf("prism_bootstrap_%d", i+1), true, writerParams)
+		if err != nil {
+			return nil, fmt.Errorf("bootstrap: target: %w", err)
+		}
+		bulk = append(bulk, s)
+	}
+	if err := truncate(ctx, bulk[0], tables); err != nil {
+		return nil, err
+	}
+
+	var mu sync.Mutex
+	next := 0
+	stats := make([]TableStats, len(tables))
+	var wg sync.WaitGroup
+	for i := 0; i < jobs; i++ {
+		wg.Add(1)
+		go func(i int) { // worker; owned by copyTables
+			defer wg.Done()
+			for ctx.Err() == nil {
+				mu.Lock()
+				k := next
+				next++
+				mu.Unlock()
+				if k >= len(tables) {
+					return
+				}
+				st, err := copyTable(ctx, cfg, srcs[i], bulk[i], tables[k], jobs, ws, log)
+				if err != nil {
+					cancel(fmt.Errorf("bootstrap: copy %s: %w", tables[k].name(), err))
+					return
+				}
+				stats[k] = st
+			}
+		}(i)
+	}
+	wg.Wait()
+	if err := context.Cause(ctx); err != nil {
+		ws.finish()
+		return nil, err
+	}
+	if err := ws.finish(); err != nil {
+		return nil, err
+	}
+	return stats, nil
+}
+
+// truncate empties the tables in one transaction tagged with a bootstrap
+// origin, so a slot of the target region does not ship the TRUNCATE.
+func truncate(ctx context.Context, s *originSession, tables []*table) error {
+	names := make([]string, len(tables))
+	for i, t := range tables {
+		names[i] = t.ident()
+	}
+	sql := "BEGIN; SELECT pg_replication_origin_xact_setup('0/0', '1970-01-01 00:00:00+00'); TRUNCATE ONLY " + strings.Join(names, ", ") + "; COMMIT"
+	if _, err := s.conn.Exec(ctx, sql).ReadAll(); err != nil {
+		return fmt.Errorf("bootstrap: empty the target's tables: %w", err)
+	}
+	return nil
+}
+
+// copyTable streams one table from the source's snapshot into the target:
+// rows without a known commit time through binary COPY in one transaction
+// (epoch commit time), the others through the writers of their origins.
+func copyTable(ctx context.Context, cfg Config, src *pgconn.PgConn, tgt *originSession, t *table, jobs int, ws *writers, log zerolog.Logger) (TableStats, error) {
+	start := time.Now()
+	if _, err := tgt.conn.Exec(ctx, "BEGIN; SELECT pg_replication_origin_xact_setup('0/0', '1970-01-01 00:00:00+00')").ReadAll(); err != nil {
+		return TableStats{}, fmt.Errorf("target: %w", err)
+	}
+	pr, pw := io.Pipe()
+	type copyResult struct {
+		tag pgconn.CommandTag
+		err error
+	}
+	copied := make(chan copyResult, 1)
+	go func() { // owned by copyTable, which waits for it
+		tag, err := tgt.conn.CopyFrom(ctx, pr, fmt.Sprintf("COPY %s (%s) FROM STDIN (FORMAT binary)", t.ident(), t.columnList()))
+		pr.CloseWithError(fmt.Errorf("target COPY ended: %w", err))
+		copied <- copyResult{tag, err}
+	}()
+
+	var cur *run
+	var curOrigin string
+	var timed, rows int64
+	var rate float64
+	if cfg.MaxRate > 0 {
+		rate = float64(cfg.MaxRate) / float64(jobs)
+	}
+	flush := func() error {
+		if cur == nil {
+			return nil
+		}
+		r := cur
+		cur = nil
+		return ws.send(ctx, curOrigin, r)
+	}
+	head := make([]byte, 2)
+	sp := &splitter{onTuple: func(tp *tuple) error {
+		if len(tp.fields) != len(t.columns)+2 {
+			return fmt.Errorf("%w: %d fields, want %d", errCopyFormat, len(tp.fields), len(t.columns)+2)
+		}
+		rows++
+		if rate > 0 && rows%100 == 0 {
+			if wait := time.Duration(float64(rows)/rate*float64(time.Second)) - time.Since(start); wait > 0 {
+				select {
+				case <-ctx.Done():
+					return ctx.Err()
+				case <-time.After(wait):
+				}
+			}
+		}
+		ts := tp.fields[0]
+		if ts == nil || len(ts) != 8 || int64(binary.BigEndian.Uint64(ts)) <= epochMicros {
+			binary.BigEndian.PutUint16(head, uint16(len(t.columns)))
+			if _, err := pw.Write(head); err != nil {
+				return err
+			}
+			_, err := pw.Write(tp.raw[tp.starts[2]:])
+			return err
+		}
+		timed++
+		origin := originName(cfg.Source)
+		if tp.fields[1] != nil {
+			origin = string(tp.fields[1])
+		}
+		if cur != nil && (curOrigin != origin || !bytes.Equal(cur.ts, ts) || len(cur.rows) >= maxRunRows) {
+			if err := flush(); err != nil {
+				return err
+			}
+		}
+		if cur == nil {
+			cur = &run{t: t, ts: bytes.Clone(ts)}
+			curOrigin = origin
+		}
+		row := make([][]byte, len(t.columns))
+		for i, f := range tp.fields[2:] {
+			if f != nil {
+				row[i] = bytes.Clone(f)
+				cur.size += len(f)
+			}
+		}
+		cur.rows = append(cur.rows, row)
+		return nil
+	}}
+	_, err := pw.Write(copyHeader)
+	if err == nil {
+		_, err = src.CopyTo(ctx, sp, t.sourceQuery())
+	}
+	if err == nil {
+		err = sp.done()
+	}
+	if err == nil {
+		err = flush()
+	}
+	if err == nil {
+		_, err = pw.Write(copyTrailer)
+	}
+	pw.CloseWithError(err)
+	res := <-copied
+	if err != nil {
+		return TableStats{}, fmt.Errorf("source: %w", err)
+	}
+	if res.err != nil {
+		return TableStats{}, fmt.Errorf("target: %w", res.err)
+	}
+	if _, err := tgt.conn.Exec(ctx, "COMMIT").ReadAll(); err != nil {
+		return TableStats{}, fmt.Errorf("target: commit: %w", err)
+	}
+	st := TableStats{Table: t.name(), Rows: rows, Timed: timed, Bytes: sp.bytes, Elapsed: time.Since(start)}
+	log.Info().Str("table", st.Table).Int64("rows", st.Rows).Int64("rows_with_commit_time", st.Timed).
+		Float64("mb", float64(st.Bytes)/1e6).Float64("mb_per_s", float64(st.Bytes)/1e6/max(st.Elapsed.Seconds(), 1e-3)).
+		Dur("elapsed", st.Elapsed).Msg("table copied")
+	return st, nil
+}

@@ -1,0 +1,110 @@
+// Package bootstrap brings a new or rebuilt region in: it copies the schema
+// and every published table from a running source region into the target
+// region's database at one consistent snapshot, while every region keeps
+// writing, and sets the target's replication origins so that streaming from
+// every region resumes exactly after what the copy holds: nothing is
+// applied twice and nothing is skipped.
+//
+// # Order of a run
+//
+//  1. Target lock-out. The run takes, in the target database, the advisory
+//     lock every applier's Setup takes (hashtext('prism.apply.setup')), so no new
+//     applier (a peer's direct-SQL fallback, a node of the target region)
+//     gets past Setup until the run ends. It then holds every peer region's
+//     origin prism_<region> in a guard session of its own, so an applier
+//     that passed Setup earlier cannot commit either (it gets ErrBusy and
+//     returns to Setup). Appliers fence origin holders only right after
+//     Setup, so the guards survive; a guard that dies anyway (fenced in the
+//     instant before the lock was taken) is detected before the origins are
+//     set, and the run fails and is started again.
+//  2. Schema, when none of the published tables exists in the target:
+//     pg_dump --schema-only of the source (without schema prism, owners,
+//     privileges and publications) piped into psql --single-transaction, so
+//     a crash leaves either all of it or none.
+//  3. The source snapshot (see below), then parallel workers, each in a
+//     REPEATABLE READ transaction on the source that imports the exported
+//     snapshot (SET TRANSACTION SNAPSHOT) and copies whole tables with binary
+//     COPY streamed straight into the target.
+//  4. The origins: on the target, prism_<source> is set to the snapshot's
+//     consistent point L and prism_<other> to the source's progress of that
+//     origin as of the snapshot; then the run is marked done and the lock is
+//     released, and appliers resume exactly after the snapshot.
+//
+// # The boundary for the source region's own writes
+//
+// The snapshot is exported by CREATE_REPLICATION_SLOT ... TEMPORARY LOGICAL
+// pgoutput EXPORT_SNAPSHOT on a replication connection to the source, as
+// PostgreSQL's own table synchronisation does. The exported snapshot sees
+// exactly the transactions whose commit record lies before the slot's
+// consistent point L, and decoding from L sends exactly the others. A
+// commit record before L ends at or before L; one after L starts at or
+// after L, so it ends after L. prism-cdc keys progress by a transaction's
+// EndLSN (the end of its commit record), so "EndLSN <= L" is exactly "in the
+// snapshot": prism_<source> = L on the target skips the first and applies
+// the second. pg_current_wal_lsn() read inside an ordinary snapshot would
+// not do: transactions can commit in the WAL before it but become visible
+// after the snapshot is taken, and they would be lost.
+//
+// # The boundary for the other regions' writes
+//
+// What the source had applied from region X is the source's origin
+// prism_X, which is not MVCC: it moves when an applier commits, whatever
+// the snapshot sees. So the run holds prism_X on the source itself
+// (pg_replication_origin_session_setup, one session per region; an origin
+// that does not exist yet is created first) while it reads the progress
+// and creates the slot. While held, no applier can commit a transaction of
+// X on the source, and a session that holds it has seen every earlier
+// commit of X complete (the applier resets the origin only after its
+// commit), so the progress read under the hold is exactly what the
+// snapshot contains. Appliers on the source get ErrBusy meanwhile and
+// retry; a source node may fence a guard: the guards are checked after the
+// slot exists, and the snapshot is taken again when one was lost.
+//
+// # Commit times of the copied rows
+//
+// last_write_wins compares an incoming version with the commit time and
+// region of the local one. Rows copied in one plain transaction would all
+// carry the time of the copy, newer than every write still on its way, and
+// the target would throw those writes away. So every copied row keeps the
+// (commit time, region) it has on the source: rows whose source commit time
+// is known are written in transactions tagged with the origin of their
+// region and that commit time (pg_replication_origin_xact_setup with LSN
+// 0/0, which does not move the origin's progress), grouped by runs of rows
+// of one source transaction. Rows without a known commit time (frozen, or
+// written before track_commit_timestamp) have none on the source either,
+// where any incoming write wins; they are bulk-copied under origins
+// prism_bootstrap_<n> with the time 1970-01-01, older than any write, so
+// the same holds on the target. Every copied row thus carries a replication
+// origin, so a slot of the target region never ships the copy back out.
+//
+// # Restart and --force
+//
+// The state of a run is recorded in prism.bootstrap in the target. A run
+// that did not finish (crash, kill, lost guard) is detected by the next run
+// and started over from scratch without --force: the published tables are
+// emptied and copied again, and the origins are set only at the end. A
+// target whose published tables hold rows and that has no unfinished run
+// (an existing region, or a finished bootstrap) is refused unless --force,
+// which lists the tables and their rows, empties them and drops the target
+// region's replication slot (its unshipped local writes belong to the data
+// being replaced). TRUNCATE runs under a replication origin too, so it is
+// not shipped to other regions.
+//
+// # Preconditions (checked where possible)
+//
+// Every node of every other region must list the target region in its
+// peers (and have been restarted with it) before the run starts: from then
+// on their slots cannot confirm past what the target has acknowledged, so
+// everything after the snapshot stays in their WAL until the target has it.
+// Their shippers to the target halt while it has no tables (the direct-SQL
+// fallback fails on the missing relation) and resume by themselves after
+// the run; the origins decide what they skip. The run checks at the end
+// that each such slot is not confirmed past the position set for its
+// region and fails with the fix when it is. The target region's nodes must
+// be stopped (its slot must not be active); a node started during the run
+// waits in Setup until it ends.
+//
+// Limits: binary COPY needs the same types on both sides; arrays and
+// composites of user-defined types are refused with a clear error.
+// Sequences are not copied (see the README on per-region key ranges).
+package bootstrap

@@ -1,0 +1,136 @@
+package bootstrap
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/prism-cdc/prism-cdc/internal/config"
+)
+
+// table is one published table of the source.
+type table struct {
+	schema, rel string
+	columns     []string // copied columns: not dropped, not generated
+	size        int64    // bytes on the source, to copy the largest first
+}
+
+func (t *table) name() string  { return t.schema + "." + t.rel }
+func (t *table) ident() string { return pgx.Identifier{t.schema, t.rel}.Sanitize() }
+
+func (t *table) columnList() string {
+	cols := make([]string, len(t.columns))
+	for i, c := range t.columns {
+		cols[i] = pgx.Identifier{c}.Sanitize()
+	}
+	return strings.Join(cols, ", ")
+}
+
+// sourceQuery selects the commit time and origin of every row's version,
+// then the row.
+func (t *table) sourceQuery() string {
+	cols := make([]string, len(t.columns))
+	for i, c := range t.columns {
+		cols[i] = "t." + pgx.Identifier{c}.Sanitize()
+	}
+	return fmt.Sprintf(`COPY (SELECT c.timestamp, o.roname, %s FROM ONLY %s t
+	LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) c ON true
+	LEFT JOIN pg_catalog.pg_replication_origin o ON o.roident = c.roident AND c.roident <> 0) TO STDOUT (FORMAT binary)`,
+		strings.Join(cols, ", "), t.ident())
+}
+
+// insertSQL inserts one copied row.
+func (t *table) insertSQL() string {
+	ph := make([]string, len(t.columns))
+	for i := range ph {
+		ph[i] = fmt.Sprintf("$%d", i+1)
+	}
+	return fmt.Sprintf("INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE VALUES (%s)", t.ident(), t.columnList(), strings.Join(ph, ", "))
+}
+
+// publishedTables lists the tables of publication pub with their columns,
+// largest first. A table without a key is an error: its changes could not
+// be applied by key afterwards.
+func publishedTables(ctx context.Context, conn *pgx.Conn, pub string) ([]*table, error) {
+	var exists bool
+	if err := conn.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)", pub).Scan(&exists); err != nil {
+		return nil, fmt.Errorf("read publication %s: %w", pub, err)
+	}
+	if !exists {
+		return nil, fmt.Errorf("publication %s does not exist: start a node of the region once (it creates it) or create it", pub)
+	}
+	rows, err := conn.Query(ctx, `SELECT n.nspname, c.relname, pg_table_size(c.oid),
+		c.relreplident = 'f' OR EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND (i.indisprimary OR i.indisreplident)),
+		array(SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0
+			AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum)
+		FROM pg_publication_tables p
+		JOIN pg_namespace n ON n.nspname = p.schemaname
+		JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename
+		WHERE p.pubname = $1 AND n.nspname <> 'prism'
+		ORDER BY pg_table_size(c.oid) DESC, 1, 2`, pub)
+	if err != nil {
+		return nil, fmt.Errorf("list tables of publication %s: %w", pub, err)
+	}
+	defer rows.Close()
+	var out []*table
+	var noKey []string
+	for rows.Next() {
+		t := &table{}
+		var keyed bool
+		if err := rows.Scan(&t.schema, &t.rel, &t.size, &keyed, &t.columns); err != nil {
+			return nil, fmt.Errorf("list tables of publication %s: %w", pub, err)
+		}
+		if !keyed {
+			noKey = append(noKey, t.name())
+		}
+		out = append(out, t)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("list tables of publication %s: %w", pub, err)
+	}
+	if len(noKey) > 0 {
+		return nil, fmt.Errorf("%w: %s (add a primary key, or ALTER TABLE ... REPLICA IDENTITY FULL, in every region)", ErrNoKey, strings.Join(noKey, ", "))
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("publication %s has no tables outside schema prism", pub)
+	}
+	return out, nil
+}
+
+// checkTargetColumns refuses columns binary COPY cannot carry between
+// clusters: arrays, composites and ranges of user-defined types embed type
+// OIDs that differ from cluster to cluster.
+func checkTargetColumns(ctx context.Context, tgt *pgx.Conn, tables []*table) error {
+	var bad []string
+	for _, t := range tables {
+		rows, err := tgt.Query(ctx, `SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+			FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid
+			LEFT JOIN pg_type el ON el.oid = ty.typelem AND ty.typcategory = 'A'
+			WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
+			AND ((el.oid IS NOT NULL AND el.oid >= 16384) OR (ty.oid >= 16384 AND ty.typtype IN ('c', 'r', 'm')))`, t.ident())
+		if err != nil {
+			return fmt.Errorf("bootstrap: inspect columns of %s: %w", t.name(), err)
+		}
+		for rows.Next() {
+			var col, typ string
+			if err := rows.Scan(&col, &typ); err != nil {
+				rows.Close()
+				return fmt.Errorf("bootstrap: inspect columns of %s: %w", t.name(), err)
+			}
+			bad = append(bad, fmt.Sprintf("%s.%s (%s)", t.name(), col, typ))
+		}
+		rows.Close()
+		if err := rows.Err(); err != nil {
+			return fmt.Errorf("bootstrap: inspect columns of %s: %w", t.name(), err)
+		}
+	}
+	if len(bad) > 0 {
+		return fmt.Errorf("bootstrap: binary COPY cannot carry arrays, composites or ranges of user-defined types between clusters: %s", strings.Join(bad, ", "))
+	}
+	return nil
+}
+
+// redact hides DSN passwords in a message.
+func redact(msg string) string { return config.RedactDSN(msg) }
