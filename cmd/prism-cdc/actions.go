@@ -3,9 +3,11 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"text/tabwriter"
 	"time"
 
@@ -72,33 +74,81 @@ func statusAction(ctx context.Context, _ string, cfg *config.Config, _ zerolog.L
 	return exitOK
 }
 
-// verifyAction compares every replicated table of this region with every
-// peer region's database.
-func verifyAction(ctx context.Context, _ string, cfg *config.Config, log zerolog.Logger, stdout, stderr io.Writer) int {
-	regions := []verify.Region{{Name: cfg.Region, DSN: cfg.Database}}
-	for _, p := range cfg.Peers {
-		regions = append(regions, verify.Region{Name: p.Region, DSN: p.Database})
+// verifyCommand compares every replicated table of this region with every
+// peer region's database; with --repair --from REGION it then makes the
+// other regions equal to REGION for the differing rows and compares again.
+func verifyCommand(fs *flag.FlagSet) nodeAction {
+	repair := fs.Bool("repair", false, "make the other regions equal to --from for the differing rows")
+	from := fs.String("from", "", "the `REGION` whose rows are right (with --repair)")
+	chunk := fs.Int("chunk-rows", 10000, "rows per hashed chunk")
+	settle := fs.Duration("settle", 2*time.Second, "wait before checking differing rows again (changes in flight)")
+	return func(ctx context.Context, _ string, cfg *config.Config, log zerolog.Logger, stdout, stderr io.Writer) int {
+		regions := []verify.Region{{Name: cfg.Region, DSN: cfg.Database}}
+		for _, p := range cfg.Peers {
+			regions = append(regions, verify.Region{Name: p.Region, DSN: p.Database})
+		}
+		if *repair != (*from != "") {
+			fmt.Fprintf(stderr, "prism-cdc verify: --repair and --from REGION go together\n")
+			return exitUsage
+		}
+		if *repair && !slices.ContainsFunc(regions, func(r verify.Region) bool { return r.Name == *from }) {
+			fmt.Fprintf(stderr, "prism-cdc verify: --from %s is not a region of %s\n", *from, cfg.Path)
+			return exitUsage
+		}
+		opts := verify.Options{Settle: *settle, ChunkRows: *chunk, Log: log}
+		rep, err := verify.CompareWith(ctx, regions, cfg.Publication, opts)
+		if err != nil {
+			fmt.Fprintf(stderr, "prism-cdc verify: %s\n", config.RedactDSN(err.Error()))
+			return exitFail
+		}
+		printVerify(stdout, regions, rep)
+		if rep.Equal() || !*repair {
+			if !rep.Equal() {
+				return exitFail
+			}
+			return exitOK
+		}
+		fmt.Fprintf(stdout, "\nrepairing from region %s\n", *from)
+		done, err := verify.Repair(ctx, regions, *from, rep, log)
+		for _, r := range done {
+			fmt.Fprintf(stdout, "%s in region %s: %d rows written, %d deleted\n", r.Table, r.Region, r.Upserted, r.Deleted)
+		}
+		if err != nil {
+			fmt.Fprintf(stderr, "prism-cdc verify: %s\n", config.RedactDSN(err.Error()))
+			return exitFail
+		}
+		fmt.Fprintln(stdout, "\nafter the repair:")
+		rep, err = verify.CompareWith(ctx, regions, cfg.Publication, opts)
+		if err != nil {
+			fmt.Fprintf(stderr, "prism-cdc verify: %s\n", config.RedactDSN(err.Error()))
+			return exitFail
+		}
+		printVerify(stdout, regions, rep)
+		if !rep.Equal() {
+			return exitFail
+		}
+		return exitOK
 	}
-	rep, err := verify.Compare(ctx, regions, cfg.Publication, 2*time.Second)
-	if err != nil {
-		fmt.Fprintf(stderr, "prism-cdc verify: %s\n", config.RedactDSN(err.Error()))
-		return exitFail
-	}
+}
+
+// printVerify prints one row per table and the differing keys.
+func printVerify(stdout io.Writer, regions []verify.Region, rep verify.Report) {
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprint(tw, "TABLE")
 	for _, r := range regions {
 		fmt.Fprintf(tw, "\tROWS %s", r.Name)
 	}
-	fmt.Fprintln(tw, "\tRESULT")
+	fmt.Fprintln(tw, "\tCHUNKS\tRESULT")
 	for _, t := range rep.Tables {
 		fmt.Fprint(tw, t.Table)
 		for _, r := range regions {
 			fmt.Fprintf(tw, "\t%d", t.Rows[r.Name])
 		}
+		fmt.Fprintf(tw, "\t%d", t.Chunks)
 		if t.Equal {
 			fmt.Fprintln(tw, "\tequal")
 		} else {
-			fmt.Fprintln(tw, "\tDIFFERENT")
+			fmt.Fprintf(tw, "\tDIFFERENT (%d rows)\n", len(t.Keys))
 		}
 	}
 	tw.Flush()
@@ -109,8 +159,7 @@ func verifyAction(ctx context.Context, _ string, cfg *config.Config, log zerolog
 	}
 	if !rep.Equal() {
 		fmt.Fprintln(stdout, "regions differ")
-		return exitFail
+		return
 	}
 	fmt.Fprintf(stdout, "%d tables equal in %d regions\n", len(rep.Tables), len(regions))
-	return exitOK
 }
