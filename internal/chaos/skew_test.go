@@ -1,0 +1,120 @@
+package chaos
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/prism-cdc/prism-cdc/internal/e2e"
+	"github.com/prism-cdc/prism-cdc/internal/pgtest"
+)
+
+// libfaketime is Debian's libfaketime (apt-get install faketime).
+const libfaketime = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
+
+// skewClock restarts cluster c with its clock offset (e.g. "+5m") through
+// libfaketime: Postgres takes commit timestamps from the OS clock, and
+// this is the one way to skew one cluster on one machine. The cluster is
+// then stopped by this function's cleanup, not by c.Stop.
+func skewClock(t *testing.T, c *pgtest.Cluster, offset string) {
+	t.Helper()
+	if _, err := os.Stat(libfaketime); err != nil {
+		t.Fatalf("clock skew needs libfaketime (%v); install it with: apt-get install -y faketime", err)
+	}
+	if err := c.Stop("fast"); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	data := filepath.Join(c.Dir, "data")
+	cmd := c.Command(ctx, "pg_ctl", "-D", data, "-l", c.LogFile(), "-w", "-t", "60", "-o", "-p "+strconv.Itoa(c.Port), "start")
+	cmd.Env = append(cmd.Env, "LD_PRELOAD="+libfaketime, "FAKETIME="+offset, "DONT_FAKE_MONOTONIC=1")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("start %s with a skewed clock: %v\n%s", c.Name, err, out)
+	}
+	t.Cleanup(func() {
+		c.Command(context.Background(), "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop").Run()
+	})
+}
+
+// TestClockSkewLastWriteWins runs region eu's database five minutes ahead.
+// last_write_wins compares source commit timestamps, so eu's writes win
+// every conflict they take part in, even against writes that happened
+// later in real time. Whatever the order, the regions must converge and
+// the conflicts be recorded.
+func TestClockSkewLastWriteWins(t *testing.T) {
+	d := e2e.New(t, e2e.Topology{"na": {"na1"}, "eu": {"eu1"}},
+		"CREATE TABLE kv (k int PRIMARY KEY, v text NOT NULL); INSERT INTO kv SELECT g, 'seed' FROM generate_series(1, 20) g;")
+	skewClock(t, d.Clusters["eu"], "+5m")
+	ctx := context.Background()
+	var skew float64
+	conn, err := d.Clusters["eu"].Connect(ctx, "app")
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = conn.QueryRow(ctx, "SELECT extract(epoch FROM now() - $1::timestamptz)", time.Now()).Scan(&skew)
+	conn.Close(ctx)
+	if err != nil || skew < 240 || skew > 360 {
+		t.Fatalf("eu's clock is %.0fs ahead (%v), want about 300s: libfaketime did not take", skew, err)
+	}
+	d.StartAll()
+	waitReaders(d)
+	exec := func(region, sql string) {
+		t.Helper()
+		if err := d.Clusters[region].Exec(ctx, "app", sql); err != nil {
+			t.Fatalf("%s: %v", region, err)
+		}
+	}
+	value := func(region string, k int) string {
+		conn, err := d.Clusters[region].Connect(ctx, "app")
+		if err != nil {
+			return ""
+		}
+		defer conn.Close(ctx)
+		var v string
+		conn.QueryRow(ctx, "SELECT v FROM kv WHERE k = $1", k).Scan(&v)
+		return v
+	}
+
+	// Concurrent: both regions write keys 1-10 while replication is
+	// stopped, then it resumes. eu's timestamps are later: eu wins.
+	d.Kill("na1")
+	d.Kill("eu1")
+	exec("eu", "UPDATE kv SET v = 'eu' WHERE k <= 10")
+	exec("na", "UPDATE kv SET v = 'na' WHERE k <= 10")
+	d.StartAll()
+	d.Eventually(60*time.Second, "concurrent conflicts resolved: eu's writes everywhere", func() bool {
+		for k := 1; k <= 10; k++ {
+			if value("na", k) != "eu" || value("eu", k) != "eu" {
+				return false
+			}
+		}
+		return true
+	})
+
+	// Sequential: eu writes, the write reaches na, then na writes the
+	// same rows, later in real time but with earlier commit timestamps.
+	exec("eu", "UPDATE kv SET v = 'eu-first' WHERE k > 10")
+	d.Eventually(60*time.Second, "eu's write on na", func() bool { return value("na", 20) == "eu-first" })
+	exec("na", "UPDATE kv SET v = 'na-later' WHERE k > 10")
+	exec("na", "INSERT INTO kv VALUES (100, 'marker')")
+	d.Eventually(60*time.Second, "na's later writes processed on eu", func() bool { return value("eu", 100) == "marker" })
+	rep := d.Verify(ctx)
+	if !rep.Equal() {
+		diffs := ""
+		for _, tr := range rep.Tables {
+			if !tr.Equal {
+				diffs += fmt.Sprintf("%s: %v; ", tr.Table, tr.Diffs)
+			}
+		}
+		t.Errorf("regions diverged after a write that was later in real time but earlier by the skewed clock: "+
+			"na has %q, eu has %q for key 20 (%s)", value("na", 20), value("eu", 20), diffs)
+	}
+	n, err := count(ctx, d, "eu", "SELECT count(*) FROM prism.conflicts")
+	if err != nil || n == 0 {
+		t.Errorf("eu recorded %d conflicts (%v), want the rejected writes of na logged", n, err)
+	}
+}
