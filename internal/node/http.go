@@ -4,8 +4,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
-	"strings"
+	"io"
 	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/prism-cdc/prism-cdc/pkg/peers"
 )
@@ -22,6 +27,19 @@ type Status struct {
 	LastRead   string         `json:"last_read_lsn"`
 	Confirmed  string         `json:"confirmed_lsn"`
 	Targets    []TargetStatus `json:"targets"`
+	// Decoded counts local transactions decoded from the slot since the
+	// node started, over every reader term.
+	Decoded uint64 `json:"decoded_txns"`
+	// Switches are the last MaxSwitches path changes, oldest first.
+	Switches []Switch `json:"switches"`
+	// Peers lists every peer region's nodes in failover order.
+	Peers []PeerNodes `json:"peers"`
+}
+
+// PeerNodes names a peer region's nodes.
+type PeerNodes struct {
+	Region string   `json:"region"`
+	Nodes  []string `json:"nodes"`
 }
 
 // TargetStatus is the state of shipping to one peer region.
@@ -37,6 +55,22 @@ type TargetStatus struct {
 	Fallbacks   int    `json:"fallbacks"`
 	Recoveries  int    `json:"recoveries"`
 	LastError   string `json:"last_error,omitempty"`
+	// LagSeconds is the time since the source commit of the oldest
+	// transaction sent to the region and not yet acknowledged; 0 when
+	// everything sent is acknowledged.
+	LagSeconds float64 `json:"lag_seconds"`
+	// LastHour counts path events of the last 60 minutes (over every
+	// reader term of this node).
+	LastHour HourCounts `json:"last_hour"`
+}
+
+// HourCounts are path events of the last hour.
+type HourCounts struct {
+	Retries    int `json:"retries"`
+	Failovers  int `json:"failovers"`
+	Fallbacks  int `json:"fallbacks"`
+	Recoveries int `json:"recoveries"`
+	Halts      int `json:"halts"`
 }
 
 // Status returns the node's current status.
@@ -85,50 +119,57 @@ func (n *Node) Status() Status {
 	return st
 }
 
+// status is the node's status with what only the monitor knows: lag in
+// seconds, last-hour counts, decoded transactions and recent switches.
+func (m *monitor) status(now time.Time) Status {
+	views := m.observe(now)
+	st := m.n.Status()
+	for i := range st.Targets {
+		t := &st.Targets[i]
+		if v, ok := views[t.Region]; ok && v.hasUnacked && !v.oldest.IsZero() {
+			t.LagSeconds = max(now.Sub(v.oldest).Seconds(), 0)
+		}
+		h := m.lastHour(t.Region, now)
+		t.LastHour = HourCounts{Retries: h.Retries, Failovers: h.Failovers, Fallbacks: h.Fallbacks, Recoveries: h.Recoveries, Halts: h.Halts}
+	}
+	for _, p := range m.n.cfg.Peers {
+		pn := PeerNodes{Region: p.Region, Nodes: []string{}}
+		for _, node := range p.Nodes {
+			pn.Nodes = append(pn.Nodes, node.Name)
+		}
+		st.Peers = append(st.Peers, pn)
+	}
+	st.Decoded = m.decodedTotal()
+	st.Switches = m.recentSwitches()
+	if st.Switches == nil {
+		st.Switches = []Switch{}
+	}
+	return st
+}
+
+func parseLSN(s string) (pglogrepl.LSN, error) { return pglogrepl.ParseLSN(s) }
+
+// handler serves /healthz, /status (JSON), /metrics (Prometheus) and / (the
+// status page).
 func (n *Node) handler() http.Handler {
+	m := newMonitor(n)
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(newCollector(m), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintln(w, "ok")
 	})
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Cache-Control", "no-store")
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
-		enc.Encode(n.Status())
+		enc.Encode(m.status(time.Now()))
 	})
-	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "text/plain; version=0.0.4")
-		writeMetrics(w, n.Status())
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		io.WriteString(w, statusPage)
 	})
 	return mux
-}
-
-// writeMetrics writes the status in the Prometheus text exposition format.
-func writeMetrics(w http.ResponseWriter, st Status) {
-	var b strings.Builder
-	reader := 0
-	if st.Role == RoleReader {
-		reader = 1
-	}
-	fmt.Fprintf(&b, "# HELP prism_reader 1 when this node holds its region's slot.\n# TYPE prism_reader gauge\nprism_reader{node=%q,region=%q} %d\n", st.Node, st.Region, reader)
-	type metric struct {
-		name, help, kind string
-		value            func(TargetStatus) float64
-	}
-	ms := []metric{
-		{"prism_lag_bytes", "WAL bytes read but not yet acknowledged by the target region.", "gauge", func(t TargetStatus) float64 { return float64(t.LagBytes) }},
-		{"prism_window_txns", "Transactions sent and not yet acknowledged.", "gauge", func(t TargetStatus) float64 { return float64(t.WindowTxns) }},
-		{"prism_window_bytes", "Bytes sent and not yet acknowledged.", "gauge", func(t TargetStatus) float64 { return float64(t.WindowBytes) }},
-		{"prism_retries_total", "Retries of the same node.", "counter", func(t TargetStatus) float64 { return float64(t.Retries) }},
-		{"prism_failovers_total", "Failovers to the next node of a region.", "counter", func(t TargetStatus) float64 { return float64(t.Failovers) }},
-		{"prism_fallbacks_total", "Switches to the direct-SQL fallback.", "counter", func(t TargetStatus) float64 { return float64(t.Fallbacks) }},
-		{"prism_recoveries_total", "Returns from a secondary path to the first healthy node.", "counter", func(t TargetStatus) float64 { return float64(t.Recoveries) }},
-	}
-	for _, m := range ms {
-		fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s %s\n", m.name, m.help, m.name, m.kind)
-		for _, t := range st.Targets {
-			fmt.Fprintf(&b, "%s{node=%q,region=%q,target=%q} %g\n", m.name, st.Node, st.Region, t.Region, m.value(t))
-		}
-	}
-	w.Write([]byte(b.String()))
 }

@@ -1,0 +1,148 @@
+package node
+
+// statusPage is the self-contained status page served at /: it polls
+// /status every second and draws this node's region and every peer region
+// with their nodes as an SVG, each link coloured by its state (ok green;
+// retrying, fallback or standby amber; halted or node down red), with the
+// lag and the recent path switches. It loads nothing from elsewhere.
+const statusPage = `<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>prism-cdc status</title>
+<style>
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; background: #fafafa; }
+h1 { font-size: 1.3em; margin: 0 0 .3em; }
+#summary { color: #555; margin-bottom: 1em; }
+svg { background: #fff; border: 1px solid #ddd; border-radius: 6px; }
+.link { stroke-width: 6; stroke-linecap: round; }
+.state-ok { stroke: #2e9e44; fill: #2e9e44; }
+.state-retrying, .state-fallback, .state-standby { stroke: #e0a100; fill: #e0a100; }
+.state-halted, .state-down { stroke: #d2322d; fill: #d2322d; }
+.region { fill: #eef3fb; stroke: #6b8bc3; stroke-width: 2; }
+.node { fill: #fff; stroke: #6b8bc3; }
+.node.active { fill: #cfe9d4; stroke: #2e9e44; stroke-width: 2; }
+text { font-size: 12px; fill: #222; stroke: none; }
+text.title { font-weight: bold; font-size: 14px; }
+table { border-collapse: collapse; margin-top: 1em; background: #fff; }
+th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: left; }
+th { background: #f0f0f0; }
+.badge { display: inline-block; padding: 0 6px; border-radius: 4px; color: #fff; }
+.badge.state-ok { background: #2e9e44; }
+.badge.state-retrying, .badge.state-fallback, .badge.state-standby { background: #e0a100; }
+.badge.state-halted, .badge.state-down { background: #d2322d; }
+</style>
+</head>
+<body>
+<h1>prism-cdc <span id="title">status</span></h1>
+<div id="summary">loading…</div>
+<svg id="map" width="760" height="420" viewBox="0 0 760 420" role="img" aria-label="regions and links"></svg>
+<table id="targets"><thead><tr><th>target region</th><th>state</th><th>path</th><th>acked LSN</th><th>lag bytes</th><th>lag seconds</th><th>in flight</th><th>retries / failovers / fallbacks (last hour)</th><th>last error</th></tr></thead><tbody></tbody></table>
+<h2 style="font-size:1.1em">Recent path switches</h2>
+<table id="switches"><thead><tr><th>at (UTC)</th><th>region</th><th>from</th><th>to</th></tr></thead><tbody></tbody></table>
+<script>
+"use strict";
+const NS = "http://www.w3.org/2000/svg";
+function el(name, attrs, text) {
+  const e = document.createElementNS(NS, name);
+  for (const k in attrs) e.setAttribute(k, attrs[k]);
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+function stateOf(t, down) {
+  if (down) return "down";
+  const p = t.path || "";
+  if (p.startsWith("halted")) return "halted";
+  if (p === "sql fallback") return "fallback";
+  if (p === "connecting") return "retrying";
+  if (p.startsWith("not shipping")) return "standby";
+  return "ok";
+}
+function fmtBytes(n) {
+  if (n < 1024) return n + " B";
+  const u = ["KiB", "MiB", "GiB", "TiB"]; let i = -1;
+  do { n /= 1024; i++; } while (n >= 1024 && i < u.length - 1);
+  return n.toFixed(1) + " " + u[i];
+}
+function cell(tr, text, cls) {
+  const td = document.createElement("td");
+  if (cls) { const s = document.createElement("span"); s.className = "badge " + cls; s.textContent = text; td.appendChild(s); }
+  else td.textContent = text;
+  tr.appendChild(td);
+}
+let last = null;
+function draw(st, down) {
+  document.getElementById("title").textContent = "node " + st.node + " · region " + st.region;
+  document.getElementById("summary").textContent = down
+    ? "node " + st.node + " does not answer (" + down + ")"
+    : "role " + st.role + (st.role_reason ? " (" + st.role_reason + ")" : "") + " · up " + st.uptime +
+      " · last read " + st.last_read_lsn + " · slot confirmed " + st.confirmed_lsn + " · decoded " + st.decoded_txns + " txns";
+  const svg = document.getElementById("map");
+  while (svg.firstChild) svg.removeChild(svg.firstChild);
+  const targets = st.targets || [];
+  const peers = {};
+  for (const p of (st.peers || [])) peers[p.region] = p.nodes;
+  const cx = 150, cy = 210;
+  const n = targets.length;
+  const pos = targets.map((t, i) => ({ x: 580, y: n === 1 ? cy : 70 + i * (280 / Math.max(n - 1, 1)) }));
+  targets.forEach((t, i) => {
+    const s = stateOf(t, down);
+    const line = el("line", { x1: cx + 70, y1: cy, x2: pos[i].x - 80, y2: pos[i].y, "class": "link state-" + s, "data-region": t.region, "data-state": s });
+    svg.appendChild(line);
+    const mx = (cx + 70 + pos[i].x - 80) / 2, my = (cy + pos[i].y) / 2;
+    const label = s + " · " + fmtBytes(t.lag_bytes || 0) + " · " + (t.lag_seconds || 0).toFixed(1) + " s";
+    svg.appendChild(el("text", { x: mx, y: my - 8, "text-anchor": "middle", "class": "lag", "data-region": t.region }, label));
+  });
+  function region(x, y, name, nodes, active, title) {
+    const h = 44 + 22 * Math.max(nodes.length, 1);
+    svg.appendChild(el("rect", { x: x - 80, y: y - h / 2, width: 160, height: h, rx: 10, "class": "region", "data-region": name }));
+    svg.appendChild(el("text", { x: x, y: y - h / 2 + 20, "text-anchor": "middle", "class": "title" }, title));
+    nodes.forEach((nd, j) => {
+      const ny = y - h / 2 + 32 + j * 22;
+      svg.appendChild(el("rect", { x: x - 60, y: ny, width: 120, height: 18, rx: 4, "class": "node" + (nd === active ? " active" : ""), "data-node": nd }));
+      svg.appendChild(el("text", { x: x, y: ny + 13, "text-anchor": "middle" }, nd));
+    });
+  }
+  region(cx, cy, st.region, [st.node], st.role === "reader" ? st.node : "", "region " + st.region);
+  targets.forEach((t, i) => region(pos[i].x, pos[i].y, t.region, peers[t.region] || [], t.path, "region " + t.region));
+
+  const tb = document.querySelector("#targets tbody");
+  tb.textContent = "";
+  for (const t of targets) {
+    const s = stateOf(t, down), tr = document.createElement("tr");
+    tr.setAttribute("data-region", t.region);
+    const h = t.last_hour || {};
+    cell(tr, t.region); cell(tr, s, "state-" + s); cell(tr, t.path); cell(tr, t.acked_lsn);
+    cell(tr, fmtBytes(t.lag_bytes || 0)); cell(tr, (t.lag_seconds || 0).toFixed(1));
+    cell(tr, t.window_txns + " txns, " + fmtBytes(t.window_bytes || 0));
+    cell(tr, (h.retries || 0) + " / " + (h.failovers || 0) + " / " + (h.fallbacks || 0) + "  (total " + t.retries + " / " + t.failovers + " / " + t.fallbacks + ")");
+    cell(tr, t.last_error || "");
+    tb.appendChild(tr);
+  }
+  const sb = document.querySelector("#switches tbody");
+  sb.textContent = "";
+  const sw = (st.switches || []).slice().reverse();
+  if (sw.length === 0) { const tr = document.createElement("tr"); cell(tr, "none yet"); cell(tr, ""); cell(tr, ""); cell(tr, ""); sb.appendChild(tr); }
+  for (const s of sw) {
+    const tr = document.createElement("tr");
+    cell(tr, s.at.replace("T", " ").replace(/\.\d+Z$/, "Z")); cell(tr, s.region); cell(tr, s.from); cell(tr, s.to);
+    sb.appendChild(tr);
+  }
+}
+async function poll() {
+  try {
+    const r = await fetch("status", { cache: "no-store" });
+    if (!r.ok) throw new Error("HTTP " + r.status);
+    last = await r.json();
+    draw(last, "");
+  } catch (e) {
+    if (last) draw(last, String(e.message || e));
+    else document.getElementById("summary").textContent = "node does not answer: " + e;
+  }
+}
+poll();
+setInterval(poll, 1000);
+</script>
+</body>
+</html>
+`

@@ -1,0 +1,275 @@
+package node
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"image/png"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/rs/zerolog"
+
+	"github.com/prism-cdc/prism-cdc/internal/config"
+	"github.com/prism-cdc/prism-cdc/internal/pgtest"
+	"github.com/prism-cdc/prism-cdc/pkg/apply"
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
+	"github.com/prism-cdc/prism-cdc/pkg/peers"
+)
+
+// chromium returns the headless browser, or fails the test with how to
+// install it.
+func chromium(t *testing.T) string {
+	t.Helper()
+	for _, name := range []string{"chromium", "chromium-browser", "google-chrome"} {
+		if p, err := exec.LookPath(name); err == nil {
+			return p
+		}
+	}
+	t.Fatal("chromium not found: install it with: apt-get install -y chromium")
+	return ""
+}
+
+// pageFixture runs a node with three live shippers towards three regions:
+// eu acknowledges (ok), as does not answer (retrying) and ap halts on a
+// permanent apply error. It returns the node's HTTP server.
+func pageFixture(t *testing.T) (*Node, *httptest.Server) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	db := pgtest.Start(t, pgtest.Options{Name: "node-page"})
+	pool, err := pgxpool.New(ctx, db.DSN("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	serve := func(region, node, source string) string {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		app := apply.NewApplier(pool, zerolog.Nop(), apply.WithLocalRegion(region))
+		srv := peers.NewServer(peers.ServerConfig{Region: region, Node: node, Token: "tok", Insecure: true, AcceptRegions: []string{source}}, app, zerolog.Nop())
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			srv.Serve(ctx, ln)
+		}()
+		return ln.Addr().String()
+	}
+	euAddr := serve("eu", "eu1", "na")
+	// ap's server applies into the same cluster, so its shipper uses its
+	// own source name and origin.
+	apAddr := serve("ap", "ap1", "na-ap")
+	closed, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	asAddr := closed.Addr().String()
+	closed.Close()
+
+	cfg := &config.Config{Node: "na1", Region: "na", Peers: []config.Peer{
+		{Region: "eu", Nodes: []config.PeerNode{{Name: "eu1", Addr: euAddr}, {Name: "eu2", Addr: "127.0.0.1:1"}}},
+		{Region: "as", Nodes: []config.PeerNode{{Name: "as1", Addr: asAddr}}},
+		{Region: "ap", Nodes: []config.PeerNode{{Name: "ap1", Addr: apAddr}}},
+	}, Database: db.DSN("postgres")}
+	n := New(cfg, zerolog.Nop())
+	n.startedAt = time.Now()
+	ship := func(source, target, addr string) *peers.Shipper {
+		return peers.NewShipper(peers.ShipperConfig{
+			SourceRegion: source, SourceNode: "na1", TargetRegion: target,
+			Nodes: []peers.NodeAddr{{Name: target + "1", Addr: addr}}, Token: "tok", Insecure: true,
+			AckTimeout: 500 * time.Millisecond, Backoff: 50 * time.Millisecond, MaxBackoff: 200 * time.Millisecond, Seed: 7,
+		}, nil, zerolog.Nop())
+	}
+	tm := &term{shippers: []*peers.Shipper{ship("na", "eu", euAddr), ship("na", "as", asAddr), ship("na-ap", "ap", apAddr)}}
+	tctx, tcancel := context.WithCancel(ctx)
+	tm.cancel = tcancel
+	for _, s := range tm.shippers {
+		tm.wg.Add(1)
+		go func(s *peers.Shipper) {
+			defer tm.wg.Done()
+			s.Run(tctx)
+		}(s)
+	}
+	n.mu.Lock()
+	n.term, n.role = tm, RoleReader
+	n.mu.Unlock()
+
+	now := time.Now()
+	rel := &decode.Relation{Schema: "public", Table: "missing_table", ReplicaIdentity: decode.IdentityDefault,
+		Columns: []decode.Column{{Name: "id", TypeOID: 23, Key: true}}}
+	if err := tm.shippers[0].Send(ctx, &decode.Txn{Origin: "na", CommitLSN: 0x100, EndLSN: 0x100, CommitTime: now}); err != nil {
+		t.Fatal(err)
+	}
+	if err := tm.shippers[1].Send(ctx, &decode.Txn{Origin: "na", CommitLSN: 0x100, EndLSN: 0x100, CommitTime: now.Add(-3 * time.Second)}); err != nil {
+		t.Fatal(err)
+	}
+	bad := &decode.Txn{Origin: "na-ap", CommitLSN: 0x100, EndLSN: 0x100, CommitTime: now,
+		Changes: []decode.Change{{Op: decode.OpInsert, Rel: rel, New: []decode.Value{{Kind: decode.ValueText, Data: []byte("1")}}}}}
+	if err := tm.shippers[2].Send(ctx, bad); err != nil {
+		t.Fatal(err)
+	}
+	n.mu.Lock()
+	n.lastSent = 0x100
+	n.mu.Unlock()
+
+	srv := httptest.NewServer(n.handler())
+	t.Cleanup(func() {
+		srv.Close()
+		tm.stop()
+		cancel()
+		wg.Wait()
+		pool.Close()
+	})
+	return n, srv
+}
+
+func getStatus(t *testing.T, url string) Status {
+	t.Helper()
+	resp, err := http.Get(url + "/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var st Status
+	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+func target(st Status, region string) TargetStatus {
+	for _, t := range st.Targets {
+		if t.Region == region {
+			return t
+		}
+	}
+	return TargetStatus{}
+}
+
+func TestStatusMetricsAndPage(t *testing.T) {
+	browser := chromium(t)
+	_, srv := pageFixture(t)
+
+	// Wait for the three states: eu acknowledged, as retrying, ap halted.
+	deadline := time.Now().Add(30 * time.Second)
+	var st Status
+	for {
+		st = getStatus(t, srv.URL)
+		eu, as, ap := target(st, "eu"), target(st, "as"), target(st, "ap")
+		if eu.Path == "eu1" && eu.LagBytes == 0 && as.LastHour.Retries > 0 && strings.HasPrefix(ap.Path, "halted") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("states not reached: %+v", st.Targets)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if as := target(st, "as"); as.LagSeconds < 3 || as.LagBytes != 0x100 {
+		t.Errorf("as lag = %.1fs %d bytes, want >= 3s (oldest unacknowledged commit) and 256 bytes", as.LagSeconds, as.LagBytes)
+	}
+	if eu := target(st, "eu"); eu.LagSeconds != 0 {
+		t.Errorf("eu lag = %.1fs, want 0 (caught up)", eu.LagSeconds)
+	}
+	var sawEU bool
+	for _, s := range st.Switches {
+		if s.Region == "eu" && s.From == peers.PathConnecting && s.To == "eu1" {
+			sawEU = true
+		}
+	}
+	if !sawEU {
+		t.Errorf("switches %+v lack eu: connecting -> eu1", st.Switches)
+	}
+
+	resp, err := http.Get(srv.URL + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{
+		`prism_halted{node="na1",region="na",target="ap"} 1`,
+		`prism_lag_bytes{node="na1",region="na",target="as"} 256`,
+		`prism_acked_lsn{node="na1",region="na",target="eu"} 256`,
+		`prism_reader{node="na1",region="na"} 1`,
+		`prism_halts_total{node="na1",region="na",target="ap"} 1`,
+		`prism_database_up{node="na1",region="na"} 1`,
+		`prism_applied_lsn{node="na1",region="na",source="na"} 256`,
+		"# TYPE prism_retries_total counter",
+		"go_goroutines",
+	} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
+
+	dir := t.TempDir()
+	args := func(extra ...string) []string {
+		return append([]string{"--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+			"--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+			"--user-data-dir=" + filepath.Join(dir, "profile"), "--virtual-time-budget=5000"}, extra...)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	var stderr bytes.Buffer
+	cmd := exec.CommandContext(ctx, browser, args("--dump-dom", srv.URL+"/")...)
+	cmd.Stderr = &stderr
+	dom, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("chromium --dump-dom: %v\n%s", err, &stderr)
+	}
+	for _, want := range []string{
+		"node na1 · region na",
+		`data-region="eu" data-state="ok"`,
+		`data-region="as" data-state="retrying"`,
+		`data-region="ap" data-state="halted"`,
+		">region eu<", ">region as<", ">region ap<", ">eu2<",
+		"connecting", // the switch table
+	} {
+		if !strings.Contains(string(dom), want) {
+			t.Errorf("page DOM lacks %q", want)
+		}
+	}
+	if t.Failed() {
+		t.Logf("DOM:\n%s", dom)
+	}
+
+	shot := filepath.Join(dir, "status.png")
+	cmd = exec.CommandContext(ctx, browser, args("--window-size=1000,900", "--screenshot="+shot, srv.URL+"/")...)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("chromium --screenshot: %v\n%s", err, out)
+	}
+	f, err := os.Open(shot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	img, err := png.Decode(f)
+	if err != nil {
+		t.Fatalf("screenshot is not a PNG: %v", err)
+	}
+	colors := map[[3]uint32]bool{}
+	b := img.Bounds()
+	for y := b.Min.Y; y < b.Max.Y; y += 3 {
+		for x := b.Min.X; x < b.Max.X; x += 3 {
+			r, g, bl, _ := img.At(x, y).RGBA()
+			colors[[3]uint32{r >> 8, g >> 8, bl >> 8}] = true
+		}
+	}
+	// Green, amber and red links drawn: look for each colour.
+	has := func(r, g, bl uint32) bool { return colors[[3]uint32{r, g, bl}] }
+	if b.Dx() < 800 || len(colors) < 20 || !has(0x2e, 0x9e, 0x44) || !has(0xe0, 0xa1, 0x00) || !has(0xd2, 0x32, 0x2d) {
+		t.Errorf("screenshot %dx%d has %d colours (green %v amber %v red %v), want a drawn page", b.Dx(), b.Dy(), len(colors),
+			has(0x2e, 0x9e, 0x44), has(0xe0, 0xa1, 0x00), has(0xd2, 0x32, 0x2d))
+	}
+}
