@@ -3,8 +3,8 @@ package node
 import (
 	"encoding/json"
 	"fmt"
-	"net/http"
 	"io"
+	"net/http"
 	"time"
 
 	"github.com/jackc/pglogrepl"
