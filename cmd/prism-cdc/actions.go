@@ -2,11 +2,9 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
-	"net/http"
 	"slices"
 	"text/tabwriter"
 	"time"
@@ -23,52 +21,6 @@ func runAction(ctx context.Context, _ string, cfg *config.Config, log zerolog.Lo
 	if err := node.New(cfg, log).Run(ctx); err != nil {
 		log.Error().Err(err).Msg("node stopped with an error")
 		fmt.Fprintf(stderr, "prism-cdc run: %v\n", err)
-		return exitFail
-	}
-	return exitOK
-}
-
-// statusAction asks the running node (its http address) for its status and
-// prints one row per peer region.
-func statusAction(ctx context.Context, _ string, cfg *config.Config, _ zerolog.Logger, stdout, stderr io.Writer) int {
-	if cfg.HTTP == "" {
-		fmt.Fprintf(stderr, "prism-cdc status: %s has no http address; set http: \"127.0.0.1:9102\" and restart the node\n", cfg.Path)
-		return exitUsage
-	}
-	rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(rctx, http.MethodGet, "http://"+cfg.HTTP+"/status", nil)
-	if err != nil {
-		fmt.Fprintf(stderr, "prism-cdc status: %v\n", err)
-		return exitUsage
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		fmt.Fprintf(stderr, "prism-cdc status: node %s does not answer on %s: %v (is `prism-cdc run` running?)\n", cfg.Node, cfg.HTTP, err)
-		return exitFail
-	}
-	defer resp.Body.Close()
-	var st node.Status
-	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
-		fmt.Fprintf(stderr, "prism-cdc status: bad answer from %s: %v\n", cfg.HTTP, err)
-		return exitFail
-	}
-	fmt.Fprintf(stdout, "node %s (region %s): %s", st.Node, st.Region, st.Role)
-	if st.RoleReason != "" {
-		fmt.Fprintf(stdout, " (%s)", st.RoleReason)
-	}
-	fmt.Fprintf(stdout, ", up %s, last read %s, slot confirmed %s\n\n", st.Uptime, st.LastRead, st.Confirmed)
-	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "TARGET\tPATH\tACKED LSN\tLAG BYTES\tIN FLIGHT\tRETRIES\tFAILOVERS\tFALLBACKS\tLAST ERROR")
-	healthy := true
-	for _, t := range st.Targets {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%s\n", t.Region, t.Path, t.Acked, t.LagBytes, t.WindowTxns, t.Retries, t.Failovers, t.Fallbacks, t.LastError)
-		if len(t.Path) >= 6 && t.Path[:6] == "halted" {
-			healthy = false
-		}
-	}
-	tw.Flush()
-	if !healthy {
 		return exitFail
 	}
 	return exitOK

@@ -45,7 +45,7 @@ func commands() []command {
 	return []command{
 		{"run", "--config FILE", "run one node until SIGINT/SIGTERM (graceful stop)", nodeCommand("run", runAction)},
 		{"doctor", "--config FILE", "check the database and peers; explain every problem", nodeCommandWith("doctor", doctorCommand)},
-		{"status", "--config FILE", "per-region table: acked LSN, lag, active path", nodeCommand("status", statusAction)},
+		{"status", "--config FILE", "per-region table: acked LSN, lag, active path", nodeCommandWith("status", statusCommand)},
 		{"verify", "--config FILE", "compare every replicated table across regions", nodeCommandWith("verify", verifyCommand)},
 		{"bootstrap", "--config FILE --from REGION", "copy a peer region into this region and join it to replication", bootstrapCommand},
 		{"deadletters", "list|retry --config FILE", "list parked transactions, or retry them (--id N | --all)", deadLettersCommand},
