@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -210,6 +211,17 @@ func TestStatusMetricsAndPage(t *testing.T) {
 	} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("/metrics lacks %q", want)
+		}
+	}
+
+	// Every metric the Grafana dashboard queries exists.
+	dash, err := os.ReadFile("../../configs/grafana-dashboard.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range regexp.MustCompile(`prism_[a-z_]+`).FindAllString(string(dash), -1) {
+		if !strings.Contains(string(body), "\n"+name+"{") {
+			t.Errorf("configs/grafana-dashboard.json queries %s, which /metrics does not export", name)
 		}
 	}
 
