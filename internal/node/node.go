@@ -419,6 +419,10 @@ func (n *Node) checkpoint() pglogrepl.LSN {
 func (n *Node) checkpointLoop(ctx context.Context) {
 	t := time.NewTicker(200 * time.Millisecond)
 	defer t.Stop()
+	// The slot's WAL retention is watched alongside; stopped with ctx.
+	watched := make(chan struct{})
+	go func() { defer close(watched); n.watchSlot(ctx) }()
+	defer func() { <-watched }()
 	for {
 		select {
 		case <-ctx.Done():
