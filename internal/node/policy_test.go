@@ -229,6 +229,10 @@ func TestApplyErrorHalt(t *testing.T) {
 	d.eventually(10*time.Second, "na1 reports eu no longer halted", func() bool {
 		return !strings.HasPrefix(d.target("na", "eu").Path, "halted")
 	})
+	dls, err := d.applier("eu").DeadLetters(context.Background(), "na")
+	if err != nil || len(dls) != 1 || dls[0].Status != apply.StatusResolved {
+		t.Fatalf("dead letters after the fix = %+v, %v; want one resolved", dls, err)
+	}
 }
 
 func TestApplyErrorHaltSkip(t *testing.T) {

@@ -28,6 +28,9 @@ const (
 	StatusRetried = "retried"
 	// StatusSkipped: a halted transaction the operator skipped.
 	StatusSkipped = "skipped"
+	// StatusResolved: a halted transaction applied after the cause was
+	// fixed (the origin's progress passed it).
+	StatusResolved = "resolved"
 	// StatusUndoRequested: parked by the undo policy, waiting for the
 	// source to revert it.
 	StatusUndoRequested = "undo_requested"
@@ -451,9 +454,19 @@ func scanDeadLetter(row pgx.Row) (*DeadLetter, error) {
 }
 
 // DeadLetters lists prism.dead_letters in id order. With statuses, only
-// rows in one of them; with source, only that source region's.
+// rows in one of them; with source, only that source region's. Halted
+// transactions the origin's progress has passed since are marked
+// StatusResolved first.
 func (a *Applier) DeadLetters(ctx context.Context, source string, statuses ...string) ([]*DeadLetter, error) {
 	if err := a.ensureSetup(ctx); err != nil {
+		return nil, fmt.Errorf("dead letters: %w", err)
+	}
+	// Halted transactions the origin has passed since were applied after
+	// a fix.
+	if _, err := a.pool.Exec(ctx, `UPDATE prism.dead_letters SET status = $1, resolved_at = clock_timestamp()
+		WHERE status = $2 AND end_lsn <= CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin
+			WHERE roname = 'prism_' || source_region) THEN pg_replication_origin_progress('prism_' || source_region, true) END`,
+		StatusResolved, StatusHalted); err != nil {
 		return nil, fmt.Errorf("dead letters: %w", err)
 	}
 	rows, err := a.pool.Query(ctx, "SELECT "+deadLetterCols+` FROM prism.dead_letters

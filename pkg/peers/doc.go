@@ -21,6 +21,16 @@
 //     order; MinAcked over all target regions is the position the reader may
 //     confirm to its replication slot.
 //
+// A transaction that fails permanently is handed to the ErrorHandler (the
+// apply error policy), on the Server and on the direct-SQL fallback alike.
+// ActionHalt sends a Nack and the shipper retries until the cause is fixed;
+// ActionDeadLetter and ActionUndo mean the transaction was parked and the
+// origin passed it in one database transaction, so it is acknowledged like
+// an applied one and the stream goes on. For ActionUndo the receiver also
+// sends an undo request (the transaction and the error) to the shipper on
+// the same connection, and again on every new connection until the shipper
+// answers with the outcome of its UndoFunc.
+//
 // A path switch never loses or duplicates a transaction: on every new
 // connection the receiver reports the origin's durable progress (Welcome) and
 // the shipper resends its window from just after it.
