@@ -29,7 +29,19 @@ type validator struct {
 // add records a problem at key; the line is the key's own line, or the
 // closest enclosing key's when the key itself is absent.
 func (v *validator) add(key, format string, args ...any) {
-	v.errs = append(v.errs, &Error{File: v.file, Line: v.line(key), Key: key, Msg: fmt.Sprintf(format, args...)})
+	v.errs = append(v.errs, &Error{File: v.file, Line: v.line(key), Key: key, Msg: clip(fmt.Sprintf(format, args...))})
+}
+
+// maxMsg bounds one problem's message: a value of megabytes quoted back
+// would bury the problem.
+const maxMsg = 1024
+
+// clip shortens a message longer than maxMsg in its middle.
+func clip(s string) string {
+	if len(s) <= maxMsg {
+		return s
+	}
+	return fmt.Sprintf("%s ...(%d bytes left out)... %s", strings.ToValidUTF8(s[:maxMsg/2], ""), len(s)-maxMsg*3/4, strings.ToValidUTF8(s[len(s)-maxMsg/4:], ""))
 }
 
 func (v *validator) line(key string) int {
