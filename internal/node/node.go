@@ -99,7 +99,10 @@ func (n *Node) Run(ctx context.Context) error {
 		TLS:           serverTLS,
 		Insecure:      n.plaintext(),
 		AcceptRegions: accept,
-		Errors:        newErrorPolicy(n.cfg, n.log),
+		// Heartbeats during a long apply keep the shippers from giving up
+		// on it: well below delivery.ack_timeout (the same on every node).
+		Heartbeat: min(time.Second, n.cfg.Delivery.AckTimeout/4),
+		Errors:    newErrorPolicy(n.cfg, n.log),
 	}, applier, n.log.With().Str("component", "server").Logger())
 
 	// runCtx outlives ctx: after a stop signal the shippers and the server
