@@ -1,0 +1,93 @@
+package bootstrap_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/rs/zerolog"
+
+	"github.com/prism-cdc/prism-cdc/internal/bootstrap"
+	"github.com/prism-cdc/prism-cdc/internal/pgtest"
+	"github.com/prism-cdc/prism-cdc/pkg/apply"
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
+)
+
+// TestCopiedRowsKeepCommitTimes checks that last_write_wins decides a
+// write arriving after the bootstrap in the new region as it does in the
+// source: a write from eu committed after a row's version in na (but not
+// yet applied in na when the snapshot was taken) replaces that version in
+// both, and an older one is dropped in both. A copy that stamped rows with
+// the time of the copy would drop the newer write in the new region only.
+func TestCopiedRowsKeepCommitTimes(t *testing.T) {
+	ctx := context.Background()
+	na := pgtest.Start(t, pgtest.Options{Name: "lww-na"})
+	as := pgtest.Start(t, pgtest.Options{Name: "lww-as"})
+	for _, c := range []*pgtest.Cluster{na, as} {
+		if err := c.CreateDatabase(ctx, "app"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := na.Exec(ctx, "app", `CREATE TABLE kv (id int PRIMARY KEY, v text NOT NULL);
+		INSERT INTO kv VALUES (1, 'na-1'), (2, 'na-2');
+		CREATE PUBLICATION prism FOR ALL TABLES`); err != nil {
+		t.Fatal(err)
+	}
+	tv := query[time.Time](t, na, "SELECT pg_xact_commit_timestamp(xmin) FROM kv WHERE id = 1")
+
+	res, err := bootstrap.Run(ctx, bootstrap.Config{
+		Region: "as", DSN: as.DSN("app"), Source: "na",
+		Peers: []bootstrap.Peer{{Region: "na", DSN: na.DSN("app")}, {Region: "eu"}},
+	}, zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Snapshot == 0 || res.Origins["na"] != res.Snapshot || len(res.Tables) != 1 || res.Tables[0].Rows != 2 || res.Tables[0].Timed != 2 {
+		t.Fatalf("Run = %+v, want 2 rows with their commit time and origin na at the snapshot", res)
+	}
+	copied := query[time.Time](t, as, "SELECT pg_xact_commit_timestamp(xmin) FROM kv WHERE id = 1")
+	if !copied.Equal(tv) {
+		t.Fatalf("copied row's commit time = %s, want the source's %s", copied, tv)
+	}
+	if o := query[string](t, as, "SELECT o.roname FROM kv, pg_xact_commit_timestamp_origin(kv.xmin) c JOIN pg_replication_origin o ON o.roident = c.roident WHERE id = 1"); o != "prism_na" {
+		t.Fatalf("copied row's origin = %q, want prism_na", o)
+	}
+
+	kv := &decode.Relation{ID: 1, Schema: "public", Table: "kv", ReplicaIdentity: decode.IdentityDefault, Columns: []decode.Column{
+		{Name: "id", TypeOID: 23, TypeName: "int4", TypeMod: -1, Key: true},
+		{Name: "v", TypeOID: 25, TypeName: "text", TypeMod: -1},
+	}}
+	update := func(lsn pglogrepl.LSN, at time.Time, id, v string) *decode.Txn {
+		return &decode.Txn{Origin: "eu", CommitLSN: lsn - 8, EndLSN: lsn, CommitTime: at, Changes: []decode.Change{{
+			Op: decode.OpUpdate, Rel: kv,
+			New: []decode.Value{{Kind: decode.ValueText, Data: []byte(id)}, {Kind: decode.ValueText, Data: []byte(v)}},
+		}}}
+	}
+	newer := update(0x1000, tv.Add(time.Millisecond), "1", "eu-newer")
+	older := update(0x2000, tv.Add(-time.Hour), "2", "eu-older")
+	for _, r := range []struct {
+		name string
+		c    *pgtest.Cluster
+	}{{"na", na}, {"as", as}} {
+		pool, err := pgxpool.New(ctx, r.c.DSN("app"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		a := apply.NewApplier(pool, zerolog.Nop(), apply.WithLocalRegion(r.name))
+		for _, txn := range []*decode.Txn{newer, older} {
+			if err := a.Apply(ctx, txn); err != nil {
+				pool.Close()
+				t.Fatalf("apply in %s: %v", r.name, err)
+			}
+		}
+		pool.Close()
+		if v := query[string](t, r.c, "SELECT v FROM kv WHERE id = 1"); v != "eu-newer" {
+			t.Errorf("%s: row 1 = %q after a newer write from eu, want eu-newer", r.name, v)
+		}
+		if v := query[string](t, r.c, "SELECT v FROM kv WHERE id = 2"); v != "na-2" {
+			t.Errorf("%s: row 2 = %q after an older write from eu, want na-2", r.name, v)
+		}
+	}
+}
