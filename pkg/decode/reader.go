@@ -55,6 +55,14 @@ type ReaderConfig struct {
 	// while the consumer is not calling Next; default 1s. Keep it well
 	// below the server's wal_sender_timeout.
 	StatusInterval time.Duration
+	// MaxStall is how long the stream may stay unread while the consumer
+	// is behind (not calling Next) before the Reader closes the
+	// replication connection; it reconnects once the consumer takes a
+	// transaction again, and the server resends what was not handed out.
+	// A walsender blocked writing to a client that does not read cannot
+	// be ended by the server, which then cannot invalidate the slot and
+	// holds up checkpoints. Default 30s.
+	MaxStall time.Duration
 }
 
 // ReaderStats are counters for status pages and metrics.
@@ -92,7 +100,7 @@ type Reader struct {
 	stats     ReaderStats
 
 	// Owned by the loop goroutine.
-	lastQueued pglogrepl.LSN // EndLSN of the last Txn queued: never queue one at or below it
+	lastQueued pglogrepl.LSN // EndLSN of the last Txn put into out: never queue one at or below it
 	idle       pglogrepl.LSN // highest keepalive position confirmed while nothing was in flight
 	streamed   bool          // a session reached START_REPLICATION once
 }
@@ -110,6 +118,9 @@ func NewReader(cfg ReaderConfig, log zerolog.Logger) *Reader {
 	}
 	if cfg.StatusInterval <= 0 {
 		cfg.StatusInterval = time.Second
+	}
+	if cfg.MaxStall <= 0 {
+		cfg.MaxStall = 30 * time.Second
 	}
 	return &Reader{
 		cfg: cfg,
@@ -217,6 +228,24 @@ func (r *Reader) Close() error {
 	return nil
 }
 
+// errStalled ends a session whose consumer stayed behind for MaxStall.
+var errStalled = errors.New("consumer behind: stream left unread too long")
+
+// waitForRoom waits until the consumer has taken a transaction from the
+// buffer, or ctx ends (false).
+func (r *Reader) waitForRoom(ctx context.Context) bool {
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for len(r.out) == cap(r.out) {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-t.C:
+		}
+	}
+	return true
+}
+
 // permanentError marks an error that reconnecting cannot fix.
 type permanentError struct{ err error }
 
@@ -242,6 +271,14 @@ func (r *Reader) run(ctx context.Context) error {
 		}
 		if errors.Is(err, ErrSlotBusy) && !r.streamed {
 			return err
+		}
+		if errors.Is(err, errStalled) {
+			r.log.Info().Dur("stalled", r.cfg.MaxStall).Msg("consumer behind: replication connection released until it takes a transaction")
+			if !r.waitForRoom(ctx) {
+				return ErrClosed
+			}
+			backoff = minBackoff
+			continue
 		}
 		// One warning per lost stream; the attempts that follow until it
 		// is back are logged at debug.
@@ -469,6 +506,7 @@ func (r *Reader) session(ctx context.Context) (progressed bool, err error) {
 func (r *Reader) stream(ctx context.Context, conn *pgconn.PgConn) error {
 	asm := NewAssembler(r.cfg.Region)
 	var pending *Txn // completed, waiting for room in r.out
+	var stalledSince time.Time
 	nextStatus := time.Now()
 	ticker := time.NewTicker(r.cfg.StatusInterval)
 	defer ticker.Stop()
@@ -485,9 +523,13 @@ func (r *Reader) stream(ctx context.Context, conn *pgconn.PgConn) error {
 			// server's wal_sender_timeout from cutting the stream.
 			select {
 			case r.out <- pending:
+				r.queued(pending)
 				pending = nil
 			case <-ticker.C:
 				nextStatus = time.Now()
+				if time.Since(stalledSince) > r.cfg.MaxStall {
+					return errStalled
+				}
 			case <-ctx.Done():
 				return ctx.Err()
 			}
@@ -537,6 +579,7 @@ func (r *Reader) stream(ctx context.Context, conn *pgconn.PgConn) error {
 				}
 				if txn != nil {
 					pending = r.admit(txn)
+					stalledSince = time.Now()
 				}
 			default:
 				return fmt.Errorf("receive: unknown CopyData message %q", m.Data[0])
@@ -558,7 +601,8 @@ func (r *Reader) setStreaming(on bool) {
 }
 
 // admit counts a decoded transaction and returns it unless it is a resend
-// of one already queued.
+// of one already queued. It does not mark it queued: until it is in r.out
+// (queued), a lost stream must let the server's resend through.
 func (r *Reader) admit(txn *Txn) *Txn {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -567,9 +611,15 @@ func (r *Reader) admit(txn *Txn) *Txn {
 		r.log.Debug().Stringer("end", txn.EndLSN).Msg("skipped a resent transaction")
 		return nil
 	}
+	return txn
+}
+
+// queued records that txn is in r.out, where the consumer will take it.
+func (r *Reader) queued(txn *Txn) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	r.lastQueued = txn.EndLSN
 	r.stats.LastEndLSN = txn.EndLSN
-	return txn
 }
 
 // maybeIdleAdvance lets the slot advance past WAL that holds nothing for

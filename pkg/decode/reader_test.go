@@ -530,3 +530,93 @@ func TestReaderKeepaliveWhileBlocked(t *testing.T) {
 		t.Fatalf("Stats().Reconnects = %d, want 0: the stream was cut while blocked", s.Reconnects)
 	}
 }
+
+// TestReaderStreamLostWhileConsumerBehind loses the stream while a decoded
+// transaction waits for room in the reader's buffer (the consumer is not
+// calling Next). The server sends that transaction again after the
+// reconnect, and it must be delivered then: it was never handed out, so it
+// is not a resend to drop.
+func TestReaderStreamLostWhileConsumerBehind(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c := pgtest.Start(t, pgtest.Options{Name: "lostpending"})
+	exec(ctx, t, c, "CREATE TABLE t (id serial PRIMARY KEY, batch int)")
+	r := newTestReader(t, c, ReaderConfig{AppName: "prism_na1", StatusInterval: 100 * time.Millisecond})
+	deadline := time.Now().Add(time.Minute)
+	first := make(chan result, 1)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		txn, err := r.Next(ctx)
+		first <- result{txn, err}
+	}()
+	defer func() { cancel(); <-done }()
+	poll(t, deadline, "slot active", func() bool { return slotActive(ctx, t, c, "prism_na") })
+	exec(ctx, t, c, "INSERT INTO t (batch) VALUES (1)")
+	if txn := recv(t, first, deadline); batchOf(t, txn) != 1 {
+		t.Fatalf("got batch %d, want 1", batchOf(t, txn))
+	}
+	// Batches 2-5 fill the buffer, 6 waits for room, 7 stays unread.
+	for b := 2; b <= 7; b++ {
+		exec(ctx, t, c, fmt.Sprintf("INSERT INTO t (batch) VALUES (%d)", b))
+	}
+	poll(t, deadline, "batch 6 decoded", func() bool { return r.Stats().Received >= 6 })
+	if n := query[int](ctx, t, c, "SELECT count(pg_terminate_backend(pid))::int FROM pg_stat_replication WHERE application_name = 'prism_na1'"); n != 1 {
+		t.Fatalf("terminated %d walsenders, want 1", n)
+	}
+	poll(t, deadline, "stream lost and noticed", func() bool { return r.Stats().Reconnects >= 1 })
+	for b := 2; b <= 7; b++ {
+		nctx, ncancel := context.WithTimeout(ctx, 30*time.Second)
+		txn, err := r.Next(nctx)
+		ncancel()
+		if err != nil {
+			t.Fatalf("Next() for batch %d = %v (batches lost after the stream was cut)", b, err)
+		}
+		if got := batchOf(t, txn); got != b {
+			t.Fatalf("got batch %d, want %d: a transaction decoded but not yet handed out was dropped as a resend", got, b)
+		}
+	}
+}
+
+// TestReaderReleasesStalledStream leaves the consumer behind for longer
+// than MaxStall: the Reader must close the replication connection (a
+// walsender blocked on a client that does not read holds up slot
+// invalidation and checkpoints), come back once Next is called, and lose
+// nothing.
+func TestReaderReleasesStalledStream(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c := pgtest.Start(t, pgtest.Options{Name: "stalled"})
+	exec(ctx, t, c, "CREATE TABLE t (id serial PRIMARY KEY, batch int)")
+	r := newTestReader(t, c, ReaderConfig{AppName: "prism_na1", StatusInterval: 100 * time.Millisecond, MaxStall: time.Second})
+	deadline := time.Now().Add(time.Minute)
+	first := make(chan result, 1)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		txn, err := r.Next(ctx)
+		first <- result{txn, err}
+	}()
+	defer func() { cancel(); <-done }()
+	poll(t, deadline, "slot active", func() bool { return slotActive(ctx, t, c, "prism_na") })
+	exec(ctx, t, c, "INSERT INTO t (batch) VALUES (1)")
+	if txn := recv(t, first, deadline); batchOf(t, txn) != 1 {
+		t.Fatalf("got batch %d, want 1", batchOf(t, txn))
+	}
+	for b := 2; b <= 9; b++ {
+		exec(ctx, t, c, fmt.Sprintf("INSERT INTO t (batch) VALUES (%d)", b))
+	}
+	poll(t, deadline, "replication connection released", func() bool { return !slotActive(ctx, t, c, "prism_na") })
+	for b := 2; b <= 9; b++ {
+		nctx, ncancel := context.WithTimeout(ctx, 30*time.Second)
+		txn, err := r.Next(nctx)
+		ncancel()
+		if err != nil {
+			t.Fatalf("Next() for batch %d = %v", b, err)
+		}
+		if got := batchOf(t, txn); got != b {
+			t.Fatalf("got batch %d, want %d", got, b)
+		}
+	}
+	poll(t, deadline, "slot read again", func() bool { return slotActive(ctx, t, c, "prism_na") })
+}
