@@ -44,7 +44,10 @@ func (n *Node) watchSlot(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		if role, _ := n.currentRole(); role != RoleReader {
+		n.mu.Lock()
+		reading := n.term != nil // this node holds the slot (its stream may be paused)
+		n.mu.Unlock()
+		if !reading {
 			continue
 		}
 		qctx, cancel := context.WithTimeout(ctx, SlotCheckInterval)
