@@ -65,12 +65,16 @@ func TestSlotRetentionWarnsThenLostSlotStopsLoudly(t *testing.T) {
 			return ""
 		}
 		defer conn.Close(ctx)
-		conn.QueryRow(ctx, "SELECT coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = 'prism_na'").Scan(&status)
+		var retained int64
+		conn.QueryRow(ctx, `SELECT coalesce(wal_status, ''), coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, -1)
+			FROM pg_replication_slots WHERE slot_name = 'prism_na'`).Scan(&status, &retained)
+		t.Logf("slot prism_na: wal_status %q, %d bytes retained", status, retained)
 		return status
 	}
 
 	fill(48)
 	d.Eventually(60*time.Second, "slot prism_na past max_wal_size", func() bool {
+		fill(4)
 		s := slot()
 		return s == "extended" || s == "unreserved"
 	})
