@@ -204,6 +204,20 @@ func (r *Reader) Confirm(lsn pglogrepl.LSN) {
 	r.mu.Unlock()
 }
 
+// Failed returns the error the Reader stopped with for good (it wraps
+// ErrSlotLost, ErrPublicationMissing or another permanent cause), or nil
+// while it runs or can still run. A consumer blocked elsewhere (e.g. on a
+// full window) polls it, since it is not calling Next to learn of it.
+func (r *Reader) Failed() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var perm *permanentError
+	if errors.As(r.loopErr, &perm) {
+		return r.loopErr
+	}
+	return nil
+}
+
 // Stats returns a snapshot of the Reader's counters.
 func (r *Reader) Stats() ReaderStats {
 	r.mu.Lock()
@@ -232,19 +246,34 @@ func (r *Reader) Close() error {
 var errStalled = errors.New("consumer behind: stream left unread too long")
 
 // waitForRoom waits until the consumer has taken a transaction from the
-// buffer, or ctx ends (false).
-func (r *Reader) waitForRoom(ctx context.Context) bool {
+// buffer. Meanwhile it checks the slot every few seconds, so a slot the
+// server invalidates while the stream is released still stops the Reader
+// (with the permanent error). It returns ErrClosed when ctx ends.
+func (r *Reader) waitForRoom(ctx context.Context) error {
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
+	check := time.Now().Add(slotCheckEvery)
 	for len(r.out) == cap(r.out) {
 		select {
 		case <-ctx.Done():
-			return false
+			return ErrClosed
 		case <-t.C:
 		}
+		if time.Now().After(check) {
+			check = time.Now().Add(slotCheckEvery)
+			if _, err := r.prepare(ctx); err != nil {
+				var perm *permanentError
+				if errors.As(err, &perm) {
+					return err
+				}
+			}
+		}
 	}
-	return true
+	return nil
 }
+
+// slotCheckEvery is how often a released stream's slot is checked.
+const slotCheckEvery = 5 * time.Second
 
 // permanentError marks an error that reconnecting cannot fix.
 type permanentError struct{ err error }
@@ -274,8 +303,9 @@ func (r *Reader) run(ctx context.Context) error {
 		}
 		if errors.Is(err, errStalled) {
 			r.log.Info().Dur("stalled", r.cfg.MaxStall).Msg("consumer behind: replication connection released until it takes a transaction")
-			if !r.waitForRoom(ctx) {
-				return ErrClosed
+			if err := r.waitForRoom(ctx); err != nil {
+				r.log.Error().Err(err).Msg("reader stopped")
+				return err
 			}
 			backoff = minBackoff
 			continue
