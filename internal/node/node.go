@@ -248,6 +248,17 @@ func standbyPoll(backoff time.Duration) time.Duration {
 }
 
 func (n *Node) readFrom(ctx, shipCtx context.Context, r *decode.Reader) error {
+	// A reader that stops for good (a lost slot) while a full window
+	// blocks Send is not asked for the next transaction: the watcher
+	// cancels the wait with the reader's error.
+	sendCtx, stopSend := context.WithCancelCause(ctx)
+	defer stopSend(nil)
+	sendErr := func(err error) error {
+		if cause := context.Cause(sendCtx); cause != nil && ctx.Err() == nil {
+			return cause
+		}
+		return err
+	}
 	// Start shipping as soon as the reader holds the slot, even before the
 	// first transaction, so status shows the paths of an idle region.
 	watchDone := make(chan struct{})
@@ -264,6 +275,9 @@ func (n *Node) readFrom(ctx, shipCtx context.Context, r *decode.Reader) error {
 			case <-t.C:
 				if r.Stats().Streaming {
 					n.ensureTerm(shipCtx)
+				}
+				if err := r.Failed(); err != nil {
+					stopSend(err)
 				}
 			}
 		}
@@ -286,8 +300,8 @@ func (n *Node) readFrom(ctx, shipCtx context.Context, r *decode.Reader) error {
 		dropInternal(txn)
 		t := n.ensureTerm(shipCtx)
 		for _, s := range t.shippers {
-			if err := s.Send(ctx, txn); err != nil {
-				return err
+			if err := s.Send(sendCtx, txn); err != nil {
+				return sendErr(err)
 			}
 		}
 		n.mu.Lock()
