@@ -206,15 +206,28 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) (*Result, error) {
 			others = append(others, p.Region)
 		}
 	}
-	snap, err := takeSnapshot(ctx, src.DSN, cfg.Region, others, log)
+	snap, err := takeSnapshot(ctx, src.DSN, cfg.Region)
 	if err != nil {
 		return nil, err
 	}
 	defer snap.close()
+	srcs, err := importSnapshot(ctx, src.DSN, snap, min(cfg.Jobs, len(tables)))
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		for _, c := range srcs {
+			c.Close(context.Background())
+		}
+	}()
+	if err := snap.resolveOrigins(ctx, src.DSN, cfg.Publication, others); err != nil {
+		return nil, err
+	}
+	snap.close()
 	res.Snapshot = snap.lsn
 	log.Info().Stringer("consistent_point", snap.lsn).Interface("origins", lsnStrings(snap.progress)).Msg("snapshot taken")
 
-	stats, err := copyTables(ctx, cfg, src.DSN, snap, tables, ws, log)
+	stats, err := copyTables(ctx, cfg, srcs, tables, ws, log)
 	if err != nil {
 		return nil, err
 	}

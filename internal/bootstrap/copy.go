@@ -18,7 +18,9 @@ import (
 
 // Limits of the rows written with their source commit time.
 const (
-	maxRunRows     = 500     // rows of one source transaction per target transaction
+	maxRunRows     = 5000    // rows of one source transaction per target transaction
+	maxRunBytes    = 4 << 20 // bytes of one run
+	copyRunRows    = 32      // runs this long are written with COPY, shorter ones with INSERT
 	maxBatchStmts  = 4000    // statements per round trip
 	maxBatchBytes  = 4 << 20 // bytes per round trip
 	timestamptzOID = 1184
@@ -91,7 +93,7 @@ func (ws *writers) get(ctx context.Context, origin string) (*originWriter, error
 	if err != nil {
 		return nil, fmt.Errorf("bootstrap: target: %w", err)
 	}
-	w := &originWriter{s: s, ch: make(chan *run, 16), done: make(chan struct{}), prepared: map[*table]string{}}
+	w := &originWriter{s: s, ch: make(chan *run, 4), done: make(chan struct{}), prepared: map[*table]string{}}
 	ws.byOrigin[origin] = w
 	ws.order = append(ws.order, w)
 	ws.wg.Add(1)
@@ -182,8 +184,15 @@ func (ws *writers) close() {
 // is closed.
 func (w *originWriter) loop(ctx context.Context) error {
 	for r := range w.ch {
+		if len(r.rows) >= copyRunRows {
+			if err := w.copyRun(ctx, r); err != nil {
+				return err
+			}
+			continue
+		}
 		b := &pgconn.Batch{}
 		stmts, size := 0, 0
+		var long *run // a long run met while batching, written after the batch
 		add := func(r *run) error {
 			name, err := w.prepare(ctx, r.t)
 			if err != nil {
@@ -210,6 +219,10 @@ func (w *originWriter) loop(ctx context.Context) error {
 				if !ok {
 					break more
 				}
+				if len(r.rows) >= copyRunRows {
+					long = r
+					break more
+				}
 				if err := add(r); err != nil {
 					return err
 				}
@@ -220,7 +233,45 @@ func (w *originWriter) loop(ctx context.Context) error {
 		if _, err := w.s.conn.ExecBatch(ctx, b).ReadAll(); err != nil {
 			return err
 		}
+		if long != nil {
+			if err := w.copyRun(ctx, long); err != nil {
+				return err
+			}
+		}
 	}
+	return nil
+}
+
+// copyRun writes a long run with binary COPY in one transaction carrying
+// the run's commit time.
+func (w *originWriter) copyRun(ctx context.Context, r *run) error {
+	b := &pgconn.Batch{}
+	b.ExecParams("BEGIN", nil, nil, nil, nil)
+	b.ExecParams("SELECT pg_replication_origin_xact_setup('0/0', $1)", [][]byte{r.ts}, []uint32{timestamptzOID}, []int16{1}, nil)
+	if _, err := w.s.conn.ExecBatch(ctx, b).ReadAll(); err != nil {
+		return err
+	}
+	data := make([]byte, 0, len(copyHeader)+r.size+len(r.rows)*(2+4*len(r.t.columns))+len(copyTrailer))
+	data = append(data, copyHeader...)
+	for _, row := range r.rows {
+		data = binary.BigEndian.AppendUint16(data, uint16(len(row)))
+		for _, f := range row {
+			if f == nil {
+				data = binary.BigEndian.AppendUint32(data, 0xffffffff)
+				continue
+			}
+			data = binary.BigEndian.AppendUint32(data, uint32(len(f)))
+			data = append(data, f...)
+		}
+	}
+	data = append(data, copyTrailer...)
+	if _, err := w.s.conn.CopyFrom(ctx, bytes.NewReader(data), fmt.Sprintf("COPY %s (%s) FROM STDIN (FORMAT binary)", r.t.ident(), r.t.columnList())); err != nil {
+		return fmt.Errorf("copy into %s: %w", r.t.name(), err)
+	}
+	if _, err := w.s.conn.Exec(ctx, "COMMIT").ReadAll(); err != nil {
+		return err
+	}
+	w.rows += int64(len(r.rows))
 	return nil
 }
 
@@ -236,32 +287,33 @@ func (w *originWriter) prepare(ctx context.Context, t *table) (string, error) {
 	return name, nil
 }
 
-// copyTables copies every table at the snapshot with cfg.Jobs workers and
-// waits for every row to be written.
-func copyTables(ctx context.Context, cfg Config, srcDSN string, snap *snapshot, tables []*table, ws *writers, log zerolog.Logger) ([]TableStats, error) {
-	jobs := min(cfg.Jobs, len(tables))
-	ctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-
-	// Every worker imports the snapshot before the exporting connection
-	// (and the temporary slot) goes.
-	srcs := make([]*pgconn.PgConn, 0, jobs)
-	defer func() {
-		for _, c := range srcs {
-			c.Close(context.Background())
-		}
-	}()
-	for i := 0; i < jobs; i++ {
+// importSnapshot opens n source connections in REPEATABLE READ
+// transactions that use the exported snapshot.
+func importSnapshot(ctx context.Context, srcDSN string, snap *snapshot, n int) ([]*pgconn.PgConn, error) {
+	srcs := make([]*pgconn.PgConn, 0, n)
+	for i := 0; i < n; i++ {
 		c, err := dial(ctx, srcDSN, nil)
-		if err != nil {
-			return nil, fmt.Errorf("bootstrap: source: %w", err)
+		if err == nil {
+			srcs = append(srcs, c)
+			_, err = c.Exec(ctx, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '"+strings.ReplaceAll(snap.name, "'", "''")+"'").ReadAll()
 		}
-		srcs = append(srcs, c)
-		if _, err := c.Exec(ctx, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '"+strings.ReplaceAll(snap.name, "'", "''")+"'").ReadAll(); err != nil {
+		if err != nil {
+			for _, c := range srcs {
+				c.Close(context.Background())
+			}
 			return nil, fmt.Errorf("bootstrap: source: import snapshot %s: %w", snap.name, err)
 		}
 	}
-	snap.close()
+	return srcs, nil
+}
+
+// copyTables copies every table with one worker per source connection
+// (each in a transaction using the snapshot) and waits for every row to be
+// written.
+func copyTables(ctx context.Context, cfg Config, srcs []*pgconn.PgConn, tables []*table, ws *writers, log zerolog.Logger) ([]TableStats, error) {
+	jobs := len(srcs)
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
 
 	bulk := make([]*originSession, 0, jobs)
 	defer func() {
@@ -394,7 +446,7 @@ func copyTable(ctx context.Context, cfg Config, src *pgconn.PgConn, tgt *originS
 		if tp.fields[1] != nil {
 			origin = string(tp.fields[1])
 		}
-		if cur != nil && (curOrigin != origin || !bytes.Equal(cur.ts, ts) || len(cur.rows) >= maxRunRows) {
+		if cur != nil && (curOrigin != origin || !bytes.Equal(cur.ts, ts) || len(cur.rows) >= maxRunRows || cur.size >= maxRunBytes) {
 			if err := flush(); err != nil {
 				return err
 			}

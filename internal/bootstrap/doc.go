@@ -21,10 +21,11 @@
 //     pg_dump --schema-only of the source (without schema prism, owners,
 //     privileges and publications) piped into psql --single-transaction, so
 //     a crash leaves either all of it or none.
-//  3. The source snapshot (see below), then parallel workers, each in a
+//  3. The source snapshot (see below); parallel workers, each in a
 //     REPEATABLE READ transaction on the source that imports the exported
-//     snapshot (SET TRANSACTION SNAPSHOT) and copies whole tables with binary
-//     COPY streamed straight into the target.
+//     snapshot (SET TRANSACTION SNAPSHOT); the other regions' positions as
+//     of the snapshot (see below); then the workers copy whole tables with
+//     binary COPY streamed straight into the target.
 //  4. The origins: on the target, prism_<source> is set to the snapshot's
 //     consistent point L and prism_<other> to the source's progress of that
 //     origin as of the snapshot; then the run is marked done and the lock is
@@ -49,16 +50,25 @@
 //
 // What the source had applied from region X is the source's origin
 // prism_X, which is not MVCC: it moves when an applier commits, whatever
-// the snapshot sees. So the run holds prism_X on the source itself
-// (pg_replication_origin_session_setup, one session per region; an origin
-// that does not exist yet is created first) while it reads the progress
-// and creates the slot. While held, no applier can commit a transaction of
-// X on the source, and a session that holds it has seen every earlier
-// commit of X complete (the applier resets the origin only after its
-// commit), so the progress read under the hold is exactly what the
-// snapshot contains. Appliers on the source get ErrBusy meanwhile and
-// retry; a source node may fence a guard: the guards are checked after the
-// slot exists, and the snapshot is taken again when one was lost.
+// the snapshot sees, so reading it next to the snapshot is not enough.
+// Holding prism_X on the source while the snapshot is taken would freeze
+// it, but the source's appliers then fail with ErrBusy, reconnect and
+// fence the holder, so under load the hold rarely survives. The WAL
+// answers instead: every transaction the source applied from X carries an
+// Origin message with X's end LSN, in the source's commit order, which is
+// X's order. After the workers imported the snapshot, the run
+//
+//  1. holds prism_X for a moment and reads its progress P (the hold waits
+//     out an applier between its commit record and the progress update);
+//  2. emits a logical message as a marker and decodes the temporary slot
+//     from L up to it;
+//  3. takes o-1, where o is the origin LSN of the first X transaction after
+//     L: every X transaction in the snapshot ends before o, none after it
+//     does. With no X transaction between L and the marker, the snapshot
+//     holds exactly the X transactions up to P.
+//
+// pgoutput does not send empty transactions; skipping or applying one
+// changes nothing.
 //
 // # Commit times of the copied rows
 //

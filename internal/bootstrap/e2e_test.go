@@ -249,14 +249,22 @@ func testBootstrap(t *testing.T, kill bool) {
 	}
 	t.Logf("writes: %v", written)
 	want := int64(seedRows) + total
+	counts := map[string]int64{}
+	var logged time.Time
 	d.Eventually(120*time.Second, fmt.Sprintf("every region holds %d ledger rows", want), func() bool {
+		all := true
 		for _, r := range d.Regions {
 			n, ok := tryQuery(d.Clusters[r], "SELECT count(*) FROM ledger")
-			if !ok || n != want {
-				return false
+			counts[r] = n
+			all = all && ok && n == want
+		}
+		if !all && time.Since(logged) > 5*time.Second {
+			logged = time.Now()
+			for _, r := range d.Regions {
+				t.Logf("ledger rows: %s %d of %d; na1->%s %s", r, counts[r], want, r, d.Target("na1", r).Path)
 			}
 		}
-		return true
+		return all
 	})
 	for _, c := range d.Clusters {
 		for r, n := range written {

@@ -11,7 +11,7 @@ import (
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5/pgconn"
-	"github.com/rs/zerolog"
+	"github.com/jackc/pgx/v5/pgproto3"
 )
 
 // appName is the application_name of every bootstrap session.
@@ -143,6 +143,7 @@ func (s *originSession) close() {
 // corresponds to.
 type snapshot struct {
 	name     string
+	slot     string
 	lsn      pglogrepl.LSN            // consistent point of the temporary slot
 	progress map[string]pglogrepl.LSN // the source's origin progress per other region
 	repl     *pgconn.PgConn           // keeps the snapshot (and the temporary slot) alive
@@ -157,72 +158,161 @@ func (s *snapshot) close() {
 	}
 }
 
-// takeSnapshot holds the source's origins of the other regions, reads
-// their progress, creates a temporary logical slot exporting its snapshot,
-// and checks that no origin was lost meanwhile (else it starts over).
-func takeSnapshot(ctx context.Context, dsn, target string, others []string, log zerolog.Logger) (*snapshot, error) {
-	var lastErr error
-	for attempt := 1; attempt <= 5; attempt++ {
-		snap, err := trySnapshot(ctx, dsn, target, others, attempt)
-		if err == nil {
-			return snap, nil
-		}
-		if ctx.Err() != nil || !errors.Is(err, errGuardLost) {
-			return nil, err
-		}
-		lastErr = err
-		log.Warn().Err(err).Int("attempt", attempt).Msg("snapshot not consistent with the origins; taking it again")
-	}
-	return nil, lastErr
-}
-
-var errGuardLost = errors.New("a source origin was released while the snapshot was taken")
-
-func trySnapshot(ctx context.Context, dsn, target string, others []string, attempt int) (*snapshot, error) {
-	var guards []*originSession
-	defer func() {
-		for _, g := range guards {
-			g.close()
-		}
-	}()
-	snap := &snapshot{progress: map[string]pglogrepl.LSN{}}
-	for _, r := range others {
-		g, err := holdOrigin(ctx, dsn, originName(r), false, nil)
-		if err != nil {
-			return nil, fmt.Errorf("bootstrap: source: %w", err)
-		}
-		guards = append(guards, g)
-		lsn, err := g.progress(ctx)
-		if err != nil {
-			return nil, fmt.Errorf("bootstrap: source: %w", err)
-		}
-		snap.progress[r] = lsn
-	}
+// takeSnapshot creates a temporary logical slot on the source exporting
+// its snapshot. Until close, the replication connection must run nothing
+// else: importers use the snapshot first, then resolveOrigins.
+func takeSnapshot(ctx context.Context, dsn, target string) (*snapshot, error) {
 	repl, err := dial(ctx, dsn, map[string]string{"replication": "database"})
 	if err != nil {
 		return nil, fmt.Errorf("bootstrap: source replication connection: %w", err)
 	}
-	slot := fmt.Sprintf("prism_bootstrap_%s_%d_%d", slotSafe(target), time.Now().UnixNano()%1000000, attempt)
+	slot := fmt.Sprintf("prism_bootstrap_%s_%d", slotSafe(target), time.Now().UnixNano()%1000000000)
 	res, err := pglogrepl.CreateReplicationSlot(ctx, repl, slot, "pgoutput",
 		pglogrepl.CreateReplicationSlotOptions{Temporary: true, SnapshotAction: "EXPORT_SNAPSHOT"})
 	if err != nil {
 		repl.Close(context.Background())
 		return nil, fmt.Errorf("bootstrap: source: create temporary slot: %w", err)
 	}
-	for _, g := range guards {
-		if !g.held(ctx) {
-			repl.Close(context.Background())
-			return nil, fmt.Errorf("%w (%s)", errGuardLost, g.origin)
-		}
-	}
-	snap.lsn, err = pglogrepl.ParseLSN(res.ConsistentPoint)
+	lsn, err := pglogrepl.ParseLSN(res.ConsistentPoint)
 	if err != nil {
 		repl.Close(context.Background())
 		return nil, fmt.Errorf("bootstrap: source: consistent point %q: %w", res.ConsistentPoint, err)
 	}
-	snap.name = res.SnapshotName
-	snap.repl = repl
-	return snap, nil
+	return &snapshot{name: res.SnapshotName, slot: slot, lsn: lsn, repl: repl, progress: map[string]pglogrepl.LSN{}}, nil
+}
+
+// markerPrefix prefixes the logical message that ends resolveOrigins'
+// decoding; no node asks pgoutput for messages.
+const markerPrefix = "prism_bootstrap"
+
+// resolveOrigins finds, for every other region X, the source's progress of
+// origin prism_X as of the snapshot. The progress is not MVCC, so it is
+// derived from the WAL: each transaction the source applied from X carries
+// an Origin message with X's end LSN. After the snapshot was imported:
+//
+//  1. hold prism_X on the source for a moment and read its progress P:
+//     the hold waits out an applier between its commit record and the
+//     progress update, so every X transaction at or below P has its commit
+//     record in the WAL now;
+//  2. emit a marker message, and decode the temporary slot from the
+//     consistent point L to the marker;
+//  3. if an X transaction follows L, the first one (origin LSN o) is the
+//     first one not in the snapshot, and every earlier one is in it: the
+//     progress as of the snapshot is o-1. Otherwise none of X's commits
+//     lies between L and the marker, so the snapshot holds exactly those
+//     at or below P.
+//
+// Empty transactions are not decoded by pgoutput; skipping or applying one
+// changes nothing. It must be called after every importer has set its
+// snapshot, and ends the exported snapshot.
+func (s *snapshot) resolveOrigins(ctx context.Context, dsn, pub string, others []string) error {
+	held := map[string]pglogrepl.LSN{}
+	for _, r := range others {
+		var lsn pglogrepl.LSN
+		var err error
+		for attempt := 1; ; attempt++ {
+			lsn, err = readHeld(ctx, dsn, originName(r))
+			if err == nil || attempt == 5 || ctx.Err() != nil {
+				break
+			}
+		}
+		if err != nil {
+			return fmt.Errorf("bootstrap: source: %w", err)
+		}
+		held[r] = lsn
+	}
+	token := fmt.Sprintf("%s %d", s.slot, time.Now().UnixNano())
+	mconn, err := dial(ctx, dsn, nil)
+	if err != nil {
+		return fmt.Errorf("bootstrap: source: %w", err)
+	}
+	_, err = mconn.ExecParams(ctx, "SELECT pg_logical_emit_message(false, $1, $2)", [][]byte{[]byte(markerPrefix), []byte(token)}, nil, nil, nil).Close()
+	mconn.Close(context.Background())
+	if err != nil {
+		return fmt.Errorf("bootstrap: source: emit marker: %w", err)
+	}
+	first, err := s.decodeOrigins(ctx, pub, token)
+	if err != nil {
+		return err
+	}
+	for _, r := range others {
+		if o, ok := first[originName(r)]; ok && o > 0 {
+			s.progress[r] = o - 1
+		} else {
+			s.progress[r] = held[r]
+		}
+	}
+	return nil
+}
+
+// readHeld holds origin on the source just long enough to read its
+// progress; an origin that does not exist has progress 0.
+func readHeld(ctx context.Context, dsn, origin string) (pglogrepl.LSN, error) {
+	g, err := holdOrigin(ctx, dsn, origin, false, nil)
+	if err != nil {
+		return 0, err
+	}
+	defer g.close()
+	return g.progress(ctx)
+}
+
+// decodeOrigins streams the temporary slot from the consistent point to
+// the marker and returns the origin LSN of the first transaction of each
+// origin.
+func (s *snapshot) decodeOrigins(ctx context.Context, pub, token string) (map[string]pglogrepl.LSN, error) {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	err := pglogrepl.StartReplication(ctx, s.repl, s.slot, s.lsn, pglogrepl.StartReplicationOptions{
+		PluginArgs: []string{"proto_version '1'", "publication_names '" + strings.ReplaceAll(pub, "'", "''") + "'", "messages 'true'"},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("bootstrap: source: decode temporary slot: %w", err)
+	}
+	first := map[string]pglogrepl.LSN{}
+	for {
+		msg, err := s.repl.ReceiveMessage(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("bootstrap: source: decode temporary slot: %w", err)
+		}
+		cd, ok := msg.(*pgproto3.CopyData)
+		if !ok {
+			if e, ok := msg.(*pgproto3.ErrorResponse); ok {
+				return nil, fmt.Errorf("bootstrap: source: decode temporary slot: %w", pgconn.ErrorResponseToPgError(e))
+			}
+			continue
+		}
+		if len(cd.Data) == 0 {
+			continue
+		}
+		switch cd.Data[0] {
+		case pglogrepl.PrimaryKeepaliveMessageByteID:
+			ka, err := pglogrepl.ParsePrimaryKeepaliveMessage(cd.Data[1:])
+			if err == nil && ka.ReplyRequested {
+				_ = pglogrepl.SendStandbyStatusUpdate(ctx, s.repl, pglogrepl.StandbyStatusUpdate{
+					WALWritePosition: s.lsn, WALFlushPosition: s.lsn, WALApplyPosition: s.lsn})
+			}
+		case pglogrepl.XLogDataByteID:
+			xld, err := pglogrepl.ParseXLogData(cd.Data[1:])
+			if err != nil {
+				return nil, fmt.Errorf("bootstrap: source: decode temporary slot: %w", err)
+			}
+			m, err := pglogrepl.Parse(xld.WALData)
+			if err != nil {
+				// Only Origin and the marker matter here.
+				continue
+			}
+			switch m := m.(type) {
+			case *pglogrepl.OriginMessage:
+				if _, seen := first[m.Name]; !seen {
+					first[m.Name] = m.CommitLSN
+				}
+			case *pglogrepl.LogicalDecodingMessage:
+				if m.Prefix == markerPrefix && string(m.Content) == token {
+					return first, nil
+				}
+			}
+		}
+	}
 }
 
 func slotSafe(s string) string {
