@@ -164,6 +164,9 @@ func (c *Config) Validate() error {
 			v.add("sync", "%s waits for %d regions but there are %d peer regions; write quorum:N with N from 1 to %d, or all",
 				c.Sync, c.Sync.Quorum, len(c.Peers), len(c.Peers))
 		}
+		if c.Spool.Dir == "" {
+			v.add("sync", "%s lets the slot pass regions that have not applied a transaction yet, so they must be read from a spool; set spool.dir (e.g. /var/lib/prism-cdc/spool) or use sync: all", c.Sync)
+		}
 	default:
 		v.add("sync", "%q is not a sync mode; write off, all or quorum:N", c.Sync.Mode)
 	}

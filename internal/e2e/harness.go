@@ -37,6 +37,8 @@ type Deployment struct {
 	http     map[string]string
 	// Delivery is written into every node's config.
 	Delivery string
+	// Extra, when set, returns more top-level YAML for node name's config.
+	Extra func(name string) string
 	// PeerAddr, when set, is the address a node of region from is given
 	// for node to (e.g. a fault proxy in front of to's listen address);
 	// nil or "" means to's listen address.
@@ -171,6 +173,9 @@ func (d *Deployment) Config(name string) string {
 			}
 			fmt.Fprintf(&b, "      - {name: %s, addr: %q}\n", n, addr)
 		}
+	}
+	if d.Extra != nil {
+		b.WriteString(d.Extra(name))
 	}
 	return b.String()
 }

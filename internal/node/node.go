@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -15,6 +17,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/prism-cdc/prism-cdc/internal/config"
+	"github.com/prism-cdc/prism-cdc/internal/spool"
 	"github.com/prism-cdc/prism-cdc/pkg/apply"
 	"github.com/prism-cdc/prism-cdc/pkg/decode"
 	"github.com/prism-cdc/prism-cdc/pkg/peers"
@@ -42,7 +45,8 @@ type Node struct {
 
 	applier *apply.Applier // this region's database; set by Run before anything ships
 
-	clientTLS *tls.Config // for shippers; nil without auth.tls
+	clientTLS *tls.Config  // for shippers; nil without auth.tls
+	spool     *spool.Spool // nil without spool.dir
 
 	mu        sync.Mutex
 	term      *term // shippers of the current reader term; nil while not reading
@@ -55,8 +59,38 @@ type Node struct {
 }
 
 // New returns a node for a validated configuration.
+//
+// Every session the node opens commits with synchronous_commit = local: it
+// still flushes its own WAL (an ACK means durable), but never waits for
+// synchronous standbys. In sync mode the standby named in
+// synchronous_standby_names is the node's own reader, so a node that
+// waited for it while starting (creating its tables) or while applying
+// other regions' transactions would wait for itself.
 func New(cfg *config.Config, log zerolog.Logger) *Node {
-	return &Node{cfg: cfg, log: log, role: RoleStarting}
+	c := *cfg
+	c.Database = commitLocally(cfg.Database)
+	c.Peers = make([]config.Peer, len(cfg.Peers))
+	for i, p := range cfg.Peers {
+		p.Database = commitLocally(p.Database)
+		c.Peers[i] = p
+	}
+	return &Node{cfg: &c, log: log, role: RoleStarting}
+}
+
+// commitLocally adds synchronous_commit=local to a DSN (key/value or URL)
+// as a run-time parameter of every connection made with it.
+func commitLocally(dsn string) string {
+	if dsn == "" {
+		return dsn
+	}
+	if strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://") {
+		sep := "?"
+		if strings.Contains(dsn, "?") {
+			sep = "&"
+		}
+		return dsn + sep + "synchronous_commit=local"
+	}
+	return dsn + " synchronous_commit=local"
 }
 
 // Run runs the node until ctx is done, then stops gracefully: it stops
@@ -87,6 +121,23 @@ func (n *Node) Run(ctx context.Context) error {
 	ln, err := net.Listen("tcp", n.cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen %s (key listen in %s): %w", n.cfg.Listen, n.cfg.Path, err)
+	}
+	if n.cfg.Spool.Dir != "" {
+		regions := make([]string, 0, len(n.cfg.Peers))
+		for _, p := range n.cfg.Peers {
+			regions = append(regions, p.Region)
+		}
+		sp, err := spool.Open(n.cfg.Spool.Dir, int64(n.cfg.Spool.MaxBytes), regions, n.log.With().Str("component", "spool").Logger())
+		if err != nil {
+			ln.Close()
+			return fmt.Errorf("spool (key spool.dir in %s): %w", n.cfg.Path, err)
+		}
+		n.spool = sp
+		defer func() {
+			if err := sp.Close(); err != nil {
+				n.log.Warn().Err(err).Msg("close spool")
+			}
+		}()
 	}
 	accept := make([]string, 0, len(n.cfg.Peers))
 	for _, p := range n.cfg.Peers {
@@ -206,6 +257,9 @@ func (n *Node) readLoop(ctx, shipCtx context.Context) error {
 			Slot:        n.cfg.Slot,
 			Publication: n.cfg.Publication,
 			AppName:     "prism_" + n.cfg.Node,
+			// In sync mode commits on the source wait for the position
+			// this reader reports: report it promptly.
+			StatusInterval: n.statusInterval(),
 		}, n.log.With().Str("component", "reader").Logger())
 		n.mu.Lock()
 		n.reader = r
@@ -299,9 +353,16 @@ func (n *Node) readFrom(ctx, shipCtx context.Context, r *decode.Reader) error {
 		}
 		dropInternal(txn)
 		t := n.ensureTerm(shipCtx)
-		for _, s := range t.shippers {
-			if err := s.Send(sendCtx, txn); err != nil {
+		if n.spool != nil {
+			// The shippers read the spool at their own pace (feed).
+			if err := n.spool.Append(sendCtx, txn); err != nil {
 				return sendErr(err)
+			}
+		} else {
+			for _, s := range t.shippers {
+				if err := s.Send(sendCtx, txn); err != nil {
+					return sendErr(err)
+				}
 			}
 		}
 		n.mu.Lock()
@@ -354,7 +415,7 @@ func (n *Node) ensureTerm(ctx context.Context) *term {
 			Undo:         newErrorPolicy(n.cfg, n.log).undoFunc(n.applier),
 		}, n.fallback(p), n.log.With().Str("component", "shipper").Str("target", p.Region).Logger()))
 	}
-	for _, s := range t.shippers {
+	for i, s := range t.shippers {
 		t.wg.Add(1)
 		go func(s *peers.Shipper) {
 			defer t.wg.Done()
@@ -362,12 +423,39 @@ func (n *Node) ensureTerm(ctx context.Context) *term {
 				n.log.Error().Err(err).Msg("shipper stopped")
 			}
 		}(s)
+		if n.spool != nil {
+			t.wg.Add(1)
+			go func(region string, s *peers.Shipper) {
+				defer t.wg.Done()
+				n.feed(tctx, region, s)
+			}(n.cfg.Peers[i].Region, s)
+		}
 	}
 	n.term = t
 	n.role = RoleReader
 	n.readerErr = ""
 	n.log.Info().Str("slot", n.cfg.Slot).Int("peer_regions", len(t.shippers)).Msg("holding the region's slot: shipping local writes")
 	return t
+}
+
+// feed hands a region's shipper the spooled transactions above the
+// region's cursor, in order; Send blocks while the shipper's window is
+// full, so a slow region only slows its own feed.
+func (n *Node) feed(ctx context.Context, region string, s *peers.Shipper) {
+	r := n.spool.NewReader(n.spool.Cursor(region))
+	defer r.Close()
+	for {
+		txn, err := r.Next(ctx)
+		if err != nil {
+			if ctx.Err() == nil {
+				n.log.Error().Err(err).Str("target", region).Msg("reading the spool failed: shipping to this region stops; the spool needs repair")
+			}
+			return
+		}
+		if err := s.Send(ctx, txn); err != nil {
+			return
+		}
+	}
 }
 
 // endTerm stops the current term's shippers.
@@ -421,31 +509,106 @@ func (n *Node) setRole(r Role, reason string) {
 
 // checkpoint is the position every region has made durable: the minimum
 // acknowledged LSN over all peer regions (DESIGN invariant 2).
+//
+// With a spool, what is spooled durably no longer needs the slot, so the
+// checkpoint is the spool's durable position - except in sync mode, where
+// commits wait for the regions: "all" reports the minimum acknowledged LSN,
+// "quorum:N" the N-th highest (both capped by the spool).
 func (n *Node) checkpoint() pglogrepl.LSN {
 	n.mu.Lock()
-	defer n.mu.Unlock()
-	if n.term == nil {
-		return 0
+	t := n.term
+	last := n.lastSent
+	n.mu.Unlock()
+	var durable pglogrepl.LSN
+	if n.spool != nil {
+		durable = n.spool.Durable()
 	}
-	if len(n.term.shippers) == 0 {
-		return n.lastSent
+	if t == nil {
+		return durable
 	}
-	return peers.MinAcked(n.term.shippers...)
+	if len(t.shippers) == 0 {
+		if n.spool != nil {
+			return durable
+		}
+		return last
+	}
+	acked := peers.MinAcked(t.shippers...)
+	if n.cfg.Sync.Mode == config.SyncQuorum {
+		acked = nthHighest(t.shippers, n.cfg.Sync.Quorum)
+	}
+	if n.spool == nil {
+		return acked
+	}
+	if n.cfg.Sync.Mode == config.SyncOff {
+		return durable
+	}
+	return min(acked, durable)
+}
+
+// nthHighest is the n-th highest acknowledged LSN over the shippers.
+func nthHighest(shippers []*peers.Shipper, n int) pglogrepl.LSN {
+	acks := make([]pglogrepl.LSN, len(shippers))
+	for i, s := range shippers {
+		acks[i] = s.Acked()
+	}
+	slices.Sort(acks)
+	if n < 1 || n > len(acks) {
+		return acks[0]
+	}
+	return acks[len(acks)-n]
+}
+
+// statusInterval is how often the reader reports its position; in sync
+// mode commits wait for it.
+func (n *Node) statusInterval() time.Duration {
+	if n.cfg.Sync.Mode != config.SyncOff {
+		return 10 * time.Millisecond
+	}
+	return time.Second
 }
 
 func (n *Node) checkpointLoop(ctx context.Context) {
-	t := time.NewTicker(200 * time.Millisecond)
+	every := 200 * time.Millisecond
+	if n.cfg.Sync.Mode != config.SyncOff {
+		every = 5 * time.Millisecond
+	}
+	t := time.NewTicker(every)
 	defer t.Stop()
 	// The slot's WAL retention is watched alongside; stopped with ctx.
 	watched := make(chan struct{})
 	go func() { defer close(watched); n.watchSlot(ctx) }()
 	defer func() { <-watched }()
+	lastCursor := time.Now()
 	for {
 		select {
 		case <-ctx.Done():
+			n.saveCursors()
 			return
 		case <-t.C:
 			n.confirm()
+			if n.spool != nil && time.Since(lastCursor) >= 500*time.Millisecond {
+				n.saveCursors()
+				lastCursor = time.Now()
+			}
+		}
+	}
+}
+
+// saveCursors persists each region's acknowledged position in the spool,
+// which deletes the segments every region has.
+func (n *Node) saveCursors() {
+	if n.spool == nil {
+		return
+	}
+	n.mu.Lock()
+	t := n.term
+	n.mu.Unlock()
+	if t == nil {
+		return
+	}
+	for i, s := range t.shippers {
+		if err := n.spool.SetCursor(n.cfg.Peers[i].Region, s.Acked()); err != nil {
+			n.log.Warn().Err(err).Msg("save spool cursor")
 		}
 	}
 }
@@ -480,6 +643,7 @@ func (n *Node) drain(timeout time.Duration) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	n.confirm()
+	n.saveCursors()
 	n.mu.Lock()
 	holding := n.reader != nil
 	n.mu.Unlock()
