@@ -52,13 +52,15 @@ type writers struct {
 	written map[string]*atomic.Int64
 	errs    chan error
 	wg      sync.WaitGroup
-	stop    context.CancelFunc
+	stop    chan struct{}
 }
 
 func startWriters(t *testing.T, d *e2e.Deployment, regions ...string) *writers {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	w := &writers{written: map[string]*atomic.Int64{}, errs: make(chan error, len(regions)), stop: cancel}
+	// Statements run to completion (never cancelled), so a write is
+	// counted exactly when it committed.
+	ctx := context.Background()
+	w := &writers{written: map[string]*atomic.Int64{}, errs: make(chan error, len(regions)), stop: make(chan struct{})}
 	for _, r := range regions {
 		w.written[r] = new(atomic.Int64)
 		conn, err := d.Clusters[r].Connect(ctx, "app")
@@ -71,7 +73,7 @@ func startWriters(t *testing.T, d *e2e.Deployment, regions ...string) *writers {
 			defer conn.Close(context.Background())
 			for seq := 1; ; seq++ {
 				select {
-				case <-ctx.Done():
+				case <-w.stop:
 					return
 				case <-time.After(3 * time.Millisecond):
 				}
@@ -80,9 +82,7 @@ func startWriters(t *testing.T, d *e2e.Deployment, regions ...string) *writers {
 					UPDATE accounts SET balance = balance + $4, updated_by = $2 WHERE id = $3`,
 					fmt.Sprintf("%s-%06d", r, seq), r, account, int64(seq%13+1))
 				if err != nil {
-					if ctx.Err() == nil {
-						w.errs <- fmt.Errorf("writer %s: %w", r, err)
-					}
+					w.errs <- fmt.Errorf("writer %s: %w", r, err)
 					return
 				}
 				w.written[r].Add(1)
@@ -95,7 +95,7 @@ func startWriters(t *testing.T, d *e2e.Deployment, regions ...string) *writers {
 // Stop stops the writers and returns the writes per region.
 func (w *writers) Stop(t *testing.T) map[string]int64 {
 	t.Helper()
-	w.stop()
+	close(w.stop)
 	w.wg.Wait()
 	select {
 	case err := <-w.errs:
