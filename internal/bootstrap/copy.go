@@ -55,7 +55,7 @@ type writers struct {
 
 type originWriter struct {
 	s        *originSession
-	ch       chan *run
+	ch       chan []*run
 	done     chan struct{}
 	err      error // set before done is closed
 	prepared map[*table]string
@@ -93,7 +93,7 @@ func (ws *writers) get(ctx context.Context, origin string) (*originWriter, error
 	if err != nil {
 		return nil, fmt.Errorf("bootstrap: target: %w", err)
 	}
-	w := &originWriter{s: s, ch: make(chan *run, 4), done: make(chan struct{}), prepared: map[*table]string{}}
+	w := &originWriter{s: s, ch: make(chan []*run, 4), done: make(chan struct{}), prepared: map[*table]string{}}
 	ws.byOrigin[origin] = w
 	ws.order = append(ws.order, w)
 	ws.wg.Add(1)
@@ -110,14 +110,14 @@ func (ws *writers) get(ctx context.Context, origin string) (*originWriter, error
 	return w, nil
 }
 
-// send queues r for the writer of origin.
-func (ws *writers) send(ctx context.Context, origin string, r *run) error {
+// send queues runs for the writer of origin.
+func (ws *writers) send(ctx context.Context, origin string, runs []*run) error {
 	w, err := ws.get(ctx, origin)
 	if err != nil {
 		return err
 	}
 	select {
-	case w.ch <- r:
+	case w.ch <- runs:
 		return nil
 	case <-w.done:
 		return w.err
@@ -180,20 +180,31 @@ func (ws *writers) close() {
 	}
 }
 
-// loop writes the queued runs, several per round trip, until the channel
-// is closed.
+// loop writes the queued runs, short ones several per round trip, until
+// the channel is closed.
 func (w *originWriter) loop(ctx context.Context) error {
-	for r := range w.ch {
-		if len(r.rows) >= copyRunRows {
-			if err := w.copyRun(ctx, r); err != nil {
-				return err
-			}
-			continue
+	b := &pgconn.Batch{}
+	stmts, size := 0, 0
+	exec := func() error {
+		if stmts == 0 {
+			return nil
 		}
-		b := &pgconn.Batch{}
-		stmts, size := 0, 0
-		var long *run // a long run met while batching, written after the batch
-		add := func(r *run) error {
+		_, err := w.s.conn.ExecBatch(ctx, b).ReadAll()
+		b = &pgconn.Batch{}
+		stmts, size = 0, 0
+		return err
+	}
+	for runs := range w.ch {
+		for _, r := range runs {
+			if len(r.rows) >= copyRunRows {
+				if err := exec(); err != nil {
+					return err
+				}
+				if err := w.copyRun(ctx, r); err != nil {
+					return err
+				}
+				continue
+			}
 			name, err := w.prepare(ctx, r.t)
 			if err != nil {
 				return err
@@ -207,36 +218,14 @@ func (w *originWriter) loop(ctx context.Context) error {
 			stmts += len(r.rows) + 3
 			size += r.size
 			w.rows += int64(len(r.rows))
-			return nil
-		}
-		if err := add(r); err != nil {
-			return err
-		}
-	more:
-		for stmts < maxBatchStmts && size < maxBatchBytes {
-			select {
-			case r, ok := <-w.ch:
-				if !ok {
-					break more
-				}
-				if len(r.rows) >= copyRunRows {
-					long = r
-					break more
-				}
-				if err := add(r); err != nil {
+			if stmts >= maxBatchStmts || size >= maxBatchBytes {
+				if err := exec(); err != nil {
 					return err
 				}
-			default:
-				break more
 			}
 		}
-		if _, err := w.s.conn.ExecBatch(ctx, b).ReadAll(); err != nil {
+		if err := exec(); err != nil {
 			return err
-		}
-		if long != nil {
-			if err := w.copyRun(ctx, long); err != nil {
-				return err
-			}
 		}
 	}
 	return nil
@@ -409,13 +398,39 @@ func copyTable(ctx context.Context, cfg Config, src *pgconn.PgConn, tgt *originS
 	if cfg.MaxRate > 0 {
 		rate = float64(cfg.MaxRate) / float64(jobs)
 	}
+	// Runs are handed to the writers in groups, so short runs share
+	// round trips.
+	pending := map[string][]*run{}
+	pendingRows := map[string]int{}
+	pendingBytes := map[string]int{}
 	flush := func() error {
 		if cur == nil {
 			return nil
 		}
-		r := cur
+		pending[curOrigin] = append(pending[curOrigin], cur)
+		pendingRows[curOrigin] += len(cur.rows)
+		pendingBytes[curOrigin] += cur.size
 		cur = nil
-		return ws.send(ctx, curOrigin, r)
+		if pendingRows[curOrigin] < maxRunRows && pendingBytes[curOrigin] < maxRunBytes {
+			return nil
+		}
+		runs := pending[curOrigin]
+		delete(pending, curOrigin)
+		delete(pendingRows, curOrigin)
+		delete(pendingBytes, curOrigin)
+		return ws.send(ctx, curOrigin, runs)
+	}
+	flushAll := func() error {
+		if err := flush(); err != nil {
+			return err
+		}
+		for origin, runs := range pending {
+			if err := ws.send(ctx, origin, runs); err != nil {
+				return err
+			}
+			delete(pending, origin)
+		}
+		return nil
 	}
 	head := make([]byte, 2)
 	sp := &splitter{onTuple: func(tp *tuple) error {
@@ -473,7 +488,7 @@ func copyTable(ctx context.Context, cfg Config, src *pgconn.PgConn, tgt *originS
 		err = sp.done()
 	}
 	if err == nil {
-		err = flush()
+		err = flushAll()
 	}
 	if err == nil {
 		_, err = pw.Write(copyTrailer)
