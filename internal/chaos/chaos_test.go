@@ -389,11 +389,17 @@ func (c *chaos) converge() map[string]bool {
 		regions = append(regions, verify.Region{Name: r, DSN: d.Clusters[r].DSN("app")})
 	}
 	var last verify.Report
-	d.Eventually(5*time.Minute, fmt.Sprintf("every region holds %d ledger rows and identical tables", len(expected)), func() bool {
+	var counts []string
+	settled := func() bool {
+		counts = counts[:0]
+		ok := true
 		for _, r := range d.Regions {
-			if n, err := count(ctx, d, r, "SELECT count(*) FROM ledger"); err != nil || n != len(expected) {
-				return false
-			}
+			n, err := count(ctx, d, r, "SELECT count(*) FROM ledger")
+			counts = append(counts, fmt.Sprintf("%s=%d", r, n))
+			ok = ok && err == nil && n == len(expected)
+		}
+		if !ok {
+			return false
 		}
 		rep, err := verify.Compare(ctx, regions, "prism", time.Second)
 		if err != nil {
@@ -401,7 +407,17 @@ func (c *chaos) converge() map[string]bool {
 		}
 		last = rep
 		return rep.Equal()
-	})
+	}
+	// Not d.Eventually: on a timeout the ledger and invariant checks
+	// still run and say what went wrong.
+	deadline := time.Now().Add(5 * time.Minute)
+	for !settled() {
+		if time.Now().After(deadline) {
+			t.Errorf("regions did not converge within 5m: ledger rows %v, want %d each; verify: %+v\n%s", counts, len(expected), last, d.Logs())
+			return expected
+		}
+		pause(ctx, 200*time.Millisecond)
+	}
 	if len(last.Tables) < 9 {
 		t.Fatalf("verify compared %d tables, want all 9 of the schema", len(last.Tables))
 	}
