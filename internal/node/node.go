@@ -45,8 +45,7 @@ type Node struct {
 
 	applier *apply.Applier // this region's database; set by Run before anything ships
 
-	clientTLS *tls.Config  // for shippers; nil without auth.tls
-	spool     *spool.Spool // nil without spool.dir
+	clientTLS *tls.Config // for shippers; nil without auth.tls
 
 	mu        sync.Mutex
 	term      *term // shippers of the current reader term; nil while not reading
@@ -121,23 +120,6 @@ func (n *Node) Run(ctx context.Context) error {
 	ln, err := net.Listen("tcp", n.cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen %s (key listen in %s): %w", n.cfg.Listen, n.cfg.Path, err)
-	}
-	if n.cfg.Spool.Dir != "" {
-		regions := make([]string, 0, len(n.cfg.Peers))
-		for _, p := range n.cfg.Peers {
-			regions = append(regions, p.Region)
-		}
-		sp, err := spool.Open(n.cfg.Spool.Dir, int64(n.cfg.Spool.MaxBytes), regions, n.log.With().Str("component", "spool").Logger())
-		if err != nil {
-			ln.Close()
-			return fmt.Errorf("spool (key spool.dir in %s): %w", n.cfg.Path, err)
-		}
-		n.spool = sp
-		defer func() {
-			if err := sp.Close(); err != nil {
-				n.log.Warn().Err(err).Msg("close spool")
-			}
-		}()
 	}
 	accept := make([]string, 0, len(n.cfg.Peers))
 	for _, p := range n.cfg.Peers {
@@ -328,7 +310,9 @@ func (n *Node) readFrom(ctx, shipCtx context.Context, r *decode.Reader) error {
 				return
 			case <-t.C:
 				if r.Stats().Streaming {
-					n.ensureTerm(shipCtx)
+					if _, err := n.ensureTerm(shipCtx); err != nil {
+						stopSend(err)
+					}
 				}
 				if err := r.Failed(); err != nil {
 					stopSend(err)
@@ -352,10 +336,13 @@ func (n *Node) readFrom(ctx, shipCtx context.Context, r *decode.Reader) error {
 			return err
 		}
 		dropInternal(txn)
-		t := n.ensureTerm(shipCtx)
-		if n.spool != nil {
+		t, err := n.ensureTerm(shipCtx)
+		if err != nil {
+			return err
+		}
+		if t.spool != nil {
 			// The shippers read the spool at their own pace (feed).
-			if err := n.spool.Append(sendCtx, txn); err != nil {
+			if err := t.spool.Append(sendCtx, txn); err != nil {
 				return sendErr(err)
 			}
 		} else {
@@ -375,24 +362,60 @@ func (n *Node) readFrom(ctx, shipCtx context.Context, r *decode.Reader) error {
 // slot.
 type term struct {
 	shippers []*peers.Shipper
-	cancel   context.CancelFunc
-	wg       sync.WaitGroup
+	regions  []string
+	// spool is open while the term runs (nil without spool.dir): only the
+	// node that holds the slot writes it, so a spool directory shared by
+	// the nodes of a region passes to the next reader with the slot.
+	spool  *spool.Spool
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	log    zerolog.Logger
 }
 
 func (t *term) stop() {
 	t.cancel()
 	t.wg.Wait()
+	if t.spool != nil {
+		t.saveCursors()
+		if err := t.spool.Close(); err != nil {
+			t.log.Warn().Err(err).Msg("close spool")
+		}
+	}
+}
+
+// saveCursors persists each region's acknowledged position in the spool,
+// which deletes the segments every region has.
+func (t *term) saveCursors() {
+	if t.spool == nil {
+		return
+	}
+	for i, s := range t.shippers {
+		if err := t.spool.SetCursor(t.regions[i], s.Acked()); err != nil {
+			t.log.Warn().Err(err).Msg("save spool cursor")
+		}
+	}
 }
 
 // ensureTerm returns the current term, starting one when none runs.
-func (n *Node) ensureTerm(ctx context.Context) *term {
+func (n *Node) ensureTerm(ctx context.Context) (*term, error) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.term != nil {
-		return n.term
+		return n.term, nil
+	}
+	t := &term{log: n.log}
+	for _, p := range n.cfg.Peers {
+		t.regions = append(t.regions, p.Region)
+	}
+	if n.cfg.Spool.Dir != "" {
+		sp, err := spool.Open(n.cfg.Spool.Dir, int64(n.cfg.Spool.MaxBytes), t.regions, n.log.With().Str("component", "spool").Logger())
+		if err != nil {
+			return nil, fmt.Errorf("spool (key spool.dir in %s): %w", n.cfg.Path, err)
+		}
+		t.spool = sp
 	}
 	tctx, cancel := context.WithCancel(ctx)
-	t := &term{cancel: cancel}
+	t.cancel = cancel
 	for _, p := range n.cfg.Peers {
 		nodes := make([]peers.NodeAddr, 0, len(p.Nodes))
 		for _, pn := range p.Nodes {
@@ -423,26 +446,26 @@ func (n *Node) ensureTerm(ctx context.Context) *term {
 				n.log.Error().Err(err).Msg("shipper stopped")
 			}
 		}(s)
-		if n.spool != nil {
+		if t.spool != nil {
 			t.wg.Add(1)
 			go func(region string, s *peers.Shipper) {
 				defer t.wg.Done()
-				n.feed(tctx, region, s)
-			}(n.cfg.Peers[i].Region, s)
+				n.feed(tctx, t.spool, region, s)
+			}(t.regions[i], s)
 		}
 	}
 	n.term = t
 	n.role = RoleReader
 	n.readerErr = ""
 	n.log.Info().Str("slot", n.cfg.Slot).Int("peer_regions", len(t.shippers)).Msg("holding the region's slot: shipping local writes")
-	return t
+	return t, nil
 }
 
 // feed hands a region's shipper the spooled transactions above the
 // region's cursor, in order; Send blocks while the shipper's window is
 // full, so a slow region only slows its own feed.
-func (n *Node) feed(ctx context.Context, region string, s *peers.Shipper) {
-	r := n.spool.NewReader(n.spool.Cursor(region))
+func (n *Node) feed(ctx context.Context, sp *spool.Spool, region string, s *peers.Shipper) {
+	r := sp.NewReader(sp.Cursor(region))
 	defer r.Close()
 	for {
 		txn, err := r.Next(ctx)
@@ -519,15 +542,15 @@ func (n *Node) checkpoint() pglogrepl.LSN {
 	t := n.term
 	last := n.lastSent
 	n.mu.Unlock()
-	var durable pglogrepl.LSN
-	if n.spool != nil {
-		durable = n.spool.Durable()
-	}
 	if t == nil {
-		return durable
+		return 0
+	}
+	var durable pglogrepl.LSN
+	if t.spool != nil {
+		durable = t.spool.Durable()
 	}
 	if len(t.shippers) == 0 {
-		if n.spool != nil {
+		if t.spool != nil {
 			return durable
 		}
 		return last
@@ -536,7 +559,7 @@ func (n *Node) checkpoint() pglogrepl.LSN {
 	if n.cfg.Sync.Mode == config.SyncQuorum {
 		acked = nthHighest(t.shippers, n.cfg.Sync.Quorum)
 	}
-	if n.spool == nil {
+	if t.spool == nil {
 		return acked
 	}
 	if n.cfg.Sync.Mode == config.SyncOff {
@@ -586,7 +609,7 @@ func (n *Node) checkpointLoop(ctx context.Context) {
 			return
 		case <-t.C:
 			n.confirm()
-			if n.spool != nil && time.Since(lastCursor) >= 500*time.Millisecond {
+			if time.Since(lastCursor) >= 500*time.Millisecond {
 				n.saveCursors()
 				lastCursor = time.Now()
 			}
@@ -594,22 +617,13 @@ func (n *Node) checkpointLoop(ctx context.Context) {
 	}
 }
 
-// saveCursors persists each region's acknowledged position in the spool,
-// which deletes the segments every region has.
+// saveCursors persists the current term's acknowledged positions.
 func (n *Node) saveCursors() {
-	if n.spool == nil {
-		return
-	}
 	n.mu.Lock()
 	t := n.term
 	n.mu.Unlock()
-	if t == nil {
-		return
-	}
-	for i, s := range t.shippers {
-		if err := n.spool.SetCursor(n.cfg.Peers[i].Region, s.Acked()); err != nil {
-			n.log.Warn().Err(err).Msg("save spool cursor")
-		}
+	if t != nil {
+		t.saveCursors()
 	}
 }
 
