@@ -17,10 +17,23 @@ import (
 // replication (prism-cdc itself, or another tool) and are not returned;
 // Filtered counts them.
 //
+// With SpillOver, a Begin ... Commit transaction whose changes grow past
+// a threshold is written to a spill file as it arrives and returned with
+// a Spill instead of Changes, so memory does not grow with transaction
+// size. Streamed transactions (protocol 2) stay in memory.
+//
 // An Assembler is not safe for concurrent use. It never keeps a reference
-// to the slices it is fed.
+// to the slices it is fed. Close discards a partly spilled transaction.
 type Assembler struct {
 	region string
+
+	spillDir   string
+	spillAt    int // change bytes above which the open transaction spills; 0: never
+	spillChunk int
+	skip       map[string]bool // schemas whose row changes are dropped
+
+	curBytes int          // change bytes of cur held in memory
+	spill    *spillWriter // cur's spill file once it spilled
 
 	rels  map[uint32]*Relation
 	types map[uint32]string
@@ -43,15 +56,56 @@ type streamTxn struct {
 	filtered bool
 }
 
+// AssemblerOption tunes an Assembler.
+type AssemblerOption func(*Assembler)
+
+// SpillOver makes transactions whose changes exceed bytes (estimated like
+// Txn.Size) spill to an unlinked temporary file in dir, written in chunks
+// of about chunk bytes (0: DefaultSpillChunk). bytes <= 0 never spills.
+func SpillOver(dir string, bytes, chunk int) AssemblerOption {
+	return func(a *Assembler) {
+		a.spillDir, a.spillAt, a.spillChunk = dir, max(bytes, 0), chunk
+	}
+}
+
+// SkipSchemas drops the row changes of tables in the given schemas (and
+// TRUNCATEs of only such tables); the transactions themselves are still
+// returned.
+func SkipSchemas(schemas ...string) AssemblerOption {
+	return func(a *Assembler) {
+		for _, s := range schemas {
+			a.skip[s] = true
+		}
+	}
+}
+
 // NewAssembler returns an Assembler whose transactions name region as
 // their origin.
-func NewAssembler(region string) *Assembler {
-	return &Assembler{
+func NewAssembler(region string, opts ...AssemblerOption) *Assembler {
+	a := &Assembler{
 		region:  region,
 		rels:    make(map[uint32]*Relation),
 		types:   make(map[uint32]string),
 		streams: make(map[uint32]*streamTxn),
+		skip:    map[string]bool{},
 	}
+	for _, o := range opts {
+		o(a)
+	}
+	return a
+}
+
+// Close discards the spill file of a transaction that has not committed.
+func (a *Assembler) Close() {
+	a.dropSpill()
+}
+
+func (a *Assembler) dropSpill() {
+	if a.spill != nil {
+		a.spill.abort()
+		a.spill = nil
+	}
+	a.curBytes = 0
 }
 
 // Filtered returns how many committed transactions were dropped because
@@ -181,6 +235,7 @@ func (a *Assembler) begin(r *buf) error {
 	}
 	a.cur = &Txn{Origin: a.region, Xid: xid, CommitLSN: finalLSN, CommitTime: commitTime}
 	a.curFiltered = false
+	a.dropSpill()
 	return nil
 }
 
@@ -207,9 +262,20 @@ func (a *Assembler) commit(r *buf) (*Txn, error) {
 		return nil, fmt.Errorf("end lsn %s before commit lsn %s", endLSN, commitLSN)
 	}
 	if filtered {
+		a.dropSpill()
 		a.filtered++
 		return nil, nil
 	}
+	if a.spill != nil {
+		sp, err := a.spill.finish()
+		a.spill = nil
+		a.curBytes = 0
+		if err != nil {
+			return nil, err
+		}
+		txn.Spill = sp
+	}
+	a.curBytes = 0
 	txn.EndLSN = endLSN
 	txn.CommitTime = commitTime
 	return txn, nil
@@ -229,6 +295,7 @@ func (a *Assembler) origin(r *buf) error {
 	case a.cur != nil:
 		a.curFiltered = true
 		a.cur.Changes = nil
+		a.dropSpill()
 	default:
 		return errNoTxn
 	}
@@ -296,18 +363,62 @@ func (a *Assembler) add(xid uint32, c Change) error {
 	switch {
 	case a.inStream:
 		st := a.streams[a.streamXid]
-		if st.filtered {
+		if st.filtered || a.skipped(&c) {
 			return nil
 		}
 		st.changes = append(st.changes, c)
 		st.subxids = append(st.subxids, xid)
 	case a.cur != nil:
-		if !a.curFiltered {
-			a.cur.Changes = append(a.cur.Changes, c)
+		if a.curFiltered || a.skipped(&c) {
+			return nil
+		}
+		if a.spill != nil {
+			return a.spill.add(c)
+		}
+		a.cur.Changes = append(a.cur.Changes, c)
+		a.curBytes += changeSize(&c)
+		if a.spillAt > 0 && a.curBytes > a.spillAt {
+			return a.spillCur()
 		}
 	default:
 		return errNoTxn
 	}
+	return nil
+}
+
+// skipped reports whether c is a change to a skipped schema.
+func (a *Assembler) skipped(c *Change) bool {
+	if len(a.skip) == 0 {
+		return false
+	}
+	if c.Op != OpTruncate {
+		return c.Rel != nil && a.skip[c.Rel.Schema]
+	}
+	for _, r := range c.Truncated {
+		if !a.skip[r.Schema] {
+			return false
+		}
+	}
+	return true
+}
+
+// spillCur moves the open transaction's changes to a spill file; the
+// changes that follow go there directly.
+func (a *Assembler) spillCur() error {
+	w, err := newSpillWriter(a.spillDir, a.spillChunk)
+	if err != nil {
+		return err
+	}
+	for _, c := range a.cur.Changes {
+		if err := w.add(c); err != nil {
+			w.abort()
+			return err
+		}
+	}
+	a.spill = w
+	clear(a.cur.Changes)
+	a.cur.Changes = nil
+	a.curBytes = 0
 	return nil
 }
 

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"sync"
@@ -63,7 +65,20 @@ type ReaderConfig struct {
 	// be ended by the server, which then cannot invalidate the slot and
 	// holds up checkpoints. Default 30s.
 	MaxStall time.Duration
+	// SpillBytes is the size of a transaction's changes (estimated like
+	// Txn.Size) above which they are written to a spill file instead of
+	// held in memory; default DefaultSpillBytes, negative never spills.
+	SpillBytes int
+	// SpillDir holds the spill files (unlinked at once: nothing is left
+	// behind); default prism-spill in the system's temporary directory.
+	SpillDir string
+	// SkipSchemas are schemas whose changes are dropped while decoding
+	// (the transactions still pass).
+	SkipSchemas []string
 }
+
+// DefaultSpillBytes is the default ReaderConfig.SpillBytes.
+const DefaultSpillBytes = 32 << 20
 
 // ReaderStats are counters for status pages and metrics.
 type ReaderStats struct {
@@ -121,6 +136,12 @@ func NewReader(cfg ReaderConfig, log zerolog.Logger) *Reader {
 	}
 	if cfg.MaxStall <= 0 {
 		cfg.MaxStall = 30 * time.Second
+	}
+	if cfg.SpillBytes == 0 {
+		cfg.SpillBytes = DefaultSpillBytes
+	}
+	if cfg.SpillDir == "" {
+		cfg.SpillDir = filepath.Join(os.TempDir(), "prism-spill")
 	}
 	return &Reader{
 		cfg: cfg,
@@ -226,8 +247,8 @@ func (r *Reader) Stats() ReaderStats {
 }
 
 // Close stops the Reader's goroutine, closes its connection and waits for
-// both. Transactions not yet returned by Next are dropped; the slot resends
-// them to the next reader.
+// both. Transactions not yet returned by Next are dropped (their spill
+// files released); the slot resends them to the next reader.
 func (r *Reader) Close() error {
 	r.mu.Lock()
 	r.closed = true
@@ -239,7 +260,14 @@ func (r *Reader) Close() error {
 	if done != nil {
 		<-done
 	}
-	return nil
+	for {
+		select {
+		case txn := <-r.out:
+			txn.Spill.Release()
+		default:
+			return nil
+		}
+	}
 }
 
 // errStalled ends a session whose consumer stayed behind for MaxStall.
@@ -534,8 +562,14 @@ func (r *Reader) session(ctx context.Context) (progressed bool, err error) {
 // stream reads the replication stream until an error. It is the only user
 // of conn.
 func (r *Reader) stream(ctx context.Context, conn *pgconn.PgConn) error {
-	asm := NewAssembler(r.cfg.Region)
+	asm := NewAssembler(r.cfg.Region, SpillOver(r.cfg.SpillDir, r.cfg.SpillBytes, 0), SkipSchemas(r.cfg.SkipSchemas...))
+	defer asm.Close()
 	var pending *Txn // completed, waiting for room in r.out
+	defer func() {
+		if pending != nil {
+			pending.Spill.Release() // resent by the server after the reconnect
+		}
+	}()
 	var stalledSince time.Time
 	nextStatus := time.Now()
 	ticker := time.NewTicker(r.cfg.StatusInterval)
@@ -598,6 +632,9 @@ func (r *Reader) stream(ctx context.Context, conn *pgconn.PgConn) error {
 				}
 				filtered := asm.Filtered()
 				txn, err := asm.Feed(xld.WALStart, xld.WALData)
+				if errors.Is(err, errSpillIO) {
+					return err // a disk problem: retried with the resend
+				}
 				if err != nil {
 					return permanent(err)
 				}
@@ -609,6 +646,12 @@ func (r *Reader) stream(ctx context.Context, conn *pgconn.PgConn) error {
 				}
 				if txn != nil {
 					pending = r.admit(txn)
+					if pending == nil {
+						txn.Spill.Release()
+					} else if pending.Spill != nil {
+						r.log.Info().Stringer("end", txn.EndLSN).Int("changes", txn.Spill.Count()).
+							Int64("bytes", txn.Spill.Bytes()).Msg("large transaction spilled to disk")
+					}
 					stalledSince = time.Now()
 				}
 			default:

@@ -135,21 +135,39 @@ type Txn struct {
 	EndLSN     pglogrepl.LSN // idempotency key with Origin; what a region ACKs
 	CommitTime time.Time
 	Changes    []Change
+	// Spill, when set, holds the changes of a transaction too large to
+	// keep in memory; Changes is nil then. Whoever ends the transaction's
+	// journey (every region acknowledged it) calls Spill.Release.
+	Spill *Spill
+}
+
+// ChangeCount is the number of changes, spilled or not.
+func (t *Txn) ChangeCount() int {
+	if t.Spill != nil {
+		return t.Spill.Count()
+	}
+	return len(t.Changes)
 }
 
 // Size is an estimate of the memory the transaction holds, in bytes. The
-// shipper bounds its window of unacknowledged transactions with it.
+// shipper bounds its window of unacknowledged transactions with it. A
+// spilled transaction holds only its header in memory.
 func (t *Txn) Size() int {
 	n := 64 + len(t.Origin)
 	for i := range t.Changes {
-		c := &t.Changes[i]
-		n += 48
-		for _, v := range c.Old {
-			n += 16 + len(v.Data)
-		}
-		for _, v := range c.New {
-			n += 16 + len(v.Data)
-		}
+		n += changeSize(&t.Changes[i])
+	}
+	return n
+}
+
+// changeSize estimates the memory one change holds.
+func changeSize(c *Change) int {
+	n := 48
+	for _, v := range c.Old {
+		n += 16 + len(v.Data)
+	}
+	for _, v := range c.New {
+		n += 16 + len(v.Data)
 	}
 	return n
 }

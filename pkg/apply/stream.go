@@ -1,0 +1,189 @@
+package apply
+
+import (
+	"context"
+	"errors"
+	"io"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
+)
+
+// streamIdleTimeout replaces the apply session's
+// idle_in_transaction_session_timeout while a streamed transaction is
+// open: between chunks the session waits for the network.
+const streamIdleTimeout = "300s"
+
+// ApplyStream applies one source transaction whose changes are too many to
+// hold in memory: next returns them in chunks, in order, and io.EOF after
+// the last chunk. txn is the header (its Changes are ignored). It has
+// Apply's semantics: one target transaction with the origin's progress
+// advanced to txn.EndLSN in the same commit, skipped (next is still read
+// to the end) when the origin already has it. Chunks are applied as they
+// arrive through the same pipelined statements as Apply, so memory holds
+// about one chunk and one pipeline. An error from next rolls everything
+// back and is returned inside an *Error; errors are *Error.
+func (a *Applier) ApplyStream(ctx context.Context, txn *decode.Txn, next func() ([]decode.Change, error)) error {
+	drain := func() error {
+		for {
+			if _, err := next(); errors.Is(err, io.EOF) {
+				return nil
+			} else if err != nil {
+				return newError(txn, "", 0, err)
+			}
+		}
+	}
+	if txn == nil {
+		return &Error{Err: permanent("22023", "nil transaction")}
+	}
+	if txn.Origin == "" || txn.CommitTime.IsZero() || txn.EndLSN == 0 {
+		return newError(txn, "", 0, permanent("22023", "transaction lacks origin, end LSN or commit time"))
+	}
+	if err := a.ensureSetup(ctx); err != nil {
+		return newError(txn, "", 0, err)
+	}
+	source := txn.Origin
+	var s *session
+	var progress pglogrepl.LSN
+	for attempt := 0; ; attempt++ {
+		conn, err := a.pool.Acquire(ctx)
+		if err != nil {
+			return newError(txn, "", 0, err)
+		}
+		s = &session{a: a, conn: conn, origin: originName(source)}
+		progress, err = s.hold(ctx, source)
+		if err == nil {
+			break
+		}
+		closed := conn.Conn().PgConn().IsClosed()
+		s.broken = s.broken || closed
+		s.release()
+		if !closed || attempt > 0 || ctx.Err() != nil {
+			return newError(txn, "", 0, err)
+		}
+	}
+	defer s.release()
+	conn := s.conn
+	held := true
+	defer func() {
+		if held && !s.broken {
+			if _, err := conn.Conn().PgConn().Exec(ctx, "ROLLBACK; SELECT pg_replication_origin_session_reset()").ReadAll(); err != nil {
+				s.broken = true
+			}
+		}
+	}()
+	if txn.EndLSN <= progress {
+		a.log.Debug().Str("origin", source).Stringer("progress", progress).Stringer("end_lsn", txn.EndLSN).Msg("streamed transaction already applied")
+		return drain()
+	}
+
+	pc := conn.Conn().PgConn()
+	setupSD, err := conn.Conn().Prepare(ctx, "prism_txn_setup", txnSetupSQL)
+	if err != nil {
+		return a.fail(s, txn, "", 0, err)
+	}
+	type scmd struct {
+		table string
+		op    decode.Op
+		reset bool
+	}
+	b := &pgconn.Batch{}
+	var cmds []scmd
+	size := 0
+	flush := func(final bool) error {
+		if final {
+			b.ExecParams("SELECT pg_replication_origin_session_reset()", nil, nil, nil, nil)
+			cmds = append(cmds, scmd{reset: true})
+		}
+		res, err := pc.ExecBatch(ctx, b).ReadAll()
+		failed := len(res)
+		for i, r := range res {
+			if r.Err != nil {
+				failed, err = i, r.Err
+				break
+			}
+		}
+		if err == nil {
+			if final {
+				held = false
+			}
+			b, cmds, size = &pgconn.Batch{}, cmds[:0], 0
+			return nil
+		}
+		var pgErr *pgconn.PgError
+		if !errors.As(err, &pgErr) {
+			s.broken = true
+		}
+		if failed < len(cmds) && cmds[failed].reset {
+			// Committed; only releasing the origin failed. Dropping the
+			// connection releases it.
+			s.broken = true
+			a.log.Warn().Err(err).Str("origin", source).Msg("release origin after commit")
+			return nil
+		}
+		if failed < len(cmds) {
+			return a.fail(s, txn, cmds[failed].table, cmds[failed].op, err)
+		}
+		return a.fail(s, txn, "", 0, err)
+	}
+
+	b.ExecParams("BEGIN", nil, nil, nil, nil)
+	b.ExecParams("SET LOCAL idle_in_transaction_session_timeout = '"+streamIdleTimeout+"'", nil, nil, nil, nil)
+	ts := txn.CommitTime.UTC().Format("2006-01-02 15:04:05.999999Z07:00")
+	b.ExecStatement(setupSD, [][]byte{[]byte(txn.EndLSN.String()), []byte(ts), []byte(txn.Origin), []byte(a.local)}, nil, nil)
+	cmds = append(cmds, scmd{}, scmd{}, scmd{})
+	count := 0
+	for {
+		chunk, err := next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return newError(txn, "", 0, err)
+		}
+		for j := range chunk {
+			c := &chunk[j]
+			count++
+			if c.Op == decode.OpTruncate {
+				sql, err := truncateSQL(c)
+				if err != nil {
+					return a.fail(s, txn, relName(c), c.Op, err)
+				}
+				b.ExecParams(sql, nil, nil, nil, nil)
+				size += len(sql)
+			} else {
+				if c.Rel == nil {
+					return a.fail(s, txn, "", c.Op, permanent("22023", "change %d has no relation", count-1))
+				}
+				st, sd, err := a.statementFor(ctx, conn.Conn(), c)
+				if err != nil {
+					return a.fail(s, txn, relName(c), c.Op, err)
+				}
+				vals, formats, err := bind(st, c)
+				if err != nil {
+					return a.fail(s, txn, relName(c), c.Op, err)
+				}
+				b.ExecStatement(sd, vals, formats, nil)
+				size += 32
+				for _, v := range vals {
+					size += len(v) + 8
+				}
+			}
+			cmds = append(cmds, scmd{table: relName(c), op: c.Op})
+			if size > maxPipelineBytes || len(cmds) > maxPipelineCmds {
+				if err := flush(false); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	b.ExecParams("COMMIT", nil, nil, nil, nil)
+	cmds = append(cmds, scmd{})
+	if err := flush(true); err != nil {
+		return err
+	}
+	a.log.Debug().Str("origin", source).Int("changes", count).Stringer("end_lsn", txn.EndLSN).Msg("applied streamed transaction")
+	return nil
+}

@@ -1,0 +1,643 @@
+package decode
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"os"
+	"sync"
+)
+
+// ErrSpillReleased is returned by Spill.Iter and Spill.WriteTo after
+// Release.
+var ErrSpillReleased = errors.New("spilled transaction released")
+
+// errSpillIO wraps a failure to write a spill file. It is not a decoding
+// error: reconnecting (the server resends the transaction) may succeed.
+var errSpillIO = errors.New("spill")
+
+// Spill file layout. The file starts with a fixed header written when the
+// transaction is complete, then chunks:
+//
+//	header: magic[8] count u64 bytes u64 chunks u32 crc32c(previous 28 bytes) u32
+//	chunk:  length u32, crc32c(payload) u32, payload
+//	payload: new relations (u32 count, each: id u32, schema, table, replica
+//	         identity u8, u32 column count, each column: name, type oid u32,
+//	         type name, typmod u32, key u8), then u32 change count and the
+//	         changes (op u8, relation index u32, old row, new row, u32
+//	         truncated count and indexes, truncate flags u8)
+//	row:    u8 0 (nil) or 1, u32 value count, each value: kind u8 and, for
+//	        text and binary values, u32 length and the bytes
+//	string: u32 length and the bytes
+//
+// Relations are numbered in order of definition over the whole file; a
+// chunk defines the relations its changes use first.
+const (
+	spillMagic      = "PRSMSPL1"
+	spillHeaderSize = 32
+	// DefaultSpillChunk is the change data written per spill chunk: the
+	// unit a spilled transaction is read back in.
+	DefaultSpillChunk = 1 << 20
+	noSpillRel        = ^uint32(0)
+)
+
+var spillCRC = crc32.MakeTable(crc32.Castagnoli)
+
+// Spill holds the changes of a transaction too large to keep in memory, in
+// a file. A Txn with a Spill has nil Changes; its changes are read back in
+// chunks, in order, by any number of concurrent iterators.
+//
+// A Spill made by the Assembler owns an unlinked temporary file: its disk
+// space is freed when the Spill is released (or the process exits). A
+// Spill opened with OpenSpill reads a file another owner (the spool) keeps
+// and deletes.
+type Spill struct {
+	f     *os.File // shared descriptor; nil for a Spill opened by path
+	path  string   // for a Spill opened by path
+	size  int64    // file size
+	count int
+	bytes int64
+
+	mu       sync.Mutex
+	readers  int
+	released bool
+}
+
+// Count is the number of changes.
+func (s *Spill) Count() int { return s.count }
+
+// Bytes is the in-memory size of the changes, estimated like Txn.Size.
+func (s *Spill) Bytes() int64 { return s.bytes }
+
+// FileSize is the size of the spill file in bytes.
+func (s *Spill) FileSize() int64 { return s.size }
+
+// Release frees the spill: the file is closed (a temporary one is gone
+// then) once the iterators still open are closed. Later Iter calls fail
+// with ErrSpillReleased. Release is idempotent and safe for concurrent
+// use.
+func (s *Spill) Release() {
+	if s == nil {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.released = true
+	if s.readers == 0 && s.f != nil {
+		s.f.Close()
+		s.f = nil
+	}
+}
+
+// acquire opens a reader of the file: the shared descriptor, or a new one.
+func (s *Spill) acquire() (io.ReaderAt, func(), error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.released {
+		return nil, nil, ErrSpillReleased
+	}
+	if s.f == nil {
+		f, err := os.Open(s.path)
+		if err != nil {
+			return nil, nil, fmt.Errorf("open spill: %w", err)
+		}
+		return f, func() { f.Close() }, nil
+	}
+	s.readers++
+	f := s.f
+	return f, func() {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		s.readers--
+		if s.released && s.readers == 0 && s.f != nil {
+			s.f.Close()
+			s.f = nil
+		}
+	}, nil
+}
+
+// WriteTo copies the spill file, as OpenSpill reads it, to w.
+func (s *Spill) WriteTo(w io.Writer) (int64, error) {
+	r, done, err := s.acquire()
+	if err != nil {
+		return 0, err
+	}
+	defer done()
+	n, err := io.Copy(w, io.NewSectionReader(r, 0, s.size))
+	if err != nil {
+		return n, fmt.Errorf("copy spill: %w", err)
+	}
+	return n, nil
+}
+
+// OpenSpill opens a spill file written by WriteTo. The file must stay in
+// place while the Spill is used; Release does not delete it.
+func OpenSpill(path string) (*Spill, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("open spill: %w", err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("open spill: %w", err)
+	}
+	var hdr [spillHeaderSize]byte
+	if _, err := io.ReadFull(f, hdr[:]); err != nil {
+		return nil, fmt.Errorf("open spill %s: header: %w", path, err)
+	}
+	count, bytes, err := parseSpillHeader(hdr[:])
+	if err != nil {
+		return nil, fmt.Errorf("open spill %s: %w", path, err)
+	}
+	return &Spill{path: path, size: fi.Size(), count: count, bytes: bytes}, nil
+}
+
+func parseSpillHeader(h []byte) (count int, bytes int64, err error) {
+	if string(h[:8]) != spillMagic {
+		return 0, 0, errors.New("not a spill file")
+	}
+	if crc32.Checksum(h[:28], spillCRC) != binary.BigEndian.Uint32(h[28:]) {
+		return 0, 0, errors.New("spill header checksum mismatch")
+	}
+	c := binary.BigEndian.Uint64(h[8:])
+	b := binary.BigEndian.Uint64(h[16:])
+	if c > 1<<40 || b > 1<<62 {
+		return 0, 0, errors.New("spill header out of range")
+	}
+	return int(c), int64(b), nil
+}
+
+// SpillIter reads a spilled transaction's changes back, chunk by chunk.
+// It is not safe for concurrent use; several iterators may read one Spill
+// at once.
+type SpillIter struct {
+	s    *Spill
+	r    *bufio.Reader
+	done func()
+	rels []*Relation
+	buf  []byte
+	left int64 // bytes of chunks not read yet
+	seen int
+	err  error
+}
+
+// Iter returns an iterator over the changes, from the first.
+func (s *Spill) Iter() (*SpillIter, error) {
+	r, done, err := s.acquire()
+	if err != nil {
+		return nil, err
+	}
+	var hdr [spillHeaderSize]byte
+	if _, err := r.ReadAt(hdr[:], 0); err != nil {
+		done()
+		return nil, fmt.Errorf("read spill header: %w", err)
+	}
+	if _, _, err := parseSpillHeader(hdr[:]); err != nil {
+		done()
+		return nil, err
+	}
+	left := s.size - spillHeaderSize
+	return &SpillIter{
+		s:    s,
+		r:    bufio.NewReaderSize(io.NewSectionReader(r, spillHeaderSize, left), 256<<10),
+		done: done,
+		left: left,
+	}, nil
+}
+
+// Next returns the next chunk of changes, or io.EOF after the last one.
+// The changes do not share memory with the iterator or with earlier
+// chunks, except their Relations.
+func (it *SpillIter) Next() ([]Change, error) {
+	if it.err != nil {
+		return nil, it.err
+	}
+	changes, err := it.next()
+	if err != nil {
+		if !errors.Is(err, io.EOF) {
+			err = fmt.Errorf("read spill: %w", err)
+		}
+		it.err = err
+	}
+	return changes, err
+}
+
+func (it *SpillIter) next() ([]Change, error) {
+	if it.left == 0 {
+		if it.seen != it.s.count {
+			return nil, fmt.Errorf("%d changes, header says %d", it.seen, it.s.count)
+		}
+		return nil, io.EOF
+	}
+	var hdr [8]byte
+	if it.left < 8 {
+		return nil, errors.New("truncated chunk header")
+	}
+	if _, err := io.ReadFull(it.r, hdr[:]); err != nil {
+		return nil, err
+	}
+	n := int64(binary.BigEndian.Uint32(hdr[:4]))
+	if n == 0 || n > it.left-8 {
+		return nil, fmt.Errorf("chunk length %d with %d bytes left", n, it.left-8)
+	}
+	if cap(it.buf) < int(n) {
+		it.buf = make([]byte, n)
+	}
+	p := it.buf[:n]
+	if _, err := io.ReadFull(it.r, p); err != nil {
+		return nil, err
+	}
+	it.left -= 8 + n
+	if crc32.Checksum(p, spillCRC) != binary.BigEndian.Uint32(hdr[4:]) {
+		return nil, errors.New("chunk checksum mismatch")
+	}
+	if cap(it.buf) > 4<<20 {
+		it.buf = nil
+	}
+	changes, rels, err := decodeSpillChunk(p, it.rels)
+	if err != nil {
+		return nil, err
+	}
+	it.rels = rels
+	it.seen += len(changes)
+	return changes, nil
+}
+
+// Close ends the iteration and releases its hold on the file.
+func (it *SpillIter) Close() {
+	if it.done != nil {
+		it.done()
+		it.done = nil
+	}
+	if it.err == nil {
+		it.err = errors.New("spill iterator closed")
+	}
+}
+
+// Each calls fn with every chunk of changes in order; it stops at the
+// first error.
+func (s *Spill) Each(fn func([]Change) error) error {
+	it, err := s.Iter()
+	if err != nil {
+		return err
+	}
+	defer it.Close()
+	for {
+		chunk, err := it.Next()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if err := fn(chunk); err != nil {
+			return err
+		}
+	}
+}
+
+// spillWriter appends a transaction's changes to a new spill file.
+type spillWriter struct {
+	f          *os.File
+	w          *bufio.Writer
+	size       int64
+	chunkBytes int
+	rels       map[*Relation]uint32
+	nrels      uint32
+	pend       []Change
+	pendBytes  int
+	count      int
+	bytes      int64
+	chunks     int
+	enc        []byte
+}
+
+// newSpillWriter creates an unlinked temporary file in dir.
+func newSpillWriter(dir string, chunkBytes int) (*spillWriter, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("%w: %w", errSpillIO, err)
+	}
+	f, err := os.CreateTemp(dir, "txn-*.spill")
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", errSpillIO, err)
+	}
+	// Unlinked at once: the space is freed when the descriptor is closed,
+	// also when the process dies.
+	if err := os.Remove(f.Name()); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%w: %w", errSpillIO, err)
+	}
+	w := bufio.NewWriterSize(f, 1<<20)
+	if _, err := w.Write(make([]byte, spillHeaderSize)); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%w: %w", errSpillIO, err)
+	}
+	if chunkBytes <= 0 {
+		chunkBytes = DefaultSpillChunk
+	}
+	return &spillWriter{f: f, w: w, size: spillHeaderSize, chunkBytes: chunkBytes, rels: map[*Relation]uint32{}}, nil
+}
+
+func (w *spillWriter) add(c Change) error {
+	n := changeSize(&c)
+	w.pend = append(w.pend, c)
+	w.pendBytes += n
+	w.count++
+	w.bytes += int64(n)
+	if w.pendBytes >= w.chunkBytes {
+		return w.flushChunk()
+	}
+	return nil
+}
+
+func (w *spillWriter) flushChunk() error {
+	if len(w.pend) == 0 {
+		return nil
+	}
+	e, err := w.encodeChunk()
+	if err != nil {
+		return err
+	}
+	if _, err := w.w.Write(e); err != nil {
+		return fmt.Errorf("%w: %w", errSpillIO, err)
+	}
+	w.size += int64(len(e))
+	w.chunks++
+	if cap(e) <= 4<<20 {
+		w.enc = e[:0]
+	} else {
+		w.enc = nil
+	}
+	return nil
+}
+
+// encodeChunk encodes the pending changes as one chunk, length and
+// checksum included, and clears them.
+func (w *spillWriter) encodeChunk() ([]byte, error) {
+	e := w.enc[:0]
+	e = append(e, 0, 0, 0, 0, 0, 0, 0, 0) // length and checksum, patched below
+	// New relations, in order of first use.
+	nrelAt := len(e)
+	e = binary.BigEndian.AppendUint32(e, 0)
+	var newRels uint32
+	def := func(r *Relation) {
+		if r == nil {
+			return
+		}
+		if _, ok := w.rels[r]; ok {
+			return
+		}
+		w.rels[r] = w.nrels
+		w.nrels++
+		newRels++
+		e = binary.BigEndian.AppendUint32(e, r.ID)
+		e = appendLStr(e, r.Schema)
+		e = appendLStr(e, r.Table)
+		e = append(e, r.ReplicaIdentity)
+		e = binary.BigEndian.AppendUint32(e, uint32(len(r.Columns)))
+		for _, c := range r.Columns {
+			e = appendLStr(e, c.Name)
+			e = binary.BigEndian.AppendUint32(e, c.TypeOID)
+			e = appendLStr(e, c.TypeName)
+			e = binary.BigEndian.AppendUint32(e, uint32(c.TypeMod))
+			e = append(e, boolByte(c.Key))
+		}
+	}
+	for i := range w.pend {
+		def(w.pend[i].Rel)
+		for _, r := range w.pend[i].Truncated {
+			def(r)
+		}
+	}
+	binary.BigEndian.PutUint32(e[nrelAt:], newRels)
+	idx := func(r *Relation) uint32 {
+		if r == nil {
+			return noSpillRel
+		}
+		return w.rels[r]
+	}
+	e = binary.BigEndian.AppendUint32(e, uint32(len(w.pend)))
+	for i := range w.pend {
+		c := &w.pend[i]
+		e = append(e, uint8(c.Op))
+		e = binary.BigEndian.AppendUint32(e, idx(c.Rel))
+		e = appendSpillRow(e, c.Old)
+		e = appendSpillRow(e, c.New)
+		e = binary.BigEndian.AppendUint32(e, uint32(len(c.Truncated)))
+		for _, r := range c.Truncated {
+			e = binary.BigEndian.AppendUint32(e, idx(r))
+		}
+		e = append(e, c.TruncateFlags)
+	}
+	clear(w.pend)
+	w.pend, w.pendBytes = w.pend[:0], 0
+	payload := e[8:]
+	if uint64(len(payload)) > 1<<32-1 {
+		return nil, fmt.Errorf("%w: chunk of %d bytes", errSpillIO, len(payload))
+	}
+	binary.BigEndian.PutUint32(e[0:], uint32(len(payload)))
+	binary.BigEndian.PutUint32(e[4:], crc32.Checksum(payload, spillCRC))
+	return e, nil
+}
+
+// finish writes the last chunk and the header and returns the Spill.
+func (w *spillWriter) finish() (*Spill, error) {
+	if err := w.flushChunk(); err != nil {
+		w.abort()
+		return nil, err
+	}
+	if err := w.w.Flush(); err != nil {
+		w.abort()
+		return nil, fmt.Errorf("%w: %w", errSpillIO, err)
+	}
+	var h [spillHeaderSize]byte
+	copy(h[:], spillMagic)
+	binary.BigEndian.PutUint64(h[8:], uint64(w.count))
+	binary.BigEndian.PutUint64(h[16:], uint64(w.bytes))
+	binary.BigEndian.PutUint32(h[24:], uint32(w.chunks))
+	binary.BigEndian.PutUint32(h[28:], crc32.Checksum(h[:28], spillCRC))
+	if _, err := w.f.WriteAt(h[:], 0); err != nil {
+		w.abort()
+		return nil, fmt.Errorf("%w: %w", errSpillIO, err)
+	}
+	s := &Spill{f: w.f, size: w.size, count: w.count, bytes: w.bytes}
+	w.f = nil
+	return s, nil
+}
+
+// abort discards the file.
+func (w *spillWriter) abort() {
+	if w.f != nil {
+		w.f.Close()
+		w.f = nil
+	}
+	w.pend = nil
+}
+
+func boolByte(b bool) byte {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+func appendLStr(b []byte, s string) []byte {
+	b = binary.BigEndian.AppendUint32(b, uint32(len(s)))
+	return append(b, s...)
+}
+
+func appendSpillRow(b []byte, row []Value) []byte {
+	if row == nil {
+		return append(b, 0)
+	}
+	b = append(b, 1)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(row)))
+	for _, v := range row {
+		b = append(b, uint8(v.Kind))
+		if v.Kind == ValueText || v.Kind == ValueBinary {
+			b = binary.BigEndian.AppendUint32(b, uint32(len(v.Data)))
+			b = append(b, v.Data...)
+		}
+	}
+	return b
+}
+
+// lstr reads a string with a 4-byte length.
+func (r *buf) lstr() string {
+	n := r.u32()
+	if r.err != nil {
+		return ""
+	}
+	if uint64(n) > uint64(len(r.b)) {
+		r.fail(errShort)
+		return ""
+	}
+	s := string(r.b[:n])
+	r.b = r.b[n:]
+	return s
+}
+
+// count reads an element count that the rest of the chunk can hold with
+// at least minSize bytes per element.
+func (r *buf) count(minSize int) int {
+	n := r.u32()
+	if r.err != nil {
+		return 0
+	}
+	if uint64(n)*uint64(minSize) > uint64(len(r.b)) {
+		r.fail(fmt.Errorf("count %d exceeds the %d bytes left", n, len(r.b)))
+		return 0
+	}
+	return int(n)
+}
+
+// decodeSpillChunk parses one chunk payload; rels are the relations
+// defined by earlier chunks, and the returned slice adds this chunk's.
+func decodeSpillChunk(p []byte, rels []*Relation) ([]Change, []*Relation, error) {
+	r := &buf{b: p}
+	nr := r.count(4 + 4 + 4 + 1 + 4)
+	for i := 0; i < nr && r.err == nil; i++ {
+		rel := &Relation{ID: r.u32(), Schema: r.lstr(), Table: r.lstr(), ReplicaIdentity: r.u8()}
+		rel.Columns = make([]Column, r.count(4+4+4+4+1))
+		for j := range rel.Columns {
+			rel.Columns[j] = Column{Name: r.lstr(), TypeOID: r.u32(), TypeName: r.lstr(), TypeMod: int32(r.u32())}
+			rel.Columns[j].Key = r.u8() == 1
+		}
+		rels = append(rels, rel)
+	}
+	ref := func() *Relation {
+		i := r.u32()
+		if r.err != nil || i == noSpillRel {
+			return nil
+		}
+		if uint64(i) >= uint64(len(rels)) {
+			r.fail(fmt.Errorf("relation index %d of %d", i, len(rels)))
+			return nil
+		}
+		return rels[i]
+	}
+	changes := make([]Change, r.count(1+4+1+1+4+1))
+	for i := range changes {
+		c := &changes[i]
+		c.Op = Op(r.u8())
+		c.Rel = ref()
+		c.Old = r.spillRow()
+		c.New = r.spillRow()
+		if m := r.count(4); m > 0 {
+			c.Truncated = make([]*Relation, m)
+			for j := range c.Truncated {
+				c.Truncated[j] = ref()
+			}
+		}
+		c.TruncateFlags = r.u8()
+		if r.err != nil {
+			break
+		}
+		if err := checkSpillChange(c); err != nil {
+			r.fail(fmt.Errorf("change %d: %w", i, err))
+		}
+	}
+	if err := r.end(); err != nil {
+		return nil, rels, err
+	}
+	return changes, rels, nil
+}
+
+func (r *buf) spillRow() []Value {
+	switch r.u8() {
+	case 0:
+		return nil
+	case 1:
+	default:
+		r.fail(errors.New("bad row flag"))
+		return nil
+	}
+	row := make([]Value, r.count(1))
+	for i := range row {
+		k := ValueKind(r.u8())
+		switch k {
+		case ValueNull, ValueUnchanged:
+			row[i] = Value{Kind: k}
+		case ValueText, ValueBinary:
+			row[i] = Value{Kind: k, Data: r.bytes(r.u32())}
+		default:
+			r.fail(fmt.Errorf("bad value kind %d", k))
+		}
+		if r.err != nil {
+			return nil
+		}
+	}
+	return row
+}
+
+// checkSpillChange checks what appliers rely on: a known op, a relation,
+// rows as long as the relation's columns.
+func checkSpillChange(c *Change) error {
+	switch c.Op {
+	case OpInsert, OpUpdate, OpDelete:
+		if c.Rel == nil {
+			return fmt.Errorf("%s without relation", c.Op)
+		}
+		for _, row := range [][]Value{c.Old, c.New} {
+			if row != nil && len(row) != len(c.Rel.Columns) {
+				return fmt.Errorf("%s: %d values for %d columns", c.Op, len(row), len(c.Rel.Columns))
+			}
+		}
+	case OpTruncate:
+		if len(c.Truncated) == 0 || c.Truncated[0] == nil {
+			return errors.New("TRUNCATE without relations")
+		}
+		for _, r := range c.Truncated {
+			if r == nil {
+				return errors.New("TRUNCATE of a missing relation")
+			}
+		}
+	default:
+		return fmt.Errorf("unknown op %d", c.Op)
+	}
+	return nil
+}
