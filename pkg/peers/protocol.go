@@ -13,8 +13,13 @@ import (
 )
 
 // ProtocolVersion is the version of the peer protocol this package speaks.
-// A peer announcing another version is rejected.
-const ProtocolVersion = 1
+// A peer announcing another version is rejected. Version 2 added the
+// streamed transaction frames (TxnBegin, TxnChunk, TxnEnd).
+const ProtocolVersion = 2
+
+// DefaultChunkBytes is the change data a shipper puts in one TxnChunk
+// frame of a streamed transaction (a single larger change goes alone).
+const DefaultChunkBytes = 1 << 20
 
 // DefaultMaxFrame is the default limit on one frame's length: a length
 // prefix above it is rejected before anything is allocated.
@@ -36,6 +41,9 @@ const (
 	frameHeartbeat byte = 'B'
 	frameUndo      byte = 'U' // receiver to shipper: revert a transaction at the source
 	frameUndone    byte = 'D' // shipper to receiver: the outcome of an undo
+	frameTxnBegin  byte = 'S' // a streamed transaction's header
+	frameTxnChunk  byte = 'C' // the next changes of the streamed transaction
+	frameTxnEnd    byte = 'E' // the streamed transaction is complete
 )
 
 // helloProbe marks a Hello that only checks health: the receiver answers
@@ -88,6 +96,26 @@ type heartbeat struct{}
 // txnFrame carries one update message.
 type txnFrame struct {
 	Txn *decode.Txn
+}
+
+// txnBegin opens a streamed transaction: a transaction too large for one
+// frame is sent as TxnBegin, TxnChunk frames in order, and TxnEnd, with
+// nothing else of that connection's shipper in between (heartbeats
+// aside). Txn has no changes; Count is how many the chunks carry.
+type txnBegin struct {
+	Txn   *decode.Txn
+	Count uint64
+}
+
+// txnChunk carries the next changes of the open streamed transaction,
+// with the relations they use.
+type txnChunk struct {
+	Changes []decode.Change
+}
+
+// txnEnd closes the streamed transaction ending at LSN.
+type txnEnd struct {
+	LSN pglogrepl.LSN
 }
 
 // encoder appends big-endian values to a byte slice.
@@ -163,6 +191,19 @@ func appendFrame(b []byte, f any) ([]byte, error) {
 		e.u64(uint64(f.LSN))
 		e.str(f.Status)
 		e.str(f.Note)
+	case *txnBegin:
+		e.u8(frameTxnBegin)
+		if f.Txn == nil {
+			return b, errors.New("encode txn: nil")
+		}
+		encodeTxnHeader(&e, f.Txn)
+		e.u64(f.Count)
+	case *txnChunk:
+		e.u8(frameTxnChunk)
+		encodeChanges(&e, f.Changes)
+	case *txnEnd:
+		e.u8(frameTxnEnd)
+		e.u64(uint64(f.LSN))
 	default:
 		return b, fmt.Errorf("encode frame: unknown frame %T", f)
 	}
@@ -183,6 +224,16 @@ func encodeTxn(e *encoder, t *decode.Txn) error {
 	if t == nil {
 		return errors.New("encode txn: nil")
 	}
+	if t.Spill != nil {
+		return errors.New("encode txn: changes are spilled; stream it")
+	}
+	encodeTxnHeader(e, t)
+	encodeChanges(e, t.Changes)
+	return nil
+}
+
+// encodeTxnHeader writes a transaction's header fields.
+func encodeTxnHeader(e *encoder, t *decode.Txn) {
 	e.str(t.Origin)
 	e.u32(t.Xid)
 	e.u64(uint64(t.CommitLSN))
@@ -194,7 +245,11 @@ func encodeTxn(e *encoder, t *decode.Txn) error {
 		e.u8(1)
 		e.u64(uint64(t.CommitTime.UnixNano()))
 	}
+}
 
+// encodeChanges writes changes: the relations they use (each once,
+// referenced by index), then the changes.
+func encodeChanges(e *encoder, changes []decode.Change) {
 	index := map[*decode.Relation]uint32{}
 	var rels []*decode.Relation
 	ref := func(r *decode.Relation) {
@@ -206,9 +261,9 @@ func encodeTxn(e *encoder, t *decode.Txn) error {
 			rels = append(rels, r)
 		}
 	}
-	for i := range t.Changes {
-		ref(t.Changes[i].Rel)
-		for _, r := range t.Changes[i].Truncated {
+	for i := range changes {
+		ref(changes[i].Rel)
+		for _, r := range changes[i].Truncated {
 			ref(r)
 		}
 	}
@@ -237,9 +292,9 @@ func encodeTxn(e *encoder, t *decode.Txn) error {
 		}
 		return index[r]
 	}
-	e.u32(uint32(len(t.Changes)))
-	for i := range t.Changes {
-		c := &t.Changes[i]
+	e.u32(uint32(len(changes)))
+	for i := range changes {
+		c := &changes[i]
 		e.u8(uint8(c.Op))
 		e.u32(relIndex(c.Rel))
 		encodeRow(e, c.Old)
@@ -250,7 +305,6 @@ func encodeTxn(e *encoder, t *decode.Txn) error {
 		}
 		e.u8(c.TruncateFlags)
 	}
-	return nil
 }
 
 // encodeRow writes a row: a presence byte (a nil row stays nil), the count,
@@ -435,6 +489,12 @@ func decodeFrame(p []byte) (any, error) {
 		f = &undoFrame{Txn: decodeTxn(d), SQLState: d.str("sqlstate"), Message: d.str("message")}
 	case frameUndone:
 		f = &undoneFrame{LSN: pglogrepl.LSN(d.u64("lsn")), Status: d.str("status"), Note: d.str("note")}
+	case frameTxnBegin:
+		f = &txnBegin{Txn: decodeTxnHeader(d), Count: d.u64("count")}
+	case frameTxnChunk:
+		f = &txnChunk{Changes: decodeChanges(d)}
+	case frameTxnEnd:
+		f = &txnEnd{LSN: pglogrepl.LSN(d.u64("lsn"))}
 	default:
 		return nil, fmt.Errorf("%w: unknown type %#x", errFrame, p[0])
 	}
@@ -453,6 +513,16 @@ const (
 )
 
 func decodeTxn(d *decoder) *decode.Txn {
+	t := decodeTxnHeader(d)
+	t.Changes = decodeChanges(d)
+	if d.err != nil {
+		return nil
+	}
+	return t
+}
+
+// decodeTxnHeader reads what encodeTxnHeader wrote.
+func decodeTxnHeader(d *decoder) *decode.Txn {
 	t := &decode.Txn{
 		Origin:    d.str("origin"),
 		Xid:       d.u32("xid"),
@@ -466,7 +536,12 @@ func decodeTxn(d *decoder) *decode.Txn {
 	} else if ns != 0 {
 		d.fail("commit time without flag")
 	}
+	return t
+}
 
+// decodeChanges reads what encodeChanges wrote; nil after an error (and
+// for no changes).
+func decodeChanges(d *decoder) []decode.Change {
 	rels := make([]*decode.Relation, d.count("relations", minRelation))
 	for i := range rels {
 		r := &decode.Relation{
@@ -507,12 +582,12 @@ func decodeTxn(d *decoder) *decode.Txn {
 		return rels[i]
 	}
 
-	n := d.count("changes", minChange)
-	if n > 0 {
-		t.Changes = make([]decode.Change, n)
+	var changes []decode.Change
+	if n := d.count("changes", minChange); n > 0 {
+		changes = make([]decode.Change, n)
 	}
-	for i := range t.Changes {
-		c := &t.Changes[i]
+	for i := range changes {
+		c := &changes[i]
 		c.Op = decode.Op(d.u8("op"))
 		c.Rel = rel("relation")
 		c.Old = decodeRow(d, "old")
@@ -537,8 +612,8 @@ func decodeTxn(d *decoder) *decode.Txn {
 	// Relations are listed in order of first use, each once: anything else
 	// is not what an encoder produces.
 	next := 0
-	for i := range t.Changes {
-		for _, r := range append([]*decode.Relation{t.Changes[i].Rel}, t.Changes[i].Truncated...) {
+	for i := range changes {
+		for _, r := range append([]*decode.Relation{changes[i].Rel}, changes[i].Truncated...) {
 			if r == nil {
 				continue
 			}
@@ -551,7 +626,7 @@ func decodeTxn(d *decoder) *decode.Txn {
 		d.fail("relations unused or out of order")
 		return nil
 	}
-	return t
+	return changes
 }
 
 // checkChange enforces what appliers rely on: a known op, a relation, and

@@ -175,6 +175,9 @@ func FuzzDecodeFrame(f *testing.F) {
 		&ack{LSN: 1},
 		&nack{LSN: 2, SQLState: "23505", Message: "dup", Retryable: true},
 		&heartbeat{},
+		&txnBegin{Txn: &decode.Txn{Origin: "na", Xid: 7, CommitLSN: 8, EndLSN: 9, CommitTime: time.Unix(5, 0).UTC()}, Count: 4},
+		&txnChunk{Changes: sampleTxn().Changes},
+		&txnEnd{LSN: 9},
 	} {
 		f.Add(encode(f, fr)[4:])
 	}

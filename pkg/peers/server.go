@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"slices"
 	"sync"
@@ -313,11 +314,27 @@ func (s *Server) stream(ctx context.Context, fc *frameConn, region string, log z
 	defer cancel(nil)
 	defer fc.close() // unblocks the reader before wg.Wait
 
-	queue := make(chan *decode.Txn, 2*s.cfg.MaxBatch)
+	queue := make(chan *queued, 2*s.cfg.MaxBatch)
 	wg.Add(2)
 	go func() { // reader; owned by stream, ends with the connection or ctx
 		defer wg.Done()
 		defer close(queue)
+		var open *queued // the streamed transaction being received
+		var seen uint64  // its changes received so far
+		defer func() {
+			if open != nil {
+				open.err = fmt.Errorf("streamed transaction %s/%s cut off: %w", region, open.txn.EndLSN, context.Cause(ctx))
+				close(open.chunks)
+			}
+		}()
+		enqueue := func(q *queued) bool {
+			select {
+			case queue <- q:
+				return true
+			case <-ctx.Done():
+				return false
+			}
+		}
 		for {
 			f, err := fc.read(s.cfg.IdleTimeout)
 			if err != nil {
@@ -329,15 +346,40 @@ func (s *Server) stream(ctx context.Context, fc *frameConn, region string, log z
 			case *undoneFrame:
 				s.undone(ctx, region, f, log)
 			case *txnFrame:
-				if f.Txn.Origin != region {
-					cancel(fmt.Errorf("%w: txn of origin %q on a stream of %q", errFrame, f.Txn.Origin, region))
+				if f.Txn.Origin != region || open != nil {
+					cancel(fmt.Errorf("%w: txn of origin %q on a stream of %q, or inside a streamed transaction", errFrame, f.Txn.Origin, region))
 					return
 				}
+				if !enqueue(&queued{txn: f.Txn}) {
+					return
+				}
+			case *txnBegin:
+				if f.Txn.Origin != region || open != nil {
+					cancel(fmt.Errorf("%w: streamed txn of origin %q on a stream of %q, or inside another", errFrame, f.Txn.Origin, region))
+					return
+				}
+				open, seen = &queued{txn: f.Txn, count: f.Count, chunks: make(chan []decode.Change, 2)}, 0
+				if !enqueue(open) {
+					return
+				}
+			case *txnChunk:
+				if open == nil || seen+uint64(len(f.Changes)) > open.count {
+					cancel(fmt.Errorf("%w: chunk outside a streamed transaction or beyond its count", errFrame))
+					return
+				}
+				seen += uint64(len(f.Changes))
 				select {
-				case queue <- f.Txn:
+				case open.chunks <- f.Changes:
 				case <-ctx.Done():
 					return
 				}
+			case *txnEnd:
+				if open == nil || f.LSN != open.txn.EndLSN || seen != open.count {
+					cancel(fmt.Errorf("%w: end of a streamed transaction that is not open or incomplete", errFrame))
+					return
+				}
+				close(open.chunks)
+				open = nil
 			default:
 				cancel(fmt.Errorf("%w: unexpected %T", errFrame, f))
 				return
@@ -363,19 +405,29 @@ func (s *Server) stream(ctx context.Context, fc *frameConn, region string, log z
 	batcher, _ := s.app.(batchApplier)
 	halted := false
 	batch := make([]*decode.Txn, 0, s.cfg.MaxBatch)
-	for txn := range queue {
+	var carry *queued // a streamed transaction that ended a batch
+	for q := range queue {
 		if halted {
-			continue // the shipper decides; drain until it goes away
+			q.drain() // the shipper decides; drain until it goes away
+			continue
 		}
-		batch = append(batch[:0], txn)
+		if q.chunks != nil {
+			carry = q
+		} else {
+			batch = append(batch[:0], q.txn)
+		}
 	more:
-		for batcher != nil && len(batch) < s.cfg.MaxBatch {
+		for carry == nil && batcher != nil && len(batch) < s.cfg.MaxBatch {
 			select {
 			case t, ok := <-queue:
 				if !ok {
 					break more
 				}
-				batch = append(batch, t)
+				if t.chunks != nil {
+					carry = t
+					break more
+				}
+				batch = append(batch, t.txn)
 			default:
 				break more
 			}
@@ -431,8 +483,98 @@ func (s *Server) stream(ctx context.Context, fc *frameConn, region string, log z
 			}
 			batch = rest
 		}
+		batch = batch[:0]
+		if carry != nil {
+			q := carry
+			carry = nil
+			if halted {
+				q.drain()
+				continue
+			}
+			h, err := s.applyStreamed(ctx, fc, q, log)
+			if err != nil {
+				return err
+			}
+			halted = h
+		}
 	}
 	return context.Cause(ctx)
+}
+
+// queued is one transaction on its way from a connection's reader to its
+// applier: in memory (txn has the changes), or streamed, when its changes
+// arrive on chunks, closed after the last one (err set first when the
+// stream broke off).
+type queued struct {
+	txn    *decode.Txn
+	count  uint64
+	chunks chan []decode.Change
+	err    error
+}
+
+// drain discards the rest of a streamed transaction.
+func (q *queued) drain() {
+	if q.chunks != nil {
+		for range q.chunks {
+		}
+	}
+}
+
+// streamApplier is the optional capability of an Applier to apply a
+// transaction whose changes arrive in chunks: next returns them in order
+// and io.EOF after the last. It has Apply's duties (one database
+// transaction, the origin advanced in it, skipped when already applied).
+type streamApplier interface {
+	ApplyStream(ctx context.Context, txn *decode.Txn, next func() ([]decode.Change, error)) error
+}
+
+// applyStreamed applies a streamed transaction as its chunks arrive, then
+// acknowledges it, or nacks it and reports that the stream halted. A
+// failure of the connection (err) ends the stream. Streamed transactions
+// are too large to park: every permanent failure halts.
+func (s *Server) applyStreamed(ctx context.Context, fc *frameConn, q *queued, log zerolog.Logger) (halted bool, err error) {
+	next := func() ([]decode.Change, error) {
+		select {
+		case c, ok := <-q.chunks:
+			if !ok {
+				if q.err != nil {
+					return nil, q.err
+				}
+				return nil, io.EOF
+			}
+			return c, nil
+		case <-ctx.Done():
+			return nil, context.Cause(ctx)
+		}
+	}
+	var aerr error
+	if sa, ok := s.app.(streamApplier); ok {
+		aerr = sa.ApplyStream(ctx, q.txn, next)
+	} else {
+		aerr = fmt.Errorf("apply %s/%s: this node cannot apply streamed transactions", q.txn.Origin, q.txn.EndLSN)
+	}
+	if aerr == nil {
+		if werr := fc.write(s.cfg.IdleTimeout, &ack{LSN: q.txn.EndLSN}); werr != nil {
+			return true, fmt.Errorf("write ack: %w", werr)
+		}
+		return false, nil
+	}
+	if ctx.Err() != nil {
+		return true, context.Cause(ctx)
+	}
+	state, retryable := classify(aerr)
+	msg := describeFailure(q.txn, aerr)
+	ev := log.Warn()
+	if !retryable {
+		ev = log.Error()
+	}
+	ev.Str("error", msg).Stringer("lsn", q.txn.EndLSN).Uint32("xid", q.txn.Xid).Str("sqlstate", state).
+		Bool("retryable", retryable).Msg("apply of a streamed transaction failed; stream stopped")
+	if werr := fc.write(s.cfg.IdleTimeout, &nack{LSN: q.txn.EndLSN, SQLState: state, Message: msg, Retryable: retryable}); werr != nil {
+		return true, fmt.Errorf("write nack: %w", werr)
+	}
+	q.drain()
+	return true, nil
 }
 
 // resolve applies the error policy to a transaction that failed with err.

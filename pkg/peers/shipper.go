@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand"
 	"net"
 	"sort"
@@ -60,6 +61,9 @@ type ShipperConfig struct {
 	// MaxFrame limits one frame's length (default DefaultMaxFrame); it
 	// must not exceed the receivers' limit.
 	MaxFrame int
+	// ChunkBytes is the change data per TxnChunk frame of a spilled
+	// transaction (default DefaultChunkBytes).
+	ChunkBytes int
 	// FenceTimeout bounds fencing a previous holder of the origin before
 	// the direct-SQL fallback applies (default 5s).
 	FenceTimeout time.Duration
@@ -101,6 +105,9 @@ func (c *ShipperConfig) setDefaults() {
 	}
 	if c.MaxFrame <= 0 {
 		c.MaxFrame = DefaultMaxFrame
+	}
+	if c.ChunkBytes <= 0 {
+		c.ChunkBytes = DefaultChunkBytes
 	}
 	if c.FenceTimeout <= 0 {
 		c.FenceTimeout = 5 * time.Second
@@ -625,19 +632,41 @@ func (s *Shipper) session(ctx context.Context, i int) (progressed bool, err erro
 				}
 				continue
 			}
-			frames := make([]any, len(txns))
-			for j, t := range txns {
-				frames[j] = &txnFrame{Txn: t}
-			}
-			if err := fc.write(0, frames...); err != nil {
-				if errors.Is(err, errTooLarge) {
-					cancel(&haltError{LSN: txns[0].EndLSN, SQLState: "", Message: err.Error()})
+			// Transactions in memory go in batches of frames; a spilled
+			// one is streamed in chunks.
+			for len(txns) > 0 {
+				var frames []any
+				for len(txns) > 0 && txns[0].Spill == nil {
+					frames = append(frames, &txnFrame{Txn: txns[0]})
+					txns = txns[1:]
+				}
+				var err error
+				var at pglogrepl.LSN
+				if len(frames) > 0 {
+					at = frames[0].(*txnFrame).Txn.EndLSN
+					if err = fc.write(0, frames...); err == nil {
+						cursor = frames[len(frames)-1].(*txnFrame).Txn.EndLSN
+					}
 				} else {
+					at = txns[0].EndLSN
+					if err = s.streamTxn(fc, txns[0]); err == nil {
+						cursor = txns[0].EndLSN
+						txns = txns[1:]
+					}
+				}
+				var se *spillError
+				switch {
+				case err == nil:
+					continue
+				case errors.Is(err, errTooLarge):
+					cancel(&haltError{LSN: at, SQLState: "", Message: err.Error()})
+				case errors.As(err, &se):
+					cancel(&haltError{LSN: at, SQLState: "", Message: err.Error()})
+				default:
 					cancel(fmt.Errorf("write %s: %w", name, err))
 				}
 				return
 			}
-			cursor = txns[len(txns)-1].EndLSN
 		}
 	}()
 
@@ -653,6 +682,58 @@ func (s *Shipper) session(ctx context.Context, i int) (progressed bool, err erro
 			}
 		}
 	}
+}
+
+// spillError is a failure to read a spilled transaction back: not the
+// connection's fault.
+type spillError struct{ err error }
+
+func (e *spillError) Error() string { return "read spilled transaction: " + e.err.Error() }
+func (e *spillError) Unwrap() error { return e.err }
+
+// streamTxn sends a spilled transaction as TxnBegin, TxnChunk frames of
+// about ChunkBytes of changes each, and TxnEnd. A failure to read the
+// spill is a *spillError; others are the connection's.
+func (s *Shipper) streamTxn(fc *frameConn, t *decode.Txn) error {
+	hdr := *t
+	hdr.Changes, hdr.Spill = nil, nil
+	if err := fc.write(0, &txnBegin{Txn: &hdr, Count: uint64(t.Spill.Count())}); err != nil {
+		return err
+	}
+	var werr error
+	err := t.Spill.Each(func(changes []decode.Change) error {
+		for len(changes) > 0 {
+			n, size := 0, 0
+			for n < len(changes) && (n == 0 || size+changeBytes(&changes[n]) <= s.cfg.ChunkBytes) {
+				size += changeBytes(&changes[n])
+				n++
+			}
+			if werr = fc.write(0, &txnChunk{Changes: changes[:n]}); werr != nil {
+				return werr
+			}
+			changes = changes[n:]
+		}
+		return nil
+	})
+	if werr != nil {
+		return werr
+	}
+	if err != nil {
+		return &spillError{err}
+	}
+	return fc.write(0, &txnEnd{LSN: t.EndLSN})
+}
+
+// changeBytes estimates the encoded size of a change.
+func changeBytes(c *decode.Change) int {
+	n := 16 + 4*len(c.Truncated)
+	for _, v := range c.Old {
+		n += 5 + len(v.Data)
+	}
+	for _, v := range c.New {
+		n += 5 + len(v.Data)
+	}
+	return n
 }
 
 // runFallback applies the window through the direct-SQL fallback until a
@@ -743,12 +824,12 @@ func (s *Shipper) applyFallback(ctx context.Context) error {
 			continue
 		}
 		t := txns[0]
-		if err := app.Apply(ctx, t); err != nil {
+		if err := applyOne(ctx, app, t); err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
 			state, retryable := classify(err)
-			if !retryable && s.cfg.Errors != nil {
+			if !retryable && s.cfg.Errors != nil && t.Spill == nil {
 				act, herr := s.cfg.Errors.Handle(ctx, app, t, err)
 				if herr != nil {
 					return fmt.Errorf("fallback %s: apply error policy for %s/%s: %w", s.cfg.TargetRegion, t.Origin, t.EndLSN, herr)
@@ -772,6 +853,32 @@ func (s *Shipper) applyFallback(ctx context.Context) error {
 		s.ackUpTo(t.EndLSN)
 		cursor = t.EndLSN
 	}
+}
+
+// applyOne applies a transaction through app; a spilled one is streamed
+// from its spill file into ApplyStream.
+func applyOne(ctx context.Context, app Applier, t *decode.Txn) error {
+	if t.Spill == nil {
+		return app.Apply(ctx, t)
+	}
+	sa, ok := app.(streamApplier)
+	if !ok {
+		return fmt.Errorf("apply %s/%s: the applier cannot apply a spilled transaction", t.Origin, t.EndLSN)
+	}
+	it, err := t.Spill.Iter()
+	if err != nil {
+		return &spillError{err}
+	}
+	defer it.Close()
+	hdr := *t
+	hdr.Changes, hdr.Spill = nil, nil
+	return sa.ApplyStream(ctx, &hdr, func() ([]decode.Change, error) {
+		c, err := it.Next()
+		if err != nil && !errors.Is(err, io.EOF) {
+			return nil, &spillError{err}
+		}
+		return c, err
+	})
 }
 
 // MinAcked returns the position the reader may confirm to its replication
