@@ -242,6 +242,9 @@ func (n *Node) readLoop(ctx, shipCtx context.Context) error {
 			// In sync mode commits on the source wait for the position
 			// this reader reports: report it promptly.
 			StatusInterval: n.statusInterval(),
+			// Large transactions spill to disk; prism's own tables are
+			// per region.
+			SkipSchemas: []string{"prism"},
 		}, n.log.With().Str("component", "reader").Logger())
 		n.mu.Lock()
 		n.reader = r
@@ -338,14 +341,19 @@ func (n *Node) readFrom(ctx, shipCtx context.Context, r *decode.Reader) error {
 		dropInternal(txn)
 		t, err := n.ensureTerm(shipCtx)
 		if err != nil {
+			txn.Spill.Release()
 			return err
 		}
 		if t.spool != nil {
-			// The shippers read the spool at their own pace (feed).
-			if err := t.spool.Append(sendCtx, txn); err != nil {
+			// The shippers read the spool at their own pace (feed). The
+			// spool keeps its own copy of a spilled transaction.
+			err := t.spool.Append(sendCtx, txn)
+			txn.Spill.Release()
+			if err != nil {
 				return sendErr(err)
 			}
 		} else {
+			t.keepSpill(txn)
 			for _, s := range t.shippers {
 				if err := s.Send(sendCtx, txn); err != nil {
 					return sendErr(err)
@@ -370,11 +378,45 @@ type term struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	log    zerolog.Logger
+
+	spillMu sync.Mutex
+	spilled []*decode.Txn // spilled transactions handed to the shippers, in order
+}
+
+// keepSpill holds a spilled transaction's file until every region
+// acknowledged it (releaseAcked) or the term ends.
+func (t *term) keepSpill(txn *decode.Txn) {
+	if txn.Spill == nil {
+		return
+	}
+	if len(t.shippers) == 0 {
+		txn.Spill.Release()
+		return
+	}
+	t.spillMu.Lock()
+	t.spilled = append(t.spilled, txn)
+	t.spillMu.Unlock()
+}
+
+// releaseAcked releases the spill files of transactions every region
+// acknowledged; with all is set, every one (the shippers have stopped).
+func (t *term) releaseAcked(all bool) {
+	acked := peers.MinAcked(t.shippers...)
+	t.spillMu.Lock()
+	defer t.spillMu.Unlock()
+	n := 0
+	for n < len(t.spilled) && (all || t.spilled[n].EndLSN <= acked) {
+		t.spilled[n].Spill.Release()
+		t.spilled[n] = nil
+		n++
+	}
+	t.spilled = t.spilled[n:]
 }
 
 func (t *term) stop() {
 	t.cancel()
 	t.wg.Wait()
+	t.releaseAcked(true)
 	if t.spool != nil {
 		t.saveCursors()
 		if err := t.spool.Close(); err != nil {
@@ -609,6 +651,11 @@ func (n *Node) checkpointLoop(ctx context.Context) {
 			return
 		case <-t.C:
 			n.confirm()
+			n.mu.Lock()
+			if n.term != nil {
+				n.term.releaseAcked(false)
+			}
+			n.mu.Unlock()
 			if time.Since(lastCursor) >= 500*time.Millisecond {
 				n.saveCursors()
 				lastCursor = time.Now()

@@ -10,7 +10,12 @@
 // Layout: segment files seg-<first end LSN, 16 hex>.log holding records
 // [length u32][crc32c u32][transaction in the peer protocol's encoding],
 // and one cursor-<region> file per region with the highest acknowledged
-// end LSN. A lock file keeps a second process out.
+// end LSN. A lock file keeps a second process out. A spilled transaction
+// (decode.Spill: too large for memory) is stored as a copy of its spill
+// file, txn-<end LSN, 16 hex>.spill, fsynced before its record; the record
+// holds the header, marked by the top bit of its length word, and readers
+// return it with a Spill on that file, so it is never held in memory. The
+// file is deleted once every region acknowledged the transaction.
 //
 // Ordering: records are in commit order with strictly increasing end LSNs.
 // A torn record at the tail of the last segment (a crash while writing) is

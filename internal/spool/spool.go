@@ -35,7 +35,19 @@ const (
 	SegmentSize = 64 << 20
 	// maxRecord bounds one record, as the peer protocol bounds a frame.
 	maxRecord = peers.DefaultMaxFrame
+	// spilledFlag, set in a record's length word, marks the record of a
+	// spilled transaction: its body is the transaction's header and the
+	// changes are in the file spillName(end LSN) next to the segments.
+	spilledFlag = 1 << 31
 )
+
+func spillName(end pglogrepl.LSN) string { return fmt.Sprintf("txn-%016X.spill", uint64(end)) }
+
+// bigFile is the copy of a spilled transaction's changes.
+type bigFile struct {
+	end  pglogrepl.LSN
+	size int64
+}
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
@@ -62,7 +74,9 @@ type Spool struct {
 	lastEnd  pglogrepl.LSN
 	pending  pglogrepl.LSN // last appended, not yet durable
 	durable  pglogrepl.LSN
-	total    int64 // durable bytes in all segments
+	total    int64     // durable bytes in all segments
+	bigs     []bigFile // spilled transactions' files, by end LSN
+	bigBytes int64
 	cursors  map[string]pglogrepl.LSN
 	changed  chan struct{} // closed and replaced when something becomes durable or space frees
 	full     bool
@@ -137,7 +151,7 @@ func (s *Spool) load(regions []string) error {
 		s.total += fi.Size()
 	}
 	if len(s.segs) == 0 {
-		return nil
+		return s.loadBigs()
 	}
 	// Scan the last segment: find its last end LSN and cut a torn tail.
 	last := s.segs[len(s.segs)-1]
@@ -180,7 +194,53 @@ func (s *Spool) load(regions []string) error {
 		}
 	}
 	s.lastEnd, s.durable, s.pending = lastEnd, lastEnd, lastEnd
+	return s.loadBigs()
+}
+
+// loadBigs finds the spilled transactions' files. Files of transactions
+// every region acknowledged, and files whose record never became durable
+// (a crash between the copy and the record; the slot resends them), are
+// deleted.
+func (s *Spool) loadBigs() error {
+	tmps, _ := filepath.Glob(filepath.Join(s.dir, "txn-*.spill.tmp"))
+	for _, t := range tmps {
+		os.Remove(t)
+	}
+	names, err := filepath.Glob(filepath.Join(s.dir, "txn-*.spill"))
+	if err != nil {
+		return err
+	}
+	sort.Strings(names)
+	minCursor := s.minCursorLocked()
+	for _, n := range names {
+		base := filepath.Base(n)
+		v, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(base, "txn-"), ".spill"), 16, 64)
+		if err != nil {
+			return fmt.Errorf("spool file %s: bad name: %w", base, ErrCorrupt)
+		}
+		end := pglogrepl.LSN(v)
+		if end > s.lastEnd || end <= minCursor {
+			if err := os.Remove(n); err != nil {
+				return fmt.Errorf("spool remove %s: %w", base, err)
+			}
+			continue
+		}
+		fi, err := os.Stat(n)
+		if err != nil {
+			return err
+		}
+		s.bigs = append(s.bigs, bigFile{end: end, size: fi.Size()})
+		s.bigBytes += fi.Size()
+	}
 	return nil
+}
+
+func (s *Spool) minCursorLocked() pglogrepl.LSN {
+	minCursor := pglogrepl.LSN(1<<64 - 1)
+	for _, c := range s.cursors {
+		minCursor = min(minCursor, c)
+	}
+	return minCursor
 }
 
 // scan reads records from f up to size. It returns the offset after the
@@ -190,7 +250,7 @@ func (s *Spool) load(regions []string) error {
 func scan(f *os.File, size int64) (good int64, lastEnd pglogrepl.LSN, err error) {
 	var off int64
 	for off < size {
-		txn, n, rerr := readRecord(f, off, size)
+		txn, n, _, rerr := readRecord(f, off, size)
 		if rerr != nil {
 			if tailOnlyGarbage(f, off, size) {
 				return off, lastEnd, nil
@@ -216,47 +276,65 @@ func tailOnlyGarbage(f *os.File, off, size int64) bool {
 		if n == 0 || n > int64(len(tail))-p-headerSize {
 			continue
 		}
-		if _, _, err := readRecord(r, p, int64(len(tail))); err == nil {
+		if _, _, _, err := readRecord(r, p, int64(len(tail))); err == nil {
 			return false
 		}
 	}
 	return true
 }
 
-// readRecord reads the record at off and returns it and its size.
-func readRecord(r io.ReaderAt, off, limit int64) (*decode.Txn, int64, error) {
+// readRecord reads the record at off and returns it and its size. For a
+// spilled transaction's record (spilled) the Txn is the header only.
+func readRecord(r io.ReaderAt, off, limit int64) (txn *decode.Txn, size int64, spilled bool, err error) {
 	var hdr [headerSize]byte
 	if limit-off < headerSize {
-		return nil, 0, fmt.Errorf("%w: short header", ErrCorrupt)
+		return nil, 0, false, fmt.Errorf("%w: short header", ErrCorrupt)
 	}
 	if _, err := r.ReadAt(hdr[:], off); err != nil {
-		return nil, 0, fmt.Errorf("%w: read header: %v", ErrCorrupt, err)
+		return nil, 0, false, fmt.Errorf("%w: read header: %v", ErrCorrupt, err)
 	}
-	n := int64(binary.BigEndian.Uint32(hdr[0:4]))
+	word := binary.BigEndian.Uint32(hdr[0:4])
+	spilled = word&spilledFlag != 0
+	n := int64(word &^ spilledFlag)
 	sum := binary.BigEndian.Uint32(hdr[4:8])
 	if n == 0 || n > maxRecord || n > limit-off-headerSize {
-		return nil, 0, fmt.Errorf("%w: record length %d", ErrCorrupt, n)
+		return nil, 0, false, fmt.Errorf("%w: record length %d", ErrCorrupt, n)
 	}
 	body := make([]byte, n)
 	if _, err := r.ReadAt(body, off+headerSize); err != nil {
-		return nil, 0, fmt.Errorf("%w: read record: %v", ErrCorrupt, err)
+		return nil, 0, false, fmt.Errorf("%w: read record: %v", ErrCorrupt, err)
 	}
 	if crc32.Checksum(body, castagnoli) != sum {
-		return nil, 0, fmt.Errorf("%w: checksum mismatch", ErrCorrupt)
+		return nil, 0, false, fmt.Errorf("%w: checksum mismatch", ErrCorrupt)
 	}
-	txn, err := peers.UnmarshalTxn(body)
+	txn, err = peers.UnmarshalTxn(body)
 	if err != nil {
-		return nil, 0, fmt.Errorf("%w: %v", ErrCorrupt, err)
+		return nil, 0, false, fmt.Errorf("%w: %v", ErrCorrupt, err)
 	}
-	return txn, headerSize + n, nil
+	if spilled && len(txn.Changes) != 0 {
+		return nil, 0, false, fmt.Errorf("%w: spilled transaction record with changes", ErrCorrupt)
+	}
+	return txn, headerSize + n, spilled, nil
 }
 
 // Append adds txn to the spool. A transaction at or below the last one
 // appended (a resend after a reconnect) is ignored. Append blocks while the
 // spool is full, until space frees or ctx ends. The transaction becomes
 // durable at the next flush (see Durable).
+//
+// A spilled transaction's changes are copied (and fsynced) to a file of
+// their own first; its record holds the header and marks it, and readers
+// hand it out with a Spill reading that file.
 func (s *Spool) Append(ctx context.Context, txn *decode.Txn) error {
-	body, err := peers.MarshalTxn(make([]byte, 0, txn.Size()), txn)
+	hdr := txn
+	var big int64
+	if txn.Spill != nil {
+		h := *txn
+		h.Changes, h.Spill = nil, nil
+		hdr = &h
+		big = txn.Spill.FileSize()
+	}
+	body, err := peers.MarshalTxn(make([]byte, 0, hdr.Size()), hdr)
 	if err != nil {
 		return fmt.Errorf("spool append %s: %w", txn.EndLSN, err)
 	}
@@ -275,7 +353,7 @@ func (s *Spool) Append(ctx context.Context, txn *decode.Txn) error {
 		if txn.EndLSN <= s.lastEnd {
 			return nil
 		}
-		if s.maxBytes <= 0 || s.total+s.written-s.activeDurable()+int64(len(body)) <= s.maxBytes || s.total == 0 {
+		if s.maxBytes <= 0 || s.total+s.bigBytes+s.written-s.activeDurable()+int64(len(body))+big <= s.maxBytes || s.total+s.bigBytes == 0 {
 			break
 		}
 		if !s.full {
@@ -296,15 +374,32 @@ func (s *Spool) Append(ctx context.Context, txn *decode.Txn) error {
 		s.full = false
 		s.log.Info().Msg("spool has room again")
 	}
+	var flag uint32
+	if txn.Spill != nil {
+		// Copied without the lock: the flusher and readers go on. Only
+		// the reader's goroutine appends, so nothing else appends now.
+		s.mu.Unlock()
+		size, err := s.copySpill(txn)
+		s.mu.Lock()
+		if err == nil && s.closed {
+			err = errors.New("spool closed")
+		}
+		if err != nil {
+			return err
+		}
+		s.bigs = append(s.bigs, bigFile{end: txn.EndLSN, size: size})
+		s.bigBytes += size
+		flag = spilledFlag
+	}
 	if s.w == nil || s.written >= s.segSize {
 		if err := s.rollLocked(txn.EndLSN); err != nil {
 			return err
 		}
 	}
-	var hdr [headerSize]byte
-	binary.BigEndian.PutUint32(hdr[0:4], uint32(len(body)))
-	binary.BigEndian.PutUint32(hdr[4:8], crc32.Checksum(body, castagnoli))
-	if _, err := s.bw.Write(hdr[:]); err != nil {
+	var rh [headerSize]byte
+	binary.BigEndian.PutUint32(rh[0:4], uint32(len(body))|flag)
+	binary.BigEndian.PutUint32(rh[4:8], crc32.Checksum(body, castagnoli))
+	if _, err := s.bw.Write(rh[:]); err != nil {
 		return s.failLocked(err)
 	}
 	if _, err := s.bw.Write(body); err != nil {
@@ -314,6 +409,40 @@ func (s *Spool) Append(ctx context.Context, txn *decode.Txn) error {
 	s.lastEnd = txn.EndLSN
 	s.pending = txn.EndLSN
 	return nil
+}
+
+// copySpill copies a spilled transaction's changes to its file in the
+// spool, durably, and returns the file's size.
+func (s *Spool) copySpill(txn *decode.Txn) (int64, error) {
+	path := filepath.Join(s.dir, spillName(txn.EndLSN))
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return 0, fmt.Errorf("spool append %s: %w", txn.EndLSN, err)
+	}
+	bw := bufio.NewWriterSize(f, 1<<20)
+	n, err := txn.Spill.WriteTo(bw)
+	if err == nil {
+		err = bw.Flush()
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return 0, fmt.Errorf("spool append %s: copy spilled changes: %w", txn.EndLSN, err)
+	}
+	if d, err := os.Open(s.dir); err == nil {
+		d.Sync()
+		d.Close()
+	}
+	return n, nil
 }
 
 func (s *Spool) activeDurable() int64 {
@@ -462,11 +591,17 @@ func writeSync(path string, b []byte) error {
 // gcLocked deletes segments whose every record every region acknowledged:
 // segment i qualifies when the first record of segment i+1 is acknowledged.
 func (s *Spool) gcLocked() error {
-	minCursor := pglogrepl.LSN(1<<64 - 1)
-	for _, c := range s.cursors {
-		minCursor = min(minCursor, c)
-	}
+	minCursor := s.minCursorLocked()
 	freed := false
+	for len(s.bigs) > 0 && s.bigs[0].end <= minCursor {
+		b := s.bigs[0]
+		if err := os.Remove(filepath.Join(s.dir, spillName(b.end))); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("spool remove %s: %w", spillName(b.end), err)
+		}
+		s.bigBytes -= b.size
+		s.bigs = s.bigs[1:]
+		freed = true
+	}
 	for len(s.segs) > 1 && s.segs[1].firstEnd <= minCursor {
 		seg := s.segs[0]
 		if err := os.Remove(filepath.Join(s.dir, seg.name)); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -482,11 +617,12 @@ func (s *Spool) gcLocked() error {
 	return nil
 }
 
-// Bytes is the spool's durable size.
+// Bytes is the spool's durable size, spilled transactions' files
+// included.
 func (s *Spool) Bytes() int64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.total
+	return s.total + s.bigBytes
 }
 
 // Close flushes and closes the spool.
@@ -598,9 +734,16 @@ func (r *Reader) step() (*decode.Txn, <-chan struct{}, error) {
 		}
 		r.f = f
 	}
-	txn, n, err := readRecord(r.f, r.off, size)
+	txn, n, spilled, err := readRecord(r.f, r.off, size)
 	if err != nil {
 		return nil, nil, fmt.Errorf("spool read %s at offset %d: %w", r.seg, r.off, err)
+	}
+	if spilled && txn.EndLSN > r.after {
+		sp, err := decode.OpenSpill(filepath.Join(s.dir, spillName(txn.EndLSN)))
+		if err != nil {
+			return nil, nil, fmt.Errorf("spool read %s at offset %d: %w: %v", r.seg, r.off, ErrCorrupt, err)
+		}
+		txn.Spill = sp
 	}
 	r.off += n
 	return txn, nil, nil

@@ -2,9 +2,13 @@ package spool
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
+	"strings"
 	"testing"
 	"time"
 
@@ -263,5 +267,132 @@ func TestSecondOpenRefused(t *testing.T) {
 	defer s.Close()
 	if _, err := Open(dir, 0, nil, zerolog.Nop()); err == nil {
 		t.Fatalf("second Open of %s succeeded, want in-use error", dir)
+	}
+}
+
+// spilledTxn makes a spilled transaction ending at end with n inserts,
+// through the Assembler, and returns it with its changes.
+func spilledTxn(t *testing.T, end uint64, n int) (*decode.Txn, []decode.Change) {
+	t.Helper()
+	relMsg := binary.BigEndian.AppendUint32([]byte{'R'}, 1)
+	relMsg = append(relMsg, "public\x00t\x00d"...)
+	relMsg = binary.BigEndian.AppendUint16(relMsg, 2)
+	relMsg = binary.BigEndian.AppendUint32(append(append(relMsg, 1), "id\x00"...), 23)
+	relMsg = binary.BigEndian.AppendUint32(relMsg, 0xffffffff)
+	relMsg = binary.BigEndian.AppendUint32(append(append(relMsg, 0), "v\x00"...), 25)
+	relMsg = binary.BigEndian.AppendUint32(relMsg, 0xffffffff)
+	begin := binary.BigEndian.AppendUint64([]byte{'B'}, end-1)
+	begin = binary.BigEndian.AppendUint32(binary.BigEndian.AppendUint64(begin, 1), 7)
+	commit := binary.BigEndian.AppendUint64([]byte{'C', 0}, end-1)
+	commit = binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(commit, end), 1)
+	msgs := [][]byte{relMsg, begin}
+	for i := range n {
+		b := append(binary.BigEndian.AppendUint32([]byte{'I'}, 1), 'N')
+		b = binary.BigEndian.AppendUint16(b, 2)
+		for _, v := range []string{fmt.Sprint(i), strings.Repeat("v", 100)} {
+			b = binary.BigEndian.AppendUint32(append(b, 't'), uint32(len(v)))
+			b = append(b, v...)
+		}
+		msgs = append(msgs, b)
+	}
+	msgs = append(msgs, commit)
+	a := decode.NewAssembler("na", decode.SpillOver(t.TempDir(), 1, 4<<10))
+	var out *decode.Txn
+	for i, m := range msgs {
+		tx, err := a.Feed(pglogrepl.LSN(i), m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tx != nil {
+			out = tx
+		}
+	}
+	if out == nil || out.Spill == nil {
+		t.Fatal("transaction did not spill")
+	}
+	t.Cleanup(out.Spill.Release)
+	var all []decode.Change
+	if err := out.Spill.Each(func(c []decode.Change) error { all = append(all, c...); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	return out, all
+}
+
+// TestSpilledTransaction: a spilled transaction is stored as a file next
+// to the segments, read back lazily (also after reopening), counted in
+// Bytes, and deleted once every region acknowledged it; a file whose
+// record never became durable is removed at open.
+func TestSpilledTransaction(t *testing.T) {
+	dir := t.TempDir()
+	s := open(t, dir, 0)
+	ctx := context.Background()
+	big, want := spilledTxn(t, 200, 2000)
+	for _, tx := range []*decode.Txn{txn(100, "a"), big, txn(300, "b")} {
+		if err := s.Append(ctx, tx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	big.Spill.Release() // the spool has its own copy
+	waitDurable(t, s, 300)
+	file := filepath.Join(dir, spillName(200))
+	fi, err := os.Stat(file)
+	if err != nil || fi.Size() != big.Spill.FileSize() {
+		t.Fatalf("spilled file: %v, %v; want %d bytes", fi, err, big.Spill.FileSize())
+	}
+	if s.Bytes() < fi.Size() {
+		t.Fatalf("Bytes() = %d, want at least the spilled file's %d", s.Bytes(), fi.Size())
+	}
+	check := func(s *Spool) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		r := s.NewReader(0)
+		defer r.Close()
+		var got []*decode.Txn
+		for range 3 {
+			tx, err := r.Next(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got = append(got, tx)
+		}
+		if got[0].Spill != nil || got[2].Spill != nil || got[1].Spill == nil || got[1].Changes != nil {
+			t.Fatalf("read back: spill handles %v %v %v, want only the second", got[0].Spill, got[1].Spill, got[2].Spill)
+		}
+		if got[1].EndLSN != 200 || got[1].Xid != 7 || got[1].ChangeCount() != 2000 {
+			t.Fatalf("spilled header %+v, %d changes", got[1], got[1].ChangeCount())
+		}
+		var all []decode.Change
+		if err := got[1].Spill.Each(func(c []decode.Change) error { all = append(all, c...); return nil }); err != nil {
+			t.Fatal(err)
+		}
+		if !reflect.DeepEqual(all, want) {
+			t.Fatalf("spilled changes read back differ (%d, want %d)", len(all), len(want))
+		}
+	}
+	check(s)
+	s.Close()
+	// An orphan copy (crash before its record was durable) goes at open.
+	orphan := filepath.Join(dir, spillName(900))
+	if err := os.WriteFile(orphan, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s = open(t, dir, 0)
+	defer s.Close()
+	if _, err := os.Stat(orphan); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("orphan spill file kept: %v", err)
+	}
+	check(s)
+	if err := s.SetCursor("eu", 300); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(file); err != nil {
+		t.Fatalf("spilled file deleted before every region acknowledged it: %v", err)
+	}
+	if err := s.SetCursor("as", 250); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(file); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("spilled file kept after every region acknowledged it: %v", err)
 	}
 }
