@@ -13,9 +13,14 @@ import (
 )
 
 // ProtocolVersion is the version of the peer protocol this package speaks.
-// A peer announcing another version is rejected. Version 2 added the
-// streamed transaction frames (TxnBegin, TxnChunk, TxnEnd).
+// Version 2 added the streamed transaction frames (TxnBegin, TxnChunk,
+// TxnEnd). A server accepts shippers of versions 1 and 2 (version 1 is a
+// subset); a version 1 server rejects this package's shippers with a
+// clear Reject, and they fail over to the direct-SQL fallback.
 const ProtocolVersion = 2
+
+// minProtocolVersion is the oldest shipper version a server accepts.
+const minProtocolVersion = 1
 
 // DefaultChunkBytes is the change data a shipper puts in one TxnChunk
 // frame of a streamed transaction (a single larger change goes alone).

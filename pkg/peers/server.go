@@ -245,8 +245,8 @@ func (s *Server) handle(ctx context.Context, nc net.Conn) {
 
 // check validates a Hello and returns why it is refused, or "".
 func (s *Server) check(h *hello) string {
-	if h.Version != ProtocolVersion {
-		return fmt.Sprintf("protocol version %d, want %d", h.Version, ProtocolVersion)
+	if h.Version < minProtocolVersion || h.Version > ProtocolVersion {
+		return fmt.Sprintf("protocol version %d, want %d to %d", h.Version, minProtocolVersion, ProtocolVersion)
 	}
 	if s.cfg.Token != "" && subtle.ConstantTimeCompare([]byte(h.Token), []byte(s.cfg.Token)) != 1 {
 		if h.Token == "" {

@@ -348,3 +348,29 @@ func dialHello(t *testing.T, addr string) *frameConn {
 	t.Cleanup(func() { fc.close() })
 	return fc
 }
+
+// TestVersion1ShipperAccepted: a shipper of protocol version 1 (without
+// streamed transactions) is still welcomed and acknowledged.
+func TestVersion1ShipperAccepted(t *testing.T) {
+	app := newStreamApp()
+	addr := serve(t, NewServer(serverConfig("eu", "eu1"), app, (&logBuf{}).logger()))
+	c := rawDial(t, addr, encode(t, &hello{Version: 1, Region: "na", Node: "na1", Token: testToken}))
+	fc := newFrameConn(c, DefaultMaxFrame)
+	if f, err := fc.read(5 * time.Second); err != nil {
+		t.Fatalf("version 1 hello: %v", err)
+	} else if _, ok := f.(*welcome); !ok {
+		t.Fatalf("version 1 hello answered with %T %+v, want welcome", f, f)
+	}
+	if err := fc.write(time.Second, &txnFrame{Txn: mkTxn(1, 0)}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		f, err := fc.read(5 * time.Second)
+		if err != nil {
+			t.Fatalf("read = %v, want ack", err)
+		}
+		if a, ok := f.(*ack); ok && a.LSN == lsnOf(1) {
+			return
+		}
+	}
+}
