@@ -38,6 +38,17 @@
 // transactions share one pipelined round trip. If transaction k fails, the
 // ones before it are durable and nothing after it is executed.
 //
+// # Large transactions
+//
+// ApplyStream applies a transaction whose changes arrive in chunks (a
+// spilled decode.Txn, streamed by the peer protocol or read from its
+// spill file by the fallback) with the same steps 1-4, in one target
+// transaction that stays open while the chunks arrive; memory holds one
+// chunk and one pipeline, not the transaction. Its
+// idle_in_transaction_session_timeout is raised for that transaction
+// (between chunks the session waits for the network). An error, also one
+// from the chunk source, rolls everything back.
+//
 // # Rows
 //
 // Values arrive in the source's text representation and are sent as text

@@ -7,6 +7,13 @@
 // everything it keeps. Reader owns the I/O: the publication and slot setup,
 // the replication connection, standby status updates and reconnects.
 //
+// Memory: a transaction whose changes grow past ReaderConfig.SpillBytes
+// (default 32 MiB) is written to an unlinked temporary file while it is
+// decoded and handed out with a Spill instead of Changes; Spill.Iter reads
+// it back in chunks of about 1 MiB, and Release frees the file once every
+// region acknowledged it. Memory therefore does not grow with transaction
+// size (a handful of queued Txns, each at most SpillBytes in memory).
+//
 // Ordering: Txns are produced in commit order, each with a strictly higher
 // EndLSN than the one before; a transaction the server resends after a
 // reconnect is not produced twice by the same Reader. Transactions that

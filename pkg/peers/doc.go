@@ -31,6 +31,15 @@
 // the same connection, and again on every new connection until the shipper
 // answers with the outcome of its UndoFunc.
 //
+// A spilled transaction (decode.Txn with a Spill) is never held in memory
+// or sent as one frame: the shipper streams it from its spill file as
+// TxnBegin, TxnChunk frames of about ChunkBytes of changes, and TxnEnd;
+// the server applies the chunks as they arrive through the Applier's
+// ApplyStream inside one database transaction and acks after the commit.
+// A connection lost mid-stream rolls the transaction back; the shipper
+// sends it again from the start. A streamed transaction that fails
+// permanently halts the region (it is too large to park as a dead letter).
+//
 // A path switch never loses or duplicates a transaction: on every new
 // connection the receiver reports the origin's durable progress (Welcome) and
 // the shipper resends its window from just after it.
