@@ -278,6 +278,44 @@ func (c *Cluster) initdb(opts Options) error {
 	return c.chown(filepath.Join(c.dataDir(), "pg_hba.conf"))
 }
 
+// NewStandby creates a physical streaming standby of primary with
+// pg_basebackup and starts it. The caller must Close it.
+func NewStandby(primary *Cluster, opts Options) (*Cluster, error) {
+	name := opts.Name
+	if name == "" {
+		name = primary.Name + "-standby"
+	}
+	c := &Cluster{Name: name, Host: "127.0.0.1", bin: primary.bin, asUser: primary.asUser}
+	dir, err := os.MkdirTemp("", "prism-pg-"+name+"-")
+	if err != nil {
+		return nil, fmt.Errorf("pgtest: %w", err)
+	}
+	c.Dir = dir
+	if err := c.chown(dir); err != nil {
+		os.RemoveAll(dir)
+		return nil, err
+	}
+	if err := c.run(5*time.Minute, "pg_basebackup", "-h", primary.Host, "-p", strconv.Itoa(primary.Port), "-U", "postgres",
+		"-D", c.dataDir(), "-R", "-X", "stream", "--no-sync"); err != nil {
+		os.RemoveAll(dir)
+		return nil, err
+	}
+	var lastErr error
+	for attempt := 0; attempt < 5; attempt++ {
+		port, err := freePort()
+		if err != nil {
+			lastErr = err
+			continue
+		}
+		c.Port = port
+		if lastErr = c.Start(); lastErr == nil {
+			return c, nil
+		}
+	}
+	os.RemoveAll(dir)
+	return nil, lastErr
+}
+
 // SetConf appends a setting to postgresql.conf; it takes effect at the next
 // Reload or restart.
 func (c *Cluster) SetConf(name, value string) error {
