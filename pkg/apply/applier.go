@@ -188,8 +188,12 @@ func (a *Applier) Progress(ctx context.Context, sourceRegion string) (pglogrepl.
 // Apply applies one source transaction in one target transaction, with
 // the origin's progress advanced to txn.EndLSN in the same commit. A
 // transaction at or below the recorded progress is skipped and is a
-// success. Errors are *Error.
+// success. A spilled transaction (txn.Spill) is read from its file as
+// ApplyStream applies it. Errors are *Error.
 func (a *Applier) Apply(ctx context.Context, txn *decode.Txn) error {
+	if txn != nil && txn.Spill != nil {
+		return a.applySpilled(ctx, txn)
+	}
 	_, err := a.ApplyBatch(ctx, []*decode.Txn{txn})
 	return err
 }
@@ -204,10 +208,13 @@ func (a *Applier) ApplyBatch(ctx context.Context, txns []*decode.Txn) (int, erro
 	}
 	for i, t := range txns {
 		if t == nil {
-			return i, &Error{Err: permanent("22023", "nil transaction at %d", i)}
+			return 0, &Error{Err: permanent("22023", "nil transaction at %d", i)}
 		}
 		if t.Origin == "" || t.CommitTime.IsZero() || t.EndLSN == 0 {
-			return i, newError(t, "", 0, permanent("22023", "transaction lacks origin, end LSN or commit time"))
+			return 0, newError(t, "", 0, permanent("22023", "transaction lacks origin, end LSN or commit time"))
+		}
+		if t.Spill != nil {
+			return 0, newError(t, "", 0, permanent("22023", "spilled transaction in a batch: apply it alone"))
 		}
 	}
 	if err := a.ensureSetup(ctx); err != nil {

@@ -16,6 +16,18 @@ import (
 // open: between chunks the session waits for the network.
 const streamIdleTimeout = "300s"
 
+// applySpilled applies a spilled transaction from its spill file.
+func (a *Applier) applySpilled(ctx context.Context, txn *decode.Txn) error {
+	it, err := txn.Spill.Iter()
+	if err != nil {
+		return newError(txn, "", 0, permanent("58030", "read spilled transaction: %v", err))
+	}
+	defer it.Close()
+	hdr := *txn
+	hdr.Changes, hdr.Spill = nil, nil
+	return a.ApplyStream(ctx, &hdr, it.Next)
+}
+
 // ApplyStream applies one source transaction whose changes are too many to
 // hold in memory: next returns them in chunks, in order, and io.EOF after
 // the last chunk. txn is the header (its Changes are ignored). It has

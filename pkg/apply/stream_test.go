@@ -121,3 +121,24 @@ func TestApplyStream(t *testing.T) {
 		}
 	})
 }
+
+// TestSpilledNeverSilentlyEmpty: a spilled transaction whose file cannot be
+// read fails; in a batch it is refused. The origin never passes it with
+// nothing applied.
+func TestSpilledNeverSilentlyEmpty(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "spilled"})
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	bad := txn("na", 5000, 1)
+	bad.Spill = &decode.Spill{} // no file behind it
+	var ae *Error
+	if err := a.Apply(ctx, bad); !errors.As(err, &ae) || ae.Retryable {
+		t.Fatalf("Apply(unreadable spill) = %v, want a permanent *Error", err)
+	}
+	if n, err := a.ApplyBatch(ctx, []*decode.Txn{txn("na", 4000, 0), bad}); n != 0 || !errors.As(err, &ae) {
+		t.Fatalf("ApplyBatch(with a spilled txn) = %d, %v; want 0 and an *Error", n, err)
+	}
+	if p, _ := a.Progress(ctx, "na"); p != 0 {
+		t.Fatalf("Progress = %s, want 0", p)
+	}
+}
