@@ -1,0 +1,372 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+
+	"github.com/prism-cdc/prism-cdc/internal/pgtest"
+)
+
+// drainTimeout bounds one contender's catch-up.
+const drainTimeout = 30 * time.Minute
+
+// checkpointAll writes every cluster's dirty pages before a measurement,
+// so no contender pays for the previous one's checkpoint.
+func (e *env) checkpointAll(ctx context.Context) error {
+	return parallel(e.all(), func(c *pgtest.Cluster) error { return c.Exec(ctx, db, "CHECKPOINT") })
+}
+
+// backlog runs the backlog scenario and returns every drain by run.
+func (e *env) backlog(ctx context.Context) ([][]drain, error) {
+	order := []string{recvText, recvBinary, native, prism}
+	var runs [][]drain
+	for run := 1; run <= e.cfg.runs; run++ {
+		e.logf("backlog run %d/%d: %d pgbench transactions with every contender stopped", run, e.cfg.runs, e.cfg.txns)
+		perClient := max(1, e.cfg.txns/e.cfg.clients)
+		if err := e.pgbench(ctx, e.src, "-n", "-c", fmt.Sprint(e.cfg.clients), "-j", fmt.Sprint(min(e.cfg.clients, 2)),
+			"-t", fmt.Sprint(perClient)); err != nil {
+			return runs, err
+		}
+		end, err := e.mark(ctx, run)
+		if err != nil {
+			return runs, err
+		}
+		var ds []drain
+		for _, c := range order {
+			if err := e.checkpointAll(ctx); err != nil {
+				return runs, err
+			}
+			e.logf("run %d: draining %s up to %s", run, c, end)
+			var d drain
+			switch c {
+			case recvText:
+				d, err = e.drainRecv(ctx, "bench_text", false, end)
+			case recvBinary:
+				d, err = e.drainRecv(ctx, "bench_binary", true, end)
+			case native:
+				d, err = e.drainNative(ctx, end, run, drainTimeout)
+				if err == nil {
+					err = e.verify(ctx, e.native[:]...)
+				}
+			case prism:
+				d, err = e.drainPrism(ctx, fmt.Sprintf("backlog run %d", run), end, run, drainTimeout, 0)
+				if err == nil {
+					err = e.verify(ctx, e.prismc[:]...)
+				}
+			}
+			if err != nil {
+				return runs, fmt.Errorf("run %d, %s: %w", run, c, err)
+			}
+			e.logf("run %d: %s confirmed in %.2fs (applied in %.2fs), client CPU %.1fs, server CPU %.1fs, peak RSS %v kB; server CPU by cluster %v",
+				run, c, d.confirmed.Seconds(), d.applied.Seconds(), d.clientCPU, d.serverCPU, d.peakKB, d.perServer)
+			ds = append(ds, d)
+		}
+		runs = append(runs, ds)
+		// Alternate the order between runs.
+		for i, j := 0, len(order)-1; i < j; i, j = i+1, j-1 {
+			order[i], order[j] = order[j], order[i]
+		}
+	}
+	return runs, nil
+}
+
+// lagResult is one contender's steady-state lag.
+type lagResult struct {
+	contender      string
+	rows           int
+	p50, p99, pmax time.Duration
+	peakKB         map[string]int64
+}
+
+// lagScript is a pgbench TPC-B-like transaction that also inserts one
+// bench_lag row stamped with the source clock.
+func lagScript(scale int) string {
+	return fmt.Sprintf(`\set aid random(1, %d)
+\set bid random(1, %d)
+\set tid random(1, %d)
+\set delta random(-5000, 5000)
+BEGIN;
+UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
+UPDATE pgbench_branches SET bbalance = bbalance + :delta WHERE bid = :bid;
+INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
+INSERT INTO bench_lag VALUES (nextval('bench_lag_id'), clock_timestamp());
+END;
+`, 100000*scale, scale, 10*scale)
+}
+
+// lag runs the steady-state scenario: native first, then prism-cdc, each
+// with the same fixed-rate workload while it replicates.
+func (e *env) lag(ctx context.Context) ([]lagResult, error) {
+	script := filepath.Join(e.dir, "lag.sql")
+	if err := os.WriteFile(script, []byte(lagScript(e.cfg.scale)), 0o644); err != nil {
+		return nil, fmt.Errorf("write lag script: %w", err)
+	}
+	var out []lagResult
+	for i, c := range []string{native, prism} {
+		marker := 1000 + i
+		lo, err := e.maxLagID(ctx)
+		if err != nil {
+			return out, err
+		}
+		// Start replication and let it catch up with what the other
+		// contender's phase wrote, untimed.
+		start, err := queryLSN(ctx, e.src, "SELECT pg_current_wal_insert_lsn()::text")
+		if err != nil {
+			return out, err
+		}
+		var m *mesh
+		var slots []string
+		if c == native {
+			slots = nativeSlots
+			err = e.setSubscriptions(ctx, true)
+		} else {
+			slots = []string{"prism_na"}
+			m, err = e.startMesh(ctx, "lag", e.cfg.nodeEnv)
+		}
+		if err != nil {
+			return out, err
+		}
+		res, err := e.lagPhase(ctx, c, m, script, lo, start, marker, slots)
+		if m != nil {
+			m.stop()
+			res.peakKB = map[string]int64{}
+			for _, p := range m.procs {
+				peak, _ := p.stats()
+				res.peakKB[p.spec.name] = peak
+			}
+		} else if serr := e.setSubscriptions(ctx, false); serr != nil && err == nil {
+			err = serr
+		}
+		if err != nil {
+			return out, fmt.Errorf("lag %s: %w", c, err)
+		}
+		e.logf("lag %s: %d rows, p50 %s, p99 %s, max %s", c, res.rows, res.p50, res.p99, res.pmax)
+		out = append(out, res)
+	}
+	// The native regions have not seen the prism phase yet.
+	end, err := e.mark(ctx, 1002)
+	if err != nil {
+		return out, err
+	}
+	e.logf("lag: letting the native subscriptions catch up (untimed)")
+	if _, err := e.drainNative(ctx, end, 1002, drainTimeout); err != nil {
+		return out, err
+	}
+	if err := e.verify(ctx, e.native[0], e.native[1], e.prismc[0], e.prismc[1]); err != nil {
+		return out, err
+	}
+	return out, e.advanceSlots(ctx, "bench_text", "bench_binary")
+}
+
+func (e *env) maxLagID(ctx context.Context) (int64, error) {
+	conn, err := e.src.Connect(ctx, db)
+	if err != nil {
+		return 0, err
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	var id int64
+	err = conn.QueryRow(ctx, "SELECT coalesce(max(id), 0) FROM bench_lag").Scan(&id)
+	return id, err
+}
+
+func (e *env) lagPhase(ctx context.Context, c string, m *mesh, script string, lo int64, start pglogrepl.LSN, marker int, slots []string) (lagResult, error) {
+	res := lagResult{contender: c}
+	regions := e.native[:]
+	if c == prism {
+		regions = e.prismc[:]
+	}
+	w, err := e.newWatcher(ctx, regions)
+	if err != nil {
+		return res, err
+	}
+	defer w.close(ctx)
+	tick := func() error {
+		if m != nil {
+			return m.sample()
+		}
+		return nil
+	}
+	err = pollUntil(ctx, drainTimeout, pollInterval, c+" to catch up before the lag phase", func() (bool, error) {
+		if err := tick(); err != nil {
+			return false, err
+		}
+		return w.confirmed(ctx, start, slots...)
+	})
+	if err != nil {
+		return res, err
+	}
+	e.logf("lag %s: pgbench at %d tps for %ds", c, e.cfg.lagRate, e.cfg.lagSeconds)
+	// Sample the nodes while pgbench runs.
+	done := make(chan error, 1)
+	go func() {
+		done <- e.pgbench(ctx, e.src, "-n", "-c", fmt.Sprint(e.cfg.clients), "-j", fmt.Sprint(min(e.cfg.clients, 2)),
+			"-R", fmt.Sprint(e.cfg.lagRate), "-T", fmt.Sprint(e.cfg.lagSeconds), "-f", script)
+	}()
+	var perr error
+	for waiting := true; waiting; {
+		select {
+		case perr = <-done:
+			waiting = false
+		case <-time.After(500 * time.Millisecond):
+			if err := tick(); err != nil && perr == nil {
+				perr = err
+			}
+		}
+	}
+	if perr != nil {
+		return res, perr
+	}
+	end, err := e.mark(ctx, marker)
+	if err != nil {
+		return res, err
+	}
+	var d drain
+	d.contender = c
+	if err := w.waitDrain(ctx, &d, time.Now(), drainTimeout, end, marker, slots, tick); err != nil {
+		return res, err
+	}
+	lags, err := e.lagSamples(ctx, regions, lo)
+	if err != nil {
+		return res, err
+	}
+	res.rows = len(lags)
+	res.p50, res.p99, res.pmax = percentile(lags, 0.50), percentile(lags, 0.99), percentile(lags, 1)
+	return res, nil
+}
+
+// lagSamples returns, for every bench_lag row above lo and every region,
+// the time from the source commit to the region's apply.
+func (e *env) lagSamples(ctx context.Context, regions []*pgtest.Cluster, lo int64) ([]time.Duration, error) {
+	src, err := e.src.Connect(ctx, db)
+	if err != nil {
+		return nil, err
+	}
+	defer src.Close(context.WithoutCancel(ctx))
+	commits := map[int64]time.Time{}
+	rows, err := src.Query(ctx, "SELECT id, pg_xact_commit_timestamp(xmin) FROM bench_lag WHERE id > $1", lo)
+	if err != nil {
+		return nil, fmt.Errorf("read source commit times: %w", err)
+	}
+	for rows.Next() {
+		var id int64
+		var ts time.Time
+		if err := rows.Scan(&id, &ts); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("read source commit times: %w", err)
+		}
+		commits[id] = ts
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("read source commit times: %w", err)
+	}
+	var lags []time.Duration
+	for _, c := range regions {
+		conn, err := c.Connect(ctx, db)
+		if err != nil {
+			return nil, err
+		}
+		seen := 0
+		rows, err := conn.Query(ctx, "SELECT id, dst_ts FROM bench_lag_seen WHERE id > $1", lo)
+		if err == nil {
+			for rows.Next() {
+				var id int64
+				var ts time.Time
+				if err = rows.Scan(&id, &ts); err != nil {
+					break
+				}
+				if src, ok := commits[id]; ok {
+					lags = append(lags, ts.Sub(src))
+					seen++
+				}
+			}
+			rows.Close()
+			if err == nil {
+				err = rows.Err()
+			}
+		}
+		conn.Close(context.WithoutCancel(ctx))
+		if err != nil {
+			return nil, fmt.Errorf("read apply times in %s: %w", c.Name, err)
+		}
+		if seen != len(commits) {
+			return nil, fmt.Errorf("%s recorded %d of %d lag rows", c.Name, seen, len(commits))
+		}
+	}
+	if len(lags) == 0 {
+		return nil, fmt.Errorf("no lag rows were written")
+	}
+	return lags, nil
+}
+
+// percentile returns the p-quantile (nearest rank) of ds; it sorts ds.
+func percentile(ds []time.Duration, p float64) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	sort.Slice(ds, func(i, j int) bool { return ds[i] < ds[j] })
+	i := int(p*float64(len(ds))+0.999999) - 1
+	return ds[min(max(i, 0), len(ds)-1)]
+}
+
+// largeResult is the large-transaction scenario's outcome.
+type largeResult struct {
+	rows       int64
+	walBytes   int64
+	native     drain
+	nativeErr  error
+	prism      drain
+	prismErr   error
+	replicated bool
+}
+
+// large writes one large transaction and drains it with native
+// subscriptions and with prism-cdc.
+func (e *env) large(ctx context.Context) (largeResult, error) {
+	var res largeResult
+	res.rows = int64(e.cfg.largeMB) << 20 / 1000
+	before, err := queryLSN(ctx, e.src, "SELECT pg_current_wal_insert_lsn()::text")
+	if err != nil {
+		return res, err
+	}
+	e.logf("large: one transaction inserting %d rows of ~1000 bytes", res.rows)
+	// 31 md5 strings: 992 characters per row, not compressible enough to
+	// be toasted away.
+	if err := e.src.Exec(ctx, db, fmt.Sprintf(`INSERT INTO bench_big SELECT g, (SELECT string_agg(md5((g * 31 + k)::text), '') FROM generate_series(1, 31) k)
+		FROM generate_series((SELECT coalesce(max(id), 0) + 1 FROM bench_big), (SELECT coalesce(max(id), 0) FROM bench_big) + %d) g`, res.rows)); err != nil {
+		return res, err
+	}
+	end, err := e.mark(ctx, 2000)
+	if err != nil {
+		return res, err
+	}
+	res.walBytes = int64(end - before)
+	if err := e.checkpointAll(ctx); err != nil {
+		return res, err
+	}
+	e.logf("large: draining %d MB of WAL with native subscriptions", res.walBytes>>20)
+	res.native, res.nativeErr = e.drainNative(ctx, end, 2000, drainTimeout)
+	if res.nativeErr != nil {
+		e.logf("large: native: %v", res.nativeErr)
+	}
+	e.logf("large: draining with prism-cdc (nodes killed above %d MB)", e.cfg.largeCapMB)
+	res.prism, res.prismErr = e.drainPrism(ctx, "large", end, 2000, drainTimeout, int64(e.cfg.largeCapMB)<<10)
+	if res.prismErr != nil {
+		e.logf("large: prism-cdc: %v", res.prismErr)
+		return res, nil
+	}
+	if err := e.verify(ctx, e.prismc[:]...); err != nil {
+		e.logf("large: prism-cdc regions differ: %v", err)
+		return res, nil
+	}
+	res.replicated = true
+	return res, nil
+}

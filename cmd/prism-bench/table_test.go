@@ -1,0 +1,79 @@
+package main
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestSummarize(t *testing.T) {
+	d := func(c string, conf int, cpu float64, kb int64) drain {
+		return drain{contender: c, confirmed: time.Duration(conf) * time.Second, applied: time.Duration(conf) * time.Second,
+			clientCPU: cpu, serverCPU: 2 * cpu, peakKB: map[string]int64{"p": kb}}
+	}
+	runs := [][]drain{
+		{d(prism, 10, 4, 100<<10), d(native, 20, 0, 0), d(recvBinary, 8, 1, 10<<10)},
+		{d(recvBinary, 6, 1, 12<<10), d(native, 30, 0, 0), d(prism, 12, 6, 120<<10)},
+		{d(prism, 11, 5, 90<<10), d(native, 25, 0, 0), d(recvBinary, 7, 1, 11<<10)},
+	}
+	ss := summarize(runs, 500000)
+	if len(ss) != 3 || ss[0].contender != recvBinary || ss[1].contender != native || ss[2].contender != prism {
+		t.Fatalf("summarize order = %+v", ss)
+	}
+	p := ss[2]
+	if p.confirmed != 11*time.Second || p.clientCPU != 10 || p.serverCPU != 20 || p.peakKB["p"] != 120<<10 {
+		t.Fatalf("summarize(prism) = %+v, want median 11s, 10 CPU s/M, 20 server CPU s/M, peak 120 MB", p)
+	}
+	var b bytes.Buffer
+	writeBacklogTable(&b, ss)
+	out := b.String()
+	for _, want := range []string{
+		"| " + prism + " | 11.00 | 11.00 | 0.44x | 1.57x | 10.0 | 20.0 | p 120 MB |",
+		"| " + native + " | 25.00 | 25.00 | 1.00x | 3.57x | - | 0.0 | p 0 MB |",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("writeBacklogTable = \n%s\nwant a line %q", out, want)
+		}
+	}
+}
+
+func TestPercentile(t *testing.T) {
+	var ds []time.Duration
+	for i := 100; i >= 1; i-- {
+		ds = append(ds, time.Duration(i)*time.Millisecond)
+	}
+	for _, tc := range []struct {
+		p    float64
+		want time.Duration
+	}{{0.5, 50 * time.Millisecond}, {0.99, 99 * time.Millisecond}, {1, 100 * time.Millisecond}, {0, time.Millisecond}} {
+		if got := percentile(ds, tc.p); got != tc.want {
+			t.Errorf("percentile(%v) = %v, want %v", tc.p, got, tc.want)
+		}
+	}
+}
+
+func TestParseStat(t *testing.T) {
+	// A command name with spaces and parentheses must not shift fields.
+	line := "4242 (prism (x) y) S 17 4242 4242 0 -1 4194560 100 0 0 0 250 50 7 3 20 0 12 0 100 1000 10"
+	got, err := parseStat([]byte(line))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.ppid != 17 || got.self != 3 || got.children != 0.1 {
+		t.Fatalf("parseStat = %+v, want ppid 17, self 3s, children 0.1s", got)
+	}
+}
+
+func TestParseArgs(t *testing.T) {
+	cfg, err := parseArgs([]string{"-quick", "-runs", "2", "-scenarios", "backlog,large"}, &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.scale != 1 || cfg.txns != 5000 || cfg.runs != 2 || !cfg.scenarios["large"] || cfg.scenarios["lag"] {
+		t.Fatalf("parseArgs(-quick -runs 2) = %+v", cfg)
+	}
+	if _, err := parseArgs([]string{"-scenarios", "nope"}, &bytes.Buffer{}); err == nil {
+		t.Fatal("parseArgs accepted an unknown scenario")
+	}
+}
