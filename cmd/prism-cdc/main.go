@@ -6,6 +6,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/http"
+	_ "net/http/pprof" // served only when PRISM_PPROF is set
 	"os"
 	"os/signal"
 	"runtime"
@@ -25,6 +27,11 @@ const (
 )
 
 func main() {
+	if addr := os.Getenv("PRISM_PPROF"); addr != "" {
+		// Opt-in profiling endpoint for performance work, on its own
+		// address; it lives as long as the process.
+		go func() { fmt.Fprintf(os.Stderr, "pprof: %v\n", http.ListenAndServe(addr, nil)) }()
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	stop()
