@@ -21,7 +21,7 @@ vet:
 
 ## test: vet, run every test with the race detector (starts throwaway PostgreSQL clusters), then fuzz-short
 test:
-	$(GO) vet ./... && $(GO) test -race -count=1 ./...
+	$(GO) vet ./... && $(GO) test -race -count=1 -timeout 15m ./...
 	$(MAKE) fuzz-short FUZZTIME=10s
 
 ## fuzz-short: run each fuzz target for FUZZTIME (default 10s)
