@@ -64,11 +64,38 @@ func TestLargeTransaction(t *testing.T) {
 			t.Fatalf("PRISM_BIGTXN_MB=%q: want a positive number of megabytes", v)
 		}
 	}
+	largeTransaction(t, mb, "")
+}
+
+// TestLargeTransactionSpooled replicates a 50 MB transaction through
+// na1's spool: the spool keeps a copy of the spill file, the shippers
+// stream it from there, and the copy is deleted once both regions
+// acknowledged it.
+func TestLargeTransactionSpooled(t *testing.T) {
+	spoolDir := t.TempDir()
+	largeTransaction(t, 50, spoolDir)
+	names, err := filepath.Glob(filepath.Join(spoolDir, "txn-*.spill"))
+	if err != nil || len(names) != 0 {
+		t.Fatalf("spooled copies left after every region acknowledged: %v, %v", names, err)
+	}
+}
+
+// largeTransaction runs the large transaction check with mb megabytes,
+// and na1 spooling to spoolDir unless it is empty.
+func largeTransaction(t *testing.T, mb int, spoolDir string) {
 	// Rows of about 1 KB of text each.
 	rows := mb << 10
 	d := New(t, Topology{"na": {"na1"}, "eu": {"eu1"}, "as": {"as1"}},
 		"CREATE TABLE wide (id bigint PRIMARY KEY, a text NOT NULL, b text NOT NULL);")
 	d.Delivery = "{ack_timeout: 2s, retries: 3, backoff: 50ms, max_backoff: 500ms, max_in_flight: 16MiB}"
+	if spoolDir != "" {
+		d.Extra = func(name string) string {
+			if name != "na1" {
+				return ""
+			}
+			return fmt.Sprintf("spool: {dir: %q}\n", spoolDir)
+		}
+	}
 	d.StartAll()
 	d.Eventually(time.Minute, "na1 holds the slot", func() bool { return d.Role("na1") == node.RoleReader })
 
@@ -142,6 +169,12 @@ func TestLargeTransaction(t *testing.T) {
 	// na1 holds no descriptor of it any more, so its disk space is free.
 	pid := d.Proc("na1").Cmd.Process.Pid
 	d.Eventually(time.Minute, "na1 to release the spill file", func() bool { return spillFDs(pid) == 0 })
+	if spoolDir != "" {
+		d.Eventually(time.Minute, "na1 to delete the spooled copy", func() bool {
+			names, err := filepath.Glob(filepath.Join(spoolDir, "txn-*.spill"))
+			return err == nil && len(names) == 0
+		})
+	}
 	limit := int64(5*decode.DefaultSpillBytes + 100<<20)
 	mu.Lock()
 	defer mu.Unlock()
