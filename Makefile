@@ -30,6 +30,7 @@ fuzz-short:
 	$(GO) test -run='^$$' -fuzz='^FuzzParse$$' -fuzztime=$(FUZZTIME) ./internal/config
 	$(GO) test -run='^$$' -fuzz='^FuzzAssembler$$' -fuzztime=$(FUZZTIME) ./pkg/decode
 	$(GO) test -run='^$$' -fuzz='^FuzzDecodeFrame$$' -fuzztime=$(FUZZTIME) ./pkg/peers
+	$(GO) test -run='^$$' -fuzz='^FuzzSpillChunk$$' -fuzztime=$(FUZZTIME) ./pkg/decode
 
 ## clean: remove build output
 clean:
