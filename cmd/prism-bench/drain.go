@@ -59,6 +59,8 @@ func (e *env) drainRecv(ctx context.Context, slot string, binary bool, end pglog
 	if err != nil {
 		return d, fmt.Errorf("pg_recvlogical on %s: %w\n%s", slot, err, tail(string(out), 10))
 	}
+	// Let the postmaster reap the walsender, so its CPU time is counted.
+	time.Sleep(200 * time.Millisecond)
 	cpu1, err := e.cpuSnapshot()
 	if err != nil {
 		return d, err

@@ -41,10 +41,11 @@ const sourceSQL = `CREATE SEQUENCE bench_lag_id;`
 // regionSQL is created in the regions only: a deferred trigger records
 // when each bench_lag row is applied, right before the applying
 // transaction commits. ENABLE ALWAYS makes it fire under native apply
-// (session_replication_role = replica) as well. bench_lag_seen is not
-// published.
+// (session_replication_role = replica) as well, and the function sets
+// its search_path because native apply workers run with an empty one.
+// bench_lag_seen is not published.
 const regionSQL = `CREATE TABLE bench_lag_seen (id bigint PRIMARY KEY, dst_ts timestamptz NOT NULL);
-CREATE FUNCTION bench_lag_seen() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION bench_lag_seen() RETURNS trigger LANGUAGE plpgsql SET search_path = public, pg_catalog AS $$
 BEGIN
 	INSERT INTO bench_lag_seen VALUES (NEW.id, clock_timestamp()) ON CONFLICT (id) DO NOTHING;
 	RETURN NULL;

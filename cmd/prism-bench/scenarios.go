@@ -151,13 +151,18 @@ func (e *env) lag(ctx context.Context) ([]lagResult, error) {
 		e.logf("lag %s: %d rows, p50 %s, p99 %s, max %s", c, res.rows, res.p50, res.p99, res.pmax)
 		out = append(out, res)
 	}
-	// The native regions have not seen the prism phase yet.
+	// The native regions have not seen the prism phase yet, nor the
+	// prism regions the marker.
 	end, err := e.mark(ctx, 1002)
 	if err != nil {
 		return out, err
 	}
 	e.logf("lag: letting the native subscriptions catch up (untimed)")
 	if _, err := e.drainNative(ctx, end, 1002, drainTimeout); err != nil {
+		return out, err
+	}
+	// And prism-cdc up to the same point, so both pairs can be compared.
+	if _, err := e.drainPrism(ctx, "lag catch-up", end, 1002, drainTimeout, 0); err != nil {
 		return out, err
 	}
 	if err := e.verify(ctx, e.native[0], e.native[1], e.prismc[0], e.prismc[1]); err != nil {
