@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/prism-cdc/prism-cdc/internal/e2e"
+	"github.com/prism-cdc/prism-cdc/pkg/peers"
 )
 
 // recorder forwards TCP connections to target and keeps the first
@@ -112,14 +113,55 @@ func str(s string) []byte {
 	return append(binary.BigEndian.AppendUint32(nil, uint32(len(s))), s...)
 }
 
-func hello(region, node, token string) []byte {
+// hello encodes a Hello of the current protocol version from source
+// region and node, signed with token over the server's challenge nonce.
+func hello(nonce []byte, region, node, token string) []byte {
 	p := []byte("PRSM")
-	p = binary.BigEndian.AppendUint16(p, 1)
+	p = binary.BigEndian.AppendUint16(p, peers.ProtocolVersion)
 	p = append(p, 0)
 	p = append(p, str(region)...)
 	p = append(p, str(node)...)
-	p = append(p, str(token)...)
+	p = append(p, str(string(peers.HelloMAC(token, nonce, region, node, 0)))...)
 	return frame('H', p)
+}
+
+// readChallenge reads the Challenge frame a server opens every connection
+// with and returns its nonce: the last peers.NonceSize bytes.
+func readChallenge(t *testing.T, c net.Conn) []byte {
+	t.Helper()
+	var hdr [4]byte
+	if _, err := io.ReadFull(c, hdr[:]); err != nil {
+		t.Fatalf("read challenge: %v", err)
+	}
+	n := binary.BigEndian.Uint32(hdr[:])
+	if n < 1+peers.NonceSize || n > 1024 {
+		t.Fatalf("challenge frame of %d bytes", n)
+	}
+	p := make([]byte, n)
+	if _, err := io.ReadFull(c, p); err != nil {
+		t.Fatalf("read challenge: %v", err)
+	}
+	if p[0] != 'K' {
+		t.Fatalf("first frame of type %q, want a challenge", p[0])
+	}
+	return p[len(p)-peers.NonceSize:]
+}
+
+// signedExchange reads the server's challenge, sends what build returns
+// for its nonce, and returns the server's answer after the challenge until
+// it closes the connection or a deadline passes.
+func signedExchange(t *testing.T, addr string, build func(nonce []byte) []byte, wait time.Duration) []byte {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatalf("dial %s: %v", addr, err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(wait))
+	nonce := readChallenge(t, c)
+	c.Write(build(nonce)) // the server may close before reading everything
+	out, _ := io.ReadAll(c)
+	return out
 }
 
 // exchange sends b to addr and returns what comes back until the server
@@ -170,9 +212,15 @@ func TestHostilePeersDoNotDisturbGoodOnes(t *testing.T) {
 	addr := d.Listen("eu1")
 	garbage := make([]byte, 64<<10)
 	rng.Read(garbage)
+	signed := func(region, node, token string, after []byte) func([]byte) []byte {
+		return func(nonce []byte) []byte { return append(hello(nonce, region, node, token), after...) }
+	}
 	cases := []struct {
 		name string
 		send []byte
+		// build, when set, makes what is sent from the server's challenge
+		// nonce; the answer checked is what follows the challenge.
+		build func(nonce []byte) []byte
 		// reject: the answer must be a Reject frame (type 'R') naming why.
 		reject string
 	}{
@@ -181,17 +229,23 @@ func TestHostilePeersDoNotDisturbGoodOnes(t *testing.T) {
 		{name: "truncated frame", send: append(binary.BigEndian.AppendUint32(nil, 1000), "HPRSM"...)},
 		{name: "oversized length", send: binary.BigEndian.AppendUint32(nil, 0xffffffff)},
 		{name: "zero length", send: binary.BigEndian.AppendUint32(nil, 0)},
-		{name: "hello with a lying string length", send: frame('H', append([]byte("PRSM\x00\x01\x00"), 0xff, 0xff, 0xff, 0xf0))},
-		{name: "wrong token", send: hello("na", "mallory", "not-the-token"), reject: "token"},
-		{name: "empty token", send: hello("na", "mallory", ""), reject: "token"},
-		{name: "unknown region", send: hello("mars", "mallory", token), reject: "mars"},
-		{name: "own region", send: hello("eu", "mallory", token), reject: "eu"},
+		{name: "hello with a lying string length", send: frame('H', append([]byte("PRSM\x00\x03\x00"), 0xff, 0xff, 0xff, 0xf0))},
+		{name: "wrong token", build: signed("na", "mallory", "not-the-token", nil), reject: "token"},
+		{name: "empty token", build: signed("na", "mallory", "", nil), reject: "token"},
+		{name: "mac over another nonce", build: func([]byte) []byte { return hello(make([]byte, peers.NonceSize), "na", "mallory", token) }, reject: "token"},
+		{name: "unknown region", build: signed("mars", "mallory", token, nil), reject: "mars"},
+		{name: "own region", build: signed("eu", "mallory", token, nil), reject: "eu"},
 		{name: "txn before hello", send: frame('T', garbage[:100])},
-		{name: "valid hello then garbage frame", send: append(hello("na", "mallory", token), frame('T', garbage[:300])...)},
-		{name: "valid hello then ack frame", send: append(hello("na", "mallory", token), frame('A', make([]byte, 8))...)},
+		{name: "valid hello then garbage frame", build: signed("na", "mallory", token, frame('T', garbage[:300]))},
+		{name: "valid hello then ack frame", build: signed("na", "mallory", token, frame('A', make([]byte, 8)))},
 	}
 	for _, tc := range cases {
-		out := exchange(t, addr, tc.send, 10*time.Second)
+		var out []byte
+		if tc.build != nil {
+			out = signedExchange(t, addr, tc.build, 10*time.Second)
+		} else {
+			out = exchange(t, addr, tc.send, 10*time.Second)
+		}
 		if strings.Contains(string(out), token) {
 			t.Errorf("%s: the answer contains the token: %q", tc.name, out)
 		}
@@ -214,7 +268,7 @@ func TestHostilePeersDoNotDisturbGoodOnes(t *testing.T) {
 		}
 		idle = append(idle, c)
 	}
-	out := exchange(t, addr, hello("na", "mallory", "wrong"), 10*time.Second)
+	out := signedExchange(t, addr, signed("na", "mallory", "wrong", nil), 10*time.Second)
 	if len(out) < 5 || out[4] != 'R' {
 		t.Errorf("with 50 idle connections open, a new peer got %q, want a Reject frame", out)
 	}
@@ -222,15 +276,21 @@ func TestHostilePeersDoNotDisturbGoodOnes(t *testing.T) {
 		c.Close()
 	}
 
-	// Replay what the real shipper sent (valid hello, token and
-	// transactions): it takes over the stream, every replayed transaction
-	// is at or below the origin's progress, and nothing applies twice.
+	// What the real shipper sent never contains the token, and replaying
+	// it (a Hello signed over an earlier connection's nonce, then its
+	// transactions) is refused: nothing applies twice.
 	replay := rec.recorded()
 	if len(replay) < 200 {
 		t.Fatalf("recorded only %d bytes of the shipper's stream", len(replay))
 	}
+	if bytes.Contains(replay, []byte(token)) {
+		t.Fatalf("the shipper's bytes contain the token")
+	}
 	for i := 0; i < 3; i++ {
-		exchange(t, addr, replay, 3*time.Second)
+		out := signedExchange(t, addr, func([]byte) []byte { return replay }, 3*time.Second)
+		if len(out) < 5 || out[4] != 'R' || !strings.Contains(string(out), "wrong token") {
+			t.Errorf("replayed stream answered %q, want a Reject naming the wrong token", out)
+		}
 	}
 
 	stop()

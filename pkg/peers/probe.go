@@ -74,16 +74,15 @@ func Probe(ctx context.Context, cfg ProbeConfig) (ProbeResult, error) {
 	stop := context.AfterFunc(ctx, func() { nc.Close() })
 	defer stop()
 	fc := newFrameConn(nc, DefaultMaxFrame)
-	h := &hello{Version: ProtocolVersion, Flags: helloProbe, Region: cfg.SourceRegion, Node: cfg.SourceNode, Token: cfg.Token}
-	if err := fc.write(cfg.Timeout, h); err != nil {
-		return ProbeResult{}, fmt.Errorf("probe %s: %w: hello: %w", cfg.Addr, ErrUnreachable, err)
-	}
-	f, err := fc.read(cfg.Timeout)
+	f, err := clientHello(fc, cfg.Timeout, helloProbe, cfg.SourceRegion, cfg.SourceNode, cfg.Token)
 	if err != nil {
 		if ctx.Err() != nil {
 			return ProbeResult{}, fmt.Errorf("probe %s: %w", cfg.Addr, ctx.Err())
 		}
-		return ProbeResult{}, fmt.Errorf("probe %s: %w: no answer to hello: %w", cfg.Addr, ErrUnreachable, err)
+		if errors.Is(err, errNoChallenge) {
+			return ProbeResult{}, fmt.Errorf("probe %s: %w: %w", cfg.Addr, ErrRejected, err)
+		}
+		return ProbeResult{}, fmt.Errorf("probe %s: %w: hello: %w", cfg.Addr, ErrUnreachable, err)
 	}
 	switch f := f.(type) {
 	case *welcome:

@@ -14,13 +14,15 @@ import (
 
 // ProtocolVersion is the version of the peer protocol this package speaks.
 // Version 2 added the streamed transaction frames (TxnBegin, TxnChunk,
-// TxnEnd). A server accepts shippers of versions 1 and 2 (version 1 is a
-// subset); a version 1 server rejects this package's shippers with a
-// clear Reject, and they fail over to the direct-SQL fallback.
-const ProtocolVersion = 2
+// TxnEnd). Version 3 replaced the token in the Hello with a
+// challenge-response: the server opens every connection with a Challenge
+// (a random nonce) and the Hello carries HelloMAC over it, so the shared
+// token never crosses the wire. Servers and shippers of version 3 refuse
+// older peers with a clear reason; there is no fallback to a clear token.
+const ProtocolVersion = 3
 
 // minProtocolVersion is the oldest shipper version a server accepts.
-const minProtocolVersion = 1
+const minProtocolVersion = 3
 
 // DefaultChunkBytes is the change data a shipper puts in one TxnChunk
 // frame of a streamed transaction (a single larger change goes alone).
@@ -49,6 +51,7 @@ const (
 	frameTxnBegin  byte = 'S' // a streamed transaction's header
 	frameTxnChunk  byte = 'C' // the next changes of the streamed transaction
 	frameTxnEnd    byte = 'E' // the streamed transaction is complete
+	frameChallenge byte = 'K' // server to client, first: a nonce to sign
 )
 
 // helloProbe marks a Hello that only checks health: the receiver answers
@@ -65,7 +68,7 @@ type hello struct {
 	Flags   uint8
 	Region  string // source region
 	Node    string // source node
-	Token   string
+	MAC     []byte // HelloMAC over the server's nonce; empty without a token
 }
 
 // welcome accepts a connection and reports the durable progress of the
@@ -155,7 +158,12 @@ func appendFrame(b []byte, f any) ([]byte, error) {
 		e.u8(f.Flags)
 		e.str(f.Region)
 		e.str(f.Node)
-		e.str(f.Token)
+		e.bytes(f.MAC)
+	case *challenge:
+		e.u8(frameChallenge)
+		e.b = append(e.b, magic...)
+		e.u16(f.Version)
+		e.b = append(e.b, f.Nonce[:]...)
 	case *welcome:
 		e.u8(frameWelcome)
 		e.str(f.Region)
@@ -467,8 +475,15 @@ func decodeFrame(p []byte) (any, error) {
 			Flags:   d.u8("flags"),
 			Region:  d.str("region"),
 			Node:    d.str("node"),
-			Token:   d.str("token"),
+			MAC:     d.bytes("mac"),
 		}
+	case frameChallenge:
+		if m := d.take(len(magic), "magic"); d.err == nil && string(m) != magic {
+			return nil, fmt.Errorf("%w: bad magic %q", errFrame, m)
+		}
+		c := &challenge{Version: d.u16("version")}
+		copy(c.Nonce[:], d.take(NonceSize, "nonce"))
+		f = c
 	case frameWelcome:
 		f = &welcome{
 			Region:   d.str("region"),

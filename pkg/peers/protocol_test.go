@@ -82,7 +82,8 @@ func TestTxnRoundTrip(t *testing.T) {
 
 func TestControlFramesRoundTrip(t *testing.T) {
 	for _, f := range []any{
-		&hello{Version: ProtocolVersion, Flags: helloProbe, Region: "na", Node: "na1", Token: "s3cret"},
+		&hello{Version: ProtocolVersion, Flags: helloProbe, Region: "na", Node: "na1", MAC: HelloMAC("s3cret", make([]byte, NonceSize), "na", "na1", helloProbe)},
+		&challenge{Version: ProtocolVersion, Nonce: [NonceSize]byte{1, 2, 3, 31: 9}},
 		&welcome{Region: "eu", Node: "eu1", Progress: 0xABCDEF},
 		&reject{Reason: "wrong token"},
 		&ack{LSN: 42},
@@ -99,7 +100,8 @@ func TestControlFramesRoundTrip(t *testing.T) {
 
 func TestDecodeRejects(t *testing.T) {
 	txn := encode(t, &txnFrame{Txn: sampleTxn()})[4:]
-	hello := encode(t, &hello{Version: 1, Region: "na", Token: "t"})[4:]
+	hello := encode(t, &hello{Version: ProtocolVersion, Region: "na", MAC: []byte("m")})[4:]
+	chal := encode(t, &challenge{Version: ProtocolVersion})[4:]
 	mutate := func(b []byte, i int, v byte) []byte {
 		c := bytes.Clone(b)
 		c[i] = v
@@ -114,6 +116,9 @@ func TestDecodeRejects(t *testing.T) {
 		{"truncated ack", []byte{frameAck, 0, 0, 0}},
 		{"trailing bytes", append(encode(t, &ack{LSN: 1})[4:], 0)},
 		{"bad magic", mutate(hello, 1, 'X')},
+		{"challenge bad magic", mutate(chal, 1, 'X')},
+		{"challenge short nonce", chal[:len(chal)-1]},
+		{"challenge trailing", append(bytes.Clone(chal), 0)},
 		{"bad bool", append(encode(t, &nack{})[4:len(encode(t, &nack{}))-1], 7)},
 		{"huge string", []byte{frameReject, 0xff, 0xff, 0xff, 0xff, 'a'}},
 		{"truncated txn", txn[:len(txn)-1]},
@@ -169,7 +174,9 @@ func TestReadFrameLimit(t *testing.T) {
 func FuzzDecodeFrame(f *testing.F) {
 	for _, fr := range []any{
 		&txnFrame{Txn: sampleTxn()},
-		&hello{Version: ProtocolVersion, Region: "na", Node: "na1", Token: "t"},
+		&hello{Version: ProtocolVersion, Region: "na", Node: "na1", MAC: HelloMAC("t", make([]byte, NonceSize), "na", "na1", 0)},
+		&hello{Version: ProtocolVersion, Flags: helloProbe, Region: "na", Node: "na1"},
+		&challenge{Version: ProtocolVersion, Nonce: [NonceSize]byte{7, 31: 1}},
 		&welcome{Region: "eu", Node: "eu1", Progress: 9},
 		&reject{Reason: "no"},
 		&ack{LSN: 1},

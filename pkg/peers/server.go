@@ -2,7 +2,6 @@ package peers
 
 import (
 	"context"
-	"crypto/subtle"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -22,8 +21,10 @@ import (
 type ServerConfig struct {
 	Region string // the region this node serves
 	Node   string // this node's name
-	// Token is the shared secret every peer's Hello must carry. It may be
-	// empty only when Insecure is set.
+	// Token is the shared secret every peer must prove it holds: its Hello
+	// carries HelloMAC over this connection's challenge nonce, never the
+	// token. It may be empty only when Insecure is set; a server without a
+	// token accepts any Hello.
 	Token string
 	// TLS, when set, wraps every connection (set ClientAuth to
 	// tls.RequireAndVerifyClientCert for mutual TLS; see TLSConfigs).
@@ -175,6 +176,15 @@ func (s *Server) handle(ctx context.Context, nc net.Conn) {
 		}
 	}
 	fc := newFrameConn(nc, s.cfg.MaxFrame)
+	ch, err := newChallenge()
+	if err != nil {
+		log.Error().Err(err).Msg("peer rejected: challenge")
+		return
+	}
+	if err := fc.write(s.cfg.HelloTimeout, ch); err != nil {
+		log.Warn().Err(err).Msg("peer rejected: send challenge")
+		return
+	}
 	f, err := fc.read(s.cfg.HelloTimeout)
 	if err != nil {
 		s.refuse(fc, log, "", "", fmt.Sprintf("first frame: %v", err))
@@ -185,7 +195,7 @@ func (s *Server) handle(ctx context.Context, nc net.Conn) {
 		s.refuse(fc, log, "", "", fmt.Sprintf("first frame is %T, not hello", f))
 		return
 	}
-	if reason := s.check(h); reason != "" {
+	if reason := s.check(h, ch.Nonce[:]); reason != "" {
 		s.refuse(fc, log, h.Region, h.Node, reason)
 		return
 	}
@@ -243,16 +253,14 @@ func (s *Server) handle(ctx context.Context, nc net.Conn) {
 	log.Info().AnErr("reason", err).Msg("peer disconnected")
 }
 
-// check validates a Hello and returns why it is refused, or "".
-func (s *Server) check(h *hello) string {
+// check validates a Hello answering the challenge nonce and returns why
+// it is refused, or "".
+func (s *Server) check(h *hello, nonce []byte) string {
 	if h.Version < minProtocolVersion || h.Version > ProtocolVersion {
-		return fmt.Sprintf("protocol version %d, want %d to %d", h.Version, minProtocolVersion, ProtocolVersion)
+		return versionMismatch(h.Version)
 	}
-	if s.cfg.Token != "" && subtle.ConstantTimeCompare([]byte(h.Token), []byte(s.cfg.Token)) != 1 {
-		if h.Token == "" {
-			return "no token"
-		}
-		return "wrong token"
+	if reason := checkMAC(s.cfg.Token, nonce, h); reason != "" {
+		return reason
 	}
 	if h.Region == "" {
 		return "no source region"

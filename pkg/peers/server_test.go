@@ -37,20 +37,23 @@ func rawDial(t *testing.T, addr string, data []byte) net.Conn {
 	return c
 }
 
-// reply reads the server's first frame (nil frame and an error when the
-// server closed without one).
+// reply reads the server's first frame after its Challenge (nil frame and
+// an error when the server closed without one).
 func reply(t *testing.T, c net.Conn) (any, error) {
 	t.Helper()
 	fc := newFrameConn(c, DefaultMaxFrame)
-	return fc.read(5 * time.Second)
+	f, err := fc.read(5 * time.Second)
+	if _, ok := f.(*challenge); ok && err == nil {
+		return fc.read(5 * time.Second)
+	}
+	return f, err
 }
 
 // goodPeer checks that the server still welcomes a correct peer and acks
 // its transaction.
 func goodPeer(t *testing.T, addr string, app *memApplier, i int) {
 	t.Helper()
-	c := rawDial(t, addr, encode(t, &hello{Version: ProtocolVersion, Region: "na", Node: "na1", Token: testToken}))
-	fc := newFrameConn(c, DefaultMaxFrame)
+	_, fc := authDial(t, addr, hello{Region: "na", Node: "na1"}, testToken)
 	f, err := fc.read(5 * time.Second)
 	if _, ok := f.(*welcome); !ok || err != nil {
 		t.Fatalf("good peer: first reply %T %+v, %v; want welcome", f, f, err)
@@ -83,27 +86,43 @@ func TestServerRejects(t *testing.T) {
 
 	helloFrame := func(h hello) []byte { return encode(t, &h) }
 	cases := []struct {
-		name   string
-		send   []byte
+		name string
+		send []byte
+		// signed, when set, is a Hello sent after reading the challenge,
+		// signed with token.
+		signed *hello
+		token  string
 		reason string // substring of the Reject reason; "" when no Reject is expected
 	}{
-		{"wrong token", helloFrame(hello{Version: ProtocolVersion, Region: "na", Node: "x", Token: "wrong-secret"}), "wrong token"},
-		{"no token", helloFrame(hello{Version: ProtocolVersion, Region: "na", Node: "x"}), "no token"},
-		{"unaccepted region", helloFrame(hello{Version: ProtocolVersion, Region: "mars", Node: "x", Token: testToken}), "not accepted"},
-		{"own region", helloFrame(hello{Version: ProtocolVersion, Region: "eu", Node: "x", Token: testToken}), "own region"},
-		{"wrong version", helloFrame(hello{Version: ProtocolVersion + 1, Region: "na", Node: "x", Token: testToken}), "protocol version"},
-		{"txn before hello", encode(t, &txnFrame{Txn: mkTxn(2, 0)}), "not hello"},
-		{"garbage", []byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), "first frame"},
-		{"oversized", []byte{0x7f, 0xff, 0xff, 0xff, 'H'}, "exceeds the limit"},
-		{"zero length", []byte{0, 0, 0, 0}, "zero length"},
-		{"bad frame", []byte{0, 0, 0, 3, 'H', 'P', 'R'}, "first frame"},
-		{"truncated then silent", []byte{0, 0, 0, 50, 'H', 'P'}, "first frame"},
-		{"silent", nil, "first frame"},
+		{name: "wrong token", signed: &hello{Region: "na", Node: "x"}, token: "wrong-secret", reason: "wrong token"},
+		{name: "no token", signed: &hello{Region: "na", Node: "x"}, reason: "no token"},
+		{name: "mac of another node", send: helloFrame(hello{Version: ProtocolVersion, Region: "na", Node: "x", MAC: HelloMAC(testToken, make([]byte, NonceSize), "na", "y", 0)}), reason: "wrong token"},
+		{name: "clear token in the mac field", send: helloFrame(hello{Version: ProtocolVersion, Region: "na", Node: "x", MAC: []byte(testToken)}), reason: "wrong token"},
+		{name: "unaccepted region", signed: &hello{Region: "mars", Node: "x"}, token: testToken, reason: "not accepted"},
+		{name: "own region", signed: &hello{Region: "eu", Node: "x"}, token: testToken, reason: "own region"},
+		{name: "newer version", signed: &hello{Version: ProtocolVersion + 1, Region: "na", Node: "x"}, token: testToken, reason: "upgrade both sides"},
+		{name: "version 2 with a clear token", send: helloFrame(hello{Version: 2, Region: "na", Node: "x", MAC: []byte(testToken)}), reason: "peer speaks protocol 2"},
+		{name: "txn before hello", send: encode(t, &txnFrame{Txn: mkTxn(2, 0)}), reason: "not hello"},
+		{name: "garbage", send: []byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), reason: "first frame"},
+		{name: "oversized", send: []byte{0x7f, 0xff, 0xff, 0xff, 'H'}, reason: "exceeds the limit"},
+		{name: "zero length", send: []byte{0, 0, 0, 0}, reason: "zero length"},
+		{name: "bad frame", send: []byte{0, 0, 0, 3, 'H', 'P', 'R'}, reason: "first frame"},
+		{name: "truncated then silent", send: []byte{0, 0, 0, 50, 'H', 'P'}, reason: "first frame"},
+		{name: "silent", send: nil, reason: "first frame"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			c := rawDial(t, addr, tc.send)
-			f, err := reply(t, c)
+			var f any
+			var err error
+			var c net.Conn
+			if tc.signed != nil {
+				var fc *frameConn
+				c, fc = authDial(t, addr, *tc.signed, tc.token)
+				f, err = fc.read(5 * time.Second)
+			} else {
+				c = rawDial(t, addr, tc.send)
+				f, err = reply(t, c)
+			}
 			r, ok := f.(*reject)
 			if !ok || !strings.Contains(r.Reason, tc.reason) {
 				t.Fatalf("reply = %T %+v, %v; want reject containing %q", f, f, err, tc.reason)
@@ -143,8 +162,7 @@ func TestServerBadFrameAfterHello(t *testing.T) {
 		{"ack from shipper", encode(t, &ack{LSN: 5})},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c := rawDial(t, addr, encode(t, &hello{Version: ProtocolVersion, Region: "na", Node: "na1", Token: testToken}))
-			fc := newFrameConn(c, DefaultMaxFrame)
+			c, fc := authDial(t, addr, hello{Region: "na", Node: "na1"}, testToken)
 			if f, err := fc.read(5 * time.Second); err != nil {
 				t.Fatalf("welcome: %T %v", f, err)
 			}
@@ -256,7 +274,7 @@ func TestMutualTLS(t *testing.T) {
 	waitFor(t, "good shipper's ack", 10*time.Second, func() bool { return good.Acked() == lsnOf(2) })
 
 	// A plaintext client cannot talk to the TLS server.
-	c := rawDial(t, addr, encode(t, &hello{Version: ProtocolVersion, Region: "na", Node: "na1", Token: testToken}))
+	c := rawDial(t, addr, encode(t, &hello{Version: ProtocolVersion, Region: "na", Node: "na1"}))
 	if f, err := reply(t, c); err == nil {
 		t.Fatalf("plaintext client got %T %+v", f, f)
 	}

@@ -34,6 +34,8 @@ type ShipperConfig struct {
 	// Nodes of the target region, in preference order: the first healthy
 	// one carries the traffic.
 	Nodes []NodeAddr
+	// Token is the shared secret; only HelloMAC over the node's challenge
+	// is sent, never the token.
 	Token string
 	// TLS is the client configuration (see TLSConfigs). When nil the
 	// connection is plaintext, which needs Insecure.
@@ -478,7 +480,8 @@ func (s *Shipper) dial(ctx context.Context, addr string) (net.Conn, error) {
 	return tc, nil
 }
 
-// handshake sends Hello and waits for Welcome.
+// handshake reads the node's Challenge, sends the signed Hello and waits
+// for Welcome.
 func (s *Shipper) handshake(ctx context.Context, i int, flags uint8) (*frameConn, *welcome, error) {
 	n := s.cfg.Nodes[i]
 	nc, err := s.dial(ctx, n.Addr)
@@ -487,13 +490,7 @@ func (s *Shipper) handshake(ctx context.Context, i int, flags uint8) (*frameConn
 	}
 	stop := context.AfterFunc(ctx, func() { nc.Close() })
 	fc := newFrameConn(nc, s.cfg.MaxFrame)
-	h := &hello{Version: ProtocolVersion, Flags: flags, Region: s.cfg.SourceRegion, Node: s.cfg.SourceNode, Token: s.cfg.Token}
-	if err := fc.write(s.cfg.AckTimeout, h); err != nil {
-		stop()
-		nc.Close()
-		return nil, nil, fmt.Errorf("hello %s: %w", n.Name, err)
-	}
-	f, err := fc.read(s.cfg.AckTimeout)
+	f, err := clientHello(fc, s.cfg.AckTimeout, flags, s.cfg.SourceRegion, s.cfg.SourceNode, s.cfg.Token)
 	stop()
 	if err == nil && ctx.Err() != nil {
 		err = ctx.Err()

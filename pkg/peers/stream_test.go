@@ -349,28 +349,26 @@ func dialHello(t *testing.T, addr string) *frameConn {
 	return fc
 }
 
-// TestVersion1ShipperAccepted: a shipper of protocol version 1 (without
-// streamed transactions) is still welcomed and acknowledged.
-func TestVersion1ShipperAccepted(t *testing.T) {
+// TestOlderShipperRejected: a shipper of protocol version 1 or 2 (it
+// sends its token in the Hello without waiting for a challenge) is refused
+// with a clear reason and nothing it sends is applied.
+func TestOlderShipperRejected(t *testing.T) {
+	logs := &logBuf{}
 	app := newStreamApp()
-	addr := serve(t, NewServer(serverConfig("eu", "eu1"), app, (&logBuf{}).logger()))
-	c := rawDial(t, addr, encode(t, &hello{Version: 1, Region: "na", Node: "na1", Token: testToken}))
-	fc := newFrameConn(c, DefaultMaxFrame)
-	if f, err := fc.read(5 * time.Second); err != nil {
-		t.Fatalf("version 1 hello: %v", err)
-	} else if _, ok := f.(*welcome); !ok {
-		t.Fatalf("version 1 hello answered with %T %+v, want welcome", f, f)
-	}
-	if err := fc.write(time.Second, &txnFrame{Txn: mkTxn(1, 0)}); err != nil {
-		t.Fatal(err)
-	}
-	for {
-		f, err := fc.read(5 * time.Second)
-		if err != nil {
-			t.Fatalf("read = %v, want ack", err)
+	addr := serve(t, NewServer(serverConfig("eu", "eu1"), app, logs.logger()))
+	for _, v := range []uint16{1, 2} {
+		old := append(encode(t, &hello{Version: v, Region: "na", Node: "na1", MAC: []byte(testToken)}), encode(t, &txnFrame{Txn: mkTxn(1, 0)})...)
+		c := rawDial(t, addr, old)
+		f, err := reply(t, c)
+		r, ok := f.(*reject)
+		if !ok || err != nil || !strings.Contains(r.Reason, fmt.Sprintf("peer speaks protocol %d", v)) || !strings.Contains(r.Reason, "upgrade both sides") {
+			t.Fatalf("version %d hello answered with %T %+v, %v; want a reject asking to upgrade", v, f, f, err)
 		}
-		if a, ok := f.(*ack); ok && a.LSN == lsnOf(1) {
-			return
-		}
+	}
+	if got := app.appliedLSNs(); len(got) != 0 {
+		t.Fatalf("applied %v from an older shipper", got)
+	}
+	if strings.Contains(logs.String(), testToken) {
+		t.Fatalf("the older shipper's clear token is in the log:\n%s", logs.String())
 	}
 }
