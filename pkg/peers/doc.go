@@ -4,6 +4,14 @@
 // target region with acknowledgement by LSN, retries, failover to the
 // region's other nodes and the direct-SQL fallback.
 //
+// Authentication: the server opens every connection (after TLS, when
+// configured) with a Challenge carrying 32 random bytes; the shipper's Hello
+// carries HelloMAC, an HMAC-SHA256 keyed with the shared token over the
+// nonce, its region, node and flags, which the server checks in constant
+// time. The token itself never crosses the wire, and a Hello captured from
+// one connection is refused on any other. Peers of another protocol version
+// are refused with a reason asking to upgrade both sides.
+//
 // Ordering guarantees, in the order things happen to one transaction:
 //
 //  1. The reader hands transactions to Shipper.Send in commit order; each
