@@ -252,7 +252,17 @@ type cmd struct {
 	change int // index into Changes; -1 for transaction control
 	commit bool
 	reset  bool
+	// barrier flushes the WAL up to the session's last commit: the
+	// commits before it in the pipeline are durable once it succeeds.
+	barrier bool
 }
+
+// barrierSQL makes every commit of this session durable: with a true
+// argument, pg_replication_origin_session_progress flushes the WAL up to
+// the session's last commit. Commits themselves run with
+// synchronous_commit = off, so a pipeline of transactions pays for one
+// WAL flush instead of one per transaction.
+const barrierSQL = "SELECT pg_replication_origin_session_progress(true)"
 
 // session is one pooled connection holding the origin of a run.
 type session struct {
@@ -277,7 +287,7 @@ func (s *session) hold(ctx context.Context, source string) (pglogrepl.LSN, error
 	pc := s.conn.Conn().PgConn()
 	for attempt := 0; ; attempt++ {
 		b := &pgconn.Batch{}
-		b.ExecParams(`SELECT set_config('application_name', $1, false), set_config('synchronous_commit', 'local', false),
+		b.ExecParams(`SELECT set_config('application_name', $1, false), set_config('synchronous_commit', 'off', false),
 			set_config('idle_in_transaction_session_timeout', '10s', false)`,
 			[][]byte{[]byte(s.a.appName + "_" + source)}, nil, nil, nil)
 		b.ExecParams("SELECT pg_replication_origin_session_setup($1)", [][]byte{[]byte(s.origin)}, nil, nil, nil)
@@ -394,6 +404,15 @@ func (a *Applier) applyRun(ctx context.Context, txns []*decode.Txn) (int, error)
 	size := 0
 
 	flush := func(final bool) error {
+		// After the pipeline's last COMMIT (also when a transaction is
+		// still open: the barrier runs inside it harmlessly).
+		for i := len(cmds) - 1; i >= 0; i-- {
+			if cmds[i].commit {
+				b.ExecParams(barrierSQL, nil, nil, nil, nil)
+				cmds = append(cmds, cmd{txn: cmds[i].txn, change: -1, barrier: true})
+				break
+			}
+		}
 		if final {
 			b.ExecParams("SELECT pg_replication_origin_session_reset()", nil, nil, nil, nil)
 			cmds = append(cmds, cmd{txn: len(txns) - 1, change: -1, reset: true})
@@ -410,12 +429,23 @@ func (a *Applier) applyRun(ctx context.Context, txns []*decode.Txn) (int, error)
 				break
 			}
 		}
+		// Commits count as done only once a barrier after them succeeded.
+		lastCommit := -1
+		durable := func() {
+			if lastCommit < 0 {
+				return
+			}
+			committed = lastCommit + 1
+			for committed < len(txns) && skip[committed] {
+				committed++
+			}
+		}
 		for i := 0; i < failed && i < len(cmds); i++ {
 			if cmds[i].commit {
-				committed = cmds[i].txn + 1
-				for committed < len(txns) && skip[committed] {
-					committed++
-				}
+				lastCommit = cmds[i].txn
+			}
+			if cmds[i].barrier {
+				durable()
 			}
 			if cmds[i].reset {
 				held = false
@@ -428,6 +458,15 @@ func (a *Applier) applyRun(ctx context.Context, txns []*decode.Txn) (int, error)
 		var pgErr *pgconn.PgError
 		if !errors.As(err, &pgErr) {
 			s.broken = true
+		} else if lastCommit >= 0 && committed <= lastCommit {
+			// A statement failed after commits whose barrier did not run;
+			// the session is alive, so flush them now and report them, so
+			// the error names the transaction that failed.
+			if _, ferr := pc.Exec(ctx, "ROLLBACK; "+barrierSQL).ReadAll(); ferr == nil {
+				durable()
+			} else if !errors.As(ferr, &pgErr) {
+				s.broken = true
+			}
 		}
 		if failed < len(cmds) && cmds[failed].reset && committed == len(txns) {
 			// Everything is durable; only releasing the origin failed. The

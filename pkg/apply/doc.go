@@ -16,12 +16,15 @@
 //     nobody can advance it before this session commits;
 //  3. per transaction whose EndLSN is above that progress: BEGIN;
 //     pg_replication_origin_xact_setup(end_lsn, commit_time); the row
-//     statements; COMMIT (synchronous_commit = local: a success is
-//     flushed to this database's WAL, so it is durable, without waiting
-//     for synchronous standbys - in sync mode the standby named there is
-//     prism-cdc's own reader, which never ships applied transactions and
-//     would make the applier wait for nothing). Transactions at or below
-//     the progress are skipped;
+//     statements; COMMIT with synchronous_commit = off, and after the
+//     last COMMIT of each pipelined round trip
+//     pg_replication_origin_session_progress(true), which flushes this
+//     database's WAL up to that commit: only then do the transactions
+//     count as applied (durable), and one WAL flush serves a whole
+//     pipeline. Neither waits for synchronous standbys - in sync mode the
+//     standby named there is prism-cdc's own reader, which never ships
+//     applied transactions and would make the applier wait for nothing.
+//     Transactions at or below the progress are skipped;
 //  4. pg_replication_origin_session_reset(): the origin is held only while
 //     applying, so a failover path is never locked out by an idle holder.
 //
