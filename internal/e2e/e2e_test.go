@@ -53,6 +53,9 @@ func startWriters(t *testing.T, d *Deployment, every time.Duration) *writers {
 	w := &writers{written: map[string]*atomic.Int64{}, errs: make(chan error, len(d.Regions)), stop: cancel}
 	for _, r := range d.Regions {
 		w.written[r] = new(atomic.Int64)
+	}
+	for _, r := range d.Regions {
+		written := w.written[r]
 		conn, err := d.Clusters[r].Connect(ctx, "app")
 		if err != nil {
 			t.Fatal(err)
@@ -77,7 +80,7 @@ func startWriters(t *testing.T, d *Deployment, every time.Duration) *writers {
 					w.errs <- fmt.Errorf("writer %s: %w", r, err)
 					return
 				}
-				w.written[r].Add(1)
+				written.Add(1)
 			}
 		}(r, conn)
 	}

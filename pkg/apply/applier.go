@@ -475,12 +475,16 @@ func (a *Applier) applyRun(ctx context.Context, txns []*decode.Txn) (int, error)
 			a.log.Warn().Err(err).Str("origin", source).Msg("release origin after commit")
 			return nil
 		}
+		// Name the transaction the failing statement belongs to.
 		at := committed
+		if failed < len(cmds) {
+			at = cmds[failed].txn
+		}
 		if at >= len(txns) {
 			at = len(txns) - 1
 		}
 		t := txns[at]
-		if failed < len(cmds) && cmds[failed].change >= 0 {
+		if failed < len(cmds) && cmds[failed].change >= 0 && cmds[failed].change < len(t.Changes) {
 			c := &t.Changes[cmds[failed].change]
 			return a.fail(s, t, relName(c), c.Op, err)
 		}
