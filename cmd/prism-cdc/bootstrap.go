@@ -10,7 +10,6 @@ import (
 
 	"github.com/prism-cdc/prism-cdc/internal/bootstrap"
 	"github.com/prism-cdc/prism-cdc/internal/config"
-	"github.com/prism-cdc/prism-cdc/internal/logging"
 )
 
 // bootstrapCommand copies a peer region into this node's region database
@@ -33,17 +32,10 @@ func bootstrapCommand(ctx context.Context, args []string, stdout, stderr io.Writ
 		commandUsage(stderr, fs, c)
 		return exitUsage
 	}
-	cfg, err := config.Load(*path)
-	if err != nil {
-		fmt.Fprintf(stderr, "prism-cdc %s: bad config %s:\n%s\n", name, *path, indent(err))
-		return exitUsage
+	cfg, log, code, ok := loadNode(name, *path, stderr)
+	if !ok {
+		return code
 	}
-	log, err := logging.New(stderr, cfg.Log)
-	if err != nil {
-		fmt.Fprintf(stderr, "prism-cdc %s: bad config %s: %v\n", name, *path, err)
-		return exitUsage
-	}
-	log = log.With().Str("node", cfg.Node).Str("region", cfg.Region).Logger()
 	bc := bootstrap.Config{
 		Region:      cfg.Region,
 		DSN:         cfg.Database,

@@ -10,7 +10,6 @@ import (
 
 	"github.com/prism-cdc/prism-cdc/internal/config"
 	"github.com/prism-cdc/prism-cdc/internal/doctor"
-	"github.com/prism-cdc/prism-cdc/internal/logging"
 )
 
 // nodeCommandWith is nodeCommand for a subcommand with flags beyond
@@ -30,18 +29,10 @@ func nodeCommandWith(name string, define func(fs *flag.FlagSet) nodeAction) func
 			commandUsage(stderr, fs, c)
 			return exitUsage
 		}
-		cfg, err := config.Load(*path)
-		if err != nil {
-			fmt.Fprintf(stderr, "prism-cdc %s: bad config %s:\n%s\n", name, *path, indent(err))
-			return exitUsage
+		cfg, log, code, ok := loadNode(name, *path, stderr)
+		if !ok {
+			return code
 		}
-		log, err := logging.New(stderr, cfg.Log)
-		if err != nil {
-			fmt.Fprintf(stderr, "prism-cdc %s: bad config %s: %v\n", name, *path, err)
-			return exitUsage
-		}
-		log = log.With().Str("node", cfg.Node).Str("region", cfg.Region).Logger()
-		log.Debug().Str("command", name).Object("config", cfg).Msg("configuration loaded")
 		return action(ctx, name, cfg, log, stdout, stderr)
 	}
 }

@@ -24,38 +24,26 @@ type nodeAction func(ctx context.Context, name string, cfg *config.Config, log z
 // every problem on stderr when it is bad), builds the root logger from the
 // log section and calls action.
 func nodeCommand(name string, action nodeAction) func(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	return func(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-		c, _ := lookup(name)
-		fs := flag.NewFlagSet(name, flag.ContinueOnError)
-		path := fs.String("config", "", "YAML configuration `FILE` of this node (see configs/)")
-		if code, done := parseFlags(fs, c, args, stdout, stderr); done {
-			return code
-		}
-		if *path == "" {
-			fmt.Fprintf(stderr, "prism-cdc %s: --config FILE is required\n\n", name)
-			commandUsage(stderr, fs, c)
-			return exitUsage
-		}
-		cfg, err := config.Load(*path)
-		if err != nil {
-			fmt.Fprintf(stderr, "prism-cdc %s: bad config %s:\n%s\n", name, *path, indent(err))
-			return exitUsage
-		}
-		log, err := logging.New(stderr, cfg.Log)
-		if err != nil {
-			fmt.Fprintf(stderr, "prism-cdc %s: bad config %s: %v\n", name, *path, err)
-			return exitUsage
-		}
-		log = log.With().Str("node", cfg.Node).Str("region", cfg.Region).Logger()
-		log.Debug().Str("command", name).Object("config", cfg).Msg("configuration loaded")
-		return action(ctx, name, cfg, log, stdout, stderr)
-	}
+	return nodeCommandWith(name, func(*flag.FlagSet) nodeAction { return action })
 }
 
-// notAvailable is the action of subcommands this build does not have yet.
-func notAvailable(_ context.Context, name string, _ *config.Config, _ zerolog.Logger, _, stderr io.Writer) int {
-	fmt.Fprintf(stderr, "prism-cdc %s: not available yet in this build\n", name)
-	return exitUsage
+// loadNode loads and validates the configuration at path and builds the
+// root logger. When it cannot, it reports why on stderr and returns
+// ok=false with the exit status.
+func loadNode(name, path string, stderr io.Writer) (cfg *config.Config, log zerolog.Logger, code int, ok bool) {
+	cfg, err := config.Load(path)
+	if err != nil {
+		fmt.Fprintf(stderr, "prism-cdc %s: bad config %s:\n%s\n", name, path, indent(err))
+		return nil, log, exitUsage, false
+	}
+	log, err = logging.New(stderr, cfg.Log)
+	if err != nil {
+		fmt.Fprintf(stderr, "prism-cdc %s: bad config %s: %v\n", name, path, err)
+		return nil, log, exitUsage, false
+	}
+	log = log.With().Str("node", cfg.Node).Str("region", cfg.Region).Logger()
+	log.Debug().Str("command", name).Object("config", cfg).Msg("configuration loaded")
+	return cfg, log, exitOK, true
 }
 
 // indent lists each problem of a (joined) error on its own indented line.

@@ -99,8 +99,17 @@ func New(opts Options) (*Cluster, error) {
 		os.RemoveAll(dir)
 		return nil, err
 	}
-	// A free port can be taken by someone else between probing and binding;
-	// try a few.
+	if err := c.startOnFreePort(); err != nil {
+		os.RemoveAll(dir)
+		return nil, err
+	}
+	return c, nil
+}
+
+// startOnFreePort starts the server on a free loopback port. A free port
+// can be taken by someone else between probing and binding; it tries a
+// few.
+func (c *Cluster) startOnFreePort() error {
 	var lastErr error
 	for attempt := 0; attempt < 5; attempt++ {
 		port, err := freePort()
@@ -110,11 +119,10 @@ func New(opts Options) (*Cluster, error) {
 		}
 		c.Port = port
 		if lastErr = c.Start(); lastErr == nil {
-			return c, nil
+			return nil
 		}
 	}
-	os.RemoveAll(dir)
-	return nil, lastErr
+	return lastErr
 }
 
 // Start runs a cluster for the test and stops and removes it when the test
@@ -300,20 +308,11 @@ func NewStandby(primary *Cluster, opts Options) (*Cluster, error) {
 		os.RemoveAll(dir)
 		return nil, err
 	}
-	var lastErr error
-	for attempt := 0; attempt < 5; attempt++ {
-		port, err := freePort()
-		if err != nil {
-			lastErr = err
-			continue
-		}
-		c.Port = port
-		if lastErr = c.Start(); lastErr == nil {
-			return c, nil
-		}
+	if err := c.startOnFreePort(); err != nil {
+		os.RemoveAll(dir)
+		return nil, err
 	}
-	os.RemoveAll(dir)
-	return nil, lastErr
+	return c, nil
 }
 
 // SetConf appends a setting to postgresql.conf; it takes effect at the next
