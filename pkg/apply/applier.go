@@ -336,29 +336,36 @@ func (s *session) hold(ctx context.Context, source string) (pglogrepl.LSN, error
 	}
 }
 
-// applyRun applies txns of one origin on one connection.
-func (a *Applier) applyRun(ctx context.Context, txns []*decode.Txn) (int, error) {
-	source := txns[0].Origin
-	var s *session
-	var progress pglogrepl.LSN
+// holdSession takes a pooled connection and holds origin prism_<source>
+// on it, returning the origin's progress. A pooled connection may have
+// died while idle (server restart, terminated backend); nothing was done
+// on it, so it tries a fresh one once.
+func (a *Applier) holdSession(ctx context.Context, source string) (*session, pglogrepl.LSN, error) {
 	for attempt := 0; ; attempt++ {
 		conn, err := a.pool.Acquire(ctx)
 		if err != nil {
-			return 0, newError(txns[0], "", 0, err)
+			return nil, 0, err
 		}
-		s = &session{a: a, conn: conn, origin: originName(source)}
-		progress, err = s.hold(ctx, source)
+		s := &session{a: a, conn: conn, origin: originName(source)}
+		progress, err := s.hold(ctx, source)
 		if err == nil {
-			break
+			return s, progress, nil
 		}
 		closed := conn.Conn().PgConn().IsClosed()
 		s.broken = s.broken || closed
 		s.release()
-		// A pooled connection may have died while idle (server restart,
-		// terminated backend); nothing was done on it, so try a fresh one.
 		if !closed || attempt > 0 || ctx.Err() != nil {
-			return 0, newError(txns[0], "", 0, err)
+			return nil, 0, err
 		}
+	}
+}
+
+// applyRun applies txns of one origin on one connection.
+func (a *Applier) applyRun(ctx context.Context, txns []*decode.Txn) (int, error) {
+	source := txns[0].Origin
+	s, progress, err := a.holdSession(ctx, source)
+	if err != nil {
+		return 0, newError(txns[0], "", 0, err)
 	}
 	defer s.release()
 	conn := s.conn

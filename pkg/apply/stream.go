@@ -5,7 +5,6 @@ import (
 	"errors"
 	"io"
 
-	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/prism-cdc/prism-cdc/pkg/decode"
@@ -57,24 +56,9 @@ func (a *Applier) ApplyStream(ctx context.Context, txn *decode.Txn, next func() 
 		return newError(txn, "", 0, err)
 	}
 	source := txn.Origin
-	var s *session
-	var progress pglogrepl.LSN
-	for attempt := 0; ; attempt++ {
-		conn, err := a.pool.Acquire(ctx)
-		if err != nil {
-			return newError(txn, "", 0, err)
-		}
-		s = &session{a: a, conn: conn, origin: originName(source)}
-		progress, err = s.hold(ctx, source)
-		if err == nil {
-			break
-		}
-		closed := conn.Conn().PgConn().IsClosed()
-		s.broken = s.broken || closed
-		s.release()
-		if !closed || attempt > 0 || ctx.Err() != nil {
-			return newError(txn, "", 0, err)
-		}
+	s, progress, err := a.holdSession(ctx, source)
+	if err != nil {
+		return newError(txn, "", 0, err)
 	}
 	defer s.release()
 	conn := s.conn
