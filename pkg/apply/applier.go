@@ -142,8 +142,17 @@ func (a *Applier) Setup(ctx context.Context) error {
 	if track != "on" {
 		return fmt.Errorf("apply setup: %w", permanent("55000", "track_commit_timestamp is off in the target database; set track_commit_timestamp = on and restart PostgreSQL"))
 	}
-	if _, err := conn.Conn().PgConn().Exec(ctx, setupSQL+policySetupSQL).ReadAll(); err != nil {
+	if _, err := conn.Conn().PgConn().Exec(ctx, setupSQL+policySetupSQL+clockSetupSQL).ReadAll(); err != nil {
 		return fmt.Errorf("apply setup: %w", err)
+	}
+	var installed int
+	if err := conn.QueryRow(ctx, "SELECT prism.install_all()").Scan(&installed); err != nil {
+		return fmt.Errorf("apply setup: install conflict triggers: %w", err)
+	}
+	if _, err := conn.Exec(ctx, eventTriggerSQL); err != nil {
+		a.log.Warn().Err(err).Msg("cannot create event trigger prism_install (needs a superuser): tables created from now on get their conflict triggers only at the next start")
+	} else {
+		a.log.Debug().Int("tables", installed).Msg("conflict triggers installed")
 	}
 	a.mu.Lock()
 	a.setup = true

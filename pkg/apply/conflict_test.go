@@ -180,28 +180,48 @@ func TestConflictOrders(t *testing.T) {
 			}
 		})
 	}
-	// Known limit without tombstones: an older update arriving after a
-	// newer delete re-inserts the row; the other order deletes it. The
-	// re-insert is recorded as update_missing.
-	for order, want := range []string{`{"id":1,"v":"eu"}`, ""} {
-		table := fmt.Sprintf("tomb_%d", order)
-		mustExec(t, ctx, c, "postgres", fmt.Sprintf("CREATE TABLE %s (id int PRIMARY KEY, v text); INSERT INTO %s VALUES (1, 'base')", table, table))
-		r := rel("public", table, decode.IdentityDefault, "id*", "v")
-		txs := []*decode.Txn{txn("na", next("na"), t0+1, remove(r)), txn("eu", next("eu"), t0, upd(r, nil, "1", "eu"))}
-		if order == 1 {
-			txs[0], txs[1] = txs[1], txs[0]
-		}
-		for _, tx := range txs {
-			if err := a.Apply(ctx, tx); err != nil {
-				t.Fatalf("Apply: %v", err)
+	// A newer delete and an older update of the same row: the delete's
+	// tombstone keeps the row deleted in both orders. A delete and
+	// re-insert in one region against a newer delete in another: the
+	// tombstone keeps the older re-insert out too.
+	for _, tc := range []struct {
+		name string
+		txs  func(r *decode.Relation) [2][]*decode.Txn
+	}{
+		{"newer delete older update", func(r *decode.Relation) [2][]*decode.Txn {
+			return [2][]*decode.Txn{{txn("na", next("na"), t0+1, remove(r))}, {txn("eu", next("eu"), t0, upd(r, nil, "1", "eu"))}}
+		}},
+		{"newer delete older delete and insert", func(r *decode.Relation) [2][]*decode.Txn {
+			return [2][]*decode.Txn{{txn("na", next("na"), t0+2, remove(r))},
+				{txn("eu", next("eu"), t0, remove(r)), txn("eu", next("eu"), t0+1, ins(r, "1", "eu"))}}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for order := 0; order < 2; order++ {
+				table := fmt.Sprintf("tomb_%d_%d", len(tc.name), order)
+				mustExec(t, ctx, c, "postgres", fmt.Sprintf("CREATE TABLE %s (id int PRIMARY KEY, v text); INSERT INTO %s VALUES (1, 'base')", table, table))
+				r := rel("public", table, decode.IdentityDefault, "id*", "v")
+				groups := tc.txs(r)
+				if order == 1 {
+					groups[0], groups[1] = groups[1], groups[0]
+				}
+				for _, g := range groups {
+					for _, tx := range g {
+						if err := a.Apply(ctx, tx); err != nil {
+							t.Fatalf("Apply: %v", err)
+						}
+					}
+				}
+				if got := tableRows(t, ctx, a.pool, table); got != "" {
+					t.Fatalf("order %d: %s = %s, want the row deleted", order, table, got)
+				}
 			}
-		}
-		if got := tableRows(t, ctx, a.pool, table); got != want {
-			t.Fatalf("%s = %s, want %s", table, got, want)
-		}
+		})
 	}
-	if got := queryString(t, ctx, a.pool, "SELECT resolution FROM prism.conflicts WHERE table_name = 'public.tomb_0' AND kind = 'update_missing'"); got != "insert_remote" {
-		t.Fatalf("tomb_0 update_missing resolution = %s, want insert_remote", got)
+	got := queryString(t, ctx, a.pool, `SELECT string_agg(table_name || ' ' || kind || ' ' || resolution, E'\n' ORDER BY id) FROM prism.conflicts WHERE table_name LIKE 'public.tomb%' AND resolution = 'keep_deleted'`)
+	want := "public.tomb_25_0 update_missing keep_deleted\npublic.tomb_36_0 insert_deleted keep_deleted"
+	if got != want {
+		t.Fatalf("tombstone decisions:\n%s\nwant:\n%s", got, want)
 	}
 	// Every order that dropped or replaced a version left a record.
 	n := queryString(t, ctx, a.pool, "SELECT count(*)::text FROM prism.conflicts")

@@ -50,7 +50,7 @@ BEGIN
 	IF row_xmin = xid(pg_current_xact_id_if_assigned()) THEN
 		RETURN true;
 	END IF;
-	SELECT c.timestamp, c.roident INTO lts, lident FROM pg_xact_commit_timestamp_origin(row_xmin) c;
+	SELECT prism.stamp(row_xmin), c.roident INTO lts, lident FROM pg_xact_commit_timestamp_origin(row_xmin) c;
 	lregion := prism.region_of(lident);
 	IF kind <> 'insert_exists' THEN
 		-- An update or delete conflicts only with a local version written by
@@ -66,8 +66,7 @@ BEGIN
 	win := CASE policy
 		WHEN 'source_wins' THEN true
 		WHEN 'keep_local' THEN false
-		ELSE lts IS NULL OR lregion IS NOT DISTINCT FROM rregion OR rts > lts
-			OR (rts = lts AND rregion > lregion)
+		ELSE prism.remote_newer(rts, rregion, lts, lregion)
 	END;
 	INSERT INTO prism.conflicts (source_region, source_lsn, table_name, key, kind, policy,
 		resolution, winner, local_commit_time, local_origin, remote_commit_time, remote_origin)
@@ -78,24 +77,42 @@ BEGIN
 	RETURN win;
 END
 $f$;
-CREATE OR REPLACE FUNCTION prism.missing(kind text, policy text, tbl text, key jsonb, complete boolean)
+-- missing decides a change whose row is not there. A keyed table's
+-- tombstone (the key's last delete) takes part under last_write_wins and
+-- keep_local: an update older than the delete does not re-insert the row,
+-- and a delete of a missing key leaves its stamp in the tombstone when it
+-- is the newer delete.
+CREATE OR REPLACE FUNCTION prism.missing(kind text, policy text, tbl text, k jsonb, complete boolean, keyed boolean)
 RETURNS boolean LANGUAGE plpgsql AS $f$
 DECLARE
 	rts     timestamptz := current_setting('prism.remote_ts')::timestamptz;
 	rregion text := current_setting('prism.remote_region');
+	tts     timestamptz;
+	tregion text;
+	buried  boolean := false;
 	ins     boolean;
 BEGIN
 	IF policy = 'error' THEN
 		RAISE EXCEPTION 'prism conflict % on % key % (remote % from %)',
-			kind, tbl, key, rts, rregion USING ERRCODE = 'PR001';
+			kind, tbl, k, rts, rregion USING ERRCODE = 'PR001';
 	END IF;
-	ins := kind = 'update_missing' AND complete AND policy IN ('last_write_wins', 'source_wins');
+	IF keyed THEN
+		SELECT prism.stamp(t.xmin), prism.region_of(o.roident) INTO tts, tregion
+		FROM prism.tombstones t, pg_xact_commit_timestamp_origin(t.xmin) o
+		WHERE t.table_name = tbl AND t.key = k;
+		buried := FOUND AND NOT prism.remote_newer(rts, rregion, tts, tregion);
+		IF kind = 'delete_missing' AND NOT buried THEN
+			INSERT INTO prism.tombstones (table_name, key) VALUES (tbl, k)
+			ON CONFLICT (table_name, key) DO UPDATE SET key = EXCLUDED.key;
+		END IF;
+	END IF;
+	ins := kind = 'update_missing' AND complete AND (policy = 'source_wins' OR (policy = 'last_write_wins' AND NOT buried));
 	INSERT INTO prism.conflicts (source_region, source_lsn, table_name, key, kind, policy,
 		resolution, winner, local_commit_time, local_origin, remote_commit_time, remote_origin)
-	VALUES (rregion, current_setting('prism.remote_lsn')::pg_lsn, tbl, key, kind, policy,
-		CASE WHEN ins THEN 'insert_remote' ELSE 'skip' END,
-		CASE WHEN ins THEN 'remote' ELSE 'none' END,
-		NULL, NULL, rts, rregion);
+	VALUES (rregion, current_setting('prism.remote_lsn')::pg_lsn, tbl, k, kind, policy,
+		CASE WHEN ins THEN 'insert_remote' WHEN buried AND kind = 'update_missing' THEN 'keep_deleted' ELSE 'skip' END,
+		CASE WHEN ins THEN 'remote' WHEN buried AND kind = 'update_missing' THEN 'local' ELSE 'none' END,
+		tts, tregion, rts, rregion);
 	RETURN ins;
 END
 $f$;

@@ -249,11 +249,21 @@ func (b *builder) insert(c *decode.Change, policy Policy) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	sql := "INSERT INTO " + b.t.ident + " AS x (" + names + ") VALUES (" + ps + ")"
 	if !keyed(b.rel) {
-		return sql, nil
+		return "INSERT INTO " + b.t.ident + " AS x (" + names + ") VALUES (" + ps + ")", nil
 	}
 	keys := b.keyCols()
+	// A key with a tombstone is inserted only when the insert is newer
+	// than the delete (prism.admit); the common case, no tombstone, costs
+	// one index probe.
+	keyP, err := b.keyJSONParams(tupleNew, keys)
+	if err != nil {
+		return "", err
+	}
+	pol, tbl := lit(string(policy)), lit(b.t.name)
+	sql := "INSERT INTO " + b.t.ident + " AS x (" + names + ") SELECT " + ps +
+		" WHERE NOT EXISTS (SELECT 1 FROM prism.tombstones tb WHERE tb.table_name = " + tbl + " AND tb.key = " + keyP + ")" +
+		" OR prism.admit(" + pol + ", " + tbl + ", " + keyP + ")"
 	keyNames := make([]string, len(keys))
 	isKey := map[int]bool{}
 	for i, k := range keys {
@@ -271,7 +281,7 @@ func (b *builder) insert(c *decode.Change, policy Policy) (string, error) {
 		sets = append(sets, keyNames[0]+" = EXCLUDED."+keyNames[0])
 	}
 	return sql + " ON CONFLICT (" + strings.Join(keyNames, ", ") + ") DO UPDATE SET " + strings.Join(sets, ", ") +
-		" WHERE prism.resolve('insert_exists', " + lit(string(policy)) + ", " + lit(b.t.name) + ", " +
+		" WHERE prism.resolve('insert_exists', " + pol + ", " + tbl + ", " +
 		b.keyJSON("x", keys) + ", x.xmin)", nil
 }
 
@@ -334,7 +344,7 @@ func (b *builder) match(c *decode.Change, alias string) (string, []int, tuple, e
 // same; skipping the call saves most of the server CPU of a replicated
 // update. OR evaluates its arguments in order and stops at the first true.
 func resolveCall(kind, pol, tbl, key string) string {
-	return "(coalesce(pg_catalog.pg_xact_commit_timestamp(x.xmin) < pg_catalog.current_setting('prism.remote_ts')::timestamptz, true)" +
+	return "(coalesce(prism.stamp(x.xmin) < pg_catalog.current_setting('prism.remote_ts')::timestamptz, true)" +
 		" OR prism.resolve(" + lit(kind) + ", " + pol + ", " + tbl + ", " + key + ", x.xmin))"
 }
 
@@ -366,7 +376,7 @@ func (b *builder) update(c *decode.Change, policy Policy) (string, error) {
 		}
 		sb.WriteString("WITH u AS (UPDATE " + b.t.ident + " AS x SET " + strings.Join(sets, ", ") +
 			" WHERE " + cond + " AND " + resolveCall("update", pol, tbl, b.keyJSON("x", keyCols)) + " RETURNING 1), " +
-			"m AS (SELECT prism.missing('update_missing', " + pol + ", " + tbl + ", " + keyP + ", " + strconv.FormatBool(complete) + ") AS ins" +
+			"m AS (SELECT prism.missing('update_missing', " + pol + ", " + tbl + ", " + keyP + ", " + strconv.FormatBool(complete) + ", true) AS ins" +
 			" WHERE NOT EXISTS (SELECT 1 FROM " + b.t.ident + " AS y WHERE " + condY + ")) ")
 		if !complete {
 			sb.WriteString("SELECT (SELECT count(*) FROM u), (SELECT count(*) FROM m)")
@@ -395,7 +405,7 @@ func (b *builder) update(c *decode.Change, policy Policy) (string, error) {
 	sb.WriteString("WITH target AS (SELECT y.ctid FROM " + b.t.ident + " AS y WHERE " + cond + " LIMIT 1 FOR UPDATE), " +
 		"u AS (UPDATE " + b.t.ident + " AS x SET " + strings.Join(sets, ", ") + " FROM target WHERE x.ctid = target.ctid" +
 		" AND " + resolveCall("update", pol, tbl, keyP) + " RETURNING 1), " +
-		"m AS (SELECT prism.missing('update_missing', " + pol + ", " + tbl + ", " + keyP + ", " + strconv.FormatBool(complete) + ") AS ins" +
+		"m AS (SELECT prism.missing('update_missing', " + pol + ", " + tbl + ", " + keyP + ", " + strconv.FormatBool(complete) + ", false) AS ins" +
 		" WHERE NOT EXISTS (SELECT 1 FROM target)) ")
 	if !complete {
 		sb.WriteString("SELECT (SELECT count(*) FROM u), (SELECT count(*) FROM m)")
@@ -424,7 +434,7 @@ func (b *builder) delete(c *decode.Change, policy Policy) (string, error) {
 		}
 		return "WITH d AS (DELETE FROM " + b.t.ident + " AS x WHERE " + cond +
 			" AND " + resolveCall("delete", pol, tbl, b.keyJSON("x", keyCols)) + " RETURNING 1), " +
-			"m AS (SELECT prism.missing('delete_missing', " + pol + ", " + tbl + ", " + keyP + ", false)" +
+			"m AS (SELECT prism.missing('delete_missing', " + pol + ", " + tbl + ", " + keyP + ", false, true)" +
 			" WHERE NOT EXISTS (SELECT 1 FROM " + b.t.ident + " AS y WHERE " + condY + ")) " +
 			"SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM m)", nil
 	}
@@ -439,7 +449,7 @@ func (b *builder) delete(c *decode.Change, policy Policy) (string, error) {
 	return "WITH target AS (SELECT y.ctid FROM " + b.t.ident + " AS y WHERE " + cond + " LIMIT 1 FOR UPDATE), " +
 		"d AS (DELETE FROM " + b.t.ident + " AS x USING target WHERE x.ctid = target.ctid" +
 		" AND " + resolveCall("delete", pol, tbl, keyP) + " RETURNING 1), " +
-		"m AS (SELECT prism.missing('delete_missing', " + pol + ", " + tbl + ", " + keyP + ", false)" +
+		"m AS (SELECT prism.missing('delete_missing', " + pol + ", " + tbl + ", " + keyP + ", false, false)" +
 		" WHERE NOT EXISTS (SELECT 1 FROM target)) " +
 		"SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM m)", nil
 }

@@ -3,6 +3,8 @@ package decode
 import (
 	"errors"
 	"fmt"
+	"strconv"
+	"time"
 
 	"github.com/jackc/pglogrepl"
 )
@@ -38,8 +40,9 @@ type Assembler struct {
 	rels  map[uint32]*Relation
 	types map[uint32]string
 
-	cur         *Txn // open Begin ... Commit transaction
-	curFiltered bool // cur carries an Origin message
+	cur         *Txn      // open Begin ... Commit transaction
+	curFiltered bool      // cur carries an Origin message
+	curFloor    time.Time // cur's clock floor (FloorPrefix messages)
 
 	inStream  bool   // between Stream Start and Stream Stop
 	streamXid uint32 // top-level xid of the open stream block
@@ -54,6 +57,7 @@ type streamTxn struct {
 	changes  []Change
 	subxids  []uint32
 	filtered bool
+	floor    time.Time
 }
 
 // AssemblerOption tunes an Assembler.
@@ -234,7 +238,7 @@ func (a *Assembler) begin(r *buf) error {
 		return errNested
 	}
 	a.cur = &Txn{Origin: a.region, Xid: xid, CommitLSN: finalLSN, CommitTime: commitTime}
-	a.curFiltered = false
+	a.curFiltered, a.curFloor = false, time.Time{}
 	a.dropSpill()
 	return nil
 }
@@ -253,8 +257,8 @@ func (a *Assembler) commit(r *buf) (*Txn, error) {
 	if a.cur == nil {
 		return nil, errNoTxn
 	}
-	txn, filtered := a.cur, a.curFiltered
-	a.cur, a.curFiltered = nil, false
+	txn, filtered, floor := a.cur, a.curFiltered, a.curFloor
+	a.cur, a.curFiltered, a.curFloor = nil, false, time.Time{}
 	if commitLSN != txn.CommitLSN {
 		return nil, fmt.Errorf("commit lsn %s does not match begin's %s", commitLSN, txn.CommitLSN)
 	}
@@ -277,7 +281,7 @@ func (a *Assembler) commit(r *buf) (*Txn, error) {
 	}
 	a.curBytes = 0
 	txn.EndLSN = endLSN
-	txn.CommitTime = commitTime
+	txn.CommitTime = stamp(commitTime, floor)
 	return txn, nil
 }
 
@@ -505,15 +509,60 @@ func (a *Assembler) truncate(r *buf) error {
 	return a.add(xid, c)
 }
 
-// message checks a logical decoding message (pg_logical_emit_message) and
-// drops it: prism-cdc uses them only as heartbeats.
+// FloorPrefix is the prefix of the transactional logical messages
+// (pg_logical_emit_message) that carry a transaction's clock floor: the
+// stamp, in microseconds since the Unix epoch, of a version the
+// transaction replaced that is not older than its own clock (see
+// pkg/apply, trigger prism_clock). The assembler raises the transaction's
+// CommitTime to one microsecond past its greatest floor, so
+// last_write_wins orders the write after the version it replaced.
+const FloorPrefix = "prism.floor"
+
+// message reads a logical decoding message (pg_logical_emit_message).
+// Transactional FloorPrefix messages raise their transaction's floor;
+// every other message is dropped.
 func (a *Assembler) message(r *buf) error {
-	a.streamPrefix(r)
-	r.u8()  // flags
-	r.lsn() // lsn
-	r.str() // prefix
-	r.bytes(r.u32())
-	return r.err
+	xid := a.streamPrefix(r)
+	flags := r.u8()
+	r.lsn()
+	prefix := r.str()
+	content := r.bytes(r.u32())
+	if r.err != nil {
+		return r.err
+	}
+	if prefix != FloorPrefix || flags&1 == 0 {
+		return nil
+	}
+	us, err := strconv.ParseInt(string(content), 10, 64)
+	if err != nil {
+		return fmt.Errorf("%s message %q: %w", FloorPrefix, content, err)
+	}
+	floor := time.UnixMicro(us)
+	switch {
+	case a.inStream:
+		if st := a.streams[xid]; st != nil && floor.After(st.floor) {
+			st.floor = floor
+		}
+	case a.cur != nil:
+		if floor.After(a.curFloor) {
+			a.curFloor = floor
+		}
+	default:
+		return errNoTxn
+	}
+	return nil
+}
+
+// stamp returns the commit time a transaction is shipped with: its commit
+// timestamp, or one microsecond past its floor when that is not earlier.
+func stamp(commit, floor time.Time) time.Time {
+	if floor.IsZero() {
+		return commit
+	}
+	if f := floor.Add(time.Microsecond); !f.Before(commit) {
+		return f
+	}
+	return commit
 }
 
 func (a *Assembler) streamStart(r *buf) error {
@@ -563,7 +612,7 @@ func (a *Assembler) streamCommit(r *buf) (*Txn, error) {
 		a.filtered++
 		return nil, nil
 	}
-	return &Txn{Origin: a.region, Xid: xid, CommitLSN: commitLSN, EndLSN: endLSN, CommitTime: commitTime, Changes: st.changes}, nil
+	return &Txn{Origin: a.region, Xid: xid, CommitLSN: commitLSN, EndLSN: endLSN, CommitTime: stamp(commitTime, st.floor), Changes: st.changes}, nil
 }
 
 // streamAbort drops an aborted streamed transaction, or the changes of an

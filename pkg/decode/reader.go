@@ -113,6 +113,12 @@ type Reader struct {
 	loopErr   error
 	confirmed pglogrepl.LSN // from Confirm
 	stats     ReaderStats
+	// wake interrupts the loop's wait for the server (set while it
+	// waits) so that a new confirmed position is reported at once.
+	wake context.CancelFunc
+	// poked is signalled by Confirm for a loop that waits for the
+	// consumer instead of the server.
+	poked chan struct{}
 
 	// Owned by the loop goroutine.
 	lastQueued pglogrepl.LSN // EndLSN of the last Txn put into out: never queue one at or below it
@@ -146,7 +152,8 @@ func NewReader(cfg ReaderConfig, log zerolog.Logger) *Reader {
 	return &Reader{
 		cfg: cfg,
 		log: log.With().Str("component", "decode").Str("slot", cfg.Slot).Logger(),
-		out: make(chan *Txn, 4),
+		out:   make(chan *Txn, 4),
+		poked: make(chan struct{}, 1),
 	}
 }
 
@@ -214,15 +221,36 @@ func (r *Reader) takeErr() error {
 }
 
 // Confirm declares every transaction up to lsn durable in every region. The
-// Reader reports it to the server as the write, flush and apply position at
-// the next status update. It is safe to call from any goroutine; a lower
-// lsn than before is ignored.
+// Reader reports it to the server as the write, flush and apply position
+// right away (a position above the one last reported wakes the stream's
+// loop, which sends a status update). It is safe to call from any
+// goroutine; a lower lsn than before is ignored.
 func (r *Reader) Confirm(lsn pglogrepl.LSN) {
 	r.mu.Lock()
-	if lsn > r.confirmed {
-		r.confirmed = lsn
+	defer r.mu.Unlock()
+	if lsn <= r.confirmed {
+		return
 	}
-	r.mu.Unlock()
+	r.confirmed = lsn
+	if lsn <= r.stats.Confirmed {
+		return
+	}
+	if r.wake != nil {
+		r.wake()
+		r.wake = nil
+	}
+	select {
+	case r.poked <- struct{}{}:
+	default:
+	}
+}
+
+// reportDue reports whether the confirmed position (from Confirm or an
+// idle advance) is above the one last sent to the server.
+func (r *Reader) reportDue() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return max(r.confirmed, r.idle) > r.stats.Confirmed
 }
 
 // Failed returns the error the Reader stopped with for good (it wraps
@@ -547,7 +575,7 @@ func (r *Reader) session(ctx context.Context) (progressed bool, err error) {
 	pubs := strings.ReplaceAll(pgx.Identifier{r.cfg.Publication}.Sanitize(), "'", "''")
 	err = pglogrepl.StartReplication(ctx, conn, r.cfg.Slot, start, pglogrepl.StartReplicationOptions{
 		Mode:       pglogrepl.LogicalReplication,
-		PluginArgs: []string{"proto_version '1'", "publication_names '" + pubs + "'"},
+		PluginArgs: []string{"proto_version '1'", "publication_names '" + pubs + "'", "messages 'true'"},
 	})
 	if err != nil {
 		return false, r.classify(fmt.Errorf("start replication on %s: %w", r.cfg.Slot, err))
@@ -594,17 +622,37 @@ func (r *Reader) stream(ctx context.Context, conn *pgconn.PgConn) error {
 				if time.Since(stalledSince) > r.cfg.MaxStall {
 					return errStalled
 				}
+			case <-r.poked:
+				if r.reportDue() {
+					nextStatus = time.Now()
+				}
 			case <-ctx.Done():
 				return ctx.Err()
 			}
 			continue
 		}
 
+		// Wait for the server until the next status update is due, or
+		// until Confirm brings a position to report.
 		rctx, cancel := context.WithDeadline(ctx, nextStatus)
+		r.mu.Lock()
+		due := max(r.confirmed, r.idle) > r.stats.Confirmed
+		if !due {
+			r.wake = cancel
+		}
+		r.mu.Unlock()
+		if due {
+			cancel()
+			nextStatus = time.Now()
+			continue
+		}
 		msg, err := conn.ReceiveMessage(rctx)
+		r.mu.Lock()
+		r.wake = nil
+		r.mu.Unlock()
 		cancel()
 		if err != nil {
-			if pgconn.Timeout(err) && ctx.Err() == nil {
+			if ctx.Err() == nil && (pgconn.Timeout(err) || errors.Is(err, context.Canceled)) {
 				continue
 			}
 			return fmt.Errorf("receive: %w", err)

@@ -1,0 +1,222 @@
+package apply
+
+// clockSetupSQL creates what last_write_wins needs beyond commit
+// timestamps: tombstones for deleted keys and clock floors for local
+// writes made on a clock that lags behind the version they overwrite.
+// Both exist for tables with a key (primary key or replica identity
+// index); a table with REPLICA IDENTITY FULL and no key has neither.
+//
+// The stamp of a row version is prism.stamp(xmin): the writing
+// transaction's commit timestamp, raised to one microsecond past its
+// clock floor when it has one. Transactions applied from another region
+// carry the source's stamp as their commit timestamp
+// (pg_replication_origin_xact_setup), so every region computes the same
+// stamp for the same version.
+//
+// prism.tombstones holds one row per deleted key; its xmin is the
+// deleting transaction, so its stamp is the delete's. Trigger
+// prism_tombstone (AFTER DELETE, ENABLE ALWAYS) writes it for local and
+// applied deletes alike; prism.missing adds it for a delete of a key that
+// is already gone.
+//
+// Trigger prism_clock (BEFORE INSERT OR UPDATE OR DELETE, skipped in
+// sessions that hold a replication origin) checks the stamp of the
+// version a local write replaces: the row's for UPDATE and DELETE, the
+// tombstone's for INSERT. When that stamp is not below clock_timestamp()
+// (another region's clock is ahead of this one), the write's commit
+// timestamp could end up below it, and the regions would disagree about
+// which version is later. The trigger then records the stamp as the
+// transaction's floor, in prism.clock_floors (read by prism.stamp here)
+// and as a transactional logical message 'prism.floor' (read by the
+// decoder, which raises the commit time it ships to the floor plus one
+// microsecond). So a write made after another version always stamps
+// later than it, whatever the clocks say.
+//
+// prism.install(table) (re)creates a table's trigger function and
+// triggers from its current key; Setup runs it for every table and the
+// event trigger prism_install for tables created or altered later.
+const clockSetupSQL = `
+SELECT pg_advisory_xact_lock(hashtext('prism.apply.setup'));
+CREATE TABLE IF NOT EXISTS prism.tombstones (
+	table_name text  NOT NULL,
+	key        jsonb NOT NULL,
+	PRIMARY KEY (table_name, key)
+);
+CREATE TABLE IF NOT EXISTS prism.clock_floors (
+	xact  xid         NOT NULL,
+	floor timestamptz NOT NULL,
+	at    timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS clock_floors_xact ON prism.clock_floors USING hash (xact);
+CREATE INDEX IF NOT EXISTS clock_floors_at ON prism.clock_floors (at);
+CREATE OR REPLACE FUNCTION prism.stamp(x xid) RETURNS timestamptz
+LANGUAGE sql STABLE AS $f$
+	SELECT greatest(pg_catalog.pg_xact_commit_timestamp($1),
+		(SELECT max(f.floor) + interval '1 microsecond' FROM prism.clock_floors f WHERE f.xact = $1))
+$f$;
+CREATE OR REPLACE FUNCTION prism.raise_floor(s timestamptz) RETURNS void
+LANGUAGE plpgsql AS $f$
+BEGIN
+	INSERT INTO prism.clock_floors (xact, floor) VALUES (xid(pg_current_xact_id()), s);
+	PERFORM pg_logical_emit_message(true, 'prism.floor', ((extract(epoch FROM s) * 1000000)::bigint)::text);
+END
+$f$;
+-- remote_newer: does the incoming version (rts, rregion) replace a local
+-- version (lts, lregion) under last_write_wins?
+CREATE OR REPLACE FUNCTION prism.remote_newer(rts timestamptz, rregion text, lts timestamptz, lregion text)
+RETURNS boolean LANGUAGE sql IMMUTABLE AS $f$
+	SELECT $3 IS NULL OR $4 IS NOT DISTINCT FROM $2 OR $1 > $3 OR ($1 = $3 AND $2 > $4)
+$f$;
+-- admit decides an incoming INSERT of a key that has a tombstone.
+CREATE OR REPLACE FUNCTION prism.admit(policy text, tbl text, k jsonb)
+RETURNS boolean LANGUAGE plpgsql AS $f$
+DECLARE
+	rts     timestamptz := current_setting('prism.remote_ts')::timestamptz;
+	rregion text := current_setting('prism.remote_region');
+	tts     timestamptz;
+	tregion text;
+	win     boolean;
+BEGIN
+	SELECT prism.stamp(t.xmin), prism.region_of(o.roident) INTO tts, tregion
+	FROM prism.tombstones t, pg_xact_commit_timestamp_origin(t.xmin) o
+	WHERE t.table_name = tbl AND t.key = k;
+	IF NOT FOUND OR prism.remote_newer(rts, rregion, tts, tregion) THEN
+		RETURN true;
+	END IF;
+	IF policy = 'error' THEN
+		RAISE EXCEPTION 'prism conflict insert_deleted on % key % (deleted % by %, remote % from %)',
+			tbl, k, tts, tregion, rts, rregion USING ERRCODE = 'PR001';
+	END IF;
+	win := policy = 'source_wins';
+	INSERT INTO prism.conflicts (source_region, source_lsn, table_name, key, kind, policy,
+		resolution, winner, local_commit_time, local_origin, remote_commit_time, remote_origin)
+	VALUES (rregion, current_setting('prism.remote_lsn')::pg_lsn, tbl, k, 'insert_deleted', policy,
+		CASE WHEN win THEN 'apply_remote' ELSE 'keep_deleted' END,
+		CASE WHEN win THEN 'remote' ELSE 'local' END, tts, tregion, rts, rregion);
+	RETURN win;
+END
+$f$;
+CREATE OR REPLACE FUNCTION prism.install(rel regclass) RETURNS text
+LANGUAGE plpgsql AS $f$
+DECLARE
+	tbl   text;
+	ident "char";
+	keys  name[];
+	fn    text := 'clock_' || rel::oid;
+	oldk  text;
+	newk  text;
+	cond  text;
+	body  text;
+BEGIN
+	SELECT n.nspname || '.' || c.relname, c.relreplident INTO tbl, ident
+	FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+	WHERE c.oid = rel AND c.relkind IN ('r', 'p');
+	IF NOT FOUND THEN
+		RETURN 'not a table';
+	END IF;
+	IF ident IN ('d', 'i') THEN
+		SELECT array_agg(a.attname ORDER BY a.attnum) INTO keys
+		FROM pg_catalog.pg_index i
+		JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+		WHERE i.indrelid = rel AND CASE WHEN ident = 'i' THEN i.indisreplident ELSE i.indisprimary END;
+	END IF;
+	IF keys IS NULL THEN
+		EXECUTE format('DROP TRIGGER IF EXISTS prism_clock ON %s', rel);
+		EXECUTE format('DROP TRIGGER IF EXISTS prism_tombstone ON %s', rel);
+		RETURN 'no key';
+	END IF;
+	SELECT 'jsonb_object(ARRAY[' || string_agg(quote_literal(k), ', ') || ']::text[], ARRAY[' ||
+			string_agg(format('OLD.%I::text', k), ', ') || ']::text[])',
+		'jsonb_object(ARRAY[' || string_agg(quote_literal(k), ', ') || ']::text[], ARRAY[' ||
+			string_agg(format('NEW.%I::text', k), ', ') || ']::text[])',
+		string_agg(format('x.%I = OLD.%I', k, k), ' AND ')
+	INTO oldk, newk, cond FROM unnest(keys) k;
+	body := format($b$
+DECLARE
+	s timestamptz;
+BEGIN
+	IF TG_WHEN = 'AFTER' THEN
+		INSERT INTO prism.tombstones (table_name, key) VALUES (%1$L, %2$s)
+		ON CONFLICT (table_name, key) DO UPDATE SET key = EXCLUDED.key;
+		RETURN NULL;
+	END IF;
+	IF TG_OP = 'INSERT' THEN
+		SELECT prism.stamp(t.xmin) INTO s FROM prism.tombstones t WHERE t.table_name = %1$L AND t.key = %3$s;
+	ELSE
+		SELECT prism.stamp(x.xmin) INTO s FROM %4$s x
+		WHERE %5$s AND NOT x.xmin = xid(pg_current_xact_id()) LIMIT 1;
+	END IF;
+	IF s >= clock_timestamp() THEN
+		PERFORM prism.raise_floor(s);
+	END IF;
+	IF TG_OP = 'DELETE' THEN
+		RETURN OLD;
+	END IF;
+	RETURN NEW;
+END
+$b$, tbl, oldk, newk, rel, cond);
+	EXECUTE format('CREATE OR REPLACE FUNCTION prism.%I() RETURNS trigger LANGUAGE plpgsql AS %L', fn, body);
+	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = rel AND tgname = 'prism_clock') THEN
+		EXECUTE format('CREATE TRIGGER prism_clock BEFORE INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW
+			WHEN (NOT pg_catalog.pg_replication_origin_session_is_setup()) EXECUTE FUNCTION prism.%I()', rel, fn);
+	END IF;
+	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = rel AND tgname = 'prism_tombstone') THEN
+		EXECUTE format('CREATE TRIGGER prism_tombstone AFTER DELETE ON %s FOR EACH ROW EXECUTE FUNCTION prism.%I()', rel, fn);
+		EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER prism_tombstone', rel);
+	END IF;
+	RETURN 'installed';
+END
+$f$;
+CREATE OR REPLACE FUNCTION prism.install_all() RETURNS integer
+LANGUAGE plpgsql AS $f$
+DECLARE
+	r record;
+	n integer := 0;
+BEGIN
+	FOR r IN SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace s ON s.oid = c.relnamespace
+		WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+		AND s.nspname NOT IN ('prism', 'pg_catalog', 'information_schema') AND s.nspname NOT LIKE 'pg\_%'
+	LOOP
+		IF prism.install(r.oid) = 'installed' THEN
+			n := n + 1;
+		END IF;
+	END LOOP;
+	RETURN n;
+END
+$f$;
+-- on_ddl installs the triggers on tables created or altered later. It
+-- never fails the DDL: a problem is a warning.
+CREATE OR REPLACE FUNCTION prism.on_ddl() RETURNS event_trigger
+LANGUAGE plpgsql AS $f$
+DECLARE
+	r record;
+BEGIN
+	FOR r IN SELECT DISTINCT c.objid FROM pg_event_trigger_ddl_commands() c
+		JOIN pg_catalog.pg_class k ON k.oid = c.objid
+		JOIN pg_catalog.pg_namespace s ON s.oid = k.relnamespace
+		WHERE c.classid = 'pg_catalog.pg_class'::regclass AND k.relkind IN ('r', 'p') AND NOT k.relispartition
+		AND s.nspname NOT IN ('prism', 'pg_catalog', 'information_schema') AND s.nspname NOT LIKE 'pg\_%'
+	LOOP
+		BEGIN
+			PERFORM prism.install(r.objid);
+		EXCEPTION WHEN OTHERS THEN
+			RAISE WARNING 'prism-cdc could not install its conflict triggers on %: %', r.objid::regclass, SQLERRM;
+		END;
+	END LOOP;
+END
+$f$;
+`
+
+// eventTriggerSQL creates the event trigger; it needs a superuser, and
+// Setup only warns without it (prism.install_all at every start still
+// covers the tables that exist then).
+const eventTriggerSQL = `
+DO $d$
+BEGIN
+	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'prism_install') THEN
+		CREATE EVENT TRIGGER prism_install ON ddl_command_end
+			WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'CREATE TABLE AS', 'SELECT INTO')
+			EXECUTE FUNCTION prism.on_ddl();
+	END IF;
+END
+$d$`

@@ -1,0 +1,139 @@
+package apply
+
+import (
+	"testing"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+
+	"github.com/prism-cdc/prism-cdc/internal/pgtest"
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
+)
+
+// TestClockFloor runs a region whose clock is behind another's: na's
+// writes arrive stamped five minutes ahead, and eu's application then
+// writes the same rows. eu's write must stamp later than na's on every
+// region (in eu's own database through prism.stamp, and in the commit
+// time the decoder ships), so a third region converges on it whichever
+// order the two arrive in.
+func TestClockFloor(t *testing.T) {
+	ctx := testCtx(t)
+	eu := pgtest.Start(t, pgtest.Options{Name: "floor-eu"})
+	as := pgtest.Start(t, pgtest.Options{Name: "floor-as"})
+	schema := "CREATE TABLE kv (id int PRIMARY KEY, v text); INSERT INTO kv VALUES (1, 'base'), (2, 'base');"
+	mustExec(t, ctx, eu, "postgres", schema)
+	mustExec(t, ctx, as, "postgres", schema)
+	aEU := newApplier(t, ctx, eu, "postgres", WithLocalRegion("eu"))
+	aAS := newApplier(t, ctx, as, "postgres", WithLocalRegion("as"))
+	for _, a := range []*Applier{aEU, aAS} {
+		if err := a.Setup(ctx); err != nil {
+			t.Fatalf("Setup: %v", err)
+		}
+	}
+	mustExec(t, ctx, eu, "postgres", "CREATE PUBLICATION p FOR TABLE kv")
+	mustExec(t, ctx, eu, "postgres", "SELECT pg_create_logical_replication_slot('s', 'pgoutput')")
+
+	future := time.Now().Add(5 * time.Minute).Truncate(time.Microsecond)
+	r := rel("public", "kv", decode.IdentityDefault, "id*", "v")
+	naUpdate := &decode.Txn{Origin: "na", CommitLSN: 992, EndLSN: 1000, CommitTime: future, Changes: []decode.Change{upd(r, nil, "1", "na")}}
+	naDelete := &decode.Txn{Origin: "na", CommitLSN: 1992, EndLSN: 2000, CommitTime: future, Changes: []decode.Change{del(r, "2", `\N`)}}
+	for _, tx := range []*decode.Txn{naUpdate, naDelete} {
+		if err := aEU.Apply(ctx, tx); err != nil {
+			t.Fatalf("apply na on eu: %v", err)
+		}
+	}
+	// eu's application overwrites row 1 and re-inserts key 2, after na's
+	// writes but earlier by the clocks.
+	mustExec(t, ctx, eu, "postgres", "UPDATE kv SET v = 'eu' WHERE id = 1; INSERT INTO kv VALUES (2, 'eu')")
+
+	if got := queryString(t, ctx, aEU.pool, "SELECT count(*) || ' floors in ' || count(DISTINCT xact::text) || ' transaction' FROM prism.clock_floors"); got != "2 floors in 1 transaction" {
+		t.Fatalf("prism.clock_floors: %s, want 2 floors (row 1's version, key 2's tombstone) in eu's one local transaction", got)
+	}
+	for _, id := range []int{1, 2} {
+		got := queryString(t, ctx, aEU.pool, "SELECT (prism.stamp(xmin) - $1::timestamptz)::text FROM kv WHERE id = $2", future, id)
+		if got != "00:00:00.000001" {
+			t.Fatalf("row %d: eu's version stamps %s after na's, want 00:00:00.000001", id, got)
+		}
+	}
+
+	// Decode eu's WAL: na's applied transactions are filtered out, eu's is
+	// shipped with the raised commit time.
+	rows, err := aEU.pool.Query(ctx, "SELECT lsn::text, data FROM pg_logical_slot_get_binary_changes('s', NULL, NULL, 'proto_version', '1', 'publication_names', 'p', 'messages', 'true')")
+	if err != nil {
+		t.Fatal(err)
+	}
+	asm := decode.NewAssembler("eu")
+	var local []*decode.Txn
+	for rows.Next() {
+		var lsnText string
+		var data []byte
+		if err := rows.Scan(&lsnText, &data); err != nil {
+			t.Fatal(err)
+		}
+		lsn, err := pglogrepl.ParseLSN(lsnText)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tx, err := asm.Feed(lsn, data)
+		if err != nil {
+			t.Fatalf("decode: %v", err)
+		}
+		if tx != nil {
+			local = append(local, tx)
+		}
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatal(err)
+	}
+	if len(local) != 1 || asm.Filtered() != 2 {
+		t.Fatalf("decoded %d local transactions and filtered %d, want 1 and na's 2", len(local), asm.Filtered())
+	}
+	if want := future.Add(time.Microsecond); !local[0].CommitTime.Equal(want) {
+		t.Fatalf("eu's transaction ships with commit time %s, want %s (na's plus 1µs)", local[0].CommitTime, want)
+	}
+
+	// as receives eu's transaction first, then na's: na's are older now.
+	for _, tx := range []*decode.Txn{local[0], naUpdate, naDelete} {
+		if err := aAS.Apply(ctx, tx); err != nil {
+			t.Fatalf("apply on as: %v", err)
+		}
+	}
+	want := `{"id":1,"v":"eu"}` + "\n" + `{"id":2,"v":"eu"}`
+	if gotEU, gotAS := tableRows(t, ctx, aEU.pool, "kv"), tableRows(t, ctx, aAS.pool, "kv"); gotEU != want || gotAS != want {
+		t.Fatalf("eu has\n%s\nas has\n%s\nwant both\n%s", gotEU, gotAS, want)
+	}
+}
+
+// TestTriggersFollowTheKey checks prism.install: triggers on keyed tables
+// (also ones created after Setup, through the event trigger), none on a
+// table without a key, and their removal when the key goes.
+func TestTriggersFollowTheKey(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "install"})
+	mustExec(t, ctx, c, "postgres", "CREATE TABLE before_setup (id int PRIMARY KEY); CREATE TABLE nokey (v text)")
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("na"))
+	if err := a.Setup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	mustExec(t, ctx, c, "postgres", `CREATE TABLE after_setup (a int, b text, PRIMARY KEY (a, b));
+		CREATE TABLE ri (id int NOT NULL, v text); CREATE UNIQUE INDEX ri_id ON ri (id); ALTER TABLE ri REPLICA IDENTITY USING INDEX ri_id`)
+	triggers := func() string {
+		return queryString(t, ctx, a.pool, `SELECT string_agg(tgrelid::regclass || '.' || tgname || ':' || tgenabled::text, ' ' ORDER BY tgrelid::regclass::text, tgname)
+			FROM pg_trigger WHERE tgname LIKE 'prism\_%'`)
+	}
+	want := "after_setup.prism_clock:O after_setup.prism_tombstone:A before_setup.prism_clock:O before_setup.prism_tombstone:A " +
+		"ri.prism_clock:O ri.prism_tombstone:A"
+	if got := triggers(); got != want {
+		t.Fatalf("triggers:\n%s\nwant:\n%s", got, want)
+	}
+	// A delete of a two-column key leaves a tombstone in the applier's key format.
+	mustExec(t, ctx, c, "postgres", "INSERT INTO after_setup VALUES (7, 'x'); DELETE FROM after_setup; INSERT INTO ri VALUES (3, 'v'); DELETE FROM ri")
+	if got := queryString(t, ctx, a.pool, "SELECT string_agg(table_name || ' ' || key::text, '; ' ORDER BY table_name) FROM prism.tombstones"); got != `public.after_setup {"a": "7", "b": "x"}; public.ri {"id": "3"}` {
+		t.Fatalf("tombstones: %s", got)
+	}
+	mustExec(t, ctx, c, "postgres", "ALTER TABLE ri REPLICA IDENTITY FULL")
+	want = "after_setup.prism_clock:O after_setup.prism_tombstone:A before_setup.prism_clock:O before_setup.prism_tombstone:A"
+	if got := triggers(); got != want {
+		t.Fatalf("after REPLICA IDENTITY FULL, triggers:\n%s\nwant:\n%s", got, want)
+	}
+}
