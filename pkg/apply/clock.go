@@ -1,5 +1,12 @@
 package apply
 
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"time"
+)
+
 // clockSetupSQL creates what last_write_wins needs beyond commit
 // timestamps: tombstones for deleted keys and clock floors for local
 // writes made on a clock that lags behind the version they overwrite.
@@ -220,3 +227,24 @@ BEGIN
 	END IF;
 END
 $d$`
+
+// Collect deletes tombstones and clock floors older than keep, and
+// returns how many of each it deleted. A change that arrives more than
+// keep after a delete of its key (a region cut off that long) no longer
+// sees the delete: an older update of the key re-inserts the row there.
+func (a *Applier) Collect(ctx context.Context, keep time.Duration) (tombstones, floors int64, err error) {
+	if err := a.ensureSetup(ctx); err != nil {
+		return 0, 0, err
+	}
+	secs := strconv.FormatFloat(keep.Seconds(), 'f', 0, 64)
+	tag, err := a.pool.Exec(ctx, "DELETE FROM prism.tombstones t WHERE prism.stamp(t.xmin) < now() - make_interval(secs => $1::float8)", secs)
+	if err != nil {
+		return 0, 0, fmt.Errorf("collect tombstones: %w", err)
+	}
+	tombstones = tag.RowsAffected()
+	tag, err = a.pool.Exec(ctx, "DELETE FROM prism.clock_floors WHERE at < now() - make_interval(secs => $1::float8)", secs)
+	if err != nil {
+		return tombstones, 0, fmt.Errorf("collect clock floors: %w", err)
+	}
+	return tombstones, tag.RowsAffected(), nil
+}

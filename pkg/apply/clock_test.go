@@ -137,3 +137,23 @@ func TestTriggersFollowTheKey(t *testing.T) {
 		t.Fatalf("after REPLICA IDENTITY FULL, triggers:\n%s\nwant:\n%s", got, want)
 	}
 }
+
+// TestCollect checks that Collect removes old tombstones and floors only.
+func TestCollect(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "collect"})
+	mustExec(t, ctx, c, "postgres", "CREATE TABLE kv (id int PRIMARY KEY)")
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("na"))
+	if err := a.Setup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	mustExec(t, ctx, c, "postgres", "INSERT INTO kv VALUES (1), (2); DELETE FROM kv")
+	mustExec(t, ctx, c, "postgres", "INSERT INTO prism.clock_floors (xact, floor, at) VALUES ('5', now(), now() - interval '8 days'), ('6', now(), now())")
+	if tomb, floors, err := a.Collect(ctx, 7*24*time.Hour); err != nil || tomb != 0 || floors != 1 {
+		t.Fatalf("Collect(7 days) = %d tombstones, %d floors, %v; want 0, 1", tomb, floors, err)
+	}
+	time.Sleep(10 * time.Millisecond)
+	if tomb, floors, err := a.Collect(ctx, time.Millisecond); err != nil || tomb != 2 || floors != 1 {
+		t.Fatalf("Collect(1ms) = %d tombstones, %d floors, %v; want 2, 1", tomb, floors, err)
+	}
+}

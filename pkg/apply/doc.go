@@ -76,24 +76,46 @@
 // prism.conflicts in the same transaction; the ErrorOnConflict policy
 // fails the transaction instead.
 //
-// Convergence under LastWriteWins: every version of a row carries the
-// commit time of the source transaction that wrote it, recorded on every
-// region by pg_replication_origin_xact_setup, plus the region that wrote
-// it (local, or the origin prism_<region>). The pairs (commit time,
-// region) are totally ordered (ties broken by the greater region name) and
-// every region sees the same pair for the same version. An incoming
-// version replaces the local one exactly when its pair is greater (or when
-// it comes from the same region, which delivers in commit order), and is
-// dropped otherwise. So after two regions received the same set of
-// transactions, each row holds the version with the greatest pair on both,
-// whatever the delivery order. Deletes: a delete older than the local
-// version is dropped on both sides; a delete newer than the local version
-// removes it. The exceptions, where no tombstone exists to compare with:
-// an UPDATE that arrives after a newer DELETE (local or from another
-// region) re-inserts the row (update_missing), while the region that saw
-// them in the other order keeps it deleted; and an UPDATE with unchanged TOASTed columns of a
-// missing row cannot be re-inserted and is skipped; both are recorded in
-// prism.conflicts. SourceWins and KeepLocal are not convergent under
+// Convergence under LastWriteWins: every version of a row carries a
+// stamp, the pair (time, region) of the transaction that wrote it, and
+// every region computes the same pair for the same version. The time is
+// prism.stamp(xmin): the commit timestamp, which for an applied
+// transaction is the source's (pg_replication_origin_xact_setup), raised
+// past the transaction's clock floor when it has one (see below); the
+// region is the local one or the origin prism_<region>. Pairs are totally
+// ordered (ties broken by the greater region name). Two rules keep the
+// greatest pair on every region:
+//
+//   - an incoming version replaces the local one exactly when its pair is
+//     greater (or it comes from the same region, which delivers in commit
+//     order), and is dropped otherwise;
+//   - a local write always stamps greater than the version it replaces.
+//     Commit timestamps give that when the clocks agree. When this
+//     region's clock is behind the replaced version's stamp, trigger
+//     prism_clock records that stamp as the transaction's floor (table
+//     prism.clock_floors, and a logical message the decoder turns into a
+//     shipped commit time of floor + 1µs), so the write still stamps
+//     later, here and everywhere it is applied.
+//
+// So each region always holds the greatest pair it has seen, and two
+// regions that received the same set of transactions hold the same
+// version of every row, whatever the delivery order. Deletes take part
+// through tombstones (prism.tombstones, one row per deleted key of a
+// keyed table, whose xmin is the deleting transaction): a delete replaces
+// a version exactly like an update; an update or insert of a key whose
+// tombstone is newer is dropped (update_missing or insert_deleted with
+// resolution keep_deleted); an older one is applied (the row comes back,
+// insert_remote). Limits: tables with REPLICA IDENTITY FULL and no key
+// have no tombstones and no floors, so an update that arrives after a
+// newer delete re-inserts the row there; TRUNCATE leaves no tombstones;
+// an UPDATE with unchanged TOASTed columns of a missing row cannot be
+// re-inserted and is skipped; tombstones and floors older than the
+// collection horizon (Collect) are gone; a version whose commit timestamp
+// is no longer known (track_commit_timestamp was off, or the xid is older
+// than its retention) loses to any incoming version. All of these are
+// recorded in prism.conflicts, and prism-cdc verify finds the rows.
+//
+// SourceWins and KeepLocal are not convergent under
 // concurrent writes to the same row: each region keeps the remote (or the
 // local) version, which differs between regions.
 package apply

@@ -48,6 +48,11 @@ func (e *Error) Error() string {
 	if e.Err != nil {
 		b.WriteString(e.Err.Error())
 	}
+	if e.SQLState == "42P10" && e.Table != "" {
+		// ON CONFLICT found no unique index on the source's key columns.
+		fmt.Fprintf(&b, " (the source identifies rows of %s by its primary key or replica identity index; "+
+			"give the table in this region the same primary key or unique index, then replication resumes)", e.Table)
+	}
 	return b.String()
 }
 

@@ -96,6 +96,15 @@ func TestRows(t *testing.T) {
 		}
 	})
 
+	t.Run("key on the source only", func(t *testing.T) {
+		r := rel("public", "nokey", decode.IdentityDefault, "a*", "b")
+		err := apply(ins(r, "5", "x"))
+		var ae *Error
+		if !errors.As(err, &ae) || ae.Retryable || ae.SQLState != "42P10" || !strings.Contains(err.Error(), "give the table in this region the same primary key") {
+			t.Fatalf("insert by a key the target lacks: err = %#v (%v), want permanent 42P10 telling to add the key", err, err)
+		}
+	})
+
 	t.Run("missing column", func(t *testing.T) {
 		r := rel("public", "missing_col", decode.IdentityDefault, "id*", "ghost")
 		err := apply(ins(r, "1", "boo"))
