@@ -56,6 +56,17 @@ func TestClockFloor(t *testing.T) {
 		}
 	}
 
+	// A write from a third region whose clock is four minutes ahead is
+	// older than eu's version (although later than eu's commit timestamp):
+	// it is dropped, which only the floor tells.
+	ap := &decode.Txn{Origin: "ap", CommitLSN: 992, EndLSN: 1000, CommitTime: future.Add(-time.Minute), Changes: []decode.Change{upd(r, nil, "1", "ap")}}
+	if err := aEU.Apply(ctx, ap); err != nil {
+		t.Fatalf("apply ap on eu: %v", err)
+	}
+	if got := queryString(t, ctx, aEU.pool, "SELECT v FROM kv WHERE id = 1"); got != "eu" {
+		t.Fatalf("row 1 on eu after ap's older write: %q, want eu's", got)
+	}
+
 	// Decode eu's WAL: na's applied transactions are filtered out, eu's is
 	// shipped with the raised commit time.
 	rows, err := aEU.pool.Query(ctx, "SELECT lsn::text, data FROM pg_logical_slot_get_binary_changes('s', NULL, NULL, 'proto_version', '1', 'publication_names', 'p', 'messages', 'true')")
@@ -86,7 +97,7 @@ func TestClockFloor(t *testing.T) {
 		t.Fatal(err)
 	}
 	if len(local) != 1 || asm.Filtered() != 2 {
-		t.Fatalf("decoded %d local transactions and filtered %d, want 1 and na's 2", len(local), asm.Filtered())
+		t.Fatalf("decoded %d local transactions and filtered %d, want 1 and na's 2 (ap's changed nothing)", len(local), asm.Filtered())
 	}
 	if want := future.Add(time.Microsecond); !local[0].CommitTime.Equal(want) {
 		t.Fatalf("eu's transaction ships with commit time %s, want %s (na's plus 1µs)", local[0].CommitTime, want)

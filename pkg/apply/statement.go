@@ -339,12 +339,15 @@ func (b *builder) match(c *decode.Change, alias string) (string, []int, tuple, e
 // resolveCall is the conflict check of an update or delete of row x. It
 // calls prism.resolve (PL/pgSQL) only when the cheap test that comes first
 // fails: the local version's commit time is unknown (frozen, or written by
-// this very transaction) or earlier than the incoming commit. Then resolve
+// this very transaction) or earlier than the incoming commit, and its
+// transaction has no clock floor (prism.stamp is then the commit time;
+// the floor table is empty unless this region's clock lags). Then resolve
 // would accept the change without recording anything, so the result is the
 // same; skipping the call saves most of the server CPU of a replicated
 // update. OR evaluates its arguments in order and stops at the first true.
 func resolveCall(kind, pol, tbl, key string) string {
-	return "(coalesce(prism.stamp(x.xmin) < pg_catalog.current_setting('prism.remote_ts')::timestamptz, true)" +
+	return "((coalesce(pg_catalog.pg_xact_commit_timestamp(x.xmin) < pg_catalog.current_setting('prism.remote_ts')::timestamptz, true)" +
+		" AND NOT EXISTS (SELECT 1 FROM prism.clock_floors f WHERE f.xact = x.xmin))" +
 		" OR prism.resolve(" + lit(kind) + ", " + pol + ", " + tbl + ", " + key + ", x.xmin))"
 }
 
