@@ -11,6 +11,7 @@ import (
 const (
 	DefaultPublication  = "prism"
 	DefaultAckTimeout   = 2 * time.Second
+	MinAckTimeout       = 100 * time.Millisecond
 	DefaultRetries      = 5
 	DefaultBackoff      = 200 * time.Millisecond
 	DefaultMaxBackoff   = 5 * time.Second

@@ -269,6 +269,7 @@ func TestValidate(t *testing.T) {
 		{"bad http", appendYAML("http: nine\n"), `http: "nine" is not host:port`},
 		{"http equals listen", appendYAML("http: \"127.0.0.1:7201\"\n"), `http: address "127.0.0.1:7201" is already used at listen`},
 		{"zero ack_timeout", appendYAML("delivery: {ack_timeout: 0s}\n"), "eu1.yaml:17: delivery.ack_timeout: 0s must be greater than zero; write e.g. 2s"},
+		{"tiny ack_timeout", appendYAML("delivery: {ack_timeout: 5ms}\n"), "eu1.yaml:17: delivery.ack_timeout: 5ms is too short"},
 		{"negative backoff", appendYAML("delivery: {backoff: -1s}\n"), "delivery.backoff: -1s must be greater than zero"},
 		{"zero max_backoff", appendYAML("delivery: {max_backoff: 0s}\n"), "delivery.max_backoff: 0s must be greater than zero"},
 		{"unparsable duration", appendYAML("delivery: {ack_timeout: 2}\n"), `delivery.ack_timeout: "2" is not a duration; write a number with a unit, e.g. 2s`},

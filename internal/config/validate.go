@@ -122,6 +122,10 @@ func (c *Config) Validate() error {
 
 	d := c.Delivery
 	v.positive("delivery.ack_timeout", d.AckTimeout.String(), d.AckTimeout > 0, DefaultAckTimeout.String())
+	if d.AckTimeout > 0 && d.AckTimeout < MinAckTimeout {
+		v.add("delivery.ack_timeout", "%s is too short: a round trip between regions plus one commit on the target must fit in it, "+
+			"or every transaction is retried; write at least %s (default %s)", d.AckTimeout, MinAckTimeout, DefaultAckTimeout)
+	}
 	v.positive("delivery.backoff", d.Backoff.String(), d.Backoff > 0, DefaultBackoff.String())
 	v.positive("delivery.max_backoff", d.MaxBackoff.String(), d.MaxBackoff > 0, DefaultMaxBackoff.String())
 	if d.Backoff > 0 && d.MaxBackoff > 0 && d.Backoff > d.MaxBackoff {
