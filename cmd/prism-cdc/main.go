@@ -106,8 +106,10 @@ func lookup(name string) (command, bool) {
 func usage(w io.Writer) {
 	fmt.Fprintf(w, "prism-cdc keeps regional copies of one PostgreSQL database in sync.\n\n")
 	fmt.Fprintf(w, "Usage:\n  prism-cdc <command> [flags]\n\nCommands:\n")
+	// Two lines per command: the invocation, then what it does, so long
+	// synopses never push the summaries out of line.
 	for _, c := range commands() {
-		fmt.Fprintf(w, "  %-8s %-14s %s\n", c.name, c.synopsis, c.summary)
+		fmt.Fprintf(w, "  %s\n      %s\n", strings.TrimSpace(c.name+" "+c.synopsis), c.summary)
 	}
 	fmt.Fprintf(w, "\nRun 'prism-cdc <command> --help' for a command's flags.\n")
 	fmt.Fprintf(w, "Exit status: 0 success, 1 finding or failure, 2 bad usage or bad config.\n")
