@@ -94,7 +94,7 @@ func TestUsageListsEveryCommand(t *testing.T) {
 	var buf bytes.Buffer
 	usage(&buf)
 	for _, c := range commands() {
-		if !strings.Contains(buf.String(), "  "+c.name+" ") {
+		if !strings.Contains(buf.String(), "\n  "+strings.TrimSpace(c.name+" "+c.synopsis)+"\n      "+c.summary+"\n") {
 			t.Errorf("usage does not list %q:\n%s", c.name, &buf)
 		}
 	}
