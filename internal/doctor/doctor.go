@@ -186,6 +186,7 @@ func (d *doctor) local(ctx context.Context) string {
 
 	tables := d.tables(ctx, conn, db)
 	d.identities(ctx, conn, db, tables)
+	d.triggers(ctx, conn, db, tables)
 	d.privileges(ctx, conn, db, s.role, tables)
 	d.sequences(ctx, conn, db)
 	d.sync(ctx, conn, db)
@@ -287,6 +288,45 @@ func (d *doctor) identities(_ context.Context, _ *pgx.Conn, db string, tables []
 	}
 	if good > 0 {
 		d.rep.ok(db+": keys", fmt.Sprintf("%d replicated tables have a primary key or replica identity", good))
+	}
+}
+
+// triggers checks the conflict triggers (prism_clock, prism_tombstone)
+// that the node installs on every table with a key: without them
+// last_write_wins does not see local deletes or a lagging clock.
+func (d *doctor) triggers(ctx context.Context, conn *pgx.Conn, db string, tables []table) {
+	var schema bool
+	if err := conn.QueryRow(ctx, "SELECT to_regnamespace('prism') IS NOT NULL").Scan(&schema); err != nil {
+		d.rep.add(Warn, db+": conflict triggers", "read: "+err.Error(), "")
+		return
+	}
+	if !schema {
+		d.rep.ok(db+": conflict triggers", "not installed yet; the node installs them on every table with a key at its first start")
+		return
+	}
+	var missing []string
+	keyed := 0
+	for _, t := range tables {
+		if !t.hasKey || t.identity == 'f' || t.identity == 'n' {
+			continue
+		}
+		keyed++
+		var n int
+		err := conn.QueryRow(ctx, "SELECT count(*) FROM pg_catalog.pg_trigger WHERE tgrelid = $1::regclass AND tgname IN ('prism_clock', 'prism_tombstone')", t.name).Scan(&n)
+		if err != nil {
+			d.rep.add(Warn, db+": conflict triggers", "read: "+err.Error(), "")
+			return
+		}
+		if n != 2 {
+			missing = append(missing, t.name)
+		}
+	}
+	switch {
+	case len(missing) > 0:
+		d.rep.add(Warn, db+": conflict triggers", fmt.Sprintf("missing on %s: last_write_wins there does not see local deletes or a lagging clock", strings.Join(missing, ", ")),
+			"restart the node (it installs them at start), or as a superuser: SELECT prism.install_all();")
+	default:
+		d.rep.ok(db+": conflict triggers", fmt.Sprintf("on all %d tables with a key", keyed))
 	}
 }
 

@@ -98,6 +98,7 @@ func TestDoctor(t *testing.T) {
 	mustExec(t, na, `CREATE TABLE accounts (id int PRIMARY KEY, balance int);
 		CREATE TABLE orders (id bigserial PRIMARY KEY, note text);
 		CREATE TABLE events (at timestamptz, what text);
+		CREATE SCHEMA prism;
 		CREATE ROLE app_ro LOGIN; GRANT pg_monitor TO app_ro;
 		GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, events TO app_ro;
 		GRANT SELECT ON orders TO app_ro`)
@@ -133,6 +134,7 @@ peers:
 			"[warn]    database eu: sequence public.orders_id_seq: feeds public.orders.id with INCREMENT BY 1",
 			"fix: ALTER SEQUENCE public.orders_id_seq INCREMENT BY 2 RESTART WITH 2;",
 			"[ok]      database eu: sync off",
+			"[ok]      database eu: conflict triggers: not installed yet",
 		} {
 			if !strings.Contains(out.String(), want) {
 				t.Errorf("Run(healthy) output lacks %q:\n%s", want, &out)
@@ -171,6 +173,7 @@ peers:
 			{"database na: table public.events", Problem, "no primary key", "ALTER TABLE public.events REPLICA IDENTITY FULL;"},
 			{"database na: privileges on public.orders", Problem, "lacks INSERT, UPDATE, DELETE", "GRANT INSERT, UPDATE, DELETE ON public.orders TO app_ro;"},
 			{"database na: sync all", Warn, "synchronous_standby_names = 'ANY 1 (prism_na1)'", "ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (prism_na1)';"},
+			{"database na: conflict triggers", Warn, "missing on public.accounts, public.orders", "SELECT prism.install_all();"},
 			{"peer eu/eu1", Warn, "unreachable", "start prism-cdc run on node eu1"},
 			{"peer eu/eu2", Problem, "refused our hello: wrong token", "same auth.token"},
 			{"fallback database eu", Problem, "same PostgreSQL cluster", "its own PostgreSQL cluster"},
