@@ -86,9 +86,9 @@ func New(opts Options) (*Cluster, error) {
 			return nil, fmt.Errorf("pgtest: running as root needs an OS user %q to run the server (create it with: useradd -r postgres): %w", c.asUser, err)
 		}
 	}
-	dir, err := os.MkdirTemp("", "prism-pg-"+name+"-")
+	dir, err := makeDir(name)
 	if err != nil {
-		return nil, fmt.Errorf("pgtest: %w", err)
+		return nil, err
 	}
 	c.Dir = dir
 	if err := c.chown(dir); err != nil {
@@ -294,9 +294,9 @@ func NewStandby(primary *Cluster, opts Options) (*Cluster, error) {
 		name = primary.Name + "-standby"
 	}
 	c := &Cluster{Name: name, Host: "127.0.0.1", bin: primary.bin, asUser: primary.asUser}
-	dir, err := os.MkdirTemp("", "prism-pg-"+name+"-")
+	dir, err := makeDir(name)
 	if err != nil {
-		return nil, fmt.Errorf("pgtest: %w", err)
+		return nil, err
 	}
 	c.Dir = dir
 	if err := c.chown(dir); err != nil {

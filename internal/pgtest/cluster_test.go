@@ -3,6 +3,10 @@ package pgtest
 import (
 	"context"
 	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 )
@@ -83,5 +87,41 @@ func TestBinDir(t *testing.T) {
 	}
 	if _, err := os.Stat(d + "/pg_ctl"); err != nil {
 		t.Fatalf("BinDir() = %s without pg_ctl: %v", d, err)
+	}
+}
+
+// TestReapOrphans stops and removes a running cluster whose owner process
+// died, and leaves a live owner's cluster alone.
+func TestReapOrphans(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	orphan, err := New(Options{Name: "orphan"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { orphan.Close() })
+	kept := Start(t, Options{Name: "kept"})
+	dead := exec.Command("true")
+	if err := dead.Run(); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(orphan.Dir, ownerFile), []byte(strconv.Itoa(dead.Process.Pid)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// Other test processes' clusters may share the directory; only these
+	// two are this test's business.
+	reaped := strings.Join(reapOrphans(filepath.Dir(orphan.Dir)), " ")
+	if !strings.Contains(reaped, orphan.Dir) || strings.Contains(reaped, kept.Dir) {
+		t.Fatalf("reaped %s; want %s reaped and %s kept", reaped, orphan.Dir, kept.Dir)
+	}
+	if _, err := os.Stat(orphan.Dir); !os.IsNotExist(err) {
+		t.Fatalf("orphan's directory still there: %v", err)
+	}
+	if conn, err := orphan.Connect(ctx, "postgres"); err == nil {
+		conn.Close(ctx)
+		t.Fatalf("the orphan's server still accepts connections")
+	}
+	if err := kept.Exec(ctx, "postgres", "SELECT 1"); err != nil {
+		t.Fatalf("a live owner's cluster was touched: %v", err)
 	}
 }
