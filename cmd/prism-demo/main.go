@@ -348,6 +348,8 @@ func (d *demo) startNode(name string) error {
 	cmd.Env = d.env
 	cmd.Stdout = logf
 	cmd.Stderr = logf
+	// An interrupted demo must not leave nodes running.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		logf.Close()
 		return fmt.Errorf("start %s: %w", name, err)

@@ -199,6 +199,8 @@ func (d *Deployment) Start(name string) *Proc {
 	cmd := exec.Command(d.Bin, "run", "--config", d.ConfigPath(name))
 	cmd.Env = append(os.Environ(), "PRISM_TOKEN=e2e-secret-token")
 	cmd.Stdout, cmd.Stderr = logf, logf
+	// A test binary killed from outside must not leave nodes running.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		d.t.Fatalf("start %s: %v", name, err)
 	}
