@@ -145,9 +145,9 @@ func (a *Applier) Setup(ctx context.Context) error {
 	if _, err := conn.Conn().PgConn().Exec(ctx, setupSQL+policySetupSQL+clockSetupSQL).ReadAll(); err != nil {
 		return fmt.Errorf("apply setup: %w", err)
 	}
-	var installed int
-	if err := conn.QueryRow(ctx, "SELECT prism.install_all()").Scan(&installed); err != nil {
-		return fmt.Errorf("apply setup: install conflict triggers: %w", err)
+	installed, err := installTriggers(ctx, conn.Conn())
+	if err != nil {
+		return fmt.Errorf("apply setup: %w", err)
 	}
 	if _, err := conn.Exec(ctx, eventTriggerSQL); err != nil {
 		a.log.Warn().Err(err).Msg("cannot create event trigger prism_install (needs a superuser): tables created from now on get their conflict triggers only at the next start")

@@ -2,9 +2,14 @@ package apply
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // clockSetupSQL creates what last_write_wins needs beyond commit
@@ -148,7 +153,8 @@ BEGIN
 		RETURN NULL;
 	END IF;
 	IF TG_OP = 'INSERT' THEN
-		SELECT prism.stamp(t.xmin) INTO s FROM prism.tombstones t WHERE t.table_name = %1$L AND t.key = %3$s;
+		SELECT prism.stamp(t.xmin) INTO s FROM prism.tombstones t
+		WHERE t.table_name = %1$L AND t.key = %3$s AND NOT t.xmin = xid(pg_current_xact_id());
 	ELSE
 		SELECT prism.stamp(x.xmin) INTO s FROM %4$s x
 		WHERE %5$s AND NOT x.xmin = xid(pg_current_xact_id()) LIMIT 1;
@@ -180,6 +186,8 @@ DECLARE
 	r record;
 	n integer := 0;
 BEGIN
+	-- Nodes of one region start together; one installs at a time.
+	PERFORM pg_advisory_xact_lock(hashtext('prism.apply.setup'));
 	FOR r IN SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace s ON s.oid = c.relnamespace
 		WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
 		AND s.nspname NOT IN ('prism', 'pg_catalog', 'information_schema') AND s.nspname NOT LIKE 'pg\_%'
@@ -247,4 +255,27 @@ func (a *Applier) Collect(ctx context.Context, keep time.Duration) (tombstones, 
 		return tombstones, 0, fmt.Errorf("collect clock floors: %w", err)
 	}
 	return tombstones, tag.RowsAffected(), nil
+}
+
+// installTriggers runs prism.install_all. It serialises with other nodes'
+// Setup, but DDL of the application (and its event trigger) can still
+// deadlock with it or race on a trigger function; such failures are
+// retried.
+func installTriggers(ctx context.Context, conn *pgx.Conn) (int, error) {
+	for attempt := 1; ; attempt++ {
+		var installed int
+		err := conn.QueryRow(ctx, "SELECT prism.install_all()").Scan(&installed)
+		if err == nil {
+			return installed, nil
+		}
+		var pe *pgconn.PgError
+		if attempt == 5 || !errors.As(err, &pe) || !(pe.Code == "23505" || strings.HasPrefix(pe.Code, "40")) {
+			return 0, fmt.Errorf("install conflict triggers: %w", err)
+		}
+		select {
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		case <-time.After(time.Duration(attempt) * 100 * time.Millisecond):
+		}
+	}
 }
