@@ -87,6 +87,9 @@ func runChaos(t *testing.T, seed int64, cycles int) {
 	t.Logf("chaos seed %d, %d fault cycles (replay with PRISM_SEED=%d PRISM_CHAOS_CYCLES=%d)", seed, cycles, seed, cycles)
 	d := e2e.New(t, topology, schema)
 	d.Delivery = delivery
+	// One region's database runs minutes ahead for the whole run (also
+	// across its crash faults): last_write_wins must converge anyway.
+	skewClock(t, d.Clusters[skewRegion], skewOffset)
 	c := &chaos{
 		t: t, d: d, rng: rand.New(rand.NewSource(seed)), seed: seed,
 		faults: map[string]int{}, killed: map[string]bool{}, bulkRows: map[string]int{}, bulkBase: 1_000_000,
@@ -111,6 +114,9 @@ func runChaos(t *testing.T, seed int64, cycles int) {
 		rng := rand.New(rand.NewSource(seed + int64(10*i+9)))
 		work.Add(1)
 		go func(r string) { defer work.Done(); misc(wctx, d, r, rng, &c.miscOps) }(r)
+		crng := rand.New(rand.NewSource(seed + int64(10*i+8)))
+		work.Add(1)
+		go func(r string) { defer work.Done(); contested(wctx, d, r, crng, &c.miscOps) }(r)
 	}
 
 	// The invariant sampler runs from the first write to the final check.
@@ -563,6 +569,7 @@ func (c *chaos) summary(faultTime, drainTime time.Duration, expected map[string]
   other transactions   %d misc, %d bulk rows
   fallbacks used       %d, failovers %d
   invariant samples    %d (%d covering acknowledged writes), %d violations
+  clock skew           %s's database %s, %d clock floors raised there and elsewhere
   max replication lag  %s
   drain after healing  %s
   verdict              %s`,
@@ -571,8 +578,21 @@ func (c *chaos) summary(faultTime, drainTime time.Duration, expected map[string]
 		c.miscOps.Load(), bulk,
 		c.logCount("applying through direct SQL"), c.logCount("failing over"),
 		c.inv.samples.Load(), c.inv.checked.Load(), len(c.inv.violationList()),
+		skewRegion, skewOffset, c.floors(),
 		time.Duration(c.inv.maxLag.Load()).Round(time.Millisecond),
 		drainTime.Round(time.Millisecond), verdict)
+}
+
+// floors counts the clock floors raised in all regions: local writes
+// that replaced a version stamped ahead of their own clock.
+func (c *chaos) floors() int {
+	total := 0
+	for _, r := range c.d.Regions {
+		if n, err := count(context.Background(), c.d, r, "SELECT count(*) FROM prism.clock_floors"); err == nil {
+			total += n
+		}
+	}
+	return total
 }
 
 // invariant samples DESIGN invariant 2 every 100ms: for each source

@@ -19,9 +19,11 @@ import (
 )
 
 // schema is created in every region. Keys never collide across regions
-// except on the pgbench tables and docs, which every region updates
-// (conflicts resolved by last_write_wins); scratch is written by region
-// "as" only, so its TRUNCATEs have one well-defined outcome.
+// except on the pgbench tables and docs, which every region updates, and
+// contested, where every region inserts, updates and deletes the same 20
+// keys (conflicts resolved by last_write_wins, with tombstones for the
+// deletes); scratch is written by region "as" only, so its TRUNCATEs have
+// one well-defined outcome.
 const schema = `
 CREATE TABLE pgbench_branches (bid int PRIMARY KEY, bbalance bigint NOT NULL, filler text);
 CREATE TABLE pgbench_tellers (tid int PRIMARY KEY, bid int NOT NULL, tbalance bigint NOT NULL, filler text);
@@ -39,7 +41,15 @@ INSERT INTO docs SELECT i, 0, 'seed', (SELECT string_agg(md5(i::text || '/' || g
 CREATE TABLE items (id text PRIMARY KEY, region text NOT NULL, payload text NOT NULL);
 CREATE TABLE scratch (id int PRIMARY KEY, v text NOT NULL);
 CREATE TABLE bulk (id bigint PRIMARY KEY, region text NOT NULL, v int NOT NULL);
+CREATE TABLE contested (id int PRIMARY KEY, v text NOT NULL, region text NOT NULL);
+INSERT INTO contested SELECT g, 'seed', 'seed' FROM generate_series(1, 20) g;
 `
+
+// skewRegion's database runs skewOffset ahead of the others.
+const (
+	skewRegion = "eu"
+	skewOffset = "+3m"
+)
 
 // scratchRegion is the only region that writes (and truncates) scratch.
 const scratchRegion = "as"
@@ -233,6 +243,49 @@ func misc(ctx context.Context, d *e2e.Deployment, region string, rng *rand.Rand,
 			_, err = conn.Exec(ctx, "TRUNCATE scratch")
 		default:
 			_, err = conn.Exec(ctx, "UPDATE items SET payload = payload || 'x' WHERE id = (SELECT max(id) FROM items WHERE region = $1)", region)
+		}
+		if err != nil {
+			if !errors.Is(err, context.Canceled) {
+				conn.Close(context.Background())
+				conn = nil
+			}
+			continue
+		}
+		ops.Add(1)
+	}
+}
+
+// contested writes the 20 keys of table contested from every region:
+// upserts, updates and deletes of random keys, so that concurrent writes
+// to one key from several regions (update against delete, re-insert
+// against delete) meet all the time.
+func contested(ctx context.Context, d *e2e.Deployment, region string, rng *rand.Rand, ops *atomic.Int64) {
+	var conn *pgx.Conn
+	defer func() {
+		if conn != nil {
+			conn.Close(context.Background())
+		}
+	}()
+	for n := 0; ctx.Err() == nil; n++ {
+		pause(ctx, time.Duration(30+rng.Intn(60))*time.Millisecond)
+		if conn == nil {
+			c, err := d.Clusters[region].Connect(ctx, "app")
+			if err != nil {
+				pause(ctx, 100*time.Millisecond)
+				continue
+			}
+			conn = c
+		}
+		id := 1 + rng.Intn(20)
+		v := fmt.Sprintf("%s-%d", region, n)
+		var err error
+		switch k := rng.Intn(10); {
+		case k < 4:
+			_, err = conn.Exec(ctx, "INSERT INTO contested VALUES ($1, $2, $3) ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v, region = EXCLUDED.region", id, v, region)
+		case k < 7:
+			_, err = conn.Exec(ctx, "UPDATE contested SET v = $2, region = $3 WHERE id = $1", id, v, region)
+		default:
+			_, err = conn.Exec(ctx, "DELETE FROM contested WHERE id = $1", id)
 		}
 		if err != nil {
 			if !errors.Is(err, context.Canceled) {

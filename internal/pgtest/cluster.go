@@ -37,6 +37,10 @@ type Cluster struct {
 	Dir  string // root directory: data/ and server.log live here
 	Host string
 	Port int
+	// Env is added to the environment of every server program run for
+	// this cluster (pg_ctl start passes it on to the server), e.g.
+	// LD_PRELOAD of libfaketime. It takes effect at the next (re)start.
+	Env []string
 
 	bin    string
 	asUser string // run server commands as this OS user; "" for the current one
@@ -199,7 +203,7 @@ func (c *Cluster) command(ctx context.Context, name string, args ...string) *exe
 	}
 	cmd := exec.CommandContext(ctx, path, args...)
 	cmd.Dir = c.Dir
-	cmd.Env = append(os.Environ(), "LC_ALL=C", "TZ=UTC")
+	cmd.Env = append(append(os.Environ(), "LC_ALL=C", "TZ=UTC"), c.Env...)
 	return cmd
 }
 
