@@ -55,6 +55,10 @@ type Node struct {
 	confirmed pglogrepl.LSN
 	readerErr string
 	startedAt time.Time
+
+	// acked is signalled when a shipper's acknowledged position advanced:
+	// the checkpoint loop confirms it to the slot at once.
+	acked chan struct{}
 }
 
 // New returns a node for a validated configuration.
@@ -73,7 +77,7 @@ func New(cfg *config.Config, log zerolog.Logger) *Node {
 		p.Database = commitLocally(p.Database)
 		c.Peers[i] = p
 	}
-	return &Node{cfg: &c, log: log, role: RoleStarting}
+	return &Node{cfg: &c, log: log, role: RoleStarting, acked: make(chan struct{}, 1)}
 }
 
 // commitLocally adds synchronous_commit=local to a DSN (key/value or URL)
@@ -478,6 +482,7 @@ func (n *Node) ensureTerm(ctx context.Context) (*term, error) {
 			MaxInFlight:  int64(n.cfg.Delivery.MaxInFlight),
 			Errors:       newErrorPolicy(n.cfg, n.log),
 			Undo:         newErrorPolicy(n.cfg, n.log).undoFunc(n.applier),
+			OnAck:        n.signalAcked,
 		}, n.fallback(p), n.log.With().Str("component", "shipper").Str("target", p.Region).Logger()))
 	}
 	for i, s := range t.shippers {
@@ -649,6 +654,10 @@ func (n *Node) checkpointLoop(ctx context.Context) {
 		case <-ctx.Done():
 			n.saveCursors()
 			return
+		case <-n.acked:
+			// Without a spool the checkpoint moves only with the acks:
+			// confirm it now, the reader reports it at once.
+			n.confirm()
 		case <-t.C:
 			n.confirm()
 			n.mu.Lock()
@@ -661,6 +670,15 @@ func (n *Node) checkpointLoop(ctx context.Context) {
 				lastCursor = time.Now()
 			}
 		}
+	}
+}
+
+// signalAcked tells the checkpoint loop that an acknowledged position
+// advanced; it never blocks.
+func (n *Node) signalAcked() {
+	select {
+	case n.acked <- struct{}{}:
+	default:
 	}
 }
 

@@ -78,6 +78,10 @@ type ShipperConfig struct {
 	// apply, when the target asks; nil refuses such requests (they stay
 	// pending in the target's prism.dead_letters).
 	Undo UndoFunc
+	// OnAck, when set, is called each time Acked advances, outside the
+	// shipper's locks, so that the caller can confirm the new position
+	// to its slot at once instead of at its next poll. It must not block.
+	OnAck func()
 }
 
 func (c *ShipperConfig) setDefaults() {
@@ -251,6 +255,14 @@ func (s *Shipper) Status() Status {
 // ackUpTo drops the window's transactions at or below lsn: they are
 // durable in the target region. It reports how many were dropped.
 func (s *Shipper) ackUpTo(lsn pglogrepl.LSN) int {
+	n := s.dropAcked(lsn)
+	if n > 0 && s.cfg.OnAck != nil {
+		s.cfg.OnAck()
+	}
+	return n
+}
+
+func (s *Shipper) dropAcked(lsn pglogrepl.LSN) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	n := 0
