@@ -242,6 +242,9 @@ func (e *env) drainPrism(ctx context.Context, tag string, end pglogrepl.LSN, mar
 		return d, err
 	}
 	defer w.close(ctx)
+	if err := e.resetStatements(ctx); err != nil {
+		return d, err
+	}
 	cpu0, err := e.cpuSnapshot()
 	if err != nil {
 		return d, err
@@ -272,6 +275,8 @@ func (e *env) drainPrism(ctx context.Context, tag string, end pglogrepl.LSN, mar
 		return d, err
 	}
 	d.serverCPU, d.perServer = cpu1.since(cpu0)
+	e.logStatements(ctx, tag)
+	e.logProcesses(tag)
 	if werr != nil {
 		m.kill()
 	} else {

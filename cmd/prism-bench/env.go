@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -122,7 +123,13 @@ func (e *env) setup(ctx context.Context) error {
 	cs := make([]*pgtest.Cluster, len(names))
 	e.logf("starting %d clusters (durable: fsync on)", len(names))
 	for i, n := range names {
-		c, err := pgtest.New(pgtest.Options{Name: "bench-" + n, Durable: true, Settings: clusterSettings})
+		settings := clusterSettings
+		if e.cfg.pgss {
+			settings = maps.Clone(clusterSettings)
+			settings["shared_preload_libraries"] = "pg_stat_statements"
+			settings["pg_stat_statements.track"] = "all"
+		}
+		c, err := pgtest.New(pgtest.Options{Name: "bench-" + n, Durable: true, Settings: settings})
 		if err != nil {
 			e.close(cs[:i])
 			return fmt.Errorf("start cluster %s: %w", n, err)
@@ -141,6 +148,9 @@ func (e *env) setup(ctx context.Context) error {
 		extra := regionSQL
 		if c == e.src {
 			extra = sourceSQL
+		}
+		if e.cfg.pgss {
+			extra += "\nCREATE EXTENSION pg_stat_statements;"
 		}
 		return c.Exec(ctx, db, benchSchemaSQL()+extra+"\nCHECKPOINT;")
 	}); err != nil {
@@ -366,5 +376,86 @@ func pollUntil(ctx context.Context, timeout, interval time.Duration, what string
 			return ctx.Err()
 		case <-time.After(interval):
 		}
+	}
+}
+
+// resetStatements clears pg_stat_statements in the source and the prism
+// regions (with -pgss).
+func (e *env) resetStatements(ctx context.Context) error {
+	if !e.cfg.pgss {
+		return nil
+	}
+	for _, c := range []*pgtest.Cluster{e.src, e.prismc[0], e.prismc[1]} {
+		if err := c.Exec(ctx, db, "SELECT pg_stat_statements_reset()"); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// logStatements logs the statements that took the most time in the
+// source and the prism regions since resetStatements (with -pgss).
+func (e *env) logStatements(ctx context.Context, tag string) {
+	if !e.cfg.pgss {
+		return
+	}
+	for _, c := range []*pgtest.Cluster{e.src, e.prismc[0], e.prismc[1]} {
+		conn, err := c.Connect(ctx, db)
+		if err != nil {
+			e.logf("pg_stat_statements %s: %v", c.Name, err)
+			continue
+		}
+		rows, err := conn.Query(ctx, `SELECT calls, total_exec_time, rows, toplevel, left(regexp_replace(query, '\s+', ' ', 'g'), 160)
+			FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 15`)
+		if err != nil {
+			e.logf("pg_stat_statements %s: %v", c.Name, err)
+			conn.Close(context.WithoutCancel(ctx))
+			continue
+		}
+		var b strings.Builder
+		for rows.Next() {
+			var calls, n int64
+			var ms float64
+			var top bool
+			var q string
+			if err := rows.Scan(&calls, &ms, &n, &top, &q); err != nil {
+				break
+			}
+			fmt.Fprintf(&b, "\n  %9d calls %9.0f ms %9d rows top=%-5v %s", calls, ms, n, top, q)
+		}
+		rows.Close()
+		conn.Close(context.WithoutCancel(ctx))
+		e.logf("%s: top statements in %s:%s", tag, c.Name, b.String())
+	}
+}
+
+// logProcesses logs the CPU seconds of every live server process of the
+// source and the prism regions that used at least 0.1 s, by process title
+// (with -pgss). Processes started for the drain (backends, walsenders)
+// show the drain's share; long-lived ones show their whole life.
+func (e *env) logProcesses(tag string) {
+	if !e.cfg.pgss {
+		return
+	}
+	for _, c := range []*pgtest.Cluster{e.src, e.prismc[0], e.prismc[1]} {
+		root, err := postmasterPID(filepath.Join(c.Dir, "data"))
+		if err != nil {
+			continue
+		}
+		ents, _ := os.ReadDir("/proc")
+		var b strings.Builder
+		for _, ent := range ents {
+			pid, err := strconv.Atoi(ent.Name())
+			if err != nil {
+				continue
+			}
+			t, err := readProcTimes(pid)
+			if err != nil || t.ppid != root || t.self < 0.1 {
+				continue
+			}
+			title, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+			fmt.Fprintf(&b, "\n  %6.2f s  %s", t.self, strings.TrimRight(strings.ReplaceAll(string(title), "\x00", " "), " "))
+		}
+		e.logf("%s: server processes of %s:%s", tag, c.Name, b.String())
 	}
 }

@@ -26,6 +26,8 @@ type benchConfig struct {
 	largeMB    int
 	largeCapMB int
 	pprof      string // host:port base for na1, eu1, as1 (ports +0, +1, +2); "" for none
+	pgss       bool   // load pg_stat_statements and report prism-cdc's top statements after each drain
+	contenders map[string]bool // backlog contenders to run: recv, native, prism
 	keep       bool
 	nodeEnv    func(name string) []string
 }
@@ -45,12 +47,14 @@ func parseArgs(args []string, stderr io.Writer) (benchConfig, error) {
 	fs.IntVar(&cfg.txns, "txns", 100000, "pgbench transactions in each backlog run")
 	fs.IntVar(&cfg.clients, "clients", 4, "pgbench clients")
 	fs.IntVar(&cfg.runs, "runs", 3, "backlog runs (contender order alternates)")
+	conts := fs.String("contenders", "recv,native,prism", "comma-separated backlog contenders: recv (both pg_recvlogical modes), native, prism")
 	scen := fs.String("scenarios", "backlog,lag,large", "comma-separated scenarios: backlog, lag, large")
 	fs.IntVar(&cfg.lagRate, "lag-rate", 300, "pgbench transactions per second in the lag scenario")
 	fs.IntVar(&cfg.lagSeconds, "lag-seconds", 60, "duration of each contender's lag phase")
 	fs.IntVar(&cfg.largeMB, "large-mb", 1024, "row data in the large transaction, in MB")
 	fs.IntVar(&cfg.largeCapMB, "large-cap-mb", 4096, "kill a prism-cdc node whose RSS passes this in the large scenario")
 	fs.StringVar(&cfg.pprof, "pprof", "", "host:port: start na1, eu1, as1 with PRISM_PPROF on this port and the next two")
+	fs.BoolVar(&cfg.pgss, "pgss", false, "load pg_stat_statements in every cluster and log the source's and prism regions' top statements after each prism-cdc drain (adds overhead)")
 	fs.BoolVar(&cfg.keep, "keep", false, "keep the work directory (node logs and configs)")
 	quick := fs.Bool("quick", false, "small run: scale 1, 5000 transactions, 1 run, 10s lag, 32 MB large transaction")
 	if err := fs.Parse(args); err != nil {
@@ -77,6 +81,17 @@ func parseArgs(args []string, stderr io.Writer) (benchConfig, error) {
 		case "":
 		default:
 			return cfg, fmt.Errorf("unknown scenario %q", s)
+		}
+	}
+	cfg.contenders = map[string]bool{}
+	for _, s := range strings.Split(*conts, ",") {
+		s = strings.TrimSpace(s)
+		switch s {
+		case "recv", "native", "prism":
+			cfg.contenders[s] = true
+		case "":
+		default:
+			return cfg, fmt.Errorf("unknown contender %q", s)
 		}
 	}
 	if cfg.scale < 1 || cfg.txns < 1 || cfg.clients < 1 || cfg.runs < 1 || cfg.lagRate < 1 || cfg.lagSeconds < 1 || cfg.largeMB < 1 {

@@ -24,7 +24,16 @@ func (e *env) checkpointAll(ctx context.Context) error {
 
 // backlog runs the backlog scenario and returns every drain by run.
 func (e *env) backlog(ctx context.Context) ([][]drain, error) {
-	order := []string{recvText, recvBinary, native, prism}
+	var order []string
+	if e.cfg.contenders["recv"] {
+		order = append(order, recvText, recvBinary)
+	}
+	if e.cfg.contenders["native"] {
+		order = append(order, native)
+	}
+	if e.cfg.contenders["prism"] {
+		order = append(order, prism)
+	}
 	var runs [][]drain
 	for run := 1; run <= e.cfg.runs; run++ {
 		e.logf("backlog run %d/%d: %d pgbench transactions with every contender stopped", run, e.cfg.runs, e.cfg.txns)
