@@ -111,6 +111,7 @@ func (n *Node) Run(ctx context.Context) error {
 	}
 	defer pool.Close()
 	applier := apply.NewApplier(pool, n.log.With().Str("component", "apply").Logger(), n.applyOptions(n.cfg.Region)...)
+	defer applier.Close() // before pool.Close, which waits for the connections
 	if err := applier.Setup(ctx); err != nil {
 		return fmt.Errorf("prepare schema prism: %w", err)
 	}

@@ -79,7 +79,7 @@ func (n *Node) fallback(p config.Peer) peers.Fallback {
 			pool.Close()
 			return nil, nil, fmt.Errorf("fallback database of region %s: %w", p.Region, err)
 		}
-		return a, pool.Close, nil
+		return a, func() { a.Close(); pool.Close() }, nil
 	}
 }
 

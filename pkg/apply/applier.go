@@ -96,6 +96,12 @@ type Applier struct {
 	setup   bool
 	targets map[string]*target    // by schema.table
 	stmts   map[string]*statement // by shapeKey
+	// idle are sessions that still hold their origin after a run, by
+	// source region, waiting holdIdle for the next run of that source.
+	idle map[string]*session
+	// letting are the releases of idle sessions in progress, by source
+	// region: closed once the origin is free.
+	letting map[string]chan struct{}
 
 	// testAfterSend, when set, runs after the last pipeline of a run was
 	// sent (with the backend PID), before its results are read.
@@ -111,6 +117,8 @@ func NewApplier(pool *pgxpool.Pool, log zerolog.Logger, opts ...Option) *Applier
 		appName:   "prism_apply",
 		targets:   map[string]*target{},
 		stmts:     map[string]*statement{},
+		idle:      map[string]*session{},
+		letting:   map[string]chan struct{}{},
 	}
 	for _, o := range opts {
 		o(a)
@@ -260,7 +268,6 @@ type cmd struct {
 	txn    int // index into the run
 	change int // index into Changes; -1 for transaction control
 	commit bool
-	reset  bool
 	// barrier flushes the WAL up to the session's last commit: the
 	// commits before it in the pipeline are durable once it succeeds.
 	barrier bool
@@ -273,12 +280,28 @@ type cmd struct {
 // WAL flush instead of one per transaction.
 const barrierSQL = "SELECT pg_replication_origin_session_progress(true)"
 
+// holdIdle is how long a session keeps holding its origin after a run
+// that succeeded, waiting for the next run of the same source region. A
+// busy stream so pays for the session setup (application name, origin,
+// progress) once instead of once per batch, while an idle one frees the
+// origin soon for whichever path takes the source region over.
+const holdIdle = 500 * time.Millisecond
+
 // session is one pooled connection holding the origin of a run.
 type session struct {
 	a      *Applier
 	conn   *pgxpool.Conn
 	origin string
+	source string
 	broken bool
+	// reused marks a session taken over from a previous run: its
+	// connection may have died while it waited; died records that it
+	// had when the run failed.
+	reused, died bool
+	// progress is the origin's progress after the last run; it stays
+	// exact while the session holds the origin.
+	progress pglogrepl.LSN
+	timer    *time.Timer // releases the idle session
 }
 
 func (s *session) release() {
@@ -291,8 +314,16 @@ func (s *session) release() {
 }
 
 // hold sets the session up for origin and returns its progress, read
-// while holding the origin so nobody can advance it meanwhile.
+// while holding the origin so nobody can advance it meanwhile. An idle
+// session of the same Applier that still holds the origin lets go of it
+// first.
 func (s *session) hold(ctx context.Context, source string) (pglogrepl.LSN, error) {
+	if err := s.a.waitLetGo(ctx, source); err != nil {
+		return 0, err
+	}
+	if idle := s.a.takeIdle(source); idle != nil {
+		idle.unhold()
+	}
 	pc := s.conn.Conn().PgConn()
 	for attempt := 0; ; attempt++ {
 		b := &pgconn.Batch{}
@@ -349,13 +380,20 @@ func (s *session) hold(ctx context.Context, source string) (pglogrepl.LSN, error
 // on it, returning the origin's progress. A pooled connection may have
 // died while idle (server restart, terminated backend); nothing was done
 // on it, so it tries a fresh one once.
+//
+// The session an earlier run parked (see park) is taken as it is: it
+// still holds the origin and knows its progress.
 func (a *Applier) holdSession(ctx context.Context, source string) (*session, pglogrepl.LSN, error) {
+	if s := a.takeIdle(source); s != nil {
+		s.reused = true
+		return s, s.progress, nil
+	}
 	for attempt := 0; ; attempt++ {
 		conn, err := a.pool.Acquire(ctx)
 		if err != nil {
 			return nil, 0, err
 		}
-		s := &session{a: a, conn: conn, origin: originName(source)}
+		s := &session{a: a, conn: conn, origin: originName(source), source: source}
 		progress, err := s.hold(ctx, source)
 		if err == nil {
 			return s, progress, nil
@@ -369,23 +407,154 @@ func (a *Applier) holdSession(ctx context.Context, source string) (*session, pgl
 	}
 }
 
-// applyRun applies txns of one origin on one connection.
+// takeIdle removes and returns the idle session holding source's
+// origin, or nil.
+func (a *Applier) takeIdle(source string) *session {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	s := a.idle[source]
+	if s == nil {
+		return nil
+	}
+	delete(a.idle, source)
+	s.timer.Stop()
+	return s
+}
+
+// park keeps a session that finished a run cleanly holding its origin
+// for holdIdle, for the next run of the same source; after that it lets
+// go of the origin and returns the connection to the pool.
+func (a *Applier) park(s *session, progress pglogrepl.LSN) {
+	if s.broken {
+		s.release()
+		return
+	}
+	s.progress, s.reused = progress, false
+	a.mu.Lock()
+	if a.idle[s.source] != nil {
+		// Cannot happen while the origin is exclusive; be safe anyway.
+		a.mu.Unlock()
+		s.unhold()
+		return
+	}
+	a.idle[s.source] = s
+	s.timer = time.AfterFunc(holdIdle, func() {
+		a.mu.Lock()
+		if a.idle[s.source] != s {
+			a.mu.Unlock()
+			return // taken by a run meanwhile
+		}
+		delete(a.idle, s.source)
+		done := make(chan struct{})
+		a.letting[s.source] = done
+		a.mu.Unlock()
+		s.unhold()
+		a.mu.Lock()
+		delete(a.letting, s.source)
+		a.mu.Unlock()
+		close(done)
+	})
+	a.mu.Unlock()
+}
+
+// waitLetGo waits until an idle session that is letting go of source's
+// origin on its own (after holdIdle) is done, so that a new session does
+// not find the origin busy because of this Applier.
+func (a *Applier) waitLetGo(ctx context.Context, source string) error {
+	a.mu.Lock()
+	done := a.letting[source]
+	a.mu.Unlock()
+	if done == nil {
+		return nil
+	}
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// unhold lets go of the origin (rolling back anything left open) and
+// releases the connection; a connection that cannot is dropped, which
+// frees the origin too, but only once its backend has exited: a broken
+// session whose connection is still open (dropped because the schema
+// changed) lets go first, so the next session does not find the origin
+// busy.
+func (s *session) unhold() {
+	if !s.conn.Conn().PgConn().IsClosed() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		if _, err := s.conn.Conn().PgConn().Exec(ctx, "ROLLBACK; SELECT pg_replication_origin_session_reset()").ReadAll(); err != nil {
+			s.broken = true
+		}
+		cancel()
+	}
+	s.release()
+}
+
+// Release lets go of the origin prism_<sourceRegion> when an idle
+// session of this Applier still holds it (see holdIdle). Callers release
+// when a source's stream ends, so another path need not wait.
+func (a *Applier) Release(sourceRegion string) {
+	if s := a.takeIdle(sourceRegion); s != nil {
+		s.unhold()
+	}
+}
+
+// Close lets go of every origin idle sessions hold and returns their
+// connections to the pool. The Applier remains usable.
+func (a *Applier) Close() {
+	a.mu.Lock()
+	sources := make([]string, 0, len(a.idle))
+	for src := range a.idle {
+		sources = append(sources, src)
+	}
+	a.mu.Unlock()
+	for _, src := range sources {
+		a.Release(src)
+	}
+}
+
+// applyRun applies txns of one origin on one connection. A session
+// taken over from an earlier run whose connection turns out dead (a fence
+// or a server restart while it waited) is replaced by a fresh one once;
+// that is safe in any case, since the fresh session reads the origin's
+// progress and skips what committed.
 func (a *Applier) applyRun(ctx context.Context, txns []*decode.Txn) (int, error) {
-	source := txns[0].Origin
-	s, progress, err := a.holdSession(ctx, source)
+	s, progress, err := a.holdSession(ctx, txns[0].Origin)
 	if err != nil {
 		return 0, newError(txns[0], "", 0, err)
 	}
-	defer s.release()
+	n, err := a.applyHeld(ctx, s, progress, txns)
+	if err == nil || !s.died || ctx.Err() != nil || n >= len(txns) {
+		return n, err
+	}
+	a.log.Debug().Err(err).Str("origin", s.origin).Msg("held apply session died while idle; retrying on a fresh one")
+	s, progress, err = a.holdSession(ctx, txns[0].Origin)
+	if err != nil {
+		return n, newError(txns[n], "", 0, err)
+	}
+	m, err := a.applyHeld(ctx, s, progress, txns[n:])
+	return n + m, err
+}
+
+// applyHeld applies txns of one origin on s, which holds the origin
+// with the given progress. It parks s after a clean run and lets go of
+// the origin otherwise.
+func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.LSN, txns []*decode.Txn) (int, error) {
+	source := txns[0].Origin
 	conn := s.conn
-	// From here the origin is held: release it on every path.
-	held := true
+	// From here the origin is held: park the session or let go of the
+	// origin on every path.
+	ok := false
+	done := progress
 	defer func() {
-		if held && !s.broken {
-			if _, err := conn.Conn().PgConn().Exec(ctx, "ROLLBACK; SELECT pg_replication_origin_session_reset()").ReadAll(); err != nil {
-				s.broken = true
-			}
+		if ok {
+			a.park(s, done)
+			return
 		}
+		s.died = s.reused && s.conn.Conn().PgConn().IsClosed()
+		s.unhold()
 	}()
 
 	// Skip what the origin already has; the rest must go in LSN order.
@@ -402,6 +571,7 @@ func (a *Applier) applyRun(ctx context.Context, txns []*decode.Txn) (int, error)
 	}
 	if pending == 0 {
 		a.log.Debug().Str("origin", source).Stringer("progress", progress).Int("skipped", len(txns)).Msg("already applied")
+		ok = true
 		return len(txns), nil
 	}
 
@@ -428,10 +598,6 @@ func (a *Applier) applyRun(ctx context.Context, txns []*decode.Txn) (int, error)
 				cmds = append(cmds, cmd{txn: cmds[i].txn, change: -1, barrier: true})
 				break
 			}
-		}
-		if final {
-			b.ExecParams("SELECT pg_replication_origin_session_reset()", nil, nil, nil, nil)
-			cmds = append(cmds, cmd{txn: len(txns) - 1, change: -1, reset: true})
 		}
 		mrr := pc.ExecBatch(ctx, b)
 		if final && a.testAfterSend != nil {
@@ -463,9 +629,6 @@ func (a *Applier) applyRun(ctx context.Context, txns []*decode.Txn) (int, error)
 			if cmds[i].barrier {
 				durable()
 			}
-			if cmds[i].reset {
-				held = false
-			}
 		}
 		if err == nil {
 			b, cmds, size = &pgconn.Batch{}, cmds[:0], 0
@@ -483,13 +646,6 @@ func (a *Applier) applyRun(ctx context.Context, txns []*decode.Txn) (int, error)
 			} else if !errors.As(ferr, &pgErr) {
 				s.broken = true
 			}
-		}
-		if failed < len(cmds) && cmds[failed].reset && committed == len(txns) {
-			// Everything is durable; only releasing the origin failed. The
-			// connection is dropped, which releases it too.
-			s.broken = true
-			a.log.Warn().Err(err).Str("origin", source).Msg("release origin after commit")
-			return nil
 		}
 		// Name the transaction the failing statement belongs to.
 		at := committed
@@ -557,7 +713,7 @@ func (a *Applier) applyRun(ctx context.Context, txns []*decode.Txn) (int, error)
 	if err := flush(true); err != nil {
 		return committed, err
 	}
-	held = false
+	ok, done = true, last
 	a.log.Debug().Str("origin", source).Int("applied", pending).Int("skipped", len(txns)-pending).
 		Stringer("end_lsn", txns[len(txns)-1].EndLSN).Msg("applied")
 	return len(txns), nil
@@ -652,6 +808,11 @@ var busyPID = regexp.MustCompile(`PID (\d+)`)
 // that may be frozen; Fence must not run while this Applier itself
 // applies the same source region.
 func (a *Applier) Fence(ctx context.Context, sourceRegion string) (int, error) {
+	// This Applier's own idle session lets go without being terminated.
+	a.Release(sourceRegion)
+	if err := a.waitLetGo(ctx, sourceRegion); err != nil {
+		return 0, fmt.Errorf("apply fence %s: %w", sourceRegion, err)
+	}
 	conn, err := a.pool.Acquire(ctx)
 	if err != nil {
 		return 0, fmt.Errorf("apply fence %s: %w", sourceRegion, err)

@@ -60,19 +60,24 @@ func (a *Applier) ApplyStream(ctx context.Context, txn *decode.Txn, next func() 
 	if err != nil {
 		return newError(txn, "", 0, err)
 	}
-	defer s.release()
 	conn := s.conn
-	held := true
+	// From here the origin is held: after a commit (or a skip) the
+	// session is parked for the next run, on every other path it lets go
+	// of the origin (rolling back what is open).
+	ok := false
+	done := progress
 	defer func() {
-		if held && !s.broken {
-			if _, err := conn.Conn().PgConn().Exec(ctx, "ROLLBACK; SELECT pg_replication_origin_session_reset()").ReadAll(); err != nil {
-				s.broken = true
-			}
+		if ok {
+			a.park(s, done)
+		} else {
+			s.unhold()
 		}
 	}()
 	if txn.EndLSN <= progress {
 		a.log.Debug().Str("origin", source).Stringer("progress", progress).Stringer("end_lsn", txn.EndLSN).Msg("streamed transaction already applied")
-		return drain()
+		err := drain()
+		ok = err == nil
+		return err
 	}
 
 	pc := conn.Conn().PgConn()
@@ -83,16 +88,11 @@ func (a *Applier) ApplyStream(ctx context.Context, txn *decode.Txn, next func() 
 	type scmd struct {
 		table string
 		op    decode.Op
-		reset bool
 	}
 	b := &pgconn.Batch{}
 	var cmds []scmd
 	size := 0
-	flush := func(final bool) error {
-		if final {
-			b.ExecParams("SELECT pg_replication_origin_session_reset()", nil, nil, nil, nil)
-			cmds = append(cmds, scmd{reset: true})
-		}
+	flush := func() error {
 		res, err := pc.ExecBatch(ctx, b).ReadAll()
 		failed := len(res)
 		for i, r := range res {
@@ -102,22 +102,12 @@ func (a *Applier) ApplyStream(ctx context.Context, txn *decode.Txn, next func() 
 			}
 		}
 		if err == nil {
-			if final {
-				held = false
-			}
 			b, cmds, size = &pgconn.Batch{}, cmds[:0], 0
 			return nil
 		}
 		var pgErr *pgconn.PgError
 		if !errors.As(err, &pgErr) {
 			s.broken = true
-		}
-		if failed < len(cmds) && cmds[failed].reset {
-			// Committed; only releasing the origin failed. Dropping the
-			// connection releases it.
-			s.broken = true
-			a.log.Warn().Err(err).Str("origin", source).Msg("release origin after commit")
-			return nil
 		}
 		if failed < len(cmds) {
 			return a.fail(s, txn, cmds[failed].table, cmds[failed].op, err)
@@ -169,17 +159,21 @@ func (a *Applier) ApplyStream(ctx context.Context, txn *decode.Txn, next func() 
 			}
 			cmds = append(cmds, scmd{table: relName(c), op: c.Op})
 			if size > maxPipelineBytes || len(cmds) > maxPipelineCmds {
-				if err := flush(false); err != nil {
+				if err := flush(); err != nil {
 					return err
 				}
 			}
 		}
 	}
 	b.ExecParams("COMMIT", nil, nil, nil, nil)
-	cmds = append(cmds, scmd{})
-	if err := flush(true); err != nil {
+	// The session commits with synchronous_commit = off: flush the WAL up
+	// to the commit before it counts as applied.
+	b.ExecParams(barrierSQL, nil, nil, nil, nil)
+	cmds = append(cmds, scmd{}, scmd{})
+	if err := flush(); err != nil {
 		return err
 	}
+	ok, done = true, txn.EndLSN
 	a.log.Debug().Str("origin", source).Int("changes", count).Stringer("end_lsn", txn.EndLSN).Msg("applied streamed transaction")
 	return nil
 }

@@ -49,6 +49,13 @@ type fencer interface {
 	Fence(ctx context.Context, sourceRegion string) (int, error)
 }
 
+// releaser is the optional capability of an Applier that keeps holding a
+// source region's origin for a while after applying (to spare the next
+// batch the session setup) to let go of it at once.
+type releaser interface {
+	Release(sourceRegion string)
+}
+
 // Fallback opens the direct-SQL path to the target region's database. It
 // returns an Applier on that database and a function that releases it.
 type Fallback func(ctx context.Context) (Applier, func(), error)

@@ -250,6 +250,11 @@ func (s *Server) handle(ctx context.Context, nc net.Conn) {
 		return
 	}
 	err = s.stream(sctx, fc, h.Region, log)
+	if r, ok := s.app.(releaser); ok {
+		// The stream ended: free the source region's origin for
+		// whichever path carries it next.
+		r.Release(h.Region)
+	}
 	log.Info().AnErr("reason", err).Msg("peer disconnected")
 }
 
