@@ -28,15 +28,23 @@ type countingApplier struct {
 	*apply.Applier
 	mu         sync.Mutex
 	calls      map[pglogrepl.LSN]int
+	invoked    int // Apply and ApplyBatch calls
 	afterApply func(*decode.Txn)
 }
 
 func (c *countingApplier) count(txns []*decode.Txn) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.invoked++
 	for _, t := range txns {
 		c.calls[t.EndLSN]++
 	}
+}
+
+func (c *countingApplier) invocations() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.invoked
 }
 
 func (c *countingApplier) Apply(ctx context.Context, txn *decode.Txn) error {
@@ -85,6 +93,9 @@ type region struct {
 	proxies []*faultproxy.Proxy
 	nodes   []NodeAddr
 	opened  atomic.Int32 // fallback opens
+
+	mu        sync.Mutex
+	fallbacks []*countingApplier // every applier the fallback opened
 }
 
 func newPool(t *testing.T, ctx context.Context, c *pgtest.Cluster, db string) *pgxpool.Pool {
@@ -131,8 +142,24 @@ func (r *region) fallback() Fallback {
 		if err != nil {
 			return nil, nil, err
 		}
-		return apply.NewApplier(pool, zerolog.Nop()), pool.Close, nil
+		app := &countingApplier{Applier: apply.NewApplier(pool, zerolog.Nop()), calls: map[pglogrepl.LSN]int{}}
+		r.mu.Lock()
+		r.fallbacks = append(r.fallbacks, app)
+		r.mu.Unlock()
+		return app, func() { app.Close(); pool.Close() }, nil
 	}
+}
+
+// fallbackCalls returns how many transactions reached the fallback's
+// appliers and in how many calls.
+func (r *region) fallbackCalls() (txns, calls int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, a := range r.fallbacks {
+		txns += a.total()
+		calls += a.invocations()
+	}
+	return txns, calls
 }
 
 func (r *region) shipper(t *testing.T, mutate func(*ShipperConfig), logs *logBuf) *Shipper {
@@ -380,6 +407,11 @@ func TestFallbackAndRecovery(t *testing.T) {
 		t.Fatalf("Status = %+v, want sql fallback after 5+5 retries and 1 failover", st)
 	}
 	eu.checkRows(t, ctx, 15)
+	// The ten transactions queued while the nodes were retried go through
+	// the fallback in batches, not one round trip each.
+	if txns, calls := eu.fallbackCalls(); txns < 10 || calls >= txns {
+		t.Fatalf("fallback applied %d transactions in %d calls, want them batched", txns, calls)
+	}
 	before := eu.apps[0].total()
 
 	eu.proxies[0].Refuse(false)

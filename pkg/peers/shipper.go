@@ -823,7 +823,7 @@ func (s *Shipper) applyFallback(ctx context.Context) error {
 	s.setPath(PathFallback)
 	var cursor pglogrepl.LSN
 	for {
-		txns, changed := s.unsent(cursor, 1)
+		txns, changed := s.unsent(cursor, fallbackBatch)
 		if len(txns) == 0 {
 			select {
 			case <-ctx.Done():
@@ -832,8 +832,13 @@ func (s *Shipper) applyFallback(ctx context.Context) error {
 			}
 			continue
 		}
-		t := txns[0]
-		if err := applyOne(ctx, app, t); err != nil {
+		n, err := applyTxns(ctx, app, txns)
+		if n > 0 {
+			s.ackUpTo(txns[n-1].EndLSN)
+			cursor = txns[n-1].EndLSN
+		}
+		if err != nil {
+			t := txns[min(n, len(txns)-1)]
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
@@ -859,9 +864,36 @@ func (s *Shipper) applyFallback(ctx context.Context) error {
 			}
 			return fmt.Errorf("fallback %s: apply %s/%s: %w", s.cfg.TargetRegion, t.Origin, t.EndLSN, err)
 		}
-		s.ackUpTo(t.EndLSN)
-		cursor = t.EndLSN
 	}
+}
+
+// fallbackBatch bounds how many transactions the direct-SQL fallback
+// applies in one ApplyBatch call.
+const fallbackBatch = 64
+
+// applyTxns applies the leading transactions of txns through app, in
+// order: consecutive in-memory ones in one ApplyBatch when app offers it,
+// a spilled one alone. It returns how many are durable; on error the
+// error is about txns[n].
+func applyTxns(ctx context.Context, app Applier, txns []*decode.Txn) (int, error) {
+	end := 1
+	if txns[0].Spill == nil {
+		for end < len(txns) && txns[end].Spill == nil {
+			end++
+		}
+	}
+	ba, ok := app.(batchApplier)
+	if end == 1 || !ok {
+		if err := applyOne(ctx, app, txns[0]); err != nil {
+			return 0, err
+		}
+		return 1, nil
+	}
+	n, err := ba.ApplyBatch(ctx, txns[:end])
+	if err == nil {
+		return end, nil
+	}
+	return max(0, min(n, end-1)), err
 }
 
 // applyOne applies a transaction through app; a spilled one is streamed
