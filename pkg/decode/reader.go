@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -113,9 +114,10 @@ type Reader struct {
 	loopErr   error
 	confirmed pglogrepl.LSN // from Confirm
 	stats     ReaderStats
-	// wake interrupts the loop's wait for the server (set while it
-	// waits) so that a new confirmed position is reported at once.
-	wake context.CancelFunc
+	// wake is the replication connection while the loop waits for the
+	// server: Confirm moves its read deadline to now, so that a new
+	// confirmed position is reported at once.
+	wake net.Conn
 	// poked is signalled by Confirm for a loop that waits for the
 	// consumer instead of the server.
 	poked chan struct{}
@@ -150,8 +152,8 @@ func NewReader(cfg ReaderConfig, log zerolog.Logger) *Reader {
 		cfg.SpillDir = filepath.Join(os.TempDir(), "prism-spill")
 	}
 	return &Reader{
-		cfg: cfg,
-		log: log.With().Str("component", "decode").Str("slot", cfg.Slot).Logger(),
+		cfg:   cfg,
+		log:   log.With().Str("component", "decode").Str("slot", cfg.Slot).Logger(),
 		out:   make(chan *Txn, 4),
 		poked: make(chan struct{}, 1),
 	}
@@ -236,7 +238,7 @@ func (r *Reader) Confirm(lsn pglogrepl.LSN) {
 		return
 	}
 	if r.wake != nil {
-		r.wake()
+		r.wake.SetReadDeadline(time.Now())
 		r.wake = nil
 	}
 	select {
@@ -602,6 +604,14 @@ func (r *Reader) stream(ctx context.Context, conn *pgconn.PgConn) error {
 	nextStatus := time.Now()
 	ticker := time.NewTicker(r.cfg.StatusInterval)
 	defer ticker.Stop()
+	// Closing the Reader interrupts a wait for the server.
+	nc := conn.Conn()
+	stop := context.AfterFunc(ctx, func() {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		nc.SetReadDeadline(time.Now())
+	})
+	defer stop()
 
 	for {
 		if !time.Now().Before(nextStatus) {
@@ -633,26 +643,34 @@ func (r *Reader) stream(ctx context.Context, conn *pgconn.PgConn) error {
 		}
 
 		// Wait for the server until the next status update is due, or
-		// until Confirm brings a position to report.
-		rctx, cancel := context.WithDeadline(ctx, nextStatus)
+		// until Confirm brings a position to report. The wait is a read
+		// deadline on the connection, not a context per message: a
+		// context's watcher and timer for each of the many small messages
+		// of a busy stream cost more CPU than decoding them.
 		r.mu.Lock()
 		due := max(r.confirmed, r.idle) > r.stats.Confirmed
+		var derr error
 		if !due {
-			r.wake = cancel
+			derr = nc.SetReadDeadline(nextStatus)
+			r.wake = nc
 		}
 		r.mu.Unlock()
+		if derr != nil {
+			return fmt.Errorf("receive: %w", derr)
+		}
 		if due {
-			cancel()
 			nextStatus = time.Now()
 			continue
 		}
-		msg, err := conn.ReceiveMessage(rctx)
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		msg, err := conn.ReceiveMessage(context.Background())
 		r.mu.Lock()
 		r.wake = nil
 		r.mu.Unlock()
-		cancel()
 		if err != nil {
-			if ctx.Err() == nil && (pgconn.Timeout(err) || errors.Is(err, context.Canceled)) {
+			if ctx.Err() == nil && pgconn.Timeout(err) {
 				continue
 			}
 			return fmt.Errorf("receive: %w", err)
