@@ -102,6 +102,8 @@ type Applier struct {
 	// letting are the releases of idle sessions in progress, by source
 	// region: closed once the origin is free.
 	letting map[string]chan struct{}
+	// holdIdle is holdIdle; tests change it.
+	holdIdle time.Duration
 
 	// testAfterSend, when set, runs after the last pipeline of a run was
 	// sent (with the backend PID), before its results are read.
@@ -119,6 +121,7 @@ func NewApplier(pool *pgxpool.Pool, log zerolog.Logger, opts ...Option) *Applier
 		stmts:     map[string]*statement{},
 		idle:      map[string]*session{},
 		letting:   map[string]chan struct{}{},
+		holdIdle:  holdIdle,
 	}
 	for _, o := range opts {
 		o(a)
@@ -237,7 +240,7 @@ func (a *Applier) ApplyBatch(ctx context.Context, txns []*decode.Txn) (int, erro
 	if err := a.ensureSetup(ctx); err != nil {
 		return 0, newError(txns[0], "", 0, err)
 	}
-	applied := 0
+	applied, conflictRetries := 0, maxConflictRetries
 	for applied < len(txns) {
 		end := applied + 1
 		for end < len(txns) && txns[end].Origin == txns[applied].Origin {
@@ -245,11 +248,36 @@ func (a *Applier) ApplyBatch(ctx context.Context, txns []*decode.Txn) (int, erro
 		}
 		n, err := a.applyRun(ctx, txns[applied:end])
 		applied += n
+		if err != nil && concurrent(err) && conflictRetries > 0 {
+			// A local transaction changed a row of this one after its
+			// snapshot: apply it again, at once, on fresh data.
+			conflictRetries--
+			a.log.Debug().Err(err).Msg("concurrent local write; applying again")
+			continue
+		}
 		if err != nil {
 			return applied, err
 		}
 	}
 	return applied, nil
+}
+
+// beginSQL starts every apply transaction. REPEATABLE READ makes every
+// check of a transaction (conflict resolution, clock floors, tombstones,
+// missing rows) read one snapshot, and a row changed by a concurrent local
+// transaction after that snapshot fails the transaction with 40001
+// instead of being decided on stale data; ApplyBatch then applies it
+// again at once.
+const beginSQL = "BEGIN ISOLATION LEVEL REPEATABLE READ"
+
+// maxConflictRetries bounds the immediate re-applies of one ApplyBatch
+// after serialization failures and deadlocks with local transactions.
+const maxConflictRetries = 50
+
+// concurrent reports a serialization failure or deadlock.
+func concurrent(err error) bool {
+	var e *Error
+	return errors.As(err, &e) && (e.SQLState == "40001" || e.SQLState == "40P01")
 }
 
 // Limits of one pipeline: the statements of one round trip. They bound
@@ -438,7 +466,7 @@ func (a *Applier) park(s *session, progress pglogrepl.LSN) {
 		return
 	}
 	a.idle[s.source] = s
-	s.timer = time.AfterFunc(holdIdle, func() {
+	s.timer = time.AfterFunc(a.holdIdle, func() {
 		a.mu.Lock()
 		if a.idle[s.source] != s {
 			a.mu.Unlock()
@@ -667,7 +695,7 @@ func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.
 		if skip[i] {
 			continue
 		}
-		b.ExecParams("BEGIN", nil, nil, nil, nil)
+		b.ExecParams(beginSQL, nil, nil, nil, nil)
 		cmds = append(cmds, cmd{txn: i, change: -1})
 		ts := t.CommitTime.UTC().Format("2006-01-02 15:04:05.999999Z07:00")
 		b.ExecStatement(setupSD, [][]byte{[]byte(t.EndLSN.String()), []byte(ts), []byte(t.Origin), []byte(a.local)}, nil, nil)

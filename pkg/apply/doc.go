@@ -34,6 +34,20 @@
 // Note that replication origins are per cluster, not per database: two
 // target databases in one cluster share the progress of a source region.
 //
+// # Isolation
+//
+// Apply transactions run at REPEATABLE READ: every check in one (conflict
+// resolution, clock floors, tombstones, missing rows) reads one snapshot,
+// and a row that a concurrent local transaction changes after that
+// snapshot fails the apply transaction with a serialization failure
+// instead of being decided on stale data (at READ COMMITTED, an UPDATE
+// that waited for a local writer re-checks its condition on the new row
+// version with the old snapshot, which cannot see that writer's clock
+// floor or tombstone). ApplyBatch applies such a transaction again at
+// once. One window remains: an INSERT of a key whose row a local
+// transaction deletes after the snapshot is checked against the
+// tombstones of the snapshot.
+//
 // # Ordering
 //
 // ApplyBatch applies in slice order and commits each source transaction

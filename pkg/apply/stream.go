@@ -115,7 +115,7 @@ func (a *Applier) ApplyStream(ctx context.Context, txn *decode.Txn, next func() 
 		return a.fail(s, txn, "", 0, err)
 	}
 
-	b.ExecParams("BEGIN", nil, nil, nil, nil)
+	b.ExecParams(beginSQL, nil, nil, nil, nil)
 	b.ExecParams("SET LOCAL idle_in_transaction_session_timeout = '"+streamIdleTimeout+"'", nil, nil, nil, nil)
 	ts := txn.CommitTime.UTC().Format("2006-01-02 15:04:05.999999Z07:00")
 	b.ExecStatement(setupSD, [][]byte{[]byte(txn.EndLSN.String()), []byte(ts), []byte(txn.Origin), []byte(a.local)}, nil, nil)
