@@ -427,7 +427,7 @@ func (c *chaos) converge() map[string]bool {
 	const stuck = 2 * time.Minute
 	for !settled() {
 		if time.Since(progressAt) > stuck {
-			t.Errorf("regions stopped converging (no ledger progress for %s): ledger rows %v, want %d each; verify: %+v\n%s", stuck, counts, len(expected), last, d.Logs())
+			t.Errorf("regions stopped converging (no ledger progress for %s): ledger rows %v, want %d each; verify: %+v\n%s\n%s", stuck, counts, len(expected), last, c.explain(last), d.Logs())
 			return expected
 		}
 		pause(ctx, 200*time.Millisecond)
@@ -582,6 +582,65 @@ func (c *chaos) summary(faultTime, drainTime time.Duration, expected map[string]
 		time.Duration(c.inv.maxLag.Load()).Round(time.Millisecond),
 		drainTime.Round(time.Millisecond), verdict)
 }
+
+// explain shows, for up to three differing rows, each region's version
+// (row, writing transaction, stamp, region) and the conflicts recorded
+// for the key: what a divergence needs to be understood.
+func (c *chaos) explain(rep verify.Report) string {
+	var b strings.Builder
+	shown := 0
+	for _, tr := range rep.Tables {
+		for _, k := range tr.Keys {
+			if shown == 3 || len(tr.KeyColumns) != len(k.Values) {
+				continue
+			}
+			shown++
+			var conds, keyConds []string
+			for i, col := range tr.KeyColumns {
+				conds = append(conds, fmt.Sprintf("x.%s::text = %s", pgx.Identifier{col}.Sanitize(), quoteLiteral(k.Values[i])))
+				keyConds = append(keyConds, fmt.Sprintf("key->>%s = %s", quoteLiteral(col), quoteLiteral(k.Values[i])))
+			}
+			fmt.Fprintf(&b, "%s %v:\n", tr.Table, k.Values)
+			for _, r := range c.d.Regions {
+				rows := c.rowsText(r, fmt.Sprintf(`SELECT format('  %s: %%s xmin %%s stamp %%s region %%s', row_to_json(x), x.xmin, prism.stamp(x.xmin),
+					prism.region_of((pg_xact_commit_timestamp_origin(x.xmin)).roident)) FROM %s x WHERE %s`, r, tr.Table, strings.Join(conds, " AND ")))
+				if rows == "" {
+					rows = "  " + r + ": no row\n"
+				}
+				b.WriteString(rows)
+				b.WriteString(c.rowsText(r, fmt.Sprintf(`SELECT format('    %s conflict %%s %%s %%s winner %%s local %%s/%%s remote %%s/%%s', id, kind, resolution, winner,
+					local_commit_time, local_origin, remote_commit_time, remote_origin) FROM prism.conflicts WHERE table_name = %s AND %s ORDER BY id`,
+					r, quoteLiteral(tr.Table), strings.Join(keyConds, " AND "))))
+			}
+		}
+	}
+	return b.String()
+}
+
+// rowsText runs sql (one text column) on region and returns the lines.
+func (c *chaos) rowsText(region, sql string) string {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn, err := c.d.Clusters[region].Connect(ctx, "app")
+	if err != nil {
+		return fmt.Sprintf("  %s: %v\n", region, err)
+	}
+	defer conn.Close(ctx)
+	rows, err := conn.Query(ctx, sql)
+	if err != nil {
+		return fmt.Sprintf("  %s: %v\n", region, err)
+	}
+	var b strings.Builder
+	for rows.Next() {
+		var line string
+		if rows.Scan(&line) == nil {
+			b.WriteString(line + "\n")
+		}
+	}
+	return b.String()
+}
+
+func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
 
 // floors counts the clock floors raised in all regions: local writes
 // that replaced a version stamped ahead of their own clock.
