@@ -19,8 +19,10 @@
 //     set, and the run fails and is started again.
 //  2. Schema, when none of the published tables exists in the target:
 //     pg_dump --schema-only of the source (without schema prism, owners,
-//     privileges and publications) piped into psql --single-transaction, so
-//     a crash leaves either all of it or none.
+//     privileges and publications, and without prism-cdc's conflict
+//     triggers, which the target's node generates for itself at start)
+//     piped into psql --single-transaction, so a crash leaves either all
+//     of it or none. Tombstones (prism.tombstones) are not copied.
 //  3. The source snapshot (see below); parallel workers, each in a
 //     REPEATABLE READ transaction on the source that imports the exported
 //     snapshot (SET TRANSACTION SNAPSHOT); the other regions' positions as

@@ -1,10 +1,12 @@
 package bootstrap
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net/url"
 	"os"
 	"os/exec"
@@ -49,7 +51,9 @@ func loadSchema(ctx context.Context, srcDSN, tgtDSN string) error {
 	if err != nil {
 		return fmt.Errorf("bootstrap: pg_dump: %w", err)
 	}
-	p.Stdin = pipe
+	pr, pw := io.Pipe()
+	p.Stdin = pr
+	go func() { pw.CloseWithError(withoutPrismTriggers(pipe, pw)) }()
 	if err := d.Start(); err != nil {
 		return fmt.Errorf("bootstrap: start pg_dump: %w", err)
 	}
@@ -118,4 +122,45 @@ func connArgs(dsn string) (string, []string, error) {
 		return u.String(), env, nil
 	}
 	return strings.TrimSpace(kvPassword.ReplaceAllString(dsn, "")), env, nil
+}
+
+// withoutPrismTriggers copies a pg_dump script from r to w without the
+// statements that create prism-cdc's own triggers (prism_clock,
+// prism_tombstone, event trigger prism_install): their functions live in
+// schema prism, which is not copied, and the target's node installs its
+// own at start.
+func withoutPrismTriggers(r io.Reader, w io.Writer) error {
+	br := bufio.NewReaderSize(r, 64<<10)
+	skipping := false
+	for {
+		line, err := br.ReadString('\n')
+		if len(line) > 0 {
+			if !skipping && prismTriggerStatement(line) {
+				skipping = true
+			}
+			if !skipping {
+				if _, werr := io.WriteString(w, line); werr != nil {
+					return werr
+				}
+			} else if strings.HasSuffix(strings.TrimRight(line, "\r\n"), ";") {
+				skipping = false
+			}
+		}
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+func prismTriggerStatement(line string) bool {
+	for _, p := range []string{"CREATE TRIGGER prism_clock ", "CREATE TRIGGER prism_tombstone ",
+		"CREATE EVENT TRIGGER prism_install ", "ALTER EVENT TRIGGER prism_install "} {
+		if strings.HasPrefix(line, p) {
+			return true
+		}
+	}
+	return strings.HasPrefix(line, "ALTER TABLE ") && strings.Contains(line, " TRIGGER prism_tombstone;")
 }

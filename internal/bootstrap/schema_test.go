@@ -1,0 +1,50 @@
+package bootstrap
+
+import (
+	"strings"
+	"testing"
+)
+
+// TestWithoutPrismTriggers drops exactly prism-cdc's trigger statements
+// from a pg_dump script (as PostgreSQL 15 prints them).
+func TestWithoutPrismTriggers(t *testing.T) {
+	dump := `CREATE TABLE public.kv (
+    id integer NOT NULL,
+    v text
+);
+
+CREATE TRIGGER prism_clock BEFORE INSERT OR DELETE OR UPDATE ON public.kv FOR EACH ROW WHEN ((NOT pg_replication_origin_session_is_setup())) EXECUTE FUNCTION prism.clock_16385();
+
+CREATE TRIGGER prism_tombstone AFTER DELETE ON public.kv FOR EACH ROW EXECUTE FUNCTION prism.clock_16385();
+
+ALTER TABLE public.kv ENABLE ALWAYS TRIGGER prism_tombstone;
+
+CREATE TRIGGER audit AFTER UPDATE ON public.kv FOR EACH ROW EXECUTE FUNCTION public.audit();
+
+CREATE EVENT TRIGGER prism_install ON ddl_command_end
+         WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'CREATE TABLE AS', 'SELECT INTO')
+   EXECUTE FUNCTION prism.on_ddl();
+
+ALTER TABLE public.kv ENABLE ALWAYS TRIGGER audit;
+`
+	want := `CREATE TABLE public.kv (
+    id integer NOT NULL,
+    v text
+);
+
+
+
+
+CREATE TRIGGER audit AFTER UPDATE ON public.kv FOR EACH ROW EXECUTE FUNCTION public.audit();
+
+
+ALTER TABLE public.kv ENABLE ALWAYS TRIGGER audit;
+`
+	var out strings.Builder
+	if err := withoutPrismTriggers(strings.NewReader(dump), &out); err != nil {
+		t.Fatal(err)
+	}
+	if out.String() != want {
+		t.Fatalf("filtered dump:\n%s\nwant:\n%s", out.String(), want)
+	}
+}
