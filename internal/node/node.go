@@ -185,6 +185,11 @@ func (n *Node) Run(ctx context.Context) error {
 		defer wg.Done()
 		n.checkpointLoop(runCtx)
 	}()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		n.collectLoop(runCtx)
+	}()
 	n.log.Info().Str("listen", n.cfg.Listen).Str("http", n.cfg.HTTP).Int("peer_regions", len(n.cfg.Peers)).Msg("node started")
 
 	readCtx, stopReading := context.WithCancel(ctx)
