@@ -54,22 +54,45 @@ CREATE TABLE IF NOT EXISTS prism.tombstones (
 	key        jsonb NOT NULL,
 	PRIMARY KEY (table_name, key)
 );
+-- xact is the (sub)transaction that wrote a floored row version (its
+-- xmin), top its top-level transaction; a transaction's stamp takes the
+-- greatest floor of the whole top-level transaction, like the commit time
+-- the decoder ships.
 CREATE TABLE IF NOT EXISTS prism.clock_floors (
 	xact  xid         NOT NULL,
+	top   xid         NOT NULL,
 	floor timestamptz NOT NULL,
 	at    timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS clock_floors_xact ON prism.clock_floors USING hash (xact);
+CREATE INDEX IF NOT EXISTS clock_floors_top ON prism.clock_floors USING hash (top);
 CREATE INDEX IF NOT EXISTS clock_floors_at ON prism.clock_floors (at);
 CREATE OR REPLACE FUNCTION prism.stamp(x xid) RETURNS timestamptz
 LANGUAGE sql STABLE AS $f$
 	SELECT greatest(pg_catalog.pg_xact_commit_timestamp($1),
-		(SELECT max(f.floor) + interval '1 microsecond' FROM prism.clock_floors f WHERE f.xact = $1))
+		(SELECT max(t.floor) + interval '1 microsecond' FROM prism.clock_floors t
+		 WHERE t.top IN (SELECT f.top FROM prism.clock_floors f WHERE f.xact = $1)))
+$f$;
+-- own: was version x written by this transaction (or one of its
+-- subtransactions that raised a floor)? Its stamp is this transaction's
+-- own, not one to raise a floor over.
+CREATE OR REPLACE FUNCTION prism.own(x xid) RETURNS boolean
+LANGUAGE sql STABLE AS $f$
+	SELECT $1 = xid(pg_current_xact_id())
+		OR EXISTS (SELECT 1 FROM prism.clock_floors f WHERE f.xact = $1 AND f.top = xid(pg_current_xact_id()))
 $f$;
 CREATE OR REPLACE FUNCTION prism.raise_floor(s timestamptz) RETURNS void
 LANGUAGE plpgsql AS $f$
+DECLARE
+	top xid := xid(pg_current_xact_id());
+	sub xid;
 BEGIN
-	INSERT INTO prism.clock_floors (xact, floor) VALUES (xid(pg_current_xact_id()), s);
+	-- The row inserted here gets the current subtransaction's xid as its
+	-- xmin, the same as the row version being written.
+	INSERT INTO prism.clock_floors (xact, top, floor) VALUES (top, top, s) RETURNING xmin INTO sub;
+	IF NOT sub = top THEN
+		INSERT INTO prism.clock_floors (xact, top, floor) VALUES (sub, top, s);
+	END IF;
 	PERFORM pg_logical_emit_message(true, 'prism.floor', ((extract(epoch FROM s) * 1000000)::bigint)::text);
 END
 $f$;
@@ -154,10 +177,10 @@ BEGIN
 	END IF;
 	IF TG_OP = 'INSERT' THEN
 		SELECT prism.stamp(t.xmin) INTO s FROM prism.tombstones t
-		WHERE t.table_name = %1$L AND t.key = %3$s AND NOT t.xmin = xid(pg_current_xact_id());
+		WHERE t.table_name = %1$L AND t.key = %3$s AND NOT prism.own(t.xmin);
 	ELSE
 		SELECT prism.stamp(x.xmin) INTO s FROM %4$s x
-		WHERE %5$s AND NOT x.xmin = xid(pg_current_xact_id()) LIMIT 1;
+		WHERE %5$s AND NOT prism.own(x.xmin) LIMIT 1;
 	END IF;
 	IF s >= clock_timestamp() THEN
 		PERFORM prism.raise_floor(s);

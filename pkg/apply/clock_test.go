@@ -42,12 +42,15 @@ func TestClockFloor(t *testing.T) {
 			t.Fatalf("apply na on eu: %v", err)
 		}
 	}
-	// eu's application overwrites row 1 and re-inserts key 2, after na's
+	// eu's application overwrites row 1 (twice: the second time replaces
+	// its own version, no new floor) and re-inserts key 2 inside a
+	// savepoint (the row's xmin is then a subtransaction's), after na's
 	// writes but earlier by the clocks.
-	mustExec(t, ctx, eu, "postgres", "UPDATE kv SET v = 'eu' WHERE id = 1; INSERT INTO kv VALUES (2, 'eu')")
+	mustExec(t, ctx, eu, "postgres", `BEGIN; UPDATE kv SET v = 'e' WHERE id = 1; UPDATE kv SET v = v || 'u' WHERE id = 1;
+		SAVEPOINT s; INSERT INTO kv VALUES (2, 'eu'); RELEASE s; COMMIT`)
 
-	if got := queryString(t, ctx, aEU.pool, "SELECT count(*) || ' floors in ' || count(DISTINCT xact::text) || ' transaction' FROM prism.clock_floors"); got != "2 floors in 1 transaction" {
-		t.Fatalf("prism.clock_floors: %s, want 2 floors (row 1's version, key 2's tombstone) in eu's one local transaction", got)
+	if got := queryString(t, ctx, aEU.pool, "SELECT count(*) || ' floor rows in ' || count(DISTINCT top::text) || ' transaction' FROM prism.clock_floors"); got != "3 floor rows in 1 transaction" {
+		t.Fatalf("prism.clock_floors: %s, want 3 rows (row 1's version; key 2's tombstone, recorded for the transaction and its subtransaction) in eu's one local transaction", got)
 	}
 	for _, id := range []int{1, 2} {
 		got := queryString(t, ctx, aEU.pool, "SELECT (prism.stamp(xmin) - $1::timestamptz)::text FROM kv WHERE id = $2", future, id)
@@ -159,7 +162,7 @@ func TestCollect(t *testing.T) {
 		t.Fatal(err)
 	}
 	mustExec(t, ctx, c, "postgres", "INSERT INTO kv VALUES (1), (2); DELETE FROM kv")
-	mustExec(t, ctx, c, "postgres", "INSERT INTO prism.clock_floors (xact, floor, at) VALUES ('5', now(), now() - interval '8 days'), ('6', now(), now())")
+	mustExec(t, ctx, c, "postgres", "INSERT INTO prism.clock_floors (xact, top, floor, at) VALUES ('5', '5', now(), now() - interval '8 days'), ('6', '6', now(), now())")
 	if tomb, floors, err := a.Collect(ctx, 7*24*time.Hour); err != nil || tomb != 0 || floors != 1 {
 		t.Fatalf("Collect(7 days) = %d tombstones, %d floors, %v; want 0, 1", tomb, floors, err)
 	}
