@@ -246,9 +246,12 @@ func (s *snapshot) resolveOrigins(ctx context.Context, dsn, pub string, others [
 }
 
 // readHeld holds origin on the source just long enough to read its
-// progress; an origin that does not exist has progress 0.
+// progress; an origin that does not exist has progress 0. A node of the
+// source region keeps the origin while its stream is busy, so the holder
+// is terminated (its open apply transaction rolls back and is applied
+// again after the read).
 func readHeld(ctx context.Context, dsn, origin string) (pglogrepl.LSN, error) {
-	g, err := holdOrigin(ctx, dsn, origin, false, nil)
+	g, err := holdOrigin(ctx, dsn, origin, true, nil)
 	if err != nil {
 		return 0, err
 	}
