@@ -44,6 +44,9 @@ func FuzzAssembler(f *testing.F) {
 			mStreamAbort(10, 11), mStreamStart(10), mInsertX(10, 1, "3", "<null>"), {'E'}, mStreamCommit(10, 400, 420)},
 		{mRelation(1, "id"), mBegin(100, 7), mOrigin(), mInsert(1, "1"), mCommit(100, 120), mMessage(),
 			mBegin(200, 8), mUpdate(1, []string{"1"}, "2"), mCommit(200, 220)},
+		// Clock floors, in and out of a stream.
+		{mRelation(1, "id"), mBegin(100, 7), mFloor(true, "1700000000000000", false, 0), mInsert(1, "1"), mCommit(100, 120),
+			mStreamStart(9), mFloor(true, "-5", true, 9), {'E'}, mStreamCommit(9, 200, 220), mFloor(false, "x", false, 0)},
 	}
 	for _, msgs := range seeds {
 		var cs []captured
