@@ -356,7 +356,11 @@ func (r *Reader) run(ctx context.Context) error {
 			r.log.Error().Err(err).Msg("reader stopped")
 			return err
 		}
-		if errors.Is(err, ErrSlotBusy) && !r.streamed {
+		// Another node holds the slot (a stale connection of this node is
+		// ended in prepare, not reported as busy): stop, so the node ends
+		// its term and stops shipping what it read before; otherwise two
+		// nodes of one region would ship the same transactions.
+		if errors.Is(err, ErrSlotBusy) {
 			return err
 		}
 		if errors.Is(err, errStalled) {
@@ -401,7 +405,8 @@ type slotState struct {
 	plugin         string
 	slotDatabase   string
 	walStatus      string
-	activePID      int // 0 when inactive
+	activePID      int    // 0 when inactive
+	activeApp      string // application_name of the active walsender
 	confirmedFlush string
 }
 
@@ -450,17 +455,26 @@ func (r *Reader) prepare(ctx context.Context) (slotAction, error) {
 	var s slotState
 	var slotType, plugin, slotDB, walStatus, confirmed *string
 	var activePID *int32
+	var activeApp *string
 	err = conn.QueryRow(ctx, `SELECT current_database(),
 			EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1),
-			s.slot_name IS NOT NULL, s.slot_type, s.plugin, s.database::text, s.wal_status, s.active_pid, s.confirmed_flush_lsn::text
+			s.slot_name IS NOT NULL, s.slot_type, s.plugin, s.database::text, s.wal_status, s.active_pid, s.confirmed_flush_lsn::text,
+			(SELECT a.application_name FROM pg_stat_activity a WHERE a.pid = s.active_pid)
 		FROM (SELECT 1) x LEFT JOIN pg_replication_slots s ON s.slot_name = $2`,
-		r.cfg.Publication, r.cfg.Slot).Scan(&s.database, &s.pubExists, &s.slotExists, &slotType, &plugin, &slotDB, &walStatus, &activePID, &confirmed)
+		r.cfg.Publication, r.cfg.Slot).Scan(&s.database, &s.pubExists, &s.slotExists, &slotType, &plugin, &slotDB, &walStatus, &activePID, &confirmed, &activeApp)
 	if err != nil {
 		return 0, fmt.Errorf("check slot %s: %w", r.cfg.Slot, err)
 	}
 	s.slotType, s.plugin, s.slotDatabase, s.walStatus, s.confirmedFlush = deref(slotType), deref(plugin), deref(slotDB), deref(walStatus), deref(confirmed)
 	if activePID != nil {
 		s.activePID = int(*activePID)
+	}
+	s.activeApp = deref(activeApp)
+	if s.activePID != 0 && r.cfg.AppName != "" && s.activeApp == r.cfg.AppName {
+		// This Reader's own previous walsender, whose connection was lost
+		// but which the server has not noticed yet: end it and retry.
+		_, err := conn.Exec(ctx, "SELECT pg_terminate_backend($1, 5000)", s.activePID)
+		return 0, fmt.Errorf("slot %s is still held by this node's previous connection (backend pid %d); ended it (%v)", r.cfg.Slot, s.activePID, err)
 	}
 	action, err := checkSlot(r.cfg.Slot, r.cfg.Publication, s, r.streamed)
 	if err != nil {

@@ -366,6 +366,48 @@ func TestReaderSlotBusy(t *testing.T) {
 	}
 }
 
+// TestReaderSlotTakenOver loses the first reader's stream while a second
+// reader of the region takes the slot: the first one's Next must return
+// ErrSlotBusy (so its node stops shipping what it read) instead of
+// retrying for good, while a stale walsender of its own is ended and
+// retried.
+func TestReaderSlotTakenOver(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c := pgtest.Start(t, pgtest.Options{Name: "takeover"})
+	exec(ctx, t, c, "CREATE TABLE t (id serial PRIMARY KEY, batch int)")
+	first := newTestReader(t, c, ReaderConfig{AppName: "prism_na1"})
+	ch := collect(t, first)
+	deadline := time.Now().Add(time.Minute)
+	poll(t, deadline, "slot active", func() bool { return slotActive(ctx, t, c, "prism_na") })
+	exec(ctx, t, c, "INSERT INTO t (batch) VALUES (1)")
+	if txn := recv(t, ch, deadline); batchOf(t, txn) != 1 {
+		t.Fatalf("first reader got batch %d, want 1", batchOf(t, txn))
+	}
+	// The first reader's walsender dies; the second reader keeps trying
+	// until it holds the slot (the first reconnects too and may win a
+	// round: then its walsender is ended again).
+	second := newTestReader(t, c, ReaderConfig{AppName: "prism_na2"})
+	poll(t, deadline, "the second reader to hold the slot", func() bool {
+		exec(ctx, t, c, "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = 'prism_na' AND active_pid IN (SELECT pid FROM pg_stat_activity WHERE application_name = 'prism_na1')")
+		nctx, ncancel := context.WithTimeout(ctx, 500*time.Millisecond)
+		defer ncancel()
+		_, err := second.Next(nctx)
+		if err != nil && !errors.Is(err, ErrSlotBusy) && !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("second reader Next() = %v", err)
+		}
+		return query[string](ctx, t, c, "SELECT coalesce((SELECT a.application_name FROM pg_replication_slots s JOIN pg_stat_activity a ON a.pid = s.active_pid WHERE s.slot_name = 'prism_na'), '')") == "prism_na2"
+	})
+	select {
+	case res := <-ch:
+		if !errors.Is(res.err, ErrSlotBusy) {
+			t.Fatalf("first reader Next() after the slot was taken over = %v, %v; want ErrSlotBusy", res.txn, res.err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatalf("first reader still waiting 30s after another reader took the slot, want ErrSlotBusy")
+	}
+}
+
 // TestReaderSlotLost invalidates the slot (max_slot_wal_keep_size) and
 // checks the reader stops with ErrSlotLost instead of creating a new slot.
 func TestReaderSlotLost(t *testing.T) {
