@@ -141,6 +141,25 @@ func (a *Applier) policy(rel *decode.Relation) Policy {
 // Setup creates schema prism, tables prism.conflicts, prism.dead_letters
 // and prism.undo_log, and the conflict functions. It is idempotent; Apply calls it once lazily.
 func (a *Applier) Setup(ctx context.Context) error {
+	// A database that is restarting (or a connection cut meanwhile) is
+	// waited for, not reported: a node started while its Postgres
+	// recovers must come up once it is back.
+	deadline := time.Now().Add(2 * time.Minute)
+	for attempt := 1; ; attempt++ {
+		err := a.setup1(ctx)
+		if err == nil || ctx.Err() != nil || time.Now().After(deadline) || !IsRetryable(err) {
+			return err
+		}
+		a.log.Warn().Err(err).Int("attempt", attempt).Msg("database not ready for setup; retrying")
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(min(time.Duration(attempt)*500*time.Millisecond, 5*time.Second)):
+		}
+	}
+}
+
+func (a *Applier) setup1(ctx context.Context) error {
 	conn, err := a.pool.Acquire(ctx)
 	if err != nil {
 		return fmt.Errorf("apply setup: %w", err)
@@ -333,6 +352,15 @@ type session struct {
 }
 
 func (s *session) release() {
+	if !s.broken && !s.conn.Conn().PgConn().IsClosed() {
+		// hold set these for the session; the pool's other users (dead
+		// letters, undo, Progress) must commit durably again.
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		if _, err := s.conn.Conn().PgConn().Exec(ctx, "RESET synchronous_commit; RESET idle_in_transaction_session_timeout; RESET application_name").ReadAll(); err != nil {
+			s.broken = true
+		}
+		cancel()
+	}
 	if s.broken {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		s.conn.Conn().Close(ctx)

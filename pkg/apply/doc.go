@@ -25,8 +25,12 @@
 //     standby named there is prism-cdc's own reader, which never ships
 //     applied transactions and would make the applier wait for nothing.
 //     Transactions at or below the progress are skipped;
-//  4. pg_replication_origin_session_reset(): the origin is held only while
-//     applying, so a failover path is never locked out by an idle holder.
+//  4. pg_replication_origin_session_reset(): a session that finished a
+//     run keeps the origin for a short idle time (holdIdle, 500 ms) so the
+//     next batch of a busy stream skips steps 1-2, and lets go after it;
+//     Release (the stream ended), Fence and Close let go at once, so a
+//     failover path is not locked out by an idle holder. The session's
+//     settings are reset when its connection returns to the pool.
 //
 // The data and the origin's progress commit atomically, so a transaction
 // committed before a crash or a lost reply is skipped when replayed.
