@@ -380,7 +380,7 @@ func (b *builder) update(c *decode.Change, policy Policy) (string, error) {
 		sb.WriteString("WITH u AS (UPDATE " + b.t.ident + " AS x SET " + strings.Join(sets, ", ") +
 			" WHERE " + cond + " AND " + resolveCall("update", pol, tbl, b.keyJSON("x", keyCols)) + " RETURNING 1), " +
 			"m AS (SELECT prism.missing('update_missing', " + pol + ", " + tbl + ", " + keyP + ", " + strconv.FormatBool(complete) + ", true) AS ins" +
-			" WHERE NOT EXISTS (SELECT 1 FROM " + b.t.ident + " AS y WHERE " + condY + ")) ")
+			" WHERE NOT EXISTS (SELECT 1 FROM u) AND NOT EXISTS (SELECT 1 FROM " + b.t.ident + " AS y WHERE " + condY + ")) ")
 		if !complete {
 			sb.WriteString("SELECT (SELECT count(*) FROM u), (SELECT count(*) FROM m)")
 			return sb.String(), nil
@@ -438,7 +438,7 @@ func (b *builder) delete(c *decode.Change, policy Policy) (string, error) {
 		return "WITH d AS (DELETE FROM " + b.t.ident + " AS x WHERE " + cond +
 			" AND " + resolveCall("delete", pol, tbl, b.keyJSON("x", keyCols)) + " RETURNING 1), " +
 			"m AS (SELECT prism.missing('delete_missing', " + pol + ", " + tbl + ", " + keyP + ", false, true)" +
-			" WHERE NOT EXISTS (SELECT 1 FROM " + b.t.ident + " AS y WHERE " + condY + ")) " +
+			" WHERE NOT EXISTS (SELECT 1 FROM d) AND NOT EXISTS (SELECT 1 FROM " + b.t.ident + " AS y WHERE " + condY + ")) " +
 			"SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM m)", nil
 	}
 	cond, matchCols, _, err := b.match(c, "y")
