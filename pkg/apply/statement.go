@@ -346,8 +346,10 @@ func (b *builder) match(c *decode.Change, alias string) (string, []int, tuple, e
 // same; skipping the call saves most of the server CPU of a replicated
 // update. OR evaluates its arguments in order and stops at the first true.
 func resolveCall(kind, pol, tbl, key string) string {
-	return "((coalesce(pg_catalog.pg_xact_commit_timestamp(x.xmin) < pg_catalog.current_setting('prism.remote_ts')::timestamptz, true)" +
-		" AND NOT EXISTS (SELECT 1 FROM prism.clock_floors f WHERE f.xact = x.xmin))" +
+	// The scalar subqueries are init plans, evaluated once per statement:
+	// the incoming commit time, and whether any floor exists at all.
+	return "((coalesce(pg_catalog.pg_xact_commit_timestamp(x.xmin) < (SELECT pg_catalog.current_setting('prism.remote_ts')::timestamptz), true)" +
+		" AND ((SELECT NOT EXISTS (SELECT 1 FROM prism.clock_floors)) OR NOT EXISTS (SELECT 1 FROM prism.clock_floors f WHERE f.xact = x.xmin)))" +
 		" OR prism.resolve(" + lit(kind) + ", " + pol + ", " + tbl + ", " + key + ", x.xmin))"
 }
 
