@@ -489,7 +489,7 @@ func (n *Node) ensureTerm(ctx context.Context) (*term, error) {
 			Errors:       newErrorPolicy(n.cfg, n.log),
 			Undo:         newErrorPolicy(n.cfg, n.log).undoFunc(n.applier),
 			OnAck:        n.signalAcked,
-		}, n.fallback(p), n.log.With().Str("component", "shipper").Str("target", p.Region).Logger()))
+		}, n.fallback(p), n.log.With().Str("component", "shipper").Logger()))
 	}
 	for i, s := range t.shippers {
 		t.wg.Add(1)

@@ -114,7 +114,7 @@ type Applier struct {
 func NewApplier(pool *pgxpool.Pool, log zerolog.Logger, opts ...Option) *Applier {
 	a := &Applier{
 		pool:      pool,
-		log:       log.With().Str("component", "apply").Logger(),
+		log:       log.With().Str("pkg", "apply").Logger(),
 		defPolicy: LastWriteWins,
 		appName:   "prism_apply",
 		targets:   map[string]*target{},

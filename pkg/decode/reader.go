@@ -153,7 +153,7 @@ func NewReader(cfg ReaderConfig, log zerolog.Logger) *Reader {
 	}
 	return &Reader{
 		cfg:   cfg,
-		log:   log.With().Str("component", "decode").Str("slot", cfg.Slot).Logger(),
+		log:   log.With().Str("pkg", "decode").Str("slot", cfg.Slot).Logger(),
 		out:   make(chan *Txn, 4),
 		poked: make(chan struct{}, 1),
 	}

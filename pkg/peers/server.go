@@ -102,7 +102,7 @@ func NewServer(cfg ServerConfig, app Applier, log zerolog.Logger) *Server {
 	return &Server{
 		cfg:    cfg,
 		app:    app,
-		log:    log.With().Str("component", "peers").Str("role", "server").Logger(),
+		log:    log.With().Str("pkg", "peers").Str("role", "server").Logger(),
 		active: map[string]*stream{},
 	}
 }

@@ -183,7 +183,7 @@ func NewShipper(cfg ShipperConfig, fallback Fallback, log zerolog.Logger) *Shipp
 	return &Shipper{
 		cfg:      cfg,
 		fallback: fallback,
-		log:      log.With().Str("component", "peers").Str("target", cfg.TargetRegion).Logger(),
+		log:      log.With().Str("pkg", "peers").Str("target", cfg.TargetRegion).Logger(),
 		changed:  make(chan struct{}),
 		path:     PathConnecting,
 	}
