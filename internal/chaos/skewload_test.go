@@ -41,26 +41,10 @@ INSERT INTO contested SELECT g, 'seed', 'seed' FROM generate_series(1, 20) g;`)
 		go func(r string, seed int64) {
 			defer wg.Done()
 			rng := rand.New(rand.NewSource(seed))
-			var conn *pgx.Conn
-			for ctx.Err() == nil {
-				if conn == nil {
-					c, err := d.Clusters[r].Connect(ctx, "app")
-					if err != nil {
-						pause(ctx, 50*time.Millisecond)
-						continue
-					}
-					conn = c
-				}
-				if _, err := conn.Exec(ctx, "UPDATE acct SET balance = balance + $1 WHERE id = $2", 1+rng.Intn(9), 1+rng.Intn(5)); err != nil {
-					conn.Close(context.Background())
-					conn = nil
-					continue
-				}
-				ops.Add(1)
-			}
-			if conn != nil {
-				conn.Close(context.Background())
-			}
+			client(ctx, d, r, &ops, func() time.Duration { return 0 }, func(conn *pgx.Conn, _ int) error {
+				_, err := conn.Exec(ctx, "UPDATE acct SET balance = balance + $1 WHERE id = $2", 1+rng.Intn(9), 1+rng.Intn(5))
+				return err
+			})
 		}(r, int64(100+i))
 	}
 	wg.Wait()

@@ -207,11 +207,12 @@ func pause(ctx context.Context, d time.Duration) {
 	}
 }
 
-// misc runs the other writes of one region: TOAST rows updated in other
-// columns, inserts and deletes, and (region "as" only) a table that is
-// truncated now and then. Errors are expected while faults run; what
-// committed is compared across regions at the end.
-func misc(ctx context.Context, d *e2e.Deployment, region string, rng *rand.Rand, ops *atomic.Int64) {
+// client runs op for region over one connection until ctx ends, waiting
+// wait() before each call (n counts the calls). A failed call costs the
+// connection (reconnected next time); every call that succeeded is
+// counted in ops. Errors are expected while faults run; what committed is
+// compared across regions at the end.
+func client(ctx context.Context, d *e2e.Deployment, region string, ops *atomic.Int64, wait func() time.Duration, op func(conn *pgx.Conn, n int) error) {
 	var conn *pgx.Conn
 	defer func() {
 		if conn != nil {
@@ -219,7 +220,7 @@ func misc(ctx context.Context, d *e2e.Deployment, region string, rng *rand.Rand,
 		}
 	}()
 	for n := 0; ctx.Err() == nil; n++ {
-		pause(ctx, time.Duration(20+rng.Intn(40))*time.Millisecond)
+		pause(ctx, wait())
 		if conn == nil {
 			c, err := d.Clusters[region].Connect(ctx, "app")
 			if err != nil {
@@ -228,6 +229,23 @@ func misc(ctx context.Context, d *e2e.Deployment, region string, rng *rand.Rand,
 			}
 			conn = c
 		}
+		if err := op(conn, n); err != nil {
+			if !errors.Is(err, context.Canceled) {
+				conn.Close(context.Background())
+				conn = nil
+			}
+			continue
+		}
+		ops.Add(1)
+	}
+}
+
+// misc runs the other writes of one region: TOAST rows updated in other
+// columns, inserts and deletes, and (region "as" only) a table that is
+// truncated now and then.
+func misc(ctx context.Context, d *e2e.Deployment, region string, rng *rand.Rand, ops *atomic.Int64) {
+	wait := func() time.Duration { return time.Duration(20+rng.Intn(40)) * time.Millisecond }
+	client(ctx, d, region, ops, wait, func(conn *pgx.Conn, n int) error {
 		var err error
 		switch k := rng.Intn(10); {
 		case k < 3:
@@ -244,15 +262,8 @@ func misc(ctx context.Context, d *e2e.Deployment, region string, rng *rand.Rand,
 		default:
 			_, err = conn.Exec(ctx, "UPDATE items SET payload = payload || 'x' WHERE id = (SELECT max(id) FROM items WHERE region = $1)", region)
 		}
-		if err != nil {
-			if !errors.Is(err, context.Canceled) {
-				conn.Close(context.Background())
-				conn = nil
-			}
-			continue
-		}
-		ops.Add(1)
-	}
+		return err
+	})
 }
 
 // contested writes the 20 keys of table contested from every region:
@@ -260,22 +271,8 @@ func misc(ctx context.Context, d *e2e.Deployment, region string, rng *rand.Rand,
 // to one key from several regions (update against delete, re-insert
 // against delete) meet all the time.
 func contested(ctx context.Context, d *e2e.Deployment, region string, rng *rand.Rand, ops *atomic.Int64) {
-	var conn *pgx.Conn
-	defer func() {
-		if conn != nil {
-			conn.Close(context.Background())
-		}
-	}()
-	for n := 0; ctx.Err() == nil; n++ {
-		pause(ctx, time.Duration(30+rng.Intn(60))*time.Millisecond)
-		if conn == nil {
-			c, err := d.Clusters[region].Connect(ctx, "app")
-			if err != nil {
-				pause(ctx, 100*time.Millisecond)
-				continue
-			}
-			conn = c
-		}
+	wait := func() time.Duration { return time.Duration(30+rng.Intn(60)) * time.Millisecond }
+	client(ctx, d, region, ops, wait, func(conn *pgx.Conn, n int) error {
 		id := 1 + rng.Intn(20)
 		v := fmt.Sprintf("%s-%d", region, n)
 		var err error
@@ -287,15 +284,8 @@ func contested(ctx context.Context, d *e2e.Deployment, region string, rng *rand.
 		default:
 			_, err = conn.Exec(ctx, "DELETE FROM contested WHERE id = $1", id)
 		}
-		if err != nil {
-			if !errors.Is(err, context.Canceled) {
-				conn.Close(context.Background())
-				conn = nil
-			}
-			continue
-		}
-		ops.Add(1)
-	}
+		return err
+	})
 }
 
 // bulkInsert inserts rows rows into bulk in one transaction on region,
