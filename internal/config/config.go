@@ -17,6 +17,7 @@ const (
 	DefaultMaxBackoff   = 5 * time.Second
 	DefaultMaxInFlight  = 64 * MiB
 	DefaultSpoolMax     = 10 * GiB
+	DefaultSpillAbove   = 32 * MiB
 	DefaultConflict     = LastWriteWins
 	DefaultOnApplyError = Halt
 	DefaultLogLevel     = "info"
@@ -46,6 +47,7 @@ type Config struct {
 	OnApplyErrorTables map[string]ApplyErrorPolicy
 	Sync               Sync
 	Spool              Spool
+	Spill              Spill
 	HTTP               string // host:port for /metrics, /healthz, /status; empty disables it
 	Log                Log
 
@@ -113,6 +115,13 @@ func (c Conflicts) For(table string) ConflictPolicy {
 type Spool struct {
 	Dir      string // empty disables the spool
 	MaxBytes Size
+}
+
+// Spill configures where the reader writes transactions too large to
+// hold in memory while they are shipped.
+type Spill struct {
+	Dir   string // empty: the system's temporary directory
+	Above Size   // a transaction whose changes exceed this spills
 }
 
 // Log configures the root logger.

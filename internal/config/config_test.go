@@ -59,6 +59,8 @@ func TestDefaults(t *testing.T) {
 		{"backoff", c.Delivery.Backoff, 200 * time.Millisecond},
 		{"max_backoff", c.Delivery.MaxBackoff, 5 * time.Second},
 		{"max_in_flight", c.Delivery.MaxInFlight, Size(64 << 20)},
+		{"spill.above", c.Spill.Above, Size(32 << 20)},
+		{"spill.dir", c.Spill.Dir, ""},
 		{"conflicts.default", c.Conflicts.Default, LastWriteWins},
 		{"on_apply_error", c.OnApplyError, Halt},
 		{"sync", c.Sync, Sync{Mode: SyncOff}},
@@ -87,6 +89,7 @@ on_apply_error: dead_letter
 on_apply_error_tables: {"public.orders": undo, "public.audit": halt}
 sync: quorum:2
 spool: {dir: /var/lib/prism, max_bytes: 512KiB}
+spill: {dir: /tmp, above: 1MiB}
 http: "127.0.0.1:9201"
 log: {level: debug, format: console}
 `
@@ -105,6 +108,7 @@ log: {level: debug, format: console}
 		{"retries", c.Delivery.Retries, 0},
 		{"max_backoff", c.Delivery.MaxBackoff, time.Minute},
 		{"max_in_flight", c.Delivery.MaxInFlight, Size(2000000)},
+		{"spill", c.Spill, Spill{Dir: "/tmp", Above: Size(1 << 20)}},
 		{"conflicts.default", c.Conflicts.Default, SourceWins},
 		{"conflicts.For(accounts)", c.Conflicts.For("public.accounts"), KeepLocal},
 		{"conflicts.For(other)", c.Conflicts.For("public.other"), SourceWins},
@@ -270,6 +274,8 @@ func TestValidate(t *testing.T) {
 		{"http equals listen", appendYAML("http: \"127.0.0.1:7201\"\n"), `http: address "127.0.0.1:7201" is already used at listen`},
 		{"zero ack_timeout", appendYAML("delivery: {ack_timeout: 0s}\n"), "eu1.yaml:17: delivery.ack_timeout: 0s must be greater than zero; write e.g. 2s"},
 		{"tiny ack_timeout", appendYAML("delivery: {ack_timeout: 5ms}\n"), "eu1.yaml:17: delivery.ack_timeout: 5ms is too short"},
+		{"spill dir missing", appendYAML("spill: {dir: /nonexistent/prism-spill}\n"), `spill.dir: "/nonexistent/prism-spill" is not a directory`},
+		{"spill above zero", appendYAML("spill: {above: 0}\n"), "spill.above: 0 must be greater than zero; write e.g. 32MiB"},
 		{"negative backoff", appendYAML("delivery: {backoff: -1s}\n"), "delivery.backoff: -1s must be greater than zero"},
 		{"zero max_backoff", appendYAML("delivery: {max_backoff: 0s}\n"), "delivery.max_backoff: 0s must be greater than zero"},
 		{"unparsable duration", appendYAML("delivery: {ack_timeout: 2}\n"), `delivery.ack_timeout: "2" is not a duration; write a number with a unit, e.g. 2s`},

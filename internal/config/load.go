@@ -95,6 +95,7 @@ type rawConfig struct {
 	OnApplyErrorTables map[string]string `yaml:"on_apply_error_tables"`
 	Sync               string            `yaml:"sync"`
 	Spool              rawSpool          `yaml:"spool"`
+	Spill              rawSpill          `yaml:"spill"`
 	HTTP               string            `yaml:"http"`
 	Log                rawLog            `yaml:"log"`
 }
@@ -138,6 +139,11 @@ type rawConflicts struct {
 type rawSpool struct {
 	Dir      string `yaml:"dir"`
 	MaxBytes string `yaml:"max_bytes"`
+}
+
+type rawSpill struct {
+	Dir   string `yaml:"dir"`
+	Above string `yaml:"above"`
 }
 
 type rawLog struct {
@@ -203,6 +209,7 @@ func (r *rawConfig) config(file string, lines map[string]int) (*Config, []error)
 		c.Delivery.Retries = *r.Delivery.Retries
 	}
 	c.Spool = Spool{Dir: r.Spool.Dir, MaxBytes: v.size("spool.max_bytes", r.Spool.MaxBytes, DefaultSpoolMax)}
+	c.Spill = Spill{Dir: r.Spill.Dir, Above: v.size("spill.above", r.Spill.Above, DefaultSpillAbove)}
 	sync, err := ParseSync(r.Sync)
 	if err != nil {
 		v.add("sync", "%q is not a sync mode; write off, all or quorum:N with N between 1 and the number of peer regions", r.Sync)

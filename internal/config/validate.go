@@ -176,6 +176,12 @@ func (c *Config) Validate() error {
 	}
 
 	v.positive("spool.max_bytes", c.Spool.MaxBytes.String(), c.Spool.MaxBytes > 0, DefaultSpoolMax.String())
+	v.positive("spill.above", c.Spill.Above.String(), c.Spill.Above > 0, DefaultSpillAbove.String())
+	if c.Spill.Dir != "" {
+		if fi, err := os.Stat(c.Spill.Dir); err != nil || !fi.IsDir() {
+			v.add("spill.dir", "%q is not a directory; create it (large transactions are written there while they ship) or leave spill.dir empty for the system's temporary directory", c.Spill.Dir)
+		}
+	}
 
 	if !validLogLevel(c.Log.Level) {
 		v.add("log.level", "%q is not a log level; write trace, debug, info, warn or error", c.Log.Level)

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/http"
 	"slices"
@@ -254,6 +255,8 @@ func (n *Node) readLoop(ctx, shipCtx context.Context) error {
 			StatusInterval: n.statusInterval(),
 			// Large transactions spill to disk; prism's own tables are
 			// per region.
+			SpillBytes:  int(min(n.cfg.Spill.Above, config.Size(math.MaxInt32))),
+			SpillDir:    n.cfg.Spill.Dir,
 			SkipSchemas: []string{"prism"},
 		}, n.log.With().Str("component", "reader").Logger())
 		n.mu.Lock()
