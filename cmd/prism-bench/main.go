@@ -25,8 +25,8 @@ type benchConfig struct {
 	lagSeconds int
 	largeMB    int
 	largeCapMB int
-	pprof      string // host:port base for na1, eu1, as1 (ports +0, +1, +2); "" for none
-	pgss       bool   // load pg_stat_statements and report prism-cdc's top statements after each drain
+	pprof      string          // host:port base for na1, eu1, as1 (ports +0, +1, +2); "" for none
+	pgss       bool            // load pg_stat_statements and report prism-cdc's top statements after each drain
 	contenders map[string]bool // backlog contenders to run: recv, native, prism
 	keep       bool
 	nodeEnv    func(name string) []string
