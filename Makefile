@@ -19,13 +19,16 @@ build:
 demo:
 	scripts/demo.sh
 
-## vet: run go vet on every package
+## vet: run go vet on every package and check that gofmt has nothing to change
 vet:
 	$(GO) vet ./...
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	if [ -n "$$unformatted" ]; then echo "gofmt would change these files (run gofmt -w):"; echo "$$unformatted"; exit 1; fi
 
 ## test: vet, run every test with the race detector (starts throwaway PostgreSQL clusters), then fuzz-short
 test:
-	$(GO) vet ./... && $(GO) test -race -count=1 -timeout 15m ./...
+	$(MAKE) vet
+	$(GO) test -race -count=1 -timeout 15m ./...
 	$(MAKE) fuzz-short
 
 ## fuzz-short: run each fuzz target for a bounded number of executions
