@@ -90,15 +90,10 @@ func New(opts Options) (*Cluster, error) {
 			return nil, fmt.Errorf("pgtest: running as root needs an OS user %q to run the server (create it with: useradd -r postgres): %w", c.asUser, err)
 		}
 	}
-	dir, err := makeDir(name)
-	if err != nil {
+	if err := c.makeDir(); err != nil {
 		return nil, err
 	}
-	c.Dir = dir
-	if err := c.chown(dir); err != nil {
-		os.RemoveAll(dir)
-		return nil, err
-	}
+	dir := c.Dir
 	if err := c.initdb(opts); err != nil {
 		os.RemoveAll(dir)
 		return nil, err
@@ -298,15 +293,10 @@ func NewStandby(primary *Cluster, opts Options) (*Cluster, error) {
 		name = primary.Name + "-standby"
 	}
 	c := &Cluster{Name: name, Host: "127.0.0.1", bin: primary.bin, asUser: primary.asUser}
-	dir, err := makeDir(name)
-	if err != nil {
+	if err := c.makeDir(); err != nil {
 		return nil, err
 	}
-	c.Dir = dir
-	if err := c.chown(dir); err != nil {
-		os.RemoveAll(dir)
-		return nil, err
-	}
+	dir := c.Dir
 	if err := c.run(5*time.Minute, "pg_basebackup", "-h", primary.Host, "-p", strconv.Itoa(primary.Port), "-U", "postgres",
 		"-D", c.dataDir(), "-R", "-X", "stream", "--no-sync"); err != nil {
 		os.RemoveAll(dir)

@@ -20,19 +20,25 @@ const ownerFile = "owner.pid"
 
 var reapOnce sync.Once
 
-// makeDir creates the directory of a new cluster, records this process as
-// its owner, and (once per process) reaps the clusters of dead owners.
-func makeDir(name string) (string, error) {
+// makeDir creates c.Dir for a new cluster named c.Name, owned by the
+// server's user, records this process as its owner, and (once per
+// process) reaps the clusters of dead owners.
+func (c *Cluster) makeDir() error {
 	reapOnce.Do(func() { reapOrphans(os.TempDir()) })
-	dir, err := os.MkdirTemp("", "prism-pg-"+name+"-")
+	dir, err := os.MkdirTemp("", "prism-pg-"+c.Name+"-")
 	if err != nil {
-		return "", fmt.Errorf("pgtest: %w", err)
+		return fmt.Errorf("pgtest: %w", err)
 	}
 	if err := os.WriteFile(filepath.Join(dir, ownerFile), []byte(strconv.Itoa(os.Getpid())), 0o644); err != nil {
 		os.RemoveAll(dir)
-		return "", fmt.Errorf("pgtest: %w", err)
+		return fmt.Errorf("pgtest: %w", err)
 	}
-	return dir, nil
+	if err := c.chown(dir); err != nil {
+		os.RemoveAll(dir)
+		return err
+	}
+	c.Dir = dir
+	return nil
 }
 
 // reapOrphans stops and removes every cluster under tmp whose owner
