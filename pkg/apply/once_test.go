@@ -329,6 +329,16 @@ func TestErrorClassification(t *testing.T) {
 		if _, err := locker.Exec(ctx, "COMMIT"); err != nil {
 			t.Fatal(err)
 		}
+		// pg_terminate_backend only signals: the killed backend holds the
+		// origin until it has exited (a retry before that gets ErrBusy,
+		// which callers retry). Wait for it, as a caller's backoff would.
+		for deadline := time.Now().Add(30 * time.Second); queryString(t, ctx, a.pool,
+			"SELECT count(*)::text FROM pg_stat_activity WHERE application_name = 'prism_apply_k1'") != "0"; {
+			if time.Now().After(deadline) {
+				t.Fatal("the killed apply backend did not exit")
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
 		if err := a.Apply(ctx, tx); err != nil {
 			t.Fatalf("retry: %v", err)
 		}
