@@ -166,9 +166,18 @@ BEGIN
 			string_agg(format('NEW.%I::text', k), ', ') || ']::text[])',
 		string_agg(format('x.%I = OLD.%I', k, k), ' AND ')
 	INTO oldk, newk, cond FROM unnest(keys) k;
+	-- The function runs for every local write of the table, so it reads
+	-- the replaced version's stamp inline (cached plans) instead of
+	-- through prism.stamp and prism.own, SQL functions that PostgreSQL
+	-- plans anew at every call. Fast path: the version's xmin and commit
+	-- time from one index probe, its floors from one hash index probe.
 	body := format($b$
 DECLARE
-	s timestamptz;
+	xm   xid;
+	s    timestamptz;
+	fl   timestamptz;
+	me   xid := xid(pg_catalog.pg_current_xact_id_if_assigned());
+	mine boolean;
 BEGIN
 	IF TG_WHEN = 'AFTER' THEN
 		INSERT INTO prism.tombstones (table_name, key) VALUES (%1$L, %2$s)
@@ -176,14 +185,24 @@ BEGIN
 		RETURN NULL;
 	END IF;
 	IF TG_OP = 'INSERT' THEN
-		SELECT prism.stamp(t.xmin) INTO s FROM prism.tombstones t
-		WHERE t.table_name = %1$L AND t.key = %3$s AND NOT prism.own(t.xmin);
+		SELECT t.xmin, pg_catalog.pg_xact_commit_timestamp(t.xmin) INTO xm, s FROM prism.tombstones t
+		WHERE t.table_name = %1$L AND t.key = %3$s;
 	ELSE
-		SELECT prism.stamp(x.xmin) INTO s FROM %4$s x
-		WHERE %5$s AND NOT prism.own(x.xmin) LIMIT 1;
+		SELECT x.xmin, pg_catalog.pg_xact_commit_timestamp(x.xmin) INTO xm, s FROM %4$s x
+		WHERE %5$s LIMIT 1;
 	END IF;
-	IF s >= clock_timestamp() THEN
-		PERFORM prism.raise_floor(s);
+	-- A version this transaction wrote (itself or, with a floor, in a
+	-- subtransaction) is its own, not one to raise a floor over.
+	IF xm IS NOT NULL AND xm IS DISTINCT FROM me THEN
+		SELECT max(t.floor), bool_or(f.top = me) INTO fl, mine
+		FROM prism.clock_floors f JOIN prism.clock_floors t ON t.top = f.top
+		WHERE f.xact = xm;
+		IF mine IS NOT TRUE THEN
+			s := greatest(s, fl + interval '1 microsecond');
+			IF s >= clock_timestamp() THEN
+				PERFORM prism.raise_floor(s);
+			END IF;
+		END IF;
 	END IF;
 	IF TG_OP = 'DELETE' THEN
 		RETURN OLD;
