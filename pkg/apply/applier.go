@@ -306,9 +306,14 @@ const (
 	maxPipelineCmds  = 4096
 )
 
+// txnSetupSQL is the first statement of every apply transaction: the
+// origin's progress and commit time, the settings the conflict functions
+// read, and prism.floors, whether the transaction's snapshot has any clock
+// floor (the row statements look a row's floor up only then).
 const txnSetupSQL = `SELECT pg_replication_origin_xact_setup($1::pg_lsn, $2::timestamptz), pg_current_xact_id(),
 	set_config('prism.remote_lsn', $1::pg_lsn::text, true), set_config('prism.remote_ts', $2::timestamptz::text, true),
-	set_config('prism.remote_region', $3::text, true), set_config('prism.local_region', $4::text, true)`
+	set_config('prism.remote_region', $3::text, true), set_config('prism.local_region', $4::text, true),
+	set_config('prism.floors', (EXISTS (SELECT 1 FROM prism.clock_floors))::text, true)`
 
 // cmd describes one queued command of a pipeline.
 type cmd struct {
@@ -725,8 +730,8 @@ func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.
 		}
 		b.ExecParams(beginSQL, nil, nil, nil, nil)
 		cmds = append(cmds, cmd{txn: i, change: -1})
-		ts := t.CommitTime.UTC().Format("2006-01-02 15:04:05.999999Z07:00")
-		b.ExecStatement(setupSD, [][]byte{[]byte(t.EndLSN.String()), []byte(ts), []byte(t.Origin), []byte(a.local)}, nil, nil)
+		ts := []byte(t.CommitTime.UTC().Format("2006-01-02 15:04:05.999999Z07:00"))
+		b.ExecStatement(setupSD, [][]byte{[]byte(t.EndLSN.String()), ts, []byte(t.Origin), []byte(a.local)}, nil, nil)
 		cmds = append(cmds, cmd{txn: i, change: -1})
 		for j := range t.Changes {
 			c := &t.Changes[j]
@@ -746,7 +751,7 @@ func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.
 				if err != nil {
 					return committed, a.fail(s, t, relName(c), c.Op, err)
 				}
-				vals, formats, err := bind(st, c)
+				vals, formats, err := bind(st, c, ts)
 				if err != nil {
 					return committed, a.fail(s, t, relName(c), c.Op, err)
 				}

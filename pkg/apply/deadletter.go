@@ -531,7 +531,8 @@ func (a *Applier) Retry(ctx context.Context, id int64) error {
 	var table string
 	var op decode.Op
 	err = a.withOrigin(ctx, txn.Origin, func(conn *pgxpool.Conn, _ pglogrepl.LSN) error {
-		tx, err := conn.Begin(ctx)
+		// One snapshot for every check, like ApplyBatch (beginSQL).
+		tx, err := conn.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead})
 		if err != nil {
 			return err
 		}
@@ -557,7 +558,7 @@ func (a *Applier) Retry(ctx context.Context, id int64) error {
 			if err != nil {
 				return err
 			}
-			vals, formats, err := bind(st, c)
+			vals, formats, err := bind(st, c, []byte(ts))
 			if err != nil {
 				return err
 			}

@@ -116,4 +116,17 @@ BEGIN
 	RETURN ins;
 END
 $f$;
+-- update_missing handles an update of a keyed table's missing row: when
+-- prism.missing says to insert it, it runs ins (an INSERT of the row) with
+-- the row's values as $1.
+CREATE OR REPLACE FUNCTION prism.update_missing(policy text, tbl text, k jsonb, complete boolean, ins text, vals text[])
+RETURNS integer LANGUAGE plpgsql AS $f$
+BEGIN
+	IF prism.missing('update_missing', policy, tbl, k, complete, true) AND ins IS NOT NULL THEN
+		EXECUTE ins USING vals;
+		RETURN 1;
+	END IF;
+	RETURN 0;
+END
+$f$;
 `

@@ -57,6 +57,9 @@ type tuple uint8
 const (
 	tupleNew tuple = iota
 	tupleOld
+	// tupleCommit is the incoming transaction's commit time, a parameter
+	// of the conflict check.
+	tupleCommit
 )
 
 // paramRef is where one statement parameter's value comes from.
@@ -134,6 +137,18 @@ func (b *builder) param(from tuple, col int) (string, error) {
 		b.index[ref] = n
 	}
 	return "$" + strconv.Itoa(n) + "::" + typ, nil
+}
+
+// commitTime returns the placeholder of the incoming commit time.
+func (b *builder) commitTime() string {
+	ref := paramRef{from: tupleCommit, col: -1}
+	n, ok := b.index[ref]
+	if !ok {
+		b.params = append(b.params, ref)
+		n = len(b.params)
+		b.index[ref] = n
+	}
+	return "$" + strconv.Itoa(n) + "::timestamptz"
 }
 
 // buildStatement writes the SQL for change c under policy.
@@ -339,18 +354,46 @@ func (b *builder) match(c *decode.Change, alias string) (string, []int, tuple, e
 // resolveCall is the conflict check of an update or delete of row x. It
 // calls prism.resolve (PL/pgSQL) only when the cheap test that comes first
 // fails: the local version's commit time is unknown (frozen, or written by
-// this very transaction) or earlier than the incoming commit, and its
-// transaction has no clock floor (prism.stamp is then the commit time;
-// the floor table is empty unless this region's clock lags). Then resolve
-// would accept the change without recording anything, so the result is the
-// same; skipping the call saves most of the server CPU of a replicated
-// update. OR evaluates its arguments in order and stops at the first true.
-func resolveCall(kind, pol, tbl, key string) string {
-	// The scalar subqueries are init plans, evaluated once per statement:
-	// the incoming commit time, and whether any floor exists at all.
-	return "((coalesce(pg_catalog.pg_xact_commit_timestamp(x.xmin) < (SELECT pg_catalog.current_setting('prism.remote_ts')::timestamptz), true)" +
-		" AND ((SELECT NOT EXISTS (SELECT 1 FROM prism.clock_floors)) OR NOT EXISTS (SELECT 1 FROM prism.clock_floors f WHERE f.xact = x.xmin)))" +
+// this very transaction) or earlier than the incoming commit ts (a
+// parameter), and its transaction has no clock floor (prism.stamp is then
+// the commit time). The floor table is empty unless this region's clock
+// lags; the transaction's setup statement records in prism.floors whether
+// it has rows in the transaction's snapshot, so the common case costs no
+// lookup. Then resolve would accept the change without recording
+// anything, so the result is the same; skipping the call saves most of the
+// server CPU of a replicated update. OR evaluates its arguments in order
+// and stops at the first true.
+func resolveCall(kind, pol, tbl, key, ts string) string {
+	return "((coalesce(pg_catalog.pg_xact_commit_timestamp(x.xmin) < " + ts + ", true)" +
+		" AND ((SELECT pg_catalog.current_setting('prism.floors') = 'false') OR NOT EXISTS (SELECT 1 FROM prism.clock_floors f WHERE f.xact = x.xmin)))" +
 		" OR prism.resolve(" + lit(kind) + ", " + pol + ", " + tbl + ", " + key + ", x.xmin))"
+}
+
+// missingInsert is the INSERT prism.update_missing runs for an update
+// whose row is missing: it takes the new row's sent values as one text
+// array, cast back to the column types (text output and input are
+// inverse for every type).
+func (b *builder) missingInsert(cols []int) (sql string, arr string, err error) {
+	names := make([]string, len(cols))
+	ps := make([]string, len(cols))
+	vs := make([]string, len(cols))
+	for i, c := range cols {
+		p, err := b.param(tupleNew, c)
+		if err != nil {
+			return "", "", err
+		}
+		name := b.rel.Columns[c].Name
+		names[i] = quote(name)
+		ps[i] = "$1[" + strconv.Itoa(i+1) + "]::" + b.t.types[name]
+		vs[i] = "(" + p + ")::text"
+	}
+	keyNames := make([]string, 0, 2)
+	for _, k := range b.keyCols() {
+		keyNames = append(keyNames, quote(b.rel.Columns[k].Name))
+	}
+	sql = "INSERT INTO " + b.t.ident + " (" + strings.Join(names, ", ") + ") SELECT " + strings.Join(ps, ", ") +
+		" ON CONFLICT (" + strings.Join(keyNames, ", ") + ") DO NOTHING"
+	return sql, "ARRAY[" + strings.Join(vs, ", ") + "]::text[]", nil
 }
 
 func (b *builder) update(c *decode.Change, policy Policy) (string, error) {
@@ -379,24 +422,21 @@ func (b *builder) update(c *decode.Change, policy Policy) (string, error) {
 		if err != nil {
 			return "", err
 		}
+		// The common case, the row is there and the change wins, costs the
+		// UPDATE alone: the CASE evaluates the existence probe and the
+		// missing-row handling only when the UPDATE changed nothing.
+		ins, arr := "NULL", "NULL"
+		if complete {
+			sql, a, err := b.missingInsert(cols)
+			if err != nil {
+				return "", err
+			}
+			ins, arr = lit(sql), a
+		}
 		sb.WriteString("WITH u AS (UPDATE " + b.t.ident + " AS x SET " + strings.Join(sets, ", ") +
-			" WHERE " + cond + " AND " + resolveCall("update", pol, tbl, b.keyJSON("x", keyCols)) + " RETURNING 1), " +
-			"m AS (SELECT prism.missing('update_missing', " + pol + ", " + tbl + ", " + keyP + ", " + strconv.FormatBool(complete) + ", true) AS ins" +
-			" WHERE NOT EXISTS (SELECT 1 FROM u) AND NOT EXISTS (SELECT 1 FROM " + b.t.ident + " AS y WHERE " + condY + ")) ")
-		if !complete {
-			sb.WriteString("SELECT (SELECT count(*) FROM u), (SELECT count(*) FROM m)")
-			return sb.String(), nil
-		}
-		names, ps, err := b.values(cols)
-		if err != nil {
-			return "", err
-		}
-		keyNames := make([]string, 0, len(keyCols))
-		for _, k := range b.keyCols() {
-			keyNames = append(keyNames, quote(b.rel.Columns[k].Name))
-		}
-		sb.WriteString("INSERT INTO " + b.t.ident + " (" + names + ") SELECT " + ps + " FROM m WHERE m.ins" +
-			" ON CONFLICT (" + strings.Join(keyNames, ", ") + ") DO NOTHING")
+			" WHERE " + cond + " AND " + resolveCall("update", pol, tbl, b.keyJSON("x", keyCols), b.commitTime()) + " RETURNING 1) " +
+			"SELECT CASE WHEN EXISTS (SELECT 1 FROM u) THEN 1 WHEN EXISTS (SELECT 1 FROM " + b.t.ident + " AS y WHERE " + condY + ") THEN 0" +
+			" ELSE prism.update_missing(" + pol + ", " + tbl + ", " + keyP + ", " + strconv.FormatBool(complete) + ", " + ins + ", " + arr + ") END")
 		return sb.String(), nil
 	}
 	cond, matchCols, _, err := b.match(c, "y")
@@ -409,7 +449,7 @@ func (b *builder) update(c *decode.Change, policy Policy) (string, error) {
 	}
 	sb.WriteString("WITH target AS (SELECT y.ctid FROM " + b.t.ident + " AS y WHERE " + cond + " LIMIT 1 FOR UPDATE), " +
 		"u AS (UPDATE " + b.t.ident + " AS x SET " + strings.Join(sets, ", ") + " FROM target WHERE x.ctid = target.ctid" +
-		" AND " + resolveCall("update", pol, tbl, keyP) + " RETURNING 1), " +
+		" AND " + resolveCall("update", pol, tbl, keyP, b.commitTime()) + " RETURNING 1), " +
 		"m AS (SELECT prism.missing('update_missing', " + pol + ", " + tbl + ", " + keyP + ", " + strconv.FormatBool(complete) + ", false) AS ins" +
 		" WHERE NOT EXISTS (SELECT 1 FROM target)) ")
 	if !complete {
@@ -438,10 +478,9 @@ func (b *builder) delete(c *decode.Change, policy Policy) (string, error) {
 			return "", err
 		}
 		return "WITH d AS (DELETE FROM " + b.t.ident + " AS x WHERE " + cond +
-			" AND " + resolveCall("delete", pol, tbl, b.keyJSON("x", keyCols)) + " RETURNING 1), " +
-			"m AS (SELECT prism.missing('delete_missing', " + pol + ", " + tbl + ", " + keyP + ", false, true)" +
-			" WHERE NOT EXISTS (SELECT 1 FROM d) AND NOT EXISTS (SELECT 1 FROM " + b.t.ident + " AS y WHERE " + condY + ")) " +
-			"SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM m)", nil
+			" AND " + resolveCall("delete", pol, tbl, b.keyJSON("x", keyCols), b.commitTime()) + " RETURNING 1) " +
+			"SELECT CASE WHEN EXISTS (SELECT 1 FROM d) THEN 1 WHEN EXISTS (SELECT 1 FROM " + b.t.ident + " AS y WHERE " + condY + ") THEN 0" +
+			" ELSE prism.missing('delete_missing', " + pol + ", " + tbl + ", " + keyP + ", false, true)::int END", nil
 	}
 	cond, matchCols, _, err := b.match(c, "y")
 	if err != nil {
@@ -453,7 +492,7 @@ func (b *builder) delete(c *decode.Change, policy Policy) (string, error) {
 	}
 	return "WITH target AS (SELECT y.ctid FROM " + b.t.ident + " AS y WHERE " + cond + " LIMIT 1 FOR UPDATE), " +
 		"d AS (DELETE FROM " + b.t.ident + " AS x USING target WHERE x.ctid = target.ctid" +
-		" AND " + resolveCall("delete", pol, tbl, keyP) + " RETURNING 1), " +
+		" AND " + resolveCall("delete", pol, tbl, keyP, b.commitTime()) + " RETURNING 1), " +
 		"m AS (SELECT prism.missing('delete_missing', " + pol + ", " + tbl + ", " + keyP + ", false, false)" +
 		" WHERE NOT EXISTS (SELECT 1 FROM target)) " +
 		"SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM m)", nil
@@ -483,11 +522,16 @@ func truncateSQL(c *decode.Change) (string, error) {
 	return sql, nil
 }
 
-// bind returns the parameter values and formats of change c for s.
-func bind(s *statement, c *decode.Change) ([][]byte, []int16, error) {
+// bind returns the parameter values and formats of change c for s; ts is
+// the transaction's commit time in text form.
+func bind(s *statement, c *decode.Change, ts []byte) ([][]byte, []int16, error) {
 	vals := make([][]byte, len(s.params))
 	var formats []int16
 	for i, ref := range s.params {
+		if ref.from == tupleCommit {
+			vals[i] = ts
+			continue
+		}
 		row := c.New
 		if ref.from == tupleOld {
 			row = c.Old

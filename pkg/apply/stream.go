@@ -147,7 +147,7 @@ func (a *Applier) ApplyStream(ctx context.Context, txn *decode.Txn, next func() 
 				if err != nil {
 					return a.fail(s, txn, relName(c), c.Op, err)
 				}
-				vals, formats, err := bind(st, c)
+				vals, formats, err := bind(st, c, []byte(ts))
 				if err != nil {
 					return a.fail(s, txn, relName(c), c.Op, err)
 				}
