@@ -12,6 +12,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/rs/zerolog"
+
+	"github.com/prism-cdc/prism-cdc/pkg/apply"
 )
 
 // Peer is another region: its database and its replication slot.
@@ -65,6 +67,7 @@ type TableStats struct {
 	Timed   int64 // rows written with their source commit time
 	Bytes   int64 // binary COPY bytes read from the source
 	Elapsed time.Duration
+	Latest  time.Time // latest source commit time of a copied row
 }
 
 // ErrNotEmpty means the target's published tables hold rows and Force was
@@ -245,6 +248,19 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) (*Result, error) {
 	for _, p := range cfg.Peers {
 		if err := ws.setProgress(ctx, originName(p.Region), res.Origins[p.Region]); err != nil {
 			return nil, err
+		}
+	}
+	// The copied rows carry their source commit times, which may be ahead
+	// of the target's clock: the target's clock floors must consider them.
+	var latest time.Time
+	for _, st := range stats {
+		if st.Latest.After(latest) {
+			latest = st.Latest
+		}
+	}
+	if !latest.IsZero() {
+		if err := apply.RaiseHorizon(ctx, tgt, latest); err != nil {
+			return nil, fmt.Errorf("bootstrap: target region %s: %w", cfg.Region, err)
 		}
 	}
 	if err := recordDone(ctx, tgt, runID, snap.lsn, res.Origins); err != nil {

@@ -28,7 +28,10 @@ const (
 
 // epochMicros is epoch in PostgreSQL's binary timestamptz (microseconds
 // since 2000-01-01).
-var epochMicros = epoch.Sub(time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)).Microseconds()
+var epochMicros = epoch.Sub(pgEpoch).Microseconds()
+
+// pgEpoch is the zero of PostgreSQL's binary timestamps.
+var pgEpoch = time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)
 
 // run is rows of one table that share a source commit time and origin:
 // written in one target transaction with that commit time.
@@ -393,6 +396,7 @@ func copyTable(ctx context.Context, cfg Config, src *pgconn.PgConn, tgt *originS
 
 	var cur *run
 	var curOrigin string
+	var latest int64 // PostgreSQL binary timestamptz of the latest timed row
 	var timed, rows int64
 	var rate float64
 	if cfg.MaxRate > 0 {
@@ -457,6 +461,9 @@ func copyTable(ctx context.Context, cfg Config, src *pgconn.PgConn, tgt *originS
 			return err
 		}
 		timed++
+		if us := int64(binary.BigEndian.Uint64(ts)); us > latest {
+			latest = us
+		}
 		origin := originName(cfg.Source)
 		if tp.fields[1] != nil {
 			origin = string(tp.fields[1])
@@ -505,6 +512,9 @@ func copyTable(ctx context.Context, cfg Config, src *pgconn.PgConn, tgt *originS
 		return TableStats{}, fmt.Errorf("target: commit: %w", err)
 	}
 	st := TableStats{Table: t.name(), Rows: rows, Timed: timed, Bytes: sp.bytes, Elapsed: time.Since(start)}
+	if timed > 0 {
+		st.Latest = pgEpoch.Add(time.Duration(latest) * time.Microsecond)
+	}
 	log.Info().Str("table", st.Table).Int64("rows", st.Rows).Int64("rows_with_commit_time", st.Timed).
 		Float64("mb", float64(st.Bytes)/1e6).Float64("mb_per_s", float64(st.Bytes)/1e6/max(st.Elapsed.Seconds(), 1e-3)).
 		Dur("elapsed", st.Elapsed).Msg("table copied")

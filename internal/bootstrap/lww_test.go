@@ -47,6 +47,14 @@ func TestCopiedRowsKeepCommitTimes(t *testing.T) {
 	if res.Snapshot == 0 || res.Origins["na"] != res.Snapshot || len(res.Tables) != 1 || res.Tables[0].Rows != 2 || res.Tables[0].Timed != 2 {
 		t.Fatalf("Run = %+v, want 2 rows with their commit time and origin na at the snapshot", res)
 	}
+	if !res.Tables[0].Latest.Equal(tv) {
+		t.Fatalf("latest copied commit time = %s, want %s", res.Tables[0].Latest, tv)
+	}
+	// The copied stamps bound prism.horizon in the new region, so its
+	// application's writes over them check for clock floors.
+	if h := query[bool](t, as, "SELECT pg_sequence_last_value('prism.horizon') >= (extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1000000)::bigint FROM kv WHERE id = 1"); !h {
+		t.Fatalf("prism.horizon in the new region is below the copied rows' commit time")
+	}
 	copied := query[time.Time](t, as, "SELECT pg_xact_commit_timestamp(xmin) FROM kv WHERE id = 1")
 	if !copied.Equal(tv) {
 		t.Fatalf("copied row's commit time = %s, want the source's %s", copied, tv)

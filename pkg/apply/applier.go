@@ -308,12 +308,17 @@ const (
 
 // txnSetupSQL is the first statement of every apply transaction: the
 // origin's progress and commit time, the settings the conflict functions
-// read, and prism.floors, whether the transaction's snapshot has any clock
-// floor (the row statements look a row's floor up only then).
+// read, prism.floors, whether the transaction's snapshot has any clock
+// floor (the row statements look a row's floor up only then), and
+// prism.applying, which keeps trigger prism_clock off the transaction's
+// writes. A commit time at or after the local clock (another region's
+// clock ahead of this one) raises prism.horizon first (see clockSetupSQL).
 const txnSetupSQL = `SELECT pg_replication_origin_xact_setup($1::pg_lsn, $2::timestamptz), pg_current_xact_id(),
 	set_config('prism.remote_lsn', $1::pg_lsn::text, true), set_config('prism.remote_ts', $2::timestamptz::text, true),
 	set_config('prism.remote_region', $3::text, true), set_config('prism.local_region', $4::text, true),
-	set_config('prism.floors', (EXISTS (SELECT 1 FROM prism.clock_floors))::text, true)`
+	set_config('prism.floors', (EXISTS (SELECT 1 FROM prism.clock_floors))::text, true),
+	set_config('prism.applying', 'on', true),
+	CASE WHEN $2::timestamptz >= clock_timestamp() THEN prism.raise_horizon($2::timestamptz) END`
 
 // cmd describes one queued command of a pipeline.
 type cmd struct {

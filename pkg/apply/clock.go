@@ -32,8 +32,8 @@ import (
 // is already gone.
 //
 // Trigger prism_clock (BEFORE INSERT OR UPDATE OR DELETE, skipped in
-// sessions that hold a replication origin) checks the stamp of the
-// version a local write replaces: the row's for UPDATE and DELETE, the
+// prism-cdc's apply transactions) checks the stamp of the version a local
+// write replaces: the row's for UPDATE and DELETE, the
 // tombstone's for INSERT. When that stamp is not below clock_timestamp()
 // (another region's clock is ahead of this one), the write's commit
 // timestamp could end up below it, and the regions would disagree about
@@ -43,6 +43,20 @@ import (
 // decoder, which raises the commit time it ships to the floor plus one
 // microsecond). So a write made after another version always stamps
 // later than it, whatever the clocks say.
+//
+// The trigger's WHEN clause calls it only while some version may carry a
+// stamp at or after the current time: sequence prism.horizon holds (in
+// microseconds since the epoch) an upper bound of every stamp written
+// here. Apply transactions raise it before they write a version stamped
+// at or after the local clock (another region's clock ahead of this one),
+// raise_floor before a floored transaction commits. A version stamped earlier than the clock when it was written
+// stays below every later reading of the clock, so it never needs a
+// floor. While the clocks agree, a local write so pays for the WHEN test
+// alone instead of a PL/pgSQL call and two index probes.
+//
+// The trigger functions are SECURITY DEFINER: the application's roles
+// need no rights on schema prism. Every relation they name is
+// schema-qualified.
 //
 // prism.install(table) (re)creates a table's trigger function and
 // triggers from its current key; Setup runs it for every table and the
@@ -67,6 +81,7 @@ CREATE TABLE IF NOT EXISTS prism.clock_floors (
 CREATE INDEX IF NOT EXISTS clock_floors_xact ON prism.clock_floors USING hash (xact);
 CREATE INDEX IF NOT EXISTS clock_floors_top ON prism.clock_floors USING hash (top);
 CREATE INDEX IF NOT EXISTS clock_floors_at ON prism.clock_floors (at);
+` + horizonSQL + `
 CREATE OR REPLACE FUNCTION prism.stamp(x xid) RETURNS timestamptz
 LANGUAGE sql STABLE AS $f$
 	SELECT greatest(pg_catalog.pg_xact_commit_timestamp($1),
@@ -93,6 +108,7 @@ BEGIN
 	IF NOT sub = top THEN
 		INSERT INTO prism.clock_floors (xact, top, floor) VALUES (sub, top, s);
 	END IF;
+	PERFORM prism.raise_horizon(s + interval '1 microsecond');
 	PERFORM pg_logical_emit_message(true, 'prism.floor', ((extract(epoch FROM s) * 1000000)::bigint)::text);
 END
 $f$;
@@ -135,6 +151,7 @@ CREATE OR REPLACE FUNCTION prism.install(rel regclass) RETURNS text
 LANGUAGE plpgsql AS $f$
 DECLARE
 	tbl   text;
+	qrel  text;
 	ident "char";
 	keys  name[];
 	fn    text := 'clock_' || rel::oid;
@@ -143,7 +160,8 @@ DECLARE
 	cond  text;
 	body  text;
 BEGIN
-	SELECT n.nspname || '.' || c.relname, c.relreplident INTO tbl, ident
+	SELECT n.nspname || '.' || c.relname, quote_ident(n.nspname) || '.' || quote_ident(c.relname), c.relreplident
+	INTO tbl, qrel, ident
 	FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 	WHERE c.oid = rel AND c.relkind IN ('r', 'p');
 	IF NOT FOUND THEN
@@ -209,11 +227,16 @@ BEGIN
 	END IF;
 	RETURN NEW;
 END
-$b$, tbl, oldk, newk, rel, cond);
-	EXECUTE format('CREATE OR REPLACE FUNCTION prism.%I() RETURNS trigger LANGUAGE plpgsql AS %L', fn, body);
-	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = rel AND tgname = 'prism_clock') THEN
+$b$, tbl, oldk, newk, qrel, cond);
+	EXECUTE format('CREATE OR REPLACE FUNCTION prism.%I() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS %L', fn, body);
+	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = rel AND tgname = 'prism_clock'
+		AND pg_catalog.pg_get_triggerdef(oid) LIKE '%prism.horizon%') THEN
+		-- Created anew when missing or made by a version without the horizon.
+		EXECUTE format('DROP TRIGGER IF EXISTS prism_clock ON %s', rel);
 		EXECUTE format('CREATE TRIGGER prism_clock BEFORE INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW
-			WHEN (NOT pg_catalog.pg_replication_origin_session_is_setup()) EXECUTE FUNCTION prism.%I()', rel, fn);
+			WHEN (pg_catalog.current_setting(''prism.applying'', true) IS DISTINCT FROM ''on''
+				AND pg_catalog.pg_sequence_last_value(''prism.horizon''::regclass) >= (extract(epoch FROM pg_catalog.clock_timestamp()) * 1000000)::bigint)
+			EXECUTE FUNCTION prism.%I()', rel, fn);
 	END IF;
 	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = rel AND tgname = 'prism_tombstone') THEN
 		EXECUTE format('CREATE TRIGGER prism_tombstone AFTER DELETE ON %s FOR EACH ROW EXECUTE FUNCTION prism.%I()', rel, fn);
@@ -263,6 +286,50 @@ BEGIN
 END
 $f$;
 `
+
+// horizonSQL creates sequence prism.horizon (starting at the current
+// time) and prism.raise_horizon. Setup and RaiseHorizon run it.
+const horizonSQL = `
+CREATE SCHEMA IF NOT EXISTS prism;
+DO $h$
+BEGIN
+	IF to_regclass('prism.horizon') IS NULL THEN
+		CREATE SEQUENCE prism.horizon AS bigint MINVALUE 0;
+		PERFORM pg_catalog.setval('prism.horizon', (extract(epoch FROM clock_timestamp()) * 1000000)::bigint);
+	END IF;
+END
+$h$;
+GRANT SELECT ON SEQUENCE prism.horizon TO PUBLIC;
+-- raise_horizon makes prism.horizon at least s. setval is not
+-- transactional: the lock keeps two sessions from lowering it.
+CREATE OR REPLACE FUNCTION prism.raise_horizon(s timestamptz) RETURNS void
+LANGUAGE plpgsql AS $f$
+DECLARE
+	v bigint := (extract(epoch FROM s) * 1000000)::bigint;
+BEGIN
+	IF v > pg_catalog.pg_sequence_last_value('prism.horizon') THEN
+		PERFORM pg_catalog.pg_advisory_xact_lock(hashtext('prism.horizon'));
+		IF v > pg_catalog.pg_sequence_last_value('prism.horizon') THEN
+			PERFORM pg_catalog.setval('prism.horizon', v);
+		END IF;
+	END IF;
+END
+$f$;`
+
+// RaiseHorizon makes prism.horizon in conn's database at least ts (and
+// creates it when missing). Whoever writes row versions stamped with
+// another region's clock outside an apply transaction (a bootstrap copy)
+// calls it, so the application's writes over those versions still check
+// for a clock floor (trigger prism_clock).
+func RaiseHorizon(ctx context.Context, conn *pgx.Conn, ts time.Time) error {
+	if _, err := conn.Exec(ctx, horizonSQL); err != nil {
+		return fmt.Errorf("create prism.horizon: %w", err)
+	}
+	if _, err := conn.Exec(ctx, "SELECT prism.raise_horizon($1)", ts); err != nil {
+		return fmt.Errorf("raise prism.horizon: %w", err)
+	}
+	return nil
+}
 
 // eventTriggerSQL creates the event trigger; it needs a superuser, and
 // Setup only warns without it (prism.install_all at every start still

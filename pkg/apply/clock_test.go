@@ -171,3 +171,80 @@ func TestCollect(t *testing.T) {
 		t.Fatalf("Collect(1ms) = %d tombstones, %d floors, %v; want 2, 1", tomb, floors, err)
 	}
 }
+
+// TestClockHorizon checks the gate of trigger prism_clock and that the
+// application's roles need no rights in schema prism: an apply
+// transaction stamped ahead of the local clock raises prism.horizon, and
+// a non-superuser's write over that version then records a clock floor;
+// one stamped in the past leaves the horizon alone; with the horizon
+// below the clock the trigger does not run at all.
+func TestClockHorizon(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "horizon"})
+	mustExec(t, ctx, c, "postgres", `CREATE TABLE kv (id int PRIMARY KEY, v text); INSERT INTO kv VALUES (1, 'base'), (2, 'base'), (3, 'base');
+		CREATE ROLE app LOGIN; GRANT ALL ON kv TO app;`)
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	if err := a.Setup(ctx); err != nil {
+		t.Fatalf("Setup: %v", err)
+	}
+	horizon := func() string {
+		return queryString(t, ctx, a.pool, "SELECT (timestamptz 'epoch' + pg_sequence_last_value('prism.horizon') * interval '1 microsecond')::text")
+	}
+	floors := func() string { return queryString(t, ctx, a.pool, "SELECT count(*)::text FROM prism.clock_floors") }
+	asApp := func(sql string) {
+		t.Helper()
+		if err := c.Exec(ctx, "postgres", "SET ROLE app; "+sql); err != nil {
+			t.Fatalf("as role app: %s: %v", sql, err)
+		}
+	}
+	r := rel("public", "kv", decode.IdentityDefault, "id*", "v")
+
+	// A local write with nothing stamped ahead: the trigger is skipped.
+	asApp("UPDATE kv SET v = 'app' WHERE id = 3")
+	before := horizon()
+	past := &decode.Txn{Origin: "na", CommitLSN: 992, EndLSN: 1000, CommitTime: time.Now().Add(-time.Minute), Changes: []decode.Change{upd(r, nil, "2", "na-past")}}
+	if err := a.Apply(ctx, past); err != nil {
+		t.Fatalf("apply: %v", err)
+	}
+	if got := horizon(); got != before {
+		t.Fatalf("horizon moved from %s to %s for a transaction stamped a minute ago", before, got)
+	}
+
+	future := time.Now().Add(5 * time.Minute).Truncate(time.Microsecond)
+	ahead := &decode.Txn{Origin: "na", CommitLSN: 1992, EndLSN: 2000, CommitTime: future, Changes: []decode.Change{upd(r, nil, "1", "na")}}
+	if err := a.Apply(ctx, ahead); err != nil {
+		t.Fatalf("apply: %v", err)
+	}
+	if got, want := queryString(t, ctx, a.pool, "SELECT (pg_sequence_last_value('prism.horizon') >= (extract(epoch FROM $1::timestamptz) * 1000000)::bigint)::text", future), "true"; got != want {
+		t.Fatalf("horizon %s after applying a transaction stamped %s: want at least that", horizon(), future)
+	}
+	if got := floors(); got != "0" {
+		t.Fatalf("%s clock floors before any local write over a version stamped ahead", got)
+	}
+	// The application's role writes over na's version and deletes a row:
+	// the floor and the tombstone are recorded with the trigger owner's
+	// rights.
+	asApp("UPDATE kv SET v = 'app' WHERE id = 1")
+	asApp("DELETE FROM kv WHERE id = 2")
+	if got := floors(); got != "1" {
+		t.Fatalf("%s clock floors after the application overwrote a version stamped 5 minutes ahead, want 1", got)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT (prism.stamp(xmin) - $1::timestamptz)::text FROM kv WHERE id = 1", future); got != "00:00:00.000001" {
+		t.Fatalf("the application's version stamps %s after na's, want 00:00:00.000001", got)
+	}
+	if got := queryString(t, ctx, a.pool, `SELECT count(*)::text FROM prism.tombstones WHERE table_name = 'public.kv' AND key = '{"id": "2"}'`); got != "1" {
+		t.Fatalf("tombstones of key 2: %s, want 1", got)
+	}
+	// raise_floor raised the horizon to the floored version's stamp.
+	if got := queryString(t, ctx, a.pool, "SELECT (pg_sequence_last_value('prism.horizon') > (extract(epoch FROM $1::timestamptz) * 1000000)::bigint)::text", future); got != "true" {
+		t.Fatalf("horizon %s after a floor over %s: want later", horizon(), future)
+	}
+
+	// With the horizon below the clock the trigger does not run: the same
+	// overwrite records no floor.
+	mustExec(t, ctx, c, "postgres", "SELECT setval('prism.horizon', 1)")
+	asApp("UPDATE kv SET v = 'app2' WHERE id = 1")
+	if got := floors(); got != "1" {
+		t.Fatalf("%s clock floors after a write with the horizon below the clock, want still 1 (trigger skipped)", got)
+	}
+}
