@@ -646,6 +646,15 @@ func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.
 	if err != nil {
 		return 0, a.fail(s, txns[0], "", 0, err)
 	}
+	// Prepared once per connection, so no transaction parses them again.
+	beginSD, err := conn.Conn().Prepare(ctx, "prism_begin", beginSQL)
+	if err != nil {
+		return 0, a.fail(s, txns[0], "", 0, err)
+	}
+	commitSD, err := conn.Conn().Prepare(ctx, "prism_commit", "COMMIT")
+	if err != nil {
+		return 0, a.fail(s, txns[0], "", 0, err)
+	}
 
 	committed := 0 // txns[:committed] are durable (applied or skipped)
 	for committed < len(txns) && skip[committed] {
@@ -733,7 +742,7 @@ func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.
 		if skip[i] {
 			continue
 		}
-		b.ExecParams(beginSQL, nil, nil, nil, nil)
+		b.ExecStatement(beginSD, nil, nil, nil)
 		cmds = append(cmds, cmd{txn: i, change: -1})
 		ts := []byte(t.CommitTime.UTC().Format("2006-01-02 15:04:05.999999Z07:00"))
 		b.ExecStatement(setupSD, [][]byte{[]byte(t.EndLSN.String()), ts, []byte(t.Origin), []byte(a.local)}, nil, nil)
@@ -773,7 +782,7 @@ func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.
 				}
 			}
 		}
-		b.ExecParams("COMMIT", nil, nil, nil, nil)
+		b.ExecStatement(commitSD, nil, nil, nil)
 		cmds = append(cmds, cmd{txn: i, change: -1, commit: true})
 	}
 	if err := flush(true); err != nil {
