@@ -2,11 +2,16 @@ package apply
 
 import (
 	"context"
+	"fmt"
 	"math/rand"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
 	"github.com/prism-cdc/prism-cdc/pkg/decode"
@@ -15,6 +20,11 @@ import (
 // pgbenchTxns builds n pgbench-like transactions (update accounts,
 // tellers, branches; insert history) from a seeded generator.
 func pgbenchTxns(n int, seed int64) []*decode.Txn {
+	return pgbenchTxnsFrom(n, seed, 0)
+}
+
+// pgbenchTxnsFrom is pgbenchTxns with end LSNs after first.
+func pgbenchTxnsFrom(n int, seed int64, first uint64) []*decode.Txn {
 	rng := rand.New(rand.NewSource(seed))
 	accounts := rel("public", "pgbench_accounts", decode.IdentityDefault, "aid*", "bid", "abalance", "filler")
 	tellers := rel("public", "pgbench_tellers", decode.IdentityDefault, "tid*", "bid", "tbalance", "filler")
@@ -28,7 +38,7 @@ func pgbenchTxns(n int, seed int64) []*decode.Txn {
 		d := strconv.Itoa(delta)
 		ts := start.Add(time.Duration(i) * time.Microsecond)
 		txns[i] = &decode.Txn{
-			Origin: "bench", EndLSN: decodeLSN(uint64(1000 + 100*i)), CommitTime: ts,
+			Origin: "bench", EndLSN: decodeLSN(first + uint64(1000+100*i)), CommitTime: ts,
 			Changes: []decode.Change{
 				upd(accounts, nil, strconv.Itoa(aid), "1", d, filler),
 				upd(tellers, nil, strconv.Itoa(tid), "1", d, `\N`),
@@ -40,13 +50,8 @@ func pgbenchTxns(n int, seed int64) []*decode.Txn {
 	return txns
 }
 
-// BenchmarkApplyPgbench reports rows/s applying a pgbench-like stream in
-// batches of 100 transactions to a real cluster.
-func BenchmarkApplyPgbench(b *testing.B) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
-	c := pgtest.Start(b, pgtest.Options{Name: "bench"})
-	// The tables and data of pgbench -i -s 1.
+// pgbenchSchema creates the tables and data of pgbench -i -s 1.
+func pgbenchSchema(b *testing.B, ctx context.Context, c *pgtest.Cluster) {
 	mustExec(b, ctx, c, "postgres", `
 		CREATE TABLE pgbench_branches (bid int PRIMARY KEY, bbalance int, filler char(88));
 		CREATE TABLE pgbench_tellers (tid int PRIMARY KEY, bid int, tbalance int, filler char(84));
@@ -56,6 +61,15 @@ func BenchmarkApplyPgbench(b *testing.B) {
 		INSERT INTO pgbench_tellers SELECT t, 1, 0 FROM generate_series(1, 10) t;
 		INSERT INTO pgbench_accounts SELECT a, 1, 0, '' FROM generate_series(1, 100000) a;`)
 	mustExec(b, ctx, c, "postgres", "VACUUM ANALYZE")
+}
+
+// BenchmarkApplyPgbench reports rows/s applying a pgbench-like stream in
+// batches of 100 transactions to a real cluster.
+func BenchmarkApplyPgbench(b *testing.B) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	c := pgtest.Start(b, pgtest.Options{Name: "bench"})
+	pgbenchSchema(b, ctx, c)
 	a := newApplier(b, ctx, c, "postgres", WithLocalRegion("bench-target"))
 	txns := pgbenchTxns(b.N, 1)
 	if err := a.Setup(ctx); err != nil {
@@ -77,4 +91,142 @@ func BenchmarkApplyPgbench(b *testing.B) {
 	if got != strconv.Itoa(b.N) {
 		b.Fatalf("history has %s rows, want %d", got, b.N)
 	}
+}
+
+// clusterCPU returns the CPU seconds the cluster's processes used so far:
+// the postmaster's own and reaped children's, and every live child's.
+func clusterCPU(b *testing.B, c *pgtest.Cluster) float64 {
+	pid, err := os.ReadFile(filepath.Join(c.Dir, "data", "postmaster.pid"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	pm := strings.Fields(string(pid))[0]
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		b.Fatal(err)
+	}
+	var ticks float64
+	for _, e := range ents {
+		st, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		s := string(st)
+		f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:]) // from field 3, state
+		if len(f) < 15 || (e.Name() != pm && f[1] != pm) {
+			continue
+		}
+		last := 12 // utime, stime
+		if e.Name() == pm {
+			last = 14 // and cutime, cstime
+		}
+		for _, v := range f[11 : last+1] {
+			n, _ := strconv.ParseFloat(v, 64)
+			ticks += n
+		}
+	}
+	return ticks / 100 // USER_HZ
+}
+
+// BenchmarkApplyCost reports the server CPU per pgbench transaction of
+// the applier next to the same rows as bare prepared statements (no
+// conflict checks, same transaction set-up, pipelines of 100 transactions
+// and one WAL flush each), with and without the prism_clock trigger on
+// the tables:
+//
+//	go test ./pkg/apply -run '^$' -bench ApplyCost -benchtime 4000x
+//
+// The difference is what conflict handling costs the region's server.
+func BenchmarkApplyCost(b *testing.B) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	c := pgtest.Start(b, pgtest.Options{Name: "cost"})
+	pgbenchSchema(b, ctx, c)
+	mustExec(b, ctx, c, "postgres", "ALTER SYSTEM SET autovacuum = off")
+	mustExec(b, ctx, c, "postgres", "SELECT pg_reload_conf()")
+	a := newApplier(b, ctx, c, "postgres", WithLocalRegion("bench-target"))
+	if err := a.Setup(ctx); err != nil {
+		b.Fatal(err)
+	}
+	conn, err := c.Connect(ctx, "postgres")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	pc := conn.PgConn()
+	if _, err := pc.Exec(ctx, "SELECT pg_replication_origin_create('prism_bare'); SELECT pg_replication_origin_session_setup('prism_bare'); SET synchronous_commit = off").ReadAll(); err != nil {
+		b.Fatal(err)
+	}
+	bare := []string{
+		"UPDATE pgbench_accounts SET bid = $2::int, abalance = $3::int, filler = $4::bpchar WHERE aid = $1::int",
+		"UPDATE pgbench_tellers SET bid = $2::int, tbalance = $3::int, filler = $4::bpchar WHERE tid = $1::int",
+		"UPDATE pgbench_branches SET bbalance = $2::int, filler = $3::bpchar WHERE bid = $1::int",
+		"INSERT INTO pgbench_history (tid, bid, aid, delta, mtime, filler) VALUES ($1::int, $2::int, $3::int, $4::int, $5::timestamp, $6::bpchar)",
+	}
+	sds := make([]*pgconn.StatementDescription, len(bare))
+	for i, sql := range bare {
+		if sds[i], err = conn.Prepare(ctx, fmt.Sprintf("bare_%d", i), sql); err != nil {
+			b.Fatal(err)
+		}
+	}
+	setup, err := conn.Prepare(ctx, "bare_setup", txnSetupSQL)
+	if err != nil {
+		b.Fatal(err)
+	}
+	applyBare := func(txns []*decode.Txn) {
+		for i := 0; i < len(txns); i += 100 {
+			batch := &pgconn.Batch{}
+			for _, t := range txns[i:min(len(txns), i+100)] {
+				batch.ExecParams(beginSQL, nil, nil, nil, nil)
+				ts := []byte(t.CommitTime.UTC().Format("2006-01-02 15:04:05.999999Z07:00"))
+				batch.ExecStatement(setup, [][]byte{[]byte(t.EndLSN.String()), ts, []byte("bench"), []byte("bench-target")}, nil, nil)
+				for j, ch := range t.Changes {
+					vals := make([][]byte, len(ch.New))
+					for k, v := range ch.New {
+						if v.Kind == decode.ValueText {
+							vals[k] = v.Data
+						}
+					}
+					batch.ExecStatement(sds[j], vals, nil, nil)
+				}
+				batch.ExecParams("COMMIT", nil, nil, nil, nil)
+			}
+			batch.ExecParams(barrierSQL, nil, nil, nil, nil)
+			if _, err := pc.ExecBatch(ctx, batch).ReadAll(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+	applier := func(txns []*decode.Txn) {
+		for i := 0; i < len(txns); i += 100 {
+			end := min(len(txns), i+100)
+			if n, err := a.ApplyBatch(ctx, txns[i:end]); err != nil || n != end-i {
+				b.Fatalf("ApplyBatch = %d, %v", n, err)
+			}
+		}
+	}
+	var lsn uint64
+	run := func(name string, apply func([]*decode.Txn)) {
+		b.Run(name, func(b *testing.B) {
+			txns := pgbenchTxnsFrom(b.N, int64(lsn), lsn)
+			lsn += uint64(100*b.N + 1000)
+			// Every variant starts from tables without dead rows.
+			mustExec(b, ctx, c, "postgres", "VACUUM pgbench_branches, pgbench_tellers, pgbench_accounts")
+			mustExec(b, ctx, c, "postgres", "CHECKPOINT")
+			cpu := clusterCPU(b, c)
+			b.ResetTimer()
+			apply(txns)
+			b.StopTimer()
+			b.ReportMetric((clusterCPU(b, c)-cpu)/float64(b.N)*1e6, "server-us/txn")
+		})
+	}
+	for round := 1; round <= 2; round++ {
+		run(fmt.Sprintf("applier/%d", round), applier)
+		run(fmt.Sprintf("bare/%d", round), applyBare)
+	}
+	mustExec(b, ctx, c, "postgres", `ALTER TABLE pgbench_accounts DISABLE TRIGGER prism_clock;
+		ALTER TABLE pgbench_tellers DISABLE TRIGGER prism_clock; ALTER TABLE pgbench_branches DISABLE TRIGGER prism_clock`)
+	run("bare-disabled-trigger", applyBare)
+	mustExec(b, ctx, c, "postgres", "DROP TRIGGER prism_clock ON pgbench_accounts; DROP TRIGGER prism_clock ON pgbench_tellers; DROP TRIGGER prism_clock ON pgbench_branches")
+	run("bare-no-trigger", applyBare)
 }
