@@ -189,6 +189,15 @@ func keyed(rel *decode.Relation) bool {
 	return false
 }
 
+// quoted returns the quoted names of the given columns.
+func (b *builder) quoted(cols []int) []string {
+	names := make([]string, len(cols))
+	for i, c := range cols {
+		names[i] = quote(b.rel.Columns[c].Name)
+	}
+	return names
+}
+
 func (b *builder) keyCols() []int {
 	var ks []int
 	for i, col := range b.rel.Columns {
@@ -279,10 +288,9 @@ func (b *builder) insert(c *decode.Change, policy Policy) (string, error) {
 	sql := "INSERT INTO " + b.t.ident + " AS x (" + names + ") SELECT " + ps +
 		" WHERE NOT EXISTS (SELECT 1 FROM prism.tombstones tb WHERE tb.table_name = " + tbl + " AND tb.key = " + keyP + ")" +
 		" OR prism.admit(" + pol + ", " + tbl + ", " + keyP + ")"
-	keyNames := make([]string, len(keys))
+	keyNames := b.quoted(keys)
 	isKey := map[int]bool{}
-	for i, k := range keys {
-		keyNames[i] = quote(b.rel.Columns[k].Name)
+	for _, k := range keys {
 		isKey[k] = true
 	}
 	var sets []string
@@ -387,12 +395,8 @@ func (b *builder) missingInsert(cols []int) (sql string, arr string, err error) 
 		ps[i] = "$1[" + strconv.Itoa(i+1) + "]::" + b.t.types[name]
 		vs[i] = "(" + p + ")::text"
 	}
-	keyNames := make([]string, 0, 2)
-	for _, k := range b.keyCols() {
-		keyNames = append(keyNames, quote(b.rel.Columns[k].Name))
-	}
 	sql = "INSERT INTO " + b.t.ident + " (" + strings.Join(names, ", ") + ") SELECT " + strings.Join(ps, ", ") +
-		" ON CONFLICT (" + strings.Join(keyNames, ", ") + ") DO NOTHING"
+		" ON CONFLICT (" + strings.Join(b.quoted(b.keyCols()), ", ") + ") DO NOTHING"
 	return sql, "ARRAY[" + strings.Join(vs, ", ") + "]::text[]", nil
 }
 
