@@ -142,6 +142,7 @@ func (d *doctor) local(ctx context.Context) string {
 		r.ok(db+": role "+s.role, "may replicate")
 	}
 	d.schemaPrivilege(ctx, conn, db, s.role)
+	d.applyPrivilege(ctx, conn, db, s.role, s.super)
 
 	var pubExists, allTables bool
 	err = conn.QueryRow(ctx, `SELECT true, puballtables FROM pg_publication WHERE pubname = $1`, cfg.Publication).Scan(&pubExists, &allTables)
@@ -237,6 +238,60 @@ func (d *doctor) schemaPrivilege(ctx context.Context, conn *pgx.Conn, db, role s
 	default:
 		d.rep.ok(db+": schema prism", "usable")
 	}
+}
+
+// originFuncs are the replication origin functions applying needs; by
+// default only superusers may execute them.
+var originFuncs = []string{
+	"pg_replication_origin_create(text)",
+	"pg_replication_origin_session_setup(text)",
+	"pg_replication_origin_session_reset()",
+	"pg_replication_origin_session_progress(boolean)",
+	"pg_replication_origin_xact_setup(pg_lsn, timestamp with time zone)",
+	"pg_replication_origin_progress(text, boolean)",
+	"pg_replication_origin_advance(text, pg_lsn)",
+}
+
+// applyPrivilege checks what applying other regions' transactions needs
+// besides table privileges: the replication origin functions and setting
+// session_replication_role (applied transactions run as replica, like
+// PostgreSQL's own apply worker). A superuser has both.
+func (d *doctor) applyPrivilege(ctx context.Context, conn *pgx.Conn, db, role string, super bool) {
+	if super {
+		d.rep.ok(db+": apply privileges", "superuser")
+		return
+	}
+	var fixes, missing []string
+	var grant []string
+	for _, f := range originFuncs {
+		var ok bool
+		if err := conn.QueryRow(ctx, "SELECT has_function_privilege($1, 'EXECUTE')", f).Scan(&ok); err != nil {
+			d.rep.add(Warn, db+": apply privileges", "read privileges: "+err.Error(), "")
+			return
+		}
+		if !ok {
+			missing = append(missing, "EXECUTE on "+f)
+			grant = append(grant, f)
+		}
+	}
+	if len(grant) > 0 {
+		fixes = append(fixes, "GRANT EXECUTE ON FUNCTION "+strings.Join(grant, ", ")+" TO "+qident(role)+";")
+	}
+	var set bool
+	if err := conn.QueryRow(ctx, "SELECT has_parameter_privilege('session_replication_role', 'SET')").Scan(&set); err != nil {
+		d.rep.add(Warn, db+": apply privileges", "read privileges: "+err.Error(), "")
+		return
+	}
+	if !set {
+		missing = append(missing, "SET on session_replication_role")
+		fixes = append(fixes, "GRANT SET ON PARAMETER session_replication_role TO "+qident(role)+";")
+	}
+	if len(missing) > 0 {
+		d.rep.add(Problem, db+": apply privileges", fmt.Sprintf("role %s lacks %s: transactions from other regions cannot be applied", role, strings.Join(missing, ", ")),
+			strings.Join(fixes, "  ")+"  -- as a superuser")
+		return
+	}
+	d.rep.ok(db+": apply privileges", "replication origins and session_replication_role granted")
 }
 
 func (d *doctor) dbName(ctx context.Context, conn *pgx.Conn) string {

@@ -170,6 +170,7 @@ peers:
 			{"database na: track_commit_timestamp", Warn, "off", "ALTER SYSTEM SET track_commit_timestamp = on;"},
 			{"database na: role app_ro", Problem, "no REPLICATION", "ALTER ROLE app_ro WITH REPLICATION;"},
 			{"database na: publication prism", Problem, "not a superuser", "CREATE PUBLICATION prism FOR ALL TABLES;"},
+			{"database na: apply privileges", Problem, "lacks EXECUTE on pg_replication_origin_create(text)", "GRANT SET ON PARAMETER session_replication_role TO app_ro;"},
 			{"database na: table public.events", Problem, "no primary key", "ALTER TABLE public.events REPLICA IDENTITY FULL;"},
 			{"database na: privileges on public.orders", Problem, "lacks INSERT, UPDATE, DELETE", "GRANT INSERT, UPDATE, DELETE ON public.orders TO app_ro;"},
 			{"database na: sync all", Warn, "synchronous_standby_names = 'ANY 1 (prism_na1)'", "ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (prism_na1)';"},
@@ -194,6 +195,14 @@ peers:
 		}
 		if strings.Contains(out.String(), "right-token") || strings.Contains(out.String(), "other-token") {
 			t.Errorf("the report shows a token:\n%s", &out)
+		}
+		// The fix given for the apply privileges works as printed.
+		if fs := rep.Find("database na: apply privileges"); len(fs) == 1 {
+			mustExec(t, na, strings.TrimSuffix(fs[0].Fix, "  -- as a superuser"))
+			rep = Run(ctx, cfg, Options{Timeout: 2 * time.Second})
+			if fs := rep.Find("database na: apply privileges"); len(fs) != 1 || fs[0].Severity != OK {
+				t.Errorf("apply privileges after the printed fix = %+v, want OK", fs)
+			}
 		}
 	})
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"regexp"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -366,7 +367,7 @@ func (s *session) release() {
 		// hold set these for the session; the pool's other users (dead
 		// letters, undo, Progress) must commit durably again.
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		if _, err := s.conn.Conn().PgConn().Exec(ctx, "RESET synchronous_commit; RESET idle_in_transaction_session_timeout; RESET application_name").ReadAll(); err != nil {
+		if _, err := s.conn.Conn().PgConn().Exec(ctx, "RESET synchronous_commit; RESET idle_in_transaction_session_timeout; RESET application_name; RESET session_replication_role").ReadAll(); err != nil {
 			s.broken = true
 		}
 		cancel()
@@ -394,7 +395,7 @@ func (s *session) hold(ctx context.Context, source string) (pglogrepl.LSN, error
 	for attempt := 0; ; attempt++ {
 		b := &pgconn.Batch{}
 		b.ExecParams(`SELECT set_config('application_name', $1, false), set_config('synchronous_commit', 'off', false),
-			set_config('idle_in_transaction_session_timeout', '10s', false)`,
+			set_config('idle_in_transaction_session_timeout', '10s', false), set_config('session_replication_role', 'replica', false)`,
 			[][]byte{[]byte(s.a.appName + "_" + source)}, nil, nil, nil)
 		b.ExecParams("SELECT pg_replication_origin_session_setup($1)", [][]byte{[]byte(s.origin)}, nil, nil, nil)
 		b.ExecParams("SELECT pg_replication_origin_session_progress(true)::text", nil, nil, nil, nil)
@@ -420,6 +421,10 @@ func (s *session) hold(ctx context.Context, source string) (pglogrepl.LSN, error
 			if errors.As(err, &pgErr) {
 				if pgErr.Code == "55006" {
 					return 0, fmt.Errorf("%w: %w", ErrBusy, err)
+				}
+				if pgErr.Code == "42501" && strings.Contains(pgErr.Message, "session_replication_role") {
+					return 0, fmt.Errorf("%w (applied transactions run with session_replication_role = replica; as a superuser: GRANT SET ON PARAMETER session_replication_role TO %s)",
+						err, pgx.Identifier{s.conn.Conn().Config().User}.Sanitize())
 				}
 			} else {
 				s.broken = true
