@@ -12,6 +12,7 @@ import (
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/rs/zerolog"
 
@@ -516,8 +517,17 @@ func TestFencesFrozenHolder(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { conn.Close(context.Background()) })
-		if _, err := conn.Exec(ctx, "SELECT pg_replication_origin_session_setup('prism_na')"); err != nil {
-			t.Fatal(err)
+		// The node that applied the last range keeps the origin while it
+		// waits for more (holdIdle); take it once the node let go.
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+			_, err := conn.Exec(ctx, "SELECT pg_replication_origin_session_setup('prism_na')")
+			var pgErr *pgconn.PgError
+			if err == nil {
+				break
+			}
+			if !errors.As(err, &pgErr) || pgErr.Code != "55006" || time.Now().After(deadline) {
+				t.Fatal(err)
+			}
 		}
 	}
 	freeze()
