@@ -70,6 +70,7 @@ func nodeConfig(n nodeSpec, ns []nodeSpec) string {
 type nodeProc struct {
 	spec nodeSpec
 	cmd  *exec.Cmd
+	log  string // path of its log
 	done chan struct{}
 	err  error
 
@@ -129,7 +130,8 @@ func (e *env) startMesh(ctx context.Context, tag string, extraEnv func(name stri
 			m.stop()
 			return nil, fmt.Errorf("write config: %w", err)
 		}
-		logf, err := os.OpenFile(filepath.Join(e.dir, n.name+".log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+		logPath := filepath.Join(e.dir, n.name+".log")
+		logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
 		if err != nil {
 			m.stop()
 			return nil, fmt.Errorf("open node log: %w", err)
@@ -147,7 +149,7 @@ func (e *env) startMesh(ctx context.Context, tag string, extraEnv func(name stri
 			m.stop()
 			return nil, fmt.Errorf("start %s: %w", n.name, err)
 		}
-		p := &nodeProc{spec: n, cmd: cmd, done: make(chan struct{})}
+		p := &nodeProc{spec: n, cmd: cmd, log: logPath, done: make(chan struct{})}
 		go func() {
 			p.err = cmd.Wait()
 			logf.Close()
@@ -162,7 +164,7 @@ func (e *env) startMesh(ctx context.Context, tag string, extraEnv func(name stri
 func (m *mesh) sample() error {
 	for _, p := range m.procs {
 		if p.exited() {
-			return fmt.Errorf("node %s exited: %v (see its log)", p.spec.name, p.err)
+			return fmt.Errorf("node %s exited: %v; the end of its log:\n%s", p.spec.name, p.err, logTail(p.log, 30))
 		}
 		p.sample()
 	}
@@ -201,3 +203,14 @@ func (m *mesh) kill() {
 
 // errExited tells a wait loop that a node process died.
 var errExited = errors.New("node exited")
+
+// logTail returns the last n lines of the file at path (the work directory
+// is removed at the end of a run without -keep, so an exit must show them).
+func logTail(path string, n int) string {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return "(" + err.Error() + ")"
+	}
+	lines := strings.Split(strings.TrimRight(string(data), "\n"), "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], "\n")
+}
