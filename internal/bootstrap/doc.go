@@ -54,14 +54,16 @@
 // prism_X, which is not MVCC: it moves when an applier commits, whatever
 // the snapshot sees, so reading it next to the snapshot is not enough.
 // Holding prism_X on the source while the snapshot is taken would freeze
-// it, but the source's appliers then fail with ErrBusy, reconnect and
-// fence the holder, so under load the hold rarely survives. The WAL
-// answers instead: every transaction the source applied from X carries an
+// it, but it would also stop the source's appliers of X for as long as the
+// copy runs. The WAL answers instead: every transaction the source applied from X carries an
 // Origin message with X's end LSN, in the source's commit order, which is
 // X's order. After the workers imported the snapshot, the run
 //
 //  1. holds prism_X for a moment and reads its progress P (the hold waits
-//     out an applier between its commit record and the progress update);
+//     out an applier between its commit record and the progress update; a
+//     busy applier holding it is terminated and the origin taken the
+//     moment it is free, and appliers do not fence a session named
+//     prism_bootstrap back);
 //  2. emits a logical message as a marker and decodes the temporary slot
 //     from L up to it;
 //  3. takes o-1, where o is the origin LSN of the first X transaction after

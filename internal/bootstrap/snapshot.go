@@ -12,10 +12,13 @@ import (
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/prism-cdc/prism-cdc/pkg/apply"
 )
 
-// appName is the application_name of every bootstrap session.
-const appName = "prism_bootstrap"
+// appName is the application_name of every bootstrap session; appliers
+// do not fence origin holders of that name.
+const appName = apply.BootstrapApplicationName
 
 // writerParams configure the target sessions that write rows: the final
 // commit flushes everything, and foreign keys and user triggers do not
@@ -81,16 +84,27 @@ func holdOrigin(ctx context.Context, dsn, origin string, terminate bool, params 
 				conn.Close(context.Background())
 				return nil, fmt.Errorf("hold origin %s: still busy after 30s: %w", origin, err)
 			}
+			pause := 50 * time.Millisecond
 			if m := busyPID.FindStringSubmatch(pgErr.Message); terminate && m != nil {
 				if pid, err := strconv.Atoi(m[1]); err == nil {
-					_, _ = conn.ExecParams(ctx, "SELECT pg_terminate_backend($1::int, 5000)", [][]byte{[]byte(strconv.Itoa(pid))}, nil, nil, nil).Close()
+					// Without a timeout, so the origin is tried again the
+					// moment the holder is gone: a busy applier reconnects
+					// and holds it again within a few milliseconds, and
+					// pg_terminate_backend's own wait (100 ms steps) lost
+					// that race for minutes. Appliers do not fence a
+					// bootstrap session (application_name), so once held
+					// the origin stays held.
+					res := conn.ExecParams(ctx, "SELECT pg_terminate_backend($1::int)", [][]byte{[]byte(strconv.Itoa(pid))}, nil, nil, nil).Read()
+					if res.Err == nil && len(res.Rows) == 1 && string(res.Rows[0][0]) == "t" {
+						pause = time.Millisecond
+					}
 				}
 			}
 			select {
 			case <-ctx.Done():
 				conn.Close(context.Background())
 				return nil, ctx.Err()
-			case <-time.After(50 * time.Millisecond):
+			case <-time.After(pause):
 			}
 		default:
 			conn.Close(context.Background())

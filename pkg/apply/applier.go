@@ -132,6 +132,10 @@ func NewApplier(pool *pgxpool.Pool, log zerolog.Logger, opts ...Option) *Applier
 
 func originName(region string) string { return "prism_" + region }
 
+// BootstrapApplicationName is the application_name of a bootstrap's
+// sessions. Fence does not terminate them: they hold origins on purpose.
+const BootstrapApplicationName = "prism_bootstrap"
+
 func (a *Applier) policy(rel *decode.Relation) Policy {
 	if p, ok := a.tables[rel.Schema+"."+rel.Table]; ok {
 		return p
@@ -929,11 +933,18 @@ func (a *Applier) Fence(ctx context.Context, sourceRegion string) (int, error) {
 		if err != nil {
 			return killed, fmt.Errorf("apply fence %s: %w", sourceRegion, err)
 		}
-		var ok bool
-		if err := conn.QueryRow(ctx, "SELECT pg_terminate_backend($1, 5000)", pid).Scan(&ok); err != nil {
+		// A bootstrap's session holds the origin for a moment (in the
+		// target database, for the whole copy): it is waited for, not
+		// killed; the caller's apply gets ErrBusy and retries.
+		var ok *bool
+		if err := conn.QueryRow(ctx, `SELECT CASE WHEN (SELECT application_name FROM pg_stat_activity WHERE pid = $1) = $2
+			THEN NULL ELSE pg_terminate_backend($1, 5000) END`, pid, BootstrapApplicationName).Scan(&ok); err != nil {
 			return killed, fmt.Errorf("apply fence %s: terminate %d: %w", sourceRegion, pid, err)
 		}
-		if ok {
+		if ok == nil {
+			return killed, fmt.Errorf("apply fence %s: held by bootstrap session %d: %w", sourceRegion, pid, ErrBusy)
+		}
+		if *ok {
 			killed++
 			a.log.Warn().Str("origin", s.origin).Int("pid", pid).Msg("fenced origin holder")
 		}

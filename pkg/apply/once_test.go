@@ -163,6 +163,31 @@ func TestExactlyOnce(t *testing.T) {
 		}
 	})
 
+	t.Run("fence spares a bootstrap", func(t *testing.T) {
+		// A bootstrap holds origins on purpose; killing its session made
+		// the source's progress unreadable under load.
+		holder, err := c.Connect(ctx, "postgres")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer holder.Close(context.Background())
+		if _, err := holder.Exec(ctx, "SET application_name = '"+BootstrapApplicationName+"'; SELECT pg_replication_origin_create('prism_r5'); SELECT pg_replication_origin_session_setup('prism_r5')"); err != nil {
+			t.Fatal(err)
+		}
+		if n, err := a.Fence(ctx, "r5"); n != 0 || !errors.Is(err, ErrBusy) {
+			t.Fatalf("Fence of a bootstrap session = %d, %v; want 0, ErrBusy", n, err)
+		}
+		if _, err := holder.Exec(ctx, "SELECT 1"); err != nil {
+			t.Fatalf("the bootstrap session was fenced: %v", err)
+		}
+		if _, err := holder.Exec(ctx, "SELECT pg_replication_origin_session_reset()"); err != nil {
+			t.Fatal(err)
+		}
+		if n, err := a.ApplyBatch(ctx, seqTxns("r5", 0, 2)); n != 2 || err != nil {
+			t.Fatalf("ApplyBatch once the bootstrap let go = %d, %v", n, err)
+		}
+	})
+
 	t.Run("racing appliers", func(t *testing.T) {
 		const total = 60
 		txns := seqTxns("r4", 0, total)
