@@ -407,6 +407,27 @@ func (d *doctor) privileges(ctx context.Context, conn *pgx.Conn, db, role string
 				fmt.Sprintf("GRANT %s ON %s TO %s;", strings.Join(missing, ", "), t.name, qident(role)))
 			continue
 		}
+		if t.hasKey {
+			// The node creates the conflict triggers, which takes the
+			// table's owner (or a member of it).
+			var owner string
+			var member, ownerSuper bool
+			err := conn.QueryRow(ctx, `SELECT c.relowner::regrole::text, pg_has_role(c.relowner, 'USAGE'), r.rolsuper
+				FROM pg_catalog.pg_class c JOIN pg_catalog.pg_roles r ON r.oid = c.relowner WHERE c.oid = $1`, t.oid).Scan(&owner, &member, &ownerSuper)
+			if err != nil {
+				d.rep.add(Warn, db+": privileges on "+t.name, err.Error(), "")
+				continue
+			}
+			if !member {
+				fix := fmt.Sprintf("GRANT %s TO %s;", owner, qident(role))
+				if ownerSuper {
+					// Membership in a superuser role is not what to hand out.
+					fix = fmt.Sprintf("ALTER TABLE %s OWNER TO app_owner; GRANT app_owner TO %s;  -- app_owner: a role of your own that owns the application's tables", t.name, qident(role))
+				}
+				d.rep.add(Problem, db+": privileges on "+t.name, fmt.Sprintf("role %s is not the owner %s nor a member of it, so it cannot create the conflict triggers, and applying fails", role, owner), fix)
+				continue
+			}
+		}
 		good++
 	}
 	if good > 0 {

@@ -101,7 +101,9 @@ func TestDoctor(t *testing.T) {
 		CREATE SCHEMA prism;
 		CREATE ROLE app_ro LOGIN; GRANT pg_monitor TO app_ro;
 		GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, events TO app_ro;
-		GRANT SELECT ON orders TO app_ro`)
+		GRANT SELECT ON orders TO app_ro;
+		CREATE ROLE ledger_owner; CREATE TABLE ledger (id int PRIMARY KEY); ALTER TABLE ledger OWNER TO ledger_owner;
+		GRANT SELECT, INSERT, UPDATE, DELETE ON ledger TO app_ro`)
 
 	naNode := serve(t, na, "na", "na1", "right-token", "eu")
 	euNode := serve(t, eu, "eu", "eu2", "other-token", "na")
@@ -173,8 +175,10 @@ peers:
 			{"database na: apply privileges", Problem, "lacks EXECUTE on pg_replication_origin_create(text)", "GRANT SET ON PARAMETER session_replication_role TO app_ro;"},
 			{"database na: table public.events", Problem, "no primary key", "ALTER TABLE public.events REPLICA IDENTITY FULL;"},
 			{"database na: privileges on public.orders", Problem, "lacks INSERT, UPDATE, DELETE", "GRANT INSERT, UPDATE, DELETE ON public.orders TO app_ro;"},
+			{"database na: privileges on public.ledger", Problem, "not the owner ledger_owner", "GRANT ledger_owner TO app_ro;"},
+			{"database na: privileges on public.accounts", Problem, "nor a member of it", "ALTER TABLE public.accounts OWNER TO app_owner; GRANT app_owner TO app_ro;"},
 			{"database na: sync all", Warn, "synchronous_standby_names = 'ANY 1 (prism_na1)'", "ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (prism_na1)';"},
-			{"database na: conflict triggers", Warn, "missing on public.accounts, public.orders", "SELECT prism.install_all();"},
+			{"database na: conflict triggers", Warn, "missing on public.accounts, public.ledger, public.orders", "SELECT prism.install_all();"},
 			{"peer eu/eu1", Warn, "unreachable", "start prism-cdc run on node eu1"},
 			{"peer eu/eu2", Problem, "refused our hello: wrong token", "same auth.token"},
 			{"fallback database eu", Problem, "same PostgreSQL cluster", "its own PostgreSQL cluster"},
