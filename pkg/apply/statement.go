@@ -248,20 +248,18 @@ func sentCols(c *decode.Change) (cols []int, complete bool) {
 	return cols, complete
 }
 
-// values returns the column list and the parameter list of a full-row
-// INSERT from New.
-func (b *builder) values(cols []int) (string, string, error) {
-	names := make([]string, len(cols))
-	ps := make([]string, len(cols))
+// values returns the quoted column names and the parameter references of
+// a full-row INSERT from New.
+func (b *builder) values(cols []int) (names, ps []string, err error) {
+	names = make([]string, len(cols))
+	ps = make([]string, len(cols))
 	for i, c := range cols {
-		p, err := b.param(tupleNew, c)
-		if err != nil {
-			return "", "", err
+		if ps[i], err = b.param(tupleNew, c); err != nil {
+			return nil, nil, err
 		}
 		names[i] = quote(b.rel.Columns[c].Name)
-		ps[i] = p
 	}
-	return strings.Join(names, ", "), strings.Join(ps, ", "), nil
+	return names, ps, nil
 }
 
 func (b *builder) insert(c *decode.Change, policy Policy) (string, error) {
@@ -269,10 +267,11 @@ func (b *builder) insert(c *decode.Change, policy Policy) (string, error) {
 	if !complete {
 		return "", permanent("22023", "insert into %s carries an unchanged-value column", b.t.name)
 	}
-	names, ps, err := b.values(cols)
+	nameList, psList, err := b.values(cols)
 	if err != nil {
 		return "", err
 	}
+	names, ps := strings.Join(nameList, ", "), strings.Join(psList, ", ")
 	if !keyed(b.rel) {
 		return "INSERT INTO " + b.t.ident + " AS x (" + names + ") VALUES (" + ps + ")", nil
 	}
@@ -382,18 +381,15 @@ func resolveCall(kind, pol, tbl, key, ts string) string {
 // array, cast back to the column types (text output and input are
 // inverse for every type).
 func (b *builder) missingInsert(cols []int) (sql string, arr string, err error) {
-	names := make([]string, len(cols))
+	names, params, err := b.values(cols)
+	if err != nil {
+		return "", "", err
+	}
 	ps := make([]string, len(cols))
 	vs := make([]string, len(cols))
 	for i, c := range cols {
-		p, err := b.param(tupleNew, c)
-		if err != nil {
-			return "", "", err
-		}
-		name := b.rel.Columns[c].Name
-		names[i] = quote(name)
-		ps[i] = "$1[" + strconv.Itoa(i+1) + "]::" + b.t.types[name]
-		vs[i] = "(" + p + ")::text"
+		ps[i] = "$1[" + strconv.Itoa(i+1) + "]::" + b.t.types[b.rel.Columns[c].Name]
+		vs[i] = "(" + params[i] + ")::text"
 	}
 	sql = "INSERT INTO " + b.t.ident + " (" + strings.Join(names, ", ") + ") SELECT " + strings.Join(ps, ", ") +
 		" ON CONFLICT (" + strings.Join(b.quoted(b.keyCols()), ", ") + ") DO NOTHING"
@@ -464,7 +460,7 @@ func (b *builder) update(c *decode.Change, policy Policy) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	sb.WriteString("INSERT INTO " + b.t.ident + " (" + names + ") SELECT " + ps + " FROM m WHERE m.ins")
+	sb.WriteString("INSERT INTO " + b.t.ident + " (" + strings.Join(names, ", ") + ") SELECT " + strings.Join(ps, ", ") + " FROM m WHERE m.ins")
 	return sb.String(), nil
 }
 
