@@ -3,7 +3,7 @@ package chaos
 import (
 	"context"
 	"math"
-	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -12,8 +12,24 @@ import (
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
 )
 
-// libfaketime is Debian's libfaketime (apt-get install faketime).
-const libfaketime = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
+// libfaketimeGlob finds Debian's libfaketime (package libfaketime, pulled
+// in by faketime) under any architecture's library directory.
+const libfaketimeGlob = "/usr/lib/*/faketime/libfaketimeMT.so.1"
+
+// needFaketime returns the path of libfaketime, or fails the test with
+// the command that installs it. A test that skews a clock calls it first,
+// before it spends time starting clusters. Under -short, where the
+// cluster harness skips such tests, a missing library is left to that.
+func needFaketime(t *testing.T) string {
+	t.Helper()
+	if libs, _ := filepath.Glob(libfaketimeGlob); len(libs) > 0 {
+		return libs[0]
+	}
+	if !testing.Short() {
+		t.Fatalf("this test skews a database's clock and needs libfaketime (%s), which is not installed; install it with: apt-get install -y faketime", libfaketimeGlob)
+	}
+	return ""
+}
 
 // skewClock restarts cluster c with its clock offset (e.g. "+5m") through
 // libfaketime: Postgres takes commit timestamps from the OS clock, and
@@ -21,10 +37,7 @@ const libfaketime = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
 // restart of c (crash faults) keeps the offset.
 func skewClock(t *testing.T, c *pgtest.Cluster, offset string) {
 	t.Helper()
-	if _, err := os.Stat(libfaketime); err != nil {
-		t.Fatalf("clock skew needs libfaketime (%v); install it with: apt-get install -y faketime", err)
-	}
-	c.Env = []string{"LD_PRELOAD=" + libfaketime, "FAKETIME=" + offset, "DONT_FAKE_MONOTONIC=1"}
+	c.Env = []string{"LD_PRELOAD=" + needFaketime(t), "FAKETIME=" + offset, "DONT_FAKE_MONOTONIC=1"}
 	if err := c.Restart("fast"); err != nil {
 		t.Fatalf("restart %s with a skewed clock: %v", c.Name, err)
 	}
@@ -52,6 +65,7 @@ func skewClock(t *testing.T, c *pgtest.Cluster, offset string) {
 // its stamp past the version it replaced. Same for a key eu deleted and na
 // re-inserts afterwards (the floor comes from the tombstone).
 func TestClockSkewLastWriteWins(t *testing.T) {
+	needFaketime(t)
 	d := e2e.New(t, e2e.Topology{"na": {"na1"}, "eu": {"eu1"}},
 		"CREATE TABLE kv (k int PRIMARY KEY, v text NOT NULL); INSERT INTO kv SELECT g, 'seed' FROM generate_series(1, 20) g;")
 	skewClock(t, d.Clusters["eu"], "+5m")

@@ -20,6 +20,7 @@ import (
 // milliseconds, so most local writes replace a version stamped ahead of
 // their own clock.
 func TestSkewUnderLoad(t *testing.T) {
+	needFaketime(t)
 	d := e2e.New(t, e2e.Topology{"na": {"na1"}, "eu": {"eu1"}, "as": {"as1"}}, `
 CREATE TABLE acct (id int PRIMARY KEY, balance bigint NOT NULL);
 INSERT INTO acct SELECT g, 0 FROM generate_series(1, 5) g;
