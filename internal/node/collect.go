@@ -24,15 +24,20 @@ func (n *Node) collectLoop(ctx context.Context) {
 		case <-time.After(wait):
 		}
 		wait = collectEvery
-		tomb, floors, err := n.applier.Collect(ctx, tombstoneRetention)
-		if err != nil {
-			if ctx.Err() == nil {
-				n.log.Warn().Err(err).Msg("could not remove old tombstones and clock floors; retrying in an hour")
-			}
-			continue
-		}
-		if tomb > 0 || floors > 0 {
-			n.log.Info().Int64("tombstones", tomb).Int64("clock_floors", floors).Dur("older_than", tombstoneRetention).Msg("removed old tombstones and clock floors")
+		if err := n.collect(ctx, tombstoneRetention); err != nil && ctx.Err() == nil {
+			n.log.Warn().Err(err).Msg("could not remove old tombstones and clock floors; retrying in an hour")
 		}
 	}
+}
+
+// collect removes the tombstones and clock floors older than keep once.
+func (n *Node) collect(ctx context.Context, keep time.Duration) error {
+	tomb, floors, err := n.applier.Collect(ctx, keep)
+	if err != nil {
+		return err
+	}
+	if tomb > 0 || floors > 0 {
+		n.log.Info().Int64("tombstones", tomb).Int64("clock_floors", floors).Dur("older_than", keep).Msg("removed old tombstones and clock floors")
+	}
+	return nil
 }

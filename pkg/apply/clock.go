@@ -71,13 +71,26 @@ CREATE TABLE IF NOT EXISTS prism.tombstones (
 -- xact is the (sub)transaction that wrote a floored row version (its
 -- xmin), top its top-level transaction; a transaction's stamp takes the
 -- greatest floor of the whole top-level transaction, like the commit time
--- the decoder ships.
+-- the decoder ships. One transaction may record several floors for the
+-- same xact, so the key is a column of its own: the publication (FOR ALL
+-- TABLES) includes this table, and without a key PostgreSQL rejects the
+-- DELETE of old floors (55000).
 CREATE TABLE IF NOT EXISTS prism.clock_floors (
+	id    bigserial   PRIMARY KEY,
 	xact  xid         NOT NULL,
 	top   xid         NOT NULL,
 	floor timestamptz NOT NULL,
 	at    timestamptz NOT NULL DEFAULT now()
 );
+-- A table created by an earlier version has no key: add it in place (a
+-- rewrite of a table that holds a week of floors at most).
+DO $k$
+BEGIN
+	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_index WHERE indrelid = 'prism.clock_floors'::regclass AND indisprimary) THEN
+		ALTER TABLE prism.clock_floors ADD COLUMN id bigserial PRIMARY KEY;
+	END IF;
+END
+$k$;
 CREATE INDEX IF NOT EXISTS clock_floors_xact ON prism.clock_floors USING hash (xact);
 CREATE INDEX IF NOT EXISTS clock_floors_top ON prism.clock_floors USING hash (top);
 CREATE INDEX IF NOT EXISTS clock_floors_at ON prism.clock_floors (at);

@@ -136,4 +136,22 @@
 // SourceWins and KeepLocal are not convergent under
 // concurrent writes to the same row: each region keeps the remote (or the
 // local) version, which differs between regions.
+//
+// # Schema prism
+//
+// The tables Setup creates (conflicts, dead_letters, undo_log,
+// tombstones, clock_floors; internal/bootstrap adds bootstrap) belong to
+// one region and are never applied elsewhere, but the publication, FOR
+// ALL TABLES, includes them: PostgreSQL 15 cannot leave a schema out of
+// such a publication. So each has a primary key (Setup adds clock_floors'
+// to a table made by an earlier version): without one PostgreSQL rejects
+// their UPDATE and DELETE (55000), and with REPLICA IDENTITY FULL every
+// DELETE would log and send the whole old row instead of its key. Their
+// changes still pass through the walsender; the node's decoder drops them
+// before it parses their tuples (decode.SkipSchemas). None is UNLOGGED:
+// an unlogged table is emptied by a crash and is empty on a promoted
+// standby, and each of them must survive both - floors and tombstones
+// decide last_write_wins in the same transaction as the row they stamp,
+// dead letters and the undo and conflict logs are the record an operator
+// relies on (nothing is dropped silently).
 package apply

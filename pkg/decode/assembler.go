@@ -447,6 +447,11 @@ func (a *Assembler) row(typ byte, r *buf) error {
 	if err != nil {
 		return err
 	}
+	if a.skip[rel.Schema] {
+		// Dropped anyway (see add): its tuples are not worth parsing.
+		r.b = r.b[len(r.b):]
+		return nil
+	}
 	c := Change{Rel: rel}
 	switch typ {
 	case 'I':
