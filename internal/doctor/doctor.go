@@ -187,6 +187,7 @@ func (d *doctor) local(ctx context.Context) string {
 
 	tables := d.tables(ctx, conn, db)
 	d.identities(ctx, conn, db, tables)
+	d.ownKeys(ctx, conn, db)
 	d.triggers(ctx, conn, db, tables)
 	d.privileges(ctx, conn, db, s.role, tables)
 	d.sequences(ctx, conn, db)
@@ -343,6 +344,58 @@ func (d *doctor) identities(_ context.Context, _ *pgx.Conn, db string, tables []
 	}
 	if good > 0 {
 		d.rep.ok(db+": keys", fmt.Sprintf("%d replicated tables have a primary key or replica identity", good))
+	}
+}
+
+// ownKeyFixes are the statements that give prism-cdc's own tables the key
+// a node's start adds (pkg/apply) when an earlier version made them
+// without one.
+var ownKeyFixes = map[string]string{
+	"prism.clock_floors": "ALTER TABLE prism.clock_floors ADD COLUMN id bigserial PRIMARY KEY;",
+}
+
+// ownKeys checks that every table of schema prism has a key or replica
+// identity: the publication (FOR ALL TABLES) includes them, and without
+// one PostgreSQL rejects their UPDATE and DELETE (55000), so old clock
+// floors are never removed.
+func (d *doctor) ownKeys(ctx context.Context, conn *pgx.Conn, db string) {
+	rows, err := conn.Query(ctx, `SELECT format('%I.%I', n.nspname, c.relname), c.relreplident = 'f'
+		OR (c.relreplident <> 'n' AND EXISTS (SELECT 1 FROM pg_catalog.pg_index i
+			WHERE i.indrelid = c.oid AND (i.indisprimary OR i.indisreplident)))
+		FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+		WHERE n.nspname = 'prism' AND c.relkind IN ('r', 'p') AND NOT c.relispartition ORDER BY 1`)
+	if err != nil {
+		d.rep.add(Warn, db+": keys of schema prism", "read: "+err.Error(), "")
+		return
+	}
+	type own struct {
+		name  string
+		keyed bool
+	}
+	tables, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (own, error) {
+		var t own
+		err := r.Scan(&t.name, &t.keyed)
+		return t, err
+	})
+	if err != nil {
+		d.rep.add(Warn, db+": keys of schema prism", "read: "+err.Error(), "")
+		return
+	}
+	good := 0
+	for _, t := range tables {
+		if t.keyed {
+			good++
+			continue
+		}
+		fix, ok := ownKeyFixes[t.name]
+		if !ok {
+			fix = fmt.Sprintf("ALTER TABLE %s ADD PRIMARY KEY (<key columns>);\n-- or, without a key: ALTER TABLE %s REPLICA IDENTITY FULL;", t.name, t.name)
+		}
+		d.rep.add(Problem, db+": table "+t.name, "has no primary key and no replica identity, and the publication includes it: its UPDATE and DELETE fail (55000), so old entries are never removed",
+			"restart a node of region "+d.cfg.Region+" (its start adds the key), or as the table's owner: "+fix)
+	}
+	if good > 0 {
+		d.rep.ok(db+": keys of schema prism", fmt.Sprintf("%d tables of prism-cdc have a primary key or replica identity", good))
 	}
 }
 

@@ -99,6 +99,7 @@ func TestDoctor(t *testing.T) {
 		CREATE TABLE orders (id bigserial PRIMARY KEY, note text);
 		CREATE TABLE events (at timestamptz, what text);
 		CREATE SCHEMA prism;
+		CREATE TABLE prism.clock_floors (xact xid NOT NULL, top xid NOT NULL, floor timestamptz NOT NULL, at timestamptz NOT NULL DEFAULT now());
 		CREATE ROLE app_ro LOGIN; GRANT pg_monitor TO app_ro;
 		GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, events TO app_ro;
 		GRANT SELECT ON orders TO app_ro;
@@ -173,6 +174,7 @@ peers:
 			{"database na: role app_ro", Problem, "no REPLICATION", "ALTER ROLE app_ro WITH REPLICATION;"},
 			{"database na: publication prism", Problem, "not a superuser", "CREATE PUBLICATION prism FOR ALL TABLES;"},
 			{"database na: apply privileges", Problem, "lacks EXECUTE on pg_replication_origin_create(text)", "GRANT SET ON PARAMETER session_replication_role TO app_ro;"},
+			{"database na: table prism.clock_floors", Problem, "no primary key and no replica identity", "ALTER TABLE prism.clock_floors ADD COLUMN id bigserial PRIMARY KEY;"},
 			{"database na: table public.events", Problem, "no primary key", "ALTER TABLE public.events REPLICA IDENTITY FULL;"},
 			{"database na: privileges on public.orders", Problem, "lacks INSERT, UPDATE, DELETE", "GRANT INSERT, UPDATE, DELETE ON public.orders TO app_ro;"},
 			{"database na: privileges on public.ledger", Problem, "not the owner ledger_owner", "GRANT ledger_owner TO app_ro;"},
@@ -199,6 +201,18 @@ peers:
 		}
 		if strings.Contains(out.String(), "right-token") || strings.Contains(out.String(), "other-token") {
 			t.Errorf("the report shows a token:\n%s", &out)
+		}
+		// The fix given for a key of schema prism works as printed.
+		if fs := rep.Find("database na: table prism.clock_floors"); len(fs) == 1 {
+			_, sql, _ := strings.Cut(fs[0].Fix, "as the table's owner: ")
+			mustExec(t, na, sql)
+			rep := Run(ctx, cfg, Options{Timeout: 2 * time.Second})
+			if fs := rep.Find("table prism.clock_floors"); len(fs) != 0 {
+				t.Errorf("prism.clock_floors after the printed fix = %+v, want no finding", fs)
+			}
+			if fs := rep.Find("database na: keys of schema prism"); len(fs) != 1 || fs[0].Severity != OK {
+				t.Errorf("keys of schema prism after the printed fix = %+v, want OK", fs)
+			}
 		}
 		// The fix given for the apply privileges works as printed.
 		if fs := rep.Find("database na: apply privileges"); len(fs) == 1 {
