@@ -510,7 +510,12 @@ func (d *doctor) sequences(ctx context.Context, conn *pgx.Conn, db string) {
 			d.rep.add(Warn, db+": sequence "+s.Name, s.Skip, "use UUID keys for "+s.Table+"."+s.Column)
 			continue
 		}
-		d.rep.add(Warn, db+": sequence "+s.Name, fmt.Sprintf("feeds %s.%s with INCREMENT BY %d: keys generated in different regions collide", s.Table, s.Column, s.Increment),
+		msg := fmt.Sprintf("feeds %s.%s with INCREMENT BY %d: keys generated in different regions collide", s.Table, s.Column, s.Increment)
+		if s.Target == s.Next && s.StartTarget != s.Start {
+			msg = fmt.Sprintf("feeds %s.%s and is interleaved, but its START WITH %d is not of this region's residue %d mod %d: after a TRUNCATE ... RESTART IDENTITY (replicated to every region) keys generated in different regions collide",
+				s.Table, s.Column, s.Start, plan.Index, len(plan.Regions))
+		}
+		d.rep.add(Warn, db+": sequence "+s.Name, msg,
 			s.SQL+"\n-- or for every sequence at once: prism-cdc sequences --config "+d.cfg.Path+" --apply (in every region)")
 	}
 	if bad == 0 && len(plan.Sequences) > 0 {

@@ -135,7 +135,7 @@ peers:
 			"publication prism: does not exist yet",
 			// Two regions and bigserial keys: the sequence collides.
 			"[warn]    database eu: sequence public.orders_id_seq: feeds public.orders.id with INCREMENT BY 1",
-			"fix: ALTER SEQUENCE public.orders_id_seq INCREMENT BY 2 RESTART WITH 2;",
+			"fix: ALTER SEQUENCE public.orders_id_seq INCREMENT BY 2 START WITH 2 RESTART WITH 2;", // eu is 0 of 2
 			"[ok]      database eu: sync off",
 			"[ok]      database eu: conflict triggers: not installed yet",
 		} {

@@ -18,7 +18,10 @@ import (
 // SequencePlan interleaves the sequences of one region: with N regions
 // (sorted by name) and this region at index k, every sequence that feeds a
 // replicated table gets INCREMENT BY N and hands out only values v with
-// v mod N = k, so two regions never generate the same key.
+// v mod N = k, so two regions never generate the same key. Its START WITH
+// is of residue k too: TRUNCATE ... RESTART IDENTITY, which is replicated,
+// restarts the sequences of every region at their START WITH, and each
+// must land on its own residue.
 type SequencePlan struct {
 	Region    string
 	Index     int      // k: this region's position in Regions
@@ -33,6 +36,11 @@ type SequenceChange struct {
 	Column    string
 	Increment int64 // current INCREMENT BY
 	Next      int64 // the value nextval would return now
+	Start     int64 // current START WITH
+	// StartTarget is the START WITH after SQL (the least value of this
+	// region's residue at or above Start and MINVALUE); equal to Start
+	// when nothing changes.
+	StartTarget int64
 	// Target is the value nextval returns after SQL; equal to Next when
 	// nothing changes.
 	Target int64
@@ -68,9 +76,9 @@ func (p SequencePlan) Write(w io.Writer) error {
 		case s.Skip != "":
 			fmt.Fprintf(&b, "skip      %s (%s.%s): %s\n", s.Name, s.Table, s.Column, s.Skip)
 		case s.SQL == "":
-			fmt.Fprintf(&b, "ok        %s (%s.%s): INCREMENT BY %d, next %d\n", s.Name, s.Table, s.Column, s.Increment, s.Next)
+			fmt.Fprintf(&b, "ok        %s (%s.%s): INCREMENT BY %d, START WITH %d, next %d\n", s.Name, s.Table, s.Column, s.Increment, s.Start, s.Next)
 		default:
-			fmt.Fprintf(&b, "change    %s (%s.%s): INCREMENT BY %d, next %d -> %s\n", s.Name, s.Table, s.Column, s.Increment, s.Next, s.SQL)
+			fmt.Fprintf(&b, "change    %s (%s.%s): INCREMENT BY %d, START WITH %d, next %d -> %s\n", s.Name, s.Table, s.Column, s.Increment, s.Start, s.Next, s.SQL)
 		}
 	}
 	_, err := io.WriteString(w, b.String())
@@ -162,7 +170,7 @@ WITH links AS (
 )
 SELECT format('%I.%I', sn.nspname, s.relname), format('%I.%I', tn.nspname, t.relname),
 	a.attname, a.atttypid::regtype::text IN ('smallint', 'integer', 'bigint', 'numeric'),
-	sq.seqincrement, sq.seqmax
+	sq.seqincrement, sq.seqmax, sq.seqstart, sq.seqmin
 FROM links l
 JOIN pg_class s ON s.oid = l.seq AND s.relkind = 'S'
 JOIN pg_namespace sn ON sn.oid = s.relnamespace
@@ -196,10 +204,11 @@ func planSequences(ctx context.Context, q querier, pub string, regions []string,
 		seq, table, column string
 		integer            bool
 		inc, max           int64
+		start, min         int64
 	}
 	uses, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (use, error) {
 		var u use
-		err := r.Scan(&u.seq, &u.table, &u.column, &u.integer, &u.inc, &u.max)
+		err := r.Scan(&u.seq, &u.table, &u.column, &u.integer, &u.inc, &u.max, &u.start, &u.min)
 		return u, err
 	})
 	if err != nil {
@@ -216,7 +225,8 @@ func planSequences(ctx context.Context, q querier, pub string, regions []string,
 	sort.Strings(names)
 	for _, name := range names {
 		us := bySeq[name]
-		c := SequenceChange{Name: name, Table: us[0].table, Column: us[0].column, Increment: us[0].inc}
+		c := SequenceChange{Name: name, Table: us[0].table, Column: us[0].column, Increment: us[0].inc, Start: us[0].start}
+		c.StartTarget = c.Start
 		var last int64
 		var called bool
 		if err := q.QueryRow(ctx, "SELECT last_value, is_called FROM "+name).Scan(&last, &called); err != nil {
@@ -231,6 +241,20 @@ func planSequences(ctx context.Context, q querier, pub string, regions []string,
 			c.Skip = "descending sequence; interleave it by hand or use UUID keys"
 			plan.Sequences = append(plan.Sequences, c)
 			continue
+		}
+		// A restart (TRUNCATE ... RESTART IDENTITY) lands on START WITH:
+		// it must be of this region's residue too, and not below MINVALUE.
+		if low := max(c.Start, us[0].min); mod(low, n) != int64(k) || low != c.Start {
+			c.StartTarget = low + mod(int64(k)-mod(low, n), n)
+		}
+		if c.StartTarget > us[0].max {
+			c.Skip = fmt.Sprintf("the interleaved START WITH %d is above MAXVALUE %d", c.StartTarget, us[0].max)
+			plan.Sequences = append(plan.Sequences, c)
+			continue
+		}
+		startWith := ""
+		if c.StartTarget != c.Start {
+			startWith = fmt.Sprintf(" START WITH %d", c.StartTarget)
 		}
 		interleaved := c.Increment == n && mod(c.Next, n) == int64(k)
 		// floor: the lowest value that cannot collide with a key already
@@ -257,6 +281,9 @@ func planSequences(ctx context.Context, q querier, pub string, regions []string,
 			}
 		}
 		if interleaved && floor == c.Next {
+			if startWith != "" {
+				c.SQL = fmt.Sprintf("ALTER SEQUENCE %s%s;", name, startWith)
+			}
 			plan.Sequences = append(plan.Sequences, c)
 			continue
 		}
@@ -266,7 +293,7 @@ func planSequences(ctx context.Context, q querier, pub string, regions []string,
 			plan.Sequences = append(plan.Sequences, c)
 			continue
 		}
-		c.SQL = fmt.Sprintf("ALTER SEQUENCE %s INCREMENT BY %d RESTART WITH %d;", name, n, c.Target)
+		c.SQL = fmt.Sprintf("ALTER SEQUENCE %s INCREMENT BY %d%s RESTART WITH %d;", name, n, startWith, c.Target)
 		plan.Sequences = append(plan.Sequences, c)
 	}
 	return plan, nil

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
 )
@@ -99,5 +100,35 @@ peers:
 	var id int64
 	if err := conn.QueryRow(ctx, "INSERT INTO orders (note) VALUES ('y') RETURNING id").Scan(&id); err != nil || id != 103 {
 		t.Fatalf("next order id = %d, %v; want 103", id, err)
+	}
+
+	// A sequence interleaved by an earlier version whose START WITH is of
+	// another residue: a replicated TRUNCATE ... RESTART IDENTITY would
+	// restart it on another region's keys. The plan moves START WITH
+	// only, doctor warns, and after apply a restart lands on residue 1.
+	mustExec(t, c, "ALTER SEQUENCE orders_id_seq START WITH 3")
+	p, err = PlanSequences(ctx, cfg)
+	if err != nil || p.Changes() != 1 || p.Sequences[1].Name != "public.orders_id_seq" || p.Sequences[1].SQL != "ALTER SEQUENCE public.orders_id_seq START WITH 4;" {
+		out.Reset()
+		p.Write(&out)
+		t.Fatalf("plan with START WITH 3 = %v, want one change to START WITH 4:\n%s", err, &out)
+	}
+	rep := Run(ctx, cfg, Options{Timeout: 2 * time.Second})
+	if fs := rep.Find("sequence public.orders_id_seq"); len(fs) != 1 || fs[0].Severity != Warn || !strings.Contains(fs[0].Message, "START WITH 3 is not of this region's residue 1 mod 3") {
+		t.Errorf("doctor on START WITH 3 = %+v, want a warning about the residue", fs)
+	}
+	if _, err := ApplySequences(ctx, cfg); err != nil {
+		t.Fatal(err)
+	}
+	mustExec(t, c, "TRUNCATE orders RESTART IDENTITY")
+	ids = nil
+	for range 2 {
+		if err := conn.QueryRow(ctx, "INSERT INTO orders (note) VALUES ('z') RETURNING id").Scan(&id); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, id)
+	}
+	if fmt.Sprint(ids) != "[4 7]" {
+		t.Fatalf("order ids after TRUNCATE ... RESTART IDENTITY = %v, want [4 7]", ids)
 	}
 }
