@@ -4,6 +4,7 @@ import (
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -57,6 +58,57 @@ func HelloMAC(token string, nonce []byte, region, node string, flags uint8) []by
 	return m.Sum(nil)
 }
 
+// RejectedError is a node's refusal of this node's Hello, with the
+// node's reason. It matches ErrRejected under errors.Is.
+type RejectedError struct {
+	Reason string
+	code   rejectCode
+}
+
+func (e *RejectedError) Error() string { return ErrRejected.Error() + ": " + e.Reason }
+
+// Is makes errors.Is(err, ErrRejected) hold.
+func (e *RejectedError) Is(target error) bool { return target == ErrRejected }
+
+// AuthRefused reports whether the node refused this node's credentials
+// (no or wrong auth.token): a configuration error that retrying does not
+// mend, not an outage. A node of protocol version 3 sends no refusal
+// code, so its refusals report false.
+func (e *RejectedError) AuthRefused() bool { return e.code == rejectAuth }
+
+// tlsRefusedError is a TLS handshake that failed on the certificates: the
+// node's certificate is not signed by this node's CA, or the node refused
+// this node's certificate (a TLS alert from the node).
+type tlsRefusedError struct{ err error }
+
+func (e *tlsRefusedError) Error() string { return "tls: certificates refused: " + e.err.Error() }
+func (e *tlsRefusedError) Unwrap() error { return e.err }
+
+// AuthRefused reports true: the two nodes' auth.tls settings (CA,
+// certificates) do not match.
+func (e *tlsRefusedError) AuthRefused() bool { return true }
+
+// tlsRefused wraps err in a *tlsRefusedError when it is a certificate
+// failure of a TLS handshake: this side's verification of the node's
+// certificate, or an alert the node sent (Go reports a received alert as
+// a *net.OpError whose Op is "remote error"). Other errors are returned
+// as they are.
+func tlsRefused(err error) error {
+	var cv *tls.CertificateVerificationError
+	var oe *net.OpError
+	if errors.As(err, &cv) || errors.As(err, &oe) && oe.Op == "remote error" {
+		return &tlsRefusedError{err: err}
+	}
+	return err
+}
+
+// authRefused reports whether err says that a node refused this node's
+// credentials (see RejectedError.AuthRefused and tlsRefusedError).
+func authRefused(err error) bool {
+	var ar interface{ AuthRefused() bool }
+	return errors.As(err, &ar) && ar.AuthRefused()
+}
+
 // versionMismatch is the reason given to a peer of another protocol
 // version.
 func versionMismatch(v uint16) string {
@@ -77,9 +129,11 @@ func clientHello(fc *frameConn, timeout time.Duration, flags uint8, region, node
 	if err != nil {
 		var ne net.Error
 		if errors.As(err, &ne) && ne.Timeout() {
-			return nil, fmt.Errorf("read challenge (a node older than protocol 3 sends none): %w", err)
+			return nil, fmt.Errorf("read challenge: the node did not answer within %s: %w", timeout, err)
 		}
-		return nil, fmt.Errorf("read challenge: %w", err)
+		// Under TLS 1.3 a node that refuses this node's certificate says
+		// so at the first read.
+		return nil, fmt.Errorf("read challenge: %w", tlsRefused(err))
 	}
 	c, ok := f.(*challenge)
 	if !ok {
@@ -89,7 +143,8 @@ func clientHello(fc *frameConn, timeout time.Duration, flags uint8, region, node
 		return nil, fmt.Errorf("%w (it sent %T)", errNoChallenge, f)
 	}
 	h := &hello{
-		Version: ProtocolVersion,
+		// Speak the lower of the two versions.
+		Version: max(min(c.Version, ProtocolVersion), minProtocolVersion),
 		Flags:   flags,
 		Region:  region,
 		Node:    node,

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"strings"
 	"sync"
@@ -291,5 +292,144 @@ func TestOlderServerClearError(t *testing.T) {
 	defer mu.Unlock()
 	if got.Len() != 0 {
 		t.Fatalf("the client sent %q to a node without a challenge", got.Bytes())
+	}
+}
+
+// TestWrongTokenSurfacesOnShipper: a shipper whose token a real server
+// refuses reports it as a refusal of its credentials (told by the Reject's
+// code, not its text): Status.AuthRefused names the node, LastError says
+// so with its time, one error line with the fix is logged however often
+// it retries, and the fallback carries the data meanwhile. Once the node
+// accepts the token, the refusal and the error clear.
+func TestWrongTokenSurfacesOnShipper(t *testing.T) {
+	ctx := testCtx(t)
+	cfg := serverConfig("eu", "eu1")
+	cfg.Token = "another-token"
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	sctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- NewServer(cfg, newMemApplier(), zerolog.Nop()).Serve(sctx, ln) }()
+
+	logs := &logBuf{}
+	fb := newMemApplier()
+	sh := NewShipper(shipperConfig(NodeAddr{Name: "eu1", Addr: addr}), func(ctx context.Context) (Applier, func(), error) { return fb, func() {}, nil }, logs.logger())
+	runShipper(t, sh)
+	for i := 1; i <= 3; i++ {
+		if err := sh.Send(ctx, mkTxn(i, 0)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "the fallback to carry the data", 20*time.Second, func() bool { return sh.Acked() == lsnOf(3) })
+	// Let it probe the node a few more times.
+	waitFor(t, "retries and probes", 20*time.Second, func() bool {
+		return strings.Count(logs.String(), `"node failed; retrying"`) >= 5
+	})
+	st := sh.Status()
+	if len(st.AuthRefused) != 1 || st.AuthRefused[0] != "eu1" || st.Path != PathFallback {
+		t.Fatalf("Status = %+v, want eu1 refusing the credentials and the fallback carrying the data", st)
+	}
+	if !strings.Contains(st.LastError, "wrong token") || st.LastErrorAt.IsZero() {
+		t.Fatalf("LastError = %q at %v, want the refusal and its time", st.LastError, st.LastErrorAt)
+	}
+	out := logs.String()
+	if n := strings.Count(out, "refuses this node's credentials"); n != 1 || !strings.Contains(out, "same auth.token") {
+		t.Fatalf("%d credential lines (want 1, naming auth.token):\n%s", n, out)
+	}
+	if strings.Contains(out, testToken) {
+		t.Fatalf("the token is in the log:\n%s", out)
+	}
+	stop()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+
+	// The operator fixes the token: the node comes back at the same
+	// address, the shipper returns to it and forgets the refusal.
+	ln, err = net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	app := newMemApplier()
+	serveOn(t, NewServer(serverConfig("eu", "eu1"), app, zerolog.Nop()), ln)
+	waitFor(t, "return to eu1", 20*time.Second, func() bool { return sh.Status().Path == "eu1" })
+	if st := sh.Status(); len(st.AuthRefused) != 0 || st.LastError != "" || !st.LastErrorAt.IsZero() {
+		t.Fatalf("after the fix Status = %+v, want no refusal and no error", st)
+	}
+	if !strings.Contains(logs.String(), "accept this node's credentials again") {
+		t.Fatalf("no line saying the credentials are accepted again:\n%s", logs.String())
+	}
+}
+
+// TestRejectCodeOnlyForNewShippers: the refusal code is sent to shippers
+// of protocol version 4 only; a version 3 shipper gets the Reject it can
+// decode (no trailing code byte) and the handshake still negotiates down.
+func TestRejectCodeOnlyForNewShippers(t *testing.T) {
+	srv := NewServer(serverConfig("eu", "eu1"), newMemApplier(), zerolog.Nop())
+	addr := serve(t, srv)
+	for _, tc := range []struct {
+		version uint16
+		code    rejectCode
+	}{{3, rejectUnspecified}, {4, rejectAuth}} {
+		c, fc := authDial(t, addr, hello{Version: tc.version, Region: "na", Node: "na1"}, "wrong")
+		f, err := fc.read(5 * time.Second)
+		c.Close()
+		r, ok := f.(*reject)
+		if !ok || err != nil || r.Code != tc.code || r.Reason != "wrong token" {
+			t.Fatalf("version %d: answer %T %+v, %v; want reject %q with code %d", tc.version, f, f, err, "wrong token", tc.code)
+		}
+	}
+	// A version 3 server's challenge is answered with a version 3 Hello.
+	c3, s3 := net.Pipe()
+	defer c3.Close()
+	go func() {
+		defer s3.Close()
+		fc := newFrameConn(s3, DefaultMaxFrame)
+		_ = fc.write(time.Second, &challenge{Version: 3})
+		f, _ := fc.read(time.Second)
+		if h, ok := f.(*hello); ok && h.Version == 3 {
+			_ = fc.write(time.Second, &welcome{Region: "eu", Node: "eu1"})
+			return
+		}
+		_ = fc.write(time.Second, &reject{Reason: fmt.Sprintf("got %+v", f)})
+	}()
+	f, err := clientHello(newFrameConn(c3, DefaultMaxFrame), time.Second, 0, "na", "na1", testToken)
+	if _, ok := f.(*welcome); !ok || err != nil {
+		t.Fatalf("against a version 3 server: %T %+v, %v; want welcome", f, f, err)
+	}
+}
+
+// TestSilentNodeNotCalledOld: a node that accepts the connection and says
+// nothing is reported as not answering in time, not as an old version.
+func TestSilentNodeNotCalledOld(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, _ = c.Read(make([]byte, 1)) // frozen: reads until the client gives up
+	}()
+	sh := NewShipper(shipperConfig(NodeAddr{Name: "ap1", Addr: ln.Addr().String()}), nil, zerolog.Nop())
+	_, _, err = sh.handshake(testCtx(t), 0, 0)
+	if err == nil || strings.Contains(err.Error(), "older") || strings.Contains(err.Error(), "protocol") ||
+		!strings.Contains(err.Error(), "did not answer within") {
+		t.Fatalf("handshake with a silent node = %v, want a 'did not answer' error that claims no version", err)
+	}
+	if AuthRefused(err) {
+		t.Fatalf("a silent node counts as refusing the credentials: %v", err)
 	}
 }

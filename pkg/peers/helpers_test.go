@@ -133,6 +133,12 @@ func serve(t *testing.T, srv *Server) string {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return serveOn(t, srv, ln)
+}
+
+// serveOn runs srv on ln until the test ends and returns its address.
+func serveOn(t *testing.T, srv *Server, ln net.Listener) string {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(ctx, ln) }()

@@ -38,11 +38,18 @@ type ProbeResult struct {
 // ErrUnreachable is wrapped by Probe's error when no connection could be
 // made (refused, timed out, TLS handshake failed); ErrRejected when the
 // node answered but refused the Hello (wrong token, region not accepted,
-// protocol version), with its reason in the message.
+// protocol version), with its reason in the message (a *RejectedError).
+// Whether either means that the node refused this node's credentials
+// (token or TLS certificates) is told by AuthRefused.
 var (
 	ErrUnreachable = errors.New("node unreachable")
 	ErrRejected    = errors.New("node rejected the hello")
 )
+
+// AuthRefused reports whether err (from Probe) says that the node refused
+// this node's credentials: auth.token, or the TLS certificates. That is a
+// configuration error of one of the two nodes, not an outage.
+func AuthRefused(err error) bool { return authRefused(err) }
 
 // Probe connects to one node, sends a Hello with the probe flag (the node
 // answers with Welcome and does nothing else for the source) and returns
@@ -92,7 +99,7 @@ func Probe(ctx context.Context, cfg ProbeConfig) (ProbeResult, error) {
 		}
 		return res, nil
 	case *reject:
-		return ProbeResult{}, fmt.Errorf("probe %s: %w: %s", cfg.Addr, ErrRejected, f.Reason)
+		return ProbeResult{}, fmt.Errorf("probe %s: %w", cfg.Addr, &RejectedError{Reason: f.Reason, code: f.Code})
 	default:
 		return ProbeResult{}, fmt.Errorf("probe %s: %w: %T instead of welcome", cfg.Addr, errFrame, f)
 	}

@@ -19,7 +19,12 @@ import (
 // (a random nonce) and the Hello carries HelloMAC over it, so the shared
 // token never crosses the wire. Servers and shippers of version 3 refuse
 // older peers with a clear reason; there is no fallback to a clear token.
-const ProtocolVersion = 3
+// Version 4 added a refusal code to Reject (see rejectCode), so that a
+// shipper tells refused credentials from other refusals without reading
+// the reason. The two ends speak the lower of their versions: a shipper
+// answers a version 3 Challenge with a version 3 Hello, and a server sends
+// a version 3 shipper its Reject without the code.
+const ProtocolVersion = 4
 
 // minProtocolVersion is the oldest shipper version a server accepts.
 const minProtocolVersion = 3
@@ -80,9 +85,24 @@ type welcome struct {
 }
 
 // reject refuses a connection; the receiver closes it after sending.
+// Code is on the wire from protocol version 4 on (absent, it reads as
+// rejectUnspecified).
 type reject struct {
 	Reason string
+	Code   rejectCode
 }
+
+// rejectCode classifies a Reject for the refused shipper.
+type rejectCode uint8
+
+// The refusal codes. Only rejectAuth means "this node's credentials are
+// wrong"; the others are reported with the node's reason.
+const (
+	rejectUnspecified rejectCode = iota // malformed first frame, progress unreadable, ...
+	rejectAuth                          // no or wrong token (HelloMAC)
+	rejectVersion                       // protocol version not spoken
+	rejectRegion                        // source region not accepted here
+)
 
 // ack says every transaction up to LSN is durable in the receiver's region.
 type ack struct {
@@ -172,6 +192,9 @@ func appendFrame(b []byte, f any) ([]byte, error) {
 	case *reject:
 		e.u8(frameReject)
 		e.str(f.Reason)
+		if f.Code != rejectUnspecified {
+			e.u8(uint8(f.Code))
+		}
 	case *ack:
 		e.u8(frameAck)
 		e.u64(uint64(f.LSN))
@@ -491,7 +514,11 @@ func decodeFrame(p []byte) (any, error) {
 			Progress: pglogrepl.LSN(d.u64("progress")),
 		}
 	case frameReject:
-		f = &reject{Reason: d.str("reason")}
+		r := &reject{Reason: d.str("reason")}
+		if d.err == nil && len(d.b) > 0 {
+			r.Code = rejectCode(d.u8("code"))
+		}
+		f = r
 	case frameAck:
 		f = &ack{LSN: pglogrepl.LSN(d.u64("lsn"))}
 	case frameNack:

@@ -187,16 +187,16 @@ func (s *Server) handle(ctx context.Context, nc net.Conn) {
 	}
 	f, err := fc.read(s.cfg.HelloTimeout)
 	if err != nil {
-		s.refuse(fc, log, "", "", fmt.Sprintf("first frame: %v", err))
+		s.refuse(fc, log, nil, &reject{Reason: fmt.Sprintf("first frame: %v", err)})
 		return
 	}
 	h, ok := f.(*hello)
 	if !ok {
-		s.refuse(fc, log, "", "", fmt.Sprintf("first frame is %T, not hello", f))
+		s.refuse(fc, log, nil, &reject{Reason: fmt.Sprintf("first frame is %T, not hello", f)})
 		return
 	}
-	if reason := s.check(h, ch.Nonce[:]); reason != "" {
-		s.refuse(fc, log, h.Region, h.Node, reason)
+	if r := s.check(h, ch.Nonce[:]); r != nil {
+		s.refuse(fc, log, h, r)
 		return
 	}
 	log = log.With().Str("source", h.Region).Str("source_node", h.Node).Logger()
@@ -206,7 +206,7 @@ func (s *Server) handle(ctx context.Context, nc net.Conn) {
 		progress, err := s.app.Progress(pctx, h.Region)
 		cancel()
 		if err != nil {
-			s.refuse(fc, log, h.Region, h.Node, fmt.Sprintf("progress: %v", err))
+			s.refuse(fc, log, h, &reject{Reason: fmt.Sprintf("progress: %v", err)})
 			return
 		}
 		_ = fc.write(s.cfg.HelloTimeout, &welcome{Region: s.cfg.Region, Node: s.cfg.Node, Progress: progress})
@@ -237,7 +237,7 @@ func (s *Server) handle(ctx context.Context, nc net.Conn) {
 	progress, err := s.app.Progress(pctx, h.Region)
 	pcancel()
 	if err != nil {
-		s.refuse(fc, log, h.Region, h.Node, fmt.Sprintf("progress: %v", err))
+		s.refuse(fc, log, h, &reject{Reason: fmt.Sprintf("progress: %v", err)})
 		return
 	}
 	if err := fc.write(s.cfg.HelloTimeout, &welcome{Region: s.cfg.Region, Node: s.cfg.Node, Progress: progress}); err != nil {
@@ -258,32 +258,45 @@ func (s *Server) handle(ctx context.Context, nc net.Conn) {
 	log.Info().AnErr("reason", err).Msg("peer disconnected")
 }
 
-// check validates a Hello answering the challenge nonce and returns why
-// it is refused, or "".
-func (s *Server) check(h *hello, nonce []byte) string {
+// check validates a Hello answering the challenge nonce and returns the
+// Reject that refuses it, or nil.
+func (s *Server) check(h *hello, nonce []byte) *reject {
 	if h.Version < minProtocolVersion || h.Version > ProtocolVersion {
-		return versionMismatch(h.Version)
+		return &reject{Reason: versionMismatch(h.Version), Code: rejectVersion}
 	}
 	if reason := checkMAC(s.cfg.Token, nonce, h); reason != "" {
-		return reason
+		return &reject{Reason: reason, Code: rejectAuth}
 	}
 	if h.Region == "" {
-		return "no source region"
+		return &reject{Reason: "no source region", Code: rejectRegion}
 	}
 	if h.Region == s.cfg.Region {
-		return fmt.Sprintf("source region %q is this node's own region", h.Region)
+		return &reject{Reason: fmt.Sprintf("source region %q is this node's own region", h.Region), Code: rejectRegion}
 	}
 	if !slices.Contains(s.cfg.AcceptRegions, h.Region) {
-		return fmt.Sprintf("source region %q is not accepted", h.Region)
+		return &reject{Reason: fmt.Sprintf("source region %q is not accepted", h.Region), Code: rejectRegion}
 	}
-	return ""
+	return nil
 }
 
-// refuse logs why a peer is refused (never its token) and sends it a
-// Reject, best effort.
-func (s *Server) refuse(fc *frameConn, log zerolog.Logger, region, node, reason string) {
-	log.Warn().Str("source", region).Str("source_node", node).Str("reason", reason).Msg("peer rejected")
-	_ = fc.write(time.Second, &reject{Reason: reason})
+// refuse logs why a peer is refused (never its token) and sends it r,
+// best effort. h is the peer's Hello, nil when none was read; a peer of
+// protocol version 3 or none gets the Reject without its code, which it
+// could not decode.
+func (s *Server) refuse(fc *frameConn, log zerolog.Logger, h *hello, r *reject) {
+	var region, node string
+	if h != nil {
+		region, node = h.Region, h.Node
+	}
+	ev := log.Warn().Str("source", region).Str("source_node", node).Str("reason", r.Reason)
+	if r.Code == rejectAuth {
+		ev = ev.Str("fix", "give both nodes the same auth.token")
+	}
+	ev.Msg("peer rejected")
+	if h == nil || h.Version < 4 {
+		r = &reject{Reason: r.Reason}
+	}
+	_ = fc.write(time.Second, r)
 }
 
 // takeOver registers st as the stream of a source region, ending and

@@ -264,6 +264,12 @@ func TestMutualTLS(t *testing.T) {
 	}
 	rogue := ship(rogueTLS, 1)
 	waitFor(t, "rogue shipper to fail", 10*time.Second, func() bool { return rogue.Status().Retries >= 1 })
+	// The refused certificate is a refusal of the credentials, as a
+	// wrong token is.
+	waitFor(t, "rogue shipper to report the refused certificate", 10*time.Second, func() bool {
+		st := rogue.Status()
+		return len(st.AuthRefused) == 1 && st.AuthRefused[0] == "eu1"
+	})
 	if got := app.appliedLSNs(); len(got) != 0 {
 		t.Fatalf("applied %v from a client with an unknown CA", got)
 	}

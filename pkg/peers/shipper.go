@@ -8,6 +8,7 @@ import (
 	"io"
 	"math/rand"
 	"net"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -147,8 +148,17 @@ type Status struct {
 	Fallbacks  int
 	Recoveries int
 	Halts      int
-	LastError  string
-	LastAckAt  time.Time
+	// LastError is the last failure of any path and LastErrorAt when it
+	// happened; both are cleared when the preferred node takes the
+	// traffic again.
+	LastError   string
+	LastErrorAt time.Time
+	LastAckAt   time.Time
+	// AuthRefused names the region's nodes that refused this node's
+	// credentials (auth.token, or the TLS certificates) at their last
+	// handshake, in node order; empty when none did. Another node or the
+	// direct-SQL fallback may carry the traffic meanwhile.
+	AuthRefused []string
 }
 
 // Shipper delivers one source region's transactions to one target region
@@ -168,6 +178,7 @@ type Shipper struct {
 	halted      string        // non-empty while halted
 	haltedAt    pglogrepl.LSN // the transaction the halt is about
 	st          Status        // counters, LastError, LastAckAt
+	refused     []bool        // by node index: refused this node's credentials at the last handshake
 }
 
 type entry struct {
@@ -249,6 +260,12 @@ func (s *Shipper) Status() Status {
 	st.Sent = s.sent
 	st.WindowBytes = s.bytes
 	st.WindowTxns = len(s.window)
+	st.AuthRefused = nil
+	for i, r := range s.refused {
+		if r {
+			st.AuthRefused = append(st.AuthRefused, s.cfg.Nodes[i].Name)
+		}
+	}
 	return st
 }
 
@@ -317,6 +334,13 @@ func (s *Shipper) overdue(heard time.Time) bool {
 	return time.Since(last) > s.cfg.AckTimeout
 }
 
+// clearError forgets LastError.
+func (s *Shipper) clearError() {
+	s.mu.Lock()
+	s.st.LastError, s.st.LastErrorAt = "", time.Time{}
+	s.mu.Unlock()
+}
+
 func (s *Shipper) setPath(p string) {
 	s.mu.Lock()
 	s.path = p
@@ -328,7 +352,7 @@ func (s *Shipper) setPath(p string) {
 func (s *Shipper) note(err error, count *int) {
 	s.mu.Lock()
 	if err != nil {
-		s.st.LastError = err.Error()
+		s.st.LastError, s.st.LastErrorAt = err.Error(), time.Now()
 	}
 	if count != nil {
 		*count++
@@ -354,7 +378,7 @@ func (s *Shipper) halt(h *haltError) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	msg := h.Error()
-	s.st.LastError = msg
+	s.st.LastError, s.st.LastErrorAt = msg, time.Now()
 	if s.halted == msg {
 		return
 	}
@@ -487,14 +511,56 @@ func (s *Shipper) dial(ctx context.Context, addr string) (net.Conn, error) {
 	defer cancel()
 	if err := tc.HandshakeContext(hctx); err != nil {
 		nc.Close()
-		return nil, err
+		return nil, tlsRefused(err)
 	}
 	return tc, nil
 }
 
-// handshake reads the node's Challenge, sends the signed Hello and waits
-// for Welcome.
+// handshake connects to node i and records whether it refused this
+// node's credentials (see Status.AuthRefused).
 func (s *Shipper) handshake(ctx context.Context, i int, flags uint8) (*frameConn, *welcome, error) {
+	fc, w, err := s.hello(ctx, i, flags)
+	switch {
+	case err == nil:
+		s.credentials(i, nil)
+	case authRefused(err):
+		s.credentials(i, err)
+	}
+	return fc, w, err
+}
+
+// credentials records that node i accepted (refusal nil) or refused this
+// node's credentials. The first refusal while no node of the region
+// refuses is logged once at error, with the fix; so is the end of the
+// last refusal. A refusal is also the target's LastError.
+func (s *Shipper) credentials(i int, refusal error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.refused == nil {
+		s.refused = make([]bool, len(s.cfg.Nodes))
+	}
+	before := slices.Contains(s.refused, true)
+	s.refused[i] = refusal != nil
+	after := slices.Contains(s.refused, true)
+	if refusal != nil {
+		s.st.LastError, s.st.LastErrorAt = refusal.Error(), time.Now()
+	}
+	switch {
+	case after && !before:
+		meanwhile := "the region's other nodes, if they accept, or the direct-SQL fallback carry the changes meanwhile"
+		if s.fallback == nil && len(s.cfg.Nodes) == 1 {
+			meanwhile = "the region receives nothing meanwhile and the slot retains WAL"
+		}
+		s.log.Error().Str("node", s.cfg.Nodes[i].Name).Str("error", refusal.Error()).
+			Msg("the node refuses this node's credentials: give both nodes the same auth.token (and, with auth.tls, certificates signed by the CA the other trusts); " + meanwhile)
+	case before && !after:
+		s.log.Info().Str("node", s.cfg.Nodes[i].Name).Msg("the region's nodes accept this node's credentials again")
+	}
+}
+
+// hello reads the node's Challenge, sends the signed Hello and waits for
+// Welcome.
+func (s *Shipper) hello(ctx context.Context, i int, flags uint8) (*frameConn, *welcome, error) {
 	n := s.cfg.Nodes[i]
 	nc, err := s.dial(ctx, n.Addr)
 	if err != nil {
@@ -520,7 +586,7 @@ func (s *Shipper) handshake(ctx context.Context, i int, flags uint8) (*frameConn
 		return fc, f, nil
 	case *reject:
 		nc.Close()
-		return nil, nil, fmt.Errorf("hello %s: rejected: %s", n.Name, f.Reason)
+		return nil, nil, fmt.Errorf("hello %s: %w", n.Name, &RejectedError{Reason: f.Reason, code: f.Code})
 	default:
 		nc.Close()
 		return nil, nil, fmt.Errorf("hello %s: %w: %T instead of welcome", n.Name, errFrame, f)
@@ -582,6 +648,11 @@ func (s *Shipper) session(ctx context.Context, i int) (progressed bool, err erro
 		progressed = true
 	}
 	s.setPath(name)
+	if i == 0 {
+		// The preferred node carries the traffic: earlier failures are
+		// history (the path switches keep them).
+		s.clearError()
+	}
 	s.log.Info().Str("node", name).Stringer("progress", w.Progress).Msg("connected")
 
 	var heard atomic.Int64
