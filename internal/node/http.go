@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -44,7 +45,9 @@ type PeerNodes struct {
 
 // TargetStatus is the state of shipping to one peer region.
 type TargetStatus struct {
-	Region      string `json:"region"`
+	Region string `json:"region"`
+	// State sums the target up for an operator: see the State constants.
+	State       string `json:"state"`
 	Path        string `json:"path"`
 	Acked       string `json:"acked_lsn"`
 	LagBytes    uint64 `json:"lag_bytes"`
@@ -55,6 +58,13 @@ type TargetStatus struct {
 	Fallbacks   int    `json:"fallbacks"`
 	Recoveries  int    `json:"recoveries"`
 	LastError   string `json:"last_error,omitempty"`
+	// LastErrorAt is when LastError happened; the error is cleared when
+	// the region's preferred node carries the traffic again.
+	LastErrorAt *time.Time `json:"last_error_at,omitempty"`
+	// AuthRefused names the region's nodes that refuse this node's
+	// credentials (auth.token or TLS certificates): a configuration error
+	// on one of the two sides, whatever path carries the data meanwhile.
+	AuthRefused []string `json:"auth_refused,omitempty"`
 	// LagSeconds is the time since the source commit of the oldest
 	// transaction sent to the region and not yet acknowledged; 0 when
 	// everything sent is acknowledged.
@@ -62,6 +72,35 @@ type TargetStatus struct {
 	// LastHour counts path events of the last 60 minutes (over every
 	// reader term of this node).
 	LastHour HourCounts `json:"last_hour"`
+}
+
+// The target states, worst first: a refused credential outranks the path,
+// since it does not mend itself.
+const (
+	StateAuthRefused = "auth refused" // a node refuses this node's credentials
+	StateHalted      = "halted"       // a permanent apply error
+	StateFallback    = "fallback"     // the direct-SQL fallback carries the traffic
+	StateRetrying    = "retrying"     // no path is established
+	StateStandby     = "standby"      // this node does not ship
+	StateOK          = "ok"
+)
+
+// targetState returns the State of a target with path and the nodes that
+// refuse this node's credentials.
+func targetState(path string, refused []string) string {
+	switch {
+	case len(refused) > 0:
+		return StateAuthRefused
+	case strings.HasPrefix(path, "halted"):
+		return StateHalted
+	case path == peers.PathFallback:
+		return StateFallback
+	case path == peers.PathConnecting:
+		return StateRetrying
+	case strings.HasPrefix(path, "not shipping"):
+		return StateStandby
+	}
+	return StateOK
 }
 
 // HourCounts are path events of the last hour.
@@ -94,13 +133,15 @@ func (n *Node) Status() Status {
 	n.mu.Unlock()
 	if shippers == nil {
 		for _, p := range n.cfg.Peers {
-			st.Targets = append(st.Targets, TargetStatus{Region: p.Region, Path: "not shipping (" + string(role) + ")"})
+			path := "not shipping (" + string(role) + ")"
+			st.Targets = append(st.Targets, TargetStatus{Region: p.Region, State: targetState(path, nil), Path: path})
 		}
 	}
 	for _, s := range shippers {
 		ss := s.Status()
 		ts := TargetStatus{
 			Region:      ss.Target,
+			State:       targetState(ss.Path, ss.AuthRefused),
 			Path:        ss.Path,
 			Acked:       ss.Acked.String(),
 			WindowTxns:  ss.WindowTxns,
@@ -110,6 +151,11 @@ func (n *Node) Status() Status {
 			Fallbacks:   ss.Fallbacks,
 			Recoveries:  ss.Recoveries,
 			LastError:   ss.LastError,
+			AuthRefused: ss.AuthRefused,
+		}
+		if !ss.LastErrorAt.IsZero() {
+			at := ss.LastErrorAt.UTC()
+			ts.LastErrorAt = &at
 		}
 		if last > ss.Acked {
 			ts.LagBytes = uint64(last - ss.Acked)

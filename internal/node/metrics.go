@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -255,6 +256,7 @@ type collector struct {
 	reader, lag, lagSeconds, acked, inflightBytes, inflightTxns *prometheus.Desc
 	retries, failovers, fallbacks, recoveries, halts, halted    *prometheus.Desc
 	decoded, conflicts, applied, up                             *prometheus.Desc
+	authRefused                                                 *prometheus.Desc
 }
 
 func newCollector(m *monitor) *collector {
@@ -282,13 +284,14 @@ func newCollector(m *monitor) *collector {
 		conflicts:     d("prism_conflicts", "Rows in prism.conflicts of this region's database (resolved conflicts).", nil),
 		applied:       d("prism_applied_lsn", "Origin progress of a source region in this region's database: the end LSN of the last applied transaction; its rate is the apply rate in WAL bytes.", []string{"source"}),
 		up:            d("prism_database_up", "1 when this region's database answered the last metrics query.", nil),
+		authRefused:   d("prism_peer_auth_refused", "1 while the target region's node peer refuses this node's credentials (auth.token or TLS certificates): a configuration error, not an outage.", []string{"target", "peer"}),
 	}
 }
 
 // Describe implements prometheus.Collector.
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.reader, c.lag, c.lagSeconds, c.acked, c.inflightBytes, c.inflightTxns,
-		c.retries, c.failovers, c.fallbacks, c.recoveries, c.halts, c.halted, c.decoded, c.conflicts, c.applied, c.up} {
+		c.retries, c.failovers, c.fallbacks, c.recoveries, c.halts, c.halted, c.decoded, c.conflicts, c.applied, c.up, c.authRefused} {
 		ch <- d
 	}
 }
@@ -327,6 +330,18 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			halted = 1
 		}
 		g(c.halted, halted, t.Region)
+		for _, p := range c.m.n.cfg.Peers {
+			if p.Region != t.Region {
+				continue
+			}
+			for _, pn := range p.Nodes {
+				refused := 0.0
+				if slices.Contains(t.AuthRefused, pn.Name) {
+					refused = 1
+				}
+				g(c.authRefused, refused, t.Region, pn.Name)
+			}
+		}
 	}
 	k(c.decoded, float64(c.m.decodedTotal()))
 	f := c.m.facts(context.Background())

@@ -4,7 +4,9 @@ package node
 // /status every second and draws this node's region and every peer region
 // with their nodes as an SVG, each link coloured by its state (ok green;
 // retrying, fallback or standby amber; halted or node down red), with the
-// lag and the recent path switches. It loads nothing from elsewhere.
+// lag and the recent path switches. A target whose nodes refuse this
+// node's credentials is red ("auth-refused") whatever path carries its
+// data. It loads nothing from elsewhere.
 const statusPage = `<!doctype html>
 <html lang="en">
 <head>
@@ -18,7 +20,7 @@ svg { background: #fff; border: 1px solid #ddd; border-radius: 6px; }
 .link { stroke-width: 6; stroke-linecap: round; }
 .state-ok { stroke: #2e9e44; fill: #2e9e44; }
 .state-retrying, .state-fallback, .state-standby { stroke: #e0a100; fill: #e0a100; }
-.state-halted, .state-down { stroke: #d2322d; fill: #d2322d; }
+.state-halted, .state-down, .state-auth-refused { stroke: #d2322d; fill: #d2322d; }
 .region { fill: #eef3fb; stroke: #6b8bc3; stroke-width: 2; }
 .node { fill: #fff; stroke: #6b8bc3; }
 .node.active { fill: #cfe9d4; stroke: #2e9e44; stroke-width: 2; }
@@ -30,7 +32,7 @@ th { background: #f0f0f0; }
 .badge { display: inline-block; padding: 0 6px; border-radius: 4px; color: #fff; }
 .badge.state-ok { background: #2e9e44; }
 .badge.state-retrying, .badge.state-fallback, .badge.state-standby { background: #e0a100; }
-.badge.state-halted, .badge.state-down { background: #d2322d; }
+.badge.state-halted, .badge.state-down, .badge.state-auth-refused { background: #d2322d; }
 </style>
 </head>
 <body>
@@ -51,6 +53,7 @@ function el(name, attrs, text) {
 }
 function stateOf(t, down) {
   if (down) return "down";
+  if ((t.auth_refused || []).length > 0) return "auth-refused";
   const p = t.path || "";
   if (p.startsWith("halted")) return "halted";
   if (p === "sql fallback") return "fallback";
@@ -116,7 +119,9 @@ function draw(st, down) {
     cell(tr, fmtBytes(t.lag_bytes || 0)); cell(tr, (t.lag_seconds || 0).toFixed(1));
     cell(tr, t.window_txns + " txns, " + fmtBytes(t.window_bytes || 0));
     cell(tr, (h.retries || 0) + " / " + (h.failovers || 0) + " / " + (h.fallbacks || 0) + "  (total " + t.retries + " / " + t.failovers + " / " + t.fallbacks + ")");
-    cell(tr, t.last_error || "");
+    cell(tr, (t.auth_refused || []).length > 0
+      ? "refused by " + t.auth_refused.join(", ") + ": give both nodes the same auth.token (and TLS CA). " + (t.last_error || "")
+      : (t.last_error_at ? t.last_error_at.replace("T", " ").replace(/\.\d+Z$/, "Z") + ": " : "") + (t.last_error || ""));
     tb.appendChild(tr);
   }
   const sb = document.querySelector("#switches tbody");

@@ -43,7 +43,8 @@ func chromium(t *testing.T) string {
 
 // pageFixture runs a node with three live shippers towards three regions:
 // eu acknowledges (ok), as does not answer (retrying) and ap halts on a
-// permanent apply error. It returns the node's HTTP server.
+// permanent apply error; a fourth, sa, refuses the shipper's token. It
+// returns the node's HTTP server.
 func pageFixture(t *testing.T) (*Node, *httptest.Server) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -53,13 +54,13 @@ func pageFixture(t *testing.T) (*Node, *httptest.Server) {
 		t.Fatal(err)
 	}
 	var wg sync.WaitGroup
-	serve := func(region, node, source string) string {
+	serve := func(region, node, source, token string) string {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
 			t.Fatal(err)
 		}
 		app := apply.NewApplier(pool, zerolog.Nop(), apply.WithLocalRegion(region))
-		srv := peers.NewServer(peers.ServerConfig{Region: region, Node: node, Token: "tok", Insecure: true, AcceptRegions: []string{source}}, app, zerolog.Nop())
+		srv := peers.NewServer(peers.ServerConfig{Region: region, Node: node, Token: token, Insecure: true, AcceptRegions: []string{source}}, app, zerolog.Nop())
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -67,10 +68,11 @@ func pageFixture(t *testing.T) (*Node, *httptest.Server) {
 		}()
 		return ln.Addr().String()
 	}
-	euAddr := serve("eu", "eu1", "na")
+	euAddr := serve("eu", "eu1", "na", "tok")
 	// ap's server applies into the same cluster, so its shipper uses its
 	// own source name and origin.
-	apAddr := serve("ap", "ap1", "na-ap")
+	apAddr := serve("ap", "ap1", "na-ap", "tok")
+	saAddr := serve("sa", "sa1", "na-sa", "another-tok")
 	closed, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -82,6 +84,7 @@ func pageFixture(t *testing.T) (*Node, *httptest.Server) {
 		{Region: "eu", Nodes: []config.PeerNode{{Name: "eu1", Addr: euAddr}, {Name: "eu2", Addr: "127.0.0.1:1"}}},
 		{Region: "as", Nodes: []config.PeerNode{{Name: "as1", Addr: asAddr}}},
 		{Region: "ap", Nodes: []config.PeerNode{{Name: "ap1", Addr: apAddr}}},
+		{Region: "sa", Nodes: []config.PeerNode{{Name: "sa1", Addr: saAddr}}},
 	}, Database: db.DSN("postgres")}
 	n := New(cfg, zerolog.Nop())
 	n.startedAt = time.Now()
@@ -92,7 +95,7 @@ func pageFixture(t *testing.T) (*Node, *httptest.Server) {
 			AckTimeout: 500 * time.Millisecond, Backoff: 50 * time.Millisecond, MaxBackoff: 200 * time.Millisecond, Seed: 7,
 		}, nil, zerolog.Nop())
 	}
-	tm := &term{shippers: []*peers.Shipper{ship("na", "eu", euAddr), ship("na", "as", asAddr), ship("na-ap", "ap", apAddr)}}
+	tm := &term{shippers: []*peers.Shipper{ship("na", "eu", euAddr), ship("na", "as", asAddr), ship("na-ap", "ap", apAddr), ship("na-sa", "sa", saAddr)}}
 	tctx, tcancel := context.WithCancel(ctx)
 	tm.cancel = tcancel
 	for _, s := range tm.shippers {
@@ -167,8 +170,8 @@ func TestStatusMetricsAndPage(t *testing.T) {
 	var st Status
 	for {
 		st = getStatus(t, srv.URL)
-		eu, as, ap := target(st, "eu"), target(st, "as"), target(st, "ap")
-		if eu.Path == "eu1" && eu.LagBytes == 0 && as.LastHour.Retries > 0 && strings.HasPrefix(ap.Path, "halted") {
+		eu, as, ap, sa := target(st, "eu"), target(st, "as"), target(st, "ap"), target(st, "sa")
+		if eu.Path == "eu1" && eu.LagBytes == 0 && as.LastHour.Retries > 0 && strings.HasPrefix(ap.Path, "halted") && len(sa.AuthRefused) > 0 {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -178,6 +181,15 @@ func TestStatusMetricsAndPage(t *testing.T) {
 	}
 	if as := target(st, "as"); as.LagSeconds < 3 || as.LagBytes != 0x100 {
 		t.Errorf("as lag = %.1fs %d bytes, want >= 3s (oldest unacknowledged commit) and 256 bytes", as.LagSeconds, as.LagBytes)
+	}
+	if sa := target(st, "sa"); sa.State != StateAuthRefused || len(sa.AuthRefused) != 1 || sa.AuthRefused[0] != "sa1" ||
+		!strings.Contains(sa.LastError, "wrong token") || sa.LastErrorAt == nil {
+		t.Errorf("sa = %+v, want state %q, refused by sa1, with the error and its time", sa, StateAuthRefused)
+	}
+	for region, want := range map[string]string{"eu": StateOK, "as": StateRetrying, "ap": StateHalted} {
+		if got := target(st, region).State; got != want {
+			t.Errorf("%s state = %q, want %q", region, got, want)
+		}
 	}
 	if eu := target(st, "eu"); eu.LagSeconds != 0 {
 		t.Errorf("eu lag = %.1fs, want 0 (caught up)", eu.LagSeconds)
@@ -205,6 +217,8 @@ func TestStatusMetricsAndPage(t *testing.T) {
 		`prism_reader{node="na1",region="na"} 1`,
 		`prism_halts_total{node="na1",region="na",target="ap"} 1`,
 		`prism_database_up{node="na1",region="na"} 1`,
+		`prism_peer_auth_refused{node="na1",peer="sa1",region="na",target="sa"} 1`,
+		`prism_peer_auth_refused{node="na1",peer="eu1",region="na",target="eu"} 0`,
 		`prism_applied_lsn{node="na1",region="na",source="na"} 256`,
 		"# TYPE prism_retries_total counter",
 		"go_goroutines",
@@ -245,6 +259,8 @@ func TestStatusMetricsAndPage(t *testing.T) {
 		`data-region="eu" data-state="ok"`,
 		`data-region="as" data-state="retrying"`,
 		`data-region="ap" data-state="halted"`,
+		`data-region="sa" data-state="auth-refused"`,
+		"refused by sa1: give both nodes the same auth.token",
 		">region eu<", ">region as<", ">region ap<", ">eu2<",
 		"connecting", // the switch table
 	} {
