@@ -46,14 +46,18 @@ type slotFacts struct {
 // peer's database.
 type targetReport struct {
 	Region string `json:"region"`
-	// From the node (empty when it does not answer).
-	Path       string          `json:"path,omitempty"`
-	AckedLSN   string          `json:"acked_lsn,omitempty"`
-	LagBytes   uint64          `json:"lag_bytes"`
-	LagSeconds float64         `json:"lag_seconds"`
-	InFlight   int             `json:"in_flight_txns"`
-	LastHour   node.HourCounts `json:"last_hour"`
-	LastError  string          `json:"last_error,omitempty"`
+	// From the node (empty when it does not answer; the lag is then
+	// unknown and absent).
+	State       string          `json:"state,omitempty"`
+	Path        string          `json:"path,omitempty"`
+	AckedLSN    string          `json:"acked_lsn,omitempty"`
+	LagBytes    *uint64         `json:"lag_bytes,omitempty"`
+	LagSeconds  *float64        `json:"lag_seconds,omitempty"`
+	InFlight    int             `json:"in_flight_txns"`
+	LastHour    node.HourCounts `json:"last_hour"`
+	LastError   string          `json:"last_error,omitempty"`
+	LastErrorAt *time.Time      `json:"last_error_at,omitempty"`
+	AuthRefused []string        `json:"auth_refused,omitempty"`
 	// From the peer region's database: the progress of origin
 	// prism_<this region>, and the WAL this region wrote since it.
 	AppliedLSN      string `json:"applied_lsn,omitempty"`
@@ -95,7 +99,7 @@ func statusCommand(fs *flag.FlagSet) nodeAction {
 			return exitFail
 		}
 		for _, t := range rep.Targets {
-			if strings.HasPrefix(t.Path, "halted") {
+			if t.State == node.StateHalted || t.State == node.StateAuthRefused {
 				return exitFail
 			}
 		}
@@ -166,8 +170,10 @@ func dbFacts(ctx context.Context, cfg *config.Config, rep *statusReport) {
 	for _, p := range cfg.Peers {
 		t := targetReport{Region: p.Region}
 		if ns, ok := byRegion[p.Region]; ok {
-			t.Path, t.AckedLSN, t.LagBytes, t.LagSeconds = ns.Path, ns.Acked, ns.LagBytes, ns.LagSeconds
-			t.InFlight, t.LastHour, t.LastError = ns.WindowTxns, ns.LastHour, ns.LastError
+			t.State, t.Path, t.AckedLSN = ns.State, ns.Path, ns.Acked
+			t.LagBytes, t.LagSeconds = &ns.LagBytes, &ns.LagSeconds
+			t.InFlight, t.LastHour = ns.WindowTxns, ns.LastHour
+			t.LastError, t.LastErrorAt, t.AuthRefused = ns.LastError, ns.LastErrorAt, ns.AuthRefused
 		}
 		if p.Database != "" {
 			applied, err := originProgress(ctx, p.Database, "prism_"+cfg.Region)
@@ -211,7 +217,11 @@ func printStatus(w io.Writer, rep statusReport) {
 		if st.RoleReason != "" {
 			fmt.Fprintf(w, " (%s)", st.RoleReason)
 		}
-		fmt.Fprintf(w, ", up %s, last read %s, slot confirmed %s, %d txns decoded\n", st.Uptime, st.LastRead, st.Confirmed, st.Decoded)
+		confirmed := st.Confirmed
+		if confirmed == "0/0" || confirmed == "" {
+			confirmed = "nothing yet"
+		}
+		fmt.Fprintf(w, ", up %s, last read %s, confirmed by this node %s, %d txns decoded\n", st.Uptime, st.LastRead, confirmed, st.Decoded)
 	} else {
 		fmt.Fprintf(w, "NOTE: %s\nshowing the databases' facts only: no path, lag in seconds, in-flight or retry counts\n", rep.NodeError)
 	}
@@ -230,22 +240,58 @@ func printStatus(w io.Writer, rep statusReport) {
 	}
 	fmt.Fprintln(w)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "TARGET\tPATH\tACKED LSN\tLAG BYTES\tLAG SECONDS\tIN FLIGHT\tRETRIES 1H\tFAILOVERS 1H\tFALLBACKS 1H\tAPPLIED THERE\tWAL SINCE\tLAST ERROR")
+	fmt.Fprintln(tw, "TARGET\tSTATE\tPATH\tACKED LSN\tLAG BYTES\tLAG SECONDS\tIN FLIGHT\tRETRIES 1H\tFAILOVERS 1H\tFALLBACKS 1H\tAPPLIED THERE\tWAL SINCE\tLAST ERROR")
+	now := time.Now()
+	var refused []targetReport
 	for _, t := range rep.Targets {
-		path, acked := t.Path, t.AckedLSN
+		state, path, acked := t.State, t.Path, t.AckedLSN
 		if rep.Node == nil {
-			path, acked = "(node down)", "-"
+			state, path, acked = "node down", "-", "-"
+		}
+		lagBytes, lagSeconds := "unknown", "unknown"
+		if t.LagBytes != nil && t.LagSeconds != nil {
+			lagBytes, lagSeconds = fmt.Sprint(*t.LagBytes), fmt.Sprintf("%.1f", *t.LagSeconds)
 		}
 		applied := t.AppliedLSN
 		if t.DBError != "" {
 			applied = "unreachable"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%.1f\t%d\t%d\t%d\t%d\t%s\t%d\t%s\n", t.Region, path, acked, t.LagBytes, t.LagSeconds, t.InFlight,
-			t.LastHour.Retries, t.LastHour.Failovers, t.LastHour.Fallbacks, applied, t.WALSinceApplied, t.LastError)
+		if len(t.AuthRefused) > 0 {
+			refused = append(refused, t)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%s\t%d\t%s\n", t.Region, state, path, acked, lagBytes, lagSeconds, t.InFlight,
+			t.LastHour.Retries, t.LastHour.Failovers, t.LastHour.Fallbacks, applied, t.WALSinceApplied, errorCell(t.LastError, t.LastErrorAt, now))
 	}
 	tw.Flush()
+	for _, t := range refused {
+		fmt.Fprintf(w, "\nAUTH REFUSED: node %s of region %s refuses this node's credentials. Give both nodes the same auth.token (and, with auth.tls, certificates signed by a CA the other trusts), then restart the node whose config changed.\n",
+			strings.Join(t.AuthRefused, ", "), t.Region)
+	}
+	if rep.Node == nil {
+		fmt.Fprintln(w, "\nLAG BYTES / LAG SECONDS: unknown while the node is down; WAL SINCE is the database's figure.")
+	}
 	fmt.Fprintln(w, "\nLAG SECONDS: time since the source commit of the oldest transaction the region has not acknowledged (0 when caught up).")
 	fmt.Fprintln(w, "APPLIED THERE / WAL SINCE: origin prism_"+rep.Region+" in the region's database, and this region's WAL written after it (an upper bound on the lag: it includes WAL that is not shipped).")
 }
 
 func parseLSN(s string) (pglogrepl.LSN, error) { return pglogrepl.ParseLSN(s) }
+
+// maxErrorCell bounds the LAST ERROR cell, in runes.
+const maxErrorCell = 100
+
+// errorCell renders a last error for the table: how long ago it happened,
+// then the message on one line (line breaks and tabs, which would break
+// the table, become spaces), cut to maxErrorCell runes with an ellipsis.
+func errorCell(msg string, at *time.Time, now time.Time) string {
+	if msg == "" {
+		return "-"
+	}
+	msg = strings.Join(strings.Fields(msg), " ")
+	if r := []rune(msg); len(r) > maxErrorCell {
+		msg = string(r[:maxErrorCell-1]) + "…"
+	}
+	if at != nil {
+		msg = fmt.Sprintf("%s ago: %s", now.Sub(*at).Round(time.Second), msg)
+	}
+	return msg
+}

@@ -7,10 +7,16 @@ import (
 	"fmt"
 	"net"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/rs/zerolog"
+
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
+	"github.com/prism-cdc/prism-cdc/pkg/apply"
+	"github.com/prism-cdc/prism-cdc/pkg/peers"
 )
 
 // TestStatusNodeDown: with the node down, status still reports the
@@ -49,7 +55,7 @@ peers:
 	code := run(ctx, []string{"status", "--config", cfg}, &stdout, &stderr)
 	out := stdout.String()
 	if code != exitFail || !strings.Contains(out, "NOTE: node na1 does not answer on "+httpAddr) ||
-		!strings.Contains(out, "slot prism_na not streaming") || !strings.Contains(out, "(node down)") {
+		!strings.Contains(out, "slot prism_na not streaming") || !strings.Contains(out, "node down") {
 		t.Fatalf("status(node down) = %d, want %d with a note and database facts\n%s%s", code, exitFail, out, &stderr)
 	}
 	stdout.Reset()
@@ -62,4 +68,123 @@ peers:
 		len(rep.Targets) != 1 || rep.Targets[0].AppliedLSN != "0/100" || rep.Targets[0].WALSinceApplied <= 0 {
 		t.Fatalf("status --json = %d %+v", code, rep)
 	}
+	// The node's lag is unknown, not zero, while the slot retains WAL.
+	if tr := rep.Targets[0]; tr.LagBytes != nil || tr.LagSeconds != nil || strings.Contains(stdout.String(), `"lag_bytes"`) {
+		t.Fatalf("status --json with the node down reports a lag: %s", &stdout)
+	}
+	var row string
+	for _, l := range strings.Split(out, "\n") {
+		if strings.HasPrefix(l, "eu ") {
+			row = l
+		}
+	}
+	if f := strings.Fields(row); len(f) < 6 || f[1] != "node" || f[5] != "unknown" || f[6] != "unknown" {
+		t.Fatalf("eu row %q, want state 'node down' and lag unknown\n%s", row, out)
+	}
+}
+
+// TestErrorCell: a last error takes one line of the table, whatever it
+// contains, with its age.
+func TestErrorCell(t *testing.T) {
+	now := time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)
+	at := now.Add(-90 * time.Second)
+	long := strings.Repeat("x", 300)
+	tests := []struct {
+		name, msg string
+		at        *time.Time
+		want      string
+	}{
+		{"none", "", nil, "-"},
+		{"aged", "connect eu1: connection refused", &at, "1m30s ago: connect eu1: connection refused"},
+		{"multi-line", "apply:\n\tline two\r\nline three", nil, "apply: line two line three"},
+		{"long", long, nil, strings.Repeat("x", maxErrorCell-1) + "…"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := errorCell(tc.msg, tc.at, now); got != tc.want {
+				t.Fatalf("errorCell(%q) = %q, want %q", tc.msg, got, tc.want)
+			}
+		})
+	}
+}
+
+// TestStatusAuthRefused: a running node whose peer refuses its token shows
+// the target as "auth refused" with the fix, and status exits 1, while
+// the direct-SQL fallback carries the data.
+func TestStatusAuthRefused(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	na := pgtest.Start(t, pgtest.Options{Name: "status-auth-na"})
+	eu := pgtest.Start(t, pgtest.Options{Name: "status-auth-eu"})
+	for _, c := range []*pgtest.Cluster{na, eu} {
+		if err := c.Exec(ctx, "postgres", "CREATE TABLE t (id int PRIMARY KEY)"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pool, err := pgxpool.New(ctx, eu.DSN("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sctx, stop := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer stop()
+	srv := peers.NewServer(peers.ServerConfig{Region: "eu", Node: "eu1", Token: "eu-token", Insecure: true, AcceptRegions: []string{"na"}},
+		apply.NewApplier(pool, zerolog.Nop(), apply.WithLocalRegion("eu")), zerolog.Nop())
+	wg.Add(1)
+	go func() { defer wg.Done(); srv.Serve(sctx, ln) }()
+
+	free := func() string {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		return l.Addr().String()
+	}
+	httpAddr := free()
+	cfg := writeFile(t, "na1.yaml", fmt.Sprintf(`node: na1
+region: na
+database: %q
+listen: %q
+http: %q
+auth: {token: na-token, insecure: true}
+delivery: {ack_timeout: 500ms, retries: 1, backoff: 50ms, max_backoff: 200ms}
+peers:
+  - {region: eu, nodes: [{name: eu1, addr: %q}], database: %q}
+`, na.DSN("postgres"), free(), httpAddr, ln.Addr().String(), eu.DSN("postgres")))
+	var nodeOut, nodeErr bytes.Buffer
+	rctx, rcancel := context.WithCancel(ctx)
+	wg.Add(1)
+	go func() { defer wg.Done(); run(rctx, []string{"run", "--config", cfg}, &nodeOut, &nodeErr) }()
+	defer rcancel()
+
+	if err := na.Exec(ctx, "postgres", "INSERT INTO t VALUES (1)"); err != nil {
+		t.Fatal(err)
+	}
+	var out string
+	var code int
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		var stdout, stderr bytes.Buffer
+		code = run(ctx, []string{"status", "--config", cfg}, &stdout, &stderr)
+		out = stdout.String()
+		if strings.Contains(out, "AUTH REFUSED") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("status never showed the refused token (exit %d):\n%s%s", code, out, &stderr)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if code != exitFail || !strings.Contains(out, "auth refused") || !strings.Contains(out, "node eu1 of region eu refuses this node's credentials") ||
+		!strings.Contains(out, "same auth.token") || !strings.Contains(out, "wrong token") {
+		t.Fatalf("status = %d, want %d with state 'auth refused' and the fix:\n%s", code, exitFail, out)
+	}
+	t.Logf("status:\n%s\nnode log:\n%s", out, &nodeErr)
 }

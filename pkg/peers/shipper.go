@@ -532,7 +532,7 @@ func (s *Shipper) handshake(ctx context.Context, i int, flags uint8) (*frameConn
 // credentials records that node i accepted (refusal nil) or refused this
 // node's credentials. The first refusal while no node of the region
 // refuses is logged once at error, with the fix; so is the end of the
-// last refusal. A refusal is also the target's LastError.
+// last refusal.
 func (s *Shipper) credentials(i int, refusal error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -542,19 +542,16 @@ func (s *Shipper) credentials(i int, refusal error) {
 	before := slices.Contains(s.refused, true)
 	s.refused[i] = refusal != nil
 	after := slices.Contains(s.refused, true)
-	if refusal != nil {
-		s.st.LastError, s.st.LastErrorAt = refusal.Error(), time.Now()
-	}
 	switch {
 	case after && !before:
 		meanwhile := "the region's other nodes, if they accept, or the direct-SQL fallback carry the changes meanwhile"
 		if s.fallback == nil && len(s.cfg.Nodes) == 1 {
 			meanwhile = "the region receives nothing meanwhile and the slot retains WAL"
 		}
-		s.log.Error().Str("node", s.cfg.Nodes[i].Name).Str("error", refusal.Error()).
+		s.log.Error().Str("peer", s.cfg.Nodes[i].Name).Str("error", refusal.Error()).
 			Msg("the node refuses this node's credentials: give both nodes the same auth.token (and, with auth.tls, certificates signed by the CA the other trusts); " + meanwhile)
 	case before && !after:
-		s.log.Info().Str("node", s.cfg.Nodes[i].Name).Msg("the region's nodes accept this node's credentials again")
+		s.log.Info().Str("peer", s.cfg.Nodes[i].Name).Msg("the region's nodes accept this node's credentials again")
 	}
 }
 
