@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"net"
 	"regexp"
 	"sort"
 	"strings"
@@ -609,17 +610,27 @@ func (d *doctor) peerNodes(ctx context.Context) {
 	}
 	plaintext := d.cfg.Auth.Insecure || !d.cfg.Auth.TLS.Enabled()
 	for _, p := range d.cfg.Peers {
-		answered := 0
+		answered, misconfigured := 0, 0
 		for _, n := range p.Nodes {
 			check := fmt.Sprintf("peer %s/%s (%s)", p.Region, n.Name, n.Addr)
 			res, err := peers.Probe(ctx, peers.ProbeConfig{
 				SourceRegion: d.cfg.Region, SourceNode: d.cfg.Node, TargetRegion: p.Region,
 				Addr: n.Addr, Token: d.cfg.Auth.Token, TLS: client, Insecure: plaintext, Timeout: d.opts.Timeout,
 			})
+			var dnsErr *net.DNSError
 			switch {
+			case peers.AuthRefused(err):
+				misconfigured++
+				d.rep.add(Problem, check, "refuses this node's credentials: "+reason(err)+"; the region's other nodes or its fallback database carry the changes meanwhile, if they can",
+					"give both nodes the same auth.token (and, with auth.tls, certificates signed by a CA the other trusts), then restart the node whose config changed")
 			case errors.Is(err, peers.ErrRejected):
+				misconfigured++
 				fix := "give every node the same auth.token (and auth.tls CA); check that region " + p.Region + "'s configs list region " + d.cfg.Region + " under peers"
 				d.rep.add(Problem, check, "refused our hello: "+reason(err), fix)
+			case errors.As(err, &dnsErr):
+				misconfigured++
+				d.rep.add(Problem, check, fmt.Sprintf("host %s cannot be resolved: %v", dnsErr.Name, dnsErr),
+					"fix the addr of node "+n.Name+" in "+d.cfg.Path+" (or the DNS entry for "+dnsErr.Name+")")
 			case errors.Is(err, peers.ErrUnreachable):
 				d.rep.add(Warn, check, "unreachable: "+reason(err)+"; shipping fails over to the region's next node or its fallback database",
 					"start prism-cdc run on node "+n.Name+", or fix its addr in "+d.cfg.Path+" and the firewall")
@@ -630,7 +641,10 @@ func (d *doctor) peerNodes(ctx context.Context) {
 				d.rep.ok(check, fmt.Sprintf("answers as %s/%s in %s, has applied %s up to %s", res.Region, res.Node, res.RTT.Round(time.Millisecond), d.cfg.Region, res.Progress))
 			}
 		}
-		if answered == 0 && len(p.Nodes) > 0 {
+		// A node that answered with a refusal, or an address that does not
+		// resolve, is a configuration problem reported above: starting a
+		// node would not help.
+		if answered == 0 && misconfigured == 0 && len(p.Nodes) > 0 {
 			d.rep.add(Warn, "region "+p.Region, "no node answers; changes go through the fallback database or wait",
 				"start a prism-cdc node of region "+p.Region)
 		}

@@ -145,6 +145,40 @@ peers:
 		}
 	})
 
+	// A refused token and a host name that does not resolve are problems
+	// of the configuration: doctor says so, and does not also ask to start
+	// a node of the region.
+	t.Run("misconfigured peers", func(t *testing.T) {
+		cfg := loadConfig(t, fmt.Sprintf(`node: eu1
+region: eu
+database: %q
+listen: "127.0.0.1:1"
+auth: {token: not-the-right-token}
+peers:
+  - region: na
+    nodes: [{name: na1, addr: %q}]
+    database: %q
+  - region: as
+    nodes: [{name: as1, addr: "no-such-host.invalid:7301"}]
+    database: %q
+`, eu.DSN("postgres"), naNode, na.DSN("postgres"), na.DSN("postgres")))
+		rep := Run(ctx, cfg, Options{Timeout: 2 * time.Second})
+		var out strings.Builder
+		rep.Write(&out)
+		for _, tc := range []struct{ check, message, fix string }{
+			{"peer na/na1", "refuses this node's credentials: wrong token", "same auth.token"},
+			{"peer as/as1", "host no-such-host.invalid cannot be resolved", "fix the addr of node as1"},
+		} {
+			fs := rep.Find(tc.check)
+			if len(fs) != 1 || fs[0].Severity != Problem || !strings.Contains(fs[0].Message, tc.message) || !strings.Contains(fs[0].Fix, tc.fix) {
+				t.Errorf("Find(%q) = %+v, want one problem with %q and fix %q:\n%s", tc.check, fs, tc.message, tc.fix, &out)
+			}
+		}
+		if strings.Contains(out.String(), "start a prism-cdc node") || strings.Contains(out.String(), "no node answers") {
+			t.Errorf("doctor asks to start a node next to a configuration problem:\n%s", &out)
+		}
+	})
+
 	t.Run("broken", func(t *testing.T) {
 		cfg := loadConfig(t, fmt.Sprintf(`node: na1
 region: na
@@ -182,7 +216,7 @@ peers:
 			{"database na: sync all", Warn, "synchronous_standby_names = 'ANY 1 (prism_na1)'", "ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (prism_na1)';"},
 			{"database na: conflict triggers", Warn, "missing on public.accounts, public.ledger, public.orders", "SELECT prism.install_all();"},
 			{"peer eu/eu1", Warn, "unreachable", "start prism-cdc run on node eu1"},
-			{"peer eu/eu2", Problem, "refused our hello: wrong token", "same auth.token"},
+			{"peer eu/eu2", Problem, "refuses this node's credentials: wrong token", "same auth.token"},
 			{"fallback database eu", Problem, "same PostgreSQL cluster", "its own PostgreSQL cluster"},
 		}
 		for _, tc := range tests {
