@@ -319,7 +319,7 @@ func (r *Reader) waitForRoom(ctx context.Context) error {
 		}
 		if time.Now().After(check) {
 			check = time.Now().Add(slotCheckEvery)
-			if _, err := r.prepare(ctx); err != nil {
+			if _, _, err := r.prepare(ctx); err != nil {
 				var perm *permanentError
 				if errors.As(err, &perm) {
 					return err
@@ -445,11 +445,12 @@ func checkSlot(slot, pub string, s slotState, usedBefore bool) (slotAction, erro
 }
 
 // prepare checks the slot and creates the publication when needed, over a
-// normal connection.
-func (r *Reader) prepare(ctx context.Context) (slotAction, error) {
+// normal connection. It returns the slot's confirmed_flush_lsn (0/0 when
+// the slot does not exist yet).
+func (r *Reader) prepare(ctx context.Context) (slotAction, pglogrepl.LSN, error) {
 	conn, err := pgx.Connect(ctx, r.cfg.DSN)
 	if err != nil {
-		return 0, fmt.Errorf("connect %s: %w", r.cfg.Region, err)
+		return 0, 0, fmt.Errorf("connect %s: %w", r.cfg.Region, err)
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 	var s slotState
@@ -463,7 +464,7 @@ func (r *Reader) prepare(ctx context.Context) (slotAction, error) {
 		FROM (SELECT 1) x LEFT JOIN pg_replication_slots s ON s.slot_name = $2`,
 		r.cfg.Publication, r.cfg.Slot).Scan(&s.database, &s.pubExists, &s.slotExists, &slotType, &plugin, &slotDB, &walStatus, &activePID, &confirmed, &activeApp)
 	if err != nil {
-		return 0, fmt.Errorf("check slot %s: %w", r.cfg.Slot, err)
+		return 0, 0, fmt.Errorf("check slot %s: %w", r.cfg.Slot, err)
 	}
 	s.slotType, s.plugin, s.slotDatabase, s.walStatus, s.confirmedFlush = deref(slotType), deref(plugin), deref(slotDB), deref(walStatus), deref(confirmed)
 	if activePID != nil {
@@ -474,18 +475,19 @@ func (r *Reader) prepare(ctx context.Context) (slotAction, error) {
 		// This Reader's own previous walsender, whose connection was lost
 		// but which the server has not noticed yet: end it and retry.
 		_, err := conn.Exec(ctx, "SELECT pg_terminate_backend($1, 5000)", s.activePID)
-		return 0, fmt.Errorf("slot %s is still held by this node's previous connection (backend pid %d); ended it (%v)", r.cfg.Slot, s.activePID, err)
+		return 0, 0, fmt.Errorf("slot %s is still held by this node's previous connection (backend pid %d); ended it (%v)", r.cfg.Slot, s.activePID, err)
 	}
 	action, err := checkSlot(r.cfg.Slot, r.cfg.Publication, s, r.streamed)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	if action == slotCreate && !s.pubExists {
 		if err := r.createPublication(ctx, conn); err != nil {
-			return 0, err
+			return 0, 0, err
 		}
 	}
-	return action, nil
+	confirmedLSN, _ := pglogrepl.ParseLSN(s.confirmedFlush) // 0/0 when the slot does not exist yet
+	return action, confirmedLSN, nil
 }
 
 func deref(s *string) string {
@@ -544,7 +546,7 @@ func (r *Reader) session(ctx context.Context) (progressed bool, err error) {
 	if !slotNameRE.MatchString(r.cfg.Slot) {
 		return false, permanent(fmt.Errorf("slot name %q: use 1-63 lower case letters, digits and underscores", r.cfg.Slot))
 	}
-	action, err := r.prepare(ctx)
+	action, slotConfirmed, err := r.prepare(ctx)
 	if err != nil {
 		return false, r.classify(err)
 	}
@@ -571,7 +573,7 @@ func (r *Reader) session(ctx context.Context) (progressed bool, err error) {
 	r.log.Debug().Str("system", sys.SystemID).Int32("timeline", sys.Timeline).Stringer("xlogpos", sys.XLogPos).Msg("connected")
 
 	if action == slotCreate {
-		_, err := pglogrepl.CreateReplicationSlot(ctx, conn, r.cfg.Slot, "pgoutput",
+		res, err := pglogrepl.CreateReplicationSlot(ctx, conn, r.cfg.Slot, "pgoutput",
 			pglogrepl.CreateReplicationSlotOptions{Mode: pglogrepl.LogicalReplication, SnapshotAction: "NOEXPORT_SNAPSHOT"})
 		var pgErr *pgconn.PgError
 		switch {
@@ -580,7 +582,8 @@ func (r *Reader) session(ctx context.Context) (progressed bool, err error) {
 		case err != nil:
 			return false, fmt.Errorf("create slot %s: %w", r.cfg.Slot, err)
 		default:
-			r.log.Info().Msg("created replication slot")
+			slotConfirmed, _ = pglogrepl.ParseLSN(res.ConsistentPoint)
+			r.log.Info().Str("consistent_point", res.ConsistentPoint).Msg("created replication slot")
 		}
 	}
 
@@ -597,7 +600,9 @@ func (r *Reader) session(ctx context.Context) (progressed bool, err error) {
 		return false, r.classify(fmt.Errorf("start replication on %s: %w", r.cfg.Slot, err))
 	}
 	r.streamed = true
-	r.log.Info().Stringer("start", start).Msg("streaming")
+	// The server resumes from the slot's confirmed_flush_lsn when start
+	// is below it (start is 0/0 after a restart): log where it resumes.
+	r.log.Info().Stringer("start", max(start, slotConfirmed)).Msg("streaming")
 	r.setStreaming(true)
 	defer r.setStreaming(false)
 	return true, r.stream(ctx, conn)

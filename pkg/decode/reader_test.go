@@ -1,10 +1,13 @@
 package decode
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -661,4 +664,54 @@ func TestReaderReleasesStalledStream(t *testing.T) {
 		}
 	}
 	poll(t, deadline, "slot read again", func() bool { return slotActive(ctx, t, c, "prism_na") })
+}
+
+// syncBuf is a bytes.Buffer safe for a logger shared by goroutines.
+type syncBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuf) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestReaderLogsResumePosition: a reader that starts on an existing slot
+// (its own position 0/0, as after a restart) logs the position the server
+// resumes from, the slot's confirmed_flush_lsn, not 0/0.
+func TestReaderLogsResumePosition(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c := pgtest.Start(t, pgtest.Options{Name: "resume-log"})
+	exec(ctx, t, c, "CREATE TABLE t (id serial PRIMARY KEY, batch int)")
+	r := newTestReader(t, c, ReaderConfig{Slot: "prism_na", AppName: "prism_na1"})
+	ch := collect(t, r)
+	deadline := time.Now().Add(time.Minute)
+	poll(t, deadline, "slot active", func() bool { return slotActive(ctx, t, c, "prism_na") })
+	exec(ctx, t, c, "INSERT INTO t (batch) VALUES (1)")
+	txn := recv(t, ch, deadline)
+	r.Confirm(txn.EndLSN)
+	poll(t, deadline, "the slot to confirm the transaction", func() bool { return confirmedFlush(ctx, t, c, "prism_na") >= txn.EndLSN })
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	poll(t, deadline, "the slot to be released", func() bool { return !slotActive(ctx, t, c, "prism_na") })
+	want := confirmedFlush(ctx, t, c, "prism_na")
+
+	logs := &syncBuf{}
+	r2 := NewReader(ReaderConfig{DSN: c.DSN("postgres"), Region: "na", Slot: "prism_na", AppName: "prism_na1", StatusInterval: 200 * time.Millisecond}, zerolog.New(logs))
+	defer r2.Close()
+	collect(t, r2)
+	poll(t, deadline, "the second reader to stream", func() bool { return strings.Contains(logs.String(), `"message":"streaming"`) })
+	if wantLine := fmt.Sprintf(`"start":"%s"`, want); !strings.Contains(logs.String(), wantLine) {
+		t.Fatalf("streaming line lacks %s (the slot's confirmed_flush_lsn):\n%s", wantLine, logs.String())
+	}
 }
