@@ -24,5 +24,10 @@ func New(w io.Writer, cfg config.Log) (zerolog.Logger, error) {
 	default:
 		return zerolog.Nop(), fmt.Errorf("log format %q: write json or console", cfg.Format)
 	}
+	if zerolog.DurationFieldFormat != zerolog.DurationFormatString {
+		// Written once, before any logger of the process logs; later calls
+		// only read it.
+		zerolog.DurationFieldFormat = zerolog.DurationFormatString
+	}
 	return zerolog.New(w).Level(level).With().Timestamp().Logger(), nil
 }

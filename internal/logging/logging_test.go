@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prism-cdc/prism-cdc/internal/config"
 )
@@ -52,5 +53,18 @@ func TestNew(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestDurationsHaveUnits: a duration field carries its unit.
+func TestDurationsHaveUnits(t *testing.T) {
+	var buf bytes.Buffer
+	log, err := New(&buf, config.Log{Level: "info", Format: config.LogJSON})
+	if err != nil {
+		t.Fatal(err)
+	}
+	log.Info().Dur("retry_in", 3200*time.Millisecond).Msg("retrying")
+	if want := `"retry_in":"3.2s"`; !strings.Contains(buf.String(), want) {
+		t.Fatalf("Dur(3.2s) wrote %s, want %s", buf.String(), want)
 	}
 }
