@@ -69,6 +69,28 @@ type demo struct {
 	procs map[string]*proc
 
 	written map[string]*atomic.Int64
+
+	// startup holds each shipping node's path counters when the steady
+	// state began: the retries of a node whose peers were not started yet.
+	// The table counts from there.
+	startup baseline
+}
+
+// baseline is path counters by "node/target region".
+type baseline map[string]node.TargetStatus
+
+// since returns t's retries, failovers and fallbacks counted from b. A
+// counter below its baseline belongs to a restarted node and counts
+// whole.
+func (b baseline) since(nodeName string, t node.TargetStatus) (retries, failovers, fallbacks int) {
+	base := b[nodeName+"/"+t.Region]
+	sub := func(cur, was int) int {
+		if cur < was {
+			return cur
+		}
+		return cur - was
+	}
+	return sub(t.Retries, base.Retries), sub(t.Failovers, base.Failovers), sub(t.Fallbacks, base.Fallbacks)
 }
 
 func (d *demo) say(format string, args ...any) {
@@ -139,6 +161,16 @@ func (d *demo) run(ctx context.Context) error {
 		}(r)
 	}
 	defer func() { stopWorkload(); wg.Wait() }()
+
+	d.startup = baseline{}
+	var startupRetries int
+	for _, n := range []string{"na1", "eu1", "eu2", "as1"} {
+		for _, t := range d.status(n).Targets {
+			d.startup[n+"/"+t.Region] = t
+			startupRetries += t.Retries
+		}
+	}
+	d.say("%d retries while the nodes came up one after another (a shipper retries a region whose node is not started yet); the tables count from here", startupRetries)
 
 	d.step("Steady state: every region writes; updates flow to every other region")
 	if err := d.sleep(ctx, 5*time.Second); err != nil {
@@ -464,7 +496,7 @@ func (d *demo) sleep(ctx context.Context, dur time.Duration) error {
 
 // table prints, per shipping node, each target region's path and lag.
 func (d *demo) table() {
-	fmt.Printf("          %-6s %-6s %-14s %10s %8s %9s %9s\n", "from", "to", "path", "lag bytes", "retries", "failovers", "fallbacks")
+	fmt.Printf("          %-6s %-6s %-14s %10s %8s %9s %9s   (retries, failovers, fallbacks: since the steady state began)\n", "from", "to", "path", "lag bytes", "retries", "failovers", "fallbacks")
 	for _, n := range []string{"na1", d.euReader(), "as1"} {
 		st := d.status(n)
 		if st.Node == "" {
@@ -472,7 +504,8 @@ func (d *demo) table() {
 			continue
 		}
 		for _, t := range st.Targets {
-			fmt.Printf("          %-6s %-6s %-14s %10d %8d %9d %9d\n", n, t.Region, t.Path, t.LagBytes, t.Retries, t.Failovers, t.Fallbacks)
+			retries, failovers, fallbacks := d.startup.since(n, t)
+			fmt.Printf("          %-6s %-6s %-14s %10d %8d %9d %9d\n", n, t.Region, t.Path, t.LagBytes, retries, failovers, fallbacks)
 		}
 	}
 }
