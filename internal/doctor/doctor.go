@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -142,7 +143,6 @@ func (d *doctor) local(ctx context.Context) string {
 	} else {
 		r.ok(db+": role "+s.role, "may replicate")
 	}
-	d.schemaPrivilege(ctx, conn, db, s.role)
 	d.applyPrivilege(ctx, conn, db, s.role, s.super)
 
 	var pubExists, allTables bool
@@ -190,7 +190,9 @@ func (d *doctor) local(ctx context.Context) string {
 	d.identities(ctx, conn, db, tables)
 	d.ownKeys(ctx, conn, db)
 	d.triggers(ctx, conn, db, tables)
-	d.privileges(ctx, conn, db, s.role, tables)
+	owners := d.privileges(ctx, conn, db, s.role, tables)
+	d.schemaPrivilege(ctx, conn, db, s.role, owners)
+	d.eventTrigger(ctx, conn, db, s.super)
 	d.sequences(ctx, conn, db)
 	d.sync(ctx, conn, db)
 	return d.systemID(ctx, conn, db)
@@ -220,8 +222,11 @@ func bytesText(n *int64) string {
 	return ""
 }
 
-// schemaPrivilege checks the role can create or use schema prism.
-func (d *doctor) schemaPrivilege(ctx context.Context, conn *pgx.Conn, db, role string) {
+// schemaPrivilege checks the role can create or use schema prism. owners
+// are the roles the privileges check asks to grant to the role: when one
+// of them has what is missing here, that grant covers it and no other fix
+// is printed.
+func (d *doctor) schemaPrivilege(ctx context.Context, conn *pgx.Conn, db, role string, owners []string) {
 	var exists, usable, create bool
 	err := conn.QueryRow(ctx, `SELECT n.oid IS NOT NULL,
 		coalesce(has_schema_privilege(n.oid, 'USAGE,CREATE'), false),
@@ -230,6 +235,19 @@ func (d *doctor) schemaPrivilege(ctx context.Context, conn *pgx.Conn, db, role s
 	if err != nil {
 		d.rep.add(Warn, db+": schema prism", "read privileges: "+err.Error(), "")
 		return
+	}
+	for _, o := range owners {
+		if usable || (!exists && create) {
+			break
+		}
+		var oUsable, oCreate bool
+		err := conn.QueryRow(ctx, `SELECT coalesce(has_schema_privilege($1, n.oid, 'USAGE,CREATE'), false),
+			has_database_privilege($1, current_database(), 'CREATE')
+			FROM (SELECT 1) x LEFT JOIN pg_namespace n ON n.nspname = 'prism'`, o).Scan(&oUsable, &oCreate)
+		if err == nil && (exists && oUsable || !exists && oCreate) {
+			d.rep.ok(db+": schema prism", fmt.Sprintf("usable once role %s is granted %s (see the privileges above)", role, o))
+			return
+		}
 	}
 	ident := qident(role)
 	switch {
@@ -440,8 +458,36 @@ func (d *doctor) triggers(ctx context.Context, conn *pgx.Conn, db string, tables
 }
 
 // privileges checks that the role may read and write every replicated
-// table (the applier writes other regions' changes into them).
-func (d *doctor) privileges(ctx context.Context, conn *pgx.Conn, db, role string, tables []table) {
+// table (the applier writes other regions' changes into them) and may
+// create the conflict triggers on every table with a key, which takes the
+// table's owner or a member of it. It prints the smallest complete set of
+// fixes in one pass: membership in a table's owner also gives the owner's
+// privileges on it, so no GRANT on the table is asked for next to it, and
+// tables that need the same statement share one finding. It returns the
+// existing roles it asks to grant to the role.
+func (d *doctor) privileges(ctx context.Context, conn *pgx.Conn, db, role string, tables []table) []string {
+	type group struct {
+		tables []string
+		lacks  []string // "INSERT, DELETE on public.t" per table that lacks privileges
+		fix    func(tables []string) string
+		msg    string
+	}
+	var order []string
+	groups := map[string]*group{}
+	add := func(key, table string, missing []string, msg string, fix func([]string) string) {
+		g := groups[key]
+		if g == nil {
+			g = &group{msg: msg, fix: fix}
+			groups[key] = g
+			order = append(order, key)
+		}
+		g.tables = append(g.tables, table)
+		if len(missing) > 0 {
+			g.lacks = append(g.lacks, strings.Join(missing, ", ")+" on "+table)
+		}
+	}
+	var owners []string
+	ident := qident(role)
 	good := 0
 	for _, t := range tables {
 		var missing []string
@@ -449,45 +495,112 @@ func (d *doctor) privileges(ctx context.Context, conn *pgx.Conn, db, role string
 			var ok bool
 			if err := conn.QueryRow(ctx, "SELECT has_table_privilege($1::oid, $2)", t.oid, p).Scan(&ok); err != nil {
 				d.rep.add(Warn, db+": privileges on "+t.name, err.Error(), "")
-				missing = nil
-				break
+				return owners
 			}
 			if !ok {
 				missing = append(missing, p)
 			}
 		}
-		if len(missing) > 0 {
-			d.rep.add(Problem, db+": privileges on "+t.name, fmt.Sprintf("role %s lacks %s: changes from other regions cannot be applied", role, strings.Join(missing, ", ")),
-				fmt.Sprintf("GRANT %s ON %s TO %s;", strings.Join(missing, ", "), t.name, qident(role)))
+		// The node creates the conflict triggers on tables with a key,
+		// which takes the table's owner (or a member of it).
+		var owner string
+		var member, ownerSuper, ownerHas bool
+		err := conn.QueryRow(ctx, `SELECT c.relowner::regrole::text, pg_has_role(c.relowner, 'USAGE'), r.rolsuper,
+				coalesce(bool_and(has_table_privilege(c.relowner, c.oid, p)), true)
+			FROM pg_catalog.pg_class c JOIN pg_catalog.pg_roles r ON r.oid = c.relowner
+			LEFT JOIN unnest($2::text[]) p ON true
+			WHERE c.oid = $1 GROUP BY c.relowner, r.rolsuper`, t.oid, missing).Scan(&owner, &member, &ownerSuper, &ownerHas)
+		if err != nil {
+			d.rep.add(Warn, db+": privileges on "+t.name, err.Error(), "")
 			continue
 		}
-		if t.hasKey {
-			// The node creates the conflict triggers, which takes the
-			// table's owner (or a member of it).
-			var owner string
-			var member, ownerSuper bool
-			err := conn.QueryRow(ctx, `SELECT c.relowner::regrole::text, pg_has_role(c.relowner, 'USAGE'), r.rolsuper
-				FROM pg_catalog.pg_class c JOIN pg_catalog.pg_roles r ON r.oid = c.relowner WHERE c.oid = $1`, t.oid).Scan(&owner, &member, &ownerSuper)
-			if err != nil {
-				d.rep.add(Warn, db+": privileges on "+t.name, err.Error(), "")
-				continue
+		switch {
+		case t.hasKey && !member && ownerSuper:
+			// Membership in a superuser role is not what to hand out; the
+			// new owner has every privilege on the table.
+			add("app_owner", t.name, missing, fmt.Sprintf("role %s is not the owner %s nor a member of it, so it cannot create the conflict triggers, and applying fails", role, owner),
+				func(ts []string) string {
+					var b strings.Builder
+					for _, n := range ts {
+						fmt.Fprintf(&b, "ALTER TABLE %s OWNER TO app_owner; ", n)
+					}
+					return b.String() + "GRANT app_owner TO " + ident + ";  -- app_owner: a role of your own that owns the application's tables"
+				})
+		case t.hasKey && !member:
+			key := "owner " + owner
+			if len(missing) > 0 && !ownerHas {
+				key += " grant " + strings.Join(missing, ", ")
 			}
-			if !member {
-				fix := fmt.Sprintf("GRANT %s TO %s;", owner, qident(role))
-				if ownerSuper {
-					// Membership in a superuser role is not what to hand out.
-					fix = fmt.Sprintf("ALTER TABLE %s OWNER TO app_owner; GRANT app_owner TO %s;  -- app_owner: a role of your own that owns the application's tables", t.name, qident(role))
-				}
-				d.rep.add(Problem, db+": privileges on "+t.name, fmt.Sprintf("role %s is not the owner %s nor a member of it, so it cannot create the conflict triggers, and applying fails", role, owner), fix)
-				continue
+			if _, seen := groups[key]; !seen && !slices.Contains(owners, owner) {
+				owners = append(owners, owner)
 			}
+			grant := missing
+			if ownerHas {
+				grant = nil // the membership gives them
+			}
+			add(key, t.name, missing, fmt.Sprintf("role %s is not the owner %s nor a member of it, so it cannot create the conflict triggers, and applying fails", role, owner),
+				func(ts []string) string {
+					fix := fmt.Sprintf("GRANT %s TO %s;", owner, ident)
+					if len(grant) > 0 {
+						fix += fmt.Sprintf("  GRANT %s ON %s TO %s;", strings.Join(grant, ", "), strings.Join(ts, ", "), ident)
+					}
+					return fix
+				})
+		case len(missing) > 0:
+			m := missing
+			add("grant "+strings.Join(missing, ", "), t.name, nil, fmt.Sprintf("role %s lacks %s: changes from other regions cannot be applied", role, strings.Join(missing, ", ")),
+				func(ts []string) string {
+					return fmt.Sprintf("GRANT %s ON %s TO %s;", strings.Join(m, ", "), strings.Join(ts, ", "), ident)
+				})
+		default:
+			good++
 		}
-		good++
+	}
+	for _, k := range order {
+		g := groups[k]
+		msg := g.msg
+		if len(g.lacks) > 0 {
+			msg += "; it also lacks " + strings.Join(g.lacks, "; ") + " (the fix gives those too)"
+		}
+		d.rep.add(Problem, db+": privileges on "+strings.Join(g.tables, ", "), msg, g.fix(g.tables))
 	}
 	if good > 0 {
 		d.rep.ok(db+": privileges", fmt.Sprintf("role %s may read and write %d replicated tables", role, good))
 	}
+	return owners
 }
+
+// eventTrigger checks event trigger prism_install, which installs the
+// conflict triggers on tables created (or altered) after the node
+// started. Creating an event trigger takes a superuser: without it the
+// node installs them on every table only when it starts
+// (prism.install_all), so a table created meanwhile has none until a node
+// of the region restarts.
+func (d *doctor) eventTrigger(ctx context.Context, conn *pgx.Conn, db string, super bool) {
+	check := db + ": event trigger prism_install"
+	var exists, onDDL bool
+	err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'prism_install'),
+		to_regprocedure('prism.on_ddl()') IS NOT NULL`).Scan(&exists, &onDDL)
+	switch {
+	case err != nil:
+		d.rep.add(Warn, check, "read: "+err.Error(), "")
+	case exists:
+		d.rep.ok(check, "installs the conflict triggers on tables created later")
+	case super:
+		d.rep.ok(check, "not installed yet; the node creates it at its first start")
+	default:
+		fix := "-- as a superuser, in this database:\n" + eventTriggerFix
+		if !onDDL {
+			fix = "-- start a node of region " + d.cfg.Region + " once (it creates prism.on_ddl()), then as a superuser, in this database:\n" + eventTriggerFix
+		}
+		d.rep.add(Warn, check, "missing, and the role is not a superuser, which creating it takes: a table created from now on gets its conflict triggers (prism_clock, prism_tombstone) only when a node of the region next starts; until then last_write_wins there does not see local deletes or a lagging clock (every node start warns \"cannot create event trigger prism_install\")",
+			fix+"\n-- or, without it, restart a node of the region after every CREATE TABLE")
+	}
+}
+
+// eventTriggerFix is the statement the node runs at start to create event
+// trigger prism_install (pkg/apply), for a superuser to run instead.
+const eventTriggerFix = "CREATE EVENT TRIGGER prism_install ON ddl_command_end WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'CREATE TABLE AS', 'SELECT INTO') EXECUTE FUNCTION prism.on_ddl();"
 
 // sequences warns about sequences that would hand out the same values in
 // several regions.

@@ -210,9 +210,10 @@ peers:
 			{"database na: apply privileges", Problem, "lacks EXECUTE on pg_replication_origin_create(text)", "GRANT SET ON PARAMETER session_replication_role TO app_ro;"},
 			{"database na: table prism.clock_floors", Problem, "no primary key and no replica identity", "ALTER TABLE prism.clock_floors ADD COLUMN id bigserial PRIMARY KEY;"},
 			{"database na: table public.events", Problem, "no primary key", "ALTER TABLE public.events REPLICA IDENTITY FULL;"},
-			{"database na: privileges on public.orders", Problem, "lacks INSERT, UPDATE, DELETE", "GRANT INSERT, UPDATE, DELETE ON public.orders TO app_ro;"},
+			// One finding for both tables owned by the superuser: the new
+			// owner's membership also gives the privileges orders lacks.
+			{"database na: privileges on public.accounts, public.orders", Problem, "lacks INSERT, UPDATE, DELETE on public.orders", "ALTER TABLE public.accounts OWNER TO app_owner; ALTER TABLE public.orders OWNER TO app_owner; GRANT app_owner TO app_ro;"},
 			{"database na: privileges on public.ledger", Problem, "not the owner ledger_owner", "GRANT ledger_owner TO app_ro;"},
-			{"database na: privileges on public.accounts", Problem, "nor a member of it", "ALTER TABLE public.accounts OWNER TO app_owner; GRANT app_owner TO app_ro;"},
 			{"database na: sync all", Warn, "synchronous_standby_names = 'ANY 1 (prism_na1)'", "ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (prism_na1)';"},
 			{"database na: conflict triggers", Warn, "missing on public.accounts, public.ledger, public.orders", "SELECT prism.install_all();"},
 			{"peer eu/eu1", Warn, "unreachable", "start prism-cdc run on node eu1"},
@@ -257,4 +258,98 @@ peers:
 			}
 		}
 	})
+}
+
+// TestDoctorOnePass: a role that lacks table privileges and the owner's
+// membership is given the smallest complete set of fixes at once: the
+// owner's membership (which brings the table privileges and, the owner
+// owning the database, schema prism), not per-table GRANTs and GRANT
+// CREATE ON DATABASE first. After the printed fixes nothing is left. The
+// missing event trigger is explained with the statement a superuser runs,
+// which works as printed.
+func TestDoctorOnePass(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "doctor-onepass"})
+	mustExec(t, c, `CREATE ROLE app_owner; CREATE ROLE prism LOGIN REPLICATION;
+		ALTER DATABASE postgres OWNER TO app_owner;
+		GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text), pg_replication_origin_session_setup(text),
+			pg_replication_origin_session_reset(), pg_replication_origin_session_progress(boolean),
+			pg_replication_origin_xact_setup(pg_lsn, timestamp with time zone), pg_replication_origin_progress(text, boolean),
+			pg_replication_origin_advance(text, pg_lsn) TO prism;
+		GRANT SET ON PARAMETER session_replication_role TO prism;
+		CREATE PUBLICATION prism FOR ALL TABLES;
+		CREATE TABLE accounts (id int PRIMARY KEY, balance int); ALTER TABLE accounts OWNER TO app_owner;
+		CREATE TABLE orders (id int PRIMARY KEY, note text); ALTER TABLE orders OWNER TO app_owner;
+		GRANT SELECT ON accounts TO prism`)
+	dsn := strings.Replace(c.DSN("postgres"), "user=postgres", "user=prism", 1)
+	cfg := loadConfig(t, fmt.Sprintf(`node: na1
+region: na
+database: %q
+listen: "127.0.0.1:1"
+auth: {insecure: true}
+peers: []
+`, dsn))
+	report := func() (Report, string) {
+		rep := Run(ctx, cfg, Options{Timeout: 2 * time.Second})
+		var out strings.Builder
+		rep.Write(&out)
+		return rep, out.String()
+	}
+	rep, out := report()
+	fs := rep.Find("privileges on public.accounts, public.orders")
+	if len(fs) != 1 || fs[0].Severity != Problem || fs[0].Fix != "GRANT app_owner TO prism;" {
+		t.Fatalf("privileges = %+v, want one problem fixed by GRANT app_owner TO prism alone:\n%s", fs, out)
+	}
+	for _, unwanted := range []string{"GRANT SELECT", "GRANT INSERT", "GRANT CREATE ON DATABASE"} {
+		if strings.Contains(out, unwanted) {
+			t.Errorf("doctor asks for %q, which GRANT app_owner TO prism makes unnecessary:\n%s", unwanted, out)
+		}
+	}
+	if fs := rep.Find("schema prism"); len(fs) != 1 || fs[0].Severity != OK || !strings.Contains(fs[0].Message, "once role prism is granted app_owner") {
+		t.Errorf("schema prism = %+v, want OK through the owner's membership:\n%s", fs, out)
+	}
+	mustExec(t, c, fs[0].Fix)
+
+	// The node starts (as prism): everything but the event trigger is set
+	// up, and every start warns that it cannot create it.
+	pool, err := pgxpool.New(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	app := apply.NewApplier(pool, zerolog.Nop(), apply.WithLocalRegion("na"))
+	defer app.Close()
+	if err := app.Setup(ctx); err != nil {
+		t.Fatalf("Setup as prism after the printed fixes: %v", err)
+	}
+	rep, out = report()
+	if rep.Blocking() {
+		t.Fatalf("problems left after the printed fixes:\n%s", out)
+	}
+	et := rep.Find("event trigger prism_install")
+	if len(et) != 1 || et[0].Severity != Warn || !strings.Contains(et[0].Message, "only when a node of the region next starts") ||
+		!strings.Contains(et[0].Fix, "CREATE EVENT TRIGGER prism_install") {
+		t.Fatalf("event trigger = %+v, want a warning that explains it, with the statement:\n%s", et, out)
+	}
+	var stmt []string
+	for _, l := range strings.Split(et[0].Fix, "\n") {
+		if !strings.HasPrefix(l, "--") {
+			stmt = append(stmt, l)
+		}
+	}
+	mustExec(t, c, strings.Join(stmt, "\n"))
+	if et := (func() []Finding { r, _ := report(); return r.Find("event trigger prism_install") })(); len(et) != 1 || et[0].Severity != OK {
+		t.Fatalf("event trigger after the printed statement = %+v, want OK", et)
+	}
+	// And it does its job: a table created now gets its conflict triggers.
+	mustExec(t, c, "CREATE TABLE later (id int PRIMARY KEY)")
+	var n int
+	conn, err := c.Connect(ctx, "postgres")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	if err := conn.QueryRow(ctx, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'later'::regclass AND tgname IN ('prism_clock', 'prism_tombstone')").Scan(&n); err != nil || n != 2 {
+		t.Fatalf("triggers on a table created after the fix = %d, %v; want 2", n, err)
+	}
 }
