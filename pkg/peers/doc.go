@@ -10,7 +10,11 @@
 // nonce, its region, node and flags, which the server checks in constant
 // time. The token itself never crosses the wire, and a Hello captured from
 // one connection is refused on any other. Peers of another protocol version
-// are refused with a reason asking to upgrade both sides.
+// are refused with a reason asking to upgrade both sides. A Reject carries a
+// code (protocol 4), so that a shipper tells refused credentials (a wrong
+// token; or, from the TLS handshake, certificates the other side does not
+// trust) from other failures without reading text: Status.AuthRefused,
+// logged once per target with the fix.
 //
 // Ordering guarantees, in the order things happen to one transaction:
 //
