@@ -158,7 +158,7 @@ delivery: {ack_timeout: 500ms, retries: 1, backoff: 50ms, max_backoff: 200ms}
 peers:
   - {region: eu, nodes: [{name: eu1, addr: %q}], database: %q}
 `, na.DSN("postgres"), free(), httpAddr, ln.Addr().String(), eu.DSN("postgres")))
-	var nodeOut, nodeErr bytes.Buffer
+	var nodeOut, nodeErr lockedBuf
 	rctx, rcancel := context.WithCancel(ctx)
 	wg.Add(1)
 	go func() { defer wg.Done(); run(rctx, []string{"run", "--config", cfg}, &nodeOut, &nodeErr) }()
@@ -186,5 +186,24 @@ peers:
 		!strings.Contains(out, "same auth.token") || !strings.Contains(out, "wrong token") {
 		t.Fatalf("status = %d, want %d with state 'auth refused' and the fix:\n%s", code, exitFail, out)
 	}
-	t.Logf("status:\n%s\nnode log:\n%s", out, &nodeErr)
+	t.Logf("status:\n%s\nnode log:\n%s", out, nodeErr.String())
+}
+
+// lockedBuf is a bytes.Buffer that a running node and the test may use at
+// once.
+type lockedBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuf) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuf) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
