@@ -87,13 +87,28 @@ type PeerNode struct {
 	Addr string // host:port
 }
 
-// Delivery tunes shipping to peer regions.
+// Delivery tunes shipping to peer regions. Load resolves every field once:
+// a key the file leaves out gets its default (DefaultDelivery), a key
+// written explicitly keeps its value, zero included, and is validated.
+// Whoever uses a Delivery takes its values as they are.
 type Delivery struct {
 	AckTimeout  time.Duration // how long to wait for one ACK
-	Retries     int           // retries of the same node before failing over
+	Retries     int           // retries of the same node before failing over; 0 fails over after the first failed attempt
 	Backoff     time.Duration // first retry delay
 	MaxBackoff  time.Duration // cap on the retry delay
 	MaxInFlight Size          // bytes sent but not yet ACKed, per region
+}
+
+// DefaultDelivery returns the delivery settings of a file that has no
+// delivery section.
+func DefaultDelivery() Delivery {
+	return Delivery{
+		AckTimeout:  DefaultAckTimeout,
+		Retries:     DefaultRetries,
+		Backoff:     DefaultBackoff,
+		MaxBackoff:  DefaultMaxBackoff,
+		MaxInFlight: DefaultMaxInFlight,
+	}
 }
 
 // Conflicts chooses how conflicting row changes are resolved.

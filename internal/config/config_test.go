@@ -78,6 +78,44 @@ func TestDefaults(t *testing.T) {
 	}
 }
 
+// TestDeliveryResolved: each delivery key is resolved once, at load: an
+// absent key gets its default, an explicit one keeps its value (zero
+// included) while the other keys keep their defaults.
+func TestDeliveryResolved(t *testing.T) {
+	def := DefaultDelivery()
+	with := func(f func(*Delivery)) Delivery { d := def; f(&d); return d }
+	cases := []struct {
+		name string
+		yaml string
+		want Delivery
+	}{
+		{"no delivery section", "", def},
+		{"empty delivery section", "delivery: {}\n", def},
+		{"null retries", "delivery: {retries: ~}\n", def},
+		{"retries 0", "delivery: {retries: 0}\n", with(func(d *Delivery) { d.Retries = 0 })},
+		{"retries 2", "delivery: {retries: 2}\n", with(func(d *Delivery) { d.Retries = 2 })},
+		{"ack_timeout", "delivery: {ack_timeout: 750ms}\n", with(func(d *Delivery) { d.AckTimeout = 750 * time.Millisecond })},
+		{"backoff", "delivery: {backoff: 1s}\n", with(func(d *Delivery) { d.Backoff = time.Second })},
+		{"max_backoff", "delivery: {max_backoff: 1m}\n", with(func(d *Delivery) { d.MaxBackoff = time.Minute })},
+		{"max_in_flight", "delivery: {max_in_flight: 1MiB}\n", with(func(d *Delivery) { d.MaxInFlight = MiB })},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := parse("eu1.yaml", []byte(base+tc.yaml), testEnv)
+			if err != nil {
+				t.Fatalf("parse(%q) = %v, want nil", tc.yaml, err)
+			}
+			if c.Delivery != tc.want {
+				t.Fatalf("parse(%q).Delivery = %+v, want %+v", tc.yaml, c.Delivery, tc.want)
+			}
+		})
+	}
+	want := Delivery{AckTimeout: 2 * time.Second, Retries: 5, Backoff: 200 * time.Millisecond, MaxBackoff: 5 * time.Second, MaxInFlight: 64 * MiB}
+	if def != want {
+		t.Fatalf("DefaultDelivery() = %+v, want the documented %+v", def, want)
+	}
+}
+
 func TestExplicitValues(t *testing.T) {
 	yml := base + `publication: pub
 slot: my_slot

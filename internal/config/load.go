@@ -198,16 +198,7 @@ func (r *rawConfig) config(file string, lines map[string]int) (*Config, []error)
 	}
 
 	v := &validator{file: file, lines: lines}
-	c.Delivery = Delivery{
-		AckTimeout:  v.duration("delivery.ack_timeout", r.Delivery.AckTimeout, DefaultAckTimeout),
-		Retries:     DefaultRetries,
-		Backoff:     v.duration("delivery.backoff", r.Delivery.Backoff, DefaultBackoff),
-		MaxBackoff:  v.duration("delivery.max_backoff", r.Delivery.MaxBackoff, DefaultMaxBackoff),
-		MaxInFlight: v.size("delivery.max_in_flight", r.Delivery.MaxInFlight, DefaultMaxInFlight),
-	}
-	if r.Delivery.Retries != nil {
-		c.Delivery.Retries = *r.Delivery.Retries
-	}
+	c.Delivery = r.Delivery.resolve(v)
 	c.Spool = Spool{Dir: r.Spool.Dir, MaxBytes: v.size("spool.max_bytes", r.Spool.MaxBytes, DefaultSpoolMax)}
 	c.Spill = Spill{Dir: r.Spill.Dir, Above: v.size("spill.above", r.Spill.Above, DefaultSpillAbove)}
 	sync, err := ParseSync(r.Sync)
@@ -217,6 +208,21 @@ func (r *rawConfig) config(file string, lines map[string]int) (*Config, []error)
 	}
 	c.Sync = sync
 	return c, v.errs
+}
+
+// resolve returns the delivery settings with DefaultDelivery filled in for
+// every key the file leaves out. A key written explicitly keeps its value,
+// zero included (retries: 0 means no retry); Validate judges it.
+func (r rawDelivery) resolve(v *validator) Delivery {
+	d := DefaultDelivery()
+	d.AckTimeout = v.duration("delivery.ack_timeout", r.AckTimeout, d.AckTimeout)
+	if r.Retries != nil {
+		d.Retries = *r.Retries
+	}
+	d.Backoff = v.duration("delivery.backoff", r.Backoff, d.Backoff)
+	d.MaxBackoff = v.duration("delivery.max_backoff", r.MaxBackoff, d.MaxBackoff)
+	d.MaxInFlight = v.size("delivery.max_in_flight", r.MaxInFlight, d.MaxInFlight)
+	return d
 }
 
 func orDefault(s, def string) string {

@@ -132,7 +132,7 @@ func (c *Config) Validate() error {
 		v.add("delivery.backoff", "%s is larger than delivery.max_backoff (%s); make backoff at most max_backoff", d.Backoff, d.MaxBackoff)
 	}
 	if d.Retries < 0 {
-		v.add("delivery.retries", "%d is negative; write 0 or more (default %d)", d.Retries, DefaultRetries)
+		v.add("delivery.retries", "%d is negative; write 0 or more: how often a node that failed is tried again before failing over to the region's next node (0 fails over at once; default %d)", d.Retries, DefaultRetries)
 	}
 	v.positive("delivery.max_in_flight", d.MaxInFlight.String(), d.MaxInFlight > 0, DefaultMaxInFlight.String())
 

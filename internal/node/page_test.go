@@ -89,10 +89,12 @@ func pageFixture(t *testing.T) (*Node, *httptest.Server) {
 	n := New(cfg, zerolog.Nop())
 	n.startedAt = time.Now()
 	ship := func(source, target, addr string) *peers.Shipper {
+		d := config.DefaultDelivery()
 		return peers.NewShipper(peers.ShipperConfig{
 			SourceRegion: source, SourceNode: "na1", TargetRegion: target,
 			Nodes: []peers.NodeAddr{{Name: target + "1", Addr: addr}}, Token: "tok", Insecure: true,
-			AckTimeout: 500 * time.Millisecond, Backoff: 50 * time.Millisecond, MaxBackoff: 200 * time.Millisecond, Seed: 7,
+			AckTimeout: 500 * time.Millisecond, Retries: d.Retries, Backoff: 50 * time.Millisecond, MaxBackoff: 200 * time.Millisecond,
+			MaxInFlight: int64(d.MaxInFlight), Seed: 7,
 		}, nil, zerolog.Nop())
 	}
 	tm := &term{shippers: []*peers.Shipper{ship("na", "eu", euAddr), ship("na", "as", asAddr), ship("na-ap", "ap", apAddr), ship("na-sa", "sa", saAddr)}}

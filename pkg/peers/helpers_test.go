@@ -190,6 +190,7 @@ func shipperConfig(nodes ...NodeAddr) ShipperConfig {
 		SourceRegion: "na", SourceNode: "na1", TargetRegion: "eu", Nodes: nodes,
 		Token: testToken, Insecure: true,
 		AckTimeout: 200 * time.Millisecond, Retries: 5, Backoff: 20 * time.Millisecond, MaxBackoff: 100 * time.Millisecond,
+		MaxInFlight:   16 << 20,
 		ProbeInterval: 50 * time.Millisecond, Heartbeat: 50 * time.Millisecond, Seed: 7,
 	}
 }

@@ -42,18 +42,26 @@ type ShipperConfig struct {
 	// connection is plaintext, which needs Insecure.
 	TLS      *tls.Config
 	Insecure bool
+
+	// The delivery settings arrive resolved: the caller owns their
+	// defaults (prism-cdc resolves them once, when its configuration is
+	// loaded). Every value is used as given; Run refuses one out of range
+	// instead of replacing it.
+
 	// AckTimeout is how long the shipper waits for the receiver (an Ack
-	// or a heartbeat) while transactions are unacknowledged (default 2s).
+	// or a heartbeat) while transactions are unacknowledged; it must be
+	// positive.
 	AckTimeout time.Duration
-	// Retries is how often a silent node is retried before failing over
-	// to the next one (default 5; negative means none).
+	// Retries is how often a failed node is tried again before failing
+	// over to the next one; 0 fails over after the first failed attempt.
 	Retries int
 	// Backoff and MaxBackoff bound the exponential backoff between
-	// attempts (defaults 200ms and 5s); each wait is jittered.
+	// attempts; each wait is jittered. Both must be positive, Backoff at
+	// most MaxBackoff.
 	Backoff    time.Duration
 	MaxBackoff time.Duration
 	// MaxInFlight bounds the bytes (Txn.Size) of unacknowledged
-	// transactions; Send blocks above it (default 64 MiB).
+	// transactions; Send blocks above it. It must be positive.
 	MaxInFlight int64
 	// ProbeInterval is how often the preferred nodes are probed while a
 	// less preferred path carries the traffic (default 2s).
@@ -85,25 +93,31 @@ type ShipperConfig struct {
 	OnAck func()
 }
 
-func (c *ShipperConfig) setDefaults() {
+// checkDelivery reports a delivery setting out of range. The settings are
+// resolved by the caller, so a zero here is a zero, never "the default".
+func (c *ShipperConfig) checkDelivery() error {
+	var errs []error
 	if c.AckTimeout <= 0 {
-		c.AckTimeout = 2 * time.Second
+		errs = append(errs, fmt.Errorf("ack timeout %s is not positive", c.AckTimeout))
 	}
-	if c.Retries == 0 {
-		c.Retries = 5
-	} else if c.Retries < 0 {
-		c.Retries = 0
+	if c.Retries < 0 {
+		errs = append(errs, fmt.Errorf("retries %d is negative", c.Retries))
 	}
 	if c.Backoff <= 0 {
-		c.Backoff = 200 * time.Millisecond
+		errs = append(errs, fmt.Errorf("backoff %s is not positive", c.Backoff))
 	}
-	if c.MaxBackoff <= 0 {
-		c.MaxBackoff = 5 * time.Second
+	if c.MaxBackoff < c.Backoff {
+		errs = append(errs, fmt.Errorf("max backoff %s is below backoff %s", c.MaxBackoff, c.Backoff))
 	}
-	c.MaxBackoff = max(c.MaxBackoff, c.Backoff)
 	if c.MaxInFlight <= 0 {
-		c.MaxInFlight = 64 << 20
+		errs = append(errs, fmt.Errorf("max in flight %d is not positive", c.MaxInFlight))
 	}
+	return errors.Join(errs...)
+}
+
+// setDefaults fills the shipper's own tuning knobs, which are not
+// delivery settings.
+func (c *ShipperConfig) setDefaults() {
 	if c.ProbeInterval <= 0 {
 		c.ProbeInterval = 2 * time.Second
 	}
@@ -413,6 +427,9 @@ func (s *Shipper) Run(ctx context.Context) error {
 	}
 	if s.cfg.TLS == nil && !s.cfg.Insecure {
 		return fmt.Errorf("ship to %s: no TLS configuration and not insecure", s.cfg.TargetRegion)
+	}
+	if err := s.cfg.checkDelivery(); err != nil {
+		return fmt.Errorf("ship to %s: delivery settings: %w", s.cfg.TargetRegion, err)
 	}
 	rnd := rand.New(rand.NewSource(s.cfg.Seed))
 	backoff := func(attempt int) time.Duration {

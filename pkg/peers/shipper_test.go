@@ -2,6 +2,7 @@ package peers
 
 import (
 	"context"
+	"net"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -101,5 +102,120 @@ func TestSendIgnoresRedelivery(t *testing.T) {
 	}
 	if m := MinAcked(sh, small); m != 0 {
 		t.Fatalf("MinAcked = %s, want 0/0", m)
+	}
+}
+
+// countingListener accepts connections on loopback, counts them and
+// closes each at once: a node that fails every attempt.
+type countingListener struct {
+	ln       net.Listener
+	accepted atomic.Int32
+}
+
+func newCountingListener(t *testing.T) *countingListener {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &countingListener{ln: ln}
+	done := make(chan struct{})
+	go func() { // owned by the test: stopped and waited for by Cleanup
+		defer close(done)
+		for {
+			nc, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.accepted.Add(1)
+			nc.Close()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); <-done })
+	return c
+}
+
+// TestRetriesTakenAsGiven: Retries is used as given, so a node that fails
+// is tried exactly 1+Retries times before the shipper moves on, to the
+// region's next node or to the fallback; 0 means it moves on after the
+// first failed attempt. Attempts are counted as connections the failing
+// node accepted.
+func TestRetriesTakenAsGiven(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		retries  int
+		fallback bool
+	}{
+		{"retries 0, next node", 0, false},
+		{"retries 0, fallback", 0, true},
+		{"retries 2, next node", 2, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := testCtx(t)
+			bad := newCountingListener(t)
+			nodes := []NodeAddr{{Name: "eu1", Addr: bad.ln.Addr().String()}}
+			app := newMemApplier()
+			var fallback Fallback
+			if tc.fallback {
+				fallback = func(ctx context.Context) (Applier, func(), error) { return app, func() {}, nil }
+			} else {
+				addr := serve(t, NewServer(serverConfig("eu", "eu2"), app, (&logBuf{}).logger()))
+				nodes = append(nodes, NodeAddr{Name: "eu2", Addr: addr})
+			}
+			cfg := shipperConfig(nodes...)
+			cfg.Retries = tc.retries
+			cfg.ProbeInterval = time.Hour // no probe of eu1 may count as an attempt
+			sh := NewShipper(cfg, fallback, (&logBuf{}).logger())
+			runShipper(t, sh)
+			if err := sh.Send(ctx, mkTxn(1, 0)); err != nil {
+				t.Fatal(err)
+			}
+			waitFor(t, "ack", 30*time.Second, func() bool { return sh.Acked() == lsnOf(1) })
+
+			if got, want := int(bad.accepted.Load()), 1+tc.retries; got != want {
+				t.Fatalf("eu1 saw %d connection attempts with Retries %d, want %d", got, tc.retries, want)
+			}
+			st := sh.Status()
+			wantPath, wantFailovers, wantFallbacks := "eu2", 1, 0
+			if tc.fallback {
+				wantPath, wantFailovers, wantFallbacks = PathFallback, 0, 1
+			}
+			if st.Path != wantPath || st.Retries != tc.retries || st.Failovers != wantFailovers || st.Fallbacks != wantFallbacks {
+				t.Fatalf("Status = %+v, want path %s after %d retries, %d failovers, %d fallbacks",
+					st, wantPath, tc.retries, wantFailovers, wantFallbacks)
+			}
+			if got := app.appliedLSNs(); len(got) != 1 || got[0] != lsnOf(1) {
+				t.Fatalf("applied %v, want txn 1", got)
+			}
+		})
+	}
+}
+
+// TestRunRefusesBadDelivery: delivery settings arrive resolved; one out of
+// range is an error from Run, never replaced by a default.
+func TestRunRefusesBadDelivery(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		mutate func(*ShipperConfig)
+		want   string
+	}{
+		{"zero ack timeout", func(c *ShipperConfig) { c.AckTimeout = 0 }, "ack timeout 0s is not positive"},
+		{"negative retries", func(c *ShipperConfig) { c.Retries = -1 }, "retries -1 is negative"},
+		{"zero backoff", func(c *ShipperConfig) { c.Backoff = 0 }, "backoff 0s is not positive"},
+		{"max backoff below backoff", func(c *ShipperConfig) { c.MaxBackoff = c.Backoff / 2 }, "max backoff 10ms is below backoff 20ms"},
+		{"zero max in flight", func(c *ShipperConfig) { c.MaxInFlight = 0 }, "max in flight 0 is not positive"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := shipperConfig(NodeAddr{Name: "eu1", Addr: "127.0.0.1:1"})
+			tc.mutate(&cfg)
+			// Run returns at once on bad settings; the deadline only ends a
+			// Run that accepted them.
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			err := NewShipper(cfg, nil, (&logBuf{}).logger()).Run(ctx)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Run = %v, want an error containing %q", err, tc.want)
+			}
+		})
 	}
 }
