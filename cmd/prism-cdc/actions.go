@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -27,8 +28,10 @@ func runAction(ctx context.Context, _ string, cfg *config.Config, log zerolog.Lo
 }
 
 // verifyCommand compares every replicated table of this region with every
-// peer region's database; with --repair --from REGION it then makes the
-// other regions equal to REGION for the differing rows and compares again.
+// peer region's database and checks their foreign keys in every region;
+// with --repair --from REGION it then makes the other regions equal to
+// REGION for the differing rows and compares again. Rows that violate a
+// foreign key are reported, never repaired: it exits 1 while any remain.
 func verifyCommand(fs *flag.FlagSet) nodeAction {
 	repair := fs.Bool("repair", false, "make the other regions equal to --from for the differing rows")
 	from := fs.String("from", "", "the `REGION` whose rows are right (with --repair)")
@@ -55,10 +58,7 @@ func verifyCommand(fs *flag.FlagSet) nodeAction {
 		}
 		printVerify(stdout, regions, rep)
 		if rep.Equal() || !*repair {
-			if !rep.Equal() {
-				return exitFail
-			}
-			return exitOK
+			return verifyExit(rep)
 		}
 		fmt.Fprintf(stdout, "\nrepairing from region %s\n", *from)
 		done, err := verify.Repair(ctx, regions, *from, rep, log)
@@ -76,11 +76,17 @@ func verifyCommand(fs *flag.FlagSet) nodeAction {
 			return exitFail
 		}
 		printVerify(stdout, regions, rep)
-		if !rep.Equal() {
-			return exitFail
-		}
-		return exitOK
+		return verifyExit(rep)
 	}
+}
+
+// verifyExit is verify's exit status: 1 while regions differ or a foreign
+// key is violated in any region.
+func verifyExit(rep verify.Report) int {
+	if !rep.OK() {
+		return exitFail
+	}
+	return exitOK
 }
 
 // printVerify prints one row per table and the differing keys.
@@ -109,9 +115,60 @@ func printVerify(stdout io.Writer, regions []verify.Region, rep verify.Report) {
 			fmt.Fprintf(stdout, "%s: %s\n", t.Table, d)
 		}
 	}
-	if !rep.Equal() {
+	printViolations(stdout, rep.Violations)
+	switch {
+	case !rep.Equal():
 		fmt.Fprintln(stdout, "regions differ")
+	case len(rep.Violations) > 0:
+		constraints, where := map[string]bool{}, map[string]bool{}
+		for _, v := range rep.Violations {
+			constraints[v.Table+"\x00"+v.Constraint] = true
+			where[v.Region] = true
+		}
+		fmt.Fprintf(stdout, "%d tables equal in %d regions, but foreign keys are violated: %d constraints in %d regions\n",
+			len(rep.Tables), len(regions), len(constraints), len(where))
+	default:
+		fmt.Fprintf(stdout, "%d tables equal in %d regions\n", len(rep.Tables), len(regions))
+	}
+}
+
+// printViolations prints the violated foreign keys, grouped by constraint,
+// with the offending keys per region and the two ways to repair them.
+func printViolations(stdout io.Writer, vs []verify.FKViolation) {
+	if len(vs) == 0 {
 		return
 	}
-	fmt.Fprintf(stdout, "%d tables equal in %d regions\n", len(rep.Tables), len(regions))
+	fmt.Fprintln(stdout, "\nforeign keys violated (applied rows skip foreign-key checks, so regions can agree on an orphan):")
+	var order []string
+	groups := map[string][]verify.FKViolation{}
+	for _, v := range vs {
+		id := v.Table + "\x00" + v.Constraint
+		if _, ok := groups[id]; !ok {
+			order = append(order, id)
+		}
+		groups[id] = append(groups[id], v)
+	}
+	for _, id := range order {
+		g := groups[id]
+		v := g[0]
+		fmt.Fprintf(stdout, "%s: constraint %s: (%s) references %s (%s)\n",
+			v.Table, v.Constraint, strings.Join(v.Columns, ", "), v.Referenced, strings.Join(v.RefColumns, ", "))
+		for _, rv := range g {
+			fmt.Fprintf(stdout, "  region %s: %d rows reference no row of %s\n", rv.Region, rv.Count, rv.Referenced)
+			if rv.MatchFull {
+				fmt.Fprintln(stdout, "    (MATCH FULL: a key that is only partly NULL counts too)")
+			}
+			for i := range rv.Keys {
+				fmt.Fprintf(stdout, "    key %s\n", rv.KeyString(i))
+			}
+			if more := rv.Count - int64(len(rv.Keys)); more > 0 {
+				fmt.Fprintf(stdout, "    ... and %d more\n", more)
+			}
+		}
+		fmt.Fprintf(stdout, "  find them:  %s;\n", v.FindSQL)
+		fmt.Fprintf(stdout, "  repair in ONE region while the nodes run (the change replicates to the others), either:\n")
+		fmt.Fprintf(stdout, "    - re-insert the missing rows of %s (from a backup or the application), or\n", v.Referenced)
+		fmt.Fprintf(stdout, "    - delete the orphans:  %s;\n", v.DeleteSQL)
+	}
+	fmt.Fprintln(stdout, "verify --repair does not change these rows: which side is right is your call. Run verify again afterwards.")
 }

@@ -10,8 +10,16 @@
 // size. Differing keys are checked again after Options.Settle, so changes
 // still in flight are not reported as divergence.
 //
+// Compare also checks, in every region, the foreign keys declared on the
+// replicated tables: applied rows skip foreign-key checks
+// (session_replication_role = replica), so regions can converge on the
+// same orphans. Each constraint costs one anti-join per region, whose
+// output is bounded (a count and the first Options.FKKeys keys).
+//
 // Repair makes the other regions equal to one region for the differing
 // rows only, through pkg/apply under the replication origin prism_repair.
+// It never deletes orphans: which side of a violated foreign key is right
+// is the operator's call.
 package verify
 
 import (
@@ -67,9 +75,13 @@ func (k DiffKey) String() string { return "[" + strings.Join(k.Values, ", ") + "
 type Report struct {
 	Regions []string
 	Tables  []TableResult
+	// Violations are the foreign keys violated in a region, one entry per
+	// region and constraint, by region then table.
+	Violations []FKViolation
 }
 
-// Equal reports whether every table is equal in every region.
+// Equal reports whether every table is equal in every region. Regions can
+// be equal and still hold rows that violate a foreign key; see OK.
 func (r Report) Equal() bool {
 	for _, t := range r.Tables {
 		if !t.Equal {
@@ -78,6 +90,10 @@ func (r Report) Equal() bool {
 	}
 	return true
 }
+
+// OK reports whether every table is equal in every region and no region
+// violates a foreign key.
+func (r Report) OK() bool { return r.Equal() && len(r.Violations) == 0 }
 
 // MaxDiffs bounds the differing keys described per table in Diffs.
 const MaxDiffs = 10
@@ -93,6 +109,9 @@ type Options struct {
 	ChunkRows int
 	// MaxKeys bounds the differing keys kept per table (default 100000).
 	MaxKeys int
+	// FKKeys bounds the offending keys kept per violated foreign key and
+	// region (default 10); the count is always exact.
+	FKKeys int
 	// Log receives progress for large tables; the zero Logger logs nothing.
 	Log zerolog.Logger
 	// ProgressEvery is how often progress is logged (default 10s).
@@ -109,6 +128,9 @@ func (o *Options) setDefaults() {
 	if o.MaxKeys <= 0 {
 		o.MaxKeys = 100000
 	}
+	if o.FKKeys <= 0 {
+		o.FKKeys = 10
+	}
 	if o.ProgressEvery <= 0 {
 		o.ProgressEvery = 10 * time.Second
 	}
@@ -122,7 +144,8 @@ func Compare(ctx context.Context, regions []Region, pub string, settle time.Dura
 }
 
 // CompareWith compares every table of publication pub (as the first region
-// lists it) in every region.
+// lists it) in every region, and checks the foreign keys declared on those
+// tables in every region.
 func CompareWith(ctx context.Context, regions []Region, pub string, opts Options) (Report, error) {
 	opts.setDefaults()
 	if len(regions) < 2 {
@@ -147,6 +170,10 @@ func CompareWith(ctx context.Context, regions []Region, pub string, opts Options
 			return Report{}, err
 		}
 		rep.Tables = append(rep.Tables, res)
+	}
+	rep.Violations, err = checkForeignKeys(ctx, regions, conns, tables, opts)
+	if err != nil {
+		return Report{}, err
 	}
 	return rep, nil
 }
