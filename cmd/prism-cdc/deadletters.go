@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/jackc/pglogrepl"
-	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/rs/zerolog"
 
 	"github.com/prism-cdc/prism-cdc/internal/config"
@@ -175,7 +174,7 @@ func loadConfig(name, path string, stderr io.Writer) (*config.Config, zerolog.Lo
 // openApplier opens this region's database with the node's conflict
 // settings.
 func openApplier(ctx context.Context, cfg *config.Config, log zerolog.Logger) (*apply.Applier, func(), error) {
-	pool, err := pgxpool.New(ctx, cfg.Database)
+	pool, err := apply.NewPool(ctx, cfg.Database)
 	if err != nil {
 		return nil, nil, fmt.Errorf("database: %s", config.RedactDSN(err.Error()))
 	}

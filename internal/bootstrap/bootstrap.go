@@ -14,6 +14,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/prism-cdc/prism-cdc/pkg/apply"
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
 
 // Peer is another region: its database and its replication slot.
@@ -288,6 +289,7 @@ func connect(ctx context.Context, dsn, what string) (*pgx.Conn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("bootstrap: %s: bad DSN: %s", what, redact(err.Error()))
 	}
+	decode.PinTextForm(&cfg.Config)
 	cctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
 	conn, err := pgx.ConnectConfig(cctx, cfg)

@@ -14,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/prism-cdc/prism-cdc/pkg/apply"
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
 
 // appName is the application_name of every bootstrap session; appliers
@@ -42,6 +43,7 @@ func dial(ctx context.Context, dsn string, params map[string]string) (*pgconn.Pg
 	if err != nil {
 		return nil, fmt.Errorf("bad DSN: %s", redact(err.Error()))
 	}
+	decode.PinTextForm(cfg)
 	cfg.RuntimeParams["application_name"] = appName
 	for k, v := range params {
 		cfg.RuntimeParams[k] = v

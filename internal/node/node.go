@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/jackc/pglogrepl"
-	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/rs/zerolog"
 
 	"github.com/prism-cdc/prism-cdc/internal/config"
@@ -106,7 +105,7 @@ func (n *Node) Run(ctx context.Context) error {
 	if err := Preflight(ctx, n.cfg.Database, n.log); err != nil {
 		return err
 	}
-	pool, err := pgxpool.New(ctx, n.cfg.Database)
+	pool, err := apply.NewPool(ctx, n.cfg.Database)
 	if err != nil {
 		return fmt.Errorf("database: %s", config.RedactDSN(err.Error()))
 	}

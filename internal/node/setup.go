@@ -7,7 +7,6 @@ import (
 	"strings"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/rs/zerolog"
 
 	"github.com/prism-cdc/prism-cdc/internal/config"
@@ -66,7 +65,7 @@ func (n *Node) fallback(p config.Peer) peers.Fallback {
 		return nil
 	}
 	return func(ctx context.Context) (peers.Applier, func(), error) {
-		pool, err := pgxpool.New(ctx, p.Database)
+		pool, err := apply.NewPool(ctx, p.Database)
 		if err != nil {
 			return nil, nil, fmt.Errorf("fallback database of region %s: %s", p.Region, config.RedactDSN(err.Error()))
 		}

@@ -66,7 +66,7 @@ func Repair(ctx context.Context, regions []Region, from string, rep Report, log 
 		if a, ok := appliers[r.Name]; ok {
 			return a, nil
 		}
-		pool, err := pgxpool.New(ctx, r.DSN)
+		pool, err := apply.NewPool(ctx, r.DSN)
 		if err != nil {
 			return nil, fmt.Errorf("repair: connect region %s: %w", r.Name, err)
 		}

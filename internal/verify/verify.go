@@ -33,6 +33,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/rs/zerolog"
+
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
 
 // Region is one region's database to compare.
@@ -181,14 +183,13 @@ func CompareWith(ctx context.Context, regions []Region, pub string, opts Options
 func connectAll(ctx context.Context, regions []Region) ([]*pgx.Conn, error) {
 	conns := make([]*pgx.Conn, len(regions))
 	for i, r := range regions {
-		c, err := pgx.Connect(ctx, r.DSN)
+		// Rows are hashed by their text form: every region must print
+		// values alike.
+		c, err := decode.Connect(ctx, r.DSN)
 		if err != nil {
 			return conns, fmt.Errorf("verify: connect region %s: %w", r.Name, err)
 		}
 		conns[i] = c
-		if _, err := c.Exec(ctx, "SET TimeZone = 'UTC'; SET extra_float_digits = 3; SET DateStyle = 'ISO'; SET IntervalStyle = 'postgres'"); err != nil {
-			return conns, fmt.Errorf("verify: region %s: %w", r.Name, err)
-		}
 	}
 	return conns, nil
 }

@@ -448,7 +448,7 @@ func checkSlot(slot, pub string, s slotState, usedBefore bool) (slotAction, erro
 // normal connection. It returns the slot's confirmed_flush_lsn (0/0 when
 // the slot does not exist yet).
 func (r *Reader) prepare(ctx context.Context) (slotAction, pglogrepl.LSN, error) {
-	conn, err := pgx.Connect(ctx, r.cfg.DSN)
+	conn, err := Connect(ctx, r.cfg.DSN)
 	if err != nil {
 		return 0, 0, fmt.Errorf("connect %s: %w", r.cfg.Region, err)
 	}
@@ -554,6 +554,8 @@ func (r *Reader) session(ctx context.Context) (progressed bool, err error) {
 	if err != nil {
 		return false, permanent(fmt.Errorf("parse dsn: %w", err))
 	}
+	// pgoutput prints values in this session's text form.
+	PinTextForm(pcfg)
 	pcfg.RuntimeParams["replication"] = "database"
 	pcfg.RuntimeParams["application_name"] = r.cfg.AppName
 	conn, err := pgconn.ConnectConfig(ctx, pcfg)

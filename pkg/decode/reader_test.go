@@ -715,3 +715,59 @@ func TestReaderLogsResumePosition(t *testing.T) {
 		t.Fatalf("streaming line lacks %s (the slot's confirmed_flush_lsn):\n%s", wantLine, logs.String())
 	}
 }
+
+// textFormServer is a server whose output settings all differ from the
+// ones prism-cdc pins: without pinning, its walsender prints 2024-01-05 as
+// 05/01/2024, rounds floats and prints intervals, bytea and timestamptz in
+// other forms.
+var textFormServer = map[string]string{
+	"datestyle":          "'SQL, DMY'",
+	"intervalstyle":      "'sql_standard'",
+	"extra_float_digits": "0",
+	"bytea_output":       "'escape'",
+	"timezone":           "'Asia/Kolkata'",
+}
+
+// TestReaderTextForm checks that the replication connection prints values
+// in the pinned text form whatever the server's settings, the database's
+// defaults and the DSN's own options say.
+func TestReaderTextForm(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c := pgtest.Start(t, pgtest.Options{Name: "textform", Settings: textFormServer})
+	exec(ctx, t, c, `ALTER DATABASE postgres SET extra_float_digits = -15;
+		CREATE TABLE v (id int PRIMARY KEY, d date, d2 date, i interval, f8 float8, f8b float8, f8c float8, f4 real,
+			tz timestamptz, b bytea)`)
+	dsn := c.DSN("postgres") + " options='-c DateStyle=German -c IntervalStyle=iso_8601' DateStyle=Postgres"
+	r := newTestReader(t, c, ReaderConfig{DSN: dsn})
+	ch := collect(t, r)
+	deadline := time.Now().Add(time.Minute)
+	poll(t, deadline, "slot active", func() bool { return slotActive(ctx, t, c, "prism_na") })
+	exec(ctx, t, c, `INSERT INTO v VALUES (1, '2024-01-05', '2024-01-31', '-1 days -02:03:04', 0.1, 1e-310, 1/3::float8,
+		3.4028235e38, '2024-06-01 12:34:56.789+02', '\x00ff27'::bytea)`)
+	txn := recv(t, ch, deadline)
+	want := []string{"1", "2024-01-05", "2024-01-31", "-1 days -02:03:04", "0.1", "1e-310", "0.3333333333333333",
+		"3.4028235e+38", "2024-06-01 10:34:56.789+00", `\x00ff27`}
+	if len(txn.Changes) != 1 {
+		t.Fatalf("transaction has %d changes, want 1", len(txn.Changes))
+	}
+	for i, v := range txn.Changes[0].New {
+		if i >= len(want) || string(v.Data) != want[i] {
+			t.Errorf("column %d = %q, want %q", i, v.Data, want[min(i, len(want)-1)])
+		}
+	}
+
+	// A normal connection through Connect prints values the same way.
+	conn, err := Connect(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	var got string
+	if err := conn.QueryRow(ctx, "SELECT concat_ws('|', d, i, f8c, tz, b) FROM v").Scan(&got); err != nil {
+		t.Fatal(err)
+	}
+	if w := `2024-01-05|-1 days -02:03:04|0.3333333333333333|2024-06-01 10:34:56.789+00|\x00ff27`; got != w {
+		t.Errorf("Connect: row = %s, want %s", got, w)
+	}
+}
