@@ -23,7 +23,7 @@ func testCtx(t *testing.T) context.Context {
 
 func newPool(t testing.TB, ctx context.Context, c *pgtest.Cluster, db string) *pgxpool.Pool {
 	t.Helper()
-	pool, err := pgxpool.New(ctx, c.DSN(db))
+	pool, err := NewPool(ctx, c.DSN(db))
 	if err != nil {
 		t.Fatalf("pool: %v", err)
 	}

@@ -156,3 +156,45 @@ func TestErrorPolicy(t *testing.T) {
 		t.Fatalf("strict_t = %s", got)
 	}
 }
+
+// TestTypesUnderOutputSettings applies an insert and an update whose row
+// is missing (prism.update_missing inserts it from a text array) to a
+// server whose output settings differ from the pinned text form: the
+// values arrive exactly, not rounded (extra_float_digits = 0) nor read in
+// another date order.
+func TestTypesUnderOutputSettings(t *testing.T) {
+	ctx := testCtx(t)
+	dst := pgtest.Start(t, pgtest.Options{Name: "tsettings", Settings: map[string]string{
+		"datestyle": "'SQL, DMY'", "intervalstyle": "'sql_standard'", "extra_float_digits": "0",
+		"bytea_output": "'escape'", "timezone": "'Asia/Kolkata'",
+	}})
+	mustExec(t, ctx, dst, "postgres", `CREATE TABLE v (id int PRIMARY KEY, d date, i interval, f8 float8, f4 real,
+		tz timestamptz, b bytea)`)
+	a := newApplier(t, ctx, dst, "postgres")
+	r := rel("public", "v", decode.IdentityDefault, "id*", "d", "i", "f8", "f4", "tz", "b")
+	rows := [][]string{
+		{"1", "2024-01-05", "-1 days -02:03:04", "0.3333333333333333", "3.4028235e+38", "2024-06-01 10:34:56.789+00", `\x00ff27`},
+		{"2", "2024-01-31", "1 year -2 mons +3 days -04:05:06.5", "1e-310", "1.1754944e-38", "2024-01-05 00:00:00+00", `\x`},
+	}
+	if err := a.Apply(ctx, txn("ts", 1000, 1, ins(r, rows[0]...), upd(r, nil, rows[1]...))); err != nil {
+		t.Fatalf("Apply: %v", err)
+	}
+	conn, err := decode.Connect(ctx, dst.DSN("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	for _, row := range rows {
+		var got string
+		if err := conn.QueryRow(ctx, "SELECT concat_ws('|', id, d, i, f8, f4, tz, b) FROM v WHERE id = $1", row[0]).Scan(&got); err != nil {
+			t.Fatalf("row %s: %v", row[0], err)
+		}
+		want := strings.Join(row, "|")
+		if row[0] == "2" {
+			want = strings.Replace(want, "1 year -2 mons +3", "10 mons 3", 1)
+		}
+		if got != want {
+			t.Errorf("row %s = %s, want %s", row[0], got, want)
+		}
+	}
+}
