@@ -230,3 +230,40 @@ func TestUndo(t *testing.T) {
 		t.Fatalf("Undo(no before-image) = %+v, %v", res, err)
 	}
 }
+
+// TestUndoIdentity reverts changes of a table with a GENERATED ALWAYS
+// identity key and a stored generated column: the deleted row comes back
+// with its own identity value, an update of the other columns is
+// reverted, and an update that changed the identity value is a conflict.
+func TestUndoIdentity(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "undo-identity"})
+	mustExec(t, ctx, c, "postgres", `CREATE TABLE items (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v text,
+			g int GENERATED ALWAYS AS (length(v)) STORED);
+		ALTER TABLE items REPLICA IDENTITY FULL;
+		INSERT INTO items (id, v) OVERRIDING SYSTEM VALUE VALUES (1, 'one-new'), (3, 'three'), (20, 'twenty');`)
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("na"))
+	items := rel("public", "items", decode.IdentityFull, "id", "v")
+	orig := txn("na", 0x5000, 1,
+		ins(items, "3", "three"),
+		upd(items, vals("1", "one"), "1", "one-new"),
+		del(items, "2", "two"),
+		upd(items, vals("4", "four"), "20", "twenty"), // SET id = DEFAULT
+	)
+	res, err := a.Undo(ctx, orig, UndoRequest{Target: "eu"})
+	if err != nil {
+		t.Fatalf("Undo = %v", err)
+	}
+	if res.Status != UndoConflict || len(res.Changes) != 4 || !strings.Contains(res.Changes[0].Result, "identity") {
+		t.Fatalf("Undo = %+v, want a conflict on the identity update and the rest reverted", res)
+	}
+	for _, ch := range res.Changes[1:] {
+		if !strings.HasPrefix(ch.Result, "reverted") {
+			t.Errorf("change %s: %s", ch.Op, ch.Result)
+		}
+	}
+	want := `{"id":1,"v":"one","g":3}` + "\n" + `{"id":2,"v":"two","g":3}` + "\n" + `{"id":20,"v":"twenty","g":6}`
+	if got := tableRows(t, ctx, a.pool, "items"); got != want {
+		t.Fatalf("items after undo =\n%s\nwant\n%s", got, want)
+	}
+}

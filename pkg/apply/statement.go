@@ -17,14 +17,23 @@ type target struct {
 	ident string            // quoted "schema"."table"
 	name  string            // schema.table, for messages and the conflicts log
 	types map[string]string // column name -> quoted, schema-qualified type name
+	// always marks GENERATED ALWAYS AS IDENTITY columns: an INSERT writes
+	// them only with OVERRIDING SYSTEM VALUE, an UPDATE never.
+	always map[string]bool
+	// generated marks generated columns, which are never written.
+	generated map[string]bool
+	// stored lists the columns an INSERT can write (all but generated
+	// ones), in table order.
+	stored []string
 }
 
 const loadTargetSQL = `
-SELECT a.attname, quote_ident(n.nspname) || '.' || quote_ident(t.typname)
+SELECT a.attname, quote_ident(n.nspname) || '.' || quote_ident(t.typname), a.attidentity = 'a', a.attgenerated <> ''
 FROM pg_catalog.pg_attribute a
 JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
 JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
-WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped`
+WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum`
 
 // loadTarget reads the columns of schema.table from the catalog.
 func loadTarget(ctx context.Context, conn *pgx.Conn, schema, table string) (*target, error) {
@@ -33,14 +42,23 @@ func loadTarget(ctx context.Context, conn *pgx.Conn, schema, table string) (*tar
 	if err != nil {
 		return nil, err
 	}
-	t := &target{ident: ident, name: schema + "." + table, types: map[string]string{}}
+	t := &target{ident: ident, name: schema + "." + table, types: map[string]string{}, always: map[string]bool{}, generated: map[string]bool{}}
 	for rows.Next() {
 		var name, typ string
-		if err := rows.Scan(&name, &typ); err != nil {
+		var always, generated bool
+		if err := rows.Scan(&name, &typ, &always, &generated); err != nil {
 			rows.Close()
 			return nil, err
 		}
 		t.types[name] = typ
+		if always {
+			t.always[name] = true
+		}
+		if generated {
+			t.generated[name] = true
+		} else {
+			t.stored = append(t.stored, name)
+		}
 	}
 	if err := rows.Err(); err != nil {
 		return nil, err
@@ -262,18 +280,114 @@ func (b *builder) values(cols []int) (names, ps []string, err error) {
 	return names, ps, nil
 }
 
+// writable leaves out the columns the target generates itself: they are
+// never written.
+func (b *builder) writable(cols []int) []int {
+	if len(b.t.generated) == 0 {
+		return cols
+	}
+	out := make([]int, 0, len(cols))
+	for _, c := range cols {
+		if !b.t.generated[b.rel.Columns[c].Name] {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// isAlways reports whether column col is GENERATED ALWAYS AS IDENTITY in
+// the target.
+func (b *builder) isAlways(col int) bool { return b.t.always[b.rel.Columns[col].Name] }
+
+// overriding is the clause an INSERT of cols needs to write identity
+// ALWAYS columns with the source's values, as PostgreSQL's own apply
+// worker does.
+func (b *builder) overriding(cols []int) string {
+	for _, c := range cols {
+		if b.isAlways(c) {
+			return " OVERRIDING SYSTEM VALUE"
+		}
+	}
+	return ""
+}
+
+// sets returns the SET list of an UPDATE writing cols from New. Identity
+// ALWAYS columns are left out (an UPDATE may not assign them), and
+// returned as moved: the caller writes them by moving the row (move).
+func (b *builder) sets(cols []int) (sets []string, moved []int, err error) {
+	for _, col := range cols {
+		if b.isAlways(col) {
+			moved = append(moved, col)
+			continue
+		}
+		p, err := b.param(tupleNew, col)
+		if err != nil {
+			return nil, nil, err
+		}
+		sets = append(sets, quote(b.rel.Columns[col].Name)+" = "+p)
+	}
+	return sets, moved, nil
+}
+
+// move writes the identity ALWAYS columns moved of an updated row x (an
+// UPDATE cannot): when one of them differs from its new value, the row is
+// deleted and inserted again, OVERRIDING SYSTEM VALUE, with the new values
+// of cols and the old values of every other column (unchanged TOASTed
+// ones). It returns the UPDATE's extra condition, and the CTEs d (DELETE
+// ... RETURNING, with using and where after the target) and i (the
+// INSERT), both in the statement's own snapshot. The new row version has
+// this transaction's stamp like an updated one; the delete leaves a
+// tombstone for the old key, as a delete of it would. With no UPDATE (sets
+// empty) the row is always moved.
+func (b *builder) move(cols, moved []int, using, where, resolve string, sets bool) (updateCond, ctes string, err error) {
+	changed := make([]string, len(moved))
+	for i, m := range moved {
+		p, err := b.param(tupleNew, m)
+		if err != nil {
+			return "", "", err
+		}
+		changed[i] = "x." + quote(b.rel.Columns[m].Name) + " IS DISTINCT FROM " + p
+	}
+	cond := "(" + strings.Join(changed, " OR ") + ")"
+	deleteCond := resolve
+	if sets {
+		updateCond = "CASE WHEN " + cond + " THEN false ELSE " + resolve + " END"
+		deleteCond = "CASE WHEN " + cond + " THEN " + resolve + " ELSE false END"
+	}
+	sent := map[string]int{}
+	for _, c := range cols {
+		sent[b.rel.Columns[c].Name] = c
+	}
+	names := make([]string, len(b.t.stored))
+	exprs := make([]string, len(b.t.stored))
+	for i, n := range b.t.stored {
+		names[i] = quote(n)
+		exprs[i] = "d." + quote(n)
+		if c, ok := sent[n]; ok {
+			if exprs[i], err = b.param(tupleNew, c); err != nil {
+				return "", "", err
+			}
+		}
+	}
+	ctes = "d AS (DELETE FROM " + b.t.ident + " AS x" + using + " WHERE " + where + " AND " + deleteCond + " RETURNING x.*), " +
+		"i AS (INSERT INTO " + b.t.ident + " (" + strings.Join(names, ", ") + ") OVERRIDING SYSTEM VALUE SELECT " +
+		strings.Join(exprs, ", ") + " FROM d RETURNING 1)"
+	return updateCond, ctes, nil
+}
+
 func (b *builder) insert(c *decode.Change, policy Policy) (string, error) {
 	cols, complete := sentCols(c)
 	if !complete {
 		return "", permanent("22023", "insert into %s carries an unchanged-value column", b.t.name)
 	}
+	cols = b.writable(cols)
 	nameList, psList, err := b.values(cols)
 	if err != nil {
 		return "", err
 	}
 	names, ps := strings.Join(nameList, ", "), strings.Join(psList, ", ")
 	if !keyed(b.rel) {
-		return "INSERT INTO " + b.t.ident + " AS x (" + names + ") VALUES (" + ps + ")", nil
+		return "INSERT INTO " + b.t.ident + " AS x (" + names + ")" + b.overriding(cols) + " VALUES (" + ps + ")", nil
 	}
 	keys := b.keyCols()
 	// A key with a tombstone is inserted only when the insert is newer
@@ -284,7 +398,7 @@ func (b *builder) insert(c *decode.Change, policy Policy) (string, error) {
 		return "", err
 	}
 	pol, tbl := lit(string(policy)), lit(b.t.name)
-	sql := "INSERT INTO " + b.t.ident + " AS x (" + names + ") SELECT " + ps +
+	sql := "INSERT INTO " + b.t.ident + " AS x (" + names + ")" + b.overriding(cols) + " SELECT " + ps +
 		" WHERE NOT EXISTS (SELECT 1 FROM prism.tombstones tb WHERE tb.table_name = " + tbl + " AND tb.key = " + keyP + ")" +
 		" OR prism.admit(" + pol + ", " + tbl + ", " + keyP + ")"
 	keyNames := b.quoted(keys)
@@ -292,15 +406,24 @@ func (b *builder) insert(c *decode.Change, policy Policy) (string, error) {
 	for _, k := range keys {
 		isKey[k] = true
 	}
+	// The key is the same; identity ALWAYS columns cannot be assigned.
 	var sets []string
 	for _, col := range cols {
-		if !isKey[col] {
+		if !isKey[col] && !b.isAlways(col) {
+			n := quote(b.rel.Columns[col].Name)
+			sets = append(sets, n+" = EXCLUDED."+n)
+		}
+	}
+	for _, col := range cols {
+		if len(sets) == 0 && !b.isAlways(col) {
 			n := quote(b.rel.Columns[col].Name)
 			sets = append(sets, n+" = EXCLUDED."+n)
 		}
 	}
 	if len(sets) == 0 {
-		sets = append(sets, keyNames[0]+" = EXCLUDED."+keyNames[0])
+		// Every column is an identity ALWAYS key: the existing row
+		// already holds the inserted values.
+		return sql + " ON CONFLICT (" + strings.Join(keyNames, ", ") + ") DO NOTHING", nil
 	}
 	return sql + " ON CONFLICT (" + strings.Join(keyNames, ", ") + ") DO UPDATE SET " + strings.Join(sets, ", ") +
 		" WHERE prism.resolve('insert_exists', " + pol + ", " + tbl + ", " +
@@ -391,23 +514,20 @@ func (b *builder) missingInsert(cols []int) (sql string, arr string, err error) 
 		ps[i] = "$1[" + strconv.Itoa(i+1) + "]::" + b.t.types[b.rel.Columns[c].Name]
 		vs[i] = "(" + params[i] + ")::text"
 	}
-	sql = "INSERT INTO " + b.t.ident + " (" + strings.Join(names, ", ") + ") SELECT " + strings.Join(ps, ", ") +
+	sql = "INSERT INTO " + b.t.ident + " (" + strings.Join(names, ", ") + ")" + b.overriding(cols) + " SELECT " + strings.Join(ps, ", ") +
 		" ON CONFLICT (" + strings.Join(b.quoted(b.keyCols()), ", ") + ") DO NOTHING"
 	return sql, "ARRAY[" + strings.Join(vs, ", ") + "]::text[]", nil
 }
 
 func (b *builder) update(c *decode.Change, policy Policy) (string, error) {
 	cols, complete := sentCols(c)
+	cols = b.writable(cols)
 	if len(cols) == 0 {
 		return "", permanent("22023", "update of %s carries no column value", b.t.name)
 	}
-	sets := make([]string, len(cols))
-	for i, col := range cols {
-		p, err := b.param(tupleNew, col)
-		if err != nil {
-			return "", err
-		}
-		sets[i] = quote(b.rel.Columns[col].Name) + " = " + p
+	sets, moved, err := b.sets(cols)
+	if err != nil {
+		return "", err
 	}
 	pol := lit(string(policy))
 	tbl := lit(b.t.name)
@@ -433,9 +553,32 @@ func (b *builder) update(c *decode.Change, policy Policy) (string, error) {
 			}
 			ins, arr = lit(sql), a
 		}
-		sb.WriteString("WITH u AS (UPDATE " + b.t.ident + " AS x SET " + strings.Join(sets, ", ") +
-			" WHERE " + cond + " AND " + resolveCall("update", pol, tbl, b.keyJSON("x", keyCols), b.commitTime()) + " RETURNING 1) " +
-			"SELECT CASE WHEN EXISTS (SELECT 1 FROM u) THEN 1 WHEN EXISTS (SELECT 1 FROM " + b.t.ident + " AS y WHERE " + condY + ") THEN 0" +
+		resolve := resolveCall("update", pol, tbl, b.keyJSON("x", keyCols), b.commitTime())
+		if c.Old == nil && len(sets) > 0 && allKeys(b.rel, moved) {
+			// The key did not change, so neither did identity
+			// columns of the key.
+			moved = nil
+		}
+		updateCond, found := resolve, "EXISTS (SELECT 1 FROM u)"
+		sb.WriteString("WITH ")
+		if len(moved) > 0 {
+			uc, ctes, err := b.move(cols, moved, "", cond, resolve, len(sets) > 0)
+			if err != nil {
+				return "", err
+			}
+			updateCond = uc
+			sb.WriteString(ctes)
+			found = "EXISTS (SELECT 1 FROM i)"
+			if len(sets) > 0 {
+				sb.WriteString(", ")
+				found = "EXISTS (SELECT 1 FROM u) OR " + found
+			}
+		}
+		if len(sets) > 0 {
+			sb.WriteString("u AS (UPDATE " + b.t.ident + " AS x SET " + strings.Join(sets, ", ") +
+				" WHERE " + cond + " AND " + updateCond + " RETURNING 1)")
+		}
+		sb.WriteString(" SELECT CASE WHEN " + found + " THEN 1 WHEN EXISTS (SELECT 1 FROM " + b.t.ident + " AS y WHERE " + condY + ") THEN 0" +
 			" ELSE prism.update_missing(" + pol + ", " + tbl + ", " + keyP + ", " + strconv.FormatBool(complete) + ", " + ins + ", " + arr + ") END")
 		return sb.String(), nil
 	}
@@ -447,21 +590,47 @@ func (b *builder) update(c *decode.Change, policy Policy) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	sb.WriteString("WITH target AS (SELECT y.ctid FROM " + b.t.ident + " AS y WHERE " + cond + " LIMIT 1 FOR UPDATE), " +
-		"u AS (UPDATE " + b.t.ident + " AS x SET " + strings.Join(sets, ", ") + " FROM target WHERE x.ctid = target.ctid" +
-		" AND " + resolveCall("update", pol, tbl, keyP, b.commitTime()) + " RETURNING 1), " +
-		"m AS (SELECT prism.missing('update_missing', " + pol + ", " + tbl + ", " + keyP + ", " + strconv.FormatBool(complete) + ", false) AS ins" +
+	resolve := resolveCall("update", pol, tbl, keyP, b.commitTime())
+	sb.WriteString("WITH target AS (SELECT y.ctid FROM " + b.t.ident + " AS y WHERE " + cond + " LIMIT 1 FOR UPDATE), ")
+	updateCond, updated := resolve, "(SELECT count(*) FROM u)"
+	if len(moved) > 0 {
+		uc, ctes, err := b.move(cols, moved, " USING target", "x.ctid = target.ctid", resolve, len(sets) > 0)
+		if err != nil {
+			return "", err
+		}
+		updateCond = uc
+		sb.WriteString(ctes + ", ")
+		updated = "(SELECT count(*) FROM i)"
+		if len(sets) > 0 {
+			updated = "(SELECT count(*) FROM u) + " + updated
+		}
+	}
+	if len(sets) > 0 {
+		sb.WriteString("u AS (UPDATE " + b.t.ident + " AS x SET " + strings.Join(sets, ", ") + " FROM target WHERE x.ctid = target.ctid" +
+			" AND " + updateCond + " RETURNING 1), ")
+	}
+	sb.WriteString("m AS (SELECT prism.missing('update_missing', " + pol + ", " + tbl + ", " + keyP + ", " + strconv.FormatBool(complete) + ", false) AS ins" +
 		" WHERE NOT EXISTS (SELECT 1 FROM target)) ")
 	if !complete {
-		sb.WriteString("SELECT (SELECT count(*) FROM u), (SELECT count(*) FROM m)")
+		sb.WriteString("SELECT " + updated + ", (SELECT count(*) FROM m)")
 		return sb.String(), nil
 	}
 	names, ps, err := b.values(cols)
 	if err != nil {
 		return "", err
 	}
-	sb.WriteString("INSERT INTO " + b.t.ident + " (" + strings.Join(names, ", ") + ") SELECT " + strings.Join(ps, ", ") + " FROM m WHERE m.ins")
+	sb.WriteString("INSERT INTO " + b.t.ident + " (" + strings.Join(names, ", ") + ")" + b.overriding(cols) + " SELECT " + strings.Join(ps, ", ") + " FROM m WHERE m.ins")
 	return sb.String(), nil
+}
+
+// allKeys reports whether every column of cols is a key column.
+func allKeys(rel *decode.Relation, cols []int) bool {
+	for _, c := range cols {
+		if !rel.Columns[c].Key {
+			return false
+		}
+	}
+	return true
 }
 
 func (b *builder) delete(c *decode.Change, policy Policy) (string, error) {

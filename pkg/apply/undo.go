@@ -1,6 +1,7 @@
 package apply
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -196,6 +197,7 @@ type localTable struct {
 	types   map[string]string
 	pk      []string
 	skipped map[string]bool // generated columns
+	always  map[string]bool // GENERATED ALWAYS AS IDENTITY columns
 }
 
 func (a *Applier) localTable(ctx context.Context, tx pgx.Tx, cache map[string]*localTable, rel *decode.Relation) (*localTable, error) {
@@ -203,8 +205,8 @@ func (a *Applier) localTable(ctx context.Context, tx pgx.Tx, cache map[string]*l
 	if t, ok := cache[key]; ok {
 		return t, nil
 	}
-	t := &localTable{name: quote(rel.Schema) + "." + quote(rel.Table), types: map[string]string{}, skipped: map[string]bool{}}
-	rows, err := tx.Query(ctx, `SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '',
+	t := &localTable{name: quote(rel.Schema) + "." + quote(rel.Table), types: map[string]string{}, skipped: map[string]bool{}, always: map[string]bool{}}
+	rows, err := tx.Query(ctx, `SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '', a.attidentity = 'a',
 			EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = a.attrelid AND i.indisprimary AND a.attnum = ANY (i.indkey))
 		FROM pg_attribute a WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum`, t.name)
 	if err != nil {
@@ -213,13 +215,16 @@ func (a *Applier) localTable(ctx context.Context, tx pgx.Tx, cache map[string]*l
 	defer rows.Close()
 	for rows.Next() {
 		var name, typ string
-		var generated, pk bool
-		if err := rows.Scan(&name, &typ, &generated, &pk); err != nil {
+		var generated, always, pk bool
+		if err := rows.Scan(&name, &typ, &generated, &always, &pk); err != nil {
 			return nil, err
 		}
 		t.types[name] = typ
 		if generated {
 			t.skipped[name] = true
+		}
+		if always {
+			t.always[name] = true
 		}
 		if pk {
 			t.pk = append(t.pk, name)
@@ -341,7 +346,18 @@ func (a *Applier) undoChange(ctx context.Context, tx pgx.Tx, cache map[string]*l
 			if v.Kind == decode.ValueBinary {
 				return "", permanent("0A000", "binary values cannot be restored by undo")
 			}
+			if t.always[col.Name] {
+				// An UPDATE cannot assign an identity ALWAYS column; an
+				// unchanged one needs no restoring.
+				if w := written[i]; w.Kind != v.Kind || !bytes.Equal(w.Data, v.Data) {
+					return "conflict: the update changed GENERATED ALWAYS identity column " + col.Name + ", which an UPDATE cannot restore; left as it is", nil
+				}
+				continue
+			}
 			sets = append(sets, quote(col.Name)+" = "+s.param(col.Name, v))
+		}
+		if len(sets) == 0 {
+			return "reverted: no column to restore", nil
 		}
 		sql := fmt.Sprintf("WITH r AS (SELECT t.ctid FROM %s t WHERE %s LIMIT 1 FOR UPDATE) UPDATE %s t SET %s FROM r WHERE t.ctid = r.ctid",
 			t.name, cond, t.name, strings.Join(sets, ", "))
@@ -358,6 +374,7 @@ func (a *Applier) undoChange(ctx context.Context, tx pgx.Tx, cache map[string]*l
 			return "conflict: no before-image (set REPLICA IDENTITY FULL on the table); left as it is", nil
 		}
 		var cols, vals []string
+		overriding := ""
 		for i, col := range c.Rel.Columns {
 			v := c.Old[i]
 			if v.Kind == decode.ValueUnchanged || t.skipped[col.Name] {
@@ -371,6 +388,10 @@ func (a *Applier) undoChange(ctx context.Context, tx pgx.Tx, cache map[string]*l
 			}
 			cols = append(cols, quote(col.Name))
 			vals = append(vals, s.param(col.Name, v))
+			if t.always[col.Name] {
+				// The deleted row comes back with its own identity value.
+				overriding = " OVERRIDING SYSTEM VALUE"
+			}
 		}
 		guard := ""
 		if len(t.pk) > 0 {
@@ -380,7 +401,7 @@ func (a *Applier) undoChange(ctx context.Context, tx pgx.Tx, cache map[string]*l
 			}
 			guard = fmt.Sprintf(" WHERE NOT EXISTS (SELECT 1 FROM %s t WHERE %s)", t.name, cond)
 		}
-		sql := fmt.Sprintf("INSERT INTO %s (%s) SELECT %s%s", t.name, strings.Join(cols, ", "), strings.Join(vals, ", "), guard)
+		sql := fmt.Sprintf("INSERT INTO %s (%s)%s SELECT %s%s", t.name, strings.Join(cols, ", "), overriding, strings.Join(vals, ", "), guard)
 		tag, err := pc.ExecParams(ctx, sql, s.args, nil, nil, nil).Close()
 		if err != nil {
 			return "", err
