@@ -78,7 +78,17 @@
 // Unchanged TOASTed values (decode.ValueUnchanged) are never written. Rows
 // are found by the replica identity key (old key when sent, else the new
 // key columns), or with REPLICA IDENTITY FULL by every old column compared
-// by its text form, touching exactly one row (ctid ... LIMIT 1).
+// by its text form, touching exactly one row (ctid ... LIMIT 1). Both the
+// source's text and the applier's sessions use one pinned text form
+// (decode.PinTextForm), whatever the servers' DateStyle, IntervalStyle,
+// extra_float_digits, bytea_output or TimeZone.
+//
+// Identity ALWAYS columns get the source's values, as in PostgreSQL's own
+// apply worker: INSERTs say OVERRIDING SYSTEM VALUE, and an UPDATE never
+// assigns them; when such a value changes (the source ran SET id =
+// DEFAULT, or the column is outside the key) the same statement moves the
+// row instead (DELETE and INSERT OVERRIDING SYSTEM VALUE, one conflict
+// check, the transaction's stamp). Generated columns are never written.
 //
 // # Conflicts
 //

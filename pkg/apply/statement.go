@@ -398,9 +398,6 @@ func (b *builder) insert(c *decode.Change, policy Policy) (string, error) {
 		return "", err
 	}
 	pol, tbl := lit(string(policy)), lit(b.t.name)
-	sql := "INSERT INTO " + b.t.ident + " AS x (" + names + ")" + b.overriding(cols) + " SELECT " + ps +
-		" WHERE NOT EXISTS (SELECT 1 FROM prism.tombstones tb WHERE tb.table_name = " + tbl + " AND tb.key = " + keyP + ")" +
-		" OR prism.admit(" + pol + ", " + tbl + ", " + keyP + ")"
 	keyNames := b.quoted(keys)
 	isKey := map[int]bool{}
 	for _, k := range keys {
@@ -408,9 +405,14 @@ func (b *builder) insert(c *decode.Change, policy Policy) (string, error) {
 	}
 	// The key is the same; identity ALWAYS columns cannot be assigned.
 	var sets []string
+	var moved []int
 	for _, col := range cols {
-		if !isKey[col] && !b.isAlways(col) {
-			n := quote(b.rel.Columns[col].Name)
+		n := quote(b.rel.Columns[col].Name)
+		switch {
+		case isKey[col]:
+		case b.isAlways(col):
+			moved = append(moved, col)
+		default:
 			sets = append(sets, n+" = EXCLUDED."+n)
 		}
 	}
@@ -420,14 +422,48 @@ func (b *builder) insert(c *decode.Change, policy Policy) (string, error) {
 			sets = append(sets, n+" = EXCLUDED."+n)
 		}
 	}
+	resolve := "prism.resolve('insert_exists', " + pol + ", " + tbl + ", " + b.keyJSON("x", keys) + ", x.xmin)"
+	conflictWhere := resolve
+	with, from := "", ""
+	if len(moved) > 0 || len(sets) == 0 {
+		// ON CONFLICT DO UPDATE cannot write identity ALWAYS columns:
+		// an existing row whose values of them differ (or, with nothing
+		// else to update, any existing row) is deleted first when the
+		// insert wins, and the insert then finds no conflict; the
+		// INSERT reads d, so the DELETE runs before it.
+		cond, _, _, err := b.match(c, "x")
+		if err != nil {
+			return "", err
+		}
+		deleteCond := resolve
+		if len(moved) > 0 {
+			differs := make([]string, len(moved))
+			differsExcluded := make([]string, len(moved))
+			for i, m := range moved {
+				p, err := b.param(tupleNew, m)
+				if err != nil {
+					return "", err
+				}
+				n := quote(b.rel.Columns[m].Name)
+				differs[i] = "x." + n + " IS DISTINCT FROM " + p
+				differsExcluded[i] = "x." + n + " IS DISTINCT FROM EXCLUDED." + n
+			}
+			deleteCond = "CASE WHEN " + strings.Join(differs, " OR ") + " THEN " + resolve + " ELSE false END"
+			conflictWhere = "CASE WHEN " + strings.Join(differsExcluded, " OR ") + " THEN false ELSE " + resolve + " END"
+		}
+		with = "WITH d AS (DELETE FROM " + b.t.ident + " AS x WHERE " + cond + " AND " + deleteCond + " RETURNING 1) "
+		from = " FROM (SELECT count(*) FROM d) AS d"
+	}
+	sql := with + "INSERT INTO " + b.t.ident + " AS x (" + names + ")" + b.overriding(cols) + " SELECT " + ps + from +
+		" WHERE NOT EXISTS (SELECT 1 FROM prism.tombstones tb WHERE tb.table_name = " + tbl + " AND tb.key = " + keyP + ")" +
+		" OR prism.admit(" + pol + ", " + tbl + ", " + keyP + ")"
 	if len(sets) == 0 {
-		// Every column is an identity ALWAYS key: the existing row
-		// already holds the inserted values.
+		// Every column is an identity ALWAYS key: d replaced the row
+		// if the insert won.
 		return sql + " ON CONFLICT (" + strings.Join(keyNames, ", ") + ") DO NOTHING", nil
 	}
 	return sql + " ON CONFLICT (" + strings.Join(keyNames, ", ") + ") DO UPDATE SET " + strings.Join(sets, ", ") +
-		" WHERE prism.resolve('insert_exists', " + pol + ", " + tbl + ", " +
-		b.keyJSON("x", keys) + ", x.xmin)", nil
+		" WHERE " + conflictWhere, nil
 }
 
 // match returns the row-identifying condition on alias and the columns it
