@@ -281,6 +281,19 @@ func (d *Deployment) Status(name string) (node.Status, bool) {
 	return st, true
 }
 
+// Probe fetches node name's /healthz or /readyz (path) and returns the
+// HTTP status and body; code is 0 when the node does not answer.
+func (d *Deployment) Probe(name, path string) (code int, body string) {
+	c := http.Client{Timeout: time.Second}
+	resp, err := c.Get("http://" + d.http[name] + path)
+	if err != nil {
+		return 0, ""
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
 // Role returns node name's role, or "" when it does not answer.
 func (d *Deployment) Role(name string) node.Role {
 	st, _ := d.Status(name)

@@ -2,7 +2,6 @@ package node
 
 import (
 	"context"
-	"strings"
 	"sync"
 	"time"
 
@@ -323,7 +322,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		k(c.recoveries, float64(tot.Recoveries), t.Region)
 		k(c.halts, float64(tot.Halts), t.Region)
 		halted := 0.0
-		if strings.HasPrefix(t.Path, "halted") {
+		if isHalted(t.Path) {
 			halted = 1
 		}
 		g(c.halted, halted, t.Region)
