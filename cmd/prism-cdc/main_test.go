@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/prism-cdc/prism-cdc/internal/logtest"
 )
 
 const goodConfig = `node: eu1
@@ -89,6 +91,7 @@ func TestRun(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
 			defer cancel()
 			code := run(ctx, tc.args, &stdout, &stderr)
+			logtest.CheckOutput(t, "stderr", stderr.Bytes())
 			if code != tc.wantCode {
 				t.Errorf("run(%q) = %d, want %d\nstdout: %s\nstderr: %s", tc.args, code, tc.wantCode, &stdout, &stderr)
 			}

@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prism-cdc/prism-cdc/internal/logtest"
 	"github.com/prism-cdc/prism-cdc/internal/node"
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
 	"github.com/prism-cdc/prism-cdc/internal/verify"
@@ -363,6 +364,12 @@ func (d *Deployment) stopAll() {
 	for _, p := range procs {
 		p.Cmd.Process.Signal(syscall.SIGKILL)
 		<-p.Done
+	}
+	// Every node's log lines are JSON objects without a repeated key.
+	for _, r := range d.Regions {
+		for _, n := range d.topo[r] {
+			logtest.CheckFile(d.t, d.LogPath(n))
+		}
 	}
 	if d.t.Failed() {
 		d.t.Log(d.Logs())

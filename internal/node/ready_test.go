@@ -15,6 +15,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/prism-cdc/prism-cdc/internal/config"
+	"github.com/prism-cdc/prism-cdc/internal/logtest"
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
 )
 
@@ -56,7 +57,7 @@ peers:
 	if err != nil {
 		t.Fatal(err)
 	}
-	n := New(cfg, zerolog.New(logs).With().Timestamp().Str("node", name).Logger())
+	n := New(cfg, zerolog.New(logtest.New(t, logs)).With().Timestamp().Str("node", name).Str("region", "na").Logger())
 	n.stallAfter = time.Second
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup

@@ -180,7 +180,7 @@ func copyConn(dst, src net.Conn) (int64, error) {
 // TestReplayedHelloRejected: a Hello captured from an earlier connection
 // (signed over another nonce) is refused on a new one.
 func TestReplayedHelloRejected(t *testing.T) {
-	logs := &logBuf{}
+	logs := newLogBuf(t)
 	srv := NewServer(serverConfig("eu", "eu1"), newMemApplier(), logs.logger())
 	f, captured, err := pipeHello(t, srv, 0, testToken)
 	if _, ok := f.(*welcome); !ok || err != nil {

@@ -29,8 +29,8 @@ func TestHaltOnPermanentNack(t *testing.T) {
 		}
 		return nil
 	}
-	addr := serve(t, NewServer(serverConfig("eu", "eu1"), app, (&logBuf{}).logger()))
-	logs := &logBuf{}
+	addr := serve(t, NewServer(serverConfig("eu", "eu1"), app, (newLogBuf(t)).logger()))
+	logs := newLogBuf(t)
 	cfg := shipperConfig(NodeAddr{Name: "eu1", Addr: addr})
 	cfg.Retries = 50
 	sh := NewShipper(cfg, nil, logs.logger())
@@ -79,7 +79,7 @@ func TestHaltOnPermanentNack(t *testing.T) {
 // TestSendIgnoresRedelivery: the reader may hand over a transaction again
 // after reconnecting to its slot; it is not queued twice.
 func TestSendIgnoresRedelivery(t *testing.T) {
-	sh := NewShipper(shipperConfig(), nil, (&logBuf{}).logger())
+	sh := NewShipper(shipperConfig(), nil, (newLogBuf(t)).logger())
 	ctx := context.Background()
 	for _, i := range []int{1, 2, 2, 1, 3} {
 		if err := sh.Send(ctx, mkTxn(i, 0)); err != nil {
@@ -90,7 +90,7 @@ func TestSendIgnoresRedelivery(t *testing.T) {
 		t.Fatalf("Status = %+v, want 3 transactions up to %s", st, lsnOf(3))
 	}
 	// A cancelled Send on a full window returns the context error.
-	small := NewShipper(ShipperConfig{MaxInFlight: 10}, nil, (&logBuf{}).logger())
+	small := NewShipper(ShipperConfig{MaxInFlight: 10}, nil, (newLogBuf(t)).logger())
 	if err := small.Send(ctx, mkTxn(1, 0)); err != nil {
 		t.Fatalf("first Send into an empty window = %v, want it admitted alone", err)
 	}
