@@ -213,10 +213,11 @@ func notReady(st Status, dbErr error) []string {
 }
 
 // handler serves /healthz (alive), /readyz (ready), /status (JSON),
-// /metrics (Prometheus) and / (the status page). /healthz and /readyz
-// answer 200 or 503 with a plain-text body, one reason per line.
-func (n *Node) handler() http.Handler {
-	m := newMonitor(n)
+// /history (JSON: the samples recordLoop keeps), /metrics (Prometheus) and
+// / (the status page). /healthz and /readyz answer 200 or 503 with a
+// plain-text body, one reason per line.
+func (m *monitor) handler() http.Handler {
+	n := m.n
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(newCollector(m), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	mux := http.NewServeMux()
@@ -245,6 +246,11 @@ func (n *Node) handler() http.Handler {
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
 		enc.Encode(m.status(time.Now()))
+	})
+	mux.HandleFunc("GET /history", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Cache-Control", "no-store")
+		json.NewEncoder(w).Encode(m.historyOf())
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {

@@ -40,6 +40,9 @@ type monitor struct {
 	decoded  uint64 // decoded transactions over every reader
 
 	db dbFacts // cached database facts for /metrics
+
+	history map[string]*ring // per target region: the samples the page charts
+	order   []string         // target regions in the order first sampled
 }
 
 // targetTrack accumulates one target region's counters.
@@ -69,7 +72,7 @@ type minuteCounters struct {
 }
 
 func newMonitor(n *Node) *monitor {
-	return &monitor{n: n, targets: map[string]*targetTrack{}}
+	return &monitor{n: n, targets: map[string]*targetTrack{}, history: map[string]*ring{}}
 }
 
 // delta returns how much each counter of s grew since prev; a counter

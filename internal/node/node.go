@@ -146,7 +146,13 @@ func (n *Node) Run(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("listen %s (key http in %s): %w", n.cfg.HTTP, n.cfg.Path, err)
 		}
-		hs := &http.Server{Handler: n.handler(), ReadHeaderTimeout: 5 * time.Second}
+		m := newMonitor(n)
+		hs := &http.Server{Handler: m.handler(), ReadHeaderTimeout: 5 * time.Second}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			m.recordLoop(runCtx)
+		}()
 		wg.Add(1)
 		go func() {
 			defer wg.Done()

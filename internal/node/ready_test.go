@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -118,6 +119,12 @@ func TestHealthAndReadiness(t *testing.T) {
 		if c, b := probe(u + "/healthz"); c != 200 || b != "ok\n" {
 			t.Errorf("%s/healthz = %d %q, want 200 ok", u, c, b)
 		}
+	}
+	// Run samples the target regions for the page's charts from the start.
+	var h History
+	if c, b := probe(url1 + "/history"); c != 200 || json.Unmarshal([]byte(b), &h) != nil ||
+		len(h.Targets) != 1 || h.Targets[0].Region != "eu" || len(h.Targets[0].Samples) == 0 || h.SpanSeconds != 900 {
+		t.Errorf("/history = %d %s, want region eu's samples over 900 s", c, b)
 	}
 
 	// The database stops: both nodes are alive and not ready, and say why.
