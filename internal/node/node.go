@@ -183,6 +183,9 @@ func (n *Node) Run(ctx context.Context) error {
 	pool, applier, err := n.open(ctx)
 	if err != nil || ctx.Err() != nil {
 		stop()
+		if err == nil {
+			n.log.Info().Msg("node stopped before its database answered")
+		}
 		return err
 	}
 	defer pool.Close()
