@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"sync"
 	"testing"
@@ -53,8 +54,13 @@ func (l *logBuf) String() string {
 
 // logger returns a logger with the keys prism-cdc run's root logger has
 // (node, region), so a package logger that adds one of them again shows.
+// A logBuf not made by newLogBuf is not checked.
 func (l *logBuf) logger() zerolog.Logger {
-	return zerolog.New(l.check).With().Timestamp().Str("node", "na1").Str("region", "na").Logger()
+	var w io.Writer = l
+	if l.check != nil {
+		w = l.check
+	}
+	return zerolog.New(w).With().Timestamp().Str("node", "na1").Str("region", "na").Logger()
 }
 
 // memApplier is an in-memory Applier with the real semantics: progress
