@@ -168,10 +168,11 @@ func (n *Node) stalled(now time.Time) string {
 }
 
 // pingDatabase checks that this region's database answers, through the
-// node's pool (nil before Run opened it: the role reason says why).
+// node's probe pool (nil before Run opened the database: the role reason
+// says why).
 func (n *Node) pingDatabase(ctx context.Context) error {
 	n.mu.Lock()
-	pool := n.pool
+	pool := n.probe
 	n.mu.Unlock()
 	if pool == nil {
 		return nil

@@ -55,7 +55,7 @@ type Node struct {
 	clientTLS *tls.Config // for shippers; nil without auth.tls
 
 	mu        sync.Mutex
-	pool      *pgxpool.Pool // this region's database; nil until Run opened it
+	probe     *pgxpool.Pool // one connection for /readyz; nil until Run opened the database
 	term      *term         // shippers of the current reader term; nil while not reading
 	role      Role
 	reader    *decode.Reader
@@ -191,9 +191,14 @@ func (n *Node) Run(ctx context.Context) error {
 	defer pool.Close()
 	defer applier.Close() // before pool.Close, which waits for the connections
 	n.applier = applier
-	n.mu.Lock()
-	n.pool = pool
-	n.mu.Unlock()
+	if probe, err := newProbePool(ctx, n.cfg.Database); err == nil {
+		defer probe.Close()
+		n.mu.Lock()
+		n.probe = probe
+		n.mu.Unlock()
+	} else {
+		n.log.Warn().Err(redactedError{err}).Msg("no readiness probe: /readyz does not check the database")
+	}
 
 	accept := make([]string, 0, len(n.cfg.Peers))
 	for _, p := range n.cfg.Peers {
@@ -295,6 +300,18 @@ func (n *Node) open(ctx context.Context) (*pgxpool.Pool, *apply.Applier, error) 
 		case <-time.After(wait):
 		}
 	}
+}
+
+// newProbePool returns a pool of one connection for readiness checks, apart
+// from the applier's pool: a busy applier must not make the node look
+// unreachable. It connects at its first use.
+func newProbePool(ctx context.Context, dsn string) (*pgxpool.Pool, error) {
+	cfg, err := pgxpool.ParseConfig(dsn)
+	if err != nil {
+		return nil, err
+	}
+	cfg.MaxConns = 1
+	return pgxpool.NewWithConfig(ctx, cfg)
 }
 
 // openOnce is one attempt of open.
