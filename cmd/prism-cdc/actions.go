@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -17,11 +18,17 @@ import (
 	"github.com/prism-cdc/prism-cdc/internal/verify"
 )
 
-// runAction runs one node until ctx is cancelled.
-func runAction(ctx context.Context, _ string, cfg *config.Config, log zerolog.Logger, _, stderr io.Writer) int {
+// runAction runs one node until ctx is cancelled. The node waits for its
+// database; what waiting cannot fix ends it: exit 2 for a configuration
+// problem found at start (a *config.Error), 1 for anything else. The error
+// is logged once, on stderr like every log line.
+func runAction(ctx context.Context, _ string, cfg *config.Config, log zerolog.Logger, _, _ io.Writer) int {
 	if err := node.New(cfg, log).Run(ctx); err != nil {
 		log.Error().Err(err).Msg("node stopped with an error")
-		fmt.Fprintf(stderr, "prism-cdc run: %v\n", err)
+		var ce *config.Error
+		if errors.As(err, &ce) {
+			return exitUsage
+		}
 		return exitFail
 	}
 	return exitOK

@@ -4,12 +4,16 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/prism-cdc/prism-cdc/internal/logtest"
 )
 
 const goodConfig = `node: eu1
@@ -37,6 +41,9 @@ func TestRun(t *testing.T) {
 	good := writeFile(t, "eu1.yaml", goodConfig)
 	badKey := writeFile(t, "bad.yaml", strings.Replace(goodConfig, `listen: "127.0.0.1:7201"`, `listen: "nowhere"`, 1))
 	unknownKey := writeFile(t, "unknown.yaml", goodConfig+"delivery: {ack_timout: 1s}\n")
+	notPEM := writeFile(t, "node.pem", "not a certificate\n")
+	badTLS := writeFile(t, "tls.yaml", strings.Replace(goodConfig, "auth: {insecure: true}",
+		fmt.Sprintf("auth: {token: t, tls: {cert: %q, key: %q, ca: %q}}", notPEM, notPEM, notPEM), 1))
 	tests := []struct {
 		name       string
 		args       []string
@@ -66,16 +73,25 @@ func TestRun(t *testing.T) {
 		{"run missing file", []string{"run", "--config", "/nonexistent/x.yaml"}, exitUsage, "", "no such file or directory"},
 		{"run bad config", []string{"run", "--config", badKey}, exitUsage, "", `bad.yaml:4: listen: "nowhere" is not host:port`},
 		{"doctor unknown key", []string{"doctor", "--config", unknownKey}, exitUsage, "", `delivery.ack_timout: unknown key`},
-		{"run database unreachable", []string{"run", "--config", good}, exitFail, "", "database unreachable"},
+		// The node waits for its database until it is stopped (exit 0).
+		{"run database unreachable", []string{"run", "--config", good}, exitOK, "", `"message":"database unavailable; waiting for it"`},
 		{"doctor database unreachable", []string{"doctor", "--config=" + good}, exitFail, "[PROBLEM] database eu: unreachable", ""},
 		{"status without http", []string{"status", "-config", good}, exitUsage, "", "has no http address"},
 		{"verify database unreachable", []string{"verify", "--config", good}, exitFail, "", "verify: connect region eu"},
-		{"logger from config", []string{"run", "--config", good}, exitFail, "", `"message":"configuration loaded"`},
+		// Files that exist but hold no certificate pass the validation;
+		// loading them fails at once, as a configuration error.
+		{"run unreadable tls files", []string{"run", "--config", badTLS}, exitUsage, "", `tls.yaml: auth.tls: `},
+		{"logger from config", []string{"run", "--config", good}, exitOK, "", `"message":"configuration loaded"`},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			var stdout, stderr bytes.Buffer
-			code := run(context.Background(), tc.args, &stdout, &stderr)
+			// A signal after 1.5 s stops the commands that wait (run
+			// waits for its database); the others are done by then.
+			ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
+			defer cancel()
+			code := run(ctx, tc.args, &stdout, &stderr)
+			logtest.CheckOutput(t, "stderr", stderr.Bytes())
 			if code != tc.wantCode {
 				t.Errorf("run(%q) = %d, want %d\nstdout: %s\nstderr: %s", tc.args, code, tc.wantCode, &stdout, &stderr)
 			}

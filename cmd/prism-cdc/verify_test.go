@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prism-cdc/prism-cdc/internal/logtest"
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
 )
 
@@ -36,7 +37,7 @@ region: na
 database: %q
 listen: "127.0.0.1:7101"
 auth: {insecure: true}
-log: {level: warn}
+log: {level: info}
 peers:
   - {region: eu, nodes: [{name: eu1, addr: "127.0.0.1:7201"}], database: %q}
   - {region: as, nodes: [{name: as1, addr: "127.0.0.1:7301"}], database: %q}
@@ -45,6 +46,7 @@ peers:
 	verify := func(args ...string) (int, string) {
 		var stdout, stderr bytes.Buffer
 		code := run(ctx, append([]string{"verify", "--config", cfg, "--chunk-rows", "50", "--settle", "10ms"}, args...), &stdout, &stderr)
+		logtest.CheckOutput(t, "verify stderr", stderr.Bytes())
 		return code, stdout.String() + stderr.String()
 	}
 	if code, out := verify(); code != exitOK || !strings.Contains(out, "1 tables equal in 3 regions") {

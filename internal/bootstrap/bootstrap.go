@@ -457,19 +457,19 @@ func checkSlots(ctx context.Context, cfg Config, origins map[string]pglogrepl.LS
 		}
 		conn, err := connect(ctx, p.DSN, "region "+p.Region)
 		if err != nil {
-			log.Warn().Err(err).Str("region", p.Region).Msg("cannot check the region's slot")
+			log.Warn().Err(err).Str("peer_region", p.Region).Msg("cannot check the region's slot")
 			continue
 		}
 		var s *string
 		err = conn.QueryRow(ctx, "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", p.Slot).Scan(&s)
 		conn.Close(ctx)
 		if err != nil || s == nil {
-			log.Warn().AnErr("error", err).Str("region", p.Region).Str("slot", p.Slot).Msg("cannot read the region's slot; make sure its nodes list region " + cfg.Region + " in their peers")
+			log.Warn().AnErr("error", err).Str("peer_region", p.Region).Str("slot", p.Slot).Msg("cannot read the region's slot; make sure its nodes list region " + cfg.Region + " in their peers")
 			continue
 		}
 		confirmed, err := pglogrepl.ParseLSN(*s)
 		if err == nil && confirmed > at {
-			log.Warn().Str("region", p.Region).Str("slot", p.Slot).Stringer("confirmed", confirmed).Stringer("origin", at).
+			log.Warn().Str("peer_region", p.Region).Str("slot", p.Slot).Stringer("confirmed", confirmed).Stringer("origin", at).
 				Msg("the region's slot is confirmed past the copy: unless the region was idle, its nodes do not ship to " + cfg.Region + " and writes are missing there; add the region to their peers, restart them and run bootstrap again with --force")
 		}
 	}

@@ -48,7 +48,7 @@ type Config struct {
 	Sync               Sync
 	Spool              Spool
 	Spill              Spill
-	HTTP               string // host:port for /metrics, /healthz, /status; empty disables it
+	HTTP               string // host:port for /metrics, /healthz, /readyz, /status, /history and the page; empty disables it
 	Log                Log
 
 	// lines maps key paths to the line they were written on, for errors.

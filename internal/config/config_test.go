@@ -249,6 +249,17 @@ func TestSyntaxErrors(t *testing.T) {
 		{"bad yaml", "node: eu1\n  region: eu\n", "eu1.yaml:2:"},
 		{"duplicate key", "node: eu1\nnode: eu2\n", "eu1.yaml:2:"},
 		{"two documents", base + "---\nnode: x\n", "more than one YAML document"},
+		// The parser's errors, at known lines (yaml.v3 prints them one
+		// line early, and none at all on line 1).
+		{"sequence item in a mapping", "node: eu1\nregion: eu\nlisten: x\n- y\n", "eu1.yaml:4: did not find expected key"},
+		{"key after a sequence", "- a\nnode: b\n", "eu1.yaml:2: did not find expected '-' indicator"},
+		{"unclosed flow sequence", "node: eu1\nregion: [eu\nlisten: x\n", "eu1.yaml:2: did not find expected ',' or ']'"},
+		{"unclosed flow mapping", "node: eu1\nregion: eu\ndelivery: {retries: 1\nlisten: x\n", "eu1.yaml:3: did not find expected ',' or '}'"},
+		{"text after a flow sequence", "node: eu1\nregion: [eu] x\n", "eu1.yaml:2: did not find expected key"},
+		{"text after a flow sequence on line 1", "node: [eu1] x\nregion: eu\n", "eu1.yaml:1: did not find expected key"},
+		// The scanner's errors already carry 1-based lines.
+		{"tab indentation", "node: eu1\n\tregion: eu\n", "eu1.yaml:2: found a tab character"},
+		{"value after a value", "node: eu1\nregion: eu\nlisten: a: b\n", "eu1.yaml:3: mapping values are not allowed"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -43,8 +43,32 @@ func (e *Error) Error() string {
 // yamlLine matches the "line N: message" form of yaml.v3 error texts.
 func yamlLine() *regexp.Regexp { return regexp.MustCompile(`^(?:yaml: )?line (\d+): (.*)$`) }
 
+// parserProblem reports whether msg is one of the problems yaml.v3's
+// parser (not its scanner) reports. yaml.v3 prints the parser's 0-based
+// mark as the line ("line 1" for an error on line 2, no line at all on
+// line 1), while scanner and decode errors carry 1-based lines; yaml.v3
+// has no error type that tells them apart, so the parser's fixed problem
+// texts do.
+func parserProblem(msg string) bool {
+	switch msg {
+	case "did not find expected ',' or ']'",
+		"did not find expected ',' or '}'",
+		"did not find expected '-' indicator",
+		"did not find expected <document start>",
+		"did not find expected <stream-start>",
+		"did not find expected key",
+		"did not find expected node content",
+		"found duplicate %TAG directive",
+		"found duplicate %YAML directive",
+		"found incompatible YAML document",
+		"found undefined tag handle":
+		return true
+	}
+	return false
+}
+
 // fromYAML turns a yaml.v3 parse or decode error into one *Error per
-// problem, with the line split out.
+// problem, with the line split out (1-based, see parserProblem).
 func fromYAML(file string, err error) []error {
 	var msgs []string
 	var te *yaml.TypeError
@@ -61,6 +85,9 @@ func fromYAML(file string, err error) []error {
 		if sub := re.FindStringSubmatch(m); sub != nil {
 			e.Line, _ = strconv.Atoi(sub[1])
 			e.Msg = sub[2]
+		}
+		if te == nil && parserProblem(e.Msg) {
+			e.Line++
 		}
 		out = append(out, e)
 	}

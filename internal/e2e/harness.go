@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prism-cdc/prism-cdc/internal/logtest"
 	"github.com/prism-cdc/prism-cdc/internal/node"
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
 	"github.com/prism-cdc/prism-cdc/internal/verify"
@@ -281,6 +282,19 @@ func (d *Deployment) Status(name string) (node.Status, bool) {
 	return st, true
 }
 
+// Probe fetches node name's /healthz or /readyz (path) and returns the
+// HTTP status and body; code is 0 when the node does not answer.
+func (d *Deployment) Probe(name, path string) (code int, body string) {
+	c := http.Client{Timeout: time.Second}
+	resp, err := c.Get("http://" + d.http[name] + path)
+	if err != nil {
+		return 0, ""
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
 // Role returns node name's role, or "" when it does not answer.
 func (d *Deployment) Role(name string) node.Role {
 	st, _ := d.Status(name)
@@ -350,6 +364,12 @@ func (d *Deployment) stopAll() {
 	for _, p := range procs {
 		p.Cmd.Process.Signal(syscall.SIGKILL)
 		<-p.Done
+	}
+	// Every node's log lines are JSON objects without a repeated key.
+	for _, r := range d.Regions {
+		for _, n := range d.topo[r] {
+			logtest.CheckFile(d.t, d.LogPath(n))
+		}
 	}
 	if d.t.Failed() {
 		d.t.Log(d.Logs())

@@ -1,6 +1,7 @@
 package node
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -195,15 +196,95 @@ func (m *monitor) status(now time.Time) Status {
 
 func parseLSN(s string) (pglogrepl.LSN, error) { return pglogrepl.ParseLSN(s) }
 
-// handler serves /healthz, /status (JSON), /metrics (Prometheus) and / (the
-// status page).
-func (n *Node) handler() http.Handler {
-	m := newMonitor(n)
+// isHalted reports whether a target's path is a halt on an apply error.
+func isHalted(path string) bool { return strings.HasPrefix(path, "halted") }
+
+// stalled returns why the node's process is not alive (its checkpoint loop
+// stood still for longer than stallAfter, or never ran), or "".
+func (n *Node) stalled(now time.Time) string {
+	last := n.alive.Load()
+	if last == 0 {
+		return "not running"
+	}
+	if d := now.Sub(time.Unix(0, last)); d > n.stallAfter {
+		return fmt.Sprintf("checkpoint loop stalled for %s", d.Round(time.Second))
+	}
+	return ""
+}
+
+// pingDatabase checks that this region's database answers, through the
+// node's probe pool (nil before Run opened the database: the role reason
+// says why).
+func (n *Node) pingDatabase(ctx context.Context) error {
+	n.mu.Lock()
+	pool := n.probe
+	n.mu.Unlock()
+	if pool == nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if err := pool.Ping(ctx); err != nil {
+		return fmt.Errorf("database unreachable: %w", redactedError{err})
+	}
+	return nil
+}
+
+// notReady returns why the node cannot serve its region, one reason per
+// entry, or none when it is ready: its database answers (dbErr is nil),
+// it holds the region's slot or stands by for it (another node of the
+// region holds it), and no target region is halted.
+func notReady(st Status, dbErr error) []string {
+	var why []string
+	if dbErr != nil {
+		why = append(why, strings.Join(strings.Fields(dbErr.Error()), " "))
+	}
+	reason := strings.Join(strings.Fields(st.RoleReason), " ")
+	switch {
+	case st.Role == RoleReader:
+	case st.Role == RoleStandby && reason == "":
+	case st.Role == RoleStarting && reason != "":
+		why = append(why, "waiting for the database: "+reason)
+	case reason != "":
+		why = append(why, fmt.Sprintf("%s: %s", st.Role, reason))
+	default:
+		why = append(why, string(st.Role))
+	}
+	for _, t := range st.Targets {
+		if isHalted(t.Path) {
+			why = append(why, fmt.Sprintf("region %s %s", t.Region, strings.Join(strings.Fields(t.Path), " ")))
+		}
+	}
+	return why
+}
+
+// handler serves /healthz (alive), /readyz (ready), /status (JSON),
+// /history (JSON: the samples recordLoop keeps), /metrics (Prometheus) and
+// / (the status page). /healthz and /readyz answer 200 or 503 with a
+// plain-text body, one reason per line.
+func (m *monitor) handler() http.Handler {
+	n := m.n
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(newCollector(m), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Cache-Control", "no-store")
+		if why := n.stalled(time.Now()); why != "" {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintln(w, why)
+			return
+		}
 		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Cache-Control", "no-store")
+		why := notReady(n.Status(), n.pingDatabase(r.Context()))
+		if len(why) == 0 {
+			fmt.Fprintln(w, "ready")
+			return
+		}
+		w.WriteHeader(http.StatusServiceUnavailable)
+		fmt.Fprintln(w, strings.Join(why, "\n"))
 	})
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
@@ -211,6 +292,11 @@ func (n *Node) handler() http.Handler {
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
 		enc.Encode(m.status(time.Now()))
+	})
+	mux.HandleFunc("GET /history", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Cache-Control", "no-store")
+		json.NewEncoder(w).Encode(m.historyOf())
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {

@@ -3,7 +3,6 @@ package node
 import (
 	"context"
 	"slices"
-	"strings"
 	"sync"
 	"time"
 
@@ -42,6 +41,9 @@ type monitor struct {
 	decoded  uint64 // decoded transactions over every reader
 
 	db dbFacts // cached database facts for /metrics
+
+	history map[string]*ring // per target region: the samples the page charts
+	order   []string         // target regions in the order first sampled
 }
 
 // targetTrack accumulates one target region's counters.
@@ -71,7 +73,7 @@ type minuteCounters struct {
 }
 
 func newMonitor(n *Node) *monitor {
-	return &monitor{n: n, targets: map[string]*targetTrack{}}
+	return &monitor{n: n, targets: map[string]*targetTrack{}, history: map[string]*ring{}}
 }
 
 // delta returns how much each counter of s grew since prev; a counter
@@ -326,7 +328,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		k(c.recoveries, float64(tot.Recoveries), t.Region)
 		k(c.halts, float64(tot.Halts), t.Region)
 		halted := 0.0
-		if strings.HasPrefix(t.Path, "halted") {
+		if isHalted(t.Path) {
 			halted = 1
 		}
 		g(c.halted, halted, t.Region)

@@ -11,9 +11,11 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/rs/zerolog"
 
 	"github.com/prism-cdc/prism-cdc/internal/config"
@@ -26,6 +28,11 @@ import (
 // DrainTimeout bounds how long a graceful stop waits for in-flight
 // transactions to be acknowledged before it confirms the slot and exits.
 const DrainTimeout = 15 * time.Second
+
+// StallAfter is how long the checkpoint loop (which goes round every
+// 200 ms, under the node's lock) may stand still before /healthz reports
+// the process as stuck.
+const StallAfter = 10 * time.Second
 
 // Role is what a node currently does with its region's slot.
 type Role string
@@ -48,7 +55,8 @@ type Node struct {
 	clientTLS *tls.Config // for shippers; nil without auth.tls
 
 	mu        sync.Mutex
-	term      *term // shippers of the current reader term; nil while not reading
+	probe     *pgxpool.Pool // one connection for /readyz; nil until Run opened the database
+	term      *term         // shippers of the current reader term; nil while not reading
 	role      Role
 	reader    *decode.Reader
 	lastSent  pglogrepl.LSN
@@ -59,6 +67,11 @@ type Node struct {
 	// acked is signalled when a shipper's acknowledged position advanced:
 	// the checkpoint loop confirms it to the slot at once.
 	acked chan struct{}
+
+	// alive is when the checkpoint loop last went round (unix nanoseconds);
+	// /healthz fails when it is older than stallAfter.
+	alive      atomic.Int64
+	stallAfter time.Duration
 }
 
 // New returns a node for a validated configuration.
@@ -77,7 +90,7 @@ func New(cfg *config.Config, log zerolog.Logger) *Node {
 		p.Database = commitLocally(p.Database)
 		c.Peers[i] = p
 	}
-	return &Node{cfg: &c, log: log, role: RoleStarting, acked: make(chan struct{}, 1)}
+	return &Node{cfg: &c, log: log, role: RoleStarting, acked: make(chan struct{}, 1), stallAfter: StallAfter}
 }
 
 // commitLocally adds synchronous_commit=local to a DSN (key/value or URL)
@@ -98,50 +111,29 @@ func commitLocally(dsn string) string {
 
 // Run runs the node until ctx is done, then stops gracefully: it stops
 // reading, waits up to DrainTimeout for in-flight transactions to be
-// acknowledged, confirms the slot and closes. It returns an error for
-// start-up problems and for failures that stop replication (a lost slot).
+// acknowledged, confirms the slot and closes.
+//
+// The HTTP endpoints answer from the start. While the region's database
+// is unavailable the node waits for it (open), not ready, the same way it
+// waits when the database goes away later. Run returns an error for what
+// waiting cannot fix: a *config.Error (auth.tls files), an address it
+// cannot listen on, a database without what prism-cdc needs, and failures
+// that stop replication (a lost slot).
 func (n *Node) Run(ctx context.Context) error {
 	n.startedAt = time.Now()
-	if err := Preflight(ctx, n.cfg.Database, n.log); err != nil {
-		return err
-	}
-	pool, err := apply.NewPool(ctx, n.cfg.Database)
-	if err != nil {
-		return fmt.Errorf("database: %s", config.RedactDSN(err.Error()))
-	}
-	defer pool.Close()
-	applier := apply.NewApplier(pool, n.log.With().Str("component", "apply").Logger(), n.applyOptions(n.cfg.Region)...)
-	defer applier.Close() // before pool.Close, which waits for the connections
-	if err := applier.Setup(ctx); err != nil {
-		return fmt.Errorf("prepare schema prism: %w", err)
-	}
-
-	n.applier = applier
+	n.alive.Store(n.startedAt.UnixNano())
 	serverTLS, clientTLS, err := n.tlsConfigs()
 	if err != nil {
 		return err
 	}
 	n.clientTLS = clientTLS
+	// The peer address is taken at once, so a port in use fails the start;
+	// connections wait in the backlog until the database is there.
 	ln, err := net.Listen("tcp", n.cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen %s (key listen in %s): %w", n.cfg.Listen, n.cfg.Path, err)
 	}
-	accept := make([]string, 0, len(n.cfg.Peers))
-	for _, p := range n.cfg.Peers {
-		accept = append(accept, p.Region)
-	}
-	server := peers.NewServer(peers.ServerConfig{
-		Region:        n.cfg.Region,
-		Node:          n.cfg.Node,
-		Token:         n.cfg.Auth.Token,
-		TLS:           serverTLS,
-		Insecure:      n.plaintext(),
-		AcceptRegions: accept,
-		// Heartbeats during a long apply keep the shippers from giving up
-		// on it: well below delivery.ack_timeout (the same on every node).
-		Heartbeat: min(time.Second, n.cfg.Delivery.AckTimeout/4),
-		Errors:    newErrorPolicy(n.cfg, n.log),
-	}, applier, n.log.With().Str("component", "server").Logger())
+	defer ln.Close()
 
 	// runCtx outlives ctx: after a stop signal the shippers and the server
 	// keep running until in-flight transactions are acknowledged.
@@ -149,21 +141,18 @@ func (n *Node) Run(ctx context.Context) error {
 	defer stopAll()
 	var wg sync.WaitGroup
 	fatal := make(chan error, 4)
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		if err := server.Serve(runCtx, ln); err != nil && runCtx.Err() == nil {
-			fatal <- fmt.Errorf("peer server: %w", err)
-		}
-	}()
 	if n.cfg.HTTP != "" {
 		hl, err := net.Listen("tcp", n.cfg.HTTP)
 		if err != nil {
-			stopAll()
-			wg.Wait()
 			return fmt.Errorf("listen %s (key http in %s): %w", n.cfg.HTTP, n.cfg.Path, err)
 		}
-		hs := &http.Server{Handler: n.handler(), ReadHeaderTimeout: 5 * time.Second}
+		m := newMonitor(n)
+		hs := &http.Server{Handler: m.handler(), ReadHeaderTimeout: 5 * time.Second}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			m.recordLoop(runCtx)
+		}()
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -184,6 +173,55 @@ func (n *Node) Run(ctx context.Context) error {
 	go func() {
 		defer wg.Done()
 		n.checkpointLoop(runCtx)
+	}()
+	stop := func() {
+		stopAll()
+		wg.Wait()
+		n.setRole(RoleStopped, "")
+	}
+
+	pool, applier, err := n.open(ctx)
+	if err != nil || ctx.Err() != nil {
+		stop()
+		if err == nil {
+			n.log.Info().Msg("node stopped before its database answered")
+		}
+		return err
+	}
+	defer pool.Close()
+	defer applier.Close() // before pool.Close, which waits for the connections
+	n.applier = applier
+	if probe, err := newProbePool(ctx, n.cfg.Database); err == nil {
+		defer probe.Close()
+		n.mu.Lock()
+		n.probe = probe
+		n.mu.Unlock()
+	} else {
+		n.log.Warn().Err(redactedError{err}).Msg("no readiness probe: /readyz does not check the database")
+	}
+
+	accept := make([]string, 0, len(n.cfg.Peers))
+	for _, p := range n.cfg.Peers {
+		accept = append(accept, p.Region)
+	}
+	server := peers.NewServer(peers.ServerConfig{
+		Region:        n.cfg.Region,
+		Node:          n.cfg.Node,
+		Token:         n.cfg.Auth.Token,
+		TLS:           serverTLS,
+		Insecure:      n.plaintext(),
+		AcceptRegions: accept,
+		// Heartbeats during a long apply keep the shippers from giving up
+		// on it: well below delivery.ack_timeout (the same on every node).
+		Heartbeat: min(time.Second, n.cfg.Delivery.AckTimeout/4),
+		Errors:    newErrorPolicy(n.cfg, n.log),
+	}, applier, n.log.With().Str("component", "server").Logger())
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if err := server.Serve(runCtx, ln); err != nil && runCtx.Err() == nil {
+			fatal <- fmt.Errorf("peer server: %w", err)
+		}
 	}()
 	wg.Add(1)
 	go func() {
@@ -230,6 +268,68 @@ func (n *Node) Run(ctx context.Context) error {
 	}
 	n.log.Info().Stringer("confirmed", n.confirmedLSN()).Msg("node stopped")
 	return runErr
+}
+
+// open connects to the region's database and prepares schema prism. While
+// the database is unavailable (not answering, shutting down, starting up,
+// out of connections) it retries with the reader's backoff, logs each
+// attempt once and reports the reason as the node's role reason; it
+// returns nil values when ctx is done first, and an error for a database
+// waiting cannot fix (wal_level, REPLICATION, authentication, ...).
+func (n *Node) open(ctx context.Context) (*pgxpool.Pool, *apply.Applier, error) {
+	backoff := n.cfg.Delivery.Backoff
+	for attempt := 1; ; attempt++ {
+		pool, applier, err := n.openOnce(ctx)
+		if err == nil {
+			n.setRole(RoleStarting, "")
+			return pool, applier, nil
+		}
+		if ctx.Err() != nil {
+			return nil, nil, nil
+		}
+		if errors.Is(err, errDatabaseSettings) || !apply.IsRetryable(err) {
+			return nil, nil, err
+		}
+		wait := standbyPoll(backoff)
+		n.setRole(RoleStarting, err.Error())
+		n.log.Warn().Err(err).Int("attempt", attempt).Dur("retry_in", wait).Msg("database unavailable; waiting for it")
+		backoff = min(backoff*2, n.cfg.Delivery.MaxBackoff)
+		select {
+		case <-ctx.Done():
+			return nil, nil, nil
+		case <-time.After(wait):
+		}
+	}
+}
+
+// newProbePool returns a pool of one connection for readiness checks, apart
+// from the applier's pool: a busy applier must not make the node look
+// unreachable. It connects at its first use.
+func newProbePool(ctx context.Context, dsn string) (*pgxpool.Pool, error) {
+	cfg, err := pgxpool.ParseConfig(dsn)
+	if err != nil {
+		return nil, err
+	}
+	cfg.MaxConns = 1
+	return pgxpool.NewWithConfig(ctx, cfg)
+}
+
+// openOnce is one attempt of open.
+func (n *Node) openOnce(ctx context.Context) (*pgxpool.Pool, *apply.Applier, error) {
+	if err := Preflight(ctx, n.cfg.Database, n.log); err != nil {
+		return nil, nil, err
+	}
+	pool, err := apply.NewPool(ctx, n.cfg.Database)
+	if err != nil {
+		return nil, nil, fmt.Errorf("database: %w", redactedError{err})
+	}
+	applier := apply.NewApplier(pool, n.log.With().Str("component", "apply").Logger(), n.applyOptions(n.cfg.Region)...)
+	if err := applier.Setup(ctx); err != nil {
+		applier.Close()
+		pool.Close()
+		return nil, nil, fmt.Errorf("prepare schema prism: %w", err)
+	}
+	return pool, applier, nil
 }
 
 // readLoop holds the region's slot when it can: the slot's single active
@@ -668,6 +768,7 @@ func (n *Node) checkpointLoop(ctx context.Context) {
 			n.confirm()
 		case <-t.C:
 			n.confirm()
+			n.alive.Store(time.Now().UnixNano())
 			n.mu.Lock()
 			if n.term != nil {
 				n.term.releaseAcked(false)

@@ -6,7 +6,11 @@ package node
 // retrying, fallback or standby amber; halted or node down red), with the
 // lag and the recent path switches. A target whose nodes refuse this
 // node's credentials is red ("auth-refused") whatever path carries its
-// data. It loads nothing from elsewhere.
+// data. Every link is horizontal (this region's box spans the height of the
+// peer regions) and its label sits above it, so no label crosses a link. It
+// polls /history every HistoryEvery and charts each target region's last
+// HistorySpan: lag in bytes, lag in seconds and apply rate. It loads nothing
+// from elsewhere.
 const statusPage = `<!doctype html>
 <html lang="en">
 <head>
@@ -33,6 +37,16 @@ th { background: #f0f0f0; }
 .badge.state-ok { background: #2e9e44; }
 .badge.state-retrying, .badge.state-fallback, .badge.state-standby { background: #e0a100; }
 .badge.state-halted, .badge.state-down, .badge.state-auth-refused { background: #d2322d; }
+.hrow { display: flex; align-items: center; gap: 12px; margin: 6px 0; }
+.hname { width: 90px; font-weight: bold; }
+svg.chart { border-radius: 4px; }
+.chart .plot { fill: #f7f9fc; stroke: #ddd; }
+.chart .series { fill: none; stroke-width: 2.5; stroke-linejoin: round; }
+.chart .c-bytes { stroke: #3b6fd1; }
+.chart .c-seconds { stroke: #8e44ad; }
+.chart .c-rate { stroke: #1a8f7a; }
+.chart text { font-size: 11px; }
+.chart text.axis { fill: #777; }
 </style>
 </head>
 <body>
@@ -40,6 +54,8 @@ th { background: #f0f0f0; }
 <div id="summary">loading…</div>
 <svg id="map" width="760" height="420" viewBox="0 0 760 420" role="img" aria-label="regions and links"></svg>
 <table id="targets"><thead><tr><th>target region</th><th>state</th><th>path</th><th>acked LSN</th><th>lag bytes</th><th>lag seconds</th><th>in flight</th><th>retries / failovers / fallbacks (last hour)</th><th>last error</th></tr></thead><tbody></tbody></table>
+<h2 style="font-size:1.1em">Last 15 minutes</h2>
+<div id="history">collecting samples…</div>
 <h2 style="font-size:1.1em">Recent path switches</h2>
 <table id="switches"><thead><tr><th>at (UTC)</th><th>region</th><th>from</th><th>to</th></tr></thead><tbody></tbody></table>
 <script>
@@ -88,16 +104,18 @@ function draw(st, down) {
   const cx = 150, cy = 210;
   const n = targets.length;
   const pos = targets.map((t, i) => ({ x: 580, y: n === 1 ? cy : 70 + i * (280 / Math.max(n - 1, 1)) }));
+  // Links run horizontally from this region's box, which spans every
+  // target's height, to the target's box; each label sits above its own
+  // link, and the next link is at least 40 px away.
   targets.forEach((t, i) => {
     const s = stateOf(t, down);
-    const line = el("line", { x1: cx + 70, y1: cy, x2: pos[i].x - 80, y2: pos[i].y, "class": "link state-" + s, "data-region": t.region, "data-state": s });
-    svg.appendChild(line);
-    const mx = (cx + 70 + pos[i].x - 80) / 2, my = (cy + pos[i].y) / 2;
+    const y = pos[i].y, x1 = cx + 80, x2 = pos[i].x - 80;
+    svg.appendChild(el("line", { x1: x1, y1: y, x2: x2, y2: y, "class": "link state-" + s, "data-region": t.region, "data-state": s }));
     const label = s + " · " + fmtBytes(t.lag_bytes || 0) + " · " + (t.lag_seconds || 0).toFixed(1) + " s";
-    svg.appendChild(el("text", { x: mx, y: my - 8, "text-anchor": "middle", "class": "lag", "data-region": t.region }, label));
+    svg.appendChild(el("text", { x: (x1 + x2) / 2, y: y - 10, "text-anchor": "middle", "class": "lag", "data-region": t.region }, label));
   });
-  function region(x, y, name, nodes, active, title) {
-    const h = 44 + 22 * Math.max(nodes.length, 1);
+  function region(x, y, name, nodes, active, title, minH) {
+    const h = Math.max(44 + 22 * Math.max(nodes.length, 1), minH || 0);
     svg.appendChild(el("rect", { x: x - 80, y: y - h / 2, width: 160, height: h, rx: 10, "class": "region", "data-region": name }));
     svg.appendChild(el("text", { x: x, y: y - h / 2 + 20, "text-anchor": "middle", "class": "title" }, title));
     nodes.forEach((nd, j) => {
@@ -106,7 +124,8 @@ function draw(st, down) {
       svg.appendChild(el("text", { x: x, y: ny + 13, "text-anchor": "middle" }, nd));
     });
   }
-  region(cx, cy, st.region, [st.node], st.role === "reader" ? st.node : "", "region " + st.region);
+  const span = n > 1 ? pos[n - 1].y - pos[0].y + 60 : 0;
+  region(cx, cy, st.region, [st.node], st.role === "reader" ? st.node : "", "region " + st.region, span);
   targets.forEach((t, i) => region(pos[i].x, pos[i].y, t.region, peers[t.region] || [], t.path, "region " + t.region));
 
   const tb = document.querySelector("#targets tbody");
@@ -134,6 +153,59 @@ function draw(st, down) {
     sb.appendChild(tr);
   }
 }
+const CHARTS = [
+  { key: "lag_bytes", title: "lag (bytes)", cls: "c-bytes", fmt: v => fmtBytes(Math.round(v)) },
+  { key: "lag_seconds", title: "lag (seconds)", cls: "c-seconds", fmt: v => v.toFixed(1) + " s" },
+  { key: "apply_rate", title: "apply rate (WAL)", cls: "c-rate", fmt: v => fmtBytes(Math.round(v)) + "/s" },
+];
+// chart draws one series of a target's samples: the title and the current
+// value above the plot, the time axis and the maximum below it, so no
+// text lies on the line.
+function chart(t, c, spanMs) {
+  const left = 4, right = 236, top = 18, bottom = 62;
+  const svg = el("svg", { width: 240, height: 80, viewBox: "0 0 240 80", "class": "chart", "data-region": t.region, "data-chart": c.key });
+  const s = t.samples || [];
+  const end = s.length ? Date.parse(s[s.length - 1].at) : 0;
+  let max = 0;
+  for (const p of s) max = Math.max(max, p[c.key] || 0);
+  const cur = s.length ? (s[s.length - 1][c.key] || 0) : 0;
+  svg.appendChild(el("text", { x: left, y: 12 }, c.title));
+  svg.appendChild(el("text", { x: right, y: 12, "text-anchor": "end" }, c.fmt(cur)));
+  svg.appendChild(el("rect", { x: left, y: top, width: right - left, height: bottom - top, "class": "plot" }));
+  const scale = max > 0 ? max : 1;
+  const pts = s.map(p => {
+    const x = right - (end - Date.parse(p.at)) / spanMs * (right - left);
+    const y = bottom - 2 - (p[c.key] || 0) / scale * (bottom - top - 4);
+    return Math.max(x, left).toFixed(1) + "," + y.toFixed(1);
+  });
+  if (pts.length > 0) svg.appendChild(el("polyline", { points: pts.join(" "), "class": "series " + c.cls, "data-points": pts.length }));
+  svg.appendChild(el("text", { x: left, y: 76, "class": "axis" }, "−" + Math.round(spanMs / 60000) + " min"));
+  svg.appendChild(el("text", { x: (left + right) / 2, y: 76, "text-anchor": "middle", "class": "axis" }, "max " + c.fmt(max)));
+  svg.appendChild(el("text", { x: right, y: 76, "text-anchor": "end", "class": "axis" }, "now"));
+  return svg;
+}
+function drawHistory(h) {
+  const box = document.getElementById("history");
+  box.textContent = "";
+  if ((h.targets || []).length === 0) { box.textContent = "no target region sampled yet"; return; }
+  for (const t of h.targets) {
+    const row = document.createElement("div");
+    row.className = "hrow";
+    row.setAttribute("data-region", t.region);
+    const name = document.createElement("div");
+    name.className = "hname";
+    name.textContent = "region " + t.region;
+    row.appendChild(name);
+    for (const c of CHARTS) row.appendChild(chart(t, c, h.span_seconds * 1000));
+    box.appendChild(row);
+  }
+}
+async function pollHistory() {
+  try {
+    const r = await fetch("history", { cache: "no-store" });
+    if (r.ok) drawHistory(await r.json());
+  } catch (e) {}
+}
 async function poll() {
   try {
     const r = await fetch("status", { cache: "no-store" });
@@ -147,6 +219,8 @@ async function poll() {
 }
 poll();
 setInterval(poll, 1000);
+pollHistory();
+setInterval(pollHistory, 5000);
 </script>
 </body>
 </html>

@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/rs/zerolog"
 
@@ -44,8 +45,9 @@ func chromium(t *testing.T) string {
 // pageFixture runs a node with three live shippers towards three regions:
 // eu acknowledges (ok), as does not answer (retrying) and ap halts on a
 // permanent apply error; a fourth, sa, refuses the shipper's token. It
-// returns the node's HTTP server.
-func pageFixture(t *testing.T) (*Node, *httptest.Server) {
+// returns the node's monitor and HTTP server, which also serves /overlap
+// (overlapPage).
+func pageFixture(t *testing.T) (*monitor, *httptest.Server) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	db := pgtest.Start(t, pgtest.Options{Name: "node-page"})
@@ -129,7 +131,14 @@ func pageFixture(t *testing.T) (*Node, *httptest.Server) {
 	n.lastSent = 0x100
 	n.mu.Unlock()
 
-	srv := httptest.NewServer(n.handler())
+	m := newMonitor(n)
+	mux := http.NewServeMux()
+	mux.Handle("/", m.handler())
+	mux.HandleFunc("GET /overlap", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		io.WriteString(w, overlapPage)
+	})
+	srv := httptest.NewServer(mux)
 	t.Cleanup(func() {
 		srv.Close()
 		tm.stop()
@@ -137,7 +146,52 @@ func pageFixture(t *testing.T) (*Node, *httptest.Server) {
 		wg.Wait()
 		pool.Close()
 	})
-	return n, srv
+	return m, srv
+}
+
+// overlapPage loads the status page in a frame of the same origin and,
+// once it has drawn, writes into its own DOM every link label whose box
+// meets a link (the line's box widened by half its 6 px stroke).
+const overlapPage = `<!doctype html><html><body>
+<iframe id="f" src="/" width="1000" height="1400"></iframe>
+<pre id="out">pending</pre>
+<script>
+setTimeout(function () {
+  var d = document.getElementById("f").contentDocument;
+  var labels = d.querySelectorAll("#map text.lag"), links = d.querySelectorAll("#map .link");
+  function box(e, pad) { var b = e.getBBox(); return [b.x - pad, b.y - pad, b.x + b.width + pad, b.y + b.height + pad]; }
+  var out = ["labels " + labels.length + " links " + links.length];
+  for (var i = 0; i < labels.length; i++) for (var j = 0; j < links.length; j++) {
+    var a = box(labels[i], 0), b = box(links[j], 3);
+    if (a[0] < b[2] && b[0] < a[2] && a[1] < b[3] && b[1] < a[3])
+      out.push("overlap: label of " + labels[i].getAttribute("data-region") + " on link to " + links[j].getAttribute("data-region"));
+  }
+  document.getElementById("out").textContent = out.join("\n");
+}, 3000);
+</script></body></html>`
+
+// fillHistory gives every target region HistoryLen samples ending now:
+// eu's lag in bytes rises and falls, as's lag in seconds grows, and every
+// region acknowledges 2 KiB per sample (a steady apply rate).
+func fillHistory(m *monitor, now time.Time) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, region := range []string{"eu", "as", "ap"} {
+		r := &ring{}
+		for i := 0; i < HistoryLen; i++ {
+			at := now.Add(-time.Duration(HistoryLen-1-i) * HistoryEvery)
+			s := Sample{At: at.UTC()}
+			switch region {
+			case "eu":
+				s.LagBytes = uint64(1<<20) * uint64(min(i%60, 60-i%60))
+			case "as":
+				s.LagSeconds = float64(i) * 5
+			}
+			r.add(s, pglogrepl.LSN(2048*(i+1)))
+		}
+		m.history[region] = r
+		m.order = append(m.order, region)
+	}
 }
 
 func getStatus(t *testing.T, url string) Status {
@@ -165,7 +219,8 @@ func target(st Status, region string) TargetStatus {
 
 func TestStatusMetricsAndPage(t *testing.T) {
 	browser := chromium(t)
-	_, srv := pageFixture(t)
+	m, srv := pageFixture(t)
+	fillHistory(m, time.Now())
 
 	// Wait for the three states: eu acknowledged, as retrying, ap halted.
 	deadline := time.Now().Add(30 * time.Second)
@@ -265,6 +320,10 @@ func TestStatusMetricsAndPage(t *testing.T) {
 		"refused by sa1: give both nodes the same auth.token",
 		">region eu<", ">region as<", ">region ap<", ">eu2<",
 		"connecting", // the switch table
+		// one chart per series and target region, every sample drawn
+		`data-region="eu" data-chart="lag_bytes"`, `data-region="as" data-chart="lag_seconds"`, `data-region="ap" data-chart="apply_rate"`,
+		`class="series c-rate" data-points="180"`,
+		">410 B/s<", // the current apply rate: 2 KiB per 5 s sample, rounded
 	} {
 		if !strings.Contains(string(dom), want) {
 			t.Errorf("page DOM lacks %q", want)
@@ -274,8 +333,19 @@ func TestStatusMetricsAndPage(t *testing.T) {
 		t.Logf("DOM:\n%s", dom)
 	}
 
+	// No link label lies on a link.
+	cmd = exec.CommandContext(ctx, browser, args("--dump-dom", srv.URL+"/overlap")...)
+	cmd.Stderr = &stderr
+	dom, err = cmd.Output()
+	if err != nil {
+		t.Fatalf("chromium --dump-dom /overlap: %v\n%s", err, &stderr)
+	}
+	if !strings.Contains(string(dom), "labels 3 links 3\n</pre>") && !strings.Contains(string(dom), "labels 3 links 3</pre>") {
+		t.Errorf("link labels overlap the links or were not drawn:\n%s", dom)
+	}
+
 	shot := filepath.Join(dir, "status.png")
-	cmd = exec.CommandContext(ctx, browser, args("--window-size=1000,900", "--screenshot="+shot, srv.URL+"/")...)
+	cmd = exec.CommandContext(ctx, browser, args("--window-size=1000,1400", "--screenshot="+shot, srv.URL+"/")...)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("chromium --screenshot: %v\n%s", err, out)
 	}
@@ -301,5 +371,21 @@ func TestStatusMetricsAndPage(t *testing.T) {
 	if b.Dx() < 800 || len(colors) < 20 || !has(0x2e, 0x9e, 0x44) || !has(0xe0, 0xa1, 0x00) || !has(0xd2, 0x32, 0x2d) {
 		t.Errorf("screenshot %dx%d has %d colours (green %v amber %v red %v), want a drawn page", b.Dx(), b.Dy(), len(colors),
 			has(0x2e, 0x9e, 0x44), has(0xe0, 0xa1, 0x00), has(0xd2, 0x32, 0x2d))
+	}
+	// The three series of the charts are drawn: count each colour's pixels.
+	series := map[[3]uint32]int{{0x3b, 0x6f, 0xd1}: 0, {0x8e, 0x44, 0xad}: 0, {0x1a, 0x8f, 0x7a}: 0}
+	for y := b.Min.Y; y < b.Max.Y; y++ {
+		for x := b.Min.X; x < b.Max.X; x++ {
+			r, g, bl, _ := img.At(x, y).RGBA()
+			if n, ok := series[[3]uint32{r >> 8, g >> 8, bl >> 8}]; ok {
+				series[[3]uint32{r >> 8, g >> 8, bl >> 8}] = n + 1
+			}
+		}
+	}
+	for c, px := range series {
+		// Three charts of one series are 3 x 232 px wide at least.
+		if px < 300 {
+			t.Errorf("screenshot has %d pixels of chart colour #%02x%02x%02x, want a drawn series in every region", px, c[0], c[1], c[2])
+		}
 	}
 }

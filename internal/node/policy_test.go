@@ -15,6 +15,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/prism-cdc/prism-cdc/internal/config"
+	"github.com/prism-cdc/prism-cdc/internal/logtest"
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
 	"github.com/prism-cdc/prism-cdc/pkg/apply"
 )
@@ -81,6 +82,7 @@ func startPolicyRegions(t *testing.T, policy string) *policyRegions {
 		listen[r] = freeAddr(t)
 	}
 	dir := t.TempDir()
+	checked := logtest.New(t, d.logs) // reports after the nodes stopped
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	t.Cleanup(func() {
@@ -109,7 +111,7 @@ func startPolicyRegions(t *testing.T, policy string) *policyRegions {
 		if err != nil {
 			t.Fatalf("config %s: %v\n%s", r, err, b.String())
 		}
-		log := zerolog.New(d.logs).With().Timestamp().Str("node", r+"1").Logger()
+		log := zerolog.New(checked).With().Timestamp().Str("node", r+"1").Str("region", r).Logger()
 		n := New(cfg, log)
 		d.nodes[r] = n
 		wg.Add(1)

@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"strings"
 
@@ -14,6 +15,17 @@ import (
 	"github.com/prism-cdc/prism-cdc/pkg/peers"
 )
 
+// errDatabaseSettings reports a database that answers but lacks what
+// prism-cdc needs (wal_level, REPLICATION); waiting does not fix it.
+var errDatabaseSettings = errors.New("database not ready for prism-cdc")
+
+// redactedError hides DSN passwords in an error's text and keeps its chain,
+// so the error can still be classified by SQLSTATE.
+type redactedError struct{ err error }
+
+func (e redactedError) Error() string { return config.RedactDSN(e.err.Error()) }
+func (e redactedError) Unwrap() error { return e.err }
+
 // Preflight checks what the node needs from its region's database before it
 // starts: reachable, wal_level=logical, a role that may replicate. Each
 // error says how to fix it. Problems that do not stop replication are
@@ -21,7 +33,7 @@ import (
 func Preflight(ctx context.Context, dsn string, log zerolog.Logger) error {
 	conn, err := pgx.Connect(ctx, dsn)
 	if err != nil {
-		return fmt.Errorf("database unreachable: %s (check the database key and that Postgres runs)", config.RedactDSN(err.Error()))
+		return fmt.Errorf("database unreachable: %w (check the database key and that Postgres runs)", redactedError{err})
 	}
 	defer conn.Close(ctx)
 	var walLevel, trackTS string
@@ -29,7 +41,7 @@ func Preflight(ctx context.Context, dsn string, log zerolog.Logger) error {
 	err = conn.QueryRow(ctx, `SELECT current_setting('wal_level'), current_setting('track_commit_timestamp'),
 		r.rolreplication, r.rolsuper FROM pg_roles r WHERE r.rolname = current_user`).Scan(&walLevel, &trackTS, &repl, &super)
 	if err != nil {
-		return fmt.Errorf("read database settings: %w", err)
+		return fmt.Errorf("read database settings: %w", redactedError{err})
 	}
 	var problems []string
 	if walLevel != "logical" {
@@ -39,7 +51,7 @@ func Preflight(ctx context.Context, dsn string, log zerolog.Logger) error {
 		problems = append(problems, "the role has no REPLICATION privilege: ALTER ROLE <role> WITH REPLICATION")
 	}
 	if len(problems) > 0 {
-		return fmt.Errorf("database not ready for prism-cdc:\n  - %s", strings.Join(problems, "\n  - "))
+		return fmt.Errorf("%w:\n  - %s", errDatabaseSettings, strings.Join(problems, "\n  - "))
 	}
 	if trackTS != "on" {
 		log.Warn().Msg("track_commit_timestamp is off: last_write_wins cannot compare local commit times; set track_commit_timestamp = on and restart Postgres")
@@ -82,6 +94,7 @@ func (n *Node) fallback(p config.Peer) peers.Fallback {
 	}
 }
 
+// tlsConfigs loads the auth.tls files; a failure is a *config.Error.
 func (n *Node) tlsConfigs() (server, client *tls.Config, err error) {
 	t := n.cfg.Auth.TLS
 	if !t.Enabled() {
@@ -89,7 +102,7 @@ func (n *Node) tlsConfigs() (server, client *tls.Config, err error) {
 	}
 	server, client, err = peers.TLSConfigs(t.Cert, t.Key, t.CA)
 	if err != nil {
-		return nil, nil, fmt.Errorf("auth.tls in %s: %w", n.cfg.Path, err)
+		return nil, nil, &config.Error{File: n.cfg.Path, Key: "auth.tls", Msg: err.Error()}
 	}
 	return server, client, nil
 }

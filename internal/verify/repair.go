@@ -128,7 +128,7 @@ func Repair(ctx context.Context, regions []Region, from string, rep Report, log 
 				tr.Upserted += ups
 				tr.Deleted += dels
 			}
-			log.Info().Str("table", t.Table).Str("region", r.Name).Str("from", from).
+			log.Info().Str("table", t.Table).Str("target", r.Name).Str("from", from).
 				Int("upserted", tr.Upserted).Int("deleted", tr.Deleted).Msg("repaired")
 			out = append(out, tr)
 		}

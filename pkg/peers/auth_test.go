@@ -181,7 +181,7 @@ func copyConn(dst, src net.Conn) (int64, error) {
 // TestReplayedHelloRejected: a Hello captured from an earlier connection
 // (signed over another nonce) is refused on a new one.
 func TestReplayedHelloRejected(t *testing.T) {
-	logs := &logBuf{}
+	logs := newLogBuf(t)
 	srv := NewServer(serverConfig("eu", "eu1"), newMemApplier(), logs.logger())
 	f, captured, err := pipeHello(t, srv, 0, testToken)
 	if _, ok := f.(*welcome); !ok || err != nil {
@@ -314,7 +314,7 @@ func TestWrongTokenSurfacesOnShipper(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- NewServer(cfg, newMemApplier(), zerolog.Nop()).Serve(sctx, ln) }()
 
-	logs := &logBuf{}
+	logs := newLogBuf(t)
 	fb := newMemApplier()
 	sh := NewShipper(shipperConfig(NodeAddr{Name: "eu1", Addr: addr}), func(ctx context.Context) (Applier, func(), error) { return fb, func() {}, nil }, logs.logger())
 	runShipper(t, sh)

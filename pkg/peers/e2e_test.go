@@ -119,9 +119,10 @@ func newRegion(t *testing.T, ctx context.Context, c *pgtest.Cluster, name, db st
 	}
 	r := &region{name: name, cluster: c, db: db, pool: newPool(t, ctx, c, db)}
 	for i := 1; i <= 2; i++ {
-		app := &countingApplier{Applier: apply.NewApplier(newPool(t, ctx, c, db), zerolog.Nop()), calls: map[pglogrepl.LSN]int{}}
+		logs := newLogBuf(t)
+		app := &countingApplier{Applier: apply.NewApplier(newPool(t, ctx, c, db), logs.logger()), calls: map[pglogrepl.LSN]int{}}
 		node := fmt.Sprintf("%s%d", name, i)
-		addr := serve(t, NewServer(serverConfig(name, node), app, zerolog.Nop()))
+		addr := serve(t, NewServer(serverConfig(name, node), app, logs.logger()))
 		p, err := faultproxy.New(addr)
 		if err != nil {
 			t.Fatal(err)
@@ -169,11 +170,10 @@ func (r *region) shipper(t *testing.T, mutate func(*ShipperConfig), logs *logBuf
 	if mutate != nil {
 		mutate(&cfg)
 	}
-	log := zerolog.Nop()
-	if logs != nil {
-		log = logs.logger()
+	if logs == nil {
+		logs = newLogBuf(t)
 	}
-	sh := NewShipper(cfg, r.fallback(), log)
+	sh := NewShipper(cfg, r.fallback(), logs.logger())
 	runShipper(t, sh)
 	return sh
 }
@@ -351,7 +351,7 @@ func TestFailoverToSecondNode(t *testing.T) {
 	// Replication origins are cluster-wide, so each region needs its own
 	// cluster, as in production.
 	as := newRegion(t, ctx, pgtest.Start(t, pgtest.Options{Name: "as"}), "as", "postgres")
-	logs := &logBuf{}
+	logs := newLogBuf(t)
 	sh := eu.shipper(t, nil, logs)
 	shAS := as.shipper(t, nil, nil)
 	smp := startSampler(ctx, []*region{eu, as}, []*Shipper{sh, shAS})

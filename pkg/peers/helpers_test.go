@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"sync"
 	"testing"
@@ -12,6 +13,7 @@ import (
 	"github.com/jackc/pglogrepl"
 	"github.com/rs/zerolog"
 
+	"github.com/prism-cdc/prism-cdc/internal/logtest"
 	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
 
@@ -23,10 +25,19 @@ func testCtx(t *testing.T) context.Context {
 	return ctx
 }
 
-// logBuf collects log output safely across goroutines.
+// logBuf collects log output safely across goroutines. Its loggers check
+// every line (logtest): a key written twice fails the test.
 type logBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
+	mu    sync.Mutex
+	b     bytes.Buffer
+	check *logtest.Writer
+}
+
+// newLogBuf returns a logBuf whose lines are checked when t ends.
+func newLogBuf(t *testing.T) *logBuf {
+	l := &logBuf{}
+	l.check = logtest.New(t, l)
+	return l
 }
 
 func (l *logBuf) Write(p []byte) (int, error) {
@@ -41,7 +52,16 @@ func (l *logBuf) String() string {
 	return l.b.String()
 }
 
-func (l *logBuf) logger() zerolog.Logger { return zerolog.New(l).With().Timestamp().Logger() }
+// logger returns a logger with the keys prism-cdc run's root logger has
+// (node, region), so a package logger that adds one of them again shows.
+// A logBuf not made by newLogBuf is not checked.
+func (l *logBuf) logger() zerolog.Logger {
+	var w io.Writer = l
+	if l.check != nil {
+		w = l.check
+	}
+	return zerolog.New(w).With().Timestamp().Str("node", "na1").Str("region", "na").Logger()
+}
 
 // memApplier is an in-memory Applier with the real semantics: progress
 // per origin, skip at or below it, all-or-nothing per transaction.

@@ -76,7 +76,7 @@ func goodPeer(t *testing.T, addr string, app *memApplier, i int) {
 }
 
 func TestServerRejects(t *testing.T) {
-	logs := &logBuf{}
+	logs := newLogBuf(t)
 	app := newMemApplier()
 	cfg := serverConfig("eu", "eu1")
 	cfg.HelloTimeout = 300 * time.Millisecond
@@ -243,7 +243,7 @@ func TestMutualTLS(t *testing.T) {
 	}
 	_ = rogueCAFile
 
-	logs := &logBuf{}
+	logs := newLogBuf(t)
 	app := newMemApplier()
 	cfg := serverConfig("eu", "eu1")
 	cfg.Insecure = false

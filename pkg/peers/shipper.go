@@ -461,7 +461,7 @@ func (s *Shipper) Run(ctx context.Context) error {
 		var rec *recovery
 		if errors.As(err, &rec) {
 			s.note(nil, &s.st.Recoveries)
-			s.log.Info().Str("node", s.cfg.Nodes[rec.node].Name).Str("from", s.cfg.Nodes[node].Name).Msg("preferred node answers again; switching back")
+			s.log.Info().Str("peer", s.cfg.Nodes[rec.node].Name).Str("from", s.cfg.Nodes[node].Name).Msg("preferred node answers again; switching back")
 			node, attempts = rec.node, 0
 			continue
 		}
@@ -480,7 +480,7 @@ func (s *Shipper) Run(ctx context.Context) error {
 		if attempts <= s.cfg.Retries {
 			d := backoff(attempts)
 			s.note(err, &s.st.Retries)
-			s.log.Warn().Err(err).Str("node", s.cfg.Nodes[node].Name).Int("attempt", attempts).Dur("retry_in", d).Msg("node failed; retrying")
+			s.log.Warn().Err(err).Str("peer", s.cfg.Nodes[node].Name).Int("attempt", attempts).Dur("retry_in", d).Msg("node failed; retrying")
 			sleep(ctx, d)
 			continue
 		}
@@ -488,7 +488,7 @@ func (s *Shipper) Run(ctx context.Context) error {
 		node++
 		if node < len(s.cfg.Nodes) {
 			s.note(err, &s.st.Failovers)
-			s.log.Warn().Err(err).Str("from", s.cfg.Nodes[node-1].Name).Str("node", s.cfg.Nodes[node].Name).Msg("node exhausted its retries; failing over")
+			s.log.Warn().Err(err).Str("from", s.cfg.Nodes[node-1].Name).Str("peer", s.cfg.Nodes[node].Name).Msg("node exhausted its retries; failing over")
 		} else {
 			s.note(err, nil)
 		}
@@ -667,7 +667,7 @@ func (s *Shipper) session(ctx context.Context, i int) (progressed bool, err erro
 		// history (the path switches keep them).
 		s.clearError()
 	}
-	s.log.Info().Str("node", name).Stringer("progress", w.Progress).Msg("connected")
+	s.log.Info().Str("peer", name).Stringer("progress", w.Progress).Msg("connected")
 
 	var heard atomic.Int64
 	heard.Store(time.Now().UnixNano())
@@ -849,7 +849,7 @@ func (s *Shipper) runFallback(ctx context.Context, rnd *rand.Rand, backoff func(
 		var rec *recovery
 		if errors.As(context.Cause(ctx), &rec) {
 			s.note(nil, &s.st.Recoveries)
-			s.log.Info().Str("node", s.cfg.Nodes[rec.node].Name).Msg("node answers again; leaving the direct-SQL fallback")
+			s.log.Info().Str("peer", s.cfg.Nodes[rec.node].Name).Msg("node answers again; leaving the direct-SQL fallback")
 			return rec.node
 		}
 		if ctx.Err() != nil {

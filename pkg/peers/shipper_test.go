@@ -30,8 +30,8 @@ func TestHaltOnPermanentNack(t *testing.T) {
 		}
 		return nil
 	}
-	addr := serve(t, NewServer(serverConfig("eu", "eu1"), app, (&logBuf{}).logger()))
-	logs := &logBuf{}
+	addr := serve(t, NewServer(serverConfig("eu", "eu1"), app, (newLogBuf(t)).logger()))
+	logs := newLogBuf(t)
 	cfg := shipperConfig(NodeAddr{Name: "eu1", Addr: addr})
 	cfg.Retries = 50
 	sh := NewShipper(cfg, nil, logs.logger())
@@ -80,7 +80,7 @@ func TestHaltOnPermanentNack(t *testing.T) {
 // TestSendIgnoresRedelivery: the reader may hand over a transaction again
 // after reconnecting to its slot; it is not queued twice.
 func TestSendIgnoresRedelivery(t *testing.T) {
-	sh := NewShipper(shipperConfig(), nil, (&logBuf{}).logger())
+	sh := NewShipper(shipperConfig(), nil, (newLogBuf(t)).logger())
 	ctx := context.Background()
 	for _, i := range []int{1, 2, 2, 1, 3} {
 		if err := sh.Send(ctx, mkTxn(i, 0)); err != nil {
@@ -91,7 +91,7 @@ func TestSendIgnoresRedelivery(t *testing.T) {
 		t.Fatalf("Status = %+v, want 3 transactions up to %s", st, lsnOf(3))
 	}
 	// A cancelled Send on a full window returns the context error.
-	small := NewShipper(ShipperConfig{MaxInFlight: 10}, nil, (&logBuf{}).logger())
+	small := NewShipper(ShipperConfig{MaxInFlight: 10}, nil, (newLogBuf(t)).logger())
 	if err := small.Send(ctx, mkTxn(1, 0)); err != nil {
 		t.Fatalf("first Send into an empty window = %v, want it admitted alone", err)
 	}
@@ -159,13 +159,13 @@ func TestRetriesTakenAsGiven(t *testing.T) {
 			if tc.fallback {
 				fallback = func(ctx context.Context) (Applier, func(), error) { return app, func() {}, nil }
 			} else {
-				addr := serve(t, NewServer(serverConfig("eu", "eu2"), app, (&logBuf{}).logger()))
+				addr := serve(t, NewServer(serverConfig("eu", "eu2"), app, newLogBuf(t).logger()))
 				nodes = append(nodes, NodeAddr{Name: "eu2", Addr: addr})
 			}
 			cfg := shipperConfig(nodes...)
 			cfg.Retries = tc.retries
 			cfg.ProbeInterval = time.Hour // no probe of eu1 may count as an attempt
-			sh := NewShipper(cfg, fallback, (&logBuf{}).logger())
+			sh := NewShipper(cfg, fallback, newLogBuf(t).logger())
 			runShipper(t, sh)
 			if err := sh.Send(ctx, mkTxn(1, 0)); err != nil {
 				t.Fatal(err)
@@ -212,7 +212,7 @@ func TestRunRefusesBadDelivery(t *testing.T) {
 			// Run that accepted them.
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
-			err := NewShipper(cfg, nil, (&logBuf{}).logger()).Run(ctx)
+			err := NewShipper(cfg, nil, newLogBuf(t).logger()).Run(ctx)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("Run = %v, want an error containing %q", err, tc.want)
 			}

@@ -170,7 +170,7 @@ func TestStreamFramesRoundTrip(t *testing.T) {
 func TestShipStreamed(t *testing.T) {
 	ctx := testCtx(t)
 	app := newStreamApp()
-	addr := serve(t, NewServer(serverConfig("eu", "eu1"), app, (&logBuf{}).logger()))
+	addr := serve(t, NewServer(serverConfig("eu", "eu1"), app, (newLogBuf(t)).logger()))
 	proxy, err := faultproxy.New(addr)
 	if err != nil {
 		t.Fatal(err)
@@ -196,7 +196,7 @@ func TestShipStreamed(t *testing.T) {
 	cfg := shipperConfig(NodeAddr{Name: "eu1", Addr: proxy.Addr()})
 	cfg.ChunkBytes = 16 << 10
 	cfg.Retries = 50
-	sh := NewShipper(cfg, nil, (&logBuf{}).logger())
+	sh := NewShipper(cfg, nil, (newLogBuf(t)).logger())
 	runShipper(t, sh)
 
 	big2, want2 := spilledTxn(t, 2, 3000, 100)
@@ -250,7 +250,7 @@ func TestShipStreamedHaltAndFallback(t *testing.T) {
 	handler := &countingHandler{}
 	cfg := shipperConfig()
 	cfg.Errors = handler
-	sh := NewShipper(cfg, func(ctx context.Context) (Applier, func(), error) { return app, func() {}, nil }, (&logBuf{}).logger())
+	sh := NewShipper(cfg, func(ctx context.Context) (Applier, func(), error) { return app, func() {}, nil }, (newLogBuf(t)).logger())
 	runShipper(t, sh)
 	big, want := spilledTxn(t, 2, 500, 100)
 	for _, txn := range []*decode.Txn{mkTxn(1, 0), big, mkTxn(3, 0)} {
@@ -316,7 +316,7 @@ func TestStreamProtocolViolations(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			app := newStreamApp()
-			addr := serve(t, NewServer(serverConfig("eu", "eu1"), app, (&logBuf{}).logger()))
+			addr := serve(t, NewServer(serverConfig("eu", "eu1"), app, (newLogBuf(t)).logger()))
 			fc := dialHello(t, addr)
 			if err := fc.write(time.Second, tc.frames...); err != nil {
 				t.Fatal(err)
@@ -340,7 +340,7 @@ func TestStreamProtocolViolations(t *testing.T) {
 // dialHello connects to a server as source na and reads the Welcome.
 func dialHello(t *testing.T, addr string) *frameConn {
 	t.Helper()
-	sh := NewShipper(shipperConfig(NodeAddr{Name: "eu1", Addr: addr}), nil, (&logBuf{}).logger())
+	sh := NewShipper(shipperConfig(NodeAddr{Name: "eu1", Addr: addr}), nil, (newLogBuf(t)).logger())
 	fc, _, err := sh.handshake(testCtx(t), 0, 0)
 	if err != nil {
 		t.Fatalf("handshake = %v", err)
@@ -353,7 +353,7 @@ func dialHello(t *testing.T, addr string) *frameConn {
 // sends its token in the Hello without waiting for a challenge) is refused
 // with a clear reason and nothing it sends is applied.
 func TestOlderShipperRejected(t *testing.T) {
-	logs := &logBuf{}
+	logs := newLogBuf(t)
 	app := newStreamApp()
 	addr := serve(t, NewServer(serverConfig("eu", "eu1"), app, logs.logger()))
 	for _, v := range []uint16{1, 2} {
