@@ -340,7 +340,7 @@ func TestStatusMetricsAndPage(t *testing.T) {
 	if err != nil {
 		t.Fatalf("chromium --dump-dom /overlap: %v\n%s", err, &stderr)
 	}
-	if !strings.Contains(string(dom), "labels 3 links 3\n</pre>") && !strings.Contains(string(dom), "labels 3 links 3</pre>") {
+	if !strings.Contains(string(dom), "labels 4 links 4\n</pre>") && !strings.Contains(string(dom), "labels 4 links 4</pre>") {
 		t.Errorf("link labels overlap the links or were not drawn:\n%s", dom)
 	}
 
