@@ -7,7 +7,6 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 # spurious "context deadline exceeded" at the end of a duration budget
 # (golang/go#75804, fixed in Go 1.27).
 FUZZTIME ?= 100000x
-SPILLFUZZTIME ?= 20000x
 
 .PHONY: build demo vet test fuzz-short clean
 
@@ -37,7 +36,7 @@ fuzz-short:
 	$(GO) test -run='^$$' -fuzz='^FuzzParse$$' -fuzztime=$(FUZZTIME) ./internal/config
 	$(GO) test -run='^$$' -fuzz='^FuzzAssembler$$' -fuzztime=$(FUZZTIME) ./pkg/decode
 	$(GO) test -run='^$$' -fuzz='^FuzzDecodeFrame$$' -fuzztime=$(FUZZTIME) ./pkg/peers
-	$(GO) test -run='^$$' -fuzz='^FuzzSpillChunk$$' -fuzztime=$(SPILLFUZZTIME) ./pkg/decode
+	$(GO) test -run='^$$' -fuzz='^FuzzCodec$$' -fuzztime=$(FUZZTIME) ./pkg/decode
 
 ## clean: remove build output
 clean:

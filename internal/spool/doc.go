@@ -8,7 +8,7 @@
 // slow the others. Segments every region has acknowledged are deleted.
 //
 // Layout: segment files seg-<first end LSN, 16 hex>.log holding records
-// [length u32][crc32c u32][transaction in the peer protocol's encoding],
+// [length u32][crc32c u32][transaction as decode.AppendTxn encodes it],
 // and one cursor-<region> file per region with the highest acknowledged
 // end LSN. A lock file keeps a second process out. A spilled transaction
 // (decode.Spill: too large for memory) is stored as a copy of its spill

@@ -22,7 +22,6 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/prism-cdc/prism-cdc/pkg/decode"
-	"github.com/prism-cdc/prism-cdc/pkg/peers"
 )
 
 // ErrCorrupt reports a record that fails its checksum or length check
@@ -33,8 +32,9 @@ const (
 	headerSize = 8
 	// SegmentSize is the size at which a new segment is started.
 	SegmentSize = 64 << 20
-	// maxRecord bounds one record, as the peer protocol bounds a frame.
-	maxRecord = peers.DefaultMaxFrame
+	// maxRecord bounds one record: the largest encoded transaction decode
+	// reads in one piece (the peer protocol's frame limit too).
+	maxRecord = decode.MaxEncodedSize
 	// spilledFlag, set in a record's length word, marks the record of a
 	// spilled transaction: its body is the transaction's header and the
 	// changes are in the file spillName(end LSN) next to the segments.
@@ -307,9 +307,12 @@ func readRecord(r io.ReaderAt, off, limit int64) (txn *decode.Txn, size int64, s
 	if crc32.Checksum(body, castagnoli) != sum {
 		return nil, 0, false, fmt.Errorf("%w: checksum mismatch", ErrCorrupt)
 	}
-	txn, err = peers.UnmarshalTxn(body)
+	txn, rest, err := decode.ParseTxn(body)
 	if err != nil {
 		return nil, 0, false, fmt.Errorf("%w: %v", ErrCorrupt, err)
+	}
+	if len(rest) != 0 {
+		return nil, 0, false, fmt.Errorf("%w: %d bytes after the transaction", ErrCorrupt, len(rest))
 	}
 	if spilled && len(txn.Changes) != 0 {
 		return nil, 0, false, fmt.Errorf("%w: spilled transaction record with changes", ErrCorrupt)
@@ -334,7 +337,7 @@ func (s *Spool) Append(ctx context.Context, txn *decode.Txn) error {
 		hdr = &h
 		big = txn.Spill.FileSize()
 	}
-	body, err := peers.MarshalTxn(make([]byte, 0, hdr.Size()), hdr)
+	body, err := decode.AppendTxn(make([]byte, 0, hdr.Size()), hdr)
 	if err != nil {
 		return fmt.Errorf("spool append %s: %w", txn.EndLSN, err)
 	}

@@ -46,21 +46,19 @@ func goldenTxn() *Txn {
 // second chunk uses a relation the first defined and defines another.
 var goldenSpillChunks = []int{2, 2}
 
-// writeGoldenSpill writes changes as a spill file, one chunk per entry of
-// goldenSpillChunks, and returns the file's bytes.
-func writeGoldenSpill(t *testing.T, changes []Change) []byte {
+// writeSpill writes a spill file, one chunk per entry of chunks.
+func writeSpill(t *testing.T, chunks ...[]Change) *Spill {
 	t.Helper()
 	w, err := newSpillWriter(t.TempDir(), 1<<30)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, n := range goldenSpillChunks {
-		for _, c := range changes[:n] {
+	for _, chunk := range chunks {
+		for _, c := range chunk {
 			if err := w.add(c); err != nil {
 				t.Fatal(err)
 			}
 		}
-		changes = changes[n:]
 		if err := w.flushChunk(); err != nil {
 			t.Fatal(err)
 		}
@@ -69,6 +67,18 @@ func writeGoldenSpill(t *testing.T, changes []Change) []byte {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return s
+}
+
+// writeGoldenSpill writes changes as a spill file, split as
+// goldenSpillChunks says, and returns the file's bytes.
+func writeGoldenSpill(t *testing.T, changes []Change) []byte {
+	t.Helper()
+	var chunks [][]Change
+	for _, n := range goldenSpillChunks {
+		chunks, changes = append(chunks, changes[:n]), changes[n:]
+	}
+	s := writeSpill(t, chunks...)
 	defer s.Release()
 	var b bytes.Buffer
 	if _, err := s.WriteTo(&b); err != nil {
@@ -103,5 +113,27 @@ func TestGoldenSpill(t *testing.T) {
 	}
 	if got := writeGoldenSpill(t, all); !bytes.Equal(got, want) {
 		t.Fatalf("re-encoding %s differs:\n got %x\nwant %x", path, got, want)
+	}
+}
+
+// TestGoldenTxn reads testdata/codec/txn.bin, a transaction as the peer
+// protocol and the spool encoded it before the codec moved here, and
+// encodes it back to the same bytes.
+func TestGoldenTxn(t *testing.T) {
+	path := filepath.Join("testdata", "codec", "txn.bin")
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	txn, rest, err := ParseTxn(want)
+	if err != nil || len(rest) != 0 {
+		t.Fatalf("ParseTxn(%s) = %d bytes left, %v", path, len(rest), err)
+	}
+	if !reflect.DeepEqual(txn, goldenTxn()) {
+		t.Fatalf("%s decodes to\n%+v\nwant\n%+v", path, txn, goldenTxn())
+	}
+	got, err := AppendTxn(nil, txn)
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("re-encoding %s = %v:\n got %x\nwant %x", path, err, got, want)
 	}
 }

@@ -14,6 +14,12 @@
 // region acknowledged it. Memory therefore does not grow with transaction
 // size (a handful of queued Txns, each at most SpillBytes in memory).
 //
+// Encoding: a Txn and its changes leave memory in one binary form only
+// (AppendTxn, AppendTxnHeader and AppendChanges, read back by the Parse
+// functions, which check every length and every change): peer protocol
+// frames carry it, spill files and the spool store it. MaxEncodedSize is
+// the most a reader takes in one piece.
+//
 // Ordering: Txns are produced in commit order, each with a strictly higher
 // EndLSN than the one before; a transaction the server resends after a
 // reconnect is not produced twice by the same Reader. Transactions that

@@ -24,14 +24,7 @@ var errSpillIO = errors.New("spill")
 //
 //	header: magic[8] count u64 bytes u64 chunks u32 crc32c(previous 28 bytes) u32
 //	chunk:  length u32, crc32c(payload) u32, payload
-//	payload: new relations (u32 count, each: id u32, schema, table, replica
-//	         identity u8, u32 column count, each column: name, type oid u32,
-//	         type name, typmod u32, key u8), then u32 change count and the
-//	         changes (op u8, relation index u32, old row, new row, u32
-//	         truncated count and indexes, truncate flags u8)
-//	row:    u8 0 (nil) or 1, u32 value count, each value: kind u8 and, for
-//	        text and binary values, u32 length and the bytes
-//	string: u32 length and the bytes
+//	payload: a block of changes in the encoding of AppendChanges (codec.go)
 //
 // Relations are numbered in order of definition over the whole file; a
 // chunk defines the relations its changes use first.
@@ -41,7 +34,6 @@ const (
 	// DefaultSpillChunk is the change data written per spill chunk: the
 	// unit a spilled transaction is read back in.
 	DefaultSpillChunk = 1 << 20
-	noSpillRel        = ^uint32(0)
 )
 
 var spillCRC = crc32.MakeTable(crc32.Castagnoli)
@@ -306,8 +298,7 @@ type spillWriter struct {
 	w          *bufio.Writer
 	size       int64
 	chunkBytes int
-	rels       map[*Relation]uint32
-	nrels      uint32
+	rels       map[*Relation]uint32 // relations defined by earlier chunks
 	pend       []Change
 	pendBytes  int
 	count      int
@@ -378,61 +369,8 @@ func (w *spillWriter) flushChunk() error {
 // encodeChunk encodes the pending changes as one chunk, length and
 // checksum included, and clears them.
 func (w *spillWriter) encodeChunk() ([]byte, error) {
-	e := w.enc[:0]
-	e = append(e, 0, 0, 0, 0, 0, 0, 0, 0) // length and checksum, patched below
-	// New relations, in order of first use.
-	nrelAt := len(e)
-	e = binary.BigEndian.AppendUint32(e, 0)
-	var newRels uint32
-	def := func(r *Relation) {
-		if r == nil {
-			return
-		}
-		if _, ok := w.rels[r]; ok {
-			return
-		}
-		w.rels[r] = w.nrels
-		w.nrels++
-		newRels++
-		e = binary.BigEndian.AppendUint32(e, r.ID)
-		e = appendLStr(e, r.Schema)
-		e = appendLStr(e, r.Table)
-		e = append(e, r.ReplicaIdentity)
-		e = binary.BigEndian.AppendUint32(e, uint32(len(r.Columns)))
-		for _, c := range r.Columns {
-			e = appendLStr(e, c.Name)
-			e = binary.BigEndian.AppendUint32(e, c.TypeOID)
-			e = appendLStr(e, c.TypeName)
-			e = binary.BigEndian.AppendUint32(e, uint32(c.TypeMod))
-			e = append(e, boolByte(c.Key))
-		}
-	}
-	for i := range w.pend {
-		def(w.pend[i].Rel)
-		for _, r := range w.pend[i].Truncated {
-			def(r)
-		}
-	}
-	binary.BigEndian.PutUint32(e[nrelAt:], newRels)
-	idx := func(r *Relation) uint32 {
-		if r == nil {
-			return noSpillRel
-		}
-		return w.rels[r]
-	}
-	e = binary.BigEndian.AppendUint32(e, uint32(len(w.pend)))
-	for i := range w.pend {
-		c := &w.pend[i]
-		e = append(e, uint8(c.Op))
-		e = binary.BigEndian.AppendUint32(e, idx(c.Rel))
-		e = appendSpillRow(e, c.Old)
-		e = appendSpillRow(e, c.New)
-		e = binary.BigEndian.AppendUint32(e, uint32(len(c.Truncated)))
-		for _, r := range c.Truncated {
-			e = binary.BigEndian.AppendUint32(e, idx(r))
-		}
-		e = append(e, c.TruncateFlags)
-	}
+	e := append(w.enc[:0], 0, 0, 0, 0, 0, 0, 0, 0) // length and checksum, patched below
+	e = appendChanges(e, w.pend, w.rels)
 	clear(w.pend)
 	w.pend, w.pendBytes = w.pend[:0], 0
 	payload := e[8:]
@@ -478,166 +416,13 @@ func (w *spillWriter) abort() {
 	w.pend = nil
 }
 
-func boolByte(b bool) byte {
-	if b {
-		return 1
-	}
-	return 0
-}
-
-func appendLStr(b []byte, s string) []byte {
-	b = binary.BigEndian.AppendUint32(b, uint32(len(s)))
-	return append(b, s...)
-}
-
-func appendSpillRow(b []byte, row []Value) []byte {
-	if row == nil {
-		return append(b, 0)
-	}
-	b = append(b, 1)
-	b = binary.BigEndian.AppendUint32(b, uint32(len(row)))
-	for _, v := range row {
-		b = append(b, uint8(v.Kind))
-		if v.Kind == ValueText || v.Kind == ValueBinary {
-			b = binary.BigEndian.AppendUint32(b, uint32(len(v.Data)))
-			b = append(b, v.Data...)
-		}
-	}
-	return b
-}
-
-// lstr reads a string with a 4-byte length.
-func (r *buf) lstr() string {
-	n := r.u32()
-	if r.err != nil {
-		return ""
-	}
-	if uint64(n) > uint64(len(r.b)) {
-		r.fail(errShort)
-		return ""
-	}
-	s := string(r.b[:n])
-	r.b = r.b[n:]
-	return s
-}
-
-// count reads an element count that the rest of the chunk can hold with
-// at least minSize bytes per element.
-func (r *buf) count(minSize int) int {
-	n := r.u32()
-	if r.err != nil {
-		return 0
-	}
-	if uint64(n)*uint64(minSize) > uint64(len(r.b)) {
-		r.fail(fmt.Errorf("count %d exceeds the %d bytes left", n, len(r.b)))
-		return 0
-	}
-	return int(n)
-}
-
 // decodeSpillChunk parses one chunk payload; rels are the relations
 // defined by earlier chunks, and the returned slice adds this chunk's.
 func decodeSpillChunk(p []byte, rels []*Relation) ([]Change, []*Relation, error) {
 	r := &buf{b: p}
-	nr := r.count(4 + 4 + 4 + 1 + 4)
-	for i := 0; i < nr && r.err == nil; i++ {
-		rel := &Relation{ID: r.u32(), Schema: r.lstr(), Table: r.lstr(), ReplicaIdentity: r.u8()}
-		rel.Columns = make([]Column, r.count(4+4+4+4+1))
-		for j := range rel.Columns {
-			rel.Columns[j] = Column{Name: r.lstr(), TypeOID: r.u32(), TypeName: r.lstr(), TypeMod: int32(r.u32())}
-			rel.Columns[j].Key = r.u8() == 1
-		}
-		rels = append(rels, rel)
-	}
-	ref := func() *Relation {
-		i := r.u32()
-		if r.err != nil || i == noSpillRel {
-			return nil
-		}
-		if uint64(i) >= uint64(len(rels)) {
-			r.fail(fmt.Errorf("relation index %d of %d", i, len(rels)))
-			return nil
-		}
-		return rels[i]
-	}
-	changes := make([]Change, r.count(1+4+1+1+4+1))
-	for i := range changes {
-		c := &changes[i]
-		c.Op = Op(r.u8())
-		c.Rel = ref()
-		c.Old = r.spillRow()
-		c.New = r.spillRow()
-		if m := r.count(4); m > 0 {
-			c.Truncated = make([]*Relation, m)
-			for j := range c.Truncated {
-				c.Truncated[j] = ref()
-			}
-		}
-		c.TruncateFlags = r.u8()
-		if r.err != nil {
-			break
-		}
-		if err := checkSpillChange(c); err != nil {
-			r.fail(fmt.Errorf("change %d: %w", i, err))
-		}
-	}
+	changes, rels := r.changes(rels)
 	if err := r.end(); err != nil {
 		return nil, rels, err
 	}
 	return changes, rels, nil
-}
-
-func (r *buf) spillRow() []Value {
-	switch r.u8() {
-	case 0:
-		return nil
-	case 1:
-	default:
-		r.fail(errors.New("bad row flag"))
-		return nil
-	}
-	row := make([]Value, r.count(1))
-	for i := range row {
-		k := ValueKind(r.u8())
-		switch k {
-		case ValueNull, ValueUnchanged:
-			row[i] = Value{Kind: k}
-		case ValueText, ValueBinary:
-			row[i] = Value{Kind: k, Data: r.bytes(r.u32())}
-		default:
-			r.fail(fmt.Errorf("bad value kind %d", k))
-		}
-		if r.err != nil {
-			return nil
-		}
-	}
-	return row
-}
-
-// checkSpillChange checks what appliers rely on: a known op, a relation,
-// rows as long as the relation's columns.
-func checkSpillChange(c *Change) error {
-	switch c.Op {
-	case OpInsert, OpUpdate, OpDelete:
-		if c.Rel == nil {
-			return fmt.Errorf("%s without relation", c.Op)
-		}
-		for _, row := range [][]Value{c.Old, c.New} {
-			if row != nil && len(row) != len(c.Rel.Columns) {
-				return fmt.Errorf("%s: %d values for %d columns", c.Op, len(row), len(c.Rel.Columns))
-			}
-		}
-	case OpTruncate:
-		if len(c.Truncated) == 0 || c.Truncated[0] == nil {
-			return errors.New("TRUNCATE without relations")
-		}
-		for _, r := range c.Truncated {
-			if r == nil {
-				return errors.New("TRUNCATE of a missing relation")
-			}
-		}
-	default:
-		return fmt.Errorf("unknown op %d", c.Op)
-	}
-	return nil
 }

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"time"
 
 	"github.com/jackc/pglogrepl"
 
@@ -34,8 +33,9 @@ const minProtocolVersion = 3
 const DefaultChunkBytes = 1 << 20
 
 // DefaultMaxFrame is the default limit on one frame's length: a length
-// prefix above it is rejected before anything is allocated.
-const DefaultMaxFrame = 64 << 20
+// prefix above it is rejected before anything is allocated. It is the
+// largest encoded transaction decode reads in one piece.
+const DefaultMaxFrame = decode.MaxEncodedSize
 
 // magic opens every Hello so that a stray client is told apart from an old
 // prism-cdc node at once.
@@ -212,12 +212,14 @@ func appendFrame(b []byte, f any) ([]byte, error) {
 		e.u8(frameHeartbeat)
 	case *txnFrame:
 		e.u8(frameTxn)
-		if err := encodeTxn(&e, f.Txn); err != nil {
+		var err error
+		if e.b, err = decode.AppendTxn(e.b, f.Txn); err != nil {
 			return b, err
 		}
 	case *undoFrame:
 		e.u8(frameUndo)
-		if err := encodeTxn(&e, f.Txn); err != nil {
+		var err error
+		if e.b, err = decode.AppendTxn(e.b, f.Txn); err != nil {
 			return b, err
 		}
 		e.str(f.SQLState)
@@ -232,11 +234,11 @@ func appendFrame(b []byte, f any) ([]byte, error) {
 		if f.Txn == nil {
 			return b, errors.New("encode txn: nil")
 		}
-		encodeTxnHeader(&e, f.Txn)
+		e.b = decode.AppendTxnHeader(e.b, f.Txn)
 		e.u64(f.Count)
 	case *txnChunk:
 		e.u8(frameTxnChunk)
-		encodeChanges(&e, f.Changes)
+		e.b = decode.AppendChanges(e.b, f.Changes)
 	case *txnEnd:
 		e.u8(frameTxnEnd)
 		e.u64(uint64(f.LSN))
@@ -249,115 +251,6 @@ func appendFrame(b []byte, f any) ([]byte, error) {
 	}
 	binary.BigEndian.PutUint32(e.b[start:], uint32(n))
 	return e.b, nil
-}
-
-// noRel is the relation index of a change without a relation.
-const noRel = ^uint32(0)
-
-// encodeTxn writes a transaction: header, the relations it uses (each
-// once, referenced by index), then the changes.
-func encodeTxn(e *encoder, t *decode.Txn) error {
-	if t == nil {
-		return errors.New("encode txn: nil")
-	}
-	if t.Spill != nil {
-		return errors.New("encode txn: changes are spilled; stream it")
-	}
-	encodeTxnHeader(e, t)
-	encodeChanges(e, t.Changes)
-	return nil
-}
-
-// encodeTxnHeader writes a transaction's header fields.
-func encodeTxnHeader(e *encoder, t *decode.Txn) {
-	e.str(t.Origin)
-	e.u32(t.Xid)
-	e.u64(uint64(t.CommitLSN))
-	e.u64(uint64(t.EndLSN))
-	if t.CommitTime.IsZero() {
-		e.u8(0)
-		e.u64(0)
-	} else {
-		e.u8(1)
-		e.u64(uint64(t.CommitTime.UnixNano()))
-	}
-}
-
-// encodeChanges writes changes: the relations they use (each once,
-// referenced by index), then the changes.
-func encodeChanges(e *encoder, changes []decode.Change) {
-	index := map[*decode.Relation]uint32{}
-	var rels []*decode.Relation
-	ref := func(r *decode.Relation) {
-		if r == nil {
-			return
-		}
-		if _, ok := index[r]; !ok {
-			index[r] = uint32(len(rels))
-			rels = append(rels, r)
-		}
-	}
-	for i := range changes {
-		ref(changes[i].Rel)
-		for _, r := range changes[i].Truncated {
-			ref(r)
-		}
-	}
-	e.u32(uint32(len(rels)))
-	for _, r := range rels {
-		e.u32(r.ID)
-		e.str(r.Schema)
-		e.str(r.Table)
-		e.u8(r.ReplicaIdentity)
-		e.u32(uint32(len(r.Columns)))
-		for _, c := range r.Columns {
-			e.str(c.Name)
-			e.u32(c.TypeOID)
-			e.str(c.TypeName)
-			e.u32(uint32(c.TypeMod))
-			if c.Key {
-				e.u8(1)
-			} else {
-				e.u8(0)
-			}
-		}
-	}
-	relIndex := func(r *decode.Relation) uint32 {
-		if r == nil {
-			return noRel
-		}
-		return index[r]
-	}
-	e.u32(uint32(len(changes)))
-	for i := range changes {
-		c := &changes[i]
-		e.u8(uint8(c.Op))
-		e.u32(relIndex(c.Rel))
-		encodeRow(e, c.Old)
-		encodeRow(e, c.New)
-		e.u32(uint32(len(c.Truncated)))
-		for _, r := range c.Truncated {
-			e.u32(relIndex(r))
-		}
-		e.u8(c.TruncateFlags)
-	}
-}
-
-// encodeRow writes a row: a presence byte (a nil row stays nil), the count,
-// then each value's kind and, for text and binary values, its bytes.
-func encodeRow(e *encoder, row []decode.Value) {
-	if row == nil {
-		e.u8(0)
-		return
-	}
-	e.u8(1)
-	e.u32(uint32(len(row)))
-	for _, v := range row {
-		e.u8(uint8(v.Kind))
-		if v.Kind == decode.ValueText || v.Kind == decode.ValueBinary {
-			e.bytes(v.Data)
-		}
-	}
 }
 
 // decoder reads big-endian values from a payload; the first error sticks
@@ -457,19 +350,19 @@ func (d *decoder) str(what string) string {
 	return string(d.take(int(n), what))
 }
 
-// count reads an element count and checks that the bytes left can hold
-// that many elements of at least minSize bytes each, so that no
-// allocation is larger than the frame itself.
-func (d *decoder) count(what string, minSize int) int {
-	n := d.u32(what)
+// parse reads what follows with one of decode's Parse functions.
+func parse[T any](d *decoder, fn func([]byte) (T, []byte, error)) T {
+	var v T
 	if d.err != nil {
-		return 0
+		return v
 	}
-	if uint64(n)*uint64(minSize) > uint64(len(d.b)) {
-		d.fail("%s: count %d exceeds the %d bytes left", what, n, len(d.b))
-		return 0
+	v, rest, err := fn(d.b)
+	if err != nil {
+		d.err = fmt.Errorf("%w: %w", errFrame, err)
+		return v
 	}
-	return int(n)
+	d.b = rest
+	return v
 }
 
 func (d *decoder) end() error {
@@ -531,15 +424,15 @@ func decodeFrame(p []byte) (any, error) {
 	case frameHeartbeat:
 		f = &heartbeat{}
 	case frameTxn:
-		f = &txnFrame{Txn: decodeTxn(d)}
+		f = &txnFrame{Txn: parse(d, decode.ParseTxn)}
 	case frameUndo:
-		f = &undoFrame{Txn: decodeTxn(d), SQLState: d.str("sqlstate"), Message: d.str("message")}
+		f = &undoFrame{Txn: parse(d, decode.ParseTxn), SQLState: d.str("sqlstate"), Message: d.str("message")}
 	case frameUndone:
 		f = &undoneFrame{LSN: pglogrepl.LSN(d.u64("lsn")), Status: d.str("status"), Note: d.str("note")}
 	case frameTxnBegin:
-		f = &txnBegin{Txn: decodeTxnHeader(d), Count: d.u64("count")}
+		f = &txnBegin{Txn: parse(d, decode.ParseTxnHeader), Count: d.u64("count")}
 	case frameTxnChunk:
-		f = &txnChunk{Changes: decodeChanges(d)}
+		f = &txnChunk{Changes: parse(d, decode.ParseChanges)}
 	case frameTxnEnd:
 		f = &txnEnd{LSN: pglogrepl.LSN(d.u64("lsn"))}
 	default:
@@ -549,183 +442,6 @@ func decodeFrame(p []byte) (any, error) {
 		return nil, err
 	}
 	return f, nil
-}
-
-// Minimum encoded sizes, for bounding counts before allocation.
-const (
-	minRelation = 4 + 4 + 4 + 1 + 4
-	minColumn   = 4 + 4 + 4 + 4 + 1
-	minChange   = 1 + 4 + 1 + 1 + 4 + 1
-	minValue    = 1
-)
-
-func decodeTxn(d *decoder) *decode.Txn {
-	t := decodeTxnHeader(d)
-	t.Changes = decodeChanges(d)
-	if d.err != nil {
-		return nil
-	}
-	return t
-}
-
-// decodeTxnHeader reads what encodeTxnHeader wrote.
-func decodeTxnHeader(d *decoder) *decode.Txn {
-	t := &decode.Txn{
-		Origin:    d.str("origin"),
-		Xid:       d.u32("xid"),
-		CommitLSN: pglogrepl.LSN(d.u64("commit lsn")),
-		EndLSN:    pglogrepl.LSN(d.u64("end lsn")),
-	}
-	hasTime := d.bool("commit time flag")
-	ns := int64(d.u64("commit time"))
-	if hasTime {
-		t.CommitTime = time.Unix(0, ns).UTC()
-	} else if ns != 0 {
-		d.fail("commit time without flag")
-	}
-	return t
-}
-
-// decodeChanges reads what encodeChanges wrote; nil after an error (and
-// for no changes).
-func decodeChanges(d *decoder) []decode.Change {
-	rels := make([]*decode.Relation, d.count("relations", minRelation))
-	for i := range rels {
-		r := &decode.Relation{
-			ID:              d.u32("relation id"),
-			Schema:          d.str("schema"),
-			Table:           d.str("table"),
-			ReplicaIdentity: d.u8("replica identity"),
-		}
-		switch r.ReplicaIdentity {
-		case decode.IdentityDefault, decode.IdentityNothing, decode.IdentityFull, decode.IdentityIndex:
-		default:
-			d.fail("relation %d: bad replica identity %#x", i, r.ReplicaIdentity)
-		}
-		r.Columns = make([]decode.Column, d.count("columns", minColumn))
-		for j := range r.Columns {
-			r.Columns[j] = decode.Column{
-				Name:     d.str("column name"),
-				TypeOID:  d.u32("type oid"),
-				TypeName: d.str("type name"),
-				TypeMod:  int32(d.u32("typmod")),
-				Key:      d.bool("key"),
-			}
-		}
-		if d.err != nil {
-			return nil
-		}
-		rels[i] = r
-	}
-	rel := func(what string) *decode.Relation {
-		i := d.u32(what)
-		if d.err != nil || i == noRel {
-			return nil
-		}
-		if uint64(i) >= uint64(len(rels)) {
-			d.fail("%s: index %d of %d relations", what, i, len(rels))
-			return nil
-		}
-		return rels[i]
-	}
-
-	var changes []decode.Change
-	if n := d.count("changes", minChange); n > 0 {
-		changes = make([]decode.Change, n)
-	}
-	for i := range changes {
-		c := &changes[i]
-		c.Op = decode.Op(d.u8("op"))
-		c.Rel = rel("relation")
-		c.Old = decodeRow(d, "old")
-		c.New = decodeRow(d, "new")
-		if m := d.count("truncated", 4); m > 0 {
-			c.Truncated = make([]*decode.Relation, m)
-			for j := range c.Truncated {
-				if c.Truncated[j] = rel("truncated relation"); c.Truncated[j] == nil && d.err == nil {
-					d.fail("change %d: truncated relation without index", i)
-				}
-			}
-		}
-		c.TruncateFlags = d.u8("truncate flags")
-		if d.err != nil {
-			return nil
-		}
-		if err := checkChange(c); err != nil {
-			d.fail("change %d: %v", i, err)
-			return nil
-		}
-	}
-	// Relations are listed in order of first use, each once: anything else
-	// is not what an encoder produces.
-	next := 0
-	for i := range changes {
-		for _, r := range append([]*decode.Relation{changes[i].Rel}, changes[i].Truncated...) {
-			if r == nil {
-				continue
-			}
-			if next < len(rels) && rels[next] == r {
-				next++
-			}
-		}
-	}
-	if next != len(rels) {
-		d.fail("relations unused or out of order")
-		return nil
-	}
-	return changes
-}
-
-// checkChange enforces what appliers rely on: a known op, a relation, and
-// rows as long as the relation's column list.
-func checkChange(c *decode.Change) error {
-	switch c.Op {
-	case decode.OpInsert, decode.OpUpdate, decode.OpDelete:
-		if c.Rel == nil {
-			return fmt.Errorf("%s without relation", c.Op)
-		}
-		if len(c.Truncated) != 0 || c.TruncateFlags != 0 {
-			return fmt.Errorf("%s with truncate data", c.Op)
-		}
-	case decode.OpTruncate:
-		if len(c.Truncated) == 0 {
-			return errors.New("TRUNCATE without relations")
-		}
-		if c.Old != nil || c.New != nil {
-			return errors.New("TRUNCATE with rows")
-		}
-		return nil
-	default:
-		return fmt.Errorf("unknown op %d", c.Op)
-	}
-	for _, row := range [][]decode.Value{c.Old, c.New} {
-		if row != nil && len(row) != len(c.Rel.Columns) {
-			return fmt.Errorf("%s on %s.%s: %d values for %d columns", c.Op, c.Rel.Schema, c.Rel.Table, len(row), len(c.Rel.Columns))
-		}
-	}
-	return nil
-}
-
-func decodeRow(d *decoder, what string) []decode.Value {
-	if !d.bool(what + " row flag") {
-		return nil
-	}
-	row := make([]decode.Value, d.count(what+" values", minValue))
-	for i := range row {
-		k := decode.ValueKind(d.u8("value kind"))
-		switch k {
-		case decode.ValueNull, decode.ValueUnchanged:
-			row[i] = decode.Value{Kind: k}
-		case decode.ValueText, decode.ValueBinary:
-			row[i] = decode.Value{Kind: k, Data: d.bytes("value")}
-		default:
-			d.fail("bad value kind %d", k)
-		}
-		if d.err != nil {
-			return nil
-		}
-	}
-	return row
 }
 
 // readFrame reads one frame from r into buf (grown as needed) and returns
