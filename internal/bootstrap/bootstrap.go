@@ -126,16 +126,9 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) (*Result, error) {
 	cfg.setDefaults()
 	start := time.Now()
 	log = log.With().Str("component", "bootstrap").Str("source", cfg.Source).Logger()
-	src, ok := cfg.source()
-	if !ok {
-		var names []string
-		for _, p := range cfg.Peers {
-			names = append(names, p.Region)
-		}
-		return nil, fmt.Errorf("bootstrap: region %q is not a peer of region %s (peers: %s)", cfg.Source, cfg.Region, strings.Join(names, ", "))
-	}
-	if src.DSN == "" {
-		return nil, fmt.Errorf("bootstrap: peer region %s has no database DSN to copy from", cfg.Source)
+	src, err := cfg.sourcePeer()
+	if err != nil {
+		return nil, err
 	}
 	tgt, err := connect(ctx, cfg.DSN, "target region "+cfg.Region)
 	if err != nil {
@@ -155,67 +148,25 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) (*Result, error) {
 		return nil, fmt.Errorf("bootstrap: source region %s: %w", cfg.Source, err)
 	}
 
-	if err := lockTarget(ctx, tgt); err != nil {
-		return nil, err
-	}
-	t, err := inspectTarget(ctx, tgt, cfg, tables)
+	t, res, err := claimTarget(ctx, tgt, cfg, tables, log)
 	if err != nil {
 		return nil, err
-	}
-	res := &Result{Source: cfg.Source, Origins: map[string]pglogrepl.LSN{}, Restarted: t.unfinished}
-	if len(t.rows) > 0 || t.slotExists {
-		res.Replaced = t.describe(cfg.Slot)
-	}
-	switch {
-	case len(t.rows) > 0 && !t.unfinished && !cfg.Force:
-		return nil, fmt.Errorf("bootstrap: %w: %s; run again with --force to replace them", ErrNotEmpty, strings.Join(res.Replaced, ", "))
-	case t.unfinished:
-		log.Warn().Int64("run", t.lastRun).Msg("an interrupted bootstrap was found; starting over")
-	case len(t.rows) > 0:
-		log.Warn().Strs("replacing", res.Replaced).Msg("--force: replacing the target's data")
 	}
 	runID, err := recordStart(ctx, tgt, cfg.Source)
 	if err != nil {
 		return nil, err
 	}
-
-	// Guards: hold every peer origin in the target for the whole run.
 	ws := newWriters(cfg.DSN, log)
 	defer ws.close()
-	for _, p := range cfg.Peers {
-		if _, err := ws.guard(ctx, originName(p.Region)); err != nil {
-			return nil, err
-		}
+	if err := guardOrigins(ctx, cfg, ws); err != nil {
+		return nil, err
 	}
-	if t.missing == len(tables) {
-		log.Info().Int("tables", len(tables)).Msg("target has none of the tables: copying the schema")
-		if err := loadSchema(ctx, src.DSN, cfg.DSN); err != nil {
-			return nil, err
-		}
-		res.SchemaLoaded = true
-	}
-	if cfg.Force && t.slotExists {
-		if _, err := tgt.Exec(ctx, "SELECT pg_drop_replication_slot($1)", cfg.Slot); err != nil {
-			return nil, fmt.Errorf("bootstrap: drop slot %s of region %s: %w", cfg.Slot, cfg.Region, err)
-		}
-		log.Warn().Str("slot", cfg.Slot).Msg("dropped the target region's slot")
-	}
-	if err := checkTargetColumns(ctx, tgt, tables); err != nil {
+	if res.SchemaLoaded, err = prepareTarget(ctx, tgt, cfg, src, t, tables, log); err != nil {
 		return nil, err
 	}
 
-	var others []string
-	for _, p := range cfg.Peers {
-		if p.Region != cfg.Source {
-			others = append(others, p.Region)
-		}
-	}
-	snap, err := takeSnapshot(ctx, src.DSN, cfg.Region)
-	if err != nil {
-		return nil, err
-	}
-	defer snap.close()
-	srcs, err := importSnapshot(ctx, src.DSN, snap, min(cfg.Jobs, len(tables)))
+	others := cfg.otherRegions()
+	snap, srcs, err := snapshotSource(ctx, cfg, src, others, min(cfg.Jobs, len(tables)))
 	if err != nil {
 		return nil, err
 	}
@@ -224,45 +175,20 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) (*Result, error) {
 			c.Close(context.Background())
 		}
 	}()
-	if err := snap.resolveOrigins(ctx, src.DSN, cfg.Publication, others); err != nil {
-		return nil, err
-	}
-	snap.close()
 	res.Snapshot = snap.lsn
 	log.Info().Stringer("consistent_point", snap.lsn).Interface("origins", lsnStrings(snap.progress)).Msg("snapshot taken")
 
-	stats, err := copyTables(ctx, cfg, srcs, tables, ws, log)
-	if err != nil {
+	if res.Tables, err = copyTables(ctx, cfg, srcs, tables, ws, log); err != nil {
 		return nil, err
 	}
-	res.Tables = stats
 	if err := ws.finish(); err != nil {
 		return nil, err
 	}
-
-	// The origins: exactly after the snapshot.
-	res.Origins[cfg.Source] = snap.lsn
-	for _, r := range others {
-		res.Origins[r] = snap.progress[r]
+	if err := setOrigins(ctx, cfg, ws, snap, others, res, log); err != nil {
+		return nil, err
 	}
-	checkSlots(ctx, cfg, res.Origins, log)
-	for _, p := range cfg.Peers {
-		if err := ws.setProgress(ctx, originName(p.Region), res.Origins[p.Region]); err != nil {
-			return nil, err
-		}
-	}
-	// The copied rows carry their source commit times, which may be ahead
-	// of the target's clock: the target's clock floors must consider them.
-	var latest time.Time
-	for _, st := range stats {
-		if st.Latest.After(latest) {
-			latest = st.Latest
-		}
-	}
-	if !latest.IsZero() {
-		if err := apply.RaiseHorizon(ctx, tgt, latest); err != nil {
-			return nil, fmt.Errorf("bootstrap: target region %s: %w", cfg.Region, err)
-		}
+	if err := raiseHorizon(ctx, tgt, cfg, res.Tables); err != nil {
+		return nil, err
 	}
 	if err := recordDone(ctx, tgt, runID, snap.lsn, res.Origins); err != nil {
 		return nil, err
@@ -271,6 +197,150 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) (*Result, error) {
 	log.Info().Stringer("consistent_point", snap.lsn).Interface("origins", lsnStrings(res.Origins)).
 		Dur("elapsed", res.Elapsed).Msg("bootstrap done")
 	return res, nil
+}
+
+// sourcePeer returns the peer to copy from, which must have a database.
+func (c *Config) sourcePeer() (Peer, error) {
+	src, ok := c.source()
+	if !ok {
+		var names []string
+		for _, p := range c.Peers {
+			names = append(names, p.Region)
+		}
+		return Peer{}, fmt.Errorf("bootstrap: region %q is not a peer of region %s (peers: %s)", c.Source, c.Region, strings.Join(names, ", "))
+	}
+	if src.DSN == "" {
+		return Peer{}, fmt.Errorf("bootstrap: peer region %s has no database DSN to copy from", c.Source)
+	}
+	return src, nil
+}
+
+// otherRegions are the peer regions other than the source.
+func (c *Config) otherRegions() []string {
+	var others []string
+	for _, p := range c.Peers {
+		if p.Region != c.Source {
+			others = append(others, p.Region)
+		}
+	}
+	return others
+}
+
+// claimTarget locks the target and inspects it: it refuses a target with
+// rows unless Force is given or an interrupted run left them, and starts
+// the Result with what will be replaced.
+func claimTarget(ctx context.Context, tgt *pgx.Conn, cfg Config, tables []*table, log zerolog.Logger) (*target, *Result, error) {
+	if err := lockTarget(ctx, tgt); err != nil {
+		return nil, nil, err
+	}
+	t, err := inspectTarget(ctx, tgt, cfg, tables)
+	if err != nil {
+		return nil, nil, err
+	}
+	res := &Result{Source: cfg.Source, Origins: map[string]pglogrepl.LSN{}, Restarted: t.unfinished}
+	if len(t.rows) > 0 || t.slotExists {
+		res.Replaced = t.describe(cfg.Slot)
+	}
+	switch {
+	case len(t.rows) > 0 && !t.unfinished && !cfg.Force:
+		return nil, nil, fmt.Errorf("bootstrap: %w: %s; run again with --force to replace them", ErrNotEmpty, strings.Join(res.Replaced, ", "))
+	case t.unfinished:
+		log.Warn().Int64("run", t.lastRun).Msg("an interrupted bootstrap was found; starting over")
+	case len(t.rows) > 0:
+		log.Warn().Strs("replacing", res.Replaced).Msg("--force: replacing the target's data")
+	}
+	return t, res, nil
+}
+
+// guardOrigins holds every peer origin in the target for the whole run.
+func guardOrigins(ctx context.Context, cfg Config, ws *writers) error {
+	for _, p := range cfg.Peers {
+		if _, err := ws.guard(ctx, originName(p.Region)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// prepareTarget copies the schema when the target has none of the tables
+// (and reports that it did), drops the target region's slot under Force,
+// and checks that the target's columns take the source's.
+func prepareTarget(ctx context.Context, tgt *pgx.Conn, cfg Config, src Peer, t *target, tables []*table, log zerolog.Logger) (schemaLoaded bool, err error) {
+	if t.missing == len(tables) {
+		log.Info().Int("tables", len(tables)).Msg("target has none of the tables: copying the schema")
+		if err := loadSchema(ctx, src.DSN, cfg.DSN); err != nil {
+			return false, err
+		}
+		schemaLoaded = true
+	}
+	if cfg.Force && t.slotExists {
+		if _, err := tgt.Exec(ctx, "SELECT pg_drop_replication_slot($1)", cfg.Slot); err != nil {
+			return schemaLoaded, fmt.Errorf("bootstrap: drop slot %s of region %s: %w", cfg.Slot, cfg.Region, err)
+		}
+		log.Warn().Str("slot", cfg.Slot).Msg("dropped the target region's slot")
+	}
+	if err := checkTargetColumns(ctx, tgt, tables); err != nil {
+		return schemaLoaded, err
+	}
+	return schemaLoaded, nil
+}
+
+// snapshotSource exports a snapshot of the source, opens jobs connections
+// reading in it, and resolves the other regions' origin progress the
+// snapshot contains. The exporting connection is closed on return; the
+// caller closes the returned connections.
+func snapshotSource(ctx context.Context, cfg Config, src Peer, others []string, jobs int) (*snapshot, []*pgconn.PgConn, error) {
+	snap, err := takeSnapshot(ctx, src.DSN, cfg.Region)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer snap.close()
+	srcs, err := importSnapshot(ctx, src.DSN, snap, jobs)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := snap.resolveOrigins(ctx, src.DSN, cfg.Publication, others); err != nil {
+		for _, c := range srcs {
+			c.Close(context.Background())
+		}
+		return nil, nil, err
+	}
+	return snap, srcs, nil
+}
+
+// setOrigins sets the target's origin of every peer region exactly after
+// the snapshot: the source's at the snapshot's consistent point, the
+// others' at the progress the snapshot contains.
+func setOrigins(ctx context.Context, cfg Config, ws *writers, snap *snapshot, others []string, res *Result, log zerolog.Logger) error {
+	res.Origins[cfg.Source] = snap.lsn
+	for _, r := range others {
+		res.Origins[r] = snap.progress[r]
+	}
+	checkSlots(ctx, cfg, res.Origins, log)
+	for _, p := range cfg.Peers {
+		if err := ws.setProgress(ctx, originName(p.Region), res.Origins[p.Region]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// raiseHorizon makes the target's clock floors consider the copied rows'
+// source commit times, which may be ahead of the target's clock.
+func raiseHorizon(ctx context.Context, tgt *pgx.Conn, cfg Config, stats []TableStats) error {
+	var latest time.Time
+	for _, st := range stats {
+		if st.Latest.After(latest) {
+			latest = st.Latest
+		}
+	}
+	if latest.IsZero() {
+		return nil
+	}
+	if err := apply.RaiseHorizon(ctx, tgt, latest); err != nil {
+		return fmt.Errorf("bootstrap: target region %s: %w", cfg.Region, err)
+	}
+	return nil
 }
 
 func originName(region string) string { return "prism_" + region }
