@@ -379,144 +379,206 @@ func truncate(ctx context.Context, s *originSession, tables []*table) error {
 // (epoch commit time), the others through the writers of their origins.
 func copyTable(ctx context.Context, cfg Config, src *pgconn.PgConn, tgt *originSession, t *table, jobs int, ws *writers, log zerolog.Logger) (TableStats, error) {
 	start := time.Now()
-	if _, err := tgt.conn.Exec(ctx, "BEGIN; SELECT pg_replication_origin_xact_setup('0/0', '1970-01-01 00:00:00+00')").ReadAll(); err != nil {
-		return TableStats{}, fmt.Errorf("target: %w", err)
+	bulk, bulkDone, err := beginBulkCopy(ctx, tgt, t)
+	if err != nil {
+		return TableStats{}, err
 	}
-	pr, pw := io.Pipe()
-	type copyResult struct {
-		tag pgconn.CommandTag
-		err error
-	}
-	copied := make(chan copyResult, 1)
-	go func() { // owned by copyTable, which waits for it
-		tag, err := tgt.conn.CopyFrom(ctx, pr, fmt.Sprintf("COPY %s (%s) FROM STDIN (FORMAT binary)", t.ident(), t.columnList()))
-		pr.CloseWithError(fmt.Errorf("target COPY ended: %w", err))
-		copied <- copyResult{tag, err}
-	}()
-
-	var cur *run
-	var curOrigin string
-	var latest int64 // PostgreSQL binary timestamptz of the latest timed row
-	var timed, rows int64
-	var rate float64
+	c := &tableCopy{t: t, ws: ws, bulk: bulk, source: originName(cfg.Source), start: start,
+		head: make([]byte, 2), pending: map[string]*pendingRuns{}}
 	if cfg.MaxRate > 0 {
-		rate = float64(cfg.MaxRate) / float64(jobs)
+		c.rate = float64(cfg.MaxRate) / float64(jobs)
 	}
-	// Runs are handed to the writers in groups, so short runs share
-	// round trips.
-	pending := map[string][]*run{}
-	pendingRows := map[string]int{}
-	pendingBytes := map[string]int{}
-	flush := func() error {
-		if cur == nil {
-			return nil
-		}
-		pending[curOrigin] = append(pending[curOrigin], cur)
-		pendingRows[curOrigin] += len(cur.rows)
-		pendingBytes[curOrigin] += cur.size
-		cur = nil
-		if pendingRows[curOrigin] < maxRunRows && pendingBytes[curOrigin] < maxRunBytes {
-			return nil
-		}
-		runs := pending[curOrigin]
-		delete(pending, curOrigin)
-		delete(pendingRows, curOrigin)
-		delete(pendingBytes, curOrigin)
-		return ws.send(ctx, curOrigin, runs)
-	}
-	flushAll := func() error {
-		if err := flush(); err != nil {
-			return err
-		}
-		for origin, runs := range pending {
-			if err := ws.send(ctx, origin, runs); err != nil {
-				return err
-			}
-			delete(pending, origin)
-		}
-		return nil
-	}
-	head := make([]byte, 2)
-	sp := &splitter{onTuple: func(tp *tuple) error {
-		if len(tp.fields) != len(t.columns)+2 {
-			return fmt.Errorf("%w: %d fields, want %d", errCopyFormat, len(tp.fields), len(t.columns)+2)
-		}
-		rows++
-		if rate > 0 && rows%100 == 0 {
-			if wait := time.Duration(float64(rows)/rate*float64(time.Second)) - time.Since(start); wait > 0 {
-				select {
-				case <-ctx.Done():
-					return ctx.Err()
-				case <-time.After(wait):
-				}
-			}
-		}
-		ts := tp.fields[0]
-		if ts == nil || len(ts) != 8 || int64(binary.BigEndian.Uint64(ts)) <= epochMicros {
-			binary.BigEndian.PutUint16(head, uint16(len(t.columns)))
-			if _, err := pw.Write(head); err != nil {
-				return err
-			}
-			_, err := pw.Write(tp.raw[tp.starts[2]:])
-			return err
-		}
-		timed++
-		if us := int64(binary.BigEndian.Uint64(ts)); us > latest {
-			latest = us
-		}
-		origin := originName(cfg.Source)
-		if tp.fields[1] != nil {
-			origin = string(tp.fields[1])
-		}
-		if cur != nil && (curOrigin != origin || !bytes.Equal(cur.ts, ts) || len(cur.rows) >= maxRunRows || cur.size >= maxRunBytes) {
-			if err := flush(); err != nil {
-				return err
-			}
-		}
-		if cur == nil {
-			cur = &run{t: t, ts: bytes.Clone(ts)}
-			curOrigin = origin
-		}
-		row := make([][]byte, len(t.columns))
-		for i, f := range tp.fields[2:] {
-			if f != nil {
-				row[i] = bytes.Clone(f)
-				cur.size += len(f)
-			}
-		}
-		cur.rows = append(cur.rows, row)
-		return nil
-	}}
-	_, err := pw.Write(copyHeader)
-	if err == nil {
-		_, err = src.CopyTo(ctx, sp, t.sourceQuery())
-	}
-	if err == nil {
-		err = sp.done()
-	}
-	if err == nil {
-		err = flushAll()
-	}
-	if err == nil {
-		_, err = pw.Write(copyTrailer)
-	}
-	pw.CloseWithError(err)
-	res := <-copied
+	sp := &splitter{onTuple: func(tp *tuple) error { return c.tuple(ctx, tp) }}
+	err = c.stream(ctx, src, sp)
+	bulk.CloseWithError(err)
+	bulkErr := bulkDone()
 	if err != nil {
 		return TableStats{}, fmt.Errorf("source: %w", err)
 	}
-	if res.err != nil {
-		return TableStats{}, fmt.Errorf("target: %w", res.err)
+	if bulkErr != nil {
+		return TableStats{}, fmt.Errorf("target: %w", bulkErr)
 	}
 	if _, err := tgt.conn.Exec(ctx, "COMMIT").ReadAll(); err != nil {
 		return TableStats{}, fmt.Errorf("target: commit: %w", err)
 	}
-	st := TableStats{Table: t.name(), Rows: rows, Timed: timed, Bytes: sp.bytes, Elapsed: time.Since(start)}
-	if timed > 0 {
-		st.Latest = pgEpoch.Add(time.Duration(latest) * time.Microsecond)
+	st := TableStats{Table: t.name(), Rows: c.rows, Timed: c.timed, Bytes: sp.bytes, Elapsed: time.Since(start)}
+	if c.timed > 0 {
+		st.Latest = pgEpoch.Add(time.Duration(c.latest) * time.Microsecond)
 	}
 	log.Info().Str("table", st.Table).Int64("rows", st.Rows).Int64("rows_with_commit_time", st.Timed).
 		Float64("mb", float64(st.Bytes)/1e6).Float64("mb_per_s", float64(st.Bytes)/1e6/max(st.Elapsed.Seconds(), 1e-3)).
 		Dur("elapsed", st.Elapsed).Msg("table copied")
 	return st, nil
+}
+
+// beginBulkCopy opens the target transaction, tagged with the epoch commit
+// time, and a binary COPY into t fed from the returned pipe. Once the pipe
+// is closed, done waits for the COPY and returns its error; the caller
+// always calls it.
+func beginBulkCopy(ctx context.Context, tgt *originSession, t *table) (bulk *io.PipeWriter, done func() error, err error) {
+	if _, err := tgt.conn.Exec(ctx, "BEGIN; SELECT pg_replication_origin_xact_setup('0/0', '1970-01-01 00:00:00+00')").ReadAll(); err != nil {
+		return nil, nil, fmt.Errorf("target: %w", err)
+	}
+	pr, pw := io.Pipe()
+	copied := make(chan error, 1)
+	go func() { // owned by copyTable, which waits for it through done
+		_, err := tgt.conn.CopyFrom(ctx, pr, fmt.Sprintf("COPY %s (%s) FROM STDIN (FORMAT binary)", t.ident(), t.columnList()))
+		pr.CloseWithError(fmt.Errorf("target COPY ended: %w", err))
+		copied <- err
+	}()
+	return pw, func() error { return <-copied }, nil
+}
+
+// tableCopy is one table's copy in progress: rows without a commit time go
+// to the bulk COPY, the others are gathered into runs and handed to the
+// writers of their origins.
+type tableCopy struct {
+	t      *table
+	ws     *writers
+	bulk   *io.PipeWriter // the binary COPY into the target
+	source string         // origin of timed rows that name none
+	start  time.Time
+	rate   float64 // rows per second for this job; 0: unlimited
+	head   []byte  // a tuple's field count, for the bulk COPY
+
+	cur       *run
+	curOrigin string
+	// Runs are handed to the writers in groups, per origin, so short runs
+	// share round trips.
+	pending map[string]*pendingRuns
+
+	rows, timed int64
+	latest      int64 // PostgreSQL binary timestamptz of the latest timed row
+}
+
+// pendingRuns are runs of one origin not handed to its writer yet.
+type pendingRuns struct {
+	runs        []*run
+	rows, bytes int
+}
+
+// stream reads the table from the source through sp and writes the bulk
+// COPY's header and trailer around it; the caller closes the pipe.
+func (c *tableCopy) stream(ctx context.Context, src *pgconn.PgConn, sp *splitter) error {
+	if _, err := c.bulk.Write(copyHeader); err != nil {
+		return err
+	}
+	if _, err := src.CopyTo(ctx, sp, c.t.sourceQuery()); err != nil {
+		return err
+	}
+	if err := sp.done(); err != nil {
+		return err
+	}
+	if err := c.flushAll(ctx); err != nil {
+		return err
+	}
+	_, err := c.bulk.Write(copyTrailer)
+	return err
+}
+
+// tuple takes one row of the source query: commit time, origin, then the
+// table's columns.
+func (c *tableCopy) tuple(ctx context.Context, tp *tuple) error {
+	if len(tp.fields) != len(c.t.columns)+2 {
+		return fmt.Errorf("%w: %d fields, want %d", errCopyFormat, len(tp.fields), len(c.t.columns)+2)
+	}
+	c.rows++
+	if err := c.throttle(ctx); err != nil {
+		return err
+	}
+	ts := tp.fields[0]
+	if ts == nil || len(ts) != 8 || int64(binary.BigEndian.Uint64(ts)) <= epochMicros {
+		binary.BigEndian.PutUint16(c.head, uint16(len(c.t.columns)))
+		if _, err := c.bulk.Write(c.head); err != nil {
+			return err
+		}
+		_, err := c.bulk.Write(tp.raw[tp.starts[2]:])
+		return err
+	}
+	return c.addTimed(ctx, ts, tp)
+}
+
+// throttle waits, every 100 rows, until the copy is no faster than rate.
+func (c *tableCopy) throttle(ctx context.Context) error {
+	if c.rate <= 0 || c.rows%100 != 0 {
+		return nil
+	}
+	wait := time.Duration(float64(c.rows)/c.rate*float64(time.Second)) - time.Since(c.start)
+	if wait <= 0 {
+		return nil
+	}
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(wait):
+		return nil
+	}
+}
+
+// addTimed adds a row with a known commit time to the current run, after
+// flushing that run when the row does not belong to it or it is full.
+func (c *tableCopy) addTimed(ctx context.Context, ts []byte, tp *tuple) error {
+	c.timed++
+	if us := int64(binary.BigEndian.Uint64(ts)); us > c.latest {
+		c.latest = us
+	}
+	origin := c.source
+	if tp.fields[1] != nil {
+		origin = string(tp.fields[1])
+	}
+	if c.cur != nil && (c.curOrigin != origin || !bytes.Equal(c.cur.ts, ts) || len(c.cur.rows) >= maxRunRows || c.cur.size >= maxRunBytes) {
+		if err := c.flush(ctx); err != nil {
+			return err
+		}
+	}
+	if c.cur == nil {
+		c.cur = &run{t: c.t, ts: bytes.Clone(ts)}
+		c.curOrigin = origin
+	}
+	row := make([][]byte, len(c.t.columns))
+	for i, f := range tp.fields[2:] {
+		if f != nil {
+			row[i] = bytes.Clone(f)
+			c.cur.size += len(f)
+		}
+	}
+	c.cur.rows = append(c.cur.rows, row)
+	return nil
+}
+
+// flush ends the current run; its origin's pending runs go to the writer
+// once they reach maxRunRows or maxRunBytes.
+func (c *tableCopy) flush(ctx context.Context) error {
+	if c.cur == nil {
+		return nil
+	}
+	p := c.pending[c.curOrigin]
+	if p == nil {
+		p = &pendingRuns{}
+		c.pending[c.curOrigin] = p
+	}
+	p.runs = append(p.runs, c.cur)
+	p.rows += len(c.cur.rows)
+	p.bytes += c.cur.size
+	c.cur = nil
+	if p.rows < maxRunRows && p.bytes < maxRunBytes {
+		return nil
+	}
+	delete(c.pending, c.curOrigin)
+	return c.ws.send(ctx, c.curOrigin, p.runs)
+}
+
+// flushAll ends the current run and hands every pending run to its
+// writer.
+func (c *tableCopy) flushAll(ctx context.Context) error {
+	if err := c.flush(ctx); err != nil {
+		return err
+	}
+	for origin, p := range c.pending {
+		if err := c.ws.send(ctx, origin, p.runs); err != nil {
+			return err
+		}
+		delete(c.pending, origin)
+	}
+	return nil
 }
