@@ -245,8 +245,9 @@ func (a *Applier) Apply(ctx context.Context, txn *decode.Txn) error {
 
 // ApplyBatch applies txns in order. Each one commits separately with its
 // own origin LSN and commit time; consecutive transactions share round
-// trips. On error, the first applied transactions are durable and the
-// error (an *Error) is about txns[applied].
+// trips. On error, txns[:applied] are durable and the error (an *Error)
+// is about txns[applied] alone; the ones after it were not executed (see
+// "One failure touches no other" in the package documentation).
 func (a *Applier) ApplyBatch(ctx context.Context, txns []*decode.Txn) (int, error) {
 	if len(txns) == 0 {
 		return 0, nil
