@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -816,16 +815,20 @@ func (p *pipeline) cut(ctx context.Context, i int, be *buildError) (int, error) 
 	return i, p.a.fail(p.s, p.txns[i], be.table, be.op, be.err)
 }
 
-// send runs the queued commands in one round trip, with a barrier right
-// after the last COMMIT, and accounts for the commits that became
+// send runs the queued commands in one round trip, with a barrier if
+// there is a COMMIT among them, and accounts for the commits that became
 // durable. Its error is about txns[p.committed].
 func (p *pipeline) send(ctx context.Context, final bool) error {
 	if len(p.cmds) == 0 {
 		return nil
 	}
+	// The barrier goes after the last COMMIT, at the end: when a
+	// transaction is still open it runs inside it harmlessly (right after
+	// the COMMIT it would start an implicit transaction that the next
+	// BEGIN, with its isolation level, could not join).
 	for i := len(p.cmds) - 1; i >= 0; i-- {
 		if p.cmds[i].commit {
-			p.cmds = slices.Insert(p.cmds, i+1, cmd{txn: p.cmds[i].txn, change: -1, barrier: true, sql: barrierSQL})
+			p.cmds = append(p.cmds, cmd{txn: p.cmds[i].txn, change: -1, barrier: true, sql: barrierSQL})
 			break
 		}
 	}

@@ -136,6 +136,44 @@ func TestBatchFailureIsolated(t *testing.T) {
 		}
 	}
 
+	t.Run("pipeline full inside a transaction", func(t *testing.T) {
+		// Transaction 10 has more changes than one round trip takes: the
+		// pipeline is sent while it is open, and its failing change comes
+		// in the next round trip.
+		origin := "isobig"
+		txns := isoTxns(origin, 700000, -1, "")[:21]
+		r := rel("public", "iso", decode.IdentityDefault, "id*", "src", "v")
+		big := txns[10]
+		big.Changes = nil
+		for j := 0; j < maxPipelineCmds+500; j++ {
+			v := "big"
+			if j == maxPipelineCmds+100 {
+				v = "bad"
+			}
+			big.Changes = append(big.Changes, ins(r, fmt.Sprint(710000+j), origin, v))
+		}
+		n, err := a.ApplyBatch(ctx, txns)
+		var ae *Error
+		if n != 10 || !errors.As(err, &ae) || ae.EndLSN != big.EndLSN || ae.Table != "public.iso" || ae.SQLState != "23514" {
+			t.Fatalf("ApplyBatch = %d, %v; want 10 and a 23514 error about %s", n, err, big.EndLSN)
+		}
+		if got, _ := rows(t, origin); got != 10 {
+			t.Fatalf("%d rows after the failure, want the 10 before it", got)
+		}
+		if n, err := a.ApplyBatch(ctx, txns[11:]); n != 10 || err != nil {
+			t.Fatalf("ApplyBatch(rest) = %d, %v", n, err)
+		}
+		// Without the failing change it applies whole.
+		big.Changes[maxPipelineCmds+100] = ins(r, fmt.Sprint(710000+maxPipelineCmds+100), origin, "big")
+		txns = append(isoTxns("isobig2", 600000, -1, "")[:10], big)
+		for _, t := range txns {
+			t.Origin = "isobig2"
+		}
+		if n, err := a.ApplyBatch(ctx, txns); n != 11 || err != nil {
+			t.Fatalf("ApplyBatch with a big transaction = %d, %v", n, err)
+		}
+	})
+
 	t.Run("streamed", func(t *testing.T) {
 		// A spilled transaction is applied alone; its failure is named
 		// the same way.
