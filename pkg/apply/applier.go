@@ -244,8 +244,9 @@ func (a *Applier) Apply(ctx context.Context, txn *decode.Txn) error {
 
 // ApplyBatch applies txns in order. Each one commits separately with its
 // own origin LSN and commit time; consecutive transactions share round
-// trips. On error, the first applied transactions are durable and the
-// error (an *Error) is about txns[applied].
+// trips. On error, txns[:applied] are durable and the error (an *Error)
+// is about txns[applied] alone; the ones after it were not executed (see
+// "One failure touches no other" in the package documentation).
 func (a *Applier) ApplyBatch(ctx context.Context, txns []*decode.Txn) (int, error) {
 	if len(txns) == 0 {
 		return 0, nil
@@ -325,7 +326,10 @@ const txnSetupSQL = `SELECT pg_replication_origin_xact_setup($1::pg_lsn, $2::tim
 	set_config('prism.applying', 'on', true),
 	CASE WHEN $2::timestamptz >= clock_timestamp() THEN prism.raise_horizon($2::timestamptz) END`
 
-// cmd describes one queued command of a pipeline.
+// cmd is one command of a pipeline: a prepared statement with its
+// parameters, or SQL text without any. Commands stay plain values until
+// the pipeline is sent, so a transaction whose statements cannot all be
+// built is left out whole.
 type cmd struct {
 	txn    int // index into the run
 	change int // index into Changes; -1 for transaction control
@@ -333,6 +337,10 @@ type cmd struct {
 	// barrier flushes the WAL up to the session's last commit: the
 	// commits before it in the pipeline are durable once it succeeds.
 	barrier bool
+	sd      *pgconn.StatementDescription // nil: sql
+	sql     string
+	vals    [][]byte
+	formats []int16
 }
 
 // barrierSQL makes every commit of this session durable: with a true
@@ -615,10 +623,10 @@ func (a *Applier) applyRun(ctx context.Context, txns []*decode.Txn) (int, error)
 
 // applyHeld applies txns of one origin on s, which holds the origin
 // with the given progress. It parks s after a clean run and lets go of
-// the origin otherwise.
+// the origin otherwise. On error it returns how many of txns are durable
+// (n) and an error about txns[n]; see pipeline.
 func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.LSN, txns []*decode.Txn) (int, error) {
 	source := txns[0].Origin
-	conn := s.conn
 	// From here the origin is held: park the session or let go of the
 	// origin on every path.
 	ok := false
@@ -633,12 +641,12 @@ func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.
 	}()
 
 	// Skip what the origin already has; the rest must go in LSN order.
-	skip := make([]bool, len(txns))
+	p := &pipeline{a: a, s: s, txns: txns, skip: make([]bool, len(txns))}
 	last := progress
 	pending := 0
 	for i, t := range txns {
 		if t.EndLSN <= last {
-			skip[i] = true
+			p.skip[i] = true
 			continue
 		}
 		last = t.EndLSN
@@ -649,158 +657,274 @@ func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.
 		ok = true
 		return len(txns), nil
 	}
-
-	pc := conn.Conn().PgConn()
-	setupSD, err := conn.Conn().Prepare(ctx, "prism_txn_setup", txnSetupSQL)
-	if err != nil {
+	if err := p.prepare(ctx); err != nil {
 		return 0, a.fail(s, txns[0], "", 0, err)
 	}
-	// Prepared once per connection, so no transaction parses them again.
-	beginSD, err := conn.Conn().Prepare(ctx, "prism_begin", beginSQL)
-	if err != nil {
-		return 0, a.fail(s, txns[0], "", 0, err)
-	}
-	commitSD, err := conn.Conn().Prepare(ctx, "prism_commit", "COMMIT")
-	if err != nil {
-		return 0, a.fail(s, txns[0], "", 0, err)
-	}
-
-	committed := 0 // txns[:committed] are durable (applied or skipped)
-	for committed < len(txns) && skip[committed] {
-		committed++
-	}
-	b := &pgconn.Batch{}
-	var cmds []cmd
-	size := 0
-
-	flush := func(final bool) error {
-		// After the pipeline's last COMMIT (also when a transaction is
-		// still open: the barrier runs inside it harmlessly).
-		for i := len(cmds) - 1; i >= 0; i-- {
-			if cmds[i].commit {
-				b.ExecParams(barrierSQL, nil, nil, nil, nil)
-				cmds = append(cmds, cmd{txn: cmds[i].txn, change: -1, barrier: true})
-				break
-			}
-		}
-		mrr := pc.ExecBatch(ctx, b)
-		if final && a.testAfterSend != nil {
-			a.testAfterSend(pc.PID())
-		}
-		res, err := mrr.ReadAll()
-		failed := len(res)
-		for i, r := range res {
-			if r.Err != nil {
-				failed, err = i, r.Err
-				break
-			}
-		}
-		// Commits count as done only once a barrier after them succeeded.
-		lastCommit := -1
-		durable := func() {
-			if lastCommit < 0 {
-				return
-			}
-			committed = lastCommit + 1
-			for committed < len(txns) && skip[committed] {
-				committed++
-			}
-		}
-		for i := 0; i < failed && i < len(cmds); i++ {
-			if cmds[i].commit {
-				lastCommit = cmds[i].txn
-			}
-			if cmds[i].barrier {
-				durable()
-			}
-		}
-		if err == nil {
-			b, cmds, size = &pgconn.Batch{}, cmds[:0], 0
-			return nil
-		}
-		var pgErr *pgconn.PgError
-		if !errors.As(err, &pgErr) {
-			s.broken = true
-		} else if lastCommit >= 0 && committed <= lastCommit {
-			// A statement failed after commits whose barrier did not run;
-			// the session is alive, so flush them now and report them, so
-			// the error names the transaction that failed.
-			if _, ferr := pc.Exec(ctx, "ROLLBACK; "+barrierSQL).ReadAll(); ferr == nil {
-				durable()
-			} else if !errors.As(ferr, &pgErr) {
-				s.broken = true
-			}
-		}
-		// Name the transaction the failing statement belongs to.
-		at := committed
-		if failed < len(cmds) {
-			at = cmds[failed].txn
-		}
-		if at >= len(txns) {
-			at = len(txns) - 1
-		}
-		t := txns[at]
-		if failed < len(cmds) && cmds[failed].change >= 0 && cmds[failed].change < len(t.Changes) {
-			c := &t.Changes[cmds[failed].change]
-			return a.fail(s, t, relName(c), c.Op, err)
-		}
-		return a.fail(s, t, "", 0, err)
-	}
-
-	for i, t := range txns {
-		if skip[i] {
+	p.durable(-1)
+	for i := range txns {
+		if p.skip[i] {
 			continue
 		}
-		b.ExecStatement(beginSD, nil, nil, nil)
-		cmds = append(cmds, cmd{txn: i, change: -1})
-		ts := []byte(t.CommitTime.UTC().Format("2006-01-02 15:04:05.999999Z07:00"))
-		b.ExecStatement(setupSD, [][]byte{[]byte(t.EndLSN.String()), ts, []byte(t.Origin), []byte(a.local)}, nil, nil)
-		cmds = append(cmds, cmd{txn: i, change: -1})
-		for j := range t.Changes {
-			c := &t.Changes[j]
-			if c.Op == decode.OpTruncate {
-				sql, err := truncateSQL(c)
-				if err != nil {
-					return committed, a.fail(s, t, relName(c), c.Op, err)
-				}
-				b.ExecParams(sql, nil, nil, nil, nil)
-				cmds = append(cmds, cmd{txn: i, change: j})
-				size += len(sql)
-			} else {
-				if c.Rel == nil {
-					return committed, a.fail(s, t, "", c.Op, permanent("22023", "change %d has no relation", j))
-				}
-				st, sd, err := a.statementFor(ctx, conn.Conn(), c)
-				if err != nil {
-					return committed, a.fail(s, t, relName(c), c.Op, err)
-				}
-				vals, formats, err := bind(st, c, ts)
-				if err != nil {
-					return committed, a.fail(s, t, relName(c), c.Op, err)
-				}
-				b.ExecStatement(sd, vals, formats, nil)
-				cmds = append(cmds, cmd{txn: i, change: j})
-				size += 32
-				for _, v := range vals {
-					size += len(v) + 8
-				}
-			}
-			if size > maxPipelineBytes || len(cmds) > maxPipelineCmds {
-				if err := flush(false); err != nil {
-					return committed, err
-				}
-			}
+		err := p.queue(ctx, i)
+		var be *buildError
+		if errors.As(err, &be) {
+			return p.cut(ctx, i, be)
 		}
-		b.ExecStatement(commitSD, nil, nil, nil)
-		cmds = append(cmds, cmd{txn: i, change: -1, commit: true})
+		if err != nil {
+			return p.committed, err
+		}
 	}
-	if err := flush(true); err != nil {
-		return committed, err
+	if err := p.send(ctx, true); err != nil {
+		return p.committed, err
 	}
 	ok, done = true, last
 	a.log.Debug().Str("origin", source).Int("applied", pending).Int("skipped", len(txns)-pending).
 		Stringer("end_lsn", txns[len(txns)-1].EndLSN).Msg("applied")
 	return len(txns), nil
+}
+
+// pipeline applies one run of transactions on a held session, many per
+// round trip: BEGIN, origin setup, rows and COMMIT of each, and after
+// the last COMMIT of a round trip a barrier that makes the commits
+// durable. One Sync ends each round trip, so after a failing command the
+// server skips everything up to it; the results read map to commands one
+// to one, which is how the failure is pinned on exactly one transaction:
+//
+//   - a command of transaction k fails (a row, its setup, its COMMIT):
+//     the commits before it are made durable with a barrier of their own,
+//     and the error is about k with the table and operation of its change;
+//   - a change of k cannot be built into a statement (a table or column
+//     missing in the target): k is left out of the round trip, what is
+//     queued before it is sent and made durable, and the error is about k;
+//   - the connection breaks or the barrier fails: no transaction is at
+//     fault; the error is retryable and about the first transaction not
+//     known durable, naming no change.
+//
+// So the caller always gets n, txns[:n] durable, and an error about
+// txns[n] alone.
+type pipeline struct {
+	a    *Applier
+	s    *session
+	txns []*decode.Txn
+	skip []bool // already applied
+
+	begin, setup, commit *pgconn.StatementDescription
+
+	cmds []cmd
+	size int
+	// first is the index in cmds of the first command of the transaction
+	// being queued (0 once part of it was sent).
+	first int
+	// committed counts the leading durable transactions of txns (applied
+	// or skipped).
+	committed int
+}
+
+// buildError is a change of the transaction being queued that cannot be
+// turned into a statement.
+type buildError struct {
+	table string
+	op    decode.Op
+	err   error
+}
+
+func (e *buildError) Error() string { return e.err.Error() }
+func (e *buildError) Unwrap() error { return e.err }
+
+// prepare prepares the transaction control statements, once per
+// connection, so no transaction parses them again.
+func (p *pipeline) prepare(ctx context.Context) error {
+	conn := p.s.conn.Conn()
+	var err error
+	if p.setup, err = conn.Prepare(ctx, "prism_txn_setup", txnSetupSQL); err != nil {
+		return err
+	}
+	if p.begin, err = conn.Prepare(ctx, "prism_begin", beginSQL); err != nil {
+		return err
+	}
+	p.commit, err = conn.Prepare(ctx, "prism_commit", "COMMIT")
+	return err
+}
+
+// durable records that every transaction up to txns[lastCommit] is
+// durable, and the skipped ones after it.
+func (p *pipeline) durable(lastCommit int) {
+	p.committed = max(p.committed, lastCommit+1)
+	for p.committed < len(p.txns) && p.skip[p.committed] {
+		p.committed++
+	}
+}
+
+// queue adds transaction i to the pipeline, sending the pipeline whenever
+// it is full. A change that cannot be built is a *buildError.
+func (p *pipeline) queue(ctx context.Context, i int) error {
+	t := p.txns[i]
+	p.first = len(p.cmds)
+	ts := []byte(t.CommitTime.UTC().Format("2006-01-02 15:04:05.999999Z07:00"))
+	p.cmds = append(p.cmds, cmd{txn: i, change: -1, sd: p.begin},
+		cmd{txn: i, change: -1, sd: p.setup, vals: [][]byte{[]byte(t.EndLSN.String()), ts, []byte(t.Origin), []byte(p.a.local)}})
+	for j := range t.Changes {
+		c := &t.Changes[j]
+		if c.Op == decode.OpTruncate {
+			sql, err := truncateSQL(c)
+			if err != nil {
+				return &buildError{table: relName(c), op: c.Op, err: err}
+			}
+			p.cmds = append(p.cmds, cmd{txn: i, change: j, sql: sql})
+			p.size += len(sql)
+		} else {
+			if c.Rel == nil {
+				return &buildError{op: c.Op, err: permanent("22023", "change %d has no relation", j)}
+			}
+			st, sd, err := p.a.statementFor(ctx, p.s.conn.Conn(), c)
+			if err != nil {
+				return &buildError{table: relName(c), op: c.Op, err: err}
+			}
+			vals, formats, err := bind(st, c, ts)
+			if err != nil {
+				return &buildError{table: relName(c), op: c.Op, err: err}
+			}
+			p.cmds = append(p.cmds, cmd{txn: i, change: j, sd: sd, vals: vals, formats: formats})
+			p.size += 32
+			for _, v := range vals {
+				p.size += len(v) + 8
+			}
+		}
+		if p.size > maxPipelineBytes || len(p.cmds) > maxPipelineCmds {
+			if err := p.send(ctx, false); err != nil {
+				return err
+			}
+		}
+	}
+	p.cmds = append(p.cmds, cmd{txn: i, change: -1, commit: true, sd: p.commit})
+	return nil
+}
+
+// cut ends the run before transaction i, a change of which could not be
+// built: the transactions queued before it are sent and made durable, so
+// the error is about i alone. What i had already sent (when the pipeline
+// filled up inside it) is rolled back when the session lets go.
+func (p *pipeline) cut(ctx context.Context, i int, be *buildError) (int, error) {
+	p.cmds = p.cmds[:p.first]
+	if err := p.send(ctx, true); err != nil {
+		return p.committed, err
+	}
+	if p.committed != i {
+		return p.committed, p.lost(be.err)
+	}
+	return i, p.a.fail(p.s, p.txns[i], be.table, be.op, be.err)
+}
+
+// send runs the queued commands in one round trip, with a barrier if
+// there is a COMMIT among them, and accounts for the commits that became
+// durable. Its error is about txns[p.committed].
+func (p *pipeline) send(ctx context.Context, final bool) error {
+	if len(p.cmds) == 0 {
+		return nil
+	}
+	// The barrier goes after the last COMMIT, at the end: when a
+	// transaction is still open it runs inside it harmlessly (right after
+	// the COMMIT it would start an implicit transaction that the next
+	// BEGIN, with its isolation level, could not join).
+	for i := len(p.cmds) - 1; i >= 0; i-- {
+		if p.cmds[i].commit {
+			p.cmds = append(p.cmds, cmd{txn: p.cmds[i].txn, change: -1, barrier: true, sql: barrierSQL})
+			break
+		}
+	}
+	b := &pgconn.Batch{}
+	for i := range p.cmds {
+		if c := &p.cmds[i]; c.sd != nil {
+			b.ExecStatement(c.sd, c.vals, c.formats, nil)
+		} else {
+			b.ExecParams(c.sql, nil, nil, nil, nil)
+		}
+	}
+	pc := p.s.conn.Conn().PgConn()
+	mrr := pc.ExecBatch(ctx, b)
+	if final && p.a.testAfterSend != nil {
+		p.a.testAfterSend(pc.PID())
+	}
+	res, err := mrr.ReadAll()
+	failed := len(res)
+	for i, r := range res {
+		if r.Err != nil {
+			failed, err = i, r.Err
+			break
+		}
+	}
+	// Commits count as durable once a barrier after them succeeded.
+	lastCommit := -1
+	for i := 0; i < failed && i < len(p.cmds); i++ {
+		if p.cmds[i].commit {
+			lastCommit = p.cmds[i].txn
+		}
+		if p.cmds[i].barrier {
+			p.durable(lastCommit)
+		}
+	}
+	var at *cmd
+	if failed < len(p.cmds) {
+		c := p.cmds[failed]
+		at = &c
+	}
+	p.cmds, p.size, p.first = p.cmds[:0], 0, 0
+	if err == nil {
+		return nil
+	}
+	return p.failed(ctx, at, lastCommit, err)
+}
+
+// failed turns the failure of command c (nil when every command
+// succeeded) into an error about txns[p.committed], after making the
+// commits of the round trip before c durable.
+func (p *pipeline) failed(ctx context.Context, c *cmd, lastCommit int, err error) error {
+	pc := p.s.conn.Conn().PgConn()
+	if p.committed >= len(p.txns) {
+		// Everything is durable; only the end of the reply is missing.
+		p.s.broken = true
+		return nil
+	}
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) || pc.IsClosed() {
+		// The connection broke (or was terminated): nothing says which
+		// transaction, if any, is at fault.
+		p.s.broken = true
+		return p.lost(err)
+	}
+	if c == nil || c.barrier {
+		return p.lost(err)
+	}
+	if lastCommit >= p.committed {
+		// Commits whose barrier did not run: make them durable now (the
+		// failed transaction is still open).
+		if _, ferr := pc.Exec(ctx, "ROLLBACK; "+barrierSQL).ReadAll(); ferr != nil {
+			if !errors.As(ferr, &pgErr) || pc.IsClosed() {
+				p.s.broken = true
+			}
+			return p.lost(fmt.Errorf("flush the commits before a failed statement: %w (the statement: %v)", ferr, err))
+		}
+		p.durable(lastCommit)
+	}
+	if p.committed != c.txn {
+		return p.lost(err)
+	}
+	t := p.txns[c.txn]
+	table, op := "", decode.Op(0)
+	if c.change >= 0 && c.change < len(t.Changes) {
+		ch := &t.Changes[c.change]
+		table, op = relName(ch), ch.Op
+	} else {
+		table = errTable(err)
+	}
+	return p.a.fail(p.s, t, table, op, err)
+}
+
+// lost is the error of a failure that is no transaction's own (a broken
+// connection, a failed barrier): retryable, about the first transaction
+// not known durable and none of its changes.
+func (p *pipeline) lost(err error) error {
+	return lostError(p.txns[min(p.committed, len(p.txns)-1)], err)
 }
 
 func relName(c *decode.Change) string {

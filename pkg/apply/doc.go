@@ -59,6 +59,35 @@
 // transactions share one pipelined round trip. If transaction k fails, the
 // ones before it are durable and nothing after it is executed.
 //
+// # One failure touches no other
+//
+// However many transactions share a round trip, a failure is pinned on
+// exactly one of them. ApplyBatch returns n and an *Error: txns[:n] are
+// committed and flushed (their origin progress is durable), and the
+// error is about txns[n] alone - its EndLSN, Xid, the table and operation
+// of the failing change, the SQLSTATE - so a policy (park, halt, undo)
+// acts on that transaction and the caller applies txns[n+1:] right away
+// in the next call. The round trip has one Sync at its end, so after a
+// failing command the server skips the rest; the results read map to the
+// commands one to one:
+//
+//   - a row, setup or COMMIT of transaction k fails (a constraint only
+//     the target has, a deferred constraint at COMMIT, whose table comes
+//     from the server's error): the commits before it in the round trip
+//     are flushed by a barrier of their own before ApplyBatch returns;
+//   - a change of k cannot be turned into a statement (its table or a
+//     column is missing in the target): k never enters the round trip,
+//     the transactions queued before it are sent and flushed, and the
+//     error is about k;
+//   - the connection breaks, the backend is terminated or the barrier
+//     fails: that is no transaction's fault, so the error is retryable,
+//     names no change, and is about the first transaction not known to be
+//     durable (applying it again is safe: the origin skips what did
+//     commit).
+//
+// A spilled transaction is applied alone (Apply, ApplyStream), never in a
+// shared round trip; its errors follow the same rules.
+//
 // # Large transactions
 //
 // ApplyStream applies a transaction whose changes arrive in chunks (a

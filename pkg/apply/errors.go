@@ -23,6 +23,7 @@ var ErrBusy = errors.New("replication origin busy")
 type Error struct {
 	Origin   string        // source region
 	EndLSN   pglogrepl.LSN // end LSN of the failed transaction
+	Xid      uint32        // its transaction id in the source region
 	Table    string        // schema.table of the failing change; empty if not about a table
 	Op       decode.Op     // operation of the failing change; 0 if not about a change
 	SQLState string        // Postgres SQLSTATE when the server reported the error
@@ -127,7 +128,29 @@ func retryableCode(code string) bool {
 
 func newError(txn *decode.Txn, table string, op decode.Op, err error) *Error {
 	code, retry := classify(err)
-	return &Error{Origin: txn.Origin, EndLSN: txn.EndLSN, Table: table, Op: op, SQLState: code, Retryable: retry, Err: err}
+	return &Error{Origin: txn.Origin, EndLSN: txn.EndLSN, Xid: txn.Xid, Table: table, Op: op, SQLState: code, Retryable: retry, Err: err}
+}
+
+// lostError is the error of a failure that is not txn's own (a broken
+// connection, a failed WAL flush after its commit): retryable, and about
+// none of its changes.
+func lostError(txn *decode.Txn, err error) *Error {
+	e := newError(txn, "", 0, err)
+	e.Retryable = true
+	return e
+}
+
+// errTable returns the schema-qualified table a server error names (a
+// deferred constraint failing at COMMIT does), or "".
+func errTable(err error) string {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) || pgErr.TableName == "" {
+		return ""
+	}
+	if pgErr.SchemaName == "" {
+		return pgErr.TableName
+	}
+	return pgErr.SchemaName + "." + pgErr.TableName
 }
 
 // SQLCode returns the SQLSTATE of the failure ("" when it has none), for

@@ -86,8 +86,9 @@ func (a *Applier) ApplyStream(ctx context.Context, txn *decode.Txn, next func() 
 		return a.fail(s, txn, "", 0, err)
 	}
 	type scmd struct {
-		table string
-		op    decode.Op
+		table   string
+		op      decode.Op
+		barrier bool
 	}
 	b := &pgconn.Batch{}
 	var cmds []scmd
@@ -106,13 +107,17 @@ func (a *Applier) ApplyStream(ctx context.Context, txn *decode.Txn, next func() 
 			return nil
 		}
 		var pgErr *pgconn.PgError
-		if !errors.As(err, &pgErr) {
-			s.broken = true
+		if !errors.As(err, &pgErr) || pc.IsClosed() || failed >= len(cmds) || cmds[failed].barrier {
+			// A broken connection or a failed WAL flush is not the
+			// transaction's own failure: retry it.
+			s.broken = s.broken || pc.IsClosed() || !errors.As(err, &pgErr)
+			return lostError(txn, err)
 		}
-		if failed < len(cmds) {
-			return a.fail(s, txn, cmds[failed].table, cmds[failed].op, err)
+		table := cmds[failed].table
+		if table == "" {
+			table = errTable(err)
 		}
-		return a.fail(s, txn, "", 0, err)
+		return a.fail(s, txn, table, cmds[failed].op, err)
 	}
 
 	b.ExecParams(beginSQL, nil, nil, nil, nil)
@@ -169,7 +174,7 @@ func (a *Applier) ApplyStream(ctx context.Context, txn *decode.Txn, next func() 
 	// The session commits with synchronous_commit = off: flush the WAL up
 	// to the commit before it counts as applied.
 	b.ExecParams(barrierSQL, nil, nil, nil, nil)
-	cmds = append(cmds, scmd{}, scmd{})
+	cmds = append(cmds, scmd{}, scmd{barrier: true})
 	if err := flush(); err != nil {
 		return err
 	}

@@ -23,8 +23,10 @@ import (
 // An Applier may also offer, checked by type assertion:
 //
 //	ApplyBatch(ctx context.Context, txns []*decode.Txn) (int, error)
-//	    applies consecutive transactions in order and returns how many
-//	    committed before the error;
+//	    applies consecutive transactions in order and returns n: txns[:n]
+//	    are durable, and an error is about txns[n] alone (a failure that
+//	    is no transaction's own, such as a lost connection, is
+//	    retryable);
 //	Fence(ctx context.Context, sourceRegion string) (int, error)
 //	    terminates other sessions holding the source region's origin.
 //

@@ -32,6 +32,17 @@
 //  4. Shipper.Acked advances only over acknowledged transactions, in Send
 //     order; MinAcked over all target regions is the position the reader may
 //     confirm to its replication slot.
+//  5. One failing transaction touches no other. The receiving side applies
+//     many transactions per ApplyBatch call (one pipelined round trip);
+//     when one fails, ApplyBatch returns n with txns[:n] durable and an
+//     error about txns[n] alone. The Server acks txns[n-1], hands exactly
+//     txns[n] to the ErrorHandler (or nacks exactly its EndLSN), and after
+//     a park goes on at once with txns[n+1:]; the fallback does the same.
+//     An innocent transaction never costs a retry, a backoff or a policy
+//     decision, and a halt names the LSN `prism-cdc skip --lsn` must skip.
+//     A retryable failure that is no transaction's own (a lost
+//     connection) names the first transaction not known durable and
+//     leaves the policy alone.
 //
 // A transaction that fails permanently is handed to the ErrorHandler (the
 // apply error policy), on the Server and on the direct-SQL fallback alike.

@@ -110,9 +110,10 @@ func newPool(t *testing.T, ctx context.Context, c *pgtest.Cluster, db string) *p
 }
 
 // newRegion prepares database db on c as region name with nodes
-// <name>1 and <name>2. Replication origins are cluster-wide: two regions
-// must not share a cluster.
-func newRegion(t *testing.T, ctx context.Context, c *pgtest.Cluster, name, db string) *region {
+// <name>1 and <name>2, whose server configurations opts may change.
+// Replication origins are cluster-wide: two regions must not share a
+// cluster.
+func newRegion(t *testing.T, ctx context.Context, c *pgtest.Cluster, name, db string, opts ...func(*ServerConfig)) *region {
 	t.Helper()
 	if err := c.Exec(ctx, db, "CREATE TABLE public.items (id int PRIMARY KEY, v text)"); err != nil {
 		t.Fatal(err)
@@ -122,7 +123,11 @@ func newRegion(t *testing.T, ctx context.Context, c *pgtest.Cluster, name, db st
 		logs := newLogBuf(t)
 		app := &countingApplier{Applier: apply.NewApplier(newPool(t, ctx, c, db), logs.logger()), calls: map[pglogrepl.LSN]int{}}
 		node := fmt.Sprintf("%s%d", name, i)
-		addr := serve(t, NewServer(serverConfig(name, node), app, logs.logger()))
+		cfg := serverConfig(name, node)
+		for _, o := range opts {
+			o(&cfg)
+		}
+		addr := serve(t, NewServer(cfg, app, logs.logger()))
 		p, err := faultproxy.New(addr)
 		if err != nil {
 			t.Fatal(err)

@@ -1,0 +1,229 @@
+package apply
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"testing"
+
+	"github.com/jackc/pglogrepl"
+
+	"github.com/prism-cdc/prism-cdc/internal/pgtest"
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
+)
+
+// isoTxns returns 100 transactions of origin, each inserting row
+// base+i into iso with value v<i>; txns[fail] instead carries the failing
+// change of kind (see TestBatchFailureIsolated).
+func isoTxns(origin string, base, fail int, kind string) []*decode.Txn {
+	r := rel("public", "iso", decode.IdentityDefault, "id*", "src", "v")
+	out := make([]*decode.Txn, 100)
+	for i := range out {
+		c := ins(r, fmt.Sprint(base+i), origin, fmt.Sprintf("v%d", i))
+		if i == fail {
+			switch kind {
+			case "check":
+				c = ins(r, fmt.Sprint(base+i), origin, "bad")
+			case "missing":
+				c = ins(rel("public", "iso_missing", decode.IdentityDefault, "id*", "src", "v"), fmt.Sprint(base+i), origin, "x")
+			case "commit":
+				c = ins(r, fmt.Sprint(base+i), origin, "late")
+			case "kill":
+				c = ins(r, fmt.Sprint(base+i), origin, "kill")
+			}
+		}
+		out[i] = txn(origin, uint64(0x10000+0x100*i), float64(i), c)
+		out[i].Xid = uint32(7000 + i)
+	}
+	return out
+}
+
+// TestBatchFailureIsolated: invariant 9 at its root. ApplyBatch sends 100
+// transactions of one source in pipelined round trips and exactly one of
+// them fails: a row violating a constraint only the target has (the
+// server discards the rest of the pipeline up to its Sync), a table
+// missing in the target (found while the pipeline is being built), or a
+// deferred check failing at COMMIT. The count and the error name exactly
+// that transaction (end LSN, xid, table, SQLSTATE); the ones before it are
+// durable, nothing after it ran, and the ones after it apply in one more
+// call. A connection that breaks in the middle of a pipeline is a
+// retryable error about the first transaction not known durable, not
+// about the change that happened to be running.
+func TestBatchFailureIsolated(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "isolated"})
+	mustExec(t, ctx, c, "postgres", `CREATE TABLE iso (id int PRIMARY KEY, src text NOT NULL, v text CHECK (v <> 'bad'));
+		CREATE FUNCTION iso_late() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN
+			IF NEW.v = 'late' THEN
+				RAISE EXCEPTION 'late value %', NEW.id USING ERRCODE = '23514', SCHEMA = 'public', TABLE = 'iso';
+			END IF;
+			RETURN NULL;
+		END$$;
+		CREATE CONSTRAINT TRIGGER iso_late AFTER INSERT ON iso DEFERRABLE INITIALLY DEFERRED
+			FOR EACH ROW EXECUTE FUNCTION iso_late();
+		ALTER TABLE iso ENABLE ALWAYS TRIGGER iso_late;
+		CREATE FUNCTION iso_kill() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN
+			IF NEW.v = 'kill' THEN PERFORM pg_terminate_backend(pg_backend_pid()); END IF;
+			RETURN NULL;
+		END$$;
+		CREATE TRIGGER iso_kill AFTER INSERT ON iso FOR EACH ROW EXECUTE FUNCTION iso_kill();
+		ALTER TABLE iso ENABLE ALWAYS TRIGGER iso_kill`)
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	t.Cleanup(a.Close)
+
+	rows := func(t *testing.T, origin string) (count, max int) {
+		t.Helper()
+		if err := a.pool.QueryRow(ctx, "SELECT count(*), coalesce(max(id) % 1000, -1) FROM iso WHERE src = $1", origin).Scan(&count, &max); err != nil {
+			t.Fatal(err)
+		}
+		return count, max
+	}
+	progress := func(t *testing.T, origin string) pglogrepl.LSN {
+		t.Helper()
+		p, err := a.Progress(ctx, origin)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+
+	cases := []struct {
+		kind, table, state string
+	}{
+		{"check", "public.iso", "23514"},
+		{"missing", "public.iso_missing", "42P01"},
+		{"commit", "public.iso", "23514"},
+	}
+	k := 0
+	for _, tc := range cases {
+		for _, pos := range []int{0, 50, 99} {
+			k++
+			origin, base := fmt.Sprintf("iso%d", k), k*1000
+			t.Run(fmt.Sprintf("%s at %d", tc.kind, pos), func(t *testing.T) {
+				txns := isoTxns(origin, base, pos, tc.kind)
+				n, err := a.ApplyBatch(ctx, txns)
+				var ae *Error
+				if n != pos || !errors.As(err, &ae) {
+					t.Fatalf("ApplyBatch = %d, %v; want %d and an *Error", n, err, pos)
+				}
+				bad := txns[pos]
+				if ae.EndLSN != bad.EndLSN || ae.Xid != bad.Xid || ae.Table != tc.table || ae.SQLState != tc.state || ae.Retryable {
+					t.Fatalf("error names %s xid %d table %q state %s retryable %v (%v); want %s xid %d table %q state %s permanent",
+						ae.EndLSN, ae.Xid, ae.Table, ae.SQLState, ae.Retryable, err, bad.EndLSN, bad.Xid, tc.table, tc.state)
+				}
+				if got, max := rows(t, origin); got != pos || max != pos-1 {
+					t.Fatalf("after the failure %d rows up to %d; want the %d before it", got, max, pos)
+				}
+				want := pglogrepl.LSN(0)
+				if pos > 0 {
+					want = txns[pos-1].EndLSN
+				}
+				if p := progress(t, origin); p != want {
+					t.Fatalf("progress after the failure = %s, want %s", p, want)
+				}
+				// What follows the failing one goes through in one call.
+				rest := txns[pos+1:]
+				if n, err := a.ApplyBatch(ctx, rest); n != len(rest) || err != nil {
+					t.Fatalf("ApplyBatch(rest) = %d, %v; want %d, nil", n, err, len(rest))
+				}
+				if got, _ := rows(t, origin); got != 99 {
+					t.Fatalf("%d rows in the end, want 99", got)
+				}
+				if p := progress(t, origin); p != txns[99].EndLSN && pos != 99 {
+					t.Fatalf("final progress = %s, want %s", p, txns[99].EndLSN)
+				}
+			})
+		}
+	}
+
+	t.Run("pipeline full inside a transaction", func(t *testing.T) {
+		// Transaction 10 has more changes than one round trip takes: the
+		// pipeline is sent while it is open, and its failing change comes
+		// in the next round trip.
+		origin := "isobig"
+		txns := isoTxns(origin, 700000, -1, "")[:21]
+		r := rel("public", "iso", decode.IdentityDefault, "id*", "src", "v")
+		big := txns[10]
+		big.Changes = nil
+		for j := 0; j < maxPipelineCmds+500; j++ {
+			v := "big"
+			if j == maxPipelineCmds+100 {
+				v = "bad"
+			}
+			big.Changes = append(big.Changes, ins(r, fmt.Sprint(710000+j), origin, v))
+		}
+		n, err := a.ApplyBatch(ctx, txns)
+		var ae *Error
+		if n != 10 || !errors.As(err, &ae) || ae.EndLSN != big.EndLSN || ae.Table != "public.iso" || ae.SQLState != "23514" {
+			t.Fatalf("ApplyBatch = %d, %v; want 10 and a 23514 error about %s", n, err, big.EndLSN)
+		}
+		if got, _ := rows(t, origin); got != 10 {
+			t.Fatalf("%d rows after the failure, want the 10 before it", got)
+		}
+		if n, err := a.ApplyBatch(ctx, txns[11:]); n != 10 || err != nil {
+			t.Fatalf("ApplyBatch(rest) = %d, %v", n, err)
+		}
+		// Without the failing change it applies whole.
+		big.Changes[maxPipelineCmds+100] = ins(r, fmt.Sprint(710000+maxPipelineCmds+100), origin, "big")
+		txns = append(isoTxns("isobig2", 600000, -1, "")[:10], big)
+		for _, t := range txns {
+			t.Origin = "isobig2"
+		}
+		if n, err := a.ApplyBatch(ctx, txns); n != 11 || err != nil {
+			t.Fatalf("ApplyBatch with a big transaction = %d, %v", n, err)
+		}
+	})
+
+	t.Run("streamed", func(t *testing.T) {
+		// A spilled transaction is applied alone; its failure is named
+		// the same way.
+		for _, tc := range []struct {
+			kind, table string
+			retryable   bool
+		}{{"check", "public.iso", false}, {"commit", "public.iso", false}, {"missing", "public.iso_missing", false}, {"kill", "", true}} {
+			txns := isoTxns("isostream", 800000, 3, tc.kind)
+			hdr := *txns[3]
+			chunks := [][]decode.Change{{txns[0].Changes[0], txns[1].Changes[0]}, {txns[2].Changes[0], hdr.Changes[0]}}
+			hdr.Changes = nil
+			err := a.ApplyStream(ctx, &hdr, func() ([]decode.Change, error) {
+				if len(chunks) == 0 {
+					return nil, io.EOF
+				}
+				c := chunks[0]
+				chunks = chunks[1:]
+				return c, nil
+			})
+			var ae *Error
+			if !errors.As(err, &ae) || ae.EndLSN != hdr.EndLSN || ae.Xid != hdr.Xid || ae.Table != tc.table || ae.Retryable != tc.retryable {
+				t.Fatalf("%s: ApplyStream = %v; want an *Error about %s xid %d table %q retryable %v", tc.kind, err, hdr.EndLSN, hdr.Xid, tc.table, tc.retryable)
+			}
+		}
+		if got, _ := rows(t, "isostream"); got != 0 {
+			t.Fatalf("%d rows of failed streamed transactions", got)
+		}
+	})
+
+	t.Run("connection lost", func(t *testing.T) {
+		origin := "isokill"
+		txns := isoTxns(origin, 900000, 50, "kill")
+		n, err := a.ApplyBatch(ctx, txns)
+		var ae *Error
+		if !errors.As(err, &ae) || n < 0 || n > 50 {
+			t.Fatalf("ApplyBatch = %d, %v; want at most 50 and an *Error", n, err)
+		}
+		if ae.EndLSN != txns[n].EndLSN || !ae.Retryable || ae.Table != "" || ae.Op != 0 {
+			t.Fatalf("error names %s table %q op %v retryable %v (%v); want the first transaction not known durable (%s), no change, retryable",
+				ae.EndLSN, ae.Table, ae.Op, ae.Retryable, err, txns[n].EndLSN)
+		}
+		// Replaying applies each transaction once (after the terminated
+		// backend has let go of the origin).
+		waitFree(t, ctx, c, "prism_"+origin)
+		txns[50] = isoTxns(origin, 900000, -1, "")[50]
+		if n, err := a.ApplyBatch(ctx, txns); n != 100 || err != nil {
+			t.Fatalf("replay = %d, %v", n, err)
+		}
+		if got, _ := rows(t, origin); got != 100 {
+			t.Fatalf("%d rows after the replay, want 100", got)
+		}
+	})
+}
