@@ -176,6 +176,11 @@ func TestShipStreamed(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { proxy.Close() })
+	// The reset below must cut transaction 4 while it is still being
+	// sent: unthrottled, its 25 chunks can all sit in the server's socket
+	// buffer by the time it applies the fifth, and the first attempt then
+	// completes. At 512 KB/s the 320 KB after the fifth chunk take 0.6 s.
+	proxy.Bandwidth(512 << 10)
 	var mu sync.Mutex
 	attempts := map[pglogrepl.LSN]int{}
 	app.onChunk = func(lsn pglogrepl.LSN, n int) error {
@@ -196,6 +201,9 @@ func TestShipStreamed(t *testing.T) {
 	cfg := shipperConfig(NodeAddr{Name: "eu1", Addr: proxy.Addr()})
 	cfg.ChunkBytes = 16 << 10
 	cfg.Retries = 50
+	// Throttled, a chunk's write and the ACK of a whole spilled
+	// transaction take longer than the helpers' 200 ms.
+	cfg.AckTimeout = 3 * time.Second
 	sh := NewShipper(cfg, nil, (newLogBuf(t)).logger())
 	runShipper(t, sh)
 
