@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/rs/zerolog"
 )
 
@@ -431,5 +432,31 @@ func TestSilentNodeNotCalledOld(t *testing.T) {
 	}
 	if AuthRefused(err) {
 		t.Fatalf("a silent node counts as refusing the credentials: %v", err)
+	}
+}
+
+// progressFails is an Applier whose Progress fails, as while the
+// target's database is down.
+type progressFails struct{ *memApplier }
+
+func (progressFails) Progress(context.Context, string) (pglogrepl.LSN, error) {
+	return 0, errors.New("database down")
+}
+
+// TestRefusalLogsSourceOnce: a hello refused after it was authenticated
+// (the target cannot read its progress) is logged with the source once;
+// the checked log fails the test on a key that appears twice.
+func TestRefusalLogsSourceOnce(t *testing.T) {
+	logs := newLogBuf(t)
+	addr := serve(t, NewServer(serverConfig("eu", "eu1"), progressFails{newMemApplier()}, logs.logger()))
+	sh := NewShipper(shipperConfig(NodeAddr{Name: "eu1", Addr: addr}), nil, newLogBuf(t).logger())
+	runShipper(t, sh)
+	waitFor(t, "a refused hello", 10*time.Second, func() bool {
+		return strings.Contains(logs.String(), "progress: database down")
+	})
+	for _, line := range strings.Split(strings.TrimSpace(logs.String()), "\n") {
+		if strings.Contains(line, "database down") && strings.Count(line, `"source":`) != 1 {
+			t.Fatalf("refusal line names the source %d times: %s", strings.Count(line, `"source":`), line)
+		}
 	}
 }

@@ -199,6 +199,9 @@ func (s *Server) handle(ctx context.Context, nc net.Conn) {
 		s.refuse(fc, log, h, r)
 		return
 	}
+	// refuse tags its line with the source itself: it gets the logger
+	// from before the source was known.
+	unknown := log
 	log = log.With().Str("source", h.Region).Str("source_node", h.Node).Logger()
 
 	if h.Flags&helloProbe != 0 {
@@ -206,7 +209,7 @@ func (s *Server) handle(ctx context.Context, nc net.Conn) {
 		progress, err := s.app.Progress(pctx, h.Region)
 		cancel()
 		if err != nil {
-			s.refuse(fc, log, h, &reject{Reason: fmt.Sprintf("progress: %v", err)})
+			s.refuse(fc, unknown, h, &reject{Reason: fmt.Sprintf("progress: %v", err)})
 			return
 		}
 		_ = fc.write(s.cfg.HelloTimeout, &welcome{Region: s.cfg.Region, Node: s.cfg.Node, Progress: progress})
@@ -237,7 +240,7 @@ func (s *Server) handle(ctx context.Context, nc net.Conn) {
 	progress, err := s.app.Progress(pctx, h.Region)
 	pcancel()
 	if err != nil {
-		s.refuse(fc, log, h, &reject{Reason: fmt.Sprintf("progress: %v", err)})
+		s.refuse(fc, unknown, h, &reject{Reason: fmt.Sprintf("progress: %v", err)})
 		return
 	}
 	if err := fc.write(s.cfg.HelloTimeout, &welcome{Region: s.cfg.Region, Node: s.cfg.Node, Progress: progress}); err != nil {
