@@ -79,6 +79,9 @@ type Peer struct {
 	Region   string
 	Nodes    []PeerNode
 	Database string // DSN, may hold a password
+	// Scope is what the region may receive (data residency); the zero
+	// Scope lets everything through.
+	Scope Scope
 }
 
 // PeerNode is one node of a peer region.

@@ -116,6 +116,13 @@ type rawPeer struct {
 	Region   string    `yaml:"region"`
 	Nodes    []rawNode `yaml:"nodes"`
 	Database string    `yaml:"database"`
+	Scope    rawScope  `yaml:"scope"`
+}
+
+type rawScope struct {
+	ExcludeTables  []string            `yaml:"exclude_tables"`
+	Rows           map[string]string   `yaml:"rows"`
+	ExcludeColumns map[string][]string `yaml:"exclude_columns"`
 }
 
 type rawNode struct {
@@ -176,7 +183,7 @@ func (r *rawConfig) config(file string, lines map[string]int) (*Config, []error)
 		c.Slot = SlotName(c.Region)
 	}
 	for _, p := range r.Peers {
-		peer := Peer{Region: p.Region, Database: p.Database}
+		peer := Peer{Region: p.Region, Database: p.Database, Scope: Scope(p.Scope)}
 		for _, n := range p.Nodes {
 			peer.Nodes = append(peer.Nodes, PeerNode(n))
 		}
