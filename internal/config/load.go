@@ -88,6 +88,7 @@ type rawConfig struct {
 	Listen       string       `yaml:"listen"`
 	Auth         rawAuth      `yaml:"auth"`
 	Peers        []rawPeer    `yaml:"peers"`
+	Scope        rawScope     `yaml:"scope"`
 	Delivery     rawDelivery  `yaml:"delivery"`
 	Conflicts    rawConflicts `yaml:"conflicts"`
 	OnApplyError string       `yaml:"on_apply_error"`
@@ -173,6 +174,7 @@ func (r *rawConfig) config(file string, lines map[string]int) (*Config, []error)
 		Auth:         Auth{Token: r.Auth.Token, TLS: TLS(r.Auth.TLS), Insecure: r.Auth.Insecure},
 		OnApplyError: ApplyErrorPolicy(orDefault(r.OnApplyError, string(DefaultOnApplyError))),
 		HTTP:         r.HTTP,
+		Scope:        Scope(r.Scope),
 		Log: Log{
 			Level:  orDefault(r.Log.Level, DefaultLogLevel),
 			Format: LogFormat(orDefault(r.Log.Format, string(DefaultLogFormat))),

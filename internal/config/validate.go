@@ -125,6 +125,7 @@ func (c *Config) Validate() error {
 		}
 	}
 	v.scopeUndo(c, scoped)
+	v.scope("scope", c.Scope)
 
 	d := c.Delivery
 	v.positive("delivery.ack_timeout", d.AckTimeout.String(), d.AckTimeout > 0, DefaultAckTimeout.String())
