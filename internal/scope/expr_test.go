@@ -203,5 +203,8 @@ func TestSQL(t *testing.T) {
 		if got := p.SQL(); got != tc.want {
 			t.Errorf("SQL(%q) = %s, want %s", tc.expr, got, tc.want)
 		}
+		if got, want := p.SQLOn("t"), strings.ReplaceAll(tc.want, `("`, `(t."`); !strings.Contains(got, `t."`) || strings.Count(got, `t."`) != strings.Count(tc.want, `"`)/2-strings.Count(tc.want, `"C"`) {
+			t.Errorf("SQLOn(t, %q) = %s, want every column qualified (like %s)", tc.expr, got, want)
+		}
 	}
 }

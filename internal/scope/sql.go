@@ -9,30 +9,33 @@ import (
 // SQL returns the predicate as a SQL condition for a WHERE clause that
 // selects exactly the rows Eval accepts: text compared with COLLATE "C",
 // numbers numerically, other types by their text form.
-func (p *Pred) SQL() string {
+func (p *Pred) SQL() string { return p.SQLOn("") }
+
+// SQLOn is SQL with every column qualified by alias (none when empty).
+func (p *Pred) SQLOn(alias string) string {
 	var b strings.Builder
-	p.sql(&b, p.e.root)
+	p.sql(&b, p.e.root, alias)
 	return b.String()
 }
 
-func (p *Pred) sql(b *strings.Builder, n node) {
+func (p *Pred) sql(b *strings.Builder, n node, alias string) {
 	switch n := n.(type) {
 	case *boolNode:
 		b.WriteByte('(')
-		p.sql(b, n.l)
+		p.sql(b, n.l, alias)
 		if n.and {
 			b.WriteString(" AND ")
 		} else {
 			b.WriteString(" OR ")
 		}
-		p.sql(b, n.r)
+		p.sql(b, n.r, alias)
 		b.WriteByte(')')
 	case *notNode:
 		b.WriteString("(NOT ")
-		p.sql(b, n.x)
+		p.sql(b, n.x, alias)
 		b.WriteByte(')')
 	case *nullNode:
-		b.WriteString(pgx.Identifier{n.col.name}.Sanitize())
+		b.WriteString(column(alias, n.col.name))
 		if n.not {
 			b.WriteString(" IS NOT NULL")
 		} else {
@@ -41,14 +44,14 @@ func (p *Pred) sql(b *strings.Builder, n node) {
 	case *cmpNode:
 		cl := p.class(n.col.name)
 		b.WriteByte('(')
-		b.WriteString(operand(n.col.name, cl))
+		b.WriteString(operand(column(alias, n.col.name), cl))
 		b.WriteString(" " + n.op + " ")
 		b.WriteString(sqlLiteral(n.lit))
 		b.WriteByte(')')
 	case *inNode:
 		cl := p.class(n.col.name)
 		b.WriteByte('(')
-		b.WriteString(operand(n.col.name, cl))
+		b.WriteString(operand(column(alias, n.col.name), cl))
 		if n.not {
 			b.WriteString(" NOT")
 		}
@@ -72,8 +75,17 @@ func (p *Pred) class(col string) class {
 	return classOther
 }
 
-func operand(col string, cl class) string {
-	id := pgx.Identifier{col}.Sanitize()
+// column is the quoted column name, qualified by alias when set.
+func column(alias, name string) string {
+	id := pgx.Identifier{name}.Sanitize()
+	if alias != "" {
+		return alias + "." + id
+	}
+	return id
+}
+
+// operand is a column as the filter compares it.
+func operand(id string, cl class) string {
 	switch cl {
 	case classText, classBPChar:
 		return id + ` COLLATE "C"`
