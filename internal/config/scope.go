@@ -72,6 +72,13 @@ func (v *validator) scope(key string, s Scope) {
 		if len(cols) == 0 {
 			v.add(k, "no columns; list the columns the region must not receive, e.g. [ssn]")
 		}
+		if e, err := scope.Parse(s.Rows[t]); err == nil && s.Rows[t] != "" {
+			for _, c := range e.Columns() {
+				if slices.Contains(cols, c) {
+					v.add(k, "column %s is excluded but the row filter of %s reads it: the region would never hold the values its rows are selected by, so verify and bootstrap could not apply the filter there; filter on another column or ship this one", c, t)
+				}
+			}
+		}
 		for i, c := range cols {
 			if c == "" {
 				v.add(fmt.Sprintf("%s[%d]", k, i), "empty column name")

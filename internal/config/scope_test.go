@@ -41,6 +41,7 @@ func TestScopeErrors(t *testing.T) {
 		{"no columns", `    scope: {exclude_columns: {public.a: []}}` + "\n", "", []string{"no columns"}},
 		{"unknown key", `    scope: {exclude_rows: {}}` + "\n", "", []string{`unknown key "exclude_rows"`}},
 		{"undo", scopedPeer, "on_apply_error: undo\n", []string{"undo cannot be combined with peers[].scope"}},
+		{"filter reads an excluded column", `    scope: {rows: {public.a: "home = 'x'"}, exclude_columns: {public.a: [home]}}` + "\n", "", []string{"column home is excluded but the row filter of public.a reads it"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := parse("eu1.yaml", []byte(base+tc.scope+tc.extra), testEnv)
