@@ -286,6 +286,9 @@ func (s *Scope) change(c *decode.Change, out []decode.Change) ([]decode.Change, 
 		t.Truncated = nil
 		for _, r := range c.Truncated {
 			rs := s.relation(r)
+			if rs.err != nil {
+				return nil, rs.err
+			}
 			if rs.drop {
 				continue
 			}
@@ -369,12 +372,8 @@ func (rs *relScope) transition(c *decode.Change) (decode.Op, []decode.Value, []d
 			return decode.OpUpdate, c.Old, c.New, nil
 		case newIn:
 			return decode.OpInsert, nil, nw, nil
-		case oldIn:
-			old := c.Old
-			if old == nil {
-				old = keyOnly(c.Rel, c.New)
-			}
-			return decode.OpDelete, old, nil, nil
+		case oldIn: // c.Old is set: without it oldIn == newIn
+			return decode.OpDelete, c.Old, nil, nil
 		}
 		return 0, nil, nil, nil
 	}
@@ -394,19 +393,6 @@ func fillUnchanged(row, old []decode.Value) []decode.Value {
 	}
 	if out == nil {
 		return row
-	}
-	return out
-}
-
-// keyOnly returns the old row of an UPDATE that did not change its key:
-// the key columns of the new row, the others null, as pgoutput sends an
-// old key.
-func keyOnly(rel *decode.Relation, row []decode.Value) []decode.Value {
-	out := make([]decode.Value, len(row))
-	for i := range row {
-		if i < len(rel.Columns) && rel.Columns[i].Key {
-			out[i] = row[i]
-		}
 	}
 	return out
 }

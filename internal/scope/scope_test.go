@@ -175,6 +175,10 @@ func TestRelationErrors(t *testing.T) {
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("Changes = %v, want %q", err, tc.want)
 			}
+			_, err = s.Changes([]decode.Change{{Op: decode.OpTruncate, Rel: rel, Truncated: []*decode.Relation{rel}}})
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Changes(TRUNCATE) = %v, want %q", err, tc.want)
+			}
 		})
 	}
 	// With REPLICA IDENTITY FULL any column may be filtered on.
