@@ -15,6 +15,7 @@ import (
 
 	"github.com/prism-cdc/prism-cdc/internal/config"
 	"github.com/prism-cdc/prism-cdc/internal/node"
+	"github.com/prism-cdc/prism-cdc/internal/scope"
 	"github.com/prism-cdc/prism-cdc/internal/verify"
 )
 
@@ -45,9 +46,10 @@ func verifyCommand(fs *flag.FlagSet) nodeAction {
 	chunk := fs.Int("chunk-rows", 10000, "rows per hashed chunk")
 	settle := fs.Duration("settle", 2*time.Second, "wait before checking differing rows again (changes in flight)")
 	return func(ctx context.Context, _ string, cfg *config.Config, log zerolog.Logger, stdout, stderr io.Writer) int {
-		regions := []verify.Region{{Name: cfg.Region, DSN: cfg.Database}}
-		for _, p := range cfg.Peers {
-			regions = append(regions, verify.Region{Name: p.Region, DSN: p.Database})
+		regions, err := verifyRegions(cfg)
+		if err != nil {
+			fmt.Fprintf(stderr, "prism-cdc verify: %v\n", err)
+			return exitUsage
 		}
 		if *repair != (*from != "") {
 			fmt.Fprintf(stderr, "prism-cdc verify: --repair and --from REGION go together\n")
@@ -106,7 +108,18 @@ func printVerify(stdout io.Writer, regions []verify.Region, rep verify.Report) {
 	fmt.Fprintln(tw, "\tCHUNKS\tRESULT")
 	for _, t := range rep.Tables {
 		fmt.Fprint(tw, t.Table)
+		switch len(t.Regions) {
+		case 0:
+		case 1:
+			fmt.Fprintf(tw, " (outside %s's scope)", t.Regions[0])
+		default:
+			fmt.Fprintf(tw, " (%s within their shared scope)", strings.Join(t.Regions, "~"))
+		}
 		for _, r := range regions {
+			if t.Regions != nil && !slices.Contains(t.Regions, r.Name) {
+				fmt.Fprint(tw, "\t-")
+				continue
+			}
 			fmt.Fprintf(tw, "\t%d", t.Rows[r.Name])
 		}
 		fmt.Fprintf(tw, "\t%d", t.Chunks)
@@ -178,4 +191,22 @@ func printViolations(stdout io.Writer, vs []verify.FKViolation) {
 		fmt.Fprintf(stdout, "    - delete the orphans:  %s;\n", v.DeleteSQL)
 	}
 	fmt.Fprintln(stdout, "verify --repair does not change these rows: which side is right is your call. Run verify again afterwards.")
+}
+
+// verifyRegions lists this region and its peers with their scopes: the
+// top-level scope for this region, peers[].scope for the others.
+func verifyRegions(cfg *config.Config) ([]verify.Region, error) {
+	own, err := scope.New(cfg.Scope.Rules())
+	if err != nil {
+		return nil, fmt.Errorf("scope in %s: %w", cfg.Path, err)
+	}
+	regions := []verify.Region{{Name: cfg.Region, DSN: cfg.Database, Scope: own}}
+	for _, p := range cfg.Peers {
+		s, err := scope.New(p.Scope.Rules())
+		if err != nil {
+			return nil, fmt.Errorf("scope of region %s in %s: %w", p.Region, cfg.Path, err)
+		}
+		regions = append(regions, verify.Region{Name: p.Region, DSN: p.Database, Scope: s})
+	}
+	return regions, nil
 }

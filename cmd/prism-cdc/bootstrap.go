@@ -10,6 +10,7 @@ import (
 
 	"github.com/prism-cdc/prism-cdc/internal/bootstrap"
 	"github.com/prism-cdc/prism-cdc/internal/config"
+	"github.com/prism-cdc/prism-cdc/internal/scope"
 )
 
 // bootstrapCommand copies a peer region into this node's region database
@@ -46,6 +47,12 @@ func bootstrapCommand(ctx context.Context, args []string, stdout, stderr io.Writ
 		Jobs:        *jobs,
 		MaxRate:     *rate,
 	}
+	own, err := scope.New(cfg.Scope.Rules())
+	if err != nil {
+		fmt.Fprintf(stderr, "prism-cdc bootstrap: scope in %s: %v\n", cfg.Path, err)
+		return exitUsage
+	}
+	bc.Scope = own
 	known := false
 	for _, p := range cfg.Peers {
 		bc.Peers = append(bc.Peers, bootstrap.Peer{Region: p.Region, DSN: p.Database})

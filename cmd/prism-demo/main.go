@@ -28,6 +28,7 @@ import (
 
 	"github.com/prism-cdc/prism-cdc/internal/node"
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
+	"github.com/prism-cdc/prism-cdc/internal/scope"
 	"github.com/prism-cdc/prism-cdc/internal/verify"
 )
 
@@ -69,6 +70,10 @@ type demo struct {
 	procs map[string]*proc
 
 	written map[string]*atomic.Int64
+
+	// scopes is what each region may hold (data residency): region as
+	// never receives card_tokens.
+	scopes map[string]*scope.Scope
 
 	// startup holds each shipping node's path counters when the steady
 	// state began: the retries of a node whose peers were not started yet.
@@ -126,7 +131,10 @@ func (d *demo) run(ctx context.Context) error {
 		if err := c.Exec(ctx, "app", schema); err != nil {
 			return err
 		}
-		d.say("region %s: PostgreSQL on 127.0.0.1:%d, database app with tables accounts and ledger", r, c.Port)
+		d.say("region %s: PostgreSQL on 127.0.0.1:%d, database app with tables accounts, ledger and card_tokens", r, c.Port)
+	}
+	if err := d.residencyConfigs(); err != nil {
+		return err
 	}
 	d.env = append(os.Environ(), "PRISM_TOKEN=demo-"+fmt.Sprint(time.Now().UnixNano()))
 	for _, r := range regions {
@@ -257,6 +265,10 @@ func (d *demo) run(ctx context.Context) error {
 	}
 	d.table()
 
+	if err := d.residency(ctx); err != nil {
+		return err
+	}
+
 	d.step("Stopping the workload and draining")
 	stopWorkload()
 	wg.Wait()
@@ -273,10 +285,10 @@ func (d *demo) run(ctx context.Context) error {
 	}
 	d.table()
 
-	d.step("Verifying: every table compared across na, eu and as")
+	d.step("Verifying: every table compared across na, eu and as (card_tokens between na and eu only)")
 	var vr []verify.Region
 	for _, r := range regions {
-		vr = append(vr, verify.Region{Name: r, DSN: d.clusters[r].DSN("app")})
+		vr = append(vr, verify.Region{Name: r, DSN: d.clusters[r].DSN("app"), Scope: d.scopes[r]})
 	}
 	rep, err := verify.Compare(ctx, vr, "prism", 2*time.Second)
 	if err != nil {
@@ -287,7 +299,11 @@ func (d *demo) run(ctx context.Context) error {
 		if !t.Equal {
 			state = "DIFFERENT"
 		}
-		d.say("%-16s rows na=%d eu=%d as=%d  hash %s  %s", t.Table, t.Rows["na"], t.Rows["eu"], t.Rows["as"], short(t.Hashes["na"]), state)
+		if t.Regions != nil {
+			d.say("%-16s rows %s  (%s within their shared scope)  %s", t.Table, pairRows(t), strings.Join(t.Regions, "~"), state)
+		} else {
+			d.say("%-16s rows na=%d eu=%d as=%d  hash %s  %s", t.Table, t.Rows["na"], t.Rows["eu"], t.Rows["as"], short(t.Hashes["na"]), state)
+		}
 		for _, diff := range t.Diffs {
 			d.say("    %s", diff)
 		}
@@ -325,6 +341,7 @@ const schema = `
 CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL, updated_by text NOT NULL);
 CREATE TABLE ledger (id text PRIMARY KEY, region text NOT NULL, account int NOT NULL, amount bigint NOT NULL);
 INSERT INTO accounts SELECT g, 0, 'seed' FROM generate_series(1, 50) g;
+CREATE TABLE card_tokens (id text PRIMARY KEY, token text NOT NULL);
 `
 
 // workload writes one transaction every 40ms: a ledger row of its own and

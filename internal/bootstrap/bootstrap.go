@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/rs/zerolog"
 
+	"github.com/prism-cdc/prism-cdc/internal/scope"
 	"github.com/prism-cdc/prism-cdc/pkg/apply"
 	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
@@ -41,6 +42,10 @@ type Config struct {
 	Jobs int
 	// MaxRate limits the rows copied per second over all jobs (0: none).
 	MaxRate int
+	// Scope is what the target region may hold; nil copies everything.
+	// Excluded tables are not copied, excluded columns keep the target's
+	// defaults, and only rows that satisfy the row filter are copied.
+	Scope *scope.Scope
 }
 
 // Result describes a finished run.
@@ -146,6 +151,9 @@ func Run(ctx context.Context, cfg Config, log zerolog.Logger) (*Result, error) {
 	tables, err := publishedTables(ctx, srcConn, cfg.Publication)
 	if err != nil {
 		return nil, fmt.Errorf("bootstrap: source region %s: %w", cfg.Source, err)
+	}
+	if tables, err = scopeTables(ctx, srcConn, tables, cfg.Scope, log); err != nil {
+		return nil, fmt.Errorf("bootstrap: scope of region %s: %w", cfg.Region, err)
 	}
 
 	t, res, err := claimTarget(ctx, tgt, cfg, tables, log)

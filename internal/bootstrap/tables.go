@@ -13,8 +13,9 @@ import (
 // table is one published table of the source.
 type table struct {
 	schema, rel string
-	columns     []string // copied columns: not dropped, not generated
+	columns     []string // copied columns: not dropped, not generated, not excluded by the scope
 	size        int64    // bytes on the source, to copy the largest first
+	where       string   // the target's row filter on alias t, or ""
 }
 
 func (t *table) name() string  { return t.schema + "." + t.rel }
@@ -35,10 +36,14 @@ func (t *table) sourceQuery() string {
 	for i, c := range t.columns {
 		cols[i] = "t." + pgx.Identifier{c}.Sanitize()
 	}
+	where := ""
+	if t.where != "" {
+		where = " WHERE " + t.where
+	}
 	return fmt.Sprintf(`COPY (SELECT c.timestamp, o.roname, %s FROM ONLY %s t
 	LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) c ON true
-	LEFT JOIN pg_catalog.pg_replication_origin o ON o.roident = c.roident AND c.roident <> 0) TO STDOUT (FORMAT binary)`,
-		strings.Join(cols, ", "), t.ident())
+	LEFT JOIN pg_catalog.pg_replication_origin o ON o.roident = c.roident AND c.roident <> 0%s) TO STDOUT (FORMAT binary)`,
+		strings.Join(cols, ", "), t.ident(), where)
 }
 
 // insertSQL inserts one copied row.

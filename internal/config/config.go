@@ -51,6 +51,12 @@ type Config struct {
 	HTTP               string // host:port for /metrics, /healthz, /readyz, /status, /history and the page; empty disables it
 	Log                Log
 
+	// Scope is what this node's own region may hold, as the other regions'
+	// configurations give it (their peers[].scope): verify, bootstrap and
+	// doctor use it. Shipping never does: what leaves this region is
+	// decided by peers[].scope.
+	Scope Scope
+
 	// lines maps key paths to the line they were written on, for errors.
 	lines map[string]int
 }
@@ -79,6 +85,9 @@ type Peer struct {
 	Region   string
 	Nodes    []PeerNode
 	Database string // DSN, may hold a password
+	// Scope is what the region may receive (data residency); the zero
+	// Scope lets everything through.
+	Scope Scope
 }
 
 // PeerNode is one node of a peer region.

@@ -88,6 +88,7 @@ type rawConfig struct {
 	Listen       string       `yaml:"listen"`
 	Auth         rawAuth      `yaml:"auth"`
 	Peers        []rawPeer    `yaml:"peers"`
+	Scope        rawScope     `yaml:"scope"`
 	Delivery     rawDelivery  `yaml:"delivery"`
 	Conflicts    rawConflicts `yaml:"conflicts"`
 	OnApplyError string       `yaml:"on_apply_error"`
@@ -116,6 +117,13 @@ type rawPeer struct {
 	Region   string    `yaml:"region"`
 	Nodes    []rawNode `yaml:"nodes"`
 	Database string    `yaml:"database"`
+	Scope    rawScope  `yaml:"scope"`
+}
+
+type rawScope struct {
+	ExcludeTables  []string            `yaml:"exclude_tables"`
+	Rows           map[string]string   `yaml:"rows"`
+	ExcludeColumns map[string][]string `yaml:"exclude_columns"`
 }
 
 type rawNode struct {
@@ -166,6 +174,7 @@ func (r *rawConfig) config(file string, lines map[string]int) (*Config, []error)
 		Auth:         Auth{Token: r.Auth.Token, TLS: TLS(r.Auth.TLS), Insecure: r.Auth.Insecure},
 		OnApplyError: ApplyErrorPolicy(orDefault(r.OnApplyError, string(DefaultOnApplyError))),
 		HTTP:         r.HTTP,
+		Scope:        Scope(r.Scope),
 		Log: Log{
 			Level:  orDefault(r.Log.Level, DefaultLogLevel),
 			Format: LogFormat(orDefault(r.Log.Format, string(DefaultLogFormat))),
@@ -176,7 +185,7 @@ func (r *rawConfig) config(file string, lines map[string]int) (*Config, []error)
 		c.Slot = SlotName(c.Region)
 	}
 	for _, p := range r.Peers {
-		peer := Peer{Region: p.Region, Database: p.Database}
+		peer := Peer{Region: p.Region, Database: p.Database, Scope: Scope(p.Scope)}
 		for _, n := range p.Nodes {
 			peer.Nodes = append(peer.Nodes, PeerNode(n))
 		}

@@ -87,6 +87,7 @@ func (c *Config) Validate() error {
 	v.auth(c.Auth)
 
 	regions := map[string]string{}
+	var scoped []string // key paths of the peers with a scope
 	for i, p := range c.Peers {
 		key := fmt.Sprintf("peers[%d]", i)
 		switch {
@@ -118,7 +119,13 @@ func (c *Config) Validate() error {
 		} else {
 			v.dsn(key+".database", p.Database)
 		}
+		v.scope(key+".scope", p.Scope)
+		if !p.Scope.IsZero() {
+			scoped = append(scoped, key+".scope")
+		}
 	}
+	v.scopeUndo(c, scoped)
+	v.scope("scope", c.Scope)
 
 	d := c.Delivery
 	v.positive("delivery.ack_timeout", d.AckTimeout.String(), d.AckTimeout > 0, DefaultAckTimeout.String())

@@ -195,6 +195,7 @@ func (d *doctor) local(ctx context.Context) string {
 	d.eventTrigger(ctx, conn, db, s.super)
 	d.sequences(ctx, conn, db)
 	d.sync(ctx, conn, db)
+	d.scopes(ctx, conn, db)
 	return d.systemID(ctx, conn, db)
 }
 

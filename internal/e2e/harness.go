@@ -48,6 +48,10 @@ type Deployment struct {
 	// is given for region to's database (e.g. through a fault proxy); nil
 	// or "" means the cluster's own DSN.
 	PeerDatabase func(from, to string) string
+	// PeerScope, when set, returns the scope a node of region from gives
+	// region to, as the YAML value of peers[].scope (flow style, e.g.
+	// "{exclude_tables: [public.t]}"); nil or "" means none.
+	PeerScope func(from, to string) string
 
 	mu    sync.Mutex
 	procs map[string]*Proc
@@ -173,6 +177,9 @@ func (d *Deployment) Config(name string) string {
 				addr = d.PeerAddr(r, n)
 			}
 			fmt.Fprintf(&b, "      - {name: %s, addr: %q}\n", n, addr)
+		}
+		if d.PeerScope != nil && d.PeerScope(r, pr) != "" {
+			fmt.Fprintf(&b, "    scope: %s\n", d.PeerScope(r, pr))
 		}
 	}
 	if d.Extra != nil {

@@ -25,6 +25,7 @@ type Proxy struct {
 	bps       int64
 	conns     map[net.Conn]struct{}
 	closed    bool
+	record    io.Writer
 
 	wg sync.WaitGroup // accept loop and every pipe goroutine
 }
@@ -81,6 +82,14 @@ func (p *Proxy) Refuse(on bool) {
 func (p *Proxy) Bandwidth(bytesPerSec int64) {
 	p.mu.Lock()
 	p.bps = bytesPerSec
+	p.mu.Unlock()
+}
+
+// Record copies every forwarded chunk, in both directions, to w as well;
+// nil stops it. w must be safe for concurrent use.
+func (p *Proxy) Record(w io.Writer) {
+	p.mu.Lock()
+	p.record = w
 	p.mu.Unlock()
 }
 
@@ -197,7 +206,7 @@ func (p *Proxy) pipe(dst, src net.Conn) {
 		n, err := src.Read(buf)
 		if n > 0 {
 			p.mu.Lock()
-			blackhole, bps := p.blackhole, p.bps
+			blackhole, bps, record := p.blackhole, p.bps, p.record
 			d := p.delay
 			if p.jitter > 0 {
 				d += time.Duration(p.rnd.Int63n(int64(p.jitter)))
@@ -209,6 +218,9 @@ func (p *Proxy) pipe(dst, src net.Conn) {
 				}
 				if d > 0 {
 					time.Sleep(d)
+				}
+				if record != nil {
+					record.Write(buf[:n])
 				}
 				if _, werr := dst.Write(buf[:n]); werr != nil {
 					return

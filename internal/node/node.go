@@ -19,6 +19,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/prism-cdc/prism-cdc/internal/config"
+	"github.com/prism-cdc/prism-cdc/internal/scope"
 	"github.com/prism-cdc/prism-cdc/internal/spool"
 	"github.com/prism-cdc/prism-cdc/pkg/apply"
 	"github.com/prism-cdc/prism-cdc/pkg/decode"
@@ -51,6 +52,10 @@ type Node struct {
 	log zerolog.Logger
 
 	applier *apply.Applier // this region's database; set by Run before anything ships
+
+	// scopes holds each peer region's scope, by peer index (nil ships
+	// everything); set by Run before anything ships.
+	scopes []*scope.Scope
 
 	clientTLS *tls.Config // for shippers; nil without auth.tls
 
@@ -190,6 +195,10 @@ func (n *Node) Run(ctx context.Context) error {
 	}
 	defer pool.Close()
 	defer applier.Close() // before pool.Close, which waits for the connections
+	if err := n.setupScopes(ctx, pool); err != nil {
+		stop()
+		return err
+	}
 	n.applier = applier
 	if probe, err := newProbePool(ctx, n.cfg.Database); err == nil {
 		defer probe.Close()
@@ -466,8 +475,14 @@ func (n *Node) readFrom(ctx, shipCtx context.Context, r *decode.Reader) error {
 			}
 		} else {
 			t.keepSpill(txn)
-			for _, s := range t.shippers {
-				if err := s.Send(sendCtx, txn); err != nil {
+			for i, s := range t.shippers {
+				// Each region gets only its scope, filtered here
+				// before anything is encoded for it.
+				st, err := t.scoped(i, txn)
+				if err != nil {
+					return err
+				}
+				if err := s.Send(sendCtx, st); err != nil {
 					return sendErr(err)
 				}
 			}
@@ -487,6 +502,7 @@ type term struct {
 	// node that holds the slot writes it, so a spool directory shared by
 	// the nodes of a region passes to the next reader with the slot.
 	spool  *spool.Spool
+	scopes []*scope.Scope // by peer index, see Node.scopes
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	log    zerolog.Logger
@@ -557,7 +573,7 @@ func (n *Node) ensureTerm(ctx context.Context) (*term, error) {
 	if n.term != nil {
 		return n.term, nil
 	}
-	t := &term{log: n.log}
+	t := &term{log: n.log, scopes: n.scopes}
 	for _, p := range n.cfg.Peers {
 		t.regions = append(t.regions, p.Region)
 	}
@@ -603,10 +619,10 @@ func (n *Node) ensureTerm(ctx context.Context) (*term, error) {
 		}(s)
 		if t.spool != nil {
 			t.wg.Add(1)
-			go func(region string, s *peers.Shipper) {
+			go func(i int, s *peers.Shipper) {
 				defer t.wg.Done()
-				n.feed(tctx, t.spool, region, s)
-			}(t.regions[i], s)
+				n.feed(tctx, t, i, s)
+			}(i, s)
 		}
 	}
 	n.term = t
@@ -616,10 +632,17 @@ func (n *Node) ensureTerm(ctx context.Context) (*term, error) {
 	return t, nil
 }
 
-// feed hands a region's shipper the spooled transactions above the
-// region's cursor, in order; Send blocks while the shipper's window is
-// full, so a slow region only slows its own feed.
-func (n *Node) feed(ctx context.Context, sp *spool.Spool, region string, s *peers.Shipper) {
+// feed hands peer region i's shipper the spooled transactions above the
+// region's cursor, in order, each filtered to the region's scope; Send
+// blocks while the shipper's window is full, so a slow region only slows
+// its own feed.
+//
+// The spool holds the source's own transactions unfiltered, like the
+// source's WAL: it never leaves the source node, and one copy serves every
+// region. What it hands out is filtered here, before the shipper encodes
+// anything, so a region never receives data outside its scope from it.
+func (n *Node) feed(ctx context.Context, t *term, i int, s *peers.Shipper) {
+	sp, region := t.spool, t.regions[i]
 	r := sp.NewReader(sp.Cursor(region))
 	defer r.Close()
 	for {
@@ -630,7 +653,12 @@ func (n *Node) feed(ctx context.Context, sp *spool.Spool, region string, s *peer
 			}
 			return
 		}
-		if err := s.Send(ctx, txn); err != nil {
+		st, err := t.scoped(i, txn)
+		if err != nil {
+			n.log.Error().Err(err).Str("target", region).Msg("filtering a spooled transaction for the region's scope failed: shipping to this region stops; fix the scope or the table and restart")
+			return
+		}
+		if err := s.Send(ctx, st); err != nil {
 			return
 		}
 	}

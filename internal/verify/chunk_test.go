@@ -37,7 +37,7 @@ func TestCompareChunksAndRepair(t *testing.T) {
 	mustExec(t, a, schema+"; CREATE PUBLICATION prism FOR ALL TABLES")
 	mustExec(t, b, schema)
 	mustExec(t, c, schema)
-	regions := []Region{{"a", a.DSN("postgres")}, {"b", b.DSN("postgres")}, {"c", c.DSN("postgres")}}
+	regions := []Region{{Name: "a", DSN: a.DSN("postgres")}, {Name: "b", DSN: b.DSN("postgres")}, {Name: "c", DSN: c.DSN("postgres")}}
 	opts := Options{ChunkRows: 100}
 
 	rep, err := CompareWith(ctx, regions, "prism", opts)

@@ -47,7 +47,7 @@ func TestForeignKeyViolations(t *testing.T) {
 	b := pgtest.Start(t, pgtest.Options{Name: "verify-fk-b"})
 	mustExec(t, a, schema+"CREATE PUBLICATION prism FOR TABLE ref.customers, orders, shipments, ref.sites_low, ref.sites_high, visits;")
 	mustExec(t, b, schema)
-	regions := []Region{{"a", a.DSN("postgres")}, {"b", b.DSN("postgres")}}
+	regions := []Region{{Name: "a", DSN: a.DSN("postgres")}, {Name: "b", DSN: b.DSN("postgres")}}
 
 	rep, err := CompareWith(ctx, regions, "prism", Options{FKKeys: 1})
 	if err != nil {

@@ -82,7 +82,9 @@ func Repair(ctx context.Context, regions []Region, from string, rep Report, log 
 	var out []TableRepair
 	var unkeyed []string
 	for _, t := range rep.Tables {
-		if t.Equal {
+		if t.Equal || len(t.Regions) == 1 {
+			// Rows a region holds outside its scope are the operator's
+			// call, like orphans.
 			continue
 		}
 		if len(t.KeyColumns) == 0 {
@@ -92,12 +94,16 @@ func Repair(ctx context.Context, regions []Region, from string, rep Report, log 
 		if len(t.Keys) == 0 {
 			continue
 		}
+		if t.Regions != nil && !slices.Contains(t.Regions, from) {
+			continue // a pair without from: another pair's result carries it
+		}
 		rel, cols, err := relation(ctx, source, t.Table, t.KeyColumns)
 		if err != nil {
 			return out, fmt.Errorf("repair %s: region %s: %w", t.Table, from, err)
 		}
+		rel = withoutColumns(rel, t.exclude)
 		for _, r := range regions {
-			if r.Name == from {
+			if r.Name == from || (t.Regions != nil && !slices.Contains(t.Regions, r.Name)) {
 				continue
 			}
 			var keys []DiffKey
@@ -118,7 +124,7 @@ func Repair(ctx context.Context, regions []Region, from string, rep Report, log 
 			tr := TableRepair{Table: t.Table, Region: r.Name}
 			for start := 0; start < len(keys); start += RepairBatch {
 				batch := keys[start:min(start+RepairBatch, len(keys))]
-				changes, ups, dels, err := repairChanges(ctx, source, t.Table, rel, cols, t.KeyColumns, batch)
+				changes, ups, dels, err := repairChanges(ctx, source, t.source(), rel, cols, t.KeyColumns, batch)
 				if err != nil {
 					return out, fmt.Errorf("repair %s: read region %s: %w", t.Table, from, err)
 				}

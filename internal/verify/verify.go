@@ -34,6 +34,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/rs/zerolog"
 
+	"github.com/prism-cdc/prism-cdc/internal/scope"
 	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
 
@@ -41,6 +42,11 @@ import (
 type Region struct {
 	Name string
 	DSN  string
+	// Scope is what the region may hold (data residency); nil holds
+	// everything. Two regions are compared only within the scope they
+	// share: tables either excludes are skipped, rows outside either's
+	// filter and columns either excludes are not compared.
+	Scope *scope.Scope
 }
 
 // TableResult is the comparison of one table across regions.
@@ -62,6 +68,22 @@ type TableResult struct {
 	// Diffs describes up to MaxDiffs differing keys (or an error) for an
 	// operator, with the regions that hold each version.
 	Diffs []string
+	// Regions are the two regions compared when a scope limits the table
+	// (each pair within its shared scope); nil when every region was
+	// compared at once.
+	Regions []string
+
+	from    string   // the rows compared: table, or a subquery of the shared scope
+	exclude []string // columns left out of the comparison
+}
+
+// source is the relation the comparison reads: the table or the shared
+// scope's subquery.
+func (r *TableResult) source() string {
+	if r.from != "" {
+		return r.from
+	}
+	return r.Table
 }
 
 // DiffKey is one differing row.
@@ -167,7 +189,15 @@ func CompareWith(ctx context.Context, regions []Region, pub string, opts Options
 		rep.Regions = append(rep.Regions, r.Name)
 	}
 	for _, t := range tables {
-		res, err := compareTable(ctx, regions, conns, t, opts)
+		if scoped(regions, t) {
+			res, err := comparePairs(ctx, regions, conns, t, opts)
+			if err != nil {
+				return Report{}, err
+			}
+			rep.Tables = append(rep.Tables, res...)
+			continue
+		}
+		res, err := compareTable(ctx, regions, conns, t, view{}, opts)
 		if err != nil {
 			return Report{}, err
 		}
@@ -333,8 +363,8 @@ func (k keySQL) rangeCond(lo, hi []string) (string, []any) {
 
 const rowHash = "md5(to_jsonb(t)::text)"
 
-func compareTable(ctx context.Context, regions []Region, conns []*pgx.Conn, table string, opts Options) (TableResult, error) {
-	res := TableResult{Table: table, Rows: map[string]int64{}, Hashes: map[string]string{}, Equal: true}
+func compareTable(ctx context.Context, regions []Region, conns []*pgx.Conn, table string, v view, opts Options) (TableResult, error) {
+	res := TableResult{Table: table, Rows: map[string]int64{}, Hashes: map[string]string{}, Equal: true, from: v.from, exclude: v.exclude}
 	cols, names, err := keyInfo(ctx, conns[0], table)
 	if err != nil {
 		return res, fmt.Errorf("verify %s: key of table: %w", table, err)
@@ -365,7 +395,7 @@ func compareTable(ctx context.Context, regions []Region, conns []*pgx.Conn, tabl
 		// The chunk's upper bound: the ChunkRows-th key after lo in the
 		// first region; none means the chunk runs to the end.
 		cond, args := k.rangeCond(lo, nil)
-		q := fmt.Sprintf("SELECT %s FROM %s t WHERE %s ORDER BY %s OFFSET %d LIMIT 1", k.text(), table, cond, k.order(), opts.ChunkRows-1)
+		q := fmt.Sprintf("SELECT %s FROM %s t WHERE %s ORDER BY %s OFFSET %d LIMIT 1", k.text(), res.source(), cond, k.order(), opts.ChunkRows-1)
 		hi, err := scanKey(ctx, conns[0], q, len(cols), args)
 		if err != nil {
 			return res, fmt.Errorf("verify %s in region %s: chunk bound: %w", table, regions[0].Name, err)
@@ -426,7 +456,7 @@ func scanKey(ctx context.Context, c *pgx.Conn, q string, n int, args []any) ([]s
 // the hashes differ, narrows the chunk to the differing rows.
 func compareChunk(ctx context.Context, regions []Region, conns []*pgx.Conn, table string, k keySQL, lo, hi []string, res *TableResult, chunkHashes []strings.Builder, opts Options) error {
 	cond, args := k.rangeCond(lo, hi)
-	q := fmt.Sprintf("SELECT count(*), coalesce(md5(string_agg(%s, '' ORDER BY %s)), '') FROM %s t WHERE %s", rowHash, k.order(), table, cond)
+	q := fmt.Sprintf("SELECT count(*), coalesce(md5(string_agg(%s, '' ORDER BY %s)), '') FROM %s t WHERE %s", rowHash, k.order(), res.source(), cond)
 	res.Chunks++
 	same := true
 	var first string
@@ -452,7 +482,7 @@ func compareChunk(ctx context.Context, regions []Region, conns []*pgx.Conn, tabl
 		res.Truncated = true
 		return nil
 	}
-	q = fmt.Sprintf("SELECT %s, %s FROM %s t WHERE %s", k.text(), rowHash, table, cond)
+	q = fmt.Sprintf("SELECT %s, %s FROM %s t WHERE %s", k.text(), rowHash, res.source(), cond)
 	byKey := map[string]*DiffKey{}
 	for i, r := range regions {
 		if err := eachRow(ctx, conns[i], q, len(k.cols), args, func(vals []string, h string) {
@@ -545,7 +575,7 @@ func recheck(ctx context.Context, regions []Region, conns []*pgx.Conn, table str
 					args = append(args, v)
 				}
 			}
-			q := fmt.Sprintf("SELECT %s, %s FROM %s t WHERE %s IN (%s)", k.text(), rowHash, table, k.row(), strings.Join(conds, ", "))
+			q := fmt.Sprintf("SELECT %s, %s FROM %s t WHERE %s IN (%s)", k.text(), rowHash, res.source(), k.row(), strings.Join(conds, ", "))
 			for i, r := range regions {
 				if err := eachRow(ctx, conns[i], q, len(k.cols), args, func(vals []string, h string) {
 					if j, ok := index[strings.Join(vals, "\x00")]; ok {
@@ -597,7 +627,7 @@ func describe(regions []Region, res TableResult) []string {
 // order. It cannot be chunked by key or repaired; differing rows are named
 // by their hash.
 func compareWhole(ctx context.Context, regions []Region, conns []*pgx.Conn, table string, res TableResult) (TableResult, error) {
-	q := fmt.Sprintf(`SELECT count(*), coalesce(md5(string_agg(h, '' ORDER BY h)), '') FROM (SELECT %s AS h FROM %s t) x`, rowHash, table)
+	q := fmt.Sprintf(`SELECT count(*), coalesce(md5(string_agg(h, '' ORDER BY h)), '') FROM (SELECT %s AS h FROM %s t) x`, rowHash, res.source())
 	res.Chunks = 1
 	var first string
 	for i, r := range regions {

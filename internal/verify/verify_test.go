@@ -21,7 +21,7 @@ func TestCompare(t *testing.T) {
 	mustExec(t, b, `CREATE TABLE acct (balance numeric, owner text, id int PRIMARY KEY);
 		CREATE TABLE nokey (v text);
 		INSERT INTO acct VALUES (10.50, 'ann', 1), (0, 'bob', 2); INSERT INTO nokey VALUES ('x')`)
-	regions := []Region{{"a", a.DSN("postgres")}, {"b", b.DSN("postgres")}}
+	regions := []Region{{Name: "a", DSN: a.DSN("postgres")}, {Name: "b", DSN: b.DSN("postgres")}}
 
 	rep, err := Compare(ctx, regions, "prism", 0)
 	if err != nil {

@@ -56,6 +56,36 @@ type Spill struct {
 	mu       sync.Mutex
 	readers  int
 	released bool
+
+	// A filtered view (Filtered) reads base's file through filter.
+	base   *Spill
+	filter func([]Change) ([]Change, error)
+}
+
+// Filtered returns a view of s whose chunks pass through fn, for a reader
+// that must see only part of the changes. fn gets each chunk as read (it
+// must not keep it) and returns what the view hands out; it may be called
+// from several goroutines at once. Filtered reads the file once to count
+// what the view holds, one chunk in memory at a time. The view shares s's
+// file: it must not be used after s is released, its own Release does
+// nothing, and WriteTo refuses it (the file holds unfiltered changes).
+func (s *Spill) Filtered(fn func([]Change) ([]Change, error)) (*Spill, error) {
+	base := s
+	if s.base != nil {
+		return nil, errors.New("filter a filtered spill")
+	}
+	v := &Spill{base: base, filter: fn, size: base.size}
+	err := v.Each(func(changes []Change) error {
+		v.count += len(changes)
+		for i := range changes {
+			v.bytes += int64(changeSize(&changes[i]))
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return v, nil
 }
 
 // Count is the number of changes.
@@ -72,7 +102,7 @@ func (s *Spill) FileSize() int64 { return s.size }
 // with ErrSpillReleased. Release is idempotent and safe for concurrent
 // use.
 func (s *Spill) Release() {
-	if s == nil {
+	if s == nil || s.base != nil {
 		return
 	}
 	s.mu.Lock()
@@ -113,6 +143,9 @@ func (s *Spill) acquire() (io.ReaderAt, func(), error) {
 
 // WriteTo copies the spill file, as OpenSpill reads it, to w.
 func (s *Spill) WriteTo(w io.Writer) (int64, error) {
+	if s.base != nil {
+		return 0, errors.New("copy spill: a filtered view cannot be copied")
+	}
 	r, done, err := s.acquire()
 	if err != nil {
 		return 0, err
@@ -175,10 +208,20 @@ type SpillIter struct {
 	left int64 // bytes of chunks not read yet
 	seen int
 	err  error
+
+	filter func([]Change) ([]Change, error) // of a filtered view
 }
 
 // Iter returns an iterator over the changes, from the first.
 func (s *Spill) Iter() (*SpillIter, error) {
+	if s.base != nil {
+		it, err := s.base.Iter()
+		if err != nil {
+			return nil, err
+		}
+		it.filter = s.filter
+		return it, nil
+	}
 	r, done, err := s.acquire()
 	if err != nil {
 		return nil, err
@@ -209,6 +252,14 @@ func (it *SpillIter) Next() ([]Change, error) {
 		return nil, it.err
 	}
 	changes, err := it.next()
+	for err == nil && it.filter != nil {
+		if changes, err = it.filter(changes); err == nil && len(changes) > 0 {
+			break
+		}
+		if err == nil {
+			changes, err = it.next()
+		}
+	}
 	if err != nil {
 		if !errors.Is(err, io.EOF) {
 			err = fmt.Errorf("read spill: %w", err)

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand"
 	"os"
 	"path/filepath"
@@ -221,5 +222,64 @@ func TestSpillCorrupt(t *testing.T) {
 		if err := s.Each(func([]Change) error { return nil }); err == nil {
 			t.Fatalf("corruption %d read back without error", i)
 		}
+	}
+}
+
+func TestSpillFiltered(t *testing.T) {
+	msgs := bigStream(rand.New(rand.NewSource(3)), 2000)
+	want := assemble(t, NewAssembler("na"), msgs)
+	a := NewAssembler("na", SpillOver(t.TempDir(), 64<<10, 16<<10))
+	got := assemble(t, a, msgs)
+	if got.Spill == nil {
+		t.Fatal("transaction not spilled")
+	}
+	defer got.Spill.Release()
+	// Keep the inserts whose id is even, drop everything else.
+	calls := 0
+	even := func(cs []Change) ([]Change, error) {
+		calls++
+		var out []Change
+		for _, c := range cs {
+			if c.Op == OpInsert && c.New[0].Kind == ValueText && (c.New[0].Data[len(c.New[0].Data)-1]-'0')%2 == 0 {
+				out = append(out, c)
+			}
+		}
+		return out, nil
+	}
+	var kept []Change
+	for _, c := range want.Changes {
+		if r, _ := even([]Change{c}); len(r) == 1 {
+			kept = append(kept, c)
+		}
+	}
+	calls = 0
+	v, err := got.Spill.Filtered(even)
+	if err != nil {
+		t.Fatalf("Filtered = %v", err)
+	}
+	if v.Count() != len(kept) || calls < 10 {
+		t.Fatalf("Filtered: Count %d after %d chunk calls, want %d changes counted chunk by chunk", v.Count(), calls, len(kept))
+	}
+	all, _ := readSpill(t, v)
+	if !reflect.DeepEqual(all, kept) {
+		t.Fatalf("filtered view yields %d changes, want the %d kept ones", len(all), len(kept))
+	}
+	v.Release() // a view's Release leaves the file to its owner
+	if again, _ := readSpill(t, got.Spill); len(again) != len(want.Changes) {
+		t.Fatalf("base after the view's Release: %d changes, want %d", len(again), len(want.Changes))
+	}
+	if _, err := v.WriteTo(io.Discard); err == nil {
+		t.Fatal("WriteTo of a filtered view succeeded; it would copy unfiltered changes")
+	}
+	none, err := got.Spill.Filtered(func([]Change) ([]Change, error) { return nil, nil })
+	if err != nil || none.Count() != 0 {
+		t.Fatalf("Filtered(drop all) = %d changes, %v; want 0", none.Count(), err)
+	}
+	if all, _ := readSpill(t, none); len(all) != 0 {
+		t.Fatalf("empty view yields %d changes", len(all))
+	}
+	boom := errors.New("boom")
+	if _, err := got.Spill.Filtered(func([]Change) ([]Change, error) { return nil, boom }); !errors.Is(err, boom) {
+		t.Fatalf("Filtered(failing) = %v, want boom", err)
 	}
 }
