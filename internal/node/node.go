@@ -204,18 +204,11 @@ func (n *Node) Run(ctx context.Context) error {
 	for _, p := range n.cfg.Peers {
 		accept = append(accept, p.Region)
 	}
-	server := peers.NewServer(peers.ServerConfig{
-		Region:        n.cfg.Region,
-		Node:          n.cfg.Node,
-		Token:         n.cfg.Auth.Token,
-		TLS:           serverTLS,
-		Insecure:      n.plaintext(),
-		AcceptRegions: accept,
-		// Heartbeats during a long apply keep the shippers from giving up
-		// on it: well below delivery.ack_timeout (the same on every node).
-		Heartbeat: min(time.Second, n.cfg.Delivery.AckTimeout/4),
-		Errors:    newErrorPolicy(n.cfg, n.log),
-	}, applier, n.log.With().Str("component", "server").Logger())
+	sc := peers.NewServerConfig(n.cfg.Delivery.AckTimeout)
+	sc.Region, sc.Node, sc.AcceptRegions = n.cfg.Region, n.cfg.Node, accept
+	sc.Token, sc.TLS, sc.Insecure = n.cfg.Auth.Token, serverTLS, n.plaintext()
+	sc.Errors = newErrorPolicy(n.cfg, n.log)
+	server := peers.NewServer(sc, applier, n.log.With().Str("component", "server").Logger())
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
@@ -575,23 +568,7 @@ func (n *Node) ensureTerm(ctx context.Context) (*term, error) {
 		for _, pn := range p.Nodes {
 			nodes = append(nodes, peers.NodeAddr{Name: pn.Name, Addr: pn.Addr})
 		}
-		t.shippers = append(t.shippers, peers.NewShipper(peers.ShipperConfig{
-			SourceRegion: n.cfg.Region,
-			SourceNode:   n.cfg.Node,
-			TargetRegion: p.Region,
-			Nodes:        nodes,
-			Token:        n.cfg.Auth.Token,
-			TLS:          n.clientTLS,
-			Insecure:     n.plaintext(),
-			AckTimeout:   n.cfg.Delivery.AckTimeout,
-			Retries:      n.cfg.Delivery.Retries,
-			Backoff:      n.cfg.Delivery.Backoff,
-			MaxBackoff:   n.cfg.Delivery.MaxBackoff,
-			MaxInFlight:  int64(n.cfg.Delivery.MaxInFlight),
-			Errors:       newErrorPolicy(n.cfg, n.log),
-			Undo:         newErrorPolicy(n.cfg, n.log).undoFunc(n.applier),
-			OnAck:        n.signalAcked,
-		}, n.fallback(p), n.log.With().Str("component", "shipper").Logger()))
+		t.shippers = append(t.shippers, peers.NewShipper(n.shipperConfig(p.Region, nodes), n.fallback(p), n.log.With().Str("component", "shipper").Logger()))
 	}
 	for i, s := range t.shippers {
 		t.wg.Add(1)
@@ -614,6 +591,21 @@ func (n *Node) ensureTerm(ctx context.Context) (*term, error) {
 	n.readerErr = ""
 	n.log.Info().Str("slot", n.cfg.Slot).Int("peer_regions", len(t.shippers)).Msg("holding the region's slot: shipping local writes")
 	return t, nil
+}
+
+// shipperConfig returns the configuration of the shipper to region
+// target: the delivery settings as resolved when the configuration was
+// loaded, and the protocol's other settings as peers derives them.
+func (n *Node) shipperConfig(target string, nodes []peers.NodeAddr) peers.ShipperConfig {
+	d := n.cfg.Delivery
+	sc := peers.NewShipperConfig(d.AckTimeout)
+	sc.Retries, sc.Backoff, sc.MaxBackoff, sc.MaxInFlight = d.Retries, d.Backoff, d.MaxBackoff, int64(d.MaxInFlight)
+	sc.SourceRegion, sc.SourceNode, sc.TargetRegion, sc.Nodes = n.cfg.Region, n.cfg.Node, target, nodes
+	sc.Token, sc.TLS, sc.Insecure = n.cfg.Auth.Token, n.clientTLS, n.plaintext()
+	sc.Errors = newErrorPolicy(n.cfg, n.log)
+	sc.Undo = newErrorPolicy(n.cfg, n.log).undoFunc(n.applier)
+	sc.OnAck = n.signalAcked
+	return sc
 }
 
 // feed hands a region's shipper the spooled transactions above the
