@@ -18,6 +18,7 @@ import (
 
 	"github.com/prism-cdc/prism-cdc/internal/config"
 	"github.com/prism-cdc/prism-cdc/internal/node"
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
 
 // statusReport is what prism-cdc status prints: the node's live view and
@@ -176,7 +177,7 @@ func dbFacts(ctx context.Context, cfg *config.Config, rep *statusReport) {
 			t.LastError, t.LastErrorAt, t.AuthRefused = ns.LastError, ns.LastErrorAt, ns.AuthRefused
 		}
 		if p.Database != "" {
-			applied, err := originProgress(ctx, p.Database, "prism_"+cfg.Region)
+			applied, err := originProgress(ctx, p.Database, decode.OriginName(cfg.Region))
 			if err != nil {
 				t.DBError = err.Error()
 			} else {

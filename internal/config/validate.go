@@ -10,13 +10,15 @@ import (
 	"strings"
 
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
 
 // Limits on names: a slot or origin name is at most 63 bytes, and a region
 // name becomes one after the "prism_" prefix.
 const (
 	maxNameLen   = 63
-	maxRegionLen = maxNameLen - len("prism_")
+	maxRegionLen = maxNameLen - len(decode.NamePrefix)
 )
 
 // validator collects problems for one file.

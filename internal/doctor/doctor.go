@@ -15,6 +15,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/prism-cdc/prism-cdc/internal/config"
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
 	"github.com/prism-cdc/prism-cdc/pkg/peers"
 )
 
@@ -644,7 +645,7 @@ func (d *doctor) sync(ctx context.Context, conn *pgx.Conn, db string) {
 		d.rep.add(Warn, db+": sync", err.Error(), "")
 		return
 	}
-	app := "prism_" + d.cfg.Node
+	app := decode.AppName(d.cfg.Node)
 	named := strings.Contains(names, app)
 	check := db + ": sync " + d.cfg.Sync.String()
 	if d.cfg.Sync.Mode == config.SyncOff || d.cfg.Sync.Mode == "" {

@@ -130,8 +130,6 @@ func NewApplier(pool *pgxpool.Pool, log zerolog.Logger, opts ...Option) *Applier
 	return a
 }
 
-func originName(region string) string { return "prism_" + region }
-
 // BootstrapApplicationName is the application_name of a bootstrap's
 // sessions. Fence does not terminate them: they hold origins on purpose.
 const BootstrapApplicationName = "prism_bootstrap"
@@ -212,7 +210,7 @@ func (a *Applier) Progress(ctx context.Context, sourceRegion string) (pglogrepl.
 	var s *string
 	err := a.pool.QueryRow(ctx,
 		"SELECT pg_replication_origin_progress(roname, true)::text FROM pg_catalog.pg_replication_origin WHERE roname = $1",
-		originName(sourceRegion)).Scan(&s)
+		decode.OriginName(sourceRegion)).Scan(&s)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return 0, nil
 	}
@@ -468,7 +466,7 @@ func (a *Applier) holdSession(ctx context.Context, source string) (*session, pgl
 		if err != nil {
 			return nil, 0, err
 		}
-		s := &session{a: a, conn: conn, origin: originName(source), source: source}
+		s := &session{a: a, conn: conn, origin: decode.OriginName(source), source: source}
 		progress, err := s.hold(ctx, source)
 		if err == nil {
 			return s, progress, nil
@@ -901,7 +899,7 @@ func (a *Applier) Fence(ctx context.Context, sourceRegion string) (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("apply fence %s: %w", sourceRegion, err)
 	}
-	s := &session{a: a, conn: conn, origin: originName(sourceRegion)}
+	s := &session{a: a, conn: conn, origin: decode.OriginName(sourceRegion)}
 	defer s.release()
 	pc := conn.Conn().PgConn()
 	killed := 0

@@ -131,13 +131,13 @@ type Reader struct {
 // NewReader returns a Reader; it connects on the first Next.
 func NewReader(cfg ReaderConfig, log zerolog.Logger) *Reader {
 	if cfg.Slot == "" {
-		cfg.Slot = "prism_" + cfg.Region
+		cfg.Slot = SlotName(cfg.Region)
 	}
 	if cfg.Publication == "" {
 		cfg.Publication = "prism"
 	}
 	if cfg.AppName == "" {
-		cfg.AppName = "prism_" + cfg.Region
+		cfg.AppName = AppName(cfg.Region)
 	}
 	if cfg.StatusInterval <= 0 {
 		cfg.StatusInterval = time.Second
