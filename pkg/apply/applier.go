@@ -207,24 +207,7 @@ func (a *Applier) ensureSetup(ctx context.Context) error {
 // the target database: the end LSN of the last applied transaction, or 0
 // when nothing was applied yet.
 func (a *Applier) Progress(ctx context.Context, sourceRegion string) (pglogrepl.LSN, error) {
-	var s *string
-	err := a.pool.QueryRow(ctx,
-		"SELECT pg_replication_origin_progress(roname, true)::text FROM pg_catalog.pg_replication_origin WHERE roname = $1",
-		decode.OriginName(sourceRegion)).Scan(&s)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return 0, nil
-	}
-	if err != nil {
-		return 0, fmt.Errorf("apply progress %s: %w", sourceRegion, err)
-	}
-	if s == nil {
-		return 0, nil
-	}
-	lsn, err := pglogrepl.ParseLSN(*s)
-	if err != nil {
-		return 0, fmt.Errorf("apply progress %s: %w", sourceRegion, err)
-	}
-	return lsn, nil
+	return OriginProgress(ctx, a.pool, sourceRegion)
 }
 
 // Apply applies one source transaction in one target transaction, with
