@@ -328,6 +328,35 @@ func (a *Applier) undoChange(ctx context.Context, tx pgx.Tx, cache map[string]*l
 	return "", permanent("22023", "unknown op %d", c.Op)
 }
 
+// exec runs one compensating statement: it returns reverted when it
+// changed a row, conflict when it found none to change.
+func (s *undoStmt) exec(ctx context.Context, pc *pgconn.PgConn, sql, reverted, conflict string) (string, error) {
+	tag, err := pc.ExecParams(ctx, sql, s.args, nil, nil, nil).Close()
+	if err != nil {
+		return "", err
+	}
+	if tag.RowsAffected() == 0 {
+		return conflict, nil
+	}
+	return reverted, nil
+}
+
+// restorable reports whether the old value v of column col is to be
+// written back: it was sent, and the column is a stored one of the local
+// table. A binary value cannot be.
+func restorable(t *localTable, col string, v decode.Value) (bool, error) {
+	if v.Kind == decode.ValueUnchanged || t.skipped[col] {
+		return false, nil
+	}
+	if _, ok := t.types[col]; !ok {
+		return false, nil
+	}
+	if v.Kind == decode.ValueBinary {
+		return false, permanent("0A000", "binary values cannot be restored by undo")
+	}
+	return true, nil
+}
+
 // undoInsert deletes the row an INSERT added, if it is still as inserted.
 func undoInsert(ctx context.Context, pc *pgconn.PgConn, s *undoStmt, c *decode.Change) (string, error) {
 	t := s.t
@@ -340,14 +369,7 @@ func undoInsert(ctx context.Context, pc *pgconn.PgConn, s *undoStmt, c *decode.C
 	}
 	sql := fmt.Sprintf("WITH r AS (SELECT t.ctid FROM %s t WHERE %s LIMIT 1 FOR UPDATE) DELETE FROM %s t USING r WHERE t.ctid = r.ctid",
 		t.name, cond, t.name)
-	tag, err := pc.ExecParams(ctx, sql, s.args, nil, nil, nil).Close()
-	if err != nil {
-		return "", err
-	}
-	if tag.RowsAffected() == 0 {
-		return "conflict: the inserted row was changed or deleted since; left as it is", nil
-	}
-	return "reverted: inserted row deleted", nil
+	return s.exec(ctx, pc, sql, "reverted: inserted row deleted", "conflict: the inserted row was changed or deleted since; left as it is")
 }
 
 // undoUpdate restores the old values of an UPDATE (with its before-image),
@@ -368,14 +390,11 @@ func undoUpdate(ctx context.Context, pc *pgconn.PgConn, s *undoStmt, c *decode.C
 	var sets []string
 	for i, col := range c.Rel.Columns {
 		v := c.Old[i]
-		if v.Kind == decode.ValueUnchanged || t.skipped[col.Name] {
+		if ok, err := restorable(t, col.Name, v); !ok {
+			if err != nil {
+				return "", err
+			}
 			continue
-		}
-		if _, ok := t.types[col.Name]; !ok {
-			continue
-		}
-		if v.Kind == decode.ValueBinary {
-			return "", permanent("0A000", "binary values cannot be restored by undo")
 		}
 		if t.always[col.Name] {
 			// An UPDATE cannot assign an identity ALWAYS column; an
@@ -392,14 +411,7 @@ func undoUpdate(ctx context.Context, pc *pgconn.PgConn, s *undoStmt, c *decode.C
 	}
 	sql := fmt.Sprintf("WITH r AS (SELECT t.ctid FROM %s t WHERE %s LIMIT 1 FOR UPDATE) UPDATE %s t SET %s FROM r WHERE t.ctid = r.ctid",
 		t.name, cond, t.name, strings.Join(sets, ", "))
-	tag, err := pc.ExecParams(ctx, sql, s.args, nil, nil, nil).Close()
-	if err != nil {
-		return "", err
-	}
-	if tag.RowsAffected() == 0 {
-		return "conflict: the updated row was changed or deleted since; left as it is", nil
-	}
-	return "reverted: old values restored", nil
+	return s.exec(ctx, pc, sql, "reverted: old values restored", "conflict: the updated row was changed or deleted since; left as it is")
 }
 
 // undoDelete inserts a deleted row (its before-image) again, unless a row
@@ -410,14 +422,11 @@ func undoDelete(ctx context.Context, pc *pgconn.PgConn, s *undoStmt, c *decode.C
 	overriding := ""
 	for i, col := range c.Rel.Columns {
 		v := c.Old[i]
-		if v.Kind == decode.ValueUnchanged || t.skipped[col.Name] {
+		if ok, err := restorable(t, col.Name, v); !ok {
+			if err != nil {
+				return "", err
+			}
 			continue
-		}
-		if _, ok := t.types[col.Name]; !ok {
-			continue
-		}
-		if v.Kind == decode.ValueBinary {
-			return "", permanent("0A000", "binary values cannot be restored by undo")
 		}
 		cols = append(cols, quote(col.Name))
 		vals = append(vals, s.param(col.Name, v))
@@ -435,12 +444,5 @@ func undoDelete(ctx context.Context, pc *pgconn.PgConn, s *undoStmt, c *decode.C
 		guard = fmt.Sprintf(" WHERE NOT EXISTS (SELECT 1 FROM %s t WHERE %s)", t.name, cond)
 	}
 	sql := fmt.Sprintf("INSERT INTO %s (%s)%s SELECT %s%s", t.name, strings.Join(cols, ", "), overriding, strings.Join(vals, ", "), guard)
-	tag, err := pc.ExecParams(ctx, sql, s.args, nil, nil, nil).Close()
-	if err != nil {
-		return "", err
-	}
-	if tag.RowsAffected() == 0 {
-		return "conflict: a row with the deleted row's key exists again; left as it is", nil
-	}
-	return "reverted: deleted row inserted again", nil
+	return s.exec(ctx, pc, sql, "reverted: deleted row inserted again", "conflict: a row with the deleted row's key exists again; left as it is")
 }
