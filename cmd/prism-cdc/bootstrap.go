@@ -11,6 +11,7 @@ import (
 	"github.com/prism-cdc/prism-cdc/internal/bootstrap"
 	"github.com/prism-cdc/prism-cdc/internal/config"
 	"github.com/prism-cdc/prism-cdc/internal/scope"
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
 
 // bootstrapCommand copies a peer region into this node's region database
@@ -87,7 +88,7 @@ func bootstrapCommand(ctx context.Context, args []string, stdout, stderr io.Writ
 	}
 	fmt.Fprintln(tw, "\nORIGIN\tRESUMES AFTER")
 	for _, p := range bc.Peers {
-		fmt.Fprintf(tw, "prism_%s\t%s\n", p.Region, res.Origins[p.Region])
+		fmt.Fprintf(tw, "%s\t%s\n", decode.OriginName(p.Region), res.Origins[p.Region])
 	}
 	tw.Flush()
 	return exitOK

@@ -18,6 +18,7 @@ import (
 
 	"github.com/prism-cdc/prism-cdc/internal/config"
 	"github.com/prism-cdc/prism-cdc/internal/node"
+	"github.com/prism-cdc/prism-cdc/pkg/apply"
 )
 
 // statusReport is what prism-cdc status prints: the node's live view and
@@ -176,7 +177,7 @@ func dbFacts(ctx context.Context, cfg *config.Config, rep *statusReport) {
 			t.LastError, t.LastErrorAt, t.AuthRefused = ns.LastError, ns.LastErrorAt, ns.AuthRefused
 		}
 		if p.Database != "" {
-			applied, err := originProgress(ctx, p.Database, "prism_"+cfg.Region)
+			applied, err := peerProgress(ctx, p.Database, cfg.Region)
 			if err != nil {
 				t.DBError = err.Error()
 			} else {
@@ -190,8 +191,9 @@ func dbFacts(ctx context.Context, cfg *config.Config, rep *statusReport) {
 	}
 }
 
-// originProgress reads an origin's durable progress in a peer database.
-func originProgress(ctx context.Context, dsn, origin string) (pglogrepl.LSN, error) {
+// peerProgress reads, in a peer database, the durable progress of the
+// transactions of source region source.
+func peerProgress(ctx context.Context, dsn, source string) (pglogrepl.LSN, error) {
 	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	conn, err := pgx.Connect(cctx, dsn)
@@ -199,15 +201,7 @@ func originProgress(ctx context.Context, dsn, origin string) (pglogrepl.LSN, err
 		return 0, errors.New(config.RedactDSN(err.Error()))
 	}
 	defer conn.Close(context.Background())
-	var s *string
-	err = conn.QueryRow(cctx, "SELECT pg_replication_origin_progress(roname, true)::text FROM pg_replication_origin WHERE roname = $1", origin).Scan(&s)
-	if errors.Is(err, pgx.ErrNoRows) || (err == nil && s == nil) {
-		return 0, nil
-	}
-	if err != nil {
-		return 0, err
-	}
-	return parseLSN(*s)
+	return apply.OriginProgress(cctx, conn, source)
 }
 
 // printStatus prints the report for an operator.

@@ -14,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/rs/zerolog"
 
+	"github.com/prism-cdc/prism-cdc/internal/config"
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
 	"github.com/prism-cdc/prism-cdc/pkg/apply"
 	"github.com/prism-cdc/prism-cdc/pkg/peers"
@@ -134,7 +135,9 @@ func TestStatusAuthRefused(t *testing.T) {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	defer stop()
-	srv := peers.NewServer(peers.ServerConfig{Region: "eu", Node: "eu1", Token: "eu-token", Insecure: true, AcceptRegions: []string{"na"}},
+	sc := peers.NewServerConfig(config.DefaultAckTimeout)
+	sc.Region, sc.Node, sc.Token, sc.Insecure, sc.AcceptRegions = "eu", "eu1", "eu-token", true, []string{"na"}
+	srv := peers.NewServer(sc,
 		apply.NewApplier(pool, zerolog.Nop(), apply.WithLocalRegion("eu")), zerolog.Nop())
 	wg.Add(1)
 	go func() { defer wg.Done(); srv.Serve(sctx, ln) }()

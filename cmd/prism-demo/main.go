@@ -115,6 +115,37 @@ func (d *demo) run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if err := d.startRegions(ctx); err != nil {
+		return err
+	}
+	if err := d.startNodes(ctx); err != nil {
+		return err
+	}
+	stopWorkload := d.startWorkload(ctx)
+	defer stopWorkload()
+	d.recordStartup()
+	for _, scene := range []func(context.Context) error{d.steadyState, d.lostUpdate, d.failover, d.fallback, d.recovery, d.residency} {
+		if err := scene(ctx); err != nil {
+			return err
+		}
+	}
+	d.step("Stopping the workload and draining")
+	stopWorkload()
+	if err := d.drain(ctx); err != nil {
+		return err
+	}
+	d.step("Verifying: every table compared across na, eu and as (card_tokens between na and eu only)")
+	total, conflicts, err := d.compareRegions(ctx)
+	if err != nil {
+		return err
+	}
+	d.summary(total, conflicts)
+	return nil
+}
+
+// startRegions starts a PostgreSQL cluster per region with database app
+// and the demo's schema, and sets the nodes' environment.
+func (d *demo) startRegions(ctx context.Context) error {
 	d.step("Starting three regions: a PostgreSQL cluster each for na, eu and as")
 	d.clusters = map[string]*pgtest.Cluster{}
 	d.written = map[string]*atomic.Int64{}
@@ -140,7 +171,12 @@ func (d *demo) run(ctx context.Context) error {
 	for _, r := range regions {
 		d.env = append(d.env, fmt.Sprintf("PRISM_%s_DSN=%s", strings.ToUpper(r), d.clusters[r].DSN("app")))
 	}
+	return nil
+}
 
+// startNodes starts the four nodes one after another and waits until
+// every region has a reader.
+func (d *demo) startNodes(ctx context.Context) error {
 	d.step("Starting four nodes: na1, eu1, eu2, as1")
 	d.procs = map[string]*proc{}
 	for _, n := range []string{"na1", "eu1", "as1", "eu2"} {
@@ -158,18 +194,27 @@ func (d *demo) run(ctx context.Context) error {
 		return err
 	}
 	d.say("readers: na1 holds slot prism_na, %s holds prism_eu (the other eu node stands by), as1 holds prism_as", d.euReader())
+	return nil
+}
 
-	wctx, stopWorkload := context.WithCancel(ctx)
+// startWorkload starts every region's workload; the function it returns
+// stops them and waits for them to end (it may be called again).
+func (d *demo) startWorkload(ctx context.Context) (stop func()) {
+	wctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	for _, r := range regions {
 		wg.Add(1)
-		go func(r string) {
+		go func(r string) { // owned by the returned stop
 			defer wg.Done()
 			d.workload(wctx, r)
 		}(r)
 	}
-	defer func() { stopWorkload(); wg.Wait() }()
+	return func() { cancel(); wg.Wait() }
+}
 
+// recordStartup keeps the path counters of the start as the baseline the
+// tables count from.
+func (d *demo) recordStartup() {
 	d.startup = baseline{}
 	var startupRetries int
 	for _, n := range []string{"na1", "eu1", "eu2", "as1"} {
@@ -179,13 +224,19 @@ func (d *demo) run(ctx context.Context) error {
 		}
 	}
 	d.say("%d retries while the nodes came up one after another (a shipper retries a region whose node is not started yet); the tables count from here", startupRetries)
+}
 
+func (d *demo) steadyState(ctx context.Context) error {
 	d.step("Steady state: every region writes; updates flow to every other region")
 	if err := d.sleep(ctx, 5*time.Second); err != nil {
 		return err
 	}
 	d.table()
+	return nil
+}
 
+// lostUpdate freezes as1 until the shippers retry, then lets it go on.
+func (d *demo) lostUpdate(ctx context.Context) error {
 	d.step("1. A lost update to as: as1 freezes, updates to region as get no ACK")
 	before := d.target("na1", "as").Retries + d.target(d.euReader(), "as").Retries
 	if err := d.signal("as1", syscall.SIGSTOP); err != nil {
@@ -206,7 +257,12 @@ func (d *demo) run(ctx context.Context) error {
 		return err
 	}
 	d.table()
+	return nil
+}
 
+// failover kills eu1: region eu fails over to eu2, which also takes over
+// the slot.
+func (d *demo) failover(ctx context.Context) error {
 	d.step("2. eu1 stops: region eu fails over to eu2")
 	if err := d.kill("eu1"); err != nil {
 		return err
@@ -223,7 +279,12 @@ func (d *demo) run(ctx context.Context) error {
 	}
 	d.say("eu2 took over slot prism_eu and ships EU's writes")
 	d.table()
+	return nil
+}
 
+// fallback kills eu2 as well: the other regions apply to the EU database
+// over SQL.
+func (d *demo) fallback(ctx context.Context) error {
 	d.step("3. eu2 stops too: no eu node answers, direct-SQL fallback to the EU database")
 	if err := d.kill("eu2"); err != nil {
 		return err
@@ -240,7 +301,11 @@ func (d *demo) run(ctx context.Context) error {
 		return err
 	}
 	d.table()
+	return nil
+}
 
+// recovery restarts eu1 and eu2: the traffic returns to eu1.
+func (d *demo) recovery(ctx context.Context) error {
 	d.step("4. eu1 and eu2 return: traffic goes back to eu1")
 	if err := d.startNode("eu1"); err != nil {
 		return err
@@ -264,14 +329,12 @@ func (d *demo) run(ctx context.Context) error {
 		return err
 	}
 	d.table()
+	return nil
+}
 
-	if err := d.residency(ctx); err != nil {
-		return err
-	}
-
-	d.step("Stopping the workload and draining")
-	stopWorkload()
-	wg.Wait()
+// drain waits until every reader's targets have acknowledged everything
+// (the workload is stopped).
+func (d *demo) drain(ctx context.Context) error {
 	for _, r := range regions {
 		d.say("region %s wrote %d transactions", r, d.written[r].Load())
 	}
@@ -284,15 +347,20 @@ func (d *demo) run(ctx context.Context) error {
 		}
 	}
 	d.table()
+	return nil
+}
 
-	d.step("Verifying: every table compared across na, eu and as (card_tokens between na and eu only)")
+// compareRegions compares every table across the regions and checks that each
+// holds one ledger row per write. It returns the writes and na's resolved
+// conflicts.
+func (d *demo) compareRegions(ctx context.Context) (total, conflicts int64, err error) {
 	var vr []verify.Region
 	for _, r := range regions {
 		vr = append(vr, verify.Region{Name: r, DSN: d.clusters[r].DSN("app"), Scope: d.scopes[r]})
 	}
 	rep, err := verify.Compare(ctx, vr, "prism", 2*time.Second)
 	if err != nil {
-		return err
+		return 0, 0, err
 	}
 	for _, t := range rep.Tables {
 		state := "EQUAL"
@@ -309,23 +377,23 @@ func (d *demo) run(ctx context.Context) error {
 		}
 	}
 	if !rep.Equal() {
-		return fmt.Errorf("regions differ")
+		return 0, 0, fmt.Errorf("regions differ")
 	}
-	total := d.written["na"].Load() + d.written["eu"].Load() + d.written["as"].Load()
+	total = d.written["na"].Load() + d.written["eu"].Load() + d.written["as"].Load()
 	for _, r := range regions {
 		n, err := d.count(ctx, r, "SELECT count(*) FROM ledger")
 		if err != nil {
-			return err
+			return 0, 0, err
 		}
 		if n != total {
-			return fmt.Errorf("region %s has %d ledger rows, want %d (one per write)", r, n, total)
+			return 0, 0, fmt.Errorf("region %s has %d ledger rows, want %d (one per write)", r, n, total)
 		}
 	}
-	conflicts, err := d.count(ctx, "na", "SELECT count(*) FROM prism.conflicts")
-	if err != nil {
-		return err
-	}
+	conflicts, err = d.count(ctx, "na", "SELECT count(*) FROM prism.conflicts")
+	return total, conflicts, err
+}
 
+func (d *demo) summary(total, conflicts int64) {
 	d.step("Summary")
 	na, as := d.target("na1", "eu"), d.target("as1", "eu")
 	d.say("transactions written: %d (na %d, eu %d, as %d); every region holds all %d ledger rows exactly once",
@@ -334,7 +402,6 @@ func (d *demo) run(ctx context.Context) error {
 		na.Retries, as.Retries, na.Failovers, as.Failovers, na.Fallbacks, as.Fallbacks, na.Recoveries, as.Recoveries)
 	d.say("write conflicts resolved (last write wins) and logged in prism.conflicts on na: %d", conflicts)
 	d.say("verdict: the three regions are identical")
-	return nil
 }
 
 const schema = `

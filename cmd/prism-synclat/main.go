@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
 
 func main() {
@@ -143,87 +144,74 @@ func run(ctx context.Context, bin string, n int) error {
 	if _, err := os.Stat(bin); err != nil {
 		return fmt.Errorf("%s: %w (build it with: make build)", bin, err)
 	}
-	var results []result
+	physical, err := measurePhysical(ctx, n)
+	if err != nil {
+		return err
+	}
+	logical, err := measurePrism(ctx, bin, n)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("\ncommit latency on the source, %d single-row commits each, fsync on, one client\n", n)
+	fmt.Printf("%-42s %9s %9s %9s\n", "setup", "p50 ms", "p99 ms", "mean ms")
+	for _, r := range append(physical, logical...) {
+		fmt.Printf("%-42s %9.2f %9.2f %9.2f\n", r.name, ms(r.p50), ms(r.p99), ms(r.avg))
+	}
+	return nil
+}
 
+// measurePhysical measures a primary alone, then with a synchronous
+// streaming standby.
+func measurePhysical(ctx context.Context, n int) ([]result, error) {
 	fmt.Println("physical: a primary and a streaming standby (pg_basebackup)")
 	primary, err := newCluster(ctx, "lat-primary")
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer primary.Close()
 	standby, err := pgtest.NewStandby(primary, pgtest.Options{Name: "lat-standby"})
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer standby.Close()
-	r, err := measure(ctx, primary, "no replication (local commit)", 0, n)
+	local, err := measure(ctx, primary, "no replication (local commit)", 0, n)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	results = append(results, r)
 	if err := setSyncNames(ctx, primary, "*"); err != nil {
-		return err
+		return nil, err
 	}
-	r, err = measure(ctx, primary, "native synchronous physical standby", 1_000_000, n)
+	sync, err := measure(ctx, primary, "native synchronous physical standby", 1_000_000, n)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	results = append(results, r)
-	standby.Close()
-	primary.Close()
+	return []result{local, sync}, nil
+}
 
+// measurePrism measures commits on region na with eu1 and as1 running
+// and na1 in each sync mode.
+func measurePrism(ctx context.Context, bin string, n int) ([]result, error) {
 	fmt.Println("prism-cdc: regions na, eu, as; commits on na")
-	regions := map[string]*pgtest.Cluster{}
+	m := &mesh{bin: bin, regions: map[string]*pgtest.Cluster{}, ports: map[string]int{"na1": 17501, "eu1": 17502, "as1": 17503}}
 	for _, name := range []string{"na", "eu", "as"} {
 		c, err := newCluster(ctx, "lat-"+name)
 		if err != nil {
-			return err
-		}
-		defer c.Close()
-		regions[name] = c
-	}
-	dir, err := os.MkdirTemp("", "prism-synclat-")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(dir)
-	ports := map[string]int{"na1": 17501, "eu1": 17502, "as1": 17503}
-	config := func(node, region, sync string) string {
-		var b strings.Builder
-		fmt.Fprintf(&b, "node: %s\nregion: %s\ndatabase: %q\nlisten: \"127.0.0.1:%d\"\nauth: {token: bench-token}\nlog: {level: warn}\n",
-			node, region, regions[region].DSN("app"), ports[node])
-		if sync != "" {
-			fmt.Fprintf(&b, "sync: %q\nspool: {dir: %q}\n", sync, filepath.Join(dir, "spool-"+node))
-		}
-		b.WriteString("peers:\n")
-		for _, pr := range []string{"na", "eu", "as"} {
-			if pr == region {
-				continue
-			}
-			fmt.Fprintf(&b, "  - region: %s\n    database: %q\n    nodes: [{name: %s1, addr: \"127.0.0.1:%d\"}]\n", pr, regions[pr].DSN("app"), pr, ports[pr+"1"])
-		}
-		p := filepath.Join(dir, node+"-"+strings.ReplaceAll(sync, ":", "")+".yaml")
-		os.WriteFile(p, []byte(b.String()), 0o600)
-		return p
-	}
-	start := func(cfg string) (*exec.Cmd, error) {
-		cmd := exec.Command(bin, "run", "--config", cfg)
-		logf, err := os.Create(cfg + ".log")
-		if err != nil {
 			return nil, err
 		}
-		cmd.Stdout, cmd.Stderr = logf, logf
-		return cmd, cmd.Start()
+		defer c.Close()
+		m.regions[name] = c
 	}
-	stopNode := func(cmd *exec.Cmd) {
-		cmd.Process.Signal(syscall.SIGTERM)
-		cmd.Wait()
+	var err error
+	m.dir, err = os.MkdirTemp("", "prism-synclat-")
+	if err != nil {
+		return nil, err
 	}
+	defer os.RemoveAll(m.dir)
 	var others []*exec.Cmd
 	for _, nr := range [][2]string{{"eu1", "eu"}, {"as1", "as"}} {
-		cmd, err := start(config(nr[0], nr[1], ""))
+		cmd, err := m.start(m.config(nr[0], nr[1], ""))
 		if err != nil {
-			return err
+			return nil, err
 		}
 		others = append(others, cmd)
 	}
@@ -232,39 +220,87 @@ func run(ctx context.Context, bin string, n int) error {
 			stopNode(c)
 		}
 	}()
+	var results []result
 	for i, mode := range []string{"off", "quorum:1", "all"} {
-		sync := mode
-		if mode == "off" {
-			sync = ""
-		}
-		cmd, err := start(config("na1", "na", sync))
+		r, err := m.measureSync(ctx, mode, (i+2)*1_000_000, n)
 		if err != nil {
-			return err
-		}
-		names := "prism_na1"
-		if mode == "off" {
-			names = ""
-		}
-		if err := setSyncNames(ctx, regions["na"], names); err != nil {
-			stopNode(cmd)
-			return fmt.Errorf("sync %s: %w", mode, err)
-		}
-		r, err := measure(ctx, regions["na"], "prism-cdc sync: "+mode+" (2 regions)", (i+2)*1_000_000, n)
-		// Release waiting commits before stopping the node.
-		setSyncNames(ctx, regions["na"], "")
-		stopNode(cmd)
-		if err != nil {
-			return err
+			return nil, err
 		}
 		results = append(results, r)
 	}
+	return results, nil
+}
 
-	fmt.Printf("\ncommit latency on the source, %d single-row commits each, fsync on, one client\n", n)
-	fmt.Printf("%-42s %9s %9s %9s\n", "setup", "p50 ms", "p99 ms", "mean ms")
-	for _, r := range results {
-		fmt.Printf("%-42s %9.2f %9.2f %9.2f\n", r.name, ms(r.p50), ms(r.p99), ms(r.avg))
+// mesh is the three regions' clusters and the nodes' files.
+type mesh struct {
+	bin     string
+	dir     string
+	regions map[string]*pgtest.Cluster
+	ports   map[string]int // peer listen port by node
+}
+
+// measureSync runs na1 with sync mode ("off" for none) and measures
+// commits on na, with ids from from on.
+func (m *mesh) measureSync(ctx context.Context, mode string, from, n int) (result, error) {
+	sync := mode
+	if mode == "off" {
+		sync = ""
 	}
-	return nil
+	cmd, err := m.start(m.config("na1", "na", sync))
+	if err != nil {
+		return result{}, err
+	}
+	names := decode.AppName("na1")
+	if mode == "off" {
+		names = ""
+	}
+	if err := setSyncNames(ctx, m.regions["na"], names); err != nil {
+		stopNode(cmd)
+		return result{}, fmt.Errorf("sync %s: %w", mode, err)
+	}
+	r, err := measure(ctx, m.regions["na"], "prism-cdc sync: "+mode+" (2 regions)", from, n)
+	// Release waiting commits before stopping the node.
+	setSyncNames(ctx, m.regions["na"], "")
+	stopNode(cmd)
+	return r, err
+}
+
+// config writes the configuration of node in region, with sync mode sync
+// (empty: off), and returns its path.
+func (m *mesh) config(node, region, sync string) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "node: %s\nregion: %s\ndatabase: %q\nlisten: \"127.0.0.1:%d\"\nauth: {token: bench-token}\nlog: {level: warn}\n",
+		node, region, m.regions[region].DSN("app"), m.ports[node])
+	if sync != "" {
+		fmt.Fprintf(&b, "sync: %q\nspool: {dir: %q}\n", sync, filepath.Join(m.dir, "spool-"+node))
+	}
+	b.WriteString("peers:\n")
+	for _, pr := range []string{"na", "eu", "as"} {
+		if pr == region {
+			continue
+		}
+		fmt.Fprintf(&b, "  - region: %s\n    database: %q\n    nodes: [{name: %s1, addr: \"127.0.0.1:%d\"}]\n", pr, m.regions[pr].DSN("app"), pr, m.ports[pr+"1"])
+	}
+	p := filepath.Join(m.dir, node+"-"+strings.ReplaceAll(sync, ":", "")+".yaml")
+	os.WriteFile(p, []byte(b.String()), 0o600)
+	return p
+}
+
+// start starts prism-cdc run with configuration cfg, logging next to it.
+func (m *mesh) start(cfg string) (*exec.Cmd, error) {
+	cmd := exec.Command(m.bin, "run", "--config", cfg)
+	logf, err := os.Create(cfg + ".log")
+	if err != nil {
+		return nil, err
+	}
+	cmd.Stdout, cmd.Stderr = logf, logf
+	return cmd, cmd.Start()
+}
+
+// stopNode stops a node gracefully and waits for it.
+func stopNode(cmd *exec.Cmd) {
+	cmd.Process.Signal(syscall.SIGTERM)
+	cmd.Wait()
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

@@ -102,14 +102,14 @@ func (c *Config) setDefaults() {
 		c.Publication = "prism"
 	}
 	if c.Slot == "" {
-		c.Slot = "prism_" + c.Region
+		c.Slot = decode.SlotName(c.Region)
 	}
 	if c.Jobs <= 0 {
 		c.Jobs = 4
 	}
 	for i := range c.Peers {
 		if c.Peers[i].Slot == "" {
-			c.Peers[i].Slot = "prism_" + c.Peers[i].Region
+			c.Peers[i].Slot = decode.SlotName(c.Peers[i].Region)
 		}
 	}
 }
@@ -263,7 +263,7 @@ func claimTarget(ctx context.Context, tgt *pgx.Conn, cfg Config, tables []*table
 // guardOrigins holds every peer origin in the target for the whole run.
 func guardOrigins(ctx context.Context, cfg Config, ws *writers) error {
 	for _, p := range cfg.Peers {
-		if _, err := ws.guard(ctx, originName(p.Region)); err != nil {
+		if _, err := ws.guard(ctx, decode.OriginName(p.Region)); err != nil {
 			return err
 		}
 	}
@@ -326,7 +326,7 @@ func setOrigins(ctx context.Context, cfg Config, ws *writers, snap *snapshot, ot
 	}
 	checkSlots(ctx, cfg, res.Origins, log)
 	for _, p := range cfg.Peers {
-		if err := ws.setProgress(ctx, originName(p.Region), res.Origins[p.Region]); err != nil {
+		if err := ws.setProgress(ctx, decode.OriginName(p.Region), res.Origins[p.Region]); err != nil {
 			return err
 		}
 	}
@@ -350,8 +350,6 @@ func raiseHorizon(ctx context.Context, tgt *pgx.Conn, cfg Config, stats []TableS
 	}
 	return nil
 }
-
-func originName(region string) string { return "prism_" + region }
 
 func lsnStrings(m map[string]pglogrepl.LSN) map[string]string {
 	out := make(map[string]string, len(m))

@@ -14,6 +14,8 @@ import (
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/rs/zerolog"
+
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
 
 // Limits of the rows written with their source commit time.
@@ -383,7 +385,7 @@ func copyTable(ctx context.Context, cfg Config, src *pgconn.PgConn, tgt *originS
 	if err != nil {
 		return TableStats{}, err
 	}
-	c := &tableCopy{t: t, ws: ws, bulk: bulk, source: originName(cfg.Source), start: start,
+	c := &tableCopy{t: t, ws: ws, bulk: bulk, source: decode.OriginName(cfg.Source), start: start,
 		head: make([]byte, 2), pending: map[string]*pendingRuns{}}
 	if cfg.MaxRate > 0 {
 		c.rate = float64(cfg.MaxRate) / float64(jobs)

@@ -227,7 +227,7 @@ func (s *snapshot) resolveOrigins(ctx context.Context, dsn, pub string, others [
 		var lsn pglogrepl.LSN
 		var err error
 		for attempt := 1; ; attempt++ {
-			lsn, err = readHeld(ctx, dsn, originName(r))
+			lsn, err = readHeld(ctx, dsn, decode.OriginName(r))
 			if err == nil || attempt == 5 || ctx.Err() != nil {
 				break
 			}
@@ -252,7 +252,7 @@ func (s *snapshot) resolveOrigins(ctx context.Context, dsn, pub string, others [
 		return err
 	}
 	for _, r := range others {
-		if o, ok := first[originName(r)]; ok && o > 0 {
+		if o, ok := first[decode.OriginName(r)]; ok && o > 0 {
 			s.progress[r] = o - 1
 		} else {
 			s.progress[r] = held[r]

@@ -265,7 +265,3 @@ func ParseSync(s string) (Sync, error) {
 	}
 	return Sync{}, fmt.Errorf("sync %q: write off, all or quorum:N", s)
 }
-
-// SlotName returns the default slot name, and the replication origin name,
-// for a region: prism_<region>.
-func SlotName(region string) string { return "prism_" + region }

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
 
 // Load reads the node configuration at path, expands ${VAR} references from
@@ -182,7 +184,7 @@ func (r *rawConfig) config(file string, lines map[string]int) (*Config, []error)
 		lines: lines,
 	}
 	if c.Slot == "" && validName(c.Region) && len(c.Region) <= maxRegionLen {
-		c.Slot = SlotName(c.Region)
+		c.Slot = decode.SlotName(c.Region)
 	}
 	for _, p := range r.Peers {
 		peer := Peer{Region: p.Region, Database: p.Database, Scope: Scope(p.Scope)}

@@ -10,13 +10,15 @@ import (
 	"strings"
 
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
 
 // Limits on names: a slot or origin name is at most 63 bytes, and a region
 // name becomes one after the "prism_" prefix.
 const (
 	maxNameLen   = 63
-	maxRegionLen = maxNameLen - len("prism_")
+	maxRegionLen = maxNameLen - len(decode.NamePrefix)
 )
 
 // validator collects problems for one file.
@@ -65,25 +67,7 @@ func (c *Config) Validate() error {
 	v := &validator{file: c.Path, lines: c.lines}
 	nodes := map[string]string{} // node name -> key path of its first use
 	addrs := map[string]string{} // address -> key path of its first use
-
-	v.name("node", c.Node, "node name", "eu1", maxNameLen, true)
-	if c.Node != "" {
-		nodes[c.Node] = "node"
-	}
-	v.name("region", c.Region, "region name", "eu", maxRegionLen, true)
-	v.dsn("database", c.Database)
-	v.name("publication", c.Publication, "publication name", DefaultPublication, maxNameLen, false)
-	// The slot defaults to prism_<region>; a missing region is reported once.
-	v.name("slot", c.Slot, "slot name", "prism_eu", maxNameLen, validName(c.Region))
-	if c.Listen == "" {
-		v.add("listen", `missing; write the host:port where other regions reach this node, e.g. "127.0.0.1:7201"`)
-	} else if v.addr("listen", c.Listen, true) {
-		addrs[c.Listen] = "listen"
-	}
-	if c.HTTP != "" && v.addr("http", c.HTTP, true) {
-		v.unique(addrs, "http", c.HTTP, "address", "use another port")
-	}
-
+	v.node(c, nodes, addrs)
 	v.auth(c.Auth)
 
 	regions := map[string]string{}
@@ -127,7 +111,38 @@ func (c *Config) Validate() error {
 	v.scopeUndo(c, scoped)
 	v.scope("scope", c.Scope)
 
-	d := c.Delivery
+	v.delivery(c.Delivery)
+	v.policies(c)
+	v.sync(c)
+	v.storage(c)
+	v.log(c.Log)
+	return errors.Join(v.errs...)
+}
+
+// node checks this node's own keys: names, database and addresses. It
+// records the node's name in nodes and its addresses in addrs.
+func (v *validator) node(c *Config, nodes, addrs map[string]string) {
+	v.name("node", c.Node, "node name", "eu1", maxNameLen, true)
+	if c.Node != "" {
+		nodes[c.Node] = "node"
+	}
+	v.name("region", c.Region, "region name", "eu", maxRegionLen, true)
+	v.dsn("database", c.Database)
+	v.name("publication", c.Publication, "publication name", DefaultPublication, maxNameLen, false)
+	// The slot defaults to prism_<region>; a missing region is reported once.
+	v.name("slot", c.Slot, "slot name", decode.SlotName("eu"), maxNameLen, validName(c.Region))
+	if c.Listen == "" {
+		v.add("listen", `missing; write the host:port where other regions reach this node, e.g. "127.0.0.1:7201"`)
+	} else if v.addr("listen", c.Listen, true) {
+		addrs[c.Listen] = "listen"
+	}
+	if c.HTTP != "" && v.addr("http", c.HTTP, true) {
+		v.unique(addrs, "http", c.HTTP, "address", "use another port")
+	}
+}
+
+// delivery checks the delivery settings.
+func (v *validator) delivery(d Delivery) {
 	v.positive("delivery.ack_timeout", d.AckTimeout.String(), d.AckTimeout > 0, DefaultAckTimeout.String())
 	if d.AckTimeout > 0 && d.AckTimeout < MinAckTimeout {
 		v.add("delivery.ack_timeout", "%s is too short: a round trip between regions plus one commit on the target must fit in it, "+
@@ -142,7 +157,10 @@ func (c *Config) Validate() error {
 		v.add("delivery.retries", "%d is negative; write 0 or more: how often a node that failed is tried again before failing over to the region's next node (0 fails over at once; default %d)", d.Retries, DefaultRetries)
 	}
 	v.positive("delivery.max_in_flight", d.MaxInFlight.String(), d.MaxInFlight > 0, DefaultMaxInFlight.String())
+}
 
+// policies checks the conflict and apply error policies.
+func (v *validator) policies(c *Config) {
 	if !c.Conflicts.Default.Valid() {
 		v.add("conflicts.default", "%q is not a conflict policy; write %s", c.Conflicts.Default, conflictPolicies)
 	}
@@ -167,7 +185,10 @@ func (c *Config) Validate() error {
 			v.add(key, "%q is not an apply error policy; write halt, dead_letter or undo", p)
 		}
 	}
+}
 
+// sync checks the sync mode against the peers and the spool.
+func (v *validator) sync(c *Config) {
 	switch c.Sync.Mode {
 	case SyncOff, SyncAll:
 	case SyncQuorum:
@@ -181,7 +202,10 @@ func (c *Config) Validate() error {
 	default:
 		v.add("sync", "%q is not a sync mode; write off, all or quorum:N", c.Sync.Mode)
 	}
+}
 
+// storage checks the spool's and the spill files' settings.
+func (v *validator) storage(c *Config) {
 	v.positive("spool.max_bytes", c.Spool.MaxBytes.String(), c.Spool.MaxBytes > 0, DefaultSpoolMax.String())
 	v.positive("spill.above", c.Spill.Above.String(), c.Spill.Above > 0, DefaultSpillAbove.String())
 	if c.Spill.Dir != "" {
@@ -189,14 +213,16 @@ func (c *Config) Validate() error {
 			v.add("spill.dir", "%q is not a directory; create it (large transactions are written there while they ship) or leave spill.dir empty for the system's temporary directory", c.Spill.Dir)
 		}
 	}
+}
 
-	if !validLogLevel(c.Log.Level) {
-		v.add("log.level", "%q is not a log level; write trace, debug, info, warn or error", c.Log.Level)
+// log checks the log settings.
+func (v *validator) log(l Log) {
+	if !validLogLevel(l.Level) {
+		v.add("log.level", "%q is not a log level; write trace, debug, info, warn or error", l.Level)
 	}
-	if !c.Log.Format.Valid() {
-		v.add("log.format", "%q is not a log format; write json or console", c.Log.Format)
+	if !l.Format.Valid() {
+		v.add("log.format", "%q is not a log format; write json or console", l.Format)
 	}
-	return errors.Join(v.errs...)
 }
 
 const conflictPolicies = "last_write_wins, source_wins, keep_local or error"

@@ -15,6 +15,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/prism-cdc/prism-cdc/internal/config"
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
 	"github.com/prism-cdc/prism-cdc/pkg/peers"
 )
 
@@ -63,128 +64,29 @@ func (d *doctor) connect(ctx context.Context, dsn string) (*pgx.Conn, error) {
 // local checks this region's database and returns its system identifier
 // ("" when unknown).
 func (d *doctor) local(ctx context.Context) string {
-	cfg, r := d.cfg, d.rep
-	db := "database " + cfg.Region
-	conn, err := d.connect(ctx, cfg.Database)
+	db := "database " + d.cfg.Region
+	conn, err := d.connect(ctx, d.cfg.Database)
 	if err != nil {
-		r.add(Problem, db, "unreachable: "+err.Error(),
-			"check the database key in "+cfg.Path+", that PostgreSQL runs and that pg_hba.conf admits this host and role")
+		d.rep.add(Problem, db, "unreachable: "+err.Error(),
+			"check the database key in "+d.cfg.Path+", that PostgreSQL runs and that pg_hba.conf admits this host and role")
 		return ""
 	}
 	defer conn.Close(context.Background())
-	r.ok(db, "reachable")
+	d.rep.ok(db, "reachable")
 
-	var s struct {
-		version                        int
-		walLevel, trackTS, role        string
-		maxSlots, maxSenders, usedSlot int
-		senders                        int
-		repl, super                    bool
-	}
-	err = conn.QueryRow(ctx, `SELECT current_setting('server_version_num')::int, current_setting('wal_level'),
-		current_setting('track_commit_timestamp'), current_user,
-		current_setting('max_replication_slots')::int, current_setting('max_wal_senders')::int,
-		(SELECT count(*) FROM pg_replication_slots WHERE slot_name <> $1)::int,
-		(SELECT count(*) FROM pg_stat_replication)::int,
-		r.rolreplication, r.rolsuper FROM pg_roles r WHERE r.rolname = current_user`, cfg.Slot).
-		Scan(&s.version, &s.walLevel, &s.trackTS, &s.role, &s.maxSlots, &s.maxSenders, &s.usedSlot, &s.senders, &s.repl, &s.super)
+	s, err := readServerFacts(ctx, conn, d.cfg.Slot)
 	if err != nil {
-		r.add(Problem, db, "read settings: "+err.Error(), "")
+		d.rep.add(Problem, db, "read settings: "+err.Error(), "")
 		return ""
 	}
-	switch {
-	case s.version < 140000:
-		r.add(Problem, db+": server version", fmt.Sprintf("PostgreSQL %d.%d is too old; prism-cdc needs 14 or later (tested on 15)", s.version/10000, s.version%10000), "upgrade PostgreSQL to 15 or later")
-	case s.version < 150000:
-		r.add(Warn, db+": server version", fmt.Sprintf("PostgreSQL %d; prism-cdc is tested on 15", s.version/10000), "upgrade PostgreSQL to 15 or later")
-	default:
-		r.ok(db+": server version", fmt.Sprintf("PostgreSQL %d.%d", s.version/10000, s.version%10000))
-	}
-	if s.walLevel != "logical" {
-		r.add(Problem, db+": wal_level", fmt.Sprintf("wal_level is %q; logical replication needs logical", s.walLevel),
-			"ALTER SYSTEM SET wal_level = logical;  -- then restart PostgreSQL")
-	} else {
-		r.ok(db+": wal_level", "logical")
-	}
-	if s.trackTS != "on" {
-		r.add(Warn, db+": track_commit_timestamp", "off: last_write_wins cannot compare the local commit time of a conflicting row (the incoming change wins)",
-			"ALTER SYSTEM SET track_commit_timestamp = on;  -- then restart PostgreSQL")
-	} else {
-		r.ok(db+": track_commit_timestamp", "on")
-	}
-	var slotExists, slotActive bool
-	var slotPlugin, walStatus string
-	var retained *int64
-	err = conn.QueryRow(ctx, `SELECT true, coalesce(plugin, ''), active, coalesce(wal_status, ''),
-		pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint
-		FROM pg_replication_slots WHERE slot_name = $1`, cfg.Slot).Scan(&slotExists, &slotPlugin, &slotActive, &walStatus, &retained)
-	if err != nil && !errors.Is(err, pgx.ErrNoRows) {
-		r.add(Warn, db+": slot "+cfg.Slot, "read slot: "+err.Error(), "")
-	}
-	if !slotExists && s.usedSlot >= s.maxSlots {
-		r.add(Problem, db+": max_replication_slots", fmt.Sprintf("all %d replication slots are taken by other consumers; slot %s cannot be created", s.maxSlots, cfg.Slot),
-			fmt.Sprintf("ALTER SYSTEM SET max_replication_slots = %d;  -- then restart PostgreSQL (or drop an unused slot: SELECT pg_drop_replication_slot('<name>'))", s.usedSlot+2))
-	} else {
-		r.ok(db+": max_replication_slots", fmt.Sprintf("%d, %d used by other consumers", s.maxSlots, s.usedSlot))
-	}
-	need := 1
-	if slotActive {
-		need = 0 // prism-cdc's own sender is already counted
-	}
-	if s.senders+need > s.maxSenders {
-		r.add(Problem, db+": max_wal_senders", fmt.Sprintf("all %d WAL senders are in use", s.maxSenders),
-			fmt.Sprintf("ALTER SYSTEM SET max_wal_senders = %d;  -- then restart PostgreSQL", s.senders+2))
-	} else {
-		r.ok(db+": max_wal_senders", fmt.Sprintf("%d, %d in use", s.maxSenders, s.senders))
-	}
-	if !s.repl && !s.super {
-		r.add(Problem, db+": role "+s.role, "has no REPLICATION privilege; it cannot stream the slot",
-			fmt.Sprintf("ALTER ROLE %s WITH REPLICATION;", qident(s.role)))
-	} else {
-		r.ok(db+": role "+s.role, "may replicate")
-	}
+	d.serverVersion(db, s.version)
+	d.walSettings(db, s)
+	slot := d.readSlot(ctx, conn, db)
+	d.capacity(db, s, slot)
+	d.replicationRole(db, s)
 	d.applyPrivilege(ctx, conn, db, s.role, s.super)
-
-	var pubExists, allTables bool
-	err = conn.QueryRow(ctx, `SELECT true, puballtables FROM pg_publication WHERE pubname = $1`, cfg.Publication).Scan(&pubExists, &allTables)
-	if err != nil && !errors.Is(err, pgx.ErrNoRows) {
-		r.add(Warn, db+": publication "+cfg.Publication, "read publication: "+err.Error(), "")
-	}
-	switch {
-	case pubExists:
-		r.ok(db+": publication "+cfg.Publication, map[bool]string{true: "exists, FOR ALL TABLES", false: "exists, with a table list"}[allTables])
-	case s.super:
-		r.ok(db+": publication "+cfg.Publication, "does not exist yet; the node creates it FOR ALL TABLES at its first start")
-	default:
-		r.add(Problem, db+": publication "+cfg.Publication, "does not exist, and the role is not a superuser, which PostgreSQL 15 requires to create it FOR ALL TABLES",
-			fmt.Sprintf("CREATE PUBLICATION %s FOR ALL TABLES;  -- as a superuser", qident(cfg.Publication)))
-	}
-
-	switch {
-	case !slotExists:
-		r.ok(db+": slot "+cfg.Slot, "does not exist yet; the node creates it at its first start")
-	case slotPlugin != "pgoutput":
-		r.add(Problem, db+": slot "+cfg.Slot, fmt.Sprintf("uses plugin %q, not pgoutput", slotPlugin),
-			fmt.Sprintf("SELECT pg_drop_replication_slot('%s');  -- the node recreates it with pgoutput (changes since it was last read are not shipped)", cfg.Slot))
-	case walStatus == "lost":
-		r.add(Problem, db+": slot "+cfg.Slot, "wal_status is lost: WAL the slot needs was removed (max_slot_wal_keep_size); changes since were not shipped",
-			fmt.Sprintf("SELECT pg_drop_replication_slot('%s');  -- then resynchronise the regions (prism-cdc verify --repair) and restart the nodes", cfg.Slot))
-	default:
-		msg := fmt.Sprintf("wal_status %s, retains %s of WAL", orNone(walStatus), bytesText(retained))
-		if slotActive {
-			msg += ", streaming"
-		} else {
-			msg += ", not streaming (no node of the region reads it)"
-		}
-		switch {
-		case walStatus == "unreserved":
-			r.add(Warn, db+": slot "+cfg.Slot, msg+"; the WAL it needs is about to be removed", "start a node of region "+cfg.Region+" and make sure every peer region acknowledges (prism-cdc status)")
-		case retained != nil && *retained > RetainedWALWarn:
-			r.add(Warn, db+": slot "+cfg.Slot, msg+"; a region that does not acknowledge pins WAL on disk", "prism-cdc status --config "+cfg.Path+"  -- find the region that lags and bring it back")
-		default:
-			r.ok(db+": slot "+cfg.Slot, msg)
-		}
-	}
+	d.publication(ctx, conn, db, s.super)
+	d.slotHealth(db, slot)
 
 	tables := d.tables(ctx, conn, db)
 	d.identities(ctx, conn, db, tables)
@@ -197,6 +99,156 @@ func (d *doctor) local(ctx context.Context) string {
 	d.sync(ctx, conn, db)
 	d.scopes(ctx, conn, db)
 	return d.systemID(ctx, conn, db)
+}
+
+// serverFacts are the server settings and role attributes local judges.
+type serverFacts struct {
+	version                        int
+	walLevel, trackTS, role        string
+	maxSlots, maxSenders, usedSlot int // usedSlot: slots other than slot
+	senders                        int
+	repl, super                    bool
+}
+
+// readServerFacts reads the server's settings and the current role's
+// attributes; slot is this region's slot, not counted in usedSlot.
+func readServerFacts(ctx context.Context, conn *pgx.Conn, slot string) (serverFacts, error) {
+	var s serverFacts
+	err := conn.QueryRow(ctx, `SELECT current_setting('server_version_num')::int, current_setting('wal_level'),
+		current_setting('track_commit_timestamp'), current_user,
+		current_setting('max_replication_slots')::int, current_setting('max_wal_senders')::int,
+		(SELECT count(*) FROM pg_replication_slots WHERE slot_name <> $1)::int,
+		(SELECT count(*) FROM pg_stat_replication)::int,
+		r.rolreplication, r.rolsuper FROM pg_roles r WHERE r.rolname = current_user`, slot).
+		Scan(&s.version, &s.walLevel, &s.trackTS, &s.role, &s.maxSlots, &s.maxSenders, &s.usedSlot, &s.senders, &s.repl, &s.super)
+	return s, err
+}
+
+// serverVersion checks the PostgreSQL version (server_version_num).
+func (d *doctor) serverVersion(db string, version int) {
+	switch {
+	case version < 140000:
+		d.rep.add(Problem, db+": server version", fmt.Sprintf("PostgreSQL %d.%d is too old; prism-cdc needs 14 or later (tested on 15)", version/10000, version%10000), "upgrade PostgreSQL to 15 or later")
+	case version < 150000:
+		d.rep.add(Warn, db+": server version", fmt.Sprintf("PostgreSQL %d; prism-cdc is tested on 15", version/10000), "upgrade PostgreSQL to 15 or later")
+	default:
+		d.rep.ok(db+": server version", fmt.Sprintf("PostgreSQL %d.%d", version/10000, version%10000))
+	}
+}
+
+// walSettings checks wal_level and track_commit_timestamp.
+func (d *doctor) walSettings(db string, s serverFacts) {
+	if s.walLevel != "logical" {
+		d.rep.add(Problem, db+": wal_level", fmt.Sprintf("wal_level is %q; logical replication needs logical", s.walLevel),
+			"ALTER SYSTEM SET wal_level = logical;  -- then restart PostgreSQL")
+	} else {
+		d.rep.ok(db+": wal_level", "logical")
+	}
+	if s.trackTS != "on" {
+		d.rep.add(Warn, db+": track_commit_timestamp", "off: last_write_wins cannot compare the local commit time of a conflicting row (the incoming change wins)",
+			"ALTER SYSTEM SET track_commit_timestamp = on;  -- then restart PostgreSQL")
+	} else {
+		d.rep.ok(db+": track_commit_timestamp", "on")
+	}
+}
+
+// slotFacts describe this region's slot; exists is false when there is
+// none (or it could not be read).
+type slotFacts struct {
+	exists, active    bool
+	plugin, walStatus string
+	retained          *int64 // bytes of WAL behind restart_lsn
+}
+
+// readSlot reads this region's slot; a failure to read it is a warning.
+func (d *doctor) readSlot(ctx context.Context, conn *pgx.Conn, db string) slotFacts {
+	var sl slotFacts
+	err := conn.QueryRow(ctx, `SELECT true, coalesce(plugin, ''), active, coalesce(wal_status, ''),
+		pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint
+		FROM pg_replication_slots WHERE slot_name = $1`, d.cfg.Slot).Scan(&sl.exists, &sl.plugin, &sl.active, &sl.walStatus, &sl.retained)
+	if err != nil && !errors.Is(err, pgx.ErrNoRows) {
+		d.rep.add(Warn, db+": slot "+d.cfg.Slot, "read slot: "+err.Error(), "")
+	}
+	return sl
+}
+
+// capacity checks that a slot and a WAL sender are free for the node.
+func (d *doctor) capacity(db string, s serverFacts, slot slotFacts) {
+	if !slot.exists && s.usedSlot >= s.maxSlots {
+		d.rep.add(Problem, db+": max_replication_slots", fmt.Sprintf("all %d replication slots are taken by other consumers; slot %s cannot be created", s.maxSlots, d.cfg.Slot),
+			fmt.Sprintf("ALTER SYSTEM SET max_replication_slots = %d;  -- then restart PostgreSQL (or drop an unused slot: SELECT pg_drop_replication_slot('<name>'))", s.usedSlot+2))
+	} else {
+		d.rep.ok(db+": max_replication_slots", fmt.Sprintf("%d, %d used by other consumers", s.maxSlots, s.usedSlot))
+	}
+	need := 1
+	if slot.active {
+		need = 0 // prism-cdc's own sender is already counted
+	}
+	if s.senders+need > s.maxSenders {
+		d.rep.add(Problem, db+": max_wal_senders", fmt.Sprintf("all %d WAL senders are in use", s.maxSenders),
+			fmt.Sprintf("ALTER SYSTEM SET max_wal_senders = %d;  -- then restart PostgreSQL", s.senders+2))
+	} else {
+		d.rep.ok(db+": max_wal_senders", fmt.Sprintf("%d, %d in use", s.maxSenders, s.senders))
+	}
+}
+
+// replicationRole checks that the role may stream the slot.
+func (d *doctor) replicationRole(db string, s serverFacts) {
+	if !s.repl && !s.super {
+		d.rep.add(Problem, db+": role "+s.role, "has no REPLICATION privilege; it cannot stream the slot",
+			fmt.Sprintf("ALTER ROLE %s WITH REPLICATION;", qident(s.role)))
+	} else {
+		d.rep.ok(db+": role "+s.role, "may replicate")
+	}
+}
+
+// publication checks the publication, or that the node can create it.
+func (d *doctor) publication(ctx context.Context, conn *pgx.Conn, db string, super bool) {
+	pub := d.cfg.Publication
+	var exists, allTables bool
+	err := conn.QueryRow(ctx, `SELECT true, puballtables FROM pg_publication WHERE pubname = $1`, pub).Scan(&exists, &allTables)
+	if err != nil && !errors.Is(err, pgx.ErrNoRows) {
+		d.rep.add(Warn, db+": publication "+pub, "read publication: "+err.Error(), "")
+	}
+	switch {
+	case exists:
+		d.rep.ok(db+": publication "+pub, map[bool]string{true: "exists, FOR ALL TABLES", false: "exists, with a table list"}[allTables])
+	case super:
+		d.rep.ok(db+": publication "+pub, "does not exist yet; the node creates it FOR ALL TABLES at its first start")
+	default:
+		d.rep.add(Problem, db+": publication "+pub, "does not exist, and the role is not a superuser, which PostgreSQL 15 requires to create it FOR ALL TABLES",
+			fmt.Sprintf("CREATE PUBLICATION %s FOR ALL TABLES;  -- as a superuser", qident(pub)))
+	}
+}
+
+// slotHealth checks the slot's plugin and how much WAL it retains.
+func (d *doctor) slotHealth(db string, sl slotFacts) {
+	cfg, check := d.cfg, db+": slot "+d.cfg.Slot
+	switch {
+	case !sl.exists:
+		d.rep.ok(check, "does not exist yet; the node creates it at its first start")
+	case sl.plugin != "pgoutput":
+		d.rep.add(Problem, check, fmt.Sprintf("uses plugin %q, not pgoutput", sl.plugin),
+			fmt.Sprintf("SELECT pg_drop_replication_slot('%s');  -- the node recreates it with pgoutput (changes since it was last read are not shipped)", cfg.Slot))
+	case sl.walStatus == "lost":
+		d.rep.add(Problem, check, "wal_status is lost: WAL the slot needs was removed (max_slot_wal_keep_size); changes since were not shipped",
+			fmt.Sprintf("SELECT pg_drop_replication_slot('%s');  -- then resynchronise the regions (prism-cdc verify --repair) and restart the nodes", cfg.Slot))
+	default:
+		msg := fmt.Sprintf("wal_status %s, retains %s of WAL", orNone(sl.walStatus), bytesText(sl.retained))
+		if sl.active {
+			msg += ", streaming"
+		} else {
+			msg += ", not streaming (no node of the region reads it)"
+		}
+		switch {
+		case sl.walStatus == "unreserved":
+			d.rep.add(Warn, check, msg+"; the WAL it needs is about to be removed", "start a node of region "+cfg.Region+" and make sure every peer region acknowledges (prism-cdc status)")
+		case sl.retained != nil && *sl.retained > RetainedWALWarn:
+			d.rep.add(Warn, check, msg+"; a region that does not acknowledge pins WAL on disk", "prism-cdc status --config "+cfg.Path+"  -- find the region that lags and bring it back")
+		default:
+			d.rep.ok(check, msg)
+		}
+	}
 }
 
 func orNone(s string) string {
@@ -467,98 +519,26 @@ func (d *doctor) triggers(ctx context.Context, conn *pgx.Conn, db string, tables
 // tables that need the same statement share one finding. It returns the
 // existing roles it asks to grant to the role.
 func (d *doctor) privileges(ctx context.Context, conn *pgx.Conn, db, role string, tables []table) []string {
-	type group struct {
-		tables []string
-		lacks  []string // "INSERT, DELETE on public.t" per table that lacks privileges
-		fix    func(tables []string) string
-		msg    string
-	}
-	var order []string
-	groups := map[string]*group{}
-	add := func(key, table string, missing []string, msg string, fix func([]string) string) {
-		g := groups[key]
-		if g == nil {
-			g = &group{msg: msg, fix: fix}
-			groups[key] = g
-			order = append(order, key)
-		}
-		g.tables = append(g.tables, table)
-		if len(missing) > 0 {
-			g.lacks = append(g.lacks, strings.Join(missing, ", ")+" on "+table)
-		}
-	}
+	fixes := &fixGroups{byKey: map[string]*fixGroup{}}
 	var owners []string
-	ident := qident(role)
 	good := 0
 	for _, t := range tables {
-		var missing []string
-		for _, p := range []string{"SELECT", "INSERT", "UPDATE", "DELETE"} {
-			var ok bool
-			if err := conn.QueryRow(ctx, "SELECT has_table_privilege($1::oid, $2)", t.oid, p).Scan(&ok); err != nil {
-				d.rep.add(Warn, db+": privileges on "+t.name, err.Error(), "")
-				return owners
-			}
-			if !ok {
-				missing = append(missing, p)
-			}
+		missing, err := missingPrivileges(ctx, conn, t.oid)
+		if err != nil {
+			d.rep.add(Warn, db+": privileges on "+t.name, err.Error(), "")
+			return owners
 		}
-		// The node creates the conflict triggers on tables with a key,
-		// which takes the table's owner (or a member of it).
-		var owner string
-		var member, ownerSuper, ownerHas bool
-		err := conn.QueryRow(ctx, `SELECT c.relowner::regrole::text, pg_has_role(c.relowner, 'USAGE'), r.rolsuper,
-				coalesce(bool_and(has_table_privilege(c.relowner, c.oid, p)), true)
-			FROM pg_catalog.pg_class c JOIN pg_catalog.pg_roles r ON r.oid = c.relowner
-			LEFT JOIN unnest($2::text[]) p ON true
-			WHERE c.oid = $1 GROUP BY c.relowner, r.rolsuper`, t.oid, missing).Scan(&owner, &member, &ownerSuper, &ownerHas)
+		o, err := readOwner(ctx, conn, t.oid, missing)
 		if err != nil {
 			d.rep.add(Warn, db+": privileges on "+t.name, err.Error(), "")
 			continue
 		}
-		switch {
-		case t.hasKey && !member && ownerSuper:
-			// Membership in a superuser role is not what to hand out; the
-			// new owner has every privilege on the table.
-			add("app_owner", t.name, missing, fmt.Sprintf("role %s is not the owner %s nor a member of it, so it cannot create the conflict triggers, and applying fails", role, owner),
-				func(ts []string) string {
-					var b strings.Builder
-					for _, n := range ts {
-						fmt.Fprintf(&b, "ALTER TABLE %s OWNER TO app_owner; ", n)
-					}
-					return b.String() + "GRANT app_owner TO " + ident + ";  -- app_owner: a role of your own that owns the application's tables"
-				})
-		case t.hasKey && !member:
-			key := "owner " + owner
-			if len(missing) > 0 && !ownerHas {
-				key += " grant " + strings.Join(missing, ", ")
-			}
-			if _, seen := groups[key]; !seen && !slices.Contains(owners, owner) {
-				owners = append(owners, owner)
-			}
-			grant := missing
-			if ownerHas {
-				grant = nil // the membership gives them
-			}
-			add(key, t.name, missing, fmt.Sprintf("role %s is not the owner %s nor a member of it, so it cannot create the conflict triggers, and applying fails", role, owner),
-				func(ts []string) string {
-					fix := fmt.Sprintf("GRANT %s TO %s;", owner, ident)
-					if len(grant) > 0 {
-						fix += fmt.Sprintf("  GRANT %s ON %s TO %s;", strings.Join(grant, ", "), strings.Join(ts, ", "), ident)
-					}
-					return fix
-				})
-		case len(missing) > 0:
-			m := missing
-			add("grant "+strings.Join(missing, ", "), t.name, nil, fmt.Sprintf("role %s lacks %s: changes from other regions cannot be applied", role, strings.Join(missing, ", ")),
-				func(ts []string) string {
-					return fmt.Sprintf("GRANT %s ON %s TO %s;", strings.Join(m, ", "), strings.Join(ts, ", "), ident)
-				})
-		default:
+		if !fixes.plan(t, missing, o, role, &owners) {
 			good++
 		}
 	}
-	for _, k := range order {
-		g := groups[k]
+	for _, k := range fixes.order {
+		g := fixes.byKey[k]
 		msg := g.msg
 		if len(g.lacks) > 0 {
 			msg += "; it also lacks " + strings.Join(g.lacks, "; ") + " (the fix gives those too)"
@@ -569,6 +549,117 @@ func (d *doctor) privileges(ctx context.Context, conn *pgx.Conn, db, role string
 		d.rep.ok(db+": privileges", fmt.Sprintf("role %s may read and write %d replicated tables", role, good))
 	}
 	return owners
+}
+
+// missingPrivileges returns which of SELECT, INSERT, UPDATE and DELETE the
+// current role lacks on table oid.
+func missingPrivileges(ctx context.Context, conn *pgx.Conn, oid uint32) ([]string, error) {
+	var missing []string
+	for _, p := range []string{"SELECT", "INSERT", "UPDATE", "DELETE"} {
+		var ok bool
+		if err := conn.QueryRow(ctx, "SELECT has_table_privilege($1::oid, $2)", oid, p).Scan(&ok); err != nil {
+			return nil, err
+		}
+		if !ok {
+			missing = append(missing, p)
+		}
+	}
+	return missing, nil
+}
+
+// tableOwner is a table's owner as the fixes need it.
+type tableOwner struct {
+	name   string
+	member bool // the current role is a member of the owner
+	super  bool // the owner is a superuser
+	has    bool // the owner holds every missing privilege
+}
+
+// readOwner reads table oid's owner. The node creates the conflict
+// triggers on tables with a key, which takes the owner (or a member of it).
+func readOwner(ctx context.Context, conn *pgx.Conn, oid uint32, missing []string) (tableOwner, error) {
+	var o tableOwner
+	err := conn.QueryRow(ctx, `SELECT c.relowner::regrole::text, pg_has_role(c.relowner, 'USAGE'), r.rolsuper,
+			coalesce(bool_and(has_table_privilege(c.relowner, c.oid, p)), true)
+		FROM pg_catalog.pg_class c JOIN pg_catalog.pg_roles r ON r.oid = c.relowner
+		LEFT JOIN unnest($2::text[]) p ON true
+		WHERE c.oid = $1 GROUP BY c.relowner, r.rolsuper`, oid, missing).Scan(&o.name, &o.member, &o.super, &o.has)
+	return o, err
+}
+
+// fixGroups gathers the tables that need the same fix, in the order their
+// fixes were first needed.
+type fixGroups struct {
+	order []string
+	byKey map[string]*fixGroup
+}
+
+type fixGroup struct {
+	tables []string
+	lacks  []string // "INSERT, DELETE on public.t" per table that lacks privileges
+	fix    func(tables []string) string
+	msg    string
+}
+
+func (g *fixGroups) add(key, table string, missing []string, msg string, fix func([]string) string) {
+	f := g.byKey[key]
+	if f == nil {
+		f = &fixGroup{msg: msg, fix: fix}
+		g.byKey[key] = f
+		g.order = append(g.order, key)
+	}
+	f.tables = append(f.tables, table)
+	if len(missing) > 0 {
+		f.lacks = append(f.lacks, strings.Join(missing, ", ")+" on "+table)
+	}
+}
+
+// plan files the fix table t needs, given the privileges role lacks on it
+// and its owner, and adds to owners an owner it asks to grant to role. It
+// reports whether t needs a fix.
+func (g *fixGroups) plan(t table, missing []string, o tableOwner, role string, owners *[]string) bool {
+	ident := qident(role)
+	switch {
+	case t.hasKey && !o.member && o.super:
+		// Membership in a superuser role is not what to hand out; the
+		// new owner has every privilege on the table.
+		g.add("app_owner", t.name, missing, fmt.Sprintf("role %s is not the owner %s nor a member of it, so it cannot create the conflict triggers, and applying fails", role, o.name),
+			func(ts []string) string {
+				var b strings.Builder
+				for _, n := range ts {
+					fmt.Fprintf(&b, "ALTER TABLE %s OWNER TO app_owner; ", n)
+				}
+				return b.String() + "GRANT app_owner TO " + ident + ";  -- app_owner: a role of your own that owns the application's tables"
+			})
+	case t.hasKey && !o.member:
+		key := "owner " + o.name
+		if len(missing) > 0 && !o.has {
+			key += " grant " + strings.Join(missing, ", ")
+		}
+		if _, seen := g.byKey[key]; !seen && !slices.Contains(*owners, o.name) {
+			*owners = append(*owners, o.name)
+		}
+		grant := missing
+		if o.has {
+			grant = nil // the membership gives them
+		}
+		g.add(key, t.name, missing, fmt.Sprintf("role %s is not the owner %s nor a member of it, so it cannot create the conflict triggers, and applying fails", role, o.name),
+			func(ts []string) string {
+				fix := fmt.Sprintf("GRANT %s TO %s;", o.name, ident)
+				if len(grant) > 0 {
+					fix += fmt.Sprintf("  GRANT %s ON %s TO %s;", strings.Join(grant, ", "), strings.Join(ts, ", "), ident)
+				}
+				return fix
+			})
+	case len(missing) > 0:
+		g.add("grant "+strings.Join(missing, ", "), t.name, nil, fmt.Sprintf("role %s lacks %s: changes from other regions cannot be applied", role, strings.Join(missing, ", ")),
+			func(ts []string) string {
+				return fmt.Sprintf("GRANT %s ON %s TO %s;", strings.Join(missing, ", "), strings.Join(ts, ", "), ident)
+			})
+	default:
+		return false
+	}
+	return true
 }
 
 // eventTrigger checks event trigger prism_install, which installs the
@@ -645,7 +736,7 @@ func (d *doctor) sync(ctx context.Context, conn *pgx.Conn, db string) {
 		d.rep.add(Warn, db+": sync", err.Error(), "")
 		return
 	}
-	app := "prism_" + d.cfg.Node
+	app := decode.AppName(d.cfg.Node)
 	named := strings.Contains(names, app)
 	check := db + ": sync " + d.cfg.Sync.String()
 	if d.cfg.Sync.Mode == config.SyncOff || d.cfg.Sync.Mode == "" {

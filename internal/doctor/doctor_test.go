@@ -61,7 +61,9 @@ func serve(t *testing.T, c *pgtest.Cluster, region, node, token string, accept .
 		t.Fatal(err)
 	}
 	app := apply.NewApplier(pool, zerolog.Nop(), apply.WithLocalRegion(region))
-	srv := peers.NewServer(peers.ServerConfig{Region: region, Node: node, Token: token, Insecure: true, AcceptRegions: accept}, app, zerolog.Nop())
+	sc := peers.NewServerConfig(config.DefaultAckTimeout)
+	sc.Region, sc.Node, sc.Token, sc.Insecure, sc.AcceptRegions = region, node, token, true, accept
+	srv := peers.NewServer(sc, app, zerolog.Nop())
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {

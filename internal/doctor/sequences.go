@@ -188,9 +188,34 @@ func planSequences(ctx context.Context, q querier, pub string, regions []string,
 		return SequencePlan{}, fmt.Errorf("region %s is not among %v", region, regions)
 	}
 	plan := SequencePlan{Region: region, Index: k, Regions: regions}
-	tables, err := listTables(ctx, q, pub)
+	names, bySeq, err := sequenceUses(ctx, q, pub)
 	if err != nil {
 		return plan, err
+	}
+	for _, name := range names {
+		c, err := planSequence(ctx, q, name, bySeq[name], n, int64(k))
+		if err != nil {
+			return plan, err
+		}
+		plan.Sequences = append(plan.Sequences, c)
+	}
+	return plan, nil
+}
+
+// sequenceUse is one column of a replicated table that a sequence feeds.
+type sequenceUse struct {
+	seq, table, column string
+	integer            bool
+	inc, max           int64
+	start, min         int64
+}
+
+// sequenceUses returns the sequences that feed columns of the replicated
+// tables, sorted by name, and their uses.
+func sequenceUses(ctx context.Context, q querier, pub string) ([]string, map[string][]sequenceUse, error) {
+	tables, err := listTables(ctx, q, pub)
+	if err != nil {
+		return nil, nil, err
 	}
 	oids := make([]uint32, len(tables))
 	for i, t := range tables {
@@ -198,23 +223,17 @@ func planSequences(ctx context.Context, q querier, pub string, regions []string,
 	}
 	rows, err := q.Query(ctx, sequencesSQL, oids)
 	if err != nil {
-		return plan, fmt.Errorf("list sequences: %w", err)
+		return nil, nil, fmt.Errorf("list sequences: %w", err)
 	}
-	type use struct {
-		seq, table, column string
-		integer            bool
-		inc, max           int64
-		start, min         int64
-	}
-	uses, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (use, error) {
-		var u use
+	uses, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (sequenceUse, error) {
+		var u sequenceUse
 		err := r.Scan(&u.seq, &u.table, &u.column, &u.integer, &u.inc, &u.max, &u.start, &u.min)
 		return u, err
 	})
 	if err != nil {
-		return plan, fmt.Errorf("list sequences: %w", err)
+		return nil, nil, fmt.Errorf("list sequences: %w", err)
 	}
-	bySeq := map[string][]use{}
+	bySeq := map[string][]sequenceUse{}
 	var names []string
 	for _, u := range uses {
 		if bySeq[u.seq] == nil {
@@ -223,80 +242,87 @@ func planSequences(ctx context.Context, q querier, pub string, regions []string,
 		bySeq[u.seq] = append(bySeq[u.seq], u)
 	}
 	sort.Strings(names)
-	for _, name := range names {
-		us := bySeq[name]
-		c := SequenceChange{Name: name, Table: us[0].table, Column: us[0].column, Increment: us[0].inc, Start: us[0].start}
-		c.StartTarget = c.Start
-		var last int64
-		var called bool
-		if err := q.QueryRow(ctx, "SELECT last_value, is_called FROM "+name).Scan(&last, &called); err != nil {
-			return plan, fmt.Errorf("read sequence %s: %w", name, err)
-		}
-		c.Next = last
-		if called {
-			c.Next = last + c.Increment
-		}
-		c.Target = c.Next
-		if c.Increment < 0 {
-			c.Skip = "descending sequence; interleave it by hand or use UUID keys"
-			plan.Sequences = append(plan.Sequences, c)
-			continue
-		}
-		// A restart (TRUNCATE ... RESTART IDENTITY) lands on START WITH:
-		// it must be of this region's residue too, and not below MINVALUE.
-		if low := max(c.Start, us[0].min); mod(low, n) != int64(k) || low != c.Start {
-			c.StartTarget = low + mod(int64(k)-mod(low, n), n)
-		}
-		if c.StartTarget > us[0].max {
-			c.Skip = fmt.Sprintf("the interleaved START WITH %d is above MAXVALUE %d", c.StartTarget, us[0].max)
-			plan.Sequences = append(plan.Sequences, c)
-			continue
-		}
-		startWith := ""
-		if c.StartTarget != c.Start {
-			startWith = fmt.Sprintf(" START WITH %d", c.StartTarget)
-		}
-		interleaved := c.Increment == n && mod(c.Next, n) == int64(k)
-		// floor: the lowest value that cannot collide with a key already
-		// in the table. Before interleaving every existing key counts;
-		// after it only keys of this region's residue (the others belong
-		// to other regions and never come from this sequence).
-		floor := c.Next
-		for _, u := range us {
-			if !u.integer {
-				continue
-			}
-			var maxAll, maxOwn *int64
-			col := pgx.Identifier{u.column}.Sanitize()
-			err := q.QueryRow(ctx, fmt.Sprintf("SELECT max(%s)::bigint, (max(%s) FILTER (WHERE mod(%s::bigint, $1) = $2))::bigint FROM %s", col, col, col, u.table), n, int64(k)).Scan(&maxAll, &maxOwn)
-			if err != nil {
-				return plan, fmt.Errorf("read keys of %s.%s: %w", u.table, u.column, err)
-			}
-			m := maxAll
-			if interleaved {
-				m = maxOwn
-			}
-			if m != nil && *m+1 > floor {
-				floor = *m + 1
-			}
-		}
-		if interleaved && floor == c.Next {
-			if startWith != "" {
-				c.SQL = fmt.Sprintf("ALTER SEQUENCE %s%s;", name, startWith)
-			}
-			plan.Sequences = append(plan.Sequences, c)
-			continue
-		}
-		c.Target = floor + mod(int64(k)-mod(floor, n), n)
-		if c.Target > us[0].max {
-			c.Skip = fmt.Sprintf("the next interleaved value %d is above MAXVALUE %d", c.Target, us[0].max)
-			plan.Sequences = append(plan.Sequences, c)
-			continue
-		}
-		c.SQL = fmt.Sprintf("ALTER SEQUENCE %s INCREMENT BY %d%s RESTART WITH %d;", name, n, startWith, c.Target)
-		plan.Sequences = append(plan.Sequences, c)
+	return names, bySeq, nil
+}
+
+// planSequence plans sequence name, fed into the columns us, for region
+// k of n: interleaved, it hands out only values of residue k modulo n,
+// above every key already in its columns.
+func planSequence(ctx context.Context, q querier, name string, us []sequenceUse, n, k int64) (SequenceChange, error) {
+	c := SequenceChange{Name: name, Table: us[0].table, Column: us[0].column, Increment: us[0].inc, Start: us[0].start}
+	c.StartTarget = c.Start
+	var last int64
+	var called bool
+	if err := q.QueryRow(ctx, "SELECT last_value, is_called FROM "+name).Scan(&last, &called); err != nil {
+		return c, fmt.Errorf("read sequence %s: %w", name, err)
 	}
-	return plan, nil
+	c.Next = last
+	if called {
+		c.Next = last + c.Increment
+	}
+	c.Target = c.Next
+	if c.Increment < 0 {
+		c.Skip = "descending sequence; interleave it by hand or use UUID keys"
+		return c, nil
+	}
+	// A restart (TRUNCATE ... RESTART IDENTITY) lands on START WITH:
+	// it must be of this region's residue too, and not below MINVALUE.
+	if low := max(c.Start, us[0].min); mod(low, n) != k || low != c.Start {
+		c.StartTarget = low + mod(k-mod(low, n), n)
+	}
+	if c.StartTarget > us[0].max {
+		c.Skip = fmt.Sprintf("the interleaved START WITH %d is above MAXVALUE %d", c.StartTarget, us[0].max)
+		return c, nil
+	}
+	startWith := ""
+	if c.StartTarget != c.Start {
+		startWith = fmt.Sprintf(" START WITH %d", c.StartTarget)
+	}
+	interleaved := c.Increment == n && mod(c.Next, n) == k
+	floor, err := keyFloor(ctx, q, us, n, k, interleaved, c.Next)
+	if err != nil {
+		return c, err
+	}
+	if interleaved && floor == c.Next {
+		if startWith != "" {
+			c.SQL = fmt.Sprintf("ALTER SEQUENCE %s%s;", name, startWith)
+		}
+		return c, nil
+	}
+	c.Target = floor + mod(k-mod(floor, n), n)
+	if c.Target > us[0].max {
+		c.Skip = fmt.Sprintf("the next interleaved value %d is above MAXVALUE %d", c.Target, us[0].max)
+		return c, nil
+	}
+	c.SQL = fmt.Sprintf("ALTER SEQUENCE %s INCREMENT BY %d%s RESTART WITH %d;", name, n, startWith, c.Target)
+	return c, nil
+}
+
+// keyFloor returns the lowest value, at least next, that cannot collide
+// with a key already in the integer columns us. Before interleaving every
+// existing key counts; after it only keys of this region's residue k (the
+// others belong to other regions and never come from this sequence).
+func keyFloor(ctx context.Context, q querier, us []sequenceUse, n, k int64, interleaved bool, next int64) (int64, error) {
+	floor := next
+	for _, u := range us {
+		if !u.integer {
+			continue
+		}
+		var maxAll, maxOwn *int64
+		col := pgx.Identifier{u.column}.Sanitize()
+		err := q.QueryRow(ctx, fmt.Sprintf("SELECT max(%s)::bigint, (max(%s) FILTER (WHERE mod(%s::bigint, $1) = $2))::bigint FROM %s", col, col, col, u.table), n, k).Scan(&maxAll, &maxOwn)
+		if err != nil {
+			return 0, fmt.Errorf("read keys of %s.%s: %w", u.table, u.column, err)
+		}
+		m := maxAll
+		if interleaved {
+			m = maxOwn
+		}
+		if m != nil && *m+1 > floor {
+			floor = *m + 1
+		}
+	}
+	return floor, nil
 }
 
 func mod(a, n int64) int64 { return ((a % n) + n) % n }

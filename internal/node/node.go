@@ -141,53 +141,27 @@ func (n *Node) Run(ctx context.Context) error {
 	defer ln.Close()
 
 	// runCtx outlives ctx: after a stop signal the shippers and the server
-	// keep running until in-flight transactions are acknowledged.
+	// keep running until in-flight transactions are acknowledged. Every
+	// goroutine below is owned by Run through wg; a failure that stops the
+	// node arrives on fatal.
 	runCtx, stopAll := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopAll()
 	var wg sync.WaitGroup
 	fatal := make(chan error, 4)
-	if n.cfg.HTTP != "" {
-		hl, err := net.Listen("tcp", n.cfg.HTTP)
-		if err != nil {
-			return fmt.Errorf("listen %s (key http in %s): %w", n.cfg.HTTP, n.cfg.Path, err)
-		}
-		m := newMonitor(n)
-		hs := &http.Server{Handler: m.handler(), ReadHeaderTimeout: 5 * time.Second}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			m.recordLoop(runCtx)
-		}()
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := hs.Serve(hl); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				fatal <- fmt.Errorf("http: %w", err)
-			}
-		}()
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			<-runCtx.Done()
-			sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-			defer cancel()
-			hs.Shutdown(sctx)
-		}()
+	if err := n.serveHTTP(runCtx, &wg, fatal); err != nil {
+		return err
 	}
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
 		n.checkpointLoop(runCtx)
 	}()
-	stop := func() {
-		stopAll()
-		wg.Wait()
-		n.setRole(RoleStopped, "")
-	}
 
 	pool, applier, err := n.open(ctx)
 	if err != nil || ctx.Err() != nil {
-		stop()
+		stopAll()
+		wg.Wait()
+		n.setRole(RoleStopped, "")
 		if err == nil {
 			n.log.Info().Msg("node stopped before its database answered")
 		}
@@ -196,42 +170,14 @@ func (n *Node) Run(ctx context.Context) error {
 	defer pool.Close()
 	defer applier.Close() // before pool.Close, which waits for the connections
 	if err := n.setupScopes(ctx, pool); err != nil {
-		stop()
+		stopAll()
+		wg.Wait()
+		n.setRole(RoleStopped, "")
 		return err
 	}
 	n.applier = applier
-	if probe, err := newProbePool(ctx, n.cfg.Database); err == nil {
-		defer probe.Close()
-		n.mu.Lock()
-		n.probe = probe
-		n.mu.Unlock()
-	} else {
-		n.log.Warn().Err(redactedError{err}).Msg("no readiness probe: /readyz does not check the database")
-	}
-
-	accept := make([]string, 0, len(n.cfg.Peers))
-	for _, p := range n.cfg.Peers {
-		accept = append(accept, p.Region)
-	}
-	server := peers.NewServer(peers.ServerConfig{
-		Region:        n.cfg.Region,
-		Node:          n.cfg.Node,
-		Token:         n.cfg.Auth.Token,
-		TLS:           serverTLS,
-		Insecure:      n.plaintext(),
-		AcceptRegions: accept,
-		// Heartbeats during a long apply keep the shippers from giving up
-		// on it: well below delivery.ack_timeout (the same on every node).
-		Heartbeat: min(time.Second, n.cfg.Delivery.AckTimeout/4),
-		Errors:    newErrorPolicy(n.cfg, n.log),
-	}, applier, n.log.With().Str("component", "server").Logger())
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		if err := server.Serve(runCtx, ln); err != nil && runCtx.Err() == nil {
-			fatal <- fmt.Errorf("peer server: %w", err)
-		}
-	}()
+	defer n.startProbe(ctx)()
+	n.servePeers(runCtx, &wg, fatal, ln, serverTLS, applier)
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
@@ -239,10 +185,93 @@ func (n *Node) Run(ctx context.Context) error {
 	}()
 	n.log.Info().Str("listen", n.cfg.Listen).Str("http", n.cfg.HTTP).Int("peer_regions", len(n.cfg.Peers)).Msg("node started")
 
+	runErr := n.readUntilStop(ctx, runCtx, fatal)
+	n.shutdown(stopAll, &wg)
+	return runErr
+}
+
+// serveHTTP starts the HTTP endpoints (key http; none when it is empty)
+// in goroutines owned by the caller through wg, until runCtx is done. A
+// failure to serve arrives on fatal; one to listen is returned.
+func (n *Node) serveHTTP(runCtx context.Context, wg *sync.WaitGroup, fatal chan<- error) error {
+	if n.cfg.HTTP == "" {
+		return nil
+	}
+	hl, err := net.Listen("tcp", n.cfg.HTTP)
+	if err != nil {
+		return fmt.Errorf("listen %s (key http in %s): %w", n.cfg.HTTP, n.cfg.Path, err)
+	}
+	m := newMonitor(n)
+	hs := &http.Server{Handler: m.handler(), ReadHeaderTimeout: 5 * time.Second}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		m.recordLoop(runCtx)
+	}()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if err := hs.Serve(hl); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			fatal <- fmt.Errorf("http: %w", err)
+		}
+	}()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		<-runCtx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		hs.Shutdown(sctx)
+	}()
+	return nil
+}
+
+// startProbe opens the pool /readyz checks the database with and returns
+// the function that closes it. Without it /readyz does not check the
+// database.
+func (n *Node) startProbe(ctx context.Context) (closeProbe func()) {
+	probe, err := newProbePool(ctx, n.cfg.Database)
+	if err != nil {
+		n.log.Warn().Err(redactedError{err}).Msg("no readiness probe: /readyz does not check the database")
+		return func() {}
+	}
+	n.mu.Lock()
+	n.probe = probe
+	n.mu.Unlock()
+	return probe.Close
+}
+
+// servePeers starts the peer server on ln, applying through applier, in a
+// goroutine owned by the caller through wg, until runCtx is done. A
+// failure to serve arrives on fatal.
+func (n *Node) servePeers(runCtx context.Context, wg *sync.WaitGroup, fatal chan<- error, ln net.Listener, serverTLS *tls.Config, applier *apply.Applier) {
+	accept := make([]string, 0, len(n.cfg.Peers))
+	for _, p := range n.cfg.Peers {
+		accept = append(accept, p.Region)
+	}
+	sc := peers.NewServerConfig(n.cfg.Delivery.AckTimeout)
+	sc.Region, sc.Node, sc.AcceptRegions = n.cfg.Region, n.cfg.Node, accept
+	sc.Token, sc.TLS, sc.Insecure = n.cfg.Auth.Token, serverTLS, n.plaintext()
+	sc.Errors = newErrorPolicy(n.cfg, n.log)
+	server := peers.NewServer(sc, applier, n.log.With().Str("component", "server").Logger())
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if err := server.Serve(runCtx, ln); err != nil && runCtx.Err() == nil {
+			fatal <- fmt.Errorf("peer server: %w", err)
+		}
+	}()
+}
+
+// readUntilStop reads the region's slot until ctx is done, reading fails
+// for good or a failure arrives on fatal; then it stops reading and waits
+// up to DrainTimeout for in-flight transactions to be acknowledged. It
+// returns the failure, nil after a stop request.
+func (n *Node) readUntilStop(ctx, runCtx context.Context, fatal <-chan error) error {
 	readCtx, stopReading := context.WithCancel(ctx)
 	defer stopReading()
 	readDone := make(chan error, 1)
-	go func() { readDone <- n.readLoop(readCtx, runCtx) }()
+	go func() { readDone <- n.readLoop(readCtx, runCtx) }() // waited for below
 
 	var runErr error
 	select {
@@ -255,7 +284,12 @@ func (n *Node) Run(ctx context.Context) error {
 	stopReading()
 	<-readDone
 	n.drain(DrainTimeout)
+	return runErr
+}
 
+// shutdown stops the current term's shippers, then every goroutine of
+// Run (stopAll, waited for through wg), and closes the reader.
+func (n *Node) shutdown(stopAll context.CancelFunc, wg *sync.WaitGroup) {
 	n.mu.Lock()
 	t := n.term
 	n.term = nil
@@ -276,7 +310,6 @@ func (n *Node) Run(ctx context.Context) error {
 		}
 	}
 	n.log.Info().Stringer("confirmed", n.confirmedLSN()).Msg("node stopped")
-	return runErr
 }
 
 // open connects to the region's database and prepares schema prism. While
@@ -357,7 +390,7 @@ func (n *Node) readLoop(ctx, shipCtx context.Context) error {
 			Region:      n.cfg.Region,
 			Slot:        n.cfg.Slot,
 			Publication: n.cfg.Publication,
-			AppName:     "prism_" + n.cfg.Node,
+			AppName:     decode.AppName(n.cfg.Node),
 			// In sync mode commits on the source wait for the position
 			// this reader reports: report it promptly.
 			StatusInterval: n.statusInterval(),
@@ -591,23 +624,7 @@ func (n *Node) ensureTerm(ctx context.Context) (*term, error) {
 		for _, pn := range p.Nodes {
 			nodes = append(nodes, peers.NodeAddr{Name: pn.Name, Addr: pn.Addr})
 		}
-		t.shippers = append(t.shippers, peers.NewShipper(peers.ShipperConfig{
-			SourceRegion: n.cfg.Region,
-			SourceNode:   n.cfg.Node,
-			TargetRegion: p.Region,
-			Nodes:        nodes,
-			Token:        n.cfg.Auth.Token,
-			TLS:          n.clientTLS,
-			Insecure:     n.plaintext(),
-			AckTimeout:   n.cfg.Delivery.AckTimeout,
-			Retries:      n.cfg.Delivery.Retries,
-			Backoff:      n.cfg.Delivery.Backoff,
-			MaxBackoff:   n.cfg.Delivery.MaxBackoff,
-			MaxInFlight:  int64(n.cfg.Delivery.MaxInFlight),
-			Errors:       newErrorPolicy(n.cfg, n.log),
-			Undo:         newErrorPolicy(n.cfg, n.log).undoFunc(n.applier),
-			OnAck:        n.signalAcked,
-		}, n.fallback(p), n.log.With().Str("component", "shipper").Logger()))
+		t.shippers = append(t.shippers, peers.NewShipper(n.shipperConfig(p.Region, nodes), n.fallback(p), n.log.With().Str("component", "shipper").Logger()))
 	}
 	for i, s := range t.shippers {
 		t.wg.Add(1)
@@ -630,6 +647,21 @@ func (n *Node) ensureTerm(ctx context.Context) (*term, error) {
 	n.readerErr = ""
 	n.log.Info().Str("slot", n.cfg.Slot).Int("peer_regions", len(t.shippers)).Msg("holding the region's slot: shipping local writes")
 	return t, nil
+}
+
+// shipperConfig returns the configuration of the shipper to region
+// target: the delivery settings as resolved when the configuration was
+// loaded, and the protocol's other settings as peers derives them.
+func (n *Node) shipperConfig(target string, nodes []peers.NodeAddr) peers.ShipperConfig {
+	d := n.cfg.Delivery
+	sc := peers.NewShipperConfig(d.AckTimeout)
+	sc.Retries, sc.Backoff, sc.MaxBackoff, sc.MaxInFlight = d.Retries, d.Backoff, d.MaxBackoff, int64(d.MaxInFlight)
+	sc.SourceRegion, sc.SourceNode, sc.TargetRegion, sc.Nodes = n.cfg.Region, n.cfg.Node, target, nodes
+	sc.Token, sc.TLS, sc.Insecure = n.cfg.Auth.Token, n.clientTLS, n.plaintext()
+	sc.Errors = newErrorPolicy(n.cfg, n.log)
+	sc.Undo = newErrorPolicy(n.cfg, n.log).undoFunc(n.applier)
+	sc.OnAck = n.signalAcked
+	return sc
 }
 
 // feed hands peer region i's shipper the spooled transactions above the

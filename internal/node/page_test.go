@@ -62,7 +62,9 @@ func pageFixture(t *testing.T) (*monitor, *httptest.Server) {
 			t.Fatal(err)
 		}
 		app := apply.NewApplier(pool, zerolog.Nop(), apply.WithLocalRegion(region))
-		srv := peers.NewServer(peers.ServerConfig{Region: region, Node: node, Token: token, Insecure: true, AcceptRegions: []string{source}}, app, zerolog.Nop())
+		sc := peers.NewServerConfig(config.DefaultAckTimeout)
+		sc.Region, sc.Node, sc.Token, sc.Insecure, sc.AcceptRegions = region, node, token, true, []string{source}
+		srv := peers.NewServer(sc, app, zerolog.Nop())
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -92,12 +94,12 @@ func pageFixture(t *testing.T) (*monitor, *httptest.Server) {
 	n.startedAt = time.Now()
 	ship := func(source, target, addr string) *peers.Shipper {
 		d := config.DefaultDelivery()
-		return peers.NewShipper(peers.ShipperConfig{
-			SourceRegion: source, SourceNode: "na1", TargetRegion: target,
-			Nodes: []peers.NodeAddr{{Name: target + "1", Addr: addr}}, Token: "tok", Insecure: true,
-			AckTimeout: 500 * time.Millisecond, Retries: d.Retries, Backoff: 50 * time.Millisecond, MaxBackoff: 200 * time.Millisecond,
-			MaxInFlight: int64(d.MaxInFlight), Seed: 7,
-		}, nil, zerolog.Nop())
+		sc := peers.NewShipperConfig(500 * time.Millisecond)
+		sc.SourceRegion, sc.SourceNode, sc.TargetRegion = source, "na1", target
+		sc.Nodes, sc.Token, sc.Insecure = []peers.NodeAddr{{Name: target + "1", Addr: addr}}, "tok", true
+		sc.Retries, sc.Backoff, sc.MaxBackoff = d.Retries, 50*time.Millisecond, 200*time.Millisecond
+		sc.MaxInFlight, sc.Seed = int64(d.MaxInFlight), 7
+		return peers.NewShipper(sc, nil, zerolog.Nop())
 	}
 	tm := &term{shippers: []*peers.Shipper{ship("na", "eu", euAddr), ship("na", "as", asAddr), ship("na-ap", "ap", apAddr), ship("na-sa", "sa", saAddr)}}
 	tctx, tcancel := context.WithCancel(ctx)

@@ -329,69 +329,21 @@ func readRecord(r io.ReaderAt, off, limit int64) (txn *decode.Txn, size int64, s
 // their own first; its record holds the header and marks it, and readers
 // hand it out with a Spill reading that file.
 func (s *Spool) Append(ctx context.Context, txn *decode.Txn) error {
-	hdr := txn
-	var big int64
-	if txn.Spill != nil {
-		h := *txn
-		h.Changes, h.Spill = nil, nil
-		hdr = &h
-		big = txn.Spill.FileSize()
-	}
-	body, err := decode.AppendTxn(make([]byte, 0, hdr.Size()), hdr)
+	body, big, err := encodeRecord(txn)
 	if err != nil {
-		return fmt.Errorf("spool append %s: %w", txn.EndLSN, err)
-	}
-	if len(body) > maxRecord {
-		return fmt.Errorf("spool append %s: transaction of %d bytes exceeds the %d byte record limit", txn.EndLSN, len(body), maxRecord)
+		return err
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for {
-		if s.closed {
-			return errors.New("spool closed")
-		}
-		if s.flushErr != nil {
-			return s.flushErr
-		}
-		if txn.EndLSN <= s.lastEnd {
-			return nil
-		}
-		if s.maxBytes <= 0 || s.total+s.bigBytes+s.written-s.activeDurable()+int64(len(body))+big <= s.maxBytes || s.total+s.bigBytes == 0 {
-			break
-		}
-		if !s.full {
-			s.full = true
-			s.log.Warn().Int64("max_bytes", s.maxBytes).Msg("spool full: stopped reading the slot until a region acknowledges more (the slot keeps the rest)")
-		}
-		ch := s.changed
-		s.mu.Unlock()
-		select {
-		case <-ctx.Done():
-			s.mu.Lock()
-			return ctx.Err()
-		case <-ch:
-		}
-		s.mu.Lock()
-	}
-	if s.full {
-		s.full = false
-		s.log.Info().Msg("spool has room again")
+	resend, err := s.waitRoomLocked(ctx, txn.EndLSN, int64(len(body))+big)
+	if err != nil || resend {
+		return err
 	}
 	var flag uint32
 	if txn.Spill != nil {
-		// Copied without the lock: the flusher and readers go on. Only
-		// the reader's goroutine appends, so nothing else appends now.
-		s.mu.Unlock()
-		size, err := s.copySpill(txn)
-		s.mu.Lock()
-		if err == nil && s.closed {
-			err = errors.New("spool closed")
-		}
-		if err != nil {
+		if err := s.copySpillLocked(txn); err != nil {
 			return err
 		}
-		s.bigs = append(s.bigs, bigFile{end: txn.EndLSN, size: size})
-		s.bigBytes += size
 		flag = spilledFlag
 	}
 	if s.w == nil || s.written >= s.segSize {
@@ -411,6 +363,86 @@ func (s *Spool) Append(ctx context.Context, txn *decode.Txn) error {
 	s.written += int64(headerSize + len(body))
 	s.lastEnd = txn.EndLSN
 	s.pending = txn.EndLSN
+	return nil
+}
+
+// encodeRecord returns the body of txn's record and, for a spilled
+// transaction (whose record holds only the header), the size of its
+// changes' file.
+func encodeRecord(txn *decode.Txn) (body []byte, big int64, err error) {
+	hdr := txn
+	if txn.Spill != nil {
+		h := *txn
+		h.Changes, h.Spill = nil, nil
+		hdr = &h
+		big = txn.Spill.FileSize()
+	}
+	body, err = decode.AppendTxn(make([]byte, 0, hdr.Size()), hdr)
+	if err != nil {
+		return nil, 0, fmt.Errorf("spool append %s: %w", txn.EndLSN, err)
+	}
+	if len(body) > maxRecord {
+		return nil, 0, fmt.Errorf("spool append %s: transaction of %d bytes exceeds the %d byte record limit", txn.EndLSN, len(body), maxRecord)
+	}
+	return body, big, nil
+}
+
+// waitRoomLocked waits, with s.mu held (it is released while waiting),
+// until the spool has room for need more bytes of the transaction ending
+// at end, or ctx ends. It reports whether the transaction is a resend,
+// at or below the last one appended.
+func (s *Spool) waitRoomLocked(ctx context.Context, end pglogrepl.LSN, need int64) (resend bool, err error) {
+	for {
+		if s.closed {
+			return false, errors.New("spool closed")
+		}
+		if s.flushErr != nil {
+			return false, s.flushErr
+		}
+		if end <= s.lastEnd {
+			return true, nil
+		}
+		if s.maxBytes <= 0 || s.total+s.bigBytes+s.written-s.activeDurable()+need <= s.maxBytes || s.total+s.bigBytes == 0 {
+			break
+		}
+		if !s.full {
+			s.full = true
+			s.log.Warn().Int64("max_bytes", s.maxBytes).Msg("spool full: stopped reading the slot until a region acknowledges more (the slot keeps the rest)")
+		}
+		ch := s.changed
+		s.mu.Unlock()
+		select {
+		case <-ctx.Done():
+			s.mu.Lock()
+			return false, ctx.Err()
+		case <-ch:
+		}
+		s.mu.Lock()
+	}
+	if s.full {
+		s.full = false
+		s.log.Info().Msg("spool has room again")
+	}
+	return false, nil
+}
+
+// copySpillLocked copies a spilled transaction's changes into the spool
+// (copySpill) and accounts for the file; s.mu is held, and released
+// during the copy.
+func (s *Spool) copySpillLocked(txn *decode.Txn) error {
+	// Copied without the lock: the flusher and readers go on. Only the
+	// reader's goroutine appends, so nothing else appends now.
+	s.mu.Unlock()
+	size, err := s.copySpill(txn)
+	s.mu.Lock()
+	if err == nil && s.closed {
+		err = errors.New("spool closed")
+	}
+	if err != nil {
+		return err
+	}
+	s.bigs = append(s.bigs, bigFile{end: txn.EndLSN, size: size})
+	s.bigBytes += size
 	return nil
 }
 

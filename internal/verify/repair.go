@@ -55,30 +55,8 @@ func Repair(ctx context.Context, regions []Region, from string, rep Report, log 
 		return nil, err
 	}
 	source := conns[0]
-	appliers := map[string]*apply.Applier{}
-	pools := map[string]*pgxpool.Pool{}
-	defer func() {
-		for _, p := range pools {
-			p.Close()
-		}
-	}()
-	applier := func(r Region) (*apply.Applier, error) {
-		if a, ok := appliers[r.Name]; ok {
-			return a, nil
-		}
-		pool, err := apply.NewPool(ctx, r.DSN)
-		if err != nil {
-			return nil, fmt.Errorf("repair: connect region %s: %w", r.Name, err)
-		}
-		pools[r.Name] = pool
-		a := apply.NewApplier(pool, log.With().Str("component", "repair").Str("target", r.Name).Logger(),
-			apply.WithLocalRegion(r.Name), apply.WithConflicts(apply.SourceWins, nil))
-		if err := a.Setup(ctx); err != nil {
-			return nil, fmt.Errorf("repair: region %s: %w", r.Name, err)
-		}
-		appliers[r.Name] = a
-		return a, nil
-	}
+	targets := &repairTargets{log: log, appliers: map[string]*apply.Applier{}}
+	defer targets.close()
 	var out []TableRepair
 	var unkeyed []string
 	for _, t := range rep.Tables {
@@ -106,18 +84,11 @@ func Repair(ctx context.Context, regions []Region, from string, rep Report, log 
 			if r.Name == from || (t.Regions != nil && !slices.Contains(t.Regions, r.Name)) {
 				continue
 			}
-			var keys []DiffKey
-			for _, k := range t.Keys {
-				hs, hasSrc := k.Hashes[from]
-				ht, hasTgt := k.Hashes[r.Name]
-				if hasSrc != hasTgt || hs != ht {
-					keys = append(keys, k)
-				}
-			}
+			keys := differingKeys(t, from, r.Name)
 			if len(keys) == 0 {
 				continue
 			}
-			a, err := applier(r)
+			a, err := targets.applier(ctx, r)
 			if err != nil {
 				return out, err
 			}
@@ -143,6 +114,52 @@ func Repair(ctx context.Context, regions []Region, from string, rep Report, log 
 		return out, fmt.Errorf("repair: tables without a key cannot be repaired row by row: %s", strings.Join(unkeyed, ", "))
 	}
 	return out, nil
+}
+
+// differingKeys returns the keys of t whose rows differ between regions
+// from and target (or exist in only one of them).
+func differingKeys(t TableResult, from, target string) []DiffKey {
+	var keys []DiffKey
+	for _, k := range t.Keys {
+		hs, hasSrc := k.Hashes[from]
+		ht, hasTgt := k.Hashes[target]
+		if hasSrc != hasTgt || hs != ht {
+			keys = append(keys, k)
+		}
+	}
+	return keys
+}
+
+// repairTargets opens an applier per target region when it is first
+// needed; close closes their pools.
+type repairTargets struct {
+	log      zerolog.Logger
+	appliers map[string]*apply.Applier
+	pools    []*pgxpool.Pool
+}
+
+func (rt *repairTargets) applier(ctx context.Context, r Region) (*apply.Applier, error) {
+	if a, ok := rt.appliers[r.Name]; ok {
+		return a, nil
+	}
+	pool, err := apply.NewPool(ctx, r.DSN)
+	if err != nil {
+		return nil, fmt.Errorf("repair: connect region %s: %w", r.Name, err)
+	}
+	rt.pools = append(rt.pools, pool)
+	a := apply.NewApplier(pool, rt.log.With().Str("component", "repair").Str("target", r.Name).Logger(),
+		apply.WithLocalRegion(r.Name), apply.WithConflicts(apply.SourceWins, nil))
+	if err := a.Setup(ctx); err != nil {
+		return nil, fmt.Errorf("repair: region %s: %w", r.Name, err)
+	}
+	rt.appliers[r.Name] = a
+	return a, nil
+}
+
+func (rt *repairTargets) close() {
+	for _, p := range rt.pools {
+		p.Close()
+	}
 }
 
 // relation describes table as the source has it: every stored column

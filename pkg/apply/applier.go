@@ -130,8 +130,6 @@ func NewApplier(pool *pgxpool.Pool, log zerolog.Logger, opts ...Option) *Applier
 	return a
 }
 
-func originName(region string) string { return "prism_" + region }
-
 // BootstrapApplicationName is the application_name of a bootstrap's
 // sessions. Fence does not terminate them: they hold origins on purpose.
 const BootstrapApplicationName = "prism_bootstrap"
@@ -209,24 +207,7 @@ func (a *Applier) ensureSetup(ctx context.Context) error {
 // the target database: the end LSN of the last applied transaction, or 0
 // when nothing was applied yet.
 func (a *Applier) Progress(ctx context.Context, sourceRegion string) (pglogrepl.LSN, error) {
-	var s *string
-	err := a.pool.QueryRow(ctx,
-		"SELECT pg_replication_origin_progress(roname, true)::text FROM pg_catalog.pg_replication_origin WHERE roname = $1",
-		originName(sourceRegion)).Scan(&s)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return 0, nil
-	}
-	if err != nil {
-		return 0, fmt.Errorf("apply progress %s: %w", sourceRegion, err)
-	}
-	if s == nil {
-		return 0, nil
-	}
-	lsn, err := pglogrepl.ParseLSN(*s)
-	if err != nil {
-		return 0, fmt.Errorf("apply progress %s: %w", sourceRegion, err)
-	}
-	return lsn, nil
+	return OriginProgress(ctx, a.pool, sourceRegion)
 }
 
 // Apply applies one source transaction in one target transaction, with
@@ -476,7 +457,7 @@ func (a *Applier) holdSession(ctx context.Context, source string) (*session, pgl
 		if err != nil {
 			return nil, 0, err
 		}
-		s := &session{a: a, conn: conn, origin: originName(source), source: source}
+		s := &session{a: a, conn: conn, origin: decode.OriginName(source), source: source}
 		progress, err := s.hold(ctx, source)
 		if err == nil {
 			return s, progress, nil
@@ -1025,7 +1006,7 @@ func (a *Applier) Fence(ctx context.Context, sourceRegion string) (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("apply fence %s: %w", sourceRegion, err)
 	}
-	s := &session{a: a, conn: conn, origin: originName(sourceRegion)}
+	s := &session{a: a, conn: conn, origin: decode.OriginName(sourceRegion)}
 	defer s.release()
 	pc := conn.Conn().PgConn()
 	killed := 0

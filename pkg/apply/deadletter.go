@@ -315,7 +315,7 @@ func (a *Applier) withOrigin(ctx context.Context, source string, fn func(conn *p
 	if err != nil {
 		return err
 	}
-	s := &session{a: a, conn: conn, origin: originName(source)}
+	s := &session{a: a, conn: conn, origin: decode.OriginName(source)}
 	defer s.release()
 	progress, err := s.hold(ctx, source)
 	if err != nil {
@@ -604,7 +604,7 @@ var ErrNotHalted = errors.New("no halted transaction there")
 func (a *Applier) Skip(ctx context.Context, source string, lsn pglogrepl.LSN, note string) error {
 	err := a.withOrigin(ctx, source, func(conn *pgxpool.Conn, progress pglogrepl.LSN) error {
 		if progress >= lsn {
-			return fmt.Errorf("%w: origin prism_%s is already at %s, at or past %s", ErrNotHalted, source, progress, lsn)
+			return fmt.Errorf("%w: origin %s is already at %s, at or past %s", ErrNotHalted, decode.OriginName(source), progress, lsn)
 		}
 		tx, err := conn.Begin(ctx)
 		if err != nil {

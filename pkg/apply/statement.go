@@ -399,13 +399,37 @@ func (b *builder) insert(c *decode.Change, policy Policy) (string, error) {
 	}
 	pol, tbl := lit(string(policy)), lit(b.t.name)
 	keyNames := b.quoted(keys)
+	sets, moved := b.insertSets(cols, keys)
+	resolve := "prism.resolve('insert_exists', " + pol + ", " + tbl + ", " + b.keyJSON("x", keys) + ", x.xmin)"
+	conflictWhere := resolve
+	with, from := "", ""
+	if len(moved) > 0 || len(sets) == 0 {
+		with, from, conflictWhere, err = b.insertReplacing(c, moved, resolve)
+		if err != nil {
+			return "", err
+		}
+	}
+	sql := with + "INSERT INTO " + b.t.ident + " AS x (" + names + ")" + b.overriding(cols) + " SELECT " + ps + from +
+		" WHERE NOT EXISTS (SELECT 1 FROM prism.tombstones tb WHERE tb.table_name = " + tbl + " AND tb.key = " + keyP + ")" +
+		" OR prism.admit(" + pol + ", " + tbl + ", " + keyP + ")"
+	if len(sets) == 0 {
+		// Every column is an identity ALWAYS key: d replaced the row
+		// if the insert won.
+		return sql + " ON CONFLICT (" + strings.Join(keyNames, ", ") + ") DO NOTHING", nil
+	}
+	return sql + " ON CONFLICT (" + strings.Join(keyNames, ", ") + ") DO UPDATE SET " + strings.Join(sets, ", ") +
+		" WHERE " + conflictWhere, nil
+}
+
+// insertSets returns the assignments of insert's ON CONFLICT DO UPDATE
+// and the identity ALWAYS columns among cols, which it cannot assign. The
+// key is the same. With nothing else to assign, the first column that is
+// not identity ALWAYS is assigned (none: sets is empty).
+func (b *builder) insertSets(cols, keys []int) (sets []string, moved []int) {
 	isKey := map[int]bool{}
 	for _, k := range keys {
 		isKey[k] = true
 	}
-	// The key is the same; identity ALWAYS columns cannot be assigned.
-	var sets []string
-	var moved []int
 	for _, col := range cols {
 		n := quote(b.rel.Columns[col].Name)
 		switch {
@@ -422,48 +446,40 @@ func (b *builder) insert(c *decode.Change, policy Policy) (string, error) {
 			sets = append(sets, n+" = EXCLUDED."+n)
 		}
 	}
-	resolve := "prism.resolve('insert_exists', " + pol + ", " + tbl + ", " + b.keyJSON("x", keys) + ", x.xmin)"
-	conflictWhere := resolve
-	with, from := "", ""
-	if len(moved) > 0 || len(sets) == 0 {
-		// ON CONFLICT DO UPDATE cannot write identity ALWAYS columns:
-		// an existing row whose values of them differ (or, with nothing
-		// else to update, any existing row) is deleted first when the
-		// insert wins, and the insert then finds no conflict; the
-		// INSERT reads d, so the DELETE runs before it.
-		cond, _, _, err := b.match(c, "x")
-		if err != nil {
-			return "", err
-		}
-		deleteCond := resolve
-		if len(moved) > 0 {
-			differs := make([]string, len(moved))
-			differsExcluded := make([]string, len(moved))
-			for i, m := range moved {
-				p, err := b.param(tupleNew, m)
-				if err != nil {
-					return "", err
-				}
-				n := quote(b.rel.Columns[m].Name)
-				differs[i] = "x." + n + " IS DISTINCT FROM " + p
-				differsExcluded[i] = "x." + n + " IS DISTINCT FROM EXCLUDED." + n
+	return sets, moved
+}
+
+// insertReplacing returns the WITH and FROM clauses that delete an
+// existing row before insert writes it, and the ON CONFLICT condition
+// that goes with them. ON CONFLICT DO UPDATE cannot write identity ALWAYS
+// columns (moved): an existing row whose values of them differ (or, with
+// nothing else to update, any existing row) is deleted first when the
+// insert wins, and the insert then finds no conflict; the INSERT reads d,
+// so the DELETE runs before it.
+func (b *builder) insertReplacing(c *decode.Change, moved []int, resolve string) (with, from, conflictWhere string, err error) {
+	cond, _, _, err := b.match(c, "x")
+	if err != nil {
+		return "", "", "", err
+	}
+	deleteCond, conflictWhere := resolve, resolve
+	if len(moved) > 0 {
+		differs := make([]string, len(moved))
+		differsExcluded := make([]string, len(moved))
+		for i, m := range moved {
+			p, err := b.param(tupleNew, m)
+			if err != nil {
+				return "", "", "", err
 			}
-			deleteCond = "CASE WHEN " + strings.Join(differs, " OR ") + " THEN " + resolve + " ELSE false END"
-			conflictWhere = "CASE WHEN " + strings.Join(differsExcluded, " OR ") + " THEN false ELSE " + resolve + " END"
+			n := quote(b.rel.Columns[m].Name)
+			differs[i] = "x." + n + " IS DISTINCT FROM " + p
+			differsExcluded[i] = "x." + n + " IS DISTINCT FROM EXCLUDED." + n
 		}
-		with = "WITH d AS (DELETE FROM " + b.t.ident + " AS x WHERE " + cond + " AND " + deleteCond + " RETURNING 1) "
-		from = " FROM (SELECT count(*) FROM d) AS d"
+		deleteCond = "CASE WHEN " + strings.Join(differs, " OR ") + " THEN " + resolve + " ELSE false END"
+		conflictWhere = "CASE WHEN " + strings.Join(differsExcluded, " OR ") + " THEN false ELSE " + resolve + " END"
 	}
-	sql := with + "INSERT INTO " + b.t.ident + " AS x (" + names + ")" + b.overriding(cols) + " SELECT " + ps + from +
-		" WHERE NOT EXISTS (SELECT 1 FROM prism.tombstones tb WHERE tb.table_name = " + tbl + " AND tb.key = " + keyP + ")" +
-		" OR prism.admit(" + pol + ", " + tbl + ", " + keyP + ")"
-	if len(sets) == 0 {
-		// Every column is an identity ALWAYS key: d replaced the row
-		// if the insert won.
-		return sql + " ON CONFLICT (" + strings.Join(keyNames, ", ") + ") DO NOTHING", nil
-	}
-	return sql + " ON CONFLICT (" + strings.Join(keyNames, ", ") + ") DO UPDATE SET " + strings.Join(sets, ", ") +
-		" WHERE " + conflictWhere, nil
+	with = "WITH d AS (DELETE FROM " + b.t.ident + " AS x WHERE " + cond + " AND " + deleteCond + " RETURNING 1) "
+	from = " FROM (SELECT count(*) FROM d) AS d"
+	return with, from, conflictWhere, nil
 }
 
 // match returns the row-identifying condition on alias and the columns it
@@ -567,57 +583,71 @@ func (b *builder) update(c *decode.Change, policy Policy) (string, error) {
 	}
 	pol := lit(string(policy))
 	tbl := lit(b.t.name)
-	var sb strings.Builder
 	if keyed(b.rel) {
-		cond, keyCols, from, err := b.match(c, "x")
-		if err != nil {
-			return "", err
-		}
-		condY, _, _, _ := b.match(c, "y")
-		keyP, err := b.keyJSONParams(from, keyCols)
-		if err != nil {
-			return "", err
-		}
-		// The common case, the row is there and the change wins, costs the
-		// UPDATE alone: the CASE evaluates the existence probe and the
-		// missing-row handling only when the UPDATE changed nothing.
-		ins, arr := "NULL", "NULL"
-		if complete {
-			sql, a, err := b.missingInsert(cols)
-			if err != nil {
-				return "", err
-			}
-			ins, arr = lit(sql), a
-		}
-		resolve := resolveCall("update", pol, tbl, b.keyJSON("x", keyCols), b.commitTime())
-		if c.Old == nil && len(sets) > 0 && allKeys(b.rel, moved) {
-			// The key did not change, so neither did identity
-			// columns of the key.
-			moved = nil
-		}
-		updateCond, found := resolve, "EXISTS (SELECT 1 FROM u)"
-		sb.WriteString("WITH ")
-		if len(moved) > 0 {
-			uc, ctes, err := b.move(cols, moved, "", cond, resolve, len(sets) > 0)
-			if err != nil {
-				return "", err
-			}
-			updateCond = uc
-			sb.WriteString(ctes)
-			found = "EXISTS (SELECT 1 FROM i)"
-			if len(sets) > 0 {
-				sb.WriteString(", ")
-				found = "EXISTS (SELECT 1 FROM u) OR " + found
-			}
-		}
-		if len(sets) > 0 {
-			sb.WriteString("u AS (UPDATE " + b.t.ident + " AS x SET " + strings.Join(sets, ", ") +
-				" WHERE " + cond + " AND " + updateCond + " RETURNING 1)")
-		}
-		sb.WriteString(" SELECT CASE WHEN " + found + " THEN 1 WHEN EXISTS (SELECT 1 FROM " + b.t.ident + " AS y WHERE " + condY + ") THEN 0" +
-			" ELSE prism.update_missing(" + pol + ", " + tbl + ", " + keyP + ", " + strconv.FormatBool(complete) + ", " + ins + ", " + arr + ") END")
-		return sb.String(), nil
+		return b.updateKeyed(c, cols, complete, sets, moved, pol, tbl)
 	}
+	return b.updateFull(c, cols, complete, sets, moved, pol, tbl)
+}
+
+// updateKeyed is update for a table with a key: the row is found by its
+// key, and a missing row goes to prism.update_missing.
+func (b *builder) updateKeyed(c *decode.Change, cols []int, complete bool, sets []string, moved []int, pol, tbl string) (string, error) {
+	var sb strings.Builder
+	cond, keyCols, from, err := b.match(c, "x")
+	if err != nil {
+		return "", err
+	}
+	condY, _, _, _ := b.match(c, "y")
+	keyP, err := b.keyJSONParams(from, keyCols)
+	if err != nil {
+		return "", err
+	}
+	// The common case, the row is there and the change wins, costs the
+	// UPDATE alone: the CASE evaluates the existence probe and the
+	// missing-row handling only when the UPDATE changed nothing.
+	ins, arr := "NULL", "NULL"
+	if complete {
+		sql, a, err := b.missingInsert(cols)
+		if err != nil {
+			return "", err
+		}
+		ins, arr = lit(sql), a
+	}
+	resolve := resolveCall("update", pol, tbl, b.keyJSON("x", keyCols), b.commitTime())
+	if c.Old == nil && len(sets) > 0 && allKeys(b.rel, moved) {
+		// The key did not change, so neither did identity
+		// columns of the key.
+		moved = nil
+	}
+	updateCond, found := resolve, "EXISTS (SELECT 1 FROM u)"
+	sb.WriteString("WITH ")
+	if len(moved) > 0 {
+		uc, ctes, err := b.move(cols, moved, "", cond, resolve, len(sets) > 0)
+		if err != nil {
+			return "", err
+		}
+		updateCond = uc
+		sb.WriteString(ctes)
+		found = "EXISTS (SELECT 1 FROM i)"
+		if len(sets) > 0 {
+			sb.WriteString(", ")
+			found = "EXISTS (SELECT 1 FROM u) OR " + found
+		}
+	}
+	if len(sets) > 0 {
+		sb.WriteString("u AS (UPDATE " + b.t.ident + " AS x SET " + strings.Join(sets, ", ") +
+			" WHERE " + cond + " AND " + updateCond + " RETURNING 1)")
+	}
+	sb.WriteString(" SELECT CASE WHEN " + found + " THEN 1 WHEN EXISTS (SELECT 1 FROM " + b.t.ident + " AS y WHERE " + condY + ") THEN 0" +
+		" ELSE prism.update_missing(" + pol + ", " + tbl + ", " + keyP + ", " + strconv.FormatBool(complete) + ", " + ins + ", " + arr + ") END")
+	return sb.String(), nil
+}
+
+// updateFull is update for a table with REPLICA IDENTITY FULL: the row is
+// found by its old values, and a missing row is inserted when the change
+// carries every column.
+func (b *builder) updateFull(c *decode.Change, cols []int, complete bool, sets []string, moved []int, pol, tbl string) (string, error) {
+	var sb strings.Builder
 	cond, matchCols, _, err := b.match(c, "y")
 	if err != nil {
 		return "", err

@@ -108,38 +108,15 @@ func (a *Applier) undo(ctx context.Context, txn *decode.Txn, req UndoRequest) (*
 	cache := map[string]*localTable{}
 	conflicts, failures := 0, 0
 	for i := len(txn.Changes) - 1; i >= 0; i-- {
-		c := &txn.Changes[i]
-		uc := UndoChange{Op: c.Op.String(), Table: relName(c)}
-		if c.Rel != nil {
-			row := c.New
-			if c.Op == decode.OpDelete {
-				row = c.Old
-			}
-			uc.Row, _ = rowJSON(c.Rel, row)
-		}
-		if _, err := tx.Exec(ctx, "SAVEPOINT prism_undo"); err != nil {
+		uc, failed, err := a.undoStep(ctx, tx, cache, &txn.Changes[i])
+		if err != nil {
 			return nil, err
 		}
-		result, err := a.undoChange(ctx, tx, cache, c)
 		switch {
-		case err != nil:
-			var pgErr *pgconn.PgError
-			if !errors.As(err, &pgErr) && !errors.As(err, new(*permanentError)) {
-				return nil, err // the connection failed: nothing is recorded
-			}
-			if _, rerr := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT prism_undo"); rerr != nil {
-				return nil, rerr
-			}
-			uc.Result = "failed: " + err.Error()
+		case failed:
 			failures++
-		case strings.HasPrefix(result, "conflict"):
-			uc.Result = result
+		case strings.HasPrefix(uc.Result, "conflict"):
 			conflicts++
-		default:
-			uc.Result = result
-		}
-		if _, err := tx.Exec(ctx, "RELEASE SAVEPOINT prism_undo"); err != nil {
-			return nil, err
 		}
 		res.Changes = append(res.Changes, uc)
 	}
@@ -163,6 +140,40 @@ func (a *Applier) undo(ctx context.Context, txn *decode.Txn, req UndoRequest) (*
 		return nil, err
 	}
 	return res, nil
+}
+
+// undoStep reverts change c under a savepoint and returns its record. A
+// change the database refuses is rolled back to the savepoint and
+// recorded as failed; an error means the connection failed and nothing is
+// recorded.
+func (a *Applier) undoStep(ctx context.Context, tx pgx.Tx, cache map[string]*localTable, c *decode.Change) (uc UndoChange, failed bool, err error) {
+	uc = UndoChange{Op: c.Op.String(), Table: relName(c)}
+	if c.Rel != nil {
+		row := c.New
+		if c.Op == decode.OpDelete {
+			row = c.Old
+		}
+		uc.Row, _ = rowJSON(c.Rel, row)
+	}
+	if _, err := tx.Exec(ctx, "SAVEPOINT prism_undo"); err != nil {
+		return uc, false, err
+	}
+	result, err := a.undoChange(ctx, tx, cache, c)
+	if err != nil {
+		var pgErr *pgconn.PgError
+		if !errors.As(err, &pgErr) && !errors.As(err, new(*permanentError)) {
+			return uc, false, err
+		}
+		if _, rerr := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT prism_undo"); rerr != nil {
+			return uc, false, rerr
+		}
+		result, failed = "failed: "+err.Error(), true
+	}
+	uc.Result = result
+	if _, err := tx.Exec(ctx, "RELEASE SAVEPOINT prism_undo"); err != nil {
+		return uc, false, err
+	}
+	return uc, failed, nil
 }
 
 func nullTime(txn *decode.Txn) any {
@@ -302,114 +313,136 @@ func (a *Applier) undoChange(ctx context.Context, tx pgx.Tx, cache map[string]*l
 	pc := tx.Conn().PgConn()
 	switch c.Op {
 	case decode.OpInsert:
-		if c.New == nil {
-			return "", permanent("22023", "INSERT without new row")
-		}
-		cond, err := s.match("t", c.Rel, c.New, nil)
-		if err != nil {
-			return "", err
-		}
-		sql := fmt.Sprintf("WITH r AS (SELECT t.ctid FROM %s t WHERE %s LIMIT 1 FOR UPDATE) DELETE FROM %s t USING r WHERE t.ctid = r.ctid",
-			t.name, cond, t.name)
-		tag, err := pc.ExecParams(ctx, sql, s.args, nil, nil, nil).Close()
-		if err != nil {
-			return "", err
-		}
-		if tag.RowsAffected() == 0 {
-			return "conflict: the inserted row was changed or deleted since; left as it is", nil
-		}
-		return "reverted: inserted row deleted", nil
+		return undoInsert(ctx, pc, s, c)
 	case decode.OpUpdate:
 		if !full || c.New == nil {
 			return "conflict: no before-image (set REPLICA IDENTITY FULL on the table); left as it is", nil
 		}
-		written := make([]decode.Value, len(c.New))
-		for i, v := range c.New {
-			if v.Kind == decode.ValueUnchanged {
-				v = c.Old[i]
-			}
-			written[i] = v
-		}
-		cond, err := s.match("t", c.Rel, written, nil)
-		if err != nil {
-			return "", err
-		}
-		var sets []string
-		for i, col := range c.Rel.Columns {
-			v := c.Old[i]
-			if v.Kind == decode.ValueUnchanged || t.skipped[col.Name] {
-				continue
-			}
-			if _, ok := t.types[col.Name]; !ok {
-				continue
-			}
-			if v.Kind == decode.ValueBinary {
-				return "", permanent("0A000", "binary values cannot be restored by undo")
-			}
-			if t.always[col.Name] {
-				// An UPDATE cannot assign an identity ALWAYS column; an
-				// unchanged one needs no restoring.
-				if w := written[i]; w.Kind != v.Kind || !bytes.Equal(w.Data, v.Data) {
-					return "conflict: the update changed GENERATED ALWAYS identity column " + col.Name + ", which an UPDATE cannot restore; left as it is", nil
-				}
-				continue
-			}
-			sets = append(sets, quote(col.Name)+" = "+s.param(col.Name, v))
-		}
-		if len(sets) == 0 {
-			return "reverted: no column to restore", nil
-		}
-		sql := fmt.Sprintf("WITH r AS (SELECT t.ctid FROM %s t WHERE %s LIMIT 1 FOR UPDATE) UPDATE %s t SET %s FROM r WHERE t.ctid = r.ctid",
-			t.name, cond, t.name, strings.Join(sets, ", "))
-		tag, err := pc.ExecParams(ctx, sql, s.args, nil, nil, nil).Close()
-		if err != nil {
-			return "", err
-		}
-		if tag.RowsAffected() == 0 {
-			return "conflict: the updated row was changed or deleted since; left as it is", nil
-		}
-		return "reverted: old values restored", nil
+		return undoUpdate(ctx, pc, s, c)
 	case decode.OpDelete:
 		if !full {
 			return "conflict: no before-image (set REPLICA IDENTITY FULL on the table); left as it is", nil
 		}
-		var cols, vals []string
-		overriding := ""
-		for i, col := range c.Rel.Columns {
-			v := c.Old[i]
-			if v.Kind == decode.ValueUnchanged || t.skipped[col.Name] {
-				continue
-			}
-			if _, ok := t.types[col.Name]; !ok {
-				continue
-			}
-			if v.Kind == decode.ValueBinary {
-				return "", permanent("0A000", "binary values cannot be restored by undo")
-			}
-			cols = append(cols, quote(col.Name))
-			vals = append(vals, s.param(col.Name, v))
-			if t.always[col.Name] {
-				// The deleted row comes back with its own identity value.
-				overriding = " OVERRIDING SYSTEM VALUE"
-			}
+		return undoDelete(ctx, pc, s, c)
+	}
+	return "", permanent("22023", "unknown op %d", c.Op)
+}
+
+// exec runs one compensating statement: it returns reverted when it
+// changed a row, conflict when it found none to change.
+func (s *undoStmt) exec(ctx context.Context, pc *pgconn.PgConn, sql, reverted, conflict string) (string, error) {
+	tag, err := pc.ExecParams(ctx, sql, s.args, nil, nil, nil).Close()
+	if err != nil {
+		return "", err
+	}
+	if tag.RowsAffected() == 0 {
+		return conflict, nil
+	}
+	return reverted, nil
+}
+
+// restorable reports whether the old value v of column col is to be
+// written back: it was sent, and the column is a stored one of the local
+// table. A binary value cannot be.
+func restorable(t *localTable, col string, v decode.Value) (bool, error) {
+	if v.Kind == decode.ValueUnchanged || t.skipped[col] {
+		return false, nil
+	}
+	if _, ok := t.types[col]; !ok {
+		return false, nil
+	}
+	if v.Kind == decode.ValueBinary {
+		return false, permanent("0A000", "binary values cannot be restored by undo")
+	}
+	return true, nil
+}
+
+// undoInsert deletes the row an INSERT added, if it is still as inserted.
+func undoInsert(ctx context.Context, pc *pgconn.PgConn, s *undoStmt, c *decode.Change) (string, error) {
+	t := s.t
+	if c.New == nil {
+		return "", permanent("22023", "INSERT without new row")
+	}
+	cond, err := s.match("t", c.Rel, c.New, nil)
+	if err != nil {
+		return "", err
+	}
+	sql := fmt.Sprintf("WITH r AS (SELECT t.ctid FROM %s t WHERE %s LIMIT 1 FOR UPDATE) DELETE FROM %s t USING r WHERE t.ctid = r.ctid",
+		t.name, cond, t.name)
+	return s.exec(ctx, pc, sql, "reverted: inserted row deleted", "conflict: the inserted row was changed or deleted since; left as it is")
+}
+
+// undoUpdate restores the old values of an UPDATE (with its before-image),
+// if the row is still as updated.
+func undoUpdate(ctx context.Context, pc *pgconn.PgConn, s *undoStmt, c *decode.Change) (string, error) {
+	t := s.t
+	written := make([]decode.Value, len(c.New))
+	for i, v := range c.New {
+		if v.Kind == decode.ValueUnchanged {
+			v = c.Old[i]
 		}
-		guard := ""
-		if len(t.pk) > 0 {
-			cond, err := s.match("t", c.Rel, c.Old, t.pk)
+		written[i] = v
+	}
+	cond, err := s.match("t", c.Rel, written, nil)
+	if err != nil {
+		return "", err
+	}
+	var sets []string
+	for i, col := range c.Rel.Columns {
+		v := c.Old[i]
+		if ok, err := restorable(t, col.Name, v); !ok {
 			if err != nil {
 				return "", err
 			}
-			guard = fmt.Sprintf(" WHERE NOT EXISTS (SELECT 1 FROM %s t WHERE %s)", t.name, cond)
+			continue
 		}
-		sql := fmt.Sprintf("INSERT INTO %s (%s)%s SELECT %s%s", t.name, strings.Join(cols, ", "), overriding, strings.Join(vals, ", "), guard)
-		tag, err := pc.ExecParams(ctx, sql, s.args, nil, nil, nil).Close()
+		if t.always[col.Name] {
+			// An UPDATE cannot assign an identity ALWAYS column; an
+			// unchanged one needs no restoring.
+			if w := written[i]; w.Kind != v.Kind || !bytes.Equal(w.Data, v.Data) {
+				return "conflict: the update changed GENERATED ALWAYS identity column " + col.Name + ", which an UPDATE cannot restore; left as it is", nil
+			}
+			continue
+		}
+		sets = append(sets, quote(col.Name)+" = "+s.param(col.Name, v))
+	}
+	if len(sets) == 0 {
+		return "reverted: no column to restore", nil
+	}
+	sql := fmt.Sprintf("WITH r AS (SELECT t.ctid FROM %s t WHERE %s LIMIT 1 FOR UPDATE) UPDATE %s t SET %s FROM r WHERE t.ctid = r.ctid",
+		t.name, cond, t.name, strings.Join(sets, ", "))
+	return s.exec(ctx, pc, sql, "reverted: old values restored", "conflict: the updated row was changed or deleted since; left as it is")
+}
+
+// undoDelete inserts a deleted row (its before-image) again, unless a row
+// with its key exists again.
+func undoDelete(ctx context.Context, pc *pgconn.PgConn, s *undoStmt, c *decode.Change) (string, error) {
+	t := s.t
+	var cols, vals []string
+	overriding := ""
+	for i, col := range c.Rel.Columns {
+		v := c.Old[i]
+		if ok, err := restorable(t, col.Name, v); !ok {
+			if err != nil {
+				return "", err
+			}
+			continue
+		}
+		cols = append(cols, quote(col.Name))
+		vals = append(vals, s.param(col.Name, v))
+		if t.always[col.Name] {
+			// The deleted row comes back with its own identity value.
+			overriding = " OVERRIDING SYSTEM VALUE"
+		}
+	}
+	guard := ""
+	if len(t.pk) > 0 {
+		cond, err := s.match("t", c.Rel, c.Old, t.pk)
 		if err != nil {
 			return "", err
 		}
-		if tag.RowsAffected() == 0 {
-			return "conflict: a row with the deleted row's key exists again; left as it is", nil
-		}
-		return "reverted: deleted row inserted again", nil
+		guard = fmt.Sprintf(" WHERE NOT EXISTS (SELECT 1 FROM %s t WHERE %s)", t.name, cond)
 	}
-	return "", permanent("22023", "unknown op %d", c.Op)
+	sql := fmt.Sprintf("INSERT INTO %s (%s)%s SELECT %s%s", t.name, strings.Join(cols, ", "), overriding, strings.Join(vals, ", "), guard)
+	return s.exec(ctx, pc, sql, "reverted: deleted row inserted again", "conflict: a row with the deleted row's key exists again; left as it is")
 }

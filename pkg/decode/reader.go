@@ -131,13 +131,13 @@ type Reader struct {
 // NewReader returns a Reader; it connects on the first Next.
 func NewReader(cfg ReaderConfig, log zerolog.Logger) *Reader {
 	if cfg.Slot == "" {
-		cfg.Slot = "prism_" + cfg.Region
+		cfg.Slot = SlotName(cfg.Region)
 	}
 	if cfg.Publication == "" {
 		cfg.Publication = "prism"
 	}
 	if cfg.AppName == "" {
-		cfg.AppName = "prism_" + cfg.Region
+		cfg.AppName = AppName(cfg.Region)
 	}
 	if cfg.StatusInterval <= 0 {
 		cfg.StatusInterval = time.Second
@@ -613,136 +613,51 @@ func (r *Reader) session(ctx context.Context) (progressed bool, err error) {
 // stream reads the replication stream until an error. It is the only user
 // of conn.
 func (r *Reader) stream(ctx context.Context, conn *pgconn.PgConn) error {
-	asm := NewAssembler(r.cfg.Region, SpillOver(r.cfg.SpillDir, r.cfg.SpillBytes, 0), SkipSchemas(r.cfg.SkipSchemas...))
-	defer asm.Close()
-	var pending *Txn // completed, waiting for room in r.out
+	s := &streamState{
+		conn:       conn,
+		nc:         conn.Conn(),
+		asm:        NewAssembler(r.cfg.Region, SpillOver(r.cfg.SpillDir, r.cfg.SpillBytes, 0), SkipSchemas(r.cfg.SkipSchemas...)),
+		nextStatus: time.Now(),
+		ticker:     time.NewTicker(r.cfg.StatusInterval),
+	}
+	defer s.asm.Close()
 	defer func() {
-		if pending != nil {
-			pending.Spill.Release() // resent by the server after the reconnect
+		if s.pending != nil {
+			s.pending.Spill.Release() // resent by the server after the reconnect
 		}
 	}()
-	var stalledSince time.Time
-	nextStatus := time.Now()
-	ticker := time.NewTicker(r.cfg.StatusInterval)
-	defer ticker.Stop()
+	defer s.ticker.Stop()
 	// Closing the Reader interrupts a wait for the server.
-	nc := conn.Conn()
 	stop := context.AfterFunc(ctx, func() {
 		r.mu.Lock()
 		defer r.mu.Unlock()
-		nc.SetReadDeadline(time.Now())
+		s.nc.SetReadDeadline(time.Now())
 	})
 	defer stop()
 
 	for {
-		if !time.Now().Before(nextStatus) {
+		if !time.Now().Before(s.nextStatus) {
 			if err := r.sendStatus(ctx, conn); err != nil {
 				return err
 			}
-			nextStatus = time.Now().Add(r.cfg.StatusInterval)
+			s.nextStatus = time.Now().Add(r.cfg.StatusInterval)
 		}
-		if pending != nil {
-			// The consumer is behind: stop reading, but keep the
-			// server's wal_sender_timeout from cutting the stream.
-			select {
-			case r.out <- pending:
-				r.queued(pending)
-				pending = nil
-			case <-ticker.C:
-				nextStatus = time.Now()
-				if time.Since(stalledSince) > r.cfg.MaxStall {
-					return errStalled
-				}
-			case <-r.poked:
-				if r.reportDue() {
-					nextStatus = time.Now()
-				}
-			case <-ctx.Done():
-				return ctx.Err()
+		if s.pending != nil {
+			if err := r.offer(ctx, s); err != nil {
+				return err
 			}
 			continue
 		}
-
-		// Wait for the server until the next status update is due, or
-		// until Confirm brings a position to report. The wait is a read
-		// deadline on the connection, not a context per message: a
-		// context's watcher and timer for each of the many small messages
-		// of a busy stream cost more CPU than decoding them.
-		r.mu.Lock()
-		due := max(r.confirmed, r.idle) > r.stats.Confirmed
-		var derr error
-		if !due {
-			derr = nc.SetReadDeadline(nextStatus)
-			r.wake = nc
-		}
-		r.mu.Unlock()
-		if derr != nil {
-			return fmt.Errorf("receive: %w", derr)
-		}
-		if due {
-			nextStatus = time.Now()
-			continue
-		}
-		if err := ctx.Err(); err != nil {
+		msg, err := r.receive(ctx, s)
+		if err != nil {
 			return err
 		}
-		msg, err := conn.ReceiveMessage(context.Background())
-		r.mu.Lock()
-		r.wake = nil
-		r.mu.Unlock()
-		if err != nil {
-			if ctx.Err() == nil && pgconn.Timeout(err) {
-				continue
-			}
-			return fmt.Errorf("receive: %w", err)
-		}
-
 		switch m := msg.(type) {
+		case nil:
+			// Nothing arrived: a status update is due.
 		case *pgproto3.CopyData:
-			if len(m.Data) == 0 {
-				return errors.New("receive: empty CopyData")
-			}
-			switch m.Data[0] {
-			case pglogrepl.PrimaryKeepaliveMessageByteID:
-				ka, err := pglogrepl.ParsePrimaryKeepaliveMessage(m.Data[1:])
-				if err != nil {
-					return fmt.Errorf("keepalive: %w", err)
-				}
-				r.maybeIdleAdvance(asm, ka.ServerWALEnd)
-				if ka.ReplyRequested {
-					nextStatus = time.Now()
-				}
-			case pglogrepl.XLogDataByteID:
-				xld, err := pglogrepl.ParseXLogData(m.Data[1:])
-				if err != nil {
-					return fmt.Errorf("xlogdata: %w", err)
-				}
-				filtered := asm.Filtered()
-				txn, err := asm.Feed(xld.WALStart, xld.WALData)
-				if errors.Is(err, errSpillIO) {
-					return err // a disk problem: retried with the resend
-				}
-				if err != nil {
-					return permanent(err)
-				}
-				if asm.Filtered() != filtered {
-					r.mu.Lock()
-					r.stats.Filtered++
-					r.mu.Unlock()
-					r.log.Debug().Stringer("lsn", xld.WALStart).Msg("skipped a transaction with a replication origin")
-				}
-				if txn != nil {
-					pending = r.admit(txn)
-					if pending == nil {
-						txn.Spill.Release()
-					} else if pending.Spill != nil {
-						r.log.Info().Stringer("end", txn.EndLSN).Int("changes", txn.Spill.Count()).
-							Int64("bytes", txn.Spill.Bytes()).Msg("large transaction spilled to disk")
-					}
-					stalledSince = time.Now()
-				}
-			default:
-				return fmt.Errorf("receive: unknown CopyData message %q", m.Data[0])
+			if err := r.copyData(s, m.Data); err != nil {
+				return err
 			}
 		case *pgproto3.ErrorResponse:
 			return r.classify(pgconn.ErrorResponseToPgError(m))
@@ -752,6 +667,137 @@ func (r *Reader) stream(ctx context.Context, conn *pgconn.PgConn) error {
 			// NoticeResponse, ParameterStatus: nothing to do.
 		}
 	}
+}
+
+// streamState is the state of one replication stream, owned by the
+// goroutine running stream.
+type streamState struct {
+	conn         *pgconn.PgConn
+	nc           net.Conn // conn's network connection, for read deadlines
+	asm          *Assembler
+	pending      *Txn // completed, waiting for room in r.out
+	stalledSince time.Time
+	nextStatus   time.Time // when the next standby status update is due
+	ticker       *time.Ticker
+}
+
+// offer waits until the consumer takes the pending transaction. The
+// consumer is behind: stop reading, but keep the server's
+// wal_sender_timeout from cutting the stream.
+func (r *Reader) offer(ctx context.Context, s *streamState) error {
+	select {
+	case r.out <- s.pending:
+		r.queued(s.pending)
+		s.pending = nil
+	case <-s.ticker.C:
+		s.nextStatus = time.Now()
+		if time.Since(s.stalledSince) > r.cfg.MaxStall {
+			return errStalled
+		}
+	case <-r.poked:
+		if r.reportDue() {
+			s.nextStatus = time.Now()
+		}
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	return nil
+}
+
+// receive waits for the server until the next status update is due, or
+// until Confirm brings a position to report, and returns the message
+// that arrived; nil when a status update is due instead. The wait is a
+// read deadline on the connection, not a context per message: a
+// context's watcher and timer for each of the many small messages of a
+// busy stream cost more CPU than decoding them.
+func (r *Reader) receive(ctx context.Context, s *streamState) (pgproto3.BackendMessage, error) {
+	r.mu.Lock()
+	due := max(r.confirmed, r.idle) > r.stats.Confirmed
+	var derr error
+	if !due {
+		derr = s.nc.SetReadDeadline(s.nextStatus)
+		r.wake = s.nc
+	}
+	r.mu.Unlock()
+	if derr != nil {
+		return nil, fmt.Errorf("receive: %w", derr)
+	}
+	if due {
+		s.nextStatus = time.Now()
+		return nil, nil
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	msg, err := s.conn.ReceiveMessage(context.Background())
+	r.mu.Lock()
+	r.wake = nil
+	r.mu.Unlock()
+	if err != nil {
+		if ctx.Err() == nil && pgconn.Timeout(err) {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("receive: %w", err)
+	}
+	return msg, nil
+}
+
+// copyData handles one CopyData message of the stream: a keepalive, or
+// WAL data for the assembler.
+func (r *Reader) copyData(s *streamState, data []byte) error {
+	if len(data) == 0 {
+		return errors.New("receive: empty CopyData")
+	}
+	switch data[0] {
+	case pglogrepl.PrimaryKeepaliveMessageByteID:
+		ka, err := pglogrepl.ParsePrimaryKeepaliveMessage(data[1:])
+		if err != nil {
+			return fmt.Errorf("keepalive: %w", err)
+		}
+		r.maybeIdleAdvance(s.asm, ka.ServerWALEnd)
+		if ka.ReplyRequested {
+			s.nextStatus = time.Now()
+		}
+		return nil
+	case pglogrepl.XLogDataByteID:
+		xld, err := pglogrepl.ParseXLogData(data[1:])
+		if err != nil {
+			return fmt.Errorf("xlogdata: %w", err)
+		}
+		return r.walData(s, xld)
+	default:
+		return fmt.Errorf("receive: unknown CopyData message %q", data[0])
+	}
+}
+
+// walData feeds WAL data to the assembler and makes a completed
+// transaction pending.
+func (r *Reader) walData(s *streamState, xld pglogrepl.XLogData) error {
+	filtered := s.asm.Filtered()
+	txn, err := s.asm.Feed(xld.WALStart, xld.WALData)
+	if errors.Is(err, errSpillIO) {
+		return err // a disk problem: retried with the resend
+	}
+	if err != nil {
+		return permanent(err)
+	}
+	if s.asm.Filtered() != filtered {
+		r.mu.Lock()
+		r.stats.Filtered++
+		r.mu.Unlock()
+		r.log.Debug().Stringer("lsn", xld.WALStart).Msg("skipped a transaction with a replication origin")
+	}
+	if txn != nil {
+		s.pending = r.admit(txn)
+		if s.pending == nil {
+			txn.Spill.Release()
+		} else if s.pending.Spill != nil {
+			r.log.Info().Stringer("end", txn.EndLSN).Int("changes", txn.Spill.Count()).
+				Int64("bytes", txn.Spill.Bytes()).Msg("large transaction spilled to disk")
+		}
+		s.stalledSince = time.Now()
+	}
+	return nil
 }
 
 func (r *Reader) setStreaming(on bool) {

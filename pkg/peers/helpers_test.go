@@ -198,19 +198,18 @@ func waitFor(t *testing.T, what string, timeout time.Duration, cond func() bool)
 }
 
 func serverConfig(region, node string) ServerConfig {
-	return ServerConfig{
-		Region: region, Node: node, Token: testToken, Insecure: true,
-		AcceptRegions: []string{"na", "as"},
-		HelloTimeout:  time.Second, Heartbeat: 40 * time.Millisecond, IdleTimeout: 5 * time.Second,
-	}
+	c := NewServerConfig(200 * time.Millisecond)
+	c.Region, c.Node, c.Token, c.Insecure = region, node, testToken, true
+	c.AcceptRegions = []string{"na", "as"}
+	c.HelloTimeout, c.Heartbeat, c.IdleTimeout = time.Second, 40*time.Millisecond, 5*time.Second
+	return c
 }
 
 func shipperConfig(nodes ...NodeAddr) ShipperConfig {
-	return ShipperConfig{
-		SourceRegion: "na", SourceNode: "na1", TargetRegion: "eu", Nodes: nodes,
-		Token: testToken, Insecure: true,
-		AckTimeout: 200 * time.Millisecond, Retries: 5, Backoff: 20 * time.Millisecond, MaxBackoff: 100 * time.Millisecond,
-		MaxInFlight:   16 << 20,
-		ProbeInterval: 50 * time.Millisecond, Heartbeat: 50 * time.Millisecond, Seed: 7,
-	}
+	c := NewShipperConfig(200 * time.Millisecond)
+	c.SourceRegion, c.SourceNode, c.TargetRegion, c.Nodes = "na", "na1", "eu", nodes
+	c.Token, c.Insecure = testToken, true
+	c.Retries, c.Backoff, c.MaxBackoff, c.MaxInFlight = 5, 20*time.Millisecond, 100*time.Millisecond, 16<<20
+	c.ProbeInterval, c.Heartbeat, c.Seed = 50*time.Millisecond, 50*time.Millisecond, 7
+	return c
 }

@@ -61,17 +61,13 @@ func Probe(ctx context.Context, cfg ProbeConfig) (ProbeResult, error) {
 	if cfg.Timeout <= 0 {
 		cfg.Timeout = 2 * time.Second
 	}
-	s := NewShipper(ShipperConfig{
-		SourceRegion: cfg.SourceRegion,
-		SourceNode:   cfg.SourceNode,
-		TargetRegion: cfg.TargetRegion,
-		Nodes:        []NodeAddr{{Name: cfg.Addr, Addr: cfg.Addr}},
-		Token:        cfg.Token,
-		TLS:          cfg.TLS,
-		Insecure:     cfg.Insecure,
-		AckTimeout:   cfg.Timeout,
-		Seed:         1,
-	}, nil, zerolog.Nop())
+	sc := NewShipperConfig(cfg.Timeout)
+	sc.SourceRegion, sc.SourceNode, sc.TargetRegion = cfg.SourceRegion, cfg.SourceNode, cfg.TargetRegion
+	sc.Nodes = []NodeAddr{{Name: cfg.Addr, Addr: cfg.Addr}}
+	sc.Token, sc.TLS, sc.Insecure = cfg.Token, cfg.TLS, cfg.Insecure
+	sc.DialTimeout, sc.HandshakeTimeout = cfg.Timeout, cfg.Timeout
+	sc.Seed = 1
+	s := NewShipper(sc, nil, zerolog.Nop())
 	start := time.Now()
 	nc, err := s.dial(ctx, cfg.Addr)
 	if err != nil {

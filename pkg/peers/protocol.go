@@ -170,6 +170,20 @@ func appendFrame(b []byte, f any) ([]byte, error) {
 	e := encoder{b: b}
 	start := len(e.b)
 	e.u32(0) // length, patched below
+	if err := e.frame(f); err != nil {
+		return b, err
+	}
+	n := len(e.b) - start - 4
+	if uint64(n) > 1<<32-1 {
+		return b, fmt.Errorf("encode frame: %d bytes is too large", n)
+	}
+	binary.BigEndian.PutUint32(e.b[start:], uint32(n))
+	return e.b, nil
+}
+
+// frame appends f's type and body: the control frames here, those that
+// carry transactions or changes in txnFrame.
+func (e *encoder) frame(f any) error {
 	switch f := f.(type) {
 	case *hello:
 		e.u8(frameHello)
@@ -210,47 +224,49 @@ func appendFrame(b []byte, f any) ([]byte, error) {
 		}
 	case *heartbeat:
 		e.u8(frameHeartbeat)
-	case *txnFrame:
-		e.u8(frameTxn)
-		var err error
-		if e.b, err = decode.AppendTxn(e.b, f.Txn); err != nil {
-			return b, err
-		}
-	case *undoFrame:
-		e.u8(frameUndo)
-		var err error
-		if e.b, err = decode.AppendTxn(e.b, f.Txn); err != nil {
-			return b, err
-		}
-		e.str(f.SQLState)
-		e.str(f.Message)
 	case *undoneFrame:
 		e.u8(frameUndone)
 		e.u64(uint64(f.LSN))
 		e.str(f.Status)
 		e.str(f.Note)
+	case *txnEnd:
+		e.u8(frameTxnEnd)
+		e.u64(uint64(f.LSN))
+	default:
+		return e.txnFrame(f)
+	}
+	return nil
+}
+
+// txnFrame appends the type and body of a frame that carries a
+// transaction or changes.
+func (e *encoder) txnFrame(f any) error {
+	var err error
+	switch f := f.(type) {
+	case *txnFrame:
+		e.u8(frameTxn)
+		e.b, err = decode.AppendTxn(e.b, f.Txn)
+	case *undoFrame:
+		e.u8(frameUndo)
+		if e.b, err = decode.AppendTxn(e.b, f.Txn); err != nil {
+			return err
+		}
+		e.str(f.SQLState)
+		e.str(f.Message)
 	case *txnBegin:
 		e.u8(frameTxnBegin)
 		if f.Txn == nil {
-			return b, errors.New("encode txn: nil")
+			return errors.New("encode txn: nil")
 		}
 		e.b = decode.AppendTxnHeader(e.b, f.Txn)
 		e.u64(f.Count)
 	case *txnChunk:
 		e.u8(frameTxnChunk)
 		e.b = decode.AppendChanges(e.b, f.Changes)
-	case *txnEnd:
-		e.u8(frameTxnEnd)
-		e.u64(uint64(f.LSN))
 	default:
-		return b, fmt.Errorf("encode frame: unknown frame %T", f)
+		return fmt.Errorf("encode frame: unknown frame %T", f)
 	}
-	n := len(e.b) - start - 4
-	if uint64(n) > 1<<32-1 {
-		return b, fmt.Errorf("encode frame: %d bytes is too large", n)
-	}
-	binary.BigEndian.PutUint32(e.b[start:], uint32(n))
-	return e.b, nil
+	return err
 }
 
 // decoder reads big-endian values from a payload; the first error sticks

@@ -34,48 +34,28 @@ type ServerConfig struct {
 	Insecure bool
 	// AcceptRegions are the source regions allowed to ship here.
 	AcceptRegions []string
-	// MaxFrame limits one frame's length (default DefaultMaxFrame).
+	// The settings below arrive resolved (NewServerConfig chooses them);
+	// every value is used as given and Serve refuses one out of range.
+
+	// MaxFrame limits one frame's length.
 	MaxFrame int
 	// HelloTimeout bounds the TLS handshake, the first frame and the
-	// Welcome (default 5s).
+	// Welcome.
 	HelloTimeout time.Duration
 	// Heartbeat is how often the server sends a heartbeat, also while an
-	// apply is running (default 1s). It must be well below the shippers'
-	// AckTimeout.
+	// apply is running. It must be well below the shippers' AckTimeout.
 	Heartbeat time.Duration
-	// IdleTimeout drops a peer that sent nothing for that long (default
-	// 15s).
+	// IdleTimeout drops a peer that sent nothing for that long.
 	IdleTimeout time.Duration
 	// MaxBatch bounds how many queued transactions one ApplyBatch call
-	// takes (default 64).
+	// takes.
 	MaxBatch int
 	// FenceTimeout bounds fencing a previous holder of the origin when a
-	// source connects (default 5s).
+	// source connects.
 	FenceTimeout time.Duration
 	// Errors carries out the apply error policy for transactions that
 	// fail permanently; nil halts on every such failure.
 	Errors ErrorHandler
-}
-
-func (c *ServerConfig) setDefaults() {
-	if c.MaxFrame <= 0 {
-		c.MaxFrame = DefaultMaxFrame
-	}
-	if c.HelloTimeout <= 0 {
-		c.HelloTimeout = 5 * time.Second
-	}
-	if c.Heartbeat <= 0 {
-		c.Heartbeat = time.Second
-	}
-	if c.IdleTimeout <= 0 {
-		c.IdleTimeout = 15 * time.Second
-	}
-	if c.MaxBatch <= 0 {
-		c.MaxBatch = 64
-	}
-	if c.FenceTimeout <= 0 {
-		c.FenceTimeout = 5 * time.Second
-	}
 }
 
 // Server receives update messages from other regions' shippers and applies
@@ -98,7 +78,6 @@ type stream struct {
 
 // NewServer returns a Server that applies through app.
 func NewServer(cfg ServerConfig, app Applier, log zerolog.Logger) *Server {
-	cfg.setDefaults()
 	return &Server{
 		cfg:    cfg,
 		app:    app,
@@ -118,6 +97,10 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	if s.cfg.Token == "" && !s.cfg.Insecure {
 		ln.Close()
 		return errors.New("serve: empty token and not insecure")
+	}
+	if err := checkServer(&s.cfg); err != nil {
+		ln.Close()
+		return fmt.Errorf("serve: settings: %w", err)
 	}
 	if s.cfg.TLS != nil {
 		ln = tls.NewListener(ln, s.cfg.TLS)

@@ -43,10 +43,10 @@ type ShipperConfig struct {
 	TLS      *tls.Config
 	Insecure bool
 
-	// The delivery settings arrive resolved: the caller owns their
-	// defaults (prism-cdc resolves them once, when its configuration is
-	// loaded). Every value is used as given; Run refuses one out of range
-	// instead of replacing it.
+	// Every setting below arrives resolved (NewShipperConfig chooses
+	// them; prism-cdc resolves the delivery settings once, when its
+	// configuration is loaded). Every value is used as given; Run
+	// refuses one out of range instead of replacing it.
 
 	// AckTimeout is how long the shipper waits for the receiver (an Ack
 	// or a heartbeat) while transactions are unacknowledged; it must be
@@ -63,20 +63,30 @@ type ShipperConfig struct {
 	// MaxInFlight bounds the bytes (Txn.Size) of unacknowledged
 	// transactions; Send blocks above it. It must be positive.
 	MaxInFlight int64
+	// DialTimeout bounds the TCP connection to a node.
+	DialTimeout time.Duration
+	// HandshakeTimeout bounds the TLS handshake, and separately the
+	// Challenge, Hello and Welcome exchange.
+	HandshakeTimeout time.Duration
+	// ReadTimeout drops a connection on which the receiver sent nothing
+	// (not even a heartbeat) for that long.
+	ReadTimeout time.Duration
+	// WriteTimeout bounds writing one control frame: a heartbeat or the
+	// outcome of an undo.
+	WriteTimeout time.Duration
 	// ProbeInterval is how often the preferred nodes are probed while a
-	// less preferred path carries the traffic (default 2s).
+	// less preferred path carries the traffic.
 	ProbeInterval time.Duration
-	// Heartbeat is how often an idle connection sends a heartbeat
-	// (default 1s).
+	// Heartbeat is how often an idle connection sends a heartbeat.
 	Heartbeat time.Duration
-	// MaxFrame limits one frame's length (default DefaultMaxFrame); it
-	// must not exceed the receivers' limit.
+	// MaxFrame limits one frame's length; it must not exceed the
+	// receivers' limit.
 	MaxFrame int
 	// ChunkBytes is the change data per TxnChunk frame of a spilled
-	// transaction (default DefaultChunkBytes).
+	// transaction.
 	ChunkBytes int
 	// FenceTimeout bounds fencing a previous holder of the origin before
-	// the direct-SQL fallback applies (default 5s).
+	// the direct-SQL fallback applies.
 	FenceTimeout time.Duration
 	// Seed seeds the backoff jitter; 0 seeds from the clock.
 	Seed int64
@@ -91,51 +101,6 @@ type ShipperConfig struct {
 	// shipper's locks, so that the caller can confirm the new position
 	// to its slot at once instead of at its next poll. It must not block.
 	OnAck func()
-}
-
-// checkDelivery reports a delivery setting out of range. The settings are
-// resolved by the caller, so a zero here is a zero, never "the default".
-func (c *ShipperConfig) checkDelivery() error {
-	var errs []error
-	if c.AckTimeout <= 0 {
-		errs = append(errs, fmt.Errorf("ack timeout %s is not positive", c.AckTimeout))
-	}
-	if c.Retries < 0 {
-		errs = append(errs, fmt.Errorf("retries %d is negative", c.Retries))
-	}
-	if c.Backoff <= 0 {
-		errs = append(errs, fmt.Errorf("backoff %s is not positive", c.Backoff))
-	}
-	if c.MaxBackoff < c.Backoff {
-		errs = append(errs, fmt.Errorf("max backoff %s is below backoff %s", c.MaxBackoff, c.Backoff))
-	}
-	if c.MaxInFlight <= 0 {
-		errs = append(errs, fmt.Errorf("max in flight %d is not positive", c.MaxInFlight))
-	}
-	return errors.Join(errs...)
-}
-
-// setDefaults fills the shipper's own tuning knobs, which are not
-// delivery settings.
-func (c *ShipperConfig) setDefaults() {
-	if c.ProbeInterval <= 0 {
-		c.ProbeInterval = 2 * time.Second
-	}
-	if c.Heartbeat <= 0 {
-		c.Heartbeat = time.Second
-	}
-	if c.MaxFrame <= 0 {
-		c.MaxFrame = DefaultMaxFrame
-	}
-	if c.ChunkBytes <= 0 {
-		c.ChunkBytes = DefaultChunkBytes
-	}
-	if c.FenceTimeout <= 0 {
-		c.FenceTimeout = 5 * time.Second
-	}
-	if c.Seed == 0 {
-		c.Seed = time.Now().UnixNano()
-	}
 }
 
 // PathFallback is Status.Path while the direct-SQL fallback carries the
@@ -204,7 +169,9 @@ type entry struct {
 // direct-SQL path to the region's database; nil means there is none and an
 // unreachable region waits for its nodes.
 func NewShipper(cfg ShipperConfig, fallback Fallback, log zerolog.Logger) *Shipper {
-	cfg.setDefaults()
+	if cfg.Seed == 0 {
+		cfg.Seed = time.Now().UnixNano()
+	}
 	return &Shipper{
 		cfg:      cfg,
 		fallback: fallback,
@@ -428,8 +395,8 @@ func (s *Shipper) Run(ctx context.Context) error {
 	if s.cfg.TLS == nil && !s.cfg.Insecure {
 		return fmt.Errorf("ship to %s: no TLS configuration and not insecure", s.cfg.TargetRegion)
 	}
-	if err := s.cfg.checkDelivery(); err != nil {
-		return fmt.Errorf("ship to %s: delivery settings: %w", s.cfg.TargetRegion, err)
+	if err := checkShipper(&s.cfg); err != nil {
+		return fmt.Errorf("ship to %s: settings: %w", s.cfg.TargetRegion, err)
 	}
 	rnd := rand.New(rand.NewSource(s.cfg.Seed))
 	backoff := func(attempt int) time.Duration {
@@ -508,7 +475,7 @@ func sleep(ctx context.Context, d time.Duration) {
 
 // dial connects to a node: TCP, TLS when configured.
 func (s *Shipper) dial(ctx context.Context, addr string) (net.Conn, error) {
-	d := net.Dialer{Timeout: s.cfg.AckTimeout}
+	d := net.Dialer{Timeout: s.cfg.DialTimeout}
 	nc, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, err
@@ -524,7 +491,7 @@ func (s *Shipper) dial(ctx context.Context, addr string) (net.Conn, error) {
 		}
 	}
 	tc := tls.Client(nc, cfg)
-	hctx, cancel := context.WithTimeout(ctx, s.cfg.AckTimeout)
+	hctx, cancel := context.WithTimeout(ctx, s.cfg.HandshakeTimeout)
 	defer cancel()
 	if err := tc.HandshakeContext(hctx); err != nil {
 		nc.Close()
@@ -582,7 +549,7 @@ func (s *Shipper) hello(ctx context.Context, i int, flags uint8) (*frameConn, *w
 	}
 	stop := context.AfterFunc(ctx, func() { nc.Close() })
 	fc := newFrameConn(nc, s.cfg.MaxFrame)
-	f, err := clientHello(fc, s.cfg.AckTimeout, flags, s.cfg.SourceRegion, s.cfg.SourceNode, s.cfg.Token)
+	f, err := clientHello(fc, s.cfg.HandshakeTimeout, flags, s.cfg.SourceRegion, s.cfg.SourceNode, s.cfg.Token)
 	stop()
 	if err == nil && ctx.Err() != nil {
 		err = ctx.Err()
@@ -676,7 +643,7 @@ func (s *Shipper) session(ctx context.Context, i int) (progressed bool, err erro
 	go func() { // reader; owned by session
 		defer wg.Done()
 		for {
-			f, err := fc.read(max(s.cfg.AckTimeout, 3*s.cfg.Heartbeat) + time.Minute)
+			f, err := fc.read(s.cfg.ReadTimeout)
 			if err != nil {
 				cancel(fmt.Errorf("read %s: %w", name, err))
 				return
@@ -719,7 +686,7 @@ func (s *Shipper) session(ctx context.Context, i int) (progressed bool, err erro
 					return
 				case <-changed:
 				case <-hb.C:
-					if err := fc.write(s.cfg.AckTimeout, &heartbeat{}); err != nil {
+					if err := fc.write(s.cfg.WriteTimeout, &heartbeat{}); err != nil {
 						cancel(fmt.Errorf("write %s: %w", name, err))
 						return
 					}
@@ -1036,7 +1003,7 @@ func (s *Shipper) undoRequested(ctx context.Context, fc *frameConn, f *undoFrame
 		s.log.Error().Err(err).Stringer("lsn", f.Txn.EndLSN).Msg("undo failed; it is requested again at the next connection")
 		return nil
 	}
-	return fc.write(s.cfg.AckTimeout, &undoneFrame{LSN: f.Txn.EndLSN, Status: status, Note: note})
+	return fc.write(s.cfg.WriteTimeout, &undoneFrame{LSN: f.Txn.EndLSN, Status: status, Note: note})
 }
 
 // undoLocal reverts a transaction for the direct-SQL fallback path, which

@@ -204,6 +204,15 @@ func TestRunRefusesBadDelivery(t *testing.T) {
 		{"zero backoff", func(c *ShipperConfig) { c.Backoff = 0 }, "backoff 0s is not positive"},
 		{"max backoff below backoff", func(c *ShipperConfig) { c.MaxBackoff = c.Backoff / 2 }, "max backoff 10ms is below backoff 20ms"},
 		{"zero max in flight", func(c *ShipperConfig) { c.MaxInFlight = 0 }, "max in flight 0 is not positive"},
+		{"zero dial timeout", func(c *ShipperConfig) { c.DialTimeout = 0 }, "dial timeout 0s is not positive"},
+		{"zero handshake timeout", func(c *ShipperConfig) { c.HandshakeTimeout = 0 }, "handshake timeout 0s is not positive"},
+		{"zero read timeout", func(c *ShipperConfig) { c.ReadTimeout = 0 }, "read timeout 0s is not positive"},
+		{"zero write timeout", func(c *ShipperConfig) { c.WriteTimeout = 0 }, "write timeout 0s is not positive"},
+		{"zero heartbeat", func(c *ShipperConfig) { c.Heartbeat = 0 }, "heartbeat 0s is not positive"},
+		{"zero probe interval", func(c *ShipperConfig) { c.ProbeInterval = 0 }, "probe interval 0s is not positive"},
+		{"zero fence timeout", func(c *ShipperConfig) { c.FenceTimeout = 0 }, "fence timeout 0s is not positive"},
+		{"zero max frame", func(c *ShipperConfig) { c.MaxFrame = 0 }, "max frame 0 is not positive"},
+		{"zero chunk bytes", func(c *ShipperConfig) { c.ChunkBytes = 0 }, "chunk bytes 0 is not positive"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := shipperConfig(NodeAddr{Name: "eu1", Addr: "127.0.0.1:1"})
