@@ -175,6 +175,12 @@ func runIsolationCase(t *testing.T, ctx context.Context, r *region, tc isolation
 		cfg = shipperConfig(r.nodes...)
 	}
 	cfg.SourceRegion, cfg.TargetRegion = src, r.name
+	// The assertions below count retries: an ACK that is merely slow on a
+	// loaded machine (100 transactions, a policy decision) must not pass
+	// for a failure, so the timeouts are far above the helpers' 200 ms.
+	slow := NewShipperConfig(10 * time.Second)
+	cfg.AckTimeout, cfg.DialTimeout, cfg.HandshakeTimeout = slow.AckTimeout, slow.DialTimeout, slow.HandshakeTimeout
+	cfg.ReadTimeout, cfg.WriteTimeout = slow.ReadTimeout, slow.WriteTimeout
 	cfg.Errors = handler
 	cfg.Undo = func(ctx context.Context, target string, req UndoRequest) (string, string, error) {
 		undoMu.Lock()
