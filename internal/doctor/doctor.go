@@ -472,8 +472,9 @@ func (d *doctor) ownKeys(ctx context.Context, conn *pgx.Conn, db string) {
 }
 
 // triggers checks the conflict triggers (prism_clock, prism_tombstone)
-// that the node installs on every table with a key: without them
-// last_write_wins does not see local deletes or a lagging clock.
+// that the node installs on every table with a key, whatever its replica
+// identity: without them last_write_wins does not see local deletes or a
+// lagging clock.
 func (d *doctor) triggers(ctx context.Context, conn *pgx.Conn, db string, tables []table) {
 	var schema bool
 	if err := conn.QueryRow(ctx, "SELECT to_regnamespace('prism') IS NOT NULL").Scan(&schema); err != nil {
@@ -487,7 +488,7 @@ func (d *doctor) triggers(ctx context.Context, conn *pgx.Conn, db string, tables
 	var missing []string
 	keyed := 0
 	for _, t := range tables {
-		if !t.hasKey || t.identity == 'f' || t.identity == 'n' {
+		if !t.hasKey || t.identity == 'n' {
 			continue
 		}
 		keyed++

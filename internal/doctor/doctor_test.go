@@ -106,6 +106,7 @@ func TestDoctor(t *testing.T) {
 		GRANT SELECT, INSERT, UPDATE, DELETE ON accounts, events TO app_ro;
 		GRANT SELECT ON orders TO app_ro;
 		CREATE ROLE ledger_owner; CREATE TABLE ledger (id int PRIMARY KEY); ALTER TABLE ledger OWNER TO ledger_owner;
+		ALTER TABLE ledger REPLICA IDENTITY FULL;
 		GRANT SELECT, INSERT, UPDATE, DELETE ON ledger TO app_ro`)
 
 	naNode := serve(t, na, "na", "na1", "right-token", "eu")

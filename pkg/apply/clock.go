@@ -180,7 +180,9 @@ BEGIN
 	IF NOT FOUND THEN
 		RETURN 'not a table';
 	END IF;
-	IF ident IN ('d', 'i') THEN
+	-- The key is the replica identity index, else the primary key (also
+	-- under REPLICA IDENTITY FULL): the columns the applier matches rows by.
+	IF ident IN ('d', 'i', 'f') THEN
 		SELECT array_agg(a.attname ORDER BY a.attnum) INTO keys
 		FROM pg_catalog.pg_index i
 		JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)

@@ -106,11 +106,15 @@
 // exactly as the source printed them. Columns are matched by name.
 // Unchanged TOASTed values (decode.ValueUnchanged) are never written. Rows
 // are found by the replica identity key (old key when sent, else the new
-// key columns), or with REPLICA IDENTITY FULL by every old column compared
-// by its text form, touching exactly one row (ctid ... LIMIT 1). Both the
-// source's text and the applier's sessions use one pinned text form
-// (decode.PinTextForm), whatever the servers' DateStyle, IntervalStyle,
-// extra_float_digits, bytea_output or TimeZone.
+// key columns). Under REPLICA IDENTITY FULL, which flags every column as
+// key, they are found like PostgreSQL's apply worker finds them: by the
+// target's replica identity index or primary key, so a concurrent local
+// write of another column is a conflict decided by the policy, not a
+// missing row; a table without either is matched by every old column
+// compared by its text form, touching exactly one row (ctid ... LIMIT 1).
+// Both the source's text and the applier's sessions use one pinned text
+// form (decode.PinTextForm), whatever the servers' DateStyle,
+// IntervalStyle, extra_float_digits, bytea_output or TimeZone.
 //
 // Identity ALWAYS columns get the source's values, as in PostgreSQL's own
 // apply worker: INSERTs say OVERRIDING SYSTEM VALUE, and an UPDATE never

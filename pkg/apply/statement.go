@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -25,10 +26,17 @@ type target struct {
 	// stored lists the columns an INSERT can write (all but generated
 	// ones), in table order.
 	stored []string
+	// key marks the columns of the target's replica identity index, or
+	// of its primary key when the replica identity is not an index: what
+	// rows are matched by under REPLICA IDENTITY FULL (see matchKey).
+	key map[string]bool
 }
 
 const loadTargetSQL = `
-SELECT a.attname, quote_ident(n.nspname) || '.' || quote_ident(t.typname), a.attidentity = 'a', a.attgenerated <> ''
+SELECT a.attname, quote_ident(n.nspname) || '.' || quote_ident(t.typname), a.attidentity = 'a', a.attgenerated <> '',
+	EXISTS (SELECT 1 FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indrelid
+		WHERE i.indrelid = a.attrelid AND a.attnum = ANY (i.indkey)
+			AND CASE WHEN c.relreplident = 'i' THEN i.indisreplident ELSE i.indisprimary END)
 FROM pg_catalog.pg_attribute a
 JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
 JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
@@ -42,17 +50,20 @@ func loadTarget(ctx context.Context, conn *pgx.Conn, schema, table string) (*tar
 	if err != nil {
 		return nil, err
 	}
-	t := &target{ident: ident, name: schema + "." + table, types: map[string]string{}, always: map[string]bool{}, generated: map[string]bool{}}
+	t := &target{ident: ident, name: schema + "." + table, types: map[string]string{}, always: map[string]bool{}, generated: map[string]bool{}, key: map[string]bool{}}
 	for rows.Next() {
 		var name, typ string
-		var always, generated bool
-		if err := rows.Scan(&name, &typ, &always, &generated); err != nil {
+		var always, generated, key bool
+		if err := rows.Scan(&name, &typ, &always, &generated, &key); err != nil {
 			rows.Close()
 			return nil, err
 		}
 		t.types[name] = typ
 		if always {
 			t.always[name] = true
+		}
+		if key {
+			t.key[name] = true
 		}
 		if generated {
 			t.generated[name] = true
@@ -135,6 +146,7 @@ func lit(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" 
 type builder struct {
 	t      *target
 	rel    *decode.Relation
+	keys   []int // matchKey(t, rel)
 	params []paramRef
 	index  map[paramRef]int
 }
@@ -171,7 +183,7 @@ func (b *builder) commitTime() string {
 
 // buildStatement writes the SQL for change c under policy.
 func buildStatement(t *target, c *decode.Change, policy Policy) (*statement, error) {
-	b := &builder{t: t, rel: c.Rel, index: map[paramRef]int{}}
+	b := &builder{t: t, rel: c.Rel, keys: matchKey(t, c.Rel), index: map[paramRef]int{}}
 	var sql string
 	var err error
 	switch c.Op {
@@ -193,19 +205,39 @@ func buildStatement(t *target, c *decode.Change, policy Policy) (*statement, err
 
 func quote(name string) string { return pgx.Identifier{name}.Sanitize() }
 
-// keyed reports whether the relation identifies rows by key columns
-// (primary key or replica identity index) rather than by the whole row.
-func keyed(rel *decode.Relation) bool {
-	if rel.ReplicaIdentity == decode.IdentityFull {
-		return false
+// matchKey returns the columns of rel that identify a row of t, or nil
+// when rows are matched by the whole old row. They are the relation's key
+// columns (the source's primary key or replica identity index), except
+// under REPLICA IDENTITY FULL, where pgoutput flags every column: then,
+// like PostgreSQL's apply worker (GetRelationIdentityOrPK), the columns of
+// the target's replica identity index or primary key, when the relation
+// carries them all. Matching a keyed row by its whole old row would miss
+// it after a concurrent local write of another column and insert it
+// again, a duplicate key.
+func matchKey(t *target, rel *decode.Relation) []int {
+	var ks []int
+	if rel.ReplicaIdentity != decode.IdentityFull {
+		for i, col := range rel.Columns {
+			if col.Key {
+				ks = append(ks, i)
+			}
+		}
+		return ks
 	}
-	for _, col := range rel.Columns {
-		if col.Key {
-			return true
+	for i, col := range rel.Columns {
+		if t.key[col.Name] {
+			ks = append(ks, i)
 		}
 	}
-	return false
+	if len(ks) == 0 || len(ks) != len(t.key) {
+		return nil
+	}
+	return ks
 }
+
+// keyed reports whether rows are identified by key columns rather than by
+// the whole old row.
+func (b *builder) keyed() bool { return len(b.keys) > 0 }
 
 // quoted returns the quoted names of the given columns.
 func (b *builder) quoted(cols []int) []string {
@@ -216,15 +248,8 @@ func (b *builder) quoted(cols []int) []string {
 	return names
 }
 
-func (b *builder) keyCols() []int {
-	var ks []int
-	for i, col := range b.rel.Columns {
-		if col.Key {
-			ks = append(ks, i)
-		}
-	}
-	return ks
-}
+// keyCols returns the columns that identify a row (matchKey).
+func (b *builder) keyCols() []int { return b.keys }
 
 // keyJSON builds a jsonb object of the given columns read from alias.
 func (b *builder) keyJSON(alias string, cols []int) string {
@@ -386,7 +411,7 @@ func (b *builder) insert(c *decode.Change, policy Policy) (string, error) {
 		return "", err
 	}
 	names, ps := strings.Join(nameList, ", "), strings.Join(psList, ", ")
-	if !keyed(b.rel) {
+	if !b.keyed() {
 		return "INSERT INTO " + b.t.ident + " AS x (" + names + ")" + b.overriding(cols) + " VALUES (" + ps + ")", nil
 	}
 	keys := b.keyCols()
@@ -483,11 +508,12 @@ func (b *builder) insertReplacing(c *decode.Change, moved []int, resolve string)
 }
 
 // match returns the row-identifying condition on alias and the columns it
-// uses. Keyed tables match the key columns (from Old when sent, else from
-// New); REPLICA IDENTITY FULL matches every sent old column by its text
-// form, which works for types without an equality operator too.
+// uses. Keyed tables (matchKey) match the key columns (from Old when sent,
+// else from New); REPLICA IDENTITY FULL without a key matches every sent
+// old column by its text form, which works for types without an equality
+// operator too.
 func (b *builder) match(c *decode.Change, alias string) (string, []int, tuple, error) {
-	if keyed(b.rel) {
+	if b.keyed() {
 		from := tupleNew
 		vals := c.New
 		if c.Old != nil {
@@ -583,7 +609,7 @@ func (b *builder) update(c *decode.Change, policy Policy) (string, error) {
 	}
 	pol := lit(string(policy))
 	tbl := lit(b.t.name)
-	if keyed(b.rel) {
+	if b.keyed() {
 		return b.updateKeyed(c, cols, complete, sets, moved, pol, tbl)
 	}
 	return b.updateFull(c, cols, complete, sets, moved, pol, tbl)
@@ -614,7 +640,7 @@ func (b *builder) updateKeyed(c *decode.Change, cols []int, complete bool, sets 
 		ins, arr = lit(sql), a
 	}
 	resolve := resolveCall("update", pol, tbl, b.keyJSON("x", keyCols), b.commitTime())
-	if c.Old == nil && len(sets) > 0 && allKeys(b.rel, moved) {
+	if c.Old == nil && len(sets) > 0 && b.allKeys(moved) {
 		// The key did not change, so neither did identity
 		// columns of the key.
 		moved = nil
@@ -690,9 +716,9 @@ func (b *builder) updateFull(c *decode.Change, cols []int, complete bool, sets [
 }
 
 // allKeys reports whether every column of cols is a key column.
-func allKeys(rel *decode.Relation, cols []int) bool {
+func (b *builder) allKeys(cols []int) bool {
 	for _, c := range cols {
-		if !rel.Columns[c].Key {
+		if !slices.Contains(b.keys, c) {
 			return false
 		}
 	}
@@ -702,7 +728,7 @@ func allKeys(rel *decode.Relation, cols []int) bool {
 func (b *builder) delete(c *decode.Change, policy Policy) (string, error) {
 	pol := lit(string(policy))
 	tbl := lit(b.t.name)
-	if keyed(b.rel) {
+	if b.keyed() {
 		cond, keyCols, from, err := b.match(c, "x")
 		if err != nil {
 			return "", err
