@@ -92,11 +92,13 @@ type Applier struct {
 	tables    map[string]Policy
 	local     string
 	appName   string
+	ddl       bool // WithDDL
 
 	mu      sync.Mutex
 	setup   bool
 	targets map[string]*target    // by schema.table
 	stmts   map[string]*statement // by shapeKey
+	shapes  map[string]*reshaping // by shapeOf; see reshape
 	// idle are sessions that still hold their origin after a run, by
 	// source region, waiting holdIdle for the next run of that source.
 	idle map[string]*session
@@ -120,6 +122,7 @@ func NewApplier(pool *pgxpool.Pool, log zerolog.Logger, opts ...Option) *Applier
 		appName:   "prism_apply",
 		targets:   map[string]*target{},
 		stmts:     map[string]*statement{},
+		shapes:    map[string]*reshaping{},
 		idle:      map[string]*session{},
 		letting:   map[string]chan struct{}{},
 		holdIdle:  holdIdle,
@@ -170,6 +173,12 @@ func (a *Applier) setup1(ctx context.Context) error {
 		return fmt.Errorf("apply setup: %w", err)
 	}
 	defer conn.Release()
+	// Setup's own schema changes are not replicated (event trigger
+	// prism_ddl lets them pass).
+	if _, err := conn.Exec(ctx, "SET prism.ddl = 'local'"); err != nil {
+		return fmt.Errorf("apply setup: %w", err)
+	}
+	defer conn.Exec(ctx, "RESET prism.ddl")
 	var track string
 	if err := conn.QueryRow(ctx, "SHOW track_commit_timestamp").Scan(&track); err != nil {
 		return fmt.Errorf("apply setup: %w", err)
@@ -188,6 +197,9 @@ func (a *Applier) setup1(ctx context.Context) error {
 		a.log.Warn().Err(err).Msg("cannot create event trigger prism_install (needs a superuser): tables created from now on get their conflict triggers only at the next start")
 	} else {
 		a.log.Debug().Int("tables", installed).Msg("conflict triggers installed")
+	}
+	if err := a.setupDDL(ctx, conn.Conn()); err != nil {
+		return fmt.Errorf("apply setup: %w", err)
 	}
 	a.mu.Lock()
 	a.setup = true
@@ -758,6 +770,20 @@ func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.
 		cmds = append(cmds, cmd{txn: i, change: -1})
 		for j := range t.Changes {
 			c := &t.Changes[j]
+			if c.Op == decode.OpDDL {
+				// Run now: the row statements after it are built from the
+				// schema it leaves.
+				if err := a.queueDDL(b, c.DDL); err != nil {
+					return committed, a.fail(s, t, "", c.Op, err)
+				}
+				cmds = append(cmds, cmd{txn: i, change: j})
+				err := flush(false)
+				a.forgetSchema()
+				if err != nil {
+					return committed, err
+				}
+				continue
+			}
 			if c.Op == decode.OpTruncate {
 				sql, err := truncateSQL(c)
 				if err != nil {
@@ -769,6 +795,10 @@ func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.
 			} else {
 				if c.Rel == nil {
 					return committed, a.fail(s, t, "", c.Op, permanent("22023", "change %d has no relation", j))
+				}
+				c, err := a.reshape(ctx, conn.Conn(), c)
+				if err != nil {
+					return committed, a.fail(s, t, relName(&t.Changes[j]), t.Changes[j].Op, err)
 				}
 				st, sd, err := a.statementFor(ctx, conn.Conn(), c)
 				if err != nil {
@@ -816,10 +846,7 @@ func (a *Applier) fail(s *session, t *decode.Txn, table string, op decode.Op, er
 	e := newError(t, table, op, err)
 	switch e.SQLState {
 	case "42703", "42P01", "42804", "0A000", "26000":
-		a.mu.Lock()
-		a.targets = map[string]*target{}
-		a.stmts = map[string]*statement{}
-		a.mu.Unlock()
+		a.forgetSchema()
 		// The connection's prepared statements may reference the old
 		// schema; drop the connection.
 		s.broken = true
