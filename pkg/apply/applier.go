@@ -850,6 +850,7 @@ func (a *Applier) fail(s *session, t *decode.Txn, table string, op decode.Op, er
 		// The connection's prepared statements may reference the old
 		// schema; drop the connection.
 		s.broken = true
+		a.schemaPending(e)
 	}
 	return e
 }

@@ -239,6 +239,11 @@ BEGIN
 			AND s.nspname NOT IN ('prism', 'pg_catalog', 'information_schema') AND s.nspname NOT LIKE 'pg\_%';
 		RETURN;
 	END IF;
+	-- Each region's own replication setup (prism-cdc's reader creates the
+	-- region's publication) is not the application's schema.
+	IF TG_TAG ~ '^(CREATE|ALTER|DROP) (PUBLICATION|SUBSCRIPTION|EVENT TRIGGER)$' THEN
+		RETURN;
+	END IF;
 	-- Temporary objects live in one session: nothing to replicate.
 	IF TG_TAG LIKE 'DROP %' THEN
 		IF current_setting('prism.ddl_dropped_temp', true) = 'on' THEN
@@ -296,11 +301,15 @@ BEGIN
 		'command', q, 'search_path', current_setting('search_path'), 'role', who)::text);
 END
 $f$;
--- ddl_dropped notes, before ddl_command_end, that a DROP dropped only
--- temporary objects.
+-- ddl_dropped records dropped columns and notes, before ddl_command_end,
+-- that a DROP dropped only temporary objects.
 CREATE OR REPLACE FUNCTION prism.ddl_dropped() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER AS $f$
 BEGIN
+	-- Rows of regions that have not dropped a column yet still carry it.
+	INSERT INTO prism.ddl_renames (relid, kind, old_name, new_name)
+	SELECT d.objid, 'drop', d.address_names[3], '' FROM pg_event_trigger_dropped_objects() d
+	WHERE d.object_type = 'table column' AND NOT d.is_temporary AND array_length(d.address_names, 1) = 3;
 	PERFORM set_config('prism.ddl_dropped_temp',
 		CASE WHEN bool_and(d.is_temporary) THEN 'on' ELSE '' END, true)
 	FROM pg_event_trigger_dropped_objects() d WHERE d.original;
@@ -438,10 +447,13 @@ type reshaping struct {
 
 // reshape returns c as the target table can take it (with DDL
 // replication on): a change whose relation names columns the target does
-// not have is rewritten without them, or with their new name when the
-// target renamed them (prism.ddl_renames). Dropped columns' values are
-// discarded with a warning, once per table and column set. A change that
-// fits is returned as it is.
+// not have is rewritten without the ones dropped here, and with their new
+// name for the ones renamed here (both recorded in prism.ddl_renames).
+// Dropped columns' values are discarded with a warning, once per table
+// and column set. Any other missing column is an error that
+// schemaPending makes retryable: the schema change that adds it may still
+// be on its way from another region. A change that fits is returned as it
+// is.
 func (a *Applier) reshape(ctx context.Context, conn *pgx.Conn, c *decode.Change) (*decode.Change, error) {
 	if !a.ddl || c.Rel == nil || c.Op == decode.OpTruncate || c.Op == decode.OpDDL {
 		return c, nil
@@ -505,8 +517,15 @@ func (a *Applier) reshaping(ctx context.Context, conn *pgx.Conn, t *target, rel 
 				continue
 			}
 		}
+		var gone bool
+		if err := conn.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM prism.ddl_renames WHERE relid = $1::regclass AND kind = 'drop' AND old_name = $2)", t.ident, col.Name).Scan(&gone); err != nil {
+			return nil, fmt.Errorf("look up drops of %s.%s: %w", t.name, col.Name, err)
+		}
+		if !gone {
+			return nil, permanent("42703", "column %q of table %s does not exist in this region (it was neither dropped nor renamed here)", col.Name, t.name)
+		}
 		if col.Key {
-			return nil, permanent("42703", "key column %q of table %s does not exist in the target database", col.Name, t.name)
+			return nil, permanent("42703", "key column %q of table %s was dropped in this region", col.Name, t.name)
 		}
 		dropped = append(dropped, col.Name)
 	}
@@ -517,6 +536,20 @@ func (a *Applier) reshaping(ctx context.Context, conn *pgx.Conn, t *target, rel 
 	ev.Str("table", t.name).Strs("discarded_columns", dropped).Strs("renamed_columns", renamed).
 		Msg("rows of another region name columns this region dropped or renamed (a schema change not yet applied there); values of dropped columns are discarded")
 	return r, nil
+}
+
+// schemaPending makes e, a missing table or column (42P01, 42703),
+// retryable when DDL replication is on: the schema change that creates
+// it was made by another region and may not have arrived yet (region A
+// adds a column, region B applies it and writes it, B's rows reach C
+// before A's schema change does). The caches are dropped already (fail),
+// so a retry sees the table as it is then.
+func (a *Applier) schemaPending(e *Error) {
+	if !a.ddl || (e.SQLState != "42703" && e.SQLState != "42P01") {
+		return
+	}
+	e.Retryable = true
+	e.Err = fmt.Errorf("%w (ddl: replicate: waiting for the schema change that makes it, which may still be on its way from another region; retrying)", e.Err)
 }
 
 // fits reports whether target t has every column of rel.

@@ -99,6 +99,7 @@ func TestDDLCapture(t *testing.T) {
 		{"temporary table", "CREATE TEMP TABLE tmp (a int)", ""},
 		{"temporary index", "CREATE INDEX ON tmp (a)", ""},
 		{"temporary drop", "DROP TABLE tmp", ""},
+		{"publication", "RESET ROLE; CREATE PUBLICATION p FOR ALL TABLES; SET ROLE app", ""},
 		{"local", "SET prism.ddl = 'local'; CREATE FUNCTION s.f() RETURNS int LANGUAGE sql AS 'SELECT 1'; RESET prism.ddl", ""},
 	} {
 		if err := exec(tc.sql); err != nil {
@@ -227,20 +228,45 @@ func TestDDLApply(t *testing.T) {
 		state string
 		msg   string
 	}{
-		{"failing statement", txn("na", 500, 6, ins(rel("s", "n", decode.IdentityDefault, "id*"), "2"), ddl("ALTER TABLE nosuch ADD COLUMN x int")),
-			"42P01", "schema change from another region failed here: relation \"nosuch\" does not exist: ALTER TABLE nosuch ADD COLUMN x int"},
+		{"failing statement", txn("na", 500, 6, ins(rel("s", "n", decode.IdentityDefault, "id*"), "2"), ddl("CREATE TABLE n (x int)")),
+			"42P07", "schema change from another region failed here: relation \"n\" already exists: CREATE TABLE n (x int)"},
 		{"missing role", txn("na", 500, 6, ins(rel("s", "n", decode.IdentityDefault, "id*"), "2"),
 			decode.Change{Op: decode.OpDDL, DDL: &decode.DDL{Command: "CREATE TABLE m (id int)", SearchPath: "s", Role: "ghost"}}),
 			"42704", "role ghost ran it there and does not exist here"},
 	} {
 		err := a.Apply(ctx, tc.tx)
 		var e *Error
-		if !errors.As(err, &e) || e.SQLState != tc.state || e.Op != decode.OpDDL || !strings.Contains(e.Error(), tc.msg) {
-			t.Fatalf("%s: Apply = %v, want an Error of the DDL with %s saying %q", tc.name, err, tc.state, tc.msg)
+		if !errors.As(err, &e) || e.SQLState != tc.state || e.Op != decode.OpDDL || !strings.Contains(e.Error(), tc.msg) || e.Retryable {
+			t.Fatalf("%s: Apply = %v, want a permanent Error of the DDL with %s saying %q", tc.name, err, tc.state, tc.msg)
 		}
 		if got := queryString(t, ctx, a.pool, "SELECT count(*)::text FROM s.n"); got != "1" {
 			t.Fatalf("%s: s.n has %s rows, want the failed transaction's row rolled back", tc.name, got)
 		}
+	}
+
+	// A table or column this region has not heard of (nor dropped or
+	// renamed) may come with another region's schema change that has not
+	// arrived yet: retryable, and applied once it has.
+	for _, tc := range []struct {
+		name, state string
+		tx          *decode.Txn
+		ddl         string
+	}{
+		{"column not added yet", "42703", txn("eu", 100, 7, ins(rel("s", "t", decode.IdentityDefault, "id*", "c", "later"), "9", "1", "L")), "ALTER TABLE s.t ADD COLUMN later text"},
+		{"table not created yet", "42P01", txn("eu", 200, 8, ins(rel("s", "soon", decode.IdentityDefault, "id*"), "1")), "CREATE TABLE s.soon (id int PRIMARY KEY)"},
+	} {
+		err := a.Apply(ctx, tc.tx)
+		var e *Error
+		if !errors.As(err, &e) || e.SQLState != tc.state || !e.Retryable || !strings.Contains(e.Error(), "waiting for the schema change") {
+			t.Fatalf("%s: Apply = %v, want a retryable %s Error", tc.name, err, tc.state)
+		}
+		mustExec(t, ctx, c, "postgres", "SET prism.ddl = 'local'; "+tc.ddl)
+		if err := a.Apply(ctx, tc.tx); err != nil {
+			t.Fatalf("%s: Apply after the schema change = %v", tc.name, err)
+		}
+	}
+	if got := tableRows(t, ctx, a.pool, "s.soon") + "/" + queryString(t, ctx, a.pool, "SELECT later FROM s.t WHERE id = 9"); got != `{"id":1}/L` {
+		t.Fatalf("rows applied after their schema change = %s", got)
 	}
 }
 
