@@ -313,8 +313,37 @@ func TestDDLReplicates(t *testing.T) {
 	}
 
 	rep := d.Verify(ctx)
-	if !rep.Equal() {
-		t.Fatalf("regions differ: %+v", rep.Tables)
+	if !rep.OK() {
+		t.Fatalf("regions differ: %+v, schema %v", rep.Tables, rep.Schema)
+	}
+	if code, out := verifyCLI(t, d, "na1"); code != 0 || strings.Contains(out, "schema of") {
+		t.Fatalf("verify = %d, want 0 and no schema difference\n%s", code, out)
+	}
+
+	// A change made in one region only (prism.ddl = 'local') is a
+	// difference verify and doctor report.
+	sql("eu", "SET prism.ddl = 'local'; ALTER TABLE items ADD COLUMN eu_only int NOT NULL DEFAULT 0")
+	sql("as", "SET prism.ddl = 'local'; CREATE INDEX items_as ON items (late)")
+	code, out := verifyCLI(t, d, "na1")
+	for _, want := range []string{
+		"schema of public.items: columns differ",
+		"region eu: eu_only integer NOT NULL DEFAULT 0, extra text DEFAULT 'x'::text, id text NOT NULL, late integer, qty integer, region text NOT NULL",
+		"region na: extra text DEFAULT 'x'::text, id text NOT NULL, late integer, qty integer, region text NOT NULL",
+		"schema of public.items: indexes differ",
+		"CREATE INDEX items_as ON public.items USING btree (late)",
+	} {
+		if !strings.Contains(out, want) {
+			t.Fatalf("verify lacks %q (exit %d):\n%s", want, code, out)
+		}
+	}
+	if code != 1 {
+		t.Fatalf("verify with a schema difference = %d, want 1\n%s", code, out)
+	}
+	doc, _ := osExec(d, "doctor", "--config", d.ConfigPath("na1")).CombinedOutput()
+	for _, want := range []string{"ddl replicate", "event trigger prism_ddl captures this region's schema changes", "schemas: public.items", "columns differ", "region eu: eu_only integer"} {
+		if !strings.Contains(string(doc), want) {
+			t.Fatalf("doctor lacks %q:\n%s", want, doc)
+		}
 	}
 }
 
