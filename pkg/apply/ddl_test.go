@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -288,5 +289,33 @@ func TestDDLDeadLetterJSON(t *testing.T) {
 	}
 	if _, err := UnmarshalChanges([]byte(`[{"op": "DDL"}]`)); err == nil {
 		t.Fatal("UnmarshalChanges(DDL without statement) = nil error, want one")
+	}
+}
+
+// TestDDLApplyStream: a schema change inside a transaction applied in
+// chunks (a spilled one: a migration that adds a column and fills it)
+// runs at its place, and the rows after it, in later chunks, use the new
+// column.
+func TestDDLApplyStream(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "ddlstream"})
+	a := newApplier(t, ctx, c, "postgres", WithDDL(true), WithLocalRegion("eu"))
+	mustExec(t, ctx, c, "postgres", "CREATE TABLE big (id int PRIMARY KEY)")
+	narrow := rel("public", "big", decode.IdentityDefault, "id*")
+	wide := rel("public", "big", decode.IdentityDefault, "id*", "tag")
+	var changes []decode.Change
+	for i := 0; i < 3000; i++ {
+		changes = append(changes, ins(narrow, fmt.Sprint(i)))
+	}
+	changes = append(changes, decode.Change{Op: decode.OpDDL, DDL: &decode.DDL{Command: "ALTER TABLE big ADD COLUMN tag text", SearchPath: "public"}})
+	for i := 3000; i < 6000; i++ {
+		changes = append(changes, ins(wide, fmt.Sprint(i), "t"+fmt.Sprint(i%7)))
+	}
+	var calls int
+	if err := a.ApplyStream(ctx, txn("na", 100, 1), chunked(changes, 1000, -1, &calls)); err != nil {
+		t.Fatalf("ApplyStream: %v", err)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT count(*) || '/' || count(tag) || '/' || min(id) FILTER (WHERE tag IS NOT NULL) FROM big"); got != "6000/3000/3000" {
+		t.Fatalf("rows/tagged/first tagged = %s, want 6000/3000/3000", got)
 	}
 }
