@@ -31,22 +31,26 @@ func WithDDL(on bool) Option {
 //
 // prism.ddl_capture, the function of event trigger prism_ddl
 // (ddl_command_end), emits the transactional logical message prism_ddl
-// (decode.DDLPrefix) with the statement, search_path and current_user,
-// so the schema change travels in its transaction at its place among the
-// rows. It lets pass without a message: the applier's own transactions
-// (prism.applying: the change came from another region; this also stops
-// loops), sessions that SET prism.ddl = 'local' (prism-cdc's own setup,
-// and operators who run a change by hand in every region), and changes
-// of temporary objects only. It refuses (SQLSTATE 0A000) what another
-// region cannot reproduce from the statement text: commands outside the
-// replicated list, CREATE TABLE AS / SELECT INTO, query strings with
-// several statements, schema changes made inside a function, procedure or
-// DO block, CONCURRENTLY, and statements naming a temporary table of the
-// session.
+// (decode.DDLPrefix) with the statement, search_path and role of the
+// session, so the schema change travels in its transaction at its place
+// among the rows. It lets pass without a message: publications,
+// subscriptions and event triggers (each region's own replication setup),
+// the applier's own transactions (prism.applying: the change came from
+// another region; this also stops loops - there it installs the conflict
+// triggers of the tables the change made), sessions that SET prism.ddl =
+// 'local' (prism-cdc's own setup, and operators who run a change by hand
+// in every region), and changes of temporary objects only. It refuses
+// (SQLSTATE 0A000) what another region cannot reproduce from the
+// statement text: commands outside the replicated list, CREATE TABLE AS /
+// SELECT INTO, query strings with several statements, schema changes made
+// inside a function, procedure or DO block, CONCURRENTLY, and statements
+// naming a temporary table of the session.
 //
-// It records column and table renames in prism.ddl_renames (also for the
-// applier's transactions, before anything else), so that rows a region
-// still sends under the old name find the new one.
+// prism.ddl_renames records column renames (prism.ddl_capture) and
+// dropped columns (prism.ddl_dropped, event trigger prism_ddl_drop on
+// sql_drop), in every session, so that rows a region still sends under an
+// old name find the new one and values of a dropped column are discarded
+// knowingly (see reshape).
 //
 // prism.ddl_run runs a replicated schema change in the applier's
 // transaction with the source's search_path and role, and with
@@ -162,8 +166,8 @@ CREATE OR REPLACE FUNCTION prism.ddl_ident(t text) RETURNS text
 LANGUAGE sql IMMUTABLE AS $f$
 	SELECT CASE WHEN left(t, 1) = '"' THEN substr(t, 2) ELSE t END
 $f$;
--- ddl_record_rename records ALTER TABLE ... RENAME [COLUMN] a TO b and
--- ALTER TABLE ... RENAME TO b of relation rel.
+-- ddl_record_rename records ALTER TABLE ... RENAME [COLUMN] a TO b of
+-- relation rel.
 CREATE OR REPLACE FUNCTION prism.ddl_record_rename(rel oid, w text[]) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER AS $f$
 DECLARE
@@ -172,12 +176,8 @@ BEGIN
 	IF k IS NULL THEN
 		RETURN;
 	END IF;
-	IF w[k+1] = 'to' THEN
-		INSERT INTO prism.ddl_renames (relid, kind, old_name, new_name)
-		SELECT rel, 'table', '', prism.ddl_ident(w[k+2]);
-		RETURN;
-	END IF;
-	IF w[k+1] = 'constraint' THEN
+	-- RENAME TO (the table) and RENAME CONSTRAINT are not columns.
+	IF w[k+1] IN ('to', 'constraint') THEN
 		RETURN;
 	END IF;
 	IF w[k+1] = 'column' THEN
