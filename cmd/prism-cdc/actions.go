@@ -89,8 +89,8 @@ func verifyCommand(fs *flag.FlagSet) nodeAction {
 	}
 }
 
-// verifyExit is verify's exit status: 1 while regions differ or a foreign
-// key is violated in any region.
+// verifyExit is verify's exit status: 1 while regions differ, their
+// schemas differ or a foreign key is violated in any region.
 func verifyExit(rep verify.Report) int {
 	if !rep.OK() {
 		return exitFail
@@ -136,9 +136,14 @@ func printVerify(stdout io.Writer, regions []verify.Region, rep verify.Report) {
 		}
 	}
 	printViolations(stdout, rep.Violations)
+	for _, d := range rep.Schema {
+		fmt.Fprintf(stdout, "schema of %s\n", d)
+	}
 	switch {
 	case !rep.Equal():
 		fmt.Fprintln(stdout, "regions differ")
+	case len(rep.Schema) > 0:
+		fmt.Fprintf(stdout, "%d tables equal in %d regions, but their schemas differ (%d differences); see README, Schema changes\n", len(rep.Tables), len(regions), len(rep.Schema))
 	case len(rep.Violations) > 0:
 		constraints, where := map[string]bool{}, map[string]bool{}
 		for _, v := range rep.Violations {

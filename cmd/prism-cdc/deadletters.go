@@ -187,7 +187,8 @@ func openApplier(ctx context.Context, cfg *config.Config, log zerolog.Logger) (*
 		perTable[t] = apply.Policy(p)
 	}
 	a := apply.NewApplier(pool, log, apply.WithLocalRegion(cfg.Region),
-		apply.WithConflicts(apply.Policy(cfg.Conflicts.Default), perTable), apply.WithApplicationName("prism_cli"))
+		apply.WithConflicts(apply.Policy(cfg.Conflicts.Default), perTable), apply.WithApplicationName("prism_cli"),
+		apply.WithDDL(cfg.DDL == config.DDLReplicate))
 	return a, pool.Close, nil
 }
 

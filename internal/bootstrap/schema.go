@@ -126,7 +126,8 @@ func connArgs(dsn string) (string, []string, error) {
 
 // withoutPrismTriggers copies a pg_dump script from r to w without the
 // statements that create prism-cdc's own triggers (prism_clock,
-// prism_tombstone, event trigger prism_install): their functions live in
+// prism_tombstone, event triggers prism_install, prism_ddl and
+// prism_ddl_drop): their functions live in
 // schema prism, which is not copied, and the target's node installs its
 // own at start.
 func withoutPrismTriggers(r io.Reader, w io.Writer) error {
@@ -157,7 +158,9 @@ func withoutPrismTriggers(r io.Reader, w io.Writer) error {
 
 func prismTriggerStatement(line string) bool {
 	for _, p := range []string{"CREATE TRIGGER prism_clock ", "CREATE TRIGGER prism_tombstone ",
-		"CREATE EVENT TRIGGER prism_install ", "ALTER EVENT TRIGGER prism_install "} {
+		"CREATE EVENT TRIGGER prism_install ", "ALTER EVENT TRIGGER prism_install ",
+		"CREATE EVENT TRIGGER prism_ddl ", "ALTER EVENT TRIGGER prism_ddl ",
+		"CREATE EVENT TRIGGER prism_ddl_drop ", "ALTER EVENT TRIGGER prism_ddl_drop "} {
 		if strings.HasPrefix(line, p) {
 			return true
 		}

@@ -25,6 +25,12 @@ CREATE EVENT TRIGGER prism_install ON ddl_command_end
          WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE', 'CREATE TABLE AS', 'SELECT INTO')
    EXECUTE FUNCTION prism.on_ddl();
 
+CREATE EVENT TRIGGER prism_ddl ON ddl_command_end
+   EXECUTE FUNCTION prism.ddl_capture();
+
+CREATE EVENT TRIGGER prism_ddl_drop ON sql_drop
+   EXECUTE FUNCTION prism.ddl_dropped();
+
 ALTER TABLE public.kv ENABLE ALWAYS TRIGGER audit;
 `
 	want := `CREATE TABLE public.kv (
@@ -36,6 +42,8 @@ ALTER TABLE public.kv ENABLE ALWAYS TRIGGER audit;
 
 
 CREATE TRIGGER audit AFTER UPDATE ON public.kv FOR EACH ROW EXECUTE FUNCTION public.audit();
+
+
 
 
 ALTER TABLE public.kv ENABLE ALWAYS TRIGGER audit;

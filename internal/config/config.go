@@ -20,6 +20,7 @@ const (
 	DefaultSpillAbove   = 32 * MiB
 	DefaultConflict     = LastWriteWins
 	DefaultOnApplyError = Halt
+	DefaultDDL          = DDLOff
 	DefaultLogLevel     = "info"
 	DefaultLogFormat    = LogJSON
 )
@@ -48,7 +49,8 @@ type Config struct {
 	Sync               Sync
 	Spool              Spool
 	Spill              Spill
-	HTTP               string // host:port for /metrics, /healthz, /readyz, /status, /history and the page; empty disables it
+	DDL                DDLMode // whether schema changes travel with the data
+	HTTP               string  // host:port for /metrics, /healthz, /readyz, /status, /history and the page; empty disables it
 	Log                Log
 
 	// Scope is what this node's own region may hold, as the other regions'
@@ -183,6 +185,19 @@ const (
 	DeadLetter ApplyErrorPolicy = "dead_letter" // park it in prism.dead_letters and continue
 	Undo       ApplyErrorPolicy = "undo"        // revert it at the source
 )
+
+// DDLMode says whether schema changes committed in this region are
+// replicated to the others.
+type DDLMode string
+
+// The DDL modes.
+const (
+	DDLOff       DDLMode = "off"       // schema changes are run by hand in every region
+	DDLReplicate DDLMode = "replicate" // schema changes travel with the data
+)
+
+// Valid reports whether m is one of the DDL modes.
+func (m DDLMode) Valid() bool { return m == DDLOff || m == DDLReplicate }
 
 // Valid reports whether p is one of the apply error policies.
 func (p ApplyErrorPolicy) Valid() bool {

@@ -64,6 +64,7 @@ func TestDefaults(t *testing.T) {
 		{"conflicts.default", c.Conflicts.Default, LastWriteWins},
 		{"on_apply_error", c.OnApplyError, Halt},
 		{"sync", c.Sync, Sync{Mode: SyncOff}},
+		{"ddl", c.DDL, DDLOff},
 		{"spool.max_bytes", c.Spool.MaxBytes, Size(10 << 30)},
 		{"log.level", c.Log.Level, "info"},
 		{"log.format", c.Log.Format, LogJSON},
@@ -128,6 +129,7 @@ on_apply_error_tables: {"public.orders": undo, "public.audit": halt}
 sync: quorum:2
 spool: {dir: /var/lib/prism, max_bytes: 512KiB}
 spill: {dir: /tmp, above: 1MiB}
+ddl: replicate
 http: "127.0.0.1:9201"
 log: {level: debug, format: console}
 `
@@ -156,6 +158,7 @@ log: {level: debug, format: console}
 		{"ApplyErrorFor(other)", c.ApplyErrorFor("public.other"), DeadLetter},
 		{"ApplyErrorFor(no table)", c.ApplyErrorFor(""), DeadLetter},
 		{"sync", c.Sync, Sync{Mode: SyncQuorum, Quorum: 2}},
+		{"ddl", c.DDL, DDLReplicate},
 		{"spool", c.Spool, Spool{Dir: "/var/lib/prism", MaxBytes: 512 * KiB}},
 		{"http", c.HTTP, "127.0.0.1:9201"},
 		{"log", c.Log, Log{Level: "debug", Format: LogConsole}},
@@ -336,6 +339,7 @@ func TestValidate(t *testing.T) {
 		{"bad conflict default", appendYAML("conflicts: {default: newest}\n"), `conflicts.default: "newest" is not a conflict policy; write last_write_wins, source_wins, keep_local or error`},
 		{"bad conflict table policy", appendYAML("conflicts: {tables: {public.t: newest}}\n"), `conflicts.tables["public.t"]: "newest" is not a conflict policy`},
 		{"bad conflict table name", appendYAML("conflicts: {tables: {accounts: source_wins}}\n"), `eu1.yaml:17: conflicts.tables["accounts"]: "accounts" is not a table name; write it as schema.table`},
+		{"bad ddl", appendYAML("ddl: on\n"), `ddl: "on" is not a DDL mode; write off or replicate`},
 		{"bad on_apply_error", appendYAML("on_apply_error: skip\n"), `on_apply_error: "skip" is not an apply error policy; write halt, dead_letter or undo`},
 		{"bad on_apply_error table policy", appendYAML("on_apply_error_tables: {public.t: skip}\n"), `on_apply_error_tables["public.t"]: "skip" is not an apply error policy; write halt, dead_letter or undo`},
 		{"bad on_apply_error table name", appendYAML("on_apply_error_tables: {t: undo}\n"), `on_apply_error_tables["t"]: "t" is not a table name; write it as schema.table`},

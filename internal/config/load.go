@@ -98,6 +98,7 @@ type rawConfig struct {
 	OnApplyErrorTables map[string]string `yaml:"on_apply_error_tables"`
 	Sync               string            `yaml:"sync"`
 	Spool              rawSpool          `yaml:"spool"`
+	DDL                string            `yaml:"ddl"`
 	Spill              rawSpill          `yaml:"spill"`
 	HTTP               string            `yaml:"http"`
 	Log                rawLog            `yaml:"log"`
@@ -175,6 +176,7 @@ func (r *rawConfig) config(file string, lines map[string]int) (*Config, []error)
 		Listen:       r.Listen,
 		Auth:         Auth{Token: r.Auth.Token, TLS: TLS(r.Auth.TLS), Insecure: r.Auth.Insecure},
 		OnApplyError: ApplyErrorPolicy(orDefault(r.OnApplyError, string(DefaultOnApplyError))),
+		DDL:          DDLMode(orDefault(r.DDL, string(DefaultDDL))),
 		HTTP:         r.HTTP,
 		Scope:        Scope(r.Scope),
 		Log: Log{

@@ -173,6 +173,9 @@ func (v *validator) policies(c *Config) {
 			v.add(key, "%q is not a conflict policy; write %s", p, conflictPolicies)
 		}
 	}
+	if !c.DDL.Valid() {
+		v.add("ddl", "%q is not a DDL mode; write off or replicate", c.DDL)
+	}
 	if !c.OnApplyError.Valid() {
 		v.add("on_apply_error", "%q is not an apply error policy; write halt, dead_letter or undo", c.OnApplyError)
 	}

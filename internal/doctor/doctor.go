@@ -40,7 +40,9 @@ func Run(ctx context.Context, cfg *config.Config, opts Options) Report {
 	var r Report
 	d := &doctor{cfg: cfg, opts: opts, rep: &r}
 	localID := d.local(ctx)
+	d.ddl(ctx)
 	d.fallbacks(ctx, localID)
+	d.schemas(ctx)
 	d.peerNodes(ctx)
 	return r
 }

@@ -67,6 +67,7 @@ func (n *Node) applyOptions(localRegion string) []apply.Option {
 	return []apply.Option{
 		apply.WithLocalRegion(localRegion),
 		apply.WithConflicts(apply.Policy(n.cfg.Conflicts.Default), perTable),
+		apply.WithDDL(n.cfg.DDL == config.DDLReplicate),
 	}
 }
 

@@ -10,7 +10,9 @@
 // size. Differing keys are checked again after Options.Settle, so changes
 // still in flight are not reported as divergence.
 //
-// Compare also checks, in every region, the foreign keys declared on the
+// Compare also compares the tables' shape (columns with their types,
+// NOT NULL and defaults, key, indexes) across regions, and checks, in
+// every region, the foreign keys declared on the
 // replicated tables: applied rows skip foreign-key checks
 // (session_replication_role = replica), so regions can converge on the
 // same orphans. Each constraint costs one anti-join per region, whose
@@ -102,6 +104,9 @@ type Report struct {
 	// Violations are the foreign keys violated in a region, one entry per
 	// region and constraint, by region then table.
 	Violations []FKViolation
+	// Schema are the differences in the tables' shape (columns, key,
+	// indexes) across regions, by table.
+	Schema []SchemaDiff
 }
 
 // Equal reports whether every table is equal in every region. Regions can
@@ -115,9 +120,9 @@ func (r Report) Equal() bool {
 	return true
 }
 
-// OK reports whether every table is equal in every region and no region
-// violates a foreign key.
-func (r Report) OK() bool { return r.Equal() && len(r.Violations) == 0 }
+// OK reports whether every table is equal in every region, no region
+// violates a foreign key and every table has the same shape everywhere.
+func (r Report) OK() bool { return r.Equal() && len(r.Violations) == 0 && len(r.Schema) == 0 }
 
 // MaxDiffs bounds the differing keys described per table in Diffs.
 const MaxDiffs = 10
@@ -204,6 +209,10 @@ func CompareWith(ctx context.Context, regions []Region, pub string, opts Options
 		rep.Tables = append(rep.Tables, res)
 	}
 	rep.Violations, err = checkForeignKeys(ctx, regions, conns, tables, opts)
+	if err != nil {
+		return Report{}, err
+	}
+	rep.Schema, err = compareSchemas(ctx, regions, conns, pub)
 	if err != nil {
 		return Report{}, err
 	}

@@ -92,11 +92,13 @@ type Applier struct {
 	tables    map[string]Policy
 	local     string
 	appName   string
+	ddl       bool // WithDDL
 
 	mu      sync.Mutex
 	setup   bool
 	targets map[string]*target    // by schema.table
 	stmts   map[string]*statement // by shapeKey
+	shapes  map[string]*reshaping // by shapeOf; see reshape
 	// idle are sessions that still hold their origin after a run, by
 	// source region, waiting holdIdle for the next run of that source.
 	idle map[string]*session
@@ -120,6 +122,7 @@ func NewApplier(pool *pgxpool.Pool, log zerolog.Logger, opts ...Option) *Applier
 		appName:   "prism_apply",
 		targets:   map[string]*target{},
 		stmts:     map[string]*statement{},
+		shapes:    map[string]*reshaping{},
 		idle:      map[string]*session{},
 		letting:   map[string]chan struct{}{},
 		holdIdle:  holdIdle,
@@ -168,6 +171,12 @@ func (a *Applier) setup1(ctx context.Context) error {
 		return fmt.Errorf("apply setup: %w", err)
 	}
 	defer conn.Release()
+	// Setup's own schema changes are not replicated (event trigger
+	// prism_ddl lets them pass).
+	if _, err := conn.Exec(ctx, "SET prism.ddl = 'local'"); err != nil {
+		return fmt.Errorf("apply setup: %w", err)
+	}
+	defer conn.Exec(ctx, "RESET prism.ddl")
 	var track string
 	if err := conn.QueryRow(ctx, "SHOW track_commit_timestamp").Scan(&track); err != nil {
 		return fmt.Errorf("apply setup: %w", err)
@@ -186,6 +195,9 @@ func (a *Applier) setup1(ctx context.Context) error {
 		a.log.Warn().Err(err).Msg("cannot create event trigger prism_install (needs a superuser): tables created from now on get their conflict triggers only at the next start")
 	} else {
 		a.log.Debug().Int("tables", installed).Msg("conflict triggers installed")
+	}
+	if err := a.setupDDL(ctx, conn.Conn()); err != nil {
+		return fmt.Errorf("apply setup: %w", err)
 	}
 	a.mu.Lock()
 	a.setup = true
@@ -746,6 +758,21 @@ func (p *pipeline) queue(ctx context.Context, i int) error {
 		cmd{txn: i, change: -1, sd: p.setup, vals: [][]byte{[]byte(t.EndLSN.String()), ts, []byte(t.Origin), []byte(p.a.local)}})
 	for j := range t.Changes {
 		c := &t.Changes[j]
+		if c.Op == decode.OpDDL {
+			// Run it now: the row statements after it are built from the
+			// schema it leaves.
+			sql, vals, err := p.a.ddlCommand(c.DDL)
+			if err != nil {
+				return &buildError{op: c.Op, err: err}
+			}
+			p.cmds = append(p.cmds, cmd{txn: i, change: j, sql: sql, vals: vals})
+			err = p.send(ctx, false)
+			p.a.forgetSchema()
+			if err != nil {
+				return err
+			}
+			continue
+		}
 		if c.Op == decode.OpTruncate {
 			sql, err := truncateSQL(c)
 			if err != nil {
@@ -756,6 +783,11 @@ func (p *pipeline) queue(ctx context.Context, i int) error {
 		} else {
 			if c.Rel == nil {
 				return &buildError{op: c.Op, err: permanent("22023", "change %d has no relation", j)}
+			}
+			orig := c
+			c, err := p.a.reshape(ctx, p.s.conn.Conn(), c)
+			if err != nil {
+				return &buildError{table: relName(orig), op: orig.Op, err: err}
 			}
 			st, sd, err := p.a.statementFor(ctx, p.s.conn.Conn(), c)
 			if err != nil {
@@ -818,7 +850,7 @@ func (p *pipeline) send(ctx context.Context, final bool) error {
 		if c := &p.cmds[i]; c.sd != nil {
 			b.ExecStatement(c.sd, c.vals, c.formats, nil)
 		} else {
-			b.ExecParams(c.sql, nil, nil, nil, nil)
+			b.ExecParams(c.sql, c.vals, nil, nil, nil)
 		}
 	}
 	pc := p.s.conn.Conn().PgConn()
@@ -921,13 +953,11 @@ func (a *Applier) fail(s *session, t *decode.Txn, table string, op decode.Op, er
 	e := newError(t, table, op, err)
 	switch e.SQLState {
 	case "42703", "42P01", "42804", "0A000", "26000":
-		a.mu.Lock()
-		a.targets = map[string]*target{}
-		a.stmts = map[string]*statement{}
-		a.mu.Unlock()
+		a.forgetSchema()
 		// The connection's prepared statements may reference the old
 		// schema; drop the connection.
 		s.broken = true
+		a.schemaPending(e)
 	}
 	return e
 }

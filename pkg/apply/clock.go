@@ -285,7 +285,11 @@ CREATE OR REPLACE FUNCTION prism.on_ddl() RETURNS event_trigger
 LANGUAGE plpgsql AS $f$
 DECLARE
 	r record;
+	ddl text := coalesce(current_setting('prism.ddl', true), '');
 BEGIN
+	-- Its own schema changes are not the application's (event trigger
+	-- prism_ddl lets them pass).
+	PERFORM set_config('prism.ddl', 'local', true);
 	FOR r IN SELECT DISTINCT c.objid FROM pg_event_trigger_ddl_commands() c
 		JOIN pg_catalog.pg_class k ON k.oid = c.objid
 		JOIN pg_catalog.pg_namespace s ON s.oid = k.relnamespace
@@ -298,6 +302,7 @@ BEGIN
 			RAISE WARNING 'prism-cdc could not install its conflict triggers on %: %', r.objid::regclass, SQLERRM;
 		END;
 	END LOOP;
+	PERFORM set_config('prism.ddl', ddl, true);
 END
 $f$;
 `

@@ -131,6 +131,13 @@ type changeJSON struct {
 	New       map[string]any  `json:"new,omitempty"`
 	Truncated []truncatedJSON `json:"truncated,omitempty"`
 	Flags     uint8           `json:"truncate_flags,omitempty"`
+	DDL       *ddlJSON        `json:"ddl,omitempty"`
+}
+
+type ddlJSON struct {
+	Command    string `json:"command"`
+	SearchPath string `json:"search_path"`
+	Role       string `json:"role"`
 }
 
 type columnJSON struct {
@@ -158,6 +165,9 @@ func MarshalChanges(changes []decode.Change) ([]byte, error) {
 	for i := range changes {
 		c := &changes[i]
 		cj := changeJSON{Op: c.Op.String(), Flags: c.TruncateFlags}
+		if c.DDL != nil {
+			cj.DDL = &ddlJSON{Command: c.DDL.Command, SearchPath: c.DDL.SearchPath, Role: c.DDL.Role}
+		}
 		if c.Rel != nil {
 			cj.Table = c.Rel.Schema + "." + c.Rel.Table
 			cj.Schema, cj.Name = c.Rel.Schema, c.Rel.Table
@@ -245,6 +255,12 @@ func UnmarshalChanges(data []byte) ([]decode.Change, error) {
 			c.Op = decode.OpDelete
 		case "TRUNCATE":
 			c.Op = decode.OpTruncate
+		case "DDL":
+			if cj.DDL == nil || cj.DDL.Command == "" {
+				return nil, fmt.Errorf("unmarshal changes: change %d: DDL without its statement", i)
+			}
+			c.Op = decode.OpDDL
+			c.DDL = &decode.DDL{Command: cj.DDL.Command, SearchPath: cj.DDL.SearchPath, Role: cj.DDL.Role}
 		default:
 			return nil, fmt.Errorf("unmarshal changes: change %d: unknown op %q", i, cj.Op)
 		}
@@ -544,6 +560,14 @@ func (a *Applier) Retry(ctx context.Context, id int64) error {
 		for j := range txn.Changes {
 			c := &txn.Changes[j]
 			table, op = relName(c), c.Op
+			if c.Op == decode.OpDDL {
+				_, err := tx.Exec(ctx, ddlRunSQL, c.DDL.SearchPath, c.DDL.Role, c.DDL.Command)
+				a.forgetSchema()
+				if err != nil {
+					return err
+				}
+				continue
+			}
 			if c.Op == decode.OpTruncate {
 				sql, err := truncateSQL(c)
 				if err != nil {
@@ -553,6 +577,10 @@ func (a *Applier) Retry(ctx context.Context, id int64) error {
 					return err
 				}
 				continue
+			}
+			c, err := a.reshape(ctx, conn.Conn(), c)
+			if err != nil {
+				return err
 			}
 			st, sd, err := a.statementFor(ctx, conn.Conn(), c)
 			if err != nil {

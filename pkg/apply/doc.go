@@ -180,6 +180,20 @@
 // concurrent writes to the same row: each region keeps the remote (or the
 // local) version, which differs between regions.
 //
+// # Schema changes
+//
+// With WithDDL (ddl: replicate), event trigger prism_ddl captures the
+// region's schema changes as transactional prism_ddl messages, which the
+// decoder turns into decode.OpDDL changes at their place among the rows.
+// The applier runs one in the apply transaction with the source's
+// search_path and role (prism.ddl_run), sends it at once (the pipeline is
+// flushed: the row statements after it are built from the new schema) and
+// forgets its cached table descriptions and statements. Rows that name a
+// column dropped here lose its value (logged), a column renamed here is
+// matched by its new name (prism.ddl_renames), and a table or column not
+// known here at all is a retryable error: the change that makes it may
+// still be on its way from another region.
+//
 // # Schema prism
 //
 // The tables Setup creates (conflicts, dead_letters, undo_log,

@@ -137,6 +137,20 @@ func (a *Applier) ApplyStream(ctx context.Context, txn *decode.Txn, next func() 
 		for j := range chunk {
 			c := &chunk[j]
 			count++
+			if c.Op == decode.OpDDL {
+				// Run now: the row statements after it are built from the
+				// schema it leaves.
+				if err := a.queueDDL(b, c.DDL); err != nil {
+					return a.fail(s, txn, "", c.Op, err)
+				}
+				cmds = append(cmds, scmd{op: c.Op})
+				err := flush()
+				a.forgetSchema()
+				if err != nil {
+					return err
+				}
+				continue
+			}
 			if c.Op == decode.OpTruncate {
 				sql, err := truncateSQL(c)
 				if err != nil {
@@ -147,6 +161,10 @@ func (a *Applier) ApplyStream(ctx context.Context, txn *decode.Txn, next func() 
 			} else {
 				if c.Rel == nil {
 					return a.fail(s, txn, "", c.Op, permanent("22023", "change %d has no relation", count-1))
+				}
+				c, err := a.reshape(ctx, conn.Conn(), c)
+				if err != nil {
+					return a.fail(s, txn, relName(&chunk[j]), chunk[j].Op, err)
 				}
 				st, sd, err := a.statementFor(ctx, conn.Conn(), c)
 				if err != nil {

@@ -301,6 +301,9 @@ func (a *Applier) undoChange(ctx context.Context, tx pgx.Tx, cache map[string]*l
 	if c.Op == decode.OpTruncate {
 		return "conflict: a TRUNCATE cannot be undone", nil
 	}
+	if c.Op == decode.OpDDL {
+		return "conflict: a schema change cannot be undone", nil
+	}
 	if c.Rel == nil {
 		return "", permanent("22023", "change without relation")
 	}

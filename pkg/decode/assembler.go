@@ -1,6 +1,7 @@
 package decode
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"strconv"
@@ -523,9 +524,16 @@ func (a *Assembler) truncate(r *buf) error {
 // last_write_wins orders the write after the version it replaced.
 const FloorPrefix = "prism.floor"
 
+// DDLPrefix is the prefix of the transactional logical messages that
+// carry a schema change (pkg/apply, event trigger prism_ddl): a JSON
+// object with the keys command, search_path and role. The assembler turns
+// each into an OpDDL change at its place among the transaction's changes.
+const DDLPrefix = "prism_ddl"
+
 // message reads a logical decoding message (pg_logical_emit_message).
-// Transactional FloorPrefix messages raise their transaction's floor;
-// every other message is dropped.
+// Transactional FloorPrefix messages raise their transaction's floor,
+// transactional DDLPrefix messages become OpDDL changes; every other
+// message is dropped.
 func (a *Assembler) message(r *buf) error {
 	xid := a.streamPrefix(r)
 	flags := r.u8()
@@ -534,6 +542,13 @@ func (a *Assembler) message(r *buf) error {
 	content := r.bytes(r.u32())
 	if r.err != nil {
 		return r.err
+	}
+	if prefix == DDLPrefix && flags&1 != 0 {
+		d, err := parseDDL(content)
+		if err != nil {
+			return err
+		}
+		return a.add(xid, Change{Op: OpDDL, DDL: d})
 	}
 	if prefix != FloorPrefix || flags&1 == 0 {
 		return nil
@@ -556,6 +571,22 @@ func (a *Assembler) message(r *buf) error {
 		return errNoTxn
 	}
 	return nil
+}
+
+// parseDDL reads the content of a DDLPrefix message.
+func parseDDL(content []byte) (*DDL, error) {
+	var m struct {
+		Command    *string `json:"command"`
+		SearchPath string  `json:"search_path"`
+		Role       string  `json:"role"`
+	}
+	if err := json.Unmarshal(content, &m); err != nil {
+		return nil, fmt.Errorf("%s message: %w", DDLPrefix, err)
+	}
+	if m.Command == nil || *m.Command == "" {
+		return nil, fmt.Errorf("%s message without a command", DDLPrefix)
+	}
+	return &DDL{Command: *m.Command, SearchPath: m.SearchPath, Role: m.Role}, nil
 }
 
 // stamp returns the commit time a transaction is shipped with: its commit

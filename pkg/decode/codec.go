@@ -28,6 +28,10 @@ import (
 //	          for text and binary values, u32 length and the bytes
 //	string:   u32 length and the bytes
 //
+// A DDL change (op 5) has no relation, no old row and no truncate data;
+// its new row holds three text values: the command, the search_path and
+// the role (see DDL). Encodings of the other ops are unchanged by it.
+//
 // Relations are numbered in order of definition and defined in order of
 // first use, each once. A changes block stands alone (its relations are
 // numbered from 0) except in a spill file, where numbering runs over the
@@ -160,7 +164,11 @@ func appendChanges(b []byte, changes []Change, rels map[*Relation]uint32) []byte
 		b = append(b, uint8(c.Op))
 		b = binary.BigEndian.AppendUint32(b, index(c.Rel))
 		b = appendRow(b, c.Old)
-		b = appendRow(b, c.New)
+		if c.Op == OpDDL && c.DDL != nil {
+			b = appendRow(b, ddlRow(c.DDL))
+		} else {
+			b = appendRow(b, c.New)
+		}
 		b = binary.BigEndian.AppendUint32(b, uint32(len(c.Truncated)))
 		for _, r := range c.Truncated {
 			b = binary.BigEndian.AppendUint32(b, index(r))
@@ -273,6 +281,9 @@ func (r *buf) changes(rels []*Relation) ([]Change, []*Relation) {
 		if r.err != nil {
 			return nil, rels
 		}
+		if c.Op == OpDDL {
+			c.DDL, c.New = ddlFromRow(c.New), nil
+		}
 		if err := checkChange(c); err != nil {
 			r.fail(fmt.Errorf("change %d: %w", i, err))
 			return nil, rels
@@ -357,6 +368,16 @@ func checkChange(c *Change) error {
 				return fmt.Errorf("%s on %s.%s: %d values for %d columns", c.Op, c.Rel.Schema, c.Rel.Table, len(row), len(c.Rel.Columns))
 			}
 		}
+	case OpDDL:
+		if c.DDL == nil {
+			return errors.New("DDL without three text values")
+		}
+		if c.Rel != nil || c.Old != nil || c.New != nil || len(c.Truncated) != 0 || c.TruncateFlags != 0 {
+			return errors.New("DDL with row or relation data")
+		}
+		if c.DDL.Command == "" {
+			return errors.New("DDL without a command")
+		}
 	case OpTruncate:
 		if len(c.Truncated) == 0 {
 			return errors.New("TRUNCATE without relations")
@@ -373,6 +394,29 @@ func checkChange(c *Change) error {
 		return fmt.Errorf("unknown op %d", c.Op)
 	}
 	return nil
+}
+
+// ddlRow is the new row that carries d in the encoding.
+func ddlRow(d *DDL) []Value {
+	return []Value{
+		{Kind: ValueText, Data: []byte(d.Command)},
+		{Kind: ValueText, Data: []byte(d.SearchPath)},
+		{Kind: ValueText, Data: []byte(d.Role)},
+	}
+}
+
+// ddlFromRow is the inverse of ddlRow; nil unless row is three text
+// values.
+func ddlFromRow(row []Value) *DDL {
+	if len(row) != 3 {
+		return nil
+	}
+	for _, v := range row {
+		if v.Kind != ValueText {
+			return nil
+		}
+	}
+	return &DDL{Command: string(row[0].Data), SearchPath: string(row[1].Data), Role: string(row[2].Data)}
 }
 
 // lstr reads a string with a 4-byte length.

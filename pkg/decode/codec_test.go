@@ -33,6 +33,11 @@ func invalidChanges() []struct {
 		{"insert with a short row", Change{Op: OpInsert, Rel: items, New: row[:1]}},
 		{"update with a long old row", Change{Op: OpUpdate, Rel: other, Old: row, New: row[:1]}},
 		{"unknown op", Change{Op: 9, Rel: items}},
+		{"ddl without its values", Change{Op: OpDDL}},
+		{"ddl with a relation", Change{Op: OpDDL, Rel: items, DDL: &DDL{Command: "DROP TABLE t"}}},
+		{"ddl with an old row", Change{Op: OpDDL, Old: row, DDL: &DDL{Command: "DROP TABLE t"}}},
+		{"ddl without a command", Change{Op: OpDDL, DDL: &DDL{Role: "app"}}},
+		{"ddl with a non-text value", Change{Op: OpDDL, New: []Value{{Kind: ValueText, Data: []byte("x")}, {Kind: ValueNull}, {Kind: ValueText}}}},
 	}
 }
 
@@ -161,6 +166,13 @@ func FuzzCodec(f *testing.F) {
 	index := map[*Relation]uint32{}
 	first := appendChanges(nil, golden.Changes[:1], index)
 	f.Add(appendChanges(nil, golden.Changes[1:], index))
+	// A schema change between rows.
+	ddl := *golden
+	ddl.Changes = append(golden.Changes[:1:1], Change{Op: OpDDL, DDL: &DDL{Command: "ALTER TABLE t ADD c int", SearchPath: "public", Role: "app"}})
+	if b, err = AppendTxn(nil, &ddl); err != nil {
+		f.Fatal(err)
+	}
+	f.Add(b)
 	f.Fuzz(func(t *testing.T, p []byte) {
 		if txn, rest, err := ParseTxn(p); err == nil {
 			checkChanges(t, txn.Changes)

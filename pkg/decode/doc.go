@@ -14,6 +14,11 @@
 // region acknowledged it. Memory therefore does not grow with transaction
 // size (a handful of queued Txns, each at most SpillBytes in memory).
 //
+// Schema changes: a transactional logical message with prefix DDLPrefix
+// (emitted by pkg/apply's event trigger when ddl: replicate is on) becomes
+// an OpDDL change at its place among the transaction's row changes, so a
+// target runs it exactly where the source did.
+//
 // Encoding: a Txn and its changes leave memory in one binary form only
 // (AppendTxn, AppendTxnHeader and AppendChanges, read back by the Parse
 // functions, which check every length and every change): peer protocol

@@ -47,6 +47,9 @@ func FuzzAssembler(f *testing.F) {
 		// Clock floors, in and out of a stream.
 		{mRelation(1, "id"), mBegin(100, 7), mFloor(true, "1700000000000000", false, 0), mInsert(1, "1"), mCommit(100, 120),
 			mStreamStart(9), mFloor(true, "-5", true, 9), {'E'}, mStreamCommit(9, 200, 220), mFloor(false, "x", false, 0)},
+		// Schema changes between rows, in and out of a stream.
+		{mRelation(1, "id"), mBegin(100, 7), mInsert(1, "1"), mDDL(true, ddlJSON, false, 0), mInsert(1, "2"), mCommit(100, 120),
+			mStreamStart(9), mDDL(true, ddlJSON, true, 9), {'E'}, mStreamCommit(9, 200, 220), mDDL(true, `{"command": ""}`, false, 0)},
 	}
 	for _, msgs := range seeds {
 		var cs []captured
@@ -76,14 +79,9 @@ func FuzzAssembler(f *testing.F) {
 			if txn == nil {
 				continue
 			}
-			for _, c := range txn.Changes {
-				if c.Rel == nil {
-					t.Fatalf("change %s without relation", c.Op)
-				}
-				for _, row := range [][]Value{c.Old, c.New} {
-					if row != nil && len(row) != len(c.Rel.Columns) {
-						t.Fatalf("row has %d values, relation %d columns", len(row), len(c.Rel.Columns))
-					}
+			for i := range txn.Changes {
+				if err := checkChange(&txn.Changes[i]); err != nil {
+					t.Fatalf("change %d: %v", i, err)
 				}
 			}
 			if got, w := render([]*Txn{txn}), render([]*Txn{want}); got != w {

@@ -127,6 +127,9 @@ func renderChange(c *Change) string {
 		}
 		fmt.Fprintf(&b, " tables=%s flags=%d", strings.Join(names, ","), c.TruncateFlags)
 	}
+	if c.DDL != nil {
+		fmt.Fprintf(&b, " command=%q search_path=%q role=%q", c.DDL.Command, c.DDL.SearchPath, c.DDL.Role)
+	}
 	if c.Old != nil {
 		b.WriteString("\n    old: " + renderRow(c.Rel, c.Old))
 	}
@@ -137,6 +140,9 @@ func renderChange(c *Change) string {
 }
 
 func renderRel(r *Relation) string {
+	if r == nil {
+		return "-"
+	}
 	cols := make([]string, len(r.Columns))
 	for i, col := range r.Columns {
 		typ := strconv.FormatUint(uint64(col.TypeOID), 10)

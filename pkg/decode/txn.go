@@ -16,6 +16,9 @@ const (
 	OpUpdate
 	OpDelete
 	OpTruncate
+	// OpDDL is a schema change (Change.DDL), captured at the source by
+	// prism-cdc's event trigger when ddl: replicate is on.
+	OpDDL
 )
 
 // String returns the SQL verb of the operation.
@@ -29,6 +32,8 @@ func (o Op) String() string {
 		return "DELETE"
 	case OpTruncate:
 		return "TRUNCATE"
+	case OpDDL:
+		return "DDL"
 	}
 	return "Op(" + strconv.Itoa(int(o)) + ")"
 }
@@ -123,6 +128,18 @@ type Change struct {
 	// TruncateFlags is a combination of TruncateCascade and
 	// TruncateRestartIdentity.
 	TruncateFlags uint8
+	// DDL is the schema change of an OpDDL (Rel, Old and New are nil
+	// then); nil for every other op.
+	DDL *DDL
+}
+
+// DDL is one schema change as the source committed it: the statement
+// text and the settings it ran under, so another region runs the same
+// statement resolving the same names as the same role.
+type DDL struct {
+	Command    string // one SQL statement, as the client sent it
+	SearchPath string // the source session's search_path
+	Role       string // the role that ran it (current_user)
 }
 
 // Txn is one committed source transaction, in commit order.
@@ -168,6 +185,9 @@ func changeSize(c *Change) int {
 	}
 	for _, v := range c.New {
 		n += 16 + len(v.Data)
+	}
+	if c.DDL != nil {
+		n += 48 + len(c.DDL.Command) + len(c.DDL.SearchPath) + len(c.DDL.Role)
 	}
 	return n
 }
