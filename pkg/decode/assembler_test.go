@@ -272,3 +272,60 @@ func BenchmarkAssembler(b *testing.B) {
 		}
 	}
 }
+
+// pgbenchTxn is the pgoutput stream of one pgbench TPC-B transaction:
+// three UPDATEs of four-column rows and one INSERT of five columns.
+func pgbenchTxn(origin bool) [][]byte {
+	msgs := [][]byte{mBegin(100, 7)}
+	if origin {
+		msgs = append(msgs, mOrigin())
+	}
+	return append(msgs,
+		mUpdate(1, nil, "41234", "3", "-2719", strings.Repeat(" ", 84)),
+		mUpdate(2, nil, "27", "3", "-18345", "<null>"),
+		mUpdate(3, nil, "3", "-42981", "<null>"),
+		mInsert(4, "0a1b2c3d-0000-4000-8000-000000000001", "27", "3", "41234", "-2719", "2026-12-03 08:23:08.123456+00"),
+		mCommit(100, 120))
+}
+
+// benchPgbench feeds 1,000 pgbench transactions per iteration.
+func benchPgbench(b *testing.B, origin bool) {
+	rels := [][]byte{mRelation(1, "aid", "bid", "abalance", "filler"), mRelation(2, "tid", "bid", "tbalance", "filler"),
+		mRelation(3, "bid", "bbalance", "filler"), mRelation(4, "id", "tid", "bid", "aid", "delta", "mtime")}
+	txn := pgbenchTxn(origin)
+	var size int
+	for _, m := range txn {
+		size += len(m)
+	}
+	a := NewAssembler("na")
+	for _, m := range rels {
+		if _, err := a.Feed(1, m); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.SetBytes(int64(1000 * size))
+	b.ReportAllocs()
+	for b.Loop() {
+		for range 1000 {
+			var got *Txn
+			for _, m := range txn {
+				t, err := a.Feed(2, m)
+				if err != nil {
+					b.Fatal(err)
+				}
+				got = t
+			}
+			if (got == nil) != origin {
+				b.Fatalf("commit returned %v", got)
+			}
+		}
+	}
+}
+
+// BenchmarkAssemblerPgbench decodes local pgbench transactions.
+func BenchmarkAssemblerPgbench(b *testing.B) { benchPgbench(b, false) }
+
+// BenchmarkAssemblerOrigin decodes pgbench transactions that carry a
+// replication origin (the changes a region's applier made), which are
+// dropped.
+func BenchmarkAssemblerOrigin(b *testing.B) { benchPgbench(b, true) }
