@@ -329,3 +329,31 @@ func BenchmarkAssemblerPgbench(b *testing.B) { benchPgbench(b, false) }
 // replication origin (the changes a region's applier made), which are
 // dropped.
 func BenchmarkAssemblerOrigin(b *testing.B) { benchPgbench(b, true) }
+
+// TestAssemblerOriginNotParsed checks that the rows of a transaction
+// that carries a replication origin are dropped without being parsed: no
+// allocation per row, even for rows of a relation never described.
+func TestAssemblerOriginNotParsed(t *testing.T) {
+	a := NewAssembler("na")
+	for _, m := range [][]byte{mRelation(1, "id", "v"), mBegin(100, 7), mOrigin()} {
+		if _, err := a.Feed(1, m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	upd := mUpdate(1, nil, "1", strings.Repeat("x", 100))
+	unknown := mInsert(99, "1")
+	allocs := testing.AllocsPerRun(100, func() {
+		for _, m := range [][]byte{upd, unknown} {
+			if _, err := a.Feed(2, m); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+	if allocs != 0 {
+		t.Fatalf("dropped rows: %.1f allocations per run, want 0", allocs)
+	}
+	txn, err := a.Feed(3, mCommit(100, 120))
+	if err != nil || txn != nil || a.Filtered() != 1 {
+		t.Fatalf("commit = %v, %v; Filtered() = %d; want nil, nil, 1", txn, err, a.Filtered())
+	}
+}

@@ -99,6 +99,20 @@ func (r *buf) str() string {
 	return ""
 }
 
+// skipStr skips a NUL-terminated string.
+func (r *buf) skipStr() {
+	if r.err != nil {
+		return
+	}
+	for i, c := range r.b {
+		if c == 0 {
+			r.b = r.b[i+1:]
+			return
+		}
+	}
+	r.fail(errors.New("unterminated string"))
+}
+
 // bytes reads n bytes into a new slice, so the caller's buffer can be
 // reused.
 func (r *buf) bytes(n uint32) []byte {
