@@ -467,6 +467,8 @@ func (a *Assembler) row(typ byte, r *buf) error {
 		r.b = r.b[len(r.b):]
 		return nil
 	}
+	// One copy of the tuples for all their values.
+	r.own()
 	c := Change{Rel: rel}
 	switch typ {
 	case 'I':

@@ -357,3 +357,33 @@ func TestAssemblerOriginNotParsed(t *testing.T) {
 		t.Fatalf("commit = %v, %v; Filtered() = %d; want nil, nil, 1", txn, err, a.Filtered())
 	}
 }
+
+// TestAssemblerRowAllocs checks that a row's values share one copy of its
+// message: the allocations of a transaction do not grow with its columns.
+func TestAssemblerRowAllocs(t *testing.T) {
+	cols := []string{"c0", "c1", "c2", "c3", "c4", "c5", "c6", "c7", "c8", "c9"}
+	a := NewAssembler("na")
+	if _, err := a.Feed(1, mRelation(1, cols...)); err != nil {
+		t.Fatal(err)
+	}
+	msgs := [][]byte{mBegin(100, 7), mInsert(1, cols...), mCommit(100, 120)}
+	var txn *Txn
+	allocs := testing.AllocsPerRun(100, func() {
+		for _, m := range msgs {
+			got, err := a.Feed(2, m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != nil {
+				txn = got
+			}
+		}
+	})
+	// The Txn, its change slice, the row's values and the one copy.
+	if allocs > 4 {
+		t.Fatalf("a transaction of one 10-column row: %.1f allocations, want at most 4", allocs)
+	}
+	if v := txn.Changes[0].New[9]; string(v.Data) != "c9" || cap(v.Data) != 2 {
+		t.Fatalf("last value %q with capacity %d, want \"c9\" with capacity 2", v.Data, cap(v.Data))
+	}
+}

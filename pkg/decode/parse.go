@@ -18,6 +18,19 @@ var errShort = errors.New("message too short")
 type buf struct {
 	b   []byte
 	err error
+	// owned reports that b is a copy made for the values read from it:
+	// bytes then returns sub-slices of b instead of copying.
+	owned bool
+}
+
+// own copies the rest of the message once, so that the values read from
+// it afterwards point into the copy instead of each getting its own.
+func (r *buf) own() {
+	if r.owned || len(r.b) == 0 {
+		return
+	}
+	r.b = append([]byte(nil), r.b...)
+	r.owned = true
 }
 
 func (r *buf) fail(err error) {
@@ -114,7 +127,7 @@ func (r *buf) skipStr() {
 }
 
 // bytes reads n bytes into a new slice, so the caller's buffer can be
-// reused.
+// reused; after own, the bytes are a capacity-limited slice of the copy.
 func (r *buf) bytes(n uint32) []byte {
 	if uint64(n) > uint64(len(r.b)) {
 		r.fail(errShort)
@@ -123,8 +136,13 @@ func (r *buf) bytes(n uint32) []byte {
 	if !r.need(int(n)) {
 		return nil
 	}
-	v := make([]byte, n)
-	copy(v, r.b[:n:n])
+	var v []byte
+	if r.owned {
+		v = r.b[:n:n]
+	} else {
+		v = make([]byte, n)
+		copy(v, r.b[:n:n])
+	}
 	r.b = r.b[n:]
 	return v
 }
