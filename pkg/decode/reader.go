@@ -114,9 +114,10 @@ type Reader struct {
 	loopErr   error
 	confirmed pglogrepl.LSN // from Confirm
 	stats     ReaderStats
-	// wake is the replication connection while the loop waits for the
-	// server: Confirm moves its read deadline to now, so that a new
-	// confirmed position is reported at once.
+	// wake is the replication connection while the loop reads from the
+	// server with the read deadline it set: Confirm moves the deadline
+	// to now and clears wake, so that a new confirmed position is
+	// reported at once and the loop sets its deadline again.
 	wake net.Conn
 	// poked is signalled by Confirm for a loop that waits for the
 	// consumer instead of the server.
@@ -633,6 +634,15 @@ func (r *Reader) stream(ctx context.Context, conn *pgconn.PgConn) error {
 		nc.SetReadDeadline(time.Now())
 	})
 	defer stop()
+	// armed is the read deadline this loop last set; while r.wake is
+	// still nc, nobody has moved it since, and it need not be set again
+	// for every message.
+	var armed time.Time
+	defer func() {
+		r.mu.Lock()
+		r.wake = nil
+		r.mu.Unlock()
+	}()
 
 	for {
 		if !time.Now().Before(nextStatus) {
@@ -671,8 +681,9 @@ func (r *Reader) stream(ctx context.Context, conn *pgconn.PgConn) error {
 		r.mu.Lock()
 		due := max(r.confirmed, r.idle) > r.stats.Confirmed
 		var derr error
-		if !due {
+		if !due && (r.wake == nil || !armed.Equal(nextStatus)) {
 			derr = nc.SetReadDeadline(nextStatus)
+			armed = nextStatus
 			r.wake = nc
 		}
 		r.mu.Unlock()
@@ -686,10 +697,10 @@ func (r *Reader) stream(ctx context.Context, conn *pgconn.PgConn) error {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
+		// r.wake stays set while the message is handled: a Confirm in
+		// between moves the deadline to now and clears it, so the next
+		// pass sees the position due, or sets the deadline again.
 		msg, err := conn.ReceiveMessage(context.Background())
-		r.mu.Lock()
-		r.wake = nil
-		r.mu.Unlock()
 		if err != nil {
 			if ctx.Err() == nil && pgconn.Timeout(err) {
 				continue
