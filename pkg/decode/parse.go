@@ -18,6 +18,8 @@ var errShort = errors.New("message too short")
 type buf struct {
 	b   []byte
 	err error
+	// interned, when set, interns the relations of encoded changes.
+	interned *Relations
 	// owned reports that b is a copy made for the values read from it:
 	// bytes then returns sub-slices of b instead of copying.
 	owned bool
