@@ -1,7 +1,7 @@
 // Command prism-bench measures prism-cdc against PostgreSQL's own logical
 // replication on one machine.
 //
-// It starts a source cluster and four region clusters (two for native
+// It starts a source cluster and four region clusters (six with pglogical) (two for native
 // subscriptions, two for prism-cdc nodes, so neither contender's
 // replication origins touch the other's data), loads pgbench data into
 // all of them, creates every contender's slot before any load, and then
@@ -21,7 +21,15 @@
 //     trigger in each region records when it is applied there.
 //   - large: one large INSERT ... SELECT transaction drained by prism-cdc,
 //     with the nodes' peak memory.
+//   - active: every region of a three-region mesh (prism-cdc, and
+//     pglogical when it is a contender) writes the same hot rows at a fixed
+//     rate; then the time to quiesce, the rows that differ between the
+//     regions and the lag between regions.
 //
-// Every scenario leaves the regions equal to the source, so the next
+// With contender pglogical, two more region clusters and the source form
+// a pglogical mesh; its two subscriptions to the source drain the backlog.
+//
+// Every scenario but active (which runs last) leaves the regions equal to
+// the source, so the next
 // starts from the same state. Results are printed as Markdown tables.
 package main

@@ -26,13 +26,19 @@ const db = "app"
 
 // publishedTables are the tables in publication prism everywhere.
 var publishedTables = []string{"pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history",
-	"bench_marker", "bench_lag", "bench_big"}
+	"bench_marker", "bench_lag", "bench_big", "aa_prism_hot", "aa_prism_lag"}
 
 // benchSchemaSQL is created in every cluster after pgbench -i.
+// pgbench_history gets a uuid key (pglogical replicates only tables with
+// one), filled in by each row's own cluster. Each active-active
+// contender has its own tables (activeSQL), so that neither replicates
+// the other's.
 func benchSchemaSQL() string {
-	return `CREATE TABLE bench_marker (id int PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp());
+	return `ALTER TABLE pgbench_history ADD COLUMN hid uuid NOT NULL DEFAULT gen_random_uuid(), ADD PRIMARY KEY (hid);
+CREATE TABLE bench_marker (id int PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp());
 CREATE TABLE bench_lag (id bigint PRIMARY KEY, src_ts timestamptz NOT NULL);
 CREATE TABLE bench_big (id bigint PRIMARY KEY, payload text NOT NULL);
+` + activeSQL("prism") + activeSQL("pgl") + `
 CREATE PUBLICATION prism FOR TABLE ` + strings.Join(publishedTables, ", ") + ";"
 }
 
@@ -64,7 +70,11 @@ type env struct {
 	src    *pgtest.Cluster
 	native [2]*pgtest.Cluster // eu, as for native subscriptions
 	prismc [2]*pgtest.Cluster // eu, as for prism-cdc
-	logf   func(format string, args ...any)
+	pgl    [2]*pgtest.Cluster // eu, as for pglogical (nil unless it is a contender)
+	// pglSrcSlots are the source's slots of the pglogical subscriptions
+	// of pgl[0] and pgl[1].
+	pglSrcSlots []string
+	logf        func(format string, args ...any)
 }
 
 var regionNames = [2]string{"eu", "as"}
@@ -103,7 +113,13 @@ func pgMajor(binDir string) int {
 }
 
 func (e *env) all() []*pgtest.Cluster {
-	return []*pgtest.Cluster{e.src, e.native[0], e.native[1], e.prismc[0], e.prismc[1]}
+	var cs []*pgtest.Cluster
+	for _, c := range []*pgtest.Cluster{e.src, e.native[0], e.native[1], e.prismc[0], e.prismc[1], e.pgl[0], e.pgl[1]} {
+		if c != nil {
+			cs = append(cs, c)
+		}
+	}
+	return cs
 }
 
 // setup starts the clusters, loads and checks the data, creates every
@@ -113,6 +129,12 @@ func (e *env) setup(ctx context.Context) error {
 	if e.pgBin, err = clientBinDir(); err != nil {
 		return err
 	}
+	usePgl := e.cfg.contenders["pglogical"]
+	if usePgl {
+		if err := checkPglogical(e.pgBin); err != nil {
+			return err
+		}
+	}
 	e.prism = filepath.Join(e.dir, "prism-cdc")
 	e.logf("building prism-cdc")
 	build := exec.CommandContext(ctx, "go", "build", "-o", e.prism, "github.com/prism-cdc/prism-cdc/cmd/prism-cdc")
@@ -120,14 +142,24 @@ func (e *env) setup(ctx context.Context) error {
 		return fmt.Errorf("build prism-cdc: %w\n%s", err, out)
 	}
 	names := []string{"src", "native-eu", "native-as", "prism-eu", "prism-as"}
+	if usePgl {
+		names = append(names, "pgl-eu", "pgl-as")
+	}
 	cs := make([]*pgtest.Cluster, len(names))
 	e.logf("starting %d clusters (durable: fsync on)", len(names))
 	for i, n := range names {
-		settings := clusterSettings
+		settings := maps.Clone(clusterSettings)
+		var preload []string
 		if e.cfg.pgss {
-			settings = maps.Clone(clusterSettings)
-			settings["shared_preload_libraries"] = "pg_stat_statements"
+			preload = append(preload, "pg_stat_statements")
 			settings["pg_stat_statements.track"] = "all"
+		}
+		if usePgl && (n == "src" || strings.HasPrefix(n, "pgl-")) {
+			preload = append(preload, "pglogical")
+			maps.Copy(settings, pglogicalSettings)
+		}
+		if len(preload) > 0 {
+			settings["shared_preload_libraries"] = "'" + strings.Join(preload, ",") + "'"
 		}
 		c, err := pgtest.New(pgtest.Options{Name: "bench-" + n, Durable: true, Settings: settings})
 		if err != nil {
@@ -137,6 +169,9 @@ func (e *env) setup(ctx context.Context) error {
 		cs[i] = c
 	}
 	e.src, e.native, e.prismc = cs[0], [2]*pgtest.Cluster{cs[1], cs[2]}, [2]*pgtest.Cluster{cs[3], cs[4]}
+	if usePgl {
+		e.pgl = [2]*pgtest.Cluster{cs[5], cs[6]}
+	}
 	e.logf("loading pgbench -i -s %d into every cluster", e.cfg.scale)
 	if err := parallel(cs, func(c *pgtest.Cluster) error {
 		if err := c.CreateDatabase(ctx, db); err != nil {
@@ -173,6 +208,9 @@ func (e *env) setup(ctx context.Context) error {
 		if err := c.Exec(ctx, db, sql); err != nil {
 			return err
 		}
+	}
+	if usePgl {
+		return e.setupPglogical(ctx)
 	}
 	return nil
 }

@@ -27,9 +27,14 @@ type benchConfig struct {
 	largeCapMB int
 	pprof      string          // host:port base for na1, eu1, as1 (ports +0, +1, +2); "" for none
 	pgss       bool            // load pg_stat_statements and report prism-cdc's top statements after each drain
-	contenders map[string]bool // backlog contenders to run: recv, native, prism
-	keep       bool
-	nodeEnv    func(name string) []string
+	contenders map[string]bool // contenders to run: recv, native, prism, pglogical
+	// The active-active scenario: transactions per second in each region
+	// (one phase per rate), seconds of writes per phase, hot keys.
+	activeRates   []int
+	activeSeconds int
+	activeKeys    int
+	keep          bool
+	nodeEnv       func(name string) []string
 }
 
 func main() {
@@ -47,8 +52,11 @@ func parseArgs(args []string, stderr io.Writer) (benchConfig, error) {
 	fs.IntVar(&cfg.txns, "txns", 100000, "pgbench transactions in each backlog run")
 	fs.IntVar(&cfg.clients, "clients", 4, "pgbench clients")
 	fs.IntVar(&cfg.runs, "runs", 3, "backlog runs (contender order alternates)")
-	conts := fs.String("contenders", "recv,native,prism", "comma-separated backlog contenders: recv (both pg_recvlogical modes), native, prism")
-	scen := fs.String("scenarios", "backlog,lag,large", "comma-separated scenarios: backlog, lag, large")
+	conts := fs.String("contenders", "recv,native,prism", "comma-separated contenders: recv (both pg_recvlogical modes), native, prism, pglogical (needs the Debian package postgresql-15-pglogical)")
+	scen := fs.String("scenarios", "backlog,lag,large,active", "comma-separated scenarios: backlog, lag, large, active (prism-cdc and pglogical meshes, every region writing the same rows)")
+	rates := fs.String("active-rates", "50,200", "active scenario: comma-separated transactions per second in each region, one phase each")
+	fs.IntVar(&cfg.activeSeconds, "active-seconds", 60, "active scenario: seconds of writes in each phase")
+	fs.IntVar(&cfg.activeKeys, "active-keys", 100, "active scenario: hot rows every region writes")
 	fs.IntVar(&cfg.lagRate, "lag-rate", 300, "pgbench transactions per second in the lag scenario")
 	fs.IntVar(&cfg.lagSeconds, "lag-seconds", 60, "duration of each contender's lag phase")
 	fs.IntVar(&cfg.largeMB, "large-mb", 1024, "row data in the large transaction, in MB")
@@ -56,7 +64,7 @@ func parseArgs(args []string, stderr io.Writer) (benchConfig, error) {
 	fs.StringVar(&cfg.pprof, "pprof", "", "host:port: start na1, eu1, as1 with PRISM_PPROF on this port and the next two")
 	fs.BoolVar(&cfg.pgss, "pgss", false, "load pg_stat_statements in every cluster and log the source's and prism regions' top statements after each prism-cdc drain (adds overhead)")
 	fs.BoolVar(&cfg.keep, "keep", false, "keep the work directory (node logs and configs)")
-	quick := fs.Bool("quick", false, "small run: scale 1, 5000 transactions, 1 run, 10s lag, 32 MB large transaction")
+	quick := fs.Bool("quick", false, "small run: scale 1, 5000 transactions, 1 run, 10s lag, 32 MB large transaction, 10s active phases")
 	if err := fs.Parse(args); err != nil {
 		return cfg, err
 	}
@@ -66,7 +74,7 @@ func parseArgs(args []string, stderr io.Writer) (benchConfig, error) {
 	if *quick {
 		set := map[string]bool{}
 		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-		for name, v := range map[string]string{"scale": "1", "txns": "5000", "runs": "1", "lag-rate": "100", "lag-seconds": "10", "large-mb": "32"} {
+		for name, v := range map[string]string{"scale": "1", "txns": "5000", "runs": "1", "lag-rate": "100", "lag-seconds": "10", "large-mb": "32", "active-seconds": "10"} {
 			if !set[name] {
 				fs.Set(name, v)
 			}
@@ -76,7 +84,7 @@ func parseArgs(args []string, stderr io.Writer) (benchConfig, error) {
 	for _, s := range strings.Split(*scen, ",") {
 		s = strings.TrimSpace(s)
 		switch s {
-		case "backlog", "lag", "large":
+		case "backlog", "lag", "large", "active":
 			cfg.scenarios[s] = true
 		case "":
 		default:
@@ -87,12 +95,22 @@ func parseArgs(args []string, stderr io.Writer) (benchConfig, error) {
 	for _, s := range strings.Split(*conts, ",") {
 		s = strings.TrimSpace(s)
 		switch s {
-		case "recv", "native", "prism":
+		case "recv", "native", "prism", "pglogical":
 			cfg.contenders[s] = true
 		case "":
 		default:
 			return cfg, fmt.Errorf("unknown contender %q", s)
 		}
+	}
+	for _, r := range strings.Split(*rates, ",") {
+		var n int
+		if _, err := fmt.Sscanf(strings.TrimSpace(r), "%d", &n); err != nil || n < 1 {
+			return cfg, fmt.Errorf("active-rates: %q is not a positive number", r)
+		}
+		cfg.activeRates = append(cfg.activeRates, n)
+	}
+	if cfg.activeSeconds < 1 || cfg.activeKeys < 1 || cfg.activeKeys > 400000 {
+		return cfg, errors.New("active-seconds must be positive and active-keys between 1 and 400000")
 	}
 	if cfg.scale < 1 || cfg.txns < 1 || cfg.clients < 1 || cfg.runs < 1 || cfg.lagRate < 1 || cfg.lagSeconds < 1 || cfg.largeMB < 1 {
 		return cfg, errors.New("scale, txns, clients, runs, lag-rate, lag-seconds and large-mb must be positive")
@@ -152,7 +170,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "prism-bench: setup: %v\n", err)
 		return 1
 	}
-	fmt.Fprintf(stdout, "## prism-bench results\n\n%s\n\n", machine(cfg))
+	fmt.Fprintf(stdout, "## prism-bench results\n\n%s\n\n", machine(cfg, len(e.all())))
 	failed := false
 	if cfg.scenarios["backlog"] {
 		runs, err := e.backlog(ctx)
@@ -190,6 +208,18 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			failed = failed || !r.replicated
 		}
 	}
+	if cfg.scenarios["active"] && !failed {
+		rs, err := e.active(ctx)
+		if len(rs) > 0 {
+			fmt.Fprintf(stdout, "### Active-active: every region writes the same %d hot rows for %d s per phase, then quiesces\n\n", cfg.activeKeys, cfg.activeSeconds)
+			writeActiveTable(stdout, rs)
+			fmt.Fprintln(stdout)
+		}
+		if err != nil {
+			fmt.Fprintf(stderr, "prism-bench: active: %v\n", err)
+			failed = true
+		}
+	}
 	e.logf("done")
 	if failed {
 		return 1
@@ -198,7 +228,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 }
 
 // machine describes the machine the benchmark ran on.
-func machine(cfg benchConfig) string {
+func machine(cfg benchConfig, clusters int) string {
 	cpu := "unknown CPU"
 	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
 		for _, line := range strings.Split(string(b), "\n") {
@@ -218,6 +248,6 @@ func machine(cfg benchConfig) string {
 			mem = fmt.Sprintf(", %d GB RAM", (kb+(1<<19))>>20)
 		}
 	}
-	return fmt.Sprintf("Machine: %s, %d CPUs%s, %s/%s, %s. Clusters: PostgreSQL with fsync on, shared_buffers 128MB, 5 clusters on one disk. pgbench scale %d, %d clients.",
-		cpu, runtime.NumCPU(), mem, runtime.GOOS, runtime.GOARCH, runtime.Version(), cfg.scale, cfg.clients)
+	return fmt.Sprintf("Machine: %s, %d CPUs%s, %s/%s, %s. Clusters: PostgreSQL with fsync on, shared_buffers 128MB, %d clusters on one disk. pgbench scale %d, %d clients.",
+		cpu, runtime.NumCPU(), mem, runtime.GOOS, runtime.GOARCH, runtime.Version(), clusters, cfg.scale, cfg.clients)
 }

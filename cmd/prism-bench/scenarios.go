@@ -34,6 +34,9 @@ func (e *env) backlog(ctx context.Context) ([][]drain, error) {
 	if e.cfg.contenders["prism"] {
 		order = append(order, prism)
 	}
+	if e.cfg.contenders["pglogical"] {
+		order = append(order, pglogicalBacklog)
+	}
 	var runs [][]drain
 	for run := 1; run <= e.cfg.runs; run++ {
 		e.logf("backlog run %d/%d: %d pgbench transactions with every contender stopped", run, e.cfg.runs, e.cfg.txns)
@@ -67,6 +70,11 @@ func (e *env) backlog(ctx context.Context) ([][]drain, error) {
 				d, err = e.drainPrism(ctx, fmt.Sprintf("backlog run %d", run), end, run, drainTimeout, 0)
 				if err == nil {
 					err = e.verify(ctx, e.prismc[:]...)
+				}
+			case pglogicalBacklog:
+				d, err = e.drainPglogical(ctx, end, run, drainTimeout)
+				if err == nil {
+					err = e.verify(ctx, e.pgl[:]...)
 				}
 			}
 			if err != nil {

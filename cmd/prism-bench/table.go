@@ -65,8 +65,10 @@ func rank(c string) int {
 		return 2
 	case prism:
 		return 3
+	case pglogicalBacklog:
+		return 4
 	}
-	return 4
+	return 5
 }
 
 func medianDur(ds []time.Duration) time.Duration {
@@ -139,8 +141,8 @@ func writeBacklogTable(w io.Writer, ss []summary) {
 	fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|---|")
 	for _, s := range ss {
 		client := fmt.Sprintf("%.1f", s.clientCPU)
-		if s.contender == native {
-			client = "-"
+		if s.contender == native || s.contender == pglogicalBacklog {
+			client = "-" // no client process: it runs in the servers
 		}
 		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %.1f | %s |\n", s.contender, secs(s.confirmed), secs(s.applied),
 			ratio(s.confirmed, nat), ratio(s.confirmed, bin), client, s.serverCPU, rssList(s.peakKB))
@@ -183,4 +185,18 @@ func oneLine(s string) string {
 		s = s[:160] + "..."
 	}
 	return strings.ReplaceAll(s, "|", "/")
+}
+
+// writeActiveTable writes the active-active results as a Markdown table.
+func writeActiveTable(w io.Writer, rs []activeResult) {
+	fmt.Fprintln(w, "| contender | tps per region | transactions | quiesce s | hot rows | rows differing | p50 lag | p99 lag | max lag | peak RSS |")
+	fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+	for _, r := range rs {
+		q := secs(r.quiesce)
+		if r.quiesce <= 0 {
+			q = "did not quiesce"
+		}
+		fmt.Fprintf(w, "| %s | %d | %d | %s | %d | %d | %s | %s | %s | %s |\n", r.contender, r.rate, r.txns, q, r.rows, r.differ,
+			ms(r.p50), ms(r.p99), ms(r.pmax), rssList(r.peakKB))
+	}
 }

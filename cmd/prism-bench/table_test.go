@@ -77,3 +77,35 @@ func TestParseArgs(t *testing.T) {
 		t.Fatal("parseArgs accepted an unknown scenario")
 	}
 }
+
+func TestActiveArgsAndTable(t *testing.T) {
+	var errs bytes.Buffer
+	cfg, err := parseArgs([]string{"-quick", "-contenders", "prism,pglogical", "-scenarios", "backlog,active", "-active-rates", "50, 200"}, &errs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !cfg.contenders["pglogical"] || !cfg.scenarios["active"] || len(cfg.activeRates) != 2 || cfg.activeRates[1] != 200 || cfg.activeSeconds != 10 {
+		t.Fatalf("parseArgs = contenders %v, scenarios %v, rates %v, seconds %d", cfg.contenders, cfg.scenarios, cfg.activeRates, cfg.activeSeconds)
+	}
+	if _, err := parseArgs([]string{"-active-rates", "50,x"}, &errs); err == nil {
+		t.Fatal("parseArgs accepted active rate x")
+	}
+	var b bytes.Buffer
+	writeActiveTable(&b, []activeResult{
+		{contender: prismMesh, rate: 50, txns: 1500, quiesce: 90 * time.Millisecond, rows: 204, differ: 0, p99: 64 * time.Millisecond},
+		{contender: pglogicalMesh, rate: 200, txns: 6000, rows: 662, differ: 3},
+	})
+	out := b.String()
+	for _, want := range []string{"| prism-cdc (3-region mesh) | 50 | 1500 | 0.09 | 204 | 0 |", "| 64.0 ms |", "| pglogical (3-region mesh) | 200 | 6000 | did not quiesce | 662 | 3 |"} {
+		if !strings.Contains(out, want) {
+			t.Fatalf("active table lacks %q:\n%s", want, out)
+		}
+	}
+}
+
+func TestCheckPglogicalNamesPackage(t *testing.T) {
+	err := checkPglogical(t.TempDir() + "/15/bin")
+	if err == nil || !strings.Contains(err.Error(), "apt-get install -y postgresql-15-pglogical") {
+		t.Fatalf("checkPglogical(empty dir) = %v, want an error naming postgresql-15-pglogical", err)
+	}
+}

@@ -288,7 +288,7 @@ func (a *Assembler) commit(r *buf) (*Txn, error) {
 
 func (a *Assembler) origin(r *buf) error {
 	r.lsn()
-	r.str()
+	r.skipStr() // the origin's name is not needed
 	if r.err != nil {
 		return r.err
 	}
@@ -435,9 +435,24 @@ func (a *Assembler) rel(id uint32) (*Relation, error) {
 	return rel, nil
 }
 
+// dropping reports whether the changes of the open transaction are
+// dropped because it carries a replication origin: their messages need
+// not be parsed at all.
+func (a *Assembler) dropping() bool {
+	if a.inStream {
+		st := a.streams[a.streamXid]
+		return st != nil && st.filtered
+	}
+	return a.cur != nil && a.curFiltered
+}
+
 func (a *Assembler) row(typ byte, r *buf) error {
 	if !a.inStream && a.cur == nil {
 		return errNoTxn
+	}
+	if a.dropping() {
+		r.b = r.b[len(r.b):]
+		return nil
 	}
 	xid := a.streamPrefix(r)
 	id := r.u32()
@@ -453,6 +468,8 @@ func (a *Assembler) row(typ byte, r *buf) error {
 		r.b = r.b[len(r.b):]
 		return nil
 	}
+	// One copy of the tuples for all their values.
+	r.own()
 	c := Change{Rel: rel}
 	switch typ {
 	case 'I':
@@ -493,6 +510,10 @@ func (a *Assembler) row(typ byte, r *buf) error {
 func (a *Assembler) truncate(r *buf) error {
 	if !a.inStream && a.cur == nil {
 		return errNoTxn
+	}
+	if a.dropping() {
+		r.b = r.b[len(r.b):]
+		return nil
 	}
 	xid := a.streamPrefix(r)
 	n := r.u32()

@@ -272,3 +272,118 @@ func BenchmarkAssembler(b *testing.B) {
 		}
 	}
 }
+
+// pgbenchTxn is the pgoutput stream of one pgbench TPC-B transaction:
+// three UPDATEs of four-column rows and one INSERT of five columns.
+func pgbenchTxn(origin bool) [][]byte {
+	msgs := [][]byte{mBegin(100, 7)}
+	if origin {
+		msgs = append(msgs, mOrigin())
+	}
+	return append(msgs,
+		mUpdate(1, nil, "41234", "3", "-2719", strings.Repeat(" ", 84)),
+		mUpdate(2, nil, "27", "3", "-18345", "<null>"),
+		mUpdate(3, nil, "3", "-42981", "<null>"),
+		mInsert(4, "0a1b2c3d-0000-4000-8000-000000000001", "27", "3", "41234", "-2719", "2026-12-03 08:23:08.123456+00"),
+		mCommit(100, 120))
+}
+
+// benchPgbench feeds 1,000 pgbench transactions per iteration.
+func benchPgbench(b *testing.B, origin bool) {
+	rels := [][]byte{mRelation(1, "aid", "bid", "abalance", "filler"), mRelation(2, "tid", "bid", "tbalance", "filler"),
+		mRelation(3, "bid", "bbalance", "filler"), mRelation(4, "id", "tid", "bid", "aid", "delta", "mtime")}
+	txn := pgbenchTxn(origin)
+	var size int
+	for _, m := range txn {
+		size += len(m)
+	}
+	a := NewAssembler("na")
+	for _, m := range rels {
+		if _, err := a.Feed(1, m); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.SetBytes(int64(1000 * size))
+	b.ReportAllocs()
+	for b.Loop() {
+		for range 1000 {
+			var got *Txn
+			for _, m := range txn {
+				t, err := a.Feed(2, m)
+				if err != nil {
+					b.Fatal(err)
+				}
+				got = t
+			}
+			if (got == nil) != origin {
+				b.Fatalf("commit returned %v", got)
+			}
+		}
+	}
+}
+
+// BenchmarkAssemblerPgbench decodes local pgbench transactions.
+func BenchmarkAssemblerPgbench(b *testing.B) { benchPgbench(b, false) }
+
+// BenchmarkAssemblerOrigin decodes pgbench transactions that carry a
+// replication origin (the changes a region's applier made), which are
+// dropped.
+func BenchmarkAssemblerOrigin(b *testing.B) { benchPgbench(b, true) }
+
+// TestAssemblerOriginNotParsed checks that the rows of a transaction
+// that carries a replication origin are dropped without being parsed: no
+// allocation per row, even for rows of a relation never described.
+func TestAssemblerOriginNotParsed(t *testing.T) {
+	a := NewAssembler("na")
+	for _, m := range [][]byte{mRelation(1, "id", "v"), mBegin(100, 7), mOrigin()} {
+		if _, err := a.Feed(1, m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	upd := mUpdate(1, nil, "1", strings.Repeat("x", 100))
+	unknown := mInsert(99, "1")
+	allocs := testing.AllocsPerRun(100, func() {
+		for _, m := range [][]byte{upd, unknown} {
+			if _, err := a.Feed(2, m); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+	if allocs != 0 {
+		t.Fatalf("dropped rows: %.1f allocations per run, want 0", allocs)
+	}
+	txn, err := a.Feed(3, mCommit(100, 120))
+	if err != nil || txn != nil || a.Filtered() != 1 {
+		t.Fatalf("commit = %v, %v; Filtered() = %d; want nil, nil, 1", txn, err, a.Filtered())
+	}
+}
+
+// TestAssemblerRowAllocs checks that a row's values share one copy of its
+// message: the allocations of a transaction do not grow with its columns.
+func TestAssemblerRowAllocs(t *testing.T) {
+	cols := []string{"c0", "c1", "c2", "c3", "c4", "c5", "c6", "c7", "c8", "c9"}
+	a := NewAssembler("na")
+	if _, err := a.Feed(1, mRelation(1, cols...)); err != nil {
+		t.Fatal(err)
+	}
+	msgs := [][]byte{mBegin(100, 7), mInsert(1, cols...), mCommit(100, 120)}
+	var txn *Txn
+	allocs := testing.AllocsPerRun(100, func() {
+		for _, m := range msgs {
+			got, err := a.Feed(2, m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != nil {
+				txn = got
+			}
+		}
+	})
+	// The Txn, its change slice, the row's values and the one copy.
+	if allocs > 4 {
+		t.Fatalf("a transaction of one 10-column row: %.1f allocations, want at most 4", allocs)
+	}
+	if v := txn.Changes[0].New[9]; string(v.Data) != "c9" || cap(v.Data) != 2 {
+		t.Fatalf("last value %q with capacity %d, want \"c9\" with capacity 2", v.Data, cap(v.Data))
+	}
+}

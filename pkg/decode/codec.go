@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -72,13 +73,80 @@ func AppendTxn(b []byte, t *Txn) ([]byte, error) {
 // change (see AppendChanges) and never panics; the Txn does not share
 // memory with p.
 func ParseTxn(p []byte) (*Txn, []byte, error) {
-	r := &buf{b: p}
+	return (*Relations)(nil).ParseTxn(p)
+}
+
+// Relations interns the relations that parsed changes define: a relation
+// defined again with the same encoding (every transaction of a stream
+// defines the relations it uses) is the *Relation parsed the first time,
+// shared and never mutated, so it is neither allocated nor parsed again.
+// A Relations is not safe for concurrent use; the zero value is ready, and
+// a nil *Relations interns nothing.
+type Relations struct {
+	m map[string]*Relation
+}
+
+// maxInterned bounds a Relations: when it is full, it starts over.
+const maxInterned = 4096
+
+// ParseTxn is the package's ParseTxn, with the relations interned in rs.
+func (rs *Relations) ParseTxn(p []byte) (*Txn, []byte, error) {
+	r := &buf{b: p, interned: rs}
 	t := r.txnHeader()
+	r.own() // one copy for every value
 	t.Changes, _ = r.changes(nil)
 	if r.err != nil {
 		return nil, p, r.err
 	}
-	return t, r.b, nil
+	return t, p[len(p)-len(r.b):], nil
+}
+
+// ParseChanges is the package's ParseChanges, with the relations interned
+// in rs.
+func (rs *Relations) ParseChanges(p []byte) ([]Change, []byte, error) {
+	r := &buf{b: p, interned: rs}
+	r.own() // one copy for every value
+	changes, _ := r.changes(nil)
+	if r.err != nil {
+		return nil, p, r.err
+	}
+	return changes, p[len(p)-len(r.b):], nil
+}
+
+// relationLen returns the length of the relation encoded at the start of
+// b, or -1 when b does not hold a whole one.
+func relationLen(b []byte) int {
+	p := uint64(0)
+	n := uint64(len(b))
+	u32 := func() uint64 {
+		if p+4 > n {
+			p = n + 1
+			return 0
+		}
+		v := uint64(binary.BigEndian.Uint32(b[p:]))
+		p += 4
+		return v
+	}
+	str := func() { p += u32() }
+	u32()  // id
+	str()  // schema
+	str()  // table
+	p += 1 // replica identity
+	cols := u32()
+	if p > n || cols*minColumn > n-p {
+		return -1
+	}
+	for range cols {
+		str()  // name
+		u32()  // type oid
+		str()  // type name
+		u32()  // typmod
+		p += 1 // key
+		if p > n {
+			return -1
+		}
+	}
+	return int(p)
 }
 
 // AppendTxnHeader appends the encoding of t's header fields (everything
@@ -119,12 +187,7 @@ func AppendChanges(b []byte, changes []Change) []byte {
 // long as the relation's columns, truncate data only on a TRUNCATE, and no
 // rows on one. Changes share the Relations they use.
 func ParseChanges(p []byte) ([]Change, []byte, error) {
-	r := &buf{b: p}
-	changes, _ := r.changes(nil)
-	if r.err != nil {
-		return nil, p, r.err
-	}
-	return changes, r.b, nil
+	return (*Relations)(nil).ParseChanges(p)
 }
 
 // appendChanges appends changes, with the relations they use that are not
@@ -245,7 +308,7 @@ func (r *buf) txnHeader() *Txn {
 func (r *buf) changes(rels []*Relation) ([]Change, []*Relation) {
 	base := len(rels)
 	for i, n := 0, r.count(minRelation); i < n && r.err == nil; i++ {
-		rels = append(rels, r.relation())
+		rels = append(rels, r.internedRelation(rels[base:]))
 	}
 	if r.err != nil {
 		return nil, rels
@@ -304,6 +367,34 @@ func (r *buf) changes(rels []*Relation) ([]Change, []*Relation) {
 		return nil, rels
 	}
 	return changes, rels
+}
+
+// internedRelation reads one relation definition, through r.interned
+// when set. defined are the relations this block defined before: a
+// repeated definition (which no encoder writes) gets a relation of its
+// own, so the checks that follow see it as the encoding says.
+func (r *buf) internedRelation(defined []*Relation) *Relation {
+	rs := r.interned
+	if rs == nil || r.err != nil {
+		return r.relation()
+	}
+	n := relationLen(r.b)
+	if n < 0 {
+		return r.relation()
+	}
+	if rel, ok := rs.m[string(r.b[:n])]; ok && !slices.Contains(defined, rel) {
+		r.b = r.b[n:]
+		return rel
+	}
+	enc := r.b[:n]
+	rel := r.relation()
+	if r.err == nil {
+		if rs.m == nil || len(rs.m) >= maxInterned {
+			rs.m = make(map[string]*Relation)
+		}
+		rs.m[string(enc)] = rel
+	}
+	return rel
 }
 
 // relation reads one relation definition.

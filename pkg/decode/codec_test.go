@@ -173,8 +173,25 @@ func FuzzCodec(f *testing.F) {
 		f.Fatal(err)
 	}
 	f.Add(b)
+	// Interned parsing, with the golden relations known, must decode
+	// exactly what plain parsing does.
+	rs := &Relations{}
+	if _, _, err := rs.ParseTxn(b); err != nil {
+		f.Fatal(err)
+	}
 	f.Fuzz(func(t *testing.T, p []byte) {
-		if txn, rest, err := ParseTxn(p); err == nil {
+		txn, rest, err := ParseTxn(p)
+		itxn, irest, ierr := rs.ParseTxn(p)
+		if (err == nil) != (ierr == nil) || !bytes.Equal(rest, irest) {
+			t.Fatalf("interned parse differs: %v, %v; rest %x, %x", err, ierr, rest, irest)
+		}
+		if err == nil {
+			ib, _ := AppendTxn(nil, itxn)
+			if b, _ := AppendTxn(nil, txn); !bytes.Equal(b, ib) {
+				t.Fatalf("interned parse decodes differently:\n got %x\nwant %x", ib, b)
+			}
+		}
+		if err == nil {
 			checkChanges(t, txn.Changes)
 			b, err := AppendTxn(nil, txn)
 			if err != nil {
@@ -224,4 +241,80 @@ func assembleF(f *testing.F, a *Assembler, msgs [][]byte) *Txn {
 		}
 	}
 	return out
+}
+
+// TestRelationsInterned checks that a Relations parses a relation defined
+// again with the same encoding into the same *Relation, allocating
+// nothing for it, and that what it parses equals plain parsing.
+func TestRelationsInterned(t *testing.T) {
+	txn := goldenTxn()
+	b, err := AppendTxn(nil, txn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs := &Relations{}
+	first, _, err := rs.ParseTxn(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, rest, err := rs.ParseTxn(b)
+	if err != nil || len(rest) != 0 {
+		t.Fatalf("ParseTxn again = %v, %d bytes left", err, len(rest))
+	}
+	plain, _, err := ParseTxn(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := render([]*Txn{second}), render([]*Txn{plain}); got != want {
+		t.Fatalf("interned parse:\n%s\nwant:\n%s", got, want)
+	}
+	for i := range second.Changes {
+		if second.Changes[i].Rel != first.Changes[i].Rel {
+			t.Fatalf("change %d: relation parsed again instead of interned", i)
+		}
+	}
+	withRels := testing.AllocsPerRun(50, func() { ParseTxn(b) })
+	interned := testing.AllocsPerRun(50, func() { rs.ParseTxn(b) })
+	if interned >= withRels {
+		t.Fatalf("interned parse: %.0f allocations, plain %.0f; want fewer", interned, withRels)
+	}
+}
+
+// BenchmarkParseTxn parses the peer frame of a pgbench transaction, as a
+// region node does for every one it receives.
+func BenchmarkParseTxn(b *testing.B) {
+	a := NewAssembler("na")
+	rels := [][]byte{mRelation(1, "aid", "bid", "abalance", "filler"), mRelation(2, "tid", "bid", "tbalance", "filler"),
+		mRelation(3, "bid", "bbalance", "filler"), mRelation(4, "id", "tid", "bid", "aid", "delta", "mtime")}
+	var txn *Txn
+	for _, m := range append(rels, pgbenchTxn(false)...) {
+		t, err := a.Feed(1, m)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if t != nil {
+			txn = t
+		}
+	}
+	p, err := AppendTxn(nil, txn)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Run("plain", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, _, err := ParseTxn(p); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("interned", func(b *testing.B) {
+		rs := &Relations{}
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, _, err := rs.ParseTxn(p); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }

@@ -18,6 +18,21 @@ var errShort = errors.New("message too short")
 type buf struct {
 	b   []byte
 	err error
+	// interned, when set, interns the relations of encoded changes.
+	interned *Relations
+	// owned reports that b is a copy made for the values read from it:
+	// bytes then returns sub-slices of b instead of copying.
+	owned bool
+}
+
+// own copies the rest of the message once, so that the values read from
+// it afterwards point into the copy instead of each getting its own.
+func (r *buf) own() {
+	if r.owned || len(r.b) == 0 {
+		return
+	}
+	r.b = append([]byte(nil), r.b...)
+	r.owned = true
 }
 
 func (r *buf) fail(err error) {
@@ -99,8 +114,22 @@ func (r *buf) str() string {
 	return ""
 }
 
+// skipStr skips a NUL-terminated string.
+func (r *buf) skipStr() {
+	if r.err != nil {
+		return
+	}
+	for i, c := range r.b {
+		if c == 0 {
+			r.b = r.b[i+1:]
+			return
+		}
+	}
+	r.fail(errors.New("unterminated string"))
+}
+
 // bytes reads n bytes into a new slice, so the caller's buffer can be
-// reused.
+// reused; after own, the bytes are a capacity-limited slice of the copy.
 func (r *buf) bytes(n uint32) []byte {
 	if uint64(n) > uint64(len(r.b)) {
 		r.fail(errShort)
@@ -109,8 +138,13 @@ func (r *buf) bytes(n uint32) []byte {
 	if !r.need(int(n)) {
 		return nil
 	}
-	v := make([]byte, n)
-	copy(v, r.b[:n:n])
+	var v []byte
+	if r.owned {
+		v = r.b[:n:n]
+	} else {
+		v = make([]byte, n)
+		copy(v, r.b[:n:n])
+	}
 	r.b = r.b[n:]
 	return v
 }

@@ -114,9 +114,10 @@ type Reader struct {
 	loopErr   error
 	confirmed pglogrepl.LSN // from Confirm
 	stats     ReaderStats
-	// wake is the replication connection while the loop waits for the
-	// server: Confirm moves its read deadline to now, so that a new
-	// confirmed position is reported at once.
+	// wake is the replication connection while the loop reads from the
+	// server with the read deadline it set: Confirm moves the deadline
+	// to now and clears wake, so that a new confirmed position is
+	// reported at once and the loop sets its deadline again.
 	wake net.Conn
 	// poked is signalled by Confirm for a loop that waits for the
 	// consumer instead of the server.
@@ -634,6 +635,11 @@ func (r *Reader) stream(ctx context.Context, conn *pgconn.PgConn) error {
 		s.nc.SetReadDeadline(time.Now())
 	})
 	defer stop()
+	defer func() {
+		r.mu.Lock()
+		r.wake = nil
+		r.mu.Unlock()
+	}()
 
 	for {
 		if !time.Now().Before(s.nextStatus) {
@@ -679,6 +685,10 @@ type streamState struct {
 	stalledSince time.Time
 	nextStatus   time.Time // when the next standby status update is due
 	ticker       *time.Ticker
+	// armed is the read deadline receive last set; while r.wake is still
+	// nc, nobody has moved it since, and it need not be set again for
+	// every message.
+	armed time.Time
 }
 
 // offer waits until the consumer takes the pending transaction. The
@@ -714,8 +724,9 @@ func (r *Reader) receive(ctx context.Context, s *streamState) (pgproto3.BackendM
 	r.mu.Lock()
 	due := max(r.confirmed, r.idle) > r.stats.Confirmed
 	var derr error
-	if !due {
+	if !due && (r.wake == nil || !s.armed.Equal(s.nextStatus)) {
 		derr = s.nc.SetReadDeadline(s.nextStatus)
+		s.armed = s.nextStatus
 		r.wake = s.nc
 	}
 	r.mu.Unlock()
@@ -729,10 +740,11 @@ func (r *Reader) receive(ctx context.Context, s *streamState) (pgproto3.BackendM
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
+	// r.wake stays set while the message is handled: a Confirm in between
+	// moves the deadline to now and clears it, so the next pass sees the
+	// position due, or sets the deadline again. stream clears it when it
+	// ends.
 	msg, err := s.conn.ReceiveMessage(context.Background())
-	r.mu.Lock()
-	r.wake = nil
-	r.mu.Unlock()
 	if err != nil {
 		if ctx.Err() == nil && pgconn.Timeout(err) {
 			return nil, nil

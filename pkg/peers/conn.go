@@ -7,6 +7,8 @@ import (
 	"net"
 	"sync"
 	"time"
+
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
 
 // frameConn frames a net.Conn. Reads belong to one goroutine; writes may
@@ -15,8 +17,9 @@ type frameConn struct {
 	nc       net.Conn
 	maxFrame int
 
-	r   *bufio.Reader
-	buf []byte
+	r    *bufio.Reader
+	buf  []byte
+	rels decode.Relations // the relations of the frames read, interned
 
 	mu  sync.Mutex
 	w   *bufio.Writer
@@ -46,7 +49,7 @@ func (c *frameConn) read(timeout time.Duration) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	return decodeFrame(p)
+	return decodeFrameWith(p, &c.rels)
 }
 
 // errTooLarge is returned by write for a frame above the frame limit; the

@@ -392,6 +392,12 @@ func (d *decoder) end() error {
 // prefix) into one of the frame structs. It never panics; anything but a
 // complete, well-formed frame is an error wrapping errFrame.
 func decodeFrame(p []byte) (any, error) {
+	return decodeFrameWith(p, nil)
+}
+
+// decodeFrameWith is decodeFrame with the relations of transactions and
+// chunks interned in rels (nil interns nothing).
+func decodeFrameWith(p []byte, rels *decode.Relations) (any, error) {
 	if len(p) == 0 {
 		return nil, fmt.Errorf("%w: empty", errFrame)
 	}
@@ -440,15 +446,15 @@ func decodeFrame(p []byte) (any, error) {
 	case frameHeartbeat:
 		f = &heartbeat{}
 	case frameTxn:
-		f = &txnFrame{Txn: parse(d, decode.ParseTxn)}
+		f = &txnFrame{Txn: parse(d, rels.ParseTxn)}
 	case frameUndo:
-		f = &undoFrame{Txn: parse(d, decode.ParseTxn), SQLState: d.str("sqlstate"), Message: d.str("message")}
+		f = &undoFrame{Txn: parse(d, rels.ParseTxn), SQLState: d.str("sqlstate"), Message: d.str("message")}
 	case frameUndone:
 		f = &undoneFrame{LSN: pglogrepl.LSN(d.u64("lsn")), Status: d.str("status"), Note: d.str("note")}
 	case frameTxnBegin:
 		f = &txnBegin{Txn: parse(d, decode.ParseTxnHeader), Count: d.u64("count")}
 	case frameTxnChunk:
-		f = &txnChunk{Changes: parse(d, decode.ParseChanges)}
+		f = &txnChunk{Changes: parse(d, rels.ParseChanges)}
 	case frameTxnEnd:
 		f = &txnEnd{LSN: pglogrepl.LSN(d.u64("lsn"))}
 	default:

@@ -152,6 +152,7 @@ type Shipper struct {
 	bytes       int64
 	busySince   time.Time     // when the window last became non-empty
 	changed     chan struct{} // closed and replaced whenever the window changes
+	watched     bool          // changed was handed to a waiter since it was made
 	acked, sent pglogrepl.LSN
 	path        string
 	halted      string        // non-empty while halted
@@ -192,6 +193,7 @@ func (s *Shipper) Send(ctx context.Context, txn *decode.Txn) error {
 	s.mu.Lock()
 	for s.bytes > 0 && s.bytes+size > s.cfg.MaxInFlight {
 		ch := s.changed
+		s.watched = true
 		s.mu.Unlock()
 		select {
 		case <-ch:
@@ -214,9 +216,16 @@ func (s *Shipper) Send(ctx context.Context, txn *decode.Txn) error {
 	return nil
 }
 
+// signalLocked wakes the waiters on changed. A channel nobody took yet
+// is kept (whoever takes it waits for the next change): a busy stream's
+// Sends then neither allocate nor close a channel each.
 func (s *Shipper) signalLocked() {
+	if !s.watched {
+		return
+	}
 	close(s.changed)
 	s.changed = make(chan struct{})
+	s.watched = false
 }
 
 // Acked returns the highest EndLSN such that it and every transaction
@@ -297,6 +306,7 @@ func (s *Shipper) unsent(cursor pglogrepl.LSN, max int) ([]*decode.Txn, <-chan s
 	for ; i < len(s.window) && len(out) < max; i++ {
 		out = append(out, s.window[i].txn)
 	}
+	s.watched = true
 	return out, s.changed
 }
 

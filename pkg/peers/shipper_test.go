@@ -8,6 +8,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pglogrepl"
+	"github.com/rs/zerolog"
+
 	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
 
@@ -226,5 +229,38 @@ func TestRunRefusesBadDelivery(t *testing.T) {
 				t.Fatalf("Run = %v, want an error containing %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// TestShipperSendQuiet checks that Send, with nobody waiting for the
+// window to change, neither allocates nor replaces the change channel,
+// and that a waiter that takes the channel afterwards is still woken by
+// the next Send.
+func TestShipperSendQuiet(t *testing.T) {
+	sh := NewShipper(shipperConfig(NodeAddr{Name: "eu1", Addr: "127.0.0.1:1"}), nil, zerolog.Nop())
+	ctx := context.Background()
+	txns := make([]*decode.Txn, 2000)
+	for i := range txns {
+		txns[i] = &decode.Txn{Origin: "na", EndLSN: pglogrepl.LSN(i + 1)}
+	}
+	sh.window = make([]entry, 0, len(txns)+1)
+	i := 0
+	allocs := testing.AllocsPerRun(1000, func() {
+		if err := sh.Send(ctx, txns[i]); err != nil {
+			t.Fatal(err)
+		}
+		i++
+	})
+	if allocs > 0 {
+		t.Fatalf("Send: %.2f allocations each, want 0", allocs)
+	}
+	_, changed := sh.unsent(0, 1)
+	if err := sh.Send(ctx, &decode.Txn{Origin: "na", EndLSN: pglogrepl.LSN(len(txns) + 1)}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-changed:
+	default:
+		t.Fatal("a waiter's channel was not closed by the next Send")
 	}
 }

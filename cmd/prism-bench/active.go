@@ -1,0 +1,405 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+
+	"github.com/prism-cdc/prism-cdc/internal/pgtest"
+)
+
+// The active-active contenders: every region writes, every region
+// replicates to the two others.
+const (
+	prismMesh     = "prism-cdc (3-region mesh)"
+	pglogicalMesh = "pglogical (3-region mesh)"
+)
+
+// activeSQL creates contender prefix's active-active tables: the hot
+// rows, an insert-only lag table whose rows carry their region (rid),
+// and, unreplicated, when each lag row arrived in this cluster (a
+// deferred trigger, fired under apply too, stamps it right before the
+// applying transaction commits).
+func activeSQL(prefix string) string {
+	return strings.ReplaceAll(`CREATE TABLE aa_X_hot (id bigint PRIMARY KEY, v bigint NOT NULL, rid int NOT NULL);
+CREATE SEQUENCE aa_X_seq;
+CREATE TABLE aa_X_lag (rid int, id bigint, PRIMARY KEY (rid, id));
+CREATE SEQUENCE aa_X_lagseq;
+CREATE TABLE aa_X_seen (rid int, id bigint, dst_ts timestamptz NOT NULL, PRIMARY KEY (rid, id));
+CREATE FUNCTION aa_X_seen() RETURNS trigger LANGUAGE plpgsql SET search_path = public, pg_catalog AS $$
+BEGIN
+	INSERT INTO aa_X_seen VALUES (NEW.rid, NEW.id, clock_timestamp()) ON CONFLICT DO NOTHING;
+	RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER aa_X_seen AFTER INSERT ON aa_X_lag DEFERRABLE INITIALLY DEFERRED
+	FOR EACH ROW EXECUTE FUNCTION aa_X_seen();
+ALTER TABLE aa_X_lag ENABLE ALWAYS TRIGGER aa_X_seen;
+`, "aa_X_", "aa_"+prefix+"_")
+}
+
+// activeScript is the workload of one region in phase base: one lag row
+// and one operation on the hot rows base+1 .. base+keys per transaction:
+// 50% absolute updates, 20% deletes, 20% re-inserts of a hot key (a no-op
+// while the row exists), 10% inserts of a key of this region's own.
+func activeScript(prefix string, base, keys int) string {
+	return strings.ReplaceAll(fmt.Sprintf(`\set k %[1]d + random(1, %[2]d)
+\set v random(1, 1000000000)
+\set op random(1, 10)
+BEGIN;
+INSERT INTO aa_X_lag VALUES (:rid, nextval('aa_X_lagseq'));
+\if :op <= 5
+UPDATE aa_X_hot SET v = :v, rid = :rid WHERE id = :k;
+\elif :op <= 7
+DELETE FROM aa_X_hot WHERE id = :k;
+\elif :op <= 9
+INSERT INTO aa_X_hot VALUES (:k, :v, :rid) ON CONFLICT (id) DO NOTHING;
+\else
+INSERT INTO aa_X_hot VALUES (%[1]d + 500000 + :rid * 100000 + nextval('aa_X_seq') %% 100000, :v, :rid) ON CONFLICT (id) DO NOTHING;
+\endif
+END;
+`, base, keys), "aa_X_", "aa_"+prefix+"_")
+}
+
+// activeResult is one contender's active-active phase at one rate.
+type activeResult struct {
+	contender string
+	rate      int // transactions per second in each region
+	txns      int // lag rows written, all regions
+	// quiesce is the time from the end of the writes until every
+	// region had every region's lag rows and every slot had confirmed
+	// its cluster's WAL; 0 when that did not happen within the timeout.
+	quiesce        time.Duration
+	rows, differ   int // hot rows (keys in any region), keys whose rows differ
+	p50, p99, pmax time.Duration
+	peakKB         map[string]int64
+	note           string
+}
+
+// activeRegion is one region of an active-active mesh.
+type activeRegion struct {
+	rid     int
+	cluster *pgtest.Cluster
+	// slots selects, in pg_replication_slots, the slots of cluster that
+	// the other regions read; there are nslots of them.
+	slots  string
+	nslots int
+}
+
+// active runs the active-active scenario for prism-cdc and pglogical, at
+// every rate in turn; each phase writes its own range of hot keys.
+func (e *env) active(ctx context.Context) ([]activeResult, error) {
+	var out []activeResult
+	phase := 0
+	for _, c := range []string{prismMesh, pglogicalMesh} {
+		if c == prismMesh && !e.cfg.contenders["prism"] || c == pglogicalMesh && !e.cfg.contenders["pglogical"] {
+			continue
+		}
+		for _, rate := range e.cfg.activeRates {
+			phase++
+			res, err := e.activePhase(ctx, c, rate, phase*1000000)
+			if err != nil {
+				return out, fmt.Errorf("active %s at %d tps: %w", c, rate, err)
+			}
+			e.logf("active %s at %d tps per region: %d transactions, quiesced in %s, %d of %d hot rows differ, lag p50 %s p99 %s max %s %s",
+				c, rate, res.txns, res.quiesce, res.differ, res.rows, res.p50, res.p99, res.pmax, res.note)
+			out = append(out, res)
+		}
+	}
+	return out, nil
+}
+
+func (e *env) activeRegions(c string) []activeRegion {
+	if c == prismMesh {
+		return []activeRegion{{1, e.src, "slot_name = 'prism_na'", 1}, {2, e.prismc[0], "slot_name = 'prism_eu'", 1}, {3, e.prismc[1], "slot_name = 'prism_as'", 1}}
+	}
+	// A pglogical node's slots are those of its two subscribers.
+	const pgl = "plugin = 'pglogical_output'"
+	return []activeRegion{{1, e.src, pgl, 2}, {2, e.pgl[0], pgl, 2}, {3, e.pgl[1], pgl, 2}}
+}
+
+func (e *env) activePhase(ctx context.Context, c string, rate, base int) (res activeResult, err error) {
+	res = activeResult{contender: c, rate: rate}
+	prefix := "prism"
+	if c == pglogicalMesh {
+		prefix = "pgl"
+	}
+	regions := e.activeRegions(c)
+	// Replication on.
+	var m *mesh
+	if c == prismMesh {
+		m, err = e.startMesh(ctx, fmt.Sprintf("active %d tps", rate), e.cfg.nodeEnv)
+	} else {
+		err = e.pglSourceSubs(ctx, true)
+	}
+	if err != nil {
+		return res, err
+	}
+	defer func() {
+		if m != nil {
+			m.stop()
+			res.peakKB = map[string]int64{}
+			for _, p := range m.procs {
+				peak, _ := p.stats()
+				res.peakKB[p.spec.name] = peak
+			}
+		}
+	}()
+	tick := func() error {
+		if m != nil {
+			return m.sample()
+		}
+		return nil
+	}
+	// The phase's hot rows, written in one region and replicated, then
+	// everything quiet before the clock starts.
+	if err := e.src.Exec(ctx, db, fmt.Sprintf("INSERT INTO aa_%s_hot SELECT %d + g, 0, 1 FROM generate_series(1, %d) g", prefix, base, e.cfg.activeKeys)); err != nil {
+		return res, err
+	}
+	if _, err := e.activeQuiesce(ctx, c, regions, prefix, 5*time.Minute, tick); err != nil {
+		return res, fmt.Errorf("before the writes: %w", err)
+	}
+	script := filepath.Join(e.dir, fmt.Sprintf("active-%s-%d.sql", prefix, base))
+	if err := os.WriteFile(script, []byte(activeScript(prefix, base, e.cfg.activeKeys)), 0o644); err != nil {
+		return res, fmt.Errorf("write active script: %w", err)
+	}
+	lo := map[int]int64{}
+	for _, r := range regions {
+		if lo[r.rid], err = lastLagID(ctx, r, prefix); err != nil {
+			return res, err
+		}
+	}
+	e.logf("active %s: every region at %d tps for %ds", c, rate, e.cfg.activeSeconds)
+	errs := make([]error, len(regions))
+	var wg sync.WaitGroup
+	for i, r := range regions {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = e.pgbench(ctx, r.cluster, "-n", "-c", "2", "-j", "1", "-R", fmt.Sprint(rate), "-T", fmt.Sprint(e.cfg.activeSeconds),
+				"-D", fmt.Sprintf("rid=%d", r.rid), "-f", script)
+		}()
+	}
+	stopTick := make(chan struct{})
+	go func() {
+		t := time.NewTicker(500 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-stopTick:
+				return
+			case <-t.C:
+				tick()
+			}
+		}
+	}()
+	wg.Wait()
+	close(stopTick)
+	if err := errors.Join(errs...); err != nil {
+		return res, err
+	}
+	res.quiesce, err = e.activeQuiesce(ctx, c, regions, prefix, 5*time.Minute+10*time.Duration(e.cfg.activeSeconds)*time.Second, tick)
+	if err != nil {
+		res.note = err.Error()
+		e.logf("active %s: %v", c, err)
+	}
+	if res.rows, res.differ, err = compareHot(ctx, regions, prefix, base); err != nil {
+		return res, err
+	}
+	lags, n, err := activeLags(ctx, regions, prefix, lo)
+	if err != nil {
+		return res, err
+	}
+	res.txns = n
+	res.p50, res.p99, res.pmax = percentile(lags, 0.50), percentile(lags, 0.99), percentile(lags, 1)
+	if c == pglogicalMesh {
+		err = e.pglSourceSubs(ctx, false)
+	}
+	return res, err
+}
+
+// lastLagID returns the highest lag row id region r wrote so far.
+func lastLagID(ctx context.Context, r activeRegion, prefix string) (int64, error) {
+	conn, err := r.cluster.Connect(ctx, db)
+	if err != nil {
+		return 0, err
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	var n int64
+	err = conn.QueryRow(ctx, fmt.Sprintf("SELECT coalesce(max(id), 0) FROM aa_%s_lag WHERE rid = $1", prefix), r.rid).Scan(&n)
+	return n, err
+}
+
+// activeQuiesce waits until every region has the same number of lag
+// rows as every other and every region's slots have confirmed the WAL
+// its cluster had written when the wait began, and returns how long
+// that took.
+func (e *env) activeQuiesce(ctx context.Context, c string, regions []activeRegion, prefix string, timeout time.Duration, tick func() error) (time.Duration, error) {
+	t0 := time.Now()
+	conns := make([]*pgx.Conn, len(regions))
+	defer func() {
+		for _, conn := range conns {
+			if conn != nil {
+				conn.Close(context.WithoutCancel(ctx))
+			}
+		}
+	}()
+	ends := make([]pglogrepl.LSN, len(regions))
+	for i, r := range regions {
+		var err error
+		if conns[i], err = r.cluster.Connect(ctx, db); err != nil {
+			return 0, err
+		}
+		if ends[i], err = scanLSN(ctx, conns[i], "SELECT pg_current_wal_insert_lsn()::text"); err != nil {
+			return 0, err
+		}
+	}
+	var done time.Duration
+	err := pollUntil(ctx, timeout, pollInterval, c+" to quiesce", func() (bool, error) {
+		if err := tick(); err != nil {
+			return false, err
+		}
+		counts := map[int]bool{}
+		for i, r := range regions {
+			var n int
+			if err := conns[i].QueryRow(ctx, fmt.Sprintf("SELECT count(*) FROM aa_%s_lag", prefix)).Scan(&n); err != nil {
+				return false, err
+			}
+			counts[n] = true
+			var slots int
+			var least *string
+			if err := conns[i].QueryRow(ctx, "SELECT count(*), min(confirmed_flush_lsn)::text FROM pg_replication_slots WHERE "+r.slots).Scan(&slots, &least); err != nil {
+				return false, err
+			}
+			if slots != r.nslots || least == nil {
+				return false, nil // not all created yet
+			}
+			lsn, err := pglogrepl.ParseLSN(*least)
+			if err != nil || lsn < ends[i] {
+				return false, err
+			}
+		}
+		if len(counts) != 1 {
+			return false, nil
+		}
+		done = time.Since(t0)
+		return true, nil
+	})
+	return done, err
+}
+
+// compareHot compares the phase's hot rows (keys base .. base+999999)
+// across the regions: how many keys any region has, and how many of them
+// differ (missing somewhere, or different values).
+func compareHot(ctx context.Context, regions []activeRegion, prefix string, base int) (rows, differ int, err error) {
+	all := map[int64][]string{}
+	for i, r := range regions {
+		conn, err := r.cluster.Connect(ctx, db)
+		if err != nil {
+			return 0, 0, err
+		}
+		rs, err := conn.Query(ctx, fmt.Sprintf("SELECT id, v, rid FROM aa_%s_hot WHERE id > $1 AND id <= $2", prefix), base, base+999999)
+		if err == nil {
+			for rs.Next() {
+				var id, v int64
+				var rid int
+				if err = rs.Scan(&id, &v, &rid); err != nil {
+					break
+				}
+				if all[id] == nil {
+					all[id] = make([]string, len(regions))
+				}
+				all[id][i] = fmt.Sprintf("%d/%d", v, rid)
+			}
+			rs.Close()
+			if err == nil {
+				err = rs.Err()
+			}
+		}
+		conn.Close(context.WithoutCancel(ctx))
+		if err != nil {
+			return 0, 0, fmt.Errorf("read hot rows of %s: %w", r.cluster.Name, err)
+		}
+	}
+	for _, vs := range all {
+		for _, v := range vs[1:] {
+			if v != vs[0] {
+				differ++
+				break
+			}
+		}
+	}
+	return len(all), differ, nil
+}
+
+// activeLags returns, for every lag row numbered above lo[its region]
+// and every other region it reached, the time from its commit in its own
+// region to its apply in the other; and how many lag rows there were.
+func activeLags(ctx context.Context, regions []activeRegion, prefix string, lo map[int]int64) ([]time.Duration, int, error) {
+	type key struct {
+		rid int
+		id  int64
+	}
+	commits := map[key]time.Time{}
+	for _, r := range regions {
+		conn, err := r.cluster.Connect(ctx, db)
+		if err != nil {
+			return nil, 0, err
+		}
+		rs, err := conn.Query(ctx, fmt.Sprintf("SELECT id, pg_xact_commit_timestamp(xmin) FROM aa_%s_lag WHERE rid = $1 AND id > $2", prefix), r.rid, lo[r.rid])
+		if err == nil {
+			for rs.Next() {
+				var id int64
+				var ts time.Time
+				if err = rs.Scan(&id, &ts); err != nil {
+					break
+				}
+				commits[key{r.rid, id}] = ts
+			}
+			rs.Close()
+			if err == nil {
+				err = rs.Err()
+			}
+		}
+		conn.Close(context.WithoutCancel(ctx))
+		if err != nil {
+			return nil, 0, fmt.Errorf("read commit times of %s: %w", r.cluster.Name, err)
+		}
+	}
+	var lags []time.Duration
+	for _, r := range regions {
+		conn, err := r.cluster.Connect(ctx, db)
+		if err != nil {
+			return nil, 0, err
+		}
+		rs, err := conn.Query(ctx, fmt.Sprintf("SELECT rid, id, dst_ts FROM aa_%s_seen WHERE rid <> $1", prefix), r.rid)
+		if err == nil {
+			for rs.Next() {
+				var k key
+				var ts time.Time
+				if err = rs.Scan(&k.rid, &k.id, &ts); err != nil {
+					break
+				}
+				if src, ok := commits[k]; ok {
+					lags = append(lags, ts.Sub(src))
+				}
+			}
+			rs.Close()
+			if err == nil {
+				err = rs.Err()
+			}
+		}
+		conn.Close(context.WithoutCancel(ctx))
+		if err != nil {
+			return nil, 0, fmt.Errorf("read apply times of %s: %w", r.cluster.Name, err)
+		}
+	}
+	return lags, len(commits), nil
+}
