@@ -149,37 +149,8 @@ func (s *Server) handle(ctx context.Context, nc net.Conn) {
 	defer stop()
 	log := s.log.With().Str("remote", nc.RemoteAddr().String()).Logger()
 
-	if tc, ok := nc.(*tls.Conn); ok {
-		hctx, cancel := context.WithTimeout(ctx, s.cfg.HelloTimeout)
-		err := tc.HandshakeContext(hctx)
-		cancel()
-		if err != nil {
-			log.Warn().Err(err).Msg("peer rejected: tls handshake")
-			return
-		}
-	}
-	fc := newFrameConn(nc, s.cfg.MaxFrame)
-	ch, err := newChallenge()
-	if err != nil {
-		log.Error().Err(err).Msg("peer rejected: challenge")
-		return
-	}
-	if err := fc.write(s.cfg.HelloTimeout, ch); err != nil {
-		log.Warn().Err(err).Msg("peer rejected: send challenge")
-		return
-	}
-	f, err := fc.read(s.cfg.HelloTimeout)
-	if err != nil {
-		s.refuse(fc, log, nil, &reject{Reason: fmt.Sprintf("first frame: %v", err)})
-		return
-	}
-	h, ok := f.(*hello)
-	if !ok {
-		s.refuse(fc, log, nil, &reject{Reason: fmt.Sprintf("first frame is %T, not hello", f)})
-		return
-	}
-	if r := s.check(h, ch.Nonce[:]); r != nil {
-		s.refuse(fc, log, h, r)
+	fc, h := s.greet(ctx, nc, log)
+	if h == nil {
 		return
 	}
 	// refuse tags its line with the source itself: it gets the logger
@@ -208,17 +179,7 @@ func (s *Server) handle(ctx context.Context, nc net.Conn) {
 	}
 	defer s.release(h.Region, st)
 
-	if f, ok := s.app.(fencer); ok {
-		fctx, fcancel := context.WithTimeout(sctx, s.cfg.FenceTimeout)
-		n, err := f.Fence(fctx, h.Region)
-		fcancel()
-		switch {
-		case err != nil:
-			log.Warn().Err(err).Msg("fence previous origin holder")
-		case n > 0:
-			log.Warn().Int("sessions", n).Msg("fenced previous origin holder")
-		}
-	}
+	s.fence(sctx, h.Region, log)
 	pctx, pcancel := context.WithTimeout(sctx, s.cfg.HelloTimeout)
 	progress, err := s.app.Progress(pctx, h.Region)
 	pcancel()
@@ -242,6 +203,65 @@ func (s *Server) handle(ctx context.Context, nc net.Conn) {
 		r.Release(h.Region)
 	}
 	log.Info().AnErr("reason", err).Msg("peer disconnected")
+}
+
+// greet runs the handshake up to an accepted Hello: TLS when it is
+// configured, the challenge, the peer's Hello and its check. It returns a
+// nil Hello when the peer was refused (and logged).
+func (s *Server) greet(ctx context.Context, nc net.Conn, log zerolog.Logger) (*frameConn, *hello) {
+	if tc, ok := nc.(*tls.Conn); ok {
+		hctx, cancel := context.WithTimeout(ctx, s.cfg.HelloTimeout)
+		err := tc.HandshakeContext(hctx)
+		cancel()
+		if err != nil {
+			log.Warn().Err(err).Msg("peer rejected: tls handshake")
+			return nil, nil
+		}
+	}
+	fc := newFrameConn(nc, s.cfg.MaxFrame)
+	ch, err := newChallenge()
+	if err != nil {
+		log.Error().Err(err).Msg("peer rejected: challenge")
+		return nil, nil
+	}
+	if err := fc.write(s.cfg.HelloTimeout, ch); err != nil {
+		log.Warn().Err(err).Msg("peer rejected: send challenge")
+		return nil, nil
+	}
+	f, err := fc.read(s.cfg.HelloTimeout)
+	if err != nil {
+		s.refuse(fc, log, nil, &reject{Reason: fmt.Sprintf("first frame: %v", err)})
+		return nil, nil
+	}
+	h, ok := f.(*hello)
+	if !ok {
+		s.refuse(fc, log, nil, &reject{Reason: fmt.Sprintf("first frame is %T, not hello", f)})
+		return nil, nil
+	}
+	if r := s.check(h, ch.Nonce[:]); r != nil {
+		s.refuse(fc, log, h, r)
+		return nil, nil
+	}
+	return fc, h
+}
+
+// fence terminates a previous holder of region's origin (a frozen node
+// that may still apply) before this stream takes the region over, when
+// the applier can.
+func (s *Server) fence(ctx context.Context, region string, log zerolog.Logger) {
+	f, ok := s.app.(fencer)
+	if !ok {
+		return
+	}
+	fctx, cancel := context.WithTimeout(ctx, s.cfg.FenceTimeout)
+	n, err := f.Fence(fctx, region)
+	cancel()
+	switch {
+	case err != nil:
+		log.Warn().Err(err).Msg("fence previous origin holder")
+	case n > 0:
+		log.Warn().Int("sessions", n).Msg("fenced previous origin holder")
+	}
 }
 
 // check validates a Hello answering the challenge nonce and returns the
