@@ -356,7 +356,7 @@ func (s *Server) stream(ctx context.Context, fc *frameConn, region string, log z
 	go func() { // reader; ends with the connection or ctx
 		defer wg.Done()
 		defer close(queue)
-		cancel(s.receive(ctx, fc, region, queue, log))
+		s.receive(ctx, cancel, fc, region, queue, log)
 	}()
 	go func() { // heartbeats; end with ctx
 		defer wg.Done()
@@ -368,23 +368,25 @@ func (s *Server) stream(ctx context.Context, fc *frameConn, region string, log z
 	return context.Cause(ctx)
 }
 
-// receive reads frames until the connection or ctx ends, checks their
-// order and hands the transactions to queue: one in memory as it is, a
-// streamed one at its TxnBegin, its changes following on its chunks.
-// It returns why it stopped.
-func (s *Server) receive(ctx context.Context, fc *frameConn, region string, queue chan<- *queued, log zerolog.Logger) (err error) {
+// receive reads frames until the connection or ctx ends, then stops the
+// stream with why, and only then cuts off a streamed transaction it was
+// receiving: its applier sees the stream stopped, not a failure of the
+// transaction.
+func (s *Server) receive(ctx context.Context, cancel context.CancelCauseFunc, fc *frameConn, region string, queue chan<- *queued, log zerolog.Logger) {
+	open, err := s.readFrames(ctx, fc, region, queue, log)
+	cancel(err)
+	if open != nil {
+		open.err = fmt.Errorf("streamed transaction %s/%s cut off: %w", region, open.txn.EndLSN, context.Cause(ctx))
+		close(open.chunks)
+	}
+}
+
+// readFrames checks the order of the frames it reads and hands the
+// transactions to queue: one in memory as it is, a streamed one at its
+// TxnBegin, its changes following on its chunks. It returns why it
+// stopped and the streamed transaction open then, if any.
+func (s *Server) readFrames(ctx context.Context, fc *frameConn, region string, queue chan<- *queued, log zerolog.Logger) (open *queued, err error) {
 	order := frameOrder{region: region}
-	var open *queued // the streamed transaction being received
-	defer func() {
-		if open != nil {
-			cause := context.Cause(ctx)
-			if cause == nil {
-				cause = err
-			}
-			open.err = fmt.Errorf("streamed transaction %s/%s cut off: %w", region, open.txn.EndLSN, cause)
-			close(open.chunks)
-		}
-	}()
 	enqueue := func(q *queued) error {
 		select {
 		case queue <- q:
@@ -396,10 +398,10 @@ func (s *Server) receive(ctx context.Context, fc *frameConn, region string, queu
 	for {
 		f, err := fc.read(s.cfg.IdleTimeout)
 		if err != nil {
-			return fmt.Errorf("read: %w", err)
+			return open, fmt.Errorf("read: %w", err)
 		}
 		if order, err = order.next(f); err != nil {
-			return err
+			return open, err
 		}
 		switch f := f.(type) {
 		case *undoneFrame:
@@ -420,7 +422,7 @@ func (s *Server) receive(ctx context.Context, fc *frameConn, region string, queu
 			open = nil
 		}
 		if err != nil {
-			return err
+			return open, err
 		}
 	}
 }
