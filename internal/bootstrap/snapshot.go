@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -34,8 +33,6 @@ type originSession struct {
 	origin string
 	conn   *pgconn.PgConn
 }
-
-var busyPID = regexp.MustCompile(`PID (\d+)`)
 
 // dial opens a plain connection as prism_bootstrap; errors hide passwords.
 func dial(ctx context.Context, dsn string, params map[string]string) (*pgconn.PgConn, error) {
@@ -87,19 +84,17 @@ func holdOrigin(ctx context.Context, dsn, origin string, terminate bool, params 
 				return nil, fmt.Errorf("hold origin %s: still busy after 30s: %w", origin, err)
 			}
 			pause := 50 * time.Millisecond
-			if m := busyPID.FindStringSubmatch(pgErr.Message); terminate && m != nil {
-				if pid, err := strconv.Atoi(m[1]); err == nil {
-					// Without a timeout, so the origin is tried again the
-					// moment the holder is gone: a busy applier reconnects
-					// and holds it again within a few milliseconds, and
-					// pg_terminate_backend's own wait (100 ms steps) lost
-					// that race for minutes. Appliers do not fence a
-					// bootstrap session (application_name), so once held
-					// the origin stays held.
-					res := conn.ExecParams(ctx, "SELECT pg_terminate_backend($1::int)", [][]byte{[]byte(strconv.Itoa(pid))}, nil, nil, nil).Read()
-					if res.Err == nil && len(res.Rows) == 1 && string(res.Rows[0][0]) == "t" {
-						pause = time.Millisecond
-					}
+			if pid, ok := apply.OriginHolder(err); terminate && ok {
+				// Without a timeout, so the origin is tried again the
+				// moment the holder is gone: a busy applier reconnects
+				// and holds it again within a few milliseconds, and
+				// pg_terminate_backend's own wait (100 ms steps) lost
+				// that race for minutes. Appliers do not fence a
+				// bootstrap session (application_name), so once held
+				// the origin stays held.
+				res := conn.ExecParams(ctx, "SELECT pg_terminate_backend($1::int)", [][]byte{[]byte(strconv.Itoa(pid))}, nil, nil, nil).Read()
+				if res.Err == nil && len(res.Rows) == 1 && string(res.Rows[0][0]) == "t" {
+					pause = time.Millisecond
 				}
 			}
 			select {

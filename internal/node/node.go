@@ -459,21 +459,20 @@ func (n *Node) readFrom(ctx, shipCtx context.Context, r *decode.Reader) error {
 	watch.Add(1)
 	go func() {
 		defer watch.Done()
-		t := time.NewTicker(100 * time.Millisecond)
-		defer t.Stop()
 		for {
+			changed := r.Changed()
+			if r.Stats().Streaming {
+				if _, err := n.ensureTerm(shipCtx); err != nil {
+					stopSend(err)
+				}
+			}
+			if err := r.Failed(); err != nil {
+				stopSend(err)
+			}
 			select {
 			case <-watchDone:
 				return
-			case <-t.C:
-				if r.Stats().Streaming {
-					if _, err := n.ensureTerm(shipCtx); err != nil {
-						stopSend(err)
-					}
-				}
-				if err := r.Failed(); err != nil {
-					stopSend(err)
-				}
+			case <-changed:
 			}
 		}
 	}()

@@ -4,9 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"regexp"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -427,7 +424,9 @@ func (s *session) hold(ctx context.Context, source string) (pglogrepl.LSN, error
 				if pgErr.Code == "55006" {
 					return 0, fmt.Errorf("%w: %w", ErrBusy, err)
 				}
-				if pgErr.Code == "42501" && strings.Contains(pgErr.Message, "session_replication_role") {
+				// The settings are the batch's first statement, and of
+				// them only session_replication_role needs a privilege.
+				if pgErr.Code == "42501" && len(res) == 1 {
 					return 0, fmt.Errorf("%w (applied transactions run with session_replication_role = replica; as a superuser: GRANT SET ON PARAMETER session_replication_role TO %s)",
 						err, pgx.Identifier{s.conn.Conn().Config().User}.Sanitize())
 				}
@@ -1018,8 +1017,6 @@ func (a *Applier) target(ctx context.Context, conn *pgx.Conn, rel *decode.Relati
 	return t, nil
 }
 
-var busyPID = regexp.MustCompile(`PID (\d+)`)
-
 // Fence terminates the other sessions that hold origin
 // prism_<sourceRegion> in the target database and returns how many it
 // terminated. After it returns, the origin is free (until someone takes
@@ -1060,13 +1057,9 @@ func (a *Applier) Fence(ctx context.Context, sourceRegion string) (int, error) {
 		default:
 			return killed, fmt.Errorf("apply fence %s: %w", sourceRegion, err)
 		}
-		m := busyPID.FindStringSubmatch(pgErr.Message)
-		if m == nil {
+		pid, found := OriginHolder(err)
+		if !found {
 			return killed, fmt.Errorf("apply fence %s: no PID in %q: %w", sourceRegion, pgErr.Message, ErrBusy)
-		}
-		pid, err := strconv.Atoi(m[1])
-		if err != nil {
-			return killed, fmt.Errorf("apply fence %s: %w", sourceRegion, err)
 		}
 		// A bootstrap's session holds the origin for a moment (in the
 		// target database, for the whole copy): it is waited for, not

@@ -3,6 +3,7 @@ package apply
 import (
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 
 	"github.com/jackc/pglogrepl"
@@ -93,6 +94,19 @@ func permanent(code, format string, args ...any) error {
 
 // classify returns the SQLSTATE of err (empty when the server did not
 // report one) and whether a retry may succeed.
+//
+// The rule, the same wherever prism-cdc decides whether to retry (here, in
+// the peers server and shipper through Temporary(), and when a node waits
+// for its database):
+//   - an error that knows says so: ErrBusy and the failures the applier
+//     finds itself here, Temporary() (which *Error offers) in peers;
+//   - an error the server reported with a SQLSTATE is retryable exactly
+//     when RetryableState lists the code;
+//   - any other error is retryable: it came from the connection, the
+//     context or the machine, not from the transaction, so the server's
+//     state is unknown, and replaying is safe because apply is idempotent.
+//     Calling it permanent would halt or park a transaction that may be
+//     fine.
 func classify(err error) (string, bool) {
 	if errors.Is(err, ErrBusy) {
 		return "55006", true
@@ -103,27 +117,65 @@ func classify(err error) (string, bool) {
 	}
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) {
-		return pgErr.Code, retryableCode(pgErr.Code)
+		return pgErr.Code, RetryableState(pgErr.Code)
 	}
-	// Anything else came from the connection: network failure, closed
-	// connection, cancelled context. The server state is unknown, and
-	// replaying is safe because apply is idempotent.
 	return "", true
 }
 
-func retryableCode(code string) bool {
+// RetryableState reports whether a Postgres condition, named by its
+// SQLSTATE, is transient: applying the same transaction again may
+// succeed. It is the one table of retryable conditions; every other
+// SQLSTATE is about the transaction or the schema and is permanent.
+func RetryableState(code string) bool {
 	switch code {
-	case "40001", // serialization_failure
-		"40P01",                   // deadlock_detected
-		"55006",                   // object_in_use: the origin is held by another session
-		"55P03",                   // lock_not_available
-		"57014",                   // query_canceled
-		"57P01", "57P02", "57P03", // admin shutdown, crash shutdown, cannot connect now
-		"25P03", // idle_in_transaction_session_timeout
+	case "25P03", // idle_in_transaction_session_timeout
+		"55006", // object_in_use: the origin is held by another session
+		"55P03", // lock_not_available
+		"57000", // operator_intervention
+		"57014", // query_canceled
+		"57P01", // admin_shutdown
+		"57P02", // crash_shutdown
+		"57P03", // cannot_connect_now
+		"57P05", // idle_session_timeout
+		"58000", // system_error
 		"58030": // io_error
 		return true
 	}
-	return strings.HasPrefix(code, "08") || strings.HasPrefix(code, "53")
+	if len(code) != 5 {
+		return false
+	}
+	switch code[:2] {
+	case "08", // connection_exception
+		"40", // transaction_rollback: serialization failure, deadlock, ...
+		"53": // insufficient_resources: disk full, out of memory, too many connections
+		return true
+	}
+	return false
+}
+
+// OriginHolder returns the process ID of the session that holds a
+// replication origin, from the error pg_replication_origin_session_setup
+// raises when the origin is busy (SQLSTATE 55006). PostgreSQL names the
+// holder only in the message ("... is already active for PID 1234"), so
+// the message is read for the number, never to classify the error.
+func OriginHolder(err error) (pid int, ok bool) {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) || pgErr.Code != "55006" {
+		return 0, false
+	}
+	i := strings.LastIndex(pgErr.Message, "PID ")
+	if i < 0 {
+		return 0, false
+	}
+	digits := pgErr.Message[i+len("PID "):]
+	if end := strings.IndexFunc(digits, func(r rune) bool { return r < '0' || r > '9' }); end >= 0 {
+		digits = digits[:end]
+	}
+	pid, perr := strconv.Atoi(digits)
+	if perr != nil || pid <= 0 {
+		return 0, false
+	}
+	return pid, true
 }
 
 func newError(txn *decode.Txn, table string, op decode.Op, err error) *Error {

@@ -122,6 +122,9 @@ type Reader struct {
 	// poked is signalled by Confirm for a loop that waits for the
 	// consumer instead of the server.
 	poked chan struct{}
+	// changed is closed when Stats().Streaming or Failed() changes; nil
+	// until Changed hands one out.
+	changed chan struct{}
 
 	// Owned by the loop goroutine.
 	lastQueued pglogrepl.LSN // EndLSN of the last Txn put into out: never queue one at or below it
@@ -203,6 +206,7 @@ func (r *Reader) ensureRunning() (chan struct{}, error) {
 		err := r.run(ctx)
 		r.mu.Lock()
 		r.loopErr = err
+		r.signalLocked()
 		r.mu.Unlock()
 	}()
 	return done, nil
@@ -259,7 +263,8 @@ func (r *Reader) reportDue() bool {
 // Failed returns the error the Reader stopped with for good (it wraps
 // ErrSlotLost, ErrPublicationMissing or another permanent cause), or nil
 // while it runs or can still run. A consumer blocked elsewhere (e.g. on a
-// full window) polls it, since it is not calling Next to learn of it.
+// full window) checks it when Changed fires, since it is not calling Next
+// to learn of it.
 func (r *Reader) Failed() error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -814,8 +819,32 @@ func (r *Reader) walData(s *streamState, xld pglogrepl.XLogData) error {
 
 func (r *Reader) setStreaming(on bool) {
 	r.mu.Lock()
-	r.stats.Streaming = on
+	if r.stats.Streaming != on {
+		r.stats.Streaming = on
+		r.signalLocked()
+	}
 	r.mu.Unlock()
+}
+
+// Changed returns a channel that is closed the next time the Reader
+// starts or stops streaming (Stats().Streaming) or stops for good
+// (Failed()). A consumer reads the state, then waits on the channel it
+// took before reading, so that it misses no change.
+func (r *Reader) Changed() <-chan struct{} {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.changed == nil {
+		r.changed = make(chan struct{})
+	}
+	return r.changed
+}
+
+// signalLocked wakes the waiters on Changed; r.mu is held.
+func (r *Reader) signalLocked() {
+	if r.changed != nil {
+		close(r.changed)
+		r.changed = nil
+	}
 }
 
 // admit counts a decoded transaction and returns it unless it is a resend

@@ -771,3 +771,36 @@ func TestReaderTextForm(t *testing.T) {
 		t.Errorf("Connect: row = %s, want %s", got, w)
 	}
 }
+
+// TestReaderSignalsChanges: the Reader tells a waiting consumer through
+// Changed when it starts streaming and when it stops, so the consumer
+// need not poll Stats.
+func TestReaderSignalsChanges(t *testing.T) {
+	c := pgtest.Start(t, pgtest.Options{Name: "changed"})
+	r := newTestReader(t, c, ReaderConfig{})
+	collect(t, r)
+	deadline := time.After(time.Minute)
+	for {
+		changed := r.Changed()
+		if r.Stats().Streaming {
+			break
+		}
+		select {
+		case <-changed:
+		case <-deadline:
+			t.Fatalf("Changed() not closed within a minute; Stats().Streaming = %v, want true", r.Stats().Streaming)
+		}
+	}
+	changed := r.Changed()
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-changed:
+	default:
+		t.Fatalf("Changed() still open after Close; Stats().Streaming = %v, want false", r.Stats().Streaming)
+	}
+	if r.Stats().Streaming {
+		t.Fatalf("Stats().Streaming = true after Close, want false")
+	}
+}

@@ -3,9 +3,7 @@ package peers
 import (
 	"context"
 	"errors"
-	"io"
 	"net"
-	"strings"
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -32,9 +30,10 @@ import (
 //
 // Errors are classified by the methods they (or an error they wrap) offer:
 // Temporary() bool says whether retrying can succeed, and SQLCode() string
-// names the Postgres condition (SQLSTATE). A *pgconn.PgError is classified by its code.
-// An error offering neither is treated as permanent, except network and
-// timeout errors.
+// names the Postgres condition (SQLSTATE). An error that does not offer
+// Temporary() is retried: an Applier reports a permanent failure (one that
+// halts the stream or goes to the on_apply_error policy) with Temporary()
+// false, as the apply package's *Error does.
 type Applier interface {
 	Apply(ctx context.Context, txn *decode.Txn) error
 	Progress(ctx context.Context, sourceRegion string) (pglogrepl.LSN, error)
@@ -69,7 +68,12 @@ type temporary interface{ Temporary() bool }
 type sqlStater interface{ SQLCode() string }
 
 // classify returns the SQLSTATE of an apply error (empty when unknown) and
-// whether retrying the same transaction can succeed.
+// whether retrying the same transaction can succeed. Whether to retry is
+// the error's own word (Temporary(), which the apply package derives from
+// its one table of retryable SQLSTATEs); an error that does not say is
+// retried, as apply treats a failure that is not the transaction's own:
+// replaying is safe because apply is idempotent, while calling it
+// permanent would halt at or park a transaction that may be fine.
 func classify(err error) (sqlstate string, retryable bool) {
 	var ss sqlStater
 	var pgErr *pgconn.PgError
@@ -79,41 +83,13 @@ func classify(err error) (sqlstate string, retryable bool) {
 	case errors.As(err, &pgErr):
 		sqlstate = pgErr.Code
 	}
+	// net.Error's Temporary is deprecated and says false for a refused
+	// or reset connection: those are not the transaction's failure.
 	var tmp temporary
 	if errors.As(err, &tmp) {
-		return sqlstate, tmp.Temporary()
+		if _, isNet := tmp.(net.Error); !isNet {
+			return sqlstate, tmp.Temporary()
+		}
 	}
-	if sqlstate != "" {
-		return sqlstate, retryableState(sqlstate)
-	}
-	var netErr net.Error
-	switch {
-	case errors.As(err, &netErr), errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
-		errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled),
-		pgconn.SafeToRetry(err), pgconn.Timeout(err):
-		return "", true
-	}
-	var connectErr *pgconn.ConnectError
-	if errors.As(err, &connectErr) {
-		return "", true
-	}
-	return "", false
-}
-
-// retryableState reports whether a Postgres condition is transient:
-// connection loss, serialization failure and deadlock, lock and object in
-// use, insufficient resources, operator intervention (shutdown), system
-// errors.
-func retryableState(s string) bool {
-	switch {
-	case strings.HasPrefix(s, "08"), // connection exception
-		strings.HasPrefix(s, "40"), // transaction rollback
-		strings.HasPrefix(s, "53"), // insufficient resources
-		strings.HasPrefix(s, "57"), // operator intervention
-		strings.HasPrefix(s, "58"), // system error
-		s == "55P03",               // lock not available
-		s == "55006":               // object in use (origin busy)
-		return true
-	}
-	return false
+	return sqlstate, true
 }

@@ -149,37 +149,8 @@ func (s *Server) handle(ctx context.Context, nc net.Conn) {
 	defer stop()
 	log := s.log.With().Str("remote", nc.RemoteAddr().String()).Logger()
 
-	if tc, ok := nc.(*tls.Conn); ok {
-		hctx, cancel := context.WithTimeout(ctx, s.cfg.HelloTimeout)
-		err := tc.HandshakeContext(hctx)
-		cancel()
-		if err != nil {
-			log.Warn().Err(err).Msg("peer rejected: tls handshake")
-			return
-		}
-	}
-	fc := newFrameConn(nc, s.cfg.MaxFrame)
-	ch, err := newChallenge()
-	if err != nil {
-		log.Error().Err(err).Msg("peer rejected: challenge")
-		return
-	}
-	if err := fc.write(s.cfg.HelloTimeout, ch); err != nil {
-		log.Warn().Err(err).Msg("peer rejected: send challenge")
-		return
-	}
-	f, err := fc.read(s.cfg.HelloTimeout)
-	if err != nil {
-		s.refuse(fc, log, nil, &reject{Reason: fmt.Sprintf("first frame: %v", err)})
-		return
-	}
-	h, ok := f.(*hello)
-	if !ok {
-		s.refuse(fc, log, nil, &reject{Reason: fmt.Sprintf("first frame is %T, not hello", f)})
-		return
-	}
-	if r := s.check(h, ch.Nonce[:]); r != nil {
-		s.refuse(fc, log, h, r)
+	fc, h := s.greet(ctx, nc, log)
+	if h == nil {
 		return
 	}
 	// refuse tags its line with the source itself: it gets the logger
@@ -208,17 +179,7 @@ func (s *Server) handle(ctx context.Context, nc net.Conn) {
 	}
 	defer s.release(h.Region, st)
 
-	if f, ok := s.app.(fencer); ok {
-		fctx, fcancel := context.WithTimeout(sctx, s.cfg.FenceTimeout)
-		n, err := f.Fence(fctx, h.Region)
-		fcancel()
-		switch {
-		case err != nil:
-			log.Warn().Err(err).Msg("fence previous origin holder")
-		case n > 0:
-			log.Warn().Int("sessions", n).Msg("fenced previous origin holder")
-		}
-	}
+	s.fence(sctx, h.Region, log)
 	pctx, pcancel := context.WithTimeout(sctx, s.cfg.HelloTimeout)
 	progress, err := s.app.Progress(pctx, h.Region)
 	pcancel()
@@ -242,6 +203,65 @@ func (s *Server) handle(ctx context.Context, nc net.Conn) {
 		r.Release(h.Region)
 	}
 	log.Info().AnErr("reason", err).Msg("peer disconnected")
+}
+
+// greet runs the handshake up to an accepted Hello: TLS when it is
+// configured, the challenge, the peer's Hello and its check. It returns a
+// nil Hello when the peer was refused (and logged).
+func (s *Server) greet(ctx context.Context, nc net.Conn, log zerolog.Logger) (*frameConn, *hello) {
+	if tc, ok := nc.(*tls.Conn); ok {
+		hctx, cancel := context.WithTimeout(ctx, s.cfg.HelloTimeout)
+		err := tc.HandshakeContext(hctx)
+		cancel()
+		if err != nil {
+			log.Warn().Err(err).Msg("peer rejected: tls handshake")
+			return nil, nil
+		}
+	}
+	fc := newFrameConn(nc, s.cfg.MaxFrame)
+	ch, err := newChallenge()
+	if err != nil {
+		log.Error().Err(err).Msg("peer rejected: challenge")
+		return nil, nil
+	}
+	if err := fc.write(s.cfg.HelloTimeout, ch); err != nil {
+		log.Warn().Err(err).Msg("peer rejected: send challenge")
+		return nil, nil
+	}
+	f, err := fc.read(s.cfg.HelloTimeout)
+	if err != nil {
+		s.refuse(fc, log, nil, &reject{Reason: fmt.Sprintf("first frame: %v", err)})
+		return nil, nil
+	}
+	h, ok := f.(*hello)
+	if !ok {
+		s.refuse(fc, log, nil, &reject{Reason: fmt.Sprintf("first frame is %T, not hello", f)})
+		return nil, nil
+	}
+	if r := s.check(h, ch.Nonce[:]); r != nil {
+		s.refuse(fc, log, h, r)
+		return nil, nil
+	}
+	return fc, h
+}
+
+// fence terminates a previous holder of region's origin (a frozen node
+// that may still apply) before this stream takes the region over, when
+// the applier can.
+func (s *Server) fence(ctx context.Context, region string, log zerolog.Logger) {
+	f, ok := s.app.(fencer)
+	if !ok {
+		return
+	}
+	fctx, cancel := context.WithTimeout(ctx, s.cfg.FenceTimeout)
+	n, err := f.Fence(fctx, region)
+	cancel()
+	switch {
+	case err != nil:
+		log.Warn().Err(err).Msg("fence previous origin holder")
+	case n > 0:
+		log.Warn().Int("sessions", n).Msg("fenced previous origin holder")
+	}
 }
 
 // check validates a Hello answering the challenge nonce and returns the
@@ -319,6 +339,11 @@ func (s *Server) release(region string, st *stream) {
 // ends. Order of duties per transaction: apply (commit, with the origin
 // advanced in the same database transaction), then Ack. After any Nack no
 // later transaction is applied on this connection.
+//
+// Three goroutines share the connection, all owned by stream: receive
+// reads frames, checks their order and queues the transactions;
+// keepAlive writes heartbeats; stream itself applies the queue and
+// writes the ACKs.
 func (s *Server) stream(ctx context.Context, fc *frameConn, region string, log zerolog.Logger) error {
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -328,189 +353,195 @@ func (s *Server) stream(ctx context.Context, fc *frameConn, region string, log z
 
 	queue := make(chan *queued, 2*s.cfg.MaxBatch)
 	wg.Add(2)
-	go func() { // reader; owned by stream, ends with the connection or ctx
+	go func() { // reader; ends with the connection or ctx
 		defer wg.Done()
 		defer close(queue)
-		var open *queued // the streamed transaction being received
-		var seen uint64  // its changes received so far
-		defer func() {
-			if open != nil {
-				open.err = fmt.Errorf("streamed transaction %s/%s cut off: %w", region, open.txn.EndLSN, context.Cause(ctx))
-				close(open.chunks)
-			}
-		}()
-		enqueue := func(q *queued) bool {
-			select {
-			case queue <- q:
-				return true
-			case <-ctx.Done():
-				return false
-			}
-		}
-		for {
-			f, err := fc.read(s.cfg.IdleTimeout)
-			if err != nil {
-				cancel(fmt.Errorf("read: %w", err))
-				return
-			}
-			switch f := f.(type) {
-			case *heartbeat:
-			case *undoneFrame:
-				s.undone(ctx, region, f, log)
-			case *txnFrame:
-				if f.Txn.Origin != region || open != nil {
-					cancel(fmt.Errorf("%w: txn of origin %q on a stream of %q, or inside a streamed transaction", errFrame, f.Txn.Origin, region))
-					return
-				}
-				if !enqueue(&queued{txn: f.Txn}) {
-					return
-				}
-			case *txnBegin:
-				if f.Txn.Origin != region || open != nil {
-					cancel(fmt.Errorf("%w: streamed txn of origin %q on a stream of %q, or inside another", errFrame, f.Txn.Origin, region))
-					return
-				}
-				open, seen = &queued{txn: f.Txn, count: f.Count, chunks: make(chan []decode.Change, 2)}, 0
-				if !enqueue(open) {
-					return
-				}
-			case *txnChunk:
-				if open == nil || seen+uint64(len(f.Changes)) > open.count {
-					cancel(fmt.Errorf("%w: chunk outside a streamed transaction or beyond its count", errFrame))
-					return
-				}
-				seen += uint64(len(f.Changes))
-				select {
-				case open.chunks <- f.Changes:
-				case <-ctx.Done():
-					return
-				}
-			case *txnEnd:
-				if open == nil || f.LSN != open.txn.EndLSN || seen != open.count {
-					cancel(fmt.Errorf("%w: end of a streamed transaction that is not open or incomplete", errFrame))
-					return
-				}
-				close(open.chunks)
-				open = nil
-			default:
-				cancel(fmt.Errorf("%w: unexpected %T", errFrame, f))
-				return
-			}
-		}
+		s.receive(ctx, cancel, fc, region, queue, log)
 	}()
-	go func() { // heartbeats; owned by stream
+	go func() { // heartbeats; end with ctx
 		defer wg.Done()
-		t := time.NewTicker(s.cfg.Heartbeat)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
-				if err := fc.write(s.cfg.IdleTimeout, &heartbeat{}); err != nil {
-					cancel(fmt.Errorf("write heartbeat: %w", err))
-					return
-				}
-			}
+		if err := keepAlive(ctx, fc, s.cfg.Heartbeat, s.cfg.IdleTimeout, nil); err != nil {
+			cancel(fmt.Errorf("write heartbeat: %w", err))
 		}
 	}()
-	batcher, _ := s.app.(batchApplier)
+	cancel(s.applyQueue(ctx, fc, queue, log))
+	return context.Cause(ctx)
+}
+
+// receive reads frames until the connection or ctx ends, then stops the
+// stream with why, and only then cuts off a streamed transaction it was
+// receiving: its applier sees the stream stopped, not a failure of the
+// transaction.
+func (s *Server) receive(ctx context.Context, cancel context.CancelCauseFunc, fc *frameConn, region string, queue chan<- *queued, log zerolog.Logger) {
+	open, err := s.readFrames(ctx, fc, region, queue, log)
+	cancel(err)
+	if open != nil {
+		open.err = fmt.Errorf("streamed transaction %s/%s cut off: %w", region, open.txn.EndLSN, context.Cause(ctx))
+		close(open.chunks)
+	}
+}
+
+// readFrames checks the order of the frames it reads and hands the
+// transactions to queue: one in memory as it is, a streamed one at its
+// TxnBegin, its changes following on its chunks. It returns why it
+// stopped and the streamed transaction open then, if any.
+func (s *Server) readFrames(ctx context.Context, fc *frameConn, region string, queue chan<- *queued, log zerolog.Logger) (open *queued, err error) {
+	order := frameOrder{region: region}
+	enqueue := func(q *queued) error {
+		select {
+		case queue <- q:
+			return nil
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		}
+	}
+	for {
+		f, err := fc.read(s.cfg.IdleTimeout)
+		if err != nil {
+			return open, fmt.Errorf("read: %w", err)
+		}
+		if order, err = order.next(f); err != nil {
+			return open, err
+		}
+		switch f := f.(type) {
+		case *undoneFrame:
+			s.undone(ctx, region, f, log)
+		case *txnFrame:
+			err = enqueue(&queued{txn: f.Txn})
+		case *txnBegin:
+			open = &queued{txn: f.Txn, count: f.Count, chunks: make(chan []decode.Change, 2)}
+			err = enqueue(open)
+		case *txnChunk:
+			select {
+			case open.chunks <- f.Changes:
+			case <-ctx.Done():
+				err = context.Cause(ctx)
+			}
+		case *txnEnd:
+			close(open.chunks)
+			open = nil
+		}
+		if err != nil {
+			return open, err
+		}
+	}
+}
+
+// applyQueue applies the queued transactions in order until the queue
+// closes: those in memory in batches, a streamed one alone. After a Nack
+// it drains the queue (the shipper decides what comes next). It returns
+// a failure of the connection; otherwise ctx's cause once the queue is
+// closed.
+func (s *Server) applyQueue(ctx context.Context, fc *frameConn, queue <-chan *queued, log zerolog.Logger) error {
+	_, batches := s.app.(batchApplier)
 	halted := false
 	batch := make([]*decode.Txn, 0, s.cfg.MaxBatch)
-	var carry *queued // a streamed transaction that ended a batch
 	for q := range queue {
 		if halted {
-			q.drain() // the shipper decides; drain until it goes away
+			q.drain()
 			continue
 		}
-		if q.chunks != nil {
-			carry = q
-		} else {
-			batch = append(batch[:0], q.txn)
+		var carry *queued // a streamed transaction that ended the batch
+		batch, carry = gather(queue, q, batch[:0], batches, s.cfg.MaxBatch)
+		h, err := s.applyBatch(ctx, fc, batch, log)
+		if err != nil {
+			return err
 		}
-	more:
-		for carry == nil && batcher != nil && len(batch) < s.cfg.MaxBatch {
-			select {
-			case t, ok := <-queue:
-				if !ok {
-					break more
-				}
-				if t.chunks != nil {
-					carry = t
-					break more
-				}
-				batch = append(batch, t.txn)
-			default:
-				break more
-			}
+		halted = h
+		if carry == nil {
+			continue
 		}
-		for len(batch) > 0 && !halted {
-			var n int
-			var err error
-			if batcher != nil && len(batch) > 1 {
-				n, err = batcher.ApplyBatch(ctx, batch)
-				n = max(0, min(n, len(batch)))
-			} else if err = s.app.Apply(ctx, batch[0]); err == nil {
-				n = 1
-			}
-			if err == nil {
-				n = len(batch)
-			}
-			var frames []any
-			if n > 0 {
-				frames = append(frames, &ack{LSN: batch[n-1].EndLSN})
-			}
-			rest := batch[:0]
-			if err != nil {
-				if ctx.Err() != nil {
-					return context.Cause(ctx)
-				}
-				failed := batch[min(n, len(batch)-1)]
-				if act, ok := s.resolve(ctx, failed, err, log); ok {
-					// Parked durably: acknowledge it and go on with the rest.
-					frames = append(frames, &ack{LSN: failed.EndLSN})
-					if act == ActionUndo {
-						state, _ := classify(err)
-						frames = append(frames, &undoFrame{Txn: failed, SQLState: state, Message: describeFailure(failed, err)})
-					}
-					rest = batch[min(n+1, len(batch)):]
-				} else {
-					state, retryable := classify(err)
-					ev := log.Warn()
-					if !retryable {
-						ev = log.Error()
-					}
-					msg := describeFailure(failed, err)
-					ev.Str("error", msg).Stringer("lsn", failed.EndLSN).Uint32("xid", failed.Xid).Str("sqlstate", state).
-						Bool("retryable", retryable).Msg("apply failed; stream stopped")
-					frames = append(frames, &nack{LSN: failed.EndLSN, SQLState: state, Message: msg, Retryable: retryable})
-					halted = true
-				}
-			}
-			if len(frames) > 0 {
-				if werr := fc.write(s.cfg.IdleTimeout, frames...); werr != nil {
-					cancel(fmt.Errorf("write ack: %w", werr))
-					return context.Cause(ctx)
-				}
-			}
-			batch = rest
+		if halted {
+			carry.drain()
+			continue
 		}
-		batch = batch[:0]
-		if carry != nil {
-			q := carry
-			carry = nil
-			if halted {
-				q.drain()
-				continue
-			}
-			h, err := s.applyStreamed(ctx, fc, q, log)
-			if err != nil {
-				return err
-			}
-			halted = h
+		if halted, err = s.applyStreamed(ctx, fc, carry, log); err != nil {
+			return err
 		}
 	}
 	return context.Cause(ctx)
+}
+
+// gather starts a batch with q and, when the applier takes batches, adds
+// the transactions already queued behind it, up to limit. A streamed
+// transaction ends the batch and is returned as carry, to be applied after
+// it (q itself when it is streamed, with an empty batch).
+func gather(queue <-chan *queued, q *queued, batch []*decode.Txn, batches bool, limit int) ([]*decode.Txn, *queued) {
+	if q.chunks != nil {
+		return batch, q
+	}
+	batch = append(batch, q.txn)
+	for batches && len(batch) < limit {
+		select {
+		case t, ok := <-queue:
+			if !ok {
+				return batch, nil
+			}
+			if t.chunks != nil {
+				return batch, t
+			}
+			batch = append(batch, t.txn)
+		default:
+			return batch, nil
+		}
+	}
+	return batch, nil
+}
+
+// applyBatch applies batch in order and acknowledges what is durable. A
+// transaction that fails goes to the error policy: parked, it is
+// acknowledged too and the rest follow; otherwise it is nacked and
+// applyBatch reports that the stream halted.
+func (s *Server) applyBatch(ctx context.Context, fc *frameConn, batch []*decode.Txn, log zerolog.Logger) (halted bool, err error) {
+	for len(batch) > 0 && !halted {
+		n, aerr := applyTxns(ctx, s.app, batch)
+		var frames []any
+		if n > 0 {
+			frames = append(frames, &ack{LSN: batch[n-1].EndLSN})
+		}
+		rest := batch[:0]
+		if aerr != nil {
+			if ctx.Err() != nil {
+				return false, context.Cause(ctx)
+			}
+			var answer []any
+			answer, halted = s.failed(ctx, batch[n], aerr, log)
+			frames = append(frames, answer...)
+			if !halted {
+				rest = batch[n+1:]
+			}
+		}
+		if len(frames) > 0 {
+			if werr := fc.write(s.cfg.IdleTimeout, frames...); werr != nil {
+				return false, fmt.Errorf("write ack: %w", werr)
+			}
+		}
+		batch = rest
+	}
+	return halted, nil
+}
+
+// failed decides what to answer for a transaction that failed with err:
+// an ACK (and an undo request under the undo policy) when the error
+// policy parked it, else a NACK, and then the stream halts.
+func (s *Server) failed(ctx context.Context, txn *decode.Txn, err error, log zerolog.Logger) (frames []any, halted bool) {
+	state, retryable := classify(err)
+	if act, ok := s.resolve(ctx, txn, err, log); ok {
+		// Parked durably: acknowledge it and go on with the rest.
+		frames = append(frames, &ack{LSN: txn.EndLSN})
+		if act == ActionUndo {
+			frames = append(frames, &undoFrame{Txn: txn, SQLState: state, Message: describeFailure(txn, err)})
+		}
+		return frames, false
+	}
+	ev := log.Warn()
+	if !retryable {
+		ev = log.Error()
+	}
+	msg := describeFailure(txn, err)
+	ev.Str("error", msg).Stringer("lsn", txn.EndLSN).Uint32("xid", txn.Xid).Str("sqlstate", state).
+		Bool("retryable", retryable).Msg("apply failed; stream stopped")
+	return append(frames, &nack{LSN: txn.EndLSN, SQLState: state, Message: msg, Retryable: retryable}), true
 }
 
 // queued is one transaction on its way from a connection's reader to its

@@ -617,6 +617,12 @@ func (s *Shipper) probeNodes(ctx context.Context, cancel context.CancelCauseFunc
 // session carries the window over node i until the connection fails, the
 // receiver nacks, a preferred node answers again, or ctx is done. It
 // reports whether any transaction was acknowledged.
+//
+// Its goroutines, all owned by session and stopped through ctx (which
+// also closes the connection): readAcks takes the receiver's frames,
+// writeWindow sends the unacknowledged transactions, keepAlive sends
+// heartbeats while the writer is idle, and session itself watches that
+// the receiver is heard within AckTimeout.
 func (s *Shipper) session(ctx context.Context, i int) (progressed bool, err error) {
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -634,10 +640,39 @@ func (s *Shipper) session(ctx context.Context, i int) (progressed bool, err erro
 	stop := context.AfterFunc(ctx, func() { fc.close() })
 	defer stop()
 	defer fc.close()
+	progressed = s.connected(i, w)
 	name := s.cfg.Nodes[i].Name
-	if n := s.ackUpTo(w.Progress); n > 0 {
-		progressed = true
-	}
+
+	var heard atomic.Int64
+	heard.Store(time.Now().UnixNano())
+	var acked, idle atomic.Bool
+	wg.Add(3)
+	go func() { // reader
+		defer wg.Done()
+		cancel(s.readAcks(ctx, fc, name, &heard, &acked))
+	}()
+	go func() { // writer
+		defer wg.Done()
+		if err := s.writeWindow(ctx, fc, name, w.Progress, &idle); err != nil {
+			cancel(err)
+		}
+	}()
+	go func() { // heartbeats
+		defer wg.Done()
+		if err := keepAlive(ctx, fc, s.cfg.Heartbeat, s.cfg.WriteTimeout, idle.Load); err != nil {
+			cancel(fmt.Errorf("write %s: %w", name, err))
+		}
+	}()
+	s.watchAcks(ctx, cancel, name, &heard)
+	return progressed || acked.Load(), context.Cause(ctx)
+}
+
+// connected records a session's start on node i, whose welcome w reports
+// the progress the receiver has durable, and reports whether that
+// acknowledged anything.
+func (s *Shipper) connected(i int, w *welcome) (progressed bool) {
+	name := s.cfg.Nodes[i].Name
+	progressed = s.ackUpTo(w.Progress) > 0
 	s.setPath(name)
 	if i == 0 {
 		// The preferred node carries the traffic: earlier failures are
@@ -645,108 +680,110 @@ func (s *Shipper) session(ctx context.Context, i int) (progressed bool, err erro
 		s.clearError()
 	}
 	s.log.Info().Str("peer", name).Stringer("progress", w.Progress).Msg("connected")
+	return progressed
+}
 
-	var heard atomic.Int64
-	heard.Store(time.Now().UnixNano())
-	var acked atomic.Bool
-	wg.Add(2)
-	go func() { // reader; owned by session
-		defer wg.Done()
-		for {
-			f, err := fc.read(s.cfg.ReadTimeout)
-			if err != nil {
-				cancel(fmt.Errorf("read %s: %w", name, err))
-				return
+// readAcks reads the receiver's frames until the connection fails or
+// the receiver nacks, noting when it was last heard and whether an ACK
+// advanced the window. It returns why it stopped: a *haltError for a
+// permanent NACK.
+func (s *Shipper) readAcks(ctx context.Context, fc *frameConn, name string, heard *atomic.Int64, acked *atomic.Bool) error {
+	for {
+		f, err := fc.read(s.cfg.ReadTimeout)
+		if err != nil {
+			return fmt.Errorf("read %s: %w", name, err)
+		}
+		heard.Store(time.Now().UnixNano())
+		switch f := f.(type) {
+		case *heartbeat:
+		case *ack:
+			if s.ackUpTo(f.LSN) > 0 {
+				acked.Store(true)
 			}
-			heard.Store(time.Now().UnixNano())
-			switch f := f.(type) {
-			case *heartbeat:
-			case *ack:
-				if s.ackUpTo(f.LSN) > 0 {
-					acked.Store(true)
-				}
-			case *undoFrame:
-				if err := s.undoRequested(ctx, fc, f); err != nil {
-					cancel(fmt.Errorf("write %s: %w", name, err))
-					return
-				}
-			case *nack:
-				if f.Retryable {
-					cancel(fmt.Errorf("node %s: apply %s/%s: %s %s", name, s.cfg.SourceRegion, f.LSN, f.SQLState, f.Message))
-				} else {
-					cancel(&haltError{LSN: f.LSN, SQLState: f.SQLState, Message: f.Message})
-				}
-				return
-			default:
-				cancel(fmt.Errorf("read %s: %w: unexpected %T", name, errFrame, f))
-				return
+		case *undoFrame:
+			if err := s.undoRequested(ctx, fc, f); err != nil {
+				return fmt.Errorf("write %s: %w", name, err)
+			}
+		case *nack:
+			if f.Retryable {
+				return fmt.Errorf("node %s: apply %s/%s: %s %s", name, s.cfg.SourceRegion, f.LSN, f.SQLState, f.Message)
+			}
+			return &haltError{LSN: f.LSN, SQLState: f.SQLState, Message: f.Message}
+		default:
+			return fmt.Errorf("read %s: %w: unexpected %T", name, errFrame, f)
+		}
+	}
+}
+
+// writeWindow sends the transactions after cursor as they come, until ctx
+// is done (then it returns nil) or a write fails. idle is true while it
+// waits for more.
+func (s *Shipper) writeWindow(ctx context.Context, fc *frameConn, name string, cursor pglogrepl.LSN, idle *atomic.Bool) error {
+	for {
+		txns, changed := s.unsent(cursor, 64)
+		if len(txns) == 0 {
+			idle.Store(true)
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-changed:
+			}
+			idle.Store(false)
+			continue
+		}
+		var err error
+		if cursor, err = s.writeTxns(fc, name, txns, cursor); err != nil {
+			return err
+		}
+	}
+}
+
+// writeTxns sends txns, those in memory in batches of frames and a
+// spilled one streamed in chunks, and returns the end LSN of the last one
+// sent. A transaction that cannot be sent (too large a frame, an
+// unreadable spill file) halts the shipper at it.
+func (s *Shipper) writeTxns(fc *frameConn, name string, txns []*decode.Txn, cursor pglogrepl.LSN) (pglogrepl.LSN, error) {
+	for len(txns) > 0 {
+		var frames []any
+		for len(txns) > 0 && txns[0].Spill == nil {
+			frames = append(frames, &txnFrame{Txn: txns[0]})
+			txns = txns[1:]
+		}
+		var err error
+		var at pglogrepl.LSN
+		if len(frames) > 0 {
+			at = frames[0].(*txnFrame).Txn.EndLSN
+			if err = fc.write(0, frames...); err == nil {
+				cursor = frames[len(frames)-1].(*txnFrame).Txn.EndLSN
+			}
+		} else {
+			at = txns[0].EndLSN
+			if err = s.streamTxn(fc, txns[0]); err == nil {
+				cursor = txns[0].EndLSN
+				txns = txns[1:]
 			}
 		}
-	}()
-	go func() { // writer; owned by session
-		defer wg.Done()
-		cursor := w.Progress
-		hb := time.NewTicker(s.cfg.Heartbeat)
-		defer hb.Stop()
-		for {
-			txns, changed := s.unsent(cursor, 64)
-			if len(txns) == 0 {
-				select {
-				case <-ctx.Done():
-					return
-				case <-changed:
-				case <-hb.C:
-					if err := fc.write(s.cfg.WriteTimeout, &heartbeat{}); err != nil {
-						cancel(fmt.Errorf("write %s: %w", name, err))
-						return
-					}
-				}
-				continue
-			}
-			// Transactions in memory go in batches of frames; a spilled
-			// one is streamed in chunks.
-			for len(txns) > 0 {
-				var frames []any
-				for len(txns) > 0 && txns[0].Spill == nil {
-					frames = append(frames, &txnFrame{Txn: txns[0]})
-					txns = txns[1:]
-				}
-				var err error
-				var at pglogrepl.LSN
-				if len(frames) > 0 {
-					at = frames[0].(*txnFrame).Txn.EndLSN
-					if err = fc.write(0, frames...); err == nil {
-						cursor = frames[len(frames)-1].(*txnFrame).Txn.EndLSN
-					}
-				} else {
-					at = txns[0].EndLSN
-					if err = s.streamTxn(fc, txns[0]); err == nil {
-						cursor = txns[0].EndLSN
-						txns = txns[1:]
-					}
-				}
-				var se *spillError
-				switch {
-				case err == nil:
-					continue
-				case errors.Is(err, errTooLarge):
-					cancel(&haltError{LSN: at, SQLState: "", Message: err.Error()})
-				case errors.As(err, &se):
-					cancel(&haltError{LSN: at, SQLState: "", Message: err.Error()})
-				default:
-					cancel(fmt.Errorf("write %s: %w", name, err))
-				}
-				return
-			}
+		var se *spillError
+		switch {
+		case err == nil:
+		case errors.Is(err, errTooLarge), errors.As(err, &se):
+			return cursor, &haltError{LSN: at, SQLState: "", Message: err.Error()}
+		default:
+			return cursor, fmt.Errorf("write %s: %w", name, err)
 		}
-	}()
+	}
+	return cursor, nil
+}
 
+// watchAcks cancels the session when the receiver has not been heard
+// within AckTimeout, and returns when ctx is done.
+func (s *Shipper) watchAcks(ctx context.Context, cancel context.CancelCauseFunc, name string, heard *atomic.Int64) {
 	tick := time.NewTicker(max(s.cfg.AckTimeout/8, time.Millisecond))
 	defer tick.Stop()
 	for {
 		select {
 		case <-ctx.Done():
-			return progressed || acked.Load(), context.Cause(ctx)
+			return
 		case <-tick.C:
 			if s.overdue(time.Unix(0, heard.Load())) {
 				cancel(fmt.Errorf("node %s: no ack within %s", name, s.cfg.AckTimeout))
