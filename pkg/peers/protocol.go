@@ -431,7 +431,12 @@ func decodeFrameWith(p []byte, rels *decode.Relations) (any, error) {
 	case frameReject:
 		r := &reject{Reason: d.str("reason")}
 		if d.err == nil && len(d.b) > 0 {
-			r.Code = rejectCode(d.u8("code"))
+			// An unspecified refusal is written without a code (as a
+			// node of protocol 3 writes every refusal), so each reject
+			// has one encoding.
+			if r.Code = rejectCode(d.u8("code")); r.Code == rejectUnspecified {
+				d.fail("reject code 0: an unspecified refusal carries no code")
+			}
 		}
 		f = r
 	case frameAck:
