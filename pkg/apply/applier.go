@@ -680,9 +680,34 @@ func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.
 		return 0, a.fail(s, txns[0], "", 0, err)
 	}
 	p.durable(-1)
-	for i := range txns {
+	// rows: the transactions before it failed as a batch and are applied
+	// one by one.
+	rows := 0
+	for i := 0; i < len(txns); {
 		if p.skip[i] {
+			i++
 			continue
+		}
+		if i >= rows {
+			run := i + 1
+			for run < len(txns) && !p.skip[run] {
+				run++
+			}
+			if bp, n := a.plan(ctx, s.conn.Conn(), txns[i:run]); n > 1 {
+				// Queued transactions commit before the batch.
+				if err := p.send(ctx, false); err != nil {
+					return p.committed, err
+				}
+				ok, err := p.batch(ctx, i, i+n, bp)
+				if err != nil {
+					return p.committed, err
+				}
+				if ok {
+					i += n
+					continue
+				}
+				rows = i + n
+			}
 		}
 		err := p.queue(ctx, i)
 		var be *buildError
@@ -692,6 +717,7 @@ func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.
 		if err != nil {
 			return p.committed, err
 		}
+		i++
 	}
 	if err := p.send(ctx, true); err != nil {
 		return p.committed, err
