@@ -99,3 +99,59 @@ func TestCopiedRowsKeepCommitTimes(t *testing.T) {
 		}
 	}
 }
+
+// TestCopiedRowsKeepBatchStamps: rows that one target transaction applied
+// for several source transactions (a batch) carry their own source commit
+// times in prism.row_stamps, not the batch's; the copy gives each row its
+// own, so a later write is decided the same way in the new region.
+func TestCopiedRowsKeepBatchStamps(t *testing.T) {
+	ctx := context.Background()
+	na := pgtest.Start(t, pgtest.Options{Name: "lwwb-na"})
+	as := pgtest.Start(t, pgtest.Options{Name: "lwwb-as"})
+	for _, c := range []*pgtest.Cluster{na, as} {
+		if err := c.CreateDatabase(ctx, "app"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := na.Exec(ctx, "app", `CREATE TABLE kv (id int PRIMARY KEY, v text NOT NULL);
+		INSERT INTO kv VALUES (1, 'na-1'), (2, 'na-2');
+		CREATE PUBLICATION prism FOR ALL TABLES`); err != nil {
+		t.Fatal(err)
+	}
+	kv := &decode.Relation{ID: 1, Schema: "public", Table: "kv", ReplicaIdentity: decode.IdentityDefault, Columns: []decode.Column{
+		{Name: "id", TypeOID: 23, TypeName: "int4", TypeMod: -1, Key: true},
+		{Name: "v", TypeOID: 25, TypeName: "text", TypeMod: -1},
+	}}
+	at := time.Now().Add(time.Hour).Truncate(time.Microsecond)
+	update := func(lsn pglogrepl.LSN, at time.Time, id, v string) *decode.Txn {
+		return &decode.Txn{Origin: "eu", CommitLSN: lsn - 8, EndLSN: lsn, CommitTime: at, Changes: []decode.Change{{
+			Op: decode.OpUpdate, Rel: kv,
+			New: []decode.Value{{Kind: decode.ValueText, Data: []byte(id)}, {Kind: decode.ValueText, Data: []byte(v)}},
+		}}}
+	}
+	pool, err := pgxpool.New(ctx, na.DSN("app"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := apply.NewApplier(pool, zerolog.Nop(), apply.WithLocalRegion("na"))
+	n, err := a.ApplyBatch(ctx, []*decode.Txn{update(0x1000, at, "1", "eu-1"), update(0x2000, at.Add(time.Second), "2", "eu-2")})
+	a.Close()
+	pool.Close()
+	if n != 2 || err != nil {
+		t.Fatalf("ApplyBatch = %d, %v", n, err)
+	}
+	if got := query[int64](t, na, "SELECT count(DISTINCT xmin::text) FROM kv"); got != 1 {
+		t.Fatalf("the batch wrote kv in %d target transactions, want 1", got)
+	}
+	if _, err := bootstrap.Run(ctx, bootstrap.Config{
+		Region: "as", DSN: as.DSN("app"), Source: "na",
+		Peers: []bootstrap.Peer{{Region: "na", DSN: na.DSN("app")}, {Region: "eu"}},
+	}, zerolog.Nop()); err != nil {
+		t.Fatal(err)
+	}
+	for id, want := range map[int]time.Time{1: at, 2: at.Add(time.Second)} {
+		if got := query[time.Time](t, as, "SELECT pg_xact_commit_timestamp(xmin) FROM kv WHERE id = $1", id); !got.Equal(want) {
+			t.Errorf("copied row %d's commit time = %s, want its source transaction's %s", id, got, want)
+		}
+	}
+}

@@ -16,6 +16,10 @@ type table struct {
 	columns     []string // copied columns: not dropped, not generated, not excluded by the scope
 	size        int64    // bytes on the source, to copy the largest first
 	where       string   // the target's row filter on alias t, or ""
+	// keys are the key columns (primary key or replica identity index)
+	// when the source has prism.row_stamps: a version that a batch
+	// applied there has its stamp in that table, not in its commit time.
+	keys []string
 }
 
 func (t *table) name() string  { return t.schema + "." + t.rel }
@@ -40,10 +44,23 @@ func (t *table) sourceQuery() string {
 	if t.where != "" {
 		where = " WHERE " + t.where
 	}
-	return fmt.Sprintf(`COPY (SELECT c.timestamp, o.roname, %s FROM ONLY %s t
+	if len(t.keys) == 0 {
+		return fmt.Sprintf(`COPY (SELECT c.timestamp, o.roname, %s FROM ONLY %s t
 	LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) c ON true
 	LEFT JOIN pg_catalog.pg_replication_origin o ON o.roident = c.roident AND c.roident <> 0%s) TO STDOUT (FORMAT binary)`,
-		strings.Join(cols, ", "), t.ident(), where)
+			strings.Join(cols, ", "), t.ident(), where)
+	}
+	names := make([]string, len(t.keys))
+	vals := make([]string, len(t.keys))
+	for i, k := range t.keys {
+		names[i] = "'" + strings.ReplaceAll(k, "'", "''") + "'"
+		vals[i] = "t." + pgx.Identifier{k}.Sanitize() + "::text"
+	}
+	return fmt.Sprintf(`COPY (SELECT coalesce(s.ts, c.timestamp), o.roname, %s FROM ONLY %s t
+	LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) c ON true
+	LEFT JOIN pg_catalog.pg_replication_origin o ON o.roident = c.roident AND c.roident <> 0
+	LEFT JOIN prism.row_stamps s ON s.table_name = '%s' AND s.key = jsonb_object(ARRAY[%s]::text[], ARRAY[%s]::text[]) AND s.xact = t.xmin%s) TO STDOUT (FORMAT binary)`,
+		strings.Join(cols, ", "), t.ident(), strings.ReplaceAll(t.name(), "'", "''"), strings.Join(names, ", "), strings.Join(vals, ", "), where)
 }
 
 // insertSQL inserts one copied row.
@@ -69,7 +86,10 @@ func publishedTables(ctx context.Context, conn *pgx.Conn, pub string) ([]*table,
 	rows, err := conn.Query(ctx, `SELECT n.nspname, c.relname, pg_table_size(c.oid),
 		c.relreplident = 'f' OR EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND (i.indisprimary OR i.indisreplident)),
 		array(SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0
-			AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum)
+			AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum),
+		array(SELECT a.attname::text FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+			WHERE to_regclass('prism.row_stamps') IS NOT NULL AND i.indrelid = c.oid AND c.relreplident IN ('d', 'i')
+			AND CASE WHEN c.relreplident = 'i' THEN i.indisreplident ELSE i.indisprimary END ORDER BY a.attnum)
 		FROM pg_publication_tables p
 		JOIN pg_namespace n ON n.nspname = p.schemaname
 		JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename
@@ -84,7 +104,7 @@ func publishedTables(ctx context.Context, conn *pgx.Conn, pub string) ([]*table,
 	for rows.Next() {
 		t := &table{}
 		var keyed bool
-		if err := rows.Scan(&t.schema, &t.rel, &t.size, &keyed, &t.columns); err != nil {
+		if err := rows.Scan(&t.schema, &t.rel, &t.size, &keyed, &t.columns, &t.keys); err != nil {
 			return nil, fmt.Errorf("list tables of publication %s: %w", pub, err)
 		}
 		if !keyed {

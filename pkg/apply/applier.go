@@ -364,12 +364,33 @@ type session struct {
 	timer    *time.Timer // releases the idle session
 }
 
+// holdSessionSQL sets up a session that applies one source region's
+// transactions; $1 is its application_name. Besides synchronous_commit
+// (see barrierSQL), idle_in_transaction_session_timeout and
+// session_replication_role (applied rows fire no ordinary triggers, as
+// in PostgreSQL's own apply worker), it pins the planner to what apply
+// statements need: they are prepared once per connection and run with
+// new values of the same kind for every row, so plan_cache_mode =
+// force_generic_plan plans each once instead of five custom plans
+// first (and a cost comparison per execution after that), and jit = off
+// keeps a plan whose estimate crosses jit_above_cost (a table without
+// statistics, a REPLICA IDENTITY FULL scan) from compiling code to
+// change one row.
+const holdSessionSQL = `SELECT set_config('application_name', $1, false), set_config('synchronous_commit', 'off', false),
+	set_config('idle_in_transaction_session_timeout', '10s', false), set_config('session_replication_role', 'replica', false),
+	set_config('plan_cache_mode', 'force_generic_plan', false), set_config('jit', 'off', false)`
+
+// resetSessionSQL undoes holdSessionSQL before a connection returns to
+// the pool.
+const resetSessionSQL = "RESET synchronous_commit; RESET idle_in_transaction_session_timeout; RESET application_name; " +
+	"RESET session_replication_role; RESET plan_cache_mode; RESET jit"
+
 func (s *session) release() {
 	if !s.broken && !s.conn.Conn().PgConn().IsClosed() {
 		// hold set these for the session; the pool's other users (dead
 		// letters, undo, Progress) must commit durably again.
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		if _, err := s.conn.Conn().PgConn().Exec(ctx, "RESET synchronous_commit; RESET idle_in_transaction_session_timeout; RESET application_name; RESET session_replication_role").ReadAll(); err != nil {
+		if _, err := s.conn.Conn().PgConn().Exec(ctx, resetSessionSQL).ReadAll(); err != nil {
 			s.broken = true
 		}
 		cancel()
@@ -396,9 +417,7 @@ func (s *session) hold(ctx context.Context, source string) (pglogrepl.LSN, error
 	pc := s.conn.Conn().PgConn()
 	for attempt := 0; ; attempt++ {
 		b := &pgconn.Batch{}
-		b.ExecParams(`SELECT set_config('application_name', $1, false), set_config('synchronous_commit', 'off', false),
-			set_config('idle_in_transaction_session_timeout', '10s', false), set_config('session_replication_role', 'replica', false)`,
-			[][]byte{[]byte(s.a.appName + "_" + source)}, nil, nil, nil)
+		b.ExecParams(holdSessionSQL, [][]byte{[]byte(s.a.appName + "_" + source)}, nil, nil, nil)
 		b.ExecParams("SELECT pg_replication_origin_session_setup($1)", [][]byte{[]byte(s.origin)}, nil, nil, nil)
 		b.ExecParams("SELECT pg_replication_origin_session_progress(true)::text", nil, nil, nil, nil)
 		res, err := pc.ExecBatch(ctx, b).ReadAll()
@@ -653,9 +672,34 @@ func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.
 		return 0, a.fail(s, txns[0], "", 0, err)
 	}
 	p.durable(-1)
-	for i := range txns {
+	// rows: the transactions before it failed as a batch and are applied
+	// one by one.
+	rows := 0
+	for i := 0; i < len(txns); {
 		if p.skip[i] {
+			i++
 			continue
+		}
+		if i >= rows {
+			run := i + 1
+			for run < len(txns) && !p.skip[run] {
+				run++
+			}
+			if bp, n := a.plan(ctx, s.conn.Conn(), txns[i:run]); n > 1 {
+				// Queued transactions commit before the batch.
+				if err := p.send(ctx, false); err != nil {
+					return p.committed, err
+				}
+				ok, err := p.batch(ctx, i, i+n, bp)
+				if err != nil {
+					return p.committed, err
+				}
+				if ok {
+					i += n
+					continue
+				}
+				rows = i + n
+			}
 		}
 		err := p.queue(ctx, i)
 		var be *buildError
@@ -665,6 +709,7 @@ func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.
 		if err != nil {
 			return p.committed, err
 		}
+		i++
 	}
 	if err := p.send(ctx, true); err != nil {
 		return p.committed, err

@@ -197,6 +197,115 @@ func BenchmarkApplyCost(b *testing.B) {
 			}
 		}
 	}
+	// applyArray applies each pipeline of 100 transactions as ONE target
+	// transaction with one array statement per table and operation,
+	// keeping the last version of a key (no conflict checks): what batch
+	// apply could cost at best. With stamps, every statement also upserts
+	// each row's source commit time into a per-row stamp table, which a
+	// batch needs to keep conflict stamps exact (see docs/performance.md).
+	arraySQL := []string{
+		"UPDATE pgbench_accounts x SET bid = u.bid, abalance = u.abalance, filler = u.filler FROM unnest($1::int[], $2::int[], $3::int[], $4::bpchar[]) AS u(aid, bid, abalance, filler) WHERE x.aid = u.aid",
+		"UPDATE pgbench_tellers x SET bid = u.bid, tbalance = u.tbalance, filler = u.filler FROM unnest($1::int[], $2::int[], $3::int[], $4::bpchar[]) AS u(tid, bid, tbalance, filler) WHERE x.tid = u.tid",
+		"UPDATE pgbench_branches x SET bbalance = u.bbalance, filler = u.filler FROM unnest($1::int[], $2::int[], $3::bpchar[]) AS u(bid, bbalance, filler) WHERE x.bid = u.bid",
+		"INSERT INTO pgbench_history (tid, bid, aid, delta, mtime, filler) SELECT * FROM unnest($1::int[], $2::int[], $3::int[], $4::int[], $5::timestamp[], $6::bpchar[])",
+	}
+	mustExec(b, ctx, c, "postgres", `CREATE TABLE prism.bench_stamps (table_name text, key jsonb, xact xid, ts timestamptz, PRIMARY KEY (table_name, key))`)
+	stampSQL := func(i int, sql string) string {
+		if i == 3 {
+			return sql // no key: no stamps
+		}
+		tbl := []string{"pgbench_accounts", "pgbench_tellers", "pgbench_branches"}[i]
+		k := []string{"aid", "tid", "bid"}[i]
+		n := []int{5, 5, 4}[i]
+		return "WITH w AS (" + sql + " RETURNING x." + k + ", x.xmin) INSERT INTO prism.bench_stamps SELECT '" + tbl +
+			"', jsonb_build_object('" + k + "', w." + k + "::text), w.xmin, s.ts FROM w JOIN unnest($1::int[], $" + strconv.Itoa(n) +
+			"::timestamptz[]) AS s(k, ts) ON s.k = w." + k + " ON CONFLICT (table_name, key) DO UPDATE SET xact = EXCLUDED.xact, ts = EXCLUDED.ts"
+	}
+	arrayArg := func(vs [][]byte) []byte {
+		var sb strings.Builder
+		sb.WriteByte('{')
+		for i, v := range vs {
+			if i > 0 {
+				sb.WriteByte(',')
+			}
+			if v == nil {
+				sb.WriteString("NULL")
+				continue
+			}
+			sb.WriteByte('"')
+			sb.WriteString(strings.NewReplacer(`\`, `\\`, `"`, `\"`).Replace(string(v)))
+			sb.WriteByte('"')
+		}
+		sb.WriteByte('}')
+		return []byte(sb.String())
+	}
+	applyArray := func(stamps bool) func([]*decode.Txn) {
+		ads := make([]*pgconn.StatementDescription, len(arraySQL))
+		for i, sql := range arraySQL {
+			if stamps {
+				sql = stampSQL(i, sql)
+			}
+			var err error
+			if ads[i], err = conn.Prepare(ctx, fmt.Sprintf("array_%t_%d", stamps, i), sql); err != nil {
+				b.Fatal(err)
+			}
+		}
+		return func(txns []*decode.Txn) {
+			for i := 0; i < len(txns); i += 100 {
+				batch := &pgconn.Batch{}
+				run := txns[i:min(len(txns), i+100)]
+				last := run[len(run)-1]
+				batch.ExecParams(beginSQL, nil, nil, nil, nil)
+				ts := []byte(last.CommitTime.UTC().Format("2006-01-02 15:04:05.999999Z07:00"))
+				batch.ExecStatement(setup, [][]byte{[]byte(last.EndLSN.String()), ts, []byte("bench"), []byte("bench-target")}, nil, nil)
+				for j := range arraySQL {
+					// The last version of each key, in source order.
+					var cols [][][]byte
+					var times [][]byte
+					seen := map[string]int{}
+					for _, t := range run {
+						ch := t.Changes[j]
+						if cols == nil {
+							cols = make([][][]byte, len(ch.New))
+						}
+						row := len(times)
+						if j < 3 {
+							if r, ok := seen[string(ch.New[0].Data)]; ok {
+								row = r
+							} else {
+								seen[string(ch.New[0].Data)] = row
+							}
+						}
+						if row == len(times) {
+							times = append(times, nil)
+							for k := range cols {
+								cols[k] = append(cols[k], nil)
+							}
+						}
+						times[row] = []byte(t.CommitTime.UTC().Format("2006-01-02 15:04:05.999999Z07:00"))
+						for k, v := range ch.New {
+							if v.Kind == decode.ValueText {
+								cols[k][row] = v.Data
+							}
+						}
+					}
+					args := make([][]byte, 0, len(cols)+1)
+					for _, col := range cols {
+						args = append(args, arrayArg(col))
+					}
+					if stamps && j < 3 {
+						args = append(args, arrayArg(times))
+					}
+					batch.ExecStatement(ads[j], args, nil, nil)
+				}
+				batch.ExecParams("COMMIT", nil, nil, nil, nil)
+				batch.ExecParams(barrierSQL, nil, nil, nil, nil)
+				if _, err := pc.ExecBatch(ctx, batch).ReadAll(); err != nil {
+					b.Fatal(err)
+				}
+			}
+		}
+	}
 	applier := func(txns []*decode.Txn) {
 		for i := 0; i < len(txns); i += 100 {
 			end := min(len(txns), i+100)
@@ -220,9 +329,12 @@ func BenchmarkApplyCost(b *testing.B) {
 			b.ReportMetric((clusterCPU(b, c)-cpu)/float64(b.N)*1e6, "server-us/txn")
 		})
 	}
+	arrays, stamped := applyArray(false), applyArray(true)
 	for round := 1; round <= 2; round++ {
 		run(fmt.Sprintf("applier/%d", round), applier)
 		run(fmt.Sprintf("bare/%d", round), applyBare)
+		run(fmt.Sprintf("array/%d", round), arrays)
+		run(fmt.Sprintf("array-stamps/%d", round), stamped)
 	}
 	mustExec(b, ctx, c, "postgres", `ALTER TABLE pgbench_accounts DISABLE TRIGGER prism_clock;
 		ALTER TABLE pgbench_tellers DISABLE TRIGGER prism_clock; ALTER TABLE pgbench_branches DISABLE TRIGGER prism_clock`)

@@ -101,6 +101,41 @@ LANGUAGE sql STABLE AS $f$
 		(SELECT max(t.floor) + interval '1 microsecond' FROM prism.clock_floors t
 		 WHERE t.top IN (SELECT f.top FROM prism.clock_floors f WHERE f.xact = $1)))
 $f$;
+-- row_stamps holds the stamps of row versions (and tombstones) that a
+-- batch wrote: one target transaction that applies several source
+-- transactions has one commit timestamp, the greatest of theirs, so the
+-- version of key key of table table_name whose xmin is xact carries the
+-- source commit time ts of the transaction that wrote it there. A row
+-- stamp of another xmin is stale (a later write replaced the version)
+-- and ignored. The region is the xmin's origin: a batch applies one
+-- source region.
+CREATE TABLE IF NOT EXISTS prism.row_stamps (
+	table_name text        NOT NULL,
+	key        jsonb       NOT NULL,
+	xact       xid         NOT NULL,
+	ts         timestamptz NOT NULL,
+	PRIMARY KEY (table_name, key)
+);
+-- row_stamp is the stamp of the version (or tombstone) of key k of table
+-- tbl whose xmin is x.
+CREATE OR REPLACE FUNCTION prism.row_stamp(tbl text, k jsonb, x xid) RETURNS timestamptz
+LANGUAGE sql STABLE AS $f$
+	SELECT coalesce((SELECT s.ts FROM prism.row_stamps s WHERE s.table_name = $1 AND s.key = $2 AND s.xact = $3),
+		prism.stamp($3))
+$f$;
+-- batch_check fails a batch (PR002) when one of its statements changed
+-- fewer rows than it carries: a row that needs a conflict check, a
+-- tombstone or a missing row, which the batch's source transactions then
+-- get applied one by one.
+CREATE OR REPLACE FUNCTION prism.batch_check(tbl text, got bigint, want bigint) RETURNS integer
+LANGUAGE plpgsql AS $f$
+BEGIN
+	IF got <> want THEN
+		RAISE EXCEPTION 'prism batch: % of % rows of % need the row path', want - got, want, tbl USING ERRCODE = 'PR002';
+	END IF;
+	RETURN 1;
+END
+$f$;
 -- own: was version x written by this transaction (or one of its
 -- subtransactions that raised a floor)? Its stamp is this transaction's
 -- own, not one to raise a floor over.
@@ -141,7 +176,7 @@ DECLARE
 	tregion text;
 	win     boolean;
 BEGIN
-	SELECT prism.stamp(t.xmin), prism.region_of(o.roident) INTO tts, tregion
+	SELECT prism.row_stamp(tbl, k, t.xmin), prism.region_of(o.roident) INTO tts, tregion
 	FROM prism.tombstones t, pg_xact_commit_timestamp_origin(t.xmin) o
 	WHERE t.table_name = tbl AND t.key = k;
 	IF NOT FOUND OR prism.remote_newer(rts, rregion, tts, tregion) THEN
@@ -365,8 +400,8 @@ BEGIN
 END
 $d$`
 
-// Collect deletes tombstones and clock floors older than keep, and
-// returns how many of each it deleted. A change that arrives more than
+// Collect deletes tombstones, row stamps and clock floors older than
+// keep, and returns how many tombstones and floors it deleted. A change that arrives more than
 // keep after a delete of its key (a region cut off that long) no longer
 // sees the delete: an older update of the key re-inserts the row there.
 func (a *Applier) Collect(ctx context.Context, keep time.Duration) (tombstones, floors int64, err error) {
@@ -379,6 +414,9 @@ func (a *Applier) Collect(ctx context.Context, keep time.Duration) (tombstones, 
 		return 0, 0, fmt.Errorf("collect tombstones: %w", err)
 	}
 	tombstones = tag.RowsAffected()
+	if _, err := a.pool.Exec(ctx, "DELETE FROM prism.row_stamps WHERE ts < now() - make_interval(secs => $1::float8)", secs); err != nil {
+		return tombstones, 0, fmt.Errorf("collect row stamps: %w", err)
+	}
 	tag, err = a.pool.Exec(ctx, "DELETE FROM prism.clock_floors WHERE at < now() - make_interval(secs => $1::float8)", secs)
 	if err != nil {
 		return tombstones, 0, fmt.Errorf("collect clock floors: %w", err)

@@ -54,15 +54,65 @@
 //
 // # Ordering
 //
-// ApplyBatch applies in slice order and commits each source transaction
-// separately, with its own origin LSN and commit timestamp; several
-// transactions share one pipelined round trip. If transaction k fails, the
-// ones before it are durable and nothing after it is executed.
+// ApplyBatch applies in slice order. A run of transactions that can be
+// batched (below) commits as one target transaction; every other
+// transaction commits separately, with its own origin LSN and commit
+// timestamp, and several share one pipelined round trip. If transaction k
+// fails, the ones before it are durable and nothing after it is executed.
+//
+// # Batches
+//
+// Transactions of one source that ApplyBatch receives together (already
+// queued: catch-up, bursts; a lone transaction is applied at once by the
+// row path) are applied many to one target transaction: BEGIN;
+// pg_replication_origin_xact_setup(the last one's end LSN, the greatest
+// of their commit times); one array statement per table and operation
+// (UPDATE ... FROM unnest(...), INSERT ... SELECT FROM unnest(...) ON
+// CONFLICT DO NOTHING, DELETE ... USING unnest(...); each column one
+// typed array, parsed element by element by the type's input function
+// like the row path's parameters); COMMIT and the barrier. A batch ends on
+// source transaction boundaries, so the origin's progress stays exact.
+//
+// Each key keeps its net change in source order: the values of its last
+// change, checked against the version before the batch with the commit
+// time of its first change (the changes in between replace versions of
+// the same region, which never conflict), and stamped with the commit time
+// of its last. Update then delete is a delete; insert then update an
+// insert. Whatever the row path would decide differently ends a batch
+// before the transaction that brings it: TRUNCATE (and any change that is
+// not a row), a key written again after its delete, an insert of a key
+// the batch already wrote, an insert then a delete of one key (the row
+// path leaves a tombstone), a key change, an unchanged TOASTed or binary
+// value, a table without a key that is not insert-only (REPLICA IDENTITY
+// FULL), identity ALWAYS or array columns, triggers of the table's own
+// that fire on applied rows (they must see every source row), a relation
+// whose columns change within the batch, a column the target lacks.
+//
+// Array statements only take the way that needs no conflict check: an
+// update or delete of a row whose version is older than the incoming
+// change and has no clock floor (the row path's cheap test, on the
+// version's commit time, which for a version a batch wrote is at or after
+// its stamp, so the test is conservative), an insert of a key without a
+// row or tombstone. Each statement counts its rows, and
+// prism.batch_check fails the batch (PR002) when one took another way. A
+// batch that fails - a conflict, a missing row, a tombstone, any error of
+// a statement or of COMMIT, a serialization failure - is rolled back and
+// its transactions are applied one by one by the row path, which decides
+// and records every conflict per row and pins a failure on exactly one
+// transaction (invariant 9 holds as below). Only a broken connection or a
+// failed barrier is reported as such, retryable, about the batch's first
+// transaction.
+//
+// Stamps stay exact (see Conflicts): the statement that writes a version
+// also records, in prism.row_stamps, its key, its xmin (the batch's
+// transaction) and the source commit time of the transaction that wrote
+// it; deletes record the stamp of the tombstone prism_tombstone writes.
 //
 // # One failure touches no other
 //
-// However many transactions share a round trip, a failure is pinned on
-// exactly one of them. ApplyBatch returns n and an *Error: txns[:n] are
+// However many transactions share a round trip or a batch, a failure is
+// pinned on exactly one of them (a failed batch is applied again by the
+// row path first). ApplyBatch returns n and an *Error: txns[:n] are
 // committed and flushed (their origin progress is durable), and the
 // error is about txns[n] alone - its EndLSN, Xid, the table and operation
 // of the failing change, the SQLSTATE - so a policy (park, halt, undo)
@@ -140,10 +190,24 @@
 // Convergence under LastWriteWins: every version of a row carries a
 // stamp, the pair (time, region) of the transaction that wrote it, and
 // every region computes the same pair for the same version. The time is
+// prism.row_stamp(table, key, xmin): the stamp prism.row_stamps holds for
+// the key when it was recorded for that very xmin (a version, or a
+// tombstone, that a batch wrote: a batch has one commit timestamp, but
+// each of its rows keeps its own source transaction's), else
 // prism.stamp(xmin): the commit timestamp, which for an applied
 // transaction is the source's (pg_replication_origin_xact_setup), raised
 // past the transaction's clock floor when it has one (see below); the
-// region is the local one or the origin prism_<region>. Pairs are totally
+// region is the local one or the origin prism_<region> (a batch applies
+// one source region). A later write of the key, local or applied by rows,
+// has another xmin, so the row stamp is stale and ignored: a local write
+// is stamped by its own commit timestamp. A batch's commit timestamp is
+// the greatest of its transactions', so a check that reads only the
+// commit timestamp (the cheap test, prism_clock, Collect) sees at least
+// the exact stamp and errs on the safe side: a local write over a batched
+// version raises its floor at most to that commit time, and a change the
+// cheap test does not accept goes to prism.resolve, which reads the row
+// stamp. The copy of a new region (internal/bootstrap) takes a row's row
+// stamp in preference to its commit time too. Pairs are totally
 // ordered (ties broken by the greater region name). Two rules keep the
 // greatest pair on every region:
 //
@@ -171,7 +235,8 @@
 // newer delete re-inserts the row there; TRUNCATE leaves no tombstones;
 // an UPDATE with unchanged TOASTed columns of a missing row cannot be
 // re-inserted and is skipped; tombstones and floors older than the
-// collection horizon (Collect) are gone; a version whose commit timestamp
+// collection horizon (Collect) are gone, and so are row stamps (the
+// version then counts as written at its batch's commit time); a version whose commit timestamp
 // is no longer known (track_commit_timestamp was off, or the xid is older
 // than its retention) loses to any incoming version. All of these are
 // recorded in prism.conflicts, and prism-cdc verify finds the rows.
@@ -197,7 +262,7 @@
 // # Schema prism
 //
 // The tables Setup creates (conflicts, dead_letters, undo_log,
-// tombstones, clock_floors; internal/bootstrap adds bootstrap) belong to
+// tombstones, clock_floors, row_stamps; internal/bootstrap adds bootstrap) belong to
 // one region and are never applied elsewhere, but the publication, FOR
 // ALL TABLES, includes them: PostgreSQL 15 cannot leave a schema out of
 // such a publication. So each has a primary key (Setup adds clock_floors'
@@ -210,5 +275,6 @@
 // standby, and each of them must survive both - floors and tombstones
 // decide last_write_wins in the same transaction as the row they stamp,
 // dead letters and the undo and conflict logs are the record an operator
-// relies on (nothing is dropped silently).
+// relies on (nothing is dropped silently). Row stamps last as long as the
+// versions they stamp, up to the collection horizon.
 package apply

@@ -138,3 +138,45 @@ func TestApplyNonSuperuser(t *testing.T) {
 		t.Errorf("kv = %s, want %s", got, want)
 	}
 }
+
+// TestApplySessionSettings: apply sessions plan their prepared statements
+// generically at once and never JIT-compile them, and every setting goes
+// back to its default before the connection returns to the pool.
+func TestApplySessionSettings(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "settings"})
+	mustExec(t, ctx, c, "postgres", `
+		CREATE TABLE kv (id int PRIMARY KEY, v text);
+		CREATE TABLE seen (id int, plan_cache_mode text, jit text);
+		CREATE FUNCTION kv_seen() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN
+			INSERT INTO seen VALUES (NEW.id, current_setting('plan_cache_mode'), current_setting('jit'));
+			RETURN NULL;
+		END $$;
+		CREATE TRIGGER kv_seen AFTER INSERT OR UPDATE ON kv FOR EACH ROW EXECUTE FUNCTION kv_seen();
+		ALTER TABLE kv ENABLE ALWAYS TRIGGER kv_seen;
+	`)
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	defer a.Close()
+	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v")
+	var txns []*decode.Txn
+	for i := 1; i <= 8; i++ {
+		txns = append(txns, txn("na", uint64(1000*i), float64(i), upd(kv, nil, "1", strings.Repeat("x", i))))
+	}
+	txns[0].Changes[0] = ins(kv, "1", "x")
+	if n, err := a.ApplyBatch(ctx, txns); err != nil || n != len(txns) {
+		t.Fatalf("ApplyBatch = %d, %v", n, err)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT string_agg(DISTINCT plan_cache_mode || ' ' || jit, ', ') || ' ' || count(*) FROM seen"); got != "force_generic_plan off 8" {
+		t.Errorf("applied rows saw settings %q, want force_generic_plan off 8", got)
+	}
+	a.Release("na")
+	for _, conn := range a.pool.AcquireAllIdle(ctx) {
+		var mode, jit string
+		err := conn.QueryRow(ctx, "SELECT current_setting('plan_cache_mode'), current_setting('jit')").Scan(&mode, &jit)
+		conn.Release()
+		if err != nil || mode != "auto" || jit != "on" {
+			t.Errorf("a pooled session has plan_cache_mode %q, jit %q (%v), want auto, on", mode, jit, err)
+		}
+	}
+}

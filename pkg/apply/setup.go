@@ -50,7 +50,7 @@ BEGIN
 	IF row_xmin = xid(pg_current_xact_id_if_assigned()) THEN
 		RETURN true;
 	END IF;
-	SELECT prism.stamp(row_xmin), c.roident INTO lts, lident FROM pg_xact_commit_timestamp_origin(row_xmin) c;
+	SELECT prism.row_stamp(tbl, key, row_xmin), c.roident INTO lts, lident FROM pg_xact_commit_timestamp_origin(row_xmin) c;
 	lregion := prism.region_of(lident);
 	IF kind <> 'insert_exists' THEN
 		-- An update or delete conflicts only with a local version written by
@@ -97,7 +97,7 @@ BEGIN
 			kind, tbl, k, rts, rregion USING ERRCODE = 'PR001';
 	END IF;
 	IF keyed THEN
-		SELECT prism.stamp(t.xmin), prism.region_of(o.roident) INTO tts, tregion
+		SELECT prism.row_stamp(tbl, k, t.xmin), prism.region_of(o.roident) INTO tts, tregion
 		FROM prism.tombstones t, pg_xact_commit_timestamp_origin(t.xmin) o
 		WHERE t.table_name = tbl AND t.key = k;
 		buried := FOUND AND NOT prism.remote_newer(rts, rregion, tts, tregion);

@@ -30,6 +30,11 @@ type target struct {
 	// of its primary key when the replica identity is not an index: what
 	// rows are matched by under REPLICA IDENTITY FULL (see matchKey).
 	key map[string]bool
+	// unbatched: the table's rows are never batched. It has triggers of
+	// its own that fire on applied rows (ENABLE ALWAYS or REPLICA), which
+	// must see every source row, or array columns, which an array
+	// parameter cannot carry one per element.
+	unbatched bool
 }
 
 const loadTargetSQL = `
@@ -76,6 +81,12 @@ func loadTarget(ctx context.Context, conn *pgx.Conn, schema, table string) (*tar
 	}
 	if len(t.types) == 0 {
 		return nil, permanent("42P01", "table %s does not exist in the target database", t.name)
+	}
+	if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = to_regclass($1)
+		AND NOT tgisinternal AND tgenabled IN ('A', 'R') AND tgname NOT IN ('prism_clock', 'prism_tombstone'))
+		OR EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid
+		WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped AND ty.typcategory = 'A')`, ident).Scan(&t.unbatched); err != nil {
+		return nil, err
 	}
 	return t, nil
 }

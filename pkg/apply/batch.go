@@ -1,0 +1,615 @@
+package apply
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"strconv"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
+)
+
+// Limits of one batch: the rows and value bytes one target transaction
+// applies for several source transactions.
+const (
+	maxBatchRows  = 20000
+	maxBatchBytes = 4 << 20
+)
+
+// batchGroup kinds: what one array statement does to the rows of a
+// table. Deletes go first, so a unique value they free is free for the
+// rows written after them, as in the usual source order.
+const (
+	groupDelete = iota // keys the batch deletes (maybe after updates)
+	groupUpdate        // keys that exist and the batch updates
+	groupInsert        // keys the batch inserts (then maybe updates)
+	groupAppend        // rows of a table without a key, insert only
+	groupKinds
+)
+
+// batchRow is the batch's net change to one key: checked against the
+// version before the batch with the commit time of its first change,
+// written with the values of its last, stamped with the commit time of
+// the transaction of its last.
+type batchRow struct {
+	first, last decode.Op
+	check, ts   []byte // commit times: of the first change, of the last
+	vals        []decode.Value
+}
+
+// batchTable gathers the changes of one table.
+type batchTable struct {
+	t      *target
+	rel    *decode.Relation // column names and keys of every change
+	keyed  bool
+	rows   map[string]*batchRow
+	order  []string         // keys in order of first change
+	append [][]decode.Value // groupAppend rows
+}
+
+// batchPlan is the net effect of consecutive source transactions.
+type batchPlan struct {
+	tables map[string]*batchTable
+	order  []string
+	rows   int
+	bytes  int
+}
+
+// errNotBatchable says a transaction cannot join a batch; it is applied
+// by the row path.
+var errNotBatchable = errors.New("not batchable")
+
+// plan returns how many of txns[i:] (none skipped) form one batch: a run
+// of transactions whose changes the array statements apply exactly as
+// the row path would when no row needs a conflict check. Anything else
+// (TRUNCATE, a key written again after its delete or inserted twice, an
+// insert then a delete of one key, a key change, an unchanged TOASTed or
+// binary value, a table without a key that is not insert-only, identity
+// ALWAYS columns, triggers of the table's own that fire on applied rows,
+// a column the target lacks) ends the batch before that transaction.
+func (a *Applier) plan(ctx context.Context, conn *pgx.Conn, txns []*decode.Txn) (*batchPlan, int) {
+	bp := &batchPlan{tables: map[string]*batchTable{}}
+	for n, t := range txns {
+		undo := bp.snapshot(t)
+		if err := bp.add(ctx, a, conn, t); err != nil {
+			undo()
+			return bp, n
+		}
+		if bp.rows > maxBatchRows || bp.bytes > maxBatchBytes {
+			undo()
+			return bp, n
+		}
+	}
+	return bp, len(txns)
+}
+
+// snapshot returns a function that puts back the plan as it is before
+// transaction t is added.
+func (bp *batchPlan) snapshot(t *decode.Txn) func() {
+	type saved struct {
+		bt     *batchTable
+		key    string
+		row    *batchRow
+		exists bool
+	}
+	var keep []saved
+	tables := len(bp.order)
+	appends := map[*batchTable]int{}
+	orders := map[*batchTable]int{}
+	rows, bytes := bp.rows, bp.bytes
+	for _, bt := range bp.tables {
+		appends[bt] = len(bt.append)
+		orders[bt] = len(bt.order)
+	}
+	for j := range t.Changes {
+		c := &t.Changes[j]
+		if c.Rel == nil {
+			continue
+		}
+		bt := bp.tables[relName(c)]
+		if bt == nil || !bt.keyed {
+			continue
+		}
+		for _, vs := range [][]decode.Value{c.New, c.Old} {
+			if k, ok := bt.key(vs); ok {
+				r, exists := bt.rows[k]
+				if exists {
+					cp := *r
+					r = &cp
+				}
+				keep = append(keep, saved{bt, k, r, exists})
+			}
+		}
+	}
+	return func() {
+		for i := len(keep) - 1; i >= 0; i-- {
+			s := keep[i]
+			if s.exists {
+				s.bt.rows[s.key] = s.row
+			} else {
+				delete(s.bt.rows, s.key)
+			}
+		}
+		for _, name := range bp.order[tables:] {
+			delete(bp.tables, name)
+		}
+		bp.order = bp.order[:tables]
+		for bt, n := range appends {
+			bt.append = bt.append[:n]
+		}
+		for bt, n := range orders {
+			bt.order = bt.order[:n]
+		}
+		bp.rows, bp.bytes = rows, bytes
+	}
+}
+
+// key is the text of a keyed row's key columns, or false when one is not
+// a plain value.
+func (bt *batchTable) key(vs []decode.Value) (string, bool) {
+	var b strings.Builder
+	for i, col := range bt.rel.Columns {
+		if !col.Key {
+			continue
+		}
+		if i >= len(vs) || vs[i].Kind != decode.ValueText {
+			return "", false
+		}
+		b.WriteString(strconv.Itoa(len(vs[i].Data)))
+		b.WriteByte(':')
+		b.Write(vs[i].Data)
+	}
+	return b.String(), true
+}
+
+func sameColumns(a, b *decode.Relation) bool {
+	if a == b {
+		return true
+	}
+	if len(a.Columns) != len(b.Columns) || a.ReplicaIdentity != b.ReplicaIdentity {
+		return false
+	}
+	for i := range a.Columns {
+		if a.Columns[i].Name != b.Columns[i].Name || a.Columns[i].Key != b.Columns[i].Key {
+			return false
+		}
+	}
+	return true
+}
+
+// plainRow reports whether every value is text or NULL.
+func plainRow(vs []decode.Value, n int) bool {
+	if len(vs) != n {
+		return false
+	}
+	for _, v := range vs {
+		if v.Kind != decode.ValueText && v.Kind != decode.ValueNull {
+			return false
+		}
+	}
+	return true
+}
+
+// add adds the changes of t, or returns errNotBatchable (or the error of
+// loading a table) leaving the plan to be put back by the caller.
+func (bp *batchPlan) add(ctx context.Context, a *Applier, conn *pgx.Conn, t *decode.Txn) error {
+	ts := []byte(t.CommitTime.UTC().Format("2006-01-02 15:04:05.999999Z07:00"))
+	for j := range t.Changes {
+		c := &t.Changes[j]
+		if c.Rel == nil || (c.Op != decode.OpInsert && c.Op != decode.OpUpdate && c.Op != decode.OpDelete) {
+			return errNotBatchable // TRUNCATE, and anything but rows, ends a batch
+		}
+		name := relName(c)
+		bt := bp.tables[name]
+		if bt == nil {
+			tg, err := a.target(ctx, conn, c.Rel, false)
+			if err != nil {
+				return err
+			}
+			if tg.unbatched || len(tg.always) > 0 {
+				return errNotBatchable
+			}
+			for _, col := range c.Rel.Columns {
+				if _, ok := tg.types[col.Name]; !ok {
+					return errNotBatchable
+				}
+			}
+			bt = &batchTable{t: tg, rel: c.Rel, keyed: sourceKeyed(c.Rel), rows: map[string]*batchRow{}}
+			bp.tables[name] = bt
+			bp.order = append(bp.order, name)
+		} else if !sameColumns(bt.rel, c.Rel) {
+			return errNotBatchable
+		}
+		n := len(c.Rel.Columns)
+		if !bt.keyed {
+			if c.Op != decode.OpInsert || c.Rel.ReplicaIdentity == decode.IdentityFull || !plainRow(c.New, n) {
+				return errNotBatchable
+			}
+			bt.append = append(bt.append, c.New)
+			bp.rows++
+			for _, v := range c.New {
+				bp.bytes += len(v.Data) + 8
+			}
+			continue
+		}
+		var k string
+		var ok bool
+		switch c.Op {
+		case decode.OpInsert, decode.OpUpdate:
+			if c.Old != nil || !plainRow(c.New, n) {
+				return errNotBatchable // a key change, or a value that is not plain
+			}
+			k, ok = bt.key(c.New)
+		case decode.OpDelete:
+			k, ok = bt.key(c.Old)
+		default:
+			return errNotBatchable
+		}
+		if !ok {
+			return errNotBatchable
+		}
+		r := bt.rows[k]
+		switch {
+		case r == nil:
+			r = &batchRow{first: c.Op, check: ts}
+			bt.rows[k] = r
+			bt.order = append(bt.order, k)
+		case r.last == decode.OpDelete, c.Op == decode.OpInsert:
+			// Written again after its delete, or inserted over a version:
+			// the row path decides that.
+			return errNotBatchable
+		case c.Op == decode.OpDelete && r.first == decode.OpInsert:
+			// Inserted and deleted: the row path leaves the tombstone.
+			return errNotBatchable
+		default:
+			cp := *r
+			r = &cp
+			bt.rows[k] = r
+		}
+		r.last, r.ts = c.Op, ts
+		if c.Op == decode.OpDelete {
+			r.vals = c.Old
+		} else {
+			r.vals = c.New
+		}
+		bp.rows++
+		for _, v := range r.vals {
+			bp.bytes += len(v.Data) + 8
+		}
+	}
+	return nil
+}
+
+// arrayLiteral writes vs as a PostgreSQL array literal of text elements.
+func arrayLiteral(b *strings.Builder, vs [][]byte, nulls []bool) {
+	b.WriteByte('{')
+	for i, v := range vs {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		if nulls != nil && nulls[i] {
+			b.WriteString("NULL")
+			continue
+		}
+		b.WriteByte('"')
+		for _, ch := range v {
+			if ch == '"' || ch == '\\' {
+				b.WriteByte('\\')
+			}
+			b.WriteByte(ch)
+		}
+		b.WriteByte('"')
+	}
+	b.WriteByte('}')
+}
+
+// column is one array parameter: the values of column col of rows.
+func column(rows [][]decode.Value, col int) []byte {
+	vs := make([][]byte, len(rows))
+	nulls := make([]bool, len(rows))
+	for i, r := range rows {
+		if r[col].Kind == decode.ValueNull {
+			nulls[i] = true
+			continue
+		}
+		vs[i] = r[col].Data
+	}
+	var b strings.Builder
+	arrayLiteral(&b, vs, nulls)
+	return []byte(b.String())
+}
+
+func times(ts [][]byte) []byte {
+	var b strings.Builder
+	arrayLiteral(&b, ts, nil)
+	return []byte(b.String())
+}
+
+// batchStatement is the array statement of one table and group kind.
+type batchStatement struct {
+	name, sql string
+	cols      []int // the columns of the rows, one array each, in order
+	withCheck bool  // then an array of the first changes' commit times
+	withTS    bool  // then an array of the stamps
+}
+
+// statements returns the array statements of the plan with their
+// parameter values, in a fixed order: per table in order of first change,
+// deletes, updates, inserts (a key is in one group only).
+func (bp *batchPlan) statements() ([]*batchStatement, [][][]byte, error) {
+	var sts []*batchStatement
+	var args [][][]byte
+	for _, name := range bp.order {
+		bt := bp.tables[name]
+		var groups [groupKinds][]*batchRow
+		for _, k := range bt.order {
+			r := bt.rows[k]
+			switch {
+			case r.last == decode.OpDelete:
+				groups[groupDelete] = append(groups[groupDelete], r)
+			case r.first == decode.OpInsert:
+				groups[groupInsert] = append(groups[groupInsert], r)
+			default:
+				groups[groupUpdate] = append(groups[groupUpdate], r)
+			}
+		}
+		for kind := 0; kind < groupKinds; kind++ {
+			rows := make([][]decode.Value, 0, len(groups[kind]))
+			var checks, stamps [][]byte
+			for _, r := range groups[kind] {
+				rows = append(rows, r.vals)
+				checks = append(checks, r.check)
+				stamps = append(stamps, r.ts)
+			}
+			if kind == groupAppend {
+				rows = bt.append
+			}
+			if len(rows) == 0 {
+				continue
+			}
+			st, err := bt.statement(kind)
+			if err != nil {
+				return nil, nil, err
+			}
+			vals := make([][]byte, 0, len(st.cols)+3)
+			for _, col := range st.cols {
+				vals = append(vals, column(rows, col))
+			}
+			if st.withCheck {
+				vals = append(vals, times(checks))
+			}
+			if st.withTS {
+				vals = append(vals, times(stamps))
+			}
+			if kind != groupAppend {
+				vals = append(vals, []byte(strconv.Itoa(len(rows))))
+			}
+			sts = append(sts, st)
+			args = append(args, vals)
+		}
+	}
+	return sts, args, nil
+}
+
+// statement builds the array statement of one group kind of the table.
+// Rows arrive as one typed array per column, parsed element by element
+// by the column type's input function like the row path's parameters.
+// A keyed group checks that every row took the way the row path takes
+// without a conflict (prism.batch_check fails the batch otherwise), and
+// records each row's stamp in prism.row_stamps in the same statement.
+func (bt *batchTable) statement(kind int) (*batchStatement, error) {
+	b := &builder{t: bt.t, rel: bt.rel, index: map[paramRef]int{}}
+	st := &batchStatement{}
+	var cols []int
+	if kind == groupDelete {
+		cols = b.keyCols()
+	} else {
+		cols = make([]int, len(bt.rel.Columns))
+		for i := range cols {
+			cols[i] = i
+		}
+		cols = b.writable(cols)
+	}
+	st.cols = cols
+	st.withCheck = kind == groupUpdate || kind == groupDelete
+	st.withTS = kind != groupAppend
+	params := make([]string, 0, len(cols)+2)
+	alias := make([]string, 0, len(cols)+2)
+	vcol := map[int]string{}
+	for i, c := range cols {
+		params = append(params, "$"+strconv.Itoa(i+1)+"::"+bt.t.types[bt.rel.Columns[c].Name]+"[]")
+		alias = append(alias, "v"+strconv.Itoa(i))
+		vcol[c] = "v.v" + strconv.Itoa(i)
+	}
+	n := len(cols)
+	if st.withCheck {
+		n++
+		params = append(params, "$"+strconv.Itoa(n)+"::timestamptz[]")
+		alias = append(alias, "cts")
+	}
+	if st.withTS {
+		n++
+		params = append(params, "$"+strconv.Itoa(n)+"::timestamptz[]")
+		alias = append(alias, "sts")
+	}
+	v := "(SELECT * FROM unnest(" + strings.Join(params, ", ") + ") AS v(" + strings.Join(alias, ", ") + ")) AS v"
+	names := make([]string, len(cols))
+	exprs := make([]string, len(cols))
+	for i, c := range cols {
+		names[i] = quote(bt.rel.Columns[c].Name)
+		exprs[i] = vcol[c]
+	}
+	tbl := lit(bt.t.name)
+	if kind == groupAppend {
+		st.sql = "INSERT INTO " + bt.t.ident + " (" + strings.Join(names, ", ") + ") SELECT " + strings.Join(exprs, ", ") + " FROM " + v
+		return st.named(), nil
+	}
+	keys := b.keyCols()
+	match := make([]string, len(keys))
+	ret := make([]string, len(keys))
+	keyNames := make([]string, len(keys))
+	keyVals := make([]string, len(keys))
+	joinW := make([]string, len(keys))
+	tombKey := make([]string, len(keys))
+	for i, k := range keys {
+		q := quote(bt.rel.Columns[k].Name)
+		match[i] = "x." + q + " = " + vcol[k]
+		ret[i] = "x." + q + " AS k" + strconv.Itoa(i)
+		keyNames[i] = lit(bt.rel.Columns[k].Name)
+		keyVals[i] = "w.k" + strconv.Itoa(i) + "::text"
+		joinW[i] = "w.k" + strconv.Itoa(i) + " = " + vcol[k]
+		tombKey[i] = vcol[k] + "::text"
+	}
+	keyJSON := func(vals []string) string {
+		return "jsonb_object(ARRAY[" + strings.Join(keyNames, ", ") + "]::text[], ARRAY[" + strings.Join(vals, ", ") + "]::text[])"
+	}
+	// The row path's cheap test: the local version is older than the
+	// change (or its commit time is unknown) and has no clock floor.
+	cheap := "coalesce(pg_catalog.pg_xact_commit_timestamp(x.xmin) < v.cts, true)" +
+		" AND ((SELECT pg_catalog.current_setting('prism.floors') = 'false') OR NOT EXISTS (SELECT 1 FROM prism.clock_floors f WHERE f.xact = x.xmin))"
+	var w, stampFrom string
+	switch kind {
+	case groupInsert:
+		// A key with a row or a tombstone is not inserted: the row path
+		// decides it (insert_exists, prism.admit).
+		w = "INSERT INTO " + bt.t.ident + " AS x (" + strings.Join(names, ", ") + ") SELECT " + strings.Join(exprs, ", ") + " FROM " + v +
+			" WHERE NOT EXISTS (SELECT 1 FROM prism.tombstones tb WHERE tb.table_name = " + tbl + " AND tb.key = " + keyJSON(tombKey) + ")" +
+			" ON CONFLICT (" + strings.Join(b.quoted(keys), ", ") + ") DO NOTHING RETURNING " + strings.Join(ret, ", ")
+		stampFrom = "w JOIN " + v + " ON " + strings.Join(joinW, " AND ")
+	case groupUpdate:
+		sets := make([]string, len(cols))
+		for i, c := range cols {
+			sets[i] = names[i] + " = " + vcol[c]
+		}
+		w = "UPDATE " + bt.t.ident + " AS x SET " + strings.Join(sets, ", ") + " FROM " + v +
+			" WHERE " + strings.Join(match, " AND ") + " AND " + cheap + " RETURNING " + strings.Join(ret, ", ") + ", v.sts"
+		stampFrom = "w"
+	case groupDelete:
+		w = "DELETE FROM " + bt.t.ident + " AS x USING " + v +
+			" WHERE " + strings.Join(match, " AND ") + " AND " + cheap + " RETURNING " + strings.Join(ret, ", ") + ", v.sts"
+		stampFrom = "w"
+	}
+	sts := "v.sts"
+	if stampFrom == "w" {
+		sts = "w.sts"
+	}
+	// The stamp's xact is the transaction's: the row version's xmin, and
+	// for a delete the xmin of the tombstone prism_tombstone writes.
+	st.sql = "WITH w AS (" + w + "), s AS (INSERT INTO prism.row_stamps AS s (table_name, key, xact, ts) SELECT " + tbl + ", " +
+		keyJSON(keyVals) + ", xid(pg_catalog.pg_current_xact_id()), " + sts + " FROM " + stampFrom +
+		" ON CONFLICT (table_name, key) DO UPDATE SET xact = EXCLUDED.xact, ts = EXCLUDED.ts)" +
+		" SELECT prism.batch_check(" + tbl + ", (SELECT count(*) FROM w), $" + strconv.Itoa(n+1) + "::bigint)"
+	return st.named(), nil
+}
+
+func (st *batchStatement) named() *batchStatement {
+	sum := sha256.Sum256([]byte(st.sql))
+	st.name = "prism_b" + hex.EncodeToString(sum[:12])
+	return st
+}
+
+// batched reports whether err is prism.batch_check's: a row of the batch
+// needs the row path.
+func batched(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == "PR002"
+}
+
+// batch applies txns[i:end] (more than one, none skipped, nothing queued
+// before them) in one target transaction: the origin set up with the
+// last one's end LSN and the greatest commit time among them, the array
+// statements of bp, COMMIT and a barrier. It returns true once that is
+// durable. When the batch fails (a row that needs the row path, any
+// error of a statement or of COMMIT) it is rolled back and it returns
+// false: the caller applies the transactions one by one, which pins a
+// failure on exactly one of them. A broken connection or a failed
+// barrier is an error about txns[i], as in send.
+func (p *pipeline) batch(ctx context.Context, i, end int, bp *batchPlan) (bool, error) {
+	sts, args, err := bp.statements()
+	if err != nil {
+		return false, nil
+	}
+	conn := p.s.conn.Conn()
+	pc := conn.PgConn()
+	sds := make([]*pgconn.StatementDescription, len(sts))
+	for k, st := range sts {
+		if sds[k], err = conn.Prepare(ctx, st.name, st.sql); err != nil {
+			if pc.IsClosed() {
+				p.s.broken = true
+				return false, p.lost(err)
+			}
+			p.a.log.Debug().Err(err).Msg("batch statement not prepared; applying by rows")
+			return false, nil
+		}
+	}
+	last := p.txns[end-1]
+	commit := last.CommitTime
+	for _, t := range p.txns[i:end] {
+		if t.CommitTime.After(commit) {
+			commit = t.CommitTime
+		}
+	}
+	ts := []byte(commit.UTC().Format("2006-01-02 15:04:05.999999Z07:00"))
+	b := &pgconn.Batch{}
+	b.ExecStatement(p.begin, nil, nil, nil)
+	b.ExecStatement(p.setup, [][]byte{[]byte(last.EndLSN.String()), ts, []byte(last.Origin), []byte(p.a.local)}, nil, nil)
+	for k := range sts {
+		b.ExecStatement(sds[k], args[k], nil, nil)
+	}
+	b.ExecStatement(p.commit, nil, nil, nil)
+	b.ExecParams(barrierSQL, nil, nil, nil, nil)
+	mrr := pc.ExecBatch(ctx, b)
+	if end == len(p.txns) && p.a.testAfterSend != nil {
+		p.a.testAfterSend(pc.PID())
+	}
+	res, err := mrr.ReadAll()
+	failed := len(res)
+	for k, r := range res {
+		if r.Err != nil {
+			failed, err = k, r.Err
+			break
+		}
+	}
+	if err == nil {
+		p.durable(end - 1)
+		return true, nil
+	}
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) || pc.IsClosed() {
+		p.s.broken = true
+		return false, p.lost(err)
+	}
+	if failed > 2+len(sts) {
+		// COMMIT succeeded, the barrier failed: not known durable.
+		return false, p.lost(err)
+	}
+	if _, rerr := pc.Exec(ctx, "ROLLBACK").ReadAll(); rerr != nil {
+		if !errors.As(rerr, &pgErr) || pc.IsClosed() {
+			p.s.broken = true
+		}
+		return false, p.lost(rerr)
+	}
+	p.a.log.Debug().Err(err).Bool("conflict", batched(err)).Int("txns", end-i).Msg("batch rolled back; applying by rows")
+	return false, nil
+}
+
+// sourceKeyed reports whether rel's rows carry a key of the source's
+// (not REPLICA IDENTITY FULL): only such rows can be collapsed by key in a
+// batch. Rows of a FULL table, whose match key is the target's (matchKey),
+// go through the row path.
+func sourceKeyed(rel *decode.Relation) bool {
+	if rel.ReplicaIdentity == decode.IdentityFull {
+		return false
+	}
+	for _, col := range rel.Columns {
+		if col.Key {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,323 @@
+package apply
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/prism-cdc/prism-cdc/internal/pgtest"
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
+)
+
+const batchSchema = `
+	CREATE TABLE kv (id int PRIMARY KEY, v text, n numeric, g int GENERATED ALWAYS AS (id * 2) STORED);
+	CREATE TABLE hist (id int, note text);
+	INSERT INTO kv (id, v) SELECT i, 'base' FROM generate_series(1, 9) i;`
+
+// stamps lists every key of kv (rows and tombstones) with the stamp and
+// region of its version, as the conflict check reads them.
+func stamps(t *testing.T, ctx context.Context, pool *pgxpool.Pool) string {
+	t.Helper()
+	return queryString(t, ctx, pool, `SELECT string_agg(s, E'\n' ORDER BY s) FROM (
+		SELECT format('row %s %s %s', x.id, prism.row_stamp('public.kv', jsonb_object(ARRAY['id'], ARRAY[x.id::text]), x.xmin), prism.region_of(o.roident)) AS s
+		FROM kv x, pg_xact_commit_timestamp_origin(x.xmin) o WHERE o.roident <> 0
+		UNION ALL
+		SELECT format('tombstone %s %s %s', t.key, prism.row_stamp(t.table_name, t.key, t.xmin), prism.region_of(o.roident))
+		FROM prism.tombstones t, pg_xact_commit_timestamp_origin(t.xmin) o WHERE t.table_name = 'public.kv') s`)
+}
+
+// targets counts the target transactions that wrote the given keys of kv.
+func targets(t *testing.T, ctx context.Context, pool *pgxpool.Pool, ids string) string {
+	t.Helper()
+	return queryString(t, ctx, pool, "SELECT count(DISTINCT xmin::text)::text FROM kv WHERE id IN ("+ids+")")
+}
+
+// TestBatchStampsExact applies the same source transactions as one batch
+// to one region and one by one to another (whose stamps are those of the
+// source region): both end with the same rows and the same stamp on every
+// version and tombstone, although the batch wrote them all in one target
+// transaction with one commit timestamp. Writes from a third region whose
+// commit times fall between the batch's transactions are then decided the
+// same way in both.
+func TestBatchStampsExact(t *testing.T) {
+	ctx := testCtx(t)
+	bat := pgtest.Start(t, pgtest.Options{Name: "bstamps"})
+	ref := pgtest.Start(t, pgtest.Options{Name: "bref"})
+	mustExec(t, ctx, bat, "postgres", batchSchema)
+	mustExec(t, ctx, ref, "postgres", batchSchema)
+	aB := newApplier(t, ctx, bat, "postgres", WithLocalRegion("eu"))
+	aR := newApplier(t, ctx, ref, "postgres", WithLocalRegion("eu"))
+	defer aB.Close()
+	defer aR.Close()
+	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v", "n")
+	hist := rel("public", "hist", decode.IdentityDefault, "id", "note")
+	// Local rows are older than every shipped change.
+	t0 := time.Now().Add(time.Hour).Sub(baseTime).Seconds()
+	txns := []*decode.Txn{
+		txn("na", 1100, t0+1, upd(kv, nil, "1", "x1", "1.10"), upd(kv, nil, "2", "y1", `\N`), ins(kv, "10", "new", "10"), ins(hist, "1", "a")),
+		// Row 1 again, a delete, an update then a delete of one key.
+		txn("na", 1200, t0+2, upd(kv, nil, "1", "x2", "1.20"), del(kv, "3", `\N`, `\N`), upd(kv, nil, "5", "gone", `\N`), ins(hist, "2", `b "quoted" \ back`)),
+		txn("na", 1300, t0+3, upd(kv, nil, "4", "z3", `\N`), ins(kv, "11", "i", "0"), upd(kv, nil, "11", "iu", "11"), del(kv, "5", `\N`, `\N`), ins(hist, "3", `\N`)),
+	}
+	if n, err := aB.ApplyBatch(ctx, txns); n != len(txns) || err != nil {
+		t.Fatalf("ApplyBatch = %d, %v", n, err)
+	}
+	for _, tx := range txns {
+		if err := aR.Apply(ctx, tx); err != nil {
+			t.Fatalf("Apply: %v", err)
+		}
+	}
+	if got := targets(t, ctx, aB.pool, "1, 2, 4, 10, 11"); got != "1" {
+		t.Fatalf("the batch wrote kv in %s target transactions, want 1", got)
+	}
+	if got := targets(t, ctx, aR.pool, "1, 2, 4, 10, 11"); got != "3" {
+		t.Fatalf("the row path wrote kv in %s target transactions, want 3", got)
+	}
+	if p, err := aB.Progress(ctx, "na"); err != nil || p != txns[2].EndLSN {
+		t.Fatalf("Progress = %s, %v; want %s", p, err, txns[2].EndLSN)
+	}
+	compare := func(what string) {
+		t.Helper()
+		for _, table := range []string{"kv", "hist"} {
+			if b, r := tableRows(t, ctx, aB.pool, table), tableRows(t, ctx, aR.pool, table); b != r {
+				t.Fatalf("%s: %s batched:\n%s\none by one:\n%s", what, table, b, r)
+			}
+		}
+		if b, r := stamps(t, ctx, aB.pool), stamps(t, ctx, aR.pool); b != r {
+			t.Fatalf("%s: stamps batched:\n%s\none by one:\n%s", what, b, r)
+		}
+		cf := `SELECT coalesce(string_agg(format('%s %s %s %s %s %s', key, kind, resolution, winner, local_commit_time, remote_commit_time), E'\n' ORDER BY id), '') FROM prism.conflicts`
+		if b, r := queryString(t, ctx, aB.pool, cf), queryString(t, ctx, aR.pool, cf); b != r {
+			t.Fatalf("%s: conflicts batched:\n%s\none by one:\n%s", what, b, r)
+		}
+	}
+	compare("after the batch")
+	want := queryString(t, ctx, aR.pool, "SELECT $1::timestamptz::text", txns[0].CommitTime)
+	if got := queryString(t, ctx, aB.pool, "SELECT prism.row_stamp('public.kv', '{\"id\": \"2\"}', xmin)::text FROM kv WHERE id = 2"); got != want {
+		t.Fatalf("row 2 stamped %s, want its source transaction's %s", got, want)
+	}
+
+	// Region as wrote rows 1, 2, 3 and 10 at t0+1.5: after the batch's
+	// first transaction, before its second and last. Its update of row 2
+	// (last written at t0+1) wins, its update of row 1 (t0+2) and its
+	// insert of key 3 (deleted at t0+2) lose, and its delete of row 10
+	// (t0+1) wins - in both regions.
+	as := []*decode.Txn{
+		txn("as", 2100, t0+1.5, upd(kv, nil, "2", "as", `\N`)),
+		txn("as", 2200, t0+1.5, upd(kv, nil, "1", "as", `\N`)),
+		txn("as", 2300, t0+1.5, ins(kv, "3", "as", `\N`)),
+		txn("as", 2400, t0+1.5, del(kv, "10", `\N`, `\N`)),
+	}
+	for _, tx := range as {
+		for _, a := range []*Applier{aB, aR} {
+			if err := a.Apply(ctx, tx); err != nil {
+				t.Fatalf("Apply as: %v", err)
+			}
+		}
+	}
+	compare("after region as")
+	if got := tableRows(t, ctx, aB.pool, "(SELECT * FROM kv WHERE id IN (1, 2, 3, 10))"); got != `{"id":1,"v":"x2","n":1.20,"g":2}`+"\n"+`{"id":2,"v":"as","n":null,"g":4}` {
+		t.Fatalf("rows 1, 2, 3, 10 = %s", got)
+	}
+}
+
+// TestBatchFallback: a batch that meets a conflict, or a failing
+// transaction, is rolled back and its transactions are applied one by
+// one: the conflict is decided and recorded as without batching, and a
+// failure is pinned on exactly one transaction (invariant 9); those
+// before it are durable and those after it apply in the next call.
+func TestBatchFallback(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "bfall"})
+	mustExec(t, ctx, c, "postgres", batchSchema+`
+		ALTER TABLE hist ADD CONSTRAINT target_only CHECK (note IS DISTINCT FROM 'bad');`)
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	defer a.Close()
+	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v", "n")
+	hist := rel("public", "hist", decode.IdentityDefault, "id", "note")
+	t0 := time.Now().Add(time.Hour).Sub(baseTime).Seconds()
+
+	// A local row newer than the batch's first transaction, older than
+	// its last; and a key the batch inserts that exists locally.
+	mustExec(t, ctx, c, "postgres", "UPDATE kv SET v = 'local' WHERE id = 1; INSERT INTO kv (id, v) VALUES (20, 'local')")
+	old := time.Now().Add(-time.Hour).Sub(baseTime).Seconds()
+	txns := []*decode.Txn{
+		txn("na", 1100, old, upd(kv, nil, "1", "older", `\N`)),
+		txn("na", 1200, t0, ins(kv, "20", "na", `\N`), upd(kv, nil, "2", "a", `\N`), upd(kv, nil, "3", "b", `\N`)),
+		txn("na", 1300, t0+1, upd(kv, nil, "4", "c", `\N`)),
+	}
+	if n, err := a.ApplyBatch(ctx, txns); n != len(txns) || err != nil {
+		t.Fatalf("ApplyBatch = %d, %v", n, err)
+	}
+	if got := tableRows(t, ctx, a.pool, "(SELECT * FROM kv WHERE id IN (1, 2, 3, 4, 20))"); got != `{"id":1,"v":"local","n":null,"g":2}`+"\n"+
+		`{"id":2,"v":"a","n":null,"g":4}`+"\n"+`{"id":20,"v":"na","n":null,"g":40}`+"\n"+
+		`{"id":3,"v":"b","n":null,"g":6}`+"\n"+`{"id":4,"v":"c","n":null,"g":8}` {
+		t.Fatalf("rows = %s", got)
+	}
+	if got := targets(t, ctx, a.pool, "2, 4"); got != "2" {
+		t.Fatalf("rows written in %s target transactions, want 2 (one per source transaction)", got)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT string_agg(key::text || ' ' || kind || ' ' || winner, ', ' ORDER BY id) FROM prism.conflicts"); got != `{"id": "1"} update local, {"id": "20"} insert_exists remote` {
+		t.Fatalf("conflicts = %s", got)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT count(*)::text FROM prism.row_stamps"); got != "0" {
+		t.Fatalf("%s row stamps left by a rolled back batch", got)
+	}
+
+	// The second of four transactions fails in the target only.
+	bad := []*decode.Txn{
+		txn("na", 2100, t0+2, upd(kv, nil, "5", "d", `\N`), ins(hist, "1", "ok")),
+		txn("na", 2200, t0+3, upd(kv, nil, "6", "e", `\N`), ins(hist, "2", "bad")),
+		txn("na", 2300, t0+4, upd(kv, nil, "7", "f", `\N`), ins(hist, "3", "ok")),
+		txn("na", 2400, t0+5, upd(kv, nil, "8", "g", `\N`), ins(hist, "4", "ok")),
+	}
+	n, err := a.ApplyBatch(ctx, bad)
+	var e *Error
+	if n != 1 || !errors.As(err, &e) || e.EndLSN != bad[1].EndLSN || e.SQLState != "23514" || e.Table != "public.hist" {
+		t.Fatalf("ApplyBatch = %d, %v; want 1 and a check violation of the second transaction's hist row", n, err)
+	}
+	if p, err := a.Progress(ctx, "na"); err != nil || p != bad[0].EndLSN {
+		t.Fatalf("Progress = %s, %v; want %s", p, err, bad[0].EndLSN)
+	}
+	// The policy parks the failing transaction; the others apply.
+	if n, err := a.ApplyBatch(ctx, bad[2:]); n != 2 || err != nil {
+		t.Fatalf("ApplyBatch after the failing one = %d, %v", n, err)
+	}
+	if got := tableRows(t, ctx, a.pool, "(SELECT * FROM kv WHERE id BETWEEN 5 AND 8)"); got != `{"id":5,"v":"d","n":null,"g":10}`+"\n"+
+		`{"id":6,"v":"base","n":null,"g":12}`+"\n"+`{"id":7,"v":"f","n":null,"g":14}`+"\n"+`{"id":8,"v":"g","n":null,"g":16}` {
+		t.Fatalf("rows = %s", got)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT string_agg(id::text, ',' ORDER BY id) FROM hist"); got != "1,3,4" {
+		t.Fatalf("hist = %s, want 1,3,4", got)
+	}
+	// The last two went as a batch again.
+	if got := targets(t, ctx, a.pool, "7, 8"); got != "1" {
+		t.Fatalf("the last two were written in %s target transactions, want 1", got)
+	}
+
+	// Array columns go by rows.
+	mustExec(t, ctx, c, "postgres", "CREATE TABLE arr (id int PRIMARY KEY, a int[], t text[])")
+	arr := rel("public", "arr", decode.IdentityDefault, "id*", "a", "t")
+	if n, err := a.ApplyBatch(ctx, []*decode.Txn{
+		txn("na", 3100, t0+6, ins(arr, "1", "{1,2}", `{"a,b",c}`)),
+		txn("na", 3200, t0+7, upd(arr, nil, "1", "{3,4}", `{"x\"y",NULL}`), ins(arr, "2", `\N`, "{}")),
+	}); n != 2 || err != nil {
+		t.Fatalf("ApplyBatch arrays = %d, %v", n, err)
+	}
+	if got := tableRows(t, ctx, a.pool, "arr"); got != `{"id":1,"a":[3,4],"t":["x\"y",null]}`+"\n"+`{"id":2,"a":null,"t":[]}` {
+		t.Fatalf("arr = %s", got)
+	}
+}
+
+// TestBatchLocalConverges: local writes of region eu against batches from
+// region na, in both delivery orders, converge with a region that applies
+// the same transactions one by one.
+func TestBatchLocalConverges(t *testing.T) {
+	ctx := testCtx(t)
+	eu := pgtest.Start(t, pgtest.Options{Name: "bleu"})
+	as := pgtest.Start(t, pgtest.Options{Name: "blas"})
+	mustExec(t, ctx, eu, "postgres", batchSchema)
+	mustExec(t, ctx, as, "postgres", batchSchema)
+	aEU := newApplier(t, ctx, eu, "postgres", WithLocalRegion("eu"))
+	aAS := newApplier(t, ctx, as, "postgres", WithLocalRegion("as"))
+	defer aEU.Close()
+	defer aAS.Close()
+	for _, a := range []*Applier{aEU, aAS} {
+		if err := a.Setup(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v", "n")
+	// eu writes rows 1-4 locally now; na's batch has transactions just
+	// before and after, on the same rows.
+	now := time.Now()
+	var local []*decode.Txn
+	for i, sql := range []string{
+		"UPDATE kv SET v = 'eu' WHERE id = 1", "UPDATE kv SET v = 'eu' WHERE id = 2",
+		"DELETE FROM kv WHERE id = 3", "UPDATE kv SET v = 'eu' WHERE id = 4",
+	} {
+		id := i + 1
+		var ts time.Time
+		if id == 3 {
+			if _, err := aEU.pool.Exec(ctx, sql); err != nil {
+				t.Fatal(err)
+			}
+			ts = time.Now()
+			if err := aEU.pool.QueryRow(ctx, "SELECT pg_xact_commit_timestamp(xmin) FROM prism.tombstones WHERE key = '{\"id\": \"3\"}'").Scan(&ts); err != nil {
+				t.Fatal(err)
+			}
+			local = append(local, &decode.Txn{Origin: "eu", EndLSN: decodeLSN(uint64(5000 + 100*i)), CommitTime: ts,
+				Changes: []decode.Change{del(kv, "3", `\N`, `\N`)}})
+			continue
+		}
+		ts = localWrite(t, ctx, aEU.pool, sql, "kv", id)
+		local = append(local, &decode.Txn{Origin: "eu", EndLSN: decodeLSN(uint64(5000 + 100*i)), CommitTime: ts,
+			Changes: []decode.Change{upd(kv, nil, fmt.Sprint(id), "eu", `\N`)}})
+	}
+	at := func(d time.Duration) float64 { return now.Add(d).Sub(baseTime).Seconds() }
+	batch := []*decode.Txn{
+		txn("na", 1100, at(-time.Minute), upd(kv, nil, "1", "na-old", `\N`), upd(kv, nil, "5", "na", `\N`)),
+		txn("na", 1200, at(time.Minute), upd(kv, nil, "2", "na-new", `\N`), upd(kv, nil, "3", "na-new", `\N`)),
+		txn("na", 1300, at(2*time.Minute), upd(kv, nil, "4", "na-new", `\N`), upd(kv, nil, "6", "na", `\N`)),
+	}
+	// eu gets na's batch after its own writes; as gets na's transactions
+	// one by one, then eu's.
+	if n, err := aEU.ApplyBatch(ctx, batch); n != len(batch) || err != nil {
+		t.Fatalf("eu ApplyBatch = %d, %v", n, err)
+	}
+	for _, tx := range batch {
+		if err := aAS.Apply(ctx, tx); err != nil {
+			t.Fatalf("as Apply na: %v", err)
+		}
+	}
+	for _, tx := range local {
+		if err := aAS.Apply(ctx, tx); err != nil {
+			t.Fatalf("as Apply eu: %v", err)
+		}
+	}
+	b, r := tableRows(t, ctx, aEU.pool, "kv"), tableRows(t, ctx, aAS.pool, "kv")
+	if b != r {
+		t.Fatalf("eu:\n%s\nas:\n%s", b, r)
+	}
+	want := `{"id":1,"v":"eu","n":null,"g":2}` + "\n" + `{"id":2,"v":"na-new","n":null,"g":4}` + "\n" +
+		`{"id":3,"v":"na-new","n":null,"g":6}` + "\n" + `{"id":4,"v":"na-new","n":null,"g":8}` + "\n" + `{"id":5,"v":"base","n":null,"g":10}` + "\n" +
+		`{"id":6,"v":"na","n":null,"g":12}` + "\n" + `{"id":7,"v":"base","n":null,"g":14}` + "\n" +
+		`{"id":8,"v":"base","n":null,"g":16}` + "\n" + `{"id":9,"v":"base","n":null,"g":18}`
+	if b != want {
+		t.Fatalf("rows:\n%s\nwant:\n%s", b, want)
+	}
+	// A batch that needs no conflict check goes in one target
+	// transaction over the local versions, with the stamps it has where
+	// it is applied one by one.
+	batch2 := []*decode.Txn{
+		txn("na", 1400, at(3*time.Minute), upd(kv, nil, "1", "na2", `\N`), upd(kv, nil, "7", "na2", `\N`)),
+		txn("na", 1500, at(4*time.Minute), upd(kv, nil, "1", "na3", `\N`)),
+	}
+	if n, err := aEU.ApplyBatch(ctx, batch2); n != len(batch2) || err != nil {
+		t.Fatalf("eu ApplyBatch = %d, %v", n, err)
+	}
+	for _, tx := range batch2 {
+		if err := aAS.Apply(ctx, tx); err != nil {
+			t.Fatalf("as Apply na: %v", err)
+		}
+	}
+	if got := targets(t, ctx, aEU.pool, "1, 7"); got != "1" {
+		t.Fatalf("eu wrote rows 1 and 7 in %s target transactions, want 1", got)
+	}
+	stamp := `SELECT string_agg(prism.row_stamp('public.kv', jsonb_object(ARRAY['id'], ARRAY[id::text]), xmin)::text, ' ' ORDER BY id) FROM kv WHERE id IN (1, 7)`
+	if b, r := queryString(t, ctx, aEU.pool, stamp), queryString(t, ctx, aAS.pool, stamp); b != r {
+		t.Fatalf("stamps of rows 1 and 7: eu %s, as %s", b, r)
+	}
+	if b, r := tableRows(t, ctx, aEU.pool, "kv"), tableRows(t, ctx, aAS.pool, "kv"); b != r {
+		t.Fatalf("eu:\n%s\nas:\n%s", b, r)
+	}
+	// A later local write over a batched row stamps later than it.
+	mustExec(t, ctx, eu, "postgres", "UPDATE kv SET v = 'eu2' WHERE id = 7")
+	if got := queryString(t, ctx, aEU.pool, "SELECT (prism.row_stamp('public.kv', '{\"id\": \"7\"}', xmin) > $1::timestamptz)::text FROM kv WHERE id = 7", batch2[1].CommitTime); got != "true" {
+		t.Fatalf("local write over a batched row stamps later: %s", got)
+	}
+}
