@@ -403,7 +403,7 @@ func (bp *batchPlan) statements() ([]*batchStatement, [][][]byte, error) {
 // without a conflict (prism.batch_check fails the batch otherwise), and
 // records each row's stamp in prism.row_stamps in the same statement.
 func (bt *batchTable) statement(kind int) (*batchStatement, error) {
-	b := &builder{t: bt.t, rel: bt.rel, index: map[paramRef]int{}}
+	b := &builder{t: bt.t, rel: bt.rel, keys: matchKey(bt.t, bt.rel), index: map[paramRef]int{}}
 	st := &batchStatement{}
 	var cols []int
 	if kind == groupDelete {
