@@ -124,7 +124,7 @@ func (d *demo) run(ctx context.Context) error {
 	stopWorkload := d.startWorkload(ctx)
 	defer stopWorkload()
 	d.recordStartup()
-	for _, scene := range []func(context.Context) error{d.steadyState, d.lostUpdate, d.failover, d.fallback, d.recovery, d.residency} {
+	for _, scene := range []func(context.Context) error{d.steadyState, d.lostUpdate, d.failover, d.fallback, d.recovery, d.residency, d.schemaChange} {
 		if err := scene(ctx); err != nil {
 			return err
 		}

@@ -17,7 +17,7 @@ import (
 const residencyRule = "{exclude_tables: [public.card_tokens]}"
 
 // residencyConfigs copies the node configs into the demo's directory with
-// the residency rule added: under peer region as in the na and eu nodes'
+// schema changes replicated (see schemaChange) and the residency rule added: under peer region as in the na and eu nodes'
 // configs (what they ship to as), and as the top-level scope of as1 (what
 // region as holds, for verify).
 func (d *demo) residencyConfigs() error {
@@ -41,6 +41,9 @@ func (d *demo) residencyConfigs() error {
 			}
 			eol := i + strings.IndexByte(text[i:], '\n') + 1
 			text = text[:eol] + "    scope: " + residencyRule + "   # demo: as receives no card tokens\n" + text[eol:]
+		}
+		if text, err = replicateDDL(n, text); err != nil {
+			return err
 		}
 		if err := os.WriteFile(filepath.Join(dir, n+".yaml"), []byte(text), 0o600); err != nil {
 			return err
