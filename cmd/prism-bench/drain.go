@@ -209,8 +209,17 @@ var nativeSlots = []string{"bench_sub_eu", "bench_sub_as"}
 
 // drainNative enables both subscriptions and times their catch-up to end.
 func (e *env) drainNative(ctx context.Context, end pglogrepl.LSN, marker int, timeout time.Duration) (drain, error) {
-	d := drain{contender: native, peakKB: map[string]int64{}}
-	w, err := e.newWatcher(ctx, e.native[:])
+	return e.drainSubscriptions(ctx, native, e.native[:], e.setSubscriptions, nativeSlots, end, marker, timeout)
+}
+
+// drainSubscriptions times a subscription-based contender: it turns the
+// subscriptions to the source on with enable, waits until slots reach end
+// and the marker row is in every region, records the servers' CPU, and
+// turns them off again.
+func (e *env) drainSubscriptions(ctx context.Context, contender string, regions []*pgtest.Cluster,
+	enable func(context.Context, bool) error, slots []string, end pglogrepl.LSN, marker int, timeout time.Duration) (drain, error) {
+	d := drain{contender: contender, peakKB: map[string]int64{}}
+	w, err := e.newWatcher(ctx, regions)
 	if err != nil {
 		return d, err
 	}
@@ -220,16 +229,16 @@ func (e *env) drainNative(ctx context.Context, end pglogrepl.LSN, marker int, ti
 		return d, err
 	}
 	t0 := time.Now()
-	if err := e.setSubscriptions(ctx, true); err != nil {
+	if err := enable(ctx, true); err != nil {
 		return d, err
 	}
-	werr := w.waitDrain(ctx, &d, t0, timeout, end, marker, nativeSlots, nil)
+	werr := w.waitDrain(ctx, &d, t0, timeout, end, marker, slots, nil)
 	cpu1, err := e.cpuSnapshot()
 	if err != nil {
 		return d, err
 	}
 	d.serverCPU, d.perServer = cpu1.since(cpu0)
-	if err := e.setSubscriptions(ctx, false); err != nil {
+	if err := enable(ctx, false); err != nil {
 		return d, err
 	}
 	return d, werr

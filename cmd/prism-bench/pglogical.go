@@ -198,28 +198,5 @@ func (e *env) pglSourceSubs(ctx context.Context, on bool) error {
 // source and times their catch-up to end. The mesh's other subscriptions
 // run throughout, as in a full mesh.
 func (e *env) drainPglogical(ctx context.Context, end pglogrepl.LSN, marker int, timeout time.Duration) (drain, error) {
-	d := drain{contender: pglogicalBacklog, peakKB: map[string]int64{}}
-	w, err := e.newWatcher(ctx, e.pgl[:])
-	if err != nil {
-		return d, err
-	}
-	defer w.close(ctx)
-	cpu0, err := e.cpuSnapshot()
-	if err != nil {
-		return d, err
-	}
-	t0 := time.Now()
-	if err := e.pglSourceSubs(ctx, true); err != nil {
-		return d, err
-	}
-	werr := w.waitDrain(ctx, &d, t0, timeout, end, marker, e.pglSrcSlots, nil)
-	cpu1, err := e.cpuSnapshot()
-	if err != nil {
-		return d, err
-	}
-	d.serverCPU, d.perServer = cpu1.since(cpu0)
-	if err := e.pglSourceSubs(ctx, false); err != nil {
-		return d, err
-	}
-	return d, werr
+	return e.drainSubscriptions(ctx, pglogicalBacklog, e.pgl[:], e.pglSourceSubs, e.pglSrcSlots, end, marker, timeout)
 }
