@@ -349,11 +349,14 @@ func TestWrongTokenSurfacesOnShipper(t *testing.T) {
 	}
 
 	// The operator fixes the token: the node comes back at the same
-	// address, the shipper returns to it and forgets the refusal.
-	ln, err = net.Listen("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
+	// address, the shipper returns to it and forgets the refusal. The
+	// shipper keeps dialing the closed port meanwhile, and a dial on
+	// loopback can connect to itself (source port = the port dialed),
+	// holding the port until it gives up: bind until the port is free.
+	waitFor(t, "the port to be free again", 20*time.Second, func() bool {
+		ln, err = net.Listen("tcp", addr)
+		return err == nil
+	})
 	app := newMemApplier()
 	serveOn(t, NewServer(serverConfig("eu", "eu1"), app, zerolog.Nop()), ln)
 	waitFor(t, "return to eu1", 20*time.Second, func() bool { return sh.Status().Path == "eu1" })
