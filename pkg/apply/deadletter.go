@@ -481,7 +481,7 @@ func (a *Applier) DeadLetters(ctx context.Context, source string, statuses ...st
 	// a fix.
 	if _, err := a.pool.Exec(ctx, `UPDATE prism.dead_letters SET status = $1, resolved_at = clock_timestamp()
 		WHERE status = $2 AND end_lsn <= CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin
-			WHERE roname = 'prism_' || source_region) THEN pg_replication_origin_progress('prism_' || source_region, true) END`,
+			WHERE roname = `+decode.OriginNameSQL+`) THEN pg_replication_origin_progress(`+decode.OriginNameSQL+`, true) END`,
 		StatusResolved, StatusHalted); err != nil {
 		return nil, fmt.Errorf("dead letters: %w", err)
 	}
