@@ -15,6 +15,7 @@ import (
 	"github.com/prism-cdc/prism-cdc/internal/config"
 	"github.com/prism-cdc/prism-cdc/internal/logging"
 	"github.com/prism-cdc/prism-cdc/pkg/apply"
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
 
 // deadLettersCommand runs `prism-cdc deadletters list|retry`, on this
@@ -187,7 +188,7 @@ func openApplier(ctx context.Context, cfg *config.Config, log zerolog.Logger) (*
 		perTable[t] = apply.Policy(p)
 	}
 	a := apply.NewApplier(pool, log, apply.WithLocalRegion(cfg.Region),
-		apply.WithConflicts(apply.Policy(cfg.Conflicts.Default), perTable), apply.WithApplicationName("prism_cli"),
+		apply.WithConflicts(apply.Policy(cfg.Conflicts.Default), perTable), apply.WithApplicationName(decode.AppName("cli")),
 		apply.WithDDL(cfg.DDL == config.DDLReplicate))
 	return a, pool.Close, nil
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/prism-cdc/prism-cdc/internal/config"
 	"github.com/prism-cdc/prism-cdc/internal/node"
 	"github.com/prism-cdc/prism-cdc/pkg/apply"
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
 
 // statusReport is what prism-cdc status prints: the node's live view and
@@ -265,7 +266,7 @@ func printStatus(w io.Writer, rep statusReport) {
 		fmt.Fprintln(w, "\nLAG BYTES / LAG SECONDS: unknown while the node is down; WAL SINCE is the database's figure.")
 	}
 	fmt.Fprintln(w, "\nLAG SECONDS: time since the source commit of the oldest transaction the region has not acknowledged (0 when caught up).")
-	fmt.Fprintln(w, "APPLIED THERE / WAL SINCE: origin prism_"+rep.Region+" in the region's database, and this region's WAL written after it (an upper bound on the lag: it includes WAL that is not shipped).")
+	fmt.Fprintln(w, "APPLIED THERE / WAL SINCE: origin "+decode.OriginName(rep.Region)+" in the region's database, and this region's WAL written after it (an upper bound on the lag: it includes WAL that is not shipped).")
 }
 
 func parseLSN(s string) (pglogrepl.LSN, error) { return pglogrepl.ParseLSN(s) }

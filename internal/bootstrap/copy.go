@@ -316,7 +316,7 @@ func copyTables(ctx context.Context, cfg Config, srcs []*pgconn.PgConn, tables [
 		}
 	}()
 	for i := 0; i < jobs; i++ {
-		s, err := holdOrigin(ctx, cfg.DSN, fmt.Sprintf("prism_bootstrap_%d", i+1), true, writerParams)
+		s, err := holdOrigin(ctx, cfg.DSN, decode.OriginName(fmt.Sprintf("bootstrap_%d", i+1)), true, writerParams)
 		if err != nil {
 			return nil, fmt.Errorf("bootstrap: target: %w", err)
 		}

@@ -177,7 +177,7 @@ func takeSnapshot(ctx context.Context, dsn, target string) (*snapshot, error) {
 	if err != nil {
 		return nil, fmt.Errorf("bootstrap: source replication connection: %w", err)
 	}
-	slot := fmt.Sprintf("prism_bootstrap_%s_%d", slotSafe(target), time.Now().UnixNano()%1000000000)
+	slot := decode.SlotName(fmt.Sprintf("bootstrap_%s_%d", slotSafe(target), time.Now().UnixNano()%1000000000))
 	res, err := pglogrepl.CreateReplicationSlot(ctx, repl, slot, "pgoutput",
 		pglogrepl.CreateReplicationSlotOptions{Temporary: true, SnapshotAction: "EXPORT_SNAPSHOT"})
 	if err != nil {

@@ -755,8 +755,8 @@ func (d *doctor) sync(ctx context.Context, conn *pgx.Conn, db string) {
 	// for: the reader reports as flushed only what the regions the mode
 	// requires have acknowledged.
 	line := fmt.Sprintf("synchronous_standby_names = 'ANY 1 (%s)'", app)
-	fix := fmt.Sprintf("ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (%s)';  SELECT pg_reload_conf();\n-- list prism_<node> of every node of region %s, e.g. 'ANY 1 (%s, prism_<other node>)'; synchronous_commit must be on or remote_apply",
-		app, d.cfg.Region, app)
+	fix := fmt.Sprintf("ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (%s)';  SELECT pg_reload_conf();\n-- list %s of every node of region %s, e.g. 'ANY 1 (%s, %s)'; synchronous_commit must be on or remote_apply",
+		app, decode.AppName("<node>"), d.cfg.Region, app, decode.AppName("<other node>"))
 	switch {
 	case !named:
 		d.rep.add(Warn, check, fmt.Sprintf("needs %s, but it is '%s': commits do not wait for other regions", line, names), fix)

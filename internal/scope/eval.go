@@ -98,86 +98,107 @@ const (
 // otherwise; ordering comparisons (< <= > >=) need a text or numeric
 // column.
 func (e *Expr) Bind(cols []Column) (*Pred, error) {
-	idx := make(map[string]int, len(cols))
+	b := &binder{cols: cols, idx: make(map[string]int, len(cols)), seen: map[int]bool{}, p: &Pred{e: e, cols: cols}}
 	for i, c := range cols {
-		idx[c.Name] = i
+		b.idx[c.Name] = i
 	}
-	p := &Pred{e: e, cols: cols}
-	seen := map[int]bool{}
-	var bind func(n node) (pnode, error)
-	col := func(c colRef) (int, error) {
-		i, ok := idx[c.name]
-		if !ok {
-			return 0, &BindError{Pos: c.pos, Msg: fmt.Sprintf("column %q does not exist in the table", c.name)}
-		}
-		if !seen[i] {
-			seen[i] = true
-			p.uses = append(p.uses, i)
-		}
-		return i, nil
-	}
-	bind = func(n node) (pnode, error) {
-		switch n := n.(type) {
-		case *boolNode:
-			l, err := bind(n.l)
-			if err != nil {
-				return nil, err
-			}
-			r, err := bind(n.r)
-			if err != nil {
-				return nil, err
-			}
-			return &pbool{and: n.and, l: l, r: r}, nil
-		case *notNode:
-			x, err := bind(n.x)
-			if err != nil {
-				return nil, err
-			}
-			return &pnot{x: x}, nil
-		case *nullNode:
-			i, err := col(n.col)
-			if err != nil {
-				return nil, err
-			}
-			return &pnull{col: i, not: n.not}, nil
-		case *cmpNode:
-			i, err := col(n.col)
-			if err != nil {
-				return nil, err
-			}
-			cl := classOf(cols[i].TypeOID)
-			if n.op != "=" && n.op != "<>" && cl != classText && cl != classBPChar && cl != classNumber {
-				return nil, &BindError{Pos: n.col.pos, Msg: fmt.Sprintf("column %q is not of a text or numeric type: it can only be compared with =, <>, IN and IS NULL", n.col.name)}
-			}
-			v, err := typed(cl, n.col.name, n.lit)
-			if err != nil {
-				return nil, err
-			}
-			return &pcmp{col: i, cl: cl, op: n.op, lit: v}, nil
-		case *inNode:
-			i, err := col(n.col)
-			if err != nil {
-				return nil, err
-			}
-			cl := classOf(cols[i].TypeOID)
-			in := &pin{col: i, cl: cl, not: n.not}
-			for _, l := range n.lits {
-				v, err := typed(cl, n.col.name, l)
-				if err != nil {
-					return nil, err
-				}
-				in.lits = append(in.lits, v)
-			}
-			return in, nil
-		}
-		return nil, fmt.Errorf("scope: unknown node %T", n)
-	}
-	root, err := bind(e.root)
+	root, err := b.bind(e.root)
 	if err != nil {
 		return nil, err
 	}
-	p.root = root
-	return p, nil
+	b.p.root = root
+	return b.p, nil
+}
+
+// binder binds the nodes of one expression to the columns of a table and
+// records, in order of first use, the columns the predicate reads.
+type binder struct {
+	cols []Column
+	idx  map[string]int // column index by name
+	seen map[int]bool   // columns already in p.uses
+	p    *Pred
+}
+
+// bind binds node n and the nodes under it.
+func (b *binder) bind(n node) (pnode, error) {
+	switch n := n.(type) {
+	case *boolNode:
+		l, err := b.bind(n.l)
+		if err != nil {
+			return nil, err
+		}
+		r, err := b.bind(n.r)
+		if err != nil {
+			return nil, err
+		}
+		return &pbool{and: n.and, l: l, r: r}, nil
+	case *notNode:
+		x, err := b.bind(n.x)
+		if err != nil {
+			return nil, err
+		}
+		return &pnot{x: x}, nil
+	case *nullNode:
+		i, err := b.col(n.col)
+		if err != nil {
+			return nil, err
+		}
+		return &pnull{col: i, not: n.not}, nil
+	case *cmpNode:
+		return b.cmp(n)
+	case *inNode:
+		return b.in(n)
+	}
+	return nil, fmt.Errorf("scope: unknown node %T", n)
+}
+
+// col returns the index of the column c names.
+func (b *binder) col(c colRef) (int, error) {
+	i, ok := b.idx[c.name]
+	if !ok {
+		return 0, &BindError{Pos: c.pos, Msg: fmt.Sprintf("column %q does not exist in the table", c.name)}
+	}
+	if !b.seen[i] {
+		b.seen[i] = true
+		b.p.uses = append(b.p.uses, i)
+	}
+	return i, nil
+}
+
+// cmp binds a comparison: ordering needs a text or numeric column, and
+// the literal is typed for the column.
+func (b *binder) cmp(n *cmpNode) (pnode, error) {
+	i, err := b.col(n.col)
+	if err != nil {
+		return nil, err
+	}
+	cl := classOf(b.cols[i].TypeOID)
+	if n.op != "=" && n.op != "<>" && cl != classText && cl != classBPChar && cl != classNumber {
+		return nil, &BindError{Pos: n.col.pos, Msg: fmt.Sprintf("column %q is not of a text or numeric type: it can only be compared with =, <>, IN and IS NULL", n.col.name)}
+	}
+	v, err := typed(cl, n.col.name, n.lit)
+	if err != nil {
+		return nil, err
+	}
+	return &pcmp{col: i, cl: cl, op: n.op, lit: v}, nil
+}
+
+// in binds an IN list, each literal typed for the column.
+func (b *binder) in(n *inNode) (pnode, error) {
+	i, err := b.col(n.col)
+	if err != nil {
+		return nil, err
+	}
+	cl := classOf(b.cols[i].TypeOID)
+	in := &pin{col: i, cl: cl, not: n.not}
+	for _, l := range n.lits {
+		v, err := typed(cl, n.col.name, l)
+		if err != nil {
+			return nil, err
+		}
+		in.lits = append(in.lits, v)
+	}
+	return in, nil
 }
 
 // value is a literal typed for its column.

@@ -85,8 +85,24 @@ func CompareSchemas(ctx context.Context, regions []Region, pub string) ([]Schema
 }
 
 func compareSchemas(ctx context.Context, regions []Region, conns []*pgx.Conn, pub string) ([]SchemaDiff, error) {
-	// The tables any region publishes (a region whose node has not run
-	// yet has no publication), described in every region by name.
+	tables, err := publishedTables(ctx, regions, conns, pub)
+	if err != nil {
+		return nil, err
+	}
+	shapes, err := describeTables(ctx, regions, conns, tables)
+	if err != nil {
+		return nil, err
+	}
+	var diffs []SchemaDiff
+	for _, t := range tables {
+		diffs = append(diffs, diffTable(t, regions, shapes)...)
+	}
+	return diffs, nil
+}
+
+// publishedTables returns, sorted, the tables any region publishes (a
+// region whose node has not run yet has no publication).
+func publishedTables(ctx context.Context, regions []Region, conns []*pgx.Conn, pub string) ([]string, error) {
 	all := map[string]bool{}
 	for i, c := range conns {
 		rows, err := c.Query(ctx, publishedSQL, pub)
@@ -106,6 +122,12 @@ func compareSchemas(ctx context.Context, regions []Region, conns []*pgx.Conn, pu
 		tables = append(tables, t)
 	}
 	sort.Strings(tables)
+	return tables, nil
+}
+
+// describeTables describes tables in every region, by name: shapes[i]
+// holds the tables region i has.
+func describeTables(ctx context.Context, regions []Region, conns []*pgx.Conn, tables []string) ([]map[string]tableShape, error) {
 	shapes := make([]map[string]tableShape, len(regions))
 	for i, c := range conns {
 		rows, err := c.Query(ctx, schemaSQL, tables)
@@ -123,48 +145,47 @@ func compareSchemas(ctx context.Context, regions []Region, conns []*pgx.Conn, pu
 			return nil, fmt.Errorf("verify: schema of region %s: %w", regions[i].Name, err)
 		}
 	}
-	var diffs []SchemaDiff
-	for _, t := range tables {
-		missing := false
-		for i := range regions {
-			if _, ok := shapes[i][t]; !ok {
-				missing = true
-			}
-		}
-		if missing {
-			d := SchemaDiff{Table: t, Aspect: "table", Regions: map[string]string{}}
-			for i, r := range regions {
-				if _, ok := shapes[i][t]; ok {
-					d.Regions[r.Name] = "present"
-				} else {
-					d.Regions[r.Name] = "missing"
-				}
-			}
-			diffs = append(diffs, d)
-			continue
-		}
-		for _, aspect := range []struct {
-			name string
-			get  func(tableShape) string
-		}{
-			{"columns", func(s tableShape) string { return s.columns }},
-			{"key", func(s tableShape) string { return orNone(s.key) }},
-			{"indexes", func(s tableShape) string { return orNone(s.indexes) }},
-		} {
-			d := SchemaDiff{Table: t, Aspect: aspect.name, Regions: map[string]string{}}
-			differ := false
-			for i, r := range regions {
-				d.Regions[r.Name] = aspect.get(shapes[i][t])
-				if d.Regions[r.Name] != d.Regions[regions[0].Name] {
-					differ = true
-				}
-			}
-			if differ {
-				diffs = append(diffs, d)
-			}
+	return shapes, nil
+}
+
+// diffTable compares table t across regions: one diff when some region
+// lacks it, else one per aspect (columns, key, indexes) that differs.
+func diffTable(t string, regions []Region, shapes []map[string]tableShape) []SchemaDiff {
+	d := SchemaDiff{Table: t, Aspect: "table", Regions: map[string]string{}}
+	missing := false
+	for i, r := range regions {
+		if _, ok := shapes[i][t]; ok {
+			d.Regions[r.Name] = "present"
+		} else {
+			d.Regions[r.Name] = "missing"
+			missing = true
 		}
 	}
-	return diffs, nil
+	if missing {
+		return []SchemaDiff{d}
+	}
+	var diffs []SchemaDiff
+	for _, aspect := range []struct {
+		name string
+		get  func(tableShape) string
+	}{
+		{"columns", func(s tableShape) string { return s.columns }},
+		{"key", func(s tableShape) string { return orNone(s.key) }},
+		{"indexes", func(s tableShape) string { return orNone(s.indexes) }},
+	} {
+		d := SchemaDiff{Table: t, Aspect: aspect.name, Regions: map[string]string{}}
+		differ := false
+		for i, r := range regions {
+			d.Regions[r.Name] = aspect.get(shapes[i][t])
+			if d.Regions[r.Name] != d.Regions[regions[0].Name] {
+				differ = true
+			}
+		}
+		if differ {
+			diffs = append(diffs, d)
+		}
+	}
+	return diffs
 }
 
 func orNone(s string) string {

@@ -51,3 +51,32 @@ func TestCompareSchemas(t *testing.T) {
 		t.Fatalf("CompareSchemas =\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
 	}
 }
+
+// TestDiffTable: a table some region lacks is one "table" difference;
+// otherwise each aspect that differs is one difference, and an empty key
+// or index list reads "none".
+func TestDiffTable(t *testing.T) {
+	regions := []Region{{Name: "na"}, {Name: "eu"}}
+	shape := tableShape{columns: "id int", key: "(id)", indexes: ""}
+	other := tableShape{columns: "id bigint", key: "", indexes: ""}
+	for _, tc := range []struct {
+		name   string
+		shapes []map[string]tableShape
+		want   string
+	}{
+		{"alike", []map[string]tableShape{{"t": shape}, {"t": shape}}, ""},
+		{"missing", []map[string]tableShape{{"t": shape}, {}}, "table eu=missing na=present"},
+		{"columns and key", []map[string]tableShape{{"t": shape}, {"t": other}},
+			"columns eu=id bigint na=id int; key eu=none na=(id)"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var got []string
+			for _, d := range diffTable("t", regions, tc.shapes) {
+				got = append(got, d.Aspect+" eu="+d.Regions["eu"]+" na="+d.Regions["na"])
+			}
+			if s := strings.Join(got, "; "); s != tc.want {
+				t.Errorf("diffTable(%s) = %q, want %q", tc.name, s, tc.want)
+			}
+		})
+	}
+}

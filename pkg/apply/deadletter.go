@@ -481,7 +481,7 @@ func (a *Applier) DeadLetters(ctx context.Context, source string, statuses ...st
 	// a fix.
 	if _, err := a.pool.Exec(ctx, `UPDATE prism.dead_letters SET status = $1, resolved_at = clock_timestamp()
 		WHERE status = $2 AND end_lsn <= CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin
-			WHERE roname = 'prism_' || source_region) THEN pg_replication_origin_progress('prism_' || source_region, true) END`,
+			WHERE roname = `+decode.OriginNameSQL+`) THEN pg_replication_origin_progress(`+decode.OriginNameSQL+`, true) END`,
 		StatusResolved, StatusHalted); err != nil {
 		return nil, fmt.Errorf("dead letters: %w", err)
 	}
@@ -527,95 +527,109 @@ func (a *Applier) SetDeadLetterStatus(ctx context.Context, source string, lsn pg
 // the new error and attempt count, and the error is returned. Only
 // StatusParked rows can be retried.
 func (a *Applier) Retry(ctx context.Context, id int64) error {
-	if err := a.ensureSetup(ctx); err != nil {
-		return fmt.Errorf("retry dead letter %d: %w", id, err)
-	}
-	d, err := scanDeadLetter(a.pool.QueryRow(ctx, "SELECT "+deadLetterCols+" FROM prism.dead_letters WHERE id = $1", id))
-	if errors.Is(err, pgx.ErrNoRows) {
-		return fmt.Errorf("retry dead letter %d: no such dead letter", id)
-	}
-	if err != nil {
-		return fmt.Errorf("retry dead letter %d: %w", id, err)
-	}
-	if d.Status != StatusParked {
-		return fmt.Errorf("retry dead letter %d: status is %s; only %s transactions can be retried", id, d.Status, StatusParked)
-	}
-	txn, err := d.Txn()
+	txn, err := a.parkedTxn(ctx, id)
 	if err != nil {
 		return fmt.Errorf("retry dead letter %d: %w", id, err)
 	}
 	var table string
 	var op decode.Op
 	err = a.withOrigin(ctx, txn.Origin, func(conn *pgxpool.Conn, _ pglogrepl.LSN) error {
-		// One snapshot for every check, like ApplyBatch (beginSQL).
-		tx, err := conn.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead})
-		if err != nil {
-			return err
-		}
-		defer tx.Rollback(ctx)
-		ts := txn.CommitTime.UTC().Format("2006-01-02 15:04:05.999999Z07:00")
-		if _, err := tx.Exec(ctx, txnSetupSQL, txn.EndLSN.String(), ts, txn.Origin, a.local); err != nil {
-			return err
-		}
-		for j := range txn.Changes {
-			c := &txn.Changes[j]
-			table, op = relName(c), c.Op
-			if c.Op == decode.OpDDL {
-				_, err := tx.Exec(ctx, ddlRunSQL, c.DDL.SearchPath, c.DDL.Role, c.DDL.Command)
-				a.forgetSchema()
-				if err != nil {
-					return err
-				}
-				continue
-			}
-			if c.Op == decode.OpTruncate {
-				sql, err := truncateSQL(c)
-				if err != nil {
-					return err
-				}
-				if _, err := tx.Exec(ctx, sql); err != nil {
-					return err
-				}
-				continue
-			}
-			c, err := a.reshape(ctx, conn.Conn(), c)
-			if err != nil {
-				return err
-			}
-			st, sd, err := a.statementFor(ctx, conn.Conn(), c)
-			if err != nil {
-				return err
-			}
-			vals, formats, err := bind(st, c, []byte(ts))
-			if err != nil {
-				return err
-			}
-			if _, err := conn.Conn().PgConn().ExecPrepared(ctx, sd.Name, vals, formats, nil).Close(); err != nil {
-				return err
-			}
-		}
-		table, op = "", 0
-		tag, err := tx.Exec(ctx, `UPDATE prism.dead_letters SET status = $2, retried_at = clock_timestamp(),
-			resolved_at = clock_timestamp(), attempts = attempts + 1 WHERE id = $1 AND status = $3`, id, StatusRetried, StatusParked)
-		if err != nil {
-			return err
-		}
-		if tag.RowsAffected() != 1 {
-			return fmt.Errorf("dead letter %d changed meanwhile", id)
-		}
-		return tx.Commit(ctx)
+		table, op, err = a.replayParked(ctx, conn, id, txn)
+		return err
 	})
 	if err == nil {
 		a.log.Info().Int64("id", id).Str("origin", txn.Origin).Stringer("end_lsn", txn.EndLSN).Msg("dead letter retried")
 		return nil
 	}
 	aerr := newError(txn, table, op, err)
-	state, msg, _ := errorFields(aerr)
-	if _, uerr := a.pool.Exec(ctx, `UPDATE prism.dead_letters SET sqlstate = NULLIF($2, ''), message = $3,
-		retried_at = clock_timestamp(), attempts = attempts + 1 WHERE id = $1 AND status = $4`, id, state, msg, StatusParked); uerr != nil {
+	if uerr := a.recordRetryFailure(ctx, id, aerr); uerr != nil {
 		return fmt.Errorf("retry dead letter %d: %w", id, errors.Join(aerr, uerr))
 	}
 	return fmt.Errorf("retry dead letter %d: %w", id, aerr)
+}
+
+// parkedTxn reads dead letter id, which must be StatusParked, back into
+// its transaction.
+func (a *Applier) parkedTxn(ctx context.Context, id int64) (*decode.Txn, error) {
+	if err := a.ensureSetup(ctx); err != nil {
+		return nil, err
+	}
+	d, err := scanDeadLetter(a.pool.QueryRow(ctx, "SELECT "+deadLetterCols+" FROM prism.dead_letters WHERE id = $1", id))
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, errors.New("no such dead letter")
+	}
+	if err != nil {
+		return nil, err
+	}
+	if d.Status != StatusParked {
+		return nil, fmt.Errorf("status is %s; only %s transactions can be retried", d.Status, StatusParked)
+	}
+	return d.Txn()
+}
+
+// replayParked applies txn, dead letter id, on conn, which holds its
+// origin, and marks the dead letter StatusRetried in the same
+// transaction. On error it returns the table and operation of the change
+// that failed (none when the failure is not about a change).
+func (a *Applier) replayParked(ctx context.Context, conn *pgxpool.Conn, id int64, txn *decode.Txn) (string, decode.Op, error) {
+	// One snapshot for every check, like ApplyBatch (beginSQL).
+	tx, err := conn.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead})
+	if err != nil {
+		return "", 0, err
+	}
+	defer tx.Rollback(ctx)
+	ts := []byte(txn.CommitTime.UTC().Format("2006-01-02 15:04:05.999999Z07:00"))
+	if _, err := tx.Exec(ctx, txnSetupSQL, txn.EndLSN.String(), string(ts), txn.Origin, a.local); err != nil {
+		return "", 0, err
+	}
+	for j := range txn.Changes {
+		c := &txn.Changes[j]
+		if err := a.replayChange(ctx, conn, tx, c, j, ts); err != nil {
+			return relName(c), c.Op, err
+		}
+	}
+	tag, err := tx.Exec(ctx, `UPDATE prism.dead_letters SET status = $2, retried_at = clock_timestamp(),
+		resolved_at = clock_timestamp(), attempts = attempts + 1 WHERE id = $1 AND status = $3`, id, StatusRetried, StatusParked)
+	if err != nil {
+		return "", 0, err
+	}
+	if tag.RowsAffected() != 1 {
+		return "", 0, fmt.Errorf("dead letter %d changed meanwhile", id)
+	}
+	return "", 0, tx.Commit(ctx)
+}
+
+// replayChange runs change c, the index-th of its transaction, in tx on
+// conn.
+func (a *Applier) replayChange(ctx context.Context, conn *pgxpool.Conn, tx pgx.Tx, c *decode.Change, index int, ts []byte) error {
+	if c.Op == decode.OpDDL {
+		_, err := tx.Exec(ctx, ddlRunSQL, c.DDL.SearchPath, c.DDL.Role, c.DDL.Command)
+		a.forgetSchema()
+		return err
+	}
+	sd, sql, vals, formats, err := a.changeCommand(ctx, conn.Conn(), c, index, ts)
+	var be *buildError
+	if errors.As(err, &be) {
+		return be.err
+	}
+	if err != nil {
+		return err
+	}
+	if sd == nil {
+		_, err = tx.Exec(ctx, sql)
+		return err
+	}
+	_, err = conn.Conn().PgConn().ExecPrepared(ctx, sd.Name, vals, formats, nil).Close()
+	return err
+}
+
+// recordRetryFailure records the failure aerr of a retry in dead letter
+// id, which stays parked.
+func (a *Applier) recordRetryFailure(ctx context.Context, id int64, aerr *Error) error {
+	state, msg, _ := errorFields(aerr)
+	_, err := a.pool.Exec(ctx, `UPDATE prism.dead_letters SET sqlstate = NULLIF($2, ''), message = $3,
+		retried_at = clock_timestamp(), attempts = attempts + 1 WHERE id = $1 AND status = $4`, id, state, msg, StatusParked)
+	return err
 }
 
 // ErrNotHalted reports that Skip found no halted transaction at the given

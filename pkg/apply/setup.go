@@ -1,5 +1,7 @@
 package apply
 
+import "github.com/prism-cdc/prism-cdc/pkg/decode"
+
 // setupSQL creates what the applier keeps in the target database. It is
 // idempotent and serialised by an advisory lock so that appliers starting
 // together do not race on CREATE ... IF NOT EXISTS.
@@ -32,7 +34,7 @@ CREATE OR REPLACE FUNCTION prism.region_of(ident oid) RETURNS text
 LANGUAGE sql STABLE AS $f$
 	SELECT CASE
 		WHEN ident IS NULL OR ident = 0 THEN current_setting('prism.local_region', true)
-		ELSE (SELECT CASE WHEN roname LIKE 'prism\_%' THEN substr(roname, 7) ELSE roname END
+		ELSE (SELECT ` + decode.OriginRegionSQL + `
 		      FROM pg_catalog.pg_replication_origin WHERE roident = ident)
 	END
 $f$;

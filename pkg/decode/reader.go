@@ -459,24 +459,10 @@ func (r *Reader) prepare(ctx context.Context) (slotAction, pglogrepl.LSN, error)
 		return 0, 0, fmt.Errorf("connect %s: %w", r.cfg.Region, err)
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
-	var s slotState
-	var slotType, plugin, slotDB, walStatus, confirmed *string
-	var activePID *int32
-	var activeApp *string
-	err = conn.QueryRow(ctx, `SELECT current_database(),
-			EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1),
-			s.slot_name IS NOT NULL, s.slot_type, s.plugin, s.database::text, s.wal_status, s.active_pid, s.confirmed_flush_lsn::text,
-			(SELECT a.application_name FROM pg_stat_activity a WHERE a.pid = s.active_pid)
-		FROM (SELECT 1) x LEFT JOIN pg_replication_slots s ON s.slot_name = $2`,
-		r.cfg.Publication, r.cfg.Slot).Scan(&s.database, &s.pubExists, &s.slotExists, &slotType, &plugin, &slotDB, &walStatus, &activePID, &confirmed, &activeApp)
+	s, err := r.readSlotState(ctx, conn)
 	if err != nil {
-		return 0, 0, fmt.Errorf("check slot %s: %w", r.cfg.Slot, err)
+		return 0, 0, err
 	}
-	s.slotType, s.plugin, s.slotDatabase, s.walStatus, s.confirmedFlush = deref(slotType), deref(plugin), deref(slotDB), deref(walStatus), deref(confirmed)
-	if activePID != nil {
-		s.activePID = int(*activePID)
-	}
-	s.activeApp = deref(activeApp)
 	if s.activePID != 0 && r.cfg.AppName != "" && s.activeApp == r.cfg.AppName {
 		// This Reader's own previous walsender, whose connection was lost
 		// but which the server has not noticed yet: end it and retry.
@@ -494,6 +480,30 @@ func (r *Reader) prepare(ctx context.Context) (slotAction, pglogrepl.LSN, error)
 	}
 	confirmedLSN, _ := pglogrepl.ParseLSN(s.confirmedFlush) // 0/0 when the slot does not exist yet
 	return action, confirmedLSN, nil
+}
+
+// readSlotState reads what the catalog says about the slot and the
+// publication.
+func (r *Reader) readSlotState(ctx context.Context, conn *pgx.Conn) (slotState, error) {
+	var s slotState
+	var slotType, plugin, slotDB, walStatus, confirmed *string
+	var activePID *int32
+	var activeApp *string
+	err := conn.QueryRow(ctx, `SELECT current_database(),
+			EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1),
+			s.slot_name IS NOT NULL, s.slot_type, s.plugin, s.database::text, s.wal_status, s.active_pid, s.confirmed_flush_lsn::text,
+			(SELECT a.application_name FROM pg_stat_activity a WHERE a.pid = s.active_pid)
+		FROM (SELECT 1) x LEFT JOIN pg_replication_slots s ON s.slot_name = $2`,
+		r.cfg.Publication, r.cfg.Slot).Scan(&s.database, &s.pubExists, &s.slotExists, &slotType, &plugin, &slotDB, &walStatus, &activePID, &confirmed, &activeApp)
+	if err != nil {
+		return slotState{}, fmt.Errorf("check slot %s: %w", r.cfg.Slot, err)
+	}
+	s.slotType, s.plugin, s.slotDatabase, s.walStatus, s.confirmedFlush = deref(slotType), deref(plugin), deref(slotDB), deref(walStatus), deref(confirmed)
+	if activePID != nil {
+		s.activePID = int(*activePID)
+	}
+	s.activeApp = deref(activeApp)
+	return s, nil
 }
 
 func deref(s *string) string {
@@ -525,22 +535,51 @@ func (r *Reader) createPublication(ctx context.Context, conn *pgx.Conn) error {
 	return nil
 }
 
-// classify turns server errors into the Reader's sentinels.
-func (r *Reader) classify(err error) error {
+// classify turns server errors into the Reader's sentinels (see
+// serverCause); the catalog state it may need is read over a new normal
+// connection.
+func (r *Reader) classify(ctx context.Context, err error) error {
+	return serverCause(err, r.cfg.Slot, r.cfg.Publication, r.streamed, func() (slotState, error) {
+		conn, err := Connect(ctx, r.cfg.DSN)
+		if err != nil {
+			return slotState{}, err
+		}
+		defer conn.Close(context.WithoutCancel(ctx))
+		return r.readSlotState(ctx, conn)
+	})
+}
+
+// serverCause classifies err, from a replication session on slot with
+// publication pub, by its SQLSTATE and, where the SQLSTATE does not say
+// which object is at fault, by the catalog state the server reports now
+// (state), never by the message text:
+//   - 55006 (object_in_use): another session reads the slot: ErrSlotBusy;
+//   - 55000 (object_not_in_prerequisite_state, e.g. an invalidated slot)
+//     and 42704 (undefined_object, e.g. a publication dropped while
+//     streaming): whatever checkSlot finds wrong with the slot and the
+//     publication (ErrSlotLost, ErrPublicationMissing, a slot of the
+//     wrong kind), which is permanent, wrapping err;
+//   - anything else, or nothing found wrong, or no state to be had: err
+//     as it is (reconnecting may help).
+//
+// usedBefore reports that the Reader streamed from the slot before.
+func serverCause(err error, slot, pub string, usedBefore bool, state func() (slotState, error)) error {
 	var pgErr *pgconn.PgError
 	if !errors.As(err, &pgErr) {
 		return err
 	}
 	switch pgErr.Code {
-	case "55006": // object_in_use: the slot is active for another PID
+	case "55006":
 		return fmt.Errorf("%w: %w", ErrSlotBusy, err)
-	case "55000": // object_not_in_prerequisite_state: invalidated slot
-		if strings.Contains(pgErr.Message, "slot") {
-			return permanent(fmt.Errorf("%w: %w", ErrSlotLost, err))
+	case "55000", "42704":
+		s, serr := state()
+		if serr != nil {
+			return err
 		}
-	case "42704": // undefined_object: publication dropped while streaming
-		if strings.Contains(pgErr.Message, "publication") {
-			return permanent(fmt.Errorf("%w: %w", ErrPublicationMissing, err))
+		_, cerr := checkSlot(slot, pub, s, usedBefore)
+		var perm *permanentError
+		if errors.As(cerr, &perm) {
+			return permanent(fmt.Errorf("%w: %w", perm.err, err))
 		}
 	}
 	return err
@@ -554,7 +593,7 @@ func (r *Reader) session(ctx context.Context) (progressed bool, err error) {
 	}
 	action, slotConfirmed, err := r.prepare(ctx)
 	if err != nil {
-		return false, r.classify(err)
+		return false, r.classify(ctx, err)
 	}
 	pcfg, err := pgconn.ParseConfig(r.cfg.DSN)
 	if err != nil {
@@ -605,7 +644,7 @@ func (r *Reader) session(ctx context.Context) (progressed bool, err error) {
 		PluginArgs: []string{"proto_version '1'", "publication_names '" + pubs + "'", "messages 'true'"},
 	})
 	if err != nil {
-		return false, r.classify(fmt.Errorf("start replication on %s: %w", r.cfg.Slot, err))
+		return false, r.classify(ctx, fmt.Errorf("start replication on %s: %w", r.cfg.Slot, err))
 	}
 	r.streamed = true
 	// The server resumes from the slot's confirmed_flush_lsn when start
@@ -671,7 +710,7 @@ func (r *Reader) stream(ctx context.Context, conn *pgconn.PgConn) error {
 				return err
 			}
 		case *pgproto3.ErrorResponse:
-			return r.classify(pgconn.ErrorResponseToPgError(m))
+			return r.classify(ctx, pgconn.ErrorResponseToPgError(m))
 		case *pgproto3.CopyDone:
 			return errors.New("server ended the replication stream")
 		default:
