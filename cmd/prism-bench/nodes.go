@@ -171,6 +171,45 @@ func (m *mesh) sample() error {
 	return nil
 }
 
+// meshTick returns the tick of a wait loop while m runs: it samples m's
+// nodes and fails when one has exited. Without a mesh it does nothing.
+func meshTick(m *mesh) func() error {
+	return func() error {
+		if m == nil {
+			return nil
+		}
+		return m.sample()
+	}
+}
+
+// sampleEvery calls tick every interval in a goroutine until stop is
+// called. The caller owns the goroutine: stop ends it, waits for it to
+// exit and returns tick's first error.
+func sampleEvery(interval time.Duration, tick func() error) (stop func() error) {
+	quit, done := make(chan struct{}), make(chan struct{})
+	var first error
+	go func() {
+		defer close(done)
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for {
+			select {
+			case <-quit:
+				return
+			case <-t.C:
+				if err := tick(); err != nil && first == nil {
+					first = err
+				}
+			}
+		}
+	}()
+	return func() error {
+		close(quit)
+		<-done
+		return first
+	}
+}
+
 // stop sends SIGTERM to every process, waits for the graceful drain and
 // kills what is left after 30s.
 func (m *mesh) stop() {
@@ -189,6 +228,15 @@ func (m *mesh) stop() {
 			<-p.done
 		}
 	}
+}
+
+// peaks returns every process's peak RSS in kB, by node name.
+func (m *mesh) peaks() map[string]int64 {
+	kb := map[string]int64{}
+	for _, p := range m.procs {
+		kb[p.spec.name], _ = p.stats()
+	}
+	return kb
 }
 
 // kill ends every process at once.

@@ -2,12 +2,10 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -127,20 +125,15 @@ func (e *env) setupPglogical(ctx context.Context) error {
 	return nil
 }
 
+// parallelNodes is parallel over pglogical nodes, naming the node in
+// each error.
 func parallelNodes(nodes []pglNode, fn func(pglNode) error) error {
-	errs := make([]error, len(nodes))
-	var wg sync.WaitGroup
-	for i, n := range nodes {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := fn(n); err != nil {
-				errs[i] = fmt.Errorf("node %s: %w", n.name, err)
-			}
-		}()
-	}
-	wg.Wait()
-	return errors.Join(errs...)
+	return parallel(nodes, func(n pglNode) error {
+		if err := fn(n); err != nil {
+			return fmt.Errorf("node %s: %w", n.name, err)
+		}
+		return nil
+	})
 }
 
 // pglWaitReplicating waits until every subscription of nodes is
@@ -182,16 +175,7 @@ func (e *env) pglSourceSubs(ctx context.Context, on bool) error {
 	if on {
 		return nil
 	}
-	conn, err := e.src.Connect(ctx, db)
-	if err != nil {
-		return err
-	}
-	defer conn.Close(context.WithoutCancel(ctx))
-	return pollUntil(ctx, time.Minute, pollInterval, "pglogical to release the source's slots", func() (bool, error) {
-		var n int
-		err := conn.QueryRow(ctx, "SELECT count(*) FROM pg_replication_slots WHERE plugin = 'pglogical_output' AND active").Scan(&n)
-		return n == 0, err
-	})
+	return e.waitSlotsReleased(ctx, "pglogical to release the source's slots", "plugin = 'pglogical_output'")
 }
 
 // drainPglogical enables pgl-eu's and pgl-as's subscriptions to the

@@ -154,11 +154,7 @@ func (e *env) lag(ctx context.Context) ([]lagResult, error) {
 		res, err := e.lagPhase(ctx, c, m, script, lo, start, marker, slots)
 		if m != nil {
 			m.stop()
-			res.peakKB = map[string]int64{}
-			for _, p := range m.procs {
-				peak, _ := p.stats()
-				res.peakKB[p.spec.name] = peak
-			}
+			res.peakKB = m.peaks()
 		} else if serr := e.setSubscriptions(ctx, false); serr != nil && err == nil {
 			err = serr
 		}
@@ -260,7 +256,7 @@ func (e *env) lagPhase(ctx context.Context, c string, m *mesh, script string, lo
 		return res, err
 	}
 	res.rows = len(lags)
-	res.p50, res.p99, res.pmax = percentile(lags, 0.50), percentile(lags, 0.99), percentile(lags, 1)
+	res.p50, res.p99, res.pmax = quantiles(lags)
 	return res, nil
 }
 
@@ -327,6 +323,12 @@ func (e *env) lagSamples(ctx context.Context, regions []*pgtest.Cluster, lo int6
 		return nil, fmt.Errorf("no lag rows were written")
 	}
 	return lags, nil
+}
+
+// quantiles returns the median, the 99th percentile and the maximum of
+// ds; it sorts ds.
+func quantiles(ds []time.Duration) (p50, p99, pmax time.Duration) {
+	return percentile(ds, 0.50), percentile(ds, 0.99), percentile(ds, 1)
 }
 
 // percentile returns the p-quantile (nearest rank) of ds; it sorts ds.
