@@ -31,25 +31,36 @@ type nodeSpec struct {
 func (e *env) prismNodes() ([]nodeSpec, error) {
 	ns := []nodeSpec{{name: "na1", region: "na", cluster: e.src},
 		{name: "eu1", region: "eu", cluster: e.prismc[0]}, {name: "as1", region: "as", cluster: e.prismc[1]}}
+	addrs, err := freeAddrs(2 * len(ns))
+	if err != nil {
+		return nil, err
+	}
 	for i := range ns {
-		var err error
-		if ns[i].listen, err = freeAddr(); err != nil {
-			return nil, err
-		}
-		if ns[i].http, err = freeAddr(); err != nil {
-			return nil, err
-		}
+		ns[i].listen, ns[i].http = addrs[2*i], addrs[2*i+1]
 	}
 	return ns, nil
 }
 
-func freeAddr() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", fmt.Errorf("find a free port: %w", err)
+// freeAddrs returns n distinct free loopback addresses. It holds every
+// listener until all are chosen: a listener closed at once frees its
+// port, and the next one may get the same port back.
+func freeAddrs(n int) ([]string, error) {
+	var ls []net.Listener
+	defer func() {
+		for _, l := range ls {
+			l.Close()
+		}
+	}()
+	addrs := make([]string, 0, n)
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, fmt.Errorf("find a free port: %w", err)
+		}
+		ls = append(ls, l)
+		addrs = append(addrs, l.Addr().String())
 	}
-	defer l.Close()
-	return l.Addr().String(), nil
+	return addrs, nil
 }
 
 // nodeConfig is node n's YAML configuration in the full mesh ns.
