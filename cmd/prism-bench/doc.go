@@ -27,7 +27,8 @@
 //     regions and the lag between regions.
 //
 // With contender pglogical, two more region clusters and the source form
-// a pglogical mesh; its two subscriptions to the source drain the backlog.
+// a pglogical mesh; its two subscriptions to the source drain the backlog
+// and replicate the lag scenario's workload.
 //
 // Every scenario but active (which runs last) leaves the regions equal to
 // the source, so the next

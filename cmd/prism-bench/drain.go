@@ -20,9 +20,9 @@ const (
 	recvBinary = "pg_recvlogical binary (1 slot)"
 	native     = "native subscriptions (2 regions)"
 	prism      = "prism-cdc (2 regions)"
-	// pglogicalBacklog is pglogical in the backlog: the source's two
-	// subscribers of a three-node mesh.
-	pglogicalBacklog = "pglogical (2 regions)"
+	// pglogical is pglogical in the backlog and lag scenarios: the
+	// source's two subscribers of a three-node mesh.
+	pglogical = "pglogical (2 regions)"
 )
 
 // drain is one contender's catch-up to a target position.

@@ -22,10 +22,10 @@ var pglogicalSettings = map[string]string{
 }
 
 // pglTables are the tables in pglogical's replication set "default":
-// what the backlog changes, the markers, and pglogical's active-active
-// tables.
+// what the backlog and lag scenarios change, the markers, and pglogical's
+// active-active tables.
 var pglTables = []string{"pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history",
-	"bench_marker", "aa_pgl_hot", "aa_pgl_lag"}
+	"bench_marker", "bench_lag", "aa_pgl_hot", "aa_pgl_lag"}
 
 // pglogicalPackage names the Debian package that provides pglogical for
 // PostgreSQL major version v.
@@ -182,5 +182,5 @@ func (e *env) pglSourceSubs(ctx context.Context, on bool) error {
 // source and times their catch-up to end. The mesh's other subscriptions
 // run throughout, as in a full mesh.
 func (e *env) drainPglogical(ctx context.Context, end pglogrepl.LSN, marker int, timeout time.Duration) (drain, error) {
-	return e.drainSubscriptions(ctx, pglogicalBacklog, e.pgl[:], e.pglSourceSubs, e.pglSrcSlots, end, marker, timeout)
+	return e.drainSubscriptions(ctx, pglogical, e.pgl[:], e.pglSourceSubs, e.pglSrcSlots, end, marker, timeout)
 }
