@@ -321,30 +321,15 @@ func (e *env) activeQuiesce(ctx context.Context, c string, regions []activeRegio
 func compareHot(ctx context.Context, regions []activeRegion, prefix string, base int) (rows, differ int, err error) {
 	all := map[int64][]string{}
 	for i, r := range regions {
-		conn, err := r.cluster.Connect(ctx, db)
-		if err != nil {
-			return 0, 0, err
-		}
-		rs, err := conn.Query(ctx, fmt.Sprintf("SELECT id, v, rid FROM aa_%s_hot WHERE id > $1 AND id <= $2", prefix), base, base+999999)
-		if err == nil {
-			for rs.Next() {
-				var id, v int64
-				var rid int
-				if err = rs.Scan(&id, &v, &rid); err != nil {
-					break
-				}
-				if all[id] == nil {
-					all[id] = make([]string, len(regions))
-				}
-				all[id][i] = fmt.Sprintf("%d/%d", v, rid)
+		var id, v int64
+		var rid int
+		if err := queryEach(ctx, r.cluster, []any{&id, &v, &rid}, func() error {
+			if all[id] == nil {
+				all[id] = make([]string, len(regions))
 			}
-			rs.Close()
-			if err == nil {
-				err = rs.Err()
-			}
-		}
-		conn.Close(context.WithoutCancel(ctx))
-		if err != nil {
+			all[id][i] = fmt.Sprintf("%d/%d", v, rid)
+			return nil
+		}, fmt.Sprintf("SELECT id, v, rid FROM aa_%s_hot WHERE id > $1 AND id <= $2", prefix), base, base+999999); err != nil {
 			return 0, 0, fmt.Errorf("read hot rows of %s: %w", r.cluster.Name, err)
 		}
 	}
@@ -368,56 +353,24 @@ func activeLags(ctx context.Context, regions []activeRegion, prefix string, lo m
 		id  int64
 	}
 	commits := map[key]time.Time{}
+	var k key
+	var ts time.Time
 	for _, r := range regions {
-		conn, err := r.cluster.Connect(ctx, db)
-		if err != nil {
-			return nil, 0, err
-		}
-		rs, err := conn.Query(ctx, fmt.Sprintf("SELECT id, pg_xact_commit_timestamp(xmin) FROM aa_%s_lag WHERE rid = $1 AND id > $2", prefix), r.rid, lo[r.rid])
-		if err == nil {
-			for rs.Next() {
-				var id int64
-				var ts time.Time
-				if err = rs.Scan(&id, &ts); err != nil {
-					break
-				}
-				commits[key{r.rid, id}] = ts
-			}
-			rs.Close()
-			if err == nil {
-				err = rs.Err()
-			}
-		}
-		conn.Close(context.WithoutCancel(ctx))
-		if err != nil {
+		if err := queryEach(ctx, r.cluster, []any{&k.id, &ts}, func() error {
+			commits[key{r.rid, k.id}] = ts
+			return nil
+		}, fmt.Sprintf("SELECT id, pg_xact_commit_timestamp(xmin) FROM aa_%s_lag WHERE rid = $1 AND id > $2", prefix), r.rid, lo[r.rid]); err != nil {
 			return nil, 0, fmt.Errorf("read commit times of %s: %w", r.cluster.Name, err)
 		}
 	}
 	var lags []time.Duration
 	for _, r := range regions {
-		conn, err := r.cluster.Connect(ctx, db)
-		if err != nil {
-			return nil, 0, err
-		}
-		rs, err := conn.Query(ctx, fmt.Sprintf("SELECT rid, id, dst_ts FROM aa_%s_seen WHERE rid <> $1", prefix), r.rid)
-		if err == nil {
-			for rs.Next() {
-				var k key
-				var ts time.Time
-				if err = rs.Scan(&k.rid, &k.id, &ts); err != nil {
-					break
-				}
-				if src, ok := commits[k]; ok {
-					lags = append(lags, ts.Sub(src))
-				}
+		if err := queryEach(ctx, r.cluster, []any{&k.rid, &k.id, &ts}, func() error {
+			if src, ok := commits[k]; ok {
+				lags = append(lags, ts.Sub(src))
 			}
-			rs.Close()
-			if err == nil {
-				err = rs.Err()
-			}
-		}
-		conn.Close(context.WithoutCancel(ctx))
-		if err != nil {
+			return nil
+		}, fmt.Sprintf("SELECT rid, id, dst_ts FROM aa_%s_seen WHERE rid <> $1", prefix), r.rid); err != nil {
 			return nil, 0, fmt.Errorf("read apply times of %s: %w", r.cluster.Name, err)
 		}
 	}

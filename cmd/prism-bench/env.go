@@ -337,6 +337,22 @@ func queryLSN(ctx context.Context, c *pgtest.Cluster, sql string, args ...any) (
 	return scanLSN(ctx, conn, sql, args...)
 }
 
+// queryEach runs sql in c's database and, for every row, scans it into
+// scans and calls fn.
+func queryEach(ctx context.Context, c *pgtest.Cluster, scans []any, fn func() error, sql string, args ...any) error {
+	conn, err := c.Connect(ctx, db)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	rows, err := conn.Query(ctx, sql, args...)
+	if err != nil {
+		return err
+	}
+	_, err = pgx.ForEachRow(rows, scans, fn)
+	return err
+}
+
 func scanLSN(ctx context.Context, conn *pgx.Conn, sql string, args ...any) (pglogrepl.LSN, error) {
 	var s *string
 	if err := conn.QueryRow(ctx, sql, args...).Scan(&s); err != nil {

@@ -271,22 +271,15 @@ func (e *env) runScenarios(ctx context.Context, stdout, stderr io.Writer) bool {
 // reportBacklog runs the backlog scenario and writes its table.
 func (e *env) reportBacklog(ctx context.Context, w io.Writer) error {
 	runs, err := e.backlog(ctx)
-	if len(runs) > 0 {
-		fmt.Fprintf(w, "### Backlog catch-up: %d pgbench transactions (%d row changes), %d runs, median\n\n", e.cfg.txns, 4*e.cfg.txns, len(runs))
-		writeBacklogTable(w, summarize(runs, 4*e.cfg.txns))
-		fmt.Fprintln(w)
-	}
+	writeSection(w, runs, fmt.Sprintf("Backlog catch-up: %d pgbench transactions (%d row changes), %d runs, median", e.cfg.txns, 4*e.cfg.txns, len(runs)),
+		func(w io.Writer, runs [][]drain) { writeBacklogTable(w, summarize(runs, 4*e.cfg.txns)) })
 	return err
 }
 
 // reportLag runs the lag scenario and writes its table.
 func (e *env) reportLag(ctx context.Context, w io.Writer) error {
 	ls, err := e.lag(ctx)
-	if len(ls) > 0 {
-		fmt.Fprintf(w, "### Steady-state lag: pgbench at %d tps for %d s, source commit to region apply (both regions)\n\n", e.cfg.lagRate, e.cfg.lagSeconds)
-		writeLagTable(w, ls)
-		fmt.Fprintln(w)
-	}
+	writeSection(w, ls, fmt.Sprintf("Steady-state lag: pgbench at %d tps for %d s, source commit to region apply (both regions)", e.cfg.lagRate, e.cfg.lagSeconds), writeLagTable)
 	return err
 }
 
@@ -298,9 +291,7 @@ func (e *env) reportLarge(ctx context.Context, w io.Writer) error {
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(w, "### Large transaction\n\n")
-	writeLargeTable(w, r)
-	fmt.Fprintln(w)
+	writeSection(w, []largeResult{r}, "Large transaction", func(w io.Writer, rs []largeResult) { writeLargeTable(w, rs[0]) })
 	if !r.replicated {
 		return errShown
 	}
@@ -310,12 +301,19 @@ func (e *env) reportLarge(ctx context.Context, w io.Writer) error {
 // reportActive runs the active-active scenario and writes its table.
 func (e *env) reportActive(ctx context.Context, w io.Writer) error {
 	rs, err := e.active(ctx)
-	if len(rs) > 0 {
-		fmt.Fprintf(w, "### Active-active: every region writes the same %d hot rows for %d s per phase, then quiesces\n\n", e.cfg.activeKeys, e.cfg.activeSeconds)
-		writeActiveTable(w, rs)
-		fmt.Fprintln(w)
-	}
+	writeSection(w, rs, fmt.Sprintf("Active-active: every region writes the same %d hot rows for %d s per phase, then quiesces", e.cfg.activeKeys, e.cfg.activeSeconds), writeActiveTable)
 	return err
+}
+
+// writeSection writes a scenario's heading and table, unless it has no
+// results.
+func writeSection[T any](w io.Writer, rs []T, heading string, table func(io.Writer, []T)) {
+	if len(rs) == 0 {
+		return
+	}
+	fmt.Fprintf(w, "### %s\n\n", heading)
+	table(w, rs)
+	fmt.Fprintln(w)
 }
 
 // machine describes the machine the benchmark ran on.

@@ -5,6 +5,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestParseArgsCases(t *testing.T) {
@@ -68,5 +69,19 @@ func TestParseArgsCases(t *testing.T) {
 				t.Fatalf("parseArgs(%q) = %+v: %s", tc.args, cfg, msg)
 			}
 		})
+	}
+}
+
+func TestWriteSection(t *testing.T) {
+	var b strings.Builder
+	writeSection(&b, []lagResult(nil), "Steady-state lag", writeLagTable)
+	if b.Len() != 0 {
+		t.Fatalf("writeSection(no results) wrote %q, want nothing", b.String())
+	}
+	writeSection(&b, []lagResult{{contender: pglogical, rows: 6000, p50: 1800 * time.Microsecond, p99: 10 * time.Millisecond, pmax: 25 * time.Millisecond}}, "Steady-state lag", writeLagTable)
+	want := "### Steady-state lag\n\n| contender | samples | p50 lag | p99 lag | max lag | peak RSS |\n|---|---:|---:|---:|---:|---|\n" +
+		"| pglogical (2 regions) | 6000 | 1.8 ms | 10.0 ms | 25.0 ms | - |\n\n"
+	if b.String() != want {
+		t.Fatalf("writeSection = %q, want %q", b.String(), want)
 	}
 }

@@ -284,56 +284,25 @@ func (e *env) lagPhase(ctx context.Context, c lagContender, tick func() error, s
 // lagSamples returns, for every bench_lag row above lo and every region,
 // the time from the source commit to the region's apply.
 func (e *env) lagSamples(ctx context.Context, regions []*pgtest.Cluster, lo int64) ([]time.Duration, error) {
-	src, err := e.src.Connect(ctx, db)
-	if err != nil {
-		return nil, err
-	}
-	defer src.Close(context.WithoutCancel(ctx))
 	commits := map[int64]time.Time{}
-	rows, err := src.Query(ctx, "SELECT id, pg_xact_commit_timestamp(xmin) FROM bench_lag WHERE id > $1", lo)
-	if err != nil {
-		return nil, fmt.Errorf("read source commit times: %w", err)
-	}
-	for rows.Next() {
-		var id int64
-		var ts time.Time
-		if err := rows.Scan(&id, &ts); err != nil {
-			rows.Close()
-			return nil, fmt.Errorf("read source commit times: %w", err)
-		}
+	var id int64
+	var ts time.Time
+	if err := queryEach(ctx, e.src, []any{&id, &ts}, func() error {
 		commits[id] = ts
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
+		return nil
+	}, "SELECT id, pg_xact_commit_timestamp(xmin) FROM bench_lag WHERE id > $1", lo); err != nil {
 		return nil, fmt.Errorf("read source commit times: %w", err)
 	}
 	var lags []time.Duration
 	for _, c := range regions {
-		conn, err := c.Connect(ctx, db)
-		if err != nil {
-			return nil, err
-		}
 		seen := 0
-		rows, err := conn.Query(ctx, "SELECT id, dst_ts FROM bench_lag_seen WHERE id > $1", lo)
-		if err == nil {
-			for rows.Next() {
-				var id int64
-				var ts time.Time
-				if err = rows.Scan(&id, &ts); err != nil {
-					break
-				}
-				if src, ok := commits[id]; ok {
-					lags = append(lags, ts.Sub(src))
-					seen++
-				}
+		if err := queryEach(ctx, c, []any{&id, &ts}, func() error {
+			if src, ok := commits[id]; ok {
+				lags = append(lags, ts.Sub(src))
+				seen++
 			}
-			rows.Close()
-			if err == nil {
-				err = rows.Err()
-			}
-		}
-		conn.Close(context.WithoutCancel(ctx))
-		if err != nil {
+			return nil
+		}, "SELECT id, dst_ts FROM bench_lag_seen WHERE id > $1", lo); err != nil {
 			return nil, fmt.Errorf("read apply times in %s: %w", c.Name, err)
 		}
 		if seen != len(commits) {
