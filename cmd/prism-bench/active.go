@@ -2,12 +2,10 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -125,104 +123,126 @@ func (e *env) activeRegions(c string) []activeRegion {
 	return []activeRegion{{1, e.src, pgl, 2}, {2, e.pgl[0], pgl, 2}, {3, e.pgl[1], pgl, 2}}
 }
 
+// activePrefix names contender c's tables: aa_<prefix>_*.
+func activePrefix(c string) string {
+	if c == pglogicalMesh {
+		return "pgl"
+	}
+	return "prism"
+}
+
+// activePhase runs contender c at rate transactions per second in every
+// region on the hot keys above base: replication on, the hot rows seeded
+// and quiet, the writes, then the measurements.
 func (e *env) activePhase(ctx context.Context, c string, rate, base int) (res activeResult, err error) {
 	res = activeResult{contender: c, rate: rate}
-	prefix := "prism"
-	if c == pglogicalMesh {
-		prefix = "pgl"
-	}
+	prefix := activePrefix(c)
 	regions := e.activeRegions(c)
-	// Replication on.
-	var m *mesh
-	if c == prismMesh {
-		m, err = e.startMesh(ctx, fmt.Sprintf("active %d tps", rate), e.cfg.nodeEnv)
-	} else {
-		err = e.pglSourceSubs(ctx, true)
-	}
+	m, err := e.activeReplicate(ctx, c, rate)
 	if err != nil {
 		return res, err
 	}
 	defer func() {
 		if m != nil {
 			m.stop()
-			res.peakKB = map[string]int64{}
-			for _, p := range m.procs {
-				peak, _ := p.stats()
-				res.peakKB[p.spec.name] = peak
-			}
+			res.peakKB = m.peaks()
 		}
 	}()
-	tick := func() error {
-		if m != nil {
-			return m.sample()
-		}
-		return nil
-	}
-	// The phase's hot rows, written in one region and replicated, then
-	// everything quiet before the clock starts.
-	if err := e.src.Exec(ctx, db, fmt.Sprintf("INSERT INTO aa_%s_hot SELECT %d + g, 0, 1 FROM generate_series(1, %d) g", prefix, base, e.cfg.activeKeys)); err != nil {
+	tick := meshTick(m)
+	if err := e.activeSeed(ctx, c, regions, prefix, base, tick); err != nil {
 		return res, err
 	}
-	if _, err := e.activeQuiesce(ctx, c, regions, prefix, 5*time.Minute, tick); err != nil {
-		return res, fmt.Errorf("before the writes: %w", err)
-	}
-	script := filepath.Join(e.dir, fmt.Sprintf("active-%s-%d.sql", prefix, base))
-	if err := os.WriteFile(script, []byte(activeScript(prefix, base, e.cfg.activeKeys)), 0o644); err != nil {
-		return res, fmt.Errorf("write active script: %w", err)
-	}
-	lo := map[int]int64{}
-	for _, r := range regions {
-		if lo[r.rid], err = lastLagID(ctx, r, prefix); err != nil {
-			return res, err
-		}
-	}
-	e.logf("active %s: every region at %d tps for %ds", c, rate, e.cfg.activeSeconds)
-	errs := make([]error, len(regions))
-	var wg sync.WaitGroup
-	for i, r := range regions {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs[i] = e.pgbench(ctx, r.cluster, "-n", "-c", "2", "-j", "1", "-R", fmt.Sprint(rate), "-T", fmt.Sprint(e.cfg.activeSeconds),
-				"-D", fmt.Sprintf("rid=%d", r.rid), "-f", script)
-		}()
-	}
-	stopTick := make(chan struct{})
-	go func() {
-		t := time.NewTicker(500 * time.Millisecond)
-		defer t.Stop()
-		for {
-			select {
-			case <-stopTick:
-				return
-			case <-t.C:
-				tick()
-			}
-		}
-	}()
-	wg.Wait()
-	close(stopTick)
-	if err := errors.Join(errs...); err != nil {
-		return res, err
-	}
-	res.quiesce, err = e.activeQuiesce(ctx, c, regions, prefix, 5*time.Minute+10*time.Duration(e.cfg.activeSeconds)*time.Second, tick)
-	if err != nil {
-		res.note = err.Error()
-		e.logf("active %s: %v", c, err)
-	}
-	if res.rows, res.differ, err = compareHot(ctx, regions, prefix, base); err != nil {
-		return res, err
-	}
-	lags, n, err := activeLags(ctx, regions, prefix, lo)
+	lo, err := lastLagIDs(ctx, regions, prefix)
 	if err != nil {
 		return res, err
 	}
-	res.txns = n
-	res.p50, res.p99, res.pmax = percentile(lags, 0.50), percentile(lags, 0.99), percentile(lags, 1)
+	if err := e.activeWrite(ctx, c, regions, rate, prefix, base, tick); err != nil {
+		return res, err
+	}
+	if err := e.activeMeasure(ctx, &res, regions, prefix, base, lo, tick); err != nil {
+		return res, err
+	}
 	if c == pglogicalMesh {
 		err = e.pglSourceSubs(ctx, false)
 	}
 	return res, err
+}
+
+// activeReplicate turns contender c's replication on: it starts
+// prism-cdc's mesh and returns it, or enables pglogical's subscriptions
+// to the source (the mesh's other subscriptions always run).
+func (e *env) activeReplicate(ctx context.Context, c string, rate int) (*mesh, error) {
+	if c == prismMesh {
+		return e.startMesh(ctx, fmt.Sprintf("active %d tps", rate), e.cfg.nodeEnv)
+	}
+	return nil, e.pglSourceSubs(ctx, true)
+}
+
+// activeSeed writes the phase's hot rows in one region and waits until
+// they are replicated and everything is quiet, before the clock starts.
+func (e *env) activeSeed(ctx context.Context, c string, regions []activeRegion, prefix string, base int, tick func() error) error {
+	if err := e.src.Exec(ctx, db, fmt.Sprintf("INSERT INTO aa_%s_hot SELECT %d + g, 0, 1 FROM generate_series(1, %d) g", prefix, base, e.cfg.activeKeys)); err != nil {
+		return err
+	}
+	if _, err := e.activeQuiesce(ctx, c, regions, prefix, 5*time.Minute, tick); err != nil {
+		return fmt.Errorf("before the writes: %w", err)
+	}
+	return nil
+}
+
+// activeWrite runs pgbench with the phase's script in every region at
+// once, at rate for -active-seconds, and samples the nodes meanwhile.
+func (e *env) activeWrite(ctx context.Context, c string, regions []activeRegion, rate int, prefix string, base int, tick func() error) error {
+	script := filepath.Join(e.dir, fmt.Sprintf("active-%s-%d.sql", prefix, base))
+	if err := os.WriteFile(script, []byte(activeScript(prefix, base, e.cfg.activeKeys)), 0o644); err != nil {
+		return fmt.Errorf("write active script: %w", err)
+	}
+	e.logf("active %s: every region at %d tps for %ds", c, rate, e.cfg.activeSeconds)
+	stop := sampleEvery(500*time.Millisecond, tick)
+	err := parallel(regions, func(r activeRegion) error {
+		return e.pgbench(ctx, r.cluster, "-n", "-c", "2", "-j", "1", "-R", fmt.Sprint(rate), "-T", fmt.Sprint(e.cfg.activeSeconds),
+			"-D", fmt.Sprintf("rid=%d", r.rid), "-f", script)
+	})
+	// A node that exited here fails the quiesce that follows, in the
+	// phase's note.
+	_ = stop()
+	return err
+}
+
+// activeMeasure waits for the regions to quiesce after the writes and
+// records in res the time that took (or why it did not happen), the hot
+// rows that differ and the lag of the lag rows above lo.
+func (e *env) activeMeasure(ctx context.Context, res *activeResult, regions []activeRegion, prefix string, base int, lo map[int]int64, tick func() error) error {
+	var err error
+	res.quiesce, err = e.activeQuiesce(ctx, res.contender, regions, prefix, 5*time.Minute+10*time.Duration(e.cfg.activeSeconds)*time.Second, tick)
+	if err != nil {
+		res.note = err.Error()
+		e.logf("active %s: %v", res.contender, err)
+	}
+	if res.rows, res.differ, err = compareHot(ctx, regions, prefix, base); err != nil {
+		return err
+	}
+	lags, n, err := activeLags(ctx, regions, prefix, lo)
+	if err != nil {
+		return err
+	}
+	res.txns = n
+	res.p50, res.p99, res.pmax = quantiles(lags)
+	return nil
+}
+
+// lastLagIDs returns the highest lag row id each region wrote so far, by
+// region id.
+func lastLagIDs(ctx context.Context, regions []activeRegion, prefix string) (map[int]int64, error) {
+	lo := map[int]int64{}
+	for _, r := range regions {
+		id, err := lastLagID(ctx, r, prefix)
+		if err != nil {
+			return nil, err
+		}
+		lo[r.rid] = id
+	}
+	return lo, nil
 }
 
 // lastLagID returns the highest lag row id region r wrote so far.
@@ -301,30 +321,15 @@ func (e *env) activeQuiesce(ctx context.Context, c string, regions []activeRegio
 func compareHot(ctx context.Context, regions []activeRegion, prefix string, base int) (rows, differ int, err error) {
 	all := map[int64][]string{}
 	for i, r := range regions {
-		conn, err := r.cluster.Connect(ctx, db)
-		if err != nil {
-			return 0, 0, err
-		}
-		rs, err := conn.Query(ctx, fmt.Sprintf("SELECT id, v, rid FROM aa_%s_hot WHERE id > $1 AND id <= $2", prefix), base, base+999999)
-		if err == nil {
-			for rs.Next() {
-				var id, v int64
-				var rid int
-				if err = rs.Scan(&id, &v, &rid); err != nil {
-					break
-				}
-				if all[id] == nil {
-					all[id] = make([]string, len(regions))
-				}
-				all[id][i] = fmt.Sprintf("%d/%d", v, rid)
+		var id, v int64
+		var rid int
+		if err := queryEach(ctx, r.cluster, []any{&id, &v, &rid}, func() error {
+			if all[id] == nil {
+				all[id] = make([]string, len(regions))
 			}
-			rs.Close()
-			if err == nil {
-				err = rs.Err()
-			}
-		}
-		conn.Close(context.WithoutCancel(ctx))
-		if err != nil {
+			all[id][i] = fmt.Sprintf("%d/%d", v, rid)
+			return nil
+		}, fmt.Sprintf("SELECT id, v, rid FROM aa_%s_hot WHERE id > $1 AND id <= $2", prefix), base, base+999999); err != nil {
 			return 0, 0, fmt.Errorf("read hot rows of %s: %w", r.cluster.Name, err)
 		}
 	}
@@ -348,56 +353,24 @@ func activeLags(ctx context.Context, regions []activeRegion, prefix string, lo m
 		id  int64
 	}
 	commits := map[key]time.Time{}
+	var k key
+	var ts time.Time
 	for _, r := range regions {
-		conn, err := r.cluster.Connect(ctx, db)
-		if err != nil {
-			return nil, 0, err
-		}
-		rs, err := conn.Query(ctx, fmt.Sprintf("SELECT id, pg_xact_commit_timestamp(xmin) FROM aa_%s_lag WHERE rid = $1 AND id > $2", prefix), r.rid, lo[r.rid])
-		if err == nil {
-			for rs.Next() {
-				var id int64
-				var ts time.Time
-				if err = rs.Scan(&id, &ts); err != nil {
-					break
-				}
-				commits[key{r.rid, id}] = ts
-			}
-			rs.Close()
-			if err == nil {
-				err = rs.Err()
-			}
-		}
-		conn.Close(context.WithoutCancel(ctx))
-		if err != nil {
+		if err := queryEach(ctx, r.cluster, []any{&k.id, &ts}, func() error {
+			commits[key{r.rid, k.id}] = ts
+			return nil
+		}, fmt.Sprintf("SELECT id, pg_xact_commit_timestamp(xmin) FROM aa_%s_lag WHERE rid = $1 AND id > $2", prefix), r.rid, lo[r.rid]); err != nil {
 			return nil, 0, fmt.Errorf("read commit times of %s: %w", r.cluster.Name, err)
 		}
 	}
 	var lags []time.Duration
 	for _, r := range regions {
-		conn, err := r.cluster.Connect(ctx, db)
-		if err != nil {
-			return nil, 0, err
-		}
-		rs, err := conn.Query(ctx, fmt.Sprintf("SELECT rid, id, dst_ts FROM aa_%s_seen WHERE rid <> $1", prefix), r.rid)
-		if err == nil {
-			for rs.Next() {
-				var k key
-				var ts time.Time
-				if err = rs.Scan(&k.rid, &k.id, &ts); err != nil {
-					break
-				}
-				if src, ok := commits[k]; ok {
-					lags = append(lags, ts.Sub(src))
-				}
+		if err := queryEach(ctx, r.cluster, []any{&k.rid, &k.id, &ts}, func() error {
+			if src, ok := commits[k]; ok {
+				lags = append(lags, ts.Sub(src))
 			}
-			rs.Close()
-			if err == nil {
-				err = rs.Err()
-			}
-		}
-		conn.Close(context.WithoutCancel(ctx))
-		if err != nil {
+			return nil
+		}, fmt.Sprintf("SELECT rid, id, dst_ts FROM aa_%s_seen WHERE rid <> $1", prefix), r.rid); err != nil {
 			return nil, 0, fmt.Errorf("read apply times of %s: %w", r.cluster.Name, err)
 		}
 	}

@@ -5,7 +5,7 @@
 // subscriptions, two for prism-cdc nodes, so neither contender's
 // replication origins touch the other's data), loads pgbench data into
 // all of them, creates every contender's slot before any load, and then
-// runs up to three scenarios:
+// runs up to four scenarios:
 //
 //   - backlog: a backlog of pgbench transactions is generated while every
 //     contender is stopped, then each contender drains it in turn (order
@@ -16,9 +16,11 @@
 //     slot's confirmed_flush_lsn passes the backlog's end, and until the
 //     last row is visible in every region. After each drain both regions
 //     are compared with the source.
-//   - lag: pgbench at a fixed rate with replication running; every
-//     transaction also inserts a row stamped on the source, and a deferred
-//     trigger in each region records when it is applied there.
+//   - lag: pgbench at a fixed rate with replication running, for native
+//     subscriptions, prism-cdc and pglogical (when it is a contender) in
+//     turn; every transaction also inserts a row stamped on the source,
+//     and a deferred trigger in each region records when it is applied
+//     there.
 //   - large: one large INSERT ... SELECT transaction drained by prism-cdc,
 //     with the nodes' peak memory.
 //   - active: every region of a three-region mesh (prism-cdc, and
@@ -27,7 +29,8 @@
 //     regions and the lag between regions.
 //
 // With contender pglogical, two more region clusters and the source form
-// a pglogical mesh; its two subscriptions to the source drain the backlog.
+// a pglogical mesh; its two subscriptions to the source drain the backlog
+// and replicate the lag scenario's workload.
 //
 // Every scenario but active (which runs last) leaves the regions equal to
 // the source, so the next

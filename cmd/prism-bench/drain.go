@@ -20,9 +20,9 @@ const (
 	recvBinary = "pg_recvlogical binary (1 slot)"
 	native     = "native subscriptions (2 regions)"
 	prism      = "prism-cdc (2 regions)"
-	// pglogicalBacklog is pglogical in the backlog: the source's two
-	// subscribers of a three-node mesh.
-	pglogicalBacklog = "pglogical (2 regions)"
+	// pglogical is pglogical in the backlog and lag scenarios: the
+	// source's two subscribers of a three-node mesh.
+	pglogical = "pglogical (2 regions)"
 )
 
 // drain is one contender's catch-up to a target position.
@@ -193,14 +193,20 @@ func (e *env) setSubscriptions(ctx context.Context, on bool) error {
 	if on {
 		return nil
 	}
+	return e.waitSlotsReleased(ctx, "native subscriptions to release their slots", "slot_name LIKE 'bench_sub_%'")
+}
+
+// waitSlotsReleased waits until no source slot that where selects in
+// pg_replication_slots is active; what names the wait in its error.
+func (e *env) waitSlotsReleased(ctx context.Context, what, where string) error {
 	conn, err := e.src.Connect(ctx, db)
 	if err != nil {
 		return err
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
-	return pollUntil(ctx, time.Minute, pollInterval, "native subscriptions to release their slots", func() (bool, error) {
+	return pollUntil(ctx, time.Minute, pollInterval, what, func() (bool, error) {
 		var n int
-		err := conn.QueryRow(ctx, "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'bench_sub_%' AND active").Scan(&n)
+		err := conn.QueryRow(ctx, "SELECT count(*) FROM pg_replication_slots WHERE "+where+" AND active").Scan(&n)
 		return n == 0, err
 	})
 }

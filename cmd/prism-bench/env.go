@@ -135,12 +135,44 @@ func (e *env) setup(ctx context.Context) error {
 			return err
 		}
 	}
+	if err := e.buildPrism(ctx); err != nil {
+		return err
+	}
+	cs, err := e.startClusters(usePgl)
+	if err != nil {
+		return err
+	}
+	if err := e.loadData(ctx, cs); err != nil {
+		return err
+	}
+	e.logf("checking that every region starts equal to the source")
+	if err := e.verify(ctx, cs[1:]...); err != nil {
+		return err
+	}
+	if err := e.createSlots(ctx); err != nil {
+		return err
+	}
+	if usePgl {
+		return e.setupPglogical(ctx)
+	}
+	return nil
+}
+
+// buildPrism builds the prism-cdc binary into the work directory.
+func (e *env) buildPrism(ctx context.Context) error {
 	e.prism = filepath.Join(e.dir, "prism-cdc")
 	e.logf("building prism-cdc")
 	build := exec.CommandContext(ctx, "go", "build", "-o", e.prism, "github.com/prism-cdc/prism-cdc/cmd/prism-cdc")
 	if out, err := build.CombinedOutput(); err != nil {
 		return fmt.Errorf("build prism-cdc: %w\n%s", err, out)
 	}
+	return nil
+}
+
+// startClusters starts the source and the regions (pgl-eu and pgl-as
+// too with usePgl), sets e's clusters and returns them all, the source
+// first.
+func (e *env) startClusters(usePgl bool) ([]*pgtest.Cluster, error) {
 	names := []string{"src", "native-eu", "native-as", "prism-eu", "prism-as"}
 	if usePgl {
 		names = append(names, "pgl-eu", "pgl-as")
@@ -148,23 +180,10 @@ func (e *env) setup(ctx context.Context) error {
 	cs := make([]*pgtest.Cluster, len(names))
 	e.logf("starting %d clusters (durable: fsync on)", len(names))
 	for i, n := range names {
-		settings := maps.Clone(clusterSettings)
-		var preload []string
-		if e.cfg.pgss {
-			preload = append(preload, "pg_stat_statements")
-			settings["pg_stat_statements.track"] = "all"
-		}
-		if usePgl && (n == "src" || strings.HasPrefix(n, "pgl-")) {
-			preload = append(preload, "pglogical")
-			maps.Copy(settings, pglogicalSettings)
-		}
-		if len(preload) > 0 {
-			settings["shared_preload_libraries"] = "'" + strings.Join(preload, ",") + "'"
-		}
-		c, err := pgtest.New(pgtest.Options{Name: "bench-" + n, Durable: true, Settings: settings})
+		c, err := pgtest.New(pgtest.Options{Name: "bench-" + n, Durable: true, Settings: e.settingsFor(n, usePgl)})
 		if err != nil {
 			e.close(cs[:i])
-			return fmt.Errorf("start cluster %s: %w", n, err)
+			return nil, fmt.Errorf("start cluster %s: %w", n, err)
 		}
 		cs[i] = c
 	}
@@ -172,8 +191,33 @@ func (e *env) setup(ctx context.Context) error {
 	if usePgl {
 		e.pgl = [2]*pgtest.Cluster{cs[5], cs[6]}
 	}
+	return cs, nil
+}
+
+// settingsFor returns the settings of cluster name: clusterSettings,
+// pg_stat_statements with -pgss, pglogical's in the pglogical mesh.
+func (e *env) settingsFor(name string, usePgl bool) map[string]string {
+	settings := maps.Clone(clusterSettings)
+	var preload []string
+	if e.cfg.pgss {
+		preload = append(preload, "pg_stat_statements")
+		settings["pg_stat_statements.track"] = "all"
+	}
+	if usePgl && (name == "src" || strings.HasPrefix(name, "pgl-")) {
+		preload = append(preload, "pglogical")
+		maps.Copy(settings, pglogicalSettings)
+	}
+	if len(preload) > 0 {
+		settings["shared_preload_libraries"] = "'" + strings.Join(preload, ",") + "'"
+	}
+	return settings
+}
+
+// loadData loads pgbench data and the benchmark's schema into every
+// cluster at once.
+func (e *env) loadData(ctx context.Context, cs []*pgtest.Cluster) error {
 	e.logf("loading pgbench -i -s %d into every cluster", e.cfg.scale)
-	if err := parallel(cs, func(c *pgtest.Cluster) error {
+	return parallel(cs, func(c *pgtest.Cluster) error {
 		if err := c.CreateDatabase(ctx, db); err != nil {
 			return err
 		}
@@ -188,15 +232,13 @@ func (e *env) setup(ctx context.Context) error {
 			extra += "\nCREATE EXTENSION pg_stat_statements;"
 		}
 		return c.Exec(ctx, db, benchSchemaSQL()+extra+"\nCHECKPOINT;")
-	}); err != nil {
-		return err
-	}
-	e.logf("checking that every region starts equal to the source")
-	if err := e.verify(ctx, cs[1:]...); err != nil {
-		return err
-	}
-	// Every contender's slot exists before any load, so all of them see
-	// the same changes.
+	})
+}
+
+// createSlots creates the source slots of pg_recvlogical and prism-cdc,
+// and the native subscriptions (disabled) with theirs: every contender's
+// slot exists before any load, so all of them see the same changes.
+func (e *env) createSlots(ctx context.Context) error {
 	for _, s := range []string{"bench_text", "bench_binary", "prism_na"} {
 		if err := e.src.Exec(ctx, db, fmt.Sprintf("SELECT pg_create_logical_replication_slot('%s', 'pgoutput')", s)); err != nil {
 			return err
@@ -208,9 +250,6 @@ func (e *env) setup(ctx context.Context) error {
 		if err := c.Exec(ctx, db, sql); err != nil {
 			return err
 		}
-	}
-	if usePgl {
-		return e.setupPglogical(ctx)
 	}
 	return nil
 }
@@ -230,14 +269,15 @@ func (e *env) Close() {
 	e.close(e.all())
 }
 
-func parallel(cs []*pgtest.Cluster, fn func(*pgtest.Cluster) error) error {
-	errs := make([]error, len(cs))
+// parallel calls fn for every element of xs at once and joins the errors.
+func parallel[T any](xs []T, fn func(T) error) error {
+	errs := make([]error, len(xs))
 	var wg sync.WaitGroup
-	for i, c := range cs {
+	for i, x := range xs {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			errs[i] = fn(c)
+			errs[i] = fn(x)
 		}()
 	}
 	wg.Wait()
@@ -295,6 +335,22 @@ func queryLSN(ctx context.Context, c *pgtest.Cluster, sql string, args ...any) (
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 	return scanLSN(ctx, conn, sql, args...)
+}
+
+// queryEach runs sql in c's database and, for every row, scans it into
+// scans and calls fn.
+func queryEach(ctx context.Context, c *pgtest.Cluster, scans []any, fn func() error, sql string, args ...any) error {
+	conn, err := c.Connect(ctx, db)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	rows, err := conn.Query(ctx, sql, args...)
+	if err != nil {
+		return err
+	}
+	_, err = pgx.ForEachRow(rows, scans, fn)
+	return err
 }
 
 func scanLSN(ctx context.Context, conn *pgx.Conn, sql string, args ...any) (pglogrepl.LSN, error) {

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -44,17 +45,60 @@ func main() {
 	os.Exit(code)
 }
 
+// flagValues are the flags that parseArgs turns into benchConfig fields
+// after parsing.
+type flagValues struct {
+	contenders, scenarios, activeRates string
+	quick                              bool
+}
+
+// quickDefaults are the values -quick gives the flags not set explicitly.
+var quickDefaults = map[string]string{"scale": "1", "txns": "5000", "runs": "1", "lag-rate": "100", "lag-seconds": "10", "large-mb": "32", "active-seconds": "10"}
+
 func parseArgs(args []string, stderr io.Writer) (benchConfig, error) {
 	var cfg benchConfig
+	fs, fv := newFlagSet(&cfg, stderr)
+	if err := fs.Parse(args); err != nil {
+		return cfg, err
+	}
+	if fs.NArg() > 0 {
+		return cfg, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	if fv.quick {
+		applyQuick(fs)
+	}
+	var err error
+	if cfg.scenarios, err = parseSet("scenario", fv.scenarios, "backlog", "lag", "large", "active"); err != nil {
+		return cfg, err
+	}
+	if cfg.contenders, err = parseSet("contender", fv.contenders, "recv", "native", "prism", "pglogical"); err != nil {
+		return cfg, err
+	}
+	if cfg.activeRates, err = parseRates(fv.activeRates); err != nil {
+		return cfg, err
+	}
+	if err := cfg.check(); err != nil {
+		return cfg, err
+	}
+	if cfg.pprof != "" {
+		cfg.nodeEnv, err = pprofEnv(cfg.pprof)
+	}
+	return cfg, err
+}
+
+// newFlagSet defines prism-bench's flags: most set cfg's fields, the
+// others fv's.
+func newFlagSet(cfg *benchConfig, stderr io.Writer) (*flag.FlagSet, *flagValues) {
+	fv := &flagValues{}
 	fs := flag.NewFlagSet("prism-bench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.IntVar(&cfg.scale, "scale", 10, "pgbench scale factor (100,000 accounts each)")
 	fs.IntVar(&cfg.txns, "txns", 100000, "pgbench transactions in each backlog run")
 	fs.IntVar(&cfg.clients, "clients", 4, "pgbench clients")
 	fs.IntVar(&cfg.runs, "runs", 3, "backlog runs (contender order alternates)")
-	conts := fs.String("contenders", "recv,native,prism", "comma-separated contenders: recv (both pg_recvlogical modes), native, prism, pglogical (needs the Debian package postgresql-15-pglogical)")
-	scen := fs.String("scenarios", "backlog,lag,large,active", "comma-separated scenarios: backlog, lag, large, active (prism-cdc and pglogical meshes, every region writing the same rows)")
-	rates := fs.String("active-rates", "50,200", "active scenario: comma-separated transactions per second in each region, one phase each")
+	fs.StringVar(&fv.contenders, "contenders", "recv,native,prism", "comma-separated contenders: recv (both pg_recvlogical modes), native, prism, pglogical (needs the Debian package postgresql-15-pglogical)")
+	fs.StringVar(&fv.scenarios, "scenarios", "backlog,lag,large,active", "comma-separated scenarios: backlog, lag, large, active (prism-cdc and pglogical meshes, every region writing the same rows)")
+	fs.StringVar(&fv.activeRates, "active-rates", "50,200", "active scenario: comma-separated transactions per second in each region, one phase each")
 	fs.IntVar(&cfg.activeSeconds, "active-seconds", 60, "active scenario: seconds of writes in each phase")
 	fs.IntVar(&cfg.activeKeys, "active-keys", 100, "active scenario: hot rows every region writes")
 	fs.IntVar(&cfg.lagRate, "lag-rate", 300, "pgbench transactions per second in the lag scenario")
@@ -64,68 +108,74 @@ func parseArgs(args []string, stderr io.Writer) (benchConfig, error) {
 	fs.StringVar(&cfg.pprof, "pprof", "", "host:port: start na1, eu1, as1 with PRISM_PPROF on this port and the next two")
 	fs.BoolVar(&cfg.pgss, "pgss", false, "load pg_stat_statements in every cluster and log the source's and prism regions' top statements after each prism-cdc drain (adds overhead)")
 	fs.BoolVar(&cfg.keep, "keep", false, "keep the work directory (node logs and configs)")
-	quick := fs.Bool("quick", false, "small run: scale 1, 5000 transactions, 1 run, 10s lag, 32 MB large transaction, 10s active phases")
-	if err := fs.Parse(args); err != nil {
-		return cfg, err
-	}
-	if fs.NArg() > 0 {
-		return cfg, fmt.Errorf("unexpected argument %q", fs.Arg(0))
-	}
-	if *quick {
-		set := map[string]bool{}
-		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-		for name, v := range map[string]string{"scale": "1", "txns": "5000", "runs": "1", "lag-rate": "100", "lag-seconds": "10", "large-mb": "32", "active-seconds": "10"} {
-			if !set[name] {
-				fs.Set(name, v)
-			}
+	fs.BoolVar(&fv.quick, "quick", false, "small run: scale 1, 5000 transactions, 1 run, 10s lag, 32 MB large transaction, 10s active phases")
+	return fs, fv
+}
+
+// applyQuick sets quickDefaults on the flags of fs not set on the
+// command line.
+func applyQuick(fs *flag.FlagSet) {
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	for name, v := range quickDefaults {
+		if !set[name] {
+			fs.Set(name, v)
 		}
 	}
-	cfg.scenarios = map[string]bool{}
-	for _, s := range strings.Split(*scen, ",") {
+}
+
+// parseSet parses a comma-separated list of names out of known; kind
+// names a list element in the error.
+func parseSet(kind, list string, known ...string) (map[string]bool, error) {
+	set := map[string]bool{}
+	for _, s := range strings.Split(list, ",") {
 		s = strings.TrimSpace(s)
-		switch s {
-		case "backlog", "lag", "large", "active":
-			cfg.scenarios[s] = true
-		case "":
+		switch {
+		case s == "":
+		case slices.Contains(known, s):
+			set[s] = true
 		default:
-			return cfg, fmt.Errorf("unknown scenario %q", s)
+			return nil, fmt.Errorf("unknown %s %q", kind, s)
 		}
 	}
-	cfg.contenders = map[string]bool{}
-	for _, s := range strings.Split(*conts, ",") {
-		s = strings.TrimSpace(s)
-		switch s {
-		case "recv", "native", "prism", "pglogical":
-			cfg.contenders[s] = true
-		case "":
-		default:
-			return cfg, fmt.Errorf("unknown contender %q", s)
-		}
-	}
-	for _, r := range strings.Split(*rates, ",") {
+	return set, nil
+}
+
+// parseRates parses -active-rates: comma-separated positive numbers.
+func parseRates(list string) ([]int, error) {
+	var rates []int
+	for _, r := range strings.Split(list, ",") {
 		var n int
 		if _, err := fmt.Sscanf(strings.TrimSpace(r), "%d", &n); err != nil || n < 1 {
-			return cfg, fmt.Errorf("active-rates: %q is not a positive number", r)
+			return nil, fmt.Errorf("active-rates: %q is not a positive number", r)
 		}
-		cfg.activeRates = append(cfg.activeRates, n)
+		rates = append(rates, n)
 	}
+	return rates, nil
+}
+
+// check reports numeric settings out of range.
+func (cfg benchConfig) check() error {
 	if cfg.activeSeconds < 1 || cfg.activeKeys < 1 || cfg.activeKeys > 400000 {
-		return cfg, errors.New("active-seconds must be positive and active-keys between 1 and 400000")
+		return errors.New("active-seconds must be positive and active-keys between 1 and 400000")
 	}
 	if cfg.scale < 1 || cfg.txns < 1 || cfg.clients < 1 || cfg.runs < 1 || cfg.lagRate < 1 || cfg.lagSeconds < 1 || cfg.largeMB < 1 {
-		return cfg, errors.New("scale, txns, clients, runs, lag-rate, lag-seconds and large-mb must be positive")
+		return errors.New("scale, txns, clients, runs, lag-rate, lag-seconds and large-mb must be positive")
 	}
-	if cfg.pprof != "" {
-		host, port, err := splitHostPort(cfg.pprof)
-		if err != nil {
-			return cfg, err
-		}
-		cfg.nodeEnv = func(name string) []string {
-			off := map[string]int{"na1": 0, "eu1": 1, "as1": 2}[name]
-			return []string{fmt.Sprintf("PRISM_PPROF=%s:%d", host, port+off)}
-		}
+	return nil
+}
+
+// pprofEnv returns the nodes' environment for -pprof addr: na1, eu1 and
+// as1 serve pprof on addr's port and the next two.
+func pprofEnv(addr string) (func(name string) []string, error) {
+	host, port, err := splitHostPort(addr)
+	if err != nil {
+		return nil, err
 	}
-	return cfg, nil
+	return func(name string) []string {
+		off := map[string]int{"na1": 0, "eu1": 1, "as1": 2}[name]
+		return []string{fmt.Sprintf("PRISM_PPROF=%s:%d", host, port+off)}
+	}, nil
 }
 
 func splitHostPort(s string) (string, int, error) {
@@ -154,77 +204,116 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "prism-bench: %v\n", err)
 		return 1
 	}
-	start := time.Now()
-	e := &env{cfg: cfg, dir: dir, logf: func(format string, args ...any) {
-		fmt.Fprintf(stderr, "%7.1fs  %s\n", time.Since(start).Seconds(), fmt.Sprintf(format, args...))
-	}}
-	defer func() {
-		if cfg.keep {
-			fmt.Fprintf(stderr, "work directory kept: %s\n", dir)
-		} else {
-			os.RemoveAll(dir)
-		}
-	}()
+	defer removeWorkDir(dir, cfg.keep, stderr)
+	e := newEnv(cfg, dir, stderr)
 	defer e.Close()
 	if err := e.setup(ctx); err != nil {
 		fmt.Fprintf(stderr, "prism-bench: setup: %v\n", err)
 		return 1
 	}
 	fmt.Fprintf(stdout, "## prism-bench results\n\n%s\n\n", machine(cfg, len(e.all())))
-	failed := false
-	if cfg.scenarios["backlog"] {
-		runs, err := e.backlog(ctx)
-		if len(runs) > 0 {
-			fmt.Fprintf(stdout, "### Backlog catch-up: %d pgbench transactions (%d row changes), %d runs, median\n\n", cfg.txns, 4*cfg.txns, len(runs))
-			writeBacklogTable(stdout, summarize(runs, 4*cfg.txns))
-			fmt.Fprintln(stdout)
-		}
-		if err != nil {
-			fmt.Fprintf(stderr, "prism-bench: backlog: %v\n", err)
-			failed = true
-		}
-	}
-	if cfg.scenarios["lag"] && !failed {
-		ls, err := e.lag(ctx)
-		if len(ls) > 0 {
-			fmt.Fprintf(stdout, "### Steady-state lag: pgbench at %d tps for %d s, source commit to region apply (both regions)\n\n", cfg.lagRate, cfg.lagSeconds)
-			writeLagTable(stdout, ls)
-			fmt.Fprintln(stdout)
-		}
-		if err != nil {
-			fmt.Fprintf(stderr, "prism-bench: lag: %v\n", err)
-			failed = true
-		}
-	}
-	if cfg.scenarios["large"] && !failed {
-		r, err := e.large(ctx)
-		if err != nil {
-			fmt.Fprintf(stderr, "prism-bench: large: %v\n", err)
-			failed = true
-		} else {
-			fmt.Fprintf(stdout, "### Large transaction\n\n")
-			writeLargeTable(stdout, r)
-			fmt.Fprintln(stdout)
-			failed = failed || !r.replicated
-		}
-	}
-	if cfg.scenarios["active"] && !failed {
-		rs, err := e.active(ctx)
-		if len(rs) > 0 {
-			fmt.Fprintf(stdout, "### Active-active: every region writes the same %d hot rows for %d s per phase, then quiesces\n\n", cfg.activeKeys, cfg.activeSeconds)
-			writeActiveTable(stdout, rs)
-			fmt.Fprintln(stdout)
-		}
-		if err != nil {
-			fmt.Fprintf(stderr, "prism-bench: active: %v\n", err)
-			failed = true
-		}
-	}
+	ok := e.runScenarios(ctx, stdout, stderr)
 	e.logf("done")
-	if failed {
+	if !ok {
 		return 1
 	}
 	return 0
+}
+
+// newEnv returns the environment of a run in work directory dir; its
+// progress lines go to stderr, stamped with the seconds since now.
+func newEnv(cfg benchConfig, dir string, stderr io.Writer) *env {
+	start := time.Now()
+	return &env{cfg: cfg, dir: dir, logf: func(format string, args ...any) {
+		fmt.Fprintf(stderr, "%7.1fs  %s\n", time.Since(start).Seconds(), fmt.Sprintf(format, args...))
+	}}
+}
+
+// removeWorkDir removes the work directory, or with -keep says where it is.
+func removeWorkDir(dir string, keep bool, stderr io.Writer) {
+	if keep {
+		fmt.Fprintf(stderr, "work directory kept: %s\n", dir)
+		return
+	}
+	os.RemoveAll(dir)
+}
+
+// errShown is a scenario's failure that its table already shows.
+var errShown = errors.New("failure shown in the table")
+
+// runScenarios runs the chosen scenarios in order, each writing its
+// table to stdout, and stops at the first that fails (each leaves the
+// regions equal for the next only when it succeeds). It reports whether
+// all succeeded.
+func (e *env) runScenarios(ctx context.Context, stdout, stderr io.Writer) bool {
+	for _, s := range []struct {
+		name string
+		run  func(context.Context, io.Writer) error
+	}{
+		{"backlog", e.reportBacklog},
+		{"lag", e.reportLag},
+		{"large", e.reportLarge},
+		{"active", e.reportActive},
+	} {
+		if !e.cfg.scenarios[s.name] {
+			continue
+		}
+		if err := s.run(ctx, stdout); err != nil {
+			if !errors.Is(err, errShown) {
+				fmt.Fprintf(stderr, "prism-bench: %s: %v\n", s.name, err)
+			}
+			return false
+		}
+	}
+	return true
+}
+
+// reportBacklog runs the backlog scenario and writes its table.
+func (e *env) reportBacklog(ctx context.Context, w io.Writer) error {
+	runs, err := e.backlog(ctx)
+	writeSection(w, runs, fmt.Sprintf("Backlog catch-up: %d pgbench transactions (%d row changes), %d runs, median", e.cfg.txns, 4*e.cfg.txns, len(runs)),
+		func(w io.Writer, runs [][]drain) { writeBacklogTable(w, summarize(runs, 4*e.cfg.txns)) })
+	return err
+}
+
+// reportLag runs the lag scenario and writes its table.
+func (e *env) reportLag(ctx context.Context, w io.Writer) error {
+	ls, err := e.lag(ctx)
+	writeSection(w, ls, fmt.Sprintf("Steady-state lag: pgbench at %d tps for %d s, source commit to region apply (both regions)", e.cfg.lagRate, e.cfg.lagSeconds), writeLagTable)
+	return err
+}
+
+// reportLarge runs the large-transaction scenario and writes its table;
+// a contender's failure is in the table, and fails the scenario when it
+// is prism-cdc's.
+func (e *env) reportLarge(ctx context.Context, w io.Writer) error {
+	r, err := e.large(ctx)
+	if err != nil {
+		return err
+	}
+	writeSection(w, []largeResult{r}, "Large transaction", func(w io.Writer, rs []largeResult) { writeLargeTable(w, rs[0]) })
+	if !r.replicated {
+		return errShown
+	}
+	return nil
+}
+
+// reportActive runs the active-active scenario and writes its table.
+func (e *env) reportActive(ctx context.Context, w io.Writer) error {
+	rs, err := e.active(ctx)
+	writeSection(w, rs, fmt.Sprintf("Active-active: every region writes the same %d hot rows for %d s per phase, then quiesces", e.cfg.activeKeys, e.cfg.activeSeconds), writeActiveTable)
+	return err
+}
+
+// writeSection writes a scenario's heading and table, unless it has no
+// results.
+func writeSection[T any](w io.Writer, rs []T, heading string, table func(io.Writer, []T)) {
+	if len(rs) == 0 {
+		return
+	}
+	fmt.Fprintf(w, "### %s\n\n", heading)
+	table(w, rs)
+	fmt.Fprintln(w)
 }
 
 // machine describes the machine the benchmark ran on.

@@ -31,25 +31,36 @@ type nodeSpec struct {
 func (e *env) prismNodes() ([]nodeSpec, error) {
 	ns := []nodeSpec{{name: "na1", region: "na", cluster: e.src},
 		{name: "eu1", region: "eu", cluster: e.prismc[0]}, {name: "as1", region: "as", cluster: e.prismc[1]}}
+	addrs, err := freeAddrs(2 * len(ns))
+	if err != nil {
+		return nil, err
+	}
 	for i := range ns {
-		var err error
-		if ns[i].listen, err = freeAddr(); err != nil {
-			return nil, err
-		}
-		if ns[i].http, err = freeAddr(); err != nil {
-			return nil, err
-		}
+		ns[i].listen, ns[i].http = addrs[2*i], addrs[2*i+1]
 	}
 	return ns, nil
 }
 
-func freeAddr() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", fmt.Errorf("find a free port: %w", err)
+// freeAddrs returns n distinct free loopback addresses. It holds every
+// listener until all are chosen: a listener closed at once frees its
+// port, and the next one may get the same port back.
+func freeAddrs(n int) ([]string, error) {
+	var ls []net.Listener
+	defer func() {
+		for _, l := range ls {
+			l.Close()
+		}
+	}()
+	addrs := make([]string, 0, n)
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, fmt.Errorf("find a free port: %w", err)
+		}
+		ls = append(ls, l)
+		addrs = append(addrs, l.Addr().String())
 	}
-	defer l.Close()
-	return l.Addr().String(), nil
+	return addrs, nil
 }
 
 // nodeConfig is node n's YAML configuration in the full mesh ns.
@@ -171,6 +182,45 @@ func (m *mesh) sample() error {
 	return nil
 }
 
+// meshTick returns the tick of a wait loop while m runs: it samples m's
+// nodes and fails when one has exited. Without a mesh it does nothing.
+func meshTick(m *mesh) func() error {
+	return func() error {
+		if m == nil {
+			return nil
+		}
+		return m.sample()
+	}
+}
+
+// sampleEvery calls tick every interval in a goroutine until stop is
+// called. The caller owns the goroutine: stop ends it, waits for it to
+// exit and returns tick's first error.
+func sampleEvery(interval time.Duration, tick func() error) (stop func() error) {
+	quit, done := make(chan struct{}), make(chan struct{})
+	var first error
+	go func() {
+		defer close(done)
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for {
+			select {
+			case <-quit:
+				return
+			case <-t.C:
+				if err := tick(); err != nil && first == nil {
+					first = err
+				}
+			}
+		}
+	}()
+	return func() error {
+		close(quit)
+		<-done
+		return first
+	}
+}
+
 // stop sends SIGTERM to every process, waits for the graceful drain and
 // kills what is left after 30s.
 func (m *mesh) stop() {
@@ -189,6 +239,15 @@ func (m *mesh) stop() {
 			<-p.done
 		}
 	}
+}
+
+// peaks returns every process's peak RSS in kB, by node name.
+func (m *mesh) peaks() map[string]int64 {
+	kb := map[string]int64{}
+	for _, p := range m.procs {
+		kb[p.spec.name], _ = p.stats()
+	}
+	return kb
 }
 
 // kill ends every process at once.

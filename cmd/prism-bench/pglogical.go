@@ -2,12 +2,10 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -24,10 +22,10 @@ var pglogicalSettings = map[string]string{
 }
 
 // pglTables are the tables in pglogical's replication set "default":
-// what the backlog changes, the markers, and pglogical's active-active
-// tables.
+// what the backlog and lag scenarios change, the markers, and pglogical's
+// active-active tables.
 var pglTables = []string{"pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history",
-	"bench_marker", "aa_pgl_hot", "aa_pgl_lag"}
+	"bench_marker", "bench_lag", "aa_pgl_hot", "aa_pgl_lag"}
 
 // pglogicalPackage names the Debian package that provides pglogical for
 // PostgreSQL major version v.
@@ -127,20 +125,15 @@ func (e *env) setupPglogical(ctx context.Context) error {
 	return nil
 }
 
+// parallelNodes is parallel over pglogical nodes, naming the node in
+// each error.
 func parallelNodes(nodes []pglNode, fn func(pglNode) error) error {
-	errs := make([]error, len(nodes))
-	var wg sync.WaitGroup
-	for i, n := range nodes {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := fn(n); err != nil {
-				errs[i] = fmt.Errorf("node %s: %w", n.name, err)
-			}
-		}()
-	}
-	wg.Wait()
-	return errors.Join(errs...)
+	return parallel(nodes, func(n pglNode) error {
+		if err := fn(n); err != nil {
+			return fmt.Errorf("node %s: %w", n.name, err)
+		}
+		return nil
+	})
 }
 
 // pglWaitReplicating waits until every subscription of nodes is
@@ -182,21 +175,12 @@ func (e *env) pglSourceSubs(ctx context.Context, on bool) error {
 	if on {
 		return nil
 	}
-	conn, err := e.src.Connect(ctx, db)
-	if err != nil {
-		return err
-	}
-	defer conn.Close(context.WithoutCancel(ctx))
-	return pollUntil(ctx, time.Minute, pollInterval, "pglogical to release the source's slots", func() (bool, error) {
-		var n int
-		err := conn.QueryRow(ctx, "SELECT count(*) FROM pg_replication_slots WHERE plugin = 'pglogical_output' AND active").Scan(&n)
-		return n == 0, err
-	})
+	return e.waitSlotsReleased(ctx, "pglogical to release the source's slots", "plugin = 'pglogical_output'")
 }
 
 // drainPglogical enables pgl-eu's and pgl-as's subscriptions to the
 // source and times their catch-up to end. The mesh's other subscriptions
 // run throughout, as in a full mesh.
 func (e *env) drainPglogical(ctx context.Context, end pglogrepl.LSN, marker int, timeout time.Duration) (drain, error) {
-	return e.drainSubscriptions(ctx, pglogicalBacklog, e.pgl[:], e.pglSourceSubs, e.pglSrcSlots, end, marker, timeout)
+	return e.drainSubscriptions(ctx, pglogical, e.pgl[:], e.pglSourceSubs, e.pglSrcSlots, end, marker, timeout)
 }

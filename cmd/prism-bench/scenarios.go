@@ -35,7 +35,7 @@ func (e *env) backlog(ctx context.Context) ([][]drain, error) {
 		order = append(order, prism)
 	}
 	if e.cfg.contenders["pglogical"] {
-		order = append(order, pglogicalBacklog)
+		order = append(order, pglogical)
 	}
 	var runs [][]drain
 	for run := 1; run <= e.cfg.runs; run++ {
@@ -71,7 +71,7 @@ func (e *env) backlog(ctx context.Context) ([][]drain, error) {
 				if err == nil {
 					err = e.verify(ctx, e.prismc[:]...)
 				}
-			case pglogicalBacklog:
+			case pglogical:
 				d, err = e.drainPglogical(ctx, end, run, drainTimeout)
 				if err == nil {
 					err = e.verify(ctx, e.pgl[:]...)
@@ -119,73 +119,108 @@ END;
 `, 100000*scale, scale, 10*scale)
 }
 
-// lag runs the steady-state scenario: native first, then prism-cdc, each
-// with the same fixed-rate workload while it replicates.
+// lagContender is one contender of the lag scenario.
+type lagContender struct {
+	name    string
+	regions []*pgtest.Cluster
+	slots   []string // its slots in the source
+	// enable turns its subscriptions to the source on or off; nil for
+	// prism-cdc, whose nodes run only while they are measured or catch up.
+	enable func(context.Context, bool) error
+}
+
+// lagContenders returns the lag scenario's contenders in the order they
+// run: native subscriptions, prism-cdc, and pglogical when it is a
+// contender.
+func (e *env) lagContenders() []lagContender {
+	cs := []lagContender{
+		{name: native, regions: e.native[:], slots: nativeSlots, enable: e.setSubscriptions},
+		{name: prism, regions: e.prismc[:], slots: []string{"prism_na"}},
+	}
+	if e.cfg.contenders["pglogical"] {
+		cs = append(cs, lagContender{name: pglogical, regions: e.pgl[:], slots: e.pglSrcSlots, enable: e.pglSourceSubs})
+	}
+	return cs
+}
+
+// lag runs the steady-state scenario: each contender in turn replicates
+// the same fixed-rate workload while it is measured; then all of them
+// catch up to one point.
 func (e *env) lag(ctx context.Context) ([]lagResult, error) {
 	script := filepath.Join(e.dir, "lag.sql")
 	if err := os.WriteFile(script, []byte(lagScript(e.cfg.scale)), 0o644); err != nil {
 		return nil, fmt.Errorf("write lag script: %w", err)
 	}
+	cs := e.lagContenders()
 	var out []lagResult
-	for i, c := range []string{native, prism} {
-		marker := 1000 + i
-		lo, err := e.maxLagID(ctx)
+	for i, c := range cs {
+		res, err := e.lagRun(ctx, c, script, 1000+i)
 		if err != nil {
-			return out, err
+			return out, fmt.Errorf("lag %s: %w", c.name, err)
 		}
-		// Start replication and let it catch up with what the other
-		// contender's phase wrote, untimed.
-		start, err := queryLSN(ctx, e.src, "SELECT pg_current_wal_insert_lsn()::text")
-		if err != nil {
-			return out, err
-		}
-		var m *mesh
-		var slots []string
-		if c == native {
-			slots = nativeSlots
-			err = e.setSubscriptions(ctx, true)
-		} else {
-			slots = []string{"prism_na"}
-			m, err = e.startMesh(ctx, "lag", e.cfg.nodeEnv)
-		}
-		if err != nil {
-			return out, err
-		}
-		res, err := e.lagPhase(ctx, c, m, script, lo, start, marker, slots)
-		if m != nil {
-			m.stop()
-			res.peakKB = map[string]int64{}
-			for _, p := range m.procs {
-				peak, _ := p.stats()
-				res.peakKB[p.spec.name] = peak
-			}
-		} else if serr := e.setSubscriptions(ctx, false); serr != nil && err == nil {
-			err = serr
-		}
-		if err != nil {
-			return out, fmt.Errorf("lag %s: %w", c, err)
-		}
-		e.logf("lag %s: %d rows, p50 %s, p99 %s, max %s", c, res.rows, res.p50, res.p99, res.pmax)
+		e.logf("lag %s: %d rows, p50 %s, p99 %s, max %s", c.name, res.rows, res.p50, res.p99, res.pmax)
 		out = append(out, res)
 	}
-	// The native regions have not seen the prism phase yet, nor the
-	// prism regions the marker.
-	end, err := e.mark(ctx, 1002)
+	return out, e.lagCatchUp(ctx, cs, 1000+len(cs))
+}
+
+// lagRun runs contender c's phase with marker row marker: it starts c's
+// replication, lets it catch up with what the other contenders' phases
+// wrote (untimed), measures the lag of its own phase's rows and stops it.
+func (e *env) lagRun(ctx context.Context, c lagContender, script string, marker int) (lagResult, error) {
+	lo, err := e.maxLagID(ctx)
 	if err != nil {
-		return out, err
+		return lagResult{}, err
 	}
-	e.logf("lag: letting the native subscriptions catch up (untimed)")
-	if _, err := e.drainNative(ctx, end, 1002, drainTimeout); err != nil {
-		return out, err
+	start, err := queryLSN(ctx, e.src, "SELECT pg_current_wal_insert_lsn()::text")
+	if err != nil {
+		return lagResult{}, err
 	}
-	// And prism-cdc up to the same point, so both pairs can be compared.
-	if _, err := e.drainPrism(ctx, "lag catch-up", end, 1002, drainTimeout, 0); err != nil {
-		return out, err
+	var m *mesh
+	if c.enable == nil {
+		m, err = e.startMesh(ctx, "lag", e.cfg.nodeEnv)
+	} else {
+		err = c.enable(ctx, true)
 	}
-	if err := e.verify(ctx, e.native[0], e.native[1], e.prismc[0], e.prismc[1]); err != nil {
-		return out, err
+	if err != nil {
+		return lagResult{}, err
 	}
-	return out, e.advanceSlots(ctx, "bench_text", "bench_binary")
+	res, err := e.lagPhase(ctx, c, meshTick(m), script, lo, start, marker)
+	if m != nil {
+		m.stop()
+		res.peakKB = m.peaks()
+	} else if serr := c.enable(ctx, false); serr != nil && err == nil {
+		err = serr
+	}
+	return res, err
+}
+
+// lagCatchUp brings every contender's regions to the source's position
+// after marker row marker, untimed (the earlier contenders have not seen
+// the later phases), so that all of them can be compared with the source,
+// and moves the unused pg_recvlogical slots there too.
+func (e *env) lagCatchUp(ctx context.Context, cs []lagContender, marker int) error {
+	end, err := e.mark(ctx, marker)
+	if err != nil {
+		return err
+	}
+	var regions []*pgtest.Cluster
+	for _, c := range cs {
+		e.logf("lag: letting %s catch up (untimed)", c.name)
+		if c.enable == nil {
+			_, err = e.drainPrism(ctx, "lag catch-up", end, marker, drainTimeout, 0)
+		} else {
+			_, err = e.drainSubscriptions(ctx, c.name, c.regions, c.enable, c.slots, end, marker, drainTimeout)
+		}
+		if err != nil {
+			return fmt.Errorf("lag catch-up of %s: %w", c.name, err)
+		}
+		regions = append(regions, c.regions...)
+	}
+	if err := e.verify(ctx, regions...); err != nil {
+		return err
+	}
+	return e.advanceSlots(ctx, "bench_text", "bench_binary")
 }
 
 func (e *env) maxLagID(ctx context.Context) (int64, error) {
@@ -199,124 +234,75 @@ func (e *env) maxLagID(ctx context.Context) (int64, error) {
 	return id, err
 }
 
-func (e *env) lagPhase(ctx context.Context, c string, m *mesh, script string, lo int64, start pglogrepl.LSN, marker int, slots []string) (lagResult, error) {
-	res := lagResult{contender: c}
-	regions := e.native[:]
-	if c == prism {
-		regions = e.prismc[:]
-	}
-	w, err := e.newWatcher(ctx, regions)
+// lagPhase measures contender c, whose replication runs (tick samples
+// it): once c has confirmed start, pgbench runs the lag script at the
+// fixed rate, and when c has applied marker row marker, the lag of every
+// bench_lag row above lo in c's regions is read.
+func (e *env) lagPhase(ctx context.Context, c lagContender, tick func() error, script string, lo int64, start pglogrepl.LSN, marker int) (lagResult, error) {
+	res := lagResult{contender: c.name}
+	w, err := e.newWatcher(ctx, c.regions)
 	if err != nil {
 		return res, err
 	}
 	defer w.close(ctx)
-	tick := func() error {
-		if m != nil {
-			return m.sample()
-		}
-		return nil
-	}
-	err = pollUntil(ctx, drainTimeout, pollInterval, c+" to catch up before the lag phase", func() (bool, error) {
+	err = pollUntil(ctx, drainTimeout, pollInterval, c.name+" to catch up before the lag phase", func() (bool, error) {
 		if err := tick(); err != nil {
 			return false, err
 		}
-		return w.confirmed(ctx, start, slots...)
+		return w.confirmed(ctx, start, c.slots...)
 	})
 	if err != nil {
 		return res, err
 	}
-	e.logf("lag %s: pgbench at %d tps for %ds", c, e.cfg.lagRate, e.cfg.lagSeconds)
-	// Sample the nodes while pgbench runs.
-	done := make(chan error, 1)
-	go func() {
-		done <- e.pgbench(ctx, e.src, "-n", "-c", fmt.Sprint(e.cfg.clients), "-j", fmt.Sprint(min(e.cfg.clients, 2)),
-			"-R", fmt.Sprint(e.cfg.lagRate), "-T", fmt.Sprint(e.cfg.lagSeconds), "-f", script)
-	}()
-	var perr error
-	for waiting := true; waiting; {
-		select {
-		case perr = <-done:
-			waiting = false
-		case <-time.After(500 * time.Millisecond):
-			if err := tick(); err != nil && perr == nil {
-				perr = err
-			}
-		}
+	e.logf("lag %s: pgbench at %d tps for %ds", c.name, e.cfg.lagRate, e.cfg.lagSeconds)
+	stop := sampleEvery(500*time.Millisecond, tick)
+	err = e.pgbench(ctx, e.src, "-n", "-c", fmt.Sprint(e.cfg.clients), "-j", fmt.Sprint(min(e.cfg.clients, 2)),
+		"-R", fmt.Sprint(e.cfg.lagRate), "-T", fmt.Sprint(e.cfg.lagSeconds), "-f", script)
+	if serr := stop(); err == nil {
+		err = serr
 	}
-	if perr != nil {
-		return res, perr
+	if err != nil {
+		return res, err
 	}
 	end, err := e.mark(ctx, marker)
 	if err != nil {
 		return res, err
 	}
-	var d drain
-	d.contender = c
-	if err := w.waitDrain(ctx, &d, time.Now(), drainTimeout, end, marker, slots, tick); err != nil {
+	d := drain{contender: c.name}
+	if err := w.waitDrain(ctx, &d, time.Now(), drainTimeout, end, marker, c.slots, tick); err != nil {
 		return res, err
 	}
-	lags, err := e.lagSamples(ctx, regions, lo)
+	lags, err := e.lagSamples(ctx, c.regions, lo)
 	if err != nil {
 		return res, err
 	}
 	res.rows = len(lags)
-	res.p50, res.p99, res.pmax = percentile(lags, 0.50), percentile(lags, 0.99), percentile(lags, 1)
+	res.p50, res.p99, res.pmax = quantiles(lags)
 	return res, nil
 }
 
 // lagSamples returns, for every bench_lag row above lo and every region,
 // the time from the source commit to the region's apply.
 func (e *env) lagSamples(ctx context.Context, regions []*pgtest.Cluster, lo int64) ([]time.Duration, error) {
-	src, err := e.src.Connect(ctx, db)
-	if err != nil {
-		return nil, err
-	}
-	defer src.Close(context.WithoutCancel(ctx))
 	commits := map[int64]time.Time{}
-	rows, err := src.Query(ctx, "SELECT id, pg_xact_commit_timestamp(xmin) FROM bench_lag WHERE id > $1", lo)
-	if err != nil {
-		return nil, fmt.Errorf("read source commit times: %w", err)
-	}
-	for rows.Next() {
-		var id int64
-		var ts time.Time
-		if err := rows.Scan(&id, &ts); err != nil {
-			rows.Close()
-			return nil, fmt.Errorf("read source commit times: %w", err)
-		}
+	var id int64
+	var ts time.Time
+	if err := queryEach(ctx, e.src, []any{&id, &ts}, func() error {
 		commits[id] = ts
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
+		return nil
+	}, "SELECT id, pg_xact_commit_timestamp(xmin) FROM bench_lag WHERE id > $1", lo); err != nil {
 		return nil, fmt.Errorf("read source commit times: %w", err)
 	}
 	var lags []time.Duration
 	for _, c := range regions {
-		conn, err := c.Connect(ctx, db)
-		if err != nil {
-			return nil, err
-		}
 		seen := 0
-		rows, err := conn.Query(ctx, "SELECT id, dst_ts FROM bench_lag_seen WHERE id > $1", lo)
-		if err == nil {
-			for rows.Next() {
-				var id int64
-				var ts time.Time
-				if err = rows.Scan(&id, &ts); err != nil {
-					break
-				}
-				if src, ok := commits[id]; ok {
-					lags = append(lags, ts.Sub(src))
-					seen++
-				}
+		if err := queryEach(ctx, c, []any{&id, &ts}, func() error {
+			if src, ok := commits[id]; ok {
+				lags = append(lags, ts.Sub(src))
+				seen++
 			}
-			rows.Close()
-			if err == nil {
-				err = rows.Err()
-			}
-		}
-		conn.Close(context.WithoutCancel(ctx))
-		if err != nil {
+			return nil
+		}, "SELECT id, dst_ts FROM bench_lag_seen WHERE id > $1", lo); err != nil {
 			return nil, fmt.Errorf("read apply times in %s: %w", c.Name, err)
 		}
 		if seen != len(commits) {
@@ -327,6 +313,12 @@ func (e *env) lagSamples(ctx context.Context, regions []*pgtest.Cluster, lo int6
 		return nil, fmt.Errorf("no lag rows were written")
 	}
 	return lags, nil
+}
+
+// quantiles returns the median, the 99th percentile and the maximum of
+// ds; it sorts ds.
+func quantiles(ds []time.Duration) (p50, p99, pmax time.Duration) {
+	return percentile(ds, 0.50), percentile(ds, 0.99), percentile(ds, 1)
 }
 
 // percentile returns the p-quantile (nearest rank) of ds; it sorts ds.

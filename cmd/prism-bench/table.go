@@ -65,7 +65,7 @@ func rank(c string) int {
 		return 2
 	case prism:
 		return 3
-	case pglogicalBacklog:
+	case pglogical:
 		return 4
 	}
 	return 5
@@ -141,7 +141,7 @@ func writeBacklogTable(w io.Writer, ss []summary) {
 	fmt.Fprintln(w, "|---|---:|---:|---:|---:|---:|---:|---|")
 	for _, s := range ss {
 		client := fmt.Sprintf("%.1f", s.clientCPU)
-		if s.contender == native || s.contender == pglogicalBacklog {
+		if s.contender == native || s.contender == pglogical {
 			client = "-" // no client process: it runs in the servers
 		}
 		fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %.1f | %s |\n", s.contender, secs(s.confirmed), secs(s.applied),
