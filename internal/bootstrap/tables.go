@@ -34,7 +34,8 @@ func (t *table) columnList() string {
 }
 
 // sourceQuery selects the commit time and origin of every row's version,
-// then the row.
+// then the row. A row stamp's key is compared as text: it is text on a
+// source of this version and jsonb on one of an earlier version.
 func (t *table) sourceQuery() string {
 	cols := make([]string, len(t.columns))
 	for i, c := range t.columns {
@@ -59,7 +60,7 @@ func (t *table) sourceQuery() string {
 	return fmt.Sprintf(`COPY (SELECT coalesce(s.ts, c.timestamp), o.roname, %s FROM ONLY %s t
 	LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) c ON true
 	LEFT JOIN pg_catalog.pg_replication_origin o ON o.roident = c.roident AND c.roident <> 0
-	LEFT JOIN prism.row_stamps s ON s.table_name = '%s' AND s.key = jsonb_object(ARRAY[%s]::text[], ARRAY[%s]::text[]) AND s.xact = t.xmin%s) TO STDOUT (FORMAT binary)`,
+	LEFT JOIN prism.row_stamps s ON s.table_name = '%s' AND s.key::text = jsonb_object(ARRAY[%s]::text[], ARRAY[%s]::text[])::text AND s.xact = t.xmin%s) TO STDOUT (FORMAT binary)`,
 		strings.Join(cols, ", "), t.ident(), strings.ReplaceAll(t.name(), "'", "''"), strings.Join(names, ", "), strings.Join(vals, ", "), where)
 }
 

@@ -501,7 +501,7 @@ func (bt *batchTable) statement(kind int) (*batchStatement, error) {
 	// The stamp's xact is the transaction's: the row version's xmin, and
 	// for a delete the xmin of the tombstone prism_tombstone writes.
 	st.sql = "WITH w AS (" + w + "), s AS (INSERT INTO prism.row_stamps AS s (table_name, key, xact, ts) SELECT " + tbl + ", " +
-		keyJSON(keyVals) + ", xid(pg_catalog.pg_current_xact_id()), " + sts + " FROM " + stampFrom +
+		keyJSON(keyVals) + "::text, xid(pg_catalog.pg_current_xact_id()), " + sts + " FROM " + stampFrom +
 		" ON CONFLICT (table_name, key) DO UPDATE SET xact = EXCLUDED.xact, ts = EXCLUDED.ts)" +
 		" SELECT prism.batch_check(" + tbl + ", (SELECT count(*) FROM w), $" + strconv.Itoa(n+1) + "::bigint)"
 	return st.named(), nil

@@ -321,3 +321,54 @@ func TestBatchLocalConverges(t *testing.T) {
 		t.Fatalf("local write over a batched row stamps later: %s", got)
 	}
 }
+
+// TestRowStampsUpgrade starts from prism.row_stamps as an earlier version
+// made it (keyed by jsonb) holding the stamp of a version: Setup keys it
+// by the key's text, compared bytewise, the stamp is still found, and a
+// batch records its stamps over it.
+func TestRowStampsUpgrade(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "stampsup"})
+	mustExec(t, ctx, c, "postgres", batchSchema+`
+	CREATE SCHEMA prism;
+	CREATE TABLE prism.row_stamps (table_name text NOT NULL, key jsonb NOT NULL, xact xid NOT NULL, ts timestamptz NOT NULL, PRIMARY KEY (table_name, key));
+	BEGIN;
+	UPDATE kv SET v = 'old batch' WHERE id = 1;
+	INSERT INTO prism.row_stamps VALUES ('public.kv', jsonb_object(ARRAY['id'], ARRAY['1']), xid(pg_current_xact_id()), '2001-02-03 04:05:06.789+00');
+	COMMIT;`)
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	defer a.Close()
+	if err := a.ensureSetup(ctx); err != nil {
+		t.Fatalf("setup: %v", err)
+	}
+	if got := queryString(t, ctx, a.pool, `SELECT string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod) || ' ' || coalesce(l.collname, '-'), ', ' ORDER BY a.attnum)
+		FROM pg_attribute a LEFT JOIN pg_collation l ON l.oid = a.attcollation
+		WHERE a.attrelid = 'prism.row_stamps'::regclass AND a.attname IN ('table_name', 'key')`); got != "table_name text C, key text C" {
+		t.Fatalf("row_stamps columns = %s, want table_name text C, key text C", got)
+	}
+	const stampOf = `SELECT prism.row_stamp('public.kv', jsonb_object(ARRAY['id'], ARRAY[x.id::text]), x.xmin) FROM kv x WHERE x.id = $1::int`
+	if got := queryString(t, ctx, a.pool, "SELECT ("+stampOf+")::text", 1); got != "2001-02-03 04:05:06.789+00" {
+		t.Fatalf("stamp of the version before the upgrade = %s", got)
+	}
+	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v", "n")
+	t0 := time.Now().Add(time.Hour).Sub(baseTime).Seconds()
+	txns := []*decode.Txn{
+		txn("na", 1100, t0+1, upd(kv, nil, "1", "a", `\N`)),
+		txn("na", 1200, t0+2, upd(kv, nil, "2", "b", `\N`)),
+	}
+	if n, err := a.ApplyBatch(ctx, txns); n != len(txns) || err != nil {
+		t.Fatalf("ApplyBatch = %d, %v", n, err)
+	}
+	if got := targets(t, ctx, a.pool, "1, 2"); got != "1" {
+		t.Fatalf("rows written in %s target transactions, want 1 (a batch)", got)
+	}
+	for id, want := range map[int]time.Time{1: txns[0].CommitTime, 2: txns[1].CommitTime} {
+		var got time.Time
+		if err := a.pool.QueryRow(ctx, stampOf, id).Scan(&got); err != nil {
+			t.Fatalf("stamp of %d: %v", id, err)
+		}
+		if want = want.Truncate(time.Microsecond); !got.Equal(want) {
+			t.Fatalf("stamp of %d = %s, want %s (its source transaction's)", id, got, want)
+		}
+	}
+}

@@ -48,7 +48,9 @@ type ServerConfig struct {
 	// IdleTimeout drops a peer that sent nothing for that long.
 	IdleTimeout time.Duration
 	// MaxBatch bounds how many queued transactions one ApplyBatch call
-	// takes.
+	// takes. A batch's fixed costs (statement start-up, commit, WAL
+	// flush, one transaction for the region's own walsender to decode)
+	// shrink per change up to about 256 transactions.
 	MaxBatch int
 	// FenceTimeout bounds fencing a previous holder of the origin when a
 	// source connects.

@@ -57,7 +57,7 @@ func NewServerConfig(ackTimeout time.Duration) ServerConfig {
 		// on it: well below their ack timeout, and at most one a second.
 		Heartbeat:    min(time.Second, ackTimeout/4),
 		IdleTimeout:  15 * time.Second,
-		MaxBatch:     64,
+		MaxBatch:     256,
 		FenceTimeout: 5 * time.Second,
 	}
 }

@@ -40,8 +40,8 @@ func TestSettingsDerived(t *testing.T) {
 		t.Errorf("MaxFrame, ChunkBytes = %d, %d, want %d, %d", sc.MaxFrame, sc.ChunkBytes, DefaultMaxFrame, DefaultChunkBytes)
 	}
 	srv := NewServerConfig(ack)
-	if srv.MaxFrame != DefaultMaxFrame || srv.MaxBatch != 64 {
-		t.Errorf("server MaxFrame, MaxBatch = %d, %d, want %d, 64", srv.MaxFrame, srv.MaxBatch, DefaultMaxFrame)
+	if srv.MaxFrame != DefaultMaxFrame || srv.MaxBatch != 256 {
+		t.Errorf("server MaxFrame, MaxBatch = %d, %d, want %d, 256", srv.MaxFrame, srv.MaxBatch, DefaultMaxFrame)
 	}
 }
 
