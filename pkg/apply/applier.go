@@ -651,18 +651,8 @@ func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.
 		s.unhold()
 	}()
 
-	// Skip what the origin already has; the rest must go in LSN order.
 	p := &pipeline{a: a, s: s, txns: txns, skip: make([]bool, len(txns))}
-	last := progress
-	pending := 0
-	for i, t := range txns {
-		if t.EndLSN <= last {
-			p.skip[i] = true
-			continue
-		}
-		last = t.EndLSN
-		pending++
-	}
+	pending, last := p.skipApplied(progress)
 	if pending == 0 {
 		a.log.Debug().Str("origin", source).Stringer("progress", progress).Int("skipped", len(txns)).Msg("already applied")
 		ok = true
@@ -672,34 +662,54 @@ func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.
 		return 0, a.fail(s, txns[0], "", 0, err)
 	}
 	p.durable(-1)
+	if n, err := p.run(ctx); err != nil {
+		return n, err
+	}
+	ok, done = true, last
+	a.log.Debug().Str("origin", source).Int("applied", pending).Int("skipped", len(txns)-pending).
+		Stringer("end_lsn", txns[len(txns)-1].EndLSN).Msg("applied")
+	return len(txns), nil
+}
+
+// skipApplied marks the transactions the origin already has (at or
+// below progress; the rest must go in LSN order) and returns how many
+// are left and the end LSN of the last one.
+func (p *pipeline) skipApplied(progress pglogrepl.LSN) (pending int, last pglogrepl.LSN) {
+	last = progress
+	for i, t := range p.txns {
+		if t.EndLSN <= last {
+			p.skip[i] = true
+			continue
+		}
+		last = t.EndLSN
+		pending++
+	}
+	return pending, last
+}
+
+// run applies the transactions not skipped, in order: a run of them that
+// can be batched as one batch, the others (and those of a batch that
+// failed) one by one in pipelined round trips. It returns len(p.txns)
+// once everything is durable, else n and an error about txns[n].
+func (p *pipeline) run(ctx context.Context) (int, error) {
 	// rows: the transactions before it failed as a batch and are applied
 	// one by one.
 	rows := 0
-	for i := 0; i < len(txns); {
+	for i := 0; i < len(p.txns); {
 		if p.skip[i] {
 			i++
 			continue
 		}
 		if i >= rows {
-			run := i + 1
-			for run < len(txns) && !p.skip[run] {
-				run++
+			n, ok, err := p.tryBatch(ctx, i)
+			if err != nil {
+				return p.committed, err
 			}
-			if bp, n := a.plan(ctx, s.conn.Conn(), txns[i:run]); n > 1 {
-				// Queued transactions commit before the batch.
-				if err := p.send(ctx, false); err != nil {
-					return p.committed, err
-				}
-				ok, err := p.batch(ctx, i, i+n, bp)
-				if err != nil {
-					return p.committed, err
-				}
-				if ok {
-					i += n
-					continue
-				}
-				rows = i + n
+			if ok {
+				i += n
+				continue
 			}
+			rows = i + n
 		}
 		err := p.queue(ctx, i)
 		var be *buildError
@@ -714,10 +724,28 @@ func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.
 	if err := p.send(ctx, true); err != nil {
 		return p.committed, err
 	}
-	ok, done = true, last
-	a.log.Debug().Str("origin", source).Int("applied", pending).Int("skipped", len(txns)-pending).
-		Stringer("end_lsn", txns[len(txns)-1].EndLSN).Msg("applied")
-	return len(txns), nil
+	return len(p.txns), nil
+}
+
+// tryBatch applies the transactions from i on that form a batch (see
+// plan), after sending what is queued before them. It returns how many
+// it took (0: too few to batch) and whether the batch is durable; a
+// batch that was rolled back is for the row path.
+func (p *pipeline) tryBatch(ctx context.Context, i int) (n int, ok bool, err error) {
+	run := i + 1
+	for run < len(p.txns) && !p.skip[run] {
+		run++
+	}
+	bp, n := p.a.plan(ctx, p.s.conn.Conn(), p.txns[i:run])
+	if n <= 1 {
+		return 0, false, nil
+	}
+	// Queued transactions commit before the batch.
+	if err := p.send(ctx, false); err != nil {
+		return n, false, err
+	}
+	ok, err = p.batch(ctx, i, i+n, bp)
+	return n, ok, err
 }
 
 // pipeline applies one run of transactions on a held session, many per
