@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -108,6 +109,8 @@ type Applier struct {
 	// testAfterSend, when set, runs after the last pipeline of a run was
 	// sent (with the backend PID), before its results are read.
 	testAfterSend func(pid uint32)
+	// holds counts the sessions that set up an origin (see hold).
+	holds atomic.Int64
 }
 
 // NewApplier returns an Applier writing through pool.
@@ -261,11 +264,13 @@ func (a *Applier) ApplyBatch(ctx context.Context, txns []*decode.Txn) (int, erro
 		for end < len(txns) && txns[end].Origin == txns[applied].Origin {
 			end++
 		}
-		n, err := a.applyRun(ctx, txns[applied:end])
+		n, err := a.applyRun(ctx, txns[applied:end], &conflictRetries)
 		applied += n
 		if err != nil && concurrent(err) && conflictRetries > 0 {
 			// A local transaction changed a row of this one after its
-			// snapshot: apply it again, at once, on fresh data.
+			// snapshot, and the session that held the origin is gone:
+			// apply it again, at once, on fresh data and a new session
+			// (a live one retries itself; see pipeline.run).
 			conflictRetries--
 			a.log.Debug().Err(err).Msg("concurrent local write; applying again")
 			continue
@@ -458,6 +463,7 @@ func (s *session) hold(ctx context.Context, source string) (pglogrepl.LSN, error
 			s.broken = true
 			return 0, errors.New("unexpected reply to origin session setup")
 		}
+		s.a.holds.Add(1)
 		if res[2].Rows[0][0] == nil {
 			return 0, nil
 		}
@@ -614,12 +620,12 @@ func (a *Applier) Close() {
 // or a server restart while it waited) is replaced by a fresh one once;
 // that is safe in any case, since the fresh session reads the origin's
 // progress and skips what committed.
-func (a *Applier) applyRun(ctx context.Context, txns []*decode.Txn) (int, error) {
+func (a *Applier) applyRun(ctx context.Context, txns []*decode.Txn, retries *int) (int, error) {
 	s, progress, err := a.holdSession(ctx, txns[0].Origin)
 	if err != nil {
 		return 0, newError(txns[0], "", 0, err)
 	}
-	n, err := a.applyHeld(ctx, s, progress, txns)
+	n, err := a.applyHeld(ctx, s, progress, txns, retries)
 	if err == nil || !s.died || ctx.Err() != nil || n >= len(txns) {
 		return n, err
 	}
@@ -628,15 +634,16 @@ func (a *Applier) applyRun(ctx context.Context, txns []*decode.Txn) (int, error)
 	if err != nil {
 		return n, newError(txns[n], "", 0, err)
 	}
-	m, err := a.applyHeld(ctx, s, progress, txns[n:])
+	m, err := a.applyHeld(ctx, s, progress, txns[n:], retries)
 	return n + m, err
 }
 
 // applyHeld applies txns of one origin on s, which holds the origin
 // with the given progress. It parks s after a clean run and lets go of
 // the origin otherwise. On error it returns how many of txns are durable
-// (n) and an error about txns[n]; see pipeline.
-func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.LSN, txns []*decode.Txn) (int, error) {
+// (n) and an error about txns[n]; see pipeline. Serialization failures
+// and deadlocks are retried on s, up to *retries.
+func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.LSN, txns []*decode.Txn, retries *int) (int, error) {
 	source := txns[0].Origin
 	// From here the origin is held: park the session or let go of the
 	// origin on every path.
@@ -662,7 +669,7 @@ func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.
 		return 0, a.fail(s, txns[0], "", 0, err)
 	}
 	p.durable(-1)
-	if n, err := p.run(ctx); err != nil {
+	if n, err := p.run(ctx, retries); err != nil {
 		return n, err
 	}
 	ok, done = true, last
@@ -691,11 +698,61 @@ func (p *pipeline) skipApplied(progress pglogrepl.LSN) (pending int, last pglogr
 // can be batched as one batch, the others (and those of a batch that
 // failed) one by one in pipelined round trips. It returns len(p.txns)
 // once everything is durable, else n and an error about txns[n].
-func (p *pipeline) run(ctx context.Context) (int, error) {
+//
+// A transaction that fails with a serialization failure or a deadlock (a
+// concurrent local write to one of its rows) is applied again at once on
+// the same session, which still holds the origin, up to *retries times:
+// see again.
+func (p *pipeline) run(ctx context.Context, retries *int) (int, error) {
+	for {
+		err := p.runFrom(ctx, p.committed)
+		if err == nil {
+			return len(p.txns), nil
+		}
+		if !concurrent(err) || p.s.broken || *retries <= 0 || ctx.Err() != nil {
+			return p.committed, err
+		}
+		*retries--
+		p.a.log.Debug().Err(err).Msg("concurrent local write; applying again")
+		if aerr := p.again(ctx); aerr != nil {
+			return p.committed, aerr
+		}
+	}
+}
+
+// again prepares the session to apply the transactions not known durable
+// once more after a concurrent write failed one: it rolls back what is
+// open and reads the origin's progress under the lock it still holds
+// (flushing the WAL up to its last commit), and marks what that progress
+// covers as skipped, exactly as a fresh session would.
+func (p *pipeline) again(ctx context.Context) error {
+	pc := p.s.conn.Conn().PgConn()
+	res, err := pc.Exec(ctx, "ROLLBACK; SELECT pg_replication_origin_session_progress(true)::text").ReadAll()
+	if err == nil && (len(res) != 2 || len(res[1].Rows) != 1 || len(res[1].Rows[0]) != 1) {
+		err = errors.New("unexpected reply to origin progress")
+	}
+	var progress pglogrepl.LSN
+	if err == nil && res[1].Rows[0][0] != nil {
+		progress, err = pglogrepl.ParseLSN(string(res[1].Rows[0][0]))
+	}
+	if err != nil {
+		p.s.broken = true
+		return p.lost(err)
+	}
+	clear(p.skip)
+	p.committed = 0
+	p.skipApplied(progress)
+	p.durable(-1)
+	return nil
+}
+
+// runFrom is run from transaction from on, once: its error is about
+// txns[p.committed].
+func (p *pipeline) runFrom(ctx context.Context, from int) error {
 	// rows: the transactions before it failed as a batch and are applied
 	// one by one.
 	rows := 0
-	for i := 0; i < len(p.txns); {
+	for i := from; i < len(p.txns); {
 		if p.skip[i] {
 			i++
 			continue
@@ -703,7 +760,7 @@ func (p *pipeline) run(ctx context.Context) (int, error) {
 		if i >= rows {
 			n, ok, err := p.tryBatch(ctx, i)
 			if err != nil {
-				return p.committed, err
+				return err
 			}
 			if ok {
 				i += n
@@ -717,14 +774,11 @@ func (p *pipeline) run(ctx context.Context) (int, error) {
 			return p.cut(ctx, i, be)
 		}
 		if err != nil {
-			return p.committed, err
+			return err
 		}
 		i++
 	}
-	if err := p.send(ctx, true); err != nil {
-		return p.committed, err
-	}
-	return len(p.txns), nil
+	return p.send(ctx, true)
 }
 
 // tryBatch applies the transactions from i on that form a batch (see
@@ -889,15 +943,15 @@ func (p *pipeline) queue(ctx context.Context, i int) error {
 // built: the transactions queued before it are sent and made durable, so
 // the error is about i alone. What i had already sent (when the pipeline
 // filled up inside it) is rolled back when the session lets go.
-func (p *pipeline) cut(ctx context.Context, i int, be *buildError) (int, error) {
+func (p *pipeline) cut(ctx context.Context, i int, be *buildError) error {
 	p.cmds = p.cmds[:p.first]
 	if err := p.send(ctx, true); err != nil {
-		return p.committed, err
+		return err
 	}
 	if p.committed != i {
-		return p.committed, p.lost(be.err)
+		return p.lost(be.err)
 	}
-	return i, p.a.fail(p.s, p.txns[i], be.table, be.op, be.err)
+	return p.a.fail(p.s, p.txns[i], be.table, be.op, be.err)
 }
 
 // send runs the queued commands in one round trip, with a barrier if

@@ -48,7 +48,10 @@
 // that waited for a local writer re-checks its condition on the new row
 // version with the old snapshot, which cannot see that writer's clock
 // floor or tombstone). ApplyBatch applies such a transaction again at
-// once. One window remains: an INSERT of a key whose row a local
+// once, on fresh data: on the same session, which still holds the origin
+// (it rolls back, reads the origin's progress and skips what that
+// covers, like a new session), and on a new session only when that one
+// broke. One window remains: an INSERT of a key whose row a local
 // transaction deletes after the snapshot is checked against the
 // tombstones of the snapshot.
 //

@@ -1,12 +1,18 @@
 package apply
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
+	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/rs/zerolog"
 
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
 	"github.com/prism-cdc/prism-cdc/pkg/decode"
@@ -226,4 +232,114 @@ func TestBatchFailureIsolated(t *testing.T) {
 			t.Fatalf("%d rows after the replay, want 100", got)
 		}
 	})
+}
+
+// TestConcurrentWriteRetriedOnSession: a local transaction holds a row that
+// the second of three applied transactions updates. When it commits, that
+// apply transaction fails with a serialization failure (REPEATABLE READ)
+// and is applied again at once, on fresh data, on the same session, which
+// keeps holding the origin: no second origin session is set up, the first
+// transaction is applied once, and every row ends as the row path decides
+// it on the local version.
+func TestConcurrentWriteRetriedOnSession(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "retry"})
+	// seen has an array column: its rows are never batched, so the three
+	// transactions go by rows, in one pipeline.
+	mustExec(t, ctx, c, "postgres", batchSchema+`
+		CREATE TABLE seen (id int PRIMARY KEY, a int[]);`)
+	var logBuf syncBuffer
+	a := NewApplier(newPool(t, ctx, c, "postgres"), zerolog.New(&logBuf).Level(zerolog.DebugLevel), WithLocalRegion("eu"))
+	defer a.Close()
+	if err := a.Setup(ctx); err != nil {
+		t.Fatalf("Setup: %v", err)
+	}
+	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v", "n")
+	seen := rel("public", "seen", decode.IdentityDefault, "id*", "a")
+	t0 := time.Now().Add(time.Hour).Sub(baseTime).Seconds()
+	txns := []*decode.Txn{
+		txn("na", 1100, t0, upd(kv, nil, "1", "a", `\N`), ins(seen, "1", "{1}")),
+		txn("na", 1200, t0+1, upd(kv, nil, "2", "b", `\N`), ins(seen, "2", "{2}")),
+		txn("na", 1300, t0+2, upd(kv, nil, "3", "c", `\N`), ins(seen, "3", "{3}")),
+	}
+	local, err := pgx.Connect(ctx, c.DSN("postgres"))
+	if err != nil {
+		t.Fatalf("connect: %v", err)
+	}
+	defer local.Close(ctx)
+	tx, err := local.Begin(ctx)
+	if err != nil {
+		t.Fatalf("begin: %v", err)
+	}
+	if _, err := tx.Exec(ctx, "UPDATE kv SET v = 'local' WHERE id = 2"); err != nil {
+		t.Fatalf("local update: %v", err)
+	}
+	type result struct {
+		n   int
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		n, err := a.ApplyBatch(ctx, txns)
+		done <- result{n, err}
+	}()
+	// The apply session waits for the local transaction's row lock.
+	for {
+		var waiting bool
+		if err := local.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+			WHERE application_name = 'prism_apply_na' AND wait_event_type = 'Lock')`).Scan(&waiting); err != nil {
+			t.Fatalf("pg_stat_activity: %v", err)
+		}
+		if waiting {
+			break
+		}
+		select {
+		case r := <-done:
+			t.Fatalf("ApplyBatch = %d, %v before the local transaction committed", r.n, r.err)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatalf("local commit: %v", err)
+	}
+	if r := <-done; r.n != len(txns) || r.err != nil {
+		t.Fatalf("ApplyBatch = %d, %v; want %d, nil", r.n, r.err, len(txns))
+	}
+	if !strings.Contains(logBuf.String(), "40001") {
+		t.Fatalf("no serialization failure was retried; log:\n%s", logBuf.String())
+	}
+	if got := a.holds.Load(); got != 1 {
+		t.Fatalf("%d origin sessions set up, want 1 (the retry keeps the session)", got)
+	}
+	if got := tableRows(t, ctx, a.pool, "(SELECT id, v FROM kv WHERE id <= 3)"); got != `{"id":1,"v":"a"}`+"\n"+`{"id":2,"v":"b"}`+"\n"+`{"id":3,"v":"c"}` {
+		t.Fatalf("kv = %s", got)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT string_agg(id::text, ',' ORDER BY id) FROM seen"); got != "1,2,3" {
+		t.Fatalf("seen = %s, want 1,2,3", got)
+	}
+	if p, err := a.Progress(ctx, "na"); err != nil || p != txns[2].EndLSN {
+		t.Fatalf("Progress = %s, %v; want %s", p, err, txns[2].EndLSN)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT count(*)::text FROM prism.conflicts"); got != "0" {
+		t.Fatalf("%s conflicts recorded, want none (the local version is older)", got)
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a logger writing from another
+// goroutine.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
