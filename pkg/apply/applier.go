@@ -109,8 +109,11 @@ type Applier struct {
 	// testAfterSend, when set, runs after the last pipeline of a run was
 	// sent (with the backend PID), before its results are read.
 	testAfterSend func(pid uint32)
-	// holds counts the sessions that set up an origin (see hold).
-	holds atomic.Int64
+	// holds counts the sessions that set up an origin (see hold);
+	// batches the batches sent (see tryBatch).
+	holds, batches atomic.Int64
+	// memos are the failures of recent batches, by source region.
+	memos map[string]*batchMemo
 }
 
 // NewApplier returns an Applier writing through pool.
@@ -125,6 +128,7 @@ func NewApplier(pool *pgxpool.Pool, log zerolog.Logger, opts ...Option) *Applier
 		shapes:    map[string]*reshaping{},
 		idle:      map[string]*session{},
 		letting:   map[string]chan struct{}{},
+		memos:     map[string]*batchMemo{},
 		holdIdle:  holdIdle,
 	}
 	for _, o := range opts {
@@ -784,7 +788,8 @@ func (p *pipeline) runFrom(ctx context.Context, from int) error {
 // tryBatch applies the transactions from i on that form a batch (see
 // plan), after sending what is queued before them. It returns how many
 // it took (0: too few to batch) and whether the batch is durable; a
-// batch that was rolled back is for the row path.
+// batch that was rolled back, or not tried because the source's batches
+// keep failing (see batchMemo), is for the row path.
 func (p *pipeline) tryBatch(ctx context.Context, i int) (n int, ok bool, err error) {
 	run := i + 1
 	for run < len(p.txns) && !p.skip[run] {
@@ -794,12 +799,67 @@ func (p *pipeline) tryBatch(ctx context.Context, i int) (n int, ok bool, err err
 	if n <= 1 {
 		return 0, false, nil
 	}
+	if p.a.skipBatch(p.s.source) {
+		return n, false, nil
+	}
 	// Queued transactions commit before the batch.
 	if err := p.send(ctx, false); err != nil {
 		return n, false, err
 	}
-	ok, err = p.batch(ctx, i, i+n, bp)
+	p.a.batches.Add(1)
+	ok, conflict, err := p.batch(ctx, i, i+n, bp)
+	if ok || conflict {
+		p.a.batchDone(p.s.source, ok)
+	}
 	return n, ok, err
+}
+
+// batchMemo remembers that the batches of one source region keep
+// failing because a row needs the row path or a concurrent write (hot
+// rows written in several regions: a conflict, a missing row or a
+// tombstone in nearly every batch; other errors do not count). A failed batch costs its
+// round trip, a ROLLBACK and the row path's round trip; after fails (two
+// or more) failures in a row, the next skip batches of the source go
+// straight to the row path, which decides every row as the failed batch
+// would have been decided. skip is 2^(fails-2) up to maxBatchSkip, and
+// one batch that commits forgets the failures.
+type batchMemo struct {
+	fails, skip int
+}
+
+// maxBatchSkip bounds the batches applied by rows between two tries.
+const maxBatchSkip = 64
+
+// skipBatch reports whether the next batch of source goes by rows, and
+// counts it.
+func (a *Applier) skipBatch(source string) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	m := a.memos[source]
+	if m == nil || m.skip == 0 {
+		return false
+	}
+	m.skip--
+	return true
+}
+
+// batchDone records whether a batch of source committed.
+func (a *Applier) batchDone(source string, ok bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if ok {
+		delete(a.memos, source)
+		return
+	}
+	m := a.memos[source]
+	if m == nil {
+		m = &batchMemo{}
+		a.memos[source] = m
+	}
+	m.fails++
+	if m.fails > 1 {
+		m.skip = min(1<<min(m.fails-2, 10), maxBatchSkip)
+	}
 }
 
 // pipeline applies one run of transactions on a held session, many per

@@ -592,13 +592,14 @@ func batched(err error) bool {
 // statements of bp, COMMIT and a barrier. It returns true once that is
 // durable. When the batch fails (a row that needs the row path, any
 // error of a statement or of COMMIT) it is rolled back and it returns
-// false: the caller applies the transactions one by one, which pins a
-// failure on exactly one of them. A broken connection or a failed
+// false, and whether a row needed the row path or a concurrent write
+// failed it (conflict): the caller applies the transactions one by one,
+// which pins a failure on exactly one of them. A broken connection or a failed
 // barrier is an error about txns[i], as in send.
-func (p *pipeline) batch(ctx context.Context, i, end int, bp *batchPlan) (bool, error) {
-	sts, args, err := bp.statements()
-	if err != nil {
-		return false, nil
+func (p *pipeline) batch(ctx context.Context, i, end int, bp *batchPlan) (ok, conflict bool, err error) {
+	sts, args, serr := bp.statements()
+	if serr != nil {
+		return false, false, nil
 	}
 	conn := p.s.conn.Conn()
 	pc := conn.PgConn()
@@ -607,10 +608,10 @@ func (p *pipeline) batch(ctx context.Context, i, end int, bp *batchPlan) (bool, 
 		if sds[k], err = conn.Prepare(ctx, st.name, st.sql); err != nil {
 			if pc.IsClosed() {
 				p.s.broken = true
-				return false, p.lost(err)
+				return false, false, p.lost(err)
 			}
 			p.a.log.Debug().Err(err).Msg("batch statement not prepared; applying by rows")
-			return false, nil
+			return false, false, nil
 		}
 	}
 	last := p.txns[end-1]
@@ -643,25 +644,26 @@ func (p *pipeline) batch(ctx context.Context, i, end int, bp *batchPlan) (bool, 
 	}
 	if err == nil {
 		p.durable(end - 1)
-		return true, nil
+		return true, false, nil
 	}
 	var pgErr *pgconn.PgError
 	if !errors.As(err, &pgErr) || pc.IsClosed() {
 		p.s.broken = true
-		return false, p.lost(err)
+		return false, false, p.lost(err)
 	}
 	if failed > 2+len(sts) {
 		// COMMIT succeeded, the barrier failed: not known durable.
-		return false, p.lost(err)
+		return false, false, p.lost(err)
 	}
 	if _, rerr := pc.Exec(ctx, "ROLLBACK").ReadAll(); rerr != nil {
 		if !errors.As(rerr, &pgErr) || pc.IsClosed() {
 			p.s.broken = true
 		}
-		return false, p.lost(rerr)
+		return false, false, p.lost(rerr)
 	}
-	p.a.log.Debug().Err(err).Bool("conflict", batched(err)).Int("txns", end-i).Msg("batch rolled back; applying by rows")
-	return false, nil
+	conflict = batched(err) || pgErr.Code == "40001" || pgErr.Code == "40P01"
+	p.a.log.Debug().Err(err).Bool("conflict", conflict).Int("txns", end-i).Msg("batch rolled back; applying by rows")
+	return false, conflict, nil
 }
 
 // sourceKeyed reports whether rel's rows carry a key of the source's

@@ -104,7 +104,13 @@
 // and records every conflict per row and pins a failure on exactly one
 // transaction (invariant 9 holds as below). Only a broken connection or a
 // failed barrier is reported as such, retryable, about the batch's first
-// transaction.
+// transaction. A failed batch costs its round trip, a ROLLBACK and the
+// row path's round trip, so after k >= 2 batches of a source in a row
+// that a row needing the row path or a serialization failure rolled back,
+// its next 2^(k-2) batches (at most 64) go straight to the row path; one
+// batch that commits ends that. Hot
+// rows written in several regions (a conflict, a missing row or a
+// tombstone in nearly every batch) so pay for the row path about once.
 //
 // Stamps stay exact (see Conflicts): the statement that writes a version
 // also records, in prism.row_stamps, its key, its xmin (the batch's
