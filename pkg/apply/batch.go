@@ -554,9 +554,17 @@ func (bt *batchTable) write(b *builder, kind int, src batchSource, k batchKeyExp
 	switch kind {
 	case groupInsert:
 		// A key with a row or a tombstone is not inserted: the row path
-		// decides it (insert_exists, prism.admit).
+		// decides it (insert_exists, prism.admit). That includes a row the
+		// snapshot shows that a local transaction deleted since, which ON
+		// CONFLICT no longer sees (the row path then fails on its lock
+		// and applies the transaction again on fresh data).
+		shown := make([]string, len(k.cols))
+		for i, c := range k.cols {
+			shown[i] = "y." + quote(bt.rel.Columns[c].Name) + " = " + src.vcol[c]
+		}
 		w = "INSERT INTO " + bt.t.ident + " AS x (" + strings.Join(src.names, ", ") + ") SELECT " + strings.Join(src.exprs, ", ") + " FROM " + src.v +
 			" WHERE NOT EXISTS (SELECT 1 FROM prism.tombstones tb WHERE tb.table_name = " + lit(bt.t.name) + " AND tb.key = " + k.json(k.tomb) + ")" +
+			" AND NOT EXISTS (SELECT 1 FROM " + bt.t.ident + " AS y WHERE " + strings.Join(shown, " AND ") + ")" +
 			" ON CONFLICT (" + strings.Join(b.quoted(k.cols), ", ") + ") DO NOTHING RETURNING " + strings.Join(k.ret, ", ")
 		return w, "w JOIN " + src.v + " ON " + strings.Join(k.joinW, " AND ")
 	case groupUpdate:

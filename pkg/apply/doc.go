@@ -51,9 +51,11 @@
 // once, on fresh data: on the same session, which still holds the origin
 // (it rolls back, reads the origin's progress and skips what that
 // covers, like a new session), and on a new session only when that one
-// broke. One window remains: an INSERT of a key whose row a local
-// transaction deletes after the snapshot is checked against the
-// tombstones of the snapshot.
+// broke. An INSERT, which finds no conflict once a row is deleted and
+// would check the tombstones of the snapshot, first locks the key's row
+// that the snapshot shows (FOR KEY SHARE), so a local delete after the
+// snapshot fails it the same way; a batch inserts no key whose row the
+// snapshot shows.
 //
 // # Ordering
 //
