@@ -456,19 +456,9 @@ func (b *builder) insert(c *decode.Change, policy Policy) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if with == "" {
-		with = "WITH " + lock + " "
-	} else {
-		with = strings.Replace(with, "WITH ", "WITH "+lock+", ", 1)
-	}
-	if from == "" {
-		from = " FROM (SELECT count(*) FROM l) AS l"
-	} else {
-		from += ", (SELECT count(*) FROM l) AS l"
-	}
 	sql := with + "INSERT INTO " + b.t.ident + " AS x (" + names + ")" + b.overriding(cols) + " SELECT " + ps + from +
-		" WHERE NOT EXISTS (SELECT 1 FROM prism.tombstones tb WHERE tb.table_name = " + tbl + " AND tb.key = " + keyP + ")" +
-		" OR prism.admit(" + pol + ", " + tbl + ", " + keyP + ")"
+		" WHERE " + lock + " AND (NOT EXISTS (SELECT 1 FROM prism.tombstones tb WHERE tb.table_name = " + tbl + " AND tb.key = " + keyP + ")" +
+		" OR prism.admit(" + pol + ", " + tbl + ", " + keyP + "))"
 	if len(sets) == 0 {
 		// Every column is an identity ALWAYS key: d replaced the row
 		// if the insert won.
@@ -478,9 +468,9 @@ func (b *builder) insert(c *decode.Change, policy Policy) (string, error) {
 		" WHERE " + conflictWhere, nil
 }
 
-// lockKey is CTE l, which locks the row of the incoming key that the
-// transaction's snapshot shows (FOR KEY SHARE: it blocks no local update
-// of other columns).
+// lockKey is a condition that is always true and locks the row of the
+// incoming key that the transaction's snapshot shows (FOR KEY SHARE: it
+// blocks no local update of other columns).
 func (b *builder) lockKey(keys []int) (string, error) {
 	conds := make([]string, len(keys))
 	for i, k := range keys {
@@ -490,7 +480,7 @@ func (b *builder) lockKey(keys []int) (string, error) {
 		}
 		conds[i] = "l." + quote(b.rel.Columns[k].Name) + " = " + p
 	}
-	return "l AS MATERIALIZED (SELECT 1 FROM " + b.t.ident + " AS l WHERE " + strings.Join(conds, " AND ") + " FOR KEY SHARE)", nil
+	return "(SELECT count(*) FROM (SELECT 1 FROM " + b.t.ident + " AS l WHERE " + strings.Join(conds, " AND ") + " FOR KEY SHARE) AS l) >= 0", nil
 }
 
 // insertSets returns the assignments of insert's ON CONFLICT DO UPDATE
