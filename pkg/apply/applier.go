@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -108,6 +109,11 @@ type Applier struct {
 	// testAfterSend, when set, runs after the last pipeline of a run was
 	// sent (with the backend PID), before its results are read.
 	testAfterSend func(pid uint32)
+	// holds counts the sessions that set up an origin (see hold);
+	// batches the batches sent (see tryBatch).
+	holds, batches atomic.Int64
+	// memos are the failures of recent batches, by source region.
+	memos map[string]*batchMemo
 }
 
 // NewApplier returns an Applier writing through pool.
@@ -122,6 +128,7 @@ func NewApplier(pool *pgxpool.Pool, log zerolog.Logger, opts ...Option) *Applier
 		shapes:    map[string]*reshaping{},
 		idle:      map[string]*session{},
 		letting:   map[string]chan struct{}{},
+		memos:     map[string]*batchMemo{},
 		holdIdle:  holdIdle,
 	}
 	for _, o := range opts {
@@ -261,11 +268,13 @@ func (a *Applier) ApplyBatch(ctx context.Context, txns []*decode.Txn) (int, erro
 		for end < len(txns) && txns[end].Origin == txns[applied].Origin {
 			end++
 		}
-		n, err := a.applyRun(ctx, txns[applied:end])
+		n, err := a.applyRun(ctx, txns[applied:end], &conflictRetries)
 		applied += n
 		if err != nil && concurrent(err) && conflictRetries > 0 {
 			// A local transaction changed a row of this one after its
-			// snapshot: apply it again, at once, on fresh data.
+			// snapshot, and the session that held the origin is gone:
+			// apply it again, at once, on fresh data and a new session
+			// (a live one retries itself; see pipeline.run).
 			conflictRetries--
 			a.log.Debug().Err(err).Msg("concurrent local write; applying again")
 			continue
@@ -458,6 +467,7 @@ func (s *session) hold(ctx context.Context, source string) (pglogrepl.LSN, error
 			s.broken = true
 			return 0, errors.New("unexpected reply to origin session setup")
 		}
+		s.a.holds.Add(1)
 		if res[2].Rows[0][0] == nil {
 			return 0, nil
 		}
@@ -614,12 +624,12 @@ func (a *Applier) Close() {
 // or a server restart while it waited) is replaced by a fresh one once;
 // that is safe in any case, since the fresh session reads the origin's
 // progress and skips what committed.
-func (a *Applier) applyRun(ctx context.Context, txns []*decode.Txn) (int, error) {
+func (a *Applier) applyRun(ctx context.Context, txns []*decode.Txn, retries *int) (int, error) {
 	s, progress, err := a.holdSession(ctx, txns[0].Origin)
 	if err != nil {
 		return 0, newError(txns[0], "", 0, err)
 	}
-	n, err := a.applyHeld(ctx, s, progress, txns)
+	n, err := a.applyHeld(ctx, s, progress, txns, retries)
 	if err == nil || !s.died || ctx.Err() != nil || n >= len(txns) {
 		return n, err
 	}
@@ -628,15 +638,16 @@ func (a *Applier) applyRun(ctx context.Context, txns []*decode.Txn) (int, error)
 	if err != nil {
 		return n, newError(txns[n], "", 0, err)
 	}
-	m, err := a.applyHeld(ctx, s, progress, txns[n:])
+	m, err := a.applyHeld(ctx, s, progress, txns[n:], retries)
 	return n + m, err
 }
 
 // applyHeld applies txns of one origin on s, which holds the origin
 // with the given progress. It parks s after a clean run and lets go of
 // the origin otherwise. On error it returns how many of txns are durable
-// (n) and an error about txns[n]; see pipeline.
-func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.LSN, txns []*decode.Txn) (int, error) {
+// (n) and an error about txns[n]; see pipeline. Serialization failures
+// and deadlocks are retried on s, up to *retries.
+func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.LSN, txns []*decode.Txn, retries *int) (int, error) {
 	source := txns[0].Origin
 	// From here the origin is held: park the session or let go of the
 	// origin on every path.
@@ -651,18 +662,8 @@ func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.
 		s.unhold()
 	}()
 
-	// Skip what the origin already has; the rest must go in LSN order.
 	p := &pipeline{a: a, s: s, txns: txns, skip: make([]bool, len(txns))}
-	last := progress
-	pending := 0
-	for i, t := range txns {
-		if t.EndLSN <= last {
-			p.skip[i] = true
-			continue
-		}
-		last = t.EndLSN
-		pending++
-	}
+	pending, last := p.skipApplied(progress)
 	if pending == 0 {
 		a.log.Debug().Str("origin", source).Stringer("progress", progress).Int("skipped", len(txns)).Msg("already applied")
 		ok = true
@@ -672,34 +673,104 @@ func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.
 		return 0, a.fail(s, txns[0], "", 0, err)
 	}
 	p.durable(-1)
+	if n, err := p.run(ctx, retries); err != nil {
+		return n, err
+	}
+	ok, done = true, last
+	a.log.Debug().Str("origin", source).Int("applied", pending).Int("skipped", len(txns)-pending).
+		Stringer("end_lsn", txns[len(txns)-1].EndLSN).Msg("applied")
+	return len(txns), nil
+}
+
+// skipApplied marks the transactions the origin already has (at or
+// below progress; the rest must go in LSN order) and returns how many
+// are left and the end LSN of the last one.
+func (p *pipeline) skipApplied(progress pglogrepl.LSN) (pending int, last pglogrepl.LSN) {
+	last = progress
+	for i, t := range p.txns {
+		if t.EndLSN <= last {
+			p.skip[i] = true
+			continue
+		}
+		last = t.EndLSN
+		pending++
+	}
+	return pending, last
+}
+
+// run applies the transactions not skipped, in order: a run of them that
+// can be batched as one batch, the others (and those of a batch that
+// failed) one by one in pipelined round trips. It returns len(p.txns)
+// once everything is durable, else n and an error about txns[n].
+//
+// A transaction that fails with a serialization failure or a deadlock (a
+// concurrent local write to one of its rows) is applied again at once on
+// the same session, which still holds the origin, up to *retries times:
+// see again.
+func (p *pipeline) run(ctx context.Context, retries *int) (int, error) {
+	for {
+		err := p.runFrom(ctx, p.committed)
+		if err == nil {
+			return len(p.txns), nil
+		}
+		if !concurrent(err) || p.s.broken || *retries <= 0 || ctx.Err() != nil {
+			return p.committed, err
+		}
+		*retries--
+		p.a.log.Debug().Err(err).Msg("concurrent local write; applying again")
+		if aerr := p.again(ctx); aerr != nil {
+			return p.committed, aerr
+		}
+	}
+}
+
+// again prepares the session to apply the transactions not known durable
+// once more after a concurrent write failed one: it rolls back what is
+// open and reads the origin's progress under the lock it still holds
+// (flushing the WAL up to its last commit), and marks what that progress
+// covers as skipped, exactly as a fresh session would.
+func (p *pipeline) again(ctx context.Context) error {
+	pc := p.s.conn.Conn().PgConn()
+	res, err := pc.Exec(ctx, "ROLLBACK; SELECT pg_replication_origin_session_progress(true)::text").ReadAll()
+	if err == nil && (len(res) != 2 || len(res[1].Rows) != 1 || len(res[1].Rows[0]) != 1) {
+		err = errors.New("unexpected reply to origin progress")
+	}
+	var progress pglogrepl.LSN
+	if err == nil && res[1].Rows[0][0] != nil {
+		progress, err = pglogrepl.ParseLSN(string(res[1].Rows[0][0]))
+	}
+	if err != nil {
+		p.s.broken = true
+		return p.lost(err)
+	}
+	clear(p.skip)
+	p.committed = 0
+	p.skipApplied(progress)
+	p.durable(-1)
+	return nil
+}
+
+// runFrom is run from transaction from on, once: its error is about
+// txns[p.committed].
+func (p *pipeline) runFrom(ctx context.Context, from int) error {
 	// rows: the transactions before it failed as a batch and are applied
 	// one by one.
 	rows := 0
-	for i := 0; i < len(txns); {
+	for i := from; i < len(p.txns); {
 		if p.skip[i] {
 			i++
 			continue
 		}
 		if i >= rows {
-			run := i + 1
-			for run < len(txns) && !p.skip[run] {
-				run++
+			n, ok, err := p.tryBatch(ctx, i)
+			if err != nil {
+				return err
 			}
-			if bp, n := a.plan(ctx, s.conn.Conn(), txns[i:run]); n > 1 {
-				// Queued transactions commit before the batch.
-				if err := p.send(ctx, false); err != nil {
-					return p.committed, err
-				}
-				ok, err := p.batch(ctx, i, i+n, bp)
-				if err != nil {
-					return p.committed, err
-				}
-				if ok {
-					i += n
-					continue
-				}
-				rows = i + n
+			if ok {
+				i += n
+				continue
 			}
+			rows = i + n
 		}
 		err := p.queue(ctx, i)
 		var be *buildError
@@ -707,17 +778,88 @@ func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.
 			return p.cut(ctx, i, be)
 		}
 		if err != nil {
-			return p.committed, err
+			return err
 		}
 		i++
 	}
-	if err := p.send(ctx, true); err != nil {
-		return p.committed, err
+	return p.send(ctx, true)
+}
+
+// tryBatch applies the transactions from i on that form a batch (see
+// plan), after sending what is queued before them. It returns how many
+// it took (0: too few to batch) and whether the batch is durable; a
+// batch that was rolled back, or not tried because the source's batches
+// keep failing (see batchMemo), is for the row path.
+func (p *pipeline) tryBatch(ctx context.Context, i int) (n int, ok bool, err error) {
+	run := i + 1
+	for run < len(p.txns) && !p.skip[run] {
+		run++
 	}
-	ok, done = true, last
-	a.log.Debug().Str("origin", source).Int("applied", pending).Int("skipped", len(txns)-pending).
-		Stringer("end_lsn", txns[len(txns)-1].EndLSN).Msg("applied")
-	return len(txns), nil
+	bp, n := p.a.plan(ctx, p.s.conn.Conn(), p.txns[i:run])
+	if n <= 1 {
+		return 0, false, nil
+	}
+	if p.a.skipBatch(p.s.source) {
+		return n, false, nil
+	}
+	// Queued transactions commit before the batch.
+	if err := p.send(ctx, false); err != nil {
+		return n, false, err
+	}
+	p.a.batches.Add(1)
+	ok, conflict, err := p.batch(ctx, i, i+n, bp)
+	if ok || conflict {
+		p.a.batchDone(p.s.source, ok)
+	}
+	return n, ok, err
+}
+
+// batchMemo remembers that the batches of one source region keep
+// failing because a row needs the row path or a concurrent write (hot
+// rows written in several regions: a conflict, a missing row or a
+// tombstone in nearly every batch; other errors do not count). A failed batch costs its
+// round trip, a ROLLBACK and the row path's round trip; after fails (two
+// or more) failures in a row, the next skip batches of the source go
+// straight to the row path, which decides every row as the failed batch
+// would have been decided. skip is 2^(fails-2) up to maxBatchSkip, and
+// one batch that commits forgets the failures.
+type batchMemo struct {
+	fails, skip int
+}
+
+// maxBatchSkip bounds the batches applied by rows between two tries.
+const maxBatchSkip = 64
+
+// skipBatch reports whether the next batch of source goes by rows, and
+// counts it.
+func (a *Applier) skipBatch(source string) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	m := a.memos[source]
+	if m == nil || m.skip == 0 {
+		return false
+	}
+	m.skip--
+	return true
+}
+
+// batchDone records whether a batch of source committed.
+func (a *Applier) batchDone(source string, ok bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if ok {
+		delete(a.memos, source)
+		return
+	}
+	m := a.memos[source]
+	if m == nil {
+		m = &batchMemo{}
+		a.memos[source] = m
+	}
+	m.fails++
+	if m.fails > 1 {
+		m.skip = min(1<<min(m.fails-2, 10), maxBatchSkip)
+	}
 }
 
 // pipeline applies one run of transactions on a held session, many per
@@ -861,15 +1003,15 @@ func (p *pipeline) queue(ctx context.Context, i int) error {
 // built: the transactions queued before it are sent and made durable, so
 // the error is about i alone. What i had already sent (when the pipeline
 // filled up inside it) is rolled back when the session lets go.
-func (p *pipeline) cut(ctx context.Context, i int, be *buildError) (int, error) {
+func (p *pipeline) cut(ctx context.Context, i int, be *buildError) error {
 	p.cmds = p.cmds[:p.first]
 	if err := p.send(ctx, true); err != nil {
-		return p.committed, err
+		return err
 	}
 	if p.committed != i {
-		return p.committed, p.lost(be.err)
+		return p.lost(be.err)
 	}
-	return i, p.a.fail(p.s, p.txns[i], be.table, be.op, be.err)
+	return p.a.fail(p.s, p.txns[i], be.table, be.op, be.err)
 }
 
 // send runs the queued commands in one round trip, with a barrier if

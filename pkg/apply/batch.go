@@ -204,85 +204,109 @@ func (bp *batchPlan) add(ctx context.Context, a *Applier, conn *pgx.Conn, t *dec
 		if c.Rel == nil || (c.Op != decode.OpInsert && c.Op != decode.OpUpdate && c.Op != decode.OpDelete) {
 			return errNotBatchable // TRUNCATE, and anything but rows, ends a batch
 		}
-		name := relName(c)
-		bt := bp.tables[name]
-		if bt == nil {
-			tg, err := a.target(ctx, conn, c.Rel, false)
-			if err != nil {
-				return err
-			}
-			if tg.unbatched || len(tg.always) > 0 {
-				return errNotBatchable
-			}
-			for _, col := range c.Rel.Columns {
-				if _, ok := tg.types[col.Name]; !ok {
-					return errNotBatchable
-				}
-			}
-			bt = &batchTable{t: tg, rel: c.Rel, keyed: sourceKeyed(c.Rel), rows: map[string]*batchRow{}}
-			bp.tables[name] = bt
-			bp.order = append(bp.order, name)
-		} else if !sameColumns(bt.rel, c.Rel) {
-			return errNotBatchable
+		bt, err := bp.table(ctx, a, conn, c)
+		if err != nil {
+			return err
 		}
-		n := len(c.Rel.Columns)
 		if !bt.keyed {
-			if c.Op != decode.OpInsert || c.Rel.ReplicaIdentity == decode.IdentityFull || !plainRow(c.New, n) {
+			if c.Op != decode.OpInsert || c.Rel.ReplicaIdentity == decode.IdentityFull || !plainRow(c.New, len(c.Rel.Columns)) {
 				return errNotBatchable
 			}
 			bt.append = append(bt.append, c.New)
-			bp.rows++
-			for _, v := range c.New {
-				bp.bytes += len(v.Data) + 8
-			}
+			bp.count(c.New)
 			continue
 		}
-		var k string
-		var ok bool
-		switch c.Op {
-		case decode.OpInsert, decode.OpUpdate:
-			if c.Old != nil || !plainRow(c.New, n) {
-				return errNotBatchable // a key change, or a value that is not plain
-			}
-			k, ok = bt.key(c.New)
-		case decode.OpDelete:
-			k, ok = bt.key(c.Old)
-		default:
-			return errNotBatchable
+		r, err := bt.change(c, ts)
+		if err != nil {
+			return err
 		}
-		if !ok {
-			return errNotBatchable
-		}
-		r := bt.rows[k]
-		switch {
-		case r == nil:
-			r = &batchRow{first: c.Op, check: ts}
-			bt.rows[k] = r
-			bt.order = append(bt.order, k)
-		case r.last == decode.OpDelete, c.Op == decode.OpInsert:
-			// Written again after its delete, or inserted over a version:
-			// the row path decides that.
-			return errNotBatchable
-		case c.Op == decode.OpDelete && r.first == decode.OpInsert:
-			// Inserted and deleted: the row path leaves the tombstone.
-			return errNotBatchable
-		default:
-			cp := *r
-			r = &cp
-			bt.rows[k] = r
-		}
-		r.last, r.ts = c.Op, ts
-		if c.Op == decode.OpDelete {
-			r.vals = c.Old
-		} else {
-			r.vals = c.New
-		}
-		bp.rows++
-		for _, v := range r.vals {
-			bp.bytes += len(v.Data) + 8
-		}
+		bp.count(r.vals)
 	}
 	return nil
+}
+
+// table returns the batch's table of change c, adding it on its first
+// change, or errNotBatchable when its rows cannot be batched (or its
+// columns changed within the batch).
+func (bp *batchPlan) table(ctx context.Context, a *Applier, conn *pgx.Conn, c *decode.Change) (*batchTable, error) {
+	name := relName(c)
+	if bt := bp.tables[name]; bt != nil {
+		if !sameColumns(bt.rel, c.Rel) {
+			return nil, errNotBatchable
+		}
+		return bt, nil
+	}
+	tg, err := a.target(ctx, conn, c.Rel, false)
+	if err != nil {
+		return nil, err
+	}
+	if tg.unbatched || len(tg.always) > 0 {
+		return nil, errNotBatchable
+	}
+	for _, col := range c.Rel.Columns {
+		if _, ok := tg.types[col.Name]; !ok {
+			return nil, errNotBatchable
+		}
+	}
+	bt := &batchTable{t: tg, rel: c.Rel, keyed: sourceKeyed(c.Rel), rows: map[string]*batchRow{}}
+	bp.tables[name] = bt
+	bp.order = append(bp.order, name)
+	return bt, nil
+}
+
+// count adds one row with values vs to the batch's size.
+func (bp *batchPlan) count(vs []decode.Value) {
+	bp.rows++
+	for _, v := range vs {
+		bp.bytes += len(v.Data) + 8
+	}
+}
+
+// change folds change c of a keyed table, of a transaction committed at
+// ts, into its key's net change and returns that, or errNotBatchable
+// when the row path would decide it differently.
+func (bt *batchTable) change(c *decode.Change, ts []byte) (*batchRow, error) {
+	var k string
+	var ok bool
+	switch c.Op {
+	case decode.OpInsert, decode.OpUpdate:
+		if c.Old != nil || !plainRow(c.New, len(c.Rel.Columns)) {
+			return nil, errNotBatchable // a key change, or a value that is not plain
+		}
+		k, ok = bt.key(c.New)
+	case decode.OpDelete:
+		k, ok = bt.key(c.Old)
+	default:
+		return nil, errNotBatchable
+	}
+	if !ok {
+		return nil, errNotBatchable
+	}
+	r := bt.rows[k]
+	switch {
+	case r == nil:
+		r = &batchRow{first: c.Op, check: ts}
+		bt.rows[k] = r
+		bt.order = append(bt.order, k)
+	case r.last == decode.OpDelete, c.Op == decode.OpInsert:
+		// Written again after its delete, or inserted over a version:
+		// the row path decides that.
+		return nil, errNotBatchable
+	case c.Op == decode.OpDelete && r.first == decode.OpInsert:
+		// Inserted and deleted: the row path leaves the tombstone.
+		return nil, errNotBatchable
+	default:
+		cp := *r
+		r = &cp
+		bt.rows[k] = r
+	}
+	r.last, r.ts = c.Op, ts
+	if c.Op == decode.OpDelete {
+		r.vals = c.Old
+	} else {
+		r.vals = c.New
+	}
+	return r, nil
 }
 
 // arrayLiteral writes vs as a PostgreSQL array literal of text elements.
@@ -404,96 +428,17 @@ func (bp *batchPlan) statements() ([]*batchStatement, [][][]byte, error) {
 // records each row's stamp in prism.row_stamps in the same statement.
 func (bt *batchTable) statement(kind int) (*batchStatement, error) {
 	b := &builder{t: bt.t, rel: bt.rel, keys: matchKey(bt.t, bt.rel), index: map[paramRef]int{}}
-	st := &batchStatement{}
-	var cols []int
-	if kind == groupDelete {
-		cols = b.keyCols()
-	} else {
-		cols = make([]int, len(bt.rel.Columns))
-		for i := range cols {
-			cols[i] = i
-		}
-		cols = b.writable(cols)
-	}
-	st.cols = cols
+	st := &batchStatement{cols: bt.groupColumns(b, kind)}
 	st.withCheck = kind == groupUpdate || kind == groupDelete
 	st.withTS = kind != groupAppend
-	params := make([]string, 0, len(cols)+2)
-	alias := make([]string, 0, len(cols)+2)
-	vcol := map[int]string{}
-	for i, c := range cols {
-		params = append(params, "$"+strconv.Itoa(i+1)+"::"+bt.t.types[bt.rel.Columns[c].Name]+"[]")
-		alias = append(alias, "v"+strconv.Itoa(i))
-		vcol[c] = "v.v" + strconv.Itoa(i)
-	}
-	n := len(cols)
-	if st.withCheck {
-		n++
-		params = append(params, "$"+strconv.Itoa(n)+"::timestamptz[]")
-		alias = append(alias, "cts")
-	}
-	if st.withTS {
-		n++
-		params = append(params, "$"+strconv.Itoa(n)+"::timestamptz[]")
-		alias = append(alias, "sts")
-	}
-	v := "(SELECT * FROM unnest(" + strings.Join(params, ", ") + ") AS v(" + strings.Join(alias, ", ") + ")) AS v"
-	names := make([]string, len(cols))
-	exprs := make([]string, len(cols))
-	for i, c := range cols {
-		names[i] = quote(bt.rel.Columns[c].Name)
-		exprs[i] = vcol[c]
-	}
+	src := bt.unnest(st)
 	tbl := lit(bt.t.name)
 	if kind == groupAppend {
-		st.sql = "INSERT INTO " + bt.t.ident + " (" + strings.Join(names, ", ") + ") SELECT " + strings.Join(exprs, ", ") + " FROM " + v
+		st.sql = "INSERT INTO " + bt.t.ident + " (" + strings.Join(src.names, ", ") + ") SELECT " + strings.Join(src.exprs, ", ") + " FROM " + src.v
 		return st.named(), nil
 	}
-	keys := b.keyCols()
-	match := make([]string, len(keys))
-	ret := make([]string, len(keys))
-	keyNames := make([]string, len(keys))
-	keyVals := make([]string, len(keys))
-	joinW := make([]string, len(keys))
-	tombKey := make([]string, len(keys))
-	for i, k := range keys {
-		q := quote(bt.rel.Columns[k].Name)
-		match[i] = "x." + q + " = " + vcol[k]
-		ret[i] = "x." + q + " AS k" + strconv.Itoa(i)
-		keyNames[i] = lit(bt.rel.Columns[k].Name)
-		keyVals[i] = "w.k" + strconv.Itoa(i) + "::text"
-		joinW[i] = "w.k" + strconv.Itoa(i) + " = " + vcol[k]
-		tombKey[i] = vcol[k] + "::text"
-	}
-	keyJSON := func(vals []string) string {
-		return "jsonb_object(ARRAY[" + strings.Join(keyNames, ", ") + "]::text[], ARRAY[" + strings.Join(vals, ", ") + "]::text[])"
-	}
-	// The row path's cheap test: the local version is older than the
-	// change (or its commit time is unknown) and has no clock floor.
-	cheap := "coalesce(pg_catalog.pg_xact_commit_timestamp(x.xmin) < v.cts, true)" +
-		" AND ((SELECT pg_catalog.current_setting('prism.floors') = 'false') OR NOT EXISTS (SELECT 1 FROM prism.clock_floors f WHERE f.xact = x.xmin))"
-	var w, stampFrom string
-	switch kind {
-	case groupInsert:
-		// A key with a row or a tombstone is not inserted: the row path
-		// decides it (insert_exists, prism.admit).
-		w = "INSERT INTO " + bt.t.ident + " AS x (" + strings.Join(names, ", ") + ") SELECT " + strings.Join(exprs, ", ") + " FROM " + v +
-			" WHERE NOT EXISTS (SELECT 1 FROM prism.tombstones tb WHERE tb.table_name = " + tbl + " AND tb.key = " + keyJSON(tombKey) + ")" +
-			" ON CONFLICT (" + strings.Join(b.quoted(keys), ", ") + ") DO NOTHING RETURNING " + strings.Join(ret, ", ")
-		stampFrom = "w JOIN " + v + " ON " + strings.Join(joinW, " AND ")
-	case groupUpdate:
-		sets := make([]string, len(cols))
-		for i, c := range cols {
-			sets[i] = names[i] + " = " + vcol[c]
-		}
-		w = "UPDATE " + bt.t.ident + " AS x SET " + strings.Join(sets, ", ") + " FROM " + v +
-			" WHERE " + strings.Join(match, " AND ") + " AND " + cheap + " RETURNING " + strings.Join(ret, ", ") + ", v.sts"
-		stampFrom = "w"
-	case groupDelete:
-		w = "DELETE FROM " + bt.t.ident + " AS x USING " + v +
-			" WHERE " + strings.Join(match, " AND ") + " AND " + cheap + " RETURNING " + strings.Join(ret, ", ") + ", v.sts"
-		stampFrom = "w"
-	}
+	k := bt.batchKeys(b, src)
+	w, stampFrom := bt.write(b, kind, src, k)
 	sts := "v.sts"
 	if stampFrom == "w" {
 		sts = "w.sts"
@@ -501,10 +446,139 @@ func (bt *batchTable) statement(kind int) (*batchStatement, error) {
 	// The stamp's xact is the transaction's: the row version's xmin, and
 	// for a delete the xmin of the tombstone prism_tombstone writes.
 	st.sql = "WITH w AS (" + w + "), s AS (INSERT INTO prism.row_stamps AS s (table_name, key, xact, ts) SELECT " + tbl + ", " +
-		keyJSON(keyVals) + "::text, xid(pg_catalog.pg_current_xact_id()), " + sts + " FROM " + stampFrom +
+		k.json(k.vals) + "::text, xid(pg_catalog.pg_current_xact_id()), " + sts + " FROM " + stampFrom +
 		" ON CONFLICT (table_name, key) DO UPDATE SET xact = EXCLUDED.xact, ts = EXCLUDED.ts)" +
-		" SELECT prism.batch_check(" + tbl + ", (SELECT count(*) FROM w), $" + strconv.Itoa(n+1) + "::bigint)"
+		" SELECT prism.batch_check(" + tbl + ", (SELECT count(*) FROM w), $" + strconv.Itoa(src.n+1) + "::bigint)"
 	return st.named(), nil
+}
+
+// groupColumns returns the columns a group kind's statement takes, one
+// array each: the key columns of a delete, the writable columns
+// otherwise.
+func (bt *batchTable) groupColumns(b *builder, kind int) []int {
+	if kind == groupDelete {
+		return b.keyCols()
+	}
+	cols := make([]int, len(bt.rel.Columns))
+	for i := range cols {
+		cols[i] = i
+	}
+	return b.writable(cols)
+}
+
+// batchSource is the row source of an array statement: v, the unnest of
+// its array parameters, and the expressions for its columns.
+type batchSource struct {
+	v     string         // (SELECT * FROM unnest($1::type[], ...) AS v(...)) AS v
+	cols  []int          // the statement's columns (st.cols)
+	n     int            // parameters taken, the row count's is n+1
+	vcol  map[int]string // column -> v.v<i>
+	names []string       // the quoted column names of st.cols
+	exprs []string       // their values, v.v<i>
+}
+
+// unnest builds the row source of st: one typed array parameter per
+// column, then the first changes' commit times and the stamps when st
+// takes them.
+func (bt *batchTable) unnest(st *batchStatement) batchSource {
+	cols := st.cols
+	params := make([]string, 0, len(cols)+2)
+	alias := make([]string, 0, len(cols)+2)
+	src := batchSource{cols: cols, vcol: map[int]string{}, n: len(cols)}
+	for i, c := range cols {
+		params = append(params, "$"+strconv.Itoa(i+1)+"::"+bt.t.types[bt.rel.Columns[c].Name]+"[]")
+		alias = append(alias, "v"+strconv.Itoa(i))
+		src.vcol[c] = "v.v" + strconv.Itoa(i)
+	}
+	if st.withCheck {
+		src.n++
+		params = append(params, "$"+strconv.Itoa(src.n)+"::timestamptz[]")
+		alias = append(alias, "cts")
+	}
+	if st.withTS {
+		src.n++
+		params = append(params, "$"+strconv.Itoa(src.n)+"::timestamptz[]")
+		alias = append(alias, "sts")
+	}
+	src.v = "(SELECT * FROM unnest(" + strings.Join(params, ", ") + ") AS v(" + strings.Join(alias, ", ") + ")) AS v"
+	src.names = make([]string, len(cols))
+	src.exprs = make([]string, len(cols))
+	for i, c := range cols {
+		src.names[i] = quote(bt.rel.Columns[c].Name)
+		src.exprs[i] = src.vcol[c]
+	}
+	return src
+}
+
+// batchKeyExprs are the expressions over a keyed table's match key that
+// an array statement needs.
+type batchKeyExprs struct {
+	cols  []int
+	match []string // x.k = v.vi: the row of a change
+	ret   []string // x.k AS ki: what the write returns
+	names []string // the key column names, as literals
+	vals  []string // w.ki::text: the written keys' values
+	joinW []string // w.ki = v.vi: a written key's change
+	tomb  []string // v.vi::text: a change's key values
+}
+
+func (bt *batchTable) batchKeys(b *builder, src batchSource) batchKeyExprs {
+	keys := b.keyCols()
+	k := batchKeyExprs{cols: keys, match: make([]string, len(keys)), ret: make([]string, len(keys)), names: make([]string, len(keys)),
+		vals: make([]string, len(keys)), joinW: make([]string, len(keys)), tomb: make([]string, len(keys))}
+	for i, c := range keys {
+		q := quote(bt.rel.Columns[c].Name)
+		k.match[i] = "x." + q + " = " + src.vcol[c]
+		k.ret[i] = "x." + q + " AS k" + strconv.Itoa(i)
+		k.names[i] = lit(bt.rel.Columns[c].Name)
+		k.vals[i] = "w.k" + strconv.Itoa(i) + "::text"
+		k.joinW[i] = "w.k" + strconv.Itoa(i) + " = " + src.vcol[c]
+		k.tomb[i] = src.vcol[c] + "::text"
+	}
+	return k
+}
+
+// json is the key as prism.tombstones and prism.row_stamps hold it.
+func (k batchKeyExprs) json(vals []string) string {
+	return "jsonb_object(ARRAY[" + strings.Join(k.names, ", ") + "]::text[], ARRAY[" + strings.Join(vals, ", ") + "]::text[])"
+}
+
+// write is the data-modifying statement of a keyed group kind, and what
+// the stamps are recorded from: w (the written rows with their stamps)
+// or w joined to the changes.
+func (bt *batchTable) write(b *builder, kind int, src batchSource, k batchKeyExprs) (w, stampFrom string) {
+	// The row path's cheap test: the local version is older than the
+	// change (or its commit time is unknown) and has no clock floor.
+	cheap := "coalesce(pg_catalog.pg_xact_commit_timestamp(x.xmin) < v.cts, true)" +
+		" AND ((SELECT pg_catalog.current_setting('prism.floors') = 'false') OR NOT EXISTS (SELECT 1 FROM prism.clock_floors f WHERE f.xact = x.xmin))"
+	switch kind {
+	case groupInsert:
+		// A key with a row or a tombstone is not inserted: the row path
+		// decides it (insert_exists, prism.admit). That includes a row the
+		// snapshot shows that a local transaction deleted since, which ON
+		// CONFLICT no longer sees (the row path then fails on its lock
+		// and applies the transaction again on fresh data).
+		shown := make([]string, len(k.cols))
+		for i, c := range k.cols {
+			shown[i] = "y." + quote(bt.rel.Columns[c].Name) + " = " + src.vcol[c]
+		}
+		w = "INSERT INTO " + bt.t.ident + " AS x (" + strings.Join(src.names, ", ") + ") SELECT " + strings.Join(src.exprs, ", ") + " FROM " + src.v +
+			" WHERE NOT EXISTS (SELECT 1 FROM prism.tombstones tb WHERE tb.table_name = " + lit(bt.t.name) + " AND tb.key = " + k.json(k.tomb) + ")" +
+			" AND NOT EXISTS (SELECT 1 FROM " + bt.t.ident + " AS y WHERE " + strings.Join(shown, " AND ") + ")" +
+			" ON CONFLICT (" + strings.Join(b.quoted(k.cols), ", ") + ") DO NOTHING RETURNING " + strings.Join(k.ret, ", ")
+		return w, "w JOIN " + src.v + " ON " + strings.Join(k.joinW, " AND ")
+	case groupUpdate:
+		sets := make([]string, len(src.names))
+		for i, c := range src.cols {
+			sets[i] = src.names[i] + " = " + src.vcol[c]
+		}
+		w = "UPDATE " + bt.t.ident + " AS x SET " + strings.Join(sets, ", ") + " FROM " + src.v +
+			" WHERE " + strings.Join(k.match, " AND ") + " AND " + cheap + " RETURNING " + strings.Join(k.ret, ", ") + ", v.sts"
+	case groupDelete:
+		w = "DELETE FROM " + bt.t.ident + " AS x USING " + src.v +
+			" WHERE " + strings.Join(k.match, " AND ") + " AND " + cheap + " RETURNING " + strings.Join(k.ret, ", ") + ", v.sts"
+	}
+	return w, "w"
 }
 
 func (st *batchStatement) named() *batchStatement {
@@ -526,13 +600,14 @@ func batched(err error) bool {
 // statements of bp, COMMIT and a barrier. It returns true once that is
 // durable. When the batch fails (a row that needs the row path, any
 // error of a statement or of COMMIT) it is rolled back and it returns
-// false: the caller applies the transactions one by one, which pins a
-// failure on exactly one of them. A broken connection or a failed
+// false, and whether a row needed the row path or a concurrent write
+// failed it (conflict): the caller applies the transactions one by one,
+// which pins a failure on exactly one of them. A broken connection or a failed
 // barrier is an error about txns[i], as in send.
-func (p *pipeline) batch(ctx context.Context, i, end int, bp *batchPlan) (bool, error) {
-	sts, args, err := bp.statements()
-	if err != nil {
-		return false, nil
+func (p *pipeline) batch(ctx context.Context, i, end int, bp *batchPlan) (ok, conflict bool, err error) {
+	sts, args, serr := bp.statements()
+	if serr != nil {
+		return false, false, nil
 	}
 	conn := p.s.conn.Conn()
 	pc := conn.PgConn()
@@ -541,10 +616,10 @@ func (p *pipeline) batch(ctx context.Context, i, end int, bp *batchPlan) (bool, 
 		if sds[k], err = conn.Prepare(ctx, st.name, st.sql); err != nil {
 			if pc.IsClosed() {
 				p.s.broken = true
-				return false, p.lost(err)
+				return false, false, p.lost(err)
 			}
 			p.a.log.Debug().Err(err).Msg("batch statement not prepared; applying by rows")
-			return false, nil
+			return false, false, nil
 		}
 	}
 	last := p.txns[end-1]
@@ -577,25 +652,26 @@ func (p *pipeline) batch(ctx context.Context, i, end int, bp *batchPlan) (bool, 
 	}
 	if err == nil {
 		p.durable(end - 1)
-		return true, nil
+		return true, false, nil
 	}
 	var pgErr *pgconn.PgError
 	if !errors.As(err, &pgErr) || pc.IsClosed() {
 		p.s.broken = true
-		return false, p.lost(err)
+		return false, false, p.lost(err)
 	}
 	if failed > 2+len(sts) {
 		// COMMIT succeeded, the barrier failed: not known durable.
-		return false, p.lost(err)
+		return false, false, p.lost(err)
 	}
 	if _, rerr := pc.Exec(ctx, "ROLLBACK").ReadAll(); rerr != nil {
 		if !errors.As(rerr, &pgErr) || pc.IsClosed() {
 			p.s.broken = true
 		}
-		return false, p.lost(rerr)
+		return false, false, p.lost(rerr)
 	}
-	p.a.log.Debug().Err(err).Bool("conflict", batched(err)).Int("txns", end-i).Msg("batch rolled back; applying by rows")
-	return false, nil
+	conflict = batched(err) || pgErr.Code == "40001" || pgErr.Code == "40P01"
+	p.a.log.Debug().Err(err).Bool("conflict", conflict).Int("txns", end-i).Msg("batch rolled back; applying by rows")
+	return false, conflict, nil
 }
 
 // sourceKeyed reports whether rel's rows carry a key of the source's

@@ -372,3 +372,61 @@ func TestRowStampsUpgrade(t *testing.T) {
 		}
 	}
 }
+
+// TestBatchFailuresRemembered: a source whose batches keep failing (every
+// row's local version is newer; two in a row) has its next batch applied
+// by rows without trying it; the first batch that commits makes the
+// following ones go as batches at once. The rows and the conflicts are those of the
+// row path either way.
+func TestBatchFailuresRemembered(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "bmemo"})
+	mustExec(t, ctx, c, "postgres", batchSchema)
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	defer a.Close()
+	mustExec(t, ctx, c, "postgres", "UPDATE kv SET v = 'local' WHERE id <= 4")
+	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v", "n")
+	old := time.Now().Add(-time.Hour).Sub(baseTime).Seconds()
+	t0 := time.Now().Add(time.Hour).Sub(baseTime).Seconds()
+	steps := []struct {
+		name    string
+		txns    []*decode.Txn
+		batches int64  // batches sent so far
+		targets string // target transactions that wrote the pair ("": the local version stays)
+	}{
+		{"first conflicting pair: tried, rolled back", []*decode.Txn{
+			txn("na", 1100, old, upd(kv, nil, "1", "na", `\N`)), txn("na", 1200, old+1, upd(kv, nil, "2", "na", `\N`))}, 1, ""},
+		{"second conflicting pair: tried again, rolled back", []*decode.Txn{
+			txn("na", 1300, old+2, upd(kv, nil, "3", "na", `\N`)), txn("na", 1400, old+3, upd(kv, nil, "4", "na", `\N`))}, 2, ""},
+		{"a pair without conflicts: by rows at once", []*decode.Txn{
+			txn("na", 1500, t0, upd(kv, nil, "5", "na", `\N`)), txn("na", 1600, t0+1, upd(kv, nil, "6", "na", `\N`))}, 2, "2"},
+		{"the next pair: tried, committed", []*decode.Txn{
+			txn("na", 1700, t0+2, upd(kv, nil, "7", "na", `\N`)), txn("na", 1800, t0+3, upd(kv, nil, "8", "na", `\N`))}, 3, "1"},
+		{"the next pair: tried at once", []*decode.Txn{
+			txn("na", 1900, t0+4, upd(kv, nil, "9", "na", `\N`)), txn("na", 2000, t0+5, ins(kv, "10", "na", `\N`))}, 4, "1"},
+	}
+	for _, st := range steps {
+		if n, err := a.ApplyBatch(ctx, st.txns); n != len(st.txns) || err != nil {
+			t.Fatalf("%s: ApplyBatch = %d, %v", st.name, n, err)
+		}
+		if got := a.batches.Load(); got != st.batches {
+			t.Fatalf("%s: %d batches sent, want %d", st.name, got, st.batches)
+		}
+		if st.targets == "" {
+			continue
+		}
+		ids := string(st.txns[0].Changes[0].New[0].Data) + ", " + string(st.txns[1].Changes[0].New[0].Data)
+		if got := targets(t, ctx, a.pool, ids); got != st.targets {
+			t.Fatalf("%s: written in %s target transactions, want %s", st.name, got, st.targets)
+		}
+	}
+	if got := tableRows(t, ctx, a.pool, "(SELECT id, v FROM kv)"); got != `{"id":1,"v":"local"}`+"\n"+`{"id":10,"v":"na"}`+"\n"+`{"id":2,"v":"local"}`+"\n"+
+		`{"id":3,"v":"local"}`+"\n"+`{"id":4,"v":"local"}`+"\n"+`{"id":5,"v":"na"}`+"\n"+`{"id":6,"v":"na"}`+"\n"+`{"id":7,"v":"na"}`+"\n"+
+		`{"id":8,"v":"na"}`+"\n"+`{"id":9,"v":"na"}` {
+		t.Fatalf("kv = %s", got)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT string_agg(key::text || ' ' || kind || ' ' || winner, ', ' ORDER BY id) FROM prism.conflicts"); got !=
+		`{"id": "1"} update local, {"id": "2"} update local, {"id": "3"} update local, {"id": "4"} update local` {
+		t.Fatalf("conflicts = %s", got)
+	}
+}

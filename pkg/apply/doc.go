@@ -48,9 +48,14 @@
 // that waited for a local writer re-checks its condition on the new row
 // version with the old snapshot, which cannot see that writer's clock
 // floor or tombstone). ApplyBatch applies such a transaction again at
-// once. One window remains: an INSERT of a key whose row a local
-// transaction deletes after the snapshot is checked against the
-// tombstones of the snapshot.
+// once, on fresh data: on the same session, which still holds the origin
+// (it rolls back, reads the origin's progress and skips what that
+// covers, like a new session), and on a new session only when that one
+// broke. An INSERT, which finds no conflict once a row is deleted and
+// would check the tombstones of the snapshot, first locks the key's row
+// that the snapshot shows (FOR KEY SHARE), so a local delete after the
+// snapshot fails it the same way; a batch inserts no key whose row the
+// snapshot shows.
 //
 // # Ordering
 //
@@ -101,7 +106,13 @@
 // and records every conflict per row and pins a failure on exactly one
 // transaction (invariant 9 holds as below). Only a broken connection or a
 // failed barrier is reported as such, retryable, about the batch's first
-// transaction.
+// transaction. A failed batch costs its round trip, a ROLLBACK and the
+// row path's round trip, so after k >= 2 batches of a source in a row
+// that a row needing the row path or a serialization failure rolled back,
+// its next 2^(k-2) batches (at most 64) go straight to the row path; one
+// batch that commits ends that. Hot
+// rows written in several regions (a conflict, a missing row or a
+// tombstone in nearly every batch) so pay for the row path about once.
 //
 // Stamps stay exact (see Conflicts): the statement that writes a version
 // also records, in prism.row_stamps, its key, its xmin (the batch's

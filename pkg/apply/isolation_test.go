@@ -1,12 +1,18 @@
 package apply
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
+	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/rs/zerolog"
 
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
 	"github.com/prism-cdc/prism-cdc/pkg/decode"
@@ -226,4 +232,203 @@ func TestBatchFailureIsolated(t *testing.T) {
 			t.Fatalf("%d rows after the replay, want 100", got)
 		}
 	})
+}
+
+// TestConcurrentWriteRetriedOnSession: a local transaction holds a row that
+// the second of three applied transactions updates. When it commits, that
+// apply transaction fails with a serialization failure (REPEATABLE READ)
+// and is applied again at once, on fresh data, on the same session, which
+// keeps holding the origin: no second origin session is set up, the first
+// transaction is applied once, and every row ends as the row path decides
+// it on the local version.
+func TestConcurrentWriteRetriedOnSession(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "retry"})
+	// seen has an array column: its rows are never batched, so the three
+	// transactions go by rows, in one pipeline.
+	mustExec(t, ctx, c, "postgres", batchSchema+`
+		CREATE TABLE seen (id int PRIMARY KEY, a int[]);`)
+	var logBuf syncBuffer
+	a := NewApplier(newPool(t, ctx, c, "postgres"), zerolog.New(&logBuf).Level(zerolog.DebugLevel), WithLocalRegion("eu"))
+	defer a.Close()
+	if err := a.Setup(ctx); err != nil {
+		t.Fatalf("Setup: %v", err)
+	}
+	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v", "n")
+	seen := rel("public", "seen", decode.IdentityDefault, "id*", "a")
+	t0 := time.Now().Add(time.Hour).Sub(baseTime).Seconds()
+	txns := []*decode.Txn{
+		txn("na", 1100, t0, upd(kv, nil, "1", "a", `\N`), ins(seen, "1", "{1}")),
+		txn("na", 1200, t0+1, upd(kv, nil, "2", "b", `\N`), ins(seen, "2", "{2}")),
+		txn("na", 1300, t0+2, upd(kv, nil, "3", "c", `\N`), ins(seen, "3", "{3}")),
+	}
+	local, err := pgx.Connect(ctx, c.DSN("postgres"))
+	if err != nil {
+		t.Fatalf("connect: %v", err)
+	}
+	defer local.Close(ctx)
+	tx, err := local.Begin(ctx)
+	if err != nil {
+		t.Fatalf("begin: %v", err)
+	}
+	if _, err := tx.Exec(ctx, "UPDATE kv SET v = 'local' WHERE id = 2"); err != nil {
+		t.Fatalf("local update: %v", err)
+	}
+	type result struct {
+		n   int
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		n, err := a.ApplyBatch(ctx, txns)
+		done <- result{n, err}
+	}()
+	// The apply session waits for the local transaction's row lock.
+	for {
+		var waiting bool
+		if err := local.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+			WHERE application_name = 'prism_apply_na' AND wait_event_type = 'Lock')`).Scan(&waiting); err != nil {
+			t.Fatalf("pg_stat_activity: %v", err)
+		}
+		if waiting {
+			break
+		}
+		select {
+		case r := <-done:
+			t.Fatalf("ApplyBatch = %d, %v before the local transaction committed", r.n, r.err)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatalf("local commit: %v", err)
+	}
+	if r := <-done; r.n != len(txns) || r.err != nil {
+		t.Fatalf("ApplyBatch = %d, %v; want %d, nil", r.n, r.err, len(txns))
+	}
+	if !strings.Contains(logBuf.String(), "40001") {
+		t.Fatalf("no serialization failure was retried; log:\n%s", logBuf.String())
+	}
+	if got := a.holds.Load(); got != 1 {
+		t.Fatalf("%d origin sessions set up, want 1 (the retry keeps the session)", got)
+	}
+	if got := tableRows(t, ctx, a.pool, "(SELECT id, v FROM kv WHERE id <= 3)"); got != `{"id":1,"v":"a"}`+"\n"+`{"id":2,"v":"b"}`+"\n"+`{"id":3,"v":"c"}` {
+		t.Fatalf("kv = %s", got)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT string_agg(id::text, ',' ORDER BY id) FROM seen"); got != "1,2,3" {
+		t.Fatalf("seen = %s, want 1,2,3", got)
+	}
+	if p, err := a.Progress(ctx, "na"); err != nil || p != txns[2].EndLSN {
+		t.Fatalf("Progress = %s, %v; want %s", p, err, txns[2].EndLSN)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT count(*)::text FROM prism.conflicts"); got != "0" {
+		t.Fatalf("%s conflicts recorded, want none (the local version is older)", got)
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a logger writing from another
+// goroutine.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestInsertAfterConcurrentDelete: an applied transaction's snapshot sees
+// a row; a local transaction deletes it and commits before the applied
+// transaction inserts its key (the applied transaction waited for
+// another local writer's lock meanwhile, a writer that then rolled back).
+// The insert is older than the delete, so it must lose to the delete's
+// tombstone, as in every region that applies the delete first; it is not
+// decided on the snapshot, which shows neither the tombstone nor a
+// conflict. Both by rows (one transaction) and in a batch (the update in
+// the first transaction, the insert in the second).
+func TestInsertAfterConcurrentDelete(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "insdel"})
+	mustExec(t, ctx, c, "postgres", batchSchema)
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	defer a.Close()
+	if err := a.Setup(ctx); err != nil {
+		t.Fatalf("Setup: %v", err)
+	}
+	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v", "n")
+	for _, tc := range []struct {
+		name          string
+		locked, gone  string // the row a local writer holds, the row deleted
+		txns          func(now float64) []*decode.Txn
+		wantConflicts string
+	}{
+		{"rows", "1", "5", func(now float64) []*decode.Txn {
+			return []*decode.Txn{txn("na", 1100, now, upd(kv, nil, "1", "na", `\N`), ins(kv, "5", "na", `\N`))}
+		}, `{"id": "5"} insert_deleted keep_deleted`},
+		{"batch", "2", "6", func(now float64) []*decode.Txn {
+			return []*decode.Txn{txn("na", 1200, now, upd(kv, nil, "2", "na", `\N`)), txn("na", 1300, now, ins(kv, "6", "na", `\N`))}
+		}, `{"id": "5"} insert_deleted keep_deleted, {"id": "6"} insert_deleted keep_deleted`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			// Newer than the rows' versions, older than the delete below.
+			txns := tc.txns(time.Now().Sub(baseTime).Seconds())
+			l1, err := pgx.Connect(ctx, c.DSN("postgres"))
+			if err != nil {
+				t.Fatalf("connect: %v", err)
+			}
+			defer l1.Close(ctx)
+			tx, err := l1.Begin(ctx)
+			if err != nil {
+				t.Fatalf("begin: %v", err)
+			}
+			if _, err := tx.Exec(ctx, "UPDATE kv SET v = 'l1' WHERE id = "+tc.locked); err != nil {
+				t.Fatalf("local update: %v", err)
+			}
+			done := make(chan error, 1)
+			go func() {
+				_, err := a.ApplyBatch(ctx, txns)
+				done <- err
+			}()
+			for {
+				var waiting bool
+				if err := a.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+					WHERE application_name = 'prism_apply_na' AND wait_event_type = 'Lock')`).Scan(&waiting); err != nil {
+					t.Fatalf("pg_stat_activity: %v", err)
+				}
+				if waiting {
+					break
+				}
+				select {
+				case err := <-done:
+					t.Fatalf("ApplyBatch = %v before the local transaction ended", err)
+				case <-time.After(10 * time.Millisecond):
+				}
+			}
+			if _, err := a.pool.Exec(ctx, "DELETE FROM kv WHERE id = "+tc.gone); err != nil {
+				t.Fatalf("local delete: %v", err)
+			}
+			if err := tx.Rollback(ctx); err != nil {
+				t.Fatalf("local rollback: %v", err)
+			}
+			if err := <-done; err != nil {
+				t.Fatalf("ApplyBatch: %v", err)
+			}
+			if got := queryString(t, ctx, a.pool, "SELECT count(*)::text FROM kv WHERE id = "+tc.gone); got != "0" {
+				t.Fatalf("row %s inserted over a newer delete (%s rows)", tc.gone, got)
+			}
+			if got := queryString(t, ctx, a.pool, "SELECT v FROM kv WHERE id = "+tc.locked); got != "na" {
+				t.Fatalf("row %s = %s, want na", tc.locked, got)
+			}
+			if got := queryString(t, ctx, a.pool, "SELECT string_agg(key::text || ' ' || kind || ' ' || resolution, ', ' ORDER BY id) FROM prism.conflicts"); got != tc.wantConflicts {
+				t.Fatalf("conflicts = %s, want %s", got, tc.wantConflicts)
+			}
+		})
+	}
 }

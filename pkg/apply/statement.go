@@ -445,9 +445,20 @@ func (b *builder) insert(c *decode.Change, policy Policy) (string, error) {
 			return "", err
 		}
 	}
+	// The version of the key the snapshot shows, if any, is locked first:
+	// one that a local transaction deleted (or changed) after the
+	// snapshot fails the statement with a serialization failure, and the
+	// transaction is applied again on a snapshot that shows the delete's
+	// tombstone. Without it the insert would find no conflict (the row is
+	// gone) and no tombstone (the snapshot predates it), and win over a
+	// newer delete.
+	lock, err := b.lockKey(keys)
+	if err != nil {
+		return "", err
+	}
 	sql := with + "INSERT INTO " + b.t.ident + " AS x (" + names + ")" + b.overriding(cols) + " SELECT " + ps + from +
-		" WHERE NOT EXISTS (SELECT 1 FROM prism.tombstones tb WHERE tb.table_name = " + tbl + " AND tb.key = " + keyP + ")" +
-		" OR prism.admit(" + pol + ", " + tbl + ", " + keyP + ")"
+		" WHERE " + lock + " AND (NOT EXISTS (SELECT 1 FROM prism.tombstones tb WHERE tb.table_name = " + tbl + " AND tb.key = " + keyP + ")" +
+		" OR prism.admit(" + pol + ", " + tbl + ", " + keyP + "))"
 	if len(sets) == 0 {
 		// Every column is an identity ALWAYS key: d replaced the row
 		// if the insert won.
@@ -455,6 +466,21 @@ func (b *builder) insert(c *decode.Change, policy Policy) (string, error) {
 	}
 	return sql + " ON CONFLICT (" + strings.Join(keyNames, ", ") + ") DO UPDATE SET " + strings.Join(sets, ", ") +
 		" WHERE " + conflictWhere, nil
+}
+
+// lockKey is a condition that is always true and locks the row of the
+// incoming key that the transaction's snapshot shows (FOR KEY SHARE: it
+// blocks no local update of other columns).
+func (b *builder) lockKey(keys []int) (string, error) {
+	conds := make([]string, len(keys))
+	for i, k := range keys {
+		p, err := b.param(tupleNew, k)
+		if err != nil {
+			return "", err
+		}
+		conds[i] = "l." + quote(b.rel.Columns[k].Name) + " = " + p
+	}
+	return "(SELECT count(*) FROM (SELECT 1 FROM " + b.t.ident + " AS l WHERE " + strings.Join(conds, " AND ") + " FOR KEY SHARE) AS l) >= 0", nil
 }
 
 // insertSets returns the assignments of insert's ON CONFLICT DO UPDATE
