@@ -399,6 +399,7 @@ func (n *Node) readLoop(ctx, shipCtx context.Context) error {
 			SpillBytes:  int(min(n.cfg.Spill.Above, config.Size(math.MaxInt32))),
 			SpillDir:    n.cfg.Spill.Dir,
 			SkipSchemas: []string{"prism"},
+			Linger:      n.readerLinger(),
 		}, n.log.With().Str("component", "reader").Logger())
 		n.mu.Lock()
 		n.reader = r
@@ -679,6 +680,9 @@ func (n *Node) shipperConfig(target string, nodes []peers.NodeAddr) peers.Shippe
 	sc.Errors = newErrorPolicy(n.cfg, n.log)
 	sc.Undo = newErrorPolicy(n.cfg, n.log).undoFunc(n.applier)
 	sc.OnAck = n.signalAcked
+	if n.cfg.Sync.Mode != config.SyncOff {
+		sc.Linger = 0 // commits wait for the regions
+	}
 	return sc
 }
 
@@ -821,6 +825,16 @@ func (n *Node) statusInterval() time.Duration {
 		return 10 * time.Millisecond
 	}
 	return time.Second
+}
+
+// readerLinger is how long the reader lets messages gather (see
+// decode.ReaderConfig.Linger); in sync mode commits wait for them, and it
+// reads each at once.
+func (n *Node) readerLinger() time.Duration {
+	if n.cfg.Sync.Mode != config.SyncOff {
+		return -1
+	}
+	return decode.DefaultLinger
 }
 
 func (n *Node) checkpointLoop(ctx context.Context) {

@@ -264,3 +264,76 @@ func TestShipperSendQuiet(t *testing.T) {
 		t.Fatal("a waiter's channel was not closed by the next Send")
 	}
 }
+
+// readCounter counts the reads that returned data on the connections it
+// accepts.
+type readCounter struct {
+	net.Listener
+	reads atomic.Int64
+}
+
+func (l *readCounter) Accept() (net.Conn, error) {
+	nc, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return &countedConn{Conn: nc, reads: &l.reads}, nil
+}
+
+type countedConn struct {
+	net.Conn
+	reads *atomic.Int64
+}
+
+func (c *countedConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if n > 0 {
+		c.reads.Add(1)
+	}
+	return n, err
+}
+
+// TestShipperLinger: with a linger, transactions sent while the writer
+// lingers after a write go out together, and the receiver reads them in
+// one read; without one, each Send 20 ms apart is written (and read) on
+// its own.
+func TestShipperLinger(t *testing.T) {
+	for _, tc := range []struct {
+		name              string
+		linger            time.Duration
+		minReads, maxRead int64
+	}{
+		{"linger", 2 * time.Second, 1, 2},
+		{"none", 0, 4, 5},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			rc := &readCounter{Listener: ln}
+			addr := serveOn(t, NewServer(serverConfig("eu", "eu1"), newMemApplier(), zerolog.Nop()), rc)
+			cfg := shipperConfig(NodeAddr{Name: "eu1", Addr: addr})
+			cfg.Heartbeat, cfg.Linger = time.Hour, tc.linger
+			sh := NewShipper(cfg, nil, zerolog.Nop())
+			runShipper(t, sh)
+			ctx := testCtx(t)
+
+			if err := sh.Send(ctx, mkTxn(1, 0)); err != nil {
+				t.Fatal(err)
+			}
+			waitFor(t, "ack of the first transaction", 5*time.Second, func() bool { return sh.Acked() == lsnOf(1) })
+			before := rc.reads.Load()
+			for i := 2; i <= 6; i++ {
+				if err := sh.Send(ctx, mkTxn(i, 0)); err != nil {
+					t.Fatal(err)
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			waitFor(t, "ack of every transaction", 10*time.Second, func() bool { return sh.Acked() == lsnOf(6) })
+			if got := rc.reads.Load() - before; got < tc.minReads || got > tc.maxRead {
+				t.Errorf("receiver reads for 5 transactions = %d, want %d to %d", got, tc.minReads, tc.maxRead)
+			}
+		})
+	}
+}
