@@ -3,9 +3,15 @@ package decode
 import (
 	"context"
 	"crypto/tls"
+	"fmt"
 	"net"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/prism-cdc/prism-cdc/internal/pgtest"
 )
 
 // TestLingerBatchesReads: once the stream runs, a read that follows one
@@ -83,5 +89,79 @@ func TestLingerOfTLS(t *testing.T) {
 	}
 	if got := lingerOf(b); got != nil {
 		t.Errorf("lingerOf(plain) = %v, want nil", got)
+	}
+}
+
+// BenchmarkReaderLinger drains one backlog of pgbench-like transactions
+// (three updates and an insert each) from four slots in turn, with and
+// without a linger alternately, and reports the reader's CPU time (this
+// process's user and system time) per transaction of each:
+//
+//	go test ./pkg/decode -run '^$' -bench ReaderLinger -benchtime 1x
+func BenchmarkReaderLinger(b *testing.B) {
+	const txns = 20000
+	c := pgtest.Start(b, pgtest.Options{Name: "linger"})
+	ctx := context.Background()
+	setup := []string{
+		`CREATE TABLE acc (id int PRIMARY KEY, bal int)`,
+		`INSERT INTO acc SELECT g, 0 FROM generate_series(1, 1000) g`,
+		`CREATE TABLE hist (id bigserial PRIMARY KEY, aid int, delta int)`,
+		`CREATE PUBLICATION prism FOR ALL TABLES`,
+		`CREATE PROCEDURE gen(n int) LANGUAGE plpgsql AS $$
+		BEGIN
+			FOR i IN 1..n LOOP
+				UPDATE acc SET bal = bal + 1 WHERE id = i % 1000 + 1;
+				UPDATE acc SET bal = bal - 1 WHERE id = (i * 7) % 1000 + 1;
+				UPDATE acc SET bal = bal + 2 WHERE id = (i * 13) % 1000 + 1;
+				INSERT INTO hist (aid, delta) VALUES (i % 1000, 1);
+				COMMIT;
+			END LOOP;
+		END $$`,
+	}
+	runs := []struct {
+		slot   string
+		linger time.Duration
+	}{{"l1", 0}, {"n1", -1}, {"l2", 0}, {"n2", -1}}
+	for _, r := range runs {
+		setup = append(setup, fmt.Sprintf("SELECT pg_create_logical_replication_slot('%s', 'pgoutput')", r.slot))
+	}
+	setup = append(setup, fmt.Sprintf("CALL gen(%d)", txns))
+	for _, sql := range setup {
+		if err := c.Exec(ctx, "postgres", sql); err != nil {
+			b.Fatalf("%s: %v", sql, err)
+		}
+	}
+	cpu := func() time.Duration {
+		var ru syscall.Rusage
+		if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+			b.Fatal(err)
+		}
+		return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	}
+	per := map[string][]float64{}
+	b.ResetTimer()
+	for _, run := range runs {
+		rd := NewReader(ReaderConfig{DSN: c.DSN("postgres"), Region: "na", Slot: run.slot, Linger: run.linger}, zerolog.Nop())
+		start, wall := cpu(), time.Now()
+		for n := 0; n < txns; {
+			txn, err := rd.Next(ctx)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if len(txn.Changes) > 0 {
+				n++
+			}
+		}
+		used := cpu() - start
+		rd.Close()
+		name := "none"
+		if run.linger >= 0 {
+			name = "linger"
+		}
+		per[name] = append(per[name], float64(used.Microseconds())/txns)
+		b.Logf("slot %s (%s): %v CPU, %v wall for %d transactions", run.slot, name, used, time.Since(wall).Round(time.Millisecond), txns)
+	}
+	for name, v := range per {
+		b.ReportMetric((v[0]+v[1])/2, name+"-cpu-us/txn")
 	}
 }
