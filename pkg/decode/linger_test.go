@@ -14,18 +14,20 @@ import (
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
 )
 
-// TestLingerBatchesReads: once the stream runs, a read that follows one
-// which drained the socket waits the linger first, so that messages the
-// server sends meanwhile come in one read; without a linger the first of
-// them comes alone.
+// TestLingerBatchesReads: once the stream runs and is busy, a read that
+// follows one which drained the socket waits the linger first, so that
+// messages the server sends meanwhile come in one read; on a quiet stream
+// or without a linger the first of them comes alone.
 func TestLingerBatchesReads(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
 		linger time.Duration
+		busy   bool
 		want   string
 	}{
-		{"linger", time.Second, "bc"},
-		{"none", 0, "b"},
+		{"busy", time.Second, true, "bc"},
+		{"quiet", time.Second, false, "b"},
+		{"none", 0, true, "b"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -57,6 +59,7 @@ func TestLingerBatchesReads(t *testing.T) {
 			if n, err := nc.Read(buf); err != nil || string(buf[:n]) != "a" {
 				t.Fatalf("Read = %q, %v, want \"a\"", buf[:n], err)
 			}
+			lc.busy.Store(tc.busy)
 			wrote := make(chan error, 1)
 			go func() { // owned by the test, waited for below
 				_, err := srv.Write([]byte("b"))
@@ -74,6 +77,40 @@ func TestLingerBatchesReads(t *testing.T) {
 				t.Fatal(err)
 			}
 		})
+	}
+}
+
+// TestLingerBusy: a stream is busy after a window of busyWindow with more
+// than busyReads reads, and quiet again after one with fewer, or after a
+// pause.
+func TestLingerBusy(t *testing.T) {
+	c := &lingerConn{}
+	t0 := time.Unix(1000, 0)
+	step := busyWindow / (2 * busyReads)
+	now := t0
+	c.count(now) // opens the first window
+	for i := 0; i < 2*busyReads; i++ {
+		now = now.Add(step)
+		c.count(now)
+	}
+	if !c.busy.Load() {
+		t.Fatalf("busy = false after %d reads in %s, want true", 2*busyReads, busyWindow)
+	}
+	for i := 0; i < busyReads/2; i++ { // a read every 1/10 of the window
+		now = now.Add(busyWindow / 10)
+		c.count(now)
+	}
+	if c.busy.Load() {
+		t.Fatalf("busy = true after windows of 10 reads, want false")
+	}
+	for i := 0; i < 2*busyReads; i++ {
+		now = now.Add(step)
+		c.count(now)
+	}
+	now = now.Add(time.Second)
+	c.count(now)
+	if c.busy.Load() {
+		t.Fatal("busy = true after a pause of a second, want false")
 	}
 }
 

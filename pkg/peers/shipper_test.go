@@ -294,17 +294,19 @@ func (c *countedConn) Read(p []byte) (int, error) {
 }
 
 // TestShipperLinger: with a linger, transactions sent while the writer
-// lingers after a write go out together, and the receiver reads them in
-// one read; without one, each Send 20 ms apart is written (and read) on
-// its own.
+// lingers after a write of several go out together, and the receiver
+// reads them in one read; without one, or after a write of one (a quiet
+// source), each Send 20 ms apart is written (and read) on its own.
 func TestShipperLinger(t *testing.T) {
 	for _, tc := range []struct {
 		name              string
 		linger            time.Duration
+		first             int // transactions in the window before the shipper connects
 		minReads, maxRead int64
 	}{
-		{"linger", 2 * time.Second, 1, 2},
-		{"none", 0, 4, 5},
+		{"linger", 2 * time.Second, 2, 1, 2},
+		{"quiet", 2 * time.Second, 1, 4, 5},
+		{"none", 0, 2, 4, 5},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -316,21 +318,22 @@ func TestShipperLinger(t *testing.T) {
 			cfg := shipperConfig(NodeAddr{Name: "eu1", Addr: addr})
 			cfg.Heartbeat, cfg.Linger = time.Hour, tc.linger
 			sh := NewShipper(cfg, nil, zerolog.Nop())
-			runShipper(t, sh)
 			ctx := testCtx(t)
-
-			if err := sh.Send(ctx, mkTxn(1, 0)); err != nil {
-				t.Fatal(err)
+			for i := 1; i <= tc.first; i++ {
+				if err := sh.Send(ctx, mkTxn(i, 0)); err != nil {
+					t.Fatal(err)
+				}
 			}
-			waitFor(t, "ack of the first transaction", 5*time.Second, func() bool { return sh.Acked() == lsnOf(1) })
+			runShipper(t, sh)
+			waitFor(t, "ack of the first transactions", 5*time.Second, func() bool { return sh.Acked() == lsnOf(tc.first) })
 			before := rc.reads.Load()
-			for i := 2; i <= 6; i++ {
+			for i := tc.first + 1; i <= tc.first+5; i++ {
 				if err := sh.Send(ctx, mkTxn(i, 0)); err != nil {
 					t.Fatal(err)
 				}
 				time.Sleep(20 * time.Millisecond)
 			}
-			waitFor(t, "ack of every transaction", 10*time.Second, func() bool { return sh.Acked() == lsnOf(6) })
+			waitFor(t, "ack of every transaction", 10*time.Second, func() bool { return sh.Acked() == lsnOf(tc.first+5) })
 			if got := rc.reads.Load() - before; got < tc.minReads || got > tc.maxRead {
 				t.Errorf("receiver reads for 5 transactions = %d, want %d to %d", got, tc.minReads, tc.maxRead)
 			}
