@@ -399,6 +399,7 @@ func (n *Node) readLoop(ctx, shipCtx context.Context) error {
 			SpillBytes:  int(min(n.cfg.Spill.Above, config.Size(math.MaxInt32))),
 			SpillDir:    n.cfg.Spill.Dir,
 			SkipSchemas: []string{"prism"},
+			Linger:      n.readerLinger(),
 		}, n.log.With().Str("component", "reader").Logger())
 		n.mu.Lock()
 		n.reader = r
@@ -440,45 +441,18 @@ func standbyPoll(backoff time.Duration) time.Duration {
 	return backoff
 }
 
+// readFrom ships what r reads until r or ctx stops, under the term that
+// starts once r holds the slot: each transaction goes to the spool, or
+// to every region's shipper, in commit order.
 func (n *Node) readFrom(ctx, shipCtx context.Context, r *decode.Reader) error {
 	// A reader that stops for good (a lost slot) while a full window
 	// blocks Send is not asked for the next transaction: the watcher
 	// cancels the wait with the reader's error.
 	sendCtx, stopSend := context.WithCancelCause(ctx)
 	defer stopSend(nil)
-	sendErr := func(err error) error {
-		if cause := context.Cause(sendCtx); cause != nil && ctx.Err() == nil {
-			return cause
-		}
-		return err
-	}
-	// Start shipping as soon as the reader holds the slot, even before the
-	// first transaction, so status shows the paths of an idle region.
-	watchDone := make(chan struct{})
-	var watch sync.WaitGroup
-	watch.Add(1)
-	go func() {
-		defer watch.Done()
-		for {
-			changed := r.Changed()
-			if r.Stats().Streaming {
-				if _, err := n.ensureTerm(shipCtx); err != nil {
-					stopSend(err)
-				}
-			}
-			if err := r.Failed(); err != nil {
-				stopSend(err)
-			}
-			select {
-			case <-watchDone:
-				return
-			case <-changed:
-			}
-		}
-	}()
+	stopWatch := n.watchReader(shipCtx, r, stopSend)
 	defer func() {
-		close(watchDone)
-		watch.Wait()
+		stopWatch()
 		if ctx.Err() == nil {
 			// Lost the slot: stop shipping. Unacknowledged transactions
 			// stay in the slot and reach the regions through whichever
@@ -491,38 +465,84 @@ func (n *Node) readFrom(ctx, shipCtx context.Context, r *decode.Reader) error {
 		if err != nil {
 			return err
 		}
-		dropInternal(txn)
-		t, err := n.ensureTerm(shipCtx)
-		if err != nil {
-			txn.Spill.Release()
+		if err := n.ship(sendCtx, shipCtx, txn); err != nil {
+			if cause := context.Cause(sendCtx); cause != nil && ctx.Err() == nil {
+				return cause
+			}
 			return err
 		}
-		if t.spool != nil {
-			// The shippers read the spool at their own pace (feed). The
-			// spool keeps its own copy of a spilled transaction.
-			err := t.spool.Append(sendCtx, txn)
-			txn.Spill.Release()
-			if err != nil {
-				return sendErr(err)
+	}
+}
+
+// watchReader starts the term as soon as r holds the slot, even before
+// the first transaction, so status shows the paths of an idle region, and
+// calls stopSend with r's error when r stops for good. It runs in a
+// goroutine until the returned function, which waits for it, is called.
+func (n *Node) watchReader(shipCtx context.Context, r *decode.Reader, stopSend context.CancelCauseFunc) (stop func()) {
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			changed := r.Changed()
+			if r.Stats().Streaming {
+				if _, err := n.ensureTerm(shipCtx); err != nil {
+					stopSend(err)
+				}
 			}
-		} else {
-			t.keepSpill(txn)
-			for i, s := range t.shippers {
-				// Each region gets only its scope, filtered here
-				// before anything is encoded for it.
-				st, err := t.scoped(i, txn)
-				if err != nil {
-					return err
-				}
-				if err := s.Send(sendCtx, st); err != nil {
-					return sendErr(err)
-				}
+			if err := r.Failed(); err != nil {
+				stopSend(err)
+			}
+			select {
+			case <-done:
+				return
+			case <-changed:
 			}
 		}
-		n.mu.Lock()
-		n.lastSent = txn.EndLSN
-		n.mu.Unlock()
+	}()
+	return func() {
+		close(done)
+		wg.Wait()
 	}
+}
+
+// ship hands one transaction read from the slot to the current term: to
+// the spool, or to every region's shipper filtered to its scope. It
+// blocks while a window is full, until sendCtx ends.
+func (n *Node) ship(sendCtx, shipCtx context.Context, txn *decode.Txn) error {
+	dropInternal(txn)
+	t, err := n.ensureTerm(shipCtx)
+	if err != nil {
+		txn.Spill.Release()
+		return err
+	}
+	if t.spool != nil {
+		// The shippers read the spool at their own pace (feed). The
+		// spool keeps its own copy of a spilled transaction.
+		err := t.spool.Append(sendCtx, txn)
+		txn.Spill.Release()
+		if err != nil {
+			return err
+		}
+	} else {
+		t.keepSpill(txn)
+		for i, s := range t.shippers {
+			// Each region gets only its scope, filtered here before
+			// anything is encoded for it.
+			st, err := t.scoped(i, txn)
+			if err != nil {
+				return err
+			}
+			if err := s.Send(sendCtx, st); err != nil {
+				return err
+			}
+		}
+	}
+	n.mu.Lock()
+	n.lastSent = txn.EndLSN
+	n.mu.Unlock()
+	return nil
 }
 
 // term is one reader term: the shippers a node runs while it holds the
@@ -660,6 +680,9 @@ func (n *Node) shipperConfig(target string, nodes []peers.NodeAddr) peers.Shippe
 	sc.Errors = newErrorPolicy(n.cfg, n.log)
 	sc.Undo = newErrorPolicy(n.cfg, n.log).undoFunc(n.applier)
 	sc.OnAck = n.signalAcked
+	if n.cfg.Sync.Mode != config.SyncOff {
+		sc.Linger = 0 // commits wait for the regions
+	}
 	return sc
 }
 
@@ -802,6 +825,16 @@ func (n *Node) statusInterval() time.Duration {
 		return 10 * time.Millisecond
 	}
 	return time.Second
+}
+
+// readerLinger is how long the reader lets messages gather (see
+// decode.ReaderConfig.Linger); in sync mode commits wait for them, and it
+// reads each at once.
+func (n *Node) readerLinger() time.Duration {
+	if n.cfg.Sync.Mode != config.SyncOff {
+		return -1
+	}
+	return decode.DefaultLinger
 }
 
 func (n *Node) checkpointLoop(ctx context.Context) {

@@ -76,7 +76,16 @@ type ReaderConfig struct {
 	// SkipSchemas are schemas whose changes are dropped while decoding
 	// (the transactions still pass).
 	SkipSchemas []string
+	// Linger is how long a read of the running stream waits after one
+	// that found no more data, so that the messages arriving meanwhile
+	// are read in one call instead of one call and one wake-up each (see
+	// lingerConn). It delays a transaction by at most that much; default
+	// DefaultLinger, negative never waits.
+	Linger time.Duration
 }
+
+// DefaultLinger is the default ReaderConfig.Linger.
+const DefaultLinger = 500 * time.Microsecond
 
 // DefaultSpillBytes is the default ReaderConfig.SpillBytes.
 const DefaultSpillBytes = 32 << 20
@@ -154,6 +163,9 @@ func NewReader(cfg ReaderConfig, log zerolog.Logger) *Reader {
 	}
 	if cfg.SpillDir == "" {
 		cfg.SpillDir = filepath.Join(os.TempDir(), "prism-spill")
+	}
+	if cfg.Linger == 0 {
+		cfg.Linger = DefaultLinger
 	}
 	return &Reader{
 		cfg:   cfg,
@@ -603,6 +615,7 @@ func (r *Reader) session(ctx context.Context) (progressed bool, err error) {
 	PinTextForm(pcfg)
 	pcfg.RuntimeParams["replication"] = "database"
 	pcfg.RuntimeParams["application_name"] = r.cfg.AppName
+	pcfg.DialFunc = lingerDial(pcfg.DialFunc)
 	conn, err := pgconn.ConnectConfig(ctx, pcfg)
 	if err != nil {
 		return false, fmt.Errorf("connect for replication: %w", err)
@@ -647,6 +660,9 @@ func (r *Reader) session(ctx context.Context) (progressed bool, err error) {
 		return false, r.classify(ctx, fmt.Errorf("start replication on %s: %w", r.cfg.Slot, err))
 	}
 	r.streamed = true
+	if lc := lingerOf(conn.Conn()); lc != nil && r.cfg.Linger > 0 {
+		lc.setLinger(r.cfg.Linger)
+	}
 	// The server resumes from the slot's confirmed_flush_lsn when start
 	// is below it (start is 0/0 after a restart): log where it resumes.
 	r.log.Info().Stringer("start", max(start, slotConfirmed)).Msg("streaming")

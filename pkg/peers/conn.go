@@ -2,6 +2,7 @@ package peers
 
 import (
 	"bufio"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -50,6 +51,17 @@ func (c *frameConn) read(timeout time.Duration) (any, error) {
 		return nil, err
 	}
 	return decodeFrameWith(p, &c.rels)
+}
+
+// buffered reports whether a whole frame is buffered: the next read
+// returns without waiting for the network.
+func (c *frameConn) buffered() bool {
+	n := c.r.Buffered()
+	if n < 4 {
+		return false
+	}
+	hdr, err := c.r.Peek(4)
+	return err == nil && int(binary.BigEndian.Uint32(hdr))+4 <= n
 }
 
 // errTooLarge is returned by write for a frame above the frame limit; the

@@ -353,7 +353,9 @@ func (s *Server) stream(ctx context.Context, fc *frameConn, region string, log z
 	defer cancel(nil)
 	defer fc.close() // unblocks the reader before wg.Wait
 
-	queue := make(chan *queued, 2*s.cfg.MaxBatch)
+	// Each element is a run of transactions that arrived together (see
+	// readFrames): with the one being read, at most 3*MaxBatch wait.
+	queue := make(chan []*queued, 2)
 	wg.Add(2)
 	go func() { // reader; ends with the connection or ctx
 		defer wg.Done()
@@ -374,7 +376,7 @@ func (s *Server) stream(ctx context.Context, fc *frameConn, region string, log z
 // stream with why, and only then cuts off a streamed transaction it was
 // receiving: its applier sees the stream stopped, not a failure of the
 // transaction.
-func (s *Server) receive(ctx context.Context, cancel context.CancelCauseFunc, fc *frameConn, region string, queue chan<- *queued, log zerolog.Logger) {
+func (s *Server) receive(ctx context.Context, cancel context.CancelCauseFunc, fc *frameConn, region string, queue chan<- []*queued, log zerolog.Logger) {
 	open, err := s.readFrames(ctx, fc, region, queue, log)
 	cancel(err)
 	if open != nil {
@@ -384,20 +386,32 @@ func (s *Server) receive(ctx context.Context, cancel context.CancelCauseFunc, fc
 }
 
 // readFrames checks the order of the frames it reads and hands the
-// transactions to queue: one in memory as it is, a streamed one at its
-// TxnBegin, its changes following on its chunks. It returns why it
-// stopped and the streamed transaction open then, if any.
-func (s *Server) readFrames(ctx context.Context, fc *frameConn, region string, queue chan<- *queued, log zerolog.Logger) (open *queued, err error) {
+// transactions to queue: those in memory in runs, as many as arrived
+// together (up to MaxBatch; the run goes before the next read that would
+// wait), a streamed one alone at its TxnBegin, its changes following on
+// its chunks. It returns why it stopped and the streamed transaction open
+// then, if any.
+func (s *Server) readFrames(ctx context.Context, fc *frameConn, region string, queue chan<- []*queued, log zerolog.Logger) (open *queued, err error) {
 	order := frameOrder{region: region}
-	enqueue := func(q *queued) error {
+	var run []*queued
+	enqueue := func() error {
+		if len(run) == 0 {
+			return nil
+		}
 		select {
-		case queue <- q:
+		case queue <- run:
+			run = nil
 			return nil
 		case <-ctx.Done():
 			return context.Cause(ctx)
 		}
 	}
 	for {
+		if len(run) >= s.cfg.MaxBatch || len(run) > 0 && !fc.buffered() {
+			if err := enqueue(); err != nil {
+				return open, err
+			}
+		}
 		f, err := fc.read(s.cfg.IdleTimeout)
 		if err != nil {
 			return open, fmt.Errorf("read: %w", err)
@@ -409,10 +423,13 @@ func (s *Server) readFrames(ctx context.Context, fc *frameConn, region string, q
 		case *undoneFrame:
 			s.undone(ctx, region, f, log)
 		case *txnFrame:
-			err = enqueue(&queued{txn: f.Txn})
+			run = append(run, &queued{txn: f.Txn})
 		case *txnBegin:
-			open = &queued{txn: f.Txn, count: f.Count, chunks: make(chan []decode.Change, 2)}
-			err = enqueue(open)
+			if err = enqueue(); err == nil {
+				open = &queued{txn: f.Txn, count: f.Count, chunks: make(chan []decode.Change, 2)}
+				run = []*queued{open}
+				err = enqueue()
+			}
 		case *txnChunk:
 			select {
 			case open.chunks <- f.Changes:
@@ -434,17 +451,28 @@ func (s *Server) readFrames(ctx context.Context, fc *frameConn, region string, q
 // it drains the queue (the shipper decides what comes next). It returns
 // a failure of the connection; otherwise ctx's cause once the queue is
 // closed.
-func (s *Server) applyQueue(ctx context.Context, fc *frameConn, queue <-chan *queued, log zerolog.Logger) error {
+func (s *Server) applyQueue(ctx context.Context, fc *frameConn, queue <-chan []*queued, log zerolog.Logger) error {
 	_, batches := s.app.(batchApplier)
 	halted := false
 	batch := make([]*decode.Txn, 0, s.cfg.MaxBatch)
-	for q := range queue {
+	var pending []*queued // received, not yet applied
+	for {
+		if len(pending) == 0 {
+			run, ok := <-queue
+			if !ok {
+				return context.Cause(ctx)
+			}
+			pending = run
+		}
 		if halted {
-			q.drain()
+			for _, q := range pending {
+				q.drain()
+			}
+			pending = nil
 			continue
 		}
 		var carry *queued // a streamed transaction that ended the batch
-		batch, carry = gather(queue, q, batch[:0], batches, s.cfg.MaxBatch)
+		batch, carry, pending = gather(queue, pending, batch[:0], batches, s.cfg.MaxBatch)
 		h, err := s.applyBatch(ctx, fc, batch, log)
 		if err != nil {
 			return err
@@ -461,33 +489,39 @@ func (s *Server) applyQueue(ctx context.Context, fc *frameConn, queue <-chan *qu
 			return err
 		}
 	}
-	return context.Cause(ctx)
 }
 
-// gather starts a batch with q and, when the applier takes batches, adds
-// the transactions already queued behind it, up to limit. A streamed
-// transaction ends the batch and is returned as carry, to be applied after
-// it (q itself when it is streamed, with an empty batch).
-func gather(queue <-chan *queued, q *queued, batch []*decode.Txn, batches bool, limit int) ([]*decode.Txn, *queued) {
-	if q.chunks != nil {
-		return batch, q
-	}
-	batch = append(batch, q.txn)
-	for batches && len(batch) < limit {
+// gather takes the next batch from pending, in order, and when the
+// applier takes batches, adds the runs already queued behind it, up to
+// limit transactions. A streamed transaction ends the batch and is
+// returned as carry, to be applied after it (with an empty batch when it
+// comes first). It returns the transactions it did not take.
+func gather(queue <-chan []*queued, pending []*queued, batch []*decode.Txn, batches bool, limit int) ([]*decode.Txn, *queued, []*queued) {
+	for {
+		for len(pending) > 0 {
+			q := pending[0]
+			if q.chunks != nil {
+				return batch, q, pending[1:]
+			}
+			if len(batch) > 0 && (!batches || len(batch) >= limit) {
+				return batch, nil, pending
+			}
+			batch = append(batch, q.txn)
+			pending = pending[1:]
+		}
+		if !batches || len(batch) >= limit {
+			return batch, nil, nil
+		}
 		select {
-		case t, ok := <-queue:
+		case run, ok := <-queue:
 			if !ok {
-				return batch, nil
+				return batch, nil, nil
 			}
-			if t.chunks != nil {
-				return batch, t
-			}
-			batch = append(batch, t.txn)
+			pending = run
 		default:
-			return batch, nil
+			return batch, nil, nil
 		}
 	}
-	return batch, nil
 }
 
 // applyBatch applies batch in order and acknowledges what is durable. A

@@ -12,10 +12,12 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/rs/zerolog"
 
 	"github.com/prism-cdc/prism-cdc/pkg/decode"
@@ -284,5 +286,62 @@ func TestMutualTLS(t *testing.T) {
 	c := rawDial(t, addr, encode(t, &hello{Version: ProtocolVersion, Region: "na", Node: "na1"}))
 	if f, err := reply(t, c); err == nil {
 		t.Fatalf("plaintext client got %T %+v", f, f)
+	}
+}
+
+// TestReadFramesRuns: the transactions of frames that arrive together go
+// to the applier as one run, so that it takes them in one batch (and one
+// wake-up) instead of one at a time; a run ends before the read that
+// waits, and at MaxBatch.
+func TestReadFramesRuns(t *testing.T) {
+	a, b := net.Pipe()
+	defer b.Close()
+	cfg := serverConfig("eu", "eu1")
+	cfg.MaxBatch = 4
+	s := NewServer(cfg, newMemApplier(), zerolog.Nop())
+	queue := make(chan []*queued, 10)
+	done := make(chan error, 1)
+	go func() { // owned by the test: ends when b is closed
+		_, err := s.readFrames(testCtx(t), newFrameConn(a, DefaultMaxFrame), "na", queue, zerolog.Nop())
+		done <- err
+	}()
+	w := newFrameConn(b, DefaultMaxFrame)
+	send := func(from, to int) {
+		t.Helper()
+		var frames []any
+		for i := from; i <= to; i++ {
+			frames = append(frames, &txnFrame{Txn: mkTxn(i, 0)})
+		}
+		if err := w.write(5*time.Second, frames...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	next := func() []pglogrepl.LSN {
+		t.Helper()
+		select {
+		case run := <-queue:
+			var lsns []pglogrepl.LSN
+			for _, q := range run {
+				lsns = append(lsns, q.txn.EndLSN)
+			}
+			return lsns
+		case <-time.After(5 * time.Second):
+			t.Fatal("no run queued")
+			return nil
+		}
+	}
+	send(1, 3)
+	if got, want := next(), []pglogrepl.LSN{lsnOf(1), lsnOf(2), lsnOf(3)}; !slices.Equal(got, want) {
+		t.Errorf("run after one write of 3 = %v, want %v", got, want)
+	}
+	send(4, 9)
+	for _, want := range [][]pglogrepl.LSN{{lsnOf(4), lsnOf(5), lsnOf(6), lsnOf(7)}, {lsnOf(8), lsnOf(9)}} {
+		if got := next(); !slices.Equal(got, want) {
+			t.Errorf("run after one write of 6 with MaxBatch 4 = %v, want %v", got, want)
+		}
+	}
+	b.Close()
+	if err := <-done; err == nil {
+		t.Error("readFrames = nil after the connection closed, want an error")
 	}
 }

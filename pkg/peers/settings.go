@@ -42,8 +42,14 @@ func NewShipperConfig(ackTimeout time.Duration) ShipperConfig {
 		MaxFrame:      DefaultMaxFrame,
 		ChunkBytes:    DefaultChunkBytes,
 		FenceTimeout:  5 * time.Second,
+		Linger:        DefaultLinger,
 	}
 }
+
+// DefaultLinger is the writer's ShipperConfig.Linger by default: a
+// transaction waits at most half a millisecond for others to share its
+// write.
+const DefaultLinger = 500 * time.Microsecond
 
 // NewServerConfig returns the settings of a server whose shippers wait
 // ackTimeout for an answer (delivery.ack_timeout, the same on every node).
@@ -77,6 +83,9 @@ func checkShipper(c *ShipperConfig) error {
 		positiveInt("chunk bytes", int64(c.ChunkBytes)),
 		positive("backoff", c.Backoff),
 		positiveInt("max in flight", c.MaxInFlight),
+	}
+	if c.Linger < 0 {
+		errs = append(errs, fmt.Errorf("linger %s is negative", c.Linger))
 	}
 	if c.Retries < 0 {
 		errs = append(errs, fmt.Errorf("retries %d is negative", c.Retries))

@@ -85,6 +85,15 @@ type ShipperConfig struct {
 	// ChunkBytes is the change data per TxnChunk frame of a spilled
 	// transaction.
 	ChunkBytes int
+	// Linger is how long the writer waits, after a write of several
+	// transactions that took every one there was, before it takes the
+	// next ones: a busy source's transactions then go out several to a
+	// write (and are read several to a read) instead of one write, one
+	// read and two goroutine wake-ups each. A write of one transaction
+	// (a quiet source) is not followed by a wait, which would only add a
+	// wake-up, and latency, per transaction. It delays a transaction by
+	// at most that much; zero writes each as soon as it is sent.
+	Linger time.Duration
 	// FenceTimeout bounds fencing a previous holder of the origin before
 	// the direct-SQL fallback applies.
 	FenceTimeout time.Duration
@@ -720,7 +729,7 @@ func (s *Shipper) readAcks(ctx context.Context, fc *frameConn, name string, hear
 // waits for more.
 func (s *Shipper) writeWindow(ctx context.Context, fc *frameConn, name string, cursor pglogrepl.LSN, idle *atomic.Bool) error {
 	for {
-		txns, changed := s.unsent(cursor, 64)
+		txns, changed := s.unsent(cursor, writeBatch)
 		if len(txns) == 0 {
 			idle.Store(true)
 			select {
@@ -735,8 +744,14 @@ func (s *Shipper) writeWindow(ctx context.Context, fc *frameConn, name string, c
 		if cursor, err = s.writeTxns(fc, name, txns, cursor); err != nil {
 			return err
 		}
+		if len(txns) > 1 && len(txns) < writeBatch && s.cfg.Linger > 0 {
+			sleep(ctx, s.cfg.Linger)
+		}
 	}
 }
+
+// writeBatch bounds how many transactions the writer takes at a time.
+const writeBatch = 64
 
 // writeTxns sends txns, those in memory in batches of frames and a
 // spilled one streamed in chunks, and returns the end LSN of the last one

@@ -264,3 +264,79 @@ func TestShipperSendQuiet(t *testing.T) {
 		t.Fatal("a waiter's channel was not closed by the next Send")
 	}
 }
+
+// readCounter counts the reads that returned data on the connections it
+// accepts.
+type readCounter struct {
+	net.Listener
+	reads atomic.Int64
+}
+
+func (l *readCounter) Accept() (net.Conn, error) {
+	nc, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return &countedConn{Conn: nc, reads: &l.reads}, nil
+}
+
+type countedConn struct {
+	net.Conn
+	reads *atomic.Int64
+}
+
+func (c *countedConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if n > 0 {
+		c.reads.Add(1)
+	}
+	return n, err
+}
+
+// TestShipperLinger: with a linger, transactions sent while the writer
+// lingers after a write of several go out together, and the receiver
+// reads them in one read; without one, or after a write of one (a quiet
+// source), each Send 20 ms apart is written (and read) on its own.
+func TestShipperLinger(t *testing.T) {
+	for _, tc := range []struct {
+		name              string
+		linger            time.Duration
+		first             int // transactions in the window before the shipper connects
+		minReads, maxRead int64
+	}{
+		{"linger", 2 * time.Second, 2, 1, 2},
+		{"quiet", 2 * time.Second, 1, 4, 5},
+		{"none", 0, 2, 4, 5},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			rc := &readCounter{Listener: ln}
+			addr := serveOn(t, NewServer(serverConfig("eu", "eu1"), newMemApplier(), zerolog.Nop()), rc)
+			cfg := shipperConfig(NodeAddr{Name: "eu1", Addr: addr})
+			cfg.Heartbeat, cfg.Linger = time.Hour, tc.linger
+			sh := NewShipper(cfg, nil, zerolog.Nop())
+			ctx := testCtx(t)
+			for i := 1; i <= tc.first; i++ {
+				if err := sh.Send(ctx, mkTxn(i, 0)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			runShipper(t, sh)
+			waitFor(t, "ack of the first transactions", 5*time.Second, func() bool { return sh.Acked() == lsnOf(tc.first) })
+			before := rc.reads.Load()
+			for i := tc.first + 1; i <= tc.first+5; i++ {
+				if err := sh.Send(ctx, mkTxn(i, 0)); err != nil {
+					t.Fatal(err)
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			waitFor(t, "ack of every transaction", 10*time.Second, func() bool { return sh.Acked() == lsnOf(tc.first+5) })
+			if got := rc.reads.Load() - before; got < tc.minReads || got > tc.maxRead {
+				t.Errorf("receiver reads for 5 transactions = %d, want %d to %d", got, tc.minReads, tc.maxRead)
+			}
+		})
+	}
+}
