@@ -963,30 +963,14 @@ func (p *pipeline) queue(ctx context.Context, i int) error {
 			}
 			continue
 		}
-		if c.Op == decode.OpTruncate {
-			sql, err := truncateSQL(c)
-			if err != nil {
-				return &buildError{table: relName(c), op: c.Op, err: err}
-			}
+		sd, sql, vals, formats, err := p.a.changeCommand(ctx, p.s.conn.Conn(), c, j, ts)
+		if err != nil {
+			return err
+		}
+		if sd == nil {
 			p.cmds = append(p.cmds, cmd{txn: i, change: j, sql: sql})
 			p.size += len(sql)
 		} else {
-			if c.Rel == nil {
-				return &buildError{op: c.Op, err: permanent("22023", "change %d has no relation", j)}
-			}
-			orig := c
-			c, err := p.a.reshape(ctx, p.s.conn.Conn(), c)
-			if err != nil {
-				return &buildError{table: relName(orig), op: orig.Op, err: err}
-			}
-			st, sd, err := p.a.statementFor(ctx, p.s.conn.Conn(), c)
-			if err != nil {
-				return &buildError{table: relName(c), op: c.Op, err: err}
-			}
-			vals, formats, err := bind(st, c, ts)
-			if err != nil {
-				return &buildError{table: relName(c), op: c.Op, err: err}
-			}
 			p.cmds = append(p.cmds, cmd{txn: i, change: j, sd: sd, vals: vals, formats: formats})
 			p.size += 32
 			for _, v := range vals {
