@@ -100,3 +100,63 @@ func TestDeadLettersAndSkipCommands(t *testing.T) {
 		t.Fatalf("progress = %s, %v; want 0/2000", p, err)
 	}
 }
+
+// TestDeadLettersRetryDDL: deadletters retry runs a parked schema change
+// only when the node's configuration says ddl: replicate, like the live
+// apply path.
+func TestDeadLettersRetryDDL(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c := pgtest.Start(t, pgtest.Options{Name: "cli-dl-ddl"})
+	if err := c.Exec(ctx, "postgres", `CREATE DATABASE app`); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Exec(ctx, "app", `CREATE TABLE t (id int PRIMARY KEY)`); err != nil {
+		t.Fatal(err)
+	}
+	off := strings.Replace(goodConfig,
+		`database: "host=127.0.0.1 port=5433 user=postgres dbname=app"`, fmt.Sprintf("database: %q", c.DSN("app")), 1)
+	offPath := writeFile(t, "off.yaml", off)
+	onPath := writeFile(t, "on.yaml", off+"ddl: replicate\n")
+
+	pool, err := pgxpool.New(ctx, c.DSN("app"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	// A region that once ran with ddl: replicate has prism.ddl_run.
+	a := apply.NewApplier(pool, zerolog.Nop(), apply.WithLocalRegion("eu"), apply.WithDDL(true))
+	if err := a.Setup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	tx := &decode.Txn{Origin: "na", Xid: 42, CommitLSN: 0x1000 - 8, EndLSN: 0x1000, CommitTime: time.Now().UTC(),
+		Changes: []decode.Change{{Op: decode.OpDDL, DDL: &decode.DDL{Command: "ALTER TABLE t ADD COLUMN b int", SearchPath: "public", Role: "postgres"}}}}
+	if _, err := a.Park(ctx, tx, errors.New("parked for the test"), apply.StatusParked); err != nil {
+		t.Fatal(err)
+	}
+	column := func() int {
+		var n int
+		if err := pool.QueryRow(ctx, "SELECT count(*) FROM pg_attribute WHERE attrelid = 't'::regclass AND attname = 'b'").Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+
+	var out, errb bytes.Buffer
+	code := run(ctx, []string{"deadletters", "retry", "--config", offPath, "--id", "1"}, &out, &errb)
+	if code != exitFail || !strings.Contains(out.String(), "still parked") || !strings.Contains(out.String(), "ddl is off") {
+		t.Fatalf("retry with ddl off = %d\nstdout: %s\nstderr: %s\nwant %d, still parked because ddl is off", code, out.String(), errb.String(), exitFail)
+	}
+	if n := column(); n != 0 {
+		t.Fatalf("column b exists after a retry with ddl off: the schema change ran")
+	}
+	out.Reset()
+	errb.Reset()
+	code = run(ctx, []string{"deadletters", "retry", "--config", onPath, "--id", "1"}, &out, &errb)
+	if code != exitOK || !strings.Contains(out.String(), "1 retried, 0 still parked") {
+		t.Fatalf("retry with ddl: replicate = %d\nstdout: %s\nstderr: %s", code, out.String(), errb.String())
+	}
+	if n := column(); n != 1 {
+		t.Fatalf("column b count after a retry with ddl: replicate = %d, want 1", n)
+	}
+}

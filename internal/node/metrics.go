@@ -229,8 +229,8 @@ func (m *monitor) facts(ctx context.Context) dbFacts {
 	} else {
 		defer conn.Close(context.Background())
 		_ = conn.QueryRow(ctx, "SELECT count(*) FROM prism.conflicts").Scan(&f.conflicts)
-		rows, err := conn.Query(ctx, `SELECT substr(roname, 7), pg_wal_lsn_diff(coalesce(pg_replication_origin_progress(roname, true), '0/0'), '0/0')::bigint
-			FROM pg_replication_origin WHERE roname LIKE 'prism\_%'`)
+		rows, err := conn.Query(ctx, `SELECT `+decode.OriginRegionSQL+`, pg_wal_lsn_diff(coalesce(pg_replication_origin_progress(roname, true), '0/0'), '0/0')::bigint
+			FROM pg_replication_origin WHERE starts_with(roname, '`+decode.NamePrefix+`')`)
 		if err == nil {
 			for rows.Next() {
 				var src string

@@ -122,7 +122,7 @@ func NewApplier(pool *pgxpool.Pool, log zerolog.Logger, opts ...Option) *Applier
 		pool:      pool,
 		log:       log.With().Str("pkg", "apply").Logger(),
 		defPolicy: LastWriteWins,
-		appName:   "prism_apply",
+		appName:   decode.AppName("apply"),
 		targets:   map[string]*target{},
 		stmts:     map[string]*statement{},
 		shapes:    map[string]*reshaping{},
@@ -139,7 +139,7 @@ func NewApplier(pool *pgxpool.Pool, log zerolog.Logger, opts ...Option) *Applier
 
 // BootstrapApplicationName is the application_name of a bootstrap's
 // sessions. Fence does not terminate them: they hold origins on purpose.
-const BootstrapApplicationName = "prism_bootstrap"
+const BootstrapApplicationName = decode.NamePrefix + "bootstrap"
 
 func (a *Applier) policy(rel *decode.Relation) Policy {
 	if p, ok := a.tables[rel.Schema+"."+rel.Table]; ok {
@@ -324,6 +324,10 @@ const txnSetupSQL = `SELECT pg_replication_origin_xact_setup($1::pg_lsn, $2::tim
 	set_config('prism.floors', (EXISTS (SELECT 1 FROM prism.clock_floors))::text, true),
 	set_config('prism.applying', 'on', true),
 	CASE WHEN $2::timestamptz >= clock_timestamp() THEN prism.raise_horizon($2::timestamptz) END`
+
+// txnSetupName is the name txnSetupSQL is prepared under on every apply
+// connection, by the pipeline and by the stream path alike.
+const txnSetupName = "prism_txn_setup"
 
 // cmd is one command of a pipeline: a prepared statement with its
 // parameters, or SQL text without any. Commands stay plain values until
@@ -915,7 +919,7 @@ func (e *buildError) Unwrap() error { return e.err }
 func (p *pipeline) prepare(ctx context.Context) error {
 	conn := p.s.conn.Conn()
 	var err error
-	if p.setup, err = conn.Prepare(ctx, "prism_txn_setup", txnSetupSQL); err != nil {
+	if p.setup, err = conn.Prepare(ctx, txnSetupName, txnSetupSQL); err != nil {
 		return err
 	}
 	if p.begin, err = conn.Prepare(ctx, "prism_begin", beginSQL); err != nil {
@@ -959,30 +963,14 @@ func (p *pipeline) queue(ctx context.Context, i int) error {
 			}
 			continue
 		}
-		if c.Op == decode.OpTruncate {
-			sql, err := truncateSQL(c)
-			if err != nil {
-				return &buildError{table: relName(c), op: c.Op, err: err}
-			}
+		sd, sql, vals, formats, err := p.a.changeCommand(ctx, p.s.conn.Conn(), c, j, ts)
+		if err != nil {
+			return err
+		}
+		if sd == nil {
 			p.cmds = append(p.cmds, cmd{txn: i, change: j, sql: sql})
 			p.size += len(sql)
 		} else {
-			if c.Rel == nil {
-				return &buildError{op: c.Op, err: permanent("22023", "change %d has no relation", j)}
-			}
-			orig := c
-			c, err := p.a.reshape(ctx, p.s.conn.Conn(), c)
-			if err != nil {
-				return &buildError{table: relName(orig), op: orig.Op, err: err}
-			}
-			st, sd, err := p.a.statementFor(ctx, p.s.conn.Conn(), c)
-			if err != nil {
-				return &buildError{table: relName(c), op: c.Op, err: err}
-			}
-			vals, formats, err := bind(st, c, ts)
-			if err != nil {
-				return &buildError{table: relName(c), op: c.Op, err: err}
-			}
 			p.cmds = append(p.cmds, cmd{txn: i, change: j, sd: sd, vals: vals, formats: formats})
 			p.size += 32
 			for _, v := range vals {

@@ -426,9 +426,11 @@ func (a *Applier) queueDDL(b *pgconn.Batch, d *decode.DDL) error {
 }
 
 // ddlCommand returns the statement and parameters that run schema change
-// d in the apply transaction, or why it cannot run here.
+// d in the apply transaction, or why it cannot run here: every path that
+// applies a schema change (the pipeline, the stream, a dead-letter retry)
+// asks it, so ddl: off refuses them all alike.
 func (a *Applier) ddlCommand(d *decode.DDL) (string, [][]byte, error) {
-	if d == nil {
+	if d == nil || d.Command == "" {
 		return "", nil, permanent("22023", "DDL change without its statement")
 	}
 	if !a.ddl {

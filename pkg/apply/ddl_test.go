@@ -8,8 +8,10 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
 	"github.com/prism-cdc/prism-cdc/pkg/decode"
@@ -317,5 +319,69 @@ func TestDDLApplyStream(t *testing.T) {
 	}
 	if got := queryString(t, ctx, a.pool, "SELECT count(*) || '/' || count(tag) || '/' || min(id) FILTER (WHERE tag IS NOT NULL) FROM big"); got != "6000/3000/3000" {
 		t.Fatalf("rows/tagged/first tagged = %s, want 6000/3000/3000", got)
+	}
+}
+
+// TestRetryDDL: a dead-letter retry runs a parked schema change under the
+// rule of the live apply path: refused (55000, still parked, nothing
+// applied) while ddl is off, run once it is on; a schema change without
+// its statement is refused (22023) on every path instead of run or
+// dereferenced.
+func TestRetryDDL(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "retryddl"})
+	mustExec(t, ctx, c, "postgres", "CREATE TABLE t (id int PRIMARY KEY)")
+	on := newApplier(t, ctx, c, "postgres", WithDDL(true), WithLocalRegion("eu"))
+	off := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	if err := on.Setup(ctx); err != nil { // installs prism.ddl_run
+		t.Fatal(err)
+	}
+	column := func() string {
+		return queryString(t, ctx, on.pool, "SELECT count(*)::text FROM pg_attribute WHERE attrelid = 't'::regclass AND attname = 'b'")
+	}
+	tx := txn("na", 0x100, 1, decode.Change{Op: decode.OpDDL, DDL: &decode.DDL{Command: "ALTER TABLE t ADD COLUMN b int", SearchPath: "public", Role: "postgres"}})
+	if parked, err := on.Park(ctx, tx, permanent("42P07", "parked for the test"), StatusParked); err != nil || !parked {
+		t.Fatalf("Park = %v, %v; want true, nil", parked, err)
+	}
+	dls, err := on.DeadLetters(ctx, "na", StatusParked)
+	if err != nil || len(dls) != 1 {
+		t.Fatalf("DeadLetters = %v, %v; want one", dls, err)
+	}
+	id := dls[0].ID
+
+	err = off.Retry(ctx, id)
+	var e *Error
+	if !errors.As(err, &e) || e.SQLState != "55000" || e.Op != decode.OpDDL || e.Retryable || !strings.Contains(e.Error(), "ddl is off") {
+		t.Fatalf("Retry with ddl off = %v, want a permanent 55000 Error of the DDL saying ddl is off", err)
+	}
+	if got := column(); got != "0" {
+		t.Fatalf("column b exists after a retry with ddl off (count %s): the schema change ran", got)
+	}
+	dls, _ = off.DeadLetters(ctx, "na")
+	if len(dls) != 1 || dls[0].Status != StatusParked || dls[0].SQLState != "55000" || dls[0].Attempts != 2 {
+		t.Fatalf("after the refused retry: %+v, want parked with 55000 and 2 attempts", dls)
+	}
+	if err := on.Retry(ctx, id); err != nil {
+		t.Fatalf("Retry with ddl on = %v", err)
+	}
+	if got := column(); got != "1" {
+		t.Fatalf("column b count after a retry with ddl on = %s, want 1", got)
+	}
+
+	// No statement: the live path refuses it, and so does a retry's
+	// replay (the JSON form cannot hold one, see TestDDLDeadLetterJSON).
+	for _, d := range []*decode.DDL{nil, {SearchPath: "public", Role: "postgres"}} {
+		bad := decode.Change{Op: decode.OpDDL, DDL: d}
+		err := on.Apply(ctx, txn("na", 0x200, 2, bad))
+		if !errors.As(err, &e) || e.SQLState != "22023" || e.Retryable || !strings.Contains(e.Error(), "without its statement") {
+			t.Fatalf("Apply(DDL %+v) = %v, want a permanent 22023 Error", d, err)
+		}
+		err = on.withOrigin(ctx, "na", func(conn *pgxpool.Conn, _ pglogrepl.LSN) error {
+			_, _, err := on.replayParked(ctx, conn, id, txn("na", 0x200, 2, bad))
+			return err
+		})
+		if state, retry := classify(err); state != "22023" || retry {
+			t.Fatalf("replayParked(DDL %+v) = %v, want 22023", d, err)
+		}
 	}
 }

@@ -525,7 +525,9 @@ func (a *Applier) SetDeadLetterStatus(ctx context.Context, source string, lsn pg
 // progress (which already passed it), and marks it StatusRetried in the
 // same database transaction. A retry that fails again stays parked with
 // the new error and attempt count, and the error is returned. Only
-// StatusParked rows can be retried.
+// StatusParked rows can be retried. A schema change in it runs under the
+// live apply path's rule: only with WithDDL(true) (ddl: replicate), else
+// the retry fails with SQLSTATE 55000 and nothing of it is applied.
 func (a *Applier) Retry(ctx context.Context, id int64) error {
 	txn, err := a.parkedTxn(ctx, id)
 	if err != nil {
@@ -603,7 +605,11 @@ func (a *Applier) replayParked(ctx context.Context, conn *pgxpool.Conn, id int64
 // conn.
 func (a *Applier) replayChange(ctx context.Context, conn *pgxpool.Conn, tx pgx.Tx, c *decode.Change, index int, ts []byte) error {
 	if c.Op == decode.OpDDL {
-		_, err := tx.Exec(ctx, ddlRunSQL, c.DDL.SearchPath, c.DDL.Role, c.DDL.Command)
+		sql, vals, err := a.ddlCommand(c.DDL)
+		if err != nil {
+			return err
+		}
+		_, err = conn.Conn().PgConn().ExecParams(ctx, sql, vals, nil, nil, nil).Close()
 		a.forgetSchema()
 		return err
 	}

@@ -158,6 +158,21 @@ func RetryableState(code string) bool {
 // raises when the origin is busy (SQLSTATE 55006). PostgreSQL names the
 // holder only in the message ("... is already active for PID 1234"), so
 // the message is read for the number, never to classify the error.
+//
+// Why the message: PostgreSQL 15 exposes the holder nowhere else.
+// pg_replication_origin_status has no pid column, pg_stat_activity does
+// not say which origin a backend set up, and an origin takes no lock
+// that pg_locks would show; the error carries no field for it either.
+//
+// The message is in the server session's lc_messages. It reads the
+// number after the last "PID ", which the English text and most of
+// PostgreSQL 15's translations (de, es, it, ja, ru, sv, uk, zh_CN) have;
+// where a translation words it otherwise (ka "PID-სთვის 1234", ko
+// "1234 PID 프로세스") or a future one drops the word, ok is false: it
+// never guesses a number. Callers then do without the PID: Fence
+// terminates nobody and returns ErrBusy saying it found no PID (its
+// callers log that and apply retries on the busy origin), and a
+// bootstrap waits for the origin instead of terminating its holder.
 func OriginHolder(err error) (pid int, ok bool) {
 	var pgErr *pgconn.PgError
 	if !errors.As(err, &pgErr) || pgErr.Code != "55006" {

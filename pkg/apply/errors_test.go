@@ -89,6 +89,16 @@ func TestOriginHolder(t *testing.T) {
 		{"no digits", busy("already active for PID x"), 0, false},
 		{"other code", &pgconn.PgError{Code: "42704", Message: "is already active for PID 12"}, 0, false},
 		{"not a server error", errors.New("is already active for PID 12"), 0, false},
+		// PostgreSQL 15's own translations of the message (lc_messages),
+		// from its message catalogs, with ID 1 and PID 4242.
+		{"de", busy("Replication-Origin mit ID 1 ist bereits aktiv für PID 4242"), 4242, true},
+		{"es", busy("el origen de replicación con ID 1 ya está activo para el PID 4242"), 4242, true},
+		{"ja", busy("ID1のレプリケーション基点は既にPID 4242で使用中です"), 4242, true},
+		{"ru", busy("источник репликации с ID 1 уже занят процессом с PID 4242"), 4242, true},
+		{"zh_CN", busy("OID为1的复制源头已经被用于PID 4242"), 4242, true},
+		// Worded otherwise: no PID rather than a wrong one.
+		{"ka", busy("რეპლიკაციის წყარო ID-ით 1 უკვე აქტიურია PID-სთვის 4242"), 0, false},
+		{"ko", busy("1 ID의 복제 오리진이 4242 PID 프로세스가 사용중입니다."), 0, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			pid, ok := OriginHolder(tc.err)

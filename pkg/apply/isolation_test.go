@@ -283,10 +283,12 @@ func TestConcurrentWriteRetriedOnSession(t *testing.T) {
 		n, err := a.ApplyBatch(ctx, txns)
 		done <- result{n, err}
 	}()
-	// The apply session waits for the local transaction's row lock.
+	// The apply session waits for the local transaction's row lock. Asked
+	// outside that transaction: pg_stat_activity stays as a transaction
+	// first read it.
 	for {
 		var waiting bool
-		if err := local.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+		if err := a.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
 			WHERE application_name = 'prism_apply_na' AND wait_event_type = 'Lock')`).Scan(&waiting); err != nil {
 			t.Fatalf("pg_stat_activity: %v", err)
 		}

@@ -134,7 +134,7 @@ type streamCmd struct {
 // begin queues the transaction's start: BEGIN, the longer idle timeout
 // and the origin setup.
 func (st *stream) begin(ctx context.Context) error {
-	setup, err := st.s.conn.Conn().Prepare(ctx, "prism_txn_setup", txnSetupSQL)
+	setup, err := st.s.conn.Conn().Prepare(ctx, txnSetupName, txnSetupSQL)
 	if err != nil {
 		return st.a.fail(st.s, st.txn, "", 0, err)
 	}
