@@ -430,3 +430,53 @@ func TestBatchFailuresRemembered(t *testing.T) {
 		t.Fatalf("conflicts = %s", got)
 	}
 }
+
+// TestBatchInsertProbesKeys applies batches of inserts into a keyed table
+// that then grows to 100,000 rows without new statistics (a backlog of
+// inserts into a new table): each batch checks the keys it inserts by
+// probes of the key's index, never by a scan of the table for every
+// batch, which the plan made while the table was small did and which
+// made applying such a backlog quadratic.
+func TestBatchInsertProbesKeys(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "bprobe"})
+	mustExec(t, ctx, c, "postgres", "CREATE TABLE big (id bigint PRIMARY KEY, customer int, amount numeric, note text, at timestamptz) WITH (autovacuum_enabled = off)")
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	big := rel("public", "big", decode.IdentityDefault, "id*", "customer", "amount", "note", "at")
+	t0 := time.Now().Add(time.Hour).Sub(baseTime).Seconds()
+	id := 100000
+	apply := func(batches int) {
+		for b := 0; b < batches; b++ {
+			txns := make([]*decode.Txn, 100)
+			for i := range txns {
+				var cs []decode.Change
+				for j := 0; j < 4; j++ {
+					id++
+					cs = append(cs, ins(big, fmt.Sprint(id), fmt.Sprint(id%1000), fmt.Sprint(id)+".25", "order", "2026-12-03 12:00:00+00"))
+				}
+				txns[i] = txn("na", uint64(1000+100*id), t0+float64(id)/1e6, cs...)
+			}
+			if n, err := a.ApplyBatch(ctx, txns); n != len(txns) || err != nil {
+				t.Fatalf("ApplyBatch = %d, %v", n, err)
+			}
+		}
+	}
+	// Setting the applier up may scan it (counted before).
+	scans := func() string {
+		return queryString(t, ctx, a.pool, "SELECT seq_scan::text FROM pg_stat_all_tables WHERE relid = 'big'::regclass")
+	}
+	before := scans()
+	apply(10)
+	mustExec(t, ctx, c, "postgres", "INSERT INTO big SELECT i, i % 1000, i, 'local', now() FROM generate_series(1, 100000) i")
+	apply(10)
+	// A session's statistics are flushed when it ends.
+	a.Close()
+	a = newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	defer a.Close()
+	if got := scans(); got != before {
+		t.Fatalf("big was scanned %s times after 20 batches, want %s as before them", got, before)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT count(DISTINCT xmin::text)::text FROM big WHERE id > 100000"); got != "20" {
+		t.Fatalf("the inserts were written by %s target transactions, want 20 batches", got)
+	}
+}
