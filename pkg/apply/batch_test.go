@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
@@ -478,5 +479,72 @@ func TestBatchInsertProbesKeys(t *testing.T) {
 	}
 	if got := queryString(t, ctx, a.pool, "SELECT count(DISTINCT xmin::text)::text FROM big WHERE id > 100000"); got != "20" {
 		t.Fatalf("the inserts were written by %s target transactions, want 20 batches", got)
+	}
+}
+
+// TestBatchInsertConcurrentInsert: a local transaction inserts a key
+// after the batch's snapshot, before the batch inserts it. The batch,
+// which no longer uses ON CONFLICT, fails on the unique violation, and
+// the row path decides the key: the local row, newer, stays and the
+// conflict is recorded; the batch's other changes are applied.
+func TestBatchInsertConcurrentInsert(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "binsins"})
+	mustExec(t, ctx, c, "postgres", batchSchema)
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	defer a.Close()
+	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v", "n")
+	// Newer than the rows' versions, older than the local insert below.
+	now := time.Now().Sub(baseTime).Seconds()
+	txns := []*decode.Txn{txn("na", 1100, now, upd(kv, nil, "2", "na", `\N`)), txn("na", 1200, now, ins(kv, "17", "na", `\N`), ins(kv, "18", "na", `\N`))}
+	l1, err := pgx.Connect(ctx, c.DSN("postgres"))
+	if err != nil {
+		t.Fatalf("connect: %v", err)
+	}
+	defer l1.Close(ctx)
+	tx, err := l1.Begin(ctx)
+	if err != nil {
+		t.Fatalf("begin: %v", err)
+	}
+	if _, err := tx.Exec(ctx, "SELECT 1 FROM kv WHERE id = 2 FOR UPDATE"); err != nil {
+		t.Fatalf("local lock: %v", err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := a.ApplyBatch(ctx, txns)
+		done <- err
+	}()
+	for {
+		var waiting bool
+		if err := a.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+			WHERE application_name = 'prism_apply_na' AND wait_event_type = 'Lock')`).Scan(&waiting); err != nil {
+			t.Fatalf("pg_stat_activity: %v", err)
+		}
+		if waiting {
+			break
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("ApplyBatch = %v before the local transaction ended", err)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	if _, err := a.pool.Exec(ctx, "INSERT INTO kv (id, v) VALUES (17, 'local')"); err != nil {
+		t.Fatalf("local insert: %v", err)
+	}
+	if err := tx.Rollback(ctx); err != nil {
+		t.Fatalf("local rollback: %v", err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("ApplyBatch: %v", err)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT string_agg(id || ' ' || v, ', ' ORDER BY id) FROM kv WHERE id IN (2, 17, 18)"); got != "2 na, 17 local, 18 na" {
+		t.Fatalf("rows = %s, want 2 na, 17 local, 18 na", got)
+	}
+	if got := targets(t, ctx, a.pool, "2, 18"); got != "2" {
+		t.Fatalf("rows 2 and 18 written by %s target transactions, want 2 (the row path)", got)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT string_agg(key::text || ' ' || kind || ' ' || resolution, ', ' ORDER BY id) FROM prism.conflicts"); got != `{"id": "17"} insert_exists keep_local` {
+		t.Fatalf("conflicts = %s, want {\"id\": \"17\"} insert_exists keep_local", got)
 	}
 }
