@@ -470,10 +470,18 @@ func TestBatchInsertProbesKeys(t *testing.T) {
 	apply(10)
 	mustExec(t, ctx, c, "postgres", "INSERT INTO big SELECT i, i % 1000, i, 'local', now() FROM generate_series(1, 100000) i")
 	apply(10)
-	// A session's statistics are flushed when it ends.
+	// A session's statistics are flushed when it ends: wait until they
+	// count the batches' 8,000 inserts (and the local 100,000).
 	a.Close()
 	a = newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
 	defer a.Close()
+	for deadline := time.Now().Add(30 * time.Second); queryString(t, ctx, a.pool,
+		"SELECT (n_tup_ins >= 108000)::text FROM pg_stat_all_tables WHERE relid = 'big'::regclass") != "true"; {
+		if time.Now().After(deadline) {
+			t.Fatal("the applier's statistics were not flushed")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 	if got := scans(); got != before {
 		t.Fatalf("big was scanned %s times after 20 batches, want %s as before them", got, before)
 	}
