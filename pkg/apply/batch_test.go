@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
@@ -428,5 +429,130 @@ func TestBatchFailuresRemembered(t *testing.T) {
 	if got := queryString(t, ctx, a.pool, "SELECT string_agg(key::text || ' ' || kind || ' ' || winner, ', ' ORDER BY id) FROM prism.conflicts"); got !=
 		`{"id": "1"} update local, {"id": "2"} update local, {"id": "3"} update local, {"id": "4"} update local` {
 		t.Fatalf("conflicts = %s", got)
+	}
+}
+
+// TestBatchInsertProbesKeys applies batches of inserts into a keyed table
+// that then grows to 100,000 rows without new statistics (a backlog of
+// inserts into a new table): each batch checks the keys it inserts by
+// probes of the key's index, never by a scan of the table for every
+// batch, which the plan made while the table was small did and which
+// made applying such a backlog quadratic.
+func TestBatchInsertProbesKeys(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "bprobe"})
+	mustExec(t, ctx, c, "postgres", "CREATE TABLE big (id bigint PRIMARY KEY, customer int, amount numeric, note text, at timestamptz) WITH (autovacuum_enabled = off)")
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	big := rel("public", "big", decode.IdentityDefault, "id*", "customer", "amount", "note", "at")
+	t0 := time.Now().Add(time.Hour).Sub(baseTime).Seconds()
+	id := 100000
+	apply := func(batches int) {
+		for b := 0; b < batches; b++ {
+			txns := make([]*decode.Txn, 100)
+			for i := range txns {
+				var cs []decode.Change
+				for j := 0; j < 4; j++ {
+					id++
+					cs = append(cs, ins(big, fmt.Sprint(id), fmt.Sprint(id%1000), fmt.Sprint(id)+".25", "order", "2026-12-03 12:00:00+00"))
+				}
+				txns[i] = txn("na", uint64(1000+100*id), t0+float64(id)/1e6, cs...)
+			}
+			if n, err := a.ApplyBatch(ctx, txns); n != len(txns) || err != nil {
+				t.Fatalf("ApplyBatch = %d, %v", n, err)
+			}
+		}
+	}
+	// Setting the applier up may scan it (counted before).
+	scans := func() string {
+		return queryString(t, ctx, a.pool, "SELECT seq_scan::text FROM pg_stat_all_tables WHERE relid = 'big'::regclass")
+	}
+	before := scans()
+	apply(10)
+	mustExec(t, ctx, c, "postgres", "INSERT INTO big SELECT i, i % 1000, i, 'local', now() FROM generate_series(1, 100000) i")
+	apply(10)
+	// A session's statistics are flushed when it ends: wait until they
+	// count the batches' 8,000 inserts (and the local 100,000).
+	a.Close()
+	a = newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	defer a.Close()
+	for deadline := time.Now().Add(30 * time.Second); queryString(t, ctx, a.pool,
+		"SELECT (n_tup_ins >= 108000)::text FROM pg_stat_all_tables WHERE relid = 'big'::regclass") != "true"; {
+		if time.Now().After(deadline) {
+			t.Fatal("the applier's statistics were not flushed")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if got := scans(); got != before {
+		t.Fatalf("big was scanned %s times after 20 batches, want %s as before them", got, before)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT count(DISTINCT xmin::text)::text FROM big WHERE id > 100000"); got != "20" {
+		t.Fatalf("the inserts were written by %s target transactions, want 20 batches", got)
+	}
+}
+
+// TestBatchInsertConcurrentInsert: a local transaction inserts a key
+// after the batch's snapshot, before the batch inserts it. The batch,
+// which no longer uses ON CONFLICT, fails on the unique violation, and
+// the row path decides the key: the local row, newer, stays and the
+// conflict is recorded; the batch's other changes are applied.
+func TestBatchInsertConcurrentInsert(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "binsins"})
+	mustExec(t, ctx, c, "postgres", batchSchema)
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	defer a.Close()
+	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v", "n")
+	// Newer than the rows' versions, older than the local insert below.
+	now := time.Now().Sub(baseTime).Seconds()
+	txns := []*decode.Txn{txn("na", 1100, now, upd(kv, nil, "2", "na", `\N`)), txn("na", 1200, now, ins(kv, "17", "na", `\N`), ins(kv, "18", "na", `\N`))}
+	l1, err := pgx.Connect(ctx, c.DSN("postgres"))
+	if err != nil {
+		t.Fatalf("connect: %v", err)
+	}
+	defer l1.Close(ctx)
+	tx, err := l1.Begin(ctx)
+	if err != nil {
+		t.Fatalf("begin: %v", err)
+	}
+	if _, err := tx.Exec(ctx, "SELECT 1 FROM kv WHERE id = 2 FOR UPDATE"); err != nil {
+		t.Fatalf("local lock: %v", err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := a.ApplyBatch(ctx, txns)
+		done <- err
+	}()
+	for {
+		var waiting bool
+		if err := a.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+			WHERE application_name = 'prism_apply_na' AND wait_event_type = 'Lock')`).Scan(&waiting); err != nil {
+			t.Fatalf("pg_stat_activity: %v", err)
+		}
+		if waiting {
+			break
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("ApplyBatch = %v before the local transaction ended", err)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	if _, err := a.pool.Exec(ctx, "INSERT INTO kv (id, v) VALUES (17, 'local')"); err != nil {
+		t.Fatalf("local insert: %v", err)
+	}
+	if err := tx.Rollback(ctx); err != nil {
+		t.Fatalf("local rollback: %v", err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("ApplyBatch: %v", err)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT string_agg(id || ' ' || v, ', ' ORDER BY id) FROM kv WHERE id IN (2, 17, 18)"); got != "2 na, 17 local, 18 na" {
+		t.Fatalf("rows = %s, want 2 na, 17 local, 18 na", got)
+	}
+	if got := targets(t, ctx, a.pool, "2, 18"); got != "2" {
+		t.Fatalf("rows 2 and 18 written by %s target transactions, want 2 (the row path)", got)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT string_agg(key::text || ' ' || kind || ' ' || resolution, ', ' ORDER BY id) FROM prism.conflicts"); got != `{"id": "17"} insert_exists keep_local` {
+		t.Fatalf("conflicts = %s, want {\"id\": \"17\"} insert_exists keep_local", got)
 	}
 }

@@ -342,3 +342,51 @@ func BenchmarkApplyCost(b *testing.B) {
 	mustExec(b, ctx, c, "postgres", "DROP TRIGGER prism_clock ON pgbench_accounts; DROP TRIGGER prism_clock ON pgbench_tellers; DROP TRIGGER prism_clock ON pgbench_branches")
 	run("bare-no-trigger", applyBare)
 }
+
+// BenchmarkApplyInsertCost reports the server CPU per transaction of the
+// applier for transactions that insert 4 rows into a keyed table (4 int
+// and text columns), applied 100 at a time (batches of 100):
+//
+//	go test ./pkg/apply -run '^$' -bench ApplyInsertCost -benchtime 20000x
+func BenchmarkApplyInsertCost(b *testing.B) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	c := pgtest.Start(b, pgtest.Options{Name: "inscost"})
+	mustExec(b, ctx, c, "postgres", "CREATE TABLE orders (id bigint PRIMARY KEY, customer int, amount numeric, note text, at timestamptz)")
+	mustExec(b, ctx, c, "postgres", "ALTER SYSTEM SET autovacuum = off")
+	mustExec(b, ctx, c, "postgres", "SELECT pg_reload_conf()")
+	a := newApplier(b, ctx, c, "postgres", WithLocalRegion("bench-target"))
+	if err := a.Setup(ctx); err != nil {
+		b.Fatal(err)
+	}
+	orders := rel("public", "orders", decode.IdentityDefault, "id*", "customer", "amount", "note", "at")
+	var next, lsn uint64
+	for round := 1; round <= 2; round++ {
+		b.Run(fmt.Sprintf("applier/%d", round), func(b *testing.B) {
+			start := time.Now().Add(time.Hour)
+			txns := make([]*decode.Txn, b.N)
+			for i := range txns {
+				ts := start.Add(time.Duration(i) * time.Microsecond)
+				t := &decode.Txn{Origin: "bench", EndLSN: decodeLSN(lsn + uint64(1000+100*i)), CommitTime: ts}
+				for j := 0; j < 4; j++ {
+					next++
+					id := strconv.FormatUint(next, 10)
+					t.Changes = append(t.Changes, ins(orders, id, strconv.Itoa(int(next%1000)), id+".25", "order "+id, ts.UTC().Format(time.RFC3339Nano)))
+				}
+				txns[i] = t
+			}
+			lsn += uint64(100*b.N + 1000)
+			mustExec(b, ctx, c, "postgres", "CHECKPOINT")
+			cpu := clusterCPU(b, c)
+			b.ResetTimer()
+			for i := 0; i < len(txns); i += 100 {
+				end := min(len(txns), i+100)
+				if n, err := a.ApplyBatch(ctx, txns[i:end]); err != nil || n != end-i {
+					b.Fatalf("ApplyBatch = %d, %v", n, err)
+				}
+			}
+			b.StopTimer()
+			b.ReportMetric((clusterCPU(b, c)-cpu)/float64(b.N)*1e6, "server-us/txn")
+		})
+	}
+}

@@ -72,8 +72,8 @@
 // row path) are applied many to one target transaction: BEGIN;
 // pg_replication_origin_xact_setup(the last one's end LSN, the greatest
 // of their commit times); one array statement per table and operation
-// (UPDATE ... FROM unnest(...), INSERT ... SELECT FROM unnest(...) ON
-// CONFLICT DO NOTHING, DELETE ... USING unnest(...); each column one
+// (UPDATE ... FROM unnest(...), INSERT ... SELECT FROM unnest(...),
+// DELETE ... USING unnest(...); each column one
 // typed array, parsed element by element by the type's input function
 // like the row path's parameters); COMMIT and the barrier. A batch ends on
 // source transaction boundaries, so the origin's progress stays exact.
@@ -98,7 +98,9 @@
 // change and has no clock floor (the row path's cheap test, on the
 // version's commit time, which for a version a batch wrote is at or after
 // its stamp, so the test is conservative), an insert of a key without a
-// row or tombstone. Each statement counts its rows, and
+// row or tombstone (each checked by a probe of its index; a row that a
+// concurrent transaction commits fails the INSERT with a unique
+// violation). Each statement counts its rows, and
 // prism.batch_check fails the batch (PR002) when one took another way. A
 // batch that fails - a conflict, a missing row, a tombstone, any error of
 // a statement or of COMMIT, a serialization failure - is rolled back and
