@@ -6,6 +6,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"os"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"text/tabwriter"
@@ -24,6 +26,10 @@ import (
 // problem found at start (a *config.Error), 1 for anything else. The error
 // is logged once, on stderr like every log line.
 func runAction(ctx context.Context, _ string, cfg *config.Config, log zerolog.Logger, _, _ io.Writer) int {
+	if limit, set := memoryLimit(cfg, os.Getenv("GOMEMLIMIT")); set {
+		debug.SetMemoryLimit(limit)
+		log.Debug().Int64("memory_limit_bytes", limit).Msg("soft memory limit set from delivery.max_in_flight")
+	}
 	if err := node.New(cfg, log).Run(ctx); err != nil {
 		log.Error().Err(err).Msg("node stopped with an error")
 		var ce *config.Error
@@ -33,6 +39,26 @@ func runAction(ctx context.Context, _ string, cfg *config.Config, log zerolog.Lo
 		return exitFail
 	}
 	return exitOK
+}
+
+// memoryHeadroom is what a node needs besides the transactions its
+// delivery window holds: buffers, caches, one spill chunk per stream, the
+// runtime.
+const memoryHeadroom = 64 << 20
+
+// memoryLimit returns the Go runtime's soft memory limit for a node and
+// whether to set it: delivery.max_in_flight plus memoryHeadroom. Without a
+// limit the collector lets the heap grow to twice what is live, so a
+// source whose window is full (a backlog) could take twice its window;
+// with it, the collector runs earlier as the node nears the limit (soft:
+// a node that needs more still gets it). GOMEMLIMIT in the environment
+// wins (the runtime has already read it), so the operator can raise or
+// lower it.
+func memoryLimit(cfg *config.Config, env string) (int64, bool) {
+	if env != "" {
+		return 0, false
+	}
+	return int64(cfg.Delivery.MaxInFlight) + memoryHeadroom, true
 }
 
 // verifyCommand compares every replicated table of this region with every

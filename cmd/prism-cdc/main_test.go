@@ -9,10 +9,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"runtime/debug"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/prism-cdc/prism-cdc/internal/config"
 	"github.com/prism-cdc/prism-cdc/internal/logtest"
 )
 
@@ -38,7 +40,12 @@ func writeFile(t *testing.T, name, content string) string {
 }
 
 func TestRun(t *testing.T) {
+	// run sets the process's soft memory limit; the test binary gets its
+	// own back.
+	prevLimit := debug.SetMemoryLimit(-1)
+	t.Cleanup(func() { debug.SetMemoryLimit(prevLimit) })
 	good := writeFile(t, "eu1.yaml", goodConfig)
+	smallWindow := writeFile(t, "small.yaml", goodConfig+"delivery: {max_in_flight: 1MiB}\n")
 	badKey := writeFile(t, "bad.yaml", strings.Replace(goodConfig, `listen: "127.0.0.1:7201"`, `listen: "nowhere"`, 1))
 	unknownKey := writeFile(t, "unknown.yaml", goodConfig+"delivery: {ack_timout: 1s}\n")
 	notPEM := writeFile(t, "node.pem", "not a certificate\n")
@@ -82,6 +89,8 @@ func TestRun(t *testing.T) {
 		// loading them fails at once, as a configuration error.
 		{"run unreadable tls files", []string{"run", "--config", badTLS}, exitUsage, "", `tls.yaml: auth.tls: `},
 		{"logger from config", []string{"run", "--config", good}, exitOK, "", `"message":"configuration loaded"`},
+		// 1 MiB of window plus 64 MiB of headroom.
+		{"memory limit from the window", []string{"run", "--config", smallWindow}, exitOK, "", `"memory_limit_bytes":68157440,`},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -102,6 +111,21 @@ func TestRun(t *testing.T) {
 				t.Errorf("run(%q) stderr = %q, want it to contain %q", tc.args, &stderr, tc.wantStderr)
 			}
 		})
+	}
+}
+
+// TestMemoryLimit: a node's soft memory limit is its delivery window plus
+// the headroom, and GOMEMLIMIT, when set, is left to the runtime.
+func TestMemoryLimit(t *testing.T) {
+	cfg, err := config.Load(writeFile(t, "eu1.yaml", goodConfig))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, set := memoryLimit(cfg, ""); !set || got != 128<<20 {
+		t.Errorf("memoryLimit(default window) = %d, %v, want %d, true", got, set, 128<<20)
+	}
+	if got, set := memoryLimit(cfg, "300MiB"); set {
+		t.Errorf("memoryLimit with GOMEMLIMIT = %d, true; want it left to the runtime", got)
 	}
 }
 
