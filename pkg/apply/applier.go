@@ -114,6 +114,9 @@ type Applier struct {
 	holds, batches atomic.Int64
 	// memos are the failures of recent batches, by source region.
 	memos map[string]*batchMemo
+	// staleRetried is the transaction (source region and end LSN) last
+	// given one more try after a stale-schema error (see staleSchema).
+	staleRetried string
 }
 
 // NewApplier returns an Applier writing through pool.
@@ -1132,8 +1135,32 @@ func (a *Applier) fail(s *session, t *decode.Txn, table string, op decode.Op, er
 		// schema; drop the connection.
 		s.broken = true
 		a.schemaPending(e)
+		a.staleSchema(e, t)
 	}
 	return e
+}
+
+// staleSchema makes e retryable the first time a transaction meets it when
+// e may come from descriptions cached before a local schema change (a
+// column's type changed, 42804; a prepared statement's plan or result no
+// longer fits, 0A000; a statement gone with its connection, 26000): the
+// caches are dropped by then, so applying the transaction again builds its
+// statements from the catalog as it is now. If the same transaction fails
+// so again, the error stands and its policy decides.
+func (a *Applier) staleSchema(e *Error, t *decode.Txn) {
+	if e.Retryable || t == nil || (e.SQLState != "42804" && e.SQLState != "0A000" && e.SQLState != "26000") {
+		return
+	}
+	id := t.Origin + "/" + t.EndLSN.String()
+	a.mu.Lock()
+	again := a.staleRetried == id
+	a.staleRetried = id
+	a.mu.Unlock()
+	if again {
+		return
+	}
+	e.Retryable = true
+	e.Err = fmt.Errorf("%w (the target's schema may have changed since it was read; applying again with a fresh description)", e.Err)
 }
 
 // statementFor returns the prepared statement for change c on conn,

@@ -272,6 +272,14 @@
 // known here at all is a retryable error: the change that makes it may
 // still be on its way from another region.
 //
+// A schema change made in the region itself (by hand, or with ddl off)
+// can leave cached descriptions stale: a statement fails with 42804 (a
+// column's type changed), 0A000 (a prepared plan no longer fits) or 26000.
+// The caches and the connection are dropped and the error is retryable
+// the first time a transaction meets it, so the next try builds its
+// statements from the catalog as it is; a second such failure of the
+// same transaction goes to its policy.
+//
 // # Schema prism
 //
 // The tables Setup creates (conflicts, dead_letters, undo_log,
