@@ -517,34 +517,15 @@ func TestBatchInsertConcurrentInsert(t *testing.T) {
 	if _, err := tx.Exec(ctx, "SELECT 1 FROM kv WHERE id = 2 FOR UPDATE"); err != nil {
 		t.Fatalf("local lock: %v", err)
 	}
-	done := make(chan error, 1)
-	go func() {
-		_, err := a.ApplyBatch(ctx, txns)
-		done <- err
-	}()
-	for {
-		var waiting bool
-		if err := a.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-			WHERE application_name = 'prism_apply_na' AND wait_event_type = 'Lock')`).Scan(&waiting); err != nil {
-			t.Fatalf("pg_stat_activity: %v", err)
-		}
-		if waiting {
-			break
-		}
-		select {
-		case err := <-done:
-			t.Fatalf("ApplyBatch = %v before the local transaction ended", err)
-		case <-time.After(10 * time.Millisecond):
-		}
-	}
+	done := applyUntilLocked(t, ctx, a, txns)
 	if _, err := a.pool.Exec(ctx, "INSERT INTO kv (id, v) VALUES (17, 'local')"); err != nil {
 		t.Fatalf("local insert: %v", err)
 	}
 	if err := tx.Rollback(ctx); err != nil {
 		t.Fatalf("local rollback: %v", err)
 	}
-	if err := <-done; err != nil {
-		t.Fatalf("ApplyBatch: %v", err)
+	if r := <-done; r.err != nil {
+		t.Fatalf("ApplyBatch: %v", r.err)
 	}
 	if got := queryString(t, ctx, a.pool, "SELECT string_agg(id || ' ' || v, ', ' ORDER BY id) FROM kv WHERE id IN (2, 17, 18)"); got != "2 na, 17 local, 18 na" {
 		t.Fatalf("rows = %s, want 2 na, 17 local, 18 na", got)

@@ -117,3 +117,38 @@ func txn(origin string, lsn uint64, sec float64, changes ...decode.Change) *deco
 }
 
 func decodeLSN(v uint64) pglogrepl.LSN { return pglogrepl.LSN(v) }
+
+// batchResult is what ApplyBatch returned.
+type batchResult struct {
+	n   int
+	err error
+}
+
+// applyUntilLocked runs ApplyBatch(txns) in the background and returns once
+// its session waits for a lock (a local transaction holds one); the
+// channel then gets its result. It fails the test if ApplyBatch returns
+// first. pg_stat_activity is asked through a's pool, outside any local
+// transaction: within one it stays as the transaction first read it.
+func applyUntilLocked(t *testing.T, ctx context.Context, a *Applier, txns []*decode.Txn) <-chan batchResult {
+	t.Helper()
+	done := make(chan batchResult, 1)
+	go func() {
+		n, err := a.ApplyBatch(ctx, txns)
+		done <- batchResult{n, err}
+	}()
+	for {
+		var waiting bool
+		if err := a.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+			WHERE application_name = 'prism_apply_na' AND wait_event_type = 'Lock')`).Scan(&waiting); err != nil {
+			t.Fatalf("pg_stat_activity: %v", err)
+		}
+		if waiting {
+			return done
+		}
+		select {
+		case r := <-done:
+			t.Fatalf("ApplyBatch = %d, %v before the local transaction ended", r.n, r.err)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}

@@ -274,33 +274,8 @@ func TestConcurrentWriteRetriedOnSession(t *testing.T) {
 	if _, err := tx.Exec(ctx, "UPDATE kv SET v = 'local' WHERE id = 2"); err != nil {
 		t.Fatalf("local update: %v", err)
 	}
-	type result struct {
-		n   int
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		n, err := a.ApplyBatch(ctx, txns)
-		done <- result{n, err}
-	}()
-	// The apply session waits for the local transaction's row lock. Asked
-	// outside that transaction: pg_stat_activity stays as a transaction
-	// first read it.
-	for {
-		var waiting bool
-		if err := a.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-			WHERE application_name = 'prism_apply_na' AND wait_event_type = 'Lock')`).Scan(&waiting); err != nil {
-			t.Fatalf("pg_stat_activity: %v", err)
-		}
-		if waiting {
-			break
-		}
-		select {
-		case r := <-done:
-			t.Fatalf("ApplyBatch = %d, %v before the local transaction committed", r.n, r.err)
-		case <-time.After(10 * time.Millisecond):
-		}
-	}
+	// The apply session waits for the local transaction's row lock.
+	done := applyUntilLocked(t, ctx, a, txns)
 	if err := tx.Commit(ctx); err != nil {
 		t.Fatalf("local commit: %v", err)
 	}
@@ -393,34 +368,15 @@ func TestInsertAfterConcurrentDelete(t *testing.T) {
 			if _, err := tx.Exec(ctx, "UPDATE kv SET v = 'l1' WHERE id = "+tc.locked); err != nil {
 				t.Fatalf("local update: %v", err)
 			}
-			done := make(chan error, 1)
-			go func() {
-				_, err := a.ApplyBatch(ctx, txns)
-				done <- err
-			}()
-			for {
-				var waiting bool
-				if err := a.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-					WHERE application_name = 'prism_apply_na' AND wait_event_type = 'Lock')`).Scan(&waiting); err != nil {
-					t.Fatalf("pg_stat_activity: %v", err)
-				}
-				if waiting {
-					break
-				}
-				select {
-				case err := <-done:
-					t.Fatalf("ApplyBatch = %v before the local transaction ended", err)
-				case <-time.After(10 * time.Millisecond):
-				}
-			}
+			done := applyUntilLocked(t, ctx, a, txns)
 			if _, err := a.pool.Exec(ctx, "DELETE FROM kv WHERE id = "+tc.gone); err != nil {
 				t.Fatalf("local delete: %v", err)
 			}
 			if err := tx.Rollback(ctx); err != nil {
 				t.Fatalf("local rollback: %v", err)
 			}
-			if err := <-done; err != nil {
-				t.Fatalf("ApplyBatch: %v", err)
+			if r := <-done; r.err != nil {
+				t.Fatalf("ApplyBatch: %v", r.err)
 			}
 			if got := queryString(t, ctx, a.pool, "SELECT count(*)::text FROM kv WHERE id = "+tc.gone); got != "0" {
 				t.Fatalf("row %s inserted over a newer delete (%s rows)", tc.gone, got)
