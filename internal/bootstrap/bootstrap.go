@@ -446,19 +446,8 @@ func (t *target) describe(slot string) []string {
 	return out
 }
 
-const stateSQL = `CREATE SCHEMA IF NOT EXISTS prism;
-CREATE TABLE IF NOT EXISTS prism.bootstrap (
-	id          bigserial PRIMARY KEY,
-	source      text NOT NULL,
-	state       text NOT NULL,
-	started_at  timestamptz NOT NULL DEFAULT now(),
-	finished_at timestamptz,
-	snapshot    pg_lsn,
-	origins     jsonb
-)`
-
 func inspectTarget(ctx context.Context, tgt *pgx.Conn, cfg Config, tables []*table) (*target, error) {
-	if _, err := tgt.Exec(ctx, stateSQL); err != nil {
+	if _, err := tgt.Exec(ctx, apply.BootstrapStateSQL); err != nil {
 		return nil, fmt.Errorf("bootstrap: prepare prism.bootstrap in region %s: %w", cfg.Region, err)
 	}
 	t := &target{rows: map[string]int64{}}

@@ -104,6 +104,16 @@
 // being replaced). TRUNCATE runs under a replication origin too, so it is
 // not shipped to other regions.
 //
+// Between a killed run and the next one the target has half-copied tables
+// and nobody holds the lock or the guards. Appliers check prism.bootstrap
+// whenever they take an origin (prism.bootstrap_check) and refuse every
+// transaction with the retryable SQLSTATE PR002 while the last run is not
+// done: the other regions keep their changes (their slots cannot confirm
+// them) until a run finishes, and its origins decide what is applied.
+// Without the check a region's direct-SQL fallback could apply into the
+// half-copied tables and confirm its slot, and the next run, which empties
+// the tables, would lose those transactions.
+//
 // # Preconditions (checked where possible)
 //
 // Every node of every other region must list the target region in its

@@ -434,6 +434,9 @@ func (s *session) hold(ctx context.Context, source string) (pglogrepl.LSN, error
 	for attempt := 0; ; attempt++ {
 		b := &pgconn.Batch{}
 		b.ExecParams(holdSessionSQL, [][]byte{[]byte(s.a.appName + "_" + source)}, nil, nil, nil)
+		// Every hold, not only Setup, checks for an unfinished bootstrap:
+		// a run takes the origins from sessions set up before it started.
+		b.ExecParams("SELECT prism.bootstrap_check()", nil, nil, nil, nil)
 		b.ExecParams("SELECT pg_replication_origin_session_setup($1)", [][]byte{[]byte(s.origin)}, nil, nil, nil)
 		b.ExecParams("SELECT pg_replication_origin_session_progress(true)::text", nil, nil, nil, nil)
 		res, err := pc.ExecBatch(ctx, b).ReadAll()
@@ -470,15 +473,15 @@ func (s *session) hold(ctx context.Context, source string) (pglogrepl.LSN, error
 			}
 			return 0, err
 		}
-		if len(res) != 3 || len(res[2].Rows) != 1 || len(res[2].Rows[0]) != 1 {
+		if len(res) != 4 || len(res[3].Rows) != 1 || len(res[3].Rows[0]) != 1 {
 			s.broken = true
 			return 0, errors.New("unexpected reply to origin session setup")
 		}
 		s.a.holds.Add(1)
-		if res[2].Rows[0][0] == nil {
+		if res[3].Rows[0][0] == nil {
 			return 0, nil
 		}
-		lsn, err := pglogrepl.ParseLSN(string(res[2].Rows[0][0]))
+		lsn, err := pglogrepl.ParseLSN(string(res[3].Rows[0][0]))
 		if err != nil {
 			s.broken = true
 			return 0, err

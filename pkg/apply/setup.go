@@ -2,6 +2,20 @@ package apply
 
 import "github.com/prism-cdc/prism-cdc/pkg/decode"
 
+// BootstrapStateSQL creates the table in which prism-cdc bootstrap records
+// its runs in the target region. The bootstrap writes it; appliers read it
+// (prism.bootstrap_check).
+const BootstrapStateSQL = `CREATE SCHEMA IF NOT EXISTS prism;
+CREATE TABLE IF NOT EXISTS prism.bootstrap (
+	id          bigserial PRIMARY KEY,
+	source      text NOT NULL,
+	state       text NOT NULL,
+	started_at  timestamptz NOT NULL DEFAULT now(),
+	finished_at timestamptz,
+	snapshot    pg_lsn,
+	origins     jsonb
+)`
+
 // setupSQL creates what the applier keeps in the target database. It is
 // idempotent and serialised by an advisory lock so that appliers starting
 // together do not race on CREATE ... IF NOT EXISTS.
@@ -30,6 +44,28 @@ CREATE TABLE IF NOT EXISTS prism.conflicts (
 	remote_commit_time timestamptz,
 	remote_origin      text
 );
+-- bootstrap_check refuses applied transactions while the region's last
+-- bootstrap (prism.bootstrap, written by prism-cdc bootstrap) has not
+-- finished. A run that was killed leaves half-copied tables and no lock:
+-- a transaction applied into them would move the origin and let its
+-- source confirm its slot, and the next run, which empties the tables
+-- and sets the origins from its own snapshot, would lose it. PR002 is
+-- retryable: deliveries wait until a run finishes.
+CREATE OR REPLACE FUNCTION prism.bootstrap_check() RETURNS void
+LANGUAGE plpgsql STABLE AS $f$
+DECLARE
+	r record;
+BEGIN
+	IF to_regclass('prism.bootstrap') IS NULL THEN
+		RETURN;
+	END IF;
+	EXECUTE 'SELECT id, source, state, started_at FROM prism.bootstrap ORDER BY id DESC LIMIT 1' INTO r;
+	IF r.id IS NOT NULL AND r.state IS DISTINCT FROM 'done' THEN
+		RAISE EXCEPTION 'bootstrap run % of this region (from region %, started %) has not finished: run prism-cdc bootstrap for this region again; replication into it resumes when a run finishes',
+			r.id, r.source, r.started_at USING ERRCODE = 'PR002';
+	END IF;
+END
+$f$;
 CREATE OR REPLACE FUNCTION prism.region_of(ident oid) RETURNS text
 LANGUAGE sql STABLE AS $f$
 	SELECT CASE
