@@ -107,7 +107,7 @@
 // Between a killed run and the next one the target has half-copied tables
 // and nobody holds the lock or the guards. Appliers check prism.bootstrap
 // whenever they take an origin (prism.bootstrap_check) and refuse every
-// transaction with the retryable SQLSTATE PR002 while the last run is not
+// transaction with the retryable SQLSTATE PR003 while the last run is not
 // done: the other regions keep their changes (their slots cannot confirm
 // them) until a run finishes, and its origins decide what is applied.
 // Without the check a region's direct-SQL fallback could apply into the

@@ -12,7 +12,7 @@ import (
 // TestUnfinishedBootstrapRefused: while the region's last bootstrap run
 // has not finished (it was killed and left half-copied tables, and its
 // lock with it), an applier that holds the origin afresh refuses every
-// transaction with a retryable PR002 and moves neither the rows nor the
+// transaction with a retryable PR003 and moves neither the rows nor the
 // origin, so the next run's snapshot decides what comes after it. Once a
 // run is done, the same transaction applies.
 func TestUnfinishedBootstrapRefused(t *testing.T) {
@@ -38,8 +38,8 @@ func TestUnfinishedBootstrapRefused(t *testing.T) {
 	for try := 0; try < 2; try++ {
 		n, err := a.ApplyBatch(ctx, next)
 		var ae *Error
-		if n != 0 || !errors.As(err, &ae) || ae.SQLState != "PR002" || !IsRetryable(err) {
-			t.Fatalf("ApplyBatch during an unfinished bootstrap = %d, %v; want a retryable PR002", n, err)
+		if n != 0 || !errors.As(err, &ae) || ae.SQLState != "PR003" || !IsRetryable(err) {
+			t.Fatalf("ApplyBatch during an unfinished bootstrap = %d, %v; want a retryable PR003", n, err)
 		}
 	}
 	if err := a.Apply(ctx, next[0]); !IsRetryable(err) {

@@ -139,7 +139,7 @@ func RetryableState(code string) bool {
 		"57P05", // idle_session_timeout
 		"58000", // system_error
 		"58030", // io_error
-		"PR002": // prism-cdc: the target region's bootstrap has not finished
+		"PR003": // prism-cdc: the target region's bootstrap has not finished
 		return true
 	}
 	if len(code) != 5 {

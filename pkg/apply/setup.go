@@ -49,7 +49,7 @@ CREATE TABLE IF NOT EXISTS prism.conflicts (
 -- finished. A run that was killed leaves half-copied tables and no lock:
 -- a transaction applied into them would move the origin and let its
 -- source confirm its slot, and the next run, which empties the tables
--- and sets the origins from its own snapshot, would lose it. PR002 is
+-- and sets the origins from its own snapshot, would lose it. PR003 is
 -- retryable: deliveries wait until a run finishes.
 CREATE OR REPLACE FUNCTION prism.bootstrap_check() RETURNS void
 LANGUAGE plpgsql STABLE AS $f$
@@ -62,7 +62,7 @@ BEGIN
 	EXECUTE 'SELECT id, source, state, started_at FROM prism.bootstrap ORDER BY id DESC LIMIT 1' INTO r;
 	IF r.id IS NOT NULL AND r.state IS DISTINCT FROM 'done' THEN
 		RAISE EXCEPTION 'bootstrap run % of this region (from region %, started %) has not finished: run prism-cdc bootstrap for this region again; replication into it resumes when a run finishes',
-			r.id, r.source, r.started_at USING ERRCODE = 'PR002';
+			r.id, r.source, r.started_at USING ERRCODE = 'PR003';
 	END IF;
 END
 $f$;
