@@ -102,7 +102,7 @@ func TestCopiedRowsKeepCommitTimes(t *testing.T) {
 
 // TestCopiedRowsKeepBatchStamps: rows that one target transaction applied
 // for several source transactions (a batch) carry their own source commit
-// times in prism.row_stamps, not the batch's; the copy gives each row its
+// times in prism.batch_stamps, not the batch's; the copy gives each row its
 // own, so a later write is decided the same way in the new region.
 func TestCopiedRowsKeepBatchStamps(t *testing.T) {
 	ctx := context.Background()

@@ -17,9 +17,24 @@ type table struct {
 	size        int64    // bytes on the source, to copy the largest first
 	where       string   // the target's row filter on alias t, or ""
 	// keys are the key columns (primary key or replica identity index)
-	// when the source has prism.row_stamps: a version that a batch
-	// applied there has its stamp in that table, not in its commit time.
+	// when the source keeps row stamps: a version that a batch applied
+	// there has its stamp in prism.batch_stamps (prism.row_stamps on a
+	// source of an earlier version), not in its commit time.
 	keys []string
+	// stamps is the row stamps of the table on the source: a relation
+	// of (xact, key, ts), or "" when the table has no keys.
+	stamps string
+}
+
+// stampsSQL returns the relation of the row stamps of table name on a
+// source that keeps them in table kind ("batch_stamps" or "row_stamps").
+func stampsSQL(kind, name string) string {
+	lit := "'" + strings.ReplaceAll(name, "'", "''") + "'"
+	if kind == "row_stamps" {
+		// A row stamp's key is jsonb on a source of an earlier version.
+		return "(SELECT r.xact, r.key::text AS key, r.ts FROM prism.row_stamps r WHERE r.table_name = " + lit + ")"
+	}
+	return "(SELECT b.xact, u.key, u.ts FROM prism.batch_stamps b, unnest(b.keys, b.ts) AS u(key, ts) WHERE b.table_name = " + lit + ")"
 }
 
 func (t *table) name() string  { return t.schema + "." + t.rel }
@@ -34,8 +49,7 @@ func (t *table) columnList() string {
 }
 
 // sourceQuery selects the commit time and origin of every row's version,
-// then the row. A row stamp's key is compared as text: it is text on a
-// source of this version and jsonb on one of an earlier version.
+// then the row. A version that a batch applied takes its row stamp.
 func (t *table) sourceQuery() string {
 	cols := make([]string, len(t.columns))
 	for i, c := range t.columns {
@@ -60,8 +74,8 @@ func (t *table) sourceQuery() string {
 	return fmt.Sprintf(`COPY (SELECT coalesce(s.ts, c.timestamp), o.roname, %s FROM ONLY %s t
 	LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) c ON true
 	LEFT JOIN pg_catalog.pg_replication_origin o ON o.roident = c.roident AND c.roident <> 0
-	LEFT JOIN prism.row_stamps s ON s.table_name = '%s' AND s.key::text = jsonb_object(ARRAY[%s]::text[], ARRAY[%s]::text[])::text AND s.xact = t.xmin%s) TO STDOUT (FORMAT binary)`,
-		strings.Join(cols, ", "), t.ident(), strings.ReplaceAll(t.name(), "'", "''"), strings.Join(names, ", "), strings.Join(vals, ", "), where)
+	LEFT JOIN %s s ON s.key = jsonb_object(ARRAY[%s]::text[], ARRAY[%s]::text[])::text AND s.xact = t.xmin%s) TO STDOUT (FORMAT binary)`,
+		strings.Join(cols, ", "), t.ident(), t.stamps, strings.Join(names, ", "), strings.Join(vals, ", "), where)
 }
 
 // insertSQL inserts one copied row.
@@ -84,18 +98,23 @@ func publishedTables(ctx context.Context, conn *pgx.Conn, pub string) ([]*table,
 	if !exists {
 		return nil, fmt.Errorf("publication %s does not exist: start a node of the region once (it creates it) or create it", pub)
 	}
+	var stamps string
+	if err := conn.QueryRow(ctx, `SELECT CASE WHEN to_regclass('prism.batch_stamps') IS NOT NULL THEN 'batch_stamps'
+		WHEN to_regclass('prism.row_stamps') IS NOT NULL THEN 'row_stamps' ELSE '' END`).Scan(&stamps); err != nil {
+		return nil, fmt.Errorf("read row stamps of the source: %w", err)
+	}
 	rows, err := conn.Query(ctx, `SELECT n.nspname, c.relname, pg_table_size(c.oid),
 		c.relreplident = 'f' OR EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND (i.indisprimary OR i.indisreplident)),
 		array(SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0
 			AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum),
 		array(SELECT a.attname::text FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
-			WHERE to_regclass('prism.row_stamps') IS NOT NULL AND i.indrelid = c.oid AND c.relreplident IN ('d', 'i')
+			WHERE $2 AND i.indrelid = c.oid AND c.relreplident IN ('d', 'i')
 			AND CASE WHEN c.relreplident = 'i' THEN i.indisreplident ELSE i.indisprimary END ORDER BY a.attnum)
 		FROM pg_publication_tables p
 		JOIN pg_namespace n ON n.nspname = p.schemaname
 		JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename
 		WHERE p.pubname = $1 AND n.nspname <> 'prism'
-		ORDER BY pg_table_size(c.oid) DESC, 1, 2`, pub)
+		ORDER BY pg_table_size(c.oid) DESC, 1, 2`, pub, stamps != "")
 	if err != nil {
 		return nil, fmt.Errorf("list tables of publication %s: %w", pub, err)
 	}
@@ -110,6 +129,9 @@ func publishedTables(ctx context.Context, conn *pgx.Conn, pub string) ([]*table,
 		}
 		if !keyed {
 			noKey = append(noKey, t.name())
+		}
+		if len(t.keys) > 0 {
+			t.stamps = stampsSQL(stamps, t.name())
 		}
 		out = append(out, t)
 	}

@@ -8,9 +8,12 @@ import (
 // Tombstones and clock floors (pkg/apply) are kept this long and swept
 // this often. A region cut off for longer than tombstoneRetention may
 // bring back a row deleted meanwhile; prism-cdc verify finds it.
+// Row stamps of batches are checked for replaced versions once they are
+// stampCompactAge old.
 const (
 	tombstoneRetention = 7 * 24 * time.Hour
 	collectEvery       = time.Hour
+	stampCompactAge    = 10 * time.Minute
 )
 
 // collectLoop removes old tombstones and clock floors from this region's
@@ -25,12 +28,13 @@ func (n *Node) collectLoop(ctx context.Context) {
 		}
 		wait = collectEvery
 		if err := n.collect(ctx, tombstoneRetention); err != nil && ctx.Err() == nil {
-			n.log.Warn().Err(err).Msg("could not remove old tombstones and clock floors; retrying in an hour")
+			n.log.Warn().Err(err).Msg("could not remove old tombstones, row stamps and clock floors; retrying in an hour")
 		}
 	}
 }
 
-// collect removes the tombstones and clock floors older than keep once.
+// collect removes the tombstones, row stamps and clock floors older than
+// keep once, and the row stamps of replaced versions.
 func (n *Node) collect(ctx context.Context, keep time.Duration) error {
 	tomb, floors, err := n.applier.Collect(ctx, keep)
 	if err != nil {
@@ -38,6 +42,13 @@ func (n *Node) collect(ctx context.Context, keep time.Duration) error {
 	}
 	if tomb > 0 || floors > 0 {
 		n.log.Info().Int64("tombstones", tomb).Int64("clock_floors", floors).Dur("older_than", keep).Msg("removed old tombstones and clock floors")
+	}
+	stamps, err := n.applier.CompactStamps(ctx, stampCompactAge)
+	if err != nil {
+		return err
+	}
+	if stamps > 0 {
+		n.log.Info().Int64("row_stamps", stamps).Msg("removed the row stamps of replaced versions")
 	}
 	return nil
 }

@@ -425,7 +425,8 @@ func (bp *batchPlan) statements() ([]*batchStatement, [][][]byte, error) {
 // by the column type's input function like the row path's parameters.
 // A keyed group checks that every row took the way the row path takes
 // without a conflict (prism.batch_check fails the batch otherwise), and
-// records each row's stamp in prism.row_stamps in the same statement.
+// records the stamps of its rows in prism.batch_stamps (one row with two
+// arrays) in the same statement.
 func (bt *batchTable) statement(kind int) (*batchStatement, error) {
 	b := &builder{t: bt.t, rel: bt.rel, keys: matchKey(bt.t, bt.rel), index: map[paramRef]int{}}
 	st := &batchStatement{cols: bt.groupColumns(b, kind)}
@@ -445,9 +446,8 @@ func (bt *batchTable) statement(kind int) (*batchStatement, error) {
 	}
 	// The stamp's xact is the transaction's: the row version's xmin, and
 	// for a delete the xmin of the tombstone prism_tombstone writes.
-	st.sql = "WITH w AS (" + w + "), s AS (INSERT INTO prism.row_stamps AS s (table_name, key, xact, ts) SELECT " + tbl + ", " +
-		k.json(k.vals) + "::text, xid(pg_catalog.pg_current_xact_id()), " + sts + " FROM " + stampFrom +
-		" ON CONFLICT (table_name, key) DO UPDATE SET xact = EXCLUDED.xact, ts = EXCLUDED.ts)" +
+	st.sql = "WITH w AS (" + w + "), s AS (INSERT INTO prism.batch_stamps (xact, table_name, newest, keys, ts) SELECT xid(pg_catalog.pg_current_xact_id()), " +
+		tbl + ", max(" + sts + "), array_agg(" + k.json(k.vals) + "::text), array_agg(" + sts + ") FROM " + stampFrom + " HAVING count(*) > 0)" +
 		" SELECT prism.batch_check(" + tbl + ", (SELECT count(*) FROM w), $" + strconv.Itoa(src.n+1) + "::bigint)"
 	return st.named(), nil
 }
@@ -538,7 +538,7 @@ func (bt *batchTable) batchKeys(b *builder, src batchSource) batchKeyExprs {
 	return k
 }
 
-// json is the key as prism.tombstones and prism.row_stamps hold it.
+// json is the key as prism.tombstones and prism.batch_stamps hold it.
 func (k batchKeyExprs) json(vals []string) string {
 	return "jsonb_object(ARRAY[" + strings.Join(k.names, ", ") + "]::text[], ARRAY[" + strings.Join(vals, ", ") + "]::text[])"
 }

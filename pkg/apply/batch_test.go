@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -165,7 +166,7 @@ func TestBatchFallback(t *testing.T) {
 	if got := queryString(t, ctx, a.pool, "SELECT string_agg(key::text || ' ' || kind || ' ' || winner, ', ' ORDER BY id) FROM prism.conflicts"); got != `{"id": "1"} update local, {"id": "20"} insert_exists remote` {
 		t.Fatalf("conflicts = %s", got)
 	}
-	if got := queryString(t, ctx, a.pool, "SELECT count(*)::text FROM prism.row_stamps"); got != "0" {
+	if got := queryString(t, ctx, a.pool, "SELECT count(*)::text FROM prism.batch_stamps"); got != "0" {
 		t.Fatalf("%s row stamps left by a rolled back batch", got)
 	}
 
@@ -324,9 +325,9 @@ func TestBatchLocalConverges(t *testing.T) {
 }
 
 // TestRowStampsUpgrade starts from prism.row_stamps as an earlier version
-// made it (keyed by jsonb) holding the stamp of a version: Setup keys it
-// by the key's text, compared bytewise, the stamp is still found, and a
-// batch records its stamps over it.
+// made it (one row per key, keyed by jsonb) holding the stamp of a
+// version: Setup folds it into prism.batch_stamps and drops it, the stamp
+// is still found, and a batch records its stamps next to it.
 func TestRowStampsUpgrade(t *testing.T) {
 	ctx := testCtx(t)
 	c := pgtest.Start(t, pgtest.Options{Name: "stampsup"})
@@ -334,22 +335,24 @@ func TestRowStampsUpgrade(t *testing.T) {
 	CREATE SCHEMA prism;
 	CREATE TABLE prism.row_stamps (table_name text NOT NULL, key jsonb NOT NULL, xact xid NOT NULL, ts timestamptz NOT NULL, PRIMARY KEY (table_name, key));
 	BEGIN;
-	UPDATE kv SET v = 'old batch' WHERE id = 1;
-	INSERT INTO prism.row_stamps VALUES ('public.kv', jsonb_object(ARRAY['id'], ARRAY['1']), xid(pg_current_xact_id()), '2001-02-03 04:05:06.789+00');
+	UPDATE kv SET v = 'old batch' WHERE id IN (1, 3);
+	INSERT INTO prism.row_stamps VALUES ('public.kv', jsonb_object(ARRAY['id'], ARRAY['1']), xid(pg_current_xact_id()), '2001-02-03 04:05:06.789+00'),
+		('public.kv', jsonb_object(ARRAY['id'], ARRAY['3']), xid(pg_current_xact_id()), '2001-02-03 04:05:07+00');
 	COMMIT;`)
 	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
 	defer a.Close()
 	if err := a.ensureSetup(ctx); err != nil {
 		t.Fatalf("setup: %v", err)
 	}
-	if got := queryString(t, ctx, a.pool, `SELECT string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod) || ' ' || coalesce(l.collname, '-'), ', ' ORDER BY a.attnum)
-		FROM pg_attribute a LEFT JOIN pg_collation l ON l.oid = a.attcollation
-		WHERE a.attrelid = 'prism.row_stamps'::regclass AND a.attname IN ('table_name', 'key')`); got != "table_name text C, key text C" {
-		t.Fatalf("row_stamps columns = %s, want table_name text C, key text C", got)
+	if got := queryString(t, ctx, a.pool, `SELECT coalesce(to_regclass('prism.row_stamps')::text, 'gone') || ' ' || count(*) FROM prism.batch_stamps`); got != "gone 1" {
+		t.Fatalf("row_stamps after setup, batch_stamps rows = %s, want gone 1", got)
 	}
 	const stampOf = `SELECT prism.row_stamp('public.kv', jsonb_object(ARRAY['id'], ARRAY[x.id::text]), x.xmin) FROM kv x WHERE x.id = $1::int`
 	if got := queryString(t, ctx, a.pool, "SELECT ("+stampOf+")::text", 1); got != "2001-02-03 04:05:06.789+00" {
 		t.Fatalf("stamp of the version before the upgrade = %s", got)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT ("+stampOf+")::text", 3); got != "2001-02-03 04:05:07+00" {
+		t.Fatalf("stamp of the other version before the upgrade = %s", got)
 	}
 	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v", "n")
 	t0 := time.Now().Add(time.Hour).Sub(baseTime).Seconds()
@@ -535,5 +538,59 @@ func TestBatchInsertConcurrentInsert(t *testing.T) {
 	}
 	if got := queryString(t, ctx, a.pool, "SELECT string_agg(key::text || ' ' || kind || ' ' || resolution, ', ' ORDER BY id) FROM prism.conflicts"); got != `{"id": "17"} insert_exists keep_local` {
 		t.Fatalf("conflicts = %s, want {\"id\": \"17\"} insert_exists keep_local", got)
+	}
+}
+
+// TestCompactStamps: the row stamps of a batch stay exact after
+// compaction for every version and tombstone still live; the stamp of a
+// version replaced since (a local write) is dropped, so is every stamp of
+// a table that is gone; a row is checked once.
+func TestCompactStamps(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "compact"})
+	// As in a region: schema prism is in the publication, so every table
+	// compaction changes needs a replica identity.
+	mustExec(t, ctx, c, "postgres", batchSchema+"; CREATE TABLE gone (id int PRIMARY KEY, v text); INSERT INTO gone VALUES (1, 'a'); CREATE PUBLICATION prism FOR ALL TABLES")
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	defer a.Close()
+	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v", "n")
+	gone := rel("public", "gone", decode.IdentityDefault, "id*", "v")
+	t0 := time.Now().Add(time.Hour).Sub(baseTime).Seconds()
+	txns := []*decode.Txn{
+		txn("na", 1100, t0+1, upd(kv, nil, "1", "a", `\N`), upd(kv, nil, "2", "a", `\N`), upd(gone, nil, "1", "b")),
+		txn("na", 1200, t0+2, upd(kv, nil, "3", "b", `\N`), del(kv, "4")),
+		txn("na", 1300, t0+3, upd(kv, nil, "5", "c", `\N`)),
+	}
+	if n, err := a.ApplyBatch(ctx, txns); n != len(txns) || err != nil {
+		t.Fatalf("ApplyBatch = %d, %v", n, err)
+	}
+	if got := targets(t, ctx, a.pool, "1, 2, 3, 5"); got != "1" {
+		t.Fatalf("rows written in %s target transactions, want 1 (a batch)", got)
+	}
+	before := stamps(t, ctx, a.pool)
+	mustExec(t, ctx, c, "postgres", "UPDATE kv SET v = 'local' WHERE id = 2; DROP TABLE gone")
+	if n, err := a.CompactStamps(ctx, time.Hour); n != 0 || err != nil {
+		t.Fatalf("CompactStamps(1h) of fresh stamps = %d, %v; want 0", n, err)
+	}
+	if n, err := a.CompactStamps(ctx, 0); n != 2 || err != nil {
+		t.Fatalf("CompactStamps = %d, %v; want 2 (row 2 replaced, table gone)", n, err)
+	}
+	// Row 2's version is local now; every other stamp is as it was.
+	after := stamps(t, ctx, a.pool)
+	var kept []string
+	for _, l := range strings.Split(before, "\n") {
+		if !strings.HasPrefix(l, "row 2 ") {
+			kept = append(kept, l)
+		}
+	}
+	if after != strings.Join(kept, "\n") {
+		t.Fatalf("stamps after compaction:\n%s\nwant:\n%s", after, strings.Join(kept, "\n"))
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT string_agg(array_to_string(keys, ' '), ' | ' ORDER BY table_name) FROM prism.batch_stamps WHERE compacted"); got != `{"id": "4"} | {"id": "1"} {"id": "3"} {"id": "5"}` {
+		t.Fatalf("stamps kept = %s", got)
+	}
+	mustExec(t, ctx, c, "postgres", "UPDATE kv SET v = 'local' WHERE id = 1")
+	if n, err := a.CompactStamps(ctx, 0); n != 0 || err != nil {
+		t.Fatalf("second CompactStamps = %d, %v; want 0 (each row is checked once)", n, err)
 	}
 }

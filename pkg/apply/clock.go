@@ -101,34 +101,101 @@ LANGUAGE sql STABLE AS $f$
 		(SELECT max(t.floor) + interval '1 microsecond' FROM prism.clock_floors t
 		 WHERE t.top IN (SELECT f.top FROM prism.clock_floors f WHERE f.xact = $1)))
 $f$;
--- row_stamps holds the stamps of row versions (and tombstones) that a
+-- batch_stamps holds the stamps of row versions (and tombstones) that a
 -- batch wrote: one target transaction that applies several source
 -- transactions has one commit timestamp, the greatest of theirs, so the
--- version of key key of table table_name whose xmin is xact carries the
--- source commit time ts of the transaction that wrote it there. A row
+-- version of key keys[i] of table table_name whose xmin is xact carries
+-- the source commit time ts[i] of the transaction that wrote it there. A
 -- stamp of another xmin is stale (a later write replaced the version)
 -- and ignored. The region is the xmin's origin: a batch applies one
 -- source region.
 --
--- A batch writes one row here per row it writes, so the key is the text
--- of the key's jsonb (jsonb_object of the key columns' text, whose text
--- form is canonical: equal keys, equal text) compared bytewise (COLLATE
--- "C"): the primary key's comparisons of jsonb values cost the apply
--- session more than a fifth of its CPU in a backlog.
-CREATE TABLE IF NOT EXISTS prism.row_stamps (
-	table_name text COLLATE "C" NOT NULL,
-	key        text COLLATE "C" NOT NULL,
-	xact       xid              NOT NULL,
-	ts         timestamptz      NOT NULL,
-	PRIMARY KEY (table_name, key)
+-- Each array statement of a batch adds one row: the keys it wrote (the
+-- text of the key's jsonb, whose text form is canonical: equal keys,
+-- equal text) and their stamps, in two arrays. A batch writes a key in
+-- one statement at most, so a key appears once per xact and table. One
+-- row per statement instead of one per row written: a per-row upsert of
+-- a keyed table cost the apply session about 40% of its CPU in a
+-- backlog. A lookup (a conflict check, the copy of a new region) finds
+-- the batch by its xact (a hash index) and the key by array_position.
+-- newest is the greatest of ts; Collect removes a row once newest is
+-- older than it keeps tombstones. A stamp is needed only while its
+-- version (or tombstone) is the key's live one, so prism.compact_stamps
+-- checks each row once, some minutes after it was written (at), and
+-- keeps only those keys: the table stays about as large as the batched
+-- versions still live, not as every batched write of a week.
+CREATE TABLE IF NOT EXISTS prism.batch_stamps (
+	id         bigserial           PRIMARY KEY,
+	xact       xid                 NOT NULL,
+	table_name text COLLATE "C"    NOT NULL,
+	newest     timestamptz         NOT NULL,
+	keys       text[]              NOT NULL,
+	ts         timestamptz[]       NOT NULL,
+	at         timestamptz         NOT NULL DEFAULT now(),
+	compacted  boolean             NOT NULL DEFAULT false
 );
--- A table made by an earlier version keys by jsonb: convert it in place.
+CREATE INDEX IF NOT EXISTS batch_stamps_xact ON prism.batch_stamps USING hash (xact);
+-- compact_stamps keeps, in the rows of batch_stamps written before
+-- before and not compacted yet, the stamps whose key's live row or
+-- tombstone still has the row's xact as its xmin, deletes rows left with
+-- none, and returns how many stamps it dropped. The key columns are the
+-- names in the keys' jsonb, probed by their type; a table that no longer
+-- has them keeps its stamps, one that is gone loses them.
+CREATE OR REPLACE FUNCTION prism.compact_stamps(before timestamptz) RETURNS bigint
+LANGUAGE plpgsql AS $f$
+DECLARE
+	r       record;
+	probe   text;
+	known   boolean;
+	n       bigint;
+	dropped bigint := 0;
+BEGIN
+	FOR r IN SELECT b.table_name, min(b.keys[1]) AS sample FROM prism.batch_stamps b
+		WHERE NOT b.compacted AND b.at < before GROUP BY b.table_name
+	LOOP
+		IF to_regclass(r.table_name) IS NULL THEN
+			WITH d AS (DELETE FROM prism.batch_stamps b WHERE b.table_name = r.table_name AND NOT b.compacted AND b.at < before
+				RETURNING cardinality(b.keys) AS n)
+			SELECT coalesce(sum(d.n), 0) INTO n FROM d;
+			dropped := dropped + n;
+			CONTINUE;
+		END IF;
+		SELECT string_agg(format('x.%I = (u.key::jsonb ->> %L)::%s', a.attname, a.attname, format_type(a.atttypid, a.atttypmod)), ' AND '),
+			count(a.attname) = count(*)
+		INTO probe, known
+		FROM jsonb_object_keys(r.sample::jsonb) j(name)
+		LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = to_regclass(r.table_name) AND a.attname = j.name AND a.attnum > 0 AND NOT a.attisdropped;
+		IF known IS NOT TRUE THEN
+			UPDATE prism.batch_stamps b SET compacted = true WHERE b.table_name = r.table_name AND NOT b.compacted AND b.at < before;
+			CONTINUE;
+		END IF;
+		EXECUTE format($q$
+			WITH c AS (
+				SELECT b.id, b.xact, b.keys, b.ts FROM prism.batch_stamps b
+				WHERE b.table_name = $1 AND NOT b.compacted AND b.at < $2 FOR UPDATE),
+			k AS (
+				SELECT c.id, array_agg(u.key ORDER BY u.i) AS keys, array_agg(u.ts ORDER BY u.i) AS ts, max(u.ts) AS newest
+				FROM c, unnest(c.keys, c.ts) WITH ORDINALITY AS u(key, ts, i)
+				WHERE EXISTS (SELECT 1 FROM %s x WHERE %s AND x.xmin = c.xact OFFSET 0)
+				OR EXISTS (SELECT 1 FROM prism.tombstones t WHERE t.table_name = $1 AND t.key = u.key::jsonb AND t.xmin = c.xact OFFSET 0)
+				GROUP BY c.id),
+			d AS (DELETE FROM prism.batch_stamps b USING c WHERE b.id = c.id AND NOT EXISTS (SELECT 1 FROM k WHERE k.id = c.id)),
+			u AS (UPDATE prism.batch_stamps b SET keys = k.keys, ts = k.ts, newest = k.newest, compacted = true FROM k WHERE b.id = k.id)
+			SELECT (SELECT coalesce(sum(cardinality(c.keys)), 0) FROM c) - (SELECT coalesce(sum(cardinality(k.keys)), 0) FROM k)$q$,
+			r.table_name::regclass, probe) INTO n USING r.table_name, before;
+		dropped := dropped + n;
+	END LOOP;
+	RETURN dropped;
+END
+$f$;
+-- Earlier versions kept one row per key in prism.row_stamps (keyed by
+-- jsonb, later by text): fold it in and drop it.
 DO $r$
 BEGIN
-	IF (SELECT a.atttypid FROM pg_catalog.pg_attribute a
-	    WHERE a.attrelid = 'prism.row_stamps'::regclass AND a.attname = 'key') = 'jsonb'::regtype THEN
-		ALTER TABLE prism.row_stamps ALTER COLUMN table_name TYPE text COLLATE "C",
-			ALTER COLUMN key TYPE text COLLATE "C" USING key::text;
+	IF to_regclass('prism.row_stamps') IS NOT NULL THEN
+		INSERT INTO prism.batch_stamps (xact, table_name, newest, keys, ts)
+		SELECT xact, table_name, max(ts), array_agg(key::text), array_agg(ts) FROM prism.row_stamps GROUP BY xact, table_name;
+		DROP TABLE prism.row_stamps;
 	END IF;
 END
 $r$;
@@ -136,7 +203,8 @@ $r$;
 -- tbl whose xmin is x.
 CREATE OR REPLACE FUNCTION prism.row_stamp(tbl text, k jsonb, x xid) RETURNS timestamptz
 LANGUAGE sql STABLE AS $f$
-	SELECT coalesce((SELECT s.ts FROM prism.row_stamps s WHERE s.table_name = $1 AND s.key = $2::text AND s.xact = $3),
+	SELECT coalesce((SELECT s.ts[i] FROM prism.batch_stamps s, array_position(s.keys, $2::text) i
+		WHERE s.xact = $3 AND s.table_name = $1 AND i IS NOT NULL LIMIT 1),
 		prism.stamp($3))
 $f$;
 -- batch_check fails a batch (PR002) when one of its statements changed
@@ -416,6 +484,21 @@ BEGIN
 END
 $d$`
 
+// CompactStamps drops the row stamps of batches written more than age
+// ago whose versions were replaced since (see prism.batch_stamps), and
+// returns how many it dropped. Each batch's stamps are checked once.
+func (a *Applier) CompactStamps(ctx context.Context, age time.Duration) (int64, error) {
+	if err := a.ensureSetup(ctx); err != nil {
+		return 0, err
+	}
+	var n int64
+	secs := strconv.FormatFloat(age.Seconds(), 'f', 3, 64)
+	if err := a.pool.QueryRow(ctx, "SELECT prism.compact_stamps(now() - make_interval(secs => $1::float8))", secs).Scan(&n); err != nil {
+		return 0, fmt.Errorf("compact row stamps: %w", err)
+	}
+	return n, nil
+}
+
 // Collect deletes tombstones, row stamps and clock floors older than
 // keep, and returns how many tombstones and floors it deleted. A change that arrives more than
 // keep after a delete of its key (a region cut off that long) no longer
@@ -430,7 +513,7 @@ func (a *Applier) Collect(ctx context.Context, keep time.Duration) (tombstones, 
 		return 0, 0, fmt.Errorf("collect tombstones: %w", err)
 	}
 	tombstones = tag.RowsAffected()
-	if _, err := a.pool.Exec(ctx, "DELETE FROM prism.row_stamps WHERE ts < now() - make_interval(secs => $1::float8)", secs); err != nil {
+	if _, err := a.pool.Exec(ctx, "DELETE FROM prism.batch_stamps WHERE newest < now() - make_interval(secs => $1::float8)", secs); err != nil {
 		return tombstones, 0, fmt.Errorf("collect row stamps: %w", err)
 	}
 	tag, err = a.pool.Exec(ctx, "DELETE FROM prism.clock_floors WHERE at < now() - make_interval(secs => $1::float8)", secs)

@@ -116,10 +116,15 @@
 // rows written in several regions (a conflict, a missing row or a
 // tombstone in nearly every batch) so pay for the row path about once.
 //
-// Stamps stay exact (see Conflicts): the statement that writes a version
-// also records, in prism.row_stamps, its key, its xmin (the batch's
-// transaction) and the source commit time of the transaction that wrote
-// it; deletes record the stamp of the tombstone prism_tombstone writes.
+// Stamps stay exact (see Conflicts): the statement that writes versions
+// also records, in one row of prism.batch_stamps, its xmin (the batch's
+// transaction), the table, and two arrays: the keys it wrote and the
+// source commit times of the transactions that wrote them; deletes record
+// the stamp of the tombstone prism_tombstone writes. One row per
+// statement, not one per row: a per-row upsert cost the apply session
+// about 40% of its CPU in a backlog (BenchmarkApplyCost, 32-37.5 against
+// 23-27 server us per pgbench transaction). CompactStamps (hourly, from
+// the node) drops the stamps of versions replaced since.
 //
 // # One failure touches no other
 //
@@ -203,8 +208,8 @@
 // Convergence under LastWriteWins: every version of a row carries a
 // stamp, the pair (time, region) of the transaction that wrote it, and
 // every region computes the same pair for the same version. The time is
-// prism.row_stamp(table, key, xmin): the stamp prism.row_stamps holds for
-// the key when it was recorded for that very xmin (a version, or a
+// prism.row_stamp(table, key, xmin): the stamp prism.batch_stamps holds
+// for the key when it was recorded for that very xmin (a version, or a
 // tombstone, that a batch wrote: a batch has one commit timestamp, but
 // each of its rows keeps its own source transaction's), else
 // prism.stamp(xmin): the commit timestamp, which for an applied
@@ -283,7 +288,7 @@
 // # Schema prism
 //
 // The tables Setup creates (conflicts, dead_letters, undo_log,
-// tombstones, clock_floors, row_stamps; internal/bootstrap adds bootstrap) belong to
+// tombstones, clock_floors, batch_stamps; BootstrapStateSQL adds bootstrap) belong to
 // one region and are never applied elsewhere, but the publication, FOR
 // ALL TABLES, includes them: PostgreSQL 15 cannot leave a schema out of
 // such a publication. So each has a primary key (Setup adds clock_floors'
