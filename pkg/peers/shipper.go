@@ -385,14 +385,20 @@ func (s *Shipper) halt(h *haltError) {
 	s.halted = msg
 	s.haltedAt = h.LSN
 	s.st.Halts++
-	table := h.Table
-	for _, e := range s.window {
-		if e.txn.EndLSN == h.LSN && table == "" && len(e.txn.Changes) > 0 && e.txn.Changes[0].Rel != nil {
-			table = e.txn.Changes[0].Rel.Schema + "." + e.txn.Changes[0].Rel.Table
+	ev := s.log.Error().Str("origin", s.cfg.SourceRegion).Stringer("lsn", h.LSN)
+	if h.Table != "" {
+		ev = ev.Str("table", h.Table)
+	} else {
+		// The error names no table (a COMMIT, the connection): the
+		// transaction's first table helps find it, under its own name.
+		for _, e := range s.window {
+			if e.txn.EndLSN == h.LSN && len(e.txn.Changes) > 0 && e.txn.Changes[0].Rel != nil {
+				ev = ev.Str("first_table", e.txn.Changes[0].Rel.Schema+"."+e.txn.Changes[0].Rel.Table)
+				break
+			}
 		}
 	}
-	s.log.Error().Str("origin", s.cfg.SourceRegion).Stringer("lsn", h.LSN).Str("table", table).
-		Str("sqlstate", h.SQLState).Str("error", h.Message).
+	ev.Str("sqlstate", h.SQLState).Str("error", h.Message).
 		Msg("replication to region halted; retrying until the cause is fixed")
 }
 
