@@ -132,8 +132,9 @@ func (n *Node) Run(ctx context.Context) error {
 		return err
 	}
 	n.clientTLS = clientTLS
-	// The peer address is taken at once, so a port in use fails the start;
-	// connections wait in the backlog until the database is there.
+	// The peer address is taken at once, so a port in use fails the start.
+	// Until the database is there the server refuses peers, saying so,
+	// and they move on to the region's next node or the fallback.
 	ln, err := net.Listen("tcp", n.cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen %s (key listen in %s): %w", n.cfg.Listen, n.cfg.Path, err)
@@ -151,6 +152,7 @@ func (n *Node) Run(ctx context.Context) error {
 	if err := n.serveHTTP(runCtx, &wg, fatal); err != nil {
 		return err
 	}
+	server := n.servePeers(runCtx, &wg, fatal, ln, serverTLS)
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
@@ -177,7 +179,7 @@ func (n *Node) Run(ctx context.Context) error {
 	}
 	n.applier = applier
 	defer n.startProbe(ctx)()
-	n.servePeers(runCtx, &wg, fatal, ln, serverTLS, applier)
+	server.Ready(applier)
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
@@ -241,10 +243,10 @@ func (n *Node) startProbe(ctx context.Context) (closeProbe func()) {
 	return probe.Close
 }
 
-// servePeers starts the peer server on ln, applying through applier, in a
-// goroutine owned by the caller through wg, until runCtx is done. A
-// failure to serve arrives on fatal.
-func (n *Node) servePeers(runCtx context.Context, wg *sync.WaitGroup, fatal chan<- error, ln net.Listener, serverTLS *tls.Config, applier *apply.Applier) {
+// servePeers starts the peer server on ln in a goroutine owned by the
+// caller through wg, until runCtx is done; a failure to serve arrives on
+// fatal. It refuses peers until Ready gives it the applier.
+func (n *Node) servePeers(runCtx context.Context, wg *sync.WaitGroup, fatal chan<- error, ln net.Listener, serverTLS *tls.Config) *peers.Server {
 	accept := make([]string, 0, len(n.cfg.Peers))
 	for _, p := range n.cfg.Peers {
 		accept = append(accept, p.Region)
@@ -253,7 +255,8 @@ func (n *Node) servePeers(runCtx context.Context, wg *sync.WaitGroup, fatal chan
 	sc.Region, sc.Node, sc.AcceptRegions = n.cfg.Region, n.cfg.Node, accept
 	sc.Token, sc.TLS, sc.Insecure = n.cfg.Auth.Token, serverTLS, n.plaintext()
 	sc.Errors = newErrorPolicy(n.cfg, n.log)
-	server := peers.NewServer(sc, applier, n.log.With().Str("component", "server").Logger())
+	server := peers.NewWaitingServer(sc, fmt.Sprintf("node %s of region %s is waiting for its database", n.cfg.Node, n.cfg.Region),
+		n.log.With().Str("component", "server").Logger())
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
@@ -261,6 +264,7 @@ func (n *Node) servePeers(runCtx context.Context, wg *sync.WaitGroup, fatal chan
 			fatal <- fmt.Errorf("peer server: %w", err)
 		}
 	}()
+	return server
 }
 
 // readUntilStop reads the region's slot until ctx is done, reading fails

@@ -65,8 +65,13 @@ type ServerConfig struct {
 // committed.
 type Server struct {
 	cfg ServerConfig
-	app Applier
+	app Applier // set once, before ready is closed
 	log zerolog.Logger
+	// ready is closed once the Server has its Applier; until then it
+	// refuses every authenticated peer with waiting as the reason.
+	ready   chan struct{}
+	waiting string
+	once    sync.Once
 
 	mu     sync.Mutex
 	active map[string]*stream // by source region
@@ -80,12 +85,33 @@ type stream struct {
 
 // NewServer returns a Server that applies through app.
 func NewServer(cfg ServerConfig, app Applier, log zerolog.Logger) *Server {
+	s := NewWaitingServer(cfg, "", log)
+	s.Ready(app)
+	return s
+}
+
+// NewWaitingServer returns a Server that has no Applier yet: it can Serve
+// at once, and refuses every peer that authenticates with a Reject giving
+// reason (for example that the node waits for its database) until Ready.
+// A peer so moves on at once, to the region's next node or the direct-SQL
+// fallback, instead of waiting for a handshake timeout.
+func NewWaitingServer(cfg ServerConfig, reason string, log zerolog.Logger) *Server {
 	return &Server{
-		cfg:    cfg,
-		app:    app,
-		log:    log.With().Str("pkg", "peers").Str("role", "server").Logger(),
-		active: map[string]*stream{},
+		cfg:     cfg,
+		log:     log.With().Str("pkg", "peers").Str("role", "server").Logger(),
+		active:  map[string]*stream{},
+		ready:   make(chan struct{}),
+		waiting: reason,
 	}
+}
+
+// Ready gives the Server its Applier; from then on it accepts peers. Only
+// the first call counts.
+func (s *Server) Ready(app Applier) {
+	s.once.Do(func() {
+		s.app = app
+		close(s.ready)
+	})
 }
 
 // Serve accepts connections on ln until ctx is done, then closes ln and
@@ -153,6 +179,13 @@ func (s *Server) handle(ctx context.Context, nc net.Conn) {
 
 	fc, h := s.greet(ctx, nc, log)
 	if h == nil {
+		return
+	}
+	select {
+	case <-s.ready:
+	default:
+		log.Debug().Str("source", h.Region).Str("source_node", h.Node).Str("reason", s.waiting).Msg("peer refused: not ready")
+		_ = fc.write(time.Second, &reject{Reason: s.waiting})
 		return
 	}
 	// refuse tags its line with the source itself: it gets the logger
