@@ -219,8 +219,12 @@ func (e *env) activeMeasure(ctx context.Context, res *activeResult, regions []ac
 		res.note = err.Error()
 		e.logf("active %s: %v", res.contender, err)
 	}
-	if res.rows, res.differ, err = compareHot(ctx, regions, prefix, base); err != nil {
+	var diffs []string
+	if res.rows, res.differ, diffs, err = compareHot(ctx, regions, prefix, base); err != nil {
 		return err
+	}
+	for _, d := range diffs {
+		e.logf("active %s: differs: %s", res.contender, d)
 	}
 	lags, n, err := activeLags(ctx, regions, prefix, lo)
 	if err != nil {
@@ -317,8 +321,11 @@ func (e *env) activeQuiesce(ctx context.Context, c string, regions []activeRegio
 
 // compareHot compares the phase's hot rows (keys base .. base+999999)
 // across the regions: how many keys any region has, and how many of them
-// differ (missing somewhere, or different values).
-func compareHot(ctx context.Context, regions []activeRegion, prefix string, base int) (rows, differ int, err error) {
+// differ (missing somewhere, or different values). For up to five that
+// differ it describes each region's version: the values, and the commit
+// time and origin of the version, or of the key's tombstone for
+// prism-cdc where the row is missing.
+func compareHot(ctx context.Context, regions []activeRegion, prefix string, base int) (rows, differ int, diffs []string, err error) {
 	all := map[int64][]string{}
 	for i, r := range regions {
 		var id, v int64
@@ -330,18 +337,50 @@ func compareHot(ctx context.Context, regions []activeRegion, prefix string, base
 			all[id][i] = fmt.Sprintf("%d/%d", v, rid)
 			return nil
 		}, fmt.Sprintf("SELECT id, v, rid FROM aa_%s_hot WHERE id > $1 AND id <= $2", prefix), base, base+999999); err != nil {
-			return 0, 0, fmt.Errorf("read hot rows of %s: %w", r.cluster.Name, err)
+			return 0, 0, nil, fmt.Errorf("read hot rows of %s: %w", r.cluster.Name, err)
 		}
 	}
-	for _, vs := range all {
+	for id, vs := range all {
 		for _, v := range vs[1:] {
 			if v != vs[0] {
 				differ++
+				if len(diffs) < 5 {
+					diffs = append(diffs, describeHot(ctx, regions, prefix, id))
+				}
 				break
 			}
 		}
 	}
-	return len(all), differ, nil
+	return len(all), differ, diffs, nil
+}
+
+// describeHot describes hot key id's version in every region.
+func describeHot(ctx context.Context, regions []activeRegion, prefix string, id int64) string {
+	q := fmt.Sprintf(`SELECT format('%%s/%%s at %%s from origin %%s', h.v, h.rid, pg_xact_commit_timestamp(h.xmin), o.roident) FROM aa_%s_hot h
+		LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(h.xmin) o ON true WHERE h.id = $1`, prefix)
+	if prefix == "prism" {
+		q = `SELECT coalesce((SELECT format('%s/%s stamped %s from %s', h.v, h.rid,
+			prism.row_stamp('public.aa_prism_hot', jsonb_object(ARRAY['id'], ARRAY[h.id::text]), h.xmin), prism.region_of(o.roident))
+			FROM aa_prism_hot h, pg_xact_commit_timestamp_origin(h.xmin) o WHERE h.id = $1),
+			(SELECT format('deleted, tombstone stamped %s from %s', prism.row_stamp(t.table_name, t.key, t.xmin), prism.region_of(o.roident))
+			FROM prism.tombstones t, pg_xact_commit_timestamp_origin(t.xmin) o
+			WHERE t.table_name = 'public.aa_prism_hot' AND t.key = jsonb_object(ARRAY['id'], ARRAY[$1::text])))`
+	}
+	parts := []string{fmt.Sprintf("key %d:", id)}
+	for _, r := range regions {
+		desc := "missing"
+		var got *string
+		if err := queryEach(ctx, r.cluster, []any{&got}, func() error {
+			if got != nil {
+				desc = *got
+			}
+			return nil
+		}, q, id); err != nil {
+			desc = "unreadable: " + err.Error()
+		}
+		parts = append(parts, r.cluster.Name+" "+desc)
+	}
+	return strings.Join(parts, "; ")
 }
 
 // activeLags returns, for every lag row numbered above lo[its region]

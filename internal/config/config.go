@@ -19,6 +19,7 @@ const (
 	DefaultSpoolMax     = 10 * GiB
 	DefaultSpillAbove   = 32 * MiB
 	DefaultConflict     = LastWriteWins
+	DefaultConflictKeep = 30 * 24 * time.Hour
 	DefaultOnApplyError = Halt
 	DefaultDDL          = DDLOff
 	DefaultLogLevel     = "info"
@@ -127,6 +128,9 @@ type Conflicts struct {
 	Default ConflictPolicy
 	// Tables overrides Default per table; keys are "schema.table".
 	Tables map[string]ConflictPolicy
+	// Keep is how long the records of resolved conflicts stay in
+	// prism.conflicts; 0 keeps them for good.
+	Keep time.Duration
 }
 
 // For returns the policy for the table "schema.table".

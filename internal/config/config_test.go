@@ -62,6 +62,7 @@ func TestDefaults(t *testing.T) {
 		{"spill.above", c.Spill.Above, Size(32 << 20)},
 		{"spill.dir", c.Spill.Dir, ""},
 		{"conflicts.default", c.Conflicts.Default, LastWriteWins},
+		{"conflicts.keep", c.Conflicts.Keep, 30 * 24 * time.Hour},
 		{"on_apply_error", c.OnApplyError, Halt},
 		{"sync", c.Sync, Sync{Mode: SyncOff}},
 		{"ddl", c.DDL, DDLOff},
@@ -76,6 +77,23 @@ func TestDefaults(t *testing.T) {
 		if tc.got != tc.want {
 			t.Errorf("%s = %v, want %v", tc.name, tc.got, tc.want)
 		}
+	}
+}
+
+// TestParseDuration: Go durations and whole days.
+func TestParseDuration(t *testing.T) {
+	for s, want := range map[string]time.Duration{"0": 0, "90d": 90 * 24 * time.Hour, "72h": 72 * time.Hour, "1h30m": 90 * time.Minute} {
+		if got, err := ParseDuration(s); err != nil || got != want {
+			t.Errorf("ParseDuration(%q) = %s, %v; want %s", s, got, err, want)
+		}
+	}
+	for _, s := range []string{"d", "1.5d", "-1d", "30 days", "99999999d"} {
+		if got, err := ParseDuration(s); err == nil {
+			t.Errorf("ParseDuration(%q) = %s, want an error", s, got)
+		}
+	}
+	if got := FormatDuration(30 * 24 * time.Hour); got != "30d" {
+		t.Errorf("FormatDuration(30 days) = %s", got)
 	}
 }
 
@@ -339,6 +357,8 @@ func TestValidate(t *testing.T) {
 		{"bad conflict default", appendYAML("conflicts: {default: newest}\n"), `conflicts.default: "newest" is not a conflict policy; write last_write_wins, source_wins, keep_local or error`},
 		{"bad conflict table policy", appendYAML("conflicts: {tables: {public.t: newest}}\n"), `conflicts.tables["public.t"]: "newest" is not a conflict policy`},
 		{"bad conflict table name", appendYAML("conflicts: {tables: {accounts: source_wins}}\n"), `eu1.yaml:17: conflicts.tables["accounts"]: "accounts" is not a table name; write it as schema.table`},
+		{"bad conflicts keep", appendYAML("conflicts: {keep: 30 days}\n"), `conflicts.keep: "30 days" is not a duration; write a number with a unit, e.g. 30d`},
+		{"negative conflicts keep", appendYAML("conflicts: {keep: -1h}\n"), "conflicts.keep: -1h0m0s is negative"},
 		{"bad ddl", appendYAML("ddl: on\n"), `ddl: "on" is not a DDL mode; write off or replicate`},
 		{"bad on_apply_error", appendYAML("on_apply_error: skip\n"), `on_apply_error: "skip" is not an apply error policy; write halt, dead_letter or undo`},
 		{"bad on_apply_error table policy", appendYAML("on_apply_error_tables: {public.t: skip}\n"), `on_apply_error_tables["public.t"]: "skip" is not an apply error policy; write halt, dead_letter or undo`},

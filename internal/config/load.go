@@ -145,6 +145,7 @@ type rawDelivery struct {
 type rawConflicts struct {
 	Default string            `yaml:"default"`
 	Tables  map[string]string `yaml:"tables"`
+	Keep    string            `yaml:"keep"`
 }
 
 type rawSpool struct {
@@ -211,6 +212,7 @@ func (r *rawConfig) config(file string, lines map[string]int) (*Config, []error)
 	}
 
 	v := &validator{file: file, lines: lines}
+	c.Conflicts.Keep = v.duration("conflicts.keep", r.Conflicts.Keep, DefaultConflictKeep)
 	c.Delivery = r.Delivery.resolve(v)
 	c.Spool = Spool{Dir: r.Spool.Dir, MaxBytes: v.size("spool.max_bytes", r.Spool.MaxBytes, DefaultSpoolMax)}
 	c.Spill = Spill{Dir: r.Spill.Dir, Above: v.size("spill.above", r.Spill.Above, DefaultSpillAbove)}
@@ -249,12 +251,33 @@ func (v *validator) duration(key, s string, def time.Duration) time.Duration {
 	if s == "" {
 		return def
 	}
-	d, err := time.ParseDuration(s)
+	d, err := ParseDuration(s)
 	if err != nil {
-		v.add(key, "%q is not a duration; write a number with a unit, e.g. %s", s, def)
+		v.add(key, "%q is not a duration; write a number with a unit, e.g. %s", s, FormatDuration(def))
 		return def
 	}
 	return d
+}
+
+// ParseDuration reads a duration as Go writes it (200ms, 1m30s, 720h) or
+// a whole number of days (30d).
+func ParseDuration(s string) (time.Duration, error) {
+	if days, ok := strings.CutSuffix(s, "d"); ok {
+		n, err := strconv.ParseUint(days, 10, 16)
+		if err != nil {
+			return 0, fmt.Errorf("invalid duration %q", s)
+		}
+		return time.Duration(n) * 24 * time.Hour, nil
+	}
+	return time.ParseDuration(s)
+}
+
+// FormatDuration writes d in days when it is a whole number of them.
+func FormatDuration(d time.Duration) string {
+	if d > 0 && d%(24*time.Hour) == 0 {
+		return strconv.FormatInt(int64(d/(24*time.Hour)), 10) + "d"
+	}
+	return d.String()
 }
 
 func (v *validator) size(key, s string, def Size) Size {

@@ -164,6 +164,9 @@ func (v *validator) policies(c *Config) {
 	if !c.Conflicts.Default.Valid() {
 		v.add("conflicts.default", "%q is not a conflict policy; write %s", c.Conflicts.Default, conflictPolicies)
 	}
+	if c.Conflicts.Keep < 0 {
+		v.add("conflicts.keep", "%s is negative; write how long resolved conflicts stay in prism.conflicts (e.g. 30d), or 0 to keep them for good", c.Conflicts.Keep)
+	}
 	for table, p := range c.Conflicts.Tables {
 		key := "conflicts.tables[" + strconv.Quote(table) + "]"
 		if !validTable(table) {

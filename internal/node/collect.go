@@ -3,6 +3,8 @@ package node
 import (
 	"context"
 	"time"
+
+	"github.com/prism-cdc/prism-cdc/internal/config"
 )
 
 // Tombstones and clock floors (pkg/apply) are kept this long and swept
@@ -34,7 +36,8 @@ func (n *Node) collectLoop(ctx context.Context) {
 }
 
 // collect removes the tombstones, row stamps and clock floors older than
-// keep once, and the row stamps of replaced versions.
+// keep once, the row stamps of replaced versions, and the conflict records
+// older than conflicts.keep.
 func (n *Node) collect(ctx context.Context, keep time.Duration) error {
 	tomb, floors, err := n.applier.Collect(ctx, keep)
 	if err != nil {
@@ -49,6 +52,16 @@ func (n *Node) collect(ctx context.Context, keep time.Duration) error {
 	}
 	if stamps > 0 {
 		n.log.Info().Int64("row_stamps", stamps).Msg("removed the row stamps of replaced versions")
+	}
+	if n.cfg == nil || n.cfg.Conflicts.Keep <= 0 {
+		return nil
+	}
+	conflicts, err := n.applier.CollectConflicts(ctx, n.cfg.Conflicts.Keep)
+	if err != nil {
+		return err
+	}
+	if conflicts > 0 {
+		n.log.Info().Int64("conflicts", conflicts).Str("older_than", config.FormatDuration(n.cfg.Conflicts.Keep)).Msg("removed old conflict records (conflicts.keep)")
 	}
 	return nil
 }

@@ -9,6 +9,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/rs/zerolog"
 
+	"github.com/prism-cdc/prism-cdc/internal/config"
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
 	"github.com/prism-cdc/prism-cdc/pkg/apply"
 )
@@ -67,9 +68,18 @@ func TestCollectAllTablesPublication(t *testing.T) {
 		t.Fatalf("before collecting: %s", got)
 	}
 
-	n := &Node{log: log, applier: a}
+	// Conflict records: one of 31 days ago, one of now.
+	if err := c.Exec(ctx, "postgres", `INSERT INTO prism.conflicts (at, source_region, table_name, kind, policy, resolution, winner)
+		VALUES (now() - interval '31 days', 'eu', 'public.kv', 'update', 'last_write_wins', 'apply_remote', 'remote'),
+		(now(), 'eu', 'public.kv', 'update', 'last_write_wins', 'apply_remote', 'remote')`); err != nil {
+		t.Fatal(err)
+	}
+	n := &Node{log: log, applier: a, cfg: &config.Config{Conflicts: config.Conflicts{Keep: config.DefaultConflictKeep}}}
 	if err := n.collect(ctx, tombstoneRetention); err != nil {
 		t.Fatalf("collect(%s): %v", tombstoneRetention, err)
+	}
+	if got := query("SELECT count(*)::text || ' ' || (min(at) > now() - interval '1 day')::text FROM prism.conflicts"); got != "1 true" {
+		t.Fatalf("conflict records after collect with conflicts.keep = 30d: %s, want only the recent one", got)
 	}
 	if got, want := counts(), "2 tombstones, 1 floors"; got != want {
 		t.Fatalf("after collect(%s): %s, want %s (only the 8 days old floor removed)", tombstoneRetention, got, want)

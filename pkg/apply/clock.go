@@ -484,6 +484,20 @@ BEGIN
 END
 $d$`
 
+// CollectConflicts deletes the records of conflicts (prism.conflicts)
+// resolved more than keep ago and returns how many it deleted.
+func (a *Applier) CollectConflicts(ctx context.Context, keep time.Duration) (int64, error) {
+	if err := a.ensureSetup(ctx); err != nil {
+		return 0, err
+	}
+	secs := strconv.FormatFloat(keep.Seconds(), 'f', 3, 64)
+	tag, err := a.pool.Exec(ctx, "DELETE FROM prism.conflicts WHERE at < now() - make_interval(secs => $1::float8)", secs)
+	if err != nil {
+		return 0, fmt.Errorf("collect conflicts: %w", err)
+	}
+	return tag.RowsAffected(), nil
+}
+
 // CompactStamps drops the row stamps of batches written more than age
 // ago whose versions were replaced since (see prism.batch_stamps), and
 // returns how many it dropped. Each batch's stamps are checked once.

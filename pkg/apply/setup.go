@@ -44,6 +44,9 @@ CREATE TABLE IF NOT EXISTS prism.conflicts (
 	remote_commit_time timestamptz,
 	remote_origin      text
 );
+-- The node deletes old records by time (conflicts.keep): a BRIN index
+-- costs an insert next to nothing, and records are written in time order.
+CREATE INDEX IF NOT EXISTS conflicts_at ON prism.conflicts USING brin (at);
 -- bootstrap_check refuses applied transactions while the region's last
 -- bootstrap (prism.bootstrap, written by prism-cdc bootstrap) has not
 -- finished. A run that was killed leaves half-copied tables and no lock:
