@@ -366,7 +366,7 @@ func describeHot(ctx context.Context, regions []activeRegion, prefix string, id 
 			FROM prism.tombstones t, pg_xact_commit_timestamp_origin(t.xmin) o
 			WHERE t.table_name = 'public.aa_prism_hot' AND t.key = jsonb_object(ARRAY['id'], ARRAY[$1::text])))`
 	}
-	parts := []string{fmt.Sprintf("key %d:", id)}
+	parts := []string{fmt.Sprintf("key %d", id)}
 	for _, r := range regions {
 		desc := "missing"
 		var got *string
@@ -378,7 +378,7 @@ func describeHot(ctx context.Context, regions []activeRegion, prefix string, id 
 		}, q, id); err != nil {
 			desc = "unreadable: " + err.Error()
 		}
-		parts = append(parts, r.cluster.Name+" "+desc)
+		parts = append(parts, r.cluster.Name+": "+desc)
 	}
 	return strings.Join(parts, "; ")
 }
