@@ -356,10 +356,6 @@ type cmd struct {
 // WAL flush instead of one per transaction.
 const barrierSQL = "SELECT pg_replication_origin_session_progress(true)"
 
-// barrierUnlockSQL is barrierSQL that also releases the session's key
-// locks (keyUnlockSQL), after the last COMMIT of a run.
-const barrierUnlockSQL = "SELECT pg_replication_origin_session_progress(true), pg_catalog.pg_advisory_unlock_all()"
-
 // holdIdle is how long a session keeps holding its origin after a run
 // that succeeded, waiting for the next run of the same source region. A
 // busy stream so pays for the session setup (application name, origin,
@@ -382,8 +378,6 @@ type session struct {
 	// exact while the session holds the origin.
 	progress pglogrepl.LSN
 	timer    *time.Timer // releases the idle session
-	// locked: the session may hold key locks (see keyLockClass).
-	locked bool
 }
 
 // holdSessionSQL sets up a session that applies one source region's
@@ -405,7 +399,7 @@ const holdSessionSQL = `SELECT set_config('application_name', $1, false), set_co
 // resetSessionSQL undoes holdSessionSQL before a connection returns to
 // the pool.
 const resetSessionSQL = "RESET synchronous_commit; RESET idle_in_transaction_session_timeout; RESET application_name; " +
-	"RESET session_replication_role; RESET plan_cache_mode; RESET jit; " + keyUnlockSQL
+	"RESET session_replication_role; RESET plan_cache_mode; RESET jit"
 
 func (s *session) release() {
 	if !s.broken && !s.conn.Conn().PgConn().IsClosed() {
@@ -545,11 +539,6 @@ func (a *Applier) takeIdle(source string) *session {
 // for holdIdle, for the next run of the same source; after that it lets
 // go of the origin and returns the connection to the pool.
 func (a *Applier) park(s *session, progress pglogrepl.LSN) {
-	if s.locked {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		s.unlockKeys(ctx)
-		cancel()
-	}
 	if s.broken {
 		s.release()
 		return
@@ -609,10 +598,9 @@ func (a *Applier) waitLetGo(ctx context.Context, source string) error {
 func (s *session) unhold() {
 	if !s.conn.Conn().PgConn().IsClosed() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		if _, err := s.conn.Conn().PgConn().Exec(ctx, "ROLLBACK; SELECT pg_replication_origin_session_reset(); "+keyUnlockSQL).ReadAll(); err != nil {
+		if _, err := s.conn.Conn().PgConn().Exec(ctx, "ROLLBACK; SELECT pg_replication_origin_session_reset()").ReadAll(); err != nil {
 			s.broken = true
 		}
-		s.locked = false
 		cancel()
 	}
 	s.release()
@@ -695,9 +683,6 @@ func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.
 		return 0, a.fail(s, txns[0], "", 0, err)
 	}
 	p.durable(-1)
-	if err := s.lockKeys(ctx, keyBuckets(txns, p.skip)); err != nil {
-		return 0, p.lost(fmt.Errorf("key locks: %w", err))
-	}
 	if n, err := p.run(ctx, retries); err != nil {
 		return n, err
 	}
@@ -1034,16 +1019,9 @@ func (p *pipeline) send(ctx context.Context, final bool) error {
 	// transaction is still open it runs inside it harmlessly (right after
 	// the COMMIT it would start an implicit transaction that the next
 	// BEGIN, with its isolation level, could not join).
-	unlock := false
 	for i := len(p.cmds) - 1; i >= 0; i-- {
 		if p.cmds[i].commit {
-			sql := barrierSQL
-			if unlock = final && p.s.locked && i == len(p.cmds)-1; unlock {
-				// The run's last COMMIT: its key locks go with the
-				// barrier, saving a round trip.
-				sql = barrierUnlockSQL
-			}
-			p.cmds = append(p.cmds, cmd{txn: p.cmds[i].txn, change: -1, barrier: true, sql: sql})
+			p.cmds = append(p.cmds, cmd{txn: p.cmds[i].txn, change: -1, barrier: true, sql: barrierSQL})
 			break
 		}
 	}
@@ -1085,9 +1063,6 @@ func (p *pipeline) send(ctx context.Context, final bool) error {
 	}
 	p.cmds, p.size, p.first = p.cmds[:0], 0, 0
 	if err == nil {
-		if unlock {
-			p.s.locked = false
-		}
 		return nil
 	}
 	return p.failed(ctx, at, lastCommit, err)

@@ -57,15 +57,6 @@
 // snapshot fails it the same way; a batch inserts no key whose row the
 // snapshot shows.
 //
-// Sources are applied on sessions of their own, concurrently. Two apply
-// transactions that find no row for a key do not meet in any row: a
-// newer delete of the key leaves a tombstone, an older insert on another
-// session whose snapshot predates it finds no tombstone, and both would
-// commit. So a run first takes session-level advisory locks on the
-// buckets of the keys it writes, before its first BEGIN, and releases
-// them after its last COMMIT (see keyLockClass): a transaction whose keys
-// another source is writing takes its snapshot after that source commits.
-//
 // # Ordering
 //
 // ApplyBatch applies in slice order. A run of transactions that can be
@@ -174,9 +165,7 @@
 // chunk and one pipeline, not the transaction. Its
 // idle_in_transaction_session_timeout is raised for that transaction
 // (between chunks the session waits for the network). An error, also one
-// from the chunk source, rolls everything back. Its keys are not known
-// when it begins, so it takes every key lock: the other sources' runs in
-// this region wait until it commits.
+// from the chunk source, rolls everything back.
 //
 // # Rows
 //

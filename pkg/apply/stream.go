@@ -53,16 +53,8 @@ func (a *Applier) ApplyStream(ctx context.Context, txn *decode.Txn, next func() 
 		return newError(txn, "", 0, err)
 	}
 	// From here the origin is held: after a commit (or a skip) the
-	// session is parked for the next run (releasing its key locks), on
-	// every other path it lets go of the origin (rolling back what is
-	// open). Its keys are not known before they arrive: it locks every
-	// bucket (see keyLockClass).
-	if txn.EndLSN > progress {
-		if err := s.lockKeys(ctx, allBuckets()); err != nil {
-			s.unhold()
-			return lostError(txn, err)
-		}
-	}
+	// session is parked for the next run, on every other path it lets go
+	// of the origin (rolling back what is open).
 	done, err := a.streamHeld(ctx, s, progress, txn, next)
 	if err != nil {
 		s.unhold()
