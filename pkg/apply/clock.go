@@ -68,6 +68,31 @@ CREATE TABLE IF NOT EXISTS prism.tombstones (
 	key        jsonb NOT NULL,
 	PRIMARY KEY (table_name, key)
 );
+-- key_marks makes two apply transactions of different sources that write
+-- one key without a row meet in a row. Each source is applied on its own
+-- REPEATABLE READ session; a newer delete of a key whose row is gone
+-- leaves a tombstone, and an older insert of that key, on a session
+-- whose snapshot predates the tombstone, finds neither row nor tombstone:
+-- both would commit, and this region would keep the row while every
+-- other region ends with the delete. So an applied insert (row by row,
+-- in a batch, or for an update of a missing row) and an applied delete
+-- of a missing key both upsert the key's mark (prism.mark): the second
+-- to commit fails with a serialization failure when its snapshot
+-- predates the first, and is applied again on a snapshot that shows it.
+-- A mark matters only while such a transaction runs; Collect removes
+-- marks older than an hour.
+CREATE TABLE IF NOT EXISTS prism.key_marks (
+	table_name text COLLATE "C" NOT NULL,
+	key        text COLLATE "C" NOT NULL,
+	at         timestamptz      NOT NULL DEFAULT now(),
+	PRIMARY KEY (table_name, key)
+);
+CREATE OR REPLACE FUNCTION prism.mark(tbl text, k jsonb) RETURNS boolean
+LANGUAGE sql AS $f$
+	INSERT INTO prism.key_marks AS m (table_name, key) VALUES ($1, $2::text)
+	ON CONFLICT (table_name, key) DO UPDATE SET at = EXCLUDED.at
+	RETURNING true
+$f$;
 -- xact is the (sub)transaction that wrote a floored row version (its
 -- xmin), top its top-level transaction; a transaction's stamp takes the
 -- greatest floor of the whole top-level transaction, like the commit time
@@ -527,6 +552,9 @@ func (a *Applier) Collect(ctx context.Context, keep time.Duration) (tombstones, 
 		return 0, 0, fmt.Errorf("collect tombstones: %w", err)
 	}
 	tombstones = tag.RowsAffected()
+	if _, err := a.pool.Exec(ctx, "DELETE FROM prism.key_marks WHERE at < now() - interval '1 hour'"); err != nil {
+		return tombstones, 0, fmt.Errorf("collect key marks: %w", err)
+	}
 	if _, err := a.pool.Exec(ctx, "DELETE FROM prism.batch_stamps WHERE newest < now() - make_interval(secs => $1::float8)", secs); err != nil {
 		return tombstones, 0, fmt.Errorf("collect row stamps: %w", err)
 	}

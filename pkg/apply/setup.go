@@ -143,11 +143,15 @@ BEGIN
 		WHERE t.table_name = tbl AND t.key = k;
 		buried := FOUND AND NOT prism.remote_newer(rts, rregion, tts, tregion);
 		IF kind = 'delete_missing' AND NOT buried THEN
+			PERFORM prism.mark(tbl, k);
 			INSERT INTO prism.tombstones (table_name, key) VALUES (tbl, k)
 			ON CONFLICT (table_name, key) DO UPDATE SET key = EXCLUDED.key;
 		END IF;
 	END IF;
 	ins := kind = 'update_missing' AND complete AND (policy = 'source_wins' OR (policy = 'last_write_wins' AND NOT buried));
+	IF ins AND keyed THEN
+		PERFORM prism.mark(tbl, k);
+	END IF;
 	INSERT INTO prism.conflicts (source_region, source_lsn, table_name, key, kind, policy,
 		resolution, winner, local_commit_time, local_origin, remote_commit_time, remote_origin)
 	VALUES (rregion, current_setting('prism.remote_lsn')::pg_lsn, tbl, k, kind, policy,

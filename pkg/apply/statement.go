@@ -456,9 +456,11 @@ func (b *builder) insert(c *decode.Change, policy Policy) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	// The key's mark (prism.key_marks) meets an applied delete of the
+	// missing key from another source, which the snapshot may not show.
 	sql := with + "INSERT INTO " + b.t.ident + " AS x (" + names + ")" + b.overriding(cols) + " SELECT " + ps + from +
 		" WHERE " + lock + " AND (NOT EXISTS (SELECT 1 FROM prism.tombstones tb WHERE tb.table_name = " + tbl + " AND tb.key = " + keyP + ")" +
-		" OR prism.admit(" + pol + ", " + tbl + ", " + keyP + "))"
+		" OR prism.admit(" + pol + ", " + tbl + ", " + keyP + ")) AND prism.mark(" + tbl + ", " + keyP + ")"
 	if len(sets) == 0 {
 		// Every column is an identity ALWAYS key: d replaced the row
 		// if the insert won.

@@ -1,0 +1,113 @@
+package apply
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/prism-cdc/prism-cdc/internal/pgtest"
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
+)
+
+// TestMissingKeyRaces: two sources write one key that has no row in this
+// region, on two sessions, and the one whose snapshot is older commits
+// second. Region eu's delete is newer than region na's insert, so every
+// region must end without the row, whichever order they arrive in:
+//
+//   - the insert's snapshot predates the delete's tombstone: without the
+//     key's mark it finds no tombstone and inserts;
+//   - the same with the insert in a batch (one target transaction for
+//     two of na's);
+//   - the delete's snapshot predates the insert: without the mark it
+//     finds no row, leaves a tombstone and the row stays.
+//
+// The older transaction is held between its snapshot and the key by an
+// insert into another table (gate) that waits for the test's uncommitted
+// insert of the same key.
+func TestMissingKeyRaces(t *testing.T) {
+	for _, late := range []string{"insert", "batched insert", "delete"} {
+		t.Run(late+" has the older snapshot", func(t *testing.T) { testMissingKeyRace(t, late) })
+	}
+}
+
+func testMissingKeyRace(t *testing.T, late string) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "marks"})
+	mustExec(t, ctx, c, "postgres", `CREATE TABLE kv (id int PRIMARY KEY, v text); CREATE TABLE gate (id int PRIMARY KEY, v text)`)
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("as"))
+	defer a.Close()
+	if err := a.Setup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v")
+	gate := rel("public", "gate", decode.IdentityDefault, "id*", "v")
+	now := time.Now().Sub(baseTime).Seconds()
+	insert := []decode.Change{ins(kv, "5", "na")}
+	remove := []decode.Change{del(kv, "5")}
+	// The late transaction first inserts the gate row, which waits for the
+	// test's uncommitted insert of the same key.
+	var held []*decode.Txn
+	var first *decode.Txn
+	switch late {
+	case "insert":
+		held = []*decode.Txn{txn("na", 1100, now-60, append([]decode.Change{ins(gate, "1", "na")}, insert...)...)}
+		first = txn("eu", 2100, now, remove...)
+	case "batched insert":
+		held = []*decode.Txn{txn("na", 1100, now-61, ins(gate, "1", "na")), txn("na", 1200, now-60, insert...)}
+		first = txn("eu", 2100, now, remove...)
+	default:
+		held = []*decode.Txn{txn("eu", 2100, now, append([]decode.Change{ins(gate, "1", "eu")}, remove...)...)}
+		first = txn("na", 1100, now-60, insert...)
+	}
+
+	test, err := c.Connect(ctx, "postgres")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer test.Close(context.Background())
+	if _, err := test.Exec(ctx, "BEGIN; INSERT INTO gate VALUES (1, 'test')"); err != nil {
+		t.Fatal(err)
+	}
+	type result struct {
+		n   int
+		err error
+	}
+	done := make(chan result, 1)
+	go func() { // waited for below
+		n, err := a.ApplyBatch(ctx, held)
+		done <- result{n, err}
+	}()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var waiting bool
+		if err := test.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+			WHERE wait_event_type = 'Lock' AND wait_event = 'transactionid' AND pid <> pg_backend_pid())`).Scan(&waiting); err != nil {
+			t.Fatal(err)
+		}
+		if waiting {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the held transaction never waited for the gate row")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n, err := a.ApplyBatch(ctx, []*decode.Txn{first}); n != 1 || err != nil {
+		t.Fatalf("ApplyBatch of the first transaction = %d, %v", n, err)
+	}
+	if _, err := test.Exec(ctx, "ROLLBACK"); err != nil {
+		t.Fatal(err)
+	}
+	if r := <-done; r.n != len(held) || r.err != nil {
+		t.Fatalf("ApplyBatch of the held transaction = %d, %v", r.n, r.err)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT count(*)::text FROM kv WHERE id = 5"); got != "0" {
+		t.Fatalf("key 5 has a row: na's older insert won over eu's newer delete (the %s had the older snapshot)", late)
+	}
+	if late == "batched insert" && a.batches.Load() == 0 {
+		t.Fatal("na's two transactions were not tried as a batch")
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT count(*)::text FROM prism.tombstones WHERE table_name = 'public.kv'"); got != "1" {
+		t.Fatalf("%s tombstones of kv, want 1 (eu's delete)", got)
+	}
+}
