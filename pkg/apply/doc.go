@@ -57,6 +57,16 @@
 // snapshot fails it the same way; a batch inserts no key whose row the
 // snapshot shows.
 //
+// Sources are applied on sessions of their own, concurrently, and two of
+// their transactions that find no row for a key would not meet in any
+// row: a newer delete of the key leaves a tombstone, an older insert on
+// the other session, whose snapshot predates it, finds no tombstone, and
+// both commit. So an applied insert (row by row, in a batch, or for an
+// update of a missing row) and an applied delete of a missing key both
+// upsert the key's row in prism.key_marks: the one whose snapshot
+// predates the other's commit fails with a serialization failure and is
+// applied again, as above.
+//
 // # Ordering
 //
 // ApplyBatch applies in slice order. A run of transactions that can be
@@ -288,7 +298,7 @@
 // # Schema prism
 //
 // The tables Setup creates (conflicts, dead_letters, undo_log,
-// tombstones, clock_floors, batch_stamps; BootstrapStateSQL adds bootstrap) belong to
+// tombstones, clock_floors, batch_stamps, key_marks; BootstrapStateSQL adds bootstrap) belong to
 // one region and are never applied elsewhere, but the publication, FOR
 // ALL TABLES, includes them: PostgreSQL 15 cannot leave a schema out of
 // such a publication. So each has a primary key (Setup adds clock_floors'
