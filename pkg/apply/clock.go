@@ -79,18 +79,21 @@ CREATE TABLE IF NOT EXISTS prism.tombstones (
 -- of a missing key both upsert the key's mark (prism.mark): the second
 -- to commit fails with a serialization failure when its snapshot
 -- predates the first, and is applied again on a snapshot that shows it.
--- A mark matters only while such a transaction runs; Collect removes
--- marks older than an hour.
-CREATE TABLE IF NOT EXISTS prism.key_marks (
-	table_name text COLLATE "C" NOT NULL,
-	key        text COLLATE "C" NOT NULL,
-	at         timestamptz      NOT NULL DEFAULT now(),
-	PRIMARY KEY (table_name, key)
+-- A key is marked by a 64-bit hash of its table and key text: two keys
+-- that share one only make a transaction be applied again. A mark
+-- matters only while such a transaction runs; Collect removes
+-- marks older than an hour. So the table is UNLOGGED: a crash ends every
+-- transaction a mark could meet, its writes cost no WAL, and logical
+-- decoding leaves them out (the region's walsender does not decode them
+-- for its node to drop).
+CREATE UNLOGGED TABLE IF NOT EXISTS prism.key_marks (
+	h  bigint      PRIMARY KEY,
+	at timestamptz NOT NULL DEFAULT now()
 );
 CREATE OR REPLACE FUNCTION prism.mark(tbl text, k jsonb) RETURNS boolean
 LANGUAGE sql AS $f$
-	INSERT INTO prism.key_marks AS m (table_name, key) VALUES ($1, $2::text)
-	ON CONFLICT (table_name, key) DO UPDATE SET at = EXCLUDED.at
+	INSERT INTO prism.key_marks AS m (h) VALUES (hashtextextended($1 || ' ' || $2::text, 0))
+	ON CONFLICT (h) DO UPDATE SET at = EXCLUDED.at
 	RETURNING true
 $f$;
 -- xact is the (sub)transaction that wrote a floored row version (its

@@ -306,11 +306,13 @@
 // their UPDATE and DELETE (55000), and with REPLICA IDENTITY FULL every
 // DELETE would log and send the whole old row instead of its key. Their
 // changes still pass through the walsender; the node's decoder drops them
-// before it parses their tuples (decode.SkipSchemas). None is UNLOGGED:
+// before it parses their tuples (decode.SkipSchemas). None but one is UNLOGGED:
 // an unlogged table is emptied by a crash and is empty on a promoted
 // standby, and each of them must survive both - floors and tombstones
 // decide last_write_wins in the same transaction as the row they stamp,
 // dead letters and the undo and conflict logs are the record an operator
 // relies on (nothing is dropped silently). Row stamps last as long as the
-// versions they stamp, up to the collection horizon.
+// versions they stamp, up to the collection horizon. The exception is
+// key_marks, which matter only to transactions in progress: it is
+// UNLOGGED.
 package apply
