@@ -12,6 +12,7 @@ import (
 
 // New returns a logger writing to w at cfg.Level, as JSON lines or, for
 // format console, as human-readable lines. Every event carries a timestamp.
+// The logger may be used from several goroutines whatever w is.
 func New(w io.Writer, cfg config.Log) (zerolog.Logger, error) {
 	level, err := zerolog.ParseLevel(cfg.Level)
 	if err != nil || cfg.Level == "" {
@@ -29,5 +30,8 @@ func New(w io.Writer, cfg config.Log) (zerolog.Logger, error) {
 		// only read it.
 		zerolog.DurationFieldFormat = zerolog.DurationFormatString
 	}
-	return zerolog.New(w).Level(level).With().Timestamp().Logger(), nil
+	// A node logs from many goroutines at once: one event is one Write,
+	// and SyncWriter keeps two Writes apart for a writer that is not safe
+	// for concurrent use (a buffer, a pipe of the caller's).
+	return zerolog.New(zerolog.SyncWriter(w)).Level(level).With().Timestamp().Logger(), nil
 }
