@@ -16,16 +16,18 @@ import (
 	"github.com/prism-cdc/prism-cdc/pkg/peers"
 )
 
-// recorder forwards TCP connections to target and keeps the first
-// connection's client-to-server bytes (up to limit), so a test can replay
-// what a real shipper sent.
+// recorder forwards TCP connections to target and keeps each
+// connection's client-to-server bytes (up to limit each), so a test can
+// replay what a real shipper sent: the longest of them (a shipper's
+// first connections may be refused while the node waits for its
+// database).
 type recorder struct {
 	ln     net.Listener
 	target string
 	limit  int
 
 	mu    sync.Mutex
-	first *bytes.Buffer
+	bufs  []*bytes.Buffer
 	conns []net.Conn
 	wg    sync.WaitGroup
 }
@@ -55,11 +57,9 @@ func (r *recorder) accept() {
 			continue
 		}
 		r.mu.Lock()
-		var rec io.Writer = io.Discard
-		if r.first == nil {
-			r.first = &bytes.Buffer{}
-			rec = &limited{buf: r.first, mu: &r.mu, max: r.limit}
-		}
+		buf := &bytes.Buffer{}
+		r.bufs = append(r.bufs, buf)
+		rec := &limited{buf: buf, mu: &r.mu, max: r.limit}
 		r.conns = append(r.conns, c, s)
 		r.mu.Unlock()
 		r.wg.Add(2)
@@ -81,10 +81,13 @@ func (r *recorder) close() {
 func (r *recorder) recorded() []byte {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.first == nil {
-		return nil
+	var longest []byte
+	for _, b := range r.bufs {
+		if b.Len() > len(longest) {
+			longest = b.Bytes()
+		}
 	}
-	return append([]byte(nil), r.first.Bytes()...)
+	return append([]byte(nil), longest...)
 }
 
 type limited struct {
