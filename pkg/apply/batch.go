@@ -449,7 +449,7 @@ func (bt *batchTable) statement(kind int) (*batchStatement, error) {
 	marks := ""
 	if kind == groupInsert {
 		// The inserted keys' marks (prism.key_marks), as the row path's.
-		marks = ", m AS (INSERT INTO prism.key_marks (h) SELECT hashtextextended(" + tbl + " || ' ' || " + k.json(k.vals) + "::text, 0) FROM w" +
+		marks = ", m AS (INSERT INTO prism.key_marks (h) SELECT prism.mark_hash(" + tbl + ", " + k.json(k.vals) + ") FROM w" +
 			" ON CONFLICT (h) DO UPDATE SET at = EXCLUDED.at)"
 	}
 	st.sql = "WITH w AS (" + w + "), s AS (INSERT INTO prism.batch_stamps (xact, table_name, newest, keys, ts) SELECT xid(pg_catalog.pg_current_xact_id()), " +

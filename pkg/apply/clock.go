@@ -76,7 +76,7 @@ CREATE TABLE IF NOT EXISTS prism.tombstones (
 -- both would commit, and this region would keep the row while every
 -- other region ends with the delete. So an applied insert (row by row,
 -- in a batch, or for an update of a missing row) and an applied delete
--- of a missing key both upsert the key's mark (prism.mark): the second
+-- of a missing key both upsert the key's mark (markSQL): the second
 -- to commit fails with a serialization failure when its snapshot
 -- predates the first, and is applied again on a snapshot that shows it.
 -- A key is marked by a 64-bit hash of its table and key text: two keys
@@ -90,11 +90,12 @@ CREATE UNLOGGED TABLE IF NOT EXISTS prism.key_marks (
 	h  bigint      PRIMARY KEY,
 	at timestamptz NOT NULL DEFAULT now()
 );
-CREATE OR REPLACE FUNCTION prism.mark(tbl text, k jsonb) RETURNS boolean
-LANGUAGE sql AS $f$
-	INSERT INTO prism.key_marks AS m (h) VALUES (hashtextextended($1 || ' ' || $2::text, 0))
-	ON CONFLICT (h) DO UPDATE SET at = EXCLUDED.at
-	RETURNING true
+DROP FUNCTION IF EXISTS prism.mark(text, jsonb);
+-- mark_hash is the mark of key k of table tbl; IMMUTABLE and plain SQL,
+-- so the planner inlines it.
+CREATE OR REPLACE FUNCTION prism.mark_hash(tbl text, k jsonb) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $f$
+	SELECT pg_catalog.hashtextextended($1 || ' ' || $2::text, 0)
 $f$;
 -- xact is the (sub)transaction that wrote a floored row version (its
 -- xmin), top its top-level transaction; a transaction's stamp takes the

@@ -2,6 +2,10 @@ package apply
 
 import "github.com/prism-cdc/prism-cdc/pkg/decode"
 
+// markSQL upserts the mark (prism.key_marks) of key k of table tbl, in
+// PL/pgSQL with variables of those names.
+const markSQL = "INSERT INTO prism.key_marks (h) VALUES (prism.mark_hash(tbl, k)) ON CONFLICT (h) DO UPDATE SET at = EXCLUDED.at"
+
 // BootstrapStateSQL creates the table in which prism-cdc bootstrap records
 // its runs in the target region. The bootstrap writes it; appliers read it
 // (prism.bootstrap_check).
@@ -143,14 +147,14 @@ BEGIN
 		WHERE t.table_name = tbl AND t.key = k;
 		buried := FOUND AND NOT prism.remote_newer(rts, rregion, tts, tregion);
 		IF kind = 'delete_missing' AND NOT buried THEN
-			PERFORM prism.mark(tbl, k);
+			` + markSQL + `;
 			INSERT INTO prism.tombstones (table_name, key) VALUES (tbl, k)
 			ON CONFLICT (table_name, key) DO UPDATE SET key = EXCLUDED.key;
 		END IF;
 	END IF;
 	ins := kind = 'update_missing' AND complete AND (policy = 'source_wins' OR (policy = 'last_write_wins' AND NOT buried));
 	IF ins AND keyed THEN
-		PERFORM prism.mark(tbl, k);
+		` + markSQL + `;
 	END IF;
 	INSERT INTO prism.conflicts (source_region, source_lsn, table_name, key, kind, policy,
 		resolution, winner, local_commit_time, local_origin, remote_commit_time, remote_origin)

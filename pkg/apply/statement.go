@@ -457,10 +457,17 @@ func (b *builder) insert(c *decode.Change, policy Policy) (string, error) {
 		return "", err
 	}
 	// The key's mark (prism.key_marks) meets an applied delete of the
-	// missing key from another source, which the snapshot may not show.
+	// missing key from another source, which the snapshot may not show; a
+	// data-modifying WITH runs once, whatever the insert does.
+	mark := "mk AS (INSERT INTO prism.key_marks (h) VALUES (prism.mark_hash(" + tbl + ", " + keyP + ")) ON CONFLICT (h) DO UPDATE SET at = EXCLUDED.at)"
+	if with == "" {
+		with = "WITH " + mark + " "
+	} else {
+		with = strings.Replace(with, "WITH ", "WITH "+mark+", ", 1)
+	}
 	sql := with + "INSERT INTO " + b.t.ident + " AS x (" + names + ")" + b.overriding(cols) + " SELECT " + ps + from +
 		" WHERE " + lock + " AND (NOT EXISTS (SELECT 1 FROM prism.tombstones tb WHERE tb.table_name = " + tbl + " AND tb.key = " + keyP + ")" +
-		" OR prism.admit(" + pol + ", " + tbl + ", " + keyP + ")) AND prism.mark(" + tbl + ", " + keyP + ")"
+		" OR prism.admit(" + pol + ", " + tbl + ", " + keyP + "))"
 	if len(sets) == 0 {
 		// Every column is an identity ALWAYS key: d replaced the row
 		// if the insert won.
