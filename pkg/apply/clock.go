@@ -90,7 +90,6 @@ CREATE UNLOGGED TABLE IF NOT EXISTS prism.key_marks (
 	h  bigint      PRIMARY KEY,
 	at timestamptz NOT NULL DEFAULT now()
 );
-DROP FUNCTION IF EXISTS prism.mark(text, jsonb);
 -- mark_hash is the mark of key k of table tbl; IMMUTABLE and plain SQL,
 -- so the planner inlines it.
 CREATE OR REPLACE FUNCTION prism.mark_hash(tbl text, k jsonb) RETURNS bigint

@@ -139,7 +139,7 @@ func applyUntilLocked(t *testing.T, ctx context.Context, a *Applier, txns []*dec
 	for {
 		var waiting bool
 		if err := a.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-			WHERE application_name = 'prism_apply_na' AND wait_event_type = 'Lock')`).Scan(&waiting); err != nil {
+			WHERE application_name = $1 AND wait_event_type = 'Lock')`, a.appName+"_"+txns[0].Origin).Scan(&waiting); err != nil {
 			t.Fatalf("pg_stat_activity: %v", err)
 		}
 		if waiting {

@@ -68,30 +68,7 @@ func testMissingKeyRace(t *testing.T, late string) {
 	if _, err := test.Exec(ctx, "BEGIN; INSERT INTO gate VALUES (1, 'test')"); err != nil {
 		t.Fatal(err)
 	}
-	type result struct {
-		n   int
-		err error
-	}
-	done := make(chan result, 1)
-	go func() { // waited for below
-		n, err := a.ApplyBatch(ctx, held)
-		done <- result{n, err}
-	}()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		var waiting bool
-		if err := test.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-			WHERE wait_event_type = 'Lock' AND wait_event = 'transactionid' AND pid <> pg_backend_pid())`).Scan(&waiting); err != nil {
-			t.Fatal(err)
-		}
-		if waiting {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the held transaction never waited for the gate row")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	done := applyUntilLocked(t, ctx, a, held)
 	if n, err := a.ApplyBatch(ctx, []*decode.Txn{first}); n != 1 || err != nil {
 		t.Fatalf("ApplyBatch of the first transaction = %d, %v", n, err)
 	}
