@@ -301,11 +301,21 @@ const beginSQL = "BEGIN ISOLATION LEVEL REPEATABLE READ"
 // after serialization failures and deadlocks with local transactions.
 const maxConflictRetries = 50
 
-// concurrent reports a serialization failure or deadlock.
+// concurrent reports a serialization failure or deadlock, as an *Error
+// or as the server's error itself.
 func concurrent(err error) bool {
 	var e *Error
-	return errors.As(err, &e) && (e.SQLState == "40001" || e.SQLState == "40P01")
+	if errors.As(err, &e) {
+		return concurrentState(e.SQLState)
+	}
+	state, _ := classify(err)
+	return concurrentState(state)
 }
+
+// concurrentState reports whether a SQLSTATE is a serialization failure
+// or a deadlock: the transaction met a concurrent write and applying it
+// again on a fresh snapshot may succeed.
+func concurrentState(state string) bool { return state == "40001" || state == "40P01" }
 
 // Limits of one pipeline: the statements of one round trip. They bound
 // the memory a batch holds besides the transactions themselves.

@@ -684,7 +684,7 @@ func (p *pipeline) batch(ctx context.Context, i, end int, bp *batchPlan) (ok, co
 		}
 		return false, false, p.lost(rerr)
 	}
-	conflict = batched(err) || pgErr.Code == "40001" || pgErr.Code == "40P01"
+	conflict = batched(err) || concurrentState(pgErr.Code)
 	p.a.log.Debug().Err(err).Bool("conflict", conflict).Int("txns", end-i).Msg("batch rolled back; applying by rows")
 	return false, conflict, nil
 }

@@ -536,8 +536,17 @@ func (a *Applier) Retry(ctx context.Context, id int64) error {
 	var table string
 	var op decode.Op
 	err = a.withOrigin(ctx, txn.Origin, func(conn *pgxpool.Conn, _ pglogrepl.LSN) error {
-		table, op, err = a.replayParked(ctx, conn, id, txn)
-		return err
+		// A concurrent write (a local one, or another source's on the
+		// live apply path) fails the replay with a serialization failure
+		// or a deadlock; like the live path, apply it again at once on a
+		// fresh snapshot.
+		for tries := 0; ; tries++ {
+			table, op, err = a.replayParked(ctx, conn, id, txn)
+			if err == nil || !concurrent(err) || tries == maxConflictRetries || ctx.Err() != nil {
+				return err
+			}
+			a.log.Debug().Err(err).Int64("id", id).Msg("concurrent write during a dead-letter retry; applying again")
+		}
 	})
 	if err == nil {
 		a.log.Info().Int64("id", id).Str("origin", txn.Origin).Stringer("end_lsn", txn.EndLSN).Msg("dead letter retried")

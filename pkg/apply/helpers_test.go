@@ -127,19 +127,28 @@ type batchResult struct {
 // applyUntilLocked runs ApplyBatch(txns) in the background and returns once
 // its session waits for a lock (a local transaction holds one); the
 // channel then gets its result. It fails the test if ApplyBatch returns
-// first. pg_stat_activity is asked through a's pool, outside any local
-// transaction: within one it stays as the transaction first read it.
+// first.
 func applyUntilLocked(t *testing.T, ctx context.Context, a *Applier, txns []*decode.Txn) <-chan batchResult {
+	t.Helper()
+	return runUntilLocked(t, ctx, a, txns[0].Origin, func() (int, error) { return a.ApplyBatch(ctx, txns) })
+}
+
+// runUntilLocked runs fn in the background and returns once a's session
+// holding the origin of source waits for a lock (a local transaction
+// holds one); the channel then gets fn's result. It fails the test if fn
+// returns first. pg_stat_activity is asked through a's pool, outside any
+// local transaction: within one it stays as the transaction first read it.
+func runUntilLocked(t *testing.T, ctx context.Context, a *Applier, source string, fn func() (int, error)) <-chan batchResult {
 	t.Helper()
 	done := make(chan batchResult, 1)
 	go func() {
-		n, err := a.ApplyBatch(ctx, txns)
+		n, err := fn()
 		done <- batchResult{n, err}
 	}()
 	for {
 		var waiting bool
 		if err := a.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-			WHERE application_name = $1 AND wait_event_type = 'Lock')`, a.appName+"_"+txns[0].Origin).Scan(&waiting); err != nil {
+			WHERE application_name = $1 AND wait_event_type = 'Lock')`, a.appName+"_"+source).Scan(&waiting); err != nil {
 			t.Fatalf("pg_stat_activity: %v", err)
 		}
 		if waiting {
@@ -147,7 +156,7 @@ func applyUntilLocked(t *testing.T, ctx context.Context, a *Applier, txns []*dec
 		}
 		select {
 		case r := <-done:
-			t.Fatalf("ApplyBatch = %d, %v before the local transaction ended", r.n, r.err)
+			t.Fatalf("%d, %v before the local transaction ended", r.n, r.err)
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
