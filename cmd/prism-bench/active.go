@@ -156,8 +156,16 @@ func (e *env) activePhase(ctx context.Context, c string, rate, base int) (res ac
 	if err != nil {
 		return res, err
 	}
+	if c == prismMesh {
+		if err := e.resetStatements(ctx); err != nil {
+			return res, err
+		}
+	}
 	if err := e.activeWrite(ctx, c, regions, rate, prefix, base, tick); err != nil {
 		return res, err
+	}
+	if c == prismMesh {
+		e.logStatements(ctx, fmt.Sprintf("active %s at %d tps", c, rate))
 	}
 	if err := e.activeMeasure(ctx, &res, regions, prefix, base, lo, tick); err != nil {
 		return res, err

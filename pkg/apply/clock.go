@@ -123,11 +123,19 @@ CREATE INDEX IF NOT EXISTS clock_floors_xact ON prism.clock_floors USING hash (x
 CREATE INDEX IF NOT EXISTS clock_floors_top ON prism.clock_floors USING hash (top);
 CREATE INDEX IF NOT EXISTS clock_floors_at ON prism.clock_floors (at);
 ` + horizonSQL + `
+-- stamp, row_stamp, own and region_of read tables, so they are PL/pgSQL:
+-- PostgreSQL inlines no SQL function whose body has a subquery, and
+-- plans such a function's body anew at every call (about 0.1 ms each),
+-- while PL/pgSQL keeps its plans for the session.
 CREATE OR REPLACE FUNCTION prism.stamp(x xid) RETURNS timestamptz
-LANGUAGE sql STABLE AS $f$
-	SELECT greatest(pg_catalog.pg_xact_commit_timestamp($1),
-		(SELECT max(t.floor) + interval '1 microsecond' FROM prism.clock_floors t
-		 WHERE t.top IN (SELECT f.top FROM prism.clock_floors f WHERE f.xact = $1)))
+LANGUAGE plpgsql STABLE AS $f$
+DECLARE
+	fl timestamptz;
+BEGIN
+	SELECT max(t.floor) + interval '1 microsecond' INTO fl FROM prism.clock_floors t
+	WHERE t.top IN (SELECT f.top FROM prism.clock_floors f WHERE f.xact = x);
+	RETURN greatest(pg_catalog.pg_xact_commit_timestamp(x), fl);
+END
 $f$;
 -- batch_stamps holds the stamps of row versions (and tombstones) that a
 -- batch wrote: one target transaction that applies several source
@@ -230,10 +238,14 @@ $r$;
 -- row_stamp is the stamp of the version (or tombstone) of key k of table
 -- tbl whose xmin is x.
 CREATE OR REPLACE FUNCTION prism.row_stamp(tbl text, k jsonb, x xid) RETURNS timestamptz
-LANGUAGE sql STABLE AS $f$
-	SELECT coalesce((SELECT s.ts[i] FROM prism.batch_stamps s, array_position(s.keys, $2::text) i
-		WHERE s.xact = $3 AND s.table_name = $1 AND i IS NOT NULL LIMIT 1),
-		prism.stamp($3))
+LANGUAGE plpgsql STABLE AS $f$
+DECLARE
+	ts timestamptz;
+BEGIN
+	SELECT s.ts[i] INTO ts FROM prism.batch_stamps s, array_position(s.keys, k::text) i
+	WHERE s.xact = x AND s.table_name = tbl AND i IS NOT NULL LIMIT 1;
+	RETURN coalesce(ts, prism.stamp(x));
+END
 $f$;
 -- batch_check fails a batch (PR002) when one of its statements changed
 -- fewer rows than it carries: a row that needs a conflict check, a
@@ -252,9 +264,11 @@ $f$;
 -- subtransactions that raised a floor)? Its stamp is this transaction's
 -- own, not one to raise a floor over.
 CREATE OR REPLACE FUNCTION prism.own(x xid) RETURNS boolean
-LANGUAGE sql STABLE AS $f$
-	SELECT $1 = xid(pg_current_xact_id())
-		OR EXISTS (SELECT 1 FROM prism.clock_floors f WHERE f.xact = $1 AND f.top = xid(pg_current_xact_id()))
+LANGUAGE plpgsql STABLE AS $f$
+BEGIN
+	RETURN x = xid(pg_current_xact_id())
+		OR EXISTS (SELECT 1 FROM prism.clock_floors f WHERE f.xact = x AND f.top = xid(pg_current_xact_id()));
+END
 $f$;
 CREATE OR REPLACE FUNCTION prism.raise_floor(s timestamptz) RETURNS void
 LANGUAGE plpgsql AS $f$

@@ -73,13 +73,18 @@ BEGIN
 	END IF;
 END
 $f$;
+-- region_of is PL/pgSQL for the reason prism.stamp is (see clockSetupSQL).
 CREATE OR REPLACE FUNCTION prism.region_of(ident oid) RETURNS text
-LANGUAGE sql STABLE AS $f$
-	SELECT CASE
-		WHEN ident IS NULL OR ident = 0 THEN current_setting('prism.local_region', true)
-		ELSE (SELECT ` + decode.OriginRegionSQL + `
-		      FROM pg_catalog.pg_replication_origin WHERE roident = ident)
-	END
+LANGUAGE plpgsql STABLE AS $f$
+DECLARE
+	r text;
+BEGIN
+	IF ident IS NULL OR ident = 0 THEN
+		RETURN current_setting('prism.local_region', true);
+	END IF;
+	SELECT ` + decode.OriginRegionSQL + ` INTO r FROM pg_catalog.pg_replication_origin WHERE roident = ident;
+	RETURN r;
+END
 $f$;
 CREATE OR REPLACE FUNCTION prism.resolve(kind text, policy text, tbl text, key jsonb, row_xmin xid)
 RETURNS boolean LANGUAGE plpgsql AS $f$

@@ -427,8 +427,9 @@ func (b *builder) insert(c *decode.Change, policy Policy) (string, error) {
 	}
 	keys := b.keyCols()
 	// A key with a tombstone is inserted only when the insert is newer
-	// than the delete (prism.admit); the common case, no tombstone, costs
-	// one index probe.
+	// than the delete (prism.admit); the common cases, no tombstone or one
+	// stamped before the insert (a hot key deleted and inserted again),
+	// cost one index probe and no call.
 	keyP, err := b.keyJSONParams(tupleNew, keys)
 	if err != nil {
 		return "", err
@@ -466,7 +467,8 @@ func (b *builder) insert(c *decode.Change, policy Policy) (string, error) {
 		with = strings.Replace(with, "WITH ", "WITH "+mark+", ", 1)
 	}
 	sql := with + "INSERT INTO " + b.t.ident + " AS x (" + names + ")" + b.overriding(cols) + " SELECT " + ps + from +
-		" WHERE " + lock + " AND (NOT EXISTS (SELECT 1 FROM prism.tombstones tb WHERE tb.table_name = " + tbl + " AND tb.key = " + keyP + ")" +
+		" WHERE " + lock + " AND (NOT EXISTS (SELECT 1 FROM prism.tombstones tb WHERE tb.table_name = " + tbl + " AND tb.key = " + keyP +
+		" AND NOT " + stampedBefore("tb", b.commitTime()) + ")" +
 		" OR prism.admit(" + pol + ", " + tbl + ", " + keyP + "))"
 	if len(sets) == 0 {
 		// Every column is an identity ALWAYS key: d replaced the row
@@ -618,9 +620,17 @@ func (b *builder) match(c *decode.Change, alias string) (string, []int, tuple, e
 // server CPU of a replicated update. OR evaluates its arguments in order
 // and stops at the first true.
 func resolveCall(kind, pol, tbl, key, ts string) string {
-	return "((coalesce(pg_catalog.pg_xact_commit_timestamp(x.xmin) < " + ts + ", true)" +
-		" AND ((SELECT pg_catalog.current_setting('prism.floors') = 'false') OR NOT EXISTS (SELECT 1 FROM prism.clock_floors f WHERE f.xact = x.xmin)))" +
-		" OR prism.resolve(" + lit(kind) + ", " + pol + ", " + tbl + ", " + key + ", x.xmin))"
+	return "(" + stampedBefore("x", ts) + " OR prism.resolve(" + lit(kind) + ", " + pol + ", " + tbl + ", " + key + ", x.xmin))"
+}
+
+// stampedBefore is the cheap test that the version of row alias (a row
+// of an application table or of prism.tombstones) is stamped before the
+// incoming commit time ts, or written by this transaction: its commit
+// time is earlier (a batch's stamps are at most its commit time) or
+// unknown, and it has no clock floor (see resolveCall).
+func stampedBefore(alias, ts string) string {
+	return "(coalesce(pg_catalog.pg_xact_commit_timestamp(" + alias + ".xmin) < " + ts + ", true)" +
+		" AND ((SELECT pg_catalog.current_setting('prism.floors') = 'false') OR NOT EXISTS (SELECT 1 FROM prism.clock_floors f WHERE f.xact = " + alias + ".xmin)))"
 }
 
 // missingInsert is the INSERT prism.update_missing runs for an update
