@@ -907,7 +907,7 @@ type pipeline struct {
 	txns []*decode.Txn
 	skip []bool // already applied
 
-	begin, setup, commit *pgconn.StatementDescription
+	begin, setup, commit, barrier *pgconn.StatementDescription
 
 	cmds []cmd
 	size int
@@ -941,7 +941,10 @@ func (p *pipeline) prepare(ctx context.Context) error {
 	if p.begin, err = conn.Prepare(ctx, "prism_begin", beginSQL); err != nil {
 		return err
 	}
-	p.commit, err = conn.Prepare(ctx, "prism_commit", "COMMIT")
+	if p.commit, err = conn.Prepare(ctx, "prism_commit", "COMMIT"); err != nil {
+		return err
+	}
+	p.barrier, err = conn.Prepare(ctx, "prism_barrier", barrierSQL)
 	return err
 }
 
@@ -1031,7 +1034,7 @@ func (p *pipeline) send(ctx context.Context, final bool) error {
 	// BEGIN, with its isolation level, could not join).
 	for i := len(p.cmds) - 1; i >= 0; i-- {
 		if p.cmds[i].commit {
-			p.cmds = append(p.cmds, cmd{txn: p.cmds[i].txn, change: -1, barrier: true, sql: barrierSQL})
+			p.cmds = append(p.cmds, cmd{txn: p.cmds[i].txn, change: -1, barrier: true, sd: p.barrier})
 			break
 		}
 	}

@@ -652,7 +652,7 @@ func (p *pipeline) batch(ctx context.Context, i, end int, bp *batchPlan) (ok, co
 		b.ExecStatement(sds[k], args[k], nil, nil)
 	}
 	b.ExecStatement(p.commit, nil, nil, nil)
-	b.ExecParams(barrierSQL, nil, nil, nil, nil)
+	b.ExecStatement(p.barrier, nil, nil, nil)
 	mrr := pc.ExecBatch(ctx, b)
 	if end == len(p.txns) && p.a.testAfterSend != nil {
 		p.a.testAfterSend(pc.PID())
