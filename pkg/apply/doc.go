@@ -230,11 +230,12 @@
 // has another xmin, so the row stamp is stale and ignored: a local write
 // is stamped by its own commit timestamp. A batch's commit timestamp is
 // the greatest of its transactions', so a check that reads only the
-// commit timestamp (the cheap test, prism_clock, Collect) sees at least
-// the exact stamp and errs on the safe side: a local write over a batched
-// version raises its floor at most to that commit time, and a change the
-// cheap test does not accept goes to prism.resolve, which reads the row
-// stamp. The copy of a new region (internal/bootstrap) takes a row's row
+// commit timestamp (the cheap test of an update, a delete or an insert
+// over a tombstone, prism_clock, Collect) sees at least the exact stamp
+// and errs on the safe side: a local write over a batched version raises
+// its floor at most to that commit time, and a change the cheap test does
+// not accept goes to prism.resolve (prism.admit for an insert over a
+// tombstone), which reads the row stamp. The copy of a new region (internal/bootstrap) takes a row's row
 // stamp in preference to its commit time too. Pairs are totally
 // ordered (ties broken by the greater region name). Two rules keep the
 // greatest pair on every region:
