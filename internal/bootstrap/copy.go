@@ -273,7 +273,7 @@ func (w *originWriter) prepare(ctx context.Context, t *table) (string, error) {
 	if name, ok := w.prepared[t]; ok {
 		return name, nil
 	}
-	name := fmt.Sprintf("prism_bootstrap_%d", len(w.prepared))
+	name := fmt.Sprintf("%s_%d", appName, len(w.prepared))
 	if _, err := w.s.conn.Prepare(ctx, name, t.insertSQL(), nil); err != nil {
 		return "", fmt.Errorf("prepare insert into %s: %w", t.name(), err)
 	}

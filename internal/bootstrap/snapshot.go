@@ -193,8 +193,10 @@ func takeSnapshot(ctx context.Context, dsn, target string) (*snapshot, error) {
 }
 
 // markerPrefix prefixes the logical message that ends resolveOrigins'
-// decoding; no node asks pgoutput for messages.
-const markerPrefix = "prism_bootstrap"
+// decoding; a node's reader drops messages of any prefix but its own
+// (decode.FloorPrefix, decode.DDLPrefix), and this one is not
+// transactional.
+const markerPrefix = appName
 
 // resolveOrigins finds, for every other region X, the source's progress of
 // origin prism_X as of the snapshot. The progress is not MVCC, so it is
