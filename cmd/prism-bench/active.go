@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
+	"sort"
 	"strings"
 	"time"
 
@@ -92,26 +94,87 @@ type activeRegion struct {
 }
 
 // active runs the active-active scenario for prism-cdc and pglogical, at
-// every rate in turn; each phase writes its own range of hot keys.
+// every rate in turn, -active-runs times with the contenders' order
+// alternating from one run to the next (so a noisy stretch of the host
+// is shared out); each phase writes its own range of hot keys. It
+// returns every phase.
 func (e *env) active(ctx context.Context) ([]activeResult, error) {
-	var out []activeResult
-	phase := 0
+	var cs []string
 	for _, c := range []string{prismMesh, pglogicalMesh} {
-		if c == prismMesh && !e.cfg.contenders["prism"] || c == pglogicalMesh && !e.cfg.contenders["pglogical"] {
-			continue
-		}
-		for _, rate := range e.cfg.activeRates {
-			phase++
-			res, err := e.activePhase(ctx, c, rate, phase*1000000)
-			if err != nil {
-				return out, fmt.Errorf("active %s at %d tps: %w", c, rate, err)
-			}
-			e.logf("active %s at %d tps per region: %d transactions, quiesced in %s, %d of %d hot rows differ, lag p50 %s p99 %s max %s %s",
-				c, rate, res.txns, res.quiesce, res.differ, res.rows, res.p50, res.p99, res.pmax, res.note)
-			out = append(out, res)
+		if c == prismMesh && e.cfg.contenders["prism"] || c == pglogicalMesh && e.cfg.contenders["pglogical"] {
+			cs = append(cs, c)
 		}
 	}
+	var out []activeResult
+	phase := 0
+	for run := 1; run <= e.cfg.activeRuns; run++ {
+		for _, c := range cs {
+			for _, rate := range e.cfg.activeRates {
+				phase++
+				res, err := e.activePhase(ctx, c, rate, phase*1000000)
+				if err != nil {
+					return out, fmt.Errorf("active %s at %d tps: %w", c, rate, err)
+				}
+				e.logf("active %s at %d tps per region (run %d/%d): %d transactions, quiesced in %s, %d of %d hot rows differ, lag p50 %s p99 %s max %s %s",
+					c, rate, run, e.cfg.activeRuns, res.txns, res.quiesce, res.differ, res.rows, res.p50, res.p99, res.pmax, res.note)
+				out = append(out, res)
+			}
+		}
+		slices.Reverse(cs)
+	}
 	return out, nil
+}
+
+// medianActive folds the phases of each contender and rate into one
+// result, in the order they first ran (prism-cdc first): the median of
+// the transactions, hot rows, quiesce time and lags, the most rows
+// differing in any phase, "did not quiesce" if any phase did not, the
+// highest peak RSS of each node, and every phase's note.
+func medianActive(rs []activeResult) []activeResult {
+	type key struct {
+		c    string
+		rate int
+	}
+	var order []key
+	by := map[key][]activeResult{}
+	for _, r := range rs {
+		k := key{r.contender, r.rate}
+		if _, ok := by[k]; !ok {
+			order = append(order, k)
+		}
+		by[k] = append(by[k], r)
+	}
+	sort.SliceStable(order, func(i, j int) bool { return order[i].c == prismMesh && order[j].c != prismMesh })
+	var out []activeResult
+	for _, k := range order {
+		ps := by[k]
+		m := activeResult{contender: k.c, rate: k.rate, peakKB: map[string]int64{}}
+		var txns, rows []float64
+		var quiesce, p50, p99, pmax []time.Duration
+		var notes []string
+		stuck := false
+		for _, p := range ps {
+			txns, rows = append(txns, float64(p.txns)), append(rows, float64(p.rows))
+			quiesce = append(quiesce, p.quiesce)
+			stuck = stuck || p.quiesce <= 0
+			p50, p99, pmax = append(p50, p.p50), append(p99, p.p99), append(pmax, p.pmax)
+			m.differ = max(m.differ, p.differ)
+			for n, kb := range p.peakKB {
+				m.peakKB[n] = max(m.peakKB[n], kb)
+			}
+			if p.note != "" {
+				notes = append(notes, p.note)
+			}
+		}
+		m.txns, m.rows = int(medianF(txns)), int(medianF(rows))
+		m.quiesce, m.p50, m.p99, m.pmax = medianDur(quiesce), medianDur(p50), medianDur(p99), medianDur(pmax)
+		if stuck {
+			m.quiesce = 0
+		}
+		m.note = strings.Join(notes, "; ")
+		out = append(out, m)
+	}
+	return out
 }
 
 func (e *env) activeRegions(c string) []activeRegion {

@@ -109,3 +109,25 @@ func TestCheckPglogicalNamesPackage(t *testing.T) {
 		t.Fatalf("checkPglogical(empty dir) = %v, want an error naming postgresql-15-pglogical", err)
 	}
 }
+
+func TestMedianActive(t *testing.T) {
+	ms := func(n int) time.Duration { return time.Duration(n) * time.Millisecond }
+	got := medianActive([]activeResult{
+		{contender: prismMesh, rate: 200, txns: 100, rows: 10, quiesce: ms(30), p50: ms(5), p99: ms(90), pmax: ms(200), differ: 0, peakKB: map[string]int64{"na1": 20}},
+		{contender: pglogicalMesh, rate: 200, txns: 98, rows: 9, quiesce: ms(80), p50: ms(1), p99: ms(15), pmax: ms(60)},
+		{contender: pglogicalMesh, rate: 200, txns: 99, rows: 9, quiesce: 0, p50: ms(2), p99: ms(14), pmax: ms(70), note: "late"},
+		{contender: prismMesh, rate: 200, txns: 102, rows: 12, quiesce: ms(40), p50: ms(3), p99: ms(30), pmax: ms(100), differ: 1, peakKB: map[string]int64{"na1": 25}},
+		{contender: prismMesh, rate: 200, txns: 101, rows: 11, quiesce: ms(20), p50: ms(4), p99: ms(50), pmax: ms(150), differ: 0, peakKB: map[string]int64{"na1": 22}},
+		{contender: pglogicalMesh, rate: 200, txns: 97, rows: 8, quiesce: ms(90), p50: ms(3), p99: ms(16), pmax: ms(50)},
+	})
+	if len(got) != 2 {
+		t.Fatalf("medianActive = %d results, want 2: %+v", len(got), got)
+	}
+	p, g := got[0], got[1]
+	if p.contender != prismMesh || p.txns != 101 || p.rows != 11 || p.quiesce != ms(30) || p.p50 != ms(4) || p.p99 != ms(50) || p.pmax != ms(150) || p.differ != 1 || p.peakKB["na1"] != 25 {
+		t.Fatalf("prism-cdc median = %+v, want the medians, 1 row differing (the most) and na1 25 kB (the highest)", p)
+	}
+	if g.contender != pglogicalMesh || g.p99 != ms(15) || g.quiesce != 0 || g.note != "late" {
+		t.Fatalf("pglogical median = %+v, want p99 15 ms, did not quiesce (one phase did not), note late", g)
+	}
+}
