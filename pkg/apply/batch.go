@@ -1,6 +1,7 @@
 package apply
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -58,6 +59,24 @@ type batchPlan struct {
 	order  []string
 	rows   int
 	bytes  int
+	// journal records what the transaction being added changed in the
+	// tables, so that undo can put the plan back (see mark).
+	journal []undoEntry
+}
+
+// undoEntry is one change to a batch table: key's row replaced (prev is
+// the row before), key added (prev nil; it was appended to order), or a
+// row appended to append (app).
+type undoEntry struct {
+	bt   *batchTable
+	key  string
+	prev *batchRow
+	app  bool
+}
+
+// planMark is a plan's size before a transaction is added.
+type planMark struct {
+	tables, rows, bytes int
 }
 
 // errNotBatchable says a transaction cannot join a batch; it is applied
@@ -75,78 +94,48 @@ var errNotBatchable = errors.New("not batchable")
 func (a *Applier) plan(ctx context.Context, conn *pgx.Conn, txns []*decode.Txn) (*batchPlan, int) {
 	bp := &batchPlan{tables: map[string]*batchTable{}}
 	for n, t := range txns {
-		undo := bp.snapshot(t)
+		m := bp.mark()
 		if err := bp.add(ctx, a, conn, t); err != nil {
-			undo()
+			bp.undo(m)
 			return bp, n
 		}
 		if bp.rows > maxBatchRows || bp.bytes > maxBatchBytes {
-			undo()
+			bp.undo(m)
 			return bp, n
 		}
 	}
 	return bp, len(txns)
 }
 
-// snapshot returns a function that puts back the plan as it is before
-// transaction t is added.
-func (bp *batchPlan) snapshot(t *decode.Txn) func() {
-	type saved struct {
-		bt     *batchTable
-		key    string
-		row    *batchRow
-		exists bool
-	}
-	var keep []saved
-	tables := len(bp.order)
-	appends := map[*batchTable]int{}
-	orders := map[*batchTable]int{}
-	rows, bytes := bp.rows, bp.bytes
-	for _, bt := range bp.tables {
-		appends[bt] = len(bt.append)
-		orders[bt] = len(bt.order)
-	}
-	for j := range t.Changes {
-		c := &t.Changes[j]
-		if c.Rel == nil {
-			continue
-		}
-		bt := bp.tables[relName(c)]
-		if bt == nil || !bt.keyed {
-			continue
-		}
-		for _, vs := range [][]decode.Value{c.New, c.Old} {
-			if k, ok := bt.key(vs); ok {
-				r, exists := bt.rows[k]
-				if exists {
-					cp := *r
-					r = &cp
-				}
-				keep = append(keep, saved{bt, k, r, exists})
-			}
+// mark starts the journal of the next transaction and returns the plan's
+// size before it.
+func (bp *batchPlan) mark() planMark {
+	bp.journal = bp.journal[:0]
+	return planMark{tables: len(bp.order), rows: bp.rows, bytes: bp.bytes}
+}
+
+// undo puts the plan back as it was at m, before the transaction that
+// the journal records: its changes are reverted newest first (so a key
+// it added is the last of its table's order), its new tables dropped.
+func (bp *batchPlan) undo(m planMark) {
+	for i := len(bp.journal) - 1; i >= 0; i-- {
+		e := bp.journal[i]
+		switch {
+		case e.app:
+			e.bt.append = e.bt.append[:len(e.bt.append)-1]
+		case e.prev == nil:
+			delete(e.bt.rows, e.key)
+			e.bt.order = e.bt.order[:len(e.bt.order)-1]
+		default:
+			e.bt.rows[e.key] = e.prev
 		}
 	}
-	return func() {
-		for i := len(keep) - 1; i >= 0; i-- {
-			s := keep[i]
-			if s.exists {
-				s.bt.rows[s.key] = s.row
-			} else {
-				delete(s.bt.rows, s.key)
-			}
-		}
-		for _, name := range bp.order[tables:] {
-			delete(bp.tables, name)
-		}
-		bp.order = bp.order[:tables]
-		for bt, n := range appends {
-			bt.append = bt.append[:n]
-		}
-		for bt, n := range orders {
-			bt.order = bt.order[:n]
-		}
-		bp.rows, bp.bytes = rows, bytes
+	bp.journal = bp.journal[:0]
+	for _, name := range bp.order[m.tables:] {
+		delete(bp.tables, name)
 	}
+	bp.order = bp.order[:m.tables]
+	bp.rows, bp.bytes = m.rows, m.bytes
 }
 
 // key is the text of a keyed row's key columns, or false when one is not
@@ -213,10 +202,11 @@ func (bp *batchPlan) add(ctx context.Context, a *Applier, conn *pgx.Conn, t *dec
 				return errNotBatchable
 			}
 			bt.append = append(bt.append, c.New)
+			bp.journal = append(bp.journal, undoEntry{bt: bt, app: true})
 			bp.count(c.New)
 			continue
 		}
-		r, err := bt.change(c, ts)
+		r, err := bt.change(c, ts, &bp.journal)
 		if err != nil {
 			return err
 		}
@@ -264,8 +254,9 @@ func (bp *batchPlan) count(vs []decode.Value) {
 
 // change folds change c of a keyed table, of a transaction committed at
 // ts, into its key's net change and returns that, or errNotBatchable
-// when the row path would decide it differently.
-func (bt *batchTable) change(c *decode.Change, ts []byte) (*batchRow, error) {
+// when the row path would decide it differently (then it changed
+// nothing). What it changes it records in journal.
+func (bt *batchTable) change(c *decode.Change, ts []byte, journal *[]undoEntry) (*batchRow, error) {
 	var k string
 	var ok bool
 	switch c.Op {
@@ -288,6 +279,7 @@ func (bt *batchTable) change(c *decode.Change, ts []byte) (*batchRow, error) {
 		r = &batchRow{first: c.Op, check: ts}
 		bt.rows[k] = r
 		bt.order = append(bt.order, k)
+		*journal = append(*journal, undoEntry{bt: bt, key: k})
 	case r.last == decode.OpDelete, c.Op == decode.OpInsert:
 		// Written again after its delete, or inserted over a version:
 		// the row path decides that.
@@ -296,6 +288,8 @@ func (bt *batchTable) change(c *decode.Change, ts []byte) (*batchRow, error) {
 		// Inserted and deleted: the row path leaves the tombstone.
 		return nil, errNotBatchable
 	default:
+		// A copy: the journal keeps the row as it was.
+		*journal = append(*journal, undoEntry{bt: bt, key: k, prev: r})
 		cp := *r
 		r = &cp
 		bt.rows[k] = r
@@ -309,27 +303,42 @@ func (bt *batchTable) change(c *decode.Change, ts []byte) (*batchRow, error) {
 	return r, nil
 }
 
-// arrayLiteral writes vs as a PostgreSQL array literal of text elements.
-func arrayLiteral(b *strings.Builder, vs [][]byte, nulls []bool) {
-	b.WriteByte('{')
+// appendArrayLiteral appends vs as a PostgreSQL array literal of text
+// elements: each element double-quoted, with its double quotes and
+// backslashes escaped by a backslash, NULL where nulls says so.
+func appendArrayLiteral(dst []byte, vs [][]byte, nulls []bool) []byte {
+	dst = append(dst, '{')
 	for i, v := range vs {
 		if i > 0 {
-			b.WriteByte(',')
+			dst = append(dst, ',')
 		}
 		if nulls != nil && nulls[i] {
-			b.WriteString("NULL")
+			dst = append(dst, "NULL"...)
 			continue
 		}
-		b.WriteByte('"')
-		for _, ch := range v {
-			if ch == '"' || ch == '\\' {
-				b.WriteByte('\\')
+		dst = append(dst, '"')
+		for len(v) > 0 {
+			j := bytes.IndexAny(v, `"\`)
+			if j < 0 {
+				dst = append(dst, v...)
+				break
 			}
-			b.WriteByte(ch)
+			dst = append(dst, v[:j]...)
+			dst = append(dst, '\\', v[j])
+			v = v[j+1:]
 		}
-		b.WriteByte('"')
+		dst = append(dst, '"')
 	}
-	b.WriteByte('}')
+	return append(dst, '}')
+}
+
+// literalSize is room for the array literal of vs without its escapes.
+func literalSize(vs [][]byte) int {
+	n := 2
+	for _, v := range vs {
+		n += len(v) + 3
+	}
+	return n
 }
 
 // column is one array parameter: the values of column col of rows.
@@ -343,15 +352,11 @@ func column(rows [][]decode.Value, col int) []byte {
 		}
 		vs[i] = r[col].Data
 	}
-	var b strings.Builder
-	arrayLiteral(&b, vs, nulls)
-	return []byte(b.String())
+	return appendArrayLiteral(make([]byte, 0, literalSize(vs)+2*len(vs)), vs, nulls)
 }
 
 func times(ts [][]byte) []byte {
-	var b strings.Builder
-	arrayLiteral(&b, ts, nil)
-	return []byte(b.String())
+	return appendArrayLiteral(make([]byte, 0, literalSize(ts)), ts, nil)
 }
 
 // batchStatement is the array statement of one table and group kind.

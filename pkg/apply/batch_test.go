@@ -594,3 +594,72 @@ func TestCompactStamps(t *testing.T) {
 		t.Fatalf("second CompactStamps = %d, %v; want 0 (each row is checked once)", n, err)
 	}
 }
+
+func TestArrayLiteral(t *testing.T) {
+	vs := [][]byte{[]byte("plain"), []byte(`a "quoted" \ back\slash`), nil, []byte(""), []byte(`\`), []byte(`""`), []byte("ünï {x,y}")}
+	nulls := []bool{false, false, true, false, false, false, false}
+	want := `{"plain","a \"quoted\" \\ back\\slash",NULL,"","\\","\"\"","ünï {x,y}"}`
+	if got := string(appendArrayLiteral(nil, vs, nulls)); got != want {
+		t.Fatalf("appendArrayLiteral = %s, want %s", got, want)
+	}
+	if got := string(times([][]byte{[]byte("2025-01-01 00:00:00+00")})); got != `{"2025-01-01 00:00:00+00"}` {
+		t.Fatalf("times = %s", got)
+	}
+	if got := string(appendArrayLiteral(nil, nil, nil)); got != "{}" {
+		t.Fatalf("empty array = %s, want {}", got)
+	}
+}
+
+// TestPlanUndo: a transaction that cannot join a batch after some of its
+// changes were folded in (a key inserted over a version, here) leaves
+// the plan exactly as the transactions before it made it: keys, their
+// order and net changes, rows of tables without a key, new tables.
+func TestPlanUndo(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "planundo"})
+	mustExec(t, ctx, c, "postgres", `CREATE TABLE kv (id int PRIMARY KEY, v text); CREATE TABLE logs (v text); CREATE TABLE other (id int PRIMARY KEY)`)
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	if err := a.Setup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v")
+	logs := rel("public", "logs", decode.IdentityDefault, "v")
+	other := rel("public", "other", decode.IdentityDefault, "id*")
+	txns := []*decode.Txn{
+		txn("na", 0x100, 1, ins(kv, "1", "a"), ins(logs, "x")),
+		txn("na", 0x200, 2, upd(kv, nil, "1", "b"), ins(kv, "2", "c")),
+		txn("na", 0x300, 3, upd(kv, nil, "2", "d"), ins(logs, "y"), ins(other, "7"), ins(kv, "3", "e"), upd(kv, nil, "3", "f"), ins(kv, "1", "g")),
+	}
+	conn, err := a.pool.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Release()
+	fingerprint := func(bp *batchPlan) string {
+		var b strings.Builder
+		fmt.Fprintf(&b, "rows %d bytes %d tables %v\n", bp.rows, bp.bytes, bp.order)
+		for _, name := range bp.order {
+			bt := bp.tables[name]
+			fmt.Fprintf(&b, "%s: %d appended, keys %v\n", name, len(bt.append), bt.order)
+			for _, k := range bt.order {
+				r := bt.rows[k]
+				fmt.Fprintf(&b, "  %s %v->%v check %s ts %s vals %s\n", k, r.first, r.last, r.check, r.ts, r.vals[len(r.vals)-1].Data)
+			}
+		}
+		if len(bp.tables) != len(bp.order) {
+			fmt.Fprintf(&b, "%d tables in the map\n", len(bp.tables))
+		}
+		return b.String()
+	}
+	bp, n := a.plan(ctx, conn.Conn(), txns)
+	if n != 2 {
+		t.Fatalf("plan took %d transactions, want 2 (the third inserts key 1 over its version)", n)
+	}
+	want, m := a.plan(ctx, conn.Conn(), txns[:2])
+	if m != 2 {
+		t.Fatalf("plan of the first two took %d", m)
+	}
+	if got, w := fingerprint(bp), fingerprint(want); got != w {
+		t.Fatalf("plan after the undone third transaction:\n%s\nwant, as after the first two:\n%s", got, w)
+	}
+}

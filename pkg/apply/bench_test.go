@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -76,7 +77,7 @@ func BenchmarkApplyPgbench(b *testing.B) {
 		b.Fatal(err)
 	}
 	b.ResetTimer()
-	start := time.Now()
+	start, cpu := time.Now(), processCPU(b)
 	for i := 0; i < len(txns); i += 100 {
 		end := min(len(txns), i+100)
 		if n, err := a.ApplyBatch(ctx, txns[i:end]); err != nil || n != end-i {
@@ -87,10 +88,21 @@ func BenchmarkApplyPgbench(b *testing.B) {
 	b.StopTimer()
 	b.ReportMetric(float64(4*b.N)/elapsed.Seconds(), "rows/s")
 	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "txns/s")
+	b.ReportMetric((processCPU(b)-cpu)/float64(b.N)*1e6, "client-us/txn")
 	got := queryString(b, ctx, a.pool, "SELECT count(*)::text FROM pgbench_history")
 	if got != strconv.Itoa(b.N) {
 		b.Fatalf("history has %s rows, want %d", got, b.N)
 	}
+}
+
+// processCPU returns the CPU seconds this process (the applier's side)
+// used so far.
+func processCPU(b *testing.B) float64 {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()).Seconds()
 }
 
 // clusterCPU returns the CPU seconds the cluster's processes used so far:
@@ -473,5 +485,38 @@ func BenchmarkApplyHotCost(b *testing.B) {
 			b.StopTimer()
 			b.ReportMetric((clusterCPU(b, c)-cpu)/float64(b.N)*1e6, "server-us/txn")
 		})
+	}
+}
+
+// BenchmarkPlan reports the node's CPU and allocations for planning
+// batches of 100 pgbench transactions (the tables' descriptions are
+// cached after the first):
+//
+//	go test ./pkg/apply -run '^$' -bench Plan -benchmem
+func BenchmarkPlan(b *testing.B) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	c := pgtest.Start(b, pgtest.Options{Name: "plan"})
+	pgbenchSchema(b, ctx, c)
+	a := newApplier(b, ctx, c, "postgres", WithLocalRegion("bench-target"))
+	if err := a.Setup(ctx); err != nil {
+		b.Fatal(err)
+	}
+	conn, err := a.pool.Acquire(ctx)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Release()
+	txns := pgbenchTxns(100, 1)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		bp, n := a.plan(ctx, conn.Conn(), txns)
+		if n != len(txns) {
+			b.Fatalf("plan took %d of %d", n, len(txns))
+		}
+		if _, _, err := bp.statements(); err != nil {
+			b.Fatal(err)
+		}
 	}
 }
