@@ -413,19 +413,25 @@ func BenchmarkApplyInsertCost(b *testing.B) {
 				txns[i] = t
 			}
 			lsn += uint64(100*b.N + 1000)
-			mustExec(b, ctx, c, "postgres", "CHECKPOINT")
-			cpu := clusterCPU(b, c)
-			b.ResetTimer()
-			for i := 0; i < len(txns); i += 100 {
-				end := min(len(txns), i+100)
-				if n, err := a.ApplyBatch(ctx, txns[i:end]); err != nil || n != end-i {
-					b.Fatalf("ApplyBatch = %d, %v", n, err)
-				}
-			}
-			b.StopTimer()
-			b.ReportMetric((clusterCPU(b, c)-cpu)/float64(b.N)*1e6, "server-us/txn")
+			applyMeasured(b, ctx, c, a, txns, 100)
 		})
 	}
+}
+
+// applyMeasured applies txns per at a time, after a checkpoint, and
+// reports the cluster's CPU per transaction as server-us/txn.
+func applyMeasured(b *testing.B, ctx context.Context, c *pgtest.Cluster, a *Applier, txns []*decode.Txn, per int) {
+	mustExec(b, ctx, c, "postgres", "CHECKPOINT")
+	cpu := clusterCPU(b, c)
+	b.ResetTimer()
+	for i := 0; i < len(txns); i += per {
+		end := min(len(txns), i+per)
+		if n, err := a.ApplyBatch(ctx, txns[i:end]); err != nil || n != end-i {
+			b.Fatalf("ApplyBatch = %d, %v", n, err)
+		}
+	}
+	b.StopTimer()
+	b.ReportMetric((clusterCPU(b, c)-cpu)/float64(len(txns))*1e6, "server-us/txn")
 }
 
 // BenchmarkApplyHotCost reports the server CPU per transaction of the
@@ -474,16 +480,7 @@ func BenchmarkApplyHotCost(b *testing.B) {
 				lsn += 100
 				txns[i] = &decode.Txn{Origin: "bench", EndLSN: decodeLSN(2000 + lsn), CommitTime: start.Add(time.Duration(seq) * time.Microsecond), Changes: []decode.Change{ch}}
 			}
-			mustExec(b, ctx, c, "postgres", "CHECKPOINT")
-			cpu := clusterCPU(b, c)
-			b.ResetTimer()
-			for _, t := range txns {
-				if n, err := a.ApplyBatch(ctx, []*decode.Txn{t}); err != nil || n != 1 {
-					b.Fatalf("ApplyBatch = %d, %v", n, err)
-				}
-			}
-			b.StopTimer()
-			b.ReportMetric((clusterCPU(b, c)-cpu)/float64(b.N)*1e6, "server-us/txn")
+			applyMeasured(b, ctx, c, a, txns, 1)
 		})
 	}
 }
