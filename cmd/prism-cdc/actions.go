@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime"
 	"runtime/debug"
 	"slices"
 	"strings"
@@ -30,6 +31,11 @@ func runAction(ctx context.Context, _ string, cfg *config.Config, log zerolog.Lo
 		debug.SetMemoryLimit(limit)
 		log.Debug().Int64("memory_limit_bytes", limit).Msg("soft memory limit set from delivery.max_in_flight")
 	}
+	n, from := procs(cfg, os.Getenv("GOMAXPROCS"), runtime.GOMAXPROCS(0))
+	if from != procsFromEnv {
+		runtime.GOMAXPROCS(n)
+	}
+	log.Info().Int("procs", n).Str("from", from).Msg("Go runtime CPUs (GOMAXPROCS)")
 	if err := node.New(cfg, log).Run(ctx); err != nil {
 		log.Error().Err(err).Msg("node stopped with an error")
 		var ce *config.Error
@@ -59,6 +65,33 @@ func memoryLimit(cfg *config.Config, env string) (int64, bool) {
 		return 0, false
 	}
 	return int64(cfg.Delivery.MaxInFlight) + memoryHeadroom, true
+}
+
+// Where procs came from.
+const (
+	procsFromConfig = "config"
+	procsFromEnv    = "GOMAXPROCS"
+	procsFromAuto   = "auto"
+)
+
+// procs returns how many CPUs a node's Go runtime runs goroutines on
+// (GOMAXPROCS) and why: the config's procs when set; else GOMAXPROCS in
+// the environment (env), which the runtime has already applied (avail);
+// else a quarter of avail, the CPUs the runtime found (it honours CPU
+// affinity and cgroup quotas), and at least 1. A node spends its time
+// handing messages between goroutines and system calls: with more than
+// one CPU, each hand-off wakes another thread that spins looking for work
+// and then sleeps: the nodes on a 2-CPU machine used a third more CPU in
+// a backlog with 2 than with 1 (docs/performance.md), CPU their
+// PostgreSQL needed. procs raises it for a node that needs more.
+func procs(cfg *config.Config, env string, avail int) (int, string) {
+	switch {
+	case cfg.Procs > 0:
+		return cfg.Procs, procsFromConfig
+	case env != "":
+		return avail, procsFromEnv
+	}
+	return max(1, avail/4), procsFromAuto
 }
 
 // verifyCommand compares every replicated table of this region with every

@@ -129,6 +129,35 @@ func TestMemoryLimit(t *testing.T) {
 	}
 }
 
+// TestProcs: the config's procs wins, GOMAXPROCS in the environment is
+// left to the runtime, and otherwise a node takes a quarter of the CPUs,
+// at least one.
+func TestProcs(t *testing.T) {
+	cfg, err := config.Load(writeFile(t, "eu1.yaml", goodConfig))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		procs, avail int
+		env          string
+		want         int
+		from         string
+	}{
+		{0, 1, "", 1, procsFromAuto},
+		{0, 2, "", 1, procsFromAuto},
+		{0, 8, "", 2, procsFromAuto},
+		{0, 64, "", 16, procsFromAuto},
+		{0, 6, "6", 6, procsFromEnv},
+		{3, 6, "6", 3, procsFromConfig},
+		{2, 64, "", 2, procsFromConfig},
+	} {
+		cfg.Procs = c.procs
+		if n, from := procs(cfg, c.env, c.avail); n != c.want || from != c.from {
+			t.Errorf("procs(procs %d, GOMAXPROCS %q, %d CPUs) = %d, %s; want %d, %s", c.procs, c.env, c.avail, n, from, c.want, c.from)
+		}
+	}
+}
+
 // TestUsageListsEveryCommand keeps usage and the command table in step.
 func TestUsageListsEveryCommand(t *testing.T) {
 	var buf bytes.Buffer

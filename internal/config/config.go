@@ -53,6 +53,9 @@ type Config struct {
 	DDL                DDLMode // whether schema changes travel with the data
 	HTTP               string  // host:port for /metrics, /healthz, /readyz, /status, /history and the page; empty disables it
 	Log                Log
+	// Procs is how many CPUs the node's Go runtime runs goroutines on at
+	// once (GOMAXPROCS); 0 chooses (see cmd/prism-cdc runAction).
+	Procs int
 
 	// Scope is what this node's own region may hold, as the other regions'
 	// configurations give it (their peers[].scope): verify, bootstrap and

@@ -150,6 +150,7 @@ spill: {dir: /tmp, above: 1MiB}
 ddl: replicate
 http: "127.0.0.1:9201"
 log: {level: debug, format: console}
+procs: 3
 `
 	c, err := parse("eu1.yaml", []byte(yml), testEnv)
 	if err != nil {
@@ -180,6 +181,7 @@ log: {level: debug, format: console}
 		{"spool", c.Spool, Spool{Dir: "/var/lib/prism", MaxBytes: 512 * KiB}},
 		{"http", c.HTTP, "127.0.0.1:9201"},
 		{"log", c.Log, Log{Level: "debug", Format: LogConsole}},
+		{"procs", c.Procs, 3},
 	}
 	for _, tc := range checks {
 		if tc.got != tc.want {
@@ -345,6 +347,7 @@ func TestValidate(t *testing.T) {
 		{"zero ack_timeout", appendYAML("delivery: {ack_timeout: 0s}\n"), "eu1.yaml:17: delivery.ack_timeout: 0s must be greater than zero; write e.g. 2s"},
 		{"tiny ack_timeout", appendYAML("delivery: {ack_timeout: 5ms}\n"), "eu1.yaml:17: delivery.ack_timeout: 5ms is too short"},
 		{"spill dir missing", appendYAML("spill: {dir: /nonexistent/prism-spill}\n"), `spill.dir: "/nonexistent/prism-spill" is not a directory`},
+		{"negative procs", appendYAML("procs: -1\n"), "procs: -1 is not a number of CPUs; write a number from 1 to 1024, or 0 (the default) to let the node choose"},
 		{"spill above zero", appendYAML("spill: {above: 0}\n"), "spill.above: 0 must be greater than zero; write e.g. 32MiB"},
 		{"negative backoff", appendYAML("delivery: {backoff: -1s}\n"), "delivery.backoff: -1s must be greater than zero"},
 		{"zero max_backoff", appendYAML("delivery: {max_backoff: 0s}\n"), "delivery.max_backoff: 0s must be greater than zero"},

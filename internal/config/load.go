@@ -102,6 +102,7 @@ type rawConfig struct {
 	Spill              rawSpill          `yaml:"spill"`
 	HTTP               string            `yaml:"http"`
 	Log                rawLog            `yaml:"log"`
+	Procs              int               `yaml:"procs"`
 }
 
 type rawAuth struct {
@@ -179,6 +180,7 @@ func (r *rawConfig) config(file string, lines map[string]int) (*Config, []error)
 		OnApplyError: ApplyErrorPolicy(orDefault(r.OnApplyError, string(DefaultOnApplyError))),
 		DDL:          DDLMode(orDefault(r.DDL, string(DefaultDDL))),
 		HTTP:         r.HTTP,
+		Procs:        r.Procs,
 		Scope:        Scope(r.Scope),
 		Log: Log{
 			Level:  orDefault(r.Log.Level, DefaultLogLevel),

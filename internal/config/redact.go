@@ -112,7 +112,8 @@ func (c *Config) MarshalZerologObject(e *zerolog.Event) {
 		Str("on_apply_error", string(r.OnApplyError)).
 		Str("conflicts", string(r.Conflicts.Default)).
 		Str("http", r.HTTP).
-		Str("spool", r.Spool.Dir)
+		Str("spool", r.Spool.Dir).
+		Int("procs", r.Procs)
 }
 
 func isPasswordKey(k string) bool {

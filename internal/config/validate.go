@@ -116,6 +116,9 @@ func (c *Config) Validate() error {
 	v.sync(c)
 	v.storage(c)
 	v.log(c.Log)
+	if c.Procs < 0 || c.Procs > maxProcs {
+		v.add("procs", "%d is not a number of CPUs; write a number from 1 to %d, or 0 (the default) to let the node choose", c.Procs, maxProcs)
+	}
 	return errors.Join(v.errs...)
 }
 
@@ -230,6 +233,10 @@ func (v *validator) log(l Log) {
 		v.add("log.format", "%q is not a log format; write json or console", l.Format)
 	}
 }
+
+// maxProcs bounds procs: more CPUs than any machine a node runs on is a
+// typo.
+const maxProcs = 1024
 
 const conflictPolicies = "last_write_wins, source_wins, keep_local or error"
 
