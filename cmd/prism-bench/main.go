@@ -108,7 +108,7 @@ func newFlagSet(cfg *benchConfig, stderr io.Writer) (*flag.FlagSet, *flagValues)
 	fs.IntVar(&cfg.largeMB, "large-mb", 1024, "row data in the large transaction, in MB")
 	fs.IntVar(&cfg.largeCapMB, "large-cap-mb", 4096, "kill a prism-cdc node whose RSS passes this in the large scenario")
 	fs.StringVar(&cfg.pprof, "pprof", "", "host:port: start na1, eu1, as1 with PRISM_PPROF on this port and the next two")
-	fs.BoolVar(&cfg.pgss, "pgss", false, "load pg_stat_statements in every cluster and log the source's and prism regions' top statements after each prism-cdc drain (adds overhead)")
+	fs.BoolVar(&cfg.pgss, "pgss", false, "load pg_stat_statements in every cluster and log the source's and prism regions' top statements after each prism-cdc drain, lag and active phase (adds overhead)")
 	fs.BoolVar(&cfg.keep, "keep", false, "keep the work directory (node logs and configs)")
 	fs.BoolVar(&fv.quick, "quick", false, "small run: scale 1, 5000 transactions, 1 run, 10s lag, 32 MB large transaction, 10s active phases")
 	return fs, fv

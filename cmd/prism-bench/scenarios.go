@@ -255,6 +255,11 @@ func (e *env) lagPhase(ctx context.Context, c lagContender, tick func() error, s
 		return res, err
 	}
 	e.logf("lag %s: pgbench at %d tps for %ds", c.name, e.cfg.lagRate, e.cfg.lagSeconds)
+	if c.name == prism {
+		if err := e.resetStatements(ctx); err != nil {
+			return res, err
+		}
+	}
 	stop := sampleEvery(500*time.Millisecond, tick)
 	err = e.pgbench(ctx, e.src, "-n", "-c", fmt.Sprint(e.cfg.clients), "-j", fmt.Sprint(min(e.cfg.clients, 2)),
 		"-R", fmt.Sprint(e.cfg.lagRate), "-T", fmt.Sprint(e.cfg.lagSeconds), "-f", script)
@@ -263,6 +268,9 @@ func (e *env) lagPhase(ctx context.Context, c lagContender, tick func() error, s
 	}
 	if err != nil {
 		return res, err
+	}
+	if c.name == prism {
+		e.logStatements(ctx, fmt.Sprintf("lag %s at %d tps", c.name, e.cfg.lagRate))
 	}
 	end, err := e.mark(ctx, marker)
 	if err != nil {

@@ -185,30 +185,33 @@ func BenchmarkApplyCost(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	applyBare := func(txns []*decode.Txn) {
-		for i := 0; i < len(txns); i += 100 {
-			batch := &pgconn.Batch{}
-			for _, t := range txns[i:min(len(txns), i+100)] {
-				batch.ExecParams(beginSQL, nil, nil, nil, nil)
-				ts := []byte(t.CommitTime.UTC().Format("2006-01-02 15:04:05.999999Z07:00"))
-				batch.ExecStatement(setup, [][]byte{[]byte(t.EndLSN.String()), ts, []byte("bench"), []byte("bench-target")}, nil, nil)
-				for j, ch := range t.Changes {
-					vals := make([][]byte, len(ch.New))
-					for k, v := range ch.New {
-						if v.Kind == decode.ValueText {
-							vals[k] = v.Data
+	bareEvery := func(per int) func([]*decode.Txn) {
+		return func(txns []*decode.Txn) {
+			for i := 0; i < len(txns); i += per {
+				batch := &pgconn.Batch{}
+				for _, t := range txns[i:min(len(txns), i+per)] {
+					batch.ExecParams(beginSQL, nil, nil, nil, nil)
+					ts := []byte(t.CommitTime.UTC().Format("2006-01-02 15:04:05.999999Z07:00"))
+					batch.ExecStatement(setup, [][]byte{[]byte(t.EndLSN.String()), ts, []byte("bench"), []byte("bench-target")}, nil, nil)
+					for j, ch := range t.Changes {
+						vals := make([][]byte, len(ch.New))
+						for k, v := range ch.New {
+							if v.Kind == decode.ValueText {
+								vals[k] = v.Data
+							}
 						}
+						batch.ExecStatement(sds[j], vals, nil, nil)
 					}
-					batch.ExecStatement(sds[j], vals, nil, nil)
+					batch.ExecParams("COMMIT", nil, nil, nil, nil)
 				}
-				batch.ExecParams("COMMIT", nil, nil, nil, nil)
-			}
-			batch.ExecParams(barrierSQL, nil, nil, nil, nil)
-			if _, err := pc.ExecBatch(ctx, batch).ReadAll(); err != nil {
-				b.Fatal(err)
+				batch.ExecParams(barrierSQL, nil, nil, nil, nil)
+				if _, err := pc.ExecBatch(ctx, batch).ReadAll(); err != nil {
+					b.Fatal(err)
+				}
 			}
 		}
 	}
+	applyBare := bareEvery(100)
 	// applyArray applies each pipeline of 100 transactions as ONE target
 	// transaction with one array statement per table and operation,
 	// keeping the last version of a key (no conflict checks): what batch
@@ -319,14 +322,17 @@ func BenchmarkApplyCost(b *testing.B) {
 			}
 		}
 	}
-	applier := func(txns []*decode.Txn) {
-		for i := 0; i < len(txns); i += 100 {
-			end := min(len(txns), i+100)
-			if n, err := a.ApplyBatch(ctx, txns[i:end]); err != nil || n != end-i {
-				b.Fatalf("ApplyBatch = %d, %v", n, err)
+	applierEvery := func(per int) func([]*decode.Txn) {
+		return func(txns []*decode.Txn) {
+			for i := 0; i < len(txns); i += per {
+				end := min(len(txns), i+per)
+				if n, err := a.ApplyBatch(ctx, txns[i:end]); err != nil || n != end-i {
+					b.Fatalf("ApplyBatch = %d, %v", n, err)
+				}
 			}
 		}
 	}
+	applier := applierEvery(100)
 	var lsn uint64
 	run := func(name string, apply func([]*decode.Txn)) {
 		b.Run(name, func(b *testing.B) {
@@ -348,6 +354,8 @@ func BenchmarkApplyCost(b *testing.B) {
 		run(fmt.Sprintf("bare/%d", round), applyBare)
 		run(fmt.Sprintf("array/%d", round), arrays)
 		run(fmt.Sprintf("array-stamps/%d", round), stamped)
+		run(fmt.Sprintf("applier-lone/%d", round), applierEvery(1))
+		run(fmt.Sprintf("bare-lone/%d", round), bareEvery(1))
 	}
 	// The hourly compaction of the applier's batch stamps (see
 	// prism.batch_stamps), per stamp it checks.
