@@ -369,7 +369,7 @@ func (n *Node) openOnce(ctx context.Context) (*pgxpool.Pool, *apply.Applier, err
 	if err != nil {
 		return nil, nil, fmt.Errorf("database: %w", redactedError{err})
 	}
-	applier := apply.NewApplier(pool, n.log.With().Str("component", "apply").Logger(), n.applyOptions(n.cfg.Region)...)
+	applier := apply.NewApplier(pool, n.log.With().Str("component", "apply").Logger(), n.serverApplyOptions()...)
 	if err := applier.Setup(ctx); err != nil {
 		applier.Close()
 		pool.Close()

@@ -71,6 +71,13 @@ func (n *Node) applyOptions(localRegion string) []apply.Option {
 	}
 }
 
+// serverApplyOptions are applyOptions for the applier of the transactions
+// other regions' nodes ship here: it flushes lazily (apply.WithLazyFlush),
+// and the peer server acknowledges by the durable progress.
+func (n *Node) serverApplyOptions() []apply.Option {
+	return append(n.applyOptions(n.cfg.Region), apply.WithLazyFlush())
+}
+
 // fallback opens the direct-SQL path to a peer region's database: the same
 // apply code and the same replication origin as that region's nodes use.
 func (n *Node) fallback(p config.Peer) peers.Fallback {

@@ -80,6 +80,22 @@ func WithApplicationName(name string) Option {
 	}
 }
 
+// WithLazyFlush makes the row path's and batches' round trips end with a
+// barrier that does not flush the WAL (lazyBarrierSQL): ApplyBatch's
+// txns[:n] are then committed, and durable once Progress (which flushes
+// up to the origin's last commit) returned at least their end LSN, or the
+// WAL writer flushed them. A caller that acknowledges by Progress keeps
+// the apply session from waiting for a flush per round trip, and one
+// flush covers every commit made meanwhile. Transactions streamed from a
+// spill file still flush at their commit.
+func WithLazyFlush() Option {
+	return func(a *Applier) { a.lazy = true }
+}
+
+// LazyFlush reports whether ApplyBatch leaves the flush to Progress
+// (WithLazyFlush).
+func (a *Applier) LazyFlush() bool { return a.lazy }
+
 // Applier applies source transactions to one target database exactly once.
 // It is safe for concurrent use; concurrent applies of the same source
 // region serialise on the replication origin (one gets ErrBusy).
@@ -91,6 +107,7 @@ type Applier struct {
 	local     string
 	appName   string
 	ddl       bool // WithDDL
+	lazy      bool // WithLazyFlush
 
 	mu      sync.Mutex
 	setup   bool
@@ -365,6 +382,9 @@ type cmd struct {
 // synchronous_commit = off, so a pipeline of transactions pays for one
 // WAL flush instead of one per transaction.
 const barrierSQL = "SELECT pg_replication_origin_session_progress(true)"
+
+// lazyBarrierSQL ends a round trip without a flush (WithLazyFlush).
+const lazyBarrierSQL = "SELECT pg_replication_origin_session_progress(false)"
 
 // holdIdle is how long a session keeps holding its origin after a run
 // that succeeded, waiting for the next run of the same source region. A
@@ -944,7 +964,11 @@ func (p *pipeline) prepare(ctx context.Context) error {
 	if p.commit, err = conn.Prepare(ctx, "prism_commit", "COMMIT"); err != nil {
 		return err
 	}
-	p.barrier, err = conn.Prepare(ctx, "prism_barrier", barrierSQL)
+	if p.a.lazy {
+		p.barrier, err = conn.Prepare(ctx, "prism_barrier_lazy", lazyBarrierSQL)
+	} else {
+		p.barrier, err = conn.Prepare(ctx, "prism_barrier", barrierSQL)
+	}
 	return err
 }
 

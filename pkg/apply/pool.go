@@ -2,6 +2,7 @@ package apply
 
 import (
 	"context"
+	"strings"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
@@ -12,11 +13,24 @@ import (
 // values to the server as text, so the pool's sessions use the text form
 // every prism-cdc connection uses (decode.PinTextForm), whatever the
 // server's or the DSN's own settings.
+//
+// Unless the DSN sets pool_max_conns, the pool opens up to
+// minPoolConns connections (pgxpool's default is 4 on a machine with up
+// to 4 CPUs): each source region's apply session holds one while it
+// applies, and a node flushing lazily reads each source's durable
+// progress on another, next to the conflict and housekeeping queries.
+// Connections open only when needed.
 func NewPool(ctx context.Context, dsn string) (*pgxpool.Pool, error) {
 	cfg, err := pgxpool.ParseConfig(dsn)
 	if err != nil {
 		return nil, err
 	}
+	if !strings.Contains(dsn, "pool_max_conns") {
+		cfg.MaxConns = max(cfg.MaxConns, minPoolConns)
+	}
 	decode.PinTextForm(&cfg.ConnConfig.Config)
 	return pgxpool.NewWithConfig(ctx, cfg)
 }
+
+// minPoolConns is the least MaxConns NewPool gives a pool.
+const minPoolConns = 16

@@ -44,6 +44,15 @@ type batchApplier interface {
 	ApplyBatch(ctx context.Context, txns []*decode.Txn) (int, error)
 }
 
+// lazyFlusher is the optional capability of an Applier whose ApplyBatch
+// commits without flushing the WAL: what it applied is durable once
+// Progress, which flushes, reports it. The Server then acknowledges by
+// Progress, from a goroutine of its own, so the next transactions are
+// applied while the WAL is flushed.
+type lazyFlusher interface {
+	LazyFlush() bool
+}
+
 // fencer is the optional capability of an Applier to terminate a frozen
 // previous holder of a source region's origin.
 type fencer interface {

@@ -28,7 +28,13 @@
 //     duty), so a transaction at or below the origin's progress is skipped.
 //  3. Only after Apply returned nil (the transaction is committed) does the
 //     Server send Ack(EndLSN). An Ack is cumulative: everything up to it is
-//     durable in the target region.
+//     durable in the target region. An Applier that flushes lazily (a
+//     node's: apply.WithLazyFlush) commits without waiting for the WAL
+//     flush; the Server then acknowledges what Progress, which flushes,
+//     reports durable, from a goroutine of its own (acker), so the next
+//     transactions are applied meanwhile and one flush covers every
+//     commit made during the last. Before it answers about a failed
+//     transaction it flushes the same way, in line.
 //  4. Shipper.Acked advances only over acknowledged transactions, in Send
 //     order; MinAcked over all target regions is the position the reader may
 //     confirm to its replication slot.

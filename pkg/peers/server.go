@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/rs/zerolog"
 
 	"github.com/prism-cdc/prism-cdc/pkg/decode"
@@ -389,6 +390,18 @@ func (s *Server) stream(ctx context.Context, fc *frameConn, region string, log z
 	// Each element is a run of transactions that arrived together (see
 	// readFrames): with the one being read, at most 3*MaxBatch wait.
 	queue := make(chan []*queued, 2)
+	var kick chan struct{} // see acker
+	if lf, ok := s.app.(lazyFlusher); ok && lf.LazyFlush() {
+		// Acknowledgements come from the durable progress (see acker).
+		kick = make(chan struct{}, 1)
+		wg.Add(1)
+		go func() { // ends with ctx
+			defer wg.Done()
+			if err := s.acker(ctx, fc, region, kick); err != nil {
+				cancel(err)
+			}
+		}()
+	}
 	wg.Add(2)
 	go func() { // reader; ends with the connection or ctx
 		defer wg.Done()
@@ -401,7 +414,7 @@ func (s *Server) stream(ctx context.Context, fc *frameConn, region string, log z
 			cancel(fmt.Errorf("write heartbeat: %w", err))
 		}
 	}()
-	cancel(s.applyQueue(ctx, fc, queue, log))
+	cancel(s.applyQueue(ctx, fc, region, kick, queue, log))
 	return context.Cause(ctx)
 }
 
@@ -484,7 +497,7 @@ func (s *Server) readFrames(ctx context.Context, fc *frameConn, region string, q
 // it drains the queue (the shipper decides what comes next). It returns
 // a failure of the connection; otherwise ctx's cause once the queue is
 // closed.
-func (s *Server) applyQueue(ctx context.Context, fc *frameConn, queue <-chan []*queued, log zerolog.Logger) error {
+func (s *Server) applyQueue(ctx context.Context, fc *frameConn, region string, kick chan<- struct{}, queue <-chan []*queued, log zerolog.Logger) error {
 	_, batches := s.app.(batchApplier)
 	halted := false
 	batch := make([]*decode.Txn, 0, s.cfg.MaxBatch)
@@ -506,7 +519,7 @@ func (s *Server) applyQueue(ctx context.Context, fc *frameConn, queue <-chan []*
 		}
 		var carry *queued // a streamed transaction that ended the batch
 		batch, carry, pending = gather(queue, pending, batch[:0], batches, s.cfg.MaxBatch)
-		h, err := s.applyBatch(ctx, fc, batch, log)
+		h, err := s.applyBatch(ctx, fc, region, kick, batch, log)
 		if err != nil {
 			return err
 		}
@@ -561,11 +574,17 @@ func gather(queue <-chan []*queued, pending []*queued, batch []*decode.Txn, batc
 // transaction that fails goes to the error policy: parked, it is
 // acknowledged too and the rest follow; otherwise it is nacked and
 // applyBatch reports that the stream halted.
-func (s *Server) applyBatch(ctx context.Context, fc *frameConn, batch []*decode.Txn, log zerolog.Logger) (halted bool, err error) {
+func (s *Server) applyBatch(ctx context.Context, fc *frameConn, region string, kick chan<- struct{}, batch []*decode.Txn, log zerolog.Logger) (halted bool, err error) {
 	for len(batch) > 0 && !halted {
 		n, aerr := applyTxns(ctx, s.app, batch)
 		var frames []any
-		if n > 0 {
+		if n > 0 && kick != nil && aerr == nil {
+			// Committed, not yet known durable: the acker acknowledges.
+			select {
+			case kick <- struct{}{}:
+			default: // a kick is pending; it covers these too
+			}
+		} else if n > 0 {
 			frames = append(frames, &ack{LSN: batch[n-1].EndLSN})
 		}
 		rest := batch[:0]
@@ -580,6 +599,14 @@ func (s *Server) applyBatch(ctx context.Context, fc *frameConn, batch []*decode.
 				rest = batch[n+1:]
 			}
 		}
+		if len(frames) > 0 && kick != nil {
+			// Before an answer about a failed transaction, everything
+			// before it (and a parked one) is made durable: Progress
+			// flushes up to the origin's last commit.
+			if _, perr := s.app.Progress(ctx, region); perr != nil {
+				return false, fmt.Errorf("flush applied transactions: %w", perr)
+			}
+		}
 		if len(frames) > 0 {
 			if werr := fc.write(s.cfg.IdleTimeout, frames...); werr != nil {
 				return false, fmt.Errorf("write ack: %w", werr)
@@ -588,6 +615,36 @@ func (s *Server) applyBatch(ctx context.Context, fc *frameConn, batch []*decode.
 		batch = rest
 	}
 	return halted, nil
+}
+
+// acker acknowledges, for an Applier that flushes lazily, what the
+// origin's durable progress covers, each time applyBatch kicks it. A
+// kick that comes while Progress runs (it flushes the WAL) is taken by
+// the next round, so one flush covers every commit made meanwhile. It
+// returns when ctx ends, or why it could not acknowledge.
+func (s *Server) acker(ctx context.Context, fc *frameConn, region string, kick <-chan struct{}) error {
+	var acked pglogrepl.LSN
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-kick:
+		}
+		lsn, err := s.app.Progress(ctx, region)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("read durable progress: %w", err)
+		}
+		if lsn <= acked {
+			continue
+		}
+		if err := fc.write(s.cfg.IdleTimeout, &ack{LSN: lsn}); err != nil {
+			return fmt.Errorf("write ack: %w", err)
+		}
+		acked = lsn
+	}
 }
 
 // failed decides what to answer for a transaction that failed with err:

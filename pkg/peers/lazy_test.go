@@ -1,0 +1,85 @@
+package peers
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/rs/zerolog"
+
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
+)
+
+// lazyApplier commits like memApplier but, like an apply.Applier with
+// WithLazyFlush, makes its commits durable only in Progress, which waits
+// while gate is closed.
+type lazyApplier struct {
+	*memApplier
+	mu      sync.Mutex
+	durable map[string]pglogrepl.LSN
+	gate    chan struct{} // nil: Progress does not wait
+}
+
+func (l *lazyApplier) LazyFlush() bool { return true }
+
+func (l *lazyApplier) Progress(ctx context.Context, region string) (pglogrepl.LSN, error) {
+	l.mu.Lock()
+	gate := l.gate
+	l.mu.Unlock()
+	if gate != nil {
+		select {
+		case <-gate:
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		}
+	}
+	committed, _ := l.memApplier.Progress(ctx, region)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.durable[region] = committed
+	return committed, nil
+}
+
+// TestLazyFlushAcksDurableOnly: with an applier that flushes lazily, the
+// server acknowledges what Progress reports durable, never a transaction
+// that is only committed; once Progress flushes, one ACK covers every
+// transaction committed meanwhile.
+func TestLazyFlushAcksDurableOnly(t *testing.T) {
+	app := &lazyApplier{memApplier: newMemApplier(), durable: map[string]pglogrepl.LSN{}}
+	addr := serve(t, NewServer(serverConfig("eu", "eu1"), app, zerolog.Nop()))
+	sh := NewShipper(shipperConfig(NodeAddr{Name: "eu1", Addr: addr}), nil, zerolog.Nop())
+	runShipper(t, sh)
+	ctx := testCtx(t)
+	if err := sh.Send(ctx, mkTxn(1, 0)); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the first transaction acknowledged", 10*time.Second, func() bool { return sh.Acked() == lsnOf(1) })
+
+	gate := make(chan struct{})
+	app.mu.Lock()
+	app.gate = gate
+	app.mu.Unlock()
+	var sent []*decode.Txn
+	for i := 2; i <= 6; i++ {
+		txn := mkTxn(i, 0)
+		sent = append(sent, txn)
+		if err := sh.Send(ctx, txn); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "transactions 2-6 committed", 10*time.Second, func() bool { return len(app.appliedLSNs()) == 6 })
+	// Committed, not durable: no ACK may cover them, however long we wait.
+	time.Sleep(300 * time.Millisecond)
+	if got := sh.Acked(); got != lsnOf(1) {
+		t.Fatalf("acked %s while Progress had not flushed; want %s", got, lsnOf(1))
+	}
+	close(gate)
+	waitFor(t, "one ACK covering transactions 2-6", 10*time.Second, func() bool { return sh.Acked() == lsnOf(6) })
+	app.mu.Lock()
+	defer app.mu.Unlock()
+	if app.durable["na"] != lsnOf(6) {
+		t.Fatalf("durable progress %s, want %s", app.durable["na"], lsnOf(6))
+	}
+}
