@@ -293,24 +293,19 @@ func prepareTarget(ctx context.Context, tgt *pgx.Conn, cfg Config, src Peer, t *
 	return schemaLoaded, nil
 }
 
-// snapshotSource exports a snapshot of the source, opens jobs connections
-// reading in it, and resolves the other regions' origin progress the
-// snapshot contains. The exporting connection is closed on return; the
-// caller closes the returned connections.
+// snapshotSource exports a snapshot of the source with the other
+// regions' origin progress it contains (holding those origins while it is
+// taken, see originsAt) and opens jobs connections reading in it. The
+// exporting connection is closed on return; the caller closes the
+// returned connections.
 func snapshotSource(ctx context.Context, cfg Config, src Peer, others []string, jobs int) (*snapshot, []*pgconn.PgConn, error) {
-	snap, err := takeSnapshot(ctx, src.DSN, cfg.Region)
+	snap, err := originsAt(ctx, src.DSN, cfg.Region, others)
 	if err != nil {
 		return nil, nil, err
 	}
 	defer snap.close()
 	srcs, err := importSnapshot(ctx, src.DSN, snap, jobs)
 	if err != nil {
-		return nil, nil, err
-	}
-	if err := snap.resolveOrigins(ctx, src.DSN, cfg.Publication, others); err != nil {
-		for _, c := range srcs {
-			c.Close(context.Background())
-		}
 		return nil, nil, err
 	}
 	return snap, srcs, nil

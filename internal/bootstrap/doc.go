@@ -52,27 +52,24 @@
 //
 // What the source had applied from region X is the source's origin
 // prism_X, which is not MVCC: it moves when an applier commits, whatever
-// the snapshot sees, so reading it next to the snapshot is not enough.
-// Holding prism_X on the source while the snapshot is taken would freeze
-// it, but it would also stop the source's appliers of X for as long as the
-// copy runs. The WAL answers instead: every transaction the source applied from X carries an
-// Origin message with X's end LSN, in the source's commit order, which is
-// X's order. After the workers imported the snapshot, the run
+// the snapshot sees, so reading it next to the snapshot is not enough. The
+// run holds prism_X on the source (for every other region X) while the
+// snapshot is taken, and reads its progress before letting go: no applier
+// of X can commit in between, so the snapshot holds exactly the X
+// transactions up to that progress. The hold waits out an applier between
+// its commit record and the progress update; a busy applier holding the
+// origin is terminated (its open transaction rolls back and is applied
+// again) and appliers do not fence a session named prism_bootstrap back.
+// The source's appliers of the other regions pause while the slot is
+// created (it waits for the transactions running on the source), not
+// while the tables are copied.
 //
-//  1. holds prism_X for a moment and reads its progress P (the hold waits
-//     out an applier between its commit record and the progress update; a
-//     busy applier holding it is terminated and the origin taken the
-//     moment it is free, and appliers do not fence a session named
-//     prism_bootstrap back);
-//  2. emits a logical message as a marker and decodes the temporary slot
-//     from L up to it;
-//  3. takes o-1, where o is the origin LSN of the first X transaction after
-//     L: every X transaction in the snapshot ends before o, none after it
-//     does. With no X transaction between L and the marker, the snapshot
-//     holds exactly the X transactions up to P.
-//
-// pgoutput does not send empty transactions; skipping or applying one
-// changes nothing.
+// Reading the progress from the WAL after the snapshot instead (the first
+// X transaction after L, minus one) loses transactions: the source applies
+// queued transactions of X in batches, one target transaction that carries
+// the origin LSN of its last member only, so a batch right after L would
+// make the target skip its earlier members although the snapshot lacks
+// them.
 //
 // # Commit times of the copied rows
 //

@@ -10,7 +10,6 @@ import (
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5/pgconn"
-	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/prism-cdc/prism-cdc/pkg/apply"
 	"github.com/prism-cdc/prism-cdc/pkg/decode"
@@ -171,7 +170,7 @@ func (s *snapshot) close() {
 
 // takeSnapshot creates a temporary logical slot on the source exporting
 // its snapshot. Until close, the replication connection must run nothing
-// else: importers use the snapshot first, then resolveOrigins.
+// else, so that importers can use the snapshot.
 func takeSnapshot(ctx context.Context, dsn, target string) (*snapshot, error) {
 	repl, err := dial(ctx, dsn, map[string]string{"replication": "database"})
 	if err != nil {
@@ -192,143 +191,55 @@ func takeSnapshot(ctx context.Context, dsn, target string) (*snapshot, error) {
 	return &snapshot{name: res.SnapshotName, slot: slot, lsn: lsn, repl: repl, progress: map[string]pglogrepl.LSN{}}, nil
 }
 
-// markerPrefix prefixes the logical message that ends resolveOrigins'
-// decoding; a node's reader drops messages of any prefix but its own
-// (decode.FloorPrefix, decode.DDLPrefix), and this one is not
-// transactional.
-const markerPrefix = appName
-
-// resolveOrigins finds, for every other region X, the source's progress of
-// origin prism_X as of the snapshot. The progress is not MVCC, so it is
-// derived from the WAL: each transaction the source applied from X carries
-// an Origin message with X's end LSN. After the snapshot was imported:
+// originsAt takes the snapshot (takeSnapshot) while it holds, on the
+// source, the origin prism_X of every other region X, and records their
+// progress then: no applier of X can commit on the source between the
+// snapshot and the reading, so the snapshot holds exactly the X
+// transactions up to it. A busy applier holding an origin is terminated
+// (its open transaction rolls back and is applied again later), and
+// appliers do not fence a session named prism_bootstrap back. The origins
+// are let go as soon as the snapshot is taken: the source's appliers of
+// the other regions wait for that (CREATE_REPLICATION_SLOT waits for the
+// transactions running on the source to end), not for the copy.
 //
-//  1. hold prism_X on the source for a moment and read its progress P:
-//     the hold waits out an applier between its commit record and the
-//     progress update, so every X transaction at or below P has its commit
-//     record in the WAL now;
-//  2. emit a marker message, and decode the temporary slot from the
-//     consistent point L to the marker;
-//  3. if an X transaction follows L, the first one (origin LSN o) is the
-//     first one not in the snapshot, and every earlier one is in it: the
-//     progress as of the snapshot is o-1. Otherwise none of X's commits
-//     lies between L and the marker, so the snapshot holds exactly those
-//     at or below P.
-//
-// Empty transactions are not decoded by pgoutput; skipping or applying one
-// changes nothing. It must be called after every importer has set its
-// snapshot, and ends the exported snapshot.
-func (s *snapshot) resolveOrigins(ctx context.Context, dsn, pub string, others []string) error {
-	held := map[string]pglogrepl.LSN{}
+// The progress cannot be read from the WAL after the snapshot instead
+// (the first X transaction after the consistent point, minus one): a
+// transaction the source applied may be a batch of several X
+// transactions that carries the origin LSN of its last one only.
+func originsAt(ctx context.Context, dsn, target string, others []string) (*snapshot, error) {
+	held := make([]*originSession, 0, len(others))
+	defer func() {
+		for _, g := range held {
+			g.close()
+		}
+	}()
 	for _, r := range others {
-		var lsn pglogrepl.LSN
+		var g *originSession
 		var err error
 		for attempt := 1; ; attempt++ {
-			lsn, err = readHeld(ctx, dsn, decode.OriginName(r))
+			g, err = holdOrigin(ctx, dsn, decode.OriginName(r), true, nil)
 			if err == nil || attempt == 5 || ctx.Err() != nil {
 				break
 			}
 		}
 		if err != nil {
-			return fmt.Errorf("bootstrap: source: %w", err)
+			return nil, fmt.Errorf("bootstrap: source: %w", err)
 		}
-		held[r] = lsn
+		held = append(held, g)
 	}
-	token := fmt.Sprintf("%s %d", s.slot, time.Now().UnixNano())
-	mconn, err := dial(ctx, dsn, nil)
+	snap, err := takeSnapshot(ctx, dsn, target)
 	if err != nil {
-		return fmt.Errorf("bootstrap: source: %w", err)
+		return nil, err
 	}
-	_, err = mconn.ExecParams(ctx, "SELECT pg_logical_emit_message(false, $1, $2)", [][]byte{[]byte(markerPrefix), []byte(token)}, nil, nil, nil).Close()
-	mconn.Close(context.Background())
-	if err != nil {
-		return fmt.Errorf("bootstrap: source: emit marker: %w", err)
-	}
-	first, err := s.decodeOrigins(ctx, pub, token)
-	if err != nil {
-		return err
-	}
-	for _, r := range others {
-		if o, ok := first[decode.OriginName(r)]; ok && o > 0 {
-			s.progress[r] = o - 1
-		} else {
-			s.progress[r] = held[r]
-		}
-	}
-	return nil
-}
-
-// readHeld holds origin on the source just long enough to read its
-// progress; an origin that does not exist has progress 0. A node of the
-// source region keeps the origin while its stream is busy, so the holder
-// is terminated (its open apply transaction rolls back and is applied
-// again after the read).
-func readHeld(ctx context.Context, dsn, origin string) (pglogrepl.LSN, error) {
-	g, err := holdOrigin(ctx, dsn, origin, true, nil)
-	if err != nil {
-		return 0, err
-	}
-	defer g.close()
-	return g.progress(ctx)
-}
-
-// decodeOrigins streams the temporary slot from the consistent point to
-// the marker and returns the origin LSN of the first transaction of each
-// origin.
-func (s *snapshot) decodeOrigins(ctx context.Context, pub, token string) (map[string]pglogrepl.LSN, error) {
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-	defer cancel()
-	err := pglogrepl.StartReplication(ctx, s.repl, s.slot, s.lsn, pglogrepl.StartReplicationOptions{
-		PluginArgs: []string{"proto_version '1'", "publication_names '" + strings.ReplaceAll(pub, "'", "''") + "'", "messages 'true'"},
-	})
-	if err != nil {
-		return nil, fmt.Errorf("bootstrap: source: decode temporary slot: %w", err)
-	}
-	first := map[string]pglogrepl.LSN{}
-	for {
-		msg, err := s.repl.ReceiveMessage(ctx)
+	for i, r := range others {
+		p, err := held[i].progress(ctx)
 		if err != nil {
-			return nil, fmt.Errorf("bootstrap: source: decode temporary slot: %w", err)
+			snap.close()
+			return nil, fmt.Errorf("bootstrap: source: %w", err)
 		}
-		cd, ok := msg.(*pgproto3.CopyData)
-		if !ok {
-			if e, ok := msg.(*pgproto3.ErrorResponse); ok {
-				return nil, fmt.Errorf("bootstrap: source: decode temporary slot: %w", pgconn.ErrorResponseToPgError(e))
-			}
-			continue
-		}
-		if len(cd.Data) == 0 {
-			continue
-		}
-		switch cd.Data[0] {
-		case pglogrepl.PrimaryKeepaliveMessageByteID:
-			ka, err := pglogrepl.ParsePrimaryKeepaliveMessage(cd.Data[1:])
-			if err == nil && ka.ReplyRequested {
-				_ = pglogrepl.SendStandbyStatusUpdate(ctx, s.repl, pglogrepl.StandbyStatusUpdate{
-					WALWritePosition: s.lsn, WALFlushPosition: s.lsn, WALApplyPosition: s.lsn})
-			}
-		case pglogrepl.XLogDataByteID:
-			xld, err := pglogrepl.ParseXLogData(cd.Data[1:])
-			if err != nil {
-				return nil, fmt.Errorf("bootstrap: source: decode temporary slot: %w", err)
-			}
-			m, err := pglogrepl.Parse(xld.WALData)
-			if err != nil {
-				// Only Origin and the marker matter here.
-				continue
-			}
-			switch m := m.(type) {
-			case *pglogrepl.OriginMessage:
-				if _, seen := first[m.Name]; !seen {
-					first[m.Name] = m.CommitLSN
-				}
-			case *pglogrepl.LogicalDecodingMessage:
-				if m.Prefix == markerPrefix && string(m.Content) == token {
-					return first, nil
-				}
-			}
-		}
+		snap.progress[r] = p
 	}
+	return snap, nil
 }
 
 func slotSafe(s string) string {
