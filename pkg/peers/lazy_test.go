@@ -20,6 +20,9 @@ type lazyApplier struct {
 	mu      sync.Mutex
 	durable map[string]pglogrepl.LSN
 	gate    chan struct{} // nil: Progress does not wait
+	// ahead, when set, is what Progress reports: an origin that moved
+	// past the transactions whose commit returned.
+	ahead pglogrepl.LSN
 }
 
 func (l *lazyApplier) LazyFlush() bool { return true }
@@ -39,7 +42,7 @@ func (l *lazyApplier) Progress(ctx context.Context, region string) (pglogrepl.LS
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.durable[region] = committed
-	return committed, nil
+	return max(committed, l.ahead), nil
 }
 
 // TestLazyFlushAcksDurableOnly: with an applier that flushes lazily, the
@@ -81,5 +84,38 @@ func TestLazyFlushAcksDurableOnly(t *testing.T) {
 	defer app.mu.Unlock()
 	if app.durable["na"] != lsnOf(6) {
 		t.Fatalf("durable progress %s, want %s", app.durable["na"], lsnOf(6))
+	}
+}
+
+// TestLazyAckNotPastCommitted: the origin's progress moves when a commit
+// record is written, a moment before the transaction is visible; an ACK
+// never goes past the last transaction whose apply returned, whatever
+// Progress reports.
+func TestLazyAckNotPastCommitted(t *testing.T) {
+	app := &lazyApplier{memApplier: newMemApplier(), durable: map[string]pglogrepl.LSN{}}
+	addr := serve(t, NewServer(serverConfig("eu", "eu1"), app, zerolog.Nop()))
+	_, fc := authDial(t, addr, hello{Region: "na", Node: "na1"}, testToken)
+	if f, err := fc.read(5 * time.Second); err != nil {
+		t.Fatalf("first reply: %v", err)
+	} else if _, ok := f.(*welcome); !ok {
+		t.Fatalf("first reply %T, want welcome", f)
+	}
+	app.mu.Lock()
+	app.ahead = lsnOf(9)
+	app.mu.Unlock()
+	if err := fc.write(time.Second, &txnFrame{Txn: mkTxn(1, 0)}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		f, err := fc.read(5 * time.Second)
+		if err != nil {
+			t.Fatalf("read = %v, want ack", err)
+		}
+		if a, ok := f.(*ack); ok {
+			if a.LSN != lsnOf(1) {
+				t.Fatalf("ack %s with transaction 1 (%s) the last one applied; Progress said %s", a.LSN, lsnOf(1), lsnOf(9))
+			}
+			return
+		}
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"net"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -390,14 +391,14 @@ func (s *Server) stream(ctx context.Context, fc *frameConn, region string, log z
 	// Each element is a run of transactions that arrived together (see
 	// readFrames): with the one being read, at most 3*MaxBatch wait.
 	queue := make(chan []*queued, 2)
-	var kick chan struct{} // see acker
+	var lazy *lazyAcks // see acker
 	if lf, ok := s.app.(lazyFlusher); ok && lf.LazyFlush() {
 		// Acknowledgements come from the durable progress (see acker).
-		kick = make(chan struct{}, 1)
+		lazy = &lazyAcks{kick: make(chan struct{}, 1)}
 		wg.Add(1)
 		go func() { // ends with ctx
 			defer wg.Done()
-			if err := s.acker(ctx, fc, region, kick); err != nil {
+			if err := s.acker(ctx, fc, region, lazy); err != nil {
 				cancel(err)
 			}
 		}()
@@ -414,7 +415,7 @@ func (s *Server) stream(ctx context.Context, fc *frameConn, region string, log z
 			cancel(fmt.Errorf("write heartbeat: %w", err))
 		}
 	}()
-	cancel(s.applyQueue(ctx, fc, region, kick, queue, log))
+	cancel(s.applyQueue(ctx, fc, region, lazy, queue, log))
 	return context.Cause(ctx)
 }
 
@@ -497,7 +498,7 @@ func (s *Server) readFrames(ctx context.Context, fc *frameConn, region string, q
 // it drains the queue (the shipper decides what comes next). It returns
 // a failure of the connection; otherwise ctx's cause once the queue is
 // closed.
-func (s *Server) applyQueue(ctx context.Context, fc *frameConn, region string, kick chan<- struct{}, queue <-chan []*queued, log zerolog.Logger) error {
+func (s *Server) applyQueue(ctx context.Context, fc *frameConn, region string, lazy *lazyAcks, queue <-chan []*queued, log zerolog.Logger) error {
 	_, batches := s.app.(batchApplier)
 	halted := false
 	batch := make([]*decode.Txn, 0, s.cfg.MaxBatch)
@@ -519,7 +520,7 @@ func (s *Server) applyQueue(ctx context.Context, fc *frameConn, region string, k
 		}
 		var carry *queued // a streamed transaction that ended the batch
 		batch, carry, pending = gather(queue, pending, batch[:0], batches, s.cfg.MaxBatch)
-		h, err := s.applyBatch(ctx, fc, region, kick, batch, log)
+		h, err := s.applyBatch(ctx, fc, region, lazy, batch, log)
 		if err != nil {
 			return err
 		}
@@ -574,16 +575,13 @@ func gather(queue <-chan []*queued, pending []*queued, batch []*decode.Txn, batc
 // transaction that fails goes to the error policy: parked, it is
 // acknowledged too and the rest follow; otherwise it is nacked and
 // applyBatch reports that the stream halted.
-func (s *Server) applyBatch(ctx context.Context, fc *frameConn, region string, kick chan<- struct{}, batch []*decode.Txn, log zerolog.Logger) (halted bool, err error) {
+func (s *Server) applyBatch(ctx context.Context, fc *frameConn, region string, lazy *lazyAcks, batch []*decode.Txn, log zerolog.Logger) (halted bool, err error) {
 	for len(batch) > 0 && !halted {
 		n, aerr := applyTxns(ctx, s.app, batch)
 		var frames []any
-		if n > 0 && kick != nil && aerr == nil {
+		if n > 0 && lazy != nil && aerr == nil {
 			// Committed, not yet known durable: the acker acknowledges.
-			select {
-			case kick <- struct{}{}:
-			default: // a kick is pending; it covers these too
-			}
+			lazy.committed(batch[n-1].EndLSN)
 		} else if n > 0 {
 			frames = append(frames, &ack{LSN: batch[n-1].EndLSN})
 		}
@@ -599,7 +597,7 @@ func (s *Server) applyBatch(ctx context.Context, fc *frameConn, region string, k
 				rest = batch[n+1:]
 			}
 		}
-		if len(frames) > 0 && kick != nil {
+		if len(frames) > 0 && lazy != nil {
 			// Before an answer about a failed transaction, everything
 			// before it (and a parked one) is made durable: Progress
 			// flushes up to the origin's last commit.
@@ -617,19 +615,40 @@ func (s *Server) applyBatch(ctx context.Context, fc *frameConn, region string, k
 	return halted, nil
 }
 
+// lazyAcks is what applyBatch tells the acker: the end LSN of the last
+// transaction whose COMMIT returned, and a kick when it moved.
+type lazyAcks struct {
+	kick    chan struct{}
+	applied atomic.Uint64 // pglogrepl.LSN
+}
+
+// committed records that the transactions up to lsn committed and wakes
+// the acker; a kick already pending covers them too.
+func (l *lazyAcks) committed(lsn pglogrepl.LSN) {
+	l.applied.Store(uint64(lsn))
+	select {
+	case l.kick <- struct{}{}:
+	default:
+	}
+}
+
 // acker acknowledges, for an Applier that flushes lazily, what the
-// origin's durable progress covers, each time applyBatch kicks it. A
-// kick that comes while Progress runs (it flushes the WAL) is taken by
-// the next round, so one flush covers every commit made meanwhile. It
+// origin's durable progress covers, each time applyBatch kicks it, but
+// never past the last transaction whose COMMIT returned: the origin's
+// progress moves when the commit record is written, a moment before the
+// transaction becomes visible, and an ACK promises a region that holds
+// it. A kick that comes while Progress runs (it flushes the WAL) is taken
+// by the next round, so one flush covers every commit made meanwhile. It
 // returns when ctx ends, or why it could not acknowledge.
-func (s *Server) acker(ctx context.Context, fc *frameConn, region string, kick <-chan struct{}) error {
+func (s *Server) acker(ctx context.Context, fc *frameConn, region string, lazy *lazyAcks) error {
 	var acked pglogrepl.LSN
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-kick:
+		case <-lazy.kick:
 		}
+		applied := pglogrepl.LSN(lazy.applied.Load())
 		lsn, err := s.app.Progress(ctx, region)
 		if err != nil {
 			if ctx.Err() != nil {
@@ -637,6 +656,7 @@ func (s *Server) acker(ctx context.Context, fc *frameConn, region string, kick <
 			}
 			return fmt.Errorf("read durable progress: %w", err)
 		}
+		lsn = min(lsn, applied)
 		if lsn <= acked {
 			continue
 		}
