@@ -153,7 +153,6 @@ func (s *originSession) close() {
 // corresponds to.
 type snapshot struct {
 	name     string
-	slot     string
 	lsn      pglogrepl.LSN            // consistent point of the temporary slot
 	progress map[string]pglogrepl.LSN // the source's origin progress per other region
 	repl     *pgconn.PgConn           // keeps the snapshot (and the temporary slot) alive
@@ -188,7 +187,7 @@ func takeSnapshot(ctx context.Context, dsn, target string) (*snapshot, error) {
 		repl.Close(context.Background())
 		return nil, fmt.Errorf("bootstrap: source: consistent point %q: %w", res.ConsistentPoint, err)
 	}
-	return &snapshot{name: res.SnapshotName, slot: slot, lsn: lsn, repl: repl, progress: map[string]pglogrepl.LSN{}}, nil
+	return &snapshot{name: res.SnapshotName, lsn: lsn, repl: repl, progress: map[string]pglogrepl.LSN{}}, nil
 }
 
 // originsAt takes the snapshot (takeSnapshot) while it holds, on the

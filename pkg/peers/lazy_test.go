@@ -8,8 +8,6 @@ import (
 
 	"github.com/jackc/pglogrepl"
 	"github.com/rs/zerolog"
-
-	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
 
 // lazyApplier commits like memApplier but, like an apply.Applier with
@@ -64,11 +62,8 @@ func TestLazyFlushAcksDurableOnly(t *testing.T) {
 	app.mu.Lock()
 	app.gate = gate
 	app.mu.Unlock()
-	var sent []*decode.Txn
 	for i := 2; i <= 6; i++ {
-		txn := mkTxn(i, 0)
-		sent = append(sent, txn)
-		if err := sh.Send(ctx, txn); err != nil {
+		if err := sh.Send(ctx, mkTxn(i, 0)); err != nil {
 			t.Fatal(err)
 		}
 	}
