@@ -297,8 +297,11 @@ func (e *env) activeMeasure(ctx context.Context, res *activeResult, regions []ac
 	for _, d := range diffs {
 		e.logf("active %s: differs: %s", res.contender, d)
 	}
-	lags, n, err := activeLags(ctx, regions, prefix, lo)
+	lags, n, csv, err := activeLags(ctx, regions, prefix, lo)
 	if err != nil {
+		return err
+	}
+	if err := e.dumpLags(fmt.Sprintf("%s-%dtps-%s", res.contender, res.rate, time.Now().UTC().Format("150405")), "region,source_region,id,source_commit,lag_ms", csv); err != nil {
 		return err
 	}
 	res.txns = n
@@ -456,8 +459,9 @@ func describeHot(ctx context.Context, regions []activeRegion, prefix string, id 
 
 // activeLags returns, for every lag row numbered above lo[its region]
 // and every other region it reached, the time from its commit in its own
-// region to its apply in the other; and how many lag rows there were.
-func activeLags(ctx context.Context, regions []activeRegion, prefix string, lo map[int]int64) ([]time.Duration, int, error) {
+// region to its apply in the other; how many lag rows there were; and
+// the samples as CSV lines (see -lag-dump).
+func activeLags(ctx context.Context, regions []activeRegion, prefix string, lo map[int]int64) ([]time.Duration, int, string, error) {
 	type key struct {
 		rid int
 		id  int64
@@ -470,19 +474,21 @@ func activeLags(ctx context.Context, regions []activeRegion, prefix string, lo m
 			commits[key{r.rid, k.id}] = ts
 			return nil
 		}, fmt.Sprintf("SELECT id, pg_xact_commit_timestamp(xmin) FROM aa_%s_lag WHERE rid = $1 AND id > $2", prefix), r.rid, lo[r.rid]); err != nil {
-			return nil, 0, fmt.Errorf("read commit times of %s: %w", r.cluster.Name, err)
+			return nil, 0, "", fmt.Errorf("read commit times of %s: %w", r.cluster.Name, err)
 		}
 	}
 	var lags []time.Duration
+	var csv strings.Builder
 	for _, r := range regions {
 		if err := queryEach(ctx, r.cluster, []any{&k.rid, &k.id, &ts}, func() error {
 			if src, ok := commits[k]; ok {
 				lags = append(lags, ts.Sub(src))
+				fmt.Fprintf(&csv, "%d,%d,%d,%s,%.3f\n", r.rid, k.rid, k.id, src.UTC().Format("15:04:05.000000"), float64(ts.Sub(src).Microseconds())/1000)
 			}
 			return nil
 		}, fmt.Sprintf("SELECT rid, id, dst_ts FROM aa_%s_seen WHERE rid <> $1", prefix), r.rid); err != nil {
-			return nil, 0, fmt.Errorf("read apply times of %s: %w", r.cluster.Name, err)
+			return nil, 0, "", fmt.Errorf("read apply times of %s: %w", r.cluster.Name, err)
 		}
 	}
-	return lags, len(commits), nil
+	return lags, len(commits), csv.String(), nil
 }

@@ -28,6 +28,7 @@ type benchConfig struct {
 	largeCapMB int
 	pprof      string          // host:port base for na1, eu1, as1 (ports +0, +1, +2); "" for none
 	pgss       bool            // load pg_stat_statements and report prism-cdc's top statements after each drain
+	lagDump    string          // directory: each lag phase's samples as CSV
 	contenders map[string]bool // contenders to run: recv, native, prism, pglogical
 	// The active-active scenario: transactions per second in each region
 	// (one phase per rate), seconds of writes per phase, hot keys.
@@ -108,6 +109,7 @@ func newFlagSet(cfg *benchConfig, stderr io.Writer) (*flag.FlagSet, *flagValues)
 	fs.IntVar(&cfg.largeMB, "large-mb", 1024, "row data in the large transaction, in MB")
 	fs.IntVar(&cfg.largeCapMB, "large-cap-mb", 4096, "kill a prism-cdc node whose RSS passes this in the large scenario")
 	fs.StringVar(&cfg.pprof, "pprof", "", "host:port: start na1, eu1, as1 with PRISM_PPROF on this port and the next two")
+	fs.StringVar(&cfg.lagDump, "lag-dump", "", "directory: write each lag phase's samples to <contender>.csv there (region, id, source commit, lag in ms), to see when the slow ones came")
 	fs.BoolVar(&cfg.pgss, "pgss", false, "load pg_stat_statements in every cluster and log the source's and prism regions' top statements after each prism-cdc drain, lag and active phase (adds overhead)")
 	fs.BoolVar(&cfg.keep, "keep", false, "keep the work directory (node logs and configs)")
 	fs.BoolVar(&fv.quick, "quick", false, "small run: scale 1, 5000 transactions, 1 run, 10s lag, 32 MB large transaction, 10s active phases")

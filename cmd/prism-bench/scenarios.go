@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -280,7 +281,7 @@ func (e *env) lagPhase(ctx context.Context, c lagContender, tick func() error, s
 	if err := w.waitDrain(ctx, &d, time.Now(), drainTimeout, end, marker, c.slots, tick); err != nil {
 		return res, err
 	}
-	lags, err := e.lagSamples(ctx, c.regions, lo)
+	lags, err := e.lagSamples(ctx, c.name, c.regions, lo)
 	if err != nil {
 		return res, err
 	}
@@ -290,8 +291,10 @@ func (e *env) lagPhase(ctx context.Context, c lagContender, tick func() error, s
 }
 
 // lagSamples returns, for every bench_lag row above lo and every region,
-// the time from the source commit to the region's apply.
-func (e *env) lagSamples(ctx context.Context, regions []*pgtest.Cluster, lo int64) ([]time.Duration, error) {
+// the time from the source commit to the region's apply. With -lag-dump
+// it writes them to <contender>.csv in that directory as well.
+func (e *env) lagSamples(ctx context.Context, contender string, regions []*pgtest.Cluster, lo int64) ([]time.Duration, error) {
+	var csv strings.Builder
 	commits := map[int64]time.Time{}
 	var id int64
 	var ts time.Time
@@ -308,6 +311,7 @@ func (e *env) lagSamples(ctx context.Context, regions []*pgtest.Cluster, lo int6
 			if src, ok := commits[id]; ok {
 				lags = append(lags, ts.Sub(src))
 				seen++
+				fmt.Fprintf(&csv, "%s,%d,%s,%.3f\n", c.Name, id, src.UTC().Format("15:04:05.000000"), float64(ts.Sub(src).Microseconds())/1000)
 			}
 			return nil
 		}, "SELECT id, dst_ts FROM bench_lag_seen WHERE id > $1", lo); err != nil {
@@ -320,7 +324,24 @@ func (e *env) lagSamples(ctx context.Context, regions []*pgtest.Cluster, lo int6
 	if len(lags) == 0 {
 		return nil, fmt.Errorf("no lag rows were written")
 	}
+	if err := e.dumpLags(contender, "region,id,source_commit,lag_ms", csv.String()); err != nil {
+		return nil, err
+	}
 	return lags, nil
+}
+
+// dumpLags writes a phase's lag samples (CSV lines under header) to
+// <name>.csv in the -lag-dump directory, if one was given.
+func (e *env) dumpLags(name, header, lines string) error {
+	if e.cfg.lagDump == "" {
+		return nil
+	}
+	path := filepath.Join(e.cfg.lagDump, strings.NewReplacer(" ", "-", "(", "", ")", "").Replace(name)+".csv")
+	if err := os.WriteFile(path, []byte(header+"\n"+lines), 0o644); err != nil {
+		return fmt.Errorf("-lag-dump: %w", err)
+	}
+	e.logf("lag samples written to %s", path)
+	return nil
 }
 
 // quantiles returns the median, the 99th percentile and the maximum of
