@@ -77,6 +77,9 @@ type Node struct {
 	// /healthz fails when it is older than stallAfter.
 	alive      atomic.Int64
 	stallAfter time.Duration
+
+	// delays are the stage delay histograms of /metrics.
+	delays *delays
 }
 
 // New returns a node for a validated configuration.
@@ -95,7 +98,8 @@ func New(cfg *config.Config, log zerolog.Logger) *Node {
 		p.Database = commitLocally(p.Database)
 		c.Peers[i] = p
 	}
-	return &Node{cfg: &c, log: log, role: RoleStarting, acked: make(chan struct{}, 1), stallAfter: StallAfter}
+	return &Node{cfg: &c, log: log, role: RoleStarting, acked: make(chan struct{}, 1), stallAfter: StallAfter,
+		delays: newDelays(c.Node, c.Region)}
 }
 
 // commitLocally adds synchronous_commit=local to a DSN (key/value or URL)
@@ -255,6 +259,7 @@ func (n *Node) servePeers(runCtx context.Context, wg *sync.WaitGroup, fatal chan
 	sc.Region, sc.Node, sc.AcceptRegions = n.cfg.Region, n.cfg.Node, accept
 	sc.Token, sc.TLS, sc.Insecure = n.cfg.Auth.Token, serverTLS, n.plaintext()
 	sc.Errors = newErrorPolicy(n.cfg, n.log)
+	sc.Applied = n.delays.appliedTxns
 	server := peers.NewWaitingServer(sc, fmt.Sprintf("node %s of region %s is waiting for its database", n.cfg.Node, n.cfg.Region),
 		n.log.With().Str("component", "server").Logger())
 	wg.Add(1)
@@ -404,6 +409,7 @@ func (n *Node) readLoop(ctx, shipCtx context.Context) error {
 			SpillDir:    n.cfg.Spill.Dir,
 			SkipSchemas: []string{"prism"},
 			Linger:      n.readerLinger(),
+			Received:    n.delays.received,
 		}, n.log.With().Str("component", "reader").Logger())
 		n.mu.Lock()
 		n.reader = r

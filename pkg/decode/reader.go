@@ -82,6 +82,12 @@ type ReaderConfig struct {
 	// lingerConn). It delays a transaction by at most that much; default
 	// DefaultLinger, negative never waits.
 	Linger time.Duration
+	// Received, when set, is called from the stream's goroutine for every
+	// local transaction the stream completes (resent ones included), with
+	// the time the walsender sent the message that completed it (its
+	// send time, by the server's clock) and the time it arrived (by this
+	// host's). It must not block.
+	Received func(txn *Txn, sent, arrived time.Time)
 }
 
 // DefaultLinger is the default ReaderConfig.Linger.
@@ -860,6 +866,9 @@ func (r *Reader) walData(s *streamState, xld pglogrepl.XLogData) error {
 		r.log.Debug().Stringer("lsn", xld.WALStart).Msg("skipped a transaction with a replication origin")
 	}
 	if txn != nil {
+		if r.cfg.Received != nil {
+			r.cfg.Received(txn, xld.ServerTime, time.Now())
+		}
 		s.pending = r.admit(txn)
 		if s.pending == nil {
 			txn.Spill.Release()

@@ -60,6 +60,10 @@ type ServerConfig struct {
 	// Errors carries out the apply error policy for transactions that
 	// fail permanently; nil halts on every such failure.
 	Errors ErrorHandler
+	// Applied, when set, is called with the transactions of source region
+	// region that were just applied (committed and visible, durable or
+	// not yet), in order. It must not block.
+	Applied func(region string, txns []*decode.Txn)
 }
 
 // Server receives update messages from other regions' shippers and applies
@@ -578,6 +582,9 @@ func gather(queue <-chan []*queued, pending []*queued, batch []*decode.Txn, batc
 func (s *Server) applyBatch(ctx context.Context, fc *frameConn, region string, lazy *lazyAcks, batch []*decode.Txn, log zerolog.Logger) (halted bool, err error) {
 	for len(batch) > 0 && !halted {
 		n, aerr := applyTxns(ctx, s.app, batch)
+		if n > 0 && s.cfg.Applied != nil {
+			s.cfg.Applied(region, batch[:n])
+		}
 		var frames []any
 		if n > 0 && lazy != nil && aerr == nil {
 			// Committed, not yet known durable: the acker acknowledges.
@@ -743,6 +750,9 @@ func (s *Server) applyStreamed(ctx context.Context, fc *frameConn, q *queued, lo
 		aerr = fmt.Errorf("apply %s/%s: this node cannot apply streamed transactions", q.txn.Origin, q.txn.EndLSN)
 	}
 	if aerr == nil {
+		if s.cfg.Applied != nil {
+			s.cfg.Applied(q.txn.Origin, []*decode.Txn{q.txn})
+		}
 		if werr := fc.write(s.cfg.IdleTimeout, &ack{LSN: q.txn.EndLSN}); werr != nil {
 			return true, fmt.Errorf("write ack: %w", werr)
 		}
