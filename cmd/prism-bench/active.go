@@ -224,6 +224,10 @@ func (e *env) activePhase(ctx context.Context, c string, rate, base int) (res ac
 			return res, err
 		}
 	}
+	stages, err := m.stageDelays(ctx)
+	if err != nil {
+		return res, err
+	}
 	if err := e.activeWrite(ctx, c, regions, rate, prefix, base, tick); err != nil {
 		return res, err
 	}
@@ -232,6 +236,13 @@ func (e *env) activePhase(ctx context.Context, c string, rate, base int) (res ac
 	}
 	if err := e.activeMeasure(ctx, &res, regions, prefix, base, lo, tick); err != nil {
 		return res, err
+	}
+	if m != nil {
+		after, err := m.stageDelays(ctx)
+		if err != nil {
+			return res, err
+		}
+		e.logf("active %s at %d tps: where the time went, source commit to (the nodes' histograms): %s", c, rate, stageSummary(stages, after))
 	}
 	if c == pglogicalMesh {
 		err = e.pglSourceSubs(ctx, false)

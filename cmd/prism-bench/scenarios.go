@@ -186,7 +186,7 @@ func (e *env) lagRun(ctx context.Context, c lagContender, script string, marker 
 	if err != nil {
 		return lagResult{}, err
 	}
-	res, err := e.lagPhase(ctx, c, meshTick(m), script, lo, start, marker)
+	res, err := e.lagPhase(ctx, c, m, script, lo, start, marker)
 	if m != nil {
 		m.stop()
 		res.peakKB = m.peaks()
@@ -235,12 +235,13 @@ func (e *env) maxLagID(ctx context.Context) (int64, error) {
 	return id, err
 }
 
-// lagPhase measures contender c, whose replication runs (tick samples
-// it): once c has confirmed start, pgbench runs the lag script at the
-// fixed rate, and when c has applied marker row marker, the lag of every
-// bench_lag row above lo in c's regions is read.
-func (e *env) lagPhase(ctx context.Context, c lagContender, tick func() error, script string, lo int64, start pglogrepl.LSN, marker int) (lagResult, error) {
+// lagPhase measures contender c, whose replication runs (prism-cdc's
+// mesh m, nil for the others): once c has confirmed start, pgbench runs
+// the lag script at the fixed rate, and when c has applied marker row
+// marker, the lag of every bench_lag row above lo in c's regions is read.
+func (e *env) lagPhase(ctx context.Context, c lagContender, m *mesh, script string, lo int64, start pglogrepl.LSN, marker int) (lagResult, error) {
 	res := lagResult{contender: c.name}
+	tick := meshTick(m)
 	w, err := e.newWatcher(ctx, c.regions)
 	if err != nil {
 		return res, err
@@ -261,6 +262,10 @@ func (e *env) lagPhase(ctx context.Context, c lagContender, tick func() error, s
 			return res, err
 		}
 	}
+	stages, err := m.stageDelays(ctx)
+	if err != nil {
+		return res, err
+	}
 	stop := sampleEvery(500*time.Millisecond, tick)
 	err = e.pgbench(ctx, e.src, "-n", "-c", fmt.Sprint(e.cfg.clients), "-j", fmt.Sprint(min(e.cfg.clients, 2)),
 		"-R", fmt.Sprint(e.cfg.lagRate), "-T", fmt.Sprint(e.cfg.lagSeconds), "-f", script)
@@ -280,6 +285,13 @@ func (e *env) lagPhase(ctx context.Context, c lagContender, tick func() error, s
 	d := drain{contender: c.name}
 	if err := w.waitDrain(ctx, &d, time.Now(), drainTimeout, end, marker, c.slots, tick); err != nil {
 		return res, err
+	}
+	if m != nil {
+		after, err := m.stageDelays(ctx)
+		if err != nil {
+			return res, err
+		}
+		e.logf("lag %s: where the time went, source commit to (the nodes' histograms): %s", c.name, stageSummary(stages, after))
 	}
 	lags, err := e.lagSamples(ctx, c.name, c.regions, lo)
 	if err != nil {

@@ -92,6 +92,8 @@ func pageFixture(t *testing.T) (*monitor, *httptest.Server) {
 	}, Database: db.DSN("postgres")}
 	n := New(cfg, zerolog.Nop())
 	n.startedAt = time.Now()
+	// One transaction of eu applied here 3 ms after its commit.
+	n.delays.appliedTxns("eu", []*decode.Txn{{Origin: "eu", CommitTime: time.Now().Add(-3 * time.Millisecond)}})
 	ship := func(source, target, addr string) *peers.Shipper {
 		d := config.DefaultDelivery()
 		sc := peers.NewShipperConfig(500 * time.Millisecond)
@@ -280,6 +282,9 @@ func TestStatusMetricsAndPage(t *testing.T) {
 		`prism_peer_auth_refused{node="na1",peer="eu1",region="na",target="eu"} 0`,
 		`prism_applied_lsn{node="na1",region="na",source="na"} 256`,
 		"# TYPE prism_retries_total counter",
+		`prism_apply_delay_seconds_bucket{node="na1",region="na",source="eu",le="0.005"} 1`,
+		`prism_apply_delay_seconds_bucket{node="na1",region="na",source="eu",le="0.002"} 0`,
+		`prism_source_send_delay_seconds_count{node="na1",region="na"} 0`,
 		"go_goroutines",
 	} {
 		if !strings.Contains(string(body), want) {
@@ -293,7 +298,7 @@ func TestStatusMetricsAndPage(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, name := range regexp.MustCompile(`prism_[a-z_]+`).FindAllString(string(dash), -1) {
-		if !strings.Contains(string(body), "\n"+name+"{") {
+		if !strings.Contains(string(body), "\n"+name+"{") && !strings.Contains(string(body), "\n"+name+"_bucket{") {
 			t.Errorf("configs/grafana-dashboard.json queries %s, which /metrics does not export", name)
 		}
 	}

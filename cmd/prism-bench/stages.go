@@ -1,0 +1,119 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"math"
+	"net/http"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// The nodes' stage delay histograms (see the README's /metrics), in the
+// order a transaction passes them.
+var stageMetrics = []struct{ metric, name string }{
+	{"prism_source_send_delay_seconds", "walsender sent"},
+	{"prism_source_read_delay_seconds", "node read"},
+	{"prism_apply_delay_seconds", "applied"},
+}
+
+// stageCounts are cumulative bucket counts by metric and upper bound,
+// summed over a mesh's nodes (and, for applies, source regions).
+type stageCounts map[string]map[float64]float64
+
+var bucketLine = regexp.MustCompile(`^(prism_[a-z_]+)_bucket\{.*le="([^"]+)".*\} (\S+)$`)
+
+// stageDelays reads the stage histograms of every node of m.
+func (m *mesh) stageDelays(ctx context.Context) (stageCounts, error) {
+	out := stageCounts{}
+	if m == nil {
+		return out, nil
+	}
+	c := http.Client{Timeout: 5 * time.Second}
+	for _, p := range m.procs {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+p.spec.http+"/metrics", nil)
+		if err != nil {
+			return nil, err
+		}
+		resp, err := c.Do(req)
+		if err != nil {
+			return nil, fmt.Errorf("%s /metrics: %w", p.spec.name, err)
+		}
+		sc := bufio.NewScanner(resp.Body)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		for sc.Scan() {
+			f := bucketLine.FindStringSubmatch(sc.Text())
+			if f == nil {
+				continue
+			}
+			le, err1 := strconv.ParseFloat(f[2], 64)
+			v, err2 := strconv.ParseFloat(f[3], 64)
+			if err1 != nil || err2 != nil {
+				continue
+			}
+			if out[f[1]] == nil {
+				out[f[1]] = map[float64]float64{}
+			}
+			out[f[1]][le] += v
+		}
+		resp.Body.Close()
+		if err := sc.Err(); err != nil {
+			return nil, fmt.Errorf("%s /metrics: %w", p.spec.name, err)
+		}
+	}
+	return out, nil
+}
+
+// stageSummary describes the observations between before and after:
+// each stage's count and its median and 99th percentile, interpolated
+// within buckets as Prometheus's histogram_quantile does.
+func stageSummary(before, after stageCounts) string {
+	var parts []string
+	for _, s := range stageMetrics {
+		a, b := after[s.metric], before[s.metric]
+		les := make([]float64, 0, len(a))
+		for le := range a {
+			les = append(les, le)
+		}
+		sort.Float64s(les)
+		cum := make([]float64, len(les))
+		for i, le := range les {
+			cum[i] = a[le] - b[le]
+		}
+		if len(cum) == 0 || cum[len(cum)-1] == 0 {
+			parts = append(parts, s.name+": none")
+			continue
+		}
+		parts = append(parts, fmt.Sprintf("%s: %d, p50 %s, p99 %s", s.name, int(cum[len(cum)-1]),
+			fmtMS(bucketQuantile(0.5, les, cum)), fmtMS(bucketQuantile(0.99, les, cum))))
+	}
+	return strings.Join(parts, "; ")
+}
+
+// bucketQuantile is the q-quantile of cumulative counts cum at upper
+// bounds les (ascending, the last +Inf), linear within a bucket.
+func bucketQuantile(q float64, les, cum []float64) float64 {
+	rank := q * cum[len(cum)-1]
+	lower, below := 0.0, 0.0
+	for i, le := range les {
+		if cum[i] >= rank {
+			if math.IsInf(le, 1) {
+				return lower
+			}
+			if cum[i] == below {
+				return le
+			}
+			return lower + (le-lower)*(rank-below)/(cum[i]-below)
+		}
+		lower, below = le, cum[i]
+	}
+	return lower
+}
+
+func fmtMS(seconds float64) string {
+	return fmt.Sprintf("%.1f ms", seconds*1000)
+}
