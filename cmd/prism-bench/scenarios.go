@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -153,16 +154,58 @@ func (e *env) lag(ctx context.Context) ([]lagResult, error) {
 		return nil, fmt.Errorf("write lag script: %w", err)
 	}
 	cs := e.lagContenders()
+	order := slices.Clone(cs)
 	var out []lagResult
-	for i, c := range cs {
-		res, err := e.lagRun(ctx, c, script, 1000+i)
-		if err != nil {
-			return out, fmt.Errorf("lag %s: %w", c.name, err)
+	marker := 1000
+	for run := 1; run <= e.cfg.lagRuns; run++ {
+		for _, c := range order {
+			res, err := e.lagRun(ctx, c, script, marker)
+			if err != nil {
+				return out, fmt.Errorf("lag %s: %w", c.name, err)
+			}
+			marker++
+			e.logf("lag %s (run %d/%d): %d rows, p50 %s, p99 %s, max %s", c.name, run, e.cfg.lagRuns, res.rows, res.p50, res.p99, res.pmax)
+			out = append(out, res)
 		}
-		e.logf("lag %s: %d rows, p50 %s, p99 %s, max %s", c.name, res.rows, res.p50, res.p99, res.pmax)
-		out = append(out, res)
+		// The next run in the other order, so that a noisy stretch of
+		// the host is shared out.
+		slices.Reverse(order)
 	}
-	return out, e.lagCatchUp(ctx, cs, 1000+len(cs))
+	return out, e.lagCatchUp(ctx, cs, marker)
+}
+
+// medianLag folds the phases of each contender into one result, in the
+// order they first ran: the median of the rows and of each percentile,
+// and each node's highest peak RSS.
+func medianLag(rs []lagResult) []lagResult {
+	var order []string
+	by := map[string][]lagResult{}
+	for _, r := range rs {
+		if _, ok := by[r.contender]; !ok {
+			order = append(order, r.contender)
+		}
+		by[r.contender] = append(by[r.contender], r)
+	}
+	var out []lagResult
+	for _, c := range order {
+		m := lagResult{contender: c}
+		var rows []float64
+		var p50, p99, pmax []time.Duration
+		for _, p := range by[c] {
+			rows = append(rows, float64(p.rows))
+			p50, p99, pmax = append(p50, p.p50), append(p99, p.p99), append(pmax, p.pmax)
+			for n, kb := range p.peakKB {
+				if m.peakKB == nil {
+					m.peakKB = map[string]int64{}
+				}
+				m.peakKB[n] = max(m.peakKB[n], kb)
+			}
+		}
+		m.rows = int(medianF(rows))
+		m.p50, m.p99, m.pmax = medianDur(p50), medianDur(p99), medianDur(pmax)
+		out = append(out, m)
+	}
+	return out
 }
 
 // lagRun runs contender c's phase with marker row marker: it starts c's

@@ -131,3 +131,25 @@ func TestMedianActive(t *testing.T) {
 		t.Fatalf("pglogical median = %+v, want p99 15 ms, did not quiesce (one phase did not), note late", g)
 	}
 }
+
+func TestMedianLag(t *testing.T) {
+	ms := func(n int) time.Duration { return time.Duration(n) * time.Millisecond }
+	got := medianLag([]lagResult{
+		{contender: native, rows: 100, p50: ms(1), p99: ms(4), pmax: ms(9)},
+		{contender: prism, rows: 101, p50: ms(3), p99: ms(30), pmax: ms(60), peakKB: map[string]int64{"na1": 20}},
+		{contender: prism, rows: 99, p50: ms(2), p99: ms(90), pmax: ms(100), peakKB: map[string]int64{"na1": 25}},
+		{contender: native, rows: 98, p50: ms(2), p99: ms(20), pmax: ms(30)},
+		{contender: native, rows: 99, p50: ms(3), p99: ms(5), pmax: ms(10)},
+		{contender: prism, rows: 100, p50: ms(4), p99: ms(40), pmax: ms(50), peakKB: map[string]int64{"na1": 22}},
+	})
+	if len(got) != 2 {
+		t.Fatalf("medianLag = %d results, want 2: %+v", len(got), got)
+	}
+	n, p := got[0], got[1]
+	if n.contender != native || n.rows != 99 || n.p50 != ms(2) || n.p99 != ms(5) || n.pmax != ms(10) || n.peakKB != nil {
+		t.Fatalf("native median = %+v, want 99 rows, p50 2 ms, p99 5 ms, max 10 ms, no RSS", n)
+	}
+	if p.contender != prism || p.rows != 100 || p.p50 != ms(3) || p.p99 != ms(40) || p.pmax != ms(60) || p.peakKB["na1"] != 25 {
+		t.Fatalf("prism-cdc median = %+v, want 100 rows, p50 3 ms, p99 40 ms, max 60 ms and na1 25 kB (the highest)", p)
+	}
+}
