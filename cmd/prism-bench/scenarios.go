@@ -379,7 +379,7 @@ func (e *env) lagSamples(ctx context.Context, contender string, regions []*pgtes
 	if len(lags) == 0 {
 		return nil, fmt.Errorf("no lag rows were written")
 	}
-	if err := e.dumpLags(contender, "region,id,source_commit,lag_ms", csv.String()); err != nil {
+	if err := e.dumpLags(contender+"-"+time.Now().UTC().Format("150405"), "region,id,source_commit,lag_ms", csv.String()); err != nil {
 		return nil, err
 	}
 	return lags, nil

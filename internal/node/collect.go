@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/prism-cdc/prism-cdc/internal/config"
+	"github.com/prism-cdc/prism-cdc/pkg/apply"
 )
 
 // Tombstones and clock floors (pkg/apply) are kept this long and swept
@@ -15,22 +16,32 @@ import (
 const (
 	tombstoneRetention = 7 * 24 * time.Hour
 	collectEvery       = time.Hour
+	marksEvery         = time.Minute
 	stampCompactAge    = 10 * time.Minute
 )
 
 // collectLoop removes old tombstones and clock floors from this region's
-// database: once a minute after start, then every collectEvery.
+// database: once a minute after start, then every collectEvery; and the
+// key marks no apply transaction can meet any more every marksEvery.
 func (n *Node) collectLoop(ctx context.Context) {
-	wait := time.Minute
+	t := time.NewTicker(marksEvery)
+	defer t.Stop()
+	var last time.Time // the last full collection
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(wait):
+		case <-t.C:
 		}
-		wait = collectEvery
-		if err := n.collect(ctx, tombstoneRetention); err != nil && ctx.Err() == nil {
-			n.log.Warn().Err(err).Msg("could not remove old tombstones, row stamps and clock floors; retrying in an hour")
+		if time.Since(last) >= collectEvery {
+			last = time.Now()
+			if err := n.collect(ctx, tombstoneRetention); err != nil && ctx.Err() == nil {
+				n.log.Warn().Err(err).Msg("could not remove old tombstones, row stamps and clock floors; retrying in an hour")
+			}
+			continue
+		}
+		if _, err := n.applier.CollectMarks(ctx, apply.MarkMargin); err != nil && ctx.Err() == nil {
+			n.log.Warn().Err(err).Msg("could not remove old key marks; retrying in a minute")
 		}
 	}
 }

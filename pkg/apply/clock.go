@@ -81,8 +81,9 @@ CREATE TABLE IF NOT EXISTS prism.tombstones (
 -- predates the first, and is applied again on a snapshot that shows it.
 -- A key is marked by a 64-bit hash of its table and key text: two keys
 -- that share one only make a transaction be applied again. A mark
--- matters only while such a transaction runs; Collect removes
--- marks older than an hour. So the table is UNLOGGED: a crash ends every
+-- matters only while such a transaction runs; the node removes the
+-- marks no transaction in progress can meet every minute (CollectMarks).
+-- So the table is UNLOGGED: a crash ends every
 -- transaction a mark could meet, its writes cost no WAL, and logical
 -- decoding leaves them out (the region's walsender does not decode them
 -- for its node to drop).
@@ -540,6 +541,44 @@ func (a *Applier) CollectConflicts(ctx context.Context, keep time.Duration) (int
 	return tag.RowsAffected(), nil
 }
 
+// MarkMargin is the margin Collect gives CollectMarks: far more than a
+// commit record's WAL flush takes.
+const MarkMargin = time.Minute
+
+// collectMarksSQL deletes the key marks (prism.key_marks) that no
+// transaction in progress can meet. A mark matters to a transaction whose
+// snapshot predates the mark's commit; such a transaction started before
+// that commit. So a mark committed (by its version's commit timestamp)
+// more than $1 seconds before the oldest transaction in progress
+// started, or before now when none is, is deleted: $1 covers a commit
+// that became visible later than its timestamp (the commit record's WAL
+// flush). When pg_stat_activity hides some session's start (this role
+// lacks pg_read_all_stats), the marks older than an hour go instead.
+// The mark's own commit timestamp may be gone (pg_commit_ts truncated):
+// then it is old.
+const collectMarksSQL = `WITH act AS (
+	SELECT coalesce(bool_or(a.state IS NULL), false) AS hidden, min(a.xact_start) AS oldest
+	FROM pg_catalog.pg_stat_activity a WHERE a.backend_type = 'client backend' AND a.pid <> pg_catalog.pg_backend_pid())
+DELETE FROM prism.key_marks k USING act
+WHERE coalesce(pg_catalog.pg_xact_commit_timestamp(k.xmin), '-infinity') < CASE WHEN act.hidden THEN now() - interval '1 hour'
+	ELSE least(coalesce(act.oldest, now()), now()) - make_interval(secs => $1::float8) END`
+
+// CollectMarks deletes the key marks no transaction in progress can meet
+// any more (see collectMarksSQL), with margin for a commit's visibility,
+// and returns how many it deleted. Marks last as long as the apply
+// transactions that may meet them instead of an hour, so that the table
+// every applied insert writes stays small.
+func (a *Applier) CollectMarks(ctx context.Context, margin time.Duration) (int64, error) {
+	if err := a.ensureSetup(ctx); err != nil {
+		return 0, err
+	}
+	tag, err := a.pool.Exec(ctx, collectMarksSQL, strconv.FormatFloat(margin.Seconds(), 'f', 3, 64))
+	if err != nil {
+		return 0, fmt.Errorf("collect key marks: %w", err)
+	}
+	return tag.RowsAffected(), nil
+}
+
 // CompactStamps drops the row stamps of batches written more than age
 // ago whose versions were replaced since (see prism.batch_stamps), and
 // returns how many it dropped. Each batch's stamps are checked once.
@@ -569,8 +608,8 @@ func (a *Applier) Collect(ctx context.Context, keep time.Duration) (tombstones, 
 		return 0, 0, fmt.Errorf("collect tombstones: %w", err)
 	}
 	tombstones = tag.RowsAffected()
-	if _, err := a.pool.Exec(ctx, "DELETE FROM prism.key_marks WHERE at < now() - interval '1 hour'"); err != nil {
-		return tombstones, 0, fmt.Errorf("collect key marks: %w", err)
+	if _, err := a.CollectMarks(ctx, MarkMargin); err != nil {
+		return tombstones, 0, err
 	}
 	if _, err := a.pool.Exec(ctx, "DELETE FROM prism.batch_stamps WHERE newest < now() - make_interval(secs => $1::float8)", secs); err != nil {
 		return tombstones, 0, fmt.Errorf("collect row stamps: %w", err)

@@ -172,6 +172,56 @@ func TestCollect(t *testing.T) {
 	}
 }
 
+// TestCollectMarks: CollectMarks keeps the key marks that a transaction
+// in progress may meet (committed after it started) and deletes those
+// committed before every transaction in progress started, and all once
+// none runs.
+func TestCollectMarks(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "marks"})
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("na"))
+	defer a.Close()
+	if err := a.Setup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	marks := func() string {
+		return queryString(t, ctx, a.pool, "SELECT coalesce(string_agg(h::text, ',' ORDER BY h), '') FROM prism.key_marks")
+	}
+	mustExec(t, ctx, c, "postgres", "INSERT INTO prism.key_marks (h) VALUES (1)")
+	time.Sleep(20 * time.Millisecond)
+	// An apply session of another source, its snapshot taken.
+	u, err := c.Connect(ctx, "postgres")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close(ctx)
+	if _, err := u.Exec(ctx, "BEGIN ISOLATION LEVEL REPEATABLE READ"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := u.Exec(ctx, "SELECT count(*) FROM prism.key_marks"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(20 * time.Millisecond)
+	mustExec(t, ctx, c, "postgres", "INSERT INTO prism.key_marks (h) VALUES (2)")
+	if n, err := a.CollectMarks(ctx, 0); err != nil || n != 1 || marks() != "2" {
+		t.Fatalf("CollectMarks while a transaction runs = %d, %v, marks %q; want 1 deleted, mark 2 (committed after it started) kept", n, err, marks())
+	}
+	// The running transaction meets mark 2: its upsert fails.
+	if _, err := u.Exec(ctx, "INSERT INTO prism.key_marks (h) VALUES (2) ON CONFLICT (h) DO UPDATE SET at = EXCLUDED.at"); err == nil || !concurrent(err) {
+		t.Fatalf("upsert of mark 2 from the older snapshot = %v, want a serialization failure", err)
+	}
+	if _, err := u.Exec(ctx, "ROLLBACK"); err != nil {
+		t.Fatal(err)
+	}
+	// A margin keeps a recent mark.
+	if n, err := a.CollectMarks(ctx, time.Hour); err != nil || n != 0 || marks() != "2" {
+		t.Fatalf("CollectMarks(1 hour) = %d, %v, marks %q; want 0, mark 2 kept", n, err, marks())
+	}
+	if n, err := a.CollectMarks(ctx, 0); err != nil || n != 1 || marks() != "" {
+		t.Fatalf("CollectMarks with nothing running = %d, %v, marks %q; want mark 2 deleted", n, err, marks())
+	}
+}
+
 // TestClockHorizon checks the gate of trigger prism_clock and that the
 // application's roles need no rights in schema prism: an apply
 // transaction stamped ahead of the local clock raises prism.horizon, and
