@@ -353,17 +353,34 @@ func (r *buf) changes(rels []*Relation) ([]Change, []*Relation) {
 		}
 	}
 	// The relations defined here are listed in order of first use, each
-	// once: anything else is not what an encoder produces.
+	// once: anything else is not what an encoder produces. A reference to
+	// one defined here and not used yet must be to the next one.
+	pos := make(map[*Relation]int, len(rels)-base)
+	for i, rel := range rels[base:] {
+		pos[rel] = base + i
+	}
 	next := base
-	for i := range changes {
-		for _, rel := range append([]*Relation{changes[i].Rel}, changes[i].Truncated...) {
-			if next < len(rels) && rel == rels[next] {
-				next++
+	use := func(rel *Relation) bool {
+		if p, ok := pos[rel]; ok && p >= next {
+			if p != next {
+				return false
 			}
+			next++
+		}
+		return true
+	}
+	for i := range changes {
+		ok := use(changes[i].Rel)
+		for _, rel := range changes[i].Truncated {
+			ok = ok && use(rel)
+		}
+		if !ok {
+			r.fail(fmt.Errorf("change %d: relations out of order of first use", i))
+			return nil, rels
 		}
 	}
 	if next != len(rels) {
-		r.fail(errors.New("relations unused or out of order"))
+		r.fail(errors.New("relations defined and not used"))
 		return nil, rels
 	}
 	return changes, rels

@@ -145,6 +145,41 @@ func TestParseTrailing(t *testing.T) {
 	}
 }
 
+// TestParseRejectsRelationsOutOfOrder: a block whose relations are all
+// defined and used, but not in order of first use, is not what an encoder
+// writes (it would not re-encode to the same bytes) and is refused; so is
+// one defining a relation no change uses. The canonical orders parse.
+func TestParseRejectsRelationsOutOfOrder(t *testing.T) {
+	g := goldenTxn()
+	items, other := g.Changes[0].Rel, g.Changes[2].Rel
+	if items == other || items == nil || other == nil {
+		t.Fatal("the golden transaction needs two relations")
+	}
+	onItems, onOther := g.Changes[0], g.Changes[2]
+	ab := AppendChanges(nil, []Change{onItems, onOther}) // defines items, other
+	ba := AppendChanges(nil, []Change{onOther, onItems}) // defines other, items
+	for _, b := range [][]byte{ab, ba} {
+		if _, _, err := ParseChanges(b); err != nil {
+			t.Fatalf("ParseChanges(canonical) = %v", err)
+		}
+	}
+	// The definitions of ab (items 0, other 1) with changes that use
+	// other first, then items, then other again: every definition is used,
+	// not in order of first use.
+	defs := 4 + len(appendRelation(nil, items)) + len(appendRelation(nil, other))
+	bab := appendChanges(nil, []Change{onOther, onItems, onOther}, map[*Relation]uint32{items: 0, other: 1})
+	spliced := append(append([]byte{}, ab[:defs]...), bab[4:]...)
+	if _, _, err := ParseChanges(spliced); err == nil {
+		t.Fatal("ParseChanges(relations out of order of first use) = nil, want an error")
+	}
+	// Both defined, only items used.
+	one := appendChanges(nil, []Change{onItems}, map[*Relation]uint32{items: 0, other: 1})
+	unused := append(append([]byte{}, ab[:defs]...), one[4:]...)
+	if _, _, err := ParseChanges(unused); err == nil {
+		t.Fatal("ParseChanges(a relation defined and not used) = nil, want an error")
+	}
+}
+
 // FuzzCodec reads arbitrary bytes as a transaction (a peer frame's or a
 // spool record's payload) and as a spill chunk that follows one defining
 // the golden relations. It must never panic; what decodes passes
