@@ -4,10 +4,11 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"maps"
 	"math"
 	"net/http"
 	"regexp"
-	"sort"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -75,11 +76,7 @@ func stageSummary(before, after stageCounts) string {
 	var parts []string
 	for _, s := range stageMetrics {
 		a, b := after[s.metric], before[s.metric]
-		les := make([]float64, 0, len(a))
-		for le := range a {
-			les = append(les, le)
-		}
-		sort.Float64s(les)
+		les := slices.Sorted(maps.Keys(a))
 		cum := make([]float64, len(les))
 		for i, le := range les {
 			cum[i] = a[le] - b[le]
