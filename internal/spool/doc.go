@@ -1,8 +1,9 @@
 // Package spool is a node's durable on-disk log of decoded transactions.
 //
 // The reader appends every transaction it takes from the slot; a flusher
-// fsyncs appends in batches and only then reports them durable, and only
-// durable transactions may let the slot advance. Each peer region's shipper
+// fsyncs appends by group commit (at once, and everything appended during
+// one fsync by the next) and only then reports them durable; only durable
+// transactions are shipped and may let the slot advance. Each peer region's shipper
 // reads the spool from its own cursor at its own pace, so a region that is
 // down for long does not pin WAL on the source and a slow region does not
 // slow the others. Segments every region has acknowledged are deleted.

@@ -16,7 +16,6 @@ import (
 	"strings"
 	"sync"
 	"syscall"
-	"time"
 
 	"github.com/jackc/pglogrepl"
 	"github.com/rs/zerolog"
@@ -83,6 +82,12 @@ type Spool struct {
 	closed   bool
 	flushErr error
 
+	// kick wakes the flusher after an append; syncing is set while the
+	// flusher fsyncs the active segment with mu released, and synced
+	// (on mu) is broadcast when it ends.
+	kick        chan struct{}
+	syncing     bool
+	synced      *sync.Cond
 	stopFlusher chan struct{}
 	flusherDone chan struct{}
 }
@@ -104,8 +109,9 @@ func Open(dir string, maxBytes int64, regions []string, log zerolog.Logger) (*Sp
 	s := &Spool{
 		dir: dir, maxBytes: maxBytes, segSize: SegmentSize, log: log, lock: lock,
 		cursors: map[string]pglogrepl.LSN{}, changed: make(chan struct{}),
-		stopFlusher: make(chan struct{}), flusherDone: make(chan struct{}),
+		kick: make(chan struct{}, 1), stopFlusher: make(chan struct{}), flusherDone: make(chan struct{}),
 	}
+	s.synced = sync.NewCond(&s.mu)
 	if err := s.load(regions); err != nil {
 		lock.Close()
 		return nil, err
@@ -363,6 +369,10 @@ func (s *Spool) Append(ctx context.Context, txn *decode.Txn) error {
 	s.written += int64(headerSize + len(body))
 	s.lastEnd = txn.EndLSN
 	s.pending = txn.EndLSN
+	select {
+	case s.kick <- struct{}{}:
+	default: // a kick is pending: that flush takes this record too
+	}
 	return nil
 }
 
@@ -521,8 +531,12 @@ func (s *Spool) rollLocked(firstEnd pglogrepl.LSN) error {
 }
 
 // flushLocked writes buffered records and fsyncs them; then they are
-// durable and readers may see them.
+// durable and readers may see them. It waits for a flush of the flusher
+// first, which may be using the active segment.
 func (s *Spool) flushLocked() error {
+	for s.syncing {
+		s.synced.Wait()
+	}
 	if s.w == nil || s.pending == s.durable && s.bw.Buffered() == 0 {
 		return nil
 	}
@@ -532,12 +546,21 @@ func (s *Spool) flushLocked() error {
 	if err := s.w.Sync(); err != nil {
 		return s.failLocked(err)
 	}
-	seg := s.segs[len(s.segs)-1]
-	s.total += s.written - seg.size
-	seg.size = s.written
-	s.durable = s.pending
-	s.broadcastLocked()
+	s.syncedLocked(s.segs[len(s.segs)-1], s.written, s.pending)
 	return nil
+}
+
+// syncedLocked records that seg holds written durable bytes, up to the
+// record that ends at end.
+func (s *Spool) syncedLocked(seg *segment, written int64, end pglogrepl.LSN) {
+	if written > seg.size {
+		s.total += written - seg.size
+		seg.size = written
+	}
+	if end > s.durable {
+		s.durable = end
+	}
+	s.broadcastLocked()
 }
 
 func (s *Spool) broadcastLocked() {
@@ -545,26 +568,52 @@ func (s *Spool) broadcastLocked() {
 	s.changed = make(chan struct{})
 }
 
-// flusher makes appends durable in batches: every few milliseconds it
-// flushes and fsyncs what was appended since.
+// flusher makes appends durable as a group commit does: an append wakes
+// it, and it writes and fsyncs at once everything appended so far. The
+// fsync runs with mu released, so appends go on meanwhile and the next
+// flush takes all of them: a lone transaction is durable one fsync after
+// its append (a shipper, and in sync mode a commit, waits for that), and
+// a busy stream gets one fsync per fsync's time of appends. It never
+// waits for a timer: a tick would hold each record back until the next
+// one, and in sync mode a committing client would wait a whole tick per
+// commit.
 func (s *Spool) flusher() {
 	defer close(s.flusherDone)
-	t := time.NewTicker(5 * time.Millisecond)
-	defer t.Stop()
 	for {
 		select {
 		case <-s.stopFlusher:
 			return
-		case <-t.C:
-			s.mu.Lock()
-			if s.pending != s.durable {
-				if err := s.flushLocked(); err != nil {
-					s.log.Error().Err(err).Msg("spool flush failed; the slot stops advancing")
-				}
-			}
-			s.mu.Unlock()
+		case <-s.kick:
 		}
+		s.mu.Lock()
+		if err := s.groupFlushLocked(); err != nil {
+			s.log.Error().Err(err).Msg("spool flush failed; the slot stops advancing")
+		}
+		s.mu.Unlock()
 	}
+}
+
+// groupFlushLocked is the flusher's flush: like flushLocked, but the
+// fsync runs with mu released (syncing set: a roll or Close waits for it).
+func (s *Spool) groupFlushLocked() error {
+	if s.closed || s.flushErr != nil || s.syncing || s.w == nil || s.pending == s.durable && s.bw.Buffered() == 0 {
+		return nil
+	}
+	if err := s.bw.Flush(); err != nil {
+		return s.failLocked(err)
+	}
+	f, seg, written, end := s.w, s.segs[len(s.segs)-1], s.written, s.pending
+	s.syncing = true
+	s.mu.Unlock()
+	err := f.Sync()
+	s.mu.Lock()
+	s.syncing = false
+	s.synced.Broadcast()
+	if err != nil {
+		return s.failLocked(err)
+	}
+	s.syncedLocked(seg, written, end)
+	return nil
 }
 
 // Durable is the end LSN of the last durable transaction: the slot may be

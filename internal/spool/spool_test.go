@@ -396,3 +396,59 @@ func TestSpilledTransaction(t *testing.T) {
 		t.Fatalf("spilled file kept after every region acknowledged it: %v", err)
 	}
 }
+
+// TestGroupFlushWhileRolling appends many records to tiny segments, so
+// segments roll and get deleted while the flusher fsyncs with the lock
+// released, and two readers follow: each must read every record once, in
+// order, and a reopened spool must hold all of them.
+func TestGroupFlushWhileRolling(t *testing.T) {
+	dir := t.TempDir()
+	s := open(t, dir, 0)
+	s.segSize = 400 // a few records a segment
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	const n = 2000
+	errc := make(chan error, 2)
+	for _, region := range []string{"eu", "as"} {
+		go func() {
+			r := s.NewReader(0)
+			defer r.Close()
+			for i := uint64(1); i <= n; i++ {
+				tx, err := r.Next(ctx)
+				if err != nil {
+					errc <- fmt.Errorf("%s: Next after %d records: %w", region, i-1, err)
+					return
+				}
+				if tx.EndLSN != pglogrepl.LSN(i*10) {
+					errc <- fmt.Errorf("%s: record %d ends at %s, want %s", region, i, tx.EndLSN, pglogrepl.LSN(i*10))
+					return
+				}
+				if i%50 == 0 {
+					if err := s.SetCursor(region, tx.EndLSN); err != nil {
+						errc <- err
+						return
+					}
+				}
+			}
+			errc <- nil
+		}()
+	}
+	for i := uint64(1); i <= n; i++ {
+		if err := s.Append(ctx, txn(i*10, "value")); err != nil {
+			t.Fatalf("append %d: %v", i, err)
+		}
+	}
+	for range 2 {
+		if err := <-errc; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s = open(t, dir, 0)
+	defer s.Close()
+	if s.Durable() != n*10 {
+		t.Fatalf("after reopen Durable() = %s, want %s", s.Durable(), pglogrepl.LSN(n*10))
+	}
+}
