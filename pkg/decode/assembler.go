@@ -50,7 +50,13 @@ type Assembler struct {
 	streams   map[uint32]*streamTxn
 
 	filtered uint64
+
+	arena   arena // rows' values and bytes
+	changes int   // changes of the last transaction kept: the next one's first capacity
 }
+
+// maxChangesHint caps the first capacity of a transaction's changes.
+const maxChangesHint = 64
 
 // streamTxn collects a streamed transaction's changes until its Stream
 // Commit. subxids[i] is the (sub)transaction that made changes[i].
@@ -132,7 +138,7 @@ func (a *Assembler) Feed(lsn pglogrepl.LSN, walData []byte) (*Txn, error) {
 		return nil, fmt.Errorf("decode message at %s: empty message", lsn)
 	}
 	typ := walData[0]
-	r := &buf{b: walData[1:]}
+	r := &buf{b: walData[1:], arena: &a.arena}
 	txn, err := a.feed(typ, r)
 	if err == nil {
 		err = r.end()
@@ -281,6 +287,9 @@ func (a *Assembler) commit(r *buf) (*Txn, error) {
 		txn.Spill = sp
 	}
 	a.curBytes = 0
+	if txn.Spill == nil && len(txn.Changes) > 0 {
+		a.changes = len(txn.Changes)
+	}
 	txn.EndLSN = endLSN
 	txn.CommitTime = stamp(commitTime, floor)
 	return txn, nil
@@ -379,6 +388,12 @@ func (a *Assembler) add(xid uint32, c Change) error {
 		}
 		if a.spill != nil {
 			return a.spill.add(c)
+		}
+		if a.cur.Changes == nil && a.changes > 1 {
+			// Transactions of one workload tend to have as many
+			// changes as the one before: one allocation, not a
+			// doubling series.
+			a.cur.Changes = make([]Change, 0, min(a.changes, maxChangesHint))
 		}
 		a.cur.Changes = append(a.cur.Changes, c)
 		a.curBytes += changeSize(&c)

@@ -387,3 +387,66 @@ func TestAssemblerRowAllocs(t *testing.T) {
 		t.Fatalf("last value %q with capacity %d, want \"c9\" with capacity 2", v.Data, cap(v.Data))
 	}
 }
+
+// TestAssemblerRowsIndependent checks that rows decoded from the shared
+// chunks stay independent: appending to one row's values or to one
+// value's bytes never changes another row.
+func TestAssemblerRowsIndependent(t *testing.T) {
+	a := NewAssembler("na")
+	if _, err := a.Feed(1, mRelation(1, "id", "v")); err != nil {
+		t.Fatal(err)
+	}
+	var txns []*Txn
+	for i := range 3 {
+		for _, m := range [][]byte{mBegin(uint64(100*i+10), uint32(i+1)), mInsert(1, "1", "one"), mInsert(1, "2", "two"), mCommit(uint64(100*i+10), uint64(100*i+20))} {
+			txn, err := a.Feed(2, m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if txn != nil {
+				txns = append(txns, txn)
+			}
+		}
+	}
+	if len(txns) != 3 {
+		t.Fatalf("got %d transactions, want 3", len(txns))
+	}
+	first := txns[0].Changes[0]
+	first.New = append(first.New, Value{Kind: ValueText, Data: []byte("extra")})
+	first.New[1].Data = append(first.New[1].Data, "-and-more"...)
+	for i, txn := range txns {
+		for j, c := range txn.Changes {
+			want := [][]string{{"1", "one"}, {"2", "two"}}[j]
+			if len(c.New) != 2 || string(c.New[0].Data) != want[0] || string(c.New[1].Data) != want[1] {
+				t.Fatalf("transaction %d change %d = %q after appending to the first row, want %q", i, j, c.New, want)
+			}
+		}
+	}
+}
+
+// TestAssemblerAllocations checks that a pgbench transaction costs the
+// reader two allocations (the transaction and its changes), not two a
+// row: rows take their values and bytes from shared chunks.
+func TestAssemblerAllocations(t *testing.T) {
+	a := NewAssembler("na")
+	for _, m := range [][]byte{mRelation(1, "aid", "bid", "abalance", "filler"), mRelation(2, "tid", "bid", "tbalance", "filler"),
+		mRelation(3, "bid", "bbalance", "filler"), mRelation(4, "id", "tid", "bid", "aid", "delta", "mtime")} {
+		if _, err := a.Feed(1, m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	txn := pgbenchTxn(false)
+	feed := func() {
+		for _, m := range txn {
+			if _, err := a.Feed(2, m); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	feed() // the first sets the changes' capacity
+	// Chunks are shared by many transactions: average over enough of them.
+	per := testing.AllocsPerRun(2000, feed)
+	if per > 2.1 {
+		t.Fatalf("%.2f allocations per pgbench transaction, want 2 (the transaction and its changes) and a shared chunk now and then", per)
+	}
+}

@@ -84,14 +84,25 @@ func ParseTxn(p []byte) (*Txn, []byte, error) {
 // a nil *Relations interns nothing.
 type Relations struct {
 	m map[string]*Relation
+	// arena holds the parsed transactions' values (see arena): a region's
+	// server parses one stream's transactions on one goroutine.
+	arena arena
 }
 
 // maxInterned bounds a Relations: when it is full, it starts over.
 const maxInterned = 4096
 
+// arenaOf is rs's arena; none for a nil rs (the package's ParseTxn).
+func (rs *Relations) arenaOf() *arena {
+	if rs == nil {
+		return nil
+	}
+	return &rs.arena
+}
+
 // ParseTxn is the package's ParseTxn, with the relations interned in rs.
 func (rs *Relations) ParseTxn(p []byte) (*Txn, []byte, error) {
-	r := &buf{b: p, interned: rs}
+	r := &buf{b: p, interned: rs, arena: rs.arenaOf()}
 	t := r.txnHeader()
 	r.own() // one copy for every value
 	t.Changes, _ = r.changes(nil)
@@ -104,7 +115,7 @@ func (rs *Relations) ParseTxn(p []byte) (*Txn, []byte, error) {
 // ParseChanges is the package's ParseChanges, with the relations interned
 // in rs.
 func (rs *Relations) ParseChanges(p []byte) ([]Change, []byte, error) {
-	r := &buf{b: p, interned: rs}
+	r := &buf{b: p, interned: rs, arena: rs.arenaOf()}
 	r.own() // one copy for every value
 	changes, _ := r.changes(nil)
 	if r.err != nil {
@@ -440,7 +451,12 @@ func (r *buf) row() []Value {
 	if !r.flag("row flag") {
 		return nil
 	}
-	row := make([]Value, r.count(minValue))
+	var row []Value
+	if n := r.count(minValue); r.arena != nil {
+		row = r.arena.values(n)
+	} else {
+		row = make([]Value, n)
+	}
 	for i := range row {
 		k := ValueKind(r.u8())
 		switch k {
