@@ -6,7 +6,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/prism-cdc/prism-cdc/internal/config"
@@ -211,8 +210,7 @@ type dbFacts struct {
 const dbFactsTTL = 10 * time.Second
 
 // facts returns the cached database facts, refreshing them when stale.
-// The connection is opened and closed per refresh, so nothing outlives
-// the scrape.
+// They are read on the node's watch connection (withWatchConn).
 func (m *monitor) facts(ctx context.Context) dbFacts {
 	m.mu.Lock()
 	f := m.db
@@ -223,26 +221,25 @@ func (m *monitor) facts(ctx context.Context) dbFacts {
 	f = dbFacts{at: time.Now(), applied: map[string]uint64{}}
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	conn, err := pgx.Connect(ctx, m.n.cfg.Database)
+	err := m.n.withWatchConn(ctx, func(q querier) error {
+		_ = q.QueryRow(ctx, "SELECT count(*) FROM prism.conflicts").Scan(&f.conflicts)
+		rows, err := q.Query(ctx, `SELECT `+decode.OriginRegionSQL+`, pg_wal_lsn_diff(coalesce(pg_replication_origin_progress(roname, true), '0/0'), '0/0')::bigint
+			FROM pg_replication_origin WHERE starts_with(roname, '`+decode.NamePrefix+`')`)
+		if err != nil {
+			return err
+		}
+		defer rows.Close()
+		for rows.Next() {
+			var src string
+			var lsn int64
+			if rows.Scan(&src, &lsn) == nil {
+				f.applied[src] = uint64(lsn)
+			}
+		}
+		return rows.Err()
+	})
 	if err != nil {
 		f.err = config.RedactDSN(err.Error())
-	} else {
-		defer conn.Close(context.Background())
-		_ = conn.QueryRow(ctx, "SELECT count(*) FROM prism.conflicts").Scan(&f.conflicts)
-		rows, err := conn.Query(ctx, `SELECT `+decode.OriginRegionSQL+`, pg_wal_lsn_diff(coalesce(pg_replication_origin_progress(roname, true), '0/0'), '0/0')::bigint
-			FROM pg_replication_origin WHERE starts_with(roname, '`+decode.NamePrefix+`')`)
-		if err == nil {
-			for rows.Next() {
-				var src string
-				var lsn int64
-				if rows.Scan(&src, &lsn) == nil {
-					f.applied[src] = uint64(lsn)
-				}
-			}
-			rows.Close()
-		} else {
-			f.err = err.Error()
-		}
 	}
 	m.mu.Lock()
 	m.db = f

@@ -180,3 +180,53 @@ func TestReadyzHalted(t *testing.T) {
 		t.Errorf("/readyz = %d %q, want 503 and one line: region ap halted: 42P01 ...", c, b)
 	}
 }
+
+// TestWatchConnKept checks that the node's periodic checks (the slot's
+// WAL retention, the database facts of /metrics) reuse one kept
+// connection instead of making the server start a backend for each.
+func TestWatchConnKept(t *testing.T) {
+	ctx := context.Background()
+	db := pgtest.Start(t, pgtest.Options{Name: "node-watch"})
+	if err := db.CreateDatabase(ctx, "app"); err != nil {
+		t.Fatal(err)
+	}
+	logs := &syncBuf{}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("node logs:\n%s", logs)
+		}
+	})
+	n, url := runRegionNode(t, db, "na1", logs)
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		role, _ := n.currentRole()
+		if c, _ := probe(url + "/readyz"); role == RoleReader && c == 200 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("timed out waiting for na1 to read the slot")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	pids := map[int32]bool{}
+	for range 3 {
+		h, err := n.readSlotHealth(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if h.walStatus != "reserved" {
+			t.Fatalf("slot wal_status = %q, want reserved", h.walStatus)
+		}
+		if err := n.withWatchConn(ctx, func(q querier) error {
+			var pid int32
+			err := q.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&pid)
+			pids[pid] = true
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(pids) != 1 {
+		t.Fatalf("the checks ran on %d backends, want one kept connection", len(pids))
+	}
+}

@@ -62,26 +62,55 @@ func (n *Node) watchSlot(ctx context.Context) {
 }
 
 func (n *Node) readSlotHealth(ctx context.Context) (slotHealth, error) {
+	var h slotHealth
+	err := n.withWatchConn(ctx, func(q querier) error {
+		var status *string
+		var retained *int64
+		err := q.QueryRow(ctx, `SELECT wal_status, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, safe_wal_size
+		FROM pg_replication_slots WHERE slot_name = $1`, n.cfg.Slot).Scan(&status, &retained, &h.safe)
+		if err != nil {
+			return err
+		}
+		if status != nil {
+			h.walStatus = *status
+		}
+		if retained != nil {
+			h.retained = *retained
+		}
+		return nil
+	})
+	return h, err
+}
+
+// querier is what the periodic checks ask of a connection.
+type querier interface {
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+}
+
+// withWatchConn runs f on a connection to the region's database for the
+// node's periodic checks (the slot's WAL retention, the database facts of
+// /metrics): the probe pool's kept connection, or without a probe pool a
+// connection opened for f and closed after it, so a check does not make
+// the server start a backend every few seconds.
+func (n *Node) withWatchConn(ctx context.Context, f func(q querier) error) error {
+	n.mu.Lock()
+	pool := n.probe
+	n.mu.Unlock()
+	if pool != nil {
+		conn, err := pool.Acquire(ctx)
+		if err != nil {
+			return err
+		}
+		defer conn.Release()
+		return f(conn)
+	}
 	conn, err := pgx.Connect(ctx, n.cfg.Database)
 	if err != nil {
-		return slotHealth{}, err
+		return err
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
-	var h slotHealth
-	var status *string
-	var retained *int64
-	err = conn.QueryRow(ctx, `SELECT wal_status, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, safe_wal_size
-		FROM pg_replication_slots WHERE slot_name = $1`, n.cfg.Slot).Scan(&status, &retained, &h.safe)
-	if err != nil {
-		return slotHealth{}, err
-	}
-	if status != nil {
-		h.walStatus = *status
-	}
-	if retained != nil {
-		h.retained = *retained
-	}
-	return h, nil
+	return f(conn)
 }
 
 // report logs a warning when the slot's WAL is no longer reserved by
