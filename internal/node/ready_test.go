@@ -73,13 +73,12 @@ peers:
 	return n, "http://" + httpAddr
 }
 
-// TestHealthAndReadiness checks /healthz (the process is alive) and
-// /readyz (the node can serve its region) with the database up, down and
-// back, for the node that reads the slot and for one that stands by.
-func TestHealthAndReadiness(t *testing.T) {
-	ctx := context.Background()
-	db := pgtest.Start(t, pgtest.Options{Name: "node-ready"})
-	if err := db.CreateDatabase(ctx, "app"); err != nil {
+// appCluster starts a cluster with an empty database app, and returns it
+// with the buffer for its nodes' logs, printed when the test fails.
+func appCluster(t *testing.T, name string) (*pgtest.Cluster, *syncBuf) {
+	t.Helper()
+	db := pgtest.Start(t, pgtest.Options{Name: name})
+	if err := db.CreateDatabase(context.Background(), "app"); err != nil {
 		t.Fatal(err)
 	}
 	logs := &syncBuf{}
@@ -88,6 +87,14 @@ func TestHealthAndReadiness(t *testing.T) {
 			t.Logf("node logs:\n%s", logs)
 		}
 	})
+	return db, logs
+}
+
+// TestHealthAndReadiness checks /healthz (the process is alive) and
+// /readyz (the node can serve its region) with the database up, down and
+// back, for the node that reads the slot and for one that stands by.
+func TestHealthAndReadiness(t *testing.T) {
+	db, logs := appCluster(t, "node-ready")
 	within := func(what string, cond func() bool) {
 		t.Helper()
 		deadline := time.Now().Add(60 * time.Second)
@@ -186,16 +193,7 @@ func TestReadyzHalted(t *testing.T) {
 // connection instead of making the server start a backend for each.
 func TestWatchConnKept(t *testing.T) {
 	ctx := context.Background()
-	db := pgtest.Start(t, pgtest.Options{Name: "node-watch"})
-	if err := db.CreateDatabase(ctx, "app"); err != nil {
-		t.Fatal(err)
-	}
-	logs := &syncBuf{}
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("node logs:\n%s", logs)
-		}
-	})
+	db, logs := appCluster(t, "node-watch")
 	n, url := runRegionNode(t, db, "na1", logs)
 	deadline := time.Now().Add(60 * time.Second)
 	for {
