@@ -122,6 +122,9 @@ type Applier struct {
 	letting map[string]chan struct{}
 	// holdIdle is holdIdle; tests change it.
 	holdIdle time.Duration
+	// upkeep is how CollectMarks and CompactStamps divide their work
+	// (defaultUpkeep); tests change it.
+	upkeep upkeep
 
 	// testAfterSend, when set, runs after the last pipeline of a run was
 	// sent (with the backend PID), before its results are read.
@@ -150,6 +153,7 @@ func NewApplier(pool *pgxpool.Pool, log zerolog.Logger, opts ...Option) *Applier
 		letting:   map[string]chan struct{}{},
 		memos:     map[string]*batchMemo{},
 		holdIdle:  holdIdle,
+		upkeep:    defaultUpkeep,
 	}
 	for _, o := range opts {
 		o(a)

@@ -172,26 +172,36 @@ CREATE TABLE IF NOT EXISTS prism.batch_stamps (
 	compacted  boolean             NOT NULL DEFAULT false
 );
 CREATE INDEX IF NOT EXISTS batch_stamps_xact ON prism.batch_stamps USING hash (xact);
--- compact_stamps keeps, in the rows of batch_stamps written before
+-- compact_stamps_chunk keeps, in the rows of batch_stamps written before
 -- before and not compacted yet, the stamps whose key's live row or
 -- tombstone still has the row's xact as its xmin, deletes rows left with
--- none, and returns how many stamps it dropped. The key columns are the
--- names in the keys' jsonb, probed by their type; a table that no longer
--- has them keeps its stamps, one that is gone loses them.
-CREATE OR REPLACE FUNCTION prism.compact_stamps(before timestamptz) RETURNS bigint
+-- none, and returns how many stamps it dropped. It takes the first
+-- max_rows such rows after id after, so that a backlog's stamps are
+-- compacted in short transactions, and returns the last id it took (NULL
+-- when none was left). The key columns are the names in the keys' jsonb,
+-- probed by their type; a table that no longer has them keeps its
+-- stamps, one that is gone loses them.
+CREATE OR REPLACE FUNCTION prism.compact_stamps_chunk(before timestamptz, after bigint, max_rows integer,
+	OUT dropped bigint, OUT last bigint)
 LANGUAGE plpgsql AS $f$
 DECLARE
-	r       record;
-	probe   text;
-	known   boolean;
-	n       bigint;
-	dropped bigint := 0;
+	r     record;
+	probe text;
+	known boolean;
+	n     bigint;
 BEGIN
+	dropped := 0;
+	SELECT max(c.id) INTO last FROM (SELECT b.id FROM prism.batch_stamps b
+		WHERE b.id > after AND NOT b.compacted AND b.at < before ORDER BY b.id LIMIT max_rows) c;
+	IF last IS NULL THEN
+		RETURN;
+	END IF;
 	FOR r IN SELECT b.table_name, min(b.keys[1]) AS sample FROM prism.batch_stamps b
-		WHERE NOT b.compacted AND b.at < before GROUP BY b.table_name
+		WHERE b.id > after AND b.id <= last AND NOT b.compacted AND b.at < before GROUP BY b.table_name
 	LOOP
 		IF to_regclass(r.table_name) IS NULL THEN
-			WITH d AS (DELETE FROM prism.batch_stamps b WHERE b.table_name = r.table_name AND NOT b.compacted AND b.at < before
+			WITH d AS (DELETE FROM prism.batch_stamps b WHERE b.table_name = r.table_name
+				AND b.id > after AND b.id <= last AND NOT b.compacted AND b.at < before
 				RETURNING cardinality(b.keys) AS n)
 			SELECT coalesce(sum(d.n), 0) INTO n FROM d;
 			dropped := dropped + n;
@@ -203,13 +213,14 @@ BEGIN
 		FROM jsonb_object_keys(r.sample::jsonb) j(name)
 		LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = to_regclass(r.table_name) AND a.attname = j.name AND a.attnum > 0 AND NOT a.attisdropped;
 		IF known IS NOT TRUE THEN
-			UPDATE prism.batch_stamps b SET compacted = true WHERE b.table_name = r.table_name AND NOT b.compacted AND b.at < before;
+			UPDATE prism.batch_stamps b SET compacted = true WHERE b.table_name = r.table_name
+				AND b.id > after AND b.id <= last AND NOT b.compacted AND b.at < before;
 			CONTINUE;
 		END IF;
 		EXECUTE format($q$
 			WITH c AS (
 				SELECT b.id, b.xact, b.keys, b.ts FROM prism.batch_stamps b
-				WHERE b.table_name = $1 AND NOT b.compacted AND b.at < $2 FOR UPDATE),
+				WHERE b.table_name = $1 AND b.id > $3 AND b.id <= $4 AND NOT b.compacted AND b.at < $2 FOR UPDATE),
 			k AS (
 				SELECT c.id, array_agg(u.key ORDER BY u.i) AS keys, array_agg(u.ts ORDER BY u.i) AS ts, max(u.ts) AS newest
 				FROM c, unnest(c.keys, c.ts) WITH ORDINALITY AS u(key, ts, i)
@@ -219,8 +230,25 @@ BEGIN
 			d AS (DELETE FROM prism.batch_stamps b USING c WHERE b.id = c.id AND NOT EXISTS (SELECT 1 FROM k WHERE k.id = c.id)),
 			u AS (UPDATE prism.batch_stamps b SET keys = k.keys, ts = k.ts, newest = k.newest, compacted = true FROM k WHERE b.id = k.id)
 			SELECT (SELECT coalesce(sum(cardinality(c.keys)), 0) FROM c) - (SELECT coalesce(sum(cardinality(k.keys)), 0) FROM k)$q$,
-			r.table_name::regclass, probe) INTO n USING r.table_name, before;
+			r.table_name::regclass, probe) INTO n USING r.table_name, before, after, last;
 		dropped := dropped + n;
+	END LOOP;
+END
+$f$;
+-- compact_stamps compacts every row written before before at once (see
+-- compact_stamps_chunk); a node compacts in paced chunks instead.
+CREATE OR REPLACE FUNCTION prism.compact_stamps(before timestamptz) RETURNS bigint
+LANGUAGE plpgsql AS $f$
+DECLARE
+	c       record;
+	after   bigint := 0;
+	dropped bigint := 0;
+BEGIN
+	LOOP
+		SELECT * INTO c FROM prism.compact_stamps_chunk(before, after, 1000);
+		EXIT WHEN c.last IS NULL;
+		dropped := dropped + c.dropped;
+		after := c.last;
 	END LOOP;
 	RETURN dropped;
 END
@@ -559,39 +587,95 @@ const MarkMargin = time.Minute
 const collectMarksSQL = `WITH act AS (
 	SELECT coalesce(bool_or(a.state IS NULL), false) AS hidden, min(a.xact_start) AS oldest
 	FROM pg_catalog.pg_stat_activity a WHERE a.backend_type = 'client backend' AND a.pid <> pg_catalog.pg_backend_pid())
-DELETE FROM prism.key_marks k USING act
-WHERE coalesce(pg_catalog.pg_xact_commit_timestamp(k.xmin), '-infinity') < CASE WHEN act.hidden THEN now() - interval '1 hour'
-	ELSE least(coalesce(act.oldest, now()), now()) - make_interval(secs => $1::float8) END`
+DELETE FROM prism.key_marks k WHERE k.ctid = ANY (ARRAY(SELECT m.ctid FROM prism.key_marks m, act
+	WHERE coalesce(pg_catalog.pg_xact_commit_timestamp(m.xmin), '-infinity') < CASE WHEN act.hidden THEN now() - interval '1 hour'
+	ELSE least(coalesce(act.oldest, now()), now()) - make_interval(secs => $1::float8) END
+	LIMIT $2))`
 
 // CollectMarks deletes the key marks no transaction in progress can meet
 // any more (see collectMarksSQL), with margin for a commit's visibility,
 // and returns how many it deleted. Marks last as long as the apply
 // transactions that may meet them instead of an hour, so that the table
-// every applied insert writes stays small.
+// every applied insert writes stays small. It deletes them in paced
+// chunks (see upkeep): a backlog leaves a mark per applied insert.
 func (a *Applier) CollectMarks(ctx context.Context, margin time.Duration) (int64, error) {
 	if err := a.ensureSetup(ctx); err != nil {
 		return 0, err
 	}
-	tag, err := a.pool.Exec(ctx, collectMarksSQL, strconv.FormatFloat(margin.Seconds(), 'f', 3, 64))
-	if err != nil {
-		return 0, fmt.Errorf("collect key marks: %w", err)
+	secs := strconv.FormatFloat(margin.Seconds(), 'f', 3, 64)
+	var deleted int64
+	for {
+		start := time.Now()
+		tag, err := a.pool.Exec(ctx, collectMarksSQL, secs, a.upkeep.marks)
+		if err != nil {
+			return deleted, fmt.Errorf("collect key marks: %w", err)
+		}
+		deleted += tag.RowsAffected()
+		if tag.RowsAffected() < int64(a.upkeep.marks) {
+			return deleted, nil
+		}
+		if err := a.upkeep.pause(ctx, time.Since(start)); err != nil {
+			return deleted, fmt.Errorf("collect key marks: %w", err)
+		}
 	}
-	return tag.RowsAffected(), nil
 }
 
 // CompactStamps drops the row stamps of batches written more than age
 // ago whose versions were replaced since (see prism.batch_stamps), and
-// returns how many it dropped. Each batch's stamps are checked once.
+// returns how many it dropped. Each batch's stamps are checked once, in
+// paced chunks of rows (see upkeep and prism.compact_stamps_chunk).
 func (a *Applier) CompactStamps(ctx context.Context, age time.Duration) (int64, error) {
 	if err := a.ensureSetup(ctx); err != nil {
 		return 0, err
 	}
-	var n int64
 	secs := strconv.FormatFloat(age.Seconds(), 'f', 3, 64)
-	if err := a.pool.QueryRow(ctx, "SELECT prism.compact_stamps(now() - make_interval(secs => $1::float8))", secs).Scan(&n); err != nil {
-		return 0, fmt.Errorf("compact row stamps: %w", err)
+	var dropped, after int64
+	for {
+		start := time.Now()
+		var n int64
+		var last *int64
+		if err := a.pool.QueryRow(ctx, "SELECT dropped, last FROM prism.compact_stamps_chunk(now() - make_interval(secs => $1::float8), $2, $3)",
+			secs, after, a.upkeep.stampRows).Scan(&n, &last); err != nil {
+			return dropped, fmt.Errorf("compact row stamps: %w", err)
+		}
+		dropped += n
+		if last == nil {
+			return dropped, nil
+		}
+		after = *last
+		if err := a.upkeep.pause(ctx, time.Since(start)); err != nil {
+			return dropped, fmt.Errorf("compact row stamps: %w", err)
+		}
 	}
-	return n, nil
+}
+
+// upkeep divides the upkeep of the applier's tables (CollectMarks,
+// CompactStamps) into chunks, each its own short transaction followed by
+// a pause pace times as long as the chunk took. A backlog leaves a key
+// mark per applied insert and a row stamp per batched key: removed in one
+// statement, 100,000 of them kept the region's server busy for seconds
+// while the apply sessions waited for a CPU, and live replication lagged
+// by a quarter of a second (docs/performance.md). Paced, the upkeep uses
+// at most 1/(pace+1) of one CPU of the server.
+type upkeep struct {
+	marks     int // key marks deleted per statement
+	stampRows int // rows of prism.batch_stamps compacted per statement
+	pace      int
+}
+
+// defaultUpkeep: about 10-30 ms of server time per chunk.
+var defaultUpkeep = upkeep{marks: 5000, stampRows: 50, pace: 3}
+
+// pause waits pace times took, or until ctx ends.
+func (u upkeep) pause(ctx context.Context, took time.Duration) error {
+	t := time.NewTimer(time.Duration(u.pace) * took)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
 }
 
 // Collect deletes tombstones, row stamps and clock floors older than

@@ -1,10 +1,12 @@
 package apply
 
 import (
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
 
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
 	"github.com/prism-cdc/prism-cdc/pkg/decode"
@@ -219,6 +221,40 @@ func TestCollectMarks(t *testing.T) {
 	}
 	if n, err := a.CollectMarks(ctx, 0); err != nil || n != 1 || marks() != "" {
 		t.Fatalf("CollectMarks with nothing running = %d, %v, marks %q; want mark 2 deleted", n, err, marks())
+	}
+}
+
+// TestCollectMarksChunks: CollectMarks deletes a backlog's marks in
+// chunks of upkeep.marks, every one of them, pausing between chunks, and
+// each chunk is one statement that finds its marks by their tuple ids.
+func TestCollectMarksChunks(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "markchunks"})
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("na"))
+	defer a.Close()
+	if err := a.Setup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	a.upkeep = upkeep{marks: 10, stampRows: 1, pace: 1}
+	mustExec(t, ctx, c, "postgres", "INSERT INTO prism.key_marks (h) SELECT g FROM generate_series(1, 25) g")
+	n, err := a.CollectMarks(ctx, 0)
+	if err != nil || n != 25 {
+		t.Fatalf("CollectMarks = %d, %v; want 25", n, err)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT count(*)::text FROM prism.key_marks"); got != "0" {
+		t.Fatalf("%s marks left, want 0", got)
+	}
+	rows, err := a.pool.Query(ctx, "EXPLAIN (COSTS OFF) "+strings.NewReplacer("$1", "'0'", "$2", "10").Replace(collectMarksSQL))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		t.Fatal(err)
+	}
+	plan := strings.Join(lines, "\n")
+	if !strings.Contains(plan, "Tid Scan on key_marks") {
+		t.Fatalf("a chunk does not find its marks by tuple id:\n%s", plan)
 	}
 }
 

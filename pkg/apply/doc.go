@@ -140,7 +140,8 @@
 // statement, not one per row: a per-row upsert cost the apply session
 // about 40% of its CPU in a backlog (BenchmarkApplyCost, 32-37.5 against
 // 23-27 server us per pgbench transaction). CompactStamps (hourly, from
-// the node) drops the stamps of versions replaced since.
+// the node) drops the stamps of versions replaced since, in paced chunks
+// of rows (see upkeep), as CollectMarks deletes key marks.
 //
 // # One failure touches no other
 //
