@@ -79,8 +79,11 @@ type ReaderConfig struct {
 	// Linger is how long a read of the running stream waits after one
 	// that found no more data, so that the messages arriving meanwhile
 	// are read in one call instead of one call and one wake-up each (see
-	// lingerConn). It delays a transaction by at most that much; default
-	// DefaultLinger, negative never waits.
+	// lingerConn). It delays a transaction by at most that much, rounded
+	// up to the Go runtime's timer resolution: a sleep under a
+	// millisecond in an otherwise idle process ends after about one
+	// (1.07 ms measured for 20-500 us). Default DefaultLinger, negative
+	// never waits.
 	Linger time.Duration
 	// Received, when set, is called from the stream's goroutine for every
 	// local transaction the stream completes (resent ones included), with

@@ -47,7 +47,8 @@ func NewShipperConfig(ackTimeout time.Duration) ShipperConfig {
 }
 
 // DefaultLinger is the writer's ShipperConfig.Linger by default: a
-// transaction waits at most half a millisecond for others to share its
+// transaction waits at most half a millisecond (about one in an otherwise
+// idle process: the Go runtime's timer resolution) for others to share its
 // write.
 const DefaultLinger = 500 * time.Microsecond
 

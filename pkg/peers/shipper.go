@@ -92,7 +92,9 @@ type ShipperConfig struct {
 	// read and two goroutine wake-ups each. A write of one transaction
 	// (a quiet source) is not followed by a wait, which would only add a
 	// wake-up, and latency, per transaction. It delays a transaction by
-	// at most that much; zero writes each as soon as it is sent.
+	// at most that much (a sleep under a millisecond lasts about one in an
+	// otherwise idle process: the Go runtime's timer resolution); zero
+	// writes each as soon as it is sent.
 	Linger time.Duration
 	// FenceTimeout bounds fencing a previous holder of the origin before
 	// the direct-SQL fallback applies.
