@@ -36,12 +36,7 @@ func TestStatusNodeDown(t *testing.T) {
 		SELECT pg_replication_origin_advance('prism_na', '0/100')`); err != nil {
 		t.Fatal(err)
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	httpAddr := l.Addr().String()
-	l.Close()
+	httpAddr := pgtest.FreeAddr(t)
 	cfg := writeFile(t, "na1.yaml", fmt.Sprintf(`node: na1
 region: na
 database: %q
@@ -142,14 +137,7 @@ func TestStatusAuthRefused(t *testing.T) {
 	wg.Add(1)
 	go func() { defer wg.Done(); srv.Serve(sctx, ln) }()
 
-	free := func() string {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer l.Close()
-		return l.Addr().String()
-	}
+	free := func() string { return pgtest.FreeAddr(t) }
 	httpAddr := free()
 	cfg := writeFile(t, "na1.yaml", fmt.Sprintf(`node: na1
 region: na

@@ -5,14 +5,12 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -104,8 +102,8 @@ func New(t *testing.T, topo Topology, schema string) *Deployment {
 		}
 		d.Clusters[r] = c
 		for _, n := range topo[r] {
-			d.listen[n] = freeAddr(t)
-			d.http[n] = freeAddr(t)
+			d.listen[n] = pgtest.FreeAddr(t)
+			d.http[n] = pgtest.FreeAddr(t)
 		}
 	}
 	t.Cleanup(d.stopAll)
@@ -120,29 +118,6 @@ func sortStrings(s []string) {
 	}
 }
 
-// nextPort walks the ports below the kernel's ephemeral range (32768 and
-// up on Linux), so an outgoing connection's source port cannot take a port
-// between the moment it is chosen and the moment a node binds it.
-var nextPort atomic.Int64
-
-func freeAddr(t *testing.T) string {
-	nextPort.CompareAndSwap(0, int64(20000+(os.Getpid()*97)%10000))
-	for i := 0; i < 2000; i++ {
-		p := nextPort.Add(1)
-		if p >= 32000 {
-			nextPort.Store(20000)
-			continue
-		}
-		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
-		if err != nil {
-			continue
-		}
-		l.Close()
-		return l.Addr().String()
-	}
-	t.Fatal("no free port between 20000 and 32000")
-	return ""
-}
 
 func (d *Deployment) regionOf(name string) string {
 	for r, ns := range d.topo {

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -50,14 +49,6 @@ type policyRegions struct {
 
 var policyRegionNames = []string{"as", "eu", "na"}
 
-func freeAddr(t *testing.T) string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
 
 func startPolicyRegions(t *testing.T, policy string) *policyRegions {
 	t.Helper()
@@ -79,7 +70,7 @@ func startPolicyRegions(t *testing.T, policy string) *policyRegions {
 			t.Fatal(err)
 		}
 		d.clusters[r] = c
-		listen[r] = freeAddr(t)
+		listen[r] = pgtest.FreeAddr(t)
 	}
 	dir := t.TempDir()
 	checked := logtest.New(t, d.logs) // reports after the nodes stopped

@@ -37,7 +37,7 @@ func probe(url string) (int, string) {
 // HTTP base URL.
 func runRegionNode(t *testing.T, db *pgtest.Cluster, name string, logs io.Writer) (*Node, string) {
 	t.Helper()
-	httpAddr := freeAddr(t)
+	httpAddr := pgtest.FreeAddr(t)
 	yaml := fmt.Sprintf(`node: %s
 region: na
 database: %q
@@ -49,7 +49,7 @@ peers:
   - region: eu
     database: "host=127.0.0.1 port=1 user=postgres dbname=app connect_timeout=1"
     nodes: [{name: eu1, addr: %q}]
-`, name, db.DSN("app"), freeAddr(t), httpAddr, freeAddr(t))
+`, name, db.DSN("app"), pgtest.FreeAddr(t), httpAddr, pgtest.FreeAddr(t))
 	path := filepath.Join(t.TempDir(), name+".yaml")
 	if err := os.WriteFile(path, []byte(yaml), 0o600); err != nil {
 		t.Fatal(err)

@@ -39,7 +39,7 @@ func TestScopeInProcess(t *testing.T) {
 		if err := c.Exec(ctx, "app", schema); err != nil {
 			t.Fatal(err)
 		}
-		clusters[r], listen[r] = c, freeAddr(t)
+		clusters[r], listen[r] = c, pgtest.FreeAddr(t)
 	}
 	logs := &syncBuf{}
 	dir := t.TempDir()

@@ -2,6 +2,7 @@ package pgtest
 
 import (
 	"context"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -123,5 +124,26 @@ func TestReapOrphans(t *testing.T) {
 	}
 	if err := kept.Exec(ctx, "postgres", "SELECT 1"); err != nil {
 		t.Fatalf("a live owner's cluster was touched: %v", err)
+	}
+}
+
+// TestFreeAddr: FreeAddr never hands out a port twice in one process and
+// stays below the kernel's ephemeral range, where no outgoing
+// connection's source port can take it before the test binds it.
+func TestFreeAddr(t *testing.T) {
+	seen := map[string]bool{}
+	for i := 0; i < 300; i++ {
+		a := FreeAddr(t)
+		if seen[a] {
+			t.Fatalf("FreeAddr returned %s twice", a)
+		}
+		seen[a] = true
+		_, port, err := net.SplitHostPort(a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p, _ := strconv.Atoi(port); p < 20000 || p >= 32000 {
+			t.Fatalf("FreeAddr returned port %d, want 20000-31999", p)
+		}
 	}
 }

@@ -2,6 +2,10 @@ package pgtest
 
 import (
 	"flag"
+	"fmt"
+	"net"
+	"os"
+	"sync/atomic"
 )
 
 // TB is the part of testing.TB that Start needs.
@@ -17,4 +21,33 @@ type TB interface {
 func shortMode() bool {
 	f := flag.Lookup("test.short")
 	return f != nil && f.Value.String() == "true"
+}
+
+// nextPort walks the ports below the kernel's ephemeral range (32768 and
+// up on Linux), so that an outgoing connection's source port cannot take
+// a port between the moment it is chosen and the moment a node binds it,
+// and one test process never hands out a port twice (the kernel may give
+// a port it just freed to the next listener on port 0).
+var nextPort atomic.Int64
+
+// FreeAddr returns a loopback address on a port nothing listened on when
+// it was chosen, for a node or server the test starts.
+func FreeAddr(t TB) string {
+	t.Helper()
+	nextPort.CompareAndSwap(0, int64(20000+(os.Getpid()*97)%10000))
+	for i := 0; i < 2000; i++ {
+		p := nextPort.Add(1)
+		if p >= 32000 {
+			nextPort.Store(20000)
+			continue
+		}
+		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
+		if err != nil {
+			continue
+		}
+		l.Close()
+		return l.Addr().String()
+	}
+	t.Fatalf("no free port between 20000 and 32000")
+	return ""
 }
