@@ -118,7 +118,6 @@ func sortStrings(s []string) {
 	}
 }
 
-
 func (d *Deployment) regionOf(name string) string {
 	for r, ns := range d.topo {
 		for _, n := range ns {

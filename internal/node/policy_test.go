@@ -49,7 +49,6 @@ type policyRegions struct {
 
 var policyRegionNames = []string{"as", "eu", "na"}
 
-
 func startPolicyRegions(t *testing.T, policy string) *policyRegions {
 	t.Helper()
 	ctx := context.Background()
