@@ -137,8 +137,7 @@ func TestStatusAuthRefused(t *testing.T) {
 	wg.Add(1)
 	go func() { defer wg.Done(); srv.Serve(sctx, ln) }()
 
-	free := func() string { return pgtest.FreeAddr(t) }
-	httpAddr := free()
+	httpAddr := pgtest.FreeAddr(t)
 	cfg := writeFile(t, "na1.yaml", fmt.Sprintf(`node: na1
 region: na
 database: %q
@@ -148,7 +147,7 @@ auth: {token: na-token, insecure: true}
 delivery: {ack_timeout: 500ms, retries: 1, backoff: 50ms, max_backoff: 200ms}
 peers:
   - {region: eu, nodes: [{name: eu1, addr: %q}], database: %q}
-`, na.DSN("postgres"), free(), httpAddr, ln.Addr().String(), eu.DSN("postgres")))
+`, na.DSN("postgres"), pgtest.FreeAddr(t), httpAddr, ln.Addr().String(), eu.DSN("postgres")))
 	var nodeOut, nodeErr lockedBuf
 	rctx, rcancel := context.WithCancel(ctx)
 	wg.Add(1)

@@ -235,8 +235,10 @@ BEGIN
 	END LOOP;
 END
 $f$;
--- compact_stamps compacts every row written before before at once (see
--- compact_stamps_chunk); a node compacts in paced chunks instead.
+-- compact_stamps compacts every row written before before in one call
+-- (see compact_stamps_chunk). A node compacts in paced chunks instead;
+-- this stays for nodes of earlier versions in the same region, which
+-- call it.
 CREATE OR REPLACE FUNCTION prism.compact_stamps(before timestamptz) RETURNS bigint
 LANGUAGE plpgsql AS $f$
 DECLARE
