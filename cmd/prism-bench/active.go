@@ -228,6 +228,10 @@ func (e *env) activePhase(ctx context.Context, c string, rate, base int) (res ac
 	if err != nil {
 		return res, err
 	}
+	applied, err := m.applyCounts(ctx)
+	if err != nil {
+		return res, err
+	}
 	if err := e.activeWrite(ctx, c, regions, rate, prefix, base, tick); err != nil {
 		return res, err
 	}
@@ -243,6 +247,11 @@ func (e *env) activePhase(ctx context.Context, c string, rate, base int) (res ac
 			return res, err
 		}
 		e.logf("active %s at %d tps: where the time went, source commit to (the nodes' histograms): %s", c, rate, stageSummary(stages, after))
+		ac, err := m.applyCounts(ctx)
+		if err != nil {
+			return res, err
+		}
+		e.logf("active %s at %d tps: the regions applied %s", c, rate, applySummary(applied, ac))
 	}
 	if c == pglogicalMesh {
 		err = e.pglSourceSubs(ctx, false)

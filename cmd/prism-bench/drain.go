@@ -293,6 +293,11 @@ func (e *env) drainPrism(ctx context.Context, tag string, end pglogrepl.LSN, mar
 		return d, err
 	}
 	d.serverCPU, d.perServer = cpu1.since(cpu0)
+	if ac, err := m.applyCounts(ctx); err == nil {
+		e.logf("%s: the regions applied %s", tag, applySummary(nil, ac))
+	} else {
+		e.logf("%s: apply counters: %v", tag, err)
+	}
 	e.logStatements(ctx, tag)
 	e.logProcesses(tag)
 	if werr != nil {

@@ -309,6 +309,10 @@ func (e *env) lagPhase(ctx context.Context, c lagContender, m *mesh, script stri
 	if err != nil {
 		return res, err
 	}
+	applied, err := m.applyCounts(ctx)
+	if err != nil {
+		return res, err
+	}
 	stop := sampleEvery(500*time.Millisecond, tick)
 	err = e.pgbench(ctx, e.src, "-n", "-c", fmt.Sprint(e.cfg.clients), "-j", fmt.Sprint(min(e.cfg.clients, 2)),
 		"-R", fmt.Sprint(e.cfg.lagRate), "-T", fmt.Sprint(e.cfg.lagSeconds), "-f", script)
@@ -335,6 +339,11 @@ func (e *env) lagPhase(ctx context.Context, c lagContender, m *mesh, script stri
 			return res, err
 		}
 		e.logf("lag %s: where the time went, source commit to (the nodes' histograms): %s", c.name, stageSummary(stages, after))
+		ac, err := m.applyCounts(ctx)
+		if err != nil {
+			return res, err
+		}
+		e.logf("lag %s: the regions applied %s", c.name, applySummary(applied, ac))
 	}
 	lags, err := e.lagSamples(ctx, c.name, c.regions, lo)
 	if err != nil {

@@ -28,45 +28,101 @@ type stageCounts map[string]map[float64]float64
 
 var bucketLine = regexp.MustCompile(`^(prism_[a-z_]+)_bucket\{.*le="([^"]+)".*\} (\S+)$`)
 
+// scrape calls line with every line of every node's /metrics.
+func (m *mesh) scrape(ctx context.Context, line func(string)) error {
+	c := http.Client{Timeout: 5 * time.Second}
+	for _, p := range m.procs {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+p.spec.http+"/metrics", nil)
+		if err != nil {
+			return err
+		}
+		resp, err := c.Do(req)
+		if err != nil {
+			return fmt.Errorf("%s /metrics: %w", p.spec.name, err)
+		}
+		sc := bufio.NewScanner(resp.Body)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		for sc.Scan() {
+			line(sc.Text())
+		}
+		resp.Body.Close()
+		if err := sc.Err(); err != nil {
+			return fmt.Errorf("%s /metrics: %w", p.spec.name, err)
+		}
+	}
+	return nil
+}
+
 // stageDelays reads the stage histograms of every node of m.
 func (m *mesh) stageDelays(ctx context.Context) (stageCounts, error) {
 	out := stageCounts{}
 	if m == nil {
 		return out, nil
 	}
-	c := http.Client{Timeout: 5 * time.Second}
-	for _, p := range m.procs {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+p.spec.http+"/metrics", nil)
-		if err != nil {
-			return nil, err
+	err := m.scrape(ctx, func(line string) {
+		f := bucketLine.FindStringSubmatch(line)
+		if f == nil {
+			return
 		}
-		resp, err := c.Do(req)
-		if err != nil {
-			return nil, fmt.Errorf("%s /metrics: %w", p.spec.name, err)
+		le, err1 := strconv.ParseFloat(f[2], 64)
+		v, err2 := strconv.ParseFloat(f[3], 64)
+		if err1 != nil || err2 != nil {
+			return
 		}
-		sc := bufio.NewScanner(resp.Body)
-		sc.Buffer(make([]byte, 64<<10), 1<<20)
-		for sc.Scan() {
-			f := bucketLine.FindStringSubmatch(sc.Text())
-			if f == nil {
-				continue
-			}
-			le, err1 := strconv.ParseFloat(f[2], 64)
-			v, err2 := strconv.ParseFloat(f[3], 64)
-			if err1 != nil || err2 != nil {
-				continue
-			}
-			if out[f[1]] == nil {
-				out[f[1]] = map[float64]float64{}
-			}
-			out[f[1]][le] += v
+		if out[f[1]] == nil {
+			out[f[1]] = map[float64]float64{}
 		}
-		resp.Body.Close()
-		if err := sc.Err(); err != nil {
-			return nil, fmt.Errorf("%s /metrics: %w", p.spec.name, err)
-		}
+		out[f[1]][le] += v
+	})
+	if err != nil {
+		return nil, err
 	}
 	return out, nil
+}
+
+// applyCounts are the nodes' apply counters (prism_apply_txns_total by
+// path, prism_apply_batches_total by result, prism_apply_retries_total
+// as "retries"), summed over a mesh's nodes and source regions.
+type applyCounts map[string]float64
+
+var applyLine = regexp.MustCompile(`^prism_apply_(txns|batches|retries)_total\{(.*)\} (\S+)$`)
+var pathLabel = regexp.MustCompile(`(?:path|result)="([a-z_]+)"`)
+
+// applyCounts reads the apply counters of every node of m.
+func (m *mesh) applyCounts(ctx context.Context) (applyCounts, error) {
+	out := applyCounts{}
+	if m == nil {
+		return out, nil
+	}
+	if err := m.scrape(ctx, out.add); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// add adds line's value to out if it is an apply counter.
+func (out applyCounts) add(line string) {
+	f := applyLine.FindStringSubmatch(line)
+	if f == nil {
+		return
+	}
+	v, err := strconv.ParseFloat(f[3], 64)
+	if err != nil {
+		return
+	}
+	key := "retries"
+	if l := pathLabel.FindStringSubmatch(f[2]); l != nil {
+		key = l[1]
+	}
+	out[key] += v
+}
+
+// applySummary describes how the regions applied what arrived between
+// before and after.
+func applySummary(before, after applyCounts) string {
+	d := func(k string) int { return int(after[k] - before[k]) }
+	return fmt.Sprintf("%d transactions in %d batches, %d by rows, %d streamed; batches rolled back %d, skipped %d; retries after serialization failures %d",
+		d("batch"), d("committed"), d("row"), d("stream"), d("rolled_back"), d("skipped"), d("retries"))
 }
 
 // stageSummary describes the observations between before and after:

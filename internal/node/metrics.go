@@ -256,6 +256,7 @@ type collector struct {
 	retries, failovers, fallbacks, recoveries, halts, halted    *prometheus.Desc
 	decoded, conflicts, applied, up                             *prometheus.Desc
 	authRefused                                                 *prometheus.Desc
+	applyTxns, applyBatches, applyRetries                       *prometheus.Desc
 }
 
 func newCollector(m *monitor) *collector {
@@ -283,6 +284,9 @@ func newCollector(m *monitor) *collector {
 		conflicts:     d("prism_conflicts", "Rows in prism.conflicts of this region's database (resolved conflicts).", nil),
 		applied:       d("prism_applied_lsn", "Origin progress of a source region in this region's database: the end LSN of the last applied transaction; its rate is the apply rate in WAL bytes.", []string{"source"}),
 		up:            d("prism_database_up", "1 when this region's database answered the last metrics query.", nil),
+		applyTxns:     d("prism_apply_txns_total", "Transactions of a source region applied to this region's database since the node started, by path: batch (many in one target transaction), row (one by one), stream (a large one applied as its chunks came).", []string{"source", "path"}),
+		applyBatches:  d("prism_apply_batches_total", "Batches of a source region's transactions by result: committed, rolled_back (a conflict, a missing row or a serialization failure; their transactions were applied by rows), skipped (sent straight to the row path after batches kept rolling back).", []string{"source", "result"}),
+		applyRetries:  d("prism_apply_retries_total", "Re-applies of a source region's transactions after a serialization failure or deadlock with a local transaction.", []string{"source"}),
 		authRefused:   d("prism_peer_auth_refused", "1 while the target region's node peer refuses this node's credentials (auth.token or TLS certificates): a configuration error, not an outage.", []string{"target", "peer"}),
 	}
 }
@@ -290,7 +294,8 @@ func newCollector(m *monitor) *collector {
 // Describe implements prometheus.Collector.
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.reader, c.lag, c.lagSeconds, c.acked, c.inflightBytes, c.inflightTxns,
-		c.retries, c.failovers, c.fallbacks, c.recoveries, c.halts, c.halted, c.decoded, c.conflicts, c.applied, c.up, c.authRefused} {
+		c.retries, c.failovers, c.fallbacks, c.recoveries, c.halts, c.halted, c.decoded, c.conflicts, c.applied, c.up, c.authRefused,
+		c.applyTxns, c.applyBatches, c.applyRetries} {
 		ch <- d
 	}
 }
@@ -343,6 +348,17 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	k(c.decoded, float64(c.m.decodedTotal()))
+	if a := c.m.n.applied.Load(); a != nil {
+		for src, s := range a.Stats() {
+			k(c.applyTxns, float64(s.Batched), src, "batch")
+			k(c.applyTxns, float64(s.ByRow), src, "row")
+			k(c.applyTxns, float64(s.Streamed), src, "stream")
+			k(c.applyBatches, float64(s.Batches), src, "committed")
+			k(c.applyBatches, float64(s.RolledBack), src, "rolled_back")
+			k(c.applyBatches, float64(s.Skipped), src, "skipped")
+			k(c.applyRetries, float64(s.Retries), src)
+		}
+	}
 	f := c.m.facts(context.Background())
 	if f.err != "" {
 		g(c.up, 0)

@@ -52,6 +52,9 @@ type Node struct {
 	log zerolog.Logger
 
 	applier *apply.Applier // this region's database; set by Run before anything ships
+	// applied is applier for the metrics, which are served before Run
+	// sets applier.
+	applied atomic.Pointer[apply.Applier]
 
 	// scopes holds each peer region's scope, by peer index (nil ships
 	// everything); set by Run before anything ships.
@@ -182,6 +185,7 @@ func (n *Node) Run(ctx context.Context) error {
 		return err
 	}
 	n.applier = applier
+	n.applied.Store(applier)
 	defer n.startProbe(ctx)()
 	server.Ready(applier)
 	wg.Add(1)

@@ -56,12 +56,14 @@ func pageFixture(t *testing.T) (*monitor, *httptest.Server) {
 		t.Fatal(err)
 	}
 	var wg sync.WaitGroup
+	apps := map[string]*apply.Applier{}
 	serve := func(region, node, source, token string) string {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
 			t.Fatal(err)
 		}
 		app := apply.NewApplier(pool, zerolog.Nop(), apply.WithLocalRegion(region))
+		apps[region] = app
 		sc := peers.NewServerConfig(config.DefaultAckTimeout)
 		sc.Region, sc.Node, sc.Token, sc.Insecure, sc.AcceptRegions = region, node, token, true, []string{source}
 		srv := peers.NewServer(sc, app, zerolog.Nop())
@@ -92,6 +94,9 @@ func pageFixture(t *testing.T) (*monitor, *httptest.Server) {
 	}, Database: db.DSN("postgres")}
 	n := New(cfg, zerolog.Nop())
 	n.startedAt = time.Now()
+	// The apply counters shown are eu's applier's (the node's own
+	// region's, in a real node).
+	n.applied.Store(apps["eu"])
 	// One transaction of eu applied here 3 ms after its commit.
 	n.delays.appliedTxns("eu", []*decode.Txn{{Origin: "eu", CommitTime: time.Now().Add(-3 * time.Millisecond)}})
 	ship := func(source, target, addr string) *peers.Shipper {
@@ -281,6 +286,10 @@ func TestStatusMetricsAndPage(t *testing.T) {
 		`prism_peer_auth_refused{node="na1",peer="sa1",region="na",target="sa"} 1`,
 		`prism_peer_auth_refused{node="na1",peer="eu1",region="na",target="eu"} 0`,
 		`prism_applied_lsn{node="na1",region="na",source="na"} 256`,
+		`prism_apply_txns_total{node="na1",path="row",region="na",source="na"} 1`,
+		`prism_apply_txns_total{node="na1",path="batch",region="na",source="na"} 0`,
+		`prism_apply_batches_total{node="na1",region="na",result="rolled_back",source="na"} 0`,
+		`prism_apply_retries_total{node="na1",region="na",source="na"} 0`,
 		"# TYPE prism_retries_total counter",
 		`prism_apply_delay_seconds_bucket{node="na1",region="na",source="eu",le="0.005"} 1`,
 		`prism_apply_delay_seconds_bucket{node="na1",region="na",source="eu",le="0.002"} 0`,

@@ -134,6 +134,8 @@ type Applier struct {
 	holds, batches atomic.Int64
 	// memos are the failures of recent batches, by source region.
 	memos map[string]*batchMemo
+	// stats count how each source region's transactions were applied.
+	stats map[string]*Stats
 	// staleRetried is the transaction (source region and end LSN) last
 	// given one more try after a stale-schema error (see staleSchema).
 	staleRetried string
@@ -152,6 +154,7 @@ func NewApplier(pool *pgxpool.Pool, log zerolog.Logger, opts ...Option) *Applier
 		idle:      map[string]*session{},
 		letting:   map[string]chan struct{}{},
 		memos:     map[string]*batchMemo{},
+		stats:     map[string]*Stats{},
 		holdIdle:  holdIdle,
 		upkeep:    defaultUpkeep,
 	}
@@ -159,6 +162,51 @@ func NewApplier(pool *pgxpool.Pool, log zerolog.Logger, opts ...Option) *Applier
 		o(a)
 	}
 	return a
+}
+
+// Stats count how the transactions of one source region were applied
+// since the Applier was made: which path committed them, and what became
+// of the batches tried. A source whose batches keep rolling back (hot
+// rows written in several regions, a table whose rows need the row path)
+// shows it here.
+type Stats struct {
+	// Batched and ByRow are the transactions made durable in batches
+	// and one by one (the row path; a transaction a batch could not
+	// take, or one a rolled-back batch held). Transactions found
+	// applied already (a replay) count in neither, nor do large ones
+	// that arrived in chunks and were applied as they came (Streamed).
+	Batched, ByRow, Streamed uint64
+	// Batches committed; RolledBack were rolled back (a conflict, a
+	// missing row, a serialization failure, an error) and their
+	// transactions applied by rows; Skipped went straight to the row
+	// path because the source's recent batches kept rolling back.
+	Batches, RolledBack, Skipped uint64
+	// Retries are the re-applies after a serialization failure or
+	// deadlock with a local transaction.
+	Retries uint64
+}
+
+// Stats returns the counters of every source region applied so far.
+func (a *Applier) Stats() map[string]Stats {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := make(map[string]Stats, len(a.stats))
+	for src, st := range a.stats {
+		out[src] = *st
+	}
+	return out
+}
+
+// count adds to the counters of source.
+func (a *Applier) count(source string, add func(*Stats)) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	st := a.stats[source]
+	if st == nil {
+		st = &Stats{}
+		a.stats[source] = st
+	}
+	add(st)
 }
 
 // BootstrapApplicationName is the application_name of a bootstrap's
@@ -300,6 +348,7 @@ func (a *Applier) ApplyBatch(ctx context.Context, txns []*decode.Txn) (int, erro
 			// apply it again, at once, on fresh data and a new session
 			// (a live one retries itself; see pipeline.run).
 			conflictRetries--
+			a.count(txns[applied].Origin, func(st *Stats) { st.Retries++ })
 			a.log.Debug().Err(err).Msg("concurrent local write; applying again")
 			continue
 		}
@@ -716,7 +765,7 @@ func (a *Applier) applyHeld(ctx context.Context, s *session, progress pglogrepl.
 	if err := p.prepare(ctx); err != nil {
 		return 0, a.fail(s, txns[0], "", 0, err)
 	}
-	p.durable(-1)
+	p.durable(-1, false)
 	if n, err := p.run(ctx, retries); err != nil {
 		return n, err
 	}
@@ -761,6 +810,7 @@ func (p *pipeline) run(ctx context.Context, retries *int) (int, error) {
 			return p.committed, err
 		}
 		*retries--
+		p.a.count(p.s.source, func(st *Stats) { st.Retries++ })
 		p.a.log.Debug().Err(err).Msg("concurrent local write; applying again")
 		if aerr := p.again(ctx); aerr != nil {
 			return p.committed, aerr
@@ -790,7 +840,7 @@ func (p *pipeline) again(ctx context.Context) error {
 	clear(p.skip)
 	p.committed = 0
 	p.skipApplied(progress)
-	p.durable(-1)
+	p.durable(-1, false)
 	return nil
 }
 
@@ -844,6 +894,7 @@ func (p *pipeline) tryBatch(ctx context.Context, i int) (n int, ok bool, err err
 		return 0, false, nil
 	}
 	if p.a.skipBatch(p.s.source) {
+		p.a.count(p.s.source, func(st *Stats) { st.Skipped++ })
 		return n, false, nil
 	}
 	// Queued transactions commit before the batch.
@@ -977,12 +1028,29 @@ func (p *pipeline) prepare(ctx context.Context) error {
 }
 
 // durable records that every transaction up to txns[lastCommit] is
-// durable, and the skipped ones after it.
-func (p *pipeline) durable(lastCommit int) {
-	p.committed = max(p.committed, lastCommit+1)
+// durable, and the skipped ones after it, and counts those it applied
+// (not skipped) in batched (true: one batch) or by rows.
+func (p *pipeline) durable(lastCommit int, batched bool) {
+	n := uint64(0)
+	for ; p.committed <= lastCommit; p.committed++ {
+		if !p.skip[p.committed] {
+			n++
+		}
+	}
 	for p.committed < len(p.txns) && p.skip[p.committed] {
 		p.committed++
 	}
+	if n == 0 {
+		return
+	}
+	p.a.count(p.s.source, func(st *Stats) {
+		if batched {
+			st.Batches++
+			st.Batched += n
+		} else {
+			st.ByRow += n
+		}
+	})
 }
 
 // queue adds transaction i to the pipeline, sending the pipeline whenever
@@ -1094,7 +1162,7 @@ func (p *pipeline) send(ctx context.Context, final bool) error {
 			lastCommit = p.cmds[i].txn
 		}
 		if p.cmds[i].barrier {
-			p.durable(lastCommit)
+			p.durable(lastCommit, false)
 		}
 	}
 	var at *cmd
@@ -1138,7 +1206,7 @@ func (p *pipeline) failed(ctx context.Context, c *cmd, lastCommit int, err error
 			}
 			return p.lost(fmt.Errorf("flush the commits before a failed statement: %w (the statement: %v)", ferr, err))
 		}
-		p.durable(lastCommit)
+		p.durable(lastCommit, false)
 	}
 	if p.committed != c.txn {
 		return p.lost(err)

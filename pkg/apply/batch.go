@@ -671,7 +671,7 @@ func (p *pipeline) batch(ctx context.Context, i, end int, bp *batchPlan) (ok, co
 		}
 	}
 	if err == nil {
-		p.durable(end - 1)
+		p.durable(end-1, true)
 		return true, false, nil
 	}
 	var pgErr *pgconn.PgError
@@ -690,6 +690,7 @@ func (p *pipeline) batch(ctx context.Context, i, end int, bp *batchPlan) (ok, co
 		return false, false, p.lost(rerr)
 	}
 	conflict = batched(err) || concurrentState(pgErr.Code)
+	p.a.count(p.s.source, func(st *Stats) { st.RolledBack++ })
 	p.a.log.Debug().Err(err).Bool("conflict", conflict).Int("txns", end-i).Msg("batch rolled back; applying by rows")
 	return false, conflict, nil
 }

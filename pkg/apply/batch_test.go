@@ -382,7 +382,7 @@ func TestRowStampsUpgrade(t *testing.T) {
 // row's local version is newer; two in a row) has its next batch applied
 // by rows without trying it; the first batch that commits makes the
 // following ones go as batches at once. The rows and the conflicts are those of the
-// row path either way.
+// row path either way, and Stats counts every path and outcome.
 func TestBatchFailuresRemembered(t *testing.T) {
 	ctx := testCtx(t)
 	c := pgtest.Start(t, pgtest.Options{Name: "bmemo"})
@@ -398,17 +398,18 @@ func TestBatchFailuresRemembered(t *testing.T) {
 		txns    []*decode.Txn
 		batches int64  // batches sent so far
 		targets string // target transactions that wrote the pair ("": the local version stays)
+		stats   Stats  // na's counters so far
 	}{
 		{"first conflicting pair: tried, rolled back", []*decode.Txn{
-			txn("na", 1100, old, upd(kv, nil, "1", "na", `\N`)), txn("na", 1200, old+1, upd(kv, nil, "2", "na", `\N`))}, 1, ""},
+			txn("na", 1100, old, upd(kv, nil, "1", "na", `\N`)), txn("na", 1200, old+1, upd(kv, nil, "2", "na", `\N`))}, 1, "", Stats{ByRow: 2, RolledBack: 1}},
 		{"second conflicting pair: tried again, rolled back", []*decode.Txn{
-			txn("na", 1300, old+2, upd(kv, nil, "3", "na", `\N`)), txn("na", 1400, old+3, upd(kv, nil, "4", "na", `\N`))}, 2, ""},
+			txn("na", 1300, old+2, upd(kv, nil, "3", "na", `\N`)), txn("na", 1400, old+3, upd(kv, nil, "4", "na", `\N`))}, 2, "", Stats{ByRow: 4, RolledBack: 2}},
 		{"a pair without conflicts: by rows at once", []*decode.Txn{
-			txn("na", 1500, t0, upd(kv, nil, "5", "na", `\N`)), txn("na", 1600, t0+1, upd(kv, nil, "6", "na", `\N`))}, 2, "2"},
+			txn("na", 1500, t0, upd(kv, nil, "5", "na", `\N`)), txn("na", 1600, t0+1, upd(kv, nil, "6", "na", `\N`))}, 2, "2", Stats{ByRow: 6, RolledBack: 2, Skipped: 1}},
 		{"the next pair: tried, committed", []*decode.Txn{
-			txn("na", 1700, t0+2, upd(kv, nil, "7", "na", `\N`)), txn("na", 1800, t0+3, upd(kv, nil, "8", "na", `\N`))}, 3, "1"},
+			txn("na", 1700, t0+2, upd(kv, nil, "7", "na", `\N`)), txn("na", 1800, t0+3, upd(kv, nil, "8", "na", `\N`))}, 3, "1", Stats{ByRow: 6, RolledBack: 2, Skipped: 1, Batches: 1, Batched: 2}},
 		{"the next pair: tried at once", []*decode.Txn{
-			txn("na", 1900, t0+4, upd(kv, nil, "9", "na", `\N`)), txn("na", 2000, t0+5, ins(kv, "10", "na", `\N`))}, 4, "1"},
+			txn("na", 1900, t0+4, upd(kv, nil, "9", "na", `\N`)), txn("na", 2000, t0+5, ins(kv, "10", "na", `\N`))}, 4, "1", Stats{ByRow: 6, RolledBack: 2, Skipped: 1, Batches: 2, Batched: 4}},
 	}
 	for _, st := range steps {
 		if n, err := a.ApplyBatch(ctx, st.txns); n != len(st.txns) || err != nil {
@@ -416,6 +417,9 @@ func TestBatchFailuresRemembered(t *testing.T) {
 		}
 		if got := a.batches.Load(); got != st.batches {
 			t.Fatalf("%s: %d batches sent, want %d", st.name, got, st.batches)
+		}
+		if got := a.Stats()["na"]; got != st.stats {
+			t.Fatalf("%s: stats %+v, want %+v", st.name, got, st.stats)
 		}
 		if st.targets == "" {
 			continue

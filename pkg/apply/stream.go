@@ -93,6 +93,7 @@ func (a *Applier) streamHeld(ctx context.Context, s *session, progress pglogrepl
 	if err := st.commit(ctx); err != nil {
 		return 0, err
 	}
+	a.count(txn.Origin, func(s *Stats) { s.Streamed++ })
 	a.log.Debug().Str("origin", txn.Origin).Int("changes", st.count).Stringer("end_lsn", txn.EndLSN).Msg("applied streamed transaction")
 	return txn.EndLSN, nil
 }

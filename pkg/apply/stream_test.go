@@ -119,6 +119,11 @@ func TestApplyStream(t *testing.T) {
 		if err := a.Apply(ctx, txn("na", 7000, 3, ins(o, "3"))); err != nil {
 			t.Fatalf("Apply after a failed stream = %v", err)
 		}
+		// One stream committed (not its replay, not the failed one), one
+		// transaction by rows.
+		if got, want := a.Stats()["na"], (Stats{Streamed: 1, ByRow: 1}); got != want {
+			t.Fatalf("stats %+v, want %+v", got, want)
+		}
 	})
 }
 
