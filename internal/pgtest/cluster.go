@@ -29,6 +29,9 @@ type Options struct {
 	// Settings are extra postgresql.conf lines, e.g.
 	// {"logical_decoding_work_mem": "64kB"}.
 	Settings map[string]string
+	// Bin is the directory of the server binaries (initdb, pg_ctl,
+	// postgres) to run; empty: BinDir's.
+	Bin string
 }
 
 // Cluster is one running (or stopped) throwaway PostgreSQL server.
@@ -75,9 +78,12 @@ func versionOf(binDir string) int {
 
 // New creates and starts a cluster. The caller must Close it.
 func New(opts Options) (*Cluster, error) {
-	bin, err := BinDir()
-	if err != nil {
-		return nil, err
+	bin := opts.Bin
+	if bin == "" {
+		var err error
+		if bin, err = BinDir(); err != nil {
+			return nil, err
+		}
 	}
 	name := opts.Name
 	if name == "" {
@@ -447,4 +453,24 @@ func (c *Cluster) tailLog(n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+// PG16BinDefault is where `make pg16` (scripts/fetch-pg16.sh) puts the
+// PostgreSQL 16 server binaries that some tests run besides the default
+// ones.
+const PG16BinDefault = "/var/tmp/prism-cdc-pg16/bin"
+
+// PG16Bin returns the directory of the PostgreSQL 16 server binaries:
+// $PRISM_PG16_BIN, else PG16BinDefault. It fails t, saying how to get
+// them, when initdb is not there.
+func PG16Bin(t TB) string {
+	t.Helper()
+	dir := os.Getenv("PRISM_PG16_BIN")
+	if dir == "" {
+		dir = PG16BinDefault
+	}
+	if _, err := os.Stat(filepath.Join(dir, "initdb")); err != nil {
+		t.Fatalf("pgtest: PostgreSQL 16 server binaries not found in %s (%v): run `make pg16`, which downloads them, or set PRISM_PG16_BIN to a directory holding initdb, pg_ctl and postgres", dir, err)
+	}
+	return dir
 }

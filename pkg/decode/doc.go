@@ -28,7 +28,9 @@
 // Ordering: Txns are produced in commit order, each with a strictly higher
 // EndLSN than the one before; a transaction the server resends after a
 // reconnect is not produced twice by the same Reader. Transactions that
-// carry a replication origin (applied by replication) are never produced.
+// carry a replication origin (applied by replication) are never produced:
+// PostgreSQL 16 and later leave them out (pgoutput's origin 'none'), and
+// on 15 the Assembler drops them at their Origin message.
 //
 // Progress: the position reported to the server is only ever one the
 // caller passed to Reader.Confirm (everything up to it is durable in every

@@ -663,7 +663,7 @@ func (r *Reader) session(ctx context.Context) (progressed bool, err error) {
 	pubs := strings.ReplaceAll(pgx.Identifier{r.cfg.Publication}.Sanitize(), "'", "''")
 	err = pglogrepl.StartReplication(ctx, conn, r.cfg.Slot, start, pglogrepl.StartReplicationOptions{
 		Mode:       pglogrepl.LogicalReplication,
-		PluginArgs: []string{"proto_version '1'", "publication_names '" + pubs + "'", "messages 'true'"},
+		PluginArgs: pluginArgs(pubs, serverMajor(conn.ParameterStatus("server_version"))),
 	})
 	if err != nil {
 		return false, r.classify(ctx, fmt.Errorf("start replication on %s: %w", r.cfg.Slot, err))
@@ -678,6 +678,36 @@ func (r *Reader) session(ctx context.Context) (progressed bool, err error) {
 	r.setStreaming(true)
 	defer r.setStreaming(false)
 	return true, r.stream(ctx, conn)
+}
+
+// pluginArgs are pgoutput's options for publications pubs (quoted) on
+// a server of major version major. From PostgreSQL 16 on, origin 'none'
+// has the server leave out the transactions that carry a replication
+// origin (applied by prism-cdc, or by another replication): it skips
+// their changes while decoding instead of sending them to be dropped
+// here (the Assembler drops such a transaction at its Origin message
+// either way). In a region that applies the others' streams, that
+// spares the region's walsender and this reader every applied change.
+func pluginArgs(pubs string, major int) []string {
+	args := []string{"proto_version '1'", "publication_names '" + pubs + "'", "messages 'true'"}
+	if major >= 16 {
+		args = append(args, "origin 'none'")
+	}
+	return args
+}
+
+// serverMajor is the major version in a server_version parameter
+// ("15.18 (Debian 15.18-0+deb12u1)", "16.4", "17beta1"); 0 if there is
+// none.
+func serverMajor(version string) int {
+	n := 0
+	for _, c := range version {
+		if c < '0' || c > '9' {
+			break
+		}
+		n = n*10 + int(c-'0')
+	}
+	return n
 }
 
 // stream reads the replication stream until an error. It is the only user

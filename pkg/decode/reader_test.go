@@ -225,38 +225,94 @@ func TestReaderConfirm(t *testing.T) {
 }
 
 // TestReaderOriginFiltered checks that a transaction applied with a
-// replication origin is not returned, while a later local one is.
+// replication origin is not returned, while a later local one is, and
+// that the slot moves past applied transactions once nothing is in
+// flight. PostgreSQL 15 sends the applied transaction and the Assembler
+// drops it (Filtered 1); PostgreSQL 16 leaves it out itself (origin
+// 'none'), so the reader never sees it (Filtered 0).
 func TestReaderOriginFiltered(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	c := pgtest.Start(t, pgtest.Options{Name: "origin"})
-	exec(ctx, t, c, "CREATE TABLE t (id serial PRIMARY KEY, batch int)")
-	r := newTestReader(t, c, ReaderConfig{})
-	ch := collect(t, r)
-	deadline := time.Now().Add(time.Minute)
-	poll(t, deadline, "slot active", func() bool { return slotActive(ctx, t, c, "prism_na") })
-
-	conn, err := c.Connect(ctx, "postgres")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close(ctx)
-	for _, sql := range []string{
-		"SELECT pg_replication_origin_create('prism_eu')",
-		"SELECT pg_replication_origin_session_setup('prism_eu')",
-		"INSERT INTO t (batch) VALUES (1)",
-		"SELECT pg_replication_origin_session_reset()",
-		"INSERT INTO t (batch) VALUES (2)",
+	for _, v := range []struct {
+		name     string
+		bin      func(t *testing.T) string
+		filtered uint64
+	}{
+		{"default", func(*testing.T) string { return "" }, 1},
+		{"pg16", func(t *testing.T) string { return pgtest.PG16Bin(t) }, 0},
 	} {
-		if _, err := conn.Exec(ctx, sql); err != nil {
-			t.Fatalf("%s: %v", sql, err)
+		t.Run(v.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			defer cancel()
+			c := pgtest.Start(t, pgtest.Options{Name: "origin", Bin: v.bin(t)})
+			exec(ctx, t, c, "CREATE TABLE t (id serial PRIMARY KEY, batch int)")
+			r := newTestReader(t, c, ReaderConfig{})
+			ch := collect(t, r)
+			deadline := time.Now().Add(time.Minute)
+			poll(t, deadline, "slot active", func() bool { return slotActive(ctx, t, c, "prism_na") })
+
+			conn, err := c.Connect(ctx, "postgres")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close(ctx)
+			t.Logf("server %s", conn.PgConn().ParameterStatus("server_version"))
+			run := func(sqls ...string) {
+				t.Helper()
+				for _, sql := range sqls {
+					if _, err := conn.Exec(ctx, sql); err != nil {
+						t.Fatalf("%s: %v", sql, err)
+					}
+				}
+			}
+			run("SELECT pg_replication_origin_create('prism_eu')",
+				"SELECT pg_replication_origin_session_setup('prism_eu')",
+				"INSERT INTO t (batch) VALUES (1)",
+				"SELECT pg_replication_origin_session_reset()",
+				"INSERT INTO t (batch) VALUES (2)")
+			txn := recv(t, ch, deadline)
+			if batchOf(t, txn) != 2 {
+				t.Fatalf("first transaction is batch %d, want the local batch 2", batchOf(t, txn))
+			}
+			if s := r.Stats(); s.Filtered != v.filtered || s.Received != 1 {
+				t.Fatalf("Stats() = %+v, want Filtered %d Received 1", s, v.filtered)
+			}
+			// Applied transactions after the last local one do not pin
+			// the slot.
+			r.Confirm(txn.EndLSN)
+			run("SELECT pg_replication_origin_session_setup('prism_eu')",
+				"INSERT INTO t (batch) VALUES (3)",
+				"SELECT pg_replication_origin_session_reset()")
+			walEnd, err := pglogrepl.ParseLSN(query[string](ctx, t, c, "SELECT pg_current_wal_lsn()::text"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			poll(t, deadline, "the slot to advance past the applied transaction", func() bool {
+				return confirmedFlush(ctx, t, c, "prism_na") >= walEnd
+			})
+			if s := r.Stats(); s.Filtered != 2*v.filtered || s.Received != 1 {
+				t.Fatalf("Stats() = %+v, want Filtered %d Received 1", s, 2*v.filtered)
+			}
+		})
+	}
+}
+
+// TestPluginArgs: origin 'none' is asked of PostgreSQL 16 and later only
+// (15's pgoutput refuses options it does not know).
+func TestPluginArgs(t *testing.T) {
+	for version, want := range map[string]bool{
+		"15.18 (Debian 15.18-0+deb12u1)": false,
+		"16.14":                          true,
+		"17beta1":                        true,
+		"18.1 (Ubuntu 18.1-1)":           true,
+		"9.6.24":                         false,
+		"":                               false,
+	} {
+		args := strings.Join(pluginArgs(`"prism"`, serverMajor(version)), ", ")
+		if got := strings.Contains(args, "origin 'none'"); got != want {
+			t.Errorf("server %q: plugin args %s, want origin 'none' %v", version, args, want)
 		}
-	}
-	if txn := recv(t, ch, deadline); batchOf(t, txn) != 2 {
-		t.Fatalf("first transaction is batch %d, want the local batch 2", batchOf(t, txn))
-	}
-	if s := r.Stats(); s.Filtered != 1 || s.Received != 1 {
-		t.Fatalf("Stats() = %+v, want Filtered 1 Received 1", s)
+		if !strings.HasPrefix(args, `proto_version '1', publication_names '"prism"', messages 'true'`) {
+			t.Errorf("server %q: plugin args %s", version, args)
+		}
 	}
 }
 
