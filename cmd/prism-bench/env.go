@@ -180,7 +180,7 @@ func (e *env) startClusters(usePgl bool) ([]*pgtest.Cluster, error) {
 	cs := make([]*pgtest.Cluster, len(names))
 	e.logf("starting %d clusters (durable: fsync on)", len(names))
 	for i, n := range names {
-		c, err := pgtest.New(pgtest.Options{Name: "bench-" + n, Durable: true, Settings: e.settingsFor(n, usePgl)})
+		c, err := pgtest.New(pgtest.Options{Name: "bench-" + n, Durable: true, Settings: e.settingsFor(n, usePgl), Bin: e.cfg.serverBin})
 		if err != nil {
 			e.close(cs[:i])
 			return nil, fmt.Errorf("start cluster %s: %w", n, err)
@@ -351,6 +351,20 @@ func queryEach(ctx context.Context, c *pgtest.Cluster, scans []any, fn func() er
 	}
 	_, err = pgx.ForEachRow(rows, scans, fn)
 	return err
+}
+
+// serverVersion is the source server's version, or why it is unknown.
+func (e *env) serverVersion(ctx context.Context) string {
+	conn, err := e.src.Connect(ctx, db)
+	if err != nil {
+		return "(version unknown: " + err.Error() + ")"
+	}
+	defer conn.Close(ctx)
+	var v string
+	if err := conn.QueryRow(ctx, "SHOW server_version").Scan(&v); err != nil {
+		return "(version unknown: " + err.Error() + ")"
+	}
+	return v
 }
 
 func scanLSN(ctx context.Context, conn *pgx.Conn, sql string, args ...any) (pglogrepl.LSN, error) {

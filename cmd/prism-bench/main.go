@@ -13,6 +13,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/prism-cdc/prism-cdc/internal/pgtest"
 )
 
 // benchConfig holds the command-line settings.
@@ -39,6 +41,9 @@ type benchConfig struct {
 	activeKeys    int
 	keep          bool
 	nodeEnv       func(name string) []string
+	// serverBin is the directory of the server binaries every cluster
+	// runs (-pg-bin); empty: pgtest.BinDir's.
+	serverBin string
 }
 
 func main() {
@@ -83,6 +88,9 @@ func parseArgs(args []string, stderr io.Writer) (benchConfig, error) {
 	if err := cfg.check(); err != nil {
 		return cfg, err
 	}
+	if cfg.serverBin != "" && cfg.contenders["pglogical"] {
+		return cfg, errors.New("pg-bin: pglogical runs on the machine's PostgreSQL 15 only (its Debian package); leave it out of -contenders")
+	}
 	if cfg.pprof != "" {
 		cfg.nodeEnv, err = pprofEnv(cfg.pprof)
 	}
@@ -113,6 +121,7 @@ func newFlagSet(cfg *benchConfig, stderr io.Writer) (*flag.FlagSet, *flagValues)
 	fs.StringVar(&cfg.pprof, "pprof", "", "host:port: start na1, eu1, as1 with PRISM_PPROF on this port and the next two")
 	fs.StringVar(&cfg.lagDump, "lag-dump", "", "directory: write each lag and active phase's samples to <contender>-<time>.csv there (region, id, source commit, lag in ms), to see when the slow ones came")
 	fs.BoolVar(&cfg.pgss, "pgss", false, "load pg_stat_statements in every cluster and log the source's and prism regions' top statements after each prism-cdc drain, lag and active phase (adds overhead)")
+	fs.StringVar(&cfg.serverBin, "pg-bin", "", "directory of the PostgreSQL server binaries (initdb, pg_ctl, postgres) every cluster runs, e.g. "+pgtest.PG16BinDefault+" after make pg16 (default: the machine's newest); pgbench and pg_recvlogical stay the machine's")
 	fs.BoolVar(&cfg.keep, "keep", false, "keep the work directory (node logs and configs)")
 	fs.BoolVar(&fv.quick, "quick", false, "small run: scale 1, 5000 transactions, 1 run, 10s lag, 32 MB large transaction, 10s active phases")
 	return fs, fv
@@ -217,7 +226,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "prism-bench: setup: %v\n", err)
 		return 1
 	}
-	fmt.Fprintf(stdout, "## prism-bench results\n\n%s\n\n", machine(cfg, len(e.all())))
+	fmt.Fprintf(stdout, "## prism-bench results\n\n%s\n\n", machine(cfg, len(e.all()), e.serverVersion(ctx)))
 	ok := e.runScenarios(ctx, stdout, stderr)
 	e.logf("done")
 	if !ok {
@@ -331,7 +340,7 @@ func writeSection[T any](w io.Writer, rs []T, heading string, table func(io.Writ
 }
 
 // machine describes the machine the benchmark ran on.
-func machine(cfg benchConfig, clusters int) string {
+func machine(cfg benchConfig, clusters int, version string) string {
 	cpu := "unknown CPU"
 	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
 		for _, line := range strings.Split(string(b), "\n") {
@@ -351,6 +360,6 @@ func machine(cfg benchConfig, clusters int) string {
 			mem = fmt.Sprintf(", %d GB RAM", (kb+(1<<19))>>20)
 		}
 	}
-	return fmt.Sprintf("Machine: %s, %d CPUs%s, %s/%s, %s. Clusters: PostgreSQL with fsync on, shared_buffers 128MB, %d clusters on one disk. pgbench scale %d, %d clients.",
-		cpu, runtime.NumCPU(), mem, runtime.GOOS, runtime.GOARCH, runtime.Version(), clusters, cfg.scale, cfg.clients)
+	return fmt.Sprintf("Machine: %s, %d CPUs%s, %s/%s, %s. Clusters: PostgreSQL %s with fsync on, shared_buffers 128MB, %d clusters on one disk. pgbench scale %d, %d clients.",
+		cpu, runtime.NumCPU(), mem, runtime.GOOS, runtime.GOARCH, runtime.Version(), version, clusters, cfg.scale, cfg.clients)
 }

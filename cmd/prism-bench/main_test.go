@@ -46,6 +46,13 @@ func TestParseArgsCases(t *testing.T) {
 			}
 			return ""
 		}},
+		{name: "pg-bin", args: []string{"-pg-bin", "/opt/pg16/bin", "-contenders", "native,prism"}, check: func(c benchConfig) string {
+			if c.serverBin != "/opt/pg16/bin" {
+				return "pg-bin not kept"
+			}
+			return ""
+		}},
+		{name: "pg-bin with pglogical", args: []string{"-pg-bin", "/opt/pg16/bin", "-contenders", "pglogical,prism"}, wantErr: "pglogical runs on the machine's PostgreSQL 15 only"},
 		{name: "unknown scenario", args: []string{"-scenarios", "backlog,lagg"}, wantErr: `unknown scenario "lagg"`},
 		{name: "unknown contender", args: []string{"-contenders", "slony"}, wantErr: `unknown contender "slony"`},
 		{name: "bad rate", args: []string{"-active-rates", "50,0"}, wantErr: `active-rates: "0" is not a positive number`},
