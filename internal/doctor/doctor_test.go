@@ -78,15 +78,11 @@ func serve(t *testing.T, c *pgtest.Cluster, region, node, token string, accept .
 	return ln.Addr().String()
 }
 
-// closedAddr returns an address nothing listens on.
+// closedAddr returns an address nothing listens on: one below the
+// kernel's ephemeral range (pgtest.FreeAddr), which no other listener of
+// this process is given and no outgoing connection takes.
 func closedAddr(t *testing.T) string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
-	return addr
+	return pgtest.FreeAddr(t)
 }
 
 func TestDoctor(t *testing.T) {
