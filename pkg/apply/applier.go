@@ -395,13 +395,12 @@ const (
 )
 
 // txnSetupSQL is the first statement of every apply transaction: the
-// origin's progress and commit time, the settings the conflict functions
-// read, prism.floors, whether the transaction's snapshot has any clock
+// settings the conflict functions read, prism.floors, whether the transaction's snapshot has any clock
 // floor (the row statements look a row's floor up only then), and
 // prism.applying, which keeps trigger prism_clock off the transaction's
 // writes. A commit time at or after the local clock (another region's
 // clock ahead of this one) raises prism.horizon first (see clockSetupSQL).
-const txnSetupSQL = `SELECT pg_replication_origin_xact_setup($1::pg_lsn, $2::timestamptz), pg_current_xact_id(),
+const txnSetupSQL = `SELECT pg_current_xact_id(),
 	set_config('prism.remote_lsn', $1::pg_lsn::text, true), set_config('prism.remote_ts', $2::timestamptz::text, true),
 	set_config('prism.remote_region', $3::text, true), set_config('prism.local_region', $4::text, true),
 	set_config('prism.floors', (EXISTS (SELECT 1 FROM prism.clock_floors))::text, true),
@@ -411,6 +410,19 @@ const txnSetupSQL = `SELECT pg_replication_origin_xact_setup($1::pg_lsn, $2::tim
 // txnSetupName is the name txnSetupSQL is prepared under on every apply
 // connection, by the pipeline and by the stream path alike.
 const txnSetupName = "prism_txn_setup"
+
+// originSQL gives the transaction the source's end LSN and commit time:
+// its COMMIT then moves the origin's progress. It is the last statement
+// before COMMIT, after immediateSQL, because from PostgreSQL 16 on a
+// transaction that aborts after it (and has written) moves the progress
+// too: a failed transaction would count as applied and be skipped. On 15
+// only COMMIT moves it.
+const originSQL = "SELECT pg_replication_origin_xact_setup($1::pg_lsn, $2::timestamptz)"
+
+// immediateSQL runs the transaction's deferred constraint checks and
+// triggers before originSQL, so that COMMIT has nothing left that can
+// fail on the data.
+const immediateSQL = "SET CONSTRAINTS ALL IMMEDIATE"
 
 // cmd is one command of a pipeline: a prepared statement with its
 // parameters, or SQL text without any. Commands stay plain values until
@@ -983,6 +995,8 @@ type pipeline struct {
 	skip []bool // already applied
 
 	begin, setup, commit, barrier *pgconn.StatementDescription
+	// origin and immediate are originSQL and immediateSQL.
+	origin, immediate *pgconn.StatementDescription
 
 	cmds []cmd
 	size int
@@ -1017,6 +1031,12 @@ func (p *pipeline) prepare(ctx context.Context) error {
 		return err
 	}
 	if p.commit, err = conn.Prepare(ctx, "prism_commit", "COMMIT"); err != nil {
+		return err
+	}
+	if p.origin, err = conn.Prepare(ctx, "prism_origin", originSQL); err != nil {
+		return err
+	}
+	if p.immediate, err = conn.Prepare(ctx, "prism_immediate", immediateSQL); err != nil {
 		return err
 	}
 	if p.a.lazy {
@@ -1098,7 +1118,9 @@ func (p *pipeline) queue(ctx context.Context, i int) error {
 			}
 		}
 	}
-	p.cmds = append(p.cmds, cmd{txn: i, change: -1, commit: true, sd: p.commit})
+	p.cmds = append(p.cmds, cmd{txn: i, change: -1, sd: p.immediate},
+		cmd{txn: i, change: -1, sd: p.origin, vals: [][]byte{[]byte(t.EndLSN.String()), ts}},
+		cmd{txn: i, change: -1, commit: true, sd: p.commit})
 	return nil
 }
 

@@ -656,6 +656,8 @@ func (p *pipeline) batch(ctx context.Context, i, end int, bp *batchPlan) (ok, co
 	for k := range sts {
 		b.ExecStatement(sds[k], args[k], nil, nil)
 	}
+	b.ExecStatement(p.immediate, nil, nil, nil)
+	b.ExecStatement(p.origin, [][]byte{[]byte(last.EndLSN.String()), ts}, nil, nil)
 	b.ExecStatement(p.commit, nil, nil, nil)
 	b.ExecStatement(p.barrier, nil, nil, nil)
 	mrr := pc.ExecBatch(ctx, b)
@@ -679,7 +681,7 @@ func (p *pipeline) batch(ctx context.Context, i, end int, bp *batchPlan) (ok, co
 		p.s.broken = true
 		return false, false, p.lost(err)
 	}
-	if failed > 2+len(sts) {
+	if failed > 4+len(sts) {
 		// COMMIT succeeded, the barrier failed: not known durable.
 		return false, false, p.lost(err)
 	}

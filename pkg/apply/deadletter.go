@@ -403,11 +403,11 @@ func (a *Applier) Park(ctx context.Context, txn *decode.Txn, cause error, status
 			return err
 		}
 		defer tx.Rollback(ctx)
-		if _, err := tx.Exec(ctx, "SELECT pg_replication_origin_xact_setup($1::pg_lsn, $2::timestamptz)",
-			txn.EndLSN.String(), txn.CommitTime); err != nil {
+		if err := a.upsertDeadLetter(ctx, tx, txn, cause, status); err != nil {
 			return err
 		}
-		if err := a.upsertDeadLetter(ctx, tx, txn, cause, status); err != nil {
+		// Last before COMMIT (see originSQL).
+		if _, err := tx.Exec(ctx, originSQL, txn.EndLSN.String(), txn.CommitTime); err != nil {
 			return err
 		}
 		if err := tx.Commit(ctx); err != nil {
@@ -607,6 +607,13 @@ func (a *Applier) replayParked(ctx context.Context, conn *pgxpool.Conn, id int64
 	if tag.RowsAffected() != 1 {
 		return "", 0, fmt.Errorf("dead letter %d changed meanwhile", id)
 	}
+	// Last before COMMIT (see originSQL).
+	if _, err := tx.Exec(ctx, immediateSQL); err != nil {
+		return "", 0, err
+	}
+	if _, err := tx.Exec(ctx, originSQL, txn.EndLSN.String(), string(ts)); err != nil {
+		return "", 0, err
+	}
 	return "", 0, tx.Commit(ctx)
 }
 
@@ -677,11 +684,12 @@ func (a *Applier) Skip(ctx context.Context, source string, lsn pglogrepl.LSN, no
 		if err != nil {
 			return err
 		}
-		if _, err := tx.Exec(ctx, "SELECT pg_replication_origin_xact_setup($1::pg_lsn, $2::timestamptz)", lsn.String(), commitTime); err != nil {
-			return err
-		}
 		if _, err := tx.Exec(ctx, `UPDATE prism.dead_letters SET status = $3, resolved_at = clock_timestamp(), note = NULLIF($4, '')
 			WHERE source_region = $1 AND end_lsn = $2::pg_lsn`, source, lsn.String(), StatusSkipped, note); err != nil {
+			return err
+		}
+		// Last before COMMIT (see originSQL).
+		if _, err := tx.Exec(ctx, originSQL, lsn.String(), commitTime); err != nil {
 			return err
 		}
 		return tx.Commit(ctx)

@@ -14,9 +14,12 @@
 //     with ErrBusy);
 //  2. pg_replication_origin_session_progress(true): read under the lock, so
 //     nobody can advance it before this session commits;
-//  3. per transaction whose EndLSN is above that progress: BEGIN;
-//     pg_replication_origin_xact_setup(end_lsn, commit_time); the row
-//     statements; COMMIT with synchronous_commit = off, and after the
+//  3. per transaction whose EndLSN is above that progress: BEGIN; the
+//     row statements; SET CONSTRAINTS ALL IMMEDIATE (deferred checks and
+//     triggers run now); pg_replication_origin_xact_setup(end_lsn,
+//     commit_time) last, because from PostgreSQL 16 on a transaction
+//     that aborts after it (and wrote) moves the origin's progress as a
+//     commit would; COMMIT with synchronous_commit = off, and after the
 //     last COMMIT of each pipelined round trip
 //     pg_replication_origin_session_progress(true), which flushes this
 //     database's WAL up to that commit: only then do the transactions
@@ -85,13 +88,14 @@
 //
 // Transactions of one source that ApplyBatch receives together (already
 // queued: catch-up, bursts; a lone transaction is applied at once by the
-// row path) are applied many to one target transaction: BEGIN;
-// pg_replication_origin_xact_setup(the last one's end LSN, the greatest
-// of their commit times); one array statement per table and operation
+// row path) are applied many to one target transaction: BEGIN; one
+// array statement per table and operation
 // (UPDATE ... FROM unnest(...), INSERT ... SELECT FROM unnest(...),
 // DELETE ... USING unnest(...); each column one
 // typed array, parsed element by element by the type's input function
-// like the row path's parameters); COMMIT and the barrier. A batch ends on
+// like the row path's parameters); SET CONSTRAINTS ALL IMMEDIATE;
+// pg_replication_origin_xact_setup(the last one's end LSN, the greatest
+// of their commit times); COMMIT and the barrier. A batch ends on
 // source transaction boundaries, so the origin's progress stays exact.
 //
 // Each key keeps its net change in source order: the values of its last

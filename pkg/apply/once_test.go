@@ -372,3 +372,79 @@ func TestErrorClassification(t *testing.T) {
 		}
 	})
 }
+
+// TestFailedTxnKeepsProgress: a transaction that fails after it wrote a
+// row, alone, in a pipeline after a committed one, or as a batch that
+// rolls back, leaves the origin's progress where the last committed one
+// put it, on PostgreSQL 15 and 16 alike. (From 16 on, a transaction
+// that aborts after pg_replication_origin_xact_setup and a write moves
+// the progress: the setup has to come last.) Then the corrected
+// transactions apply, none skipped.
+func TestFailedTxnKeepsProgress(t *testing.T) {
+	for _, v := range []struct {
+		name string
+		bin  func(t *testing.T) string
+	}{
+		{"default", func(*testing.T) string { return "" }},
+		{"pg16", func(t *testing.T) string { return pgtest.PG16Bin(t) }},
+	} {
+		t.Run(v.name, func(t *testing.T) {
+			ctx := testCtx(t)
+			c := pgtest.Start(t, pgtest.Options{Name: "keepprogress", Bin: v.bin(t)})
+			mustExec(t, ctx, c, "postgres", `CREATE TABLE chk (id int PRIMARY KEY, v int CHECK (v > 0));
+				CREATE TABLE kv (id int PRIMARY KEY, v text);
+				INSERT INTO kv SELECT g, 'old' FROM generate_series(1, 4) g;
+				CREATE TABLE late (id int PRIMARY KEY, v int, CONSTRAINT late_v CHECK (v > 0));
+				CREATE FUNCTION late_fail() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN IF NEW.v = 99 THEN RAISE EXCEPTION 'deferred failure'; END IF; RETURN NULL; END $$;
+				CREATE CONSTRAINT TRIGGER late_fail AFTER INSERT ON late DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION late_fail();
+				ALTER TABLE late ENABLE ALWAYS TRIGGER late_fail;`)
+			a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+			defer a.Close()
+			chk := rel("public", "chk", decode.IdentityDefault, "id*", "v")
+			kv := rel("public", "kv", decode.IdentityDefault, "id*", "v")
+			late := rel("public", "late", decode.IdentityDefault, "id*", "v")
+			progress := func(want pglogrepl.LSN) {
+				t.Helper()
+				if p, err := a.Progress(ctx, "na"); err != nil || p != want {
+					t.Fatalf("Progress = %s, %v; want %s", p, err, want)
+				}
+			}
+			// Alone: a row written, the next one fails.
+			if err := a.Apply(ctx, txn("na", 1000, 1, ins(chk, "1", "5"), ins(chk, "2", "-1"))); err == nil {
+				t.Fatal("Apply of a failing transaction = nil")
+			}
+			progress(0)
+			// In a pipeline after a committed one.
+			if n, err := a.ApplyBatch(ctx, []*decode.Txn{txn("na", 1000, 1, ins(chk, "1", "5")),
+				txn("na", 1100, 2, ins(chk, "2", "5"), ins(chk, "3", "-1"))}); n != 1 || err == nil {
+				t.Fatalf("ApplyBatch = %d, %v; want 1 and an error", n, err)
+			}
+			progress(1000)
+			// A deferred trigger that fails at the end of the transaction.
+			if err := a.Apply(ctx, txn("na", 1100, 2, ins(late, "1", "99"))); err == nil {
+				t.Fatal("Apply of a transaction whose deferred trigger fails = nil")
+			}
+			progress(1000)
+			// A batch rolled back (a row is missing: the row path decides
+			// it); its transactions then apply by rows, none skipped.
+			mustExec(t, ctx, c, "postgres", "DELETE FROM kv WHERE id = 4")
+			before := a.Stats()["na"].RolledBack
+			t0 := time.Now().Add(time.Hour).Sub(baseTime).Seconds()
+			txns := []*decode.Txn{
+				txn("na", 1100, t0, upd(kv, nil, "1", "a")),
+				txn("na", 1200, t0+1, upd(kv, nil, "2", "b")),
+				txn("na", 1300, t0+2, upd(kv, nil, "4", "d")),
+			}
+			if n, err := a.ApplyBatch(ctx, txns); n != len(txns) || err != nil {
+				t.Fatalf("ApplyBatch = %d, %v", n, err)
+			}
+			if st := a.Stats()["na"]; st.RolledBack != before+1 {
+				t.Fatalf("stats %+v, want one more batch rolled back than %d", st, before)
+			}
+			progress(1300)
+			if got := tableRows(t, ctx, a.pool, "(SELECT id, v FROM kv WHERE id <= 3)"); got != `{"id":1,"v":"a"}`+"\n"+`{"id":2,"v":"b"}`+"\n"+`{"id":3,"v":"old"}` {
+				t.Fatalf("kv = %s", got)
+			}
+		})
+	}
+}

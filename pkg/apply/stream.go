@@ -188,9 +188,11 @@ func (st *stream) change(ctx context.Context, c *decode.Change) error {
 // with synchronous_commit = off: the barrier flushes the WAL up to the
 // commit before it counts as applied.
 func (st *stream) commit(ctx context.Context) error {
+	st.b.ExecParams(immediateSQL, nil, nil, nil, nil)
+	st.b.ExecParams(originSQL, [][]byte{[]byte(st.txn.EndLSN.String()), st.ts}, nil, nil, nil)
 	st.b.ExecParams("COMMIT", nil, nil, nil, nil)
 	st.b.ExecParams(barrierSQL, nil, nil, nil, nil)
-	st.cmds = append(st.cmds, streamCmd{}, streamCmd{barrier: true})
+	st.cmds = append(st.cmds, streamCmd{}, streamCmd{}, streamCmd{}, streamCmd{barrier: true})
 	return st.flush(ctx)
 }
 
