@@ -65,7 +65,8 @@ func loadSchema(ctx context.Context, srcDSN, tgtDSN string) error {
 	perr := p.Wait()
 	derr := d.Wait()
 	if derr != nil {
-		return fmt.Errorf("bootstrap: pg_dump of the source schema: %w: %s", derr, redact(strings.TrimSpace(dumpErr.String())))
+		msg := redact(strings.TrimSpace(dumpErr.String()))
+		return fmt.Errorf("bootstrap: pg_dump of the source schema: %w: %s%s", derr, msg, dumpHint(dump, msg))
 	}
 	if perr != nil {
 		return fmt.Errorf("bootstrap: psql loading the schema into the target (nothing was created): %w: %s", perr, redact(strings.TrimSpace(psqlOut.String())))
@@ -87,6 +88,21 @@ func pgBinary(name string) (string, error) {
 		}
 	}
 	return "", fmt.Errorf("bootstrap: %s not found on PATH or under /usr/lib/postgresql/*/bin; install the PostgreSQL client (apt-get install -y postgresql-client-15) or put it on PATH", name)
+}
+
+var serverVersion = regexp.MustCompile(`server version: (\d+)`)
+
+// dumpHint says what to do when pg_dump (at path dump) refused a server
+// newer than itself; msg is its error output.
+func dumpHint(dump, msg string) string {
+	if !strings.Contains(msg, "server version mismatch") {
+		return ""
+	}
+	m := serverVersion.FindStringSubmatch(msg)
+	if m == nil {
+		return fmt.Sprintf(" (%s is older than the source server: put a pg_dump and psql of the server's major version or newer first on PATH)", dump)
+	}
+	return fmt.Sprintf(" (%s is older than the source server: install pg_dump and psql %s or newer, e.g. apt-get install -y postgresql-client-%s, and put their directory first on PATH)", dump, m[1], m[1])
 }
 
 func versionOf(binDir string) int {

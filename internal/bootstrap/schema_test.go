@@ -56,3 +56,20 @@ ALTER TABLE public.kv ENABLE ALWAYS TRIGGER audit;
 		t.Fatalf("filtered dump:\n%s\nwant:\n%s", out.String(), want)
 	}
 }
+
+func TestDumpHint(t *testing.T) {
+	// What pg_dump 15.18 wrote against a PostgreSQL 16.14 source.
+	msg := "pg_dump: error: aborting because of server version mismatch\npg_dump: detail: server version: 16.14; pg_dump version: 15.18 (Debian 15.18-0+deb12u1)"
+	got := dumpHint("/usr/bin/pg_dump", msg)
+	for _, want := range []string{"/usr/bin/pg_dump is older than the source server", "psql 16 or newer", "postgresql-client-16", "first on PATH"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("dumpHint = %q; want it to contain %q", got, want)
+		}
+	}
+	if got := dumpHint("pg_dump", "pg_dump: error: aborting because of server version mismatch"); !strings.Contains(got, "server's major version or newer") {
+		t.Errorf("dumpHint without a version = %q", got)
+	}
+	if got := dumpHint("pg_dump", "pg_dump: error: connection to server failed"); got != "" {
+		t.Errorf("dumpHint of another error = %q; want none", got)
+	}
+}
