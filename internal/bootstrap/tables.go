@@ -26,8 +26,9 @@ type table struct {
 	stamps string
 }
 
-// stampsSQL returns the relation of the row stamps of table name on a
-// source that keeps them in table kind ("batch_stamps" or "row_stamps").
+// stampsSQL returns the relation of the row stamps kept under name (see
+// prism.table_names) on a source that keeps them in table kind
+// ("batch_stamps" or "row_stamps").
 func stampsSQL(kind, name string) string {
 	lit := "'" + strings.ReplaceAll(name, "'", "''") + "'"
 	if kind == "row_stamps" {
@@ -99,11 +100,20 @@ func publishedTables(ctx context.Context, conn *pgx.Conn, pub string) ([]*table,
 		return nil, fmt.Errorf("publication %s does not exist: start a node of the region once (it creates it) or create it", pub)
 	}
 	var stamps string
+	var named bool
 	if err := conn.QueryRow(ctx, `SELECT CASE WHEN to_regclass('prism.batch_stamps') IS NOT NULL THEN 'batch_stamps'
-		WHEN to_regclass('prism.row_stamps') IS NOT NULL THEN 'row_stamps' ELSE '' END`).Scan(&stamps); err != nil {
+		WHEN to_regclass('prism.row_stamps') IS NOT NULL THEN 'row_stamps' ELSE '' END,
+		to_regclass('prism.table_names') IS NOT NULL`).Scan(&stamps, &named); err != nil {
 		return nil, fmt.Errorf("read row stamps of the source: %w", err)
 	}
-	rows, err := conn.Query(ctx, `SELECT n.nspname, c.relname, pg_table_size(c.oid),
+	// The name the source keeps a table's stamps under: the one it had
+	// when first installed (prism.table_names), on a source of an
+	// earlier version its name.
+	meta := "n.nspname || '.' || c.relname"
+	if named {
+		meta = "coalesce((SELECT m.name FROM prism.table_names m WHERE m.relid = c.oid), " + meta + ")"
+	}
+	rows, err := conn.Query(ctx, `SELECT n.nspname, c.relname, `+meta+`, pg_table_size(c.oid),
 		c.relreplident = 'f' OR EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND (i.indisprimary OR i.indisreplident)),
 		array(SELECT a.attname::text FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0
 			AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum),
@@ -124,14 +134,15 @@ func publishedTables(ctx context.Context, conn *pgx.Conn, pub string) ([]*table,
 	for rows.Next() {
 		t := &table{}
 		var keyed bool
-		if err := rows.Scan(&t.schema, &t.rel, &t.size, &keyed, &t.columns, &t.keys); err != nil {
+		var metaName string
+		if err := rows.Scan(&t.schema, &t.rel, &metaName, &t.size, &keyed, &t.columns, &t.keys); err != nil {
 			return nil, fmt.Errorf("list tables of publication %s: %w", pub, err)
 		}
 		if !keyed {
 			noKey = append(noKey, t.name())
 		}
 		if len(t.keys) > 0 {
-			t.stamps = stampsSQL(stamps, t.name())
+			t.stamps = stampsSQL(stamps, metaName)
 		}
 		out = append(out, t)
 	}

@@ -114,6 +114,9 @@ type Applier struct {
 	targets map[string]*target    // by schema.table
 	stmts   map[string]*statement // by shapeKey
 	shapes  map[string]*reshaping // by shapeOf; see reshape
+	// renamed maps relations that name a table by a name it had before a
+	// rename here onto the table's name now; see renamedTable.
+	renamed map[*decode.Relation]*decode.Relation
 	// idle are sessions that still hold their origin after a run, by
 	// source region, waiting holdIdle for the next run of that source.
 	idle map[string]*session
@@ -151,6 +154,7 @@ func NewApplier(pool *pgxpool.Pool, log zerolog.Logger, opts ...Option) *Applier
 		targets:   map[string]*target{},
 		stmts:     map[string]*statement{},
 		shapes:    map[string]*reshaping{},
+		renamed:   map[*decode.Relation]*decode.Relation{},
 		idle:      map[string]*session{},
 		letting:   map[string]chan struct{}{},
 		memos:     map[string]*batchMemo{},
@@ -1277,12 +1281,20 @@ func (a *Applier) fail(s *session, t *decode.Txn, table string, op decode.Op, er
 // staleSchema makes e retryable the first time a transaction meets it when
 // e may come from descriptions cached before a local schema change (a
 // column's type changed, 42804; a prepared statement's plan or result no
-// longer fits, 0A000; a statement gone with its connection, 26000): the
+// longer fits, 0A000; a statement gone with its connection, 26000; a
+// table renamed here, 42P01 from the server, whose rows renamedTable then
+// maps): the
 // caches are dropped by then, so applying the transaction again builds its
 // statements from the catalog as it is now. If the same transaction fails
 // so again, the error stands and its policy decides.
 func (a *Applier) staleSchema(e *Error, t *decode.Txn) {
-	if e.Retryable || t == nil || (e.SQLState != "42804" && e.SQLState != "0A000" && e.SQLState != "26000") {
+	if e.Retryable || t == nil || (e.SQLState != "42804" && e.SQLState != "0A000" && e.SQLState != "26000" && e.SQLState != "42P01") {
+		return
+	}
+	var pgErr *pgconn.PgError
+	if e.SQLState == "42P01" && !errors.As(e.Err, &pgErr) {
+		// Found missing in the catalog just now, not by a statement
+		// prepared before: nothing stale to refresh.
 		return
 	}
 	id := t.Origin + "/" + t.EndLSN.String()

@@ -438,7 +438,7 @@ func (bt *batchTable) statement(kind int) (*batchStatement, error) {
 	st.withCheck = kind == groupUpdate || kind == groupDelete
 	st.withTS = kind != groupAppend
 	src := bt.unnest(st)
-	tbl := lit(bt.t.name)
+	tbl := lit(bt.t.meta)
 	if kind == groupAppend {
 		st.sql = "INSERT INTO " + bt.t.ident + " (" + strings.Join(src.names, ", ") + ") SELECT " + strings.Join(src.exprs, ", ") + " FROM " + src.v
 		return st.named(), nil
@@ -583,7 +583,7 @@ func (bt *batchTable) write(b *builder, kind int, src batchSource, k batchKeyExp
 		// tombstone) for each batch, which it costs below a probe per
 		// row whose cached pages it counts as random reads.
 		w = "INSERT INTO " + bt.t.ident + " AS x (" + strings.Join(src.names, ", ") + ") SELECT " + strings.Join(src.exprs, ", ") + " FROM " + src.v +
-			" WHERE NOT EXISTS (SELECT 1 FROM prism.tombstones tb WHERE tb.table_name = " + lit(bt.t.name) + " AND tb.key = " + k.json(k.tomb) + " OFFSET 0)" +
+			" WHERE NOT EXISTS (SELECT 1 FROM prism.tombstones tb WHERE tb.table_name = " + lit(bt.t.meta) + " AND tb.key = " + k.json(k.tomb) + " OFFSET 0)" +
 			" AND NOT EXISTS (SELECT 1 FROM " + bt.t.ident + " AS y WHERE " + strings.Join(shown, " AND ") + " OFFSET 0)" +
 			" RETURNING " + strings.Join(k.ret, ", ")
 		return w, "w JOIN " + src.v + " ON " + strings.Join(k.joinW, " AND ")

@@ -123,6 +123,72 @@ $k$;
 CREATE INDEX IF NOT EXISTS clock_floors_xact ON prism.clock_floors USING hash (xact);
 CREATE INDEX IF NOT EXISTS clock_floors_top ON prism.clock_floors USING hash (top);
 CREATE INDEX IF NOT EXISTS clock_floors_at ON prism.clock_floors (at);
+-- table_names keeps the name under which a table's conflict metadata
+-- (its tombstones, batch stamps and key marks) is kept: its name when it
+-- was first installed. Tombstones take their stamp from their own xmin,
+-- so they cannot be moved when the table is renamed (an UPDATE would
+-- stamp them with the rename's commit time); the metadata keeps the
+-- first name instead, and the trigger functions and the applier look it
+-- up here. A table that takes a name another table's metadata still uses
+-- gets its own (the name and its OID). last is the table's name when it
+-- was last installed, and table_renames the renames seen since (a
+-- rename runs prism.install through event trigger prism_install): rows
+-- another region still sends under an old name find the table by them.
+CREATE TABLE IF NOT EXISTS prism.table_names (
+	relid oid  PRIMARY KEY,
+	name  text NOT NULL UNIQUE,
+	last  text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS prism.table_renames (
+	id       bigserial   PRIMARY KEY,
+	at       timestamptz NOT NULL DEFAULT clock_timestamp(),
+	relid    oid         NOT NULL,
+	old_name text        NOT NULL,
+	new_name text        NOT NULL
+);
+CREATE INDEX IF NOT EXISTS table_renames_old ON prism.table_renames (old_name);
+-- meta_name returns the name of rel's conflict metadata, recording its
+-- current name (and a rename since the last call).
+CREATE OR REPLACE FUNCTION prism.meta_name(rel regclass) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER AS $f$
+DECLARE
+	cur  text;
+	meta text;
+	was  text;
+	held oid;
+BEGIN
+	SELECT n.nspname || '.' || c.relname INTO cur
+	FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
+	SELECT t.name, t.last INTO meta, was FROM prism.table_names t WHERE t.relid = rel;
+	IF FOUND THEN
+		IF was <> cur THEN
+			INSERT INTO prism.table_renames (relid, old_name, new_name) VALUES (rel, was, cur);
+			UPDATE prism.table_names t SET last = cur WHERE t.relid = rel;
+		END IF;
+		RETURN meta;
+	END IF;
+	meta := cur;
+	SELECT t.relid INTO held FROM prism.table_names t WHERE t.name = cur;
+	IF FOUND AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = held) THEN
+		-- A dropped table's entry: the name is free again (its old
+		-- tombstones apply to the new table, as before names were kept).
+		DELETE FROM prism.table_names t WHERE t.relid = held;
+	ELSIF FOUND THEN
+		-- Renamed away, its metadata still under this name.
+		meta := cur || '#' || rel::oid;
+	END IF;
+	INSERT INTO prism.table_names (relid, name, last) VALUES (rel, meta, cur);
+	RETURN meta;
+END
+$f$;
+-- meta_rel is the table whose conflict metadata is kept under name, or
+-- NULL when none is.
+CREATE OR REPLACE FUNCTION prism.meta_rel(name text) RETURNS regclass
+LANGUAGE sql STABLE AS $f$
+	SELECT coalesce(
+		(SELECT t.relid::regclass FROM prism.table_names t JOIN pg_catalog.pg_class c ON c.oid = t.relid WHERE t.name = meta_rel.name),
+		CASE WHEN NOT EXISTS (SELECT 1 FROM prism.table_names t WHERE t.relid = to_regclass(meta_rel.name)) THEN to_regclass(meta_rel.name) END)
+$f$;
 ` + horizonSQL + `
 -- stamp, row_stamp, own and region_of read tables, so they are PL/pgSQL:
 -- PostgreSQL inlines no SQL function whose body has a subquery, and
@@ -180,12 +246,14 @@ CREATE INDEX IF NOT EXISTS batch_stamps_xact ON prism.batch_stamps USING hash (x
 -- compacted in short transactions, and returns the last id it took (NULL
 -- when none was left). The key columns are the names in the keys' jsonb,
 -- probed by their type; a table that no longer has them keeps its
--- stamps, one that is gone loses them.
+-- stamps, one that is gone loses them (a renamed one keeps them: see
+-- prism.table_names).
 CREATE OR REPLACE FUNCTION prism.compact_stamps_chunk(before timestamptz, after bigint, max_rows integer,
 	OUT dropped bigint, OUT last bigint)
 LANGUAGE plpgsql AS $f$
 DECLARE
 	r     record;
+	rel   regclass;
 	probe text;
 	known boolean;
 	n     bigint;
@@ -199,7 +267,8 @@ BEGIN
 	FOR r IN SELECT b.table_name, min(b.keys[1]) AS sample FROM prism.batch_stamps b
 		WHERE b.id > after AND b.id <= last AND NOT b.compacted AND b.at < before GROUP BY b.table_name
 	LOOP
-		IF to_regclass(r.table_name) IS NULL THEN
+		rel := prism.meta_rel(r.table_name);
+		IF rel IS NULL THEN
 			WITH d AS (DELETE FROM prism.batch_stamps b WHERE b.table_name = r.table_name
 				AND b.id > after AND b.id <= last AND NOT b.compacted AND b.at < before
 				RETURNING cardinality(b.keys) AS n)
@@ -211,7 +280,7 @@ BEGIN
 			count(a.attname) = count(*)
 		INTO probe, known
 		FROM jsonb_object_keys(r.sample::jsonb) j(name)
-		LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = to_regclass(r.table_name) AND a.attname = j.name AND a.attnum > 0 AND NOT a.attisdropped;
+		LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = rel AND a.attname = j.name AND a.attnum > 0 AND NOT a.attisdropped;
 		IF known IS NOT TRUE THEN
 			UPDATE prism.batch_stamps b SET compacted = true WHERE b.table_name = r.table_name
 				AND b.id > after AND b.id <= last AND NOT b.compacted AND b.at < before;
@@ -230,7 +299,7 @@ BEGIN
 			d AS (DELETE FROM prism.batch_stamps b USING c WHERE b.id = c.id AND NOT EXISTS (SELECT 1 FROM k WHERE k.id = c.id)),
 			u AS (UPDATE prism.batch_stamps b SET keys = k.keys, ts = k.ts, newest = k.newest, compacted = true FROM k WHERE b.id = k.id)
 			SELECT (SELECT coalesce(sum(cardinality(c.keys)), 0) FROM c) - (SELECT coalesce(sum(cardinality(k.keys)), 0) FROM k)$q$,
-			r.table_name::regclass, probe) INTO n USING r.table_name, before, after, last;
+			rel, probe) INTO n USING r.table_name, before, after, last;
 		dropped := dropped + n;
 	END LOOP;
 END
@@ -372,6 +441,9 @@ BEGIN
 	IF NOT FOUND THEN
 		RETURN 'not a table';
 	END IF;
+	-- The function writes and reads the tombstones under the name the
+	-- table's metadata keeps, also after a rename.
+	tbl := prism.meta_name(rel);
 	-- The key is the replica identity index, else the primary key (also
 	-- under REPLICA IDENTITY FULL): the columns the applier matches rows by.
 	IF ident IN ('d', 'i', 'f') THEN

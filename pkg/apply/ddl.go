@@ -2,6 +2,7 @@ package apply
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 
@@ -446,6 +447,7 @@ func (a *Applier) forgetSchema() {
 	a.targets = map[string]*target{}
 	a.stmts = map[string]*statement{}
 	a.shapes = map[string]*reshaping{}
+	a.renamed = map[*decode.Relation]*decode.Relation{}
 	a.mu.Unlock()
 }
 
@@ -457,8 +459,9 @@ type reshaping struct {
 	keep []int            // for each of rel's columns, its index in the source relation
 }
 
-// reshape returns c as the target table can take it (with DDL
-// replication on): a change whose relation names columns the target does
+// reshape returns c as the target table can take it. A change whose
+// relation names a table renamed here takes its name now (renamedTable).
+// With DDL replication on, a change whose relation names columns the target does
 // not have is rewritten without the ones dropped here, and with their new
 // name for the ones renamed here (both recorded in prism.ddl_renames).
 // Dropped columns' values are discarded with a warning, once per table
@@ -467,8 +470,12 @@ type reshaping struct {
 // be on its way from another region. A change that fits is returned as it
 // is.
 func (a *Applier) reshape(ctx context.Context, conn *pgx.Conn, c *decode.Change) (*decode.Change, error) {
-	if !a.ddl || c.Rel == nil || c.Op == decode.OpTruncate || c.Op == decode.OpDDL {
+	if c.Rel == nil || c.Op == decode.OpTruncate || c.Op == decode.OpDDL {
 		return c, nil
+	}
+	c, err := a.renamedTable(ctx, conn, c)
+	if err != nil || !a.ddl {
+		return c, err
 	}
 	t, err := a.target(ctx, conn, c.Rel, false)
 	if err != nil {
@@ -499,6 +506,50 @@ func (a *Applier) reshape(ctx context.Context, conn *pgx.Conn, c *decode.Change)
 	out.Rel = r.rel
 	out.Old = pick(c.Old, r.keep)
 	out.New = pick(c.New, r.keep)
+	return &out, nil
+}
+
+// tableRenamedSQL finds the table that was named $1 (schema.table) here
+// before a rename, by its latest rename away from that name: its schema
+// and name now.
+const tableRenamedSQL = `SELECT n.nspname, c.relname FROM prism.table_renames r
+	JOIN pg_catalog.pg_class c ON c.oid = r.relid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+	WHERE r.old_name = $1 ORDER BY r.id DESC LIMIT 1`
+
+// renamedTable returns c with its relation named as the table is named
+// here when the table c names does not exist here but a table of that
+// name was renamed here (prism.table_renames): rows that another region
+// sends under a table's old name, before the rename reached it, go to the
+// renamed table, with or without ddl: replicate. Any other change is
+// returned as it is.
+func (a *Applier) renamedTable(ctx context.Context, conn *pgx.Conn, c *decode.Change) (*decode.Change, error) {
+	a.mu.Lock()
+	nr := a.renamed[c.Rel]
+	a.mu.Unlock()
+	if nr == nil {
+		_, err := a.target(ctx, conn, c.Rel, false)
+		var pe *permanentError
+		if err == nil || !errors.As(err, &pe) || pe.code != "42P01" {
+			return c, err
+		}
+		var schema, table string
+		switch qerr := conn.QueryRow(ctx, tableRenamedSQL, relName(c)).Scan(&schema, &table); {
+		case errors.Is(qerr, pgx.ErrNoRows):
+			return c, err
+		case qerr != nil:
+			return c, fmt.Errorf("look up renames of table %s: %w", relName(c), qerr)
+		}
+		r := *c.Rel
+		r.Schema, r.Table = schema, table
+		nr = &r
+		a.mu.Lock()
+		a.renamed[c.Rel] = nr
+		a.mu.Unlock()
+		a.log.Info().Str("table", relName(c)).Str("renamed_to", schema+"."+table).
+			Msg("rows of another region name a table by its name before a rename here (a schema change not yet applied there); applying them to the renamed table")
+	}
+	out := *c
+	out.Rel = nr
 	return &out, nil
 }
 

@@ -299,6 +299,20 @@
 // known here at all is a retryable error: the change that makes it may
 // still be on its way from another region.
 //
+// A renamed table (ALTER TABLE ... RENAME TO or SET SCHEMA, replicated or
+// made by hand in every region) keeps its conflict metadata: tombstones,
+// batch stamps, key marks and conflict records stay under the name the
+// table had when Setup or event trigger prism_install first installed it
+// (prism.table_names; the trigger functions and the applier's statements
+// use that name). Tombstones could not be moved: a tombstone's stamp is
+// the commit time of its own xmin, and an UPDATE would give every one the
+// rename's. prism.install, which prism_install runs for every ALTER TABLE,
+// records each name change in prism.table_renames, and rows that another
+// region still sends under an old name go to the table that had it
+// (renamedTable), with DDL replication on or off. A table created later
+// under a name whose metadata another table still uses gets a name of its
+// own (the name and its OID).
+//
 // A schema change made in the region itself (by hand, or with ddl off)
 // can leave cached descriptions stale: a statement fails with 42804 (a
 // column's type changed), 0A000 (a prepared plan no longer fits) or 26000.
@@ -310,7 +324,8 @@
 // # Schema prism
 //
 // The tables Setup creates (conflicts, dead_letters, undo_log,
-// tombstones, clock_floors, batch_stamps, key_marks; BootstrapStateSQL adds bootstrap) belong to
+// tombstones, clock_floors, batch_stamps, key_marks, table_names,
+// table_renames; BootstrapStateSQL adds bootstrap) belong to
 // one region and are never applied elsewhere, but the publication, FOR
 // ALL TABLES, includes them: PostgreSQL 15 cannot leave a schema out of
 // such a publication. So each has a primary key (Setup adds clock_floors'

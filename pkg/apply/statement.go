@@ -30,6 +30,11 @@ type target struct {
 	// of its primary key when the replica identity is not an index: what
 	// rows are matched by under REPLICA IDENTITY FULL (see matchKey).
 	key map[string]bool
+	// meta is the name the table's conflict metadata (tombstones, batch
+	// stamps, key marks, conflict records) is kept under: its name when
+	// prism-cdc first installed it (prism.table_names), which stays when
+	// the table is renamed.
+	meta string
 	// unbatched: the table's rows are never batched. It has triggers of
 	// its own that fire on applied rows (ENABLE ALWAYS or REPLICA), which
 	// must see every source row, or array columns, which an array
@@ -85,7 +90,8 @@ func loadTarget(ctx context.Context, conn *pgx.Conn, schema, table string) (*tar
 	if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = to_regclass($1)
 		AND NOT tgisinternal AND tgenabled IN ('A', 'R') AND tgname NOT IN ('prism_clock', 'prism_tombstone'))
 		OR EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid
-		WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped AND ty.typcategory = 'A')`, ident).Scan(&t.unbatched); err != nil {
+		WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped AND ty.typcategory = 'A'),
+		coalesce((SELECT n.name FROM prism.table_names n WHERE n.relid = to_regclass($1)), $2)`, ident, t.name).Scan(&t.unbatched, &t.meta); err != nil {
 		return nil, err
 	}
 	return t, nil
@@ -434,7 +440,7 @@ func (b *builder) insert(c *decode.Change, policy Policy) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	pol, tbl := lit(string(policy)), lit(b.t.name)
+	pol, tbl := lit(string(policy)), lit(b.t.meta)
 	keyNames := b.quoted(keys)
 	sets, moved := b.insertSets(cols, keys)
 	resolve := "prism.resolve('insert_exists', " + pol + ", " + tbl + ", " + b.keyJSON("x", keys) + ", x.xmin)"
@@ -664,7 +670,7 @@ func (b *builder) update(c *decode.Change, policy Policy) (string, error) {
 		return "", err
 	}
 	pol := lit(string(policy))
-	tbl := lit(b.t.name)
+	tbl := lit(b.t.meta)
 	if b.keyed() {
 		return b.updateKeyed(c, cols, complete, sets, moved, pol, tbl)
 	}
@@ -783,7 +789,7 @@ func (b *builder) allKeys(cols []int) bool {
 
 func (b *builder) delete(c *decode.Change, policy Policy) (string, error) {
 	pol := lit(string(policy))
-	tbl := lit(b.t.name)
+	tbl := lit(b.t.meta)
 	if b.keyed() {
 		cond, keyCols, from, err := b.match(c, "x")
 		if err != nil {
