@@ -37,6 +37,13 @@ func (n *Node) setupScopes(ctx context.Context, q scope.Querier) error {
 			}
 			errs = append(errs, fmt.Errorf("peers[%d].scope (region %s): %s", i, p.Region, pr))
 		}
+		region := p.Region
+		if err := s.Resolve(ctx, q, func(configured, now string) {
+			n.log.Warn().Str("target", region).Str("table", now).Str("configured", configured).
+				Msg("a table of this region's scope was renamed: its rows keep the scope configured for its old name; update peers[].scope to the new name before the next restart, which refuses a scope that names a missing table")
+		}); err != nil {
+			return fmt.Errorf("scope of region %s: %w", p.Region, err)
+		}
 		n.scopes[i] = s
 		n.log.Info().Str("target", p.Region).Str("scope", describeScope(s)).Msg("region receives a limited scope")
 	}

@@ -149,6 +149,32 @@ func TestScopeInProcess(t *testing.T) {
 	eventually("eu's progress passes na's last transaction, which had nothing for eu", func() bool {
 		return query(fmt.Sprintf("SELECT (pg_replication_origin_progress('prism_na', true) > '%s'::pg_lsn)::text", before)) == "true"
 	})
+
+	// Tables renamed while the nodes run keep their scope: pgoutput names
+	// the rows by the new names, which peers[].scope does not. eu renames
+	// first; na's rows under the old names then go to the renamed tables.
+	if err := clusters["eu"].Exec(ctx, "app", "ALTER TABLE customers RENAME TO clients; ALTER TABLE card_tokens RENAME TO tokens"); err != nil {
+		t.Fatal(err)
+	}
+	exec(`INSERT INTO customers VALUES (1002, 'eu', 'SSN-SECRET-1002', 'before the rename')`)
+	exec(`ALTER TABLE customers RENAME TO clients; ALTER TABLE card_tokens RENAME TO tokens`)
+	exec(`INSERT INTO clients VALUES (2000, 'na', 'SSN-SECRET-2000', 'not eu''s'), (2001, 'eu', 'SSN-SECRET-2001', 'after the rename')`)
+	exec(`INSERT INTO tokens VALUES (2, 'TOKEN-SECRET-2')`)
+	exec(`INSERT INTO clients VALUES (2002, 'eu', NULL, 'last')`)
+	want = "103 rows, 0 ssn, 0 outside, 0 tokens, last: last"
+	for deadline := time.Now().Add(60 * time.Second); got != want; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("eu after the renames: %s; want %s", got, want)
+		}
+		got = query(`SELECT format('%s rows, %s ssn, %s outside, %s tokens, last: %s', count(*), count(ssn), count(*) FILTER (WHERE home <> 'eu'),
+			(SELECT count(*) FROM tokens), max(name) FILTER (WHERE id = 2002)) FROM clients`)
+	}
+	if got := query(`SELECT string_agg(name, ', ' ORDER BY id) FROM clients WHERE id > 1001`); got != "before the rename, after the rename, last" {
+		t.Errorf("eu's rows after 1001: %s", got)
+	}
+	if !strings.Contains(logs.String(), "a table of this region's scope was renamed") {
+		t.Errorf("na did not log that the scoped tables were renamed")
+	}
 	if strings.Contains(logs.String(), "SSN-SECRET") {
 		t.Errorf("a node logged an ssn value")
 	}

@@ -1,6 +1,7 @@
 package scope
 
 import (
+	"context"
 	"fmt"
 	"slices"
 	"sort"
@@ -29,8 +30,59 @@ type Scope struct {
 	rows     map[string]*Expr
 	cols     map[string][]string
 
+	// oids maps the source OIDs of the tables the rules name to those
+	// names (Resolve): the rules follow a table renamed while the node
+	// runs.
+	oids     map[uint32]string
+	onRename func(configured, now string)
+
 	mu   sync.Mutex
 	rels map[*decode.Relation]*relScope
+}
+
+// resolveSQL lists the OIDs of the named tables ($1, "schema.table" each)
+// that exist.
+const resolveSQL = `SELECT n.name, c.oid::int8 FROM unnest($1::text[]) AS n(name)
+	JOIN pg_catalog.pg_class c ON c.oid = to_regclass(n.name)`
+
+// Resolve records the OIDs that the tables the rules name have in the
+// source database q, so that a table renamed later (ALTER TABLE ... RENAME
+// TO or SET SCHEMA) keeps its scope under its new name: pgoutput names a
+// relation as it is named when the change was made, and a rule matched
+// only by name would let the renamed table's rows through. onRename (may
+// be nil) is called the first time a relation meets a rule by its OID
+// under a name other than the rule's.
+func (s *Scope) Resolve(ctx context.Context, q Querier, onRename func(configured, now string)) error {
+	if s == nil {
+		return nil
+	}
+	names := s.Tables()
+	idents := make([]string, len(names))
+	for i, n := range names {
+		idents[i] = Ident(n)
+	}
+	rows, err := q.Query(ctx, resolveSQL, idents)
+	if err != nil {
+		return fmt.Errorf("resolve the scope's tables: %w", err)
+	}
+	defer rows.Close()
+	oids := map[uint32]string{}
+	for rows.Next() {
+		var ident string
+		var oid int64
+		if err := rows.Scan(&ident, &oid); err != nil {
+			return fmt.Errorf("resolve the scope's tables: %w", err)
+		}
+		oids[uint32(oid)] = names[slices.Index(idents, ident)]
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("resolve the scope's tables: %w", err)
+	}
+	s.mu.Lock()
+	s.oids, s.onRename = oids, onRename
+	clear(s.rels)
+	s.mu.Unlock()
+	return nil
 }
 
 // maxCachedRels bounds the per-relation cache: spilled transactions decode
@@ -129,6 +181,19 @@ func (s *Scope) relation(rel *decode.Relation) *relScope {
 func (s *Scope) build(rel *decode.Relation) *relScope {
 	name := rel.Schema + "." + rel.Table
 	rs := &relScope{rel: rel, full: rel.ReplicaIdentity == decode.IdentityFull}
+	if configured, ok := s.oids[rel.ID]; ok && configured != name {
+		// Renamed since the node started: the rules of its configured
+		// name are its own. A rule of its new name as well would leave
+		// the choice to chance: stop instead.
+		if s.ruled(name) {
+			rs.err = fmt.Errorf("table %s was renamed from %s, and the scope has rules for both names: fix peers[].scope (it must name the table by its name now) and restart", name, configured)
+			return rs
+		}
+		if s.onRename != nil {
+			s.onRename(configured, name)
+		}
+		name = configured
+	}
 	if s.excluded[name] {
 		rs.drop = true
 		return rs
@@ -173,6 +238,11 @@ func (s *Scope) build(rel *decode.Relation) *relScope {
 		}
 	}
 	return rs
+}
+
+// ruled reports whether any rule names table.
+func (s *Scope) ruled(table string) bool {
+	return s.excluded[table] || s.rows[table] != nil || len(s.cols[table]) > 0
 }
 
 func (rs *relScope) affects() bool {

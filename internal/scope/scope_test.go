@@ -191,3 +191,46 @@ func TestRelationErrors(t *testing.T) {
 		t.Fatalf("New(bad filter) = %v", err)
 	}
 }
+
+// TestRenamedTableKeepsScope: a relation whose OID a rule's table had
+// when Resolve ran keeps that rule under its new name; a rule for the
+// new name as well is an error, not a guess.
+func TestRenamedTableKeepsScope(t *testing.T) {
+	s := euScope(t)
+	// What Resolve records: card_tokens is OID 2, customers OID 1.
+	var renames []string
+	s.oids = map[uint32]string{1: "public.customers", 2: "public.card_tokens"}
+	s.onRename = func(configured, now string) { renames = append(renames, configured+" -> "+now) }
+	tokens := &decode.Relation{ID: 2, Schema: "vault", Table: "tokens", ReplicaIdentity: decode.IdentityDefault, Columns: []decode.Column{{Name: "id", TypeOID: oidInt8, Key: true}, {Name: "token", TypeOID: oidText}}}
+	clients := customers(decode.IdentityDefault)
+	clients.Table = "clients"
+	// A new table under an old name is not the renamed one: its own rules.
+	fresh := &decode.Relation{ID: 9, Schema: "public", Table: "card_tokens", ReplicaIdentity: decode.IdentityDefault, Columns: []decode.Column{{Name: "id", TypeOID: oidInt8, Key: true}}}
+	got, err := s.Txn(&decode.Txn{Origin: "na", EndLSN: 100, Changes: []decode.Change{
+		{Op: decode.OpInsert, Rel: tokens, New: []decode.Value{txt("1"), txt("tok_secret")}},
+		{Op: decode.OpTruncate, Rel: tokens, Truncated: []*decode.Relation{tokens}},
+		{Op: decode.OpInsert, Rel: clients, New: []decode.Value{txt("1"), txt("na"), txt("SSN"), txt("n")}},
+		{Op: decode.OpInsert, Rel: clients, New: []decode.Value{txt("2"), txt("eu"), txt("SSN"), txt("n")}},
+		{Op: decode.OpInsert, Rel: fresh, New: []decode.Value{txt("3")}},
+	}})
+	if err != nil {
+		t.Fatalf("Txn = %v", err)
+	}
+	if len(got.Changes) != 1 {
+		t.Fatalf("Txn kept %d changes, want 1 (clients' eu row)", len(got.Changes))
+	}
+	if c := got.Changes[0]; c.Rel.Table != "clients" || len(c.New) != 3 || string(c.New[0].Data) != "2" {
+		t.Fatalf("kept %s %+v, want clients' row 2 without its ssn", c.Rel.Table, c.New)
+	}
+	if want := []string{"public.card_tokens -> vault.tokens", "public.customers -> public.clients"}; !reflect.DeepEqual(renames, want) {
+		t.Fatalf("renames reported = %q, want %q", renames, want)
+	}
+	// Renamed onto a name the scope has rules for too.
+	onto := customers(decode.IdentityDefault)
+	onto.ID, onto.Table = 2, "customers"
+	s.oids = map[uint32]string{2: "public.card_tokens"}
+	clear(s.rels)
+	if _, err := s.Txn(&decode.Txn{Changes: []decode.Change{{Op: decode.OpInsert, Rel: onto, New: []decode.Value{txt("1"), txt("eu"), txt("s"), txt("n")}}}}); err == nil || !strings.Contains(err.Error(), "rules for both names") {
+		t.Fatalf("Txn of a table renamed onto a ruled name = %v, want an error", err)
+	}
+}
