@@ -523,34 +523,75 @@ const tableRenamedSQL = `SELECT n.nspname, c.relname FROM prism.table_renames r
 // renamed table, with or without ddl: replicate. Any other change is
 // returned as it is.
 func (a *Applier) renamedTable(ctx context.Context, conn *pgx.Conn, c *decode.Change) (*decode.Change, error) {
-	a.mu.Lock()
-	nr := a.renamed[c.Rel]
-	a.mu.Unlock()
-	if nr == nil {
-		_, err := a.target(ctx, conn, c.Rel, false)
-		var pe *permanentError
-		if err == nil || !errors.As(err, &pe) || pe.code != "42P01" {
-			return c, err
-		}
-		var schema, table string
-		switch qerr := conn.QueryRow(ctx, tableRenamedSQL, relName(c)).Scan(&schema, &table); {
-		case errors.Is(qerr, pgx.ErrNoRows):
-			return c, err
-		case qerr != nil:
-			return c, fmt.Errorf("look up renames of table %s: %w", relName(c), qerr)
-		}
-		r := *c.Rel
-		r.Schema, r.Table = schema, table
-		nr = &r
-		a.mu.Lock()
-		a.renamed[c.Rel] = nr
-		a.mu.Unlock()
-		a.log.Info().Str("table", relName(c)).Str("renamed_to", schema+"."+table).
-			Msg("rows of another region name a table by its name before a rename here (a schema change not yet applied there); applying them to the renamed table")
+	rel, err := a.renamedRel(ctx, conn, c.Rel)
+	if err != nil || rel == c.Rel {
+		return c, err
 	}
 	out := *c
-	out.Rel = nr
+	out.Rel = rel
 	return &out, nil
+}
+
+// renamedRel returns rel, or a copy named as the table is named here when
+// the table rel names was renamed here (see renamedTable).
+func (a *Applier) renamedRel(ctx context.Context, conn *pgx.Conn, rel *decode.Relation) (*decode.Relation, error) {
+	a.mu.Lock()
+	nr := a.renamed[rel]
+	a.mu.Unlock()
+	if nr != nil {
+		return nr, nil
+	}
+	_, err := a.target(ctx, conn, rel, false)
+	var pe *permanentError
+	if err == nil || !errors.As(err, &pe) || pe.code != "42P01" {
+		return rel, err
+	}
+	name := rel.Schema + "." + rel.Table
+	var schema, table string
+	switch qerr := conn.QueryRow(ctx, tableRenamedSQL, name).Scan(&schema, &table); {
+	case errors.Is(qerr, pgx.ErrNoRows):
+		return rel, err
+	case qerr != nil:
+		return rel, fmt.Errorf("look up renames of table %s: %w", name, qerr)
+	}
+	r := *rel
+	r.Schema, r.Table = schema, table
+	a.mu.Lock()
+	a.renamed[rel] = &r
+	a.mu.Unlock()
+	a.log.Info().Str("table", name).Str("renamed_to", schema+"."+table).
+		Msg("rows of another region name a table by its name before a rename here (a schema change not yet applied there); applying them to the renamed table")
+	return &r, nil
+}
+
+// renamedTruncate returns TRUNCATE c with each table that was renamed here
+// under its name now (see renamedTable); a table missing here and never
+// renamed is left for TRUNCATE itself to report.
+func (a *Applier) renamedTruncate(ctx context.Context, conn *pgx.Conn, c *decode.Change) (*decode.Change, error) {
+	rels := c.Truncated
+	if len(rels) == 0 && c.Rel != nil {
+		rels = []*decode.Relation{c.Rel}
+	}
+	var out []*decode.Relation
+	for i, rel := range rels {
+		nr, err := a.renamedRel(ctx, conn, rel)
+		var pe *permanentError
+		if err != nil && !(errors.As(err, &pe) && pe.code == "42P01") {
+			return nil, err
+		}
+		if nr != rel && out == nil {
+			out = append(make([]*decode.Relation, 0, len(rels)), rels[:i]...)
+		}
+		if out != nil {
+			out = append(out, nr)
+		}
+	}
+	if out == nil {
+		return c, nil
+	}
+	t := *c
+	t.Truncated, t.Rel = out, out[0]
+	return &t, nil
 }
 
 // reshaping works out how rel maps onto target t and logs what it drops.

@@ -307,9 +307,9 @@
 // use that name). Tombstones could not be moved: a tombstone's stamp is
 // the commit time of its own xmin, and an UPDATE would give every one the
 // rename's. prism.install, which prism_install runs for every ALTER TABLE,
-// records each name change in prism.table_renames, and rows that another
-// region still sends under an old name go to the table that had it
-// (renamedTable), with DDL replication on or off. A table created later
+// records each name change in prism.table_renames, and rows (and
+// TRUNCATEs) that another region still sends under an old name go to the
+// table that had it (renamedTable), with DDL replication on or off. A table created later
 // under a name whose metadata another table still uses gets a name of its
 // own (the name and its OID).
 //

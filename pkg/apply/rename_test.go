@@ -129,6 +129,11 @@ func TestRowsUnderOldTableName(t *testing.T) {
 	if got := queryString(t, ctx, a.pool, "SELECT string_agg(old_name || ' -> ' || new_name, ', ' ORDER BY id) FROM prism.table_renames"); got != "public.t -> public.u, public.u -> public.w" {
 		t.Fatalf("prism.table_renames = %s", got)
 	}
+	// So does a TRUNCATE under the first name.
+	apply(txn("as", 250, 3.5, decode.Change{Op: decode.OpTruncate, Rel: old, Truncated: []*decode.Relation{old}}))
+	if got := queryString(t, ctx, a.pool, "SELECT count(*)::text FROM w"); got != "0" {
+		t.Fatalf("w has %s rows after a TRUNCATE under its first name, want 0", got)
+	}
 	// A table that never existed here is still a schema change on its way.
 	err := a.Apply(ctx, txn("as", 300, 4, ins(rel("public", "never", decode.IdentityDefault, "id*"), "1")))
 	var e *Error

@@ -233,7 +233,11 @@ func (st *stream) flush(ctx context.Context) error {
 // that cannot be built is a *buildError.
 func (a *Applier) changeCommand(ctx context.Context, conn *pgx.Conn, c *decode.Change, index int, ts []byte) (sd *pgconn.StatementDescription, sql string, vals [][]byte, formats []int16, err error) {
 	if c.Op == decode.OpTruncate {
-		sql, err := truncateSQL(c)
+		tc, err := a.renamedTruncate(ctx, conn, c)
+		if err != nil {
+			return nil, "", nil, nil, &buildError{table: relName(c), op: c.Op, err: err}
+		}
+		sql, err := truncateSQL(tc)
 		if err != nil {
 			return nil, "", nil, nil, &buildError{table: relName(c), op: c.Op, err: err}
 		}
