@@ -139,9 +139,11 @@ type Applier struct {
 	memos map[string]*batchMemo
 	// stats count how each source region's transactions were applied.
 	stats map[string]*Stats
-	// staleRetried is the transaction (source region and end LSN) last
-	// given one more try after a stale-schema error (see staleSchema).
-	staleRetried string
+	// staleRetried is, by source region, the end LSN of the transaction
+	// last given one more try after a stale-schema error (see
+	// staleSchema): per source, so that two sources failing in turn do
+	// not give each other endless tries.
+	staleRetried map[string]string
 }
 
 // NewApplier returns an Applier writing through pool.
@@ -1297,10 +1299,13 @@ func (a *Applier) staleSchema(e *Error, t *decode.Txn) {
 		// prepared before: nothing stale to refresh.
 		return
 	}
-	id := t.Origin + "/" + t.EndLSN.String()
+	lsn := t.EndLSN.String()
 	a.mu.Lock()
-	again := a.staleRetried == id
-	a.staleRetried = id
+	if a.staleRetried == nil {
+		a.staleRetried = map[string]string{}
+	}
+	again := a.staleRetried[t.Origin] == lsn
+	a.staleRetried[t.Origin] = lsn
 	a.mu.Unlock()
 	if again {
 		return

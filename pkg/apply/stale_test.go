@@ -40,3 +40,24 @@ func TestStaleSchemaRetried(t *testing.T) {
 		t.Fatalf("v = %s, want 3", got)
 	}
 }
+
+// TestStaleSchemaRetriedOncePerSource: each source's transaction gets one
+// more try after a stale-schema error, also when two sources fail in
+// turn; the second failure of each goes to its policy.
+func TestStaleSchemaRetriedOncePerSource(t *testing.T) {
+	a := &Applier{}
+	na, eu := txn("na", 100, 1), txn("eu", 200, 2)
+	try := func(tx *decode.Txn) bool {
+		e := &Error{SQLState: "42804", Err: errors.New("column is of type integer but expression is of type text")}
+		a.staleSchema(e, tx)
+		return e.Retryable
+	}
+	for i, want := range []struct {
+		tx    *decode.Txn
+		retry bool
+	}{{na, true}, {eu, true}, {na, false}, {eu, false}} {
+		if got := try(want.tx); got != want.retry {
+			t.Fatalf("failure %d (%s): retryable = %v, want %v", i+1, want.tx.Origin, got, want.retry)
+		}
+	}
+}
