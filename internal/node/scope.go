@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 
 	"github.com/prism-cdc/prism-cdc/internal/scope"
 	"github.com/prism-cdc/prism-cdc/pkg/decode"
@@ -38,7 +39,11 @@ func (n *Node) setupScopes(ctx context.Context, q scope.Querier) error {
 			errs = append(errs, fmt.Errorf("peers[%d].scope (region %s): %s", i, p.Region, pr))
 		}
 		region := p.Region
+		var warned sync.Map // configured+" "+now: a spilled transaction's relations are decoded anew for every read
 		if err := s.Resolve(ctx, q, func(configured, now string) {
+			if _, seen := warned.LoadOrStore(configured+" "+now, true); seen {
+				return
+			}
 			n.log.Warn().Str("target", region).Str("table", now).Str("configured", configured).
 				Msg("a table of this region's scope was renamed: its rows keep the scope configured for its old name; update peers[].scope to the new name before the next restart, which refuses a scope that names a missing table")
 		}); err != nil {
