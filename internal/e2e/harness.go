@@ -305,18 +305,97 @@ func (d *Deployment) Eventually(timeout time.Duration, what string, cond func() 
 	}
 }
 
-// Logs returns the tail of every node's log, for failure messages.
+// Logs returns, for every node, its last warnings and errors and the
+// tail of its log at info level and above: the debug lines a busy node
+// writes (one per skipped transaction) would push both out of a plain
+// tail.
 func (d *Deployment) Logs() string {
 	var b strings.Builder
 	for _, r := range d.Regions {
 		for _, n := range d.topo[r] {
 			data, _ := os.ReadFile(filepath.Join(d.Dir, n+".log"))
-			lines := strings.Split(strings.TrimSpace(string(data)), "\n")
-			if len(lines) > 15 {
-				lines = lines[len(lines)-15:]
+			var warns, infos []string
+			debug := 0
+			for _, line := range strings.Split(strings.TrimSpace(string(data)), "\n") {
+				var l struct {
+					Level string `json:"level"`
+				}
+				json.Unmarshal([]byte(line), &l)
+				switch l.Level {
+				case "debug", "trace":
+					debug++
+					continue
+				case "warn", "error", "fatal", "panic":
+					warns = append(warns, line)
+				}
+				infos = append(infos, line)
 			}
-			fmt.Fprintf(&b, "--- %s log (tail)\n%s\n", n, strings.Join(lines, "\n"))
+			fmt.Fprintf(&b, "--- %s log: last warnings and errors (%d in all)\n%s\n", n, len(warns), strings.Join(lastN(warns, 10), "\n"))
+			fmt.Fprintf(&b, "--- %s log: tail without the %d debug lines\n%s\n", n, debug, strings.Join(lastN(infos, 15), "\n"))
 		}
+	}
+	return b.String()
+}
+
+func lastN(lines []string, n int) []string {
+	if len(lines) > n {
+		return lines[len(lines)-n:]
+	}
+	return lines
+}
+
+// State describes what a deployment is doing, for a failing test: every
+// running node's targets (state, path, acknowledged LSN, last error) and
+// every region's database sessions that are not idle (what they wait
+// for, which sessions block them, since when their transaction runs).
+func (d *Deployment) State() string {
+	var b strings.Builder
+	for _, r := range d.Regions {
+		for _, n := range d.topo[r] {
+			st, ok := d.Status(n)
+			if !ok {
+				fmt.Fprintf(&b, "--- %s: no status\n", n)
+				continue
+			}
+			fmt.Fprintf(&b, "--- %s: role %s, read %s, confirmed %s\n", n, st.Role, st.LastRead, st.Confirmed)
+			for _, t := range st.Targets {
+				fmt.Fprintf(&b, "    to %s: %s via %s, acked %s, lag %d bytes, window %d txns, retries %d, last error %q\n",
+					t.Region, t.State, t.Path, t.Acked, t.LagBytes, t.WindowTxns, t.Retries, t.LastError)
+			}
+		}
+	}
+	for _, r := range d.Regions {
+		fmt.Fprintf(&b, "--- %s database sessions\n%s", r, d.sessions(r))
+	}
+	return b.String()
+}
+
+// sessions lists region's non-idle database sessions, one per line.
+func (d *Deployment) sessions(region string) string {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn, err := d.Clusters[region].Connect(ctx, "postgres")
+	if err != nil {
+		return fmt.Sprintf("    %v\n", err)
+	}
+	defer conn.Close(context.Background())
+	rows, err := conn.Query(ctx, `SELECT format('    pid %s %s %s: %s, waits %s/%s, blocked by %s, xact %s old, query %s',
+		pid, application_name, backend_type, state, wait_event_type, wait_event, pg_blocking_pids(pid),
+		date_trunc('milliseconds', clock_timestamp() - xact_start), left(regexp_replace(query, '\s+', ' ', 'g'), 160))
+		FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND state IS DISTINCT FROM 'idle' AND backend_type IN ('client backend', 'walsender')
+		ORDER BY xact_start NULLS LAST`)
+	if err != nil {
+		return fmt.Sprintf("    %v\n", err)
+	}
+	var b strings.Builder
+	for rows.Next() {
+		var line string
+		if rows.Scan(&line) == nil {
+			b.WriteString(line + "\n")
+		}
+	}
+	if err := rows.Err(); err != nil {
+		fmt.Fprintf(&b, "    %v\n", err)
 	}
 	return b.String()
 }
@@ -336,6 +415,9 @@ func (d *Deployment) Verify(ctx context.Context) verify.Report {
 }
 
 func (d *Deployment) stopAll() {
+	if d.t.Failed() {
+		d.t.Log(d.State())
+	}
 	d.mu.Lock()
 	procs := make([]*Proc, 0, len(d.procs))
 	for _, p := range d.procs {
