@@ -96,6 +96,7 @@ func runChaos(t *testing.T, seed int64, cycles int) {
 		faults: map[string]int{}, killed: map[string]bool{}, bulkRows: map[string]int{}, bulkBase: 1_000_000,
 	}
 	c.nw = newNetwork(t, d, seed)
+	clients.reset()
 	d.StartAll()
 	d.Eventually(90*time.Second, "one reader per region", c.readersUp)
 
@@ -573,7 +574,9 @@ func (c *chaos) summary(faultTime, drainTime time.Duration, expected map[string]
   clock skew           %s's database %s, %d clock floors raised there and elsewhere
   max replication lag  %s
   drain after healing  %s
-  verdict              %s`,
+  verdict              %s
+  client writes and errors by region:
+%s`,
 		c.seed, c.seed, total, faultTime.Round(time.Second), strings.Join(kinds, " "),
 		acked, amb, len(expected)-acked, failed,
 		c.miscOps.Load(), bulk,
@@ -581,7 +584,7 @@ func (c *chaos) summary(faultTime, drainTime time.Duration, expected map[string]
 		c.inv.samples.Load(), c.inv.checked.Load(), len(c.inv.violationList()),
 		skewRegion, skewOffset, c.floors(),
 		time.Duration(c.inv.maxLag.Load()).Round(time.Millisecond),
-		drainTime.Round(time.Millisecond), verdict)
+		drainTime.Round(time.Millisecond), verdict, clients.String())
 }
 
 // explain shows, for up to three differing rows, each region's version

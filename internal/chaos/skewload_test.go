@@ -27,6 +27,7 @@ INSERT INTO acct SELECT g, 0 FROM generate_series(1, 5) g;
 CREATE TABLE contested (id int PRIMARY KEY, v text NOT NULL, region text NOT NULL);
 INSERT INTO contested SELECT g, 'seed', 'seed' FROM generate_series(1, 20) g;`)
 	skewClock(t, d.Clusters[skewRegion], skewOffset)
+	clients.reset()
 	d.StartAll()
 	waitReaders(d)
 	ctx, stop := context.WithTimeout(context.Background(), 20*time.Second)
@@ -56,7 +57,7 @@ INSERT INTO contested SELECT g, 'seed', 'seed' FROM generate_series(1, 20) g;`)
 		pause(context.Background(), time.Second)
 		rep = d.Verify(context.Background())
 	}
-	t.Logf("%d writes, %d clock floors", ops.Load(), c.floors())
+	t.Logf("%d writes, %d clock floors; by region:\n%s", ops.Load(), c.floors(), clients.String())
 	if !rep.Equal() {
 		t.Fatalf("regions differ 90s after the writes stopped: %+v\n%s", rep, c.explain(rep))
 	}

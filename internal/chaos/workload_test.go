@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -229,7 +230,11 @@ func client(ctx context.Context, d *e2e.Deployment, region string, ops *atomic.I
 			}
 			conn = c
 		}
-		if err := op(conn, n); err != nil {
+		err := op(conn, n)
+		if ctx.Err() == nil {
+			clients.add(region, err)
+		}
+		if err != nil {
 			if !errors.Is(err, context.Canceled) {
 				conn.Close(context.Background())
 				conn = nil
@@ -238,6 +243,69 @@ func client(ctx context.Context, d *e2e.Deployment, region string, ops *atomic.I
 		}
 		ops.Add(1)
 	}
+}
+
+// clients counts the workload clients' writes and errors per region
+// (reset by the tests that report it): a region whose clients stop
+// writing, or fail, shows in the failure message of a test that does
+// not converge.
+var clients tally
+
+type tally struct {
+	mu   sync.Mutex
+	ok   map[string]int
+	errs map[string]map[string]int
+}
+
+func (t *tally) reset() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.ok, t.errs = map[string]int{}, map[string]map[string]int{}
+}
+
+func (t *tally) add(region string, err error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.ok == nil {
+		t.ok, t.errs = map[string]int{}, map[string]map[string]int{}
+	}
+	if err == nil {
+		t.ok[region]++
+		return
+	}
+	msg := err.Error()
+	if len(msg) > 120 {
+		msg = msg[:120]
+	}
+	if t.errs[region] == nil {
+		t.errs[region] = map[string]int{}
+	}
+	t.errs[region][msg]++
+}
+
+// String is one line per region: its writes, then its errors by message.
+func (t *tally) String() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var regions []string
+	for r := range t.ok {
+		regions = append(regions, r)
+	}
+	for r := range t.errs {
+		if _, ok := t.ok[r]; !ok {
+			regions = append(regions, r)
+		}
+	}
+	sort.Strings(regions)
+	var b strings.Builder
+	for _, r := range regions {
+		fmt.Fprintf(&b, "%s: %d writes", r, t.ok[r])
+		for msg, n := range t.errs[r] {
+			fmt.Fprintf(&b, "; %d x %s", n, msg)
+		}
+		b.WriteString("\n")
+	}
+	return b.String()
 }
 
 // misc runs the other writes of one region: TOAST rows updated in other
