@@ -5,7 +5,6 @@ import (
 	"time"
 
 	"github.com/prism-cdc/prism-cdc/internal/config"
-	"github.com/prism-cdc/prism-cdc/pkg/apply"
 )
 
 // Tombstones and clock floors (pkg/apply) are kept this long and swept
@@ -40,7 +39,7 @@ func (n *Node) collectLoop(ctx context.Context) {
 			}
 			continue
 		}
-		if _, err := n.applier.CollectMarks(ctx, apply.MarkMargin); err != nil && ctx.Err() == nil {
+		if _, err := n.applier.CollectMarks(ctx); err != nil && ctx.Err() == nil {
 			n.log.Warn().Err(err).Msg("could not remove old key marks; retrying in a minute")
 		}
 	}

@@ -643,44 +643,40 @@ func (a *Applier) CollectConflicts(ctx context.Context, keep time.Duration) (int
 	return tag.RowsAffected(), nil
 }
 
-// MarkMargin is the margin Collect gives CollectMarks: far more than a
-// commit record's WAL flush takes.
-const MarkMargin = time.Minute
-
 // collectMarksSQL deletes the key marks (prism.key_marks) that no
 // transaction in progress can meet. A mark matters to a transaction whose
-// snapshot predates the mark's commit; such a transaction started before
-// that commit. So a mark committed (by its version's commit timestamp)
-// more than $1 seconds before the oldest transaction in progress
-// started, or before now when none is, is deleted: $1 covers a commit
-// that became visible later than its timestamp (the commit record's WAL
-// flush). When pg_stat_activity hides some session's start (this role
-// lacks pg_read_all_stats), the marks older than an hour go instead.
-// The mark's own commit timestamp may be gone (pg_commit_ts truncated):
-// then it is old.
+// snapshot predates the mark's commit. A mark whose writer (its xmin)
+// precedes the xmin of every session's snapshot and transaction finished
+// before each of those snapshots was taken: it is deleted. Transaction
+// ids, not clocks: an applied mark's commit timestamp is the source's
+// commit time, and compared with this server's clock it made a region
+// whose clock runs ahead of a source's delete that source's marks while
+// the transactions they guard still ran. When pg_stat_activity hides some
+// session's snapshot (this role lacks pg_read_all_stats), the marks
+// written more than an hour ago go instead (at: this server's clock when
+// the mark's writer started).
 const collectMarksSQL = `WITH act AS (
-	SELECT coalesce(bool_or(a.state IS NULL), false) AS hidden, min(a.xact_start) AS oldest
+	SELECT coalesce(bool_or(a.state IS NULL), false) AS hidden,
+		max(greatest(pg_catalog.age(a.backend_xmin), pg_catalog.age(a.backend_xid))) AS horizon
 	FROM pg_catalog.pg_stat_activity a WHERE a.backend_type = 'client backend' AND a.pid <> pg_catalog.pg_backend_pid())
 DELETE FROM prism.key_marks k WHERE k.ctid = ANY (ARRAY(SELECT m.ctid FROM prism.key_marks m, act
-	WHERE coalesce(pg_catalog.pg_xact_commit_timestamp(m.xmin), '-infinity') < CASE WHEN act.hidden THEN now() - interval '1 hour'
-	ELSE least(coalesce(act.oldest, now()), now()) - make_interval(secs => $1::float8) END
-	LIMIT $2))`
+	WHERE CASE WHEN act.hidden THEN m.at < now() - interval '1 hour'
+	ELSE pg_catalog.age(m.xmin) > coalesce(act.horizon, 0) END
+	LIMIT $1))`
 
 // CollectMarks deletes the key marks no transaction in progress can meet
-// any more (see collectMarksSQL), with margin for a commit's visibility,
-// and returns how many it deleted. Marks last as long as the apply
+// any more (see collectMarksSQL) and returns how many it deleted. Marks last as long as the apply
 // transactions that may meet them instead of an hour, so that the table
 // every applied insert writes stays small. It deletes them in paced
 // chunks (see upkeep): a backlog leaves a mark per applied insert.
-func (a *Applier) CollectMarks(ctx context.Context, margin time.Duration) (int64, error) {
+func (a *Applier) CollectMarks(ctx context.Context) (int64, error) {
 	if err := a.ensureSetup(ctx); err != nil {
 		return 0, err
 	}
-	secs := strconv.FormatFloat(margin.Seconds(), 'f', 3, 64)
 	var deleted int64
 	for {
 		start := time.Now()
-		tag, err := a.pool.Exec(ctx, collectMarksSQL, secs, a.upkeep.marks)
+		tag, err := a.pool.Exec(ctx, collectMarksSQL, a.upkeep.marks)
 		if err != nil {
 			return deleted, fmt.Errorf("collect key marks: %w", err)
 		}
@@ -766,7 +762,7 @@ func (a *Applier) Collect(ctx context.Context, keep time.Duration) (tombstones, 
 		return 0, 0, fmt.Errorf("collect tombstones: %w", err)
 	}
 	tombstones = tag.RowsAffected()
-	if _, err := a.CollectMarks(ctx, MarkMargin); err != nil {
+	if _, err := a.CollectMarks(ctx); err != nil {
 		return tombstones, 0, err
 	}
 	if _, err := a.pool.Exec(ctx, "DELETE FROM prism.batch_stamps WHERE newest < now() - make_interval(secs => $1::float8)", secs); err != nil {

@@ -175,9 +175,11 @@ func TestCollect(t *testing.T) {
 }
 
 // TestCollectMarks: CollectMarks keeps the key marks that a transaction
-// in progress may meet (committed after it started) and deletes those
-// committed before every transaction in progress started, and all once
-// none runs.
+// in progress may meet (committed after its snapshot) and deletes those
+// committed before every transaction in progress took its snapshot, and
+// all once none runs. An applied mark carries the source's commit time,
+// here ten minutes behind this server's clock (a region whose clock runs
+// ahead): it is kept all the same while a transaction may meet it.
 func TestCollectMarks(t *testing.T) {
 	ctx := testCtx(t)
 	c := pgtest.Start(t, pgtest.Options{Name: "marks"})
@@ -190,7 +192,6 @@ func TestCollectMarks(t *testing.T) {
 		return queryString(t, ctx, a.pool, "SELECT coalesce(string_agg(h::text, ',' ORDER BY h), '') FROM prism.key_marks")
 	}
 	mustExec(t, ctx, c, "postgres", "INSERT INTO prism.key_marks (h) VALUES (1)")
-	time.Sleep(20 * time.Millisecond)
 	// An apply session of another source, its snapshot taken.
 	u, err := c.Connect(ctx, "postgres")
 	if err != nil {
@@ -203,24 +204,38 @@ func TestCollectMarks(t *testing.T) {
 	if _, err := u.Exec(ctx, "SELECT count(*) FROM prism.key_marks"); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(20 * time.Millisecond)
 	mustExec(t, ctx, c, "postgres", "INSERT INTO prism.key_marks (h) VALUES (2)")
-	if n, err := a.CollectMarks(ctx, 0); err != nil || n != 1 || marks() != "2" {
-		t.Fatalf("CollectMarks while a transaction runs = %d, %v, marks %q; want 1 deleted, mark 2 (committed after it started) kept", n, err, marks())
+	// Mark 3, applied from a source whose clock is ten minutes behind.
+	mustExec(t, ctx, c, "postgres", `SELECT pg_replication_origin_create('prism_marks');
+		SELECT pg_replication_origin_session_setup('prism_marks');
+		BEGIN;
+		SELECT pg_replication_origin_xact_setup('0/10', now() - interval '10 minutes');
+		INSERT INTO prism.key_marks (h) VALUES (3);
+		COMMIT;
+		SELECT pg_replication_origin_session_reset()`)
+	if got := queryString(t, ctx, a.pool, "SELECT (pg_xact_commit_timestamp(xmin) < now() - interval '9 minutes')::text FROM prism.key_marks WHERE h = 3"); got != "true" {
+		t.Fatalf("mark 3's commit timestamp is recent (%s): the test does not stand for a source behind this clock", got)
 	}
-	// The running transaction meets mark 2: its upsert fails.
-	if _, err := u.Exec(ctx, "INSERT INTO prism.key_marks (h) VALUES (2) ON CONFLICT (h) DO UPDATE SET at = EXCLUDED.at"); err == nil || !concurrent(err) {
-		t.Fatalf("upsert of mark 2 from the older snapshot = %v, want a serialization failure", err)
+	if n, err := a.CollectMarks(ctx); err != nil || n != 1 || marks() != "2,3" {
+		t.Fatalf("CollectMarks while a transaction runs = %d, %v, marks %q; want 1 deleted, marks 2 and 3 (committed after its snapshot) kept", n, err, marks())
+	}
+	// The running transaction meets marks 2 and 3: its upserts fail.
+	for _, h := range []string{"2", "3"} {
+		if _, err := u.Exec(ctx, "SAVEPOINT s"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := u.Exec(ctx, "INSERT INTO prism.key_marks (h) VALUES ("+h+") ON CONFLICT (h) DO UPDATE SET at = EXCLUDED.at"); err == nil || !concurrent(err) {
+			t.Fatalf("upsert of mark %s from the older snapshot = %v, want a serialization failure", h, err)
+		}
+		if _, err := u.Exec(ctx, "ROLLBACK TO SAVEPOINT s"); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if _, err := u.Exec(ctx, "ROLLBACK"); err != nil {
 		t.Fatal(err)
 	}
-	// A margin keeps a recent mark.
-	if n, err := a.CollectMarks(ctx, time.Hour); err != nil || n != 0 || marks() != "2" {
-		t.Fatalf("CollectMarks(1 hour) = %d, %v, marks %q; want 0, mark 2 kept", n, err, marks())
-	}
-	if n, err := a.CollectMarks(ctx, 0); err != nil || n != 1 || marks() != "" {
-		t.Fatalf("CollectMarks with nothing running = %d, %v, marks %q; want mark 2 deleted", n, err, marks())
+	if n, err := a.CollectMarks(ctx); err != nil || n != 2 || marks() != "" {
+		t.Fatalf("CollectMarks with nothing running = %d, %v, marks %q; want marks 2 and 3 deleted", n, err, marks())
 	}
 }
 
@@ -237,14 +252,14 @@ func TestCollectMarksChunks(t *testing.T) {
 	}
 	a.upkeep = upkeep{marks: 10, stampRows: 1, pace: 1}
 	mustExec(t, ctx, c, "postgres", "INSERT INTO prism.key_marks (h) SELECT g FROM generate_series(1, 25) g")
-	n, err := a.CollectMarks(ctx, 0)
+	n, err := a.CollectMarks(ctx)
 	if err != nil || n != 25 {
 		t.Fatalf("CollectMarks = %d, %v; want 25", n, err)
 	}
 	if got := queryString(t, ctx, a.pool, "SELECT count(*)::text FROM prism.key_marks"); got != "0" {
 		t.Fatalf("%s marks left, want 0", got)
 	}
-	rows, err := a.pool.Query(ctx, "EXPLAIN (COSTS OFF) "+strings.NewReplacer("$1", "'0'", "$2", "10").Replace(collectMarksSQL))
+	rows, err := a.pool.Query(ctx, "EXPLAIN (COSTS OFF) "+strings.NewReplacer("$1", "10").Replace(collectMarksSQL))
 	if err != nil {
 		t.Fatal(err)
 	}
