@@ -9,12 +9,14 @@ import (
 	"net"
 	"net/http"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/rs/zerolog"
 
@@ -87,6 +89,9 @@ type Node struct {
 
 // New returns a node for a validated configuration.
 //
+// Every connection the node opens gives up after connectTimeout when its
+// DSN sets no connect_timeout (boundConnect).
+//
 // Every session the node opens commits with synchronous_commit = local: it
 // still flushes its own WAL (an ACK means durable), but never waits for
 // synchronous standbys. In sync mode the standby named in
@@ -95,10 +100,10 @@ type Node struct {
 // other regions' transactions would wait for itself.
 func New(cfg *config.Config, log zerolog.Logger) *Node {
 	c := *cfg
-	c.Database = commitLocally(cfg.Database)
+	c.Database = boundConnect(commitLocally(cfg.Database))
 	c.Peers = make([]config.Peer, len(cfg.Peers))
 	for i, p := range cfg.Peers {
-		p.Database = commitLocally(p.Database)
+		p.Database = boundConnect(commitLocally(p.Database))
 		c.Peers[i] = p
 	}
 	return &Node{cfg: &c, log: log, role: RoleStarting, acked: make(chan struct{}, 1), stallAfter: StallAfter,
@@ -111,14 +116,40 @@ func commitLocally(dsn string) string {
 	if dsn == "" {
 		return dsn
 	}
+	return addParam(dsn, "synchronous_commit", "local")
+}
+
+// connectTimeout bounds a connection attempt with a DSN that sets no
+// connect_timeout (nor PGCONNECT_TIMEOUT): a server that accepts the
+// connection and never answers (a hung server, a proxy whose backend is
+// gone) would otherwise hold the node's first connection, or a pooled
+// apply session's, for ever and in silence. Timed out, the attempt is
+// retried and logged like any database that is down.
+var connectTimeout = 15 * time.Second
+
+// boundConnect adds connect_timeout (connectTimeout, in seconds) to a DSN
+// that does not set one; a DSN that does not parse is returned as it is
+// (validation reports it).
+func boundConnect(dsn string) string {
+	if dsn == "" {
+		return dsn
+	}
+	if cfg, err := pgconn.ParseConfig(dsn); err != nil || cfg.ConnectTimeout != 0 {
+		return dsn
+	}
+	return addParam(dsn, "connect_timeout", strconv.Itoa(max(1, int(connectTimeout.Seconds()))))
+}
+
+// addParam adds key=value to a DSN, key/value or URL.
+func addParam(dsn, key, value string) string {
 	if strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://") {
 		sep := "?"
 		if strings.Contains(dsn, "?") {
 			sep = "&"
 		}
-		return dsn + sep + "synchronous_commit=local"
+		return dsn + sep + key + "=" + value
 	}
-	return dsn + " synchronous_commit=local"
+	return dsn + " " + key + "=" + value
 }
 
 // Run runs the node until ctx is done, then stops gracefully: it stops
