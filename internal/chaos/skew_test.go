@@ -41,9 +41,10 @@ func needFaketime(t *testing.T) string {
 // time while the process waits in a call it wraps (epoll_wait), so a
 // server whose clock runs ahead fires its timeouts (deadlock_timeout,
 // lock_timeout, statement_timeout) up to the offset late: with +3m a
-// deadlock between two apply sessions stayed undetected for three
-// minutes (181 s for a plain two-session deadlock), and the region
-// stopped applying. Behind, the handler's real time is past every
+// deadlock between two apply sessions stayed undetected for minutes and
+// the region stopped applying (a plain two-session deadlock: not within
+// 20 s with libfaketimeMT, 181 s with libfaketime; 1.05 s at -3m and
+// without libfaketime). Behind, the handler's real time is past every
 // deadline the (earlier) faked clock set, and the timeouts fire on time.
 func skewClock(t *testing.T, c *pgtest.Cluster, offset string) {
 	t.Helper()
