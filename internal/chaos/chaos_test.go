@@ -40,7 +40,7 @@ var ciSeeds = []int64{20240611}
 const ciCycles = 14
 
 func TestChaos(t *testing.T) {
-	needFaketime(t) // one region's clock runs behind the others
+	needFaketime(t) // one region's clock runs ahead
 	seeds := ciSeeds
 	if v := os.Getenv("PRISM_SEED"); v != "" {
 		s, err := strconv.ParseInt(v, 10, 64)
@@ -88,7 +88,7 @@ func runChaos(t *testing.T, seed int64, cycles int) {
 	t.Logf("chaos seed %d, %d fault cycles (replay with PRISM_SEED=%d PRISM_CHAOS_CYCLES=%d)", seed, cycles, seed, cycles)
 	d := e2e.New(t, topology, schema)
 	d.Delivery = delivery
-	// One region's database runs minutes behind for the whole run (also
+	// One region's database runs seconds ahead for the whole run (also
 	// across its crash faults): last_write_wins must converge anyway.
 	skewClock(t, d.Clusters[skewRegion], skewOffset)
 	c := &chaos{

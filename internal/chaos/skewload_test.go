@@ -13,12 +13,12 @@ import (
 	"github.com/prism-cdc/prism-cdc/internal/e2e"
 )
 
-// TestSkewUnderLoad runs three regions, eu's database minutes behind the
-// others', with every region writing the same few rows as fast as it can
+// TestSkewUnderLoad runs three regions, eu's database 20 seconds ahead,
+// with every region writing the same few rows as fast as it can
 // (relative updates, upserts, deletes) and no other fault, then checks
 // that every table converges: conflicts on one row meet every few
-// milliseconds, so most of eu's local writes replace a version stamped
-// ahead of its clock.
+// milliseconds, so most local writes replace a version stamped ahead of
+// their own clock.
 func TestSkewUnderLoad(t *testing.T) {
 	needFaketime(t)
 	d := e2e.New(t, e2e.Topology{"na": {"na1"}, "eu": {"eu1"}, "as": {"as1"}}, `

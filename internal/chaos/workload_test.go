@@ -46,11 +46,11 @@ CREATE TABLE contested (id int PRIMARY KEY, v text NOT NULL, region text NOT NUL
 INSERT INTO contested SELECT g, 'seed', 'seed' FROM generate_series(1, 20) g;
 `
 
-// skewRegion's database runs skewOffset behind the others' (so theirs
-// run ahead of it; see skewClock for why not the other way round).
+// skewRegion's database runs skewOffset ahead of the others (see
+// skewClock for why by seconds, not minutes).
 const (
 	skewRegion = "eu"
-	skewOffset = "-3m"
+	skewOffset = "+20s"
 )
 
 // scratchRegion is the only region that writes (and truncates) scratch.
