@@ -120,7 +120,13 @@ func TestSnapshotOriginsWithBatches(t *testing.T) {
 		if rows != top {
 			t.Fatalf("round %d: the snapshot holds %d rows up to id %d: a gap", round, rows, top)
 		}
-		if got, want := snap.progress["eu"], endOf(int(top)); got != want {
+		want := endOf(int(top))
+		if top == 0 {
+			// No batch committed yet (a slow machine): the origin has no
+			// progress, and the snapshot no transaction of eu.
+			want = 0
+		}
+		if got := snap.progress["eu"]; got != want {
 			t.Fatalf("round %d: origin eu as of the snapshot = %s, but the snapshot holds eu's transactions 1-%d (up to %s)", round, got, top, want)
 		}
 		t.Logf("round %d: snapshot holds eu 1-%d, progress %s", round, top, snap.progress["eu"])
