@@ -13,7 +13,6 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/prism-cdc/prism-cdc/internal/config"
-	"github.com/prism-cdc/prism-cdc/internal/logging"
 	"github.com/prism-cdc/prism-cdc/pkg/apply"
 	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
@@ -49,8 +48,8 @@ func deadLettersCommand(ctx context.Context, args []string, stdout, stderr io.Wr
 	case sub == "retry" && (*id == 0) == !*all:
 		return usageErr("retry needs either --id N or --all")
 	}
-	cfg, log, code := loadConfig("deadletters", *path, stderr)
-	if cfg == nil {
+	cfg, log, code, ok := loadNode("deadletters", *path, stderr)
+	if !ok {
 		return code
 	}
 	a, closeDB, err := openApplier(ctx, cfg, log)
@@ -118,8 +117,8 @@ func skipCommand(ctx context.Context, args []string, stdout, stderr io.Writer) i
 		commandUsage(stderr, fs, c)
 		return exitUsage
 	}
-	cfg, log, code := loadConfig("skip", *path, stderr)
-	if cfg == nil {
+	cfg, log, code, ok := loadNode("skip", *path, stderr)
+	if !ok {
 		return code
 	}
 	a, closeDB, err := openApplier(ctx, cfg, log)
@@ -154,22 +153,6 @@ func retryBusy(ctx context.Context, fn func() error) error {
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
-}
-
-// loadConfig loads and validates a configuration and builds the logger; on
-// failure it reports on stderr and returns a nil config and the status.
-func loadConfig(name, path string, stderr io.Writer) (*config.Config, zerolog.Logger, int) {
-	cfg, err := config.Load(path)
-	if err != nil {
-		fmt.Fprintf(stderr, "prism-cdc %s: bad config %s:\n%s\n", name, path, indent(err))
-		return nil, zerolog.Nop(), exitUsage
-	}
-	log, err := logging.New(stderr, cfg.Log)
-	if err != nil {
-		fmt.Fprintf(stderr, "prism-cdc %s: bad config %s: %v\n", name, path, err)
-		return nil, zerolog.Nop(), exitUsage
-	}
-	return cfg, log.With().Str("node", cfg.Node).Str("region", cfg.Region).Logger(), exitOK
 }
 
 // openApplier opens this region's database with the node's conflict

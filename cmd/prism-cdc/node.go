@@ -11,6 +11,7 @@ import (
 
 	"github.com/prism-cdc/prism-cdc/internal/config"
 	"github.com/prism-cdc/prism-cdc/internal/logging"
+	"github.com/prism-cdc/prism-cdc/internal/node"
 )
 
 // nodeAction is the work of a subcommand that acts for one node, called once
@@ -27,8 +28,9 @@ func nodeCommand(name string, action nodeAction) func(ctx context.Context, args 
 	return nodeCommandWith(name, func(*flag.FlagSet) nodeAction { return action })
 }
 
-// loadNode loads and validates the configuration at path and builds the
-// root logger. When it cannot, it reports why on stderr and returns
+// loadNode loads and validates the configuration at path (with its
+// connection attempts bounded, node.BoundConnect) and builds the root
+// logger. When it cannot, it reports why on stderr and returns
 // ok=false with the exit status.
 func loadNode(name, path string, stderr io.Writer) (cfg *config.Config, log zerolog.Logger, code int, ok bool) {
 	cfg, err := config.Load(path)
@@ -43,7 +45,9 @@ func loadNode(name, path string, stderr io.Writer) (cfg *config.Config, log zero
 	}
 	log = log.With().Str("node", cfg.Node).Str("region", cfg.Region).Logger()
 	log.Debug().Str("command", name).Object("config", cfg).Msg("configuration loaded")
-	return cfg, log, exitOK, true
+	// A database that accepts the connection and never answers fails a
+	// command after node.ConnectTimeout instead of hanging it.
+	return node.BoundConnect(cfg), log, exitOK, true
 }
 
 // indent lists each problem of a (joined) error on its own indented line.

@@ -21,8 +21,8 @@ import (
 // TestBoundConnect: a DSN without connect_timeout gets one, in either
 // form; one that sets its own keeps it.
 func TestBoundConnect(t *testing.T) {
-	defer func(d time.Duration) { connectTimeout = d }(connectTimeout)
-	connectTimeout = 15 * time.Second
+	defer func(d time.Duration) { ConnectTimeout = d }(ConnectTimeout)
+	ConnectTimeout = 15 * time.Second
 	for _, c := range []struct{ in, want string }{
 		{"host=127.0.0.1 dbname=app", "host=127.0.0.1 dbname=app connect_timeout=15"},
 		{"postgres://u@127.0.0.1/app", "postgres://u@127.0.0.1/app?connect_timeout=15"},
@@ -35,7 +35,7 @@ func TestBoundConnect(t *testing.T) {
 			t.Errorf("boundConnect(%q) = %q, want %q", c.in, got, c.want)
 		}
 	}
-	connectTimeout = 300 * time.Millisecond
+	ConnectTimeout = 300 * time.Millisecond
 	if got := boundConnect("host=127.0.0.1"); got != "host=127.0.0.1 connect_timeout=1" {
 		t.Errorf("boundConnect with a timeout under a second = %q, want connect_timeout=1 (0 would mean none)", got)
 	}
@@ -46,8 +46,8 @@ func TestBoundConnect(t *testing.T) {
 // like one that is down, instead of holding the node's first connection
 // for ever without a word.
 func TestSilentDatabaseIsReported(t *testing.T) {
-	defer func(d time.Duration) { connectTimeout = d }(connectTimeout)
-	connectTimeout = time.Second
+	defer func(d time.Duration) { ConnectTimeout = d }(ConnectTimeout)
+	ConnectTimeout = time.Second
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

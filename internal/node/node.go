@@ -89,8 +89,8 @@ type Node struct {
 
 // New returns a node for a validated configuration.
 //
-// Every connection the node opens gives up after connectTimeout when its
-// DSN sets no connect_timeout (boundConnect).
+// Every connection the node opens gives up after ConnectTimeout when its
+// DSN sets no connect_timeout (BoundConnect).
 //
 // Every session the node opens commits with synchronous_commit = local: it
 // still flushes its own WAL (an ACK means durable), but never waits for
@@ -99,12 +99,10 @@ type Node struct {
 // waited for it while starting (creating its tables) or while applying
 // other regions' transactions would wait for itself.
 func New(cfg *config.Config, log zerolog.Logger) *Node {
-	c := *cfg
-	c.Database = boundConnect(commitLocally(cfg.Database))
-	c.Peers = make([]config.Peer, len(cfg.Peers))
-	for i, p := range cfg.Peers {
-		p.Database = boundConnect(commitLocally(p.Database))
-		c.Peers[i] = p
+	c := *BoundConnect(cfg)
+	c.Database = commitLocally(c.Database)
+	for i := range c.Peers {
+		c.Peers[i].Database = commitLocally(c.Peers[i].Database)
 	}
 	return &Node{cfg: &c, log: log, role: RoleStarting, acked: make(chan struct{}, 1), stallAfter: StallAfter,
 		delays: newDelays(c.Node, c.Region)}
@@ -119,15 +117,31 @@ func commitLocally(dsn string) string {
 	return addParam(dsn, "synchronous_commit", "local")
 }
 
-// connectTimeout bounds a connection attempt with a DSN that sets no
+// ConnectTimeout bounds a connection attempt with a DSN that sets no
 // connect_timeout (nor PGCONNECT_TIMEOUT): a server that accepts the
 // connection and never answers (a hung server, a proxy whose backend is
 // gone) would otherwise hold the node's first connection, or a pooled
 // apply session's, for ever and in silence. Timed out, the attempt is
-// retried and logged like any database that is down.
-var connectTimeout = 15 * time.Second
+// retried and logged like any database that is down. The command-line
+// tools connect with the same bound (BoundConnect), so a hung database
+// fails them instead of hanging a script.
+var ConnectTimeout = 15 * time.Second
 
-// boundConnect adds connect_timeout (connectTimeout, in seconds) to a DSN
+// BoundConnect returns a copy of cfg whose database DSNs (the region's,
+// and every peer's fallback) give up a connection attempt after
+// ConnectTimeout when they set no connect_timeout of their own.
+func BoundConnect(cfg *config.Config) *config.Config {
+	c := *cfg
+	c.Database = boundConnect(cfg.Database)
+	c.Peers = make([]config.Peer, len(cfg.Peers))
+	for i, p := range cfg.Peers {
+		p.Database = boundConnect(p.Database)
+		c.Peers[i] = p
+	}
+	return &c
+}
+
+// boundConnect adds connect_timeout (ConnectTimeout, in seconds) to a DSN
 // that does not set one; a DSN that does not parse is returned as it is
 // (validation reports it).
 func boundConnect(dsn string) string {
@@ -137,7 +151,7 @@ func boundConnect(dsn string) string {
 	if cfg, err := pgconn.ParseConfig(dsn); err != nil || cfg.ConnectTimeout != 0 {
 		return dsn
 	}
-	return addParam(dsn, "connect_timeout", strconv.Itoa(max(1, int(connectTimeout.Seconds()))))
+	return addParam(dsn, "connect_timeout", strconv.Itoa(max(1, int(ConnectTimeout.Seconds()))))
 }
 
 // addParam adds key=value to a DSN, key/value or URL.
