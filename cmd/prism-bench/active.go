@@ -48,8 +48,16 @@ ALTER TABLE aa_X_lag ENABLE ALWAYS TRIGGER aa_X_seen;
 // activeScript is the workload of one region in phase base: one lag row
 // and one operation on the hot rows base+1 .. base+keys per transaction:
 // 50% absolute updates, 20% deletes, 20% re-inserts of a hot key (a no-op
-// while the row exists), 10% inserts of a key of this region's own.
-func activeScript(prefix string, base, keys int) string {
+// while the row exists), 10% inserts of a key of this region's own. With
+// pairs, every transaction then also updates a second hot row (absolute),
+// so two hot rows in random order: transactions of two regions that take
+// the same two rows in opposite orders deadlock in a region where both
+// are applied (or one applied and one local).
+func activeScript(prefix string, base, keys int, pairs bool) string {
+	second := ""
+	if pairs {
+		second = fmt.Sprintf("\\set k2 %d + random(1, %d)\nUPDATE aa_X_hot SET v = :v, rid = :rid WHERE id = :k2;\n", base, keys)
+	}
 	return strings.ReplaceAll(fmt.Sprintf(`\set k %[1]d + random(1, %[2]d)
 \set v random(1, 1000000000)
 \set op random(1, 10)
@@ -64,8 +72,8 @@ INSERT INTO aa_X_hot VALUES (:k, :v, :rid) ON CONFLICT (id) DO NOTHING;
 \else
 INSERT INTO aa_X_hot VALUES (%[1]d + 500000 + :rid * 100000 + nextval('aa_X_seq') %% 100000, :v, :rid) ON CONFLICT (id) DO NOTHING;
 \endif
-END;
-`, base, keys), "aa_X_", "aa_"+prefix+"_")
+%[3]sEND;
+`, base, keys, second), "aa_X_", "aa_"+prefix+"_")
 }
 
 // activeResult is one contender's active-active phase at one rate.
@@ -285,14 +293,19 @@ func (e *env) activeSeed(ctx context.Context, c string, regions []activeRegion, 
 // once, at rate for -active-seconds, and samples the nodes meanwhile.
 func (e *env) activeWrite(ctx context.Context, c string, regions []activeRegion, rate int, prefix string, base int, tick func() error) error {
 	script := filepath.Join(e.dir, fmt.Sprintf("active-%s-%d.sql", prefix, base))
-	if err := os.WriteFile(script, []byte(activeScript(prefix, base, e.cfg.activeKeys)), 0o644); err != nil {
+	if err := os.WriteFile(script, []byte(activeScript(prefix, base, e.cfg.activeKeys, e.cfg.activePairs)), 0o644); err != nil {
 		return fmt.Errorf("write active script: %w", err)
 	}
 	e.logf("active %s: every region at %d tps for %ds", c, rate, e.cfg.activeSeconds)
 	stop := sampleEvery(500*time.Millisecond, tick)
+	args := []string{"-n", "-c", "2", "-j", "1", "-R", fmt.Sprint(rate), "-T", fmt.Sprint(e.cfg.activeSeconds)}
+	if e.cfg.activePairs {
+		// The region's two clients can deadlock with each other too:
+		// pgbench tries such a transaction again.
+		args = append(args, "--max-tries", "10")
+	}
 	err := parallel(regions, func(r activeRegion) error {
-		return e.pgbench(ctx, r.cluster, "-n", "-c", "2", "-j", "1", "-R", fmt.Sprint(rate), "-T", fmt.Sprint(e.cfg.activeSeconds),
-			"-D", fmt.Sprintf("rid=%d", r.rid), "-f", script)
+		return e.pgbench(ctx, r.cluster, append(slices.Clip(args), "-D", fmt.Sprintf("rid=%d", r.rid), "-f", script)...)
 	})
 	// A node that exited here fails the quiesce that follows, in the
 	// phase's note.

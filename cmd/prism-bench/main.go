@@ -39,6 +39,7 @@ type benchConfig struct {
 	activeRuns    int
 	lagRuns       int
 	activeKeys    int
+	activePairs   bool // each active transaction also updates a second hot row
 	keep          bool
 	nodeEnv       func(name string) []string
 	// serverBin is the directory of the server binaries every cluster
@@ -113,6 +114,7 @@ func newFlagSet(cfg *benchConfig, stderr io.Writer) (*flag.FlagSet, *flagValues)
 	fs.IntVar(&cfg.activeSeconds, "active-seconds", 60, "active scenario: seconds of writes in each phase")
 	fs.IntVar(&cfg.activeRuns, "active-runs", 1, "active scenario: phases per contender and rate, contender order alternating; the table shows their medians")
 	fs.IntVar(&cfg.activeKeys, "active-keys", 100, "active scenario: hot rows every region writes")
+	fs.BoolVar(&cfg.activePairs, "active-pairs", false, "active scenario: every transaction also updates a second hot row, so two rows in random order (transactions of different regions can deadlock where they meet)")
 	fs.IntVar(&cfg.lagRuns, "lag-runs", 1, "lag scenario: phases per contender, contender order alternating; the table shows their medians")
 	fs.IntVar(&cfg.lagRate, "lag-rate", 300, "pgbench transactions per second in the lag scenario")
 	fs.IntVar(&cfg.lagSeconds, "lag-seconds", 60, "duration of each contender's lag phase")
@@ -321,6 +323,9 @@ func (e *env) reportLarge(ctx context.Context, w io.Writer) error {
 func (e *env) reportActive(ctx context.Context, w io.Writer) error {
 	rs, err := e.active(ctx)
 	heading := fmt.Sprintf("Active-active: every region writes the same %d hot rows for %d s per phase, then quiesces", e.cfg.activeKeys, e.cfg.activeSeconds)
+	if e.cfg.activePairs {
+		heading += " (two hot rows per transaction, in random order)"
+	}
 	if e.cfg.activeRuns > 1 {
 		heading += fmt.Sprintf("; median of %d phases (rows differing: the most in any phase)", e.cfg.activeRuns)
 	}
