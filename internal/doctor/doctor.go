@@ -15,6 +15,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/prism-cdc/prism-cdc/internal/config"
+	"github.com/prism-cdc/prism-cdc/pkg/apply"
 	"github.com/prism-cdc/prism-cdc/pkg/decode"
 	"github.com/prism-cdc/prism-cdc/pkg/peers"
 )
@@ -361,12 +362,27 @@ func (d *doctor) applyPrivilege(ctx context.Context, conn *pgx.Conn, db, role st
 		missing = append(missing, "SET on session_replication_role")
 		fixes = append(fixes, "GRANT SET ON PARAMETER session_replication_role TO "+qident(role)+";")
 	}
+	// Apply sessions lower deadlock_timeout when they may (see
+	// apply.holdSessionSQL); without it they still work.
+	var deadlock bool
+	if err := conn.QueryRow(ctx, "SELECT has_parameter_privilege('deadlock_timeout', 'SET')").Scan(&deadlock); err != nil {
+		d.rep.add(Warn, db+": apply privileges", "read privileges: "+err.Error(), "")
+		return
+	}
+	if !deadlock {
+		fixes = append(fixes, "GRANT SET ON PARAMETER deadlock_timeout TO "+qident(role)+";")
+	}
 	if len(missing) > 0 {
 		d.rep.add(Problem, db+": apply privileges", fmt.Sprintf("role %s lacks %s: transactions from other regions cannot be applied", role, strings.Join(missing, ", ")),
 			strings.Join(fixes, "  ")+"  -- as a superuser")
 		return
 	}
-	d.rep.ok(db+": apply privileges", "replication origins and session_replication_role granted")
+	if !deadlock {
+		d.rep.add(Warn, db+": apply privileges", fmt.Sprintf("role %s cannot set deadlock_timeout: a deadlock between an applied and a local transaction (or two applied ones) holds both for the server's deadlock_timeout, and may cancel the local one, instead of cancelling the applied one after %s", role, apply.DeadlockTimeout),
+			strings.Join(fixes, "  ")+"  -- as a superuser")
+		return
+	}
+	d.rep.ok(db+": apply privileges", "replication origins, session_replication_role and deadlock_timeout granted")
 }
 
 func (d *doctor) dbName(ctx context.Context, conn *pgx.Conn) string {

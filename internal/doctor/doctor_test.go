@@ -295,6 +295,18 @@ peers: []
 		return rep, out.String()
 	}
 	rep, out := report()
+	// Every apply privilege but deadlock_timeout: a warning, with the
+	// GRANT, which works as printed.
+	ap := rep.Find("database na: apply privileges")
+	if len(ap) != 1 || ap[0].Severity != Warn || !strings.Contains(ap[0].Message, "cannot set deadlock_timeout") ||
+		!strings.HasPrefix(ap[0].Fix, "GRANT SET ON PARAMETER deadlock_timeout TO prism;") {
+		t.Fatalf("apply privileges = %+v, want a warning about deadlock_timeout with its GRANT:\n%s", ap, out)
+	}
+	mustExec(t, c, strings.TrimSuffix(ap[0].Fix, "  -- as a superuser"))
+	rep, out = report()
+	if ap := rep.Find("database na: apply privileges"); len(ap) != 1 || ap[0].Severity != OK {
+		t.Fatalf("apply privileges after the printed GRANT = %+v, want OK:\n%s", ap, out)
+	}
 	fs := rep.Find("privileges on public.accounts, public.orders")
 	if len(fs) != 1 || fs[0].Severity != Problem || fs[0].Fix != "GRANT app_owner TO prism;" {
 		t.Fatalf("privileges = %+v, want one problem fixed by GRANT app_owner TO prism alone:\n%s", fs, out)

@@ -493,14 +493,35 @@ type session struct {
 // keeps a plan whose estimate crosses jit_above_cost (a table without
 // statistics, a REPLICA IDENTITY FULL scan) from compiling code to
 // change one row.
+//
+// It also lowers deadlock_timeout to DeadlockTimeout when the role
+// may set it (a superuser, or GRANT SET ON PARAMETER deadlock_timeout)
+// and the server's is longer. Two sources' transactions that write the
+// same rows in opposite orders deadlock in a region that applies both,
+// as one applied and one local transaction can; PostgreSQL breaks a
+// deadlock in the session whose deadlock_timeout runs out first, and
+// both sessions wait until then. So an apply session finds the deadlock
+// after DeadlockTimeout instead of the server's (1 s by default),
+// gives way to the application's transaction, and is applied again at
+// once (40P01 is a concurrent-update failure, see concurrentState).
+// Without the privilege the server's setting stays.
 const holdSessionSQL = `SELECT set_config('application_name', $1, false), set_config('synchronous_commit', 'off', false),
 	set_config('idle_in_transaction_session_timeout', '10s', false), set_config('session_replication_role', 'replica', false),
-	set_config('plan_cache_mode', 'force_generic_plan', false), set_config('jit', 'off', false)`
+	set_config('plan_cache_mode', 'force_generic_plan', false), set_config('jit', 'off', false),
+	CASE WHEN pg_catalog.has_parameter_privilege('deadlock_timeout', 'SET')
+		AND pg_catalog.current_setting('deadlock_timeout')::interval > '` + DeadlockTimeout + `'::interval
+		THEN pg_catalog.set_config('deadlock_timeout', '` + DeadlockTimeout + `', false) END`
+
+// DeadlockTimeout is the deadlock_timeout an apply session sets when its
+// role may (see holdSessionSQL).
+const DeadlockTimeout = "100ms"
 
 // resetSessionSQL undoes holdSessionSQL before a connection returns to
-// the pool.
+// the pool. set_config with a NULL value resets the parameter, which
+// needs the same privilege as setting it.
 const resetSessionSQL = "RESET synchronous_commit; RESET idle_in_transaction_session_timeout; RESET application_name; " +
-	"RESET session_replication_role; RESET plan_cache_mode; RESET jit"
+	"RESET session_replication_role; RESET plan_cache_mode; RESET jit; " +
+	"SELECT CASE WHEN pg_catalog.has_parameter_privilege('deadlock_timeout', 'SET') THEN pg_catalog.set_config('deadlock_timeout', NULL, false) END"
 
 func (s *session) release() {
 	if !s.broken && !s.conn.Conn().PgConn().IsClosed() {

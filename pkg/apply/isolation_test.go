@@ -2,6 +2,7 @@ package apply
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -391,5 +392,105 @@ func TestInsertAfterConcurrentDelete(t *testing.T) {
 				t.Fatalf("conflicts = %s, want %s", got, tc.wantConflicts)
 			}
 		})
+	}
+}
+
+// TestDeadlockWithLocalBrokenByApply: an applied transaction that closes
+// a deadlock with a local one is the one PostgreSQL cancels, after the
+// apply session's short deadlock_timeout (DeadlockTimeout) rather
+// than the server's (60 s here), and it is applied again at once; the
+// local transaction goes on as if nothing happened.
+//
+// The local transaction holds row 1 and waits for row 2, which the
+// applied transaction updated first (an ALWAYS trigger sleeps after that
+// row, so the local one starts waiting first); the applied transaction
+// then asks for row 1 and closes the cycle. Both wait for a deadlock
+// check; without the apply session's own timeout the local transaction's
+// (60 s, it waited first) would come first and cancel it.
+func TestDeadlockWithLocalBrokenByApply(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "deadlock"})
+	mustExec(t, ctx, c, "postgres", "ALTER SYSTEM SET deadlock_timeout = '60s'")
+	mustExec(t, ctx, c, "postgres", batchSchema+`
+		CREATE FUNCTION slow_after_two() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN
+			IF NEW.id = 2 THEN PERFORM pg_sleep(0.5); END IF;
+			RETURN NULL;
+		END $$;
+		CREATE TRIGGER slow AFTER UPDATE ON kv FOR EACH ROW EXECUTE FUNCTION slow_after_two();
+		ALTER TABLE kv ENABLE ALWAYS TRIGGER slow;`)
+	mustExec(t, ctx, c, "postgres", "SELECT pg_reload_conf()")
+	var logBuf syncBuffer
+	a := NewApplier(newPool(t, ctx, c, "postgres"), zerolog.New(&logBuf).Level(zerolog.DebugLevel), WithLocalRegion("eu"))
+	defer a.Close()
+	if err := a.Setup(ctx); err != nil {
+		t.Fatalf("Setup: %v", err)
+	}
+	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v", "n")
+	t0 := time.Now().Add(time.Hour).Sub(baseTime).Seconds()
+	applied := txn("na", 1100, t0, upd(kv, nil, "2", "na-2", `\N`), upd(kv, nil, "1", "na-1", `\N`))
+
+	local, err := pgx.Connect(ctx, c.DSN("postgres"))
+	if err != nil {
+		t.Fatalf("connect: %v", err)
+	}
+	defer local.Close(ctx)
+	var serverTimeout string
+	if err := local.QueryRow(ctx, "SHOW deadlock_timeout").Scan(&serverTimeout); err != nil || serverTimeout != "1min" {
+		t.Fatalf("server deadlock_timeout = %q, %v; want 1min", serverTimeout, err)
+	}
+	tx, err := local.Begin(ctx)
+	if err != nil {
+		t.Fatalf("begin: %v", err)
+	}
+	defer tx.Rollback(ctx)
+	if _, err := tx.Exec(ctx, "UPDATE kv SET v = 'local-1' WHERE id = 1"); err != nil {
+		t.Fatalf("local update of row 1: %v", err)
+	}
+	done := make(chan batchResult, 1)
+	go func() {
+		n, err := a.ApplyBatch(ctx, []*decode.Txn{applied})
+		done <- batchResult{n, err}
+	}()
+	// The applied transaction has updated row 2 and sleeps in the trigger.
+	for {
+		var sleeping bool
+		if err := a.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+			WHERE application_name = $1 AND wait_event = 'PgSleep')`, a.appName+"_na").Scan(&sleeping); err != nil {
+			t.Fatalf("pg_stat_activity: %v", err)
+		}
+		if sleeping {
+			break
+		}
+		select {
+		case r := <-done:
+			t.Fatalf("ApplyBatch = %d, %v before it reached the trigger", r.n, r.err)
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	// Waits for row 2 until the deadlock is broken, in the applied
+	// transaction or (without the apply session's timeout) here.
+	wctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	if _, err := tx.Exec(wctx, "UPDATE kv SET v = 'local-2' WHERE id = 2"); err != nil {
+		t.Fatalf("local update of row 2: %v; want the applied transaction cancelled instead", err)
+	}
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatalf("local commit: %v", err)
+	}
+	if r := <-done; r.n != 1 || r.err != nil {
+		t.Fatalf("ApplyBatch = %d, %v; want 1, nil", r.n, r.err)
+	}
+	if !strings.Contains(logBuf.String(), "40P01") {
+		t.Fatalf("no deadlock was retried; log:\n%s", logBuf.String())
+	}
+	// Retried at once, the transaction may wait for the local one's row
+	// 2 and then fail to serialize behind its commit (40001): once more.
+	if got := a.Stats()["na"].Retries; got < 1 || got > 2 {
+		t.Fatalf("%d retries, want 1 (the deadlock) or 2 (and a serialization failure behind the local commit)", got)
+	}
+	// The applied versions are an hour newer than the local ones.
+	if got := tableRows(t, ctx, a.pool, "(SELECT id, v FROM kv WHERE id <= 2)"); got != `{"id":1,"v":"na-1"}`+"\n"+`{"id":2,"v":"na-2"}` {
+		t.Fatalf("kv = %s", got)
 	}
 }

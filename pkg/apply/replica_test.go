@@ -1,9 +1,11 @@
 package apply
 
 import (
+	"context"
 	"strings"
 	"testing"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/rs/zerolog"
 
@@ -140,17 +142,18 @@ func TestApplyNonSuperuser(t *testing.T) {
 }
 
 // TestApplySessionSettings: apply sessions plan their prepared statements
-// generically at once and never JIT-compile them, and every setting goes
-// back to its default before the connection returns to the pool.
+// generically at once, never JIT-compile them and find deadlocks after
+// DeadlockTimeout, and every setting goes back to its default before
+// the connection returns to the pool.
 func TestApplySessionSettings(t *testing.T) {
 	ctx := testCtx(t)
 	c := pgtest.Start(t, pgtest.Options{Name: "settings"})
 	mustExec(t, ctx, c, "postgres", `
 		CREATE TABLE kv (id int PRIMARY KEY, v text);
-		CREATE TABLE seen (id int, plan_cache_mode text, jit text);
+		CREATE TABLE seen (id int, plan_cache_mode text, jit text, deadlock_timeout text);
 		CREATE FUNCTION kv_seen() RETURNS trigger LANGUAGE plpgsql AS $$
 		BEGIN
-			INSERT INTO seen VALUES (NEW.id, current_setting('plan_cache_mode'), current_setting('jit'));
+			INSERT INTO seen VALUES (NEW.id, current_setting('plan_cache_mode'), current_setting('jit'), current_setting('deadlock_timeout'));
 			RETURN NULL;
 		END $$;
 		CREATE TRIGGER kv_seen AFTER INSERT OR UPDATE ON kv FOR EACH ROW EXECUTE FUNCTION kv_seen();
@@ -167,16 +170,52 @@ func TestApplySessionSettings(t *testing.T) {
 	if n, err := a.ApplyBatch(ctx, txns); err != nil || n != len(txns) {
 		t.Fatalf("ApplyBatch = %d, %v", n, err)
 	}
-	if got := queryString(t, ctx, a.pool, "SELECT string_agg(DISTINCT plan_cache_mode || ' ' || jit, ', ') || ' ' || count(*) FROM seen"); got != "force_generic_plan off 8" {
-		t.Errorf("applied rows saw settings %q, want force_generic_plan off 8", got)
+	if got := queryString(t, ctx, a.pool, "SELECT string_agg(DISTINCT plan_cache_mode || ' ' || jit || ' ' || deadlock_timeout, ', ') || ' ' || count(*) FROM seen"); got != "force_generic_plan off 100ms 8" {
+		t.Errorf("applied rows saw settings %q, want force_generic_plan off 100ms 8", got)
 	}
 	a.Release("na")
 	for _, conn := range a.pool.AcquireAllIdle(ctx) {
-		var mode, jit string
-		err := conn.QueryRow(ctx, "SELECT current_setting('plan_cache_mode'), current_setting('jit')").Scan(&mode, &jit)
+		var mode, jit, deadlock string
+		err := conn.QueryRow(ctx, "SELECT current_setting('plan_cache_mode'), current_setting('jit'), current_setting('deadlock_timeout')").Scan(&mode, &jit, &deadlock)
 		conn.Release()
-		if err != nil || mode != "auto" || jit != "on" {
-			t.Errorf("a pooled session has plan_cache_mode %q, jit %q (%v), want auto, on", mode, jit, err)
+		if err != nil || mode != "auto" || jit != "on" || deadlock != "1s" {
+			t.Errorf("a pooled session has plan_cache_mode %q, jit %q, deadlock_timeout %q (%v), want auto, on, 1s", mode, jit, deadlock, err)
 		}
+	}
+	checkSessionDeadlockTimeout(t, ctx, c)
+}
+
+// checkSessionDeadlockTimeout checks that holdSessionSQL lowers
+// deadlock_timeout (the server's: 1s) for a role that may set it and
+// leaves it for one that may not, and that resetSessionSQL restores the
+// server's for both.
+func checkSessionDeadlockTimeout(t *testing.T, ctx context.Context, c *pgtest.Cluster) {
+	t.Helper()
+	mustExec(t, ctx, c, "postgres", `CREATE ROLE plain LOGIN; GRANT SET ON PARAMETER session_replication_role TO plain`)
+	for _, role := range []struct{ user, held string }{{"postgres", "100ms"}, {"plain", "1s"}} {
+		conn, err := pgx.Connect(ctx, strings.Replace(c.DSN("postgres"), "user=postgres", "user="+role.user, 1))
+		if err != nil {
+			t.Fatalf("connect as %s: %v", role.user, err)
+		}
+		show := func() string {
+			var v string
+			if err := conn.QueryRow(ctx, "SHOW deadlock_timeout").Scan(&v); err != nil {
+				t.Fatalf("%s: SHOW deadlock_timeout: %v", role.user, err)
+			}
+			return v
+		}
+		if _, err := conn.Exec(ctx, holdSessionSQL, "probe"); err != nil {
+			t.Fatalf("%s: hold: %v", role.user, err)
+		}
+		if got := show(); got != role.held {
+			t.Errorf("%s: deadlock_timeout while held = %s, want %s", role.user, got, role.held)
+		}
+		if _, err := conn.PgConn().Exec(ctx, resetSessionSQL).ReadAll(); err != nil {
+			t.Fatalf("%s: reset: %v", role.user, err)
+		}
+		if got := show(); got != "1s" {
+			t.Errorf("%s: deadlock_timeout after the reset = %s, want the server's 1s", role.user, got)
+		}
+		conn.Close(ctx)
 	}
 }
