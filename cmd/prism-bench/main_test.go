@@ -46,6 +46,12 @@ func TestParseArgsCases(t *testing.T) {
 			}
 			return ""
 		}},
+		{name: "pairs", args: []string{"-active-pairs"}, check: func(c benchConfig) string {
+			if !c.activePairs {
+				return "active-pairs not set"
+			}
+			return ""
+		}},
 		{name: "pg-bin", args: []string{"-pg-bin", "/opt/pg16/bin", "-contenders", "native,prism"}, check: func(c benchConfig) string {
 			if c.serverBin != "/opt/pg16/bin" {
 				return "pg-bin not kept"
@@ -90,5 +96,23 @@ func TestWriteSection(t *testing.T) {
 		"| pglogical (2 regions) | 6000 | 1.8 ms | 10.0 ms | 25.0 ms | - |\n\n"
 	if b.String() != want {
 		t.Fatalf("writeSection = %q, want %q", b.String(), want)
+	}
+}
+
+// TestActiveScriptPairs: with pairs, the active transaction updates a
+// second hot row of the phase's range after the first operation, before
+// it ends; without, it writes one hot row.
+func TestActiveScriptPairs(t *testing.T) {
+	one := activeScript("prism", 1000, 10, false)
+	two := activeScript("prism", 1000, 10, true)
+	if strings.Contains(one, ":k2") {
+		t.Errorf("script without pairs writes a second row:\n%s", one)
+	}
+	want := "\\endif\n\\set k2 1000 + random(1, 10)\nUPDATE aa_prism_hot SET v = :v, rid = :rid WHERE id = :k2;\nEND;\n"
+	if !strings.HasSuffix(two, want) {
+		t.Errorf("script with pairs ends\n%s\nwant it to end\n%s", two[strings.LastIndex(two, "\\endif"):], want)
+	}
+	if strings.Replace(two, "\\set k2 1000 + random(1, 10)\nUPDATE aa_prism_hot SET v = :v, rid = :rid WHERE id = :k2;\n", "", 1) != one {
+		t.Errorf("the pairs script differs from the single-row one by more than the second update")
 	}
 }
