@@ -4,46 +4,13 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"net"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/prism-cdc/prism-cdc/internal/node"
+	"github.com/prism-cdc/prism-cdc/internal/pgtest"
 )
-
-// silentDatabase listens on a loopback port, accepts every connection and
-// never answers: a hung server. It returns the port.
-func silentDatabase(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var mu sync.Mutex
-	var held []net.Conn
-	t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		defer mu.Unlock()
-		for _, c := range held {
-			c.Close()
-		}
-	})
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			held = append(held, c) // read nothing, answer nothing
-			mu.Unlock()
-		}
-	}()
-	return ln.Addr().(*net.TCPAddr).Port
-}
 
 // TestCommandsGiveUpOnSilentDatabase: the command-line tools connect with
 // the node's bound (node.ConnectTimeout) when the DSN sets none, so a
@@ -52,7 +19,7 @@ func silentDatabase(t *testing.T) int {
 func TestCommandsGiveUpOnSilentDatabase(t *testing.T) {
 	defer func(d time.Duration) { node.ConnectTimeout = d }(node.ConnectTimeout)
 	node.ConnectTimeout = time.Second
-	port := silentDatabase(t)
+	port := pgtest.SilentListener(t)
 	cfg := writeFile(t, "eu1.yaml", strings.Replace(goodConfig,
 		`database: "host=127.0.0.1 port=5433 user=postgres dbname=app"`,
 		fmt.Sprintf(`database: "host=127.0.0.1 port=%d user=postgres dbname=app sslmode=disable"`, port), 1))

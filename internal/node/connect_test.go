@@ -3,11 +3,9 @@ package node
 import (
 	"context"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -48,32 +46,7 @@ func TestBoundConnect(t *testing.T) {
 func TestSilentDatabaseIsReported(t *testing.T) {
 	defer func(d time.Duration) { ConnectTimeout = d }(ConnectTimeout)
 	ConnectTimeout = time.Second
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	var mu sync.Mutex
-	var held []net.Conn
-	defer func() {
-		mu.Lock()
-		defer mu.Unlock()
-		for _, c := range held {
-			c.Close()
-		}
-	}()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			held = append(held, c) // read nothing, answer nothing
-			mu.Unlock()
-		}
-	}()
-	port := ln.Addr().(*net.TCPAddr).Port
+	port := pgtest.SilentListener(t)
 	yaml := fmt.Sprintf(`node: na1
 region: na
 database: "host=127.0.0.1 port=%d user=postgres dbname=app sslmode=disable"

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"sync"
 	"sync/atomic"
 )
 
@@ -50,4 +51,38 @@ func FreeAddr(t TB) string {
 	}
 	t.Fatalf("no free port between 20000 and 32000")
 	return ""
+}
+
+// SilentListener listens on a loopback port, accepts every connection and
+// never reads or answers: a hung server, or a proxy whose backend is gone.
+// It returns the port; the listener and its connections close when the
+// test ends.
+func SilentListener(t TB) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("listen: %v", err)
+	}
+	var mu sync.Mutex
+	var held []net.Conn
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range held {
+			c.Close()
+		}
+	})
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, c)
+			mu.Unlock()
+		}
+	}()
+	return ln.Addr().(*net.TCPAddr).Port
 }
