@@ -286,7 +286,7 @@ func newCollector(m *monitor) *collector {
 		up:            d("prism_database_up", "1 when this region's database answered the last metrics query.", nil),
 		applyTxns:     d("prism_apply_txns_total", "Transactions of a source region applied to this region's database since the node started, by path: batch (many in one target transaction), row (one by one), stream (a large one applied as its chunks came).", []string{"source", "path"}),
 		applyBatches:  d("prism_apply_batches_total", "Batches of a source region's transactions by result: committed, rolled_back (a conflict, a missing row or a serialization failure; their transactions were applied by rows), skipped (sent straight to the row path after batches kept rolling back).", []string{"source", "result"}),
-		applyRetries:  d("prism_apply_retries_total", "Re-applies of a source region's transactions after a serialization failure or deadlock with a local transaction.", []string{"source"}),
+		applyRetries:  d("prism_apply_retries_total", "Re-applies of a source region's transactions after a serialization failure or a deadlock (with a local transaction or another source's).", []string{"source"}),
 		authRefused:   d("prism_peer_auth_refused", "1 while the target region's node peer refuses this node's credentials (auth.token or TLS certificates): a configuration error, not an outage.", []string{"target", "peer"}),
 	}
 }
