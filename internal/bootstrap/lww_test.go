@@ -155,3 +155,91 @@ func TestCopiedRowsKeepBatchStamps(t *testing.T) {
 		}
 	}
 }
+
+// TestCopiedRowsKeepClockFloors: a local version written in the source over
+// one stamped ahead of the source's clock (another region's clock runs
+// ahead) stamps one microsecond past that version (its clock floor), not
+// at its commit time; the copy gives it that stamp, so a write from the
+// region ahead stamped between the two is dropped in the new region as it
+// is in the source. A copy of the bare commit time would apply it there.
+func TestCopiedRowsKeepClockFloors(t *testing.T) {
+	ctx := context.Background()
+	na := pgtest.Start(t, pgtest.Options{Name: "floor-na"})
+	as := pgtest.Start(t, pgtest.Options{Name: "floor-as"})
+	for _, c := range []*pgtest.Cluster{na, as} {
+		if err := c.CreateDatabase(ctx, "app"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := na.Exec(ctx, "app", `CREATE TABLE kv (id int PRIMARY KEY, v text NOT NULL);
+		INSERT INTO kv VALUES (1, 'na-1');
+		CREATE PUBLICATION prism FOR ALL TABLES`); err != nil {
+		t.Fatal(err)
+	}
+	kv := &decode.Relation{ID: 1, Schema: "public", Table: "kv", ReplicaIdentity: decode.IdentityDefault, Columns: []decode.Column{
+		{Name: "id", TypeOID: 23, TypeName: "int4", TypeMod: -1, Key: true},
+		{Name: "v", TypeOID: 25, TypeName: "text", TypeMod: -1},
+	}}
+	update := func(lsn pglogrepl.LSN, at time.Time, v string) *decode.Txn {
+		return &decode.Txn{Origin: "eu", CommitLSN: lsn - 8, EndLSN: lsn, CommitTime: at, Changes: []decode.Change{{
+			Op: decode.OpUpdate, Rel: kv,
+			New: []decode.Value{{Kind: decode.ValueText, Data: []byte("1")}, {Kind: decode.ValueText, Data: []byte(v)}},
+		}}}
+	}
+	// applyIn sets prism-cdc up in c (region name) and applies txn there
+	// when there is one.
+	applyIn := func(name string, c *pgtest.Cluster, txn *decode.Txn) {
+		t.Helper()
+		pool, err := pgxpool.New(ctx, c.DSN("app"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer pool.Close()
+		a := apply.NewApplier(pool, zerolog.Nop(), apply.WithLocalRegion(name))
+		defer a.Close()
+		if err := a.Setup(ctx); err != nil {
+			t.Fatalf("setup in %s: %v", name, err)
+		}
+		if txn == nil {
+			return
+		}
+		if err := a.Apply(ctx, txn); err != nil {
+			t.Fatalf("apply in %s: %v", name, err)
+		}
+	}
+	// eu's clock runs an hour ahead: its version of row 1 is stamped an
+	// hour from now, and na's application then writes over it.
+	ahead := time.Now().Add(time.Hour).UTC().Truncate(time.Microsecond)
+	applyIn("na", na, update(0x1000, ahead, "eu-ahead"))
+	if err := na.Exec(ctx, "app", "UPDATE kv SET v = 'na-local' WHERE id = 1"); err != nil {
+		t.Fatal(err)
+	}
+	const stampSQL = "SELECT prism.row_stamp('public.kv', jsonb_object(ARRAY['id'], ARRAY[id::text]), xmin) FROM kv WHERE id = 1"
+	want := query[time.Time](t, na, stampSQL)
+	if !want.Equal(ahead.Add(time.Microsecond)) {
+		t.Fatalf("na's local version stamps at %s, want one microsecond past eu's %s (its clock floor)", want, ahead)
+	}
+
+	if _, err := bootstrap.Run(ctx, bootstrap.Config{
+		Region: "as", DSN: as.DSN("app"), Source: "na",
+		Peers: []bootstrap.Peer{{Region: "na", DSN: na.DSN("app")}, {Region: "eu", DSN: ""}},
+	}, zerolog.Nop()); err != nil {
+		t.Fatal(err)
+	}
+	applyIn("as", as, nil)
+	if got := query[time.Time](t, as, stampSQL); !got.Equal(want) {
+		t.Fatalf("the copied version stamps at %s, want the source's %s", got, want)
+	}
+	// A write from eu stamped between na's commit and its floor is older
+	// than na's version in both regions.
+	between := update(0x2000, ahead.Add(-30*time.Minute), "eu-between")
+	for _, r := range []struct {
+		name string
+		c    *pgtest.Cluster
+	}{{"na", na}, {"as", as}} {
+		applyIn(r.name, r.c, between)
+		if v := query[string](t, r.c, "SELECT v FROM kv WHERE id = 1"); v != "na-local" {
+			t.Errorf("%s: row 1 = %q after an older write from eu, want na-local", r.name, v)
+		}
+	}
+}

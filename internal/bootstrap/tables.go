@@ -24,6 +24,11 @@ type table struct {
 	// stamps is the row stamps of the table on the source: a relation
 	// of (xact, key, ts), or "" when the table has no keys.
 	stamps string
+	// floors tells that the source keeps clock floors
+	// (prism.clock_floors): a local version written over one stamped
+	// ahead of the source's clock stamps one microsecond past its floor,
+	// not at its commit time (prism.stamp).
+	floors bool
 }
 
 // stampsSQL returns the relation of the row stamps kept under name (see
@@ -72,11 +77,21 @@ func (t *table) sourceQuery() string {
 		names[i] = "'" + strings.ReplaceAll(k, "'", "''") + "'"
 		vals[i] = "t." + pgx.Identifier{k}.Sanitize() + "::text"
 	}
-	return fmt.Sprintf(`COPY (SELECT coalesce(s.ts, c.timestamp), o.roname, %s FROM ONLY %s t
+	// The version's stamp as prism.row_stamp reads it on the source: its
+	// batch stamp, else its commit time raised past its transaction's
+	// clock floor (prism.stamp).
+	stamp, floors := "c.timestamp", ""
+	if t.floors {
+		stamp = "greatest(c.timestamp, fl.floor)"
+		floors = `
+	LEFT JOIN LATERAL (SELECT max(f.floor) + interval '1 microsecond' AS floor FROM prism.clock_floors f
+		WHERE f.top IN (SELECT g.top FROM prism.clock_floors g WHERE g.xact = t.xmin)) fl ON true`
+	}
+	return fmt.Sprintf(`COPY (SELECT coalesce(s.ts, %s), o.roname, %s FROM ONLY %s t
 	LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) c ON true
 	LEFT JOIN pg_catalog.pg_replication_origin o ON o.roident = c.roident AND c.roident <> 0
-	LEFT JOIN %s s ON s.key = jsonb_object(ARRAY[%s]::text[], ARRAY[%s]::text[])::text AND s.xact = t.xmin%s) TO STDOUT (FORMAT binary)`,
-		strings.Join(cols, ", "), t.ident(), t.stamps, strings.Join(names, ", "), strings.Join(vals, ", "), where)
+	LEFT JOIN %s s ON s.key = jsonb_object(ARRAY[%s]::text[], ARRAY[%s]::text[])::text AND s.xact = t.xmin%s%s) TO STDOUT (FORMAT binary)`,
+		stamp, strings.Join(cols, ", "), t.ident(), t.stamps, strings.Join(names, ", "), strings.Join(vals, ", "), floors, where)
 }
 
 // insertSQL inserts one copied row.
@@ -100,10 +115,11 @@ func publishedTables(ctx context.Context, conn *pgx.Conn, pub string) ([]*table,
 		return nil, fmt.Errorf("publication %s does not exist: start a node of the region once (it creates it) or create it", pub)
 	}
 	var stamps string
-	var named bool
+	var named, floors bool
 	if err := conn.QueryRow(ctx, `SELECT CASE WHEN to_regclass('prism.batch_stamps') IS NOT NULL THEN 'batch_stamps'
 		WHEN to_regclass('prism.row_stamps') IS NOT NULL THEN 'row_stamps' ELSE '' END,
-		to_regclass('prism.table_names') IS NOT NULL`).Scan(&stamps, &named); err != nil {
+		to_regclass('prism.table_names') IS NOT NULL,
+		EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = to_regclass('prism.clock_floors') AND attname = 'top' AND NOT attisdropped)`).Scan(&stamps, &named, &floors); err != nil {
 		return nil, fmt.Errorf("read row stamps of the source: %w", err)
 	}
 	// The name the source keeps a table's stamps under: the one it had
@@ -143,6 +159,7 @@ func publishedTables(ctx context.Context, conn *pgx.Conn, pub string) ([]*table,
 		}
 		if len(t.keys) > 0 {
 			t.stamps = stampsSQL(stamps, metaName)
+			t.floors = floors
 		}
 		out = append(out, t)
 	}
