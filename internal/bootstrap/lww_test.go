@@ -23,18 +23,7 @@ import (
 // the time of the copy would drop the newer write in the new region only.
 func TestCopiedRowsKeepCommitTimes(t *testing.T) {
 	ctx := context.Background()
-	na := pgtest.Start(t, pgtest.Options{Name: "lww-na"})
-	as := pgtest.Start(t, pgtest.Options{Name: "lww-as"})
-	for _, c := range []*pgtest.Cluster{na, as} {
-		if err := c.CreateDatabase(ctx, "app"); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := na.Exec(ctx, "app", `CREATE TABLE kv (id int PRIMARY KEY, v text NOT NULL);
-		INSERT INTO kv VALUES (1, 'na-1'), (2, 'na-2');
-		CREATE PUBLICATION prism FOR ALL TABLES`); err != nil {
-		t.Fatal(err)
-	}
+	na, as := kvRegions(t, "lww", `(1, 'na-1'), (2, 'na-2')`)
 	tv := query[time.Time](t, na, "SELECT pg_xact_commit_timestamp(xmin) FROM kv WHERE id = 1")
 
 	res, err := bootstrap.Run(ctx, bootstrap.Config{
@@ -63,18 +52,8 @@ func TestCopiedRowsKeepCommitTimes(t *testing.T) {
 		t.Fatalf("copied row's origin = %q, want prism_na", o)
 	}
 
-	kv := &decode.Relation{ID: 1, Schema: "public", Table: "kv", ReplicaIdentity: decode.IdentityDefault, Columns: []decode.Column{
-		{Name: "id", TypeOID: 23, TypeName: "int4", TypeMod: -1, Key: true},
-		{Name: "v", TypeOID: 25, TypeName: "text", TypeMod: -1},
-	}}
-	update := func(lsn pglogrepl.LSN, at time.Time, id, v string) *decode.Txn {
-		return &decode.Txn{Origin: "eu", CommitLSN: lsn - 8, EndLSN: lsn, CommitTime: at, Changes: []decode.Change{{
-			Op: decode.OpUpdate, Rel: kv,
-			New: []decode.Value{{Kind: decode.ValueText, Data: []byte(id)}, {Kind: decode.ValueText, Data: []byte(v)}},
-		}}}
-	}
-	newer := update(0x1000, tv.Add(time.Millisecond), "1", "eu-newer")
-	older := update(0x2000, tv.Add(-time.Hour), "2", "eu-older")
+	newer := euUpdate(0x1000, tv.Add(time.Millisecond), "1", "eu-newer")
+	older := euUpdate(0x2000, tv.Add(-time.Hour), "2", "eu-older")
 	for _, r := range []struct {
 		name string
 		c    *pgtest.Cluster
@@ -106,35 +85,14 @@ func TestCopiedRowsKeepCommitTimes(t *testing.T) {
 // own, so a later write is decided the same way in the new region.
 func TestCopiedRowsKeepBatchStamps(t *testing.T) {
 	ctx := context.Background()
-	na := pgtest.Start(t, pgtest.Options{Name: "lwwb-na"})
-	as := pgtest.Start(t, pgtest.Options{Name: "lwwb-as"})
-	for _, c := range []*pgtest.Cluster{na, as} {
-		if err := c.CreateDatabase(ctx, "app"); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := na.Exec(ctx, "app", `CREATE TABLE kv (id int PRIMARY KEY, v text NOT NULL);
-		INSERT INTO kv VALUES (1, 'na-1'), (2, 'na-2');
-		CREATE PUBLICATION prism FOR ALL TABLES`); err != nil {
-		t.Fatal(err)
-	}
-	kv := &decode.Relation{ID: 1, Schema: "public", Table: "kv", ReplicaIdentity: decode.IdentityDefault, Columns: []decode.Column{
-		{Name: "id", TypeOID: 23, TypeName: "int4", TypeMod: -1, Key: true},
-		{Name: "v", TypeOID: 25, TypeName: "text", TypeMod: -1},
-	}}
+	na, as := kvRegions(t, "lwwb", `(1, 'na-1'), (2, 'na-2')`)
 	at := time.Now().Add(time.Hour).Truncate(time.Microsecond)
-	update := func(lsn pglogrepl.LSN, at time.Time, id, v string) *decode.Txn {
-		return &decode.Txn{Origin: "eu", CommitLSN: lsn - 8, EndLSN: lsn, CommitTime: at, Changes: []decode.Change{{
-			Op: decode.OpUpdate, Rel: kv,
-			New: []decode.Value{{Kind: decode.ValueText, Data: []byte(id)}, {Kind: decode.ValueText, Data: []byte(v)}},
-		}}}
-	}
 	pool, err := pgxpool.New(ctx, na.DSN("app"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	a := apply.NewApplier(pool, zerolog.Nop(), apply.WithLocalRegion("na"))
-	n, err := a.ApplyBatch(ctx, []*decode.Txn{update(0x1000, at, "1", "eu-1"), update(0x2000, at.Add(time.Second), "2", "eu-2")})
+	n, err := a.ApplyBatch(ctx, []*decode.Txn{euUpdate(0x1000, at, "1", "eu-1"), euUpdate(0x2000, at.Add(time.Second), "2", "eu-2")})
 	a.Close()
 	pool.Close()
 	if n != 2 || err != nil {
@@ -164,28 +122,7 @@ func TestCopiedRowsKeepBatchStamps(t *testing.T) {
 // is in the source. A copy of the bare commit time would apply it there.
 func TestCopiedRowsKeepClockFloors(t *testing.T) {
 	ctx := context.Background()
-	na := pgtest.Start(t, pgtest.Options{Name: "floor-na"})
-	as := pgtest.Start(t, pgtest.Options{Name: "floor-as"})
-	for _, c := range []*pgtest.Cluster{na, as} {
-		if err := c.CreateDatabase(ctx, "app"); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := na.Exec(ctx, "app", `CREATE TABLE kv (id int PRIMARY KEY, v text NOT NULL);
-		INSERT INTO kv VALUES (1, 'na-1');
-		CREATE PUBLICATION prism FOR ALL TABLES`); err != nil {
-		t.Fatal(err)
-	}
-	kv := &decode.Relation{ID: 1, Schema: "public", Table: "kv", ReplicaIdentity: decode.IdentityDefault, Columns: []decode.Column{
-		{Name: "id", TypeOID: 23, TypeName: "int4", TypeMod: -1, Key: true},
-		{Name: "v", TypeOID: 25, TypeName: "text", TypeMod: -1},
-	}}
-	update := func(lsn pglogrepl.LSN, at time.Time, v string) *decode.Txn {
-		return &decode.Txn{Origin: "eu", CommitLSN: lsn - 8, EndLSN: lsn, CommitTime: at, Changes: []decode.Change{{
-			Op: decode.OpUpdate, Rel: kv,
-			New: []decode.Value{{Kind: decode.ValueText, Data: []byte("1")}, {Kind: decode.ValueText, Data: []byte(v)}},
-		}}}
-	}
+	na, as := kvRegions(t, "floor", `(1, 'na-1')`)
 	// applyIn sets prism-cdc up in c (region name) and applies txn there
 	// when there is one.
 	applyIn := func(name string, c *pgtest.Cluster, txn *decode.Txn) {
@@ -210,7 +147,7 @@ func TestCopiedRowsKeepClockFloors(t *testing.T) {
 	// eu's clock runs an hour ahead: its version of row 1 is stamped an
 	// hour from now, and na's application then writes over it.
 	ahead := time.Now().Add(time.Hour).UTC().Truncate(time.Microsecond)
-	applyIn("na", na, update(0x1000, ahead, "eu-ahead"))
+	applyIn("na", na, euUpdate(0x1000, ahead, "1", "eu-ahead"))
 	if err := na.Exec(ctx, "app", "UPDATE kv SET v = 'na-local' WHERE id = 1"); err != nil {
 		t.Fatal(err)
 	}
@@ -232,7 +169,7 @@ func TestCopiedRowsKeepClockFloors(t *testing.T) {
 	}
 	// A write from eu stamped between na's commit and its floor is older
 	// than na's version in both regions.
-	between := update(0x2000, ahead.Add(-30*time.Minute), "eu-between")
+	between := euUpdate(0x2000, ahead.Add(-30*time.Minute), "1", "eu-between")
 	for _, r := range []struct {
 		name string
 		c    *pgtest.Cluster
@@ -242,4 +179,40 @@ func TestCopiedRowsKeepClockFloors(t *testing.T) {
 			t.Errorf("%s: row 1 = %q after an older write from eu, want na-local", r.name, v)
 		}
 	}
+}
+
+// kvRegions starts region na's and region as's clusters with database
+// app; na has table kv with rows (a VALUES list) and publication prism,
+// as is empty, ready for a bootstrap from na.
+func kvRegions(t *testing.T, name, rows string) (na, as *pgtest.Cluster) {
+	t.Helper()
+	ctx := context.Background()
+	na = pgtest.Start(t, pgtest.Options{Name: name + "-na"})
+	as = pgtest.Start(t, pgtest.Options{Name: name + "-as"})
+	for _, c := range []*pgtest.Cluster{na, as} {
+		if err := c.CreateDatabase(ctx, "app"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := na.Exec(ctx, "app", `CREATE TABLE kv (id int PRIMARY KEY, v text NOT NULL);
+		INSERT INTO kv VALUES `+rows+`;
+		CREATE PUBLICATION prism FOR ALL TABLES`); err != nil {
+		t.Fatal(err)
+	}
+	return na, as
+}
+
+// kv is table kv of kvRegions as a source's stream describes it.
+var kv = &decode.Relation{ID: 1, Schema: "public", Table: "kv", ReplicaIdentity: decode.IdentityDefault, Columns: []decode.Column{
+	{Name: "id", TypeOID: 23, TypeName: "int4", TypeMod: -1, Key: true},
+	{Name: "v", TypeOID: 25, TypeName: "text", TypeMod: -1},
+}}
+
+// euUpdate is a transaction of region eu, ending at lsn and committed at
+// at, that sets row id of kv to v.
+func euUpdate(lsn pglogrepl.LSN, at time.Time, id, v string) *decode.Txn {
+	return &decode.Txn{Origin: "eu", CommitLSN: lsn - 8, EndLSN: lsn, CommitTime: at, Changes: []decode.Change{{
+		Op: decode.OpUpdate, Rel: kv,
+		New: []decode.Value{{Kind: decode.ValueText, Data: []byte(id)}, {Kind: decode.ValueText, Data: []byte(v)}},
+	}}}
 }
