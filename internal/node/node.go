@@ -740,7 +740,9 @@ func (n *Node) shipperConfig(target string, nodes []peers.NodeAddr) peers.Shippe
 	sc.Undo = newErrorPolicy(n.cfg, n.log).undoFunc(n.applier)
 	sc.OnAck = n.signalAcked
 	if n.cfg.Sync.Mode != config.SyncOff {
-		sc.Linger = 0 // commits wait for the regions
+		// Commits wait for the regions: no linger, and every ACK as
+		// soon as it is durable.
+		sc.Linger, sc.GatherAcks = 0, false
 	}
 	return sc
 }

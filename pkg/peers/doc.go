@@ -33,7 +33,9 @@
 //     flush; the Server then acknowledges what Progress, which flushes,
 //     reports durable, from a goroutine of its own (acker), so the next
 //     transactions are applied meanwhile and one flush covers every
-//     commit made during the last; never past the last transaction whose
+//     commit made during the last (for a source that does not wait for the
+//     ACKs, helloGatherAcks, every commit of ServerConfig.AckGather after
+//     the first not yet acknowledged); never past the last transaction whose
 //     apply returned (the origin moves at the commit record, a moment
 //     before the transaction is visible). Before it answers about a failed
 //     transaction it flushes the same way, in line.

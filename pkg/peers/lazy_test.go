@@ -2,6 +2,7 @@ package peers
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -21,6 +22,7 @@ type lazyApplier struct {
 	// ahead, when set, is what Progress reports: an origin that moved
 	// past the transactions whose commit returned.
 	ahead pglogrepl.LSN
+	calls []time.Time // when each Progress call started
 }
 
 func (l *lazyApplier) LazyFlush() bool { return true }
@@ -28,6 +30,7 @@ func (l *lazyApplier) LazyFlush() bool { return true }
 func (l *lazyApplier) Progress(ctx context.Context, region string) (pglogrepl.LSN, error) {
 	l.mu.Lock()
 	gate := l.gate
+	l.calls = append(l.calls, time.Now())
 	l.mu.Unlock()
 	if gate != nil {
 		select {
@@ -111,6 +114,113 @@ func TestLazyAckNotPastCommitted(t *testing.T) {
 				t.Fatalf("ack %s with transaction 1 (%s) the last one applied; Progress said %s", a.LSN, lsnOf(1), lsnOf(9))
 			}
 			return
+		}
+	}
+}
+
+// TestGatheredAcks: for a source that lets it (helloGatherAcks: its
+// commits do not wait for the ACKs), a server whose applier flushes lazily
+// flushes (Progress) at most once per AckGather and acknowledges every
+// transaction committed meanwhile with it; for any other source it
+// flushes after every applied round trip, as before.
+func TestGatheredAcks(t *testing.T) {
+	const n = 12
+	for _, tc := range []struct {
+		name   string
+		flags  uint8
+		gather bool
+	}{{"gathering allowed", helloGatherAcks, true}, {"prompt", 0, false}} {
+		t.Run(tc.name, func(t *testing.T) {
+			app := &lazyApplier{memApplier: newMemApplier(), durable: map[string]pglogrepl.LSN{}}
+			cfg := serverConfig("eu", "eu1")
+			cfg.AckGather = MaxAckGather
+			addr := serve(t, NewServer(cfg, app, zerolog.Nop()))
+			_, fc := authDial(t, addr, hello{Region: "na", Node: "na1", Flags: tc.flags}, testToken)
+			if f, err := fc.read(5 * time.Second); err != nil {
+				t.Fatalf("first reply: %v", err)
+			} else if _, ok := f.(*welcome); !ok {
+				t.Fatalf("first reply %T, want welcome", f)
+			}
+			app.mu.Lock()
+			app.calls = nil // the Welcome's
+			app.mu.Unlock()
+			acks := make(chan pglogrepl.LSN, 2*n)
+			go func() { // ends with the connection
+				for {
+					f, err := fc.read(10 * time.Second)
+					if err != nil {
+						close(acks)
+						return
+					}
+					if a, ok := f.(*ack); ok {
+						acks <- a.LSN
+					}
+				}
+			}()
+			// One transaction every 10 ms, each committed on its own.
+			for i := 1; i <= n; i++ {
+				if err := fc.write(time.Second, &txnFrame{Txn: mkTxn(i, 0)}); err != nil {
+					t.Fatal(err)
+				}
+				waitFor(t, fmt.Sprintf("transaction %d committed", i), 10*time.Second, func() bool { return len(app.appliedLSNs()) == i })
+				time.Sleep(10 * time.Millisecond)
+			}
+			count := 0
+			for lsn := range acks {
+				count++
+				if lsn == lsnOf(n) {
+					break
+				}
+			}
+			app.mu.Lock()
+			calls := append([]time.Time(nil), app.calls...)
+			app.mu.Unlock()
+			shortest := time.Duration(1 << 62)
+			for i := 1; i < len(calls); i++ {
+				shortest = min(shortest, calls[i].Sub(calls[i-1]))
+			}
+			t.Logf("%d transactions: %d ACKs, %d flushes, shortest gap between flushes %s", n, count, len(calls), shortest)
+			if tc.gather {
+				if shortest < MaxAckGather {
+					t.Fatalf("flushes %s apart, want at least the gather of %s", shortest, MaxAckGather)
+				}
+				if count >= n {
+					t.Fatalf("%d ACKs for %d transactions committed 10 ms apart, want them gathered", count, n)
+				}
+			} else if len(calls) < 2 || shortest >= MaxAckGather {
+				t.Fatalf("%d flushes, shortest gap %s: want one per transaction, 10 ms apart", len(calls), shortest)
+			}
+		})
+	}
+}
+
+// TestShipperAsksToGather: a shipper with GatherAcks says so in its Hello,
+// and the server then gathers: its transactions sent 10 ms apart are made
+// durable by flushes at least AckGather apart, and all are acknowledged.
+func TestShipperAsksToGather(t *testing.T) {
+	app := &lazyApplier{memApplier: newMemApplier(), durable: map[string]pglogrepl.LSN{}}
+	cfg := serverConfig("eu", "eu1")
+	cfg.AckGather = MaxAckGather
+	addr := serve(t, NewServer(cfg, app, zerolog.Nop()))
+	sc := shipperConfig(NodeAddr{Name: "eu1", Addr: addr})
+	sc.AckTimeout, sc.GatherAcks = MinGatherAckTimeout, true
+	sh := NewShipper(sc, nil, zerolog.Nop())
+	runShipper(t, sh)
+	ctx := testCtx(t)
+	const n = 12
+	for i := 1; i <= n; i++ {
+		if err := sh.Send(ctx, mkTxn(i, 0)); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	waitFor(t, "every transaction acknowledged", 10*time.Second, func() bool { return sh.Acked() == lsnOf(n) })
+	app.mu.Lock()
+	calls := append([]time.Time(nil), app.calls[1:]...) // after the Welcome's
+	app.mu.Unlock()
+	for i := 1; i < len(calls); i++ {
+		if d := calls[i].Sub(calls[i-1]); d < MaxAckGather {
+			t.Fatalf("flushes %d and %d %s apart, want at least the gather of %s (%d flushes in all)", i, i+1, d, MaxAckGather, len(calls))
 		}
 	}
 }

@@ -63,6 +63,13 @@ const (
 // with Welcome and closes, and takes no other action for the source.
 const helloProbe uint8 = 1
 
+// helloGatherAcks marks a Hello from a source whose commits do not wait
+// for the acknowledgements (it is not in synchronous mode): a receiver
+// that commits lazily may then gather the acknowledgements of
+// ServerConfig.AckGather into one WAL flush instead of flushing after
+// every applied round trip. Receivers that predate it ignore the bit.
+const helloGatherAcks uint8 = 2
+
 // errFrame is wrapped by every decoding error: the peer sent something that
 // is not a valid frame.
 var errFrame = errors.New("malformed frame")

@@ -57,6 +57,15 @@ type ServerConfig struct {
 	// FenceTimeout bounds fencing a previous holder of the origin when a
 	// source connects.
 	FenceTimeout time.Duration
+	// AckGather is how long an Applier that commits lazily waits, after a
+	// commit, before it flushes the WAL and acknowledges everything
+	// committed meanwhile, for sources that allow it (their commits do not
+	// wait: helloGatherAcks); at most MaxAckGather, 0 acknowledges after
+	// every applied round trip. Gathering replaces a WAL flush per applied
+	// round trip (a few hundred a second for a source writing at that
+	// rate, each a disk flush the region's own commits queue behind) with
+	// at most one per AckGather.
+	AckGather time.Duration
 	// Errors carries out the apply error policy for transactions that
 	// fail permanently; nil halts on every such failure.
 	Errors ErrorHandler
@@ -237,7 +246,11 @@ func (s *Server) handle(ctx context.Context, nc net.Conn) {
 		log.Warn().Err(err).Msg("send pending undo requests")
 		return
 	}
-	err = s.stream(sctx, fc, h.Region, log)
+	var gather time.Duration
+	if h.Flags&helloGatherAcks != 0 {
+		gather = s.cfg.AckGather
+	}
+	err = s.stream(sctx, fc, h.Region, gather, log)
 	if r, ok := s.app.(releaser); ok {
 		// The stream ended: free the source region's origin for
 		// whichever path carries it next.
@@ -385,7 +398,7 @@ func (s *Server) release(region string, st *stream) {
 // reads frames, checks their order and queues the transactions;
 // keepAlive writes heartbeats; stream itself applies the queue and
 // writes the ACKs.
-func (s *Server) stream(ctx context.Context, fc *frameConn, region string, log zerolog.Logger) error {
+func (s *Server) stream(ctx context.Context, fc *frameConn, region string, gather time.Duration, log zerolog.Logger) error {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	ctx, cancel := context.WithCancelCause(ctx)
@@ -398,7 +411,7 @@ func (s *Server) stream(ctx context.Context, fc *frameConn, region string, log z
 	var lazy *lazyAcks // see acker
 	if lf, ok := s.app.(lazyFlusher); ok && lf.LazyFlush() {
 		// Acknowledgements come from the durable progress (see acker).
-		lazy = &lazyAcks{kick: make(chan struct{}, 1)}
+		lazy = &lazyAcks{kick: make(chan struct{}, 1), gather: gather}
 		wg.Add(1)
 		go func() { // ends with ctx
 			defer wg.Done()
@@ -627,6 +640,7 @@ func (s *Server) applyBatch(ctx context.Context, fc *frameConn, region string, l
 type lazyAcks struct {
 	kick    chan struct{}
 	applied atomic.Uint64 // pglogrepl.LSN
+	gather  time.Duration // ServerConfig.AckGather, or 0 for this source
 }
 
 // committed records that the transactions up to lsn committed and wakes
@@ -645,8 +659,11 @@ func (l *lazyAcks) committed(lsn pglogrepl.LSN) {
 // progress moves when the commit record is written, a moment before the
 // transaction becomes visible, and an ACK promises a region that holds
 // it. A kick that comes while Progress runs (it flushes the WAL) is taken
-// by the next round, so one flush covers every commit made meanwhile. It
-// returns when ctx ends, or why it could not acknowledge.
+// by the next round, so one flush covers every commit made meanwhile.
+// With lazy.gather a round first waits that long, so one flush also
+// covers the commits of that window (and the WAL writer's own flushes
+// often leave it nothing to do). It returns when ctx ends, or why it
+// could not acknowledge.
 func (s *Server) acker(ctx context.Context, fc *frameConn, region string, lazy *lazyAcks) error {
 	var acked pglogrepl.LSN
 	for {
@@ -654,6 +671,22 @@ func (s *Server) acker(ctx context.Context, fc *frameConn, region string, lazy *
 		case <-ctx.Done():
 			return nil
 		case <-lazy.kick:
+		}
+		if lazy.gather > 0 {
+			t := time.NewTimer(lazy.gather)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return nil
+			case <-t.C:
+			}
+			// This round covers the commits of the window: their
+			// kicks need no round of their own (one stored after
+			// applied is read below kicks again).
+			select {
+			case <-lazy.kick:
+			default:
+			}
 		}
 		applied := pglogrepl.LSN(lazy.applied.Load())
 		lsn, err := s.app.Progress(ctx, region)

@@ -43,8 +43,24 @@ func NewShipperConfig(ackTimeout time.Duration) ShipperConfig {
 		ChunkBytes:    DefaultChunkBytes,
 		FenceTimeout:  5 * time.Second,
 		Linger:        DefaultLinger,
+		GatherAcks:    ackTimeout >= MinGatherAckTimeout,
 	}
 }
+
+// MaxAckGather bounds ServerConfig.AckGather: how late a receiver may
+// acknowledge a transaction it applied for a source that lets it gather
+// acknowledgements (ShipperConfig.GatherAcks). DefaultAckGather is a
+// node's.
+const (
+	MaxAckGather     = 100 * time.Millisecond
+	DefaultAckGather = 50 * time.Millisecond
+)
+
+// MinGatherAckTimeout is the shortest AckTimeout for which
+// NewShipperConfig lets receivers gather acknowledgements: ten times the
+// longest gather, so a gathered ACK is never what makes a shipper give
+// up on a node.
+const MinGatherAckTimeout = 10 * MaxAckGather
 
 // DefaultLinger is the writer's ShipperConfig.Linger by default: a
 // transaction waits at most half a millisecond (about one in an otherwise
@@ -66,6 +82,7 @@ func NewServerConfig(ackTimeout time.Duration) ServerConfig {
 		IdleTimeout:  15 * time.Second,
 		MaxBatch:     256,
 		FenceTimeout: 5 * time.Second,
+		AckGather:    DefaultAckGather,
 	}
 }
 
@@ -106,7 +123,15 @@ func checkServer(c *ServerConfig) error {
 		positive("idle timeout", c.IdleTimeout),
 		positiveInt("max batch", int64(c.MaxBatch)),
 		positive("fence timeout", c.FenceTimeout),
+		ackGather(c.AckGather),
 	)
+}
+
+func ackGather(d time.Duration) error {
+	if d < 0 || d > MaxAckGather {
+		return fmt.Errorf("ack gather %s is not between 0 and %s", d, MaxAckGather)
+	}
+	return nil
 }
 
 func positive(name string, d time.Duration) error {

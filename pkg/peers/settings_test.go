@@ -43,6 +43,26 @@ func TestSettingsDerived(t *testing.T) {
 	if srv.MaxFrame != DefaultMaxFrame || srv.MaxBatch != 256 {
 		t.Errorf("server MaxFrame, MaxBatch = %d, %d, want %d, 256", srv.MaxFrame, srv.MaxBatch, DefaultMaxFrame)
 	}
+	if srv.AckGather != DefaultAckGather || srv.AckGather > MaxAckGather {
+		t.Errorf("server AckGather = %s, want %s (at most %s)", srv.AckGather, DefaultAckGather, MaxAckGather)
+	}
+	// Receivers may gather acknowledgements only for an ack timeout ten
+	// times the longest gather.
+	for _, tc := range []struct {
+		ack  time.Duration
+		want bool
+	}{{ack, true}, {MinGatherAckTimeout, true}, {MinGatherAckTimeout - time.Millisecond, false}, {200 * time.Millisecond, false}} {
+		if got := NewShipperConfig(tc.ack).GatherAcks; got != tc.want {
+			t.Errorf("NewShipperConfig(%s).GatherAcks = %t, want %t", tc.ack, got, tc.want)
+		}
+	}
+	for _, d := range []time.Duration{-time.Millisecond, MaxAckGather + time.Millisecond} {
+		bad := serverConfig("eu", "eu1")
+		bad.AckGather = d
+		if err := checkServer(&bad); err == nil || !strings.Contains(err.Error(), "ack gather") {
+			t.Errorf("AckGather %s: checkServer = %v, want an ack gather error", d, err)
+		}
+	}
 }
 
 // TestHandshakeTimeoutAlone: a node that accepts the connection and never

@@ -96,6 +96,13 @@ type ShipperConfig struct {
 	// otherwise idle process: the Go runtime's timer resolution); zero
 	// writes each as soon as it is sent.
 	Linger time.Duration
+	// GatherAcks lets the receiver acknowledge up to
+	// MaxAckGather late (helloGatherAcks), so that one WAL flush there
+	// covers the transactions applied meanwhile. A source whose commits
+	// wait for the acknowledgements (synchronous mode) leaves it off, and
+	// NewShipperConfig turns it on only for an AckTimeout of at least
+	// MinGatherAckTimeout.
+	GatherAcks bool
 	// FenceTimeout bounds fencing a previous holder of the origin before
 	// the direct-SQL fallback applies.
 	FenceTimeout time.Duration
@@ -647,7 +654,11 @@ func (s *Shipper) session(ctx context.Context, i int) (progressed bool, err erro
 	defer cancel(nil)
 	s.probeNodes(ctx, cancel, i, &wg)
 
-	fc, w, err := s.handshake(ctx, i, 0)
+	var flags uint8
+	if s.cfg.GatherAcks {
+		flags |= helloGatherAcks
+	}
+	fc, w, err := s.handshake(ctx, i, flags)
 	if err != nil {
 		if c := context.Cause(ctx); c != nil {
 			return false, c
