@@ -118,6 +118,27 @@ func TestLazyAckNotPastCommitted(t *testing.T) {
 	}
 }
 
+// gatheringServer serves a lazyApplier with the longest AckGather.
+func gatheringServer(t *testing.T) (*lazyApplier, string) {
+	app := &lazyApplier{memApplier: newMemApplier(), durable: map[string]pglogrepl.LSN{}}
+	cfg := serverConfig("eu", "eu1")
+	cfg.AckGather = MaxAckGather
+	return app, serve(t, NewServer(cfg, app, zerolog.Nop()))
+}
+
+// flushes returns how many Progress calls app had since the first skip
+// ones and the shortest time between two of them.
+func (l *lazyApplier) flushes(skip int) (int, time.Duration) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	calls := l.calls[min(skip, len(l.calls)):]
+	shortest := time.Duration(1 << 62)
+	for i := 1; i < len(calls); i++ {
+		shortest = min(shortest, calls[i].Sub(calls[i-1]))
+	}
+	return len(calls), shortest
+}
+
 // TestGatheredAcks: for a source that lets it (helloGatherAcks: its
 // commits do not wait for the ACKs), a server whose applier flushes lazily
 // flushes (Progress) at most once per AckGather and acknowledges every
@@ -131,19 +152,13 @@ func TestGatheredAcks(t *testing.T) {
 		gather bool
 	}{{"gathering allowed", helloGatherAcks, true}, {"prompt", 0, false}} {
 		t.Run(tc.name, func(t *testing.T) {
-			app := &lazyApplier{memApplier: newMemApplier(), durable: map[string]pglogrepl.LSN{}}
-			cfg := serverConfig("eu", "eu1")
-			cfg.AckGather = MaxAckGather
-			addr := serve(t, NewServer(cfg, app, zerolog.Nop()))
+			app, addr := gatheringServer(t)
 			_, fc := authDial(t, addr, hello{Region: "na", Node: "na1", Flags: tc.flags}, testToken)
 			if f, err := fc.read(5 * time.Second); err != nil {
 				t.Fatalf("first reply: %v", err)
 			} else if _, ok := f.(*welcome); !ok {
 				t.Fatalf("first reply %T, want welcome", f)
 			}
-			app.mu.Lock()
-			app.calls = nil // the Welcome's
-			app.mu.Unlock()
 			acks := make(chan pglogrepl.LSN, 2*n)
 			go func() { // ends with the connection
 				for {
@@ -172,14 +187,8 @@ func TestGatheredAcks(t *testing.T) {
 					break
 				}
 			}
-			app.mu.Lock()
-			calls := append([]time.Time(nil), app.calls...)
-			app.mu.Unlock()
-			shortest := time.Duration(1 << 62)
-			for i := 1; i < len(calls); i++ {
-				shortest = min(shortest, calls[i].Sub(calls[i-1]))
-			}
-			t.Logf("%d transactions: %d ACKs, %d flushes, shortest gap between flushes %s", n, count, len(calls), shortest)
+			flushes, shortest := app.flushes(1) // after the Welcome's
+			t.Logf("%d transactions: %d ACKs, %d flushes, shortest gap between flushes %s", n, count, flushes, shortest)
 			if tc.gather {
 				if shortest < MaxAckGather {
 					t.Fatalf("flushes %s apart, want at least the gather of %s", shortest, MaxAckGather)
@@ -187,8 +196,8 @@ func TestGatheredAcks(t *testing.T) {
 				if count >= n {
 					t.Fatalf("%d ACKs for %d transactions committed 10 ms apart, want them gathered", count, n)
 				}
-			} else if len(calls) < 2 || shortest >= MaxAckGather {
-				t.Fatalf("%d flushes, shortest gap %s: want one per transaction, 10 ms apart", len(calls), shortest)
+			} else if flushes < 2 || shortest >= MaxAckGather {
+				t.Fatalf("%d flushes, shortest gap %s: want one per transaction, 10 ms apart", flushes, shortest)
 			}
 		})
 	}
@@ -198,10 +207,7 @@ func TestGatheredAcks(t *testing.T) {
 // and the server then gathers: its transactions sent 10 ms apart are made
 // durable by flushes at least AckGather apart, and all are acknowledged.
 func TestShipperAsksToGather(t *testing.T) {
-	app := &lazyApplier{memApplier: newMemApplier(), durable: map[string]pglogrepl.LSN{}}
-	cfg := serverConfig("eu", "eu1")
-	cfg.AckGather = MaxAckGather
-	addr := serve(t, NewServer(cfg, app, zerolog.Nop()))
+	app, addr := gatheringServer(t)
 	sc := shipperConfig(NodeAddr{Name: "eu1", Addr: addr})
 	sc.AckTimeout, sc.GatherAcks = MinGatherAckTimeout, true
 	sh := NewShipper(sc, nil, zerolog.Nop())
@@ -215,12 +221,7 @@ func TestShipperAsksToGather(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	waitFor(t, "every transaction acknowledged", 10*time.Second, func() bool { return sh.Acked() == lsnOf(n) })
-	app.mu.Lock()
-	calls := append([]time.Time(nil), app.calls[1:]...) // after the Welcome's
-	app.mu.Unlock()
-	for i := 1; i < len(calls); i++ {
-		if d := calls[i].Sub(calls[i-1]); d < MaxAckGather {
-			t.Fatalf("flushes %d and %d %s apart, want at least the gather of %s (%d flushes in all)", i, i+1, d, MaxAckGather, len(calls))
-		}
+	if flushes, shortest := app.flushes(1); shortest < MaxAckGather { // after the Welcome's
+		t.Fatalf("%d flushes, %s apart at the least, want at least the gather of %s", flushes, shortest, MaxAckGather)
 	}
 }
