@@ -744,6 +744,9 @@ func (n *Node) shipperConfig(target string, nodes []peers.NodeAddr) peers.Shippe
 		// soon as it is durable.
 		sc.Linger, sc.GatherAcks = 0, false
 	}
+	if sc.MaxInFlight < peers.MinGatherWindow {
+		sc.GatherAcks = false // a small window would wait for them
+	}
 	return sc
 }
 

@@ -62,6 +62,12 @@ const (
 // up on a node.
 const MinGatherAckTimeout = 10 * MaxAckGather
 
+// MinGatherWindow is the smallest MaxInFlight with which a source should
+// let receivers gather acknowledgements: a window is acknowledged at most
+// once per gather, so a smaller one would cap shipping below what a node
+// applies (8 MiB per 100 ms is 80 MiB a second).
+const MinGatherWindow = 8 << 20
+
 // DefaultLinger is the writer's ShipperConfig.Linger by default: a
 // transaction waits at most half a millisecond (about one in an otherwise
 // idle process: the Go runtime's timer resolution) for others to share its

@@ -101,7 +101,8 @@ type ShipperConfig struct {
 	// covers the transactions applied meanwhile. A source whose commits
 	// wait for the acknowledgements (synchronous mode) leaves it off, and
 	// NewShipperConfig turns it on only for an AckTimeout of at least
-	// MinGatherAckTimeout.
+	// MinGatherAckTimeout; a MaxInFlight below MinGatherWindow should
+	// leave it off too.
 	GatherAcks bool
 	// FenceTimeout bounds fencing a previous holder of the origin before
 	// the direct-SQL fallback applies.
