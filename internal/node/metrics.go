@@ -270,7 +270,7 @@ func newCollector(m *monitor) *collector {
 		m:             m,
 		reader:        d("prism_reader", "1 when this node holds its region's slot and ships.", nil),
 		lag:           d("prism_lag_bytes", "WAL bytes read from the slot and not yet acknowledged by the target region.", t),
-		lagSeconds:    d("prism_lag_seconds", "Seconds since the source commit of the oldest transaction the target region has not acknowledged; 0 when caught up.", t),
+		lagSeconds:    d("prism_lag_seconds", "Seconds since the source commit of the oldest transaction the target region has not acknowledged; 0 when caught up. A region gathers its acknowledgements of an asynchronous source over up to 50 ms.", t),
 		acked:         d("prism_acked_lsn", "Highest LSN the target region acknowledged as durable (as a number).", t),
 		inflightBytes: d("prism_inflight_bytes", "Bytes sent to the target region and not yet acknowledged.", t),
 		inflightTxns:  d("prism_inflight_txns", "Transactions sent to the target region and not yet acknowledged.", t),
