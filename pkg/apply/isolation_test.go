@@ -249,12 +249,7 @@ func TestConcurrentWriteRetriedOnSession(t *testing.T) {
 	// transactions go by rows, in one pipeline.
 	mustExec(t, ctx, c, "postgres", batchSchema+`
 		CREATE TABLE seen (id int PRIMARY KEY, a int[]);`)
-	var logBuf syncBuffer
-	a := NewApplier(newPool(t, ctx, c, "postgres"), zerolog.New(&logBuf).Level(zerolog.DebugLevel), WithLocalRegion("eu"))
-	defer a.Close()
-	if err := a.Setup(ctx); err != nil {
-		t.Fatalf("Setup: %v", err)
-	}
+	a, logBuf := loggedApplier(t, ctx, c)
 	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v", "n")
 	seen := rel("public", "seen", decode.IdentityDefault, "id*", "a")
 	t0 := time.Now().Add(time.Hour).Sub(baseTime).Seconds()
@@ -420,12 +415,7 @@ func TestDeadlockWithLocalBrokenByApply(t *testing.T) {
 		CREATE TRIGGER slow AFTER UPDATE ON kv FOR EACH ROW EXECUTE FUNCTION slow_after_two();
 		ALTER TABLE kv ENABLE ALWAYS TRIGGER slow;`)
 	mustExec(t, ctx, c, "postgres", "SELECT pg_reload_conf()")
-	var logBuf syncBuffer
-	a := NewApplier(newPool(t, ctx, c, "postgres"), zerolog.New(&logBuf).Level(zerolog.DebugLevel), WithLocalRegion("eu"))
-	defer a.Close()
-	if err := a.Setup(ctx); err != nil {
-		t.Fatalf("Setup: %v", err)
-	}
+	a, logBuf := loggedApplier(t, ctx, c)
 	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v", "n")
 	t0 := time.Now().Add(time.Hour).Sub(baseTime).Seconds()
 	applied := txn("na", 1100, t0, upd(kv, nil, "2", "na-2", `\N`), upd(kv, nil, "1", "na-1", `\N`))
@@ -493,4 +483,18 @@ func TestDeadlockWithLocalBrokenByApply(t *testing.T) {
 	if got := tableRows(t, ctx, a.pool, "(SELECT id, v FROM kv WHERE id <= 2)"); got != `{"id":1,"v":"na-1"}`+"\n"+`{"id":2,"v":"na-2"}` {
 		t.Fatalf("kv = %s", got)
 	}
+}
+
+// loggedApplier returns a set-up Applier of region eu on c's postgres
+// database, closed when the test ends, and the buffer that holds its log
+// from debug level on.
+func loggedApplier(t *testing.T, ctx context.Context, c *pgtest.Cluster) (*Applier, *syncBuffer) {
+	t.Helper()
+	logBuf := &syncBuffer{}
+	a := NewApplier(newPool(t, ctx, c, "postgres"), zerolog.New(logBuf).Level(zerolog.DebugLevel), WithLocalRegion("eu"))
+	t.Cleanup(a.Close)
+	if err := a.Setup(ctx); err != nil {
+		t.Fatalf("Setup: %v", err)
+	}
+	return a, logBuf
 }
