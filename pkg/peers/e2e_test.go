@@ -31,6 +31,15 @@ type countingApplier struct {
 	calls      map[pglogrepl.LSN]int
 	invoked    int // Apply and ApplyBatch calls
 	afterApply func(*decode.Txn)
+	progress   []time.Time // when each Progress call started
+}
+
+// Progress records the call and reads the real applier's progress.
+func (c *countingApplier) Progress(ctx context.Context, region string) (pglogrepl.LSN, error) {
+	c.mu.Lock()
+	c.progress = append(c.progress, time.Now())
+	c.mu.Unlock()
+	return c.Applier.Progress(ctx, region)
 }
 
 func (c *countingApplier) count(txns []*decode.Txn) {
@@ -553,4 +562,53 @@ func TestFencesFrozenHolder(t *testing.T) {
 		t.Fatalf("Status = %+v, want the sql fallback", st)
 	}
 	eu.checkRows(t, ctx, 6)
+}
+
+// TestGatheredAcksOnPostgres: a node's applier (WithLazyFlush) on a real
+// database, for a shipper that lets it gather acknowledgements: 30
+// transactions sent 10 ms apart are all applied and acknowledged, with
+// far fewer flushes (Progress calls, each flushing the WAL) than
+// transactions, at least AckGather apart.
+func TestGatheredAcksOnPostgres(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "eu"})
+	if err := c.Exec(ctx, "postgres", "CREATE TABLE public.items (id int PRIMARY KEY, v text)"); err != nil {
+		t.Fatal(err)
+	}
+	logs := newLogBuf(t)
+	app := &countingApplier{Applier: apply.NewApplier(newPool(t, ctx, c, "postgres"), logs.logger(), apply.WithLazyFlush()), calls: map[pglogrepl.LSN]int{}}
+	cfg := serverConfig("eu", "eu1")
+	cfg.AckGather = MaxAckGather
+	addr := serve(t, NewServer(cfg, app, logs.logger()))
+	eu := &region{name: "eu", cluster: c, db: "postgres", pool: newPool(t, ctx, c, "postgres"), nodes: []NodeAddr{{Name: "eu1", Addr: addr}}}
+	sh := eu.shipper(t, func(sc *ShipperConfig) { sc.AckTimeout, sc.GatherAcks = MinGatherAckTimeout, true }, logs)
+	waitFor(t, "connected to eu1", 10*time.Second, func() bool { return sh.Status().Path == "eu1" })
+	app.mu.Lock()
+	skip := len(app.progress) // the Welcome's
+	app.mu.Unlock()
+
+	const n = 30
+	for i := 1; i <= n; i++ {
+		if err := sh.Send(ctx, mkTxn(i, 0)); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	waitFor(t, fmt.Sprintf("ack of txn %d", n), 30*time.Second, func() bool { return sh.Acked() == lsnOf(n) })
+	eu.checkRows(t, ctx, n)
+	if p, err := eu.progress(ctx); err != nil || p != lsnOf(n) {
+		t.Fatalf("durable progress %s (%v), want %s", p, err, lsnOf(n))
+	}
+	app.mu.Lock()
+	calls := append([]time.Time(nil), app.progress[skip:]...)
+	app.mu.Unlock()
+	if len(calls) == 0 || len(calls) > n/3 {
+		t.Fatalf("%d flushes for %d transactions sent 10 ms apart, want them gathered", len(calls), n)
+	}
+	for i := 1; i < len(calls); i++ {
+		if d := calls[i].Sub(calls[i-1]); d < MaxAckGather {
+			t.Fatalf("flushes %s apart, want at least the gather of %s", d, MaxAckGather)
+		}
+	}
+	t.Logf("%d transactions, %d flushes", n, len(calls))
 }
