@@ -349,3 +349,28 @@ func TestClockHorizon(t *testing.T) {
 		t.Fatalf("%s clock floors after a write with the horizon below the clock, want still 1 (trigger skipped)", got)
 	}
 }
+
+// TestBatchStampsCompression: Setup has prism.batch_stamps compress its
+// arrays with lz4 on a server that has it (and keeps the default on one
+// that does not), and a second Setup leaves that as it is.
+func TestBatchStampsCompression(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "stamps-lz4"})
+	pool := newPool(t, ctx, c, "postgres")
+	want := "l"
+	if _, err := pool.Exec(ctx, "CREATE TEMP TABLE probe (v text COMPRESSION lz4)"); err != nil {
+		t.Logf("this server has no lz4 (%v): the default stays", err)
+		want = ""
+	}
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	for i := 0; i < 2; i++ {
+		if err := a.Setup(ctx); err != nil {
+			t.Fatalf("Setup %d: %v", i+1, err)
+		}
+		got := queryString(t, ctx, pool, `SELECT string_agg(attname || '=' || attcompression::text, ',' ORDER BY attname)
+			FROM pg_attribute WHERE attrelid = 'prism.batch_stamps'::regclass AND attname IN ('keys', 'ts')`)
+		if w := "keys=" + want + ",ts=" + want; got != w {
+			t.Fatalf("after Setup %d: compression %q, want %q", i+1, got, w)
+		}
+	}
+}
