@@ -89,7 +89,8 @@ var errNotBatchable = errors.New("not batchable")
 // (TRUNCATE, a key written again after its delete or inserted twice, an
 // insert then a delete of one key, a key change, an unchanged TOASTed or
 // binary value, a table without a key that is not insert-only, identity
-// ALWAYS columns, triggers of the table's own that fire on applied rows,
+// ALWAYS columns, triggers of the table's own that fire on applied rows
+// other than AFTER row ones, an update or delete of a table with those,
 // a column the target lacks) ends the batch before that transaction.
 func (a *Applier) plan(ctx context.Context, conn *pgx.Conn, txns []*decode.Txn) (*batchPlan, int) {
 	bp := &batchPlan{tables: map[string]*batchTable{}}
@@ -196,6 +197,9 @@ func (bp *batchPlan) add(ctx context.Context, a *Applier, conn *pgx.Conn, t *dec
 		bt, err := bp.table(ctx, a, conn, c)
 		if err != nil {
 			return err
+		}
+		if bt.t.insertsOnly && c.Op != decode.OpInsert {
+			return errNotBatchable // its triggers must see every version
 		}
 		if !bt.keyed {
 			if c.Op != decode.OpInsert || c.Rel.ReplicaIdentity == decode.IdentityFull || !plainRow(c.New, len(c.Rel.Columns)) {

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -673,5 +675,104 @@ func TestPlanUndo(t *testing.T) {
 	}
 	if got, w := fingerprint(bp), fingerprint(want); got != w {
 		t.Fatalf("plan after the undone third transaction:\n%s\nwant, as after the first two:\n%s", got, w)
+	}
+}
+
+// TestBatchAfterRowTriggers: a table with AFTER row triggers that fire on
+// applied rows takes part in batches with its inserts, and each source
+// row fires them once, with its own values; its updates end a batch
+// (they reach the triggers by the row path), and a table with a BEFORE
+// or a statement trigger stays out of batches altogether.
+func TestBatchAfterRowTriggers(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "batch-triggers"})
+	mustExec(t, ctx, c, "postgres", `
+		CREATE TABLE fired (tbl text, op text, v text);
+		CREATE FUNCTION fire() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN
+			INSERT INTO fired VALUES (TG_TABLE_NAME, TG_OP, CASE WHEN TG_LEVEL = 'ROW' THEN NEW.v END);
+			RETURN NEW;
+		END $$;
+		CREATE TABLE logged (id int PRIMARY KEY, v text);
+		CREATE TRIGGER logged_fire AFTER INSERT OR UPDATE ON logged FOR EACH ROW EXECUTE FUNCTION fire();
+		ALTER TABLE logged ENABLE ALWAYS TRIGGER logged_fire;
+		CREATE TABLE keyless (v text);
+		CREATE CONSTRAINT TRIGGER keyless_fire AFTER INSERT ON keyless DEFERRABLE INITIALLY DEFERRED
+			FOR EACH ROW EXECUTE FUNCTION fire();
+		ALTER TABLE keyless ENABLE REPLICA TRIGGER keyless_fire;
+		CREATE TABLE befored (id int PRIMARY KEY, v text);
+		CREATE TRIGGER befored_fire BEFORE INSERT ON befored FOR EACH ROW EXECUTE FUNCTION fire();
+		ALTER TABLE befored ENABLE ALWAYS TRIGGER befored_fire;
+		CREATE TABLE stmt (id int PRIMARY KEY, v text);
+		CREATE TRIGGER stmt_fire AFTER INSERT ON stmt FOR EACH STATEMENT EXECUTE FUNCTION fire();
+		ALTER TABLE stmt ENABLE ALWAYS TRIGGER stmt_fire;
+	`)
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	defer a.Close()
+	logged := rel("public", "logged", decode.IdentityDefault, "id*", "v")
+	keyless := rel("public", "keyless", decode.IdentityDefault, "v")
+	befored := rel("public", "befored", decode.IdentityDefault, "id*", "v")
+	stmt := rel("public", "stmt", decode.IdentityDefault, "id*", "v")
+	lsn := uint64(0)
+	next := func(changes ...decode.Change) *decode.Txn {
+		lsn += 1000
+		return txn("na", lsn, float64(lsn)/1000, changes...)
+	}
+	apply := func(txns []*decode.Txn) Stats {
+		t.Helper()
+		before := a.Stats()["na"]
+		if n, err := a.ApplyBatch(ctx, txns); err != nil || n != len(txns) {
+			t.Fatalf("ApplyBatch = %d, %v", n, err)
+		}
+		after := a.Stats()["na"]
+		return Stats{Batched: after.Batched - before.Batched, ByRow: after.ByRow - before.ByRow}
+	}
+	fired := func() string {
+		return queryString(t, ctx, a.pool, "SELECT coalesce(string_agg(tbl || ' ' || op || ' ' || coalesce(v, '-'), ', ' ORDER BY tbl, op, v), '') FROM fired")
+	}
+
+	// Inserts of new keys, and of rows without a key: one batch, one
+	// firing per source row.
+	var txns []*decode.Txn
+	var want []string
+	for i := 1; i <= 6; i++ {
+		v := fmt.Sprintf("v%d", i)
+		txns = append(txns, next(ins(logged, strconv.Itoa(i), v), ins(keyless, v)))
+		want = append(want, "keyless INSERT "+v, "logged INSERT "+v)
+	}
+	if st := apply(txns); st.Batched != 6 || st.ByRow != 0 {
+		t.Errorf("inserts: %d batched, %d by rows; want 6 batched", st.Batched, st.ByRow)
+	}
+	sort.Strings(want)
+	if got := fired(); got != strings.Join(want, ", ") {
+		t.Fatalf("inserts fired\n%s\nwant\n%s", got, strings.Join(want, ", "))
+	}
+
+	// An update of the triggered table ends the batch before it: its
+	// triggers see it, and the other updates of the same key, by rows.
+	mustExec(t, ctx, c, "postgres", "TRUNCATE fired")
+	txns = []*decode.Txn{next(ins(logged, "7", "w7")), next(ins(logged, "8", "w8")), next(upd(logged, nil, "7", "u1")),
+		next(upd(logged, nil, "7", "u2")), next(ins(logged, "9", "w9"))}
+	if st := apply(txns); st.Batched+st.ByRow != 5 || st.ByRow < 2 || st.Batched < 2 {
+		t.Errorf("inserts and updates: %d batched, %d by rows; want the two updates by rows, the first inserts batched", st.Batched, st.ByRow)
+	}
+	if got, want := fired(), "logged INSERT w7, logged INSERT w8, logged INSERT w9, logged UPDATE u1, logged UPDATE u2"; got != want {
+		t.Fatalf("inserts and updates fired\n%s\nwant\n%s", got, want)
+	}
+	if got := tableRows(t, ctx, a.pool, "logged"); !strings.Contains(got, `{"id":7,"v":"u2"}`) {
+		t.Errorf("logged = %s, want key 7 at u2", got)
+	}
+
+	// BEFORE and statement triggers keep their tables out of batches.
+	mustExec(t, ctx, c, "postgres", "TRUNCATE fired")
+	txns = nil
+	for i := 1; i <= 4; i++ {
+		txns = append(txns, next(ins(befored, strconv.Itoa(i), "b"), ins(stmt, strconv.Itoa(i), "s")))
+	}
+	if st := apply(txns); st.Batched != 0 || st.ByRow != 4 {
+		t.Errorf("BEFORE and statement triggers: %d batched, %d by rows; want 4 by rows", st.Batched, st.ByRow)
+	}
+	if got, want := fired(), "befored INSERT b, befored INSERT b, befored INSERT b, befored INSERT b, stmt INSERT -, stmt INSERT -, stmt INSERT -, stmt INSERT -"; got != want {
+		t.Fatalf("BEFORE and statement triggers fired\n%s\nwant\n%s", got, want)
 	}
 }

@@ -110,7 +110,11 @@
 // path leaves a tombstone), a key change, an unchanged TOASTed or binary
 // value, a table without a key that is not insert-only (REPLICA IDENTITY
 // FULL), identity ALWAYS or array columns, triggers of the table's own
-// that fire on applied rows (they must see every source row), a relation
+// that fire on applied rows (ENABLE ALWAYS or REPLICA) unless they are
+// AFTER ... FOR EACH ROW without transition tables, an update or delete
+// of a table that has such AFTER row triggers (they must see every
+// version; its inserts of new keys join, each firing them once as the
+// row path does, table by table rather than in source order), a relation
 // whose columns change within the batch, a column the target lacks.
 //
 // Array statements only take the way that needs no conflict check: an

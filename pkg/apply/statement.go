@@ -36,10 +36,19 @@ type target struct {
 	// the table is renamed.
 	meta string
 	// unbatched: the table's rows are never batched. It has triggers of
-	// its own that fire on applied rows (ENABLE ALWAYS or REPLICA), which
-	// must see every source row, or array columns, which an array
-	// parameter cannot carry one per element.
+	// its own that fire on applied rows (ENABLE ALWAYS or REPLICA) other
+	// than AFTER ... FOR EACH ROW ones without transition tables (a
+	// BEFORE trigger may change or skip a row the array statement counts
+	// and stamps; a statement trigger would fire once per batch), or
+	// array columns, which an array parameter cannot carry one per
+	// element.
 	unbatched bool
+	// insertsOnly: the table has AFTER row triggers that fire on applied
+	// rows. Its inserts of new keys may join a batch: each source row is
+	// then inserted once, as itself, and fires the triggers once, as on
+	// the row path. Its updates and deletes may not, since a batch keeps
+	// only a key's last version.
+	insertsOnly bool
 }
 
 const loadTargetSQL = `
@@ -52,6 +61,23 @@ JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
 JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum`
+
+// targetBatchingSQL tells, for table $1, whether its rows are never
+// batched (target.unbatched), whether only its inserts are
+// (target.insertsOnly), and the name its conflict metadata is kept under
+// ($2 when prism.table_names has none). The triggers that fire on
+// applied rows are the table's own ENABLE ALWAYS and ENABLE REPLICA ones
+// (not prism-cdc's): tgtype bit 0 is FOR EACH ROW, bit 1 BEFORE, bit 6
+// INSTEAD OF.
+const targetBatchingSQL = `WITH tg AS (SELECT (t.tgtype & 1) = 1 AND (t.tgtype & 66) = 0
+		AND t.tgoldtable IS NULL AND t.tgnewtable IS NULL AS after_row
+	FROM pg_catalog.pg_trigger t WHERE t.tgrelid = to_regclass($1)
+		AND NOT t.tgisinternal AND t.tgenabled IN ('A', 'R') AND t.tgname NOT IN ('prism_clock', 'prism_tombstone'))
+SELECT EXISTS (SELECT 1 FROM tg WHERE NOT tg.after_row)
+		OR EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid
+		WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped AND ty.typcategory = 'A'),
+	EXISTS (SELECT 1 FROM tg),
+	coalesce((SELECT n.name FROM prism.table_names n WHERE n.relid = to_regclass($1)), $2)`
 
 // loadTarget reads the columns of schema.table from the catalog.
 func loadTarget(ctx context.Context, conn *pgx.Conn, schema, table string) (*target, error) {
@@ -87,11 +113,7 @@ func loadTarget(ctx context.Context, conn *pgx.Conn, schema, table string) (*tar
 	if len(t.types) == 0 {
 		return nil, permanent("42P01", "table %s does not exist in the target database", t.name)
 	}
-	if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = to_regclass($1)
-		AND NOT tgisinternal AND tgenabled IN ('A', 'R') AND tgname NOT IN ('prism_clock', 'prism_tombstone'))
-		OR EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid
-		WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped AND ty.typcategory = 'A'),
-		coalesce((SELECT n.name FROM prism.table_names n WHERE n.relid = to_regclass($1)), $2)`, ident, t.name).Scan(&t.unbatched, &t.meta); err != nil {
+	if err := conn.QueryRow(ctx, targetBatchingSQL, ident, t.name).Scan(&t.unbatched, &t.insertsOnly, &t.meta); err != nil {
 		return nil, err
 	}
 	return t, nil
