@@ -137,6 +137,8 @@ type Applier struct {
 	holds, batches atomic.Int64
 	// memos are the failures of recent batches, by source region.
 	memos map[string]*batchMemo
+	// clock is time.Now; tests change it (batchMemo's decay).
+	clock func() time.Time
 	// stats count how each source region's transactions were applied.
 	stats map[string]*Stats
 	// staleRetried is, by source region, the end LSN of the transaction
@@ -160,6 +162,7 @@ func NewApplier(pool *pgxpool.Pool, log zerolog.Logger, opts ...Option) *Applier
 		idle:      map[string]*session{},
 		letting:   map[string]chan struct{}{},
 		memos:     map[string]*batchMemo{},
+		clock:     time.Now,
 		stats:     map[string]*Stats{},
 		holdIdle:  holdIdle,
 		upkeep:    defaultUpkeep,
@@ -932,7 +935,7 @@ func (p *pipeline) tryBatch(ctx context.Context, i int) (n int, ok bool, err err
 	if n <= 1 {
 		return 0, false, nil
 	}
-	if p.a.skipBatch(p.s.source) {
+	if n < p.a.minBatch(p.s.source) || p.a.skipBatch(p.s.source) {
 		p.a.count(p.s.source, func(st *Stats) { st.Skipped++ })
 		return n, false, nil
 	}
@@ -951,18 +954,59 @@ func (p *pipeline) tryBatch(ctx context.Context, i int) (n int, ok bool, err err
 // batchMemo remembers that the batches of one source region keep
 // failing because a row needs the row path or a concurrent write (hot
 // rows written in several regions: a conflict, a missing row or a
-// tombstone in nearly every batch; other errors do not count). A failed batch costs its
-// round trip, a ROLLBACK and the row path's round trip; after fails (two
-// or more) failures in a row, the next skip batches of the source go
-// straight to the row path, which decides every row as the failed batch
-// would have been decided. skip is 2^(fails-2) up to maxBatchSkip, and
-// one batch that commits forgets the failures.
+// tombstone in many batches; other errors do not count). A failed batch
+// costs its round trip, a ROLLBACK and the row path's round trip, and
+// buys nothing. Two things follow from failures:
+//
+//   - fails counts them in a row: after two or more, the next skip
+//     batches of the source go straight to the row path, which decides
+//     every row as the failed batch would have been decided. skip is
+//     2^(fails-2) up to maxBatchSkip, and one batch that commits forgets
+//     them.
+//   - recent counts them lately, halving every batchMemory after the
+//     last one, and a committed batch does not forget them: while it is
+//     r, only runs of at least 2<<r transactions (up to maxMinBatch) are
+//     batched (minBatch). In an active-active mesh that writes hot rows,
+//     a quarter of the batches of two or three transactions failed,
+//     with batches committing in between; small runs then go by rows,
+//     where a batch would gain little, while a catch-up's long runs
+//     still batch.
 type batchMemo struct {
 	fails, skip int
+	recent      int
+	last        time.Time // when recent last grew
 }
 
 // maxBatchSkip bounds the batches applied by rows between two tries.
 const maxBatchSkip = 64
+
+// batchMemory is how long a failed batch keeps raising the smallest run
+// a source batches before it counts half (see batchMemo).
+const batchMemory = time.Second
+
+// maxMinBatch bounds the smallest run minBatch asks for.
+const maxMinBatch = 128
+
+// recentAt is m.recent at now, halved for every batchMemory since the
+// last failure.
+func (m *batchMemo) recentAt(now time.Time) int {
+	shift := now.Sub(m.last) / batchMemory
+	if m.recent == 0 || shift >= 31 {
+		return 0
+	}
+	return m.recent >> max(shift, 0)
+}
+
+// minBatch returns the fewest transactions of source that make a batch.
+func (a *Applier) minBatch(source string) int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	m := a.memos[source]
+	if m == nil {
+		return 2
+	}
+	return min(2<<min(m.recentAt(a.clock()), 7), maxMinBatch)
+}
 
 // skipBatch reports whether the next batch of source goes by rows, and
 // counts it.
@@ -981,11 +1025,17 @@ func (a *Applier) skipBatch(source string) bool {
 func (a *Applier) batchDone(source string, ok bool) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	now := a.clock()
+	m := a.memos[source]
 	if ok {
-		delete(a.memos, source)
+		if m != nil {
+			m.fails, m.skip = 0, 0
+			if m.recentAt(now) == 0 {
+				delete(a.memos, source)
+			}
+		}
 		return
 	}
-	m := a.memos[source]
 	if m == nil {
 		m = &batchMemo{}
 		a.memos[source] = m
@@ -994,6 +1044,7 @@ func (a *Applier) batchDone(source string, ok bool) {
 	if m.fails > 1 {
 		m.skip = min(1<<min(m.fails-2, 10), maxBatchSkip)
 	}
+	m.recent, m.last = m.recentAt(now)+1, now
 }
 
 // pipeline applies one run of transactions on a held session, many per

@@ -8,6 +8,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -391,6 +392,9 @@ func TestBatchFailuresRemembered(t *testing.T) {
 	mustExec(t, ctx, c, "postgres", batchSchema)
 	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
 	defer a.Close()
+	// Each step comes a minute after the last: the failures it counts
+	// are those in a row, not the recent ones (TestBatchFailuresRecent).
+	clock := testClock(a)
 	mustExec(t, ctx, c, "postgres", "UPDATE kv SET v = 'local' WHERE id <= 4")
 	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v", "n")
 	old := time.Now().Add(-time.Hour).Sub(baseTime).Seconds()
@@ -414,6 +418,7 @@ func TestBatchFailuresRemembered(t *testing.T) {
 			txn("na", 1900, t0+4, upd(kv, nil, "9", "na", `\N`)), txn("na", 2000, t0+5, ins(kv, "10", "na", `\N`))}, 4, "1", Stats{ByRow: 6, RolledBack: 2, Skipped: 1, Batches: 2, Batched: 4}},
 	}
 	for _, st := range steps {
+		clock.Add(int64(time.Minute))
 		if n, err := a.ApplyBatch(ctx, st.txns); n != len(st.txns) || err != nil {
 			t.Fatalf("%s: ApplyBatch = %d, %v", st.name, n, err)
 		}
@@ -774,5 +779,73 @@ func TestBatchAfterRowTriggers(t *testing.T) {
 	}
 	if got, want := fired(), "befored INSERT b, befored INSERT b, befored INSERT b, befored INSERT b, stmt INSERT -, stmt INSERT -, stmt INSERT -, stmt INSERT -"; got != want {
 		t.Fatalf("BEFORE and statement triggers fired\n%s\nwant\n%s", got, want)
+	}
+}
+
+// testClock makes a's clock (batchMemo's) a value the test moves, in
+// unix nanoseconds.
+func testClock(a *Applier) *atomic.Int64 {
+	var now atomic.Int64
+	now.Store(time.Now().UnixNano())
+	a.clock = func() time.Time { return time.Unix(0, now.Load()) }
+	return &now
+}
+
+// TestBatchFailuresRecent: after a batch of a source failed, a run of its
+// transactions is batched only when it holds at least 2<<r of them, r
+// being its recent failures (halved every batchMemory since the last);
+// a batch that commits does not forget them, time does. So in a mesh
+// whose hot rows fail a batch now and then, small runs go by rows while
+// long ones still batch.
+func TestBatchFailuresRecent(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "brecent"})
+	mustExec(t, ctx, c, "postgres", batchSchema)
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	defer a.Close()
+	clock := testClock(a)
+	mustExec(t, ctx, c, "postgres", "INSERT INTO kv (id, v) SELECT i, 'base' FROM generate_series(10, 20) i; UPDATE kv SET v = 'local' WHERE id <= 2")
+	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v", "n")
+	old := time.Now().Add(-time.Hour).Sub(baseTime).Seconds()
+	t0 := time.Now().Add(time.Hour).Sub(baseTime).Seconds()
+	lsn, key := uint64(1000), 2
+	run := func(n int) []*decode.Txn {
+		var txns []*decode.Txn
+		for i := 0; i < n; i++ {
+			lsn, key = lsn+100, key+1
+			txns = append(txns, txn("na", lsn, t0+float64(key), upd(kv, nil, strconv.Itoa(key), "na", `\N`)))
+		}
+		return txns
+	}
+	steps := []struct {
+		name    string
+		txns    []*decode.Txn
+		after   time.Duration // on the clock since the previous step
+		batches int64         // batches sent so far
+		stats   Stats         // na's counters so far
+	}{
+		{"a conflicting pair: tried, rolled back", []*decode.Txn{
+			txn("na", 1010, old, upd(kv, nil, "1", "na", `\N`)), txn("na", 1020, old+1, upd(kv, nil, "2", "na", `\N`))},
+			0, 1, Stats{ByRow: 2, RolledBack: 1}},
+		{"a pair right after: by rows", run(2), 100 * time.Millisecond, 1, Stats{ByRow: 4, RolledBack: 1, Skipped: 1}},
+		{"a run of three: by rows", run(3), 100 * time.Millisecond, 1, Stats{ByRow: 7, RolledBack: 1, Skipped: 2}},
+		{"a run of four: batched", run(4), 100 * time.Millisecond, 2, Stats{ByRow: 7, RolledBack: 1, Skipped: 2, Batches: 1, Batched: 4}},
+		{"a pair after it: still by rows", run(2), 100 * time.Millisecond, 2, Stats{ByRow: 9, RolledBack: 1, Skipped: 3, Batches: 1, Batched: 4}},
+		{"a pair a second later: batched", run(2), batchMemory, 3, Stats{ByRow: 9, RolledBack: 1, Skipped: 3, Batches: 2, Batched: 6}},
+	}
+	for _, st := range steps {
+		clock.Add(int64(st.after))
+		if n, err := a.ApplyBatch(ctx, st.txns); n != len(st.txns) || err != nil {
+			t.Fatalf("%s: ApplyBatch = %d, %v", st.name, n, err)
+		}
+		if got := a.batches.Load(); got != st.batches {
+			t.Fatalf("%s: %d batches sent, want %d", st.name, got, st.batches)
+		}
+		if got := a.Stats()["na"]; got != st.stats {
+			t.Fatalf("%s: stats %+v, want %+v", st.name, got, st.stats)
+		}
+	}
+	if got, want := queryString(t, ctx, a.pool, "SELECT string_agg(id::text, ',' ORDER BY id) FROM kv WHERE v = 'na'"), "3,4,5,6,7,8,9,10,11,12,13,14,15"; got != want {
+		t.Errorf("keys written by na: %s, want %s", got, want)
 	}
 }
