@@ -139,6 +139,11 @@
 // batch that commits ends that. Hot
 // rows written in several regions (a conflict, a missing row or a
 // tombstone in nearly every batch) so pay for the row path about once.
+// Failures also count while batches commit in between (a quarter of the
+// small batches failing, say): with r failures lately, halved every
+// second after the last, only runs of at least 2<<r transactions (at
+// most 128) are batched, so small runs go by rows for a while and a
+// catch-up's long runs still batch.
 //
 // Stamps stay exact (see Conflicts): the statement that writes versions
 // also records, in one row of prism.batch_stamps, its xmin (the batch's
