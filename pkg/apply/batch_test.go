@@ -419,15 +419,7 @@ func TestBatchFailuresRemembered(t *testing.T) {
 	}
 	for _, st := range steps {
 		clock.Add(int64(time.Minute))
-		if n, err := a.ApplyBatch(ctx, st.txns); n != len(st.txns) || err != nil {
-			t.Fatalf("%s: ApplyBatch = %d, %v", st.name, n, err)
-		}
-		if got := a.batches.Load(); got != st.batches {
-			t.Fatalf("%s: %d batches sent, want %d", st.name, got, st.batches)
-		}
-		if got := a.Stats()["na"]; got != st.stats {
-			t.Fatalf("%s: stats %+v, want %+v", st.name, got, st.stats)
-		}
+		applyCounted(t, ctx, a, st.name, st.txns, st.batches, st.stats)
 		if st.targets == "" {
 			continue
 		}
@@ -782,6 +774,21 @@ func TestBatchAfterRowTriggers(t *testing.T) {
 	}
 }
 
+// applyCounted applies txns (step name) and checks the batches a sent so
+// far and source na's counters.
+func applyCounted(t *testing.T, ctx context.Context, a *Applier, name string, txns []*decode.Txn, batches int64, stats Stats) {
+	t.Helper()
+	if n, err := a.ApplyBatch(ctx, txns); n != len(txns) || err != nil {
+		t.Fatalf("%s: ApplyBatch = %d, %v", name, n, err)
+	}
+	if got := a.batches.Load(); got != batches {
+		t.Fatalf("%s: %d batches sent, want %d", name, got, batches)
+	}
+	if got := a.Stats()["na"]; got != stats {
+		t.Fatalf("%s: stats %+v, want %+v", name, got, stats)
+	}
+}
+
 // testClock makes a's clock (batchMemo's) a value the test moves, in
 // unix nanoseconds.
 func testClock(a *Applier) *atomic.Int64 {
@@ -835,15 +842,7 @@ func TestBatchFailuresRecent(t *testing.T) {
 	}
 	for _, st := range steps {
 		clock.Add(int64(st.after))
-		if n, err := a.ApplyBatch(ctx, st.txns); n != len(st.txns) || err != nil {
-			t.Fatalf("%s: ApplyBatch = %d, %v", st.name, n, err)
-		}
-		if got := a.batches.Load(); got != st.batches {
-			t.Fatalf("%s: %d batches sent, want %d", st.name, got, st.batches)
-		}
-		if got := a.Stats()["na"]; got != st.stats {
-			t.Fatalf("%s: stats %+v, want %+v", st.name, got, st.stats)
-		}
+		applyCounted(t, ctx, a, st.name, st.txns, st.batches, st.stats)
 	}
 	if got, want := queryString(t, ctx, a.pool, "SELECT string_agg(id::text, ',' ORDER BY id) FROM kv WHERE v = 'na'"), "3,4,5,6,7,8,9,10,11,12,13,14,15"; got != want {
 		t.Errorf("keys written by na: %s, want %s", got, want)
