@@ -143,6 +143,7 @@ func TestBatchFallback(t *testing.T) {
 		ALTER TABLE hist ADD CONSTRAINT target_only CHECK (note IS DISTINCT FROM 'bad');`)
 	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
 	defer a.Close()
+	clock := testClock(a)
 	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v", "n")
 	hist := rel("public", "hist", decode.IdentityDefault, "id", "note")
 	t0 := time.Now().Add(time.Hour).Sub(baseTime).Seconds()
@@ -173,6 +174,10 @@ func TestBatchFallback(t *testing.T) {
 	if got := queryString(t, ctx, a.pool, "SELECT count(*)::text FROM prism.batch_stamps"); got != "0" {
 		t.Fatalf("%s row stamps left by a rolled back batch", got)
 	}
+
+	// A minute later the conflict above no longer keeps pairs from
+	// batching (batchMemo).
+	clock.Add(int64(time.Minute))
 
 	// The second of four transactions fails in the target only.
 	bad := []*decode.Txn{
@@ -229,6 +234,7 @@ func TestBatchLocalConverges(t *testing.T) {
 	mustExec(t, ctx, eu, "postgres", batchSchema)
 	mustExec(t, ctx, as, "postgres", batchSchema)
 	aEU := newApplier(t, ctx, eu, "postgres", WithLocalRegion("eu"))
+	clock := testClock(aEU)
 	aAS := newApplier(t, ctx, as, "postgres", WithLocalRegion("as"))
 	defer aEU.Close()
 	defer aAS.Close()
@@ -298,7 +304,9 @@ func TestBatchLocalConverges(t *testing.T) {
 	}
 	// A batch that needs no conflict check goes in one target
 	// transaction over the local versions, with the stamps it has where
-	// it is applied one by one.
+	// it is applied one by one. A minute later, so that the conflicts of
+	// the first batch no longer keep a pair from batching (batchMemo).
+	clock.Add(int64(time.Minute))
 	batch2 := []*decode.Txn{
 		txn("na", 1400, at(3*time.Minute), upd(kv, nil, "1", "na2", `\N`), upd(kv, nil, "7", "na2", `\N`)),
 		txn("na", 1500, at(4*time.Minute), upd(kv, nil, "1", "na3", `\N`)),
