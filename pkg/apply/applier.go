@@ -889,24 +889,27 @@ func (p *pipeline) again(ctx context.Context) error {
 // runFrom is run from transaction from on, once: its error is about
 // txns[p.committed].
 func (p *pipeline) runFrom(ctx context.Context, from int) error {
-	// rows: the transactions before it failed as a batch and are applied
-	// one by one.
+	// rows: the transactions before it go one by one (a batch of them
+	// was not tried).
 	rows := 0
 	for i := from; i < len(p.txns); {
 		if p.skip[i] {
 			i++
 			continue
 		}
-		if i >= rows {
-			n, ok, err := p.tryBatch(ctx, i)
+		if i >= rows && !p.isNamed(i) {
+			batched, byRows, err := p.tryBatch(ctx, i)
 			if err != nil {
 				return err
 			}
-			if ok {
-				i += n
+			if batched == 0 && byRows == 0 {
+				continue // a failed batch named transactions: look again
+			}
+			i += batched
+			rows = i + byRows
+			if batched > 0 {
 				continue
 			}
-			rows = i + n
 		}
 		err := p.queue(ctx, i)
 		var be *buildError
@@ -923,33 +926,69 @@ func (p *pipeline) runFrom(ctx context.Context, from int) error {
 
 // tryBatch applies the transactions from i on that form a batch (see
 // plan), after sending what is queued before them. It returns how many
-// it took (0: too few to batch) and whether the batch is durable; a
-// batch that was rolled back, or not tried because the source's batches
-// keep failing (see batchMemo), is for the row path.
-func (p *pipeline) tryBatch(ctx context.Context, i int) (n int, ok bool, err error) {
+// of them are durable as a batch, or how many go to the row path: too
+// few to batch, not tried because the source's batches keep failing (see
+// batchMemo), or rolled back. A batch whose failure prism.batch_check
+// pinned on rows returns neither: the transactions of those rows' first
+// changes are named (p.named) and go by rows, and the runs between them
+// are tried as batches of their own, with at least minPrefix
+// transactions, however the source's batches went lately: their rows
+// took the batch's way up to the failing statement already. So a
+// conflict in a catch-up costs a failed round trip and a transaction by
+// rows, not the whole batch by rows.
+func (p *pipeline) tryBatch(ctx context.Context, i int) (batched, byRows int, err error) {
 	run := i + 1
-	for run < len(p.txns) && !p.skip[run] {
+	for run < len(p.txns) && !p.skip[run] && !p.isNamed(run) {
 		run++
 	}
 	bp, n := p.a.plan(ctx, p.s.conn.Conn(), p.txns[i:run])
 	if n <= 1 {
-		return 0, false, nil
+		return 0, 1, nil
 	}
-	if n < p.a.minBatch(p.s.source) || p.a.skipBatch(p.s.source) {
+	if i+n == run && p.isNamed(run) {
+		if n < minPrefix {
+			p.a.count(p.s.source, func(st *Stats) { st.Skipped++ })
+			return 0, n, nil
+		}
+	} else if n < p.a.minBatch(p.s.source) || p.a.skipBatch(p.s.source) {
 		p.a.count(p.s.source, func(st *Stats) { st.Skipped++ })
-		return n, false, nil
+		return 0, n, nil
 	}
 	// Queued transactions commit before the batch.
 	if err := p.send(ctx, false); err != nil {
-		return n, false, err
+		return 0, 0, err
 	}
 	p.a.batches.Add(1)
-	ok, conflict, err := p.batch(ctx, i, i+n, bp)
+	ok, conflict, named, err := p.batch(ctx, i, i+n, bp)
 	if ok || conflict {
 		p.a.batchDone(p.s.source, ok)
 	}
-	return n, ok, err
+	switch {
+	case err != nil:
+		return 0, 0, err
+	case ok:
+		return n, 0, nil
+	case len(named) == 0:
+		return 0, n, nil
+	}
+	if p.named == nil {
+		p.named = make([]bool, len(p.txns))
+	}
+	for _, t := range named {
+		p.named[t] = true
+	}
+	return 0, 0, nil
 }
+
+// isNamed reports whether a failed batch named txns[i] (see tryBatch).
+func (p *pipeline) isNamed(i int) bool {
+	return i < len(p.named) && p.named[i]
+}
+
+// minPrefix is the fewest transactions between those a failed batch
+// named that are tried as a batch: with fewer, the round trip a batch
+// saves is about what it costs.
+const minPrefix = 4
 
 // batchMemo remembers that the batches of one source region keep
 // failing because a row needs the row path or a concurrent write (hot
@@ -970,7 +1009,8 @@ func (p *pipeline) tryBatch(ctx context.Context, i int) (n int, ok bool, err err
 //     a quarter of the batches of two or three transactions failed,
 //     with batches committing in between; small runs then go by rows,
 //     where a batch would gain little, while a catch-up's long runs
-//     still batch.
+//     still batch. The runs between the transactions a failed batch
+//     named are not held to it (see tryBatch).
 type batchMemo struct {
 	fails, skip int
 	recent      int
@@ -984,8 +1024,13 @@ const maxBatchSkip = 64
 // a source batches before it counts half (see batchMemo).
 const batchMemory = time.Second
 
-// maxMinBatch bounds the smallest run minBatch asks for.
-const maxMinBatch = 128
+// maxMinBatch bounds the smallest run minBatch asks for. A catch-up
+// that meets a conflict now and then fails a batch for each, so its
+// recent failures climb; with 128, the runs of up to 128 transactions
+// after the last conflict in an ApplyBatch call went by rows, and 1% of
+// conflicting transactions cost 75 us a transaction instead of 47
+// (BenchmarkApplyConflictCost).
+const maxMinBatch = 32
 
 // recentAt is m.recent at now, halved for every batchMemory since the
 // last failure.
@@ -1071,6 +1116,9 @@ type pipeline struct {
 	s    *session
 	txns []*decode.Txn
 	skip []bool // already applied
+	// named are transactions that a failed batch's rows need the row
+	// path for (nil until one does).
+	named []bool
 
 	begin, setup, commit, barrier *pgconn.StatementDescription
 	// origin and immediate are originSQL and immediateSQL.

@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -41,6 +42,7 @@ type batchRow struct {
 	first, last decode.Op
 	check, ts   []byte // commit times: of the first change, of the last
 	vals        []decode.Value
+	txn         int // the transaction of the first change, from the batch's first (0)
 }
 
 // batchTable gathers the changes of one table.
@@ -62,6 +64,8 @@ type batchPlan struct {
 	// journal records what the transaction being added changed in the
 	// tables, so that undo can put the plan back (see mark).
 	journal []undoEntry
+	// txns counts the transactions added.
+	txns int
 }
 
 // undoEntry is one change to a batch table: key's row replaced (prev is
@@ -104,6 +108,7 @@ func (a *Applier) plan(ctx context.Context, conn *pgx.Conn, txns []*decode.Txn) 
 			bp.undo(m)
 			return bp, n
 		}
+		bp.txns++
 	}
 	return bp, len(txns)
 }
@@ -210,7 +215,7 @@ func (bp *batchPlan) add(ctx context.Context, a *Applier, conn *pgx.Conn, t *dec
 			bp.count(c.New)
 			continue
 		}
-		r, err := bt.change(c, ts, &bp.journal)
+		r, err := bt.change(c, ts, bp.txns, &bp.journal)
 		if err != nil {
 			return err
 		}
@@ -256,11 +261,11 @@ func (bp *batchPlan) count(vs []decode.Value) {
 	}
 }
 
-// change folds change c of a keyed table, of a transaction committed at
-// ts, into its key's net change and returns that, or errNotBatchable
-// when the row path would decide it differently (then it changed
-// nothing). What it changes it records in journal.
-func (bt *batchTable) change(c *decode.Change, ts []byte, journal *[]undoEntry) (*batchRow, error) {
+// change folds change c of a keyed table, of the batch's transaction txn
+// committed at ts, into its key's net change and returns that, or
+// errNotBatchable when the row path would decide it differently (then it
+// changed nothing). What it changes it records in journal.
+func (bt *batchTable) change(c *decode.Change, ts []byte, txn int, journal *[]undoEntry) (*batchRow, error) {
 	var k string
 	var ok bool
 	switch c.Op {
@@ -280,7 +285,7 @@ func (bt *batchTable) change(c *decode.Change, ts []byte, journal *[]undoEntry) 
 	r := bt.rows[k]
 	switch {
 	case r == nil:
-		r = &batchRow{first: c.Op, check: ts}
+		r = &batchRow{first: c.Op, check: ts, txn: txn}
 		bt.rows[k] = r
 		bt.order = append(bt.order, k)
 		*journal = append(*journal, undoEntry{bt: bt, key: k})
@@ -371,12 +376,23 @@ type batchStatement struct {
 	withTS    bool  // then an array of the stamps
 }
 
+// maxNamedRows bounds the rows a failed batch statement names.
+const maxNamedRows = 1000
+
+// batchCall is one array statement of a plan with its parameter values.
+type batchCall struct {
+	st   *batchStatement
+	args [][]byte
+	// txns holds, per row of a keyed group, the batch's transaction of
+	// its first change (from 0): where prism.batch_check's row points.
+	txns []int
+}
+
 // statements returns the array statements of the plan with their
 // parameter values, in a fixed order: per table in order of first change,
 // deletes, updates, inserts (a key is in one group only).
-func (bp *batchPlan) statements() ([]*batchStatement, [][][]byte, error) {
-	var sts []*batchStatement
-	var args [][][]byte
+func (bp *batchPlan) statements() ([]batchCall, error) {
+	var calls []batchCall
 	for _, name := range bp.order {
 		bt := bp.tables[name]
 		var groups [groupKinds][]*batchRow
@@ -394,10 +410,12 @@ func (bp *batchPlan) statements() ([]*batchStatement, [][][]byte, error) {
 		for kind := 0; kind < groupKinds; kind++ {
 			rows := make([][]decode.Value, 0, len(groups[kind]))
 			var checks, stamps [][]byte
+			var txns []int
 			for _, r := range groups[kind] {
 				rows = append(rows, r.vals)
 				checks = append(checks, r.check)
 				stamps = append(stamps, r.ts)
+				txns = append(txns, r.txn)
 			}
 			if kind == groupAppend {
 				rows = bt.append
@@ -407,7 +425,7 @@ func (bp *batchPlan) statements() ([]*batchStatement, [][][]byte, error) {
 			}
 			st, err := bt.statement(kind)
 			if err != nil {
-				return nil, nil, err
+				return nil, err
 			}
 			vals := make([][]byte, 0, len(st.cols)+3)
 			for _, col := range st.cols {
@@ -422,20 +440,20 @@ func (bp *batchPlan) statements() ([]*batchStatement, [][][]byte, error) {
 			if kind != groupAppend {
 				vals = append(vals, []byte(strconv.Itoa(len(rows))))
 			}
-			sts = append(sts, st)
-			args = append(args, vals)
+			calls = append(calls, batchCall{st: st, args: vals, txns: txns})
 		}
 	}
-	return sts, args, nil
+	return calls, nil
 }
 
 // statement builds the array statement of one group kind of the table.
 // Rows arrive as one typed array per column, parsed element by element
 // by the column type's input function like the row path's parameters.
 // A keyed group checks that every row took the way the row path takes
-// without a conflict (prism.batch_check fails the batch otherwise), and
-// records the stamps of its rows in prism.batch_stamps (one row with two
-// arrays) in the same statement.
+// without a conflict (prism.batch_check fails the batch otherwise, and
+// names the rows, by their place in the arrays, that did not: only then
+// are they looked up), and records the stamps of its rows in
+// prism.batch_stamps (one row with two arrays) in the same statement.
 func (bt *batchTable) statement(kind int) (*batchStatement, error) {
 	b := &builder{t: bt.t, rel: bt.rel, keys: matchKey(bt.t, bt.rel), index: map[paramRef]int{}}
 	st := &batchStatement{cols: bt.groupColumns(b, kind)}
@@ -461,9 +479,12 @@ func (bt *batchTable) statement(kind int) (*batchStatement, error) {
 		marks = ", m AS (INSERT INTO prism.key_marks (h) SELECT prism.mark_hash(" + tbl + ", " + k.json(k.vals) + ") FROM w" +
 			" ON CONFLICT (h) DO UPDATE SET at = EXCLUDED.at)"
 	}
+	want := "$" + strconv.Itoa(src.n+1) + "::bigint"
+	missed := "(SELECT array_agg(m.ord) FROM (SELECT v.ord FROM " + src.ordinal + " WHERE NOT EXISTS (SELECT 1 FROM w WHERE " + strings.Join(k.joinW, " AND ") +
+		") ORDER BY v.ord LIMIT " + strconv.Itoa(maxNamedRows) + ") m)"
 	st.sql = "WITH w AS (" + w + "), s AS (INSERT INTO prism.batch_stamps (xact, table_name, newest, keys, ts) SELECT xid(pg_catalog.pg_current_xact_id()), " +
 		tbl + ", max(" + sts + "), array_agg(" + k.json(k.vals) + "::text), array_agg(" + sts + ") FROM " + stampFrom + " HAVING count(*) > 0)" + marks +
-		" SELECT prism.batch_check(" + tbl + ", (SELECT count(*) FROM w), $" + strconv.Itoa(src.n+1) + "::bigint)"
+		" SELECT prism.batch_check(" + tbl + ", c.n, " + want + ", CASE WHEN c.n <> " + want + " THEN " + missed + " END) FROM (SELECT count(*) AS n FROM w) c"
 	return st.named(), nil
 }
 
@@ -484,12 +505,14 @@ func (bt *batchTable) groupColumns(b *builder, kind int) []int {
 // batchSource is the row source of an array statement: v, the unnest of
 // its array parameters, and the expressions for its columns.
 type batchSource struct {
-	v     string         // (SELECT * FROM unnest($1::type[], ...) AS v(...)) AS v
-	cols  []int          // the statement's columns (st.cols)
-	n     int            // parameters taken, the row count's is n+1
-	vcol  map[int]string // column -> v.v<i>
-	names []string       // the quoted column names of st.cols
-	exprs []string       // their values, v.v<i>
+	v string // (SELECT * FROM unnest($1::type[], ...) AS v(...)) AS v
+	// ordinal is v with the column ord, each row's position (from 1).
+	ordinal string
+	cols    []int          // the statement's columns (st.cols)
+	n       int            // parameters taken, the row count's is n+1
+	vcol    map[int]string // column -> v.v<i>
+	names   []string       // the quoted column names of st.cols
+	exprs   []string       // their values, v.v<i>
 }
 
 // unnest builds the row source of st: one typed array parameter per
@@ -516,6 +539,7 @@ func (bt *batchTable) unnest(st *batchStatement) batchSource {
 		alias = append(alias, "sts")
 	}
 	src.v = "(SELECT * FROM unnest(" + strings.Join(params, ", ") + ") AS v(" + strings.Join(alias, ", ") + ")) AS v"
+	src.ordinal = "(SELECT * FROM unnest(" + strings.Join(params, ", ") + ") WITH ORDINALITY AS v(" + strings.Join(alias, ", ") + ", ord)) AS v"
 	src.names = make([]string, len(cols))
 	src.exprs = make([]string, len(cols))
 	for i, c := range cols {
@@ -626,24 +650,27 @@ func batched(err error) bool {
 // error of a statement or of COMMIT) it is rolled back and it returns
 // false, and whether a row needed the row path or a concurrent write
 // failed it (conflict): the caller applies the transactions one by one,
-// which pins a failure on exactly one of them. A broken connection or a failed
-// barrier is an error about txns[i], as in send.
-func (p *pipeline) batch(ctx context.Context, i, end int, bp *batchPlan) (ok, conflict bool, err error) {
-	sts, args, serr := bp.statements()
+// which pins a failure on exactly one of them. When prism.batch_check
+// named the rows that need the row path, named holds the transactions of
+// their first changes (indexes into txns, in order): the others may form
+// batches again. A broken connection or a failed barrier is an error
+// about txns[i], as in send.
+func (p *pipeline) batch(ctx context.Context, i, end int, bp *batchPlan) (ok, conflict bool, named []int, err error) {
+	calls, serr := bp.statements()
 	if serr != nil {
-		return false, false, nil
+		return false, false, nil, nil
 	}
 	conn := p.s.conn.Conn()
 	pc := conn.PgConn()
-	sds := make([]*pgconn.StatementDescription, len(sts))
-	for k, st := range sts {
-		if sds[k], err = conn.Prepare(ctx, st.name, st.sql); err != nil {
+	sds := make([]*pgconn.StatementDescription, len(calls))
+	for k, call := range calls {
+		if sds[k], err = conn.Prepare(ctx, call.st.name, call.st.sql); err != nil {
 			if pc.IsClosed() {
 				p.s.broken = true
-				return false, false, p.lost(err)
+				return false, false, nil, p.lost(err)
 			}
 			p.a.log.Debug().Err(err).Msg("batch statement not prepared; applying by rows")
-			return false, false, nil
+			return false, false, nil, nil
 		}
 	}
 	last := p.txns[end-1]
@@ -657,8 +684,8 @@ func (p *pipeline) batch(ctx context.Context, i, end int, bp *batchPlan) (ok, co
 	b := &pgconn.Batch{}
 	b.ExecStatement(p.begin, nil, nil, nil)
 	b.ExecStatement(p.setup, [][]byte{[]byte(last.EndLSN.String()), ts, []byte(last.Origin), []byte(p.a.local)}, nil, nil)
-	for k := range sts {
-		b.ExecStatement(sds[k], args[k], nil, nil)
+	for k, call := range calls {
+		b.ExecStatement(sds[k], call.args, nil, nil)
 	}
 	b.ExecStatement(p.immediate, nil, nil, nil)
 	b.ExecStatement(p.origin, [][]byte{[]byte(last.EndLSN.String()), ts}, nil, nil)
@@ -678,27 +705,51 @@ func (p *pipeline) batch(ctx context.Context, i, end int, bp *batchPlan) (ok, co
 	}
 	if err == nil {
 		p.durable(end-1, true)
-		return true, false, nil
+		return true, false, nil, nil
 	}
 	var pgErr *pgconn.PgError
 	if !errors.As(err, &pgErr) || pc.IsClosed() {
 		p.s.broken = true
-		return false, false, p.lost(err)
+		return false, false, nil, p.lost(err)
 	}
-	if failed > 4+len(sts) {
+	if failed > 4+len(calls) {
 		// COMMIT succeeded, the barrier failed: not known durable.
-		return false, false, p.lost(err)
+		return false, false, nil, p.lost(err)
 	}
 	if _, rerr := pc.Exec(ctx, "ROLLBACK").ReadAll(); rerr != nil {
 		if !errors.As(rerr, &pgErr) || pc.IsClosed() {
 			p.s.broken = true
 		}
-		return false, false, p.lost(rerr)
+		return false, false, nil, p.lost(rerr)
 	}
 	conflict = batched(err) || concurrentState(pgErr.Code)
+	if batched(err) && failed >= 2 && failed < 2+len(calls) {
+		named = namedTxns(pgErr.Detail, calls[failed-2].txns, i)
+	}
 	p.a.count(p.s.source, func(st *Stats) { st.RolledBack++ })
-	p.a.log.Debug().Err(err).Bool("conflict", conflict).Int("txns", end-i).Msg("batch rolled back; applying by rows")
-	return false, conflict, nil
+	p.a.log.Debug().Err(err).Bool("conflict", conflict).Int("txns", end-i).Int("named", len(named)).Msg("batch rolled back")
+	return false, conflict, named, nil
+}
+
+// namedTxns returns the transactions (from i on, in order, each once)
+// of the rows that prism.batch_check's detail names ("rows 3,17": places
+// from 1 in a statement whose rows' transactions, from 0, are txns), or
+// nil when the detail names none or a place that is not there.
+func namedTxns(detail string, txns []int, i int) []int {
+	list, ok := strings.CutPrefix(detail, "rows ")
+	if !ok {
+		return nil
+	}
+	var named []int
+	for _, f := range strings.Split(list, ",") {
+		n, err := strconv.Atoi(f)
+		if err != nil || n < 1 || n > len(txns) {
+			return nil
+		}
+		named = append(named, i+txns[n-1])
+	}
+	slices.Sort(named)
+	return slices.Compact(named)
 }
 
 // sourceKeyed reports whether rel's rows carry a key of the source's

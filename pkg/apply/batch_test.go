@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -854,5 +855,81 @@ func TestBatchFailuresRecent(t *testing.T) {
 	}
 	if got, want := queryString(t, ctx, a.pool, "SELECT string_agg(id::text, ',' ORDER BY id) FROM kv WHERE v = 'na'"), "3,4,5,6,7,8,9,10,11,12,13,14,15"; got != want {
 		t.Errorf("keys written by na: %s, want %s", got, want)
+	}
+}
+
+// TestBatchNamedRows: a batch that fails because some of its rows need
+// the row path names them, and only their transactions go by rows; the
+// runs between them are applied as batches of their own, the second
+// failing statement's rows (another table's) named by a batch of its own.
+func TestBatchNamedRows(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "bnamed"})
+	mustExec(t, ctx, c, "postgres", batchSchema+`
+		CREATE TABLE acct (id int PRIMARY KEY, v text);
+		INSERT INTO kv (id, v) SELECT i, 'base' FROM generate_series(10, 21) i;
+		INSERT INTO acct (id, v) SELECT i, 'base' FROM generate_series(10, 21) i;`)
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	defer a.Close()
+	testClock(a) // the memo's recent failures do not fade during the test
+	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v", "n")
+	acct := rel("public", "acct", decode.IdentityDefault, "id*", "v")
+	t0 := time.Now().Add(time.Hour).Sub(baseTime).Seconds()
+	// Region as wrote kv 14 and acct 19 after every transaction below.
+	if err := a.Apply(ctx, txn("as", 1000, t0+100, upd(kv, nil, "14", "as", `\N`), upd(acct, nil, "19", "as"))); err != nil {
+		t.Fatal(err)
+	}
+	var txns []*decode.Txn
+	for k := 0; k < 12; k++ {
+		id := strconv.Itoa(10 + k)
+		txns = append(txns, txn("na", uint64(2000+100*k), t0+float64(k), upd(kv, nil, id, "na", `\N`), upd(acct, nil, id, "na")))
+	}
+	// The first batch (all 12) fails on kv 14 (the 5th transaction's),
+	// the first four commit as a batch, the 5th goes by rows; the next
+	// batch (the 6th to the 12th) fails on acct 19 (the 10th's), the four
+	// before it commit as a batch, the 10th goes by rows; the last two are
+	// too few to batch right after two failures (minBatch).
+	applyCounted(t, ctx, a, "12 transactions, 2 conflicts", txns, 4, Stats{Batches: 2, Batched: 8, ByRow: 4, RolledBack: 2, Skipped: 1})
+	for _, w := range []struct{ ids, want string }{{"10, 11, 12, 13", "1"}, {"15, 16, 17, 18", "1"}, {"14, 19, 20, 21", "4"}} {
+		if got := targets(t, ctx, a.pool, w.ids); got != w.want {
+			t.Errorf("kv %s written in %s target transactions, want %s", w.ids, got, w.want)
+		}
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT string_agg(id::text || ' ' || v, ',' ORDER BY id) FROM kv WHERE id >= 10"); got !=
+		"10 na,11 na,12 na,13 na,14 as,15 na,16 na,17 na,18 na,19 na,20 na,21 na" {
+		t.Errorf("kv = %s", got)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT string_agg(id::text || ' ' || v, ',' ORDER BY id) FROM acct"); got !=
+		"10 na,11 na,12 na,13 na,14 na,15 na,16 na,17 na,18 na,19 as,20 na,21 na" {
+		t.Errorf("acct = %s", got)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT string_agg(table_name || ' ' || key::text || ' ' || kind, ', ' ORDER BY id) FROM prism.conflicts"); got !=
+		`public.kv {"id": "14"} update, public.acct {"id": "19"} update` {
+		t.Errorf("conflicts = %s", got)
+	}
+	if p, err := a.Progress(ctx, "na"); err != nil || p != txns[11].EndLSN {
+		t.Errorf("Progress = %s, %v; want %s", p, err, txns[11].EndLSN)
+	}
+}
+
+func TestNamedTxns(t *testing.T) {
+	txns := []int{0, 0, 2, 5, 5}
+	for _, c := range []struct {
+		detail string
+		want   []int
+	}{
+		{"rows 1", []int{10}},
+		{"rows 4,1,5,2", []int{10, 15}},
+		{"rows 3,5", []int{12, 15}},
+		{"rows 6", nil},
+		{"rows 0", nil},
+		{"rows unknown", nil},
+		{"rows ", nil},
+		{"row 1", nil},
+		{"", nil},
+	} {
+		if got := namedTxns(c.detail, txns, 10); !slices.Equal(got, c.want) {
+			t.Errorf("namedTxns(%q) = %v, want %v", c.detail, got, c.want)
+		}
 	}
 }

@@ -520,8 +520,66 @@ func BenchmarkPlan(b *testing.B) {
 		if n != len(txns) {
 			b.Fatalf("plan took %d of %d", n, len(txns))
 		}
-		if _, _, err := bp.statements(); err != nil {
+		if _, err := bp.statements(); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// BenchmarkApplyConflictCost reports the server CPU and the time per
+// transaction of a catch-up (pgbench-like transactions, 200 to an
+// ApplyBatch call) in which a share of the transactions update an
+// account that another region wrote later: each of those needs the row
+// path, which keeps the later version and records the conflict.
+//
+//	go test ./pkg/apply -run '^$' -bench ApplyConflictCost -benchtime 4000x
+func BenchmarkApplyConflictCost(b *testing.B) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	c := pgtest.Start(b, pgtest.Options{Name: "conflictcost"})
+	pgbenchSchema(b, ctx, c)
+	mustExec(b, ctx, c, "postgres", "ALTER SYSTEM SET autovacuum = off")
+	mustExec(b, ctx, c, "postgres", "SELECT pg_reload_conf()")
+	a := newApplier(b, ctx, c, "postgres", WithLocalRegion("bench-target"))
+	if err := a.Setup(ctx); err != nil {
+		b.Fatal(err)
+	}
+	accounts := rel("public", "pgbench_accounts", decode.IdentityDefault, "aid*", "bid", "abalance", "filler")
+	var lsn, otherLSN uint64
+	for _, percent := range []int{0, 1, 5} {
+		b.Run(fmt.Sprintf("conflicts=%d%%", percent), func(b *testing.B) {
+			txns := pgbenchTxnsFrom(b.N, int64(percent)+1, lsn)
+			lsn += uint64(100*b.N + 1000)
+			// Region "other" wrote the accounts of every conflicting
+			// transaction an hour after the source did.
+			rng := rand.New(rand.NewSource(int64(percent)))
+			other := &decode.Txn{Origin: "other", CommitTime: time.Now().Add(2 * time.Hour)}
+			conflicting := 0
+			for _, t := range txns {
+				if rng.Intn(100) < percent {
+					conflicting++
+					other.Changes = append(other.Changes, upd(accounts, nil, string(t.Changes[0].New[0].Data), "1", "7", "other"))
+				}
+			}
+			if len(other.Changes) > 0 {
+				otherLSN += 1000
+				other.EndLSN = decodeLSN(otherLSN)
+				if err := a.Apply(ctx, other); err != nil {
+					b.Fatal(err)
+				}
+			}
+			before := queryString(b, ctx, a.pool, "SELECT count(*)::text FROM prism.conflicts")
+			st0 := a.Stats()["bench"]
+			applyMeasured(b, ctx, c, a, txns, 200)
+			after := queryString(b, ctx, a.pool, "SELECT count(*)::text FROM prism.conflicts")
+			nb, _ := strconv.Atoi(before)
+			na, _ := strconv.Atoi(after)
+			if na-nb < conflicting {
+				b.Fatalf("%d conflicts recorded, want at least %d", na-nb, conflicting)
+			}
+			st := a.Stats()["bench"]
+			b.ReportMetric(float64(st.ByRow-st0.ByRow), "by-row")
+			b.ReportMetric(float64(st.RolledBack-st0.RolledBack), "rolled-back")
+		})
 	}
 }

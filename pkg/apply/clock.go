@@ -372,6 +372,20 @@ BEGIN
 	RETURN 1;
 END
 $f$;
+-- With rows, the positions (from 1) in the statement's arrays of the
+-- rows that took another way (the first 1,000), it lists them in its
+-- detail ("rows 3,17"): the batch's other transactions can still be
+-- applied as batches around theirs.
+CREATE OR REPLACE FUNCTION prism.batch_check(tbl text, got bigint, want bigint, rows bigint[]) RETURNS integer
+LANGUAGE plpgsql AS $f$
+BEGIN
+	IF got <> want THEN
+		RAISE EXCEPTION 'prism batch: % of % rows of % need the row path', want - got, want, tbl
+			USING ERRCODE = 'PR002', DETAIL = 'rows ' || coalesce(array_to_string(rows, ','), 'unknown');
+	END IF;
+	RETURN 1;
+END
+$f$;
 -- own: was version x written by this transaction (or one of its
 -- subtransactions that raised a floor)? Its stamp is this transaction's
 -- own, not one to raise a floor over.
