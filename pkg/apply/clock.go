@@ -79,6 +79,12 @@ CREATE TABLE IF NOT EXISTS prism.tombstones (
 -- of a missing key both upsert the key's mark (markSQL): the second
 -- to commit fails with a serialization failure when its snapshot
 -- predates the first, and is applied again on a snapshot that shows it.
+-- A local insert meets an applied delete of its key the same way: when
+-- that delete's stamp is ahead of this region's clock (the only case in
+-- which an insert committed after the delete's snapshot could stamp
+-- older than it), trigger prism_clock fires and upserts the mark before
+-- it reads the key's tombstone, so it waits for the delete and floors
+-- its stamp above the tombstone's.
 -- A key is marked by a 64-bit hash of its table and key text: two keys
 -- that share one only make a transaction be applied again. A mark
 -- matters only while such a transaction runs; the node removes the
@@ -508,6 +514,13 @@ BEGIN
 		RETURN NULL;
 	END IF;
 	IF TG_OP = 'INSERT' THEN
+		-- The key's mark first: an applied delete of the key that is in
+		-- progress (its snapshot predates this insert, so it finds no row)
+		-- holds it, and this insert waits for it to commit and then reads
+		-- its tombstone here, instead of committing under a stamp older
+		-- than the delete's while every other region keeps the delete.
+		INSERT INTO prism.key_marks (h) VALUES (prism.mark_hash(%1$L, %3$s))
+		ON CONFLICT (h) DO UPDATE SET at = EXCLUDED.at;
 		SELECT t.xmin, pg_catalog.pg_xact_commit_timestamp(t.xmin) INTO xm, s FROM prism.tombstones t
 		WHERE t.table_name = %1$L AND t.key = %3$s;
 	ELSE

@@ -74,7 +74,14 @@
 // update of a missing row) and an applied delete of a missing key both
 // upsert the key's row in prism.key_marks: the one whose snapshot
 // predates the other's commit fails with a serialization failure and is
-// applied again, as above.
+// applied again, as above. A local insert and an applied delete of a
+// missing key meet the same way: trigger prism_clock upserts the mark of
+// a key it inserts before it reads the key's tombstone, so an insert that
+// commits after the delete's snapshot waits for the delete and floors its
+// stamp above the tombstone's. The trigger runs only while some stamp may
+// be ahead of the local clock (prism.horizon), and that is the only case
+// that needs it: otherwise the insert commits after the delete's
+// snapshot and so after its stamp, and every region keeps the row.
 //
 // # Ordering
 //

@@ -88,3 +88,73 @@ func testMissingKeyRace(t *testing.T, late string) {
 		t.Fatalf("%s tombstones of kv, want 1 (eu's delete)", got)
 	}
 }
+
+// TestLocalInsertMeetsAppliedDelete: a source whose clock runs a minute
+// ahead of this region's deletes a key that has no row here, and a local
+// insert of that key commits while the applied delete is in progress,
+// after its snapshot (which showed no row). Every other region applies
+// the delete first and then the insert, which it admits only if the
+// insert is stamped after the delete's tombstone: so here the insert
+// must stamp after it too. Without the local insert's key mark it
+// committed with this region's clock, a minute older than the
+// tombstone, and kept a row every other region had refused.
+func TestLocalInsertMeetsAppliedDelete(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "localmark"})
+	mustExec(t, ctx, c, "postgres", `CREATE TABLE kv (id int PRIMARY KEY, v text); CREATE TABLE gate (id int PRIMARY KEY, v text)`)
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("as"))
+	defer a.Close()
+	if err := a.Setup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v")
+	gate := rel("public", "gate", decode.IdentityDefault, "id*", "v")
+	ahead := time.Now().Add(time.Minute).Sub(baseTime).Seconds()
+
+	test, err := c.Connect(ctx, "postgres")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer test.Close(context.Background())
+	if _, err := test.Exec(ctx, "BEGIN; INSERT INTO gate VALUES (1, 'test')"); err != nil {
+		t.Fatal(err)
+	}
+	// The applied transaction deletes key 5 (no row: a tombstone and the
+	// key's mark), then waits on the gate.
+	done := applyUntilLocked(t, ctx, a, []*decode.Txn{txn("eu", 2100, ahead, del(kv, "5"), ins(gate, "1", "eu"))})
+	local, err := c.Connect(ctx, "postgres")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer local.Close(context.Background())
+	inserted := make(chan error, 1)
+	go func() {
+		_, err := local.Exec(ctx, "INSERT INTO kv VALUES (5, 'local')")
+		inserted <- err
+	}()
+	// The local insert either commits now or waits for the applied
+	// delete; either way the delete commits after it started.
+	pid := local.PgConn().PID()
+	for waiting := false; !waiting; {
+		select {
+		case err := <-inserted:
+			inserted <- err
+			waiting = true
+		case <-time.After(10 * time.Millisecond):
+			waiting = queryString(t, ctx, a.pool, "SELECT (count(*) > 0)::text FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'", pid) == "true"
+		}
+	}
+	if _, err := test.Exec(ctx, "ROLLBACK"); err != nil {
+		t.Fatal(err)
+	}
+	if r := <-done; r.n != 1 || r.err != nil {
+		t.Fatalf("ApplyBatch of the delete = %d, %v", r.n, r.err)
+	}
+	if err := <-inserted; err != nil {
+		t.Fatalf("local insert: %v", err)
+	}
+	if got := queryString(t, ctx, a.pool, `SELECT (prism.row_stamp('public.kv', jsonb_object(ARRAY['id'], ARRAY[x.id::text]), x.xmin) >
+		prism.row_stamp(t.table_name, t.key, t.xmin))::text FROM kv x, prism.tombstones t WHERE x.id = 5 AND t.table_name = 'public.kv'`); got != "true" {
+		t.Fatalf("the local insert of key 5 stamps after the applied delete's tombstone: %q, want true", got)
+	}
+}
