@@ -10,6 +10,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
 
 // clockSetupSQL creates what last_write_wins needs beyond commit
@@ -61,7 +63,19 @@ import (
 // prism.install(table) (re)creates a table's trigger function and
 // triggers from its current key; Setup runs it for every table and the
 // event trigger prism_install for tables created or altered later.
-const clockSetupSQL = `
+var clockSetupSQL = strings.ReplaceAll(clockSetupTemplate, "{{pinned_text_form}}", lit(pinnedTextForm()))
+
+// pinnedTextForm is the SET clause of a function that must print values
+// in the text form every prism-cdc connection pins (decode.PinTextForm).
+func pinnedTextForm() string {
+	var b strings.Builder
+	for _, s := range decode.TextFormSettings() {
+		b.WriteString(" SET " + s[0] + " = " + lit(s[1]))
+	}
+	return b.String()
+}
+
+const clockSetupTemplate = `
 SELECT pg_advisory_xact_lock(hashtext('prism.apply.setup'));
 CREATE TABLE IF NOT EXISTS prism.tombstones (
 	table_name text  NOT NULL,
@@ -465,6 +479,7 @@ DECLARE
 	newk  text;
 	cond  text;
 	body  text;
+	pin   boolean;
 BEGIN
 	SELECT n.nspname || '.' || c.relname, quote_ident(n.nspname) || '.' || quote_ident(c.relname), c.relreplident
 	INTO tbl, qrel, ident
@@ -546,7 +561,20 @@ BEGIN
 	RETURN NEW;
 END
 $b$, tbl, oldk, newk, qrel, cond);
-	EXECUTE format('CREATE OR REPLACE FUNCTION prism.%I() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS %L', fn, body);
+	-- The function writes and reads tombstones and marks by the key's
+	-- text, in the application's sessions (local deletes and inserts):
+	-- when the key has a column whose text depends on the session's
+	-- settings (a date, a timestamp, a float, an interval, bytea, money;
+	-- anything not plainly an integer, numeric, string, uuid or boolean),
+	-- the function runs with the text form every prism-cdc session pins,
+	-- so that its key text is the one applied changes carry.
+	SELECT coalesce(bool_or(NOT coalesce(NULLIF(t.typbasetype, 0), t.oid) = ANY (ARRAY['int2', 'int4', 'int8', 'numeric',
+			'text', 'varchar', 'bpchar', 'name', 'uuid', 'bool', 'oid']::regtype[]::oid[])), false)
+	INTO pin
+	FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+	WHERE a.attrelid = rel AND a.attname = ANY (keys) AND NOT a.attisdropped;
+	EXECUTE format('CREATE OR REPLACE FUNCTION prism.%I() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER %s AS %L', fn,
+		CASE WHEN pin THEN {{pinned_text_form}} ELSE '' END, body);
 	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = rel AND tgname = 'prism_clock'
 		AND pg_catalog.pg_get_triggerdef(oid) LIKE '%prism.horizon%') THEN
 		-- Created anew when missing or made by a version without the horizon.

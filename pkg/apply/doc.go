@@ -298,7 +298,11 @@
 // regions that received the same set of transactions hold the same
 // version of every row, whatever the delivery order. Deletes take part
 // through tombstones (prism.tombstones, one row per deleted key of a
-// keyed table, whose xmin is the deleting transaction): a delete replaces
+// keyed table, whose xmin is the deleting transaction, keyed by the key
+// columns' text in the pinned text form, also when an application
+// session with other DateStyle, TimeZone or extra_float_digits deletes:
+// prism.install gives the trigger function of a table with such a key
+// column those settings as SET clauses): a delete replaces
 // a version exactly like an update; an update or insert of a key whose
 // tombstone is newer is dropped (update_missing or insert_deleted with
 // resolution keep_deleted); an older one is applied (the row comes back,

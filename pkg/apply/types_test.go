@@ -1,6 +1,7 @@
 package apply
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strings"
@@ -291,5 +292,54 @@ func TestIdentityAndGeneratedColumns(t *testing.T) {
 	}
 	if got := queryString(t, ctx, a.pool, "SELECT count(*)::text FROM prism.conflicts WHERE kind <> 'update_missing' AND kind <> 'insert_exists'"); got != "0" {
 		t.Errorf("%s unexpected conflicts recorded", got)
+	}
+}
+
+// TestTombstoneKeysPinned: a local delete, in a session with the
+// server's own DateStyle, TimeZone and extra_float_digits (none of them
+// prism-cdc's pinned text form), leaves the tombstone of a key of date,
+// timestamptz and float8 columns under the key's pinned text, the text
+// every applied change carries: an older insert of the key from another
+// region then finds it and loses, as in every region that applied the
+// delete. Under the session's own text it found none and the row came
+// back in this region alone.
+func TestTombstoneKeysPinned(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "tombpin", Settings: map[string]string{
+		"datestyle": "'SQL, DMY'", "extra_float_digits": "0", "timezone": "'Asia/Kolkata'",
+	}})
+	mustExec(t, ctx, c, "postgres", `CREATE TABLE ev (day date, at timestamptz, f float8, v text, PRIMARY KEY (day, at, f))`)
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	defer a.Close()
+	if err := a.Setup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	ev := rel("public", "ev", decode.IdentityDefault, "day*", "at*", "f*", "v")
+	key := []string{"2024-01-05", "2024-06-01 10:34:56.789+00", "0.3333333333333333"}
+	old := time.Now().Add(-2 * time.Hour).Sub(baseTime).Seconds()
+	if err := a.Apply(ctx, txn("na", 1000, old, ins(ev, append(key, "na")...))); err != nil {
+		t.Fatal(err)
+	}
+	local, err := c.Connect(ctx, "postgres")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer local.Close(context.Background())
+	if tag, err := local.Exec(ctx, "DELETE FROM ev"); err != nil || tag.RowsAffected() != 1 {
+		t.Fatalf("local delete: %v, %v", tag, err)
+	}
+	if got, want := queryString(t, ctx, a.pool, "SELECT key::text FROM prism.tombstones WHERE table_name = 'public.ev'"),
+		`{"f": "0.3333333333333333", "at": "2024-06-01 10:34:56.789+00", "day": "2024-01-05"}`; got != want {
+		t.Errorf("tombstone key %s, want %s", got, want)
+	}
+	// Region as inserted the key an hour ago, before the local delete.
+	if err := a.Apply(ctx, txn("as", 2000, old+3600, ins(ev, append(key, "as")...))); err != nil {
+		t.Fatal(err)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT count(*)::text FROM ev"); got != "0" {
+		t.Fatalf("%s rows of ev: an insert older than the local delete came back", got)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT string_agg(kind || ' ' || resolution, ', ') FROM prism.conflicts"); got != "insert_deleted keep_deleted" {
+		t.Errorf("conflicts = %s, want insert_deleted keep_deleted", got)
 	}
 }

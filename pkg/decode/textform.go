@@ -34,6 +34,10 @@ func textForm() [][2]string {
 	}
 }
 
+// TextFormSettings returns the settings PinTextForm pins, as name and
+// value pairs: for what sets them otherwise (a function's SET clauses).
+func TextFormSettings() [][2]string { return textForm() }
+
 // PinTextForm sets on cfg the session settings that decide the text form
 // of values (DateStyle, IntervalStyle, extra_float_digits, bytea_output,
 // TimeZone, lc_monetary, standard_conforming_strings) to the values every
