@@ -139,6 +139,10 @@ type Applier struct {
 	memos map[string]*batchMemo
 	// clock is time.Now; tests change it (batchMemo's decay).
 	clock func() time.Time
+	// smallRuns batches every run of two transactions or more, however
+	// many array statements it takes (see batchPlan.worthIt); benchmarks
+	// set it to compare.
+	smallRuns bool
 	// stats count how each source region's transactions were applied.
 	stats map[string]*Stats
 	// staleRetried is, by source region, the end LSN of the transaction
@@ -944,6 +948,9 @@ func (p *pipeline) tryBatch(ctx context.Context, i int) (batched, byRows int, er
 	bp, n := p.a.plan(ctx, p.s.conn.Conn(), p.txns[i:run])
 	if n <= 1 {
 		return 0, 1, nil
+	}
+	if !p.a.smallRuns && !bp.worthIt(n) {
+		return 0, n, nil
 	}
 	if i+n == run && p.isNamed(run) {
 		if n < minPrefix {

@@ -45,6 +45,18 @@ type batchRow struct {
 	txn         int // the transaction of the first change, from the batch's first (0)
 }
 
+// group is the statement kind that writes r's net change.
+func (r *batchRow) group() int {
+	switch {
+	case r.last == decode.OpDelete:
+		return groupDelete
+	case r.first == decode.OpInsert:
+		return groupInsert
+	default:
+		return groupUpdate
+	}
+}
+
 // batchTable gathers the changes of one table.
 type batchTable struct {
 	t      *target
@@ -253,6 +265,34 @@ func (bp *batchPlan) table(ctx context.Context, a *Applier, conn *pgx.Conn, c *d
 	return bt, nil
 }
 
+// worthIt reports whether the plan's n transactions cost less as one
+// batch than by rows: not when n is below its array statements (one
+// per table and operation) less one. An array statement (unnest, the
+// stamps, the check) costs more than row statements of the same rows,
+// which the batch makes up for with the transaction control it saves
+// (BEGIN, set-up, origin, COMMIT per transaction) only with enough
+// transactions per statement. BenchmarkApplySmallRuns (warm round),
+// server us per transaction as a batch and by rows: pairs of pgbench
+// transactions (4 tables, 4 statements) 250 and 197-233, triples 167-170
+// and 217, fours 137 and 217; pairs of one-row inserts 110-117 and 130.
+func (bp *batchPlan) worthIt(n int) bool {
+	g := 0
+	for _, name := range bp.order {
+		bt := bp.tables[name]
+		var kinds [groupKinds]bool
+		for _, r := range bt.rows {
+			kinds[r.group()] = true
+		}
+		kinds[groupAppend] = len(bt.append) > 0
+		for _, k := range kinds {
+			if k {
+				g++
+			}
+		}
+	}
+	return n >= g-1
+}
+
 // count adds one row with values vs to the batch's size.
 func (bp *batchPlan) count(vs []decode.Value) {
 	bp.rows++
@@ -398,14 +438,7 @@ func (bp *batchPlan) statements() ([]batchCall, error) {
 		var groups [groupKinds][]*batchRow
 		for _, k := range bt.order {
 			r := bt.rows[k]
-			switch {
-			case r.last == decode.OpDelete:
-				groups[groupDelete] = append(groups[groupDelete], r)
-			case r.first == decode.OpInsert:
-				groups[groupInsert] = append(groups[groupInsert], r)
-			default:
-				groups[groupUpdate] = append(groups[groupUpdate], r)
-			}
+			groups[r.group()] = append(groups[r.group()], r)
 		}
 		for kind := 0; kind < groupKinds; kind++ {
 			rows := make([][]decode.Value, 0, len(groups[kind]))

@@ -933,3 +933,43 @@ func TestNamedTxns(t *testing.T) {
 		}
 	}
 }
+
+// TestBatchWorthIt: a run whose batch takes more array statements (one
+// per table and operation) than it has transactions plus one goes by
+// rows, which costs less there; a longer run of the same transactions is
+// batched.
+func TestBatchWorthIt(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "bworth"})
+	mustExec(t, ctx, c, "postgres", batchSchema+`
+		CREATE TABLE acct (id int PRIMARY KEY, v text);
+		INSERT INTO acct (id, v) SELECT i, 'base' FROM generate_series(1, 9) i;`)
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	defer a.Close()
+	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v", "n")
+	acct := rel("public", "acct", decode.IdentityDefault, "id*", "v")
+	hist := rel("public", "hist", decode.IdentityDefault, "id", "note")
+	t0 := time.Now().Add(time.Hour).Sub(baseTime).Seconds()
+	// Four statements a batch: kv's updates, kv's inserts, hist's rows,
+	// acct's updates.
+	four := func(k int) *decode.Txn {
+		id := strconv.Itoa(k)
+		return txn("na", uint64(1000+100*k), t0+float64(k), upd(kv, nil, id, "na", `\N`), ins(kv, strconv.Itoa(100+k), "na", `\N`),
+			ins(hist, id, "na"), upd(acct, nil, id, "na"))
+	}
+	applyCounted(t, ctx, a, "a pair", []*decode.Txn{four(1), four(2)}, 0, Stats{ByRow: 2})
+	if got := targets(t, ctx, a.pool, "1, 2"); got != "2" {
+		t.Fatalf("the pair was written in %s target transactions, want 2", got)
+	}
+	applyCounted(t, ctx, a, "a run of three", []*decode.Txn{four(3), four(4), four(5)}, 1, Stats{ByRow: 2, Batches: 1, Batched: 3})
+	if got := targets(t, ctx, a.pool, "3, 4, 5"); got != "1" {
+		t.Fatalf("the run of three was written in %s target transactions, want 1", got)
+	}
+	// One statement a batch: a pair is batched.
+	applyCounted(t, ctx, a, "a pair of one table", []*decode.Txn{
+		txn("na", 2000, t0+10, upd(kv, nil, "6", "na", `\N`)), txn("na", 2100, t0+11, upd(kv, nil, "7", "na", `\N`))},
+		2, Stats{ByRow: 2, Batches: 2, Batched: 5})
+	if got := queryString(t, ctx, a.pool, "SELECT string_agg(id::text || ' ' || v, ',' ORDER BY id) FROM acct WHERE id <= 5"); got != "1 na,2 na,3 na,4 na,5 na" {
+		t.Errorf("acct = %s", got)
+	}
+}

@@ -583,3 +583,85 @@ func BenchmarkApplyConflictCost(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkApplySmallRuns reports the server CPU per transaction of runs
+// of 2, 3 and 4 transactions (one ApplyBatch call each, as a node gets
+// them when a few queue up) applied as one batch (batched), one by one
+// in one pipeline (rows), and as the applier decides (default: by rows
+// when the run has fewer transactions than its batch's array statements
+// less one, see batchPlan.worthIt), for pgbench transactions (four
+// tables) and one-row inserts into one table:
+//
+//	go test ./pkg/apply -run '^$' -bench ApplySmallRuns -benchtime 3000x
+func BenchmarkApplySmallRuns(b *testing.B) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	c := pgtest.Start(b, pgtest.Options{Name: "smallruns"})
+	pgbenchSchema(b, ctx, c)
+	mustExec(b, ctx, c, "postgres", "CREATE TABLE lagt (id bigint PRIMARY KEY, at timestamptz, note text)")
+	mustExec(b, ctx, c, "postgres", "ALTER SYSTEM SET autovacuum = off")
+	mustExec(b, ctx, c, "postgres", "SELECT pg_reload_conf()")
+	a := newApplier(b, ctx, c, "postgres", WithLocalRegion("bench-target"))
+	if err := a.Setup(ctx); err != nil {
+		b.Fatal(err)
+	}
+	now := time.Now()
+	a.clock = func() time.Time { return now }
+	lagt := rel("public", "lagt", decode.IdentityDefault, "id*", "at", "note")
+	var lsn, next uint64
+	inserts := func(n int, first uint64) []*decode.Txn {
+		start := time.Now().Add(time.Hour)
+		txns := make([]*decode.Txn, n)
+		for i := range txns {
+			next++
+			ts := start.Add(time.Duration(i) * time.Microsecond)
+			txns[i] = &decode.Txn{Origin: "bench", EndLSN: decodeLSN(first + uint64(1000+100*i)), CommitTime: ts,
+				Changes: []decode.Change{ins(lagt, strconv.FormatUint(next, 10), ts.UTC().Format(time.RFC3339Nano), "n")}}
+		}
+		return txns
+	}
+	shapes := []struct {
+		name string
+		txns func(n int, first uint64) []*decode.Txn
+	}{
+		{"pgbench", func(n int, first uint64) []*decode.Txn { return pgbenchTxnsFrom(n, int64(first), first) }},
+		{"insert", inserts},
+	}
+	// Two rounds: the first also warms the caches.
+	for round := 1; round <= 2; round++ {
+		for _, shape := range shapes {
+			for _, per := range []int{2, 3, 4} {
+				for _, how := range []string{"batched", "rows", "default"} {
+					smallRun(b, fmt.Sprintf("%s/per=%d/%s/%d", shape.name, per, how, round), func(b *testing.B) {
+						a.mu.Lock()
+						delete(a.memos, "bench")
+						if how == "rows" {
+							// A source whose batches failed lately: runs under 32 go by rows.
+							a.memos["bench"] = &batchMemo{recent: 10, last: now}
+						}
+						a.smallRuns = how == "batched"
+						a.mu.Unlock()
+						txns := shape.txns(b.N, lsn)
+						lsn += uint64(100*b.N + 1000)
+						mustExec(b, ctx, c, "postgres", "VACUUM pgbench_branches, pgbench_tellers, pgbench_accounts")
+						mustExec(b, ctx, c, "postgres", "CHECKPOINT")
+						before := a.Stats()["bench"]
+						cpu := clusterCPU(b, c)
+						b.ResetTimer()
+						for i := 0; i < len(txns); i += per {
+							end := min(len(txns), i+per)
+							if n, err := a.ApplyBatch(ctx, txns[i:end]); err != nil || n != end-i {
+								b.Fatalf("ApplyBatch = %d, %v", n, err)
+							}
+						}
+						b.StopTimer()
+						b.ReportMetric((clusterCPU(b, c)-cpu)/float64(b.N)*1e6, "server-us/txn")
+						b.ReportMetric(float64(a.Stats()["bench"].Batched-before.Batched)/float64(b.N), "batched/txn")
+					})
+				}
+			}
+		}
+	}
+}
+
+func smallRun(b *testing.B, name string, f func(b *testing.B)) { b.Run(name, f) }
