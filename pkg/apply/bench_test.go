@@ -64,6 +64,20 @@ func pgbenchSchema(b *testing.B, ctx context.Context, c *pgtest.Cluster) {
 	mustExec(b, ctx, c, "postgres", "VACUUM ANALYZE")
 }
 
+// pgbenchApplier starts cluster name with pgbench's tables (pgbenchSchema)
+// and autovacuum off, and sets up an applier of region bench-target on it.
+func pgbenchApplier(b *testing.B, ctx context.Context, name string) (*pgtest.Cluster, *Applier) {
+	c := pgtest.Start(b, pgtest.Options{Name: name})
+	pgbenchSchema(b, ctx, c)
+	mustExec(b, ctx, c, "postgres", "ALTER SYSTEM SET autovacuum = off")
+	mustExec(b, ctx, c, "postgres", "SELECT pg_reload_conf()")
+	a := newApplier(b, ctx, c, "postgres", WithLocalRegion("bench-target"))
+	if err := a.Setup(ctx); err != nil {
+		b.Fatal(err)
+	}
+	return c, a
+}
+
 // BenchmarkApplyPgbench reports rows/s applying a pgbench-like stream in
 // batches of 100 transactions to a real cluster.
 func BenchmarkApplyPgbench(b *testing.B) {
@@ -152,14 +166,7 @@ func clusterCPU(b *testing.B, c *pgtest.Cluster) float64 {
 func BenchmarkApplyCost(b *testing.B) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	c := pgtest.Start(b, pgtest.Options{Name: "cost"})
-	pgbenchSchema(b, ctx, c)
-	mustExec(b, ctx, c, "postgres", "ALTER SYSTEM SET autovacuum = off")
-	mustExec(b, ctx, c, "postgres", "SELECT pg_reload_conf()")
-	a := newApplier(b, ctx, c, "postgres", WithLocalRegion("bench-target"))
-	if err := a.Setup(ctx); err != nil {
-		b.Fatal(err)
-	}
+	c, a := pgbenchApplier(b, ctx, "cost")
 	conn, err := c.Connect(ctx, "postgres")
 	if err != nil {
 		b.Fatal(err)
@@ -536,14 +543,7 @@ func BenchmarkPlan(b *testing.B) {
 func BenchmarkApplyConflictCost(b *testing.B) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	c := pgtest.Start(b, pgtest.Options{Name: "conflictcost"})
-	pgbenchSchema(b, ctx, c)
-	mustExec(b, ctx, c, "postgres", "ALTER SYSTEM SET autovacuum = off")
-	mustExec(b, ctx, c, "postgres", "SELECT pg_reload_conf()")
-	a := newApplier(b, ctx, c, "postgres", WithLocalRegion("bench-target"))
-	if err := a.Setup(ctx); err != nil {
-		b.Fatal(err)
-	}
+	c, a := pgbenchApplier(b, ctx, "conflictcost")
 	accounts := rel("public", "pgbench_accounts", decode.IdentityDefault, "aid*", "bid", "abalance", "filler")
 	var lsn, otherLSN uint64
 	for _, percent := range []int{0, 1, 5} {
@@ -596,15 +596,8 @@ func BenchmarkApplyConflictCost(b *testing.B) {
 func BenchmarkApplySmallRuns(b *testing.B) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	c := pgtest.Start(b, pgtest.Options{Name: "smallruns"})
-	pgbenchSchema(b, ctx, c)
+	c, a := pgbenchApplier(b, ctx, "smallruns")
 	mustExec(b, ctx, c, "postgres", "CREATE TABLE lagt (id bigint PRIMARY KEY, at timestamptz, note text)")
-	mustExec(b, ctx, c, "postgres", "ALTER SYSTEM SET autovacuum = off")
-	mustExec(b, ctx, c, "postgres", "SELECT pg_reload_conf()")
-	a := newApplier(b, ctx, c, "postgres", WithLocalRegion("bench-target"))
-	if err := a.Setup(ctx); err != nil {
-		b.Fatal(err)
-	}
 	now := time.Now()
 	a.clock = func() time.Time { return now }
 	lagt := rel("public", "lagt", decode.IdentityDefault, "id*", "at", "note")
@@ -644,18 +637,8 @@ func BenchmarkApplySmallRuns(b *testing.B) {
 						txns := shape.txns(b.N, lsn)
 						lsn += uint64(100*b.N + 1000)
 						mustExec(b, ctx, c, "postgres", "VACUUM pgbench_branches, pgbench_tellers, pgbench_accounts")
-						mustExec(b, ctx, c, "postgres", "CHECKPOINT")
 						before := a.Stats()["bench"]
-						cpu := clusterCPU(b, c)
-						b.ResetTimer()
-						for i := 0; i < len(txns); i += per {
-							end := min(len(txns), i+per)
-							if n, err := a.ApplyBatch(ctx, txns[i:end]); err != nil || n != end-i {
-								b.Fatalf("ApplyBatch = %d, %v", n, err)
-							}
-						}
-						b.StopTimer()
-						b.ReportMetric((clusterCPU(b, c)-cpu)/float64(b.N)*1e6, "server-us/txn")
+						applyMeasured(b, ctx, c, a, txns, per)
 						b.ReportMetric(float64(a.Stats()["bench"].Batched-before.Batched)/float64(b.N), "batched/txn")
 					})
 				}

@@ -5,6 +5,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
 	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
@@ -30,17 +32,39 @@ func TestMissingKeyRaces(t *testing.T) {
 	}
 }
 
-func testMissingKeyRace(t *testing.T, late string) {
-	ctx := testCtx(t)
-	c := pgtest.Start(t, pgtest.Options{Name: "marks"})
+// gatedApplier starts cluster name with tables kv and gate (id, v) and
+// sets up an applier of region as on it; a test holds an applied
+// transaction between its snapshot and its next change by an uncommitted
+// insert of the gate row that transaction inserts.
+func gatedApplier(t *testing.T, ctx context.Context, name string) (*pgtest.Cluster, *Applier, *decode.Relation, *decode.Relation) {
+	c := pgtest.Start(t, pgtest.Options{Name: name})
 	mustExec(t, ctx, c, "postgres", `CREATE TABLE kv (id int PRIMARY KEY, v text); CREATE TABLE gate (id int PRIMARY KEY, v text)`)
 	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("as"))
-	defer a.Close()
 	if err := a.Setup(ctx); err != nil {
 		t.Fatal(err)
 	}
-	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v")
-	gate := rel("public", "gate", decode.IdentityDefault, "id*", "v")
+	return c, a, rel("public", "kv", decode.IdentityDefault, "id*", "v"), rel("public", "gate", decode.IdentityDefault, "id*", "v")
+}
+
+// holdGate inserts gate row 1 in a transaction it leaves open on the
+// connection it returns: an applied transaction that inserts that row
+// waits for it to end.
+func holdGate(t *testing.T, ctx context.Context, c *pgtest.Cluster) *pgx.Conn {
+	test, err := c.Connect(ctx, "postgres")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := test.Exec(ctx, "BEGIN; INSERT INTO gate VALUES (1, 'test')"); err != nil {
+		test.Close(context.Background())
+		t.Fatal(err)
+	}
+	return test
+}
+
+func testMissingKeyRace(t *testing.T, late string) {
+	ctx := testCtx(t)
+	c, a, kv, gate := gatedApplier(t, ctx, "marks")
+	defer a.Close()
 	now := time.Now().Sub(baseTime).Seconds()
 	insert := []decode.Change{ins(kv, "5", "na")}
 	remove := []decode.Change{del(kv, "5")}
@@ -60,14 +84,8 @@ func testMissingKeyRace(t *testing.T, late string) {
 		first = txn("na", 1100, now-60, insert...)
 	}
 
-	test, err := c.Connect(ctx, "postgres")
-	if err != nil {
-		t.Fatal(err)
-	}
+	test := holdGate(t, ctx, c)
 	defer test.Close(context.Background())
-	if _, err := test.Exec(ctx, "BEGIN; INSERT INTO gate VALUES (1, 'test')"); err != nil {
-		t.Fatal(err)
-	}
 	done := applyUntilLocked(t, ctx, a, held)
 	if n, err := a.ApplyBatch(ctx, []*decode.Txn{first}); n != 1 || err != nil {
 		t.Fatalf("ApplyBatch of the first transaction = %d, %v", n, err)
@@ -100,25 +118,12 @@ func testMissingKeyRace(t *testing.T, late string) {
 // tombstone, and kept a row every other region had refused.
 func TestLocalInsertMeetsAppliedDelete(t *testing.T) {
 	ctx := testCtx(t)
-	c := pgtest.Start(t, pgtest.Options{Name: "localmark"})
-	mustExec(t, ctx, c, "postgres", `CREATE TABLE kv (id int PRIMARY KEY, v text); CREATE TABLE gate (id int PRIMARY KEY, v text)`)
-	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("as"))
+	c, a, kv, gate := gatedApplier(t, ctx, "localmark")
 	defer a.Close()
-	if err := a.Setup(ctx); err != nil {
-		t.Fatal(err)
-	}
-	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v")
-	gate := rel("public", "gate", decode.IdentityDefault, "id*", "v")
 	ahead := time.Now().Add(time.Minute).Sub(baseTime).Seconds()
 
-	test, err := c.Connect(ctx, "postgres")
-	if err != nil {
-		t.Fatal(err)
-	}
+	test := holdGate(t, ctx, c)
 	defer test.Close(context.Background())
-	if _, err := test.Exec(ctx, "BEGIN; INSERT INTO gate VALUES (1, 'test')"); err != nil {
-		t.Fatal(err)
-	}
 	// The applied transaction deletes key 5 (no row: a tombstone and the
 	// key's mark), then waits on the gate.
 	done := applyUntilLocked(t, ctx, a, []*decode.Txn{txn("eu", 2100, ahead, del(kv, "5"), ins(gate, "1", "eu"))})
