@@ -414,6 +414,12 @@ type batchStatement struct {
 	cols      []int // the columns of the rows, one array each, in order
 	withCheck bool  // then an array of the first changes' commit times
 	withTS    bool  // then an array of the stamps
+	// present, for a group of inserts, lists the places (from 1, "3,17")
+	// of its rows whose keys have a row now; it takes the statement's
+	// parameters but the last (the row count). A concurrent insert of one
+	// of its keys fails the statement with a unique violation, which
+	// names no row.
+	present string
 }
 
 // maxNamedRows bounds the rows a failed batch statement names.
@@ -508,6 +514,8 @@ func (bt *batchTable) statement(kind int) (*batchStatement, error) {
 	// for a delete the xmin of the tombstone prism_tombstone writes.
 	marks := ""
 	if kind == groupInsert {
+		st.present = "SELECT array_to_string(array_agg(v.ord ORDER BY v.ord), ',') FROM " + src.ordinal +
+			" WHERE EXISTS (SELECT 1 FROM " + bt.t.ident + " AS y WHERE " + bt.shown(k, src) + ")"
 		// The inserted keys' marks (prism.key_marks), as the row path's.
 		marks = ", m AS (INSERT INTO prism.key_marks (h) SELECT prism.mark_hash(" + tbl + ", " + k.json(k.vals) + ") FROM w" +
 			" ON CONFLICT (h) DO UPDATE SET at = EXCLUDED.at)"
@@ -610,6 +618,15 @@ func (bt *batchTable) batchKeys(b *builder, src batchSource) batchKeyExprs {
 	return k
 }
 
+// shown is the condition that row y of the table has the key of change v.
+func (bt *batchTable) shown(k batchKeyExprs, src batchSource) string {
+	conds := make([]string, len(k.cols))
+	for i, c := range k.cols {
+		conds[i] = "y." + quote(bt.rel.Columns[c].Name) + " = " + src.vcol[c]
+	}
+	return strings.Join(conds, " AND ")
+}
+
 // json is the key as prism.tombstones and prism.batch_stamps hold it.
 func (k batchKeyExprs) json(vals []string) string {
 	return "jsonb_object(ARRAY[" + strings.Join(k.names, ", ") + "]::text[], ARRAY[" + strings.Join(vals, ", ") + "]::text[])"
@@ -635,17 +652,13 @@ func (bt *batchTable) write(b *builder, kind int, src batchSource, k batchKeyExp
 		// path then decides: no ON CONFLICT, whose speculative insertion
 		// costs every row an index probe more and two more WAL records'
 		// worth of work.
-		shown := make([]string, len(k.cols))
-		for i, c := range k.cols {
-			shown[i] = "y." + quote(bt.rel.Columns[c].Name) + " = " + src.vcol[c]
-		}
 		// OFFSET 0 keeps each test a probe of the key's index per row: as
 		// an anti join the planner may hash the whole table (or every
 		// tombstone) for each batch, which it costs below a probe per
 		// row whose cached pages it counts as random reads.
 		w = "INSERT INTO " + bt.t.ident + " AS x (" + strings.Join(src.names, ", ") + ") SELECT " + strings.Join(src.exprs, ", ") + " FROM " + src.v +
 			" WHERE NOT EXISTS (SELECT 1 FROM prism.tombstones tb WHERE tb.table_name = " + lit(bt.t.meta) + " AND tb.key = " + k.json(k.tomb) + " OFFSET 0)" +
-			" AND NOT EXISTS (SELECT 1 FROM " + bt.t.ident + " AS y WHERE " + strings.Join(shown, " AND ") + " OFFSET 0)" +
+			" AND NOT EXISTS (SELECT 1 FROM " + bt.t.ident + " AS y WHERE " + bt.shown(k, src) + " OFFSET 0)" +
 			" RETURNING " + strings.Join(k.ret, ", ")
 		return w, "w JOIN " + src.v + " ON " + strings.Join(k.joinW, " AND ")
 	case groupUpdate:
@@ -756,8 +769,27 @@ func (p *pipeline) batch(ctx context.Context, i, end int, bp *batchPlan) (ok, co
 		return false, false, nil, p.lost(rerr)
 	}
 	conflict = batched(err) || concurrentState(pgErr.Code)
-	if batched(err) && failed >= 2 && failed < 2+len(calls) {
-		named = namedTxns(pgErr.Detail, calls[failed-2].txns, i)
+	if failed >= 2 && failed < 2+len(calls) {
+		call := calls[failed-2]
+		switch {
+		case batched(err):
+			named = namedTxns(pgErr.Detail, call.txns, i)
+		case pgErr.Code == "23505" && call.st.present != "":
+			// A key inserted concurrently (committed after the batch's
+			// snapshot): the rows whose keys have a row now are the ones
+			// to decide.
+			conflict = true
+			res := pc.ExecParams(ctx, call.st.present, call.args[:len(call.args)-1], nil, nil, nil).Read()
+			switch {
+			case res.Err != nil && pc.IsClosed():
+				p.s.broken = true
+				return false, false, nil, p.lost(res.Err)
+			case res.Err != nil:
+				p.a.log.Debug().Err(res.Err).Msg("rows of a batch's inserts not named")
+			case len(res.Rows) == 1 && res.Rows[0][0] != nil:
+				named = namedTxns("rows "+string(res.Rows[0][0]), call.txns, i)
+			}
+		}
 	}
 	p.a.count(p.s.source, func(st *Stats) { st.RolledBack++ })
 	p.a.log.Debug().Err(err).Bool("conflict", conflict).Int("txns", end-i).Int("named", len(named)).Msg("batch rolled back")

@@ -973,3 +973,59 @@ func TestBatchWorthIt(t *testing.T) {
 		t.Errorf("acct = %s", got)
 	}
 }
+
+// TestBatchInsertConcurrentInsertNamed: a batch whose insert meets a key
+// that a local transaction inserted after the batch's snapshot fails
+// with a unique violation, which names no row; the applier then asks
+// which of the statement's keys have a row now, and only that key's
+// transaction goes by rows: the runs before and after it are batches.
+func TestBatchInsertConcurrentInsertNamed(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "binsnamed"})
+	mustExec(t, ctx, c, "postgres", batchSchema)
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	defer a.Close()
+	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v", "n")
+	// Newer than the rows' versions, older than the local insert below.
+	now := time.Now().Sub(baseTime).Seconds()
+	txns := []*decode.Txn{txn("na", 1000, now, upd(kv, nil, "2", "na", `\N`))}
+	for k := 11; k <= 19; k++ {
+		txns = append(txns, txn("na", uint64(1000+100*k), now, ins(kv, strconv.Itoa(k), "na", `\N`)))
+	}
+	l1, err := pgx.Connect(ctx, c.DSN("postgres"))
+	if err != nil {
+		t.Fatalf("connect: %v", err)
+	}
+	defer l1.Close(ctx)
+	tx, err := l1.Begin(ctx)
+	if err != nil {
+		t.Fatalf("begin: %v", err)
+	}
+	if _, err := tx.Exec(ctx, "SELECT 1 FROM kv WHERE id = 2 FOR UPDATE"); err != nil {
+		t.Fatalf("local lock: %v", err)
+	}
+	done := applyUntilLocked(t, ctx, a, txns)
+	if _, err := a.pool.Exec(ctx, "INSERT INTO kv (id, v) VALUES (15, 'local')"); err != nil {
+		t.Fatalf("local insert: %v", err)
+	}
+	if err := tx.Rollback(ctx); err != nil {
+		t.Fatalf("local rollback: %v", err)
+	}
+	if r := <-done; r.n != len(txns) || r.err != nil {
+		t.Fatalf("ApplyBatch = %d, %v", r.n, r.err)
+	}
+	if got, want := a.Stats()["na"], (Stats{Batches: 2, Batched: 9, ByRow: 1, RolledBack: 1}); got != want {
+		t.Errorf("stats %+v, want %+v", got, want)
+	}
+	for _, w := range []struct{ ids, want string }{{"2, 11, 12, 13, 14", "1"}, {"16, 17, 18, 19", "1"}} {
+		if got := targets(t, ctx, a.pool, w.ids); got != w.want {
+			t.Errorf("kv %s written in %s target transactions, want %s", w.ids, got, w.want)
+		}
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT string_agg(id || ' ' || v, ', ' ORDER BY id) FROM kv WHERE id IN (2, 14, 15, 16)"); got != "2 na, 14 na, 15 local, 16 na" {
+		t.Errorf("rows = %s", got)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT string_agg(key::text || ' ' || kind || ' ' || resolution, ', ' ORDER BY id) FROM prism.conflicts"); got != `{"id": "15"} insert_exists keep_local` {
+		t.Errorf("conflicts = %s", got)
+	}
+}

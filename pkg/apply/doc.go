@@ -150,15 +150,20 @@
 // 1,000; looked up only then, by an anti join of the arrays and the
 // written rows). The transactions of those rows' first changes are the
 // ones the row path must decide; only they go by rows, and each run
-// between them (and after the last) is planned and tried as a batch of
-// its own, with at least four transactions (minPrefix) whatever the
-// memo below says, since its rows took the batch's way up to the
-// failing statement. A statement that fails later in such a batch names
+// between them is planned and tried as a batch of its own, with at least
+// four transactions (minPrefix) whatever the memo below says, since its
+// rows took the batch's way up to the failing statement; the run after
+// the last is planned anew like any other. A statement that fails later in such a batch names
 // its own rows the same way. So a conflict in a catch-up costs a failed
-// round trip and one transaction by rows, not the whole batch by rows:
-// BenchmarkApplyConflictCost, 4,000 pgbench-like transactions 200 to a
-// call, 1% of them meeting a version another region wrote later: 47 us
-// a transaction (by rows before: 212), 5%: 98 us (195); none: 24 us.
+// round trip and one transaction by rows, not the whole batch by rows.
+// A batch's INSERT that fails on a key a concurrent transaction committed
+// after the batch's snapshot (a unique violation, which names no row) is
+// named the same way, by a query after the ROLLBACK for the statement's
+// keys that have a row now; it counts for the memo below as a conflict.
+// In BenchmarkApplyConflictCost (4,000 pgbench-like transactions 200 to a
+// call, 1% of them meeting a version another region wrote later) a
+// transaction costs 47 us (by rows before: 212), with 5% 98 us (195),
+// with none 24 us.
 //
 // A failed batch costs its round trip, a ROLLBACK and the row path's
 // round trip, so after k >= 2 batches of a source in a row that a row
