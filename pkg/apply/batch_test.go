@@ -13,7 +13,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
@@ -524,18 +523,7 @@ func TestBatchInsertConcurrentInsert(t *testing.T) {
 	// Newer than the rows' versions, older than the local insert below.
 	now := time.Now().Sub(baseTime).Seconds()
 	txns := []*decode.Txn{txn("na", 1100, now, upd(kv, nil, "2", "na", `\N`)), txn("na", 1200, now, ins(kv, "17", "na", `\N`), ins(kv, "18", "na", `\N`))}
-	l1, err := pgx.Connect(ctx, c.DSN("postgres"))
-	if err != nil {
-		t.Fatalf("connect: %v", err)
-	}
-	defer l1.Close(ctx)
-	tx, err := l1.Begin(ctx)
-	if err != nil {
-		t.Fatalf("begin: %v", err)
-	}
-	if _, err := tx.Exec(ctx, "SELECT 1 FROM kv WHERE id = 2 FOR UPDATE"); err != nil {
-		t.Fatalf("local lock: %v", err)
-	}
+	tx := localTxn(t, ctx, c, "SELECT 1 FROM kv WHERE id = 2 FOR UPDATE")
 	done := applyUntilLocked(t, ctx, a, txns)
 	if _, err := a.pool.Exec(ctx, "INSERT INTO kv (id, v) VALUES (17, 'local')"); err != nil {
 		t.Fatalf("local insert: %v", err)
@@ -992,18 +980,7 @@ func TestBatchInsertConcurrentInsertNamed(t *testing.T) {
 	for k := 11; k <= 19; k++ {
 		txns = append(txns, txn("na", uint64(1000+100*k), now, ins(kv, strconv.Itoa(k), "na", `\N`)))
 	}
-	l1, err := pgx.Connect(ctx, c.DSN("postgres"))
-	if err != nil {
-		t.Fatalf("connect: %v", err)
-	}
-	defer l1.Close(ctx)
-	tx, err := l1.Begin(ctx)
-	if err != nil {
-		t.Fatalf("begin: %v", err)
-	}
-	if _, err := tx.Exec(ctx, "SELECT 1 FROM kv WHERE id = 2 FOR UPDATE"); err != nil {
-		t.Fatalf("local lock: %v", err)
-	}
+	tx := localTxn(t, ctx, c, "SELECT 1 FROM kv WHERE id = 2 FOR UPDATE")
 	done := applyUntilLocked(t, ctx, a, txns)
 	if _, err := a.pool.Exec(ctx, "INSERT INTO kv (id, v) VALUES (15, 'local')"); err != nil {
 		t.Fatalf("local insert: %v", err)

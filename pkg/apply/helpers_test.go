@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/rs/zerolog"
 
@@ -117,6 +118,26 @@ func txn(origin string, lsn uint64, sec float64, changes ...decode.Change) *deco
 }
 
 func decodeLSN(v uint64) pglogrepl.LSN { return pglogrepl.LSN(v) }
+
+// localTxn begins a transaction on a connection of its own (a local
+// writer), runs sql in it and returns it open; the connection closes
+// when the test ends.
+func localTxn(t *testing.T, ctx context.Context, c *pgtest.Cluster, sql string) pgx.Tx {
+	t.Helper()
+	conn, err := c.Connect(ctx, "postgres")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close(context.Background()) })
+	tx, err := conn.Begin(ctx)
+	if err != nil {
+		t.Fatalf("begin: %v", err)
+	}
+	if _, err := tx.Exec(ctx, sql); err != nil {
+		t.Fatalf("local %s: %v", sql, err)
+	}
+	return tx
+}
 
 // batchResult is what ApplyBatch returned.
 type batchResult struct {

@@ -258,18 +258,7 @@ func TestConcurrentWriteRetriedOnSession(t *testing.T) {
 		txn("na", 1200, t0+1, upd(kv, nil, "2", "b", `\N`), ins(seen, "2", "{2}")),
 		txn("na", 1300, t0+2, upd(kv, nil, "3", "c", `\N`), ins(seen, "3", "{3}")),
 	}
-	local, err := pgx.Connect(ctx, c.DSN("postgres"))
-	if err != nil {
-		t.Fatalf("connect: %v", err)
-	}
-	defer local.Close(ctx)
-	tx, err := local.Begin(ctx)
-	if err != nil {
-		t.Fatalf("begin: %v", err)
-	}
-	if _, err := tx.Exec(ctx, "UPDATE kv SET v = 'local' WHERE id = 2"); err != nil {
-		t.Fatalf("local update: %v", err)
-	}
+	tx := localTxn(t, ctx, c, "UPDATE kv SET v = 'local' WHERE id = 2")
 	// The apply session waits for the local transaction's row lock.
 	done := applyUntilLocked(t, ctx, a, txns)
 	if err := tx.Commit(ctx); err != nil {
