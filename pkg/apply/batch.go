@@ -76,8 +76,6 @@ type batchPlan struct {
 	// journal records what the transaction being added changed in the
 	// tables, so that undo can put the plan back (see mark).
 	journal []undoEntry
-	// txns counts the transactions added.
-	txns int
 }
 
 // undoEntry is one change to a batch table: key's row replaced (prev is
@@ -112,7 +110,7 @@ func (a *Applier) plan(ctx context.Context, conn *pgx.Conn, txns []*decode.Txn) 
 	bp := &batchPlan{tables: map[string]*batchTable{}}
 	for n, t := range txns {
 		m := bp.mark()
-		if err := bp.add(ctx, a, conn, t); err != nil {
+		if err := bp.add(ctx, a, conn, t, n); err != nil {
 			bp.undo(m)
 			return bp, n
 		}
@@ -120,7 +118,6 @@ func (a *Applier) plan(ctx context.Context, conn *pgx.Conn, txns []*decode.Txn) 
 			bp.undo(m)
 			return bp, n
 		}
-		bp.txns++
 	}
 	return bp, len(txns)
 }
@@ -202,9 +199,10 @@ func plainRow(vs []decode.Value, n int) bool {
 	return true
 }
 
-// add adds the changes of t, or returns errNotBatchable (or the error of
-// loading a table) leaving the plan to be put back by the caller.
-func (bp *batchPlan) add(ctx context.Context, a *Applier, conn *pgx.Conn, t *decode.Txn) error {
+// add adds the changes of t, the batch's transaction n (from 0), or
+// returns errNotBatchable (or the error of loading a table) leaving the
+// plan to be put back by the caller.
+func (bp *batchPlan) add(ctx context.Context, a *Applier, conn *pgx.Conn, t *decode.Txn, n int) error {
 	ts := []byte(t.CommitTime.UTC().Format("2006-01-02 15:04:05.999999Z07:00"))
 	for j := range t.Changes {
 		c := &t.Changes[j]
@@ -227,7 +225,7 @@ func (bp *batchPlan) add(ctx context.Context, a *Applier, conn *pgx.Conn, t *dec
 			bp.count(c.New)
 			continue
 		}
-		r, err := bt.change(c, ts, bp.txns, &bp.journal)
+		r, err := bt.change(c, ts, n, &bp.journal)
 		if err != nil {
 			return err
 		}

@@ -63,7 +63,11 @@ import (
 // prism.install(table) (re)creates a table's trigger function and
 // triggers from its current key; Setup runs it for every table and the
 // event trigger prism_install for tables created or altered later.
-var clockSetupSQL = strings.ReplaceAll(clockSetupTemplate, "{{pinned_text_form}}", lit(pinnedTextForm()))
+var clockSetupSQL = strings.NewReplacer(
+	"{{pinned_text_form}}", lit(pinnedTextForm()),
+	// markSQL in the trigger function, over its table and new key.
+	"{{mark}}", strings.Replace(markSQL, "prism.mark_hash(tbl, k)", "prism.mark_hash(%1$L, %3$s)", 1),
+).Replace(clockSetupTemplate)
 
 // pinnedTextForm is the SET clause of a function that must print values
 // in the text form every prism-cdc connection pins (decode.PinTextForm).
@@ -534,8 +538,7 @@ BEGIN
 		-- holds it, and this insert waits for it to commit and then reads
 		-- its tombstone here, instead of committing under a stamp older
 		-- than the delete's while every other region keeps the delete.
-		INSERT INTO prism.key_marks (h) VALUES (prism.mark_hash(%1$L, %3$s))
-		ON CONFLICT (h) DO UPDATE SET at = EXCLUDED.at;
+		{{mark}};
 		SELECT t.xmin, pg_catalog.pg_xact_commit_timestamp(t.xmin) INTO xm, s FROM prism.tombstones t
 		WHERE t.table_name = %1$L AND t.key = %3$s;
 	ELSE
