@@ -80,8 +80,8 @@ func WithApplicationName(name string) Option {
 	}
 }
 
-// WithLazyFlush makes the row path's and batches' round trips end with a
-// barrier that does not flush the WAL (lazyBarrierSQL): ApplyBatch's
+// WithLazyFlush makes the row path's and batches' round trips end at
+// their last COMMIT, without a barrier that flushes the WAL: ApplyBatch's
 // txns[:n] are then committed, and durable once Progress (which flushes
 // up to the origin's last commit) returned at least their end LSN, or the
 // WAL writer flushed them. A caller that acknowledges by Progress keeps
@@ -461,8 +461,6 @@ type cmd struct {
 // WAL flush instead of one per transaction.
 const barrierSQL = "SELECT pg_replication_origin_session_progress(true)"
 
-// lazyBarrierSQL ends a round trip without a flush (WithLazyFlush).
-const lazyBarrierSQL = "SELECT pg_replication_origin_session_progress(false)"
 
 // holdIdle is how long a session keeps holding its origin after a run
 // that succeeded, waiting for the next run of the same source region. A
@@ -945,6 +943,11 @@ func (p *pipeline) tryBatch(ctx context.Context, i int) (batched, byRows int, er
 	for run < len(p.txns) && !p.skip[run] && !p.isNamed(run) {
 		run++
 	}
+	if run == i+1 {
+		// A lone transaction (the steady state of a quiet stream):
+		// nothing to plan.
+		return 0, 1, nil
+	}
 	bp, n := p.a.plan(ctx, p.s.conn.Conn(), p.txns[i:run])
 	if n <= 1 {
 		return 0, 1, nil
@@ -1102,7 +1105,7 @@ func (a *Applier) batchDone(source string, ok bool) {
 // pipeline applies one run of transactions on a held session, many per
 // round trip: BEGIN, origin setup, rows and COMMIT of each, and after
 // the last COMMIT of a round trip a barrier that makes the commits
-// durable. One Sync ends each round trip, so after a failing command the
+// durable (none with WithLazyFlush, where Progress does). One Sync ends each round trip, so after a failing command the
 // server skips everything up to it; the results read map to commands one
 // to one, which is how the failure is pinned on exactly one transaction:
 //
@@ -1172,9 +1175,9 @@ func (p *pipeline) prepare(ctx context.Context) error {
 	if p.immediate, err = conn.Prepare(ctx, "prism_immediate", immediateSQL); err != nil {
 		return err
 	}
-	if p.a.lazy {
-		p.barrier, err = conn.Prepare(ctx, "prism_barrier_lazy", lazyBarrierSQL)
-	} else {
+	if !p.a.lazy {
+		// Lazy (WithLazyFlush): a COMMIT that succeeded is all a round
+		// trip needs, and p.barrier stays nil.
 		p.barrier, err = conn.Prepare(ctx, "prism_barrier", barrierSQL)
 	}
 	return err
@@ -1283,7 +1286,7 @@ func (p *pipeline) send(ctx context.Context, final bool) error {
 	// transaction is still open it runs inside it harmlessly (right after
 	// the COMMIT it would start an implicit transaction that the next
 	// BEGIN, with its isolation level, could not join).
-	for i := len(p.cmds) - 1; i >= 0; i-- {
+	for i := len(p.cmds) - 1; i >= 0 && p.barrier != nil; i-- {
 		if p.cmds[i].commit {
 			p.cmds = append(p.cmds, cmd{txn: p.cmds[i].txn, change: -1, barrier: true, sd: p.barrier})
 			break
@@ -1310,13 +1313,14 @@ func (p *pipeline) send(ctx context.Context, final bool) error {
 			break
 		}
 	}
-	// Commits count as durable once a barrier after them succeeded.
+	// Commits count as durable once a barrier after them succeeded, or
+	// at once without barriers (lazy).
 	lastCommit := -1
 	for i := 0; i < failed && i < len(p.cmds); i++ {
 		if p.cmds[i].commit {
 			lastCommit = p.cmds[i].txn
 		}
-		if p.cmds[i].barrier {
+		if p.cmds[i].barrier || p.cmds[i].commit && p.barrier == nil {
 			p.durable(lastCommit, false)
 		}
 	}

@@ -734,7 +734,9 @@ func (p *pipeline) batch(ctx context.Context, i, end int, bp *batchPlan) (ok, co
 	b.ExecStatement(p.immediate, nil, nil, nil)
 	b.ExecStatement(p.origin, [][]byte{[]byte(last.EndLSN.String()), ts}, nil, nil)
 	b.ExecStatement(p.commit, nil, nil, nil)
-	b.ExecStatement(p.barrier, nil, nil, nil)
+	if p.barrier != nil {
+		b.ExecStatement(p.barrier, nil, nil, nil)
+	}
 	mrr := pc.ExecBatch(ctx, b)
 	if end == len(p.txns) && p.a.testAfterSend != nil {
 		p.a.testAfterSend(pc.PID())

@@ -28,12 +28,11 @@
 //     standby named there is prism-cdc's own reader, which never ships
 //     applied transactions and would make the applier wait for nothing.
 //     Transactions at or below the progress are skipped. With
-//     WithLazyFlush (a node's applier) the barrier does not flush
-//     (pg_replication_origin_session_progress(false)): the transactions
-//     are committed, and durable once Progress, which flushes up to the
-//     origin's last commit on another session, reports them - the peer
-//     server acknowledges by it, so the apply session never waits for a
-//     flush;
+//     WithLazyFlush (a node's applier) a round trip ends at its last
+//     COMMIT, with no barrier: the transactions are committed, and
+//     durable once Progress, which flushes up to the origin's last commit
+//     on another session, reports them - the peer server acknowledges by
+//     it, so the apply session never waits for a flush;
 //  4. pg_replication_origin_session_reset(): a session that finished a
 //     run keeps the origin for a short idle time (holdIdle, 500 ms) so the
 //     next batch of a busy stream skips steps 1-2, and lets go after it;
