@@ -240,7 +240,15 @@ func (e *env) activePhase(ctx context.Context, c string, rate, base int) (res ac
 	if err != nil {
 		return res, err
 	}
+	clusters := make([]*pgtest.Cluster, len(regions))
+	for i, r := range regions {
+		clusters[i] = r.cluster
+	}
+	roles := e.cpuByRole(ctx, []side{{"regions", clusters}}, m, e.cfg.activeSeconds)
 	if err := e.activeWrite(ctx, c, regions, rate, prefix, base, tick); err != nil {
+		return res, err
+	}
+	if err := roles(fmt.Sprintf("active %s at %d tps", c, rate)); err != nil {
 		return res, err
 	}
 	if c == prismMesh {

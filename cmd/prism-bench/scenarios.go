@@ -314,10 +314,14 @@ func (e *env) lagPhase(ctx context.Context, c lagContender, m *mesh, script stri
 		return res, err
 	}
 	stop := sampleEvery(500*time.Millisecond, tick)
+	roles := e.cpuByRole(ctx, []side{{"source", []*pgtest.Cluster{e.src}}, {"regions", c.regions}}, m, e.cfg.lagSeconds)
 	err = e.pgbench(ctx, e.src, "-n", "-c", fmt.Sprint(e.cfg.clients), "-j", fmt.Sprint(min(e.cfg.clients, 2)),
 		"-R", fmt.Sprint(e.cfg.lagRate), "-T", fmt.Sprint(e.cfg.lagSeconds), "-f", script)
 	if serr := stop(); err == nil {
 		err = serr
+	}
+	if err == nil {
+		err = roles("lag " + c.name)
 	}
 	if err != nil {
 		return res, err

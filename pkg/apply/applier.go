@@ -461,7 +461,6 @@ type cmd struct {
 // WAL flush instead of one per transaction.
 const barrierSQL = "SELECT pg_replication_origin_session_progress(true)"
 
-
 // holdIdle is how long a session keeps holding its origin after a run
 // that succeeded, waiting for the next run of the same source region. A
 // busy stream so pays for the session setup (application name, origin,
