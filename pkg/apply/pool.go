@@ -6,6 +6,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/prism-cdc/prism-cdc/internal/rawconn"
 	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
 
@@ -29,6 +30,8 @@ func NewPool(ctx context.Context, dsn string) (*pgxpool.Pool, error) {
 		cfg.MaxConns = max(cfg.MaxConns, minPoolConns)
 	}
 	decode.PinTextForm(&cfg.ConnConfig.Config)
+	// Apply pipelines are many small writes and reads (see rawconn).
+	cfg.ConnConfig.DialFunc = rawconn.WrapDial(cfg.ConnConfig.DialFunc)
 	return pgxpool.NewWithConfig(ctx, cfg)
 }
 

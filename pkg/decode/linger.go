@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/prism-cdc/prism-cdc/internal/rawconn"
 )
 
 // lingerConn is the network connection of a replication stream. A
@@ -80,7 +82,7 @@ func lingerDial(dial pgconn.DialFunc) pgconn.DialFunc {
 		if err != nil {
 			return nil, err
 		}
-		return &lingerConn{Conn: nc}, nil
+		return &lingerConn{Conn: rawconn.Wrap(nc)}, nil
 	}
 }
 

@@ -16,6 +16,7 @@ import (
 	"github.com/jackc/pglogrepl"
 	"github.com/rs/zerolog"
 
+	"github.com/prism-cdc/prism-cdc/internal/rawconn"
 	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
 
@@ -187,6 +188,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 
 // handle runs one connection: handshake, then the stream.
 func (s *Server) handle(ctx context.Context, nc net.Conn) {
+	nc = rawconn.Wrap(nc)
 	defer nc.Close()
 	stop := context.AfterFunc(ctx, func() { nc.Close() })
 	defer stop()

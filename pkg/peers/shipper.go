@@ -17,6 +17,7 @@ import (
 	"github.com/jackc/pglogrepl"
 	"github.com/rs/zerolog"
 
+	"github.com/prism-cdc/prism-cdc/internal/rawconn"
 	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
 
@@ -515,6 +516,7 @@ func (s *Shipper) dial(ctx context.Context, addr string) (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
+	nc = rawconn.Wrap(nc)
 	if s.cfg.TLS == nil {
 		return nc, nil
 	}
