@@ -12,6 +12,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
+	"github.com/prism-cdc/prism-cdc/internal/rawconn"
 )
 
 // TestLingerBatchesReads: once the stream runs and is busy, a read that
@@ -49,6 +50,9 @@ func TestLingerBatchesReads(t *testing.T) {
 			lc := lingerOf(nc)
 			if lc == nil {
 				t.Fatalf("lingerOf(%T) = nil, want the lingerConn", nc)
+			}
+			if _, ok := lc.Conn.(*rawconn.Conn); !ok {
+				t.Fatalf("the stream's socket is a %T, want a *rawconn.Conn", lc.Conn)
 			}
 			lc.setLinger(tc.linger)
 
