@@ -1104,9 +1104,10 @@ func (a *Applier) batchDone(source string, ok bool) {
 // pipeline applies one run of transactions on a held session, many per
 // round trip: BEGIN, origin setup, rows and COMMIT of each, and after
 // the last COMMIT of a round trip a barrier that makes the commits
-// durable (none with WithLazyFlush, where Progress does). One Sync ends each round trip, so after a failing command the
-// server skips everything up to it; the results read map to commands one
-// to one, which is how the failure is pinned on exactly one transaction:
+// durable (none with WithLazyFlush, where Progress does). One Sync ends
+// each round trip, so after a failing command the server skips
+// everything up to it; the results read map to commands one to one,
+// which is how the failure is pinned on exactly one transaction:
 //
 //   - a command of transaction k fails (a row, its setup, its COMMIT):
 //     the commits before it are made durable with a barrier of their own,
