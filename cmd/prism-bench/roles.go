@@ -26,7 +26,9 @@ const (
 	roleNodes     = "prism-cdc nodes"
 )
 
-var roleOrder = []string{roleApp, roleWalSender, roleApply, roleSessions, roleServer, roleNodes}
+// sideRoles are the roles of a side's server processes; the nodes'
+// (roleNodes) come after every side's.
+var sideRoles = []string{roleApp, roleWalSender, roleApply, roleSessions, roleServer}
 
 // roleOf names what a server process does, from its pg_stat_activity
 // row (backend_type and application_name; both empty when it has none):
@@ -69,7 +71,7 @@ type procCPURole struct {
 func roleNames(sides []side) []string {
 	var names []string
 	for _, sd := range sides {
-		for _, r := range roleOrder[:len(roleOrder)-1] {
+		for _, r := range sideRoles {
 			names = append(names, sd.name+" "+r)
 		}
 	}
@@ -80,9 +82,13 @@ func roleNames(sides []side) []string {
 // clusters (their postmasters' children) and of the nodes of m (nil:
 // none), and the role of each.
 func roleSnapshot(ctx context.Context, sides []side, m *mesh) (procCPUSnap, error) {
+	procs, err := readAllProcTimes()
+	if err != nil {
+		return nil, err
+	}
 	snap := procCPUSnap{}
 	for _, sd := range sides {
-		if err := sd.snapshot(ctx, snap); err != nil {
+		if err := sd.snapshot(ctx, procs, snap); err != nil {
 			return nil, err
 		}
 	}
@@ -101,8 +107,28 @@ func roleSnapshot(ctx context.Context, sides []side, m *mesh) (procCPUSnap, erro
 	return snap, nil
 }
 
-// snapshot adds the server processes of the side's clusters to snap.
-func (sd side) snapshot(ctx context.Context, snap procCPUSnap) error {
+// readAllProcTimes reads the CPU times of every process, by PID.
+func readAllProcTimes() (map[int]procTimes, error) {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil, fmt.Errorf("read /proc: %w", err)
+	}
+	procs := map[int]procTimes{}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if t, err := readProcTimes(pid); err == nil { // else gone meanwhile
+			procs[pid] = t
+		}
+	}
+	return procs, nil
+}
+
+// snapshot adds the server processes of the side's clusters (among
+// procs) to snap.
+func (sd side) snapshot(ctx context.Context, procs map[int]procTimes, snap procCPUSnap) error {
 	for _, c := range sd.clusters {
 		pm, err := postmasterPID(filepath.Join(c.Dir, "data"))
 		if err != nil {
@@ -112,18 +138,9 @@ func (sd side) snapshot(ctx context.Context, snap procCPUSnap) error {
 		if err != nil {
 			return err
 		}
-		ents, err := os.ReadDir("/proc")
-		if err != nil {
-			return fmt.Errorf("read /proc: %w", err)
-		}
-		for _, e := range ents {
-			pid, err := strconv.Atoi(e.Name())
-			if err != nil {
-				continue
-			}
-			t, err := readProcTimes(pid)
-			if err != nil || t.ppid != pm {
-				continue // gone meanwhile, or not this cluster's
+		for pid, t := range procs {
+			if t.ppid != pm {
+				continue // not this cluster's
 			}
 			role, ok := roles[pid]
 			if !ok {
