@@ -374,3 +374,43 @@ func TestBatchStampsCompression(t *testing.T) {
 		}
 	}
 }
+
+// TestClockTriggerUpgraded: Setup recreates a prism_clock trigger whose
+// WHEN test is written out (as versions before prism.clock_due made it)
+// with the call of prism.clock_due, and leaves a current one as it is.
+func TestClockTriggerUpgraded(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "clock-upgrade"})
+	mustExec(t, ctx, c, "postgres", "CREATE TABLE kv (id int PRIMARY KEY, v text)")
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	if err := a.Setup(ctx); err != nil {
+		t.Fatalf("Setup: %v", err)
+	}
+	def := func() (string, string) {
+		return queryString(t, ctx, a.pool, "SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgrelid = 'kv'::regclass AND tgname = 'prism_clock'"),
+			queryString(t, ctx, a.pool, "SELECT oid::text FROM pg_trigger WHERE tgrelid = 'kv'::regclass AND tgname = 'prism_clock'")
+	}
+	current, oid := def()
+	if !strings.Contains(current, "WHEN (prism.clock_due())") {
+		t.Fatalf("prism_clock after Setup: %s; want WHEN (prism.clock_due())", current)
+	}
+	fn := queryString(t, ctx, a.pool, "SELECT tgfoid::regproc::text FROM pg_trigger WHERE tgrelid = 'kv'::regclass AND tgname = 'prism_clock'")
+	mustExec(t, ctx, c, "postgres", `DROP TRIGGER prism_clock ON kv;
+		CREATE TRIGGER prism_clock BEFORE INSERT OR UPDATE OR DELETE ON kv FOR EACH ROW
+			WHEN (pg_catalog.current_setting('prism.applying', true) IS DISTINCT FROM 'on'
+				AND pg_catalog.pg_sequence_last_value('prism.horizon'::regclass) >= (extract(epoch FROM pg_catalog.clock_timestamp()) * 1000000)::bigint)
+			EXECUTE FUNCTION `+fn+`()`)
+	if err := a.Setup(ctx); err != nil {
+		t.Fatalf("second Setup: %v", err)
+	}
+	if got, _ := def(); got != current {
+		t.Fatalf("prism_clock with the written-out test after Setup:\n%s\nwant\n%s", got, current)
+	}
+	_, upgraded := def()
+	if err := a.Setup(ctx); err != nil {
+		t.Fatalf("third Setup: %v", err)
+	}
+	if _, again := def(); again != upgraded || upgraded == oid {
+		t.Fatalf("trigger oids: first %s, upgraded %s, after another Setup %s; want the upgraded one kept", oid, upgraded, again)
+	}
+}
