@@ -484,6 +484,7 @@ DECLARE
 	cond  text;
 	body  text;
 	pin   boolean;
+	lt    text;
 BEGIN
 	SELECT n.nspname || '.' || c.relname, quote_ident(n.nspname) || '.' || quote_ident(c.relname), c.relreplident
 	INTO tbl, qrel, ident
@@ -578,13 +579,25 @@ $b$, tbl, oldk, newk, qrel, cond);
 	WHERE a.attrelid = rel AND a.attname = ANY (keys) AND NOT a.attisdropped;
 	EXECUTE format('CREATE OR REPLACE FUNCTION prism.%I() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER %s AS %L', fn,
 		CASE WHEN pin THEN {{pinned_text_form}} ELSE '' END, body);
-	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = rel AND tgname = 'prism_clock'
-		AND pg_catalog.pg_get_triggerdef(oid) LIKE '%clock_due()%') THEN
-		-- Created anew when missing or made by a version that wrote the
-		-- WHEN test out (or had no horizon).
-		EXECUTE format('DROP TRIGGER IF EXISTS prism_clock ON %s', rel);
+	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = rel AND tgname = 'prism_clock') THEN
 		EXECUTE format('CREATE TRIGGER prism_clock BEFORE INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW
 			WHEN (prism.clock_due()) EXECUTE FUNCTION prism.%I()', rel, fn);
+	ELSIF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = rel AND tgname = 'prism_clock'
+		AND pg_catalog.pg_get_triggerdef(oid) LIKE '%clock_due()%') THEN
+		-- Made by an earlier version, which wrote the WHEN test out (or
+		-- had none): the same test at a higher cost. It is replaced when
+		-- the table's lock comes within a second, else at a later start,
+		-- so that a start never holds the application's writes up behind
+		-- a long transaction.
+		lt := pg_catalog.current_setting('lock_timeout');
+		BEGIN
+			PERFORM pg_catalog.set_config('lock_timeout', '1s', true);
+			EXECUTE format('CREATE OR REPLACE TRIGGER prism_clock BEFORE INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW
+				WHEN (prism.clock_due()) EXECUTE FUNCTION prism.%I()', rel, fn);
+			PERFORM pg_catalog.set_config('lock_timeout', lt, true);
+		EXCEPTION WHEN lock_not_available THEN
+			RAISE WARNING 'prism_clock on % stays as an earlier version made it until a later start: the table was locked for 1 s', rel;
+		END;
 	END IF;
 	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = rel AND tgname = 'prism_tombstone') THEN
 		EXECUTE format('CREATE TRIGGER prism_tombstone AFTER DELETE ON %s FOR EACH ROW EXECUTE FUNCTION prism.%I()', rel, fn);
@@ -860,6 +873,11 @@ func (a *Applier) Collect(ctx context.Context, keep time.Duration) (tombstones, 
 	}
 	return tombstones, tag.RowsAffected(), nil
 }
+
+// earlierClockTriggersSQL counts the prism_clock triggers that an earlier
+// version made and prism.install could not replace (see there).
+const earlierClockTriggersSQL = `SELECT count(*) FROM pg_catalog.pg_trigger
+	WHERE tgname = 'prism_clock' AND pg_catalog.pg_get_triggerdef(oid) NOT LIKE '%clock_due()%'`
 
 // installTriggers runs prism.install_all. It serialises with other nodes'
 // Setup, but DDL of the application (and its event trigger) can still

@@ -1,12 +1,15 @@
 package apply
 
 import (
+	"bytes"
+	"context"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
+	"github.com/rs/zerolog"
 
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
 	"github.com/prism-cdc/prism-cdc/pkg/decode"
@@ -375,14 +378,17 @@ func TestBatchStampsCompression(t *testing.T) {
 	}
 }
 
-// TestClockTriggerUpgraded: Setup recreates a prism_clock trigger whose
+// TestClockTriggerUpgraded: Setup replaces a prism_clock trigger whose
 // WHEN test is written out (as versions before prism.clock_due made it)
-// with the call of prism.clock_due, and leaves a current one as it is.
+// with the call of prism.clock_due, unless a transaction holds the table
+// (then at a later Setup); it leaves a current one as it is and creates
+// a missing one.
 func TestClockTriggerUpgraded(t *testing.T) {
 	ctx := testCtx(t)
 	c := pgtest.Start(t, pgtest.Options{Name: "clock-upgrade"})
 	mustExec(t, ctx, c, "postgres", "CREATE TABLE kv (id int PRIMARY KEY, v text)")
-	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	var logs bytes.Buffer
+	a := NewApplier(newPool(t, ctx, c, "postgres"), zerolog.New(&logs), WithLocalRegion("eu"))
 	if err := a.Setup(ctx); err != nil {
 		t.Fatalf("Setup: %v", err)
 	}
@@ -400,6 +406,36 @@ func TestClockTriggerUpgraded(t *testing.T) {
 			WHEN (pg_catalog.current_setting('prism.applying', true) IS DISTINCT FROM 'on'
 				AND pg_catalog.pg_sequence_last_value('prism.horizon'::regclass) >= (extract(epoch FROM pg_catalog.clock_timestamp()) * 1000000)::bigint)
 			EXECUTE FUNCTION `+fn+`()`)
+	// A transaction that wrote the table holds it: Setup waits a second
+	// for its lock, keeps the earlier trigger, and finishes.
+	busy, err := c.Connect(ctx, "postgres")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close(context.Background())
+	tx, err := busy.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(ctx, "INSERT INTO kv VALUES (1, 'busy')"); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := a.Setup(ctx); err != nil {
+		t.Fatalf("Setup while a transaction holds kv: %v", err)
+	}
+	if took := time.Since(start); took > 30*time.Second {
+		t.Fatalf("Setup took %s while a transaction held kv", took)
+	}
+	if got, _ := def(); strings.Contains(got, "clock_due") {
+		t.Fatalf("prism_clock replaced while a transaction held kv: %s", got)
+	}
+	if !strings.Contains(logs.String(), `"tables":1,"message":"conflict trigger prism_clock kept as an earlier version made it`) {
+		t.Fatalf("Setup did not warn of the trigger it kept; logs:\n%s", logs.String())
+	}
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
 	if err := a.Setup(ctx); err != nil {
 		t.Fatalf("second Setup: %v", err)
 	}
@@ -412,5 +448,13 @@ func TestClockTriggerUpgraded(t *testing.T) {
 	}
 	if _, again := def(); again != upgraded || upgraded == oid {
 		t.Fatalf("trigger oids: first %s, upgraded %s, after another Setup %s; want the upgraded one kept", oid, upgraded, again)
+	}
+	// A missing trigger is created.
+	mustExec(t, ctx, c, "postgres", "DROP TRIGGER prism_clock ON kv")
+	if err := a.Setup(ctx); err != nil {
+		t.Fatalf("Setup without the trigger: %v", err)
+	}
+	if got, _ := def(); got != current {
+		t.Fatalf("prism_clock after Setup created it: %s; want %s", got, current)
 	}
 }
