@@ -652,9 +652,10 @@ func smallRun(b *testing.B, name string, f func(b *testing.B)) { b.Run(name, f) 
 // BenchmarkLocalWriteCost reports what prism-cdc's triggers cost the
 // application's own writes while the regions' clocks agree (trigger
 // prism_clock's WHEN test, and the row lock of a BEFORE trigger): the
-// server CPU per one-row UPDATE and INSERT in an application session, on
-// a table with prism-cdc's triggers next to the same table without them,
-// in alternating rounds:
+// server CPU per one-row UPDATE, INSERT and DELETE in an application
+// session (a DELETE also writes the key's tombstone), on a table with
+// prism-cdc's triggers next to the same table without them, in
+// alternating rounds:
 //
 //	go test ./pkg/apply -run '^$' -bench LocalWriteCost -benchtime 20000x
 func BenchmarkLocalWriteCost(b *testing.B) {
@@ -677,12 +678,18 @@ func BenchmarkLocalWriteCost(b *testing.B) {
 	next := int64(rows)
 	for round := 1; round <= 2; round++ {
 		for _, t := range []string{"kv_plain", "kv_prism"} {
-			for _, op := range []string{"update", "insert"} {
+			inserted := next
+			for _, op := range []string{"update", "insert", "delete"} {
 				b.Run(fmt.Sprintf("%s/%s/%d", op, t, round), func(b *testing.B) {
 					stmt := fmt.Sprintf("UPDATE %s SET v = v + 1 WHERE id = (i %% %d) + 1", t, rows)
-					if op == "insert" {
+					switch op {
+					case "insert":
+						inserted = next
 						stmt = fmt.Sprintf("INSERT INTO %s VALUES (%d + i, i, 'new')", t, next)
 						next += int64(b.N)
+					case "delete":
+						// The rows the insert just wrote.
+						stmt = fmt.Sprintf("DELETE FROM %s WHERE id = %d + i", t, inserted)
 					}
 					mustExec(b, ctx, c, "postgres", "VACUUM "+t)
 					cpu := clusterCPU(b, c)

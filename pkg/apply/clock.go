@@ -58,7 +58,10 @@ import (
 //
 // The trigger functions are SECURITY DEFINER: the application's roles
 // need no rights on schema prism. Every relation they name is
-// schema-qualified.
+// schema-qualified, and they run with search_path pg_catalog, pg_temp
+// (naming the key's equality operators with their schema), so a role
+// that puts a schema of its own first in its search_path cannot have
+// them call its functions or operators with their owner's rights.
 //
 // prism.install(table) (re)creates a table's trigger function and
 // triggers from its current key; Setup runs it for every table and the
@@ -174,7 +177,7 @@ CREATE INDEX IF NOT EXISTS table_renames_old ON prism.table_renames (old_name);
 -- meta_name returns the name of rel's conflict metadata, recording its
 -- current name (and a rename since the last call).
 CREATE OR REPLACE FUNCTION prism.meta_name(rel regclass) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER AS $f$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
 DECLARE
 	cur  text;
 	meta text;
@@ -512,9 +515,23 @@ BEGIN
 	SELECT 'jsonb_object(ARRAY[' || string_agg(quote_literal(k), ', ') || ']::text[], ARRAY[' ||
 			string_agg(format('OLD.%I::text', k), ', ') || ']::text[])',
 		'jsonb_object(ARRAY[' || string_agg(quote_literal(k), ', ') || ']::text[], ARRAY[' ||
-			string_agg(format('NEW.%I::text', k), ', ') || ']::text[])',
-		string_agg(format('x.%I = OLD.%I', k, k), ' AND ')
-	INTO oldk, newk, cond FROM unnest(keys) k;
+			string_agg(format('NEW.%I::text', k), ', ') || ']::text[])'
+	INTO oldk, newk FROM unnest(keys) k;
+	-- The function runs with search_path pg_catalog (see below), so the
+	-- key's equality operators are named with their schema: those of the
+	-- key index's operator classes (an extension type's may live in
+	-- any schema).
+	SELECT string_agg(format('x.%I OPERATOR(%I.%s) OLD.%I', a.attname, opn.nspname, o.oprname, a.attname), ' AND ')
+	INTO cond
+	FROM pg_catalog.pg_index i
+	CROSS JOIN LATERAL unnest(i.indkey::int2[], i.indclass::oid[]) AS u(attnum, opc)
+	JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = u.attnum
+	JOIN pg_catalog.pg_opclass oc ON oc.oid = u.opc
+	JOIN pg_catalog.pg_amop ao ON ao.amopfamily = oc.opcfamily AND ao.amopmethod = oc.opcmethod
+		AND ao.amoplefttype = oc.opcintype AND ao.amoprighttype = oc.opcintype AND ao.amopstrategy = 3
+	JOIN pg_catalog.pg_operator o ON o.oid = ao.amopopr
+	JOIN pg_catalog.pg_namespace opn ON opn.oid = o.oprnamespace
+	WHERE i.indrelid = rel AND CASE WHEN ident = 'i' THEN i.indisreplident ELSE i.indisprimary END;
 	-- The function runs for every local write of the table, so it reads
 	-- the replaced version's stamp inline (cached plans) instead of
 	-- through prism.stamp and prism.own, SQL functions that PostgreSQL
@@ -577,7 +594,10 @@ $b$, tbl, oldk, newk, qrel, cond);
 	INTO pin
 	FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
 	WHERE a.attrelid = rel AND a.attname = ANY (keys) AND NOT a.attisdropped;
-	EXECUTE format('CREATE OR REPLACE FUNCTION prism.%I() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER %s AS %L', fn,
+	-- SECURITY DEFINER with the caller's search_path would run a function
+	-- or operator of the caller's schemas with the owner's rights: the
+	-- function runs with pg_catalog's.
+	EXECUTE format('CREATE OR REPLACE FUNCTION prism.%I() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp %s AS %L', fn,
 		CASE WHEN pin THEN {{pinned_text_form}} ELSE '' END, body);
 	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = rel AND tgname = 'prism_clock') THEN
 		EXECUTE format('CREATE TRIGGER prism_clock BEFORE INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW
@@ -689,12 +709,15 @@ $f$;
 -- this test made a one-row UPDATE cost 21.6 us instead of 9.3; as a call
 -- of this function, whose plan PL/pgSQL keeps for the session, 14.9 us.
 -- It is SECURITY DEFINER because the application's roles may not use
--- schema prism, where its sequence is.
+-- schema prism, where its sequence is. It runs with the caller's
+-- search_path (a SET clause would cost more than the call saves), so
+-- every function, type and operator in it is schema-qualified.
 CREATE OR REPLACE FUNCTION prism.clock_due() RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER AS $f$
 BEGIN
-	RETURN pg_catalog.current_setting('prism.applying', true) IS DISTINCT FROM 'on'
-		AND pg_catalog.pg_sequence_last_value('prism.horizon'::regclass) >= (extract(epoch FROM pg_catalog.clock_timestamp()) * 1000000)::bigint;
+	RETURN NOT coalesce(pg_catalog.current_setting('prism.applying', true) OPERATOR(pg_catalog.=) 'on', false)
+		AND pg_catalog.pg_sequence_last_value('prism.horizon'::pg_catalog.regclass) OPERATOR(pg_catalog.>=)
+			(extract(epoch FROM pg_catalog.clock_timestamp()) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8;
 END
 $f$;
 GRANT EXECUTE ON FUNCTION prism.clock_due() TO PUBLIC;`

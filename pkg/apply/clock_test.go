@@ -3,6 +3,7 @@ package apply
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -456,5 +457,71 @@ func TestClockTriggerUpgraded(t *testing.T) {
 	}
 	if got, _ := def(); got != current {
 		t.Fatalf("prism_clock after Setup created it: %s; want %s", got, current)
+	}
+}
+
+// TestSecurityDefinerSearchPath: prism-cdc's SECURITY DEFINER functions
+// (prism.clock_due, the conflict triggers' functions, the schema change
+// capture) run as their owner whatever role writes, so none may call a
+// function or operator that the writing role put in a schema before
+// pg_catalog: the role would run it with the owner's rights.
+func TestSecurityDefinerSearchPath(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "definer-path"})
+	mustExec(t, ctx, c, "postgres", `CREATE TABLE kv (id int PRIMARY KEY, v text); INSERT INTO kv VALUES (1, 'base'), (2, 'base'), (3, 'base');
+		CREATE ROLE app LOGIN; GRANT ALL ON kv TO app; CREATE SCHEMA evil AUTHORIZATION app;`)
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"), WithDDL(true))
+	if err := a.Setup(ctx); err != nil {
+		t.Fatalf("Setup: %v", err)
+	}
+	// The operators these functions use, for the types they use them on,
+	// taken over in schema evil: called, each says who it runs as.
+	var evil strings.Builder
+	evil.WriteString("SET ROLE app; SET prism.ddl = 'local';")
+	for i, op := range []struct{ name, typ, ret string }{
+		{"=", "text", "boolean"}, {"<>", "text", "boolean"}, {"=", "xid", "boolean"}, {">=", "bigint", "boolean"},
+		{">=", "timestamptz", "boolean"}, {"<", "timestamptz", "boolean"}, {"*", "numeric", "numeric"}, {"~", "text", "boolean"},
+		{"~~", "text", "boolean"}, {">", "integer", "boolean"}, {"<>", "integer", "boolean"},
+	} {
+		fmt.Fprintf(&evil, `CREATE FUNCTION evil.f%d(a %s, b %s) RETURNS %s LANGUAGE plpgsql AS $$
+			BEGIN RAISE EXCEPTION 'operator %s of schema evil called as %%', current_user; END $$;
+			CREATE OPERATOR evil.%s (FUNCTION = evil.f%d, LEFTARG = %s, RIGHTARG = %s);`, i, op.typ, op.typ, op.ret, op.name, op.name, i, op.typ, op.typ)
+	}
+	mustExec(t, ctx, c, "postgres", evil.String())
+	app, err := c.Connect(ctx, "postgres")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer app.Close(context.Background())
+	// One statement a query: the capture refuses a schema change sent with
+	// others.
+	asApp := func(sql string) {
+		t.Helper()
+		if _, err := app.Exec(ctx, sql); err != nil {
+			t.Fatalf("as role app with schema evil first: %s: %v", sql, err)
+		}
+	}
+	asApp("SET ROLE app")
+	asApp("SET search_path = evil, pg_catalog, public")
+	asApp("UPDATE kv SET v = 'app' WHERE id = 1")
+	asApp("INSERT INTO kv VALUES (10, 'app')")
+	asApp("DELETE FROM kv WHERE id = 10")
+	// With the horizon ahead the triggers' functions run in full.
+	mustExec(t, ctx, c, "postgres", "SELECT setval('prism.horizon', (extract(epoch FROM now() + interval '1 hour') * 1000000)::bigint)")
+	asApp("UPDATE kv SET v = 'app' WHERE id = 2")
+	asApp("INSERT INTO kv VALUES (11, 'app')")
+	asApp("DELETE FROM kv WHERE id = 3")
+	// Schema changes of the role's own schema go through the capture.
+	asApp("CREATE TABLE evil.t (id int PRIMARY KEY, v text)")
+	asApp("ALTER TABLE evil.t RENAME COLUMN v TO w")
+	asApp("ALTER TABLE evil.t DROP COLUMN w")
+	asApp("DROP TABLE evil.t")
+	// The capture gives the session its search_path back.
+	var path string
+	if err := app.QueryRow(ctx, "SHOW search_path").Scan(&path); err != nil || path != "evil, pg_catalog, public" {
+		t.Fatalf("search_path after the schema changes: %q, %v; want the session's", path, err)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT count(*)::text FROM prism.tombstones WHERE table_name = 'public.kv'"); got != "2" {
+		t.Fatalf("%s tombstones of kv, want 2 (keys 10 and 3)", got)
 	}
 }

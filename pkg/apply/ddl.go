@@ -170,7 +170,7 @@ $f$;
 -- ddl_record_rename records ALTER TABLE ... RENAME [COLUMN] a TO b of
 -- relation rel.
 CREATE OR REPLACE FUNCTION prism.ddl_record_rename(rel oid, w text[]) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER AS $f$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
 DECLARE
 	k int := array_position(w, 'rename');
 BEGIN
@@ -193,16 +193,19 @@ $f$;
 CREATE OR REPLACE FUNCTION prism.ddl_capture() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER AS $f$
 DECLARE
-	q        text := current_query();
+	-- The caller's search_path, which the change is replicated with; the
+	-- function itself runs with pg_catalog's (below).
+	sp       text := pg_catalog.current_setting('search_path');
+	q        text := pg_catalog.current_query();
 	w        text[];
 	stmts    int := 0;
 	seen     boolean := false;
 	t        text;
-	verb     text := lower(split_part(TG_TAG, ' ', 1));
+	verb     text := pg_catalog.lower(pg_catalog.split_part(TG_TAG, ' ', 1));
 	objs     int;
 	temps    int;
 	tmpname  text;
-	who      text := current_setting('role');
+	who      text := pg_catalog.current_setting('role');
 	replicated CONSTANT text[] := ARRAY['CREATE SCHEMA', 'DROP SCHEMA', 'CREATE TABLE', 'ALTER TABLE', 'DROP TABLE',
 		'CREATE INDEX', 'ALTER INDEX', 'DROP INDEX',
 		'CREATE TYPE', 'ALTER TYPE', 'DROP TYPE',
@@ -210,8 +213,14 @@ DECLARE
 	hint CONSTANT text := 'prism-cdc runs with ddl: replicate. To make this change, run it by hand in every region with SET prism.ddl = ''local'' (see README, Schema changes).';
 BEGIN
 	-- The function is SECURITY DEFINER (the application's roles need no
-	-- rights on schema prism), so the role that ran the change is the
-	-- session's, or the one it SET ROLE to.
+	-- rights on schema prism), so it runs with search_path pg_catalog,
+	-- pg_temp until it returns: a function or operator of the caller's
+	-- schemas would otherwise run with its owner's rights. (A SET clause
+	-- would hide the caller's search_path, which the change needs.) An
+	-- error rolls the setting back with the change.
+	PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+	-- The role that ran the change is the session's, or the one it SET
+	-- ROLE to.
 	IF who = 'none' THEN
 		who := session_user;
 	END IF;
@@ -226,6 +235,7 @@ BEGIN
 		END IF;
 	END IF;
 	IF current_setting('prism.ddl', true) = 'local' THEN
+		PERFORM pg_catalog.set_config('search_path', sp, true);
 		RETURN;
 	END IF;
 	IF current_setting('prism.applying', true) = 'on' THEN
@@ -238,23 +248,27 @@ BEGIN
 			JOIN pg_catalog.pg_namespace s ON s.oid = k.relnamespace
 			WHERE c.classid = 'pg_catalog.pg_class'::regclass AND k.relkind IN ('r', 'p') AND NOT k.relispartition
 			AND s.nspname NOT IN ('prism', 'pg_catalog', 'information_schema') AND s.nspname NOT LIKE 'pg\_%';
+		PERFORM pg_catalog.set_config('search_path', sp, true);
 		RETURN;
 	END IF;
 	-- Each region's own replication setup (prism-cdc's reader creates the
 	-- region's publication) is not the application's schema.
 	IF TG_TAG ~ '^(CREATE|ALTER|DROP) (PUBLICATION|SUBSCRIPTION|EVENT TRIGGER)$' THEN
+		PERFORM pg_catalog.set_config('search_path', sp, true);
 		RETURN;
 	END IF;
 	-- Temporary objects live in one session: nothing to replicate.
 	IF TG_TAG LIKE 'DROP %' THEN
 		IF current_setting('prism.ddl_dropped_temp', true) = 'on' THEN
 			PERFORM set_config('prism.ddl_dropped_temp', '', true);
+			PERFORM pg_catalog.set_config('search_path', sp, true);
 			RETURN;
 		END IF;
 	ELSE
 		SELECT count(*), count(*) FILTER (WHERE c.schema_name = 'pg_temp' OR c.schema_name LIKE 'pg\_temp\_%')
 			INTO objs, temps FROM pg_event_trigger_ddl_commands() c;
 		IF objs > 0 AND temps = objs THEN
+			PERFORM pg_catalog.set_config('search_path', sp, true);
 			RETURN;
 		END IF;
 	END IF;
@@ -299,13 +313,14 @@ BEGIN
 		END IF;
 	END IF;
 	PERFORM pg_logical_emit_message(true, 'prism_ddl', json_build_object(
-		'command', q, 'search_path', current_setting('search_path'), 'role', who)::text);
+		'command', q, 'search_path', sp, 'role', who)::text);
+	PERFORM pg_catalog.set_config('search_path', sp, true);
 END
 $f$;
 -- ddl_dropped records dropped columns and notes, before ddl_command_end,
 -- that a DROP dropped only temporary objects.
 CREATE OR REPLACE FUNCTION prism.ddl_dropped() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER AS $f$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
 BEGIN
 	-- Rows of regions that have not dropped a column yet still carry it.
 	INSERT INTO prism.ddl_renames (relid, kind, old_name, new_name)
