@@ -281,12 +281,12 @@ func (a *Applier) setup1(ctx context.Context) error {
 		return fmt.Errorf("apply setup: %w", err)
 	}
 	var earlier int
-	if err := conn.QueryRow(ctx, earlierClockTriggersSQL).Scan(&earlier); err != nil {
+	if err := conn.QueryRow(ctx, earlierTriggersSQL).Scan(&earlier); err != nil {
 		return fmt.Errorf("apply setup: %w", err)
 	}
 	if earlier > 0 {
-		a.log.Warn().Int("tables", earlier).Msg("conflict trigger prism_clock kept as an earlier version made it (same test, at a higher cost per write): " +
-			"their tables were locked by other transactions for 1 s; it is replaced at a later start")
+		a.log.Warn().Int("tables", earlier).Msg("conflict triggers kept as an earlier version made them (the same work, at a higher cost per write): " +
+			"their tables were locked by other transactions for 1 s; they are replaced at a later start")
 	}
 	if _, err := conn.Exec(ctx, eventTriggerSQL); err != nil {
 		a.log.Warn().Err(err).Msg("cannot create event trigger prism_install (needs a superuser): tables created from now on get their conflict triggers only at the next start")

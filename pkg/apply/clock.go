@@ -29,9 +29,9 @@ import (
 //
 // prism.tombstones holds one row per deleted key; its xmin is the
 // deleting transaction, so its stamp is the delete's. Trigger
-// prism_tombstone (AFTER DELETE, ENABLE ALWAYS) writes it for local and
-// applied deletes alike; prism.missing adds it for a delete of a key that
-// is already gone.
+// prism_tombstone (AFTER DELETE, ENABLE ALWAYS; function
+// prism.tombstone_<table oid>) writes it for local and applied deletes
+// alike; prism.missing adds it for a delete of a key that is already gone.
 //
 // Trigger prism_clock (BEFORE INSERT OR UPDATE OR DELETE, skipped in
 // prism-cdc's apply transactions) checks the stamp of the version a local
@@ -482,12 +482,16 @@ DECLARE
 	ident "char";
 	keys  name[];
 	fn    text := 'clock_' || rel::oid;
+	tfn   text := 'tombstone_' || rel::oid;
+	tkey  text;
 	oldk  text;
 	newk  text;
 	cond  text;
 	body  text;
 	pin   boolean;
 	lt    text;
+	oldclock boolean;
+	oldtomb  boolean;
 BEGIN
 	SELECT n.nspname || '.' || c.relname, quote_ident(n.nspname) || '.' || quote_ident(c.relname), c.relreplident
 	INTO tbl, qrel, ident
@@ -515,8 +519,10 @@ BEGIN
 	SELECT 'jsonb_object(ARRAY[' || string_agg(quote_literal(k), ', ') || ']::text[], ARRAY[' ||
 			string_agg(format('OLD.%I::text', k), ', ') || ']::text[])',
 		'jsonb_object(ARRAY[' || string_agg(quote_literal(k), ', ') || ']::text[], ARRAY[' ||
-			string_agg(format('NEW.%I::text', k), ', ') || ']::text[])'
-	INTO oldk, newk FROM unnest(keys) k;
+			string_agg(format('NEW.%I::text', k), ', ') || ']::text[])',
+		'pg_catalog.jsonb_object(ARRAY[' || string_agg(quote_literal(k), ', ') || ']::pg_catalog.text[], ARRAY[' ||
+			string_agg(format('OLD.%I::pg_catalog.text', k), ', ') || ']::pg_catalog.text[])'
+	INTO oldk, newk, tkey FROM unnest(keys) k;
 	-- The function runs with search_path pg_catalog (see below), so the
 	-- key's equality operators are named with their schema: those of the
 	-- key index's operator classes (an extension type's may live in
@@ -599,29 +605,52 @@ $b$, tbl, oldk, newk, qrel, cond);
 	-- function runs with pg_catalog's.
 	EXECUTE format('CREATE OR REPLACE FUNCTION prism.%I() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp %s AS %L', fn,
 		CASE WHEN pin THEN {{pinned_text_form}} ELSE '' END, body);
+	-- prism_tombstone's function, which every delete calls (local and
+	-- applied ones), has a body of its own that names every function and
+	-- type with its schema and uses no operator, so it needs no SET
+	-- clause: that would cost a delete about 6 us.
+	EXECUTE format('CREATE OR REPLACE FUNCTION prism.%I() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER %s AS %L', tfn,
+		CASE WHEN pin THEN {{pinned_text_form}} ELSE '' END, format($t$
+BEGIN
+	INSERT INTO prism.tombstones (table_name, key) VALUES (%1$L, %2$s)
+	ON CONFLICT (table_name, key) DO UPDATE SET key = EXCLUDED.key;
+	RETURN NULL;
+END
+$t$, tbl, tkey));
 	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = rel AND tgname = 'prism_clock') THEN
 		EXECUTE format('CREATE TRIGGER prism_clock BEFORE INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW
 			WHEN (prism.clock_due()) EXECUTE FUNCTION prism.%I()', rel, fn);
-	ELSIF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = rel AND tgname = 'prism_clock'
-		AND pg_catalog.pg_get_triggerdef(oid) LIKE '%clock_due()%') THEN
-		-- Made by an earlier version, which wrote the WHEN test out (or
-		-- had none): the same test at a higher cost. It is replaced when
-		-- the table's lock comes within a second, else at a later start,
-		-- so that a start never holds the application's writes up behind
-		-- a long transaction.
+	END IF;
+	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = rel AND tgname = 'prism_tombstone') THEN
+		EXECUTE format('CREATE TRIGGER prism_tombstone AFTER DELETE ON %s FOR EACH ROW EXECUTE FUNCTION prism.%I()', rel, tfn);
+		EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER prism_tombstone', rel);
+	END IF;
+	oldclock := EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = rel AND tgname = 'prism_clock'
+		AND pg_catalog.pg_get_triggerdef(oid) NOT LIKE '%clock_due()%');
+	oldtomb := EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = rel AND tgname = 'prism_tombstone'
+		AND tgfoid <> pg_catalog.to_regproc('prism.' || pg_catalog.quote_ident(tfn)));
+	IF oldclock OR oldtomb THEN
+		-- Made by an earlier version: prism_clock with its WHEN test
+		-- written out (or none), prism_tombstone calling prism_clock's
+		-- function. They do the same at a higher cost, and are replaced
+		-- when the table's lock comes within a second, else at a later
+		-- start, so that a start never holds the application's writes up
+		-- behind a long transaction.
 		lt := pg_catalog.current_setting('lock_timeout');
 		BEGIN
 			PERFORM pg_catalog.set_config('lock_timeout', '1s', true);
-			EXECUTE format('CREATE OR REPLACE TRIGGER prism_clock BEFORE INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW
-				WHEN (prism.clock_due()) EXECUTE FUNCTION prism.%I()', rel, fn);
+			IF oldclock THEN
+				EXECUTE format('CREATE OR REPLACE TRIGGER prism_clock BEFORE INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW
+					WHEN (prism.clock_due()) EXECUTE FUNCTION prism.%I()', rel, fn);
+			END IF;
+			IF oldtomb THEN
+				EXECUTE format('CREATE OR REPLACE TRIGGER prism_tombstone AFTER DELETE ON %s FOR EACH ROW EXECUTE FUNCTION prism.%I()', rel, tfn);
+				EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER prism_tombstone', rel);
+			END IF;
 			PERFORM pg_catalog.set_config('lock_timeout', lt, true);
 		EXCEPTION WHEN lock_not_available THEN
-			RAISE WARNING 'prism_clock on % stays as an earlier version made it until a later start: the table was locked for 1 s', rel;
+			RAISE WARNING 'prism-cdc''s triggers on % stay as an earlier version made them until a later start: the table was locked for 1 s', rel;
 		END;
-	END IF;
-	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = rel AND tgname = 'prism_tombstone') THEN
-		EXECUTE format('CREATE TRIGGER prism_tombstone AFTER DELETE ON %s FOR EACH ROW EXECUTE FUNCTION prism.%I()', rel, fn);
-		EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER prism_tombstone', rel);
 	END IF;
 	RETURN 'installed';
 END
@@ -897,10 +926,12 @@ func (a *Applier) Collect(ctx context.Context, keep time.Duration) (tombstones, 
 	return tombstones, tag.RowsAffected(), nil
 }
 
-// earlierClockTriggersSQL counts the prism_clock triggers that an earlier
-// version made and prism.install could not replace (see there).
-const earlierClockTriggersSQL = `SELECT count(*) FROM pg_catalog.pg_trigger
-	WHERE tgname = 'prism_clock' AND pg_catalog.pg_get_triggerdef(oid) NOT LIKE '%clock_due()%'`
+// earlierTriggersSQL counts the tables whose prism_clock or
+// prism_tombstone an earlier version made and prism.install could not
+// replace (see there).
+const earlierTriggersSQL = `SELECT count(DISTINCT tgrelid) FROM pg_catalog.pg_trigger
+	WHERE tgname = 'prism_clock' AND pg_catalog.pg_get_triggerdef(oid) NOT LIKE '%clock_due()%'
+		OR tgname = 'prism_tombstone' AND tgfoid <> coalesce(pg_catalog.to_regproc('prism.tombstone_' || tgrelid::oid)::oid, 0)`
 
 // installTriggers runs prism.install_all. It serialises with other nodes'
 // Setup, but DDL of the application (and its event trigger) can still

@@ -381,9 +381,10 @@ func TestBatchStampsCompression(t *testing.T) {
 
 // TestClockTriggerUpgraded: Setup replaces a prism_clock trigger whose
 // WHEN test is written out (as versions before prism.clock_due made it)
-// with the call of prism.clock_due, unless a transaction holds the table
-// (then at a later Setup); it leaves a current one as it is and creates
-// a missing one.
+// with the call of prism.clock_due, and a prism_tombstone that calls
+// prism_clock's function with one calling a function of its own, unless
+// a transaction holds the table (then at a later Setup); it leaves
+// current ones as they are and creates a missing one.
 func TestClockTriggerUpgraded(t *testing.T) {
 	ctx := testCtx(t)
 	c := pgtest.Start(t, pgtest.Options{Name: "clock-upgrade"})
@@ -402,11 +403,18 @@ func TestClockTriggerUpgraded(t *testing.T) {
 		t.Fatalf("prism_clock after Setup: %s; want WHEN (prism.clock_due())", current)
 	}
 	fn := queryString(t, ctx, a.pool, "SELECT tgfoid::regproc::text FROM pg_trigger WHERE tgrelid = 'kv'::regclass AND tgname = 'prism_clock'")
-	mustExec(t, ctx, c, "postgres", `DROP TRIGGER prism_clock ON kv;
+	// Event trigger prism_install would install the current triggers at
+	// once (ALTER TABLE): it does not fire in replica mode.
+	mustExec(t, ctx, c, "postgres", `SET session_replication_role = replica; DROP TRIGGER prism_clock ON kv;
 		CREATE TRIGGER prism_clock BEFORE INSERT OR UPDATE OR DELETE ON kv FOR EACH ROW
 			WHEN (pg_catalog.current_setting('prism.applying', true) IS DISTINCT FROM 'on'
 				AND pg_catalog.pg_sequence_last_value('prism.horizon'::regclass) >= (extract(epoch FROM pg_catalog.clock_timestamp()) * 1000000)::bigint)
-			EXECUTE FUNCTION `+fn+`()`)
+			EXECUTE FUNCTION `+fn+`();
+		CREATE OR REPLACE TRIGGER prism_tombstone AFTER DELETE ON kv FOR EACH ROW EXECUTE FUNCTION `+fn+`();
+		ALTER TABLE kv ENABLE ALWAYS TRIGGER prism_tombstone;`)
+	tomb := func() string {
+		return queryString(t, ctx, a.pool, "SELECT tgfoid::regproc::text || ' ' || tgenabled::text FROM pg_trigger WHERE tgrelid = 'kv'::regclass AND tgname = 'prism_tombstone'")
+	}
 	// A transaction that wrote the table holds it: Setup waits a second
 	// for its lock, keeps the earlier trigger, and finishes.
 	busy, err := c.Connect(ctx, "postgres")
@@ -431,8 +439,11 @@ func TestClockTriggerUpgraded(t *testing.T) {
 	if got, _ := def(); strings.Contains(got, "clock_due") {
 		t.Fatalf("prism_clock replaced while a transaction held kv: %s", got)
 	}
-	if !strings.Contains(logs.String(), `"tables":1,"message":"conflict trigger prism_clock kept as an earlier version made it`) {
-		t.Fatalf("Setup did not warn of the trigger it kept; logs:\n%s", logs.String())
+	if got := tomb(); got != fn+" A" {
+		t.Fatalf("prism_tombstone replaced while a transaction held kv: %s", got)
+	}
+	if !strings.Contains(logs.String(), `"tables":1,"message":"conflict triggers kept as an earlier version made them`) {
+		t.Fatalf("Setup did not warn of the triggers it kept; logs:\n%s", logs.String())
 	}
 	if err := tx.Commit(ctx); err != nil {
 		t.Fatal(err)
@@ -442,6 +453,15 @@ func TestClockTriggerUpgraded(t *testing.T) {
 	}
 	if got, _ := def(); got != current {
 		t.Fatalf("prism_clock with the written-out test after Setup:\n%s\nwant\n%s", got, current)
+	}
+	// prism_tombstone calls a function of its own now, still on applied
+	// deletes too (ENABLE ALWAYS), and writes the tombstone.
+	if got, want := tomb(), "prism.tombstone_"+queryString(t, ctx, a.pool, "SELECT 'kv'::regclass::oid::text")+" A"; got != want {
+		t.Fatalf("prism_tombstone after Setup: %s, want %s", got, want)
+	}
+	mustExec(t, ctx, c, "postgres", "DELETE FROM kv WHERE id = 1")
+	if got := queryString(t, ctx, a.pool, `SELECT string_agg(key::text, ',') FROM prism.tombstones WHERE table_name = 'public.kv'`); got != `{"id": "1"}` {
+		t.Fatalf("tombstones of kv after a delete: %s", got)
 	}
 	_, upgraded := def()
 	if err := a.Setup(ctx); err != nil {
@@ -487,6 +507,9 @@ func TestSecurityDefinerSearchPath(t *testing.T) {
 			BEGIN RAISE EXCEPTION 'operator %s of schema evil called as %%', current_user; END $$;
 			CREATE OPERATOR evil.%s (FUNCTION = evil.f%d, LEFTARG = %s, RIGHTARG = %s);`, i, op.typ, op.typ, op.ret, op.name, op.name, i, op.typ, op.typ)
 	}
+	// And a function the tombstones' key is built with.
+	evil.WriteString(`CREATE FUNCTION evil.jsonb_object(a text[], b text[]) RETURNS jsonb LANGUAGE plpgsql AS $$
+		BEGIN RAISE EXCEPTION 'function jsonb_object of schema evil called as %', current_user; END $$;`)
 	mustExec(t, ctx, c, "postgres", evil.String())
 	app, err := c.Connect(ctx, "postgres")
 	if err != nil {
