@@ -671,6 +671,20 @@ BEGIN
 			n := n + 1;
 		END IF;
 	END LOOP;
+	-- The trigger functions of dropped tables: DROP TABLE takes the
+	-- triggers, not their functions. (A table that is there may be
+	-- installed concurrently, by event trigger prism_install.)
+	FOR r IN SELECT p.oid::regprocedure AS fn FROM pg_catalog.pg_proc p
+		WHERE p.pronamespace = 'prism'::regnamespace AND p.proname ~ '^(clock|tombstone)_[0-9]+$'
+		AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = substring(p.proname FROM '[0-9]+$')::oid)
+		AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgfoid = p.oid)
+	LOOP
+		BEGIN
+			EXECUTE format('DROP FUNCTION %s', r.fn);
+		EXCEPTION WHEN dependent_objects_still_exist THEN
+			NULL; -- something of the application's uses it: it stays
+		END;
+	END LOOP;
 	RETURN n;
 END
 $f$;

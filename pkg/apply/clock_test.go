@@ -548,3 +548,34 @@ func TestSecurityDefinerSearchPath(t *testing.T) {
 		t.Fatalf("%s tombstones of kv, want 2 (keys 10 and 3)", got)
 	}
 }
+
+// TestTriggerFunctionsOfDroppedTables: Setup drops the trigger functions
+// of a dropped table and keeps those of the tables that are there.
+func TestTriggerFunctionsOfDroppedTables(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "dropped-fns"})
+	mustExec(t, ctx, c, "postgres", "CREATE TABLE kept (id int PRIMARY KEY); CREATE TABLE gone (id int PRIMARY KEY)")
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	if err := a.Setup(ctx); err != nil {
+		t.Fatalf("Setup: %v", err)
+	}
+	fns := func() string {
+		return queryString(t, ctx, a.pool, `SELECT string_agg(f, ',' ORDER BY f) FROM (
+			SELECT regexp_replace(p.proname, '[0-9]+$', '') || coalesce(c.relname, '?') AS f
+			FROM pg_proc p LEFT JOIN pg_class c ON c.oid = substring(p.proname FROM '[0-9]+$')::oid
+			WHERE p.pronamespace = 'prism'::regnamespace AND p.proname ~ '^(clock|tombstone)_[0-9]+$') x`)
+	}
+	if got, want := fns(), "clock_gone,clock_kept,tombstone_gone,tombstone_kept"; got != want {
+		t.Fatalf("trigger functions after Setup: %s, want %s", got, want)
+	}
+	mustExec(t, ctx, c, "postgres", "DROP TABLE gone")
+	if got, want := fns(), "clock_?,clock_kept,tombstone_?,tombstone_kept"; got != want {
+		t.Fatalf("trigger functions after DROP TABLE: %s, want %s", got, want)
+	}
+	if err := a.Setup(ctx); err != nil {
+		t.Fatalf("second Setup: %v", err)
+	}
+	if got, want := fns(), "clock_kept,tombstone_kept"; got != want {
+		t.Fatalf("trigger functions after the next Setup: %s, want %s", got, want)
+	}
+}
