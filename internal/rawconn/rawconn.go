@@ -73,11 +73,13 @@ func (c *Conn) Read(p []byte) (int, error) {
 	case n == 0:
 		return 0, io.EOF
 	}
+	raceAcquire()
 	return int(n), nil
 }
 
 // Write writes like net.Conn.Write: all of p, or an error.
 func (c *Conn) Write(p []byte) (int, error) {
+	raceReleaseMerge()
 	var done int
 	var errno syscall.Errno
 	err := c.rc.Write(func(fd uintptr) bool {

@@ -131,3 +131,39 @@ func TestWrapOther(t *testing.T) {
 		t.Fatal("Wrap wrapped a net.Pipe, which has no file descriptor")
 	}
 }
+
+// TestWriteHappensBeforeRead: what a goroutine set before it wrote to a
+// Conn is what the goroutine that read the bytes from another Conn sees,
+// to the race detector too (as with net.Conn): run with -race, this
+// test fails when Conn's system calls say nothing to it.
+func TestWriteHappensBeforeRead(t *testing.T) {
+	a, other := pair(t)
+	b, ok := Wrap(other).(*Conn)
+	if !ok {
+		t.Fatalf("Wrap(%T) did not wrap", other)
+	}
+	for round := 0; round < 20; round++ {
+		var shared []int // written by one goroutine, read by the other
+		done := make(chan error, 1)
+		go func() {
+			buf := make([]byte, 1)
+			if _, err := io.ReadFull(b, buf); err != nil {
+				done <- err
+				return
+			}
+			if len(shared) != 3 {
+				done <- errors.New("the reader does not see what the writer set")
+				return
+			}
+			done <- nil
+		}()
+		time.Sleep(time.Millisecond) // the reader waits in the poller
+		shared = []int{1, 2, 3}
+		if _, err := a.Write([]byte{byte(round)}); err != nil {
+			t.Fatal(err)
+		}
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+}
