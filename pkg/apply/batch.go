@@ -636,8 +636,7 @@ func (k batchKeyExprs) json(vals []string) string {
 func (bt *batchTable) write(b *builder, kind int, src batchSource, k batchKeyExprs) (w, stampFrom string) {
 	// The row path's cheap test: the local version is older than the
 	// change (or its commit time is unknown) and has no clock floor.
-	cheap := "coalesce(pg_catalog.pg_xact_commit_timestamp(x.xmin) < v.cts, true)" +
-		" AND ((SELECT pg_catalog.current_setting('prism.floors') = 'false') OR NOT EXISTS (SELECT 1 FROM prism.clock_floors f WHERE f.xact = x.xmin))"
+	cheap := stampedBefore("x", "v.cts")
 	switch kind {
 	case groupInsert:
 		// A key with a row or a tombstone is not inserted: the row path
