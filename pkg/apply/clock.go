@@ -70,7 +70,20 @@ var clockSetupSQL = strings.NewReplacer(
 	"{{pinned_text_form}}", lit(pinnedTextForm()),
 	// markSQL in the trigger function, over its table and new key.
 	"{{mark}}", strings.Replace(markSQL, "prism.mark_hash(tbl, k)", "prism.mark_hash(%1$L, %3$s)", 1),
+	"{{earlier_clock}}", earlierClock,
+	"{{earlier_tombstone}}", earlierTombstone,
 ).Replace(clockSetupTemplate)
+
+// earlierClock and earlierTombstone are true of a row of pg_trigger, a
+// table's prism_clock or prism_tombstone, that an earlier version made:
+// prism_clock with its WHEN test written out (or none), prism_tombstone
+// calling prism_clock's function instead of prism.tombstone_<table oid>.
+// prism.install replaces such triggers and earlierTriggersSQL counts
+// those it could not.
+const (
+	earlierClock     = "pg_catalog.pg_get_triggerdef(oid) NOT LIKE '%clock_due()%'"
+	earlierTombstone = "tgfoid <> coalesce(pg_catalog.to_regproc('prism.tombstone_' || tgrelid::oid)::oid, 0)"
+)
 
 // pinnedTextForm is the SET clause of a function that must print values
 // in the text form every prism-cdc connection pins (decode.PinTextForm).
@@ -638,9 +651,9 @@ $t$, tbl, tkey));
 		EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER prism_tombstone', rel);
 	END IF;
 	oldclock := EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = rel AND tgname = 'prism_clock'
-		AND pg_catalog.pg_get_triggerdef(oid) NOT LIKE '%clock_due()%');
+		AND {{earlier_clock}});
 	oldtomb := EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = rel AND tgname = 'prism_tombstone'
-		AND tgfoid <> pg_catalog.to_regproc('prism.' || pg_catalog.quote_ident(tfn)));
+		AND {{earlier_tombstone}});
 	IF oldclock OR oldtomb THEN
 		-- Made by an earlier version: prism_clock with its WHEN test
 		-- written out (or none), prism_tombstone calling prism_clock's
@@ -956,8 +969,8 @@ func (a *Applier) Collect(ctx context.Context, keep time.Duration) (tombstones, 
 // prism_tombstone an earlier version made and prism.install could not
 // replace (see there).
 const earlierTriggersSQL = `SELECT count(DISTINCT tgrelid) FROM pg_catalog.pg_trigger
-	WHERE tgname = 'prism_clock' AND pg_catalog.pg_get_triggerdef(oid) NOT LIKE '%clock_due()%'
-		OR tgname = 'prism_tombstone' AND tgfoid <> coalesce(pg_catalog.to_regproc('prism.tombstone_' || tgrelid::oid)::oid, 0)`
+	WHERE tgname = 'prism_clock' AND ` + earlierClock + `
+		OR tgname = 'prism_tombstone' AND ` + earlierTombstone
 
 // installTriggers runs prism.install_all. It serialises with other nodes'
 // Setup, but DDL of the application (and its event trigger) can still
