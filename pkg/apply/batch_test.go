@@ -878,6 +878,14 @@ func TestBatchNamedRows(t *testing.T) {
 	// before it commit as a batch, the 10th goes by rows; the last two are
 	// too few to batch right after two failures (minBatch).
 	applyCounted(t, ctx, a, "12 transactions, 2 conflicts", txns, 4, Stats{Batches: 2, Batched: 8, ByRow: 4, RolledBack: 2, Skipped: 1})
+	// The two failed batches are expected and applied again by rows: the
+	// server logged no ERROR for them (batchSetupSQL).
+	if log, err := os.ReadFile(c.LogFile()); err != nil {
+		t.Fatalf("server log: %v", err)
+	} else if i := strings.Index(string(log), "prism batch:"); i >= 0 {
+		line := string(log[strings.LastIndexByte(string(log[:i]), '\n')+1:])
+		t.Errorf("the server logged a failed batch: %s", strings.SplitN(line, "\n", 2)[0])
+	}
 	for _, w := range []struct{ ids, want string }{{"10, 11, 12, 13", "1"}, {"15, 16, 17, 18", "1"}, {"14, 19, 20, 21", "4"}} {
 		if got := targets(t, ctx, a.pool, w.ids); got != w.want {
 			t.Errorf("kv %s written in %s target transactions, want %s", w.ids, got, w.want)

@@ -2,6 +2,7 @@ package apply
 
 import (
 	"context"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -138,6 +139,21 @@ func TestApplyNonSuperuser(t *testing.T) {
 	}
 	if got, want := tableRows(t, ctx, pool, "kv"), `{"id":1,"v":"a"}`; got != want {
 		t.Errorf("kv = %s, want %s", got, want)
+	}
+	// A batch applies too: its set-up (batchSetupSQL) leaves
+	// log_min_messages alone without the privilege to set it.
+	var txns []*decode.Txn
+	for i := 2; i <= 7; i++ {
+		txns = append(txns, txn("na", uint64(1000+100*i), float64(i), ins(kv, strconv.Itoa(i), "b")))
+	}
+	if n, err := a.ApplyBatch(ctx, txns); n != len(txns) || err != nil {
+		t.Fatalf("ApplyBatch = %d, %v", n, err)
+	}
+	if st := a.Stats()["na"]; st.Batches != 1 || st.Batched != 6 || st.RolledBack != 0 {
+		t.Errorf("stats %+v, want one batch of 6 committed", st)
+	}
+	if got := queryString(t, ctx, pool, "SELECT count(*)::text FROM kv"); got != "7" {
+		t.Errorf("kv has %s rows, want 7", got)
 	}
 }
 
