@@ -353,36 +353,28 @@ func (d *doctor) applyPrivilege(ctx context.Context, conn *pgx.Conn, db, role st
 	if len(grant) > 0 {
 		fixes = append(fixes, "GRANT EXECUTE ON FUNCTION "+strings.Join(grant, ", ")+" TO "+qident(role)+";")
 	}
-	var set bool
-	if err := conn.QueryRow(ctx, "SELECT has_parameter_privilege('session_replication_role', 'SET')").Scan(&set); err != nil {
-		d.rep.add(Warn, db+": apply privileges", "read privileges: "+err.Error(), "")
-		return
+	// Which parameters the role may SET: session_replication_role is
+	// needed; apply sessions lower deadlock_timeout when they may (see
+	// apply.holdSessionSQL), and batches keep their expected failures out
+	// of the server log when they may set log_min_messages (see
+	// apply.batchSetupSQL), which is suggested with the other grants but
+	// never a finding of its own.
+	may := map[string]bool{}
+	for _, param := range []string{"session_replication_role", "deadlock_timeout", "log_min_messages"} {
+		var ok bool
+		if err := conn.QueryRow(ctx, "SELECT has_parameter_privilege($1, 'SET')", param).Scan(&ok); err != nil {
+			d.rep.add(Warn, db+": apply privileges", "read privileges: "+err.Error(), "")
+			return
+		}
+		may[param] = ok
+		if !ok {
+			fixes = append(fixes, "GRANT SET ON PARAMETER "+param+" TO "+qident(role)+";")
+		}
 	}
-	if !set {
+	if !may["session_replication_role"] {
 		missing = append(missing, "SET on session_replication_role")
-		fixes = append(fixes, "GRANT SET ON PARAMETER session_replication_role TO "+qident(role)+";")
 	}
-	// Apply sessions lower deadlock_timeout when they may (see
-	// apply.holdSessionSQL); without it they still work.
-	var deadlock bool
-	if err := conn.QueryRow(ctx, "SELECT has_parameter_privilege('deadlock_timeout', 'SET')").Scan(&deadlock); err != nil {
-		d.rep.add(Warn, db+": apply privileges", "read privileges: "+err.Error(), "")
-		return
-	}
-	if !deadlock {
-		fixes = append(fixes, "GRANT SET ON PARAMETER deadlock_timeout TO "+qident(role)+";")
-	}
-	// Batches keep their expected failures out of the server log when
-	// they may set log_min_messages (see apply.batchSetupSQL): suggested
-	// with the other grants, never a finding of its own.
-	var quiet bool
-	if err := conn.QueryRow(ctx, "SELECT has_parameter_privilege('log_min_messages', 'SET')").Scan(&quiet); err != nil {
-		d.rep.add(Warn, db+": apply privileges", "read privileges: "+err.Error(), "")
-		return
-	}
-	if !quiet {
-		fixes = append(fixes, "GRANT SET ON PARAMETER log_min_messages TO "+qident(role)+";")
-	}
+	deadlock := may["deadlock_timeout"]
 	if len(missing) > 0 {
 		d.rep.add(Problem, db+": apply privileges", fmt.Sprintf("role %s lacks %s: transactions from other regions cannot be applied", role, strings.Join(missing, ", ")),
 			strings.Join(fixes, "  ")+"  -- as a superuser")
