@@ -173,7 +173,7 @@ func openApplier(ctx context.Context, cfg *config.Config, log zerolog.Logger) (*
 	a := apply.NewApplier(pool, log, apply.WithLocalRegion(cfg.Region),
 		apply.WithConflicts(apply.Policy(cfg.Conflicts.Default), perTable), apply.WithApplicationName(decode.AppName("cli")),
 		apply.WithDDL(cfg.DDL == config.DDLReplicate))
-	return a, pool.Close, nil
+	return a, func() { a.Close(); pool.Close() }, nil
 }
 
 func printDeadLetters(w io.Writer, region string, dls []*apply.DeadLetter, changes bool) {

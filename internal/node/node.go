@@ -429,6 +429,8 @@ func (n *Node) openOnce(ctx context.Context) (*pgxpool.Pool, *apply.Applier, err
 		pool.Close()
 		return nil, nil, fmt.Errorf("prepare schema prism: %w", err)
 	}
+	// One apply session for each region that sends here.
+	applier.OpenSessions(ctx, len(n.cfg.Peers))
 	return pool, applier, nil
 }
 

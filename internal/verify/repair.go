@@ -157,6 +157,10 @@ func (rt *repairTargets) applier(ctx context.Context, r Region) (*apply.Applier,
 }
 
 func (rt *repairTargets) close() {
+	// The appliers first: a pool's Close waits for their sessions.
+	for _, a := range rt.appliers {
+		a.Close()
+	}
 	for _, p := range rt.pools {
 		p.Close()
 	}

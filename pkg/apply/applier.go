@@ -109,11 +109,14 @@ type Applier struct {
 	ddl       bool // WithDDL
 	lazy      bool // WithLazyFlush
 
-	mu      sync.Mutex
-	setup   bool
-	targets map[string]*target    // by schema.table
-	stmts   map[string]*statement // by shapeKey
-	shapes  map[string]*reshaping // by shapeOf; see reshape
+	mu sync.Mutex
+	// sessPool holds the apply sessions' connections (see sessions);
+	// nil until the first one is needed and after Close.
+	sessPool *pgxpool.Pool
+	setup    bool
+	targets  map[string]*target    // by schema.table
+	stmts    map[string]*statement // by shapeKey
+	shapes   map[string]*reshaping // by shapeOf; see reshape
 	// renamed maps relations that name a table by a name it had before a
 	// rename here onto the table's name now; see renamedTable.
 	renamed map[*decode.Relation]*decode.Relation
@@ -507,9 +510,9 @@ type session struct {
 	timer    *time.Timer // releases the idle session
 }
 
-// holdSessionSQL sets up a session that applies one source region's
-// transactions; $1 is its application_name. Besides synchronous_commit
-// (see barrierSQL), idle_in_transaction_session_timeout and
+// sessionSettingsSQL sets up a connection of the apply sessions (see
+// sessions) once, when it opens. Besides synchronous_commit (see
+// barrierSQL), idle_in_transaction_session_timeout and
 // session_replication_role (applied rows fire no ordinary triggers, as
 // in PostgreSQL's own apply worker), it pins the planner to what apply
 // statements need: they are prepared once per connection and run with
@@ -531,7 +534,7 @@ type session struct {
 // gives way to the application's transaction, and is applied again at
 // once (40P01 is a concurrent-update failure, see concurrentState).
 // Without the privilege the server's setting stays.
-const holdSessionSQL = `SELECT set_config('application_name', $1, false), set_config('synchronous_commit', 'off', false),
+const sessionSettingsSQL = `SELECT set_config('synchronous_commit', 'off', false),
 	set_config('idle_in_transaction_session_timeout', '10s', false), set_config('session_replication_role', 'replica', false),
 	set_config('plan_cache_mode', 'force_generic_plan', false), set_config('jit', 'off', false),
 	CASE WHEN pg_catalog.has_parameter_privilege('deadlock_timeout', 'SET')
@@ -539,22 +542,96 @@ const holdSessionSQL = `SELECT set_config('application_name', $1, false), set_co
 		THEN pg_catalog.set_config('deadlock_timeout', '` + DeadlockTimeout + `', false) END`
 
 // DeadlockTimeout is the deadlock_timeout an apply session sets when its
-// role may (see holdSessionSQL).
+// role may (see sessionSettingsSQL).
 const DeadlockTimeout = "100ms"
 
-// resetSessionSQL undoes holdSessionSQL before a connection returns to
-// the pool. set_config with a NULL value resets the parameter, which
-// needs the same privilege as setting it.
-const resetSessionSQL = "RESET synchronous_commit; RESET idle_in_transaction_session_timeout; RESET application_name; " +
-	"RESET session_replication_role; RESET plan_cache_mode; RESET jit; " +
-	"SELECT CASE WHEN pg_catalog.has_parameter_privilege('deadlock_timeout', 'SET') THEN pg_catalog.set_config('deadlock_timeout', NULL, false) END"
+// sessions returns the pool of the apply sessions' connections, made on
+// first use from the Applier's pool's configuration. They are
+// connections of their own, set up once (sessionSettingsSQL) and never
+// reset: changing session_replication_role makes PostgreSQL drop every
+// cached plan of the session, so an apply session that set it up on a
+// shared connection for each run, and reset it for the pool's other users
+// (dead letters, undo, Progress), planned all its statements again in
+// every run that followed an idle time (holdIdle): 1.5-3 ms more for
+// the first transaction after a pause of half a second, the common case
+// of a source that writes now and then. The Applier's pool keeps the
+// server's settings for everything else.
+func (a *Applier) sessions(ctx context.Context) (*pgxpool.Pool, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.sessPool != nil {
+		return a.sessPool, nil
+	}
+	cfg := a.pool.Config()
+	next := cfg.AfterConnect
+	cfg.AfterConnect = func(ctx context.Context, conn *pgx.Conn) error {
+		if next != nil {
+			if err := next(ctx, conn); err != nil {
+				return err
+			}
+		}
+		_, err := conn.PgConn().Exec(ctx, sessionSettingsSQL).ReadAll()
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == "42501" {
+			// Of the settings only session_replication_role needs a
+			// privilege without the CASE around it.
+			return fmt.Errorf("%w (applied transactions run with session_replication_role = replica; as a superuser: GRANT SET ON PARAMETER session_replication_role TO %s)",
+				err, pgx.Identifier{conn.Config().User}.Sanitize())
+		}
+		return err
+	}
+	cfg.MinConns = 0
+	p, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	a.sessPool = p
+	return p, nil
+}
 
+// OpenSessions opens up to n connections of the apply sessions (see
+// sessions) ahead of the first run, so that a node that just started
+// does not make its first transactions wait for backends to start and
+// set up. A failure is left to the runs, which open what they need.
+func (a *Applier) OpenSessions(ctx context.Context, n int) {
+	p, err := a.sessions(ctx)
+	if err != nil {
+		return
+	}
+	conns := make([]*pgxpool.Conn, 0, n)
+	for range n {
+		conn, err := p.Acquire(ctx)
+		if err != nil {
+			break
+		}
+		conns = append(conns, conn)
+	}
+	for _, conn := range conns {
+		conn.Release()
+	}
+}
+
+// acquireSession takes a connection of the apply sessions for origin
+// prism_<source>; hold then sets it up for a run.
+func (a *Applier) acquireSession(ctx context.Context, source string) (*session, error) {
+	p, err := a.sessions(ctx)
+	if err != nil {
+		return nil, err
+	}
+	conn, err := p.Acquire(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &session{a: a, conn: conn, origin: decode.OriginName(source), source: source}, nil
+}
+
+// release returns the session's connection to its pool, or closes it
+// when it broke. application_name goes back to the connection's own (hold
+// names the source region in it); the other settings stay, see sessions.
 func (s *session) release() {
-	if !s.broken && !s.conn.Conn().PgConn().IsClosed() {
-		// hold set these for the session; the pool's other users (dead
-		// letters, undo, Progress) must commit durably again.
+	if !s.broken && s.source != "" && !s.conn.Conn().PgConn().IsClosed() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		if _, err := s.conn.Conn().PgConn().Exec(ctx, resetSessionSQL).ReadAll(); err != nil {
+		if _, err := s.conn.Conn().PgConn().Exec(ctx, "RESET application_name").ReadAll(); err != nil {
 			s.broken = true
 		}
 		cancel()
@@ -581,7 +658,7 @@ func (s *session) hold(ctx context.Context, source string) (pglogrepl.LSN, error
 	pc := s.conn.Conn().PgConn()
 	for attempt := 0; ; attempt++ {
 		b := &pgconn.Batch{}
-		b.ExecParams(holdSessionSQL, [][]byte{[]byte(s.a.appName + "_" + source)}, nil, nil, nil)
+		b.ExecParams("SELECT set_config('application_name', $1, false)", [][]byte{[]byte(s.a.appName + "_" + source)}, nil, nil, nil)
 		// Every hold, not only Setup, checks for an unfinished bootstrap:
 		// a run takes the origins from sessions set up before it started.
 		b.ExecParams("SELECT prism.bootstrap_check()", nil, nil, nil, nil)
@@ -609,12 +686,6 @@ func (s *session) hold(ctx context.Context, source string) (pglogrepl.LSN, error
 			if errors.As(err, &pgErr) {
 				if pgErr.Code == "55006" {
 					return 0, fmt.Errorf("%w: %w", ErrBusy, err)
-				}
-				// The settings are the batch's first statement, and of
-				// them only session_replication_role needs a privilege.
-				if pgErr.Code == "42501" && len(res) == 1 {
-					return 0, fmt.Errorf("%w (applied transactions run with session_replication_role = replica; as a superuser: GRANT SET ON PARAMETER session_replication_role TO %s)",
-						err, pgx.Identifier{s.conn.Conn().Config().User}.Sanitize())
 				}
 			} else {
 				s.broken = true
@@ -651,16 +722,15 @@ func (a *Applier) holdSession(ctx context.Context, source string) (*session, pgl
 		return s, s.progress, nil
 	}
 	for attempt := 0; ; attempt++ {
-		conn, err := a.pool.Acquire(ctx)
+		s, err := a.acquireSession(ctx, source)
 		if err != nil {
 			return nil, 0, err
 		}
-		s := &session{a: a, conn: conn, origin: decode.OriginName(source), source: source}
 		progress, err := s.hold(ctx, source)
 		if err == nil {
 			return s, progress, nil
 		}
-		closed := conn.Conn().PgConn().IsClosed()
+		closed := s.conn.Conn().PgConn().IsClosed()
 		s.broken = s.broken || closed
 		s.release()
 		if !closed || attempt > 0 || ctx.Err() != nil {
@@ -763,8 +833,10 @@ func (a *Applier) Release(sourceRegion string) {
 	}
 }
 
-// Close lets go of every origin idle sessions hold and returns their
-// connections to the pool. The Applier remains usable.
+// Close lets go of every origin idle sessions hold and closes the apply
+// sessions' connections (see sessions), once runs in progress return
+// theirs. The Applier remains usable: it opens new ones when needed.
+// Close it before its pool, whose Close waits for them.
 func (a *Applier) Close() {
 	a.mu.Lock()
 	sources := make([]string, 0, len(a.idle))
@@ -774,6 +846,13 @@ func (a *Applier) Close() {
 	a.mu.Unlock()
 	for _, src := range sources {
 		a.Release(src)
+	}
+	a.mu.Lock()
+	p := a.sessPool
+	a.sessPool = nil
+	a.mu.Unlock()
+	if p != nil {
+		p.Close()
 	}
 }
 

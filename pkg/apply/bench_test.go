@@ -702,3 +702,42 @@ func BenchmarkLocalWriteCost(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkApplyAfterIdle reports the wall time and server CPU of a lone
+// pgbench-like transaction applied right after the previous one (the
+// session still holds the origin) and after a pause longer than
+// holdIdle (the session let go of the origin and takes it again, on a
+// connection whose cached plans should survive: see sessions):
+//
+//	go test ./pkg/apply -run '^$' -bench ApplyAfterIdle -benchtime 20x
+func BenchmarkApplyAfterIdle(b *testing.B) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	c, a := pgbenchApplier(b, ctx, "afteridle")
+	next := uint64(0)
+	apply := func(b *testing.B) {
+		// Commit times an hour ahead and rising: every change wins.
+		txns := pgbenchTxnsFrom(1, int64(next), next*1000)
+		txns[0].CommitTime = txns[0].CommitTime.Add(time.Duration(next) * time.Millisecond)
+		if n, err := a.ApplyBatch(ctx, txns); err != nil || n != 1 {
+			b.Fatalf("ApplyBatch = %d, %v", n, err)
+		}
+		next++
+	}
+	apply(b) // the first run prepares the statements
+	for _, pause := range []time.Duration{0, holdIdle + 100*time.Millisecond} {
+		b.Run(fmt.Sprintf("pause=%s", pause), func(b *testing.B) {
+			var wall time.Duration
+			var cpu float64
+			for i := 0; i < b.N; i++ {
+				time.Sleep(pause)
+				before, start := clusterCPU(b, c), time.Now()
+				apply(b)
+				wall += time.Since(start)
+				cpu += clusterCPU(b, c) - before
+			}
+			b.ReportMetric(float64(wall.Microseconds())/float64(b.N), "wall-us/txn")
+			b.ReportMetric(cpu/float64(b.N)*1e6, "server-us/txn")
+		})
+	}
+}

@@ -327,12 +327,12 @@ func (a *Applier) withOrigin(ctx context.Context, source string, fn func(conn *p
 	if err := a.ensureSetup(ctx); err != nil {
 		return err
 	}
-	conn, err := a.pool.Acquire(ctx)
+	s, err := a.acquireSession(ctx, source)
 	if err != nil {
 		return err
 	}
-	s := &session{a: a, conn: conn, origin: decode.OriginName(source)}
 	defer s.release()
+	conn := s.conn
 	progress, err := s.hold(ctx, source)
 	if err != nil {
 		if conn.Conn().PgConn().IsClosed() {

@@ -37,8 +37,14 @@
 //     run keeps the origin for a short idle time (holdIdle, 500 ms) so the
 //     next batch of a busy stream skips steps 1-2, and lets go after it;
 //     Release (the stream ended), Fence and Close let go at once, so a
-//     failover path is not locked out by an idle holder. The session's
-//     settings are reset when its connection returns to the pool.
+//     failover path is not locked out by an idle holder. Apply sessions
+//     are connections of their own (a second pool, made from the
+//     Applier's), set up once for apply (session_replication_role =
+//     replica, generic plans, no JIT, asynchronous commits) and never
+//     reset, because changing session_replication_role drops every plan
+//     the session cached: the next run on the connection, for any source,
+//     starts with its statements planned. The Applier's own pool (dead
+//     letters, undo, Progress, upkeep) keeps the server's settings.
 //
 // The data and the origin's progress commit atomically, so a transaction
 // committed before a crash or a lost reply is skipped when replayed.

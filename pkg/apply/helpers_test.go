@@ -34,7 +34,9 @@ func newPool(t testing.TB, ctx context.Context, c *pgtest.Cluster, db string) *p
 
 func newApplier(t testing.TB, ctx context.Context, c *pgtest.Cluster, db string, opts ...Option) *Applier {
 	t.Helper()
-	return NewApplier(newPool(t, ctx, c, db), zerolog.Nop(), opts...)
+	a := NewApplier(newPool(t, ctx, c, db), zerolog.Nop(), opts...)
+	t.Cleanup(a.Close)
+	return a
 }
 
 func mustExec(t testing.TB, ctx context.Context, c *pgtest.Cluster, db, sql string) {

@@ -159,17 +159,20 @@ func TestApplyNonSuperuser(t *testing.T) {
 
 // TestApplySessionSettings: apply sessions plan their prepared statements
 // generically at once, never JIT-compile them and find deadlocks after
-// DeadlockTimeout, and every setting goes back to its default before
-// the connection returns to the pool.
+// DeadlockTimeout. Their connections keep these settings between runs,
+// so their cached plans survive an idle time (see sessions), while the
+// Applier's pool, which the dead letters, undo and Progress use, keeps
+// the server's.
 func TestApplySessionSettings(t *testing.T) {
 	ctx := testCtx(t)
 	c := pgtest.Start(t, pgtest.Options{Name: "settings"})
 	mustExec(t, ctx, c, "postgres", `
 		CREATE TABLE kv (id int PRIMARY KEY, v text);
-		CREATE TABLE seen (id int, plan_cache_mode text, jit text, deadlock_timeout text);
+		CREATE TABLE seen (id int, pid int, settings text);
 		CREATE FUNCTION kv_seen() RETURNS trigger LANGUAGE plpgsql AS $$
 		BEGIN
-			INSERT INTO seen VALUES (NEW.id, current_setting('plan_cache_mode'), current_setting('jit'), current_setting('deadlock_timeout'));
+			INSERT INTO seen VALUES (NEW.id, pg_backend_pid(), concat_ws(' ', current_setting('plan_cache_mode'), current_setting('jit'),
+				current_setting('deadlock_timeout'), current_setting('session_replication_role')));
 			RETURN NULL;
 		END $$;
 		CREATE TRIGGER kv_seen AFTER INSERT OR UPDATE ON kv FOR EACH ROW EXECUTE FUNCTION kv_seen();
@@ -177,6 +180,7 @@ func TestApplySessionSettings(t *testing.T) {
 	`)
 	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
 	defer a.Close()
+	appName := queryString(t, ctx, a.pool, "SELECT current_setting('application_name')")
 	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v")
 	var txns []*decode.Txn
 	for i := 1; i <= 8; i++ {
@@ -186,25 +190,54 @@ func TestApplySessionSettings(t *testing.T) {
 	if n, err := a.ApplyBatch(ctx, txns); err != nil || n != len(txns) {
 		t.Fatalf("ApplyBatch = %d, %v", n, err)
 	}
-	if got := queryString(t, ctx, a.pool, "SELECT string_agg(DISTINCT plan_cache_mode || ' ' || jit || ' ' || deadlock_timeout, ', ') || ' ' || count(*) FROM seen"); got != "force_generic_plan off 100ms 8" {
-		t.Errorf("applied rows saw settings %q, want force_generic_plan off 100ms 8", got)
+	const held = "force_generic_plan off 100ms replica"
+	if got := queryString(t, ctx, a.pool, "SELECT string_agg(DISTINCT settings, ', ') || ' ' || count(*) FROM seen"); got != held+" 8" {
+		t.Errorf("applied rows saw settings %q, want %s 8", got, held)
 	}
+	pid := queryString(t, ctx, a.pool, "SELECT min(pid)::text FROM seen")
 	a.Release("na")
-	for _, conn := range a.pool.AcquireAllIdle(ctx) {
-		var mode, jit, deadlock string
-		err := conn.QueryRow(ctx, "SELECT current_setting('plan_cache_mode'), current_setting('jit'), current_setting('deadlock_timeout')").Scan(&mode, &jit, &deadlock)
-		conn.Release()
-		if err != nil || mode != "auto" || jit != "on" || deadlock != "1s" {
-			t.Errorf("a pooled session has plan_cache_mode %q, jit %q, deadlock_timeout %q (%v), want auto, on, 1s", mode, jit, deadlock, err)
+
+	settings := "SELECT concat_ws(' ', current_setting('plan_cache_mode'), current_setting('jit'), current_setting('deadlock_timeout'), " +
+		"current_setting('session_replication_role'), current_setting('application_name'), pg_replication_origin_session_is_setup())"
+	check := func(pool *pgxpool.Pool, what, want string) {
+		t.Helper()
+		conns := pool.AcquireAllIdle(ctx)
+		if len(conns) == 0 {
+			t.Fatalf("%s: no idle connection", what)
+		}
+		for _, conn := range conns {
+			var got string
+			err := conn.QueryRow(ctx, settings).Scan(&got)
+			conn.Release()
+			if err != nil || got != want {
+				t.Errorf("%s has %q (%v), want %q", what, got, err, want)
+			}
 		}
 	}
+	check(a.sessPool, "an idle apply session", held+" "+appName+" f")
+	check(a.pool, "a connection of the Applier's pool", "auto on 1s origin "+appName+" f")
+
+	// The next run takes the same connection, as it was.
+	if err := a.Apply(ctx, txn("na", 9000, 9, upd(kv, nil, "1", "y"))); err != nil {
+		t.Fatalf("apply after the release: %v", err)
+	}
+	if got := queryString(t, ctx, a.pool, "SELECT pid || ' ' || settings FROM seen ORDER BY ctid DESC LIMIT 1"); got != pid+" "+held {
+		t.Errorf("the run after the release saw %q, want %s %s", got, pid, held)
+	}
+
+	// A node opens its apply sessions before the first run.
+	b := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	b.OpenSessions(ctx, 2)
+	if got := b.sessPool.Stat().IdleConns(); got != 2 {
+		t.Errorf("OpenSessions(2) left %d idle apply sessions, want 2", got)
+	}
+	check(b.sessPool, "an apply session opened ahead", held+" "+appName+" f")
 	checkSessionDeadlockTimeout(t, ctx, c)
 }
 
-// checkSessionDeadlockTimeout checks that holdSessionSQL lowers
+// checkSessionDeadlockTimeout checks that sessionSettingsSQL lowers
 // deadlock_timeout (the server's: 1s) for a role that may set it and
-// leaves it for one that may not, and that resetSessionSQL restores the
-// server's for both.
+// leaves it for one that may not.
 func checkSessionDeadlockTimeout(t *testing.T, ctx context.Context, c *pgtest.Cluster) {
 	t.Helper()
 	mustExec(t, ctx, c, "postgres", `CREATE ROLE plain LOGIN; GRANT SET ON PARAMETER session_replication_role TO plain`)
@@ -220,17 +253,11 @@ func checkSessionDeadlockTimeout(t *testing.T, ctx context.Context, c *pgtest.Cl
 			}
 			return v
 		}
-		if _, err := conn.Exec(ctx, holdSessionSQL, "probe"); err != nil {
-			t.Fatalf("%s: hold: %v", role.user, err)
+		if _, err := conn.PgConn().Exec(ctx, sessionSettingsSQL).ReadAll(); err != nil {
+			t.Fatalf("%s: session settings: %v", role.user, err)
 		}
 		if got := show(); got != role.held {
-			t.Errorf("%s: deadlock_timeout while held = %s, want %s", role.user, got, role.held)
-		}
-		if _, err := conn.PgConn().Exec(ctx, resetSessionSQL).ReadAll(); err != nil {
-			t.Fatalf("%s: reset: %v", role.user, err)
-		}
-		if got := show(); got != "1s" {
-			t.Errorf("%s: deadlock_timeout after the reset = %s, want the server's 1s", role.user, got)
+			t.Errorf("%s: deadlock_timeout of an apply session = %s, want %s", role.user, got, role.held)
 		}
 		conn.Close(ctx)
 	}
