@@ -223,6 +223,20 @@ func (e *env) activePhase(ctx context.Context, c string, rate, base int) (res ac
 	if err := e.activeSeed(ctx, c, regions, prefix, base, tick); err != nil {
 		return res, err
 	}
+	if e.cfg.activeWarmup > 0 {
+		// The same writes, not measured: a contender whose replication
+		// just started (prism-cdc's mesh starts for each phase, while
+		// pglogical's subscriptions between the regions keep running)
+		// would otherwise pay its start-up - statements prepared and
+		// planned, catalogs read, functions compiled, on every apply
+		// session at once - in the phase's lag.
+		if err := e.activeWrite(ctx, c, regions, rate, prefix, base, e.cfg.activeWarmup, tick); err != nil {
+			return res, fmt.Errorf("warm-up: %w", err)
+		}
+		if _, err := e.activeQuiesce(ctx, c, regions, prefix, 5*time.Minute, tick); err != nil {
+			return res, fmt.Errorf("after the warm-up: %w", err)
+		}
+	}
 	lo, err := lastLagIDs(ctx, regions, prefix)
 	if err != nil {
 		return res, err
@@ -245,7 +259,7 @@ func (e *env) activePhase(ctx context.Context, c string, rate, base int) (res ac
 		clusters[i] = r.cluster
 	}
 	roles := e.cpuByRole(ctx, []side{{"regions", clusters}}, m, e.cfg.activeSeconds)
-	if err := e.activeWrite(ctx, c, regions, rate, prefix, base, tick); err != nil {
+	if err := e.activeWrite(ctx, c, regions, rate, prefix, base, e.cfg.activeSeconds, tick); err != nil {
 		return res, err
 	}
 	if err := roles(fmt.Sprintf("active %s at %d tps", c, rate)); err != nil {
@@ -298,15 +312,15 @@ func (e *env) activeSeed(ctx context.Context, c string, regions []activeRegion, 
 }
 
 // activeWrite runs pgbench with the phase's script in every region at
-// once, at rate for -active-seconds, and samples the nodes meanwhile.
-func (e *env) activeWrite(ctx context.Context, c string, regions []activeRegion, rate int, prefix string, base int, tick func() error) error {
+// once, at rate for seconds, and samples the nodes meanwhile.
+func (e *env) activeWrite(ctx context.Context, c string, regions []activeRegion, rate int, prefix string, base, seconds int, tick func() error) error {
 	script := filepath.Join(e.dir, fmt.Sprintf("active-%s-%d.sql", prefix, base))
 	if err := os.WriteFile(script, []byte(activeScript(prefix, base, e.cfg.activeKeys, e.cfg.activePairs)), 0o644); err != nil {
 		return fmt.Errorf("write active script: %w", err)
 	}
-	e.logf("active %s: every region at %d tps for %ds", c, rate, e.cfg.activeSeconds)
+	e.logf("active %s: every region at %d tps for %ds", c, rate, seconds)
 	stop := sampleEvery(500*time.Millisecond, tick)
-	args := []string{"-n", "-c", "2", "-j", "1", "-R", fmt.Sprint(rate), "-T", fmt.Sprint(e.cfg.activeSeconds)}
+	args := []string{"-n", "-c", "2", "-j", "1", "-R", fmt.Sprint(rate), "-T", fmt.Sprint(seconds)}
 	if e.cfg.activePairs {
 		// The region's two clients can deadlock with each other too:
 		// pgbench tries such a transaction again.

@@ -36,6 +36,7 @@ type benchConfig struct {
 	// (one phase per rate), seconds of writes per phase, hot keys.
 	activeRates   []int
 	activeSeconds int
+	activeWarmup  int // seconds of writes before each active phase's clock starts
 	activeRuns    int
 	lagRuns       int
 	activeKeys    int
@@ -112,6 +113,7 @@ func newFlagSet(cfg *benchConfig, stderr io.Writer) (*flag.FlagSet, *flagValues)
 	fs.StringVar(&fv.scenarios, "scenarios", "backlog,lag,large,active", "comma-separated scenarios: backlog, lag, large, active (prism-cdc and pglogical meshes, every region writing the same rows)")
 	fs.StringVar(&fv.activeRates, "active-rates", "50,200", "active scenario: comma-separated transactions per second in each region, one phase each")
 	fs.IntVar(&cfg.activeSeconds, "active-seconds", 60, "active scenario: seconds of writes in each phase")
+	fs.IntVar(&cfg.activeWarmup, "active-warmup", 2, "active scenario: seconds of the same writes before each phase's clock starts, not measured (0: none), so that every contender is measured warm")
 	fs.IntVar(&cfg.activeRuns, "active-runs", 1, "active scenario: phases per contender and rate, contender order alternating; the table shows their medians")
 	fs.IntVar(&cfg.activeKeys, "active-keys", 100, "active scenario: hot rows every region writes")
 	fs.BoolVar(&cfg.activePairs, "active-pairs", false, "active scenario: every transaction also updates a second hot row, so two rows in random order (transactions of different regions can deadlock where they meet)")
@@ -173,8 +175,8 @@ func parseRates(list string) ([]int, error) {
 
 // check reports numeric settings out of range.
 func (cfg benchConfig) check() error {
-	if cfg.activeSeconds < 1 || cfg.activeRuns < 1 || cfg.activeKeys < 1 || cfg.activeKeys > 400000 {
-		return errors.New("active-seconds and active-runs must be positive and active-keys between 1 and 400000")
+	if cfg.activeSeconds < 1 || cfg.activeWarmup < 0 || cfg.activeRuns < 1 || cfg.activeKeys < 1 || cfg.activeKeys > 400000 {
+		return errors.New("active-seconds and active-runs must be positive, active-warmup not negative and active-keys between 1 and 400000")
 	}
 	if cfg.scale < 1 || cfg.txns < 1 || cfg.clients < 1 || cfg.runs < 1 || cfg.lagRate < 1 || cfg.lagSeconds < 1 || cfg.lagRuns < 1 || cfg.largeMB < 1 {
 		return errors.New("scale, txns, clients, runs, lag-rate, lag-seconds and large-mb must be positive")
@@ -322,7 +324,7 @@ func (e *env) reportLarge(ctx context.Context, w io.Writer) error {
 // reportActive runs the active-active scenario and writes its table.
 func (e *env) reportActive(ctx context.Context, w io.Writer) error {
 	rs, err := e.active(ctx)
-	heading := fmt.Sprintf("Active-active: every region writes the same %d hot rows for %d s per phase, then quiesces", e.cfg.activeKeys, e.cfg.activeSeconds)
+	heading := fmt.Sprintf("Active-active: every region writes the same %d hot rows for %d s per phase (after %d s of warm-up), then quiesces", e.cfg.activeKeys, e.cfg.activeSeconds, e.cfg.activeWarmup)
 	if e.cfg.activePairs {
 		heading += " (two hot rows per transaction, in random order)"
 	}

@@ -16,7 +16,7 @@ func TestParseArgsCases(t *testing.T) {
 		wantErr string
 	}{
 		{name: "defaults", check: func(c benchConfig) string {
-			if c.scale != 10 || c.txns != 100000 || c.runs != 3 || c.lagRate != 300 || c.lagSeconds != 60 || c.largeMB != 1024 || c.activeSeconds != 60 {
+			if c.scale != 10 || c.txns != 100000 || c.runs != 3 || c.lagRate != 300 || c.lagSeconds != 60 || c.largeMB != 1024 || c.activeSeconds != 60 || c.activeWarmup != 2 {
 				return "not the full-size defaults"
 			}
 			if !reflect.DeepEqual(c.scenarios, map[string]bool{"backlog": true, "lag": true, "large": true, "active": true}) ||
@@ -63,6 +63,13 @@ func TestParseArgsCases(t *testing.T) {
 		{name: "unknown contender", args: []string{"-contenders", "slony"}, wantErr: `unknown contender "slony"`},
 		{name: "bad rate", args: []string{"-active-rates", "50,0"}, wantErr: `active-rates: "0" is not a positive number`},
 		{name: "bad keys", args: []string{"-active-keys", "0"}, wantErr: "active-keys between 1 and 400000"},
+		{name: "bad warm-up", args: []string{"-active-warmup", "-1"}, wantErr: "active-warmup not negative"},
+		{name: "no warm-up", args: []string{"-active-warmup", "0"}, check: func(c benchConfig) string {
+			if c.activeWarmup != 0 {
+				return "active-warmup 0 not kept"
+			}
+			return ""
+		}},
 		{name: "bad scale", args: []string{"-scale", "0"}, wantErr: "must be positive"},
 		{name: "bad pprof", args: []string{"-pprof", "6060"}, wantErr: "want host:port"},
 		{name: "argument", args: []string{"lag"}, wantErr: `unexpected argument "lag"`},
