@@ -816,12 +816,24 @@ func (a *Applier) waitLetGo(ctx context.Context, source string) error {
 func (s *session) unhold() {
 	if !s.conn.Conn().PgConn().IsClosed() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		if _, err := s.conn.Conn().PgConn().Exec(ctx, "ROLLBACK; SELECT pg_replication_origin_session_reset()").ReadAll(); err != nil {
+		pc := s.conn.Conn().PgConn()
+		if _, err := pc.Exec(ctx, rollback(pc)+"SELECT pg_replication_origin_session_reset()").ReadAll(); err != nil {
 			s.broken = true
 		}
 		cancel()
 	}
 	s.release()
+}
+
+// rollback is "ROLLBACK; " while pc's session has a transaction open (or
+// failed), and "" otherwise: a ROLLBACK outside a transaction is a
+// WARNING in the server log, and an idle session lets go of its origin
+// after every run.
+func rollback(pc *pgconn.PgConn) string {
+	if pc.TxStatus() == 'I' {
+		return ""
+	}
+	return "ROLLBACK; "
 }
 
 // Release lets go of the origin prism_<sourceRegion> when an idle
@@ -969,13 +981,18 @@ func (p *pipeline) run(ctx context.Context, retries *int) (int, error) {
 // covers as skipped, exactly as a fresh session would.
 func (p *pipeline) again(ctx context.Context) error {
 	pc := p.s.conn.Conn().PgConn()
-	res, err := pc.Exec(ctx, "ROLLBACK; SELECT pg_replication_origin_session_progress(true)::text").ReadAll()
-	if err == nil && (len(res) != 2 || len(res[1].Rows) != 1 || len(res[1].Rows[0]) != 1) {
+	open := rollback(pc)
+	res, err := pc.Exec(ctx, open+"SELECT pg_replication_origin_session_progress(true)::text").ReadAll()
+	want := 1
+	if open != "" {
+		want = 2
+	}
+	if err == nil && (len(res) != want || len(res[want-1].Rows) != 1 || len(res[want-1].Rows[0]) != 1) {
 		err = errors.New("unexpected reply to origin progress")
 	}
 	var progress pglogrepl.LSN
-	if err == nil && res[1].Rows[0][0] != nil {
-		progress, err = pglogrepl.ParseLSN(string(res[1].Rows[0][0]))
+	if err == nil && res[want-1].Rows[0][0] != nil {
+		progress, err = pglogrepl.ParseLSN(string(res[want-1].Rows[0][0]))
 	}
 	if err != nil {
 		p.s.broken = true
@@ -1464,7 +1481,7 @@ func (p *pipeline) failed(ctx context.Context, c *cmd, lastCommit int, err error
 	if lastCommit >= p.committed {
 		// Commits whose barrier did not run: make them durable now (the
 		// failed transaction is still open).
-		if _, ferr := pc.Exec(ctx, "ROLLBACK; "+barrierSQL).ReadAll(); ferr != nil {
+		if _, ferr := pc.Exec(ctx, rollback(pc)+barrierSQL).ReadAll(); ferr != nil {
 			if !errors.As(ferr, &pgErr) || pc.IsClosed() {
 				p.s.broken = true
 			}

@@ -761,11 +761,13 @@ func (p *pipeline) batch(ctx context.Context, i, end int, bp *batchPlan) (ok, co
 		// COMMIT succeeded, the barrier failed: not known durable.
 		return false, false, nil, p.lost(err)
 	}
-	if _, rerr := pc.Exec(ctx, "ROLLBACK").ReadAll(); rerr != nil {
-		if !errors.As(rerr, &pgErr) || pc.IsClosed() {
-			p.s.broken = true
+	if rollback(pc) != "" {
+		if _, rerr := pc.Exec(ctx, "ROLLBACK").ReadAll(); rerr != nil {
+			if !errors.As(rerr, &pgErr) || pc.IsClosed() {
+				p.s.broken = true
+			}
+			return false, false, nil, p.lost(rerr)
 		}
-		return false, false, nil, p.lost(rerr)
 	}
 	conflict = batched(err) || concurrentState(pgErr.Code)
 	if failed >= 2 && failed < 2+len(calls) {

@@ -725,7 +725,7 @@ func BenchmarkApplyAfterIdle(b *testing.B) {
 		next++
 	}
 	apply(b) // the first run prepares the statements
-	for _, pause := range []time.Duration{0, holdIdle + 100*time.Millisecond} {
+	for _, pause := range []time.Duration{0, holdIdle - 100*time.Millisecond, holdIdle + 100*time.Millisecond} {
 		b.Run(fmt.Sprintf("pause=%s", pause), func(b *testing.B) {
 			var wall time.Duration
 			var cpu float64

@@ -341,7 +341,7 @@ func (a *Applier) withOrigin(ctx context.Context, source string, fn func(conn *p
 		return err
 	}
 	ferr := fn(conn, progress)
-	if _, err := conn.Conn().PgConn().Exec(ctx, "ROLLBACK; SELECT pg_replication_origin_session_reset()").ReadAll(); err != nil {
+	if _, err := conn.Conn().PgConn().Exec(ctx, rollback(conn.Conn().PgConn())+"SELECT pg_replication_origin_session_reset()").ReadAll(); err != nil {
 		s.broken = true
 	}
 	return ferr

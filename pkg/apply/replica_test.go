@@ -2,6 +2,7 @@ package apply
 
 import (
 	"context"
+	"os"
 	"strconv"
 	"strings"
 	"testing"
@@ -215,6 +216,11 @@ func TestApplySessionSettings(t *testing.T) {
 		}
 	}
 	check(a.sessPool, "an idle apply session", held+" "+appName+" f")
+	// Letting go of the origin rolls back only what is open: a ROLLBACK
+	// outside a transaction is a WARNING in the server log, once a run.
+	if log, err := os.ReadFile(c.LogFile()); err != nil || strings.Contains(string(log), "there is no transaction in progress") {
+		t.Errorf("server log (%v) has a ROLLBACK outside a transaction:\n%s", err, log)
+	}
 	check(a.pool, "a connection of the Applier's pool", "auto on 1s origin "+appName+" f")
 
 	// The next run takes the same connection, as it was.
