@@ -644,6 +644,14 @@ func (s *session) release() {
 	s.conn.Release()
 }
 
+// holdOriginSQL takes origin $1 for the session, creating it first when
+// it does not exist yet (the first run of a source region): asking
+// pg_replication_origin_session_setup for a missing origin would be an
+// ERROR in the server log.
+const holdOriginSQL = `SELECT pg_replication_origin_session_setup($1)
+	FROM (SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_origin WHERE roname = $1)
+		THEN pg_replication_origin_create($1) END) AS created`
+
 // hold sets the session up for origin and returns its progress, read
 // while holding the origin so nobody can advance it meanwhile. An idle
 // session of the same Applier that still holds the origin lets go of it
@@ -662,24 +670,13 @@ func (s *session) hold(ctx context.Context, source string) (pglogrepl.LSN, error
 		// Every hold, not only Setup, checks for an unfinished bootstrap:
 		// a run takes the origins from sessions set up before it started.
 		b.ExecParams("SELECT prism.bootstrap_check()", nil, nil, nil, nil)
-		b.ExecParams("SELECT pg_replication_origin_session_setup($1)", [][]byte{[]byte(s.origin)}, nil, nil, nil)
+		b.ExecParams(holdOriginSQL, [][]byte{[]byte(s.origin)}, nil, nil, nil)
 		b.ExecParams("SELECT pg_replication_origin_session_progress(true)::text", nil, nil, nil, nil)
 		res, err := pc.ExecBatch(ctx, b).ReadAll()
 		var pgErr *pgconn.PgError
-		if errors.As(err, &pgErr) && pgErr.Code == "42704" && attempt == 0 {
-			// The origin does not exist yet; create it. Losing a race with
-			// another creator is fine.
-			_, cerr := pc.ExecParams(ctx, "SELECT pg_replication_origin_create($1)", [][]byte{[]byte(s.origin)}, nil, nil, nil).Close()
-			var createErr *pgconn.PgError
-			switch {
-			case cerr == nil:
-			case errors.As(cerr, &createErr) && (createErr.Code == "42710" || createErr.Code == "23505"):
-			case errors.As(cerr, &createErr):
-				return 0, cerr
-			default:
-				s.broken = true
-				return 0, cerr
-			}
+		if errors.As(err, &pgErr) && attempt == 0 && (pgErr.Code == "42710" || pgErr.Code == "23505" || pgErr.Code == "42704") {
+			// Another session created the origin meanwhile (or dropped
+			// it): once more.
 			continue
 		}
 		if err != nil {
@@ -1644,7 +1641,14 @@ func (a *Applier) Fence(ctx context.Context, sourceRegion string) (int, error) {
 	pc := conn.Conn().PgConn()
 	killed := 0
 	for attempt := 0; attempt < 20; attempt++ {
-		_, err := pc.ExecParams(ctx, "SELECT pg_replication_origin_session_setup($1)", [][]byte{[]byte(s.origin)}, nil, nil, nil).Close()
+		// An origin that does not exist yet has no holder; asking for it
+		// would be an ERROR in the server log.
+		res := pc.ExecParams(ctx, "SELECT pg_replication_origin_session_setup($1) FROM pg_catalog.pg_replication_origin WHERE roname = $1",
+			[][]byte{[]byte(s.origin)}, nil, nil, nil).Read()
+		err := res.Err
+		if err == nil && len(res.Rows) == 0 {
+			return killed, nil
+		}
 		if err == nil {
 			if _, err := pc.ExecParams(ctx, "SELECT pg_replication_origin_session_reset()", nil, nil, nil, nil).Close(); err != nil {
 				s.broken = true

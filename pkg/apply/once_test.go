@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"math/rand"
+	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -160,6 +162,10 @@ func TestExactlyOnce(t *testing.T) {
 		}
 		if n, err := a.Fence(ctx, "never-seen"); n != 0 || err != nil {
 			t.Fatalf("Fence of a missing origin = %d, %v; want 0, nil", n, err)
+		}
+		// ... without asking the server for it, an ERROR in its log.
+		if log, err := os.ReadFile(c.LogFile()); err != nil || strings.Contains(string(log), `"prism_never-seen" does not exist`) {
+			t.Errorf("server log (%v) has a missing origin asked for:\n%s", err, log)
 		}
 	})
 
