@@ -355,10 +355,10 @@ func (d *doctor) applyPrivilege(ctx context.Context, conn *pgx.Conn, db, role st
 	}
 	// Which parameters the role may SET: session_replication_role is
 	// needed; apply sessions lower deadlock_timeout when they may (see
-	// apply.holdSessionSQL), and batches keep their expected failures out
-	// of the server log when they may set log_min_messages (see
-	// apply.batchSetupSQL), which is suggested with the other grants but
-	// never a finding of its own.
+	// apply.sessionSettingsSQL), and batches keep their expected failures
+	// out of the server log when they may set log_min_messages (see
+	// apply.batchSetupSQL), which is suggested with the other grants and,
+	// alone, as the fix of an ok finding.
 	may := map[string]bool{}
 	for _, param := range []string{"session_replication_role", "deadlock_timeout", "log_min_messages"} {
 		var ok bool
@@ -383,6 +383,12 @@ func (d *doctor) applyPrivilege(ctx context.Context, conn *pgx.Conn, db, role st
 	if !deadlock {
 		d.rep.add(Warn, db+": apply privileges", fmt.Sprintf("role %s cannot set deadlock_timeout: a deadlock between an applied and a local transaction (or two applied ones) holds both for the server's deadlock_timeout, and may cancel the local one, instead of cancelling the applied one after %s", role, apply.DeadlockTimeout),
 			strings.Join(fixes, "  ")+"  -- as a superuser")
+		return
+	}
+	if !may["log_min_messages"] {
+		d.rep.add(OK, db+": apply privileges", "replication origins, session_replication_role and deadlock_timeout granted; "+
+			"without SET on log_min_messages, a batch of applied transactions that rolls back (expected on rows written in several regions) is an ERROR in the server log",
+			strings.Join(fixes, "  ")+"  -- optional, as a superuser")
 		return
 	}
 	d.rep.ok(db+": apply privileges", "replication origins, session_replication_role and deadlock_timeout granted")

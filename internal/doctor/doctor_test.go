@@ -302,9 +302,18 @@ peers: []
 		!strings.HasPrefix(ap[0].Fix, "GRANT SET ON PARAMETER deadlock_timeout TO prism;") {
 		t.Fatalf("apply privileges = %+v, want a warning about deadlock_timeout with its GRANT:\n%s", ap, out)
 	}
-	mustExec(t, c, strings.TrimSuffix(ap[0].Fix, "  -- as a superuser"))
+	// The deadlock_timeout GRANT alone leaves an ok finding that suggests
+	// the optional log_min_messages GRANT, and that GRANT works too.
+	mustExec(t, c, "GRANT SET ON PARAMETER deadlock_timeout TO prism")
 	rep, out = report()
-	if ap := rep.Find("database na: apply privileges"); len(ap) != 1 || ap[0].Severity != OK {
+	ap = rep.Find("database na: apply privileges")
+	if len(ap) != 1 || ap[0].Severity != OK || !strings.Contains(ap[0].Message, "log_min_messages") ||
+		ap[0].Fix != "GRANT SET ON PARAMETER log_min_messages TO prism;  -- optional, as a superuser" {
+		t.Fatalf("apply privileges with deadlock_timeout granted = %+v, want OK suggesting the log_min_messages GRANT:\n%s", ap, out)
+	}
+	mustExec(t, c, strings.TrimSuffix(ap[0].Fix, "  -- optional, as a superuser"))
+	rep, out = report()
+	if ap := rep.Find("database na: apply privileges"); len(ap) != 1 || ap[0].Severity != OK || ap[0].Fix != "" {
 		t.Fatalf("apply privileges after the printed GRANT = %+v, want OK:\n%s", ap, out)
 	}
 	fs := rep.Find("privileges on public.accounts, public.orders")
