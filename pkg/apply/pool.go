@@ -17,10 +17,12 @@ import (
 //
 // Unless the DSN sets pool_max_conns, the pool opens up to
 // minPoolConns connections (pgxpool's default is 4 on a machine with up
-// to 4 CPUs): each source region's apply session holds one while it
-// applies, and a node flushing lazily reads each source's durable
-// progress on another, next to the conflict and housekeeping queries.
-// Connections open only when needed.
+// to 4 CPUs): a node flushing lazily reads each source's durable
+// progress on one, next to the conflict and housekeeping queries. The
+// apply sessions, one per source region while it applies, take their
+// connections from a second pool with the same limit that the Applier
+// makes from this one (see Applier.sessions). Connections open only when
+// needed.
 func NewPool(ctx context.Context, dsn string) (*pgxpool.Pool, error) {
 	cfg, err := pgxpool.ParseConfig(dsn)
 	if err != nil {
