@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
@@ -739,5 +740,73 @@ func BenchmarkApplyAfterIdle(b *testing.B) {
 			b.ReportMetric(float64(wall.Microseconds())/float64(b.N), "wall-us/txn")
 			b.ReportMetric(cpu/float64(b.N)*1e6, "server-us/txn")
 		})
+	}
+}
+
+// BenchmarkLocalTxnCost is BenchmarkLocalWriteCost for whole
+// transactions, one to a round trip, as an application runs them: costs
+// that PostgreSQL pays once per transaction (a PL/pgSQL function's first
+// call sets up its expressions; a cached plan found invalid is planned
+// again) are spread over 20,000 writes in a DO loop, and not here. Server
+// CPU per transaction, on tables with prism-cdc's triggers next to the
+// same tables without them, in alternating rounds: a one-row UPDATE, and
+// a one-row INSERT into a table whose deferred constraint trigger
+// records the row in a second table at COMMIT (both tables with the
+// triggers, or both without), the shape of prism-bench's lag tables:
+//
+//	go test ./pkg/apply -run '^$' -bench LocalTxnCost -benchtime 4000x
+func BenchmarkLocalTxnCost(b *testing.B) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	c := pgtest.Start(b, pgtest.Options{Name: "localtxn"})
+	for _, p := range []string{"prism", "plain"} {
+		mustExec(b, ctx, c, "postgres", strings.ReplaceAll(`CREATE TABLE X_hot (id bigint PRIMARY KEY, v bigint NOT NULL);
+INSERT INTO X_hot SELECT g, 0 FROM generate_series(1, 100) g;
+CREATE SEQUENCE X_seq;
+CREATE TABLE X_lag (id bigint PRIMARY KEY);
+CREATE TABLE X_seen (id bigint PRIMARY KEY, at timestamptz NOT NULL);
+CREATE FUNCTION X_seen() RETURNS trigger LANGUAGE plpgsql SET search_path = public, pg_catalog AS $$
+BEGIN
+	INSERT INTO X_seen VALUES (NEW.id, clock_timestamp()) ON CONFLICT DO NOTHING;
+	RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER X_seen AFTER INSERT ON X_lag DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION X_seen();`, "X_", p+"_"))
+	}
+	a := newApplier(b, ctx, c, "postgres", WithLocalRegion("eu"))
+	if err := a.Setup(ctx); err != nil {
+		b.Fatal(err)
+	}
+	for _, t := range []string{"plain_hot", "plain_lag", "plain_seen"} {
+		mustExec(b, ctx, c, "postgres", "DROP TRIGGER prism_clock ON "+t+"; DROP TRIGGER prism_tombstone ON "+t)
+	}
+	conn, err := c.Connect(ctx, "postgres")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	rng := rand.New(rand.NewSource(1))
+	for round := 1; round <= 2; round++ {
+		for _, op := range []string{"update", "insert-deferred"} {
+			for _, p := range []string{"plain", "prism"} {
+				b.Run(fmt.Sprintf("%s/%s/%d", op, p, round), func(b *testing.B) {
+					cpu := clusterCPU(b, c)
+					for i := 0; i < b.N; i++ {
+						var err error
+						if op == "update" {
+							_, err = conn.Exec(ctx, "UPDATE "+p+"_hot SET v = $1 WHERE id = $2", rng.Intn(1000000), 1+rng.Intn(100))
+						} else {
+							err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+								_, err := tx.Exec(ctx, "INSERT INTO "+p+"_lag VALUES (nextval('"+p+"_seq'))")
+								return err
+							})
+						}
+						if err != nil {
+							b.Fatal(err)
+						}
+					}
+					b.ReportMetric((clusterCPU(b, c)-cpu)/float64(b.N)*1e6, "server-us/txn")
+				})
+			}
+		}
 	}
 }
