@@ -465,8 +465,11 @@ func TestDeadlockWithLocalBrokenByApply(t *testing.T) {
 	}
 	// Retried at once, the transaction may wait for the local one's row
 	// 2 and then fail to serialize behind its commit (40001): once more.
-	if got := a.Stats()["na"].Retries; got < 1 || got > 2 {
-		t.Fatalf("%d retries, want 1 (the deadlock) or 2 (and a serialization failure behind the local commit)", got)
+	// Or the retry takes row 2 again before the local transaction, woken
+	// by the cancel, does, and closes the same cycle once more (a second
+	// 40P01) before that: a third time, seen under a loaded CI run.
+	if got := a.Stats()["na"].Retries; got < 1 || got > 3 {
+		t.Fatalf("%d retries, want 1 (the deadlock), 2 (and a serialization failure behind the local commit) or 3 (the deadlock twice); log:\n%s", got, logBuf.String())
 	}
 	// The applied versions are an hour newer than the local ones.
 	if got := tableRows(t, ctx, a.pool, "(SELECT id, v FROM kv WHERE id <= 2)"); got != `{"id":1,"v":"na-1"}`+"\n"+`{"id":2,"v":"na-2"}` {
