@@ -978,18 +978,13 @@ func (p *pipeline) run(ctx context.Context, retries *int) (int, error) {
 // covers as skipped, exactly as a fresh session would.
 func (p *pipeline) again(ctx context.Context) error {
 	pc := p.s.conn.Conn().PgConn()
-	open := rollback(pc)
-	res, err := pc.Exec(ctx, open+"SELECT pg_replication_origin_session_progress(true)::text").ReadAll()
-	want := 1
-	if open != "" {
-		want = 2
-	}
-	if err == nil && (len(res) != want || len(res[want-1].Rows) != 1 || len(res[want-1].Rows[0]) != 1) {
+	res, err := pc.Exec(ctx, rollback(pc)+"SELECT pg_replication_origin_session_progress(true)::text").ReadAll()
+	if err == nil && (len(res) == 0 || len(res[len(res)-1].Rows) != 1 || len(res[len(res)-1].Rows[0]) != 1) {
 		err = errors.New("unexpected reply to origin progress")
 	}
 	var progress pglogrepl.LSN
-	if err == nil && res[want-1].Rows[0][0] != nil {
-		progress, err = pglogrepl.ParseLSN(string(res[want-1].Rows[0][0]))
+	if err == nil && res[len(res)-1].Rows[0][0] != nil {
+		progress, err = pglogrepl.ParseLSN(string(res[len(res)-1].Rows[0][0]))
 	}
 	if err != nil {
 		p.s.broken = true

@@ -331,19 +331,14 @@ func (a *Applier) withOrigin(ctx context.Context, source string, fn func(conn *p
 	if err != nil {
 		return err
 	}
-	defer s.release()
-	conn := s.conn
 	progress, err := s.hold(ctx, source)
 	if err != nil {
-		if conn.Conn().PgConn().IsClosed() {
-			s.broken = true
-		}
+		s.broken = s.broken || s.conn.Conn().PgConn().IsClosed()
+		s.release()
 		return err
 	}
-	ferr := fn(conn, progress)
-	if _, err := conn.Conn().PgConn().Exec(ctx, rollback(conn.Conn().PgConn())+"SELECT pg_replication_origin_session_reset()").ReadAll(); err != nil {
-		s.broken = true
-	}
+	ferr := fn(s.conn, progress)
+	s.unhold()
 	return ferr
 }
 
