@@ -752,7 +752,10 @@ func BenchmarkApplyAfterIdle(b *testing.B) {
 // same tables without them, in alternating rounds: a one-row UPDATE, and
 // a one-row INSERT into a table whose deferred constraint trigger
 // records the row in a second table at COMMIT (both tables with the
-// triggers, or both without), the shape of prism-bench's lag tables:
+// triggers, or both without), the shape of prism-bench's lag tables,
+// and the DELETE of that row, whose deferred trigger deletes the record.
+// The trigger functions have a search_path of their own, so each
+// transaction writes under two:
 //
 //	go test ./pkg/apply -run '^$' -bench LocalTxnCost -benchtime 4000x
 func BenchmarkLocalTxnCost(b *testing.B) {
@@ -770,8 +773,16 @@ BEGIN
 	INSERT INTO X_seen VALUES (NEW.id, clock_timestamp()) ON CONFLICT DO NOTHING;
 	RETURN NULL;
 END $$;
-CREATE CONSTRAINT TRIGGER X_seen AFTER INSERT ON X_lag DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION X_seen();`, "X_", p+"_"))
+CREATE CONSTRAINT TRIGGER X_seen AFTER INSERT ON X_lag DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION X_seen();
+CREATE FUNCTION X_unseen() RETURNS trigger LANGUAGE plpgsql SET search_path = public, pg_catalog AS $$
+BEGIN
+	DELETE FROM X_seen WHERE id = OLD.id;
+	RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER X_unseen AFTER DELETE ON X_lag DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION X_unseen();`, "X_", p+"_"))
 	}
+	// The delete removes the rows the insert wrote, oldest first.
+	deleted := map[string]int{}
 	a := newApplier(b, ctx, c, "postgres", WithLocalRegion("eu"))
 	if err := a.Setup(ctx); err != nil {
 		b.Fatal(err)
@@ -786,17 +797,27 @@ CREATE CONSTRAINT TRIGGER X_seen AFTER INSERT ON X_lag DEFERRABLE INITIALLY DEFE
 	defer conn.Close(context.Background())
 	rng := rand.New(rand.NewSource(1))
 	for round := 1; round <= 2; round++ {
-		for _, op := range []string{"update", "insert-deferred"} {
+		for _, op := range []string{"update", "insert-deferred", "delete-deferred"} {
 			for _, p := range []string{"plain", "prism"} {
 				b.Run(fmt.Sprintf("%s/%s/%d", op, p, round), func(b *testing.B) {
 					cpu := clusterCPU(b, c)
 					for i := 0; i < b.N; i++ {
 						var err error
-						if op == "update" {
+						switch op {
+						case "update":
 							_, err = conn.Exec(ctx, "UPDATE "+p+"_hot SET v = $1 WHERE id = $2", rng.Intn(1000000), 1+rng.Intn(100))
-						} else {
+						case "insert-deferred":
 							err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 								_, err := tx.Exec(ctx, "INSERT INTO "+p+"_lag VALUES (nextval('"+p+"_seq'))")
+								return err
+							})
+						default:
+							deleted[p]++
+							err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+								tag, err := tx.Exec(ctx, "DELETE FROM "+p+"_lag WHERE id = $1", deleted[p])
+								if err == nil && tag.RowsAffected() != 1 {
+									err = fmt.Errorf("deleted %d rows of %s_lag with id %d, want 1", tag.RowsAffected(), p, deleted[p])
+								}
 								return err
 							})
 						}

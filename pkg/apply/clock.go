@@ -632,9 +632,10 @@ $b$, tbl, oldk, newk, qrel, cond);
 		CASE WHEN pin THEN {{pinned_text_form}} ELSE '' END, body);
 	-- prism_tombstone's function, which every delete calls (local and
 	-- applied ones), has a body of its own that names every function and
-	-- type with its schema and uses no operator, so it needs no SET
-	-- clause: that would cost a delete about 6 us.
-	EXECUTE format('CREATE OR REPLACE FUNCTION prism.%I() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER %s AS %L', tfn,
+	-- type with its schema and uses no operator. It still runs with a
+	-- search_path of its own, like prism.clock_due: under a search_path
+	-- other than its last call's, PostgreSQL would plan its INSERT again.
+	EXECUTE format('CREATE OR REPLACE FUNCTION prism.%I() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp %s AS %L', tfn,
 		CASE WHEN pin THEN {{pinned_text_form}} ELSE '' END, format($t$
 BEGIN
 	INSERT INTO prism.tombstones (table_name, key) VALUES (%1$L, %2$s)
@@ -777,11 +778,15 @@ $f$;
 -- this test made a one-row UPDATE cost 21.6 us instead of 9.3; as a call
 -- of this function, whose plan PL/pgSQL keeps for the session, 14.9 us.
 -- It is SECURITY DEFINER because the application's roles may not use
--- schema prism, where its sequence is. It runs with the caller's
--- search_path (a SET clause would cost more than the call saves), so
--- every function, type and operator in it is schema-qualified.
+-- schema prism, where its sequence is. It runs with a search_path of its
+-- own: PostgreSQL plans a PL/pgSQL function's expressions again whenever
+-- it is called under another search_path than the last time, so a
+-- transaction that wrote under the application's search_path and in a
+-- trigger function with a SET search_path of its own (or a session that
+-- switches search_path, one per tenant) planned this test twice, for
+-- 85-130 us; the SET clause costs each call about 5 us.
 CREATE OR REPLACE FUNCTION prism.clock_due() RETURNS boolean
-LANGUAGE plpgsql SECURITY DEFINER AS $f$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
 BEGIN
 	RETURN NOT coalesce(pg_catalog.current_setting('prism.applying', true) OPERATOR(pg_catalog.=) 'on', false)
 		AND pg_catalog.pg_sequence_last_value('prism.horizon'::pg_catalog.regclass) OPERATOR(pg_catalog.>=)

@@ -547,6 +547,17 @@ func TestSecurityDefinerSearchPath(t *testing.T) {
 	if got := queryString(t, ctx, a.pool, "SELECT count(*)::text FROM prism.tombstones WHERE table_name = 'public.kv'"); got != "2" {
 		t.Fatalf("%s tombstones of kv, want 2 (keys 10 and 3)", got)
 	}
+	// Every one of them has a search_path of its own: one that ran with
+	// the caller's would also be planned again whenever a session wrote
+	// under another search_path than before (an application's trigger
+	// function with a SET clause), and the triggers' run at every write.
+	// (prism.ddl_capture reads the caller's, which the change travels
+	// with, and sets pg_catalog's itself before anything else.)
+	if got := queryString(t, ctx, a.pool, `SELECT coalesce(string_agg(p.oid::regprocedure::text, ', ' ORDER BY p.proname), '')
+		FROM pg_proc p WHERE p.pronamespace = 'prism'::regnamespace AND p.prosecdef AND p.proname <> 'ddl_capture'
+		AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false)`); got != "" {
+		t.Fatalf("SECURITY DEFINER functions of schema prism without search_path pg_catalog, pg_temp: %s", got)
+	}
 }
 
 // TestTriggerFunctionsOfDroppedTables: Setup drops the trigger functions
