@@ -2,6 +2,7 @@ package decode
 
 import (
 	"encoding/binary"
+	"runtime"
 	"strings"
 	"testing"
 
@@ -448,5 +449,66 @@ func TestAssemblerAllocations(t *testing.T) {
 	per := testing.AllocsPerRun(2000, feed)
 	if per > 2.1 {
 		t.Fatalf("%.2f allocations per pgbench transaction, want 2 (the transaction and its changes) and a shared chunk now and then", per)
+	}
+}
+
+// TestTxnSizeHeld: Txn.Size, which bounds a shipper's window
+// (delivery.max_in_flight) and decides when a transaction spills, is
+// within a quarter of the heap that the decoded transactions it measures
+// hold, for narrow rows (where the values' headers and the Change and
+// Value structs outweigh the data), wide ones, many changes to a
+// transaction and old rows: an estimate of half the heap let a 64 MiB
+// window hold 125 MB.
+func TestTxnSizeHeld(t *testing.T) {
+	rels := [][]byte{mRelation(1, "aid", "bid", "abalance", "filler"), mRelation(2, "tid", "bid", "tbalance", "filler"),
+		mRelation(3, "bid", "bbalance", "filler"), mRelation(4, "id", "tid", "bid", "aid", "delta", "mtime")}
+	a := NewAssembler("na")
+	for _, m := range rels {
+		if _, err := a.Feed(1, m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	narrow := [][]byte{mBegin(100, 7)}
+	for range 100 {
+		narrow = append(narrow, mUpdate(2, nil, "27", "3", "-18345", "<null>"))
+	}
+	shapes := []struct {
+		name string
+		msgs [][]byte
+	}{
+		{"pgbench", pgbenchTxn(false)},
+		{"one wide row", [][]byte{mBegin(100, 7), mUpdate(1, nil, "41234", "3", "-2719", strings.Repeat("x", 2000)), mCommit(100, 120)}},
+		{"100 narrow rows", append(narrow, mCommit(100, 120))},
+		{"old and new rows", [][]byte{mBegin(100, 7), mUpdate(3, []string{"3", "-42981", "<null>"}, "3", "-42982", "<null>"),
+			mUpdate(3, []string{"4", "17", "<null>"}, "4", "18", "<null>"), mCommit(100, 120)}},
+	}
+	for _, sh := range shapes {
+		const n = 20000
+		keep := make([]*Txn, 0, n)
+		var before, after runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&before)
+		size := 0
+		for range n {
+			var txn *Txn
+			for _, m := range sh.msgs {
+				got, err := a.Feed(2, m)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got != nil {
+					txn = got
+				}
+			}
+			keep = append(keep, txn)
+			size += txn.Size()
+		}
+		runtime.GC()
+		runtime.ReadMemStats(&after)
+		held := float64(after.HeapAlloc) - float64(before.HeapAlloc) - float64(cap(keep))*8
+		runtime.KeepAlive(keep)
+		if r := held / float64(size); r < 0.8 || r > 1.25 {
+			t.Errorf("%s: the transactions hold %.0f bytes each, Size says %d: ratio %.2f, want 0.8-1.25", sh.name, held/n, size/n, r)
+		}
 	}
 }

@@ -100,8 +100,8 @@ func TestAssemblerSpill(t *testing.T) {
 	if got.Size() > 200 {
 		t.Fatalf("Size() of a spilled txn = %d, want the header only", got.Size())
 	}
-	if got.ChangeCount() != len(want.Changes) || got.Spill.Bytes() != int64(want.Size()-64-len(want.Origin)) {
-		t.Fatalf("Count %d Bytes %d, want %d and %d", got.ChangeCount(), got.Spill.Bytes(), len(want.Changes), want.Size()-64-len(want.Origin))
+	if got.ChangeCount() != len(want.Changes) || got.Spill.Bytes() != int64(want.Size()-txnOverhead(want)) {
+		t.Fatalf("Count %d Bytes %d, want %d and %d", got.ChangeCount(), got.Spill.Bytes(), len(want.Changes), want.Size()-txnOverhead(want))
 	}
 	if got.EndLSN != want.EndLSN || got.CommitLSN != want.CommitLSN || got.Xid != want.Xid || !got.CommitTime.Equal(want.CommitTime) {
 		t.Fatalf("header %+v, want %+v", got, want)

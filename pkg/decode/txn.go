@@ -3,6 +3,7 @@ package decode
 import (
 	"strconv"
 	"time"
+	"unsafe"
 
 	"github.com/jackc/pglogrepl"
 )
@@ -167,27 +168,39 @@ func (t *Txn) ChangeCount() int {
 }
 
 // Size is an estimate of the memory the transaction holds, in bytes. The
-// shipper bounds its window of unacknowledged transactions with it. A
-// spilled transaction holds only its header in memory.
+// shipper bounds its window of unacknowledged transactions with it, and
+// the reader spills a transaction whose changes pass spill.above by it, so
+// it counts what the decoder keeps: the transaction and its Changes slice,
+// every change and its values, and each value's bytes with the five of
+// its column header (the decoder keeps the message's tuple data, not
+// copies of the values). TestTxnSizeHeld holds it to the heap a decoded
+// transaction takes. A spilled transaction holds only its header in
+// memory.
 func (t *Txn) Size() int {
-	n := 64 + len(t.Origin)
+	n := txnOverhead(t)
 	for i := range t.Changes {
 		n += changeSize(&t.Changes[i])
 	}
 	return n
 }
 
-// changeSize estimates the memory one change holds.
+// txnOverhead is what t holds besides its changes: itself, its origin's
+// name, and the room its Changes slice has for more changes.
+func txnOverhead(t *Txn) int {
+	return int(unsafe.Sizeof(*t)) + len(t.Origin) + (cap(t.Changes)-len(t.Changes))*int(unsafe.Sizeof(Change{}))
+}
+
+// changeSize estimates the memory one change holds, itself included.
 func changeSize(c *Change) int {
-	n := 48
-	for _, v := range c.Old {
-		n += 16 + len(v.Data)
-	}
-	for _, v := range c.New {
-		n += 16 + len(v.Data)
+	n := int(unsafe.Sizeof(*c)) + len(c.Truncated)*int(unsafe.Sizeof(c.Rel))
+	for _, vals := range [2][]Value{c.Old, c.New} {
+		n += len(vals) * int(unsafe.Sizeof(Value{}))
+		for _, v := range vals {
+			n += 5 + len(v.Data) // the column's kind byte and length
+		}
 	}
 	if c.DDL != nil {
-		n += 48 + len(c.DDL.Command) + len(c.DDL.SearchPath) + len(c.DDL.Role)
+		n += int(unsafe.Sizeof(*c.DDL)) + len(c.DDL.Command) + len(c.DDL.SearchPath) + len(c.DDL.Role)
 	}
 	return n
 }
