@@ -14,7 +14,9 @@ func TestDoctorScope(t *testing.T) {
 	c := pgtest.Start(t, pgtest.Options{Name: "doctor-scope"})
 	mustExec(t, c, `CREATE TABLE customers (id int PRIMARY KEY, home text NOT NULL, ssn text, bio text);
 		CREATE TABLE keyed (id int, home text, PRIMARY KEY (id, home));
-		CREATE TABLE card_tokens (id int PRIMARY KEY)`)
+		CREATE TABLE card_tokens (id int PRIMARY KEY);
+		CREATE TABLE orders (id int PRIMARY KEY, customer int REFERENCES customers, token int REFERENCES card_tokens);
+		CREATE TABLE notes (id int PRIMARY KEY, customer int REFERENCES customers)`)
 	cfg := loadConfig(t, fmt.Sprintf(`node: na1
 region: na
 database: %q
@@ -27,7 +29,7 @@ peers:
     nodes: [{name: eu1, addr: "127.0.0.1:2"}]
     database: %q
     scope:
-      exclude_tables: [public.card_tokens, public.nope]
+      exclude_tables: [public.card_tokens, public.nope, public.notes]
       rows: {"public.customers": "home = 'eu'", "public.keyed": "home IN ('eu', 'global') AND id > 'x'"}
       exclude_columns: {"public.customers": [ssn, id, missing]}
 `, c.DSN("postgres"), c.DSN("postgres")))
@@ -53,6 +55,15 @@ peers:
 	find(Problem, "scope of region eu", `column "id" is numeric`)
 	find(Problem, "scope of region eu", `excluded column "missing" does not exist`)
 	find(Problem, "scope of region eu", `excluded column "id" is in the replica identity`)
+	// Orders reference a table eu does not get and one it gets some rows
+	// of; notes, which eu does not get either, are no problem.
+	find(Warn, "scope of region eu", "public.orders: foreign key orders_token_fkey references public.card_tokens, which the region does not receive", "exclude public.orders too")
+	find(Warn, "scope of region eu", "public.orders: foreign key orders_customer_fkey references public.customers, which the region receives only where home = 'eu'")
+	for _, f := range rep.Findings {
+		if strings.Contains(f.Message, "notes_customer_fkey") {
+			t.Errorf("a finding about a foreign key of an excluded table: %s", f.Message)
+		}
+	}
 	find(OK, "scope of this region (na)", "public.keyed rows where home IN ('na', 'global')")
 	find(Warn, "scope of this region (na)", "diverge by design")
 	if !rep.Blocking() {

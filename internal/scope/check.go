@@ -94,7 +94,10 @@ func (p Problem) String() string { return p.Table + ": " + p.Msg }
 // only replica identity columns (any column with REPLICA IDENTITY FULL),
 // and no replica identity column is excluded. It warns about a
 // row-filtered table without REPLICA IDENTITY FULL that has columns whose
-// values may be TOASTed (see the README's Data residency section).
+// values may be TOASTed (see the README's Data residency section), and
+// about a table that references by foreign key a table the region does
+// not receive, or receives only some rows of, while the referencing
+// table's rows all go there (see references).
 func Check(ctx context.Context, q Querier, r Rules) ([]Problem, error) {
 	s, err := New(r)
 	if err != nil {
@@ -151,6 +154,59 @@ func Check(ctx context.Context, q Querier, r Rules) ([]Problem, error) {
 				add(table, false, "excluded column %q is in the replica identity: the region could not find rows to update or delete", c)
 			}
 		}
+		if !s.Excludes(table) && s.Filter(table) == nil {
+			continue
+		}
+		refs, err := references(ctx, q, table)
+		if err != nil {
+			return nil, err
+		}
+		for _, r := range refs {
+			switch {
+			case r.table == table || s.Excludes(r.table):
+			case s.Excludes(table):
+				add(r.table, true, "foreign key %s references %s, which the region does not receive: its rows there lack their parents (applied rows are not checked against foreign keys), and verify reports them; exclude %s too", r.name, table, r.table)
+			case s.Filter(r.table) == nil:
+				add(r.table, true, "foreign key %s references %s, which the region receives only where %s: rows of %s that reference its other rows lack their parents there (applied rows are not checked against foreign keys), and verify reports them; give %s a row filter that keeps the same rows", r.name, table, s.Filter(table), r.table, r.table)
+			}
+		}
+	}
+	return out, nil
+}
+
+// referencesSQL lists the foreign keys that reference table $1, with the
+// "schema.table" of the table they are declared on (a partitioned
+// table's, not its partitions' copies).
+const referencesSQL = `SELECT c.conname, n.nspname || '.' || r.relname
+FROM pg_catalog.pg_constraint c
+JOIN pg_catalog.pg_class r ON r.oid = c.conrelid
+JOIN pg_catalog.pg_namespace n ON n.oid = r.relnamespace
+WHERE c.contype = 'f' AND c.confrelid = to_regclass($1) AND c.conparentid = 0
+ORDER BY 2, 1`
+
+// reference is one foreign key that references a table.
+type reference struct {
+	name  string // the constraint's
+	table string // "schema.table" it is declared on
+}
+
+// references lists the foreign keys that reference table.
+func references(ctx context.Context, q Querier, table string) ([]reference, error) {
+	rows, err := q.Query(ctx, referencesSQL, Ident(table))
+	if err != nil {
+		return nil, fmt.Errorf("foreign keys referencing %s: %w", table, err)
+	}
+	defer rows.Close()
+	var out []reference
+	for rows.Next() {
+		var r reference
+		if err := rows.Scan(&r.name, &r.table); err != nil {
+			return nil, fmt.Errorf("foreign keys referencing %s: %w", table, err)
+		}
+		out = append(out, r)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("foreign keys referencing %s: %w", table, err)
 	}
 	return out, nil
 }
