@@ -488,10 +488,17 @@ const barrierSQL = "SELECT pg_replication_origin_session_progress(true)"
 
 // holdIdle is how long a session keeps holding its origin after a run
 // that succeeded, waiting for the next run of the same source region. A
-// busy stream so pays for the session setup (application name, origin,
-// progress) once instead of once per batch, while an idle one frees the
-// origin soon for whichever path takes the source region over.
-const holdIdle = 500 * time.Millisecond
+// stream so pays for the session setup (application name, bootstrap
+// check, origin, progress: one round trip, and the origin's release
+// later) once instead of once per run. It is long enough for a source
+// that writes now and then (a transaction every few seconds), for which
+// the setup was a third of a lone transaction's apply time. Holding
+// longer locks nobody out: whoever takes a source region over fences
+// first (a peer stream's start, the direct-SQL fallback, which call Fence,
+// whose own Applier's idle session lets go at once), a stream that ends
+// lets go (Release), the dead-letter commands retry a busy origin for 30
+// s, and a bootstrap terminates an applier holding it.
+const holdIdle = 10 * time.Second
 
 // session is one pooled connection holding the origin of a run.
 type session struct {

@@ -705,12 +705,13 @@ func BenchmarkLocalWriteCost(b *testing.B) {
 }
 
 // BenchmarkApplyAfterIdle reports the wall time and server CPU of a lone
-// pgbench-like transaction applied right after the previous one (the
-// session still holds the origin) and after a pause longer than
-// holdIdle (the session let go of the origin and takes it again, on a
-// connection whose cached plans should survive: see sessions):
+// pgbench-like transaction applied right after the previous one and
+// after pauses of 0.6 and 2 s, a source that writes now and then (the
+// session still holds the origin: see holdIdle), and after a pause longer
+// than holdIdle (the session let go of the origin and takes it again, on
+// a connection whose cached plans should survive: see sessions):
 //
-//	go test ./pkg/apply -run '^$' -bench ApplyAfterIdle -benchtime 20x
+//	go test ./pkg/apply -run '^$' -bench ApplyAfterIdle -benchtime 10x
 func BenchmarkApplyAfterIdle(b *testing.B) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
@@ -726,7 +727,7 @@ func BenchmarkApplyAfterIdle(b *testing.B) {
 		next++
 	}
 	apply(b) // the first run prepares the statements
-	for _, pause := range []time.Duration{0, holdIdle - 100*time.Millisecond, holdIdle + 100*time.Millisecond} {
+	for _, pause := range []time.Duration{0, 600 * time.Millisecond, 2 * time.Second, holdIdle + 100*time.Millisecond} {
 		b.Run(fmt.Sprintf("pause=%s", pause), func(b *testing.B) {
 			var wall time.Duration
 			var cpu float64

@@ -34,8 +34,8 @@
 //     on another session, reports them - the peer server acknowledges by
 //     it, so the apply session never waits for a flush;
 //  4. pg_replication_origin_session_reset(): a session that finished a
-//     run keeps the origin for a short idle time (holdIdle, 500 ms) so the
-//     next batch of a busy stream skips steps 1-2, and lets go after it;
+//     run keeps the origin for an idle time (holdIdle, 10 s) so the next
+//     run of the stream skips steps 1-2, and lets go after it;
 //     Release (the stream ended), Fence and Close let go at once, so a
 //     failover path is not locked out by an idle holder. Apply sessions
 //     are connections of their own (a second pool, made from the
