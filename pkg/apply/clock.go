@@ -715,9 +715,16 @@ BEGIN
 END
 $f$;
 -- on_ddl installs the triggers on tables created or altered later. It
--- never fails the DDL: a problem is a warning.
+-- never fails the DDL: a problem is a warning. It runs as its owner, the
+-- role prism-cdc connects as (SECURITY DEFINER): the application's roles
+-- need no rights on schema prism, where the triggers' functions go, and
+-- a table one of them creates gets its triggers at once, owned by the
+-- same role as every other table's, instead of a warning and none until
+-- a node's next start. Like every function of prism-cdc that runs as its
+-- owner, it runs with search_path pg_catalog, pg_temp (prism.install
+-- names what it uses with its schema).
 CREATE OR REPLACE FUNCTION prism.on_ddl() RETURNS event_trigger
-LANGUAGE plpgsql AS $f$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
 DECLARE
 	r record;
 	ddl text := coalesce(current_setting('prism.ddl', true), '');

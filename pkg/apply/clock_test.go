@@ -10,6 +10,7 @@ import (
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/rs/zerolog"
 
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
@@ -588,5 +589,68 @@ func TestTriggerFunctionsOfDroppedTables(t *testing.T) {
 	}
 	if got, want := fns(), "clock_kept,tombstone_kept"; got != want {
 		t.Fatalf("trigger functions after the next Setup: %s, want %s", got, want)
+	}
+}
+
+// TestInstallForApplicationRoles: a table that an application role
+// creates while a node runs gets its conflict triggers at once from
+// event trigger prism_install, although the role has no rights on
+// schema prism and prism-cdc's own role is no superuser either (a
+// superuser created the event trigger, as doctor says): they are
+// installed with the rights of prism-cdc's role, which owns their
+// functions as it owns every other table's, and they work for the
+// application's writes.
+func TestInstallForApplicationRoles(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "install-roles"})
+	mustExec(t, ctx, c, "postgres", `CREATE ROLE app LOGIN; CREATE SCHEMA s AUTHORIZATION app;
+		CREATE ROLE prism LOGIN; GRANT app TO prism; GRANT CREATE ON DATABASE postgres TO prism;
+		GRANT SET ON PARAMETER session_replication_role TO prism;
+		GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text), pg_replication_origin_session_setup(text),
+			pg_replication_origin_session_reset(), pg_replication_origin_session_progress(boolean),
+			pg_replication_origin_xact_setup(pg_lsn, timestamp with time zone),
+			pg_replication_origin_progress(text, boolean) TO prism;`)
+	pool, err := NewPool(ctx, strings.Replace(c.DSN("postgres"), "user=postgres", "user=prism", 1))
+	if err != nil {
+		t.Fatalf("pool: %v", err)
+	}
+	defer pool.Close()
+	a := NewApplier(pool, zerolog.Nop(), WithLocalRegion("eu"))
+	defer a.Close()
+	if err := a.Setup(ctx); err != nil {
+		t.Fatalf("Setup as a role that is no superuser: %v", err)
+	}
+	mustExec(t, ctx, c, "postgres", eventTriggerSQL)
+
+	cfg, err := pgx.ParseConfig(strings.Replace(c.DSN("postgres"), "user=postgres", "user=app", 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var notices []string
+	cfg.OnNotice = func(_ *pgconn.PgConn, n *pgconn.Notice) { notices = append(notices, n.Severity+": "+n.Message) }
+	app, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer app.Close(context.Background())
+	for _, sql := range []string{
+		"CREATE TABLE s.t (id int PRIMARY KEY, v text)",
+		"INSERT INTO s.t VALUES (1, 'a'), (2, 'b')",
+		"DELETE FROM s.t WHERE id = 1",
+	} {
+		if _, err := app.Exec(ctx, sql); err != nil {
+			t.Fatalf("as role app: %s: %v", sql, err)
+		}
+	}
+	if len(notices) != 0 {
+		t.Fatalf("notices to role app: %q, want none", notices)
+	}
+	su := newPool(t, ctx, c, "postgres")
+	if got := queryString(t, ctx, su, `SELECT string_agg(t.tgname || ':' || pg_get_userbyid(p.proowner), ',' ORDER BY t.tgname)
+		FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid WHERE t.tgrelid = 's.t'::regclass`); got != "prism_clock:prism,prism_tombstone:prism" {
+		t.Fatalf("triggers on s.t (name:function owner) = %s, want prism_clock:prism,prism_tombstone:prism", got)
+	}
+	if got := queryString(t, ctx, su, "SELECT string_agg(key::text, ',') FROM prism.tombstones WHERE table_name = 's.t'"); got != `{"id": "1"}` {
+		t.Fatalf("tombstones of s.t = %s, want the deleted key 1", got)
 	}
 }
