@@ -21,61 +21,73 @@ import (
 // yet applied in na when the snapshot was taken) replaces that version in
 // both, and an older one is dropped in both. A copy that stamped rows with
 // the time of the copy would drop the newer write in the new region only.
+// It runs on the machine's PostgreSQL and on 16: the snapshot's slot, the
+// origins and the copied commit times on a newer server.
 func TestCopiedRowsKeepCommitTimes(t *testing.T) {
-	ctx := context.Background()
-	na, as := kvRegions(t, "lww", `(1, 'na-1'), (2, 'na-2')`)
-	tv := query[time.Time](t, na, "SELECT pg_xact_commit_timestamp(xmin) FROM kv WHERE id = 1")
-
-	res, err := bootstrap.Run(ctx, bootstrap.Config{
-		Region: "as", DSN: as.DSN("app"), Source: "na",
-		Peers: []bootstrap.Peer{{Region: "na", DSN: na.DSN("app")}, {Region: "eu"}},
-	}, zerolog.Nop())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if res.Snapshot == 0 || res.Origins["na"] != res.Snapshot || len(res.Tables) != 1 || res.Tables[0].Rows != 2 || res.Tables[0].Timed != 2 {
-		t.Fatalf("Run = %+v, want 2 rows with their commit time and origin na at the snapshot", res)
-	}
-	if !res.Tables[0].Latest.Equal(tv) {
-		t.Fatalf("latest copied commit time = %s, want %s", res.Tables[0].Latest, tv)
-	}
-	// The copied stamps bound prism.horizon in the new region, so its
-	// application's writes over them check for clock floors.
-	if h := query[bool](t, as, "SELECT pg_sequence_last_value('prism.horizon') >= (extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1000000)::bigint FROM kv WHERE id = 1"); !h {
-		t.Fatalf("prism.horizon in the new region is below the copied rows' commit time")
-	}
-	copied := query[time.Time](t, as, "SELECT pg_xact_commit_timestamp(xmin) FROM kv WHERE id = 1")
-	if !copied.Equal(tv) {
-		t.Fatalf("copied row's commit time = %s, want the source's %s", copied, tv)
-	}
-	if o := query[string](t, as, "SELECT o.roname FROM kv, pg_xact_commit_timestamp_origin(kv.xmin) c JOIN pg_replication_origin o ON o.roident = c.roident WHERE id = 1"); o != "prism_na" {
-		t.Fatalf("copied row's origin = %q, want prism_na", o)
-	}
-
-	newer := euUpdate(0x1000, tv.Add(time.Millisecond), "1", "eu-newer")
-	older := euUpdate(0x2000, tv.Add(-time.Hour), "2", "eu-older")
-	for _, r := range []struct {
+	for _, v := range []struct {
 		name string
-		c    *pgtest.Cluster
-	}{{"na", na}, {"as", as}} {
-		pool, err := pgxpool.New(ctx, r.c.DSN("app"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		a := apply.NewApplier(pool, zerolog.Nop(), apply.WithLocalRegion(r.name))
-		for _, txn := range []*decode.Txn{newer, older} {
-			if err := a.Apply(ctx, txn); err != nil {
-				pool.Close()
-				t.Fatalf("apply in %s: %v", r.name, err)
+		bin  func(t *testing.T) string
+	}{
+		{"default", func(*testing.T) string { return "" }},
+		{"pg16", func(t *testing.T) string { return pgtest.PG16Bin(t) }},
+	} {
+		t.Run(v.name, func(t *testing.T) {
+			ctx := context.Background()
+			na, as := kvRegions(t, "lww-"+v.name, `(1, 'na-1'), (2, 'na-2')`, v.bin(t))
+			tv := query[time.Time](t, na, "SELECT pg_xact_commit_timestamp(xmin) FROM kv WHERE id = 1")
+
+			res, err := bootstrap.Run(ctx, bootstrap.Config{
+				Region: "as", DSN: as.DSN("app"), Source: "na",
+				Peers: []bootstrap.Peer{{Region: "na", DSN: na.DSN("app")}, {Region: "eu"}},
+			}, zerolog.Nop())
+			if err != nil {
+				t.Fatal(err)
 			}
-		}
-		pool.Close()
-		if v := query[string](t, r.c, "SELECT v FROM kv WHERE id = 1"); v != "eu-newer" {
-			t.Errorf("%s: row 1 = %q after a newer write from eu, want eu-newer", r.name, v)
-		}
-		if v := query[string](t, r.c, "SELECT v FROM kv WHERE id = 2"); v != "na-2" {
-			t.Errorf("%s: row 2 = %q after an older write from eu, want na-2", r.name, v)
-		}
+			if res.Snapshot == 0 || res.Origins["na"] != res.Snapshot || len(res.Tables) != 1 || res.Tables[0].Rows != 2 || res.Tables[0].Timed != 2 {
+				t.Fatalf("Run = %+v, want 2 rows with their commit time and origin na at the snapshot", res)
+			}
+			if !res.Tables[0].Latest.Equal(tv) {
+				t.Fatalf("latest copied commit time = %s, want %s", res.Tables[0].Latest, tv)
+			}
+			// The copied stamps bound prism.horizon in the new region, so its
+			// application's writes over them check for clock floors.
+			if h := query[bool](t, as, "SELECT pg_sequence_last_value('prism.horizon') >= (extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1000000)::bigint FROM kv WHERE id = 1"); !h {
+				t.Fatalf("prism.horizon in the new region is below the copied rows' commit time")
+			}
+			copied := query[time.Time](t, as, "SELECT pg_xact_commit_timestamp(xmin) FROM kv WHERE id = 1")
+			if !copied.Equal(tv) {
+				t.Fatalf("copied row's commit time = %s, want the source's %s", copied, tv)
+			}
+			if o := query[string](t, as, "SELECT o.roname FROM kv, pg_xact_commit_timestamp_origin(kv.xmin) c JOIN pg_replication_origin o ON o.roident = c.roident WHERE id = 1"); o != "prism_na" {
+				t.Fatalf("copied row's origin = %q, want prism_na", o)
+			}
+
+			newer := euUpdate(0x1000, tv.Add(time.Millisecond), "1", "eu-newer")
+			older := euUpdate(0x2000, tv.Add(-time.Hour), "2", "eu-older")
+			for _, r := range []struct {
+				name string
+				c    *pgtest.Cluster
+			}{{"na", na}, {"as", as}} {
+				pool, err := pgxpool.New(ctx, r.c.DSN("app"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				a := apply.NewApplier(pool, zerolog.Nop(), apply.WithLocalRegion(r.name))
+				for _, txn := range []*decode.Txn{newer, older} {
+					if err := a.Apply(ctx, txn); err != nil {
+						pool.Close()
+						t.Fatalf("apply in %s: %v", r.name, err)
+					}
+				}
+				pool.Close()
+				if v := query[string](t, r.c, "SELECT v FROM kv WHERE id = 1"); v != "eu-newer" {
+					t.Errorf("%s: row 1 = %q after a newer write from eu, want eu-newer", r.name, v)
+				}
+				if v := query[string](t, r.c, "SELECT v FROM kv WHERE id = 2"); v != "na-2" {
+					t.Errorf("%s: row 2 = %q after an older write from eu, want na-2", r.name, v)
+				}
+			}
+		})
 	}
 }
 
@@ -85,7 +97,7 @@ func TestCopiedRowsKeepCommitTimes(t *testing.T) {
 // own, so a later write is decided the same way in the new region.
 func TestCopiedRowsKeepBatchStamps(t *testing.T) {
 	ctx := context.Background()
-	na, as := kvRegions(t, "lwwb", `(1, 'na-1'), (2, 'na-2')`)
+	na, as := kvRegions(t, "lwwb", `(1, 'na-1'), (2, 'na-2')`, "")
 	at := time.Now().Add(time.Hour).Truncate(time.Microsecond)
 	pool, err := pgxpool.New(ctx, na.DSN("app"))
 	if err != nil {
@@ -122,7 +134,7 @@ func TestCopiedRowsKeepBatchStamps(t *testing.T) {
 // is in the source. A copy of the bare commit time would apply it there.
 func TestCopiedRowsKeepClockFloors(t *testing.T) {
 	ctx := context.Background()
-	na, as := kvRegions(t, "floor", `(1, 'na-1')`)
+	na, as := kvRegions(t, "floor", `(1, 'na-1')`, "")
 	// applyIn sets prism-cdc up in c (region name) and applies txn there
 	// when there is one.
 	applyIn := func(name string, c *pgtest.Cluster, txn *decode.Txn) {
@@ -182,22 +194,31 @@ func TestCopiedRowsKeepClockFloors(t *testing.T) {
 }
 
 // kvRegions starts region na's and region as's clusters with database
-// app; na has table kv with rows (a VALUES list) and publication prism,
-// as is empty, ready for a bootstrap from na.
-func kvRegions(t *testing.T, name, rows string) (na, as *pgtest.Cluster) {
+// app, with the server binaries in bin (empty: the machine's); na has
+// table kv with rows (a VALUES list) and publication prism, as is empty,
+// ready for a bootstrap from na. With bin, as has table kv already: the
+// bootstrap's schema step runs the machine's pg_dump, which refuses a
+// server newer than itself, and leaves a target that has the tables alone.
+func kvRegions(t *testing.T, name, rows, bin string) (na, as *pgtest.Cluster) {
 	t.Helper()
 	ctx := context.Background()
-	na = pgtest.Start(t, pgtest.Options{Name: name + "-na"})
-	as = pgtest.Start(t, pgtest.Options{Name: name + "-as"})
+	na = pgtest.Start(t, pgtest.Options{Name: name + "-na", Bin: bin})
+	as = pgtest.Start(t, pgtest.Options{Name: name + "-as", Bin: bin})
 	for _, c := range []*pgtest.Cluster{na, as} {
 		if err := c.CreateDatabase(ctx, "app"); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := na.Exec(ctx, "app", `CREATE TABLE kv (id int PRIMARY KEY, v text NOT NULL);
+	const schema = "CREATE TABLE kv (id int PRIMARY KEY, v text NOT NULL);"
+	if err := na.Exec(ctx, "app", schema+`
 		INSERT INTO kv VALUES `+rows+`;
 		CREATE PUBLICATION prism FOR ALL TABLES`); err != nil {
 		t.Fatal(err)
+	}
+	if bin != "" {
+		if err := as.Exec(ctx, "app", schema); err != nil {
+			t.Fatal(err)
+		}
 	}
 	return na, as
 }
