@@ -361,15 +361,25 @@ peers: []
 	if et := (func() []Finding { r, _ := report(); return r.Find("event trigger prism_install") })(); len(et) != 1 || et[0].Severity != OK {
 		t.Fatalf("event trigger after the printed statement = %+v, want OK", et)
 	}
-	// And it does its job: a table created now gets its conflict triggers.
-	mustExec(t, c, "CREATE TABLE later (id int PRIMARY KEY)")
-	var n int
+	// And it does its job: a table the application's owner role creates
+	// now gets its conflict triggers, installed as prism (the role has no
+	// rights on schema prism), and the node still starts afterwards.
 	conn, err := c.Connect(ctx, "postgres")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer conn.Close(ctx)
-	if err := conn.QueryRow(ctx, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'later'::regclass AND tgname IN ('prism_clock', 'prism_tombstone')").Scan(&n); err != nil || n != 2 {
-		t.Fatalf("triggers on a table created after the fix = %d, %v; want 2", n, err)
+	for _, sql := range []string{"SET ROLE app_owner", "CREATE TABLE later (id int PRIMARY KEY)", "RESET ROLE"} {
+		if _, err := conn.Exec(ctx, sql); err != nil {
+			t.Fatalf("%s: %v", sql, err)
+		}
+	}
+	var n int
+	if err := conn.QueryRow(ctx, `SELECT count(*) FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+		WHERE t.tgrelid = 'later'::regclass AND t.tgname IN ('prism_clock', 'prism_tombstone') AND pg_get_userbyid(p.proowner) = 'prism'`).Scan(&n); err != nil || n != 2 {
+		t.Fatalf("triggers on a table created after the fix, with functions owned by prism = %d, %v; want 2", n, err)
+	}
+	if err := apply.NewApplier(pool, zerolog.Nop(), apply.WithLocalRegion("na")).Setup(ctx); err != nil {
+		t.Fatalf("the node's next start: %v", err)
 	}
 }
