@@ -24,16 +24,10 @@ import (
 // It runs on the machine's PostgreSQL and on 16: the snapshot's slot, the
 // origins and the copied commit times on a newer server.
 func TestCopiedRowsKeepCommitTimes(t *testing.T) {
-	for _, v := range []struct {
-		name string
-		bin  func(t *testing.T) string
-	}{
-		{"default", func(*testing.T) string { return "" }},
-		{"pg16", func(t *testing.T) string { return pgtest.PG16Bin(t) }},
-	} {
-		t.Run(v.name, func(t *testing.T) {
+	for _, v := range pgtest.Servers() {
+		t.Run(v.Name, func(t *testing.T) {
 			ctx := context.Background()
-			na, as := kvRegions(t, "lww-"+v.name, `(1, 'na-1'), (2, 'na-2')`, v.bin(t))
+			na, as := kvRegions(t, "lww-"+v.Name, `(1, 'na-1'), (2, 'na-2')`, v.Bin(t))
 			tv := query[time.Time](t, na, "SELECT pg_xact_commit_timestamp(xmin) FROM kv WHERE id = 1")
 
 			res, err := bootstrap.Run(ctx, bootstrap.Config{

@@ -474,3 +474,20 @@ func PG16Bin(t TB) string {
 	}
 	return dir
 }
+
+// Server is a PostgreSQL server build that tests which depend on the
+// server's version run on, one subtest each (see Servers).
+type Server struct {
+	Name  string            // the subtest's name
+	Major int               // the major version the build is (0: the machine's newest, any)
+	Bin   func(t TB) string // Options.Bin for it; fails t when the build is missing
+}
+
+// Servers are the machine's newest PostgreSQL ("default") and 16
+// ("pg16", PG16Bin).
+func Servers() []Server {
+	return []Server{
+		{Name: "default", Bin: func(TB) string { return "" }},
+		{Name: "pg16", Major: 16, Bin: PG16Bin},
+	}
+}

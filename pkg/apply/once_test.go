@@ -387,16 +387,10 @@ func TestErrorClassification(t *testing.T) {
 // the progress: the setup has to come last.) Then the corrected
 // transactions apply, none skipped.
 func TestFailedTxnKeepsProgress(t *testing.T) {
-	for _, v := range []struct {
-		name string
-		bin  func(t *testing.T) string
-	}{
-		{"default", func(*testing.T) string { return "" }},
-		{"pg16", func(t *testing.T) string { return pgtest.PG16Bin(t) }},
-	} {
-		t.Run(v.name, func(t *testing.T) {
+	for _, v := range pgtest.Servers() {
+		t.Run(v.Name, func(t *testing.T) {
 			ctx := testCtx(t)
-			c := pgtest.Start(t, pgtest.Options{Name: "keepprogress", Bin: v.bin(t)})
+			c := pgtest.Start(t, pgtest.Options{Name: "keepprogress", Bin: v.Bin(t)})
 			mustExec(t, ctx, c, "postgres", `CREATE TABLE chk (id int PRIMARY KEY, v int CHECK (v > 0));
 				CREATE TABLE kv (id int PRIMARY KEY, v text);
 				INSERT INTO kv SELECT g, 'old' FROM generate_series(1, 4) g;

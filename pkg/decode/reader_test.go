@@ -231,18 +231,11 @@ func TestReaderConfirm(t *testing.T) {
 // drops it (Filtered 1); PostgreSQL 16 leaves it out itself (origin
 // 'none'), so the reader never sees it (Filtered 0).
 func TestReaderOriginFiltered(t *testing.T) {
-	for _, v := range []struct {
-		name  string
-		bin   func(t *testing.T) string
-		major int // the server's major version must be this (0: any)
-	}{
-		{"default", func(*testing.T) string { return "" }, 0},
-		{"pg16", func(t *testing.T) string { return pgtest.PG16Bin(t) }, 16},
-	} {
-		t.Run(v.name, func(t *testing.T) {
+	for _, v := range pgtest.Servers() {
+		t.Run(v.Name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 			defer cancel()
-			c := pgtest.Start(t, pgtest.Options{Name: "origin", Bin: v.bin(t)})
+			c := pgtest.Start(t, pgtest.Options{Name: "origin", Bin: v.Bin(t)})
 			exec(ctx, t, c, "CREATE TABLE t (id serial PRIMARY KEY, batch int)")
 			r := newTestReader(t, c, ReaderConfig{})
 			ch := collect(t, r)
@@ -257,8 +250,8 @@ func TestReaderOriginFiltered(t *testing.T) {
 			version := conn.PgConn().ParameterStatus("server_version")
 			t.Logf("server %s", version)
 			major := serverMajor(version)
-			if v.major != 0 && major != v.major {
-				t.Fatalf("server %s; want major version %d", version, v.major)
+			if v.Major != 0 && major != v.Major {
+				t.Fatalf("server %s; want major version %d", version, v.Major)
 			}
 			filtered := uint64(1) // the Assembler drops it
 			if major >= 16 {
