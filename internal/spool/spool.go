@@ -335,10 +335,18 @@ func readRecord(r io.ReaderAt, off, limit int64) (txn *decode.Txn, size int64, s
 // their own first; its record holds the header and marks it, and readers
 // hand it out with a Spill reading that file.
 func (s *Spool) Append(ctx context.Context, txn *decode.Txn) error {
-	body, big, err := encodeRecord(txn)
+	bp := recordBufs.Get().(*[]byte)
+	body, big, err := encodeRecord((*bp)[:0], txn)
 	if err != nil {
+		recordBufs.Put(bp)
 		return err
 	}
+	defer func() {
+		if cap(body) <= maxPooledRecord {
+			*bp = body[:0]
+			recordBufs.Put(bp)
+		}
+	}()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	resend, err := s.waitRoomLocked(ctx, txn.EndLSN, int64(len(body))+big)
@@ -376,10 +384,16 @@ func (s *Spool) Append(ctx context.Context, txn *decode.Txn) error {
 	return nil
 }
 
-// encodeRecord returns the body of txn's record and, for a spilled
-// transaction (whose record holds only the header), the size of its
-// changes' file.
-func encodeRecord(txn *decode.Txn) (body []byte, big int64, err error) {
+// recordBufs holds the buffers Append encodes records into; those above
+// maxPooledRecord (a large transaction's) go back to the collector.
+var recordBufs = sync.Pool{New: func() any { return new([]byte) }}
+
+const maxPooledRecord = 1 << 20
+
+// encodeRecord appends to b the body of txn's record and returns it and,
+// for a spilled transaction (whose record holds only the header), the
+// size of its changes' file.
+func encodeRecord(b []byte, txn *decode.Txn) (body []byte, big int64, err error) {
 	hdr := txn
 	if txn.Spill != nil {
 		h := *txn
@@ -387,7 +401,7 @@ func encodeRecord(txn *decode.Txn) (body []byte, big int64, err error) {
 		hdr = &h
 		big = txn.Spill.FileSize()
 	}
-	body, err = decode.AppendTxn(make([]byte, 0, hdr.Size()), hdr)
+	body, err = decode.AppendTxn(b, hdr)
 	if err != nil {
 		return nil, 0, fmt.Errorf("spool append %s: %w", txn.EndLSN, err)
 	}

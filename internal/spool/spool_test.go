@@ -452,3 +452,35 @@ func TestGroupFlushWhileRolling(t *testing.T) {
 		t.Fatalf("after reopen Durable() = %s, want %s", s.Durable(), pglogrepl.LSN(n*10))
 	}
 }
+
+// BenchmarkAppend reports what appending a pgbench-like transaction (four
+// changes of five columns) costs the caller, who does not wait for the
+// flush:
+//
+//	go test ./internal/spool -run '^$' -bench Append -benchmem
+func BenchmarkAppend(b *testing.B) {
+	s, err := Open(b.TempDir(), 0, []string{"eu", "as"}, zerolog.Nop())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	wide := &decode.Relation{ID: 2, Schema: "public", Table: "w", ReplicaIdentity: decode.IdentityDefault, Columns: []decode.Column{
+		{Name: "id", TypeOID: 23, Key: true}, {Name: "a", TypeOID: 23}, {Name: "b", TypeOID: 23}, {Name: "c", TypeOID: 20}, {Name: "d", TypeOID: 25}}}
+	vals := func() []decode.Value {
+		return []decode.Value{{Kind: decode.ValueText, Data: []byte("12345")}, {Kind: decode.ValueText, Data: []byte("7")},
+			{Kind: decode.ValueText, Data: []byte("42")}, {Kind: decode.ValueText, Data: []byte("-3150")}, {Kind: decode.ValueText, Data: []byte("2026-12-06 09:30:00.123456+00")}}
+	}
+	t := &decode.Txn{Origin: "na", CommitTime: time.Unix(1700000000, 0).UTC()}
+	for range 4 {
+		t.Changes = append(t.Changes, decode.Change{Op: decode.OpUpdate, Rel: wide, New: vals()})
+	}
+	ctx := context.Background()
+	b.ReportAllocs()
+	for i := 0; i < b.N; i++ {
+		t.EndLSN = pglogrepl.LSN(1000 + i*100)
+		t.CommitLSN = t.EndLSN - 1
+		if err := s.Append(ctx, t); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
