@@ -996,6 +996,11 @@ func installTriggers(ctx context.Context, conn *pgx.Conn) (int, error) {
 			return installed, nil
 		}
 		var pe *pgconn.PgError
+		if errors.As(err, &pe) && pe.Code == "42501" {
+			// A table of a role prism-cdc's role is not a member of (one
+			// a superuser created, say): name the way out.
+			return 0, fmt.Errorf("install conflict triggers: %w (prism-cdc creates them on every table with a key, so the role it connects as must own each such table or be a member of its owner: ALTER TABLE ... OWNER TO the application's owner role, or GRANT that role to prism-cdc's; prism-cdc doctor prints the statements)", err)
+		}
 		if attempt == 5 || !errors.As(err, &pe) || !(pe.Code == "23505" || strings.HasPrefix(pe.Code, "40")) {
 			return 0, fmt.Errorf("install conflict triggers: %w", err)
 		}

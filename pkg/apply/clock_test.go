@@ -653,4 +653,17 @@ func TestInstallForApplicationRoles(t *testing.T) {
 	if got := queryString(t, ctx, su, "SELECT string_agg(key::text, ',') FROM prism.tombstones WHERE table_name = 's.t'"); got != `{"id": "1"}` {
 		t.Fatalf("tombstones of s.t = %s, want the deleted key 1", got)
 	}
+
+	// A table of a role prism-cdc's role is not a member of gets no
+	// triggers (a WARNING to whoever created it), and the next start
+	// fails at once saying why and what to do.
+	mustExec(t, ctx, c, "postgres", "CREATE TABLE su (id int PRIMARY KEY)")
+	if got := queryString(t, ctx, su, "SELECT count(*)::text FROM pg_trigger WHERE tgrelid = 'su'::regclass"); got != "0" {
+		t.Fatalf("%s triggers on the superuser's table, want none", got)
+	}
+	start := time.Now()
+	err = NewApplier(pool, zerolog.Nop(), WithLocalRegion("eu")).Setup(ctx)
+	if err == nil || !strings.Contains(err.Error(), "table su (SQLSTATE 42501)") || !strings.Contains(err.Error(), "OWNER TO") || time.Since(start) > 10*time.Second {
+		t.Fatalf("Setup with a table prism-cdc's role cannot alter = %v after %s, want the privilege error with its fix, at once", err, time.Since(start))
+	}
 }
