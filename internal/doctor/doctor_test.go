@@ -347,7 +347,7 @@ peers: []
 		t.Fatalf("problems left after the printed fixes:\n%s", out)
 	}
 	et := rep.Find("event trigger prism_install")
-	if len(et) != 1 || et[0].Severity != Warn || !strings.Contains(et[0].Message, "only when a node of the region next starts") ||
+	if len(et) != 1 || et[0].Severity != Warn || !strings.Contains(et[0].Message, "only when a running node of the region next looks for such tables (once a minute)") ||
 		!strings.Contains(et[0].Fix, "CREATE EVENT TRIGGER prism_install") {
 		t.Fatalf("event trigger = %+v, want a warning that explains it, with the statement:\n%s", et, out)
 	}

@@ -21,7 +21,8 @@ const (
 
 // collectLoop removes old tombstones and clock floors from this region's
 // database: once a minute after start, then every collectEvery; and the
-// key marks no apply transaction can meet any more every marksEvery.
+// key marks no apply transaction can meet any more every marksEvery, when
+// it also installs the conflict triggers on new tables that lack them.
 func (n *Node) collectLoop(ctx context.Context) {
 	t := time.NewTicker(marksEvery)
 	defer t.Stop()
@@ -42,6 +43,25 @@ func (n *Node) collectLoop(ctx context.Context) {
 		if _, err := n.applier.CollectMarks(ctx); err != nil && ctx.Err() == nil {
 			n.log.Warn().Err(err).Msg("could not remove old key marks; retrying in a minute")
 		}
+		n.installMissing(ctx)
+	}
+}
+
+// installMissing installs the conflict triggers on the tables with a key
+// created since the start that have none (event trigger prism_install
+// missing, or unable to install for their creator); one prism-cdc's role
+// may not alter is reported once an hour.
+func (n *Node) installMissing(ctx context.Context) {
+	installed, denied, err := n.applier.InstallMissing(ctx)
+	switch {
+	case err != nil && ctx.Err() == nil:
+		n.log.Warn().Err(err).Msg("could not install the conflict triggers on new tables; retrying in a minute")
+	case installed > 0:
+		n.log.Info().Int("tables", installed).Msg("installed the conflict triggers on tables created since the start (event trigger prism_install is missing: prism-cdc doctor prints it)")
+	}
+	if denied > 0 && time.Since(n.deniedWarned) >= time.Hour {
+		n.deniedWarned = time.Now()
+		n.log.Warn().Int("tables", denied).Msg("tables with a key have no conflict triggers and prism-cdc's role may not create them: last_write_wins there does not see local deletes or a lagging clock, and the next start fails; prism-cdc doctor names them and prints the fix")
 	}
 }
 

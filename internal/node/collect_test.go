@@ -95,3 +95,38 @@ func TestCollectAllTablesPublication(t *testing.T) {
 		t.Fatalf("%d collection log lines, want 2:\n%s", got, logs.String())
 	}
 }
+
+// TestCollectLoopInstallsMissing: without event trigger prism_install, the
+// collect loop's round installs the conflict triggers on a table created
+// since the start and says so once.
+func TestCollectLoopInstallsMissing(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c := pgtest.Start(t, pgtest.Options{Name: "collect-install"})
+	pool, err := pgxpool.New(ctx, c.DSN("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	var logs syncBuf
+	log := zerolog.New(&logs)
+	a := apply.NewApplier(pool, log, apply.WithLocalRegion("na"))
+	defer a.Close()
+	if err := a.Setup(ctx); err != nil {
+		t.Fatalf("Setup: %v", err)
+	}
+	if err := c.Exec(ctx, "postgres", "DROP EVENT TRIGGER prism_install; CREATE TABLE later (id int PRIMARY KEY)"); err != nil {
+		t.Fatal(err)
+	}
+	n := &Node{log: log, applier: a}
+	for range 2 {
+		n.installMissing(ctx)
+	}
+	var triggers int
+	if err := pool.QueryRow(ctx, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'later'::regclass AND tgname IN ('prism_clock', 'prism_tombstone')").Scan(&triggers); err != nil || triggers != 2 {
+		t.Fatalf("triggers on later = %d, %v; want 2", triggers, err)
+	}
+	if got := strings.Count(logs.String(), `"tables":1,"message":"installed the conflict triggers on tables created since the start`); got != 1 {
+		t.Fatalf("%d log lines about installing, want 1:\n%s", got, logs.String())
+	}
+}

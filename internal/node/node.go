@@ -85,6 +85,11 @@ type Node struct {
 
 	// delays are the stage delay histograms of /metrics.
 	delays *delays
+
+	// deniedWarned is when the collect loop last warned about tables
+	// prism-cdc's role may not install the conflict triggers on; only
+	// that loop reads and writes it.
+	deniedWarned time.Time
 }
 
 // New returns a node for a validated configuration.

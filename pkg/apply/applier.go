@@ -292,7 +292,7 @@ func (a *Applier) setup1(ctx context.Context) error {
 			"their tables were locked by other transactions for 1 s; they are replaced at a later start")
 	}
 	if _, err := conn.Exec(ctx, eventTriggerSQL); err != nil {
-		a.log.Warn().Err(err).Msg("cannot create event trigger prism_install (needs a superuser): tables created from now on get their conflict triggers only at the next start")
+		a.log.Warn().Err(err).Msg("cannot create event trigger prism_install (needs a superuser): tables created from now on get their conflict triggers within a minute (a running node looks for them), not at once")
 	} else {
 		a.log.Debug().Int("tables", installed).Msg("conflict triggers installed")
 	}

@@ -681,6 +681,45 @@ $t$, tbl, tkey));
 	RETURN 'installed';
 END
 $f$;
+-- install_missing installs the triggers on the tables with a key that
+-- have none: tables created while event trigger prism_install was missing
+-- (it takes a superuser) or that it could not install for. A running node
+-- calls it now and then (Applier.InstallMissing), so such a table does not
+-- wait for the next start. A table whose lock does not come within a
+-- second (a long transaction writing it) is left for the next call, so
+-- that the application's writes never queue behind it; one prism-cdc's
+-- role may not alter is counted in denied. Nothing waits for a bootstrap
+-- or a starting node (the setup lock): the call then installs nothing.
+CREATE OR REPLACE FUNCTION prism.install_missing(OUT installed integer, OUT denied integer)
+LANGUAGE plpgsql AS $f$
+DECLARE
+	r record;
+BEGIN
+	installed := 0;
+	denied := 0;
+	IF NOT pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtext('prism.apply.setup')) THEN
+		RETURN;
+	END IF;
+	PERFORM pg_catalog.set_config('prism.ddl', 'local', true);
+	PERFORM pg_catalog.set_config('lock_timeout', '1s', true);
+	FOR r IN SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace s ON s.oid = c.relnamespace
+		WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relreplident <> 'n'
+		AND s.nspname NOT IN ('prism', 'pg_catalog', 'information_schema') AND s.nspname NOT LIKE 'pg\_%'
+		AND EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid
+			AND CASE WHEN c.relreplident = 'i' THEN i.indisreplident ELSE i.indisprimary END)
+		AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname = 'prism_tombstone')
+	LOOP
+		BEGIN
+			IF prism.install(r.oid) = 'installed' THEN
+				installed := installed + 1;
+			END IF;
+		EXCEPTION
+			WHEN lock_not_available THEN NULL; -- the next call
+			WHEN insufficient_privilege THEN denied := denied + 1;
+		END;
+	END LOOP;
+END
+$f$;
 CREATE OR REPLACE FUNCTION prism.install_all() RETURNS integer
 LANGUAGE plpgsql AS $f$
 DECLARE
@@ -865,6 +904,21 @@ DELETE FROM prism.key_marks k WHERE k.ctid = ANY (ARRAY(SELECT m.ctid FROM prism
 	WHERE CASE WHEN act.hidden THEN m.at < now() - interval '1 hour'
 	ELSE pg_catalog.age(m.xmin) > coalesce(act.horizon, 0) END
 	LIMIT $1))`
+
+// InstallMissing installs the conflict triggers on the tables with a key
+// that have none (see prism.install_missing): tables created since the
+// start while event trigger prism_install is missing, which would
+// otherwise wait for the next start. It returns how many tables it
+// installed on and how many prism-cdc's role may not alter.
+func (a *Applier) InstallMissing(ctx context.Context) (installed, denied int, err error) {
+	if err := a.ensureSetup(ctx); err != nil {
+		return 0, 0, err
+	}
+	if err := a.pool.QueryRow(ctx, "SELECT installed, denied FROM prism.install_missing()").Scan(&installed, &denied); err != nil {
+		return 0, 0, fmt.Errorf("install missing conflict triggers: %w", err)
+	}
+	return installed, denied, nil
+}
 
 // CollectMarks deletes the key marks no transaction in progress can meet
 // any more (see collectMarksSQL) and returns how many it deleted. Marks last as long as the apply

@@ -661,9 +661,86 @@ func TestInstallForApplicationRoles(t *testing.T) {
 	if got := queryString(t, ctx, su, "SELECT count(*)::text FROM pg_trigger WHERE tgrelid = 'su'::regclass"); got != "0" {
 		t.Fatalf("%s triggers on the superuser's table, want none", got)
 	}
+	// A running node cannot install them either, and says so.
+	if installed, denied, err := a.InstallMissing(ctx); err != nil || installed != 0 || denied != 1 {
+		t.Fatalf("InstallMissing with the superuser's table = %d, %d, %v; want 0 installed, 1 denied", installed, denied, err)
+	}
 	start := time.Now()
 	err = NewApplier(pool, zerolog.Nop(), WithLocalRegion("eu")).Setup(ctx)
 	if err == nil || !strings.Contains(err.Error(), "table su (SQLSTATE 42501)") || !strings.Contains(err.Error(), "OWNER TO") || time.Since(start) > 10*time.Second {
 		t.Fatalf("Setup with a table prism-cdc's role cannot alter = %v after %s, want the privilege error with its fix, at once", err, time.Since(start))
+	}
+}
+
+// TestInstallMissing: without event trigger prism_install (prism-cdc's
+// role is no superuser and nobody created it), a running node installs
+// the conflict triggers on a table created since its start
+// (InstallMissing) instead of at its next start; it leaves a table
+// without a key alone, and a table whose lock a transaction holds for the
+// next call, without making the application's writes queue behind it.
+func TestInstallMissing(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "install-missing"})
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"), WithDDL(true))
+	if err := a.Setup(ctx); err != nil {
+		t.Fatalf("Setup: %v", err)
+	}
+	// One statement a query: the capture refuses a schema change sent
+	// with others.
+	for _, sql := range []string{"DROP EVENT TRIGGER prism_install", "CREATE TABLE later (id int PRIMARY KEY, v text)",
+		"CREATE TABLE busy (id int PRIMARY KEY)", "CREATE TABLE nokey (v text)"} {
+		mustExec(t, ctx, c, "postgres", sql)
+	}
+	pool := newPool(t, ctx, c, "postgres")
+	triggers := func(table string) string {
+		return queryString(t, ctx, pool, "SELECT coalesce(string_agg(tgname, ',' ORDER BY tgname), '') FROM pg_trigger WHERE tgrelid = $1::regclass", table)
+	}
+	if got := triggers("later"); got != "" {
+		t.Fatalf("triggers on a table created without the event trigger = %q, want none yet", got)
+	}
+
+	// A transaction that wrote busy keeps its lock.
+	writer, err := pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer writer.Rollback(ctx)
+	if _, err := writer.Exec(ctx, "INSERT INTO busy VALUES (1)"); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	installed, denied, err := a.InstallMissing(ctx)
+	if err != nil || installed != 1 || denied != 0 {
+		t.Fatalf("InstallMissing = %d, %d, %v; want 1 table installed (busy's lock is held)", installed, denied, err)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Fatalf("InstallMissing took %s with busy locked, want about the 1 s lock timeout", d)
+	}
+	if got := triggers("later"); got != "prism_clock,prism_tombstone" {
+		t.Fatalf("triggers on later = %q, want prism_clock,prism_tombstone", got)
+	}
+	if got := triggers("busy") + triggers("nokey"); got != "" {
+		t.Fatalf("triggers on busy and nokey = %q, want none", got)
+	}
+	// Its own schema changes are not the application's (the capture,
+	// event trigger prism_ddl, would refuse its CREATE FUNCTION), and the
+	// table works: a delete leaves a tombstone.
+	mustExec(t, ctx, c, "postgres", "INSERT INTO later VALUES (1, 'a')")
+	mustExec(t, ctx, c, "postgres", "DELETE FROM later")
+	if got := queryString(t, ctx, pool, "SELECT count(*)::text FROM prism.tombstones WHERE table_name = 'public.later'"); got != "1" {
+		t.Fatalf("%s tombstones of later, want 1", got)
+	}
+
+	if err := writer.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if installed, denied, err := a.InstallMissing(ctx); err != nil || installed != 1 || denied != 0 {
+		t.Fatalf("InstallMissing once busy is free = %d, %d, %v; want 1", installed, denied, err)
+	}
+	if got := triggers("busy"); got != "prism_clock,prism_tombstone" {
+		t.Fatalf("triggers on busy = %q, want prism_clock,prism_tombstone", got)
+	}
+	if installed, denied, err := a.InstallMissing(ctx); err != nil || installed != 0 || denied != 0 {
+		t.Fatalf("InstallMissing with nothing missing = %d, %d, %v; want 0, 0", installed, denied, err)
 	}
 }
