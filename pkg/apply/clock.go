@@ -499,6 +499,22 @@ BEGIN
 	RETURN win;
 END
 $f$;
+-- key_signature names the columns and types of table rel's key as
+-- prism.install reads it (NULL without one). install keeps it as the
+-- comment of the table's prism.tombstone_<oid>, and install_missing
+-- installs again where they differ: the triggers' functions name the key's
+-- columns, so after a key column's rename they would fail every delete.
+CREATE OR REPLACE FUNCTION prism.key_signature(rel regclass) RETURNS text
+LANGUAGE sql STABLE AS $f$
+	SELECT pg_catalog.string_agg(pg_catalog.quote_ident(a.attname) OPERATOR(pg_catalog.||) ' '
+			OPERATOR(pg_catalog.||) pg_catalog.format_type(a.atttypid, a.atttypmod), ', ' ORDER BY a.attnum)
+	FROM pg_catalog.pg_class c
+	JOIN pg_catalog.pg_index i ON i.indrelid OPERATOR(pg_catalog.=) c.oid
+		AND CASE WHEN c.relreplident OPERATOR(pg_catalog.=) 'i' THEN i.indisreplident ELSE i.indisprimary END
+	JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid
+		AND a.attnum OPERATOR(pg_catalog.=) ANY (i.indkey)
+	WHERE c.oid OPERATOR(pg_catalog.=) rel AND c.relreplident IN ('d', 'i', 'f')
+$f$;
 CREATE OR REPLACE FUNCTION prism.install(rel regclass) RETURNS text
 LANGUAGE plpgsql AS $f$
 DECLARE
@@ -678,12 +694,14 @@ $t$, tbl, tkey));
 			RAISE WARNING 'prism-cdc''s triggers on % stay as an earlier version made them until a later start: the table was locked for 1 s', rel;
 		END;
 	END IF;
+	EXECUTE format('COMMENT ON FUNCTION prism.%I() IS %L', tfn, 'key: ' || prism.key_signature(rel));
 	RETURN 'installed';
 END
 $f$;
 -- install_missing installs the triggers on the tables with a key that
--- have none: tables created while event trigger prism_install was missing
--- (it takes a superuser) or that it could not install for. A running node
+-- have none, or whose key changed since (see key_signature): tables
+-- created or altered while event trigger prism_install was missing (it
+-- takes a superuser), or that it could not install for. A running node
 -- calls it now and then (Applier.InstallMissing), so such a table does not
 -- wait for the next start. A table whose lock does not come within a
 -- second (a long transaction writing it) is left for the next call, so
@@ -707,7 +725,9 @@ BEGIN
 		AND s.nspname NOT IN ('prism', 'pg_catalog', 'information_schema') AND s.nspname NOT LIKE 'pg\_%'
 		AND EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid
 			AND CASE WHEN c.relreplident = 'i' THEN i.indisreplident ELSE i.indisprimary END)
-		AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname = 'prism_tombstone')
+		AND (NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname = 'prism_tombstone')
+			OR pg_catalog.obj_description(pg_catalog.to_regproc('prism.tombstone_' || c.oid)::oid, 'pg_proc')
+				IS DISTINCT FROM 'key: ' || prism.key_signature(c.oid))
 	LOOP
 		BEGIN
 			IF prism.install(r.oid) = 'installed' THEN

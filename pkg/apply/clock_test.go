@@ -678,6 +678,7 @@ func TestInstallForApplicationRoles(t *testing.T) {
 // (InstallMissing) instead of at its next start; it leaves a table
 // without a key alone, and a table whose lock a transaction holds for the
 // next call, without making the application's writes queue behind it.
+// It installs them again on a table whose key column was renamed.
 func TestInstallMissing(t *testing.T) {
 	ctx := testCtx(t)
 	c := pgtest.Start(t, pgtest.Options{Name: "install-missing"})
@@ -742,5 +743,23 @@ func TestInstallMissing(t *testing.T) {
 	}
 	if installed, denied, err := a.InstallMissing(ctx); err != nil || installed != 0 || denied != 0 {
 		t.Fatalf("InstallMissing with nothing missing = %d, %d, %v; want 0, 0", installed, denied, err)
+	}
+
+	// A key column renamed: the triggers' functions name the old column,
+	// so every delete fails until they are installed again.
+	mustExec(t, ctx, c, "postgres", "ALTER TABLE later RENAME COLUMN id TO key")
+	mustExec(t, ctx, c, "postgres", "INSERT INTO later VALUES (2, 'b')")
+	if err := c.Exec(ctx, "postgres", "DELETE FROM later WHERE key = 2"); err == nil || !strings.Contains(err.Error(), "42703") {
+		t.Fatalf("DELETE after the key column's rename = %v, want 42703 from the stale trigger function", err)
+	}
+	if installed, denied, err := a.InstallMissing(ctx); err != nil || installed != 1 || denied != 0 {
+		t.Fatalf("InstallMissing after the key column's rename = %d, %d, %v; want 1", installed, denied, err)
+	}
+	mustExec(t, ctx, c, "postgres", "DELETE FROM later WHERE key = 2")
+	if got := queryString(t, ctx, pool, "SELECT key::text FROM prism.tombstones WHERE table_name = 'public.later' AND key ? 'key'"); got != `{"key": "2"}` {
+		t.Fatalf("tombstone of the delete after the rename = %s, want {\"key\": \"2\"}", got)
+	}
+	if installed, _, err := a.InstallMissing(ctx); err != nil || installed != 0 {
+		t.Fatalf("InstallMissing once more = %d, %v; want 0", installed, err)
 	}
 }
