@@ -714,7 +714,7 @@ func (d *doctor) eventTrigger(ctx context.Context, conn *pgx.Conn, db string, su
 			fix = "-- start a node of region " + d.cfg.Region + " once (it creates prism.on_ddl()), then as a superuser, in this database:\n" + eventTriggerFix
 		}
 		d.rep.add(Warn, check, "missing, and the role is not a superuser, which creating it takes: a table created from now on gets its conflict triggers (prism_clock, prism_tombstone) only when a running node of the region next looks for such tables (once a minute); until then last_write_wins there does not see local deletes or a lagging clock (every node start warns \"cannot create event trigger prism_install\")",
-			fix+"\n-- or, without it, restart a node of the region after every CREATE TABLE")
+			fix+"\n-- or, without it, leave a node of the region running: it installs them within a minute of a CREATE TABLE")
 	}
 }
 

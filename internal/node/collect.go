@@ -48,16 +48,16 @@ func (n *Node) collectLoop(ctx context.Context) {
 }
 
 // installMissing installs the conflict triggers on the tables with a key
-// created since the start that have none (event trigger prism_install
-// missing, or unable to install for their creator); one prism-cdc's role
-// may not alter is reported once an hour.
+// that have none, or whose key changed since (event trigger
+// prism_install missing, or unable to install for their creator); tables
+// prism-cdc's role may not alter are reported once an hour.
 func (n *Node) installMissing(ctx context.Context) {
 	installed, denied, err := n.applier.InstallMissing(ctx)
 	switch {
 	case err != nil && ctx.Err() == nil:
 		n.log.Warn().Err(err).Msg("could not install the conflict triggers on new tables; retrying in a minute")
 	case installed > 0:
-		n.log.Info().Int("tables", installed).Msg("installed the conflict triggers on tables created since the start (event trigger prism_install is missing: prism-cdc doctor prints it)")
+		n.log.Info().Int("tables", installed).Msg("installed the conflict triggers on tables that had none or whose key changed (event trigger prism_install is missing or could not: see prism-cdc doctor)")
 	}
 	if denied > 0 && time.Since(n.deniedWarned) >= time.Hour {
 		n.deniedWarned = time.Now()

@@ -126,7 +126,7 @@ func TestCollectLoopInstallsMissing(t *testing.T) {
 	if err := pool.QueryRow(ctx, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'later'::regclass AND tgname IN ('prism_clock', 'prism_tombstone')").Scan(&triggers); err != nil || triggers != 2 {
 		t.Fatalf("triggers on later = %d, %v; want 2", triggers, err)
 	}
-	if got := strings.Count(logs.String(), `"tables":1,"message":"installed the conflict triggers on tables created since the start`); got != 1 {
+	if got := strings.Count(logs.String(), `"tables":1,"message":"installed the conflict triggers on tables that had none`); got != 1 {
 		t.Fatalf("%d log lines about installing, want 1:\n%s", got, logs.String())
 	}
 }

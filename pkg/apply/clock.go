@@ -926,10 +926,11 @@ DELETE FROM prism.key_marks k WHERE k.ctid = ANY (ARRAY(SELECT m.ctid FROM prism
 	LIMIT $1))`
 
 // InstallMissing installs the conflict triggers on the tables with a key
-// that have none (see prism.install_missing): tables created since the
-// start while event trigger prism_install is missing, which would
-// otherwise wait for the next start. It returns how many tables it
-// installed on and how many prism-cdc's role may not alter.
+// that have none, or whose key changed since they were installed (see
+// prism.install_missing): tables created or altered since the start while
+// event trigger prism_install is missing, which would otherwise wait for
+// the next start. It returns how many tables it installed on and how many
+// prism-cdc's role may not alter.
 func (a *Applier) InstallMissing(ctx context.Context) (installed, denied int, err error) {
 	if err := a.ensureSetup(ctx); err != nil {
 		return 0, 0, err
