@@ -31,15 +31,7 @@ func TestCollectAllTablesPublication(t *testing.T) {
 		CREATE PUBLICATION prism FOR ALL TABLES`); err != nil {
 		t.Fatal(err)
 	}
-	pool, err := pgxpool.New(ctx, c.DSN("postgres"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pool.Close()
-	var logs syncBuf
-	log := zerolog.New(&logs)
-	a := apply.NewApplier(pool, log, apply.WithLocalRegion("na"))
-	defer a.Close()
+	pool, a, log, logs := collectApplier(t, ctx, c)
 	for range 2 { // the migration is idempotent
 		if err := a.Setup(ctx); err != nil {
 			t.Fatalf("Setup: %v", err)
@@ -103,15 +95,7 @@ func TestCollectLoopInstallsMissing(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	c := pgtest.Start(t, pgtest.Options{Name: "collect-install"})
-	pool, err := pgxpool.New(ctx, c.DSN("postgres"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pool.Close()
-	var logs syncBuf
-	log := zerolog.New(&logs)
-	a := apply.NewApplier(pool, log, apply.WithLocalRegion("na"))
-	defer a.Close()
+	pool, a, log, logs := collectApplier(t, ctx, c)
 	if err := a.Setup(ctx); err != nil {
 		t.Fatalf("Setup: %v", err)
 	}
@@ -129,4 +113,20 @@ func TestCollectLoopInstallsMissing(t *testing.T) {
 	if got := strings.Count(logs.String(), `"tables":1,"message":"installed the conflict triggers on tables that had none`); got != 1 {
 		t.Fatalf("%d log lines about installing, want 1:\n%s", got, logs.String())
 	}
+}
+
+// collectApplier opens database postgres of c for a node's collect loop:
+// a pool, an applier of region na on it logging to logs, and log.
+func collectApplier(t *testing.T, ctx context.Context, c *pgtest.Cluster) (*pgxpool.Pool, *apply.Applier, zerolog.Logger, *syncBuf) {
+	t.Helper()
+	pool, err := pgxpool.New(ctx, c.DSN("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	logs := &syncBuf{}
+	log := zerolog.New(logs)
+	a := apply.NewApplier(pool, log, apply.WithLocalRegion("na"))
+	t.Cleanup(a.Close)
+	return pool, a, log, logs
 }
