@@ -72,7 +72,15 @@ var clockSetupSQL = strings.NewReplacer(
 	"{{mark}}", strings.Replace(markSQL, "prism.mark_hash(tbl, k)", "prism.mark_hash(%1$L, %3$s)", 1),
 	"{{earlier_clock}}", earlierClock,
 	"{{earlier_tombstone}}", earlierTombstone,
+	"{{app_table}}", appTableSQL,
 ).Replace(clockSetupTemplate)
+
+// appTableSQL is true of the tables prism-cdc installs its conflict
+// triggers on, k a row of pg_class and s its schema's of pg_namespace:
+// the application's tables and partitioned tables (whose partitions get
+// the triggers from them), not those of schema prism or the system's.
+const appTableSQL = `k.relkind IN ('r', 'p') AND NOT k.relispartition
+		AND s.nspname NOT IN ('prism', 'pg_catalog', 'information_schema') AND s.nspname NOT LIKE 'pg\_%'`
 
 // earlierClock and earlierTombstone are true of a row of pg_trigger, a
 // table's prism_clock or prism_tombstone, that an earlier version made:
@@ -720,14 +728,12 @@ BEGIN
 	END IF;
 	PERFORM pg_catalog.set_config('prism.ddl', 'local', true);
 	PERFORM pg_catalog.set_config('lock_timeout', '1s', true);
-	FOR r IN SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace s ON s.oid = c.relnamespace
-		WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relreplident <> 'n'
-		AND s.nspname NOT IN ('prism', 'pg_catalog', 'information_schema') AND s.nspname NOT LIKE 'pg\_%'
-		AND EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid
-			AND CASE WHEN c.relreplident = 'i' THEN i.indisreplident ELSE i.indisprimary END)
-		AND (NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname = 'prism_tombstone')
-			OR pg_catalog.obj_description(pg_catalog.to_regproc('prism.tombstone_' || c.oid)::oid, 'pg_proc')
-				IS DISTINCT FROM 'key: ' || prism.key_signature(c.oid))
+	FOR r IN SELECT k.oid FROM pg_catalog.pg_class k JOIN pg_catalog.pg_namespace s ON s.oid = k.relnamespace
+		CROSS JOIN LATERAL prism.key_signature(k.oid) AS sig
+		WHERE {{app_table}} AND sig IS NOT NULL
+		AND (NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid = k.oid AND t.tgname = 'prism_tombstone')
+			OR pg_catalog.obj_description(pg_catalog.to_regproc('prism.tombstone_' || k.oid)::oid, 'pg_proc')
+				IS DISTINCT FROM 'key: ' || sig)
 	LOOP
 		BEGIN
 			IF prism.install(r.oid) = 'installed' THEN
@@ -748,9 +754,8 @@ DECLARE
 BEGIN
 	-- Nodes of one region start together; one installs at a time.
 	PERFORM pg_advisory_xact_lock(hashtext('prism.apply.setup'));
-	FOR r IN SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace s ON s.oid = c.relnamespace
-		WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
-		AND s.nspname NOT IN ('prism', 'pg_catalog', 'information_schema') AND s.nspname NOT LIKE 'pg\_%'
+	FOR r IN SELECT k.oid FROM pg_catalog.pg_class k JOIN pg_catalog.pg_namespace s ON s.oid = k.relnamespace
+		WHERE {{app_table}}
 	LOOP
 		IF prism.install(r.oid) = 'installed' THEN
 			n := n + 1;
@@ -794,8 +799,7 @@ BEGIN
 	FOR r IN SELECT DISTINCT c.objid FROM pg_event_trigger_ddl_commands() c
 		JOIN pg_catalog.pg_class k ON k.oid = c.objid
 		JOIN pg_catalog.pg_namespace s ON s.oid = k.relnamespace
-		WHERE c.classid = 'pg_catalog.pg_class'::regclass AND k.relkind IN ('r', 'p') AND NOT k.relispartition
-		AND s.nspname NOT IN ('prism', 'pg_catalog', 'information_schema') AND s.nspname NOT LIKE 'pg\_%'
+		WHERE c.classid = 'pg_catalog.pg_class'::regclass AND {{app_table}}
 	LOOP
 		BEGIN
 			PERFORM prism.install(r.objid);

@@ -58,7 +58,7 @@ func WithDDL(on bool) Option {
 // session_replication_role = origin so that event triggers (prism_install,
 // which gives a new table its conflict triggers) fire as they did at the
 // source; a failure names the statement and keeps its SQLSTATE.
-const ddlSetupSQL = `
+var ddlSetupSQL = strings.ReplaceAll(`
 SELECT pg_advisory_xact_lock(hashtext('prism.apply.setup'));
 CREATE TABLE IF NOT EXISTS prism.ddl_renames (
 	id       bigserial PRIMARY KEY,
@@ -246,8 +246,7 @@ BEGIN
 		PERFORM prism.install(k.oid) FROM pg_event_trigger_ddl_commands() c
 			JOIN pg_catalog.pg_class k ON k.oid = c.objid
 			JOIN pg_catalog.pg_namespace s ON s.oid = k.relnamespace
-			WHERE c.classid = 'pg_catalog.pg_class'::regclass AND k.relkind IN ('r', 'p') AND NOT k.relispartition
-			AND s.nspname NOT IN ('prism', 'pg_catalog', 'information_schema') AND s.nspname NOT LIKE 'pg\_%';
+			WHERE c.classid = 'pg_catalog.pg_class'::regclass AND {{app_table}};
 		PERFORM pg_catalog.set_config('search_path', sp, true);
 		RETURN;
 	END IF;
@@ -377,7 +376,7 @@ BEGIN
 	RETURN CASE WHEN hops = 0 THEN NULL ELSE cur END;
 END
 $f$;
-`
+`, "{{app_table}}", appTableSQL)
 
 // ddlTriggerSQL creates event triggers prism_ddl and prism_ddl_drop; it
 // needs a superuser.
