@@ -8,7 +8,7 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 # (golang/go#75804, fixed in Go 1.27).
 FUZZTIME ?= 100000x
 
-.PHONY: build demo vet test test-pg16 pg16 fuzz-short clean
+.PHONY: build demo vet test test-pg16 pg16 plugin fuzz-short clean
 
 ## build: compile the prism-cdc binary into bin/
 build:
@@ -25,7 +25,7 @@ vet:
 	if [ -n "$$unformatted" ]; then echo "gofmt would change these files (run gofmt -w):"; echo "$$unformatted"; exit 1; fi
 
 ## test: vet, run every test with the race detector (starts throwaway PostgreSQL clusters), then fuzz-short
-test: pg16
+test: pg16 plugin
 	$(MAKE) vet
 	$(GO) test -race -count=1 -timeout 15m ./...
 	$(MAKE) fuzz-short
@@ -40,6 +40,10 @@ test-pg16: pg16
 ## pg16: fetch the PostgreSQL 16 server binaries some tests also run on (into /var/tmp/prism-cdc-pg16)
 pg16:
 	scripts/fetch-pg16.sh
+
+## plugin: build contrib/prism_pgoutput for the machine's PostgreSQL, for the tests and prism-bench (into /var/tmp/prism-cdc-plugin/<major>)
+plugin:
+	scripts/build-prism-pgoutput.sh
 
 ## fuzz-short: run each fuzz target for a bounded number of executions
 fuzz-short:

@@ -19,6 +19,7 @@ import (
 
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
 	"github.com/prism-cdc/prism-cdc/internal/verify"
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
 
 // db is the benchmark database in every cluster.
@@ -74,7 +75,10 @@ type env struct {
 	// pglSrcSlots are the source's slots of the pglogical subscriptions
 	// of pgl[0] and pgl[1].
 	pglSrcSlots []string
-	logf        func(format string, args ...any)
+	// slotPlugin is the output plugin of prism-cdc's slots; pluginDir,
+	// when set, holds the prism_pgoutput.so every cluster can load.
+	slotPlugin, pluginDir string
+	logf                  func(format string, args ...any)
 }
 
 var regionNames = [2]string{"eu", "as"}
@@ -138,6 +142,9 @@ func (e *env) setup(ctx context.Context) error {
 	if err := e.buildPrism(ctx); err != nil {
 		return err
 	}
+	if err := e.choosePlugin(); err != nil {
+		return err
+	}
 	cs, err := e.startClusters(usePgl)
 	if err != nil {
 		return err
@@ -194,10 +201,52 @@ func (e *env) startClusters(usePgl bool) ([]*pgtest.Cluster, error) {
 	return cs, nil
 }
 
+// choosePlugin sets e.slotPlugin and e.pluginDir from -output-plugin:
+// auto is prism_pgoutput before PostgreSQL 16 where make plugin built it
+// for the servers' major version, pgoutput otherwise.
+func (e *env) choosePlugin() error {
+	bin := e.cfg.serverBin
+	if bin == "" {
+		var err error
+		if bin, err = pgtest.BinDir(); err != nil {
+			return err
+		}
+	}
+	major, err := pgtest.MajorOf(bin)
+	if err != nil {
+		return err
+	}
+	e.slotPlugin = e.cfg.outputPlugin
+	if e.slotPlugin == decode.PluginAuto {
+		e.slotPlugin = decode.PluginPgoutput
+		if major < 16 {
+			e.slotPlugin = decode.PluginPrism
+		}
+	}
+	if e.slotPlugin == decode.PluginPrism {
+		dir, err := pgtest.PrismPgoutputDir(bin)
+		switch {
+		case err == nil:
+			e.pluginDir = dir
+		case e.cfg.outputPlugin == decode.PluginAuto:
+			e.logf("prism_pgoutput is not built for PostgreSQL %d (%v); prism-cdc's slots use pgoutput", major, err)
+			e.slotPlugin = decode.PluginPgoutput
+		default:
+			return fmt.Errorf("output-plugin prism_pgoutput: %w", err)
+		}
+	}
+	e.logf("prism-cdc's slots use output plugin %s (PostgreSQL %d)", e.slotPlugin, major)
+	return nil
+}
+
 // settingsFor returns the settings of cluster name: clusterSettings,
-// pg_stat_statements with -pgss, pglogical's in the pglogical mesh.
+// pg_stat_statements with -pgss, pglogical's in the pglogical mesh, and
+// the library path of prism_pgoutput when it is used.
 func (e *env) settingsFor(name string, usePgl bool) map[string]string {
 	settings := maps.Clone(clusterSettings)
+	if e.pluginDir != "" {
+		maps.Copy(settings, pgtest.LibraryPath(e.pluginDir))
+	}
 	var preload []string
 	if e.cfg.pgss {
 		preload = append(preload, "pg_stat_statements")
@@ -239,8 +288,8 @@ func (e *env) loadData(ctx context.Context, cs []*pgtest.Cluster) error {
 // and the native subscriptions (disabled) with theirs: every contender's
 // slot exists before any load, so all of them see the same changes.
 func (e *env) createSlots(ctx context.Context) error {
-	for _, s := range []string{"bench_text", "bench_binary", "prism_na"} {
-		if err := e.src.Exec(ctx, db, fmt.Sprintf("SELECT pg_create_logical_replication_slot('%s', 'pgoutput')", s)); err != nil {
+	for s, plugin := range map[string]string{"bench_text": "pgoutput", "bench_binary": "pgoutput", "prism_na": e.slotPlugin} {
+		if err := e.src.Exec(ctx, db, fmt.Sprintf("SELECT pg_create_logical_replication_slot('%s', '%s')", s, plugin)); err != nil {
 			return err
 		}
 	}

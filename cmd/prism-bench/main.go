@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
 
 // benchConfig holds the command-line settings.
@@ -46,6 +47,9 @@ type benchConfig struct {
 	// serverBin is the directory of the server binaries every cluster
 	// runs (-pg-bin); empty: pgtest.BinDir's.
 	serverBin string
+	// outputPlugin is the prism-cdc slots' plugin: auto, pgoutput or
+	// prism_pgoutput (-output-plugin).
+	outputPlugin string
 }
 
 func main() {
@@ -90,6 +94,9 @@ func parseArgs(args []string, stderr io.Writer) (benchConfig, error) {
 	if err := cfg.check(); err != nil {
 		return cfg, err
 	}
+	if !decode.ValidPlugin(cfg.outputPlugin) {
+		return cfg, fmt.Errorf("output-plugin: %q is not auto, pgoutput or prism_pgoutput", cfg.outputPlugin)
+	}
 	if cfg.serverBin != "" && cfg.contenders["pglogical"] {
 		return cfg, errors.New("pg-bin: pglogical runs on the machine's PostgreSQL 15 only (its Debian package); leave it out of -contenders")
 	}
@@ -126,6 +133,7 @@ func newFlagSet(cfg *benchConfig, stderr io.Writer) (*flag.FlagSet, *flagValues)
 	fs.StringVar(&cfg.lagDump, "lag-dump", "", "directory: write each lag and active phase's samples to <contender>-<time>.csv there (region, id, source commit, lag in ms), to see when the slow ones came")
 	fs.BoolVar(&cfg.pgss, "pgss", false, "load pg_stat_statements in every cluster and log the source's and prism regions' top statements after each prism-cdc drain, lag and active phase (adds overhead)")
 	fs.StringVar(&cfg.serverBin, "pg-bin", "", "directory of the PostgreSQL server binaries (initdb, pg_ctl, postgres) every cluster runs, e.g. "+pgtest.PG16BinDefault+" after make pg16 (default: the machine's newest); pgbench and pg_recvlogical stay the machine's")
+	fs.StringVar(&cfg.outputPlugin, "output-plugin", decode.PluginAuto, "prism-cdc's slots' output plugin: auto (prism_pgoutput where make plugin built it for the servers' major version and they are older than 16, else pgoutput), pgoutput, or prism_pgoutput")
 	fs.BoolVar(&cfg.keep, "keep", false, "keep the work directory (node logs and configs)")
 	fs.BoolVar(&fv.quick, "quick", false, "small run: scale 1, 5000 transactions, 1 run, 10s lag, 32 MB large transaction, 10s active phases")
 	return fs, fv

@@ -10,6 +10,7 @@ import (
 // Defaults filled in by Load for keys the file leaves out.
 const (
 	DefaultPublication  = "prism"
+	DefaultOutputPlugin = "auto"
 	DefaultAckTimeout   = 2 * time.Second
 	MinAckTimeout       = 100 * time.Millisecond
 	DefaultRetries      = 5
@@ -37,11 +38,14 @@ type Config struct {
 	Database    string // this region's Postgres (DSN, may hold a password)
 	Publication string // default "prism"
 	Slot        string // default "prism_<region>"
-	Listen      string // host:port where other regions ship to
-	Auth        Auth
-	Peers       []Peer // every other region
-	Delivery    Delivery
-	Conflicts   Conflicts
+	// OutputPlugin is what the node creates its slot with: auto (the
+	// default), pgoutput or prism_pgoutput (decode.ReaderConfig.Plugin).
+	OutputPlugin string
+	Listen       string // host:port where other regions ship to
+	Auth         Auth
+	Peers        []Peer // every other region
+	Delivery     Delivery
+	Conflicts    Conflicts
 	// OnApplyError is what a node does with a transaction it cannot apply.
 	OnApplyError ApplyErrorPolicy
 	// OnApplyErrorTables overrides OnApplyError per table; keys are

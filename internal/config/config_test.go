@@ -52,6 +52,7 @@ func TestDefaults(t *testing.T) {
 		want any
 	}{
 		{"publication", c.Publication, "prism"},
+		{"output_plugin", c.OutputPlugin, "auto"},
 		{"slot", c.Slot, "prism_eu"},
 		{"token", c.Auth.Token, "tok-1234567890"},
 		{"ack_timeout", c.Delivery.AckTimeout, 2 * time.Second},
@@ -138,6 +139,7 @@ func TestDeliveryResolved(t *testing.T) {
 func TestExplicitValues(t *testing.T) {
 	yml := base + `publication: pub
 slot: my_slot
+output_plugin: prism_pgoutput
 delivery: {ack_timeout: 500ms, retries: 0, backoff: 1s, max_backoff: 1m, max_in_flight: 2MB}
 conflicts:
   default: source_wins
@@ -163,6 +165,7 @@ procs: 3
 	}{
 		{"publication", c.Publication, "pub"},
 		{"slot", c.Slot, "my_slot"},
+		{"output_plugin", c.OutputPlugin, "prism_pgoutput"},
 		{"ack_timeout", c.Delivery.AckTimeout, 500 * time.Millisecond},
 		{"retries", c.Delivery.Retries, 0},
 		{"max_backoff", c.Delivery.MaxBackoff, time.Minute},
@@ -347,6 +350,7 @@ func TestValidate(t *testing.T) {
 		{"zero ack_timeout", appendYAML("delivery: {ack_timeout: 0s}\n"), "eu1.yaml:17: delivery.ack_timeout: 0s must be greater than zero; write e.g. 2s"},
 		{"tiny ack_timeout", appendYAML("delivery: {ack_timeout: 5ms}\n"), "eu1.yaml:17: delivery.ack_timeout: 5ms is too short"},
 		{"spill dir missing", appendYAML("spill: {dir: /nonexistent/prism-spill}\n"), `spill.dir: "/nonexistent/prism-spill" is not a directory`},
+		{"unknown output plugin", appendYAML("output_plugin: wal2json\n"), `output_plugin: "wal2json" is not an output plugin prism-cdc reads; write auto`},
 		{"negative procs", appendYAML("procs: -1\n"), "procs: -1 is not a number of CPUs; write a number from 1 to 1024, or 0 (the default) to let the node choose"},
 		{"spill above zero", appendYAML("spill: {above: 0}\n"), "spill.above: 0 must be greater than zero; write e.g. 32MiB"},
 		{"negative backoff", appendYAML("delivery: {backoff: -1s}\n"), "delivery.backoff: -1s must be greater than zero"},

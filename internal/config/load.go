@@ -87,6 +87,7 @@ type rawConfig struct {
 	Database     string       `yaml:"database"`
 	Publication  string       `yaml:"publication"`
 	Slot         string       `yaml:"slot"`
+	OutputPlugin string       `yaml:"output_plugin"`
 	Listen       string       `yaml:"listen"`
 	Auth         rawAuth      `yaml:"auth"`
 	Peers        []rawPeer    `yaml:"peers"`
@@ -175,6 +176,7 @@ func (r *rawConfig) config(file string, lines map[string]int) (*Config, []error)
 		Database:     r.Database,
 		Publication:  orDefault(r.Publication, DefaultPublication),
 		Slot:         r.Slot,
+		OutputPlugin: orDefault(r.OutputPlugin, DefaultOutputPlugin),
 		Listen:       r.Listen,
 		Auth:         Auth{Token: r.Auth.Token, TLS: TLS(r.Auth.TLS), Insecure: r.Auth.Insecure},
 		OnApplyError: ApplyErrorPolicy(orDefault(r.OnApplyError, string(DefaultOnApplyError))),

@@ -100,6 +100,7 @@ func (c *Config) MarshalZerologObject(e *zerolog.Event) {
 		Str("database", r.Database).
 		Str("publication", r.Publication).
 		Str("slot", r.Slot).
+		Str("output_plugin", r.OutputPlugin).
 		Bool("token_set", c.Auth.Token != "").
 		Bool("insecure", r.Auth.Insecure).
 		Bool("tls", r.Auth.TLS.Enabled())

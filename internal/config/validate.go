@@ -134,6 +134,9 @@ func (v *validator) node(c *Config, nodes, addrs map[string]string) {
 	v.name("publication", c.Publication, "publication name", DefaultPublication, maxNameLen, false)
 	// The slot defaults to prism_<region>; a missing region is reported once.
 	v.name("slot", c.Slot, "slot name", decode.SlotName("eu"), maxNameLen, validName(c.Region))
+	if !decode.ValidPlugin(c.OutputPlugin) {
+		v.add("output_plugin", "%q is not an output plugin prism-cdc reads; write auto (the default: prism_pgoutput where it is installed and the server is older than PostgreSQL 16, else pgoutput), pgoutput or prism_pgoutput", c.OutputPlugin)
+	}
 	if c.Listen == "" {
 		v.add("listen", `missing; write the host:port where other regions reach this node, e.g. "127.0.0.1:7201"`)
 	} else if v.addr("listen", c.Listen, true) {

@@ -89,7 +89,7 @@ func (d *doctor) local(ctx context.Context) string {
 	d.replicationRole(db, s)
 	d.applyPrivilege(ctx, conn, db, s.role, s.super)
 	d.publication(ctx, conn, db, s.super)
-	d.slotHealth(db, slot)
+	d.slotHealth(db, slot, s.version)
 
 	tables := d.tables(ctx, conn, db)
 	d.identities(ctx, conn, db, tables)
@@ -224,15 +224,16 @@ func (d *doctor) publication(ctx context.Context, conn *pgx.Conn, db string, sup
 	}
 }
 
-// slotHealth checks the slot's plugin and how much WAL it retains.
-func (d *doctor) slotHealth(db string, sl slotFacts) {
+// slotHealth checks the slot's plugin and how much WAL it retains, on a
+// server of version (server_version_num).
+func (d *doctor) slotHealth(db string, sl slotFacts, version int) {
 	cfg, check := d.cfg, db+": slot "+d.cfg.Slot
 	switch {
 	case !sl.exists:
 		d.rep.ok(check, "does not exist yet; the node creates it at its first start")
-	case sl.plugin != "pgoutput":
-		d.rep.add(Problem, check, fmt.Sprintf("uses plugin %q, not pgoutput", sl.plugin),
-			fmt.Sprintf("SELECT pg_drop_replication_slot('%s');  -- the node recreates it with pgoutput (changes since it was last read are not shipped)", cfg.Slot))
+	case sl.plugin != decode.PluginPgoutput && sl.plugin != decode.PluginPrism:
+		d.rep.add(Problem, check, fmt.Sprintf("uses plugin %q, not pgoutput or prism_pgoutput", sl.plugin),
+			fmt.Sprintf("SELECT pg_drop_replication_slot('%s');  -- the node recreates it (changes since it was last read are not shipped)", cfg.Slot))
 	case sl.walStatus == "lost":
 		d.rep.add(Problem, check, "wal_status is lost: WAL the slot needs was removed (max_slot_wal_keep_size); changes since were not shipped",
 			fmt.Sprintf("SELECT pg_drop_replication_slot('%s');  -- then resynchronise the regions (prism-cdc verify --repair) and restart the nodes", cfg.Slot))
@@ -249,6 +250,10 @@ func (d *doctor) slotHealth(db string, sl slotFacts) {
 		case sl.retained != nil && *sl.retained > RetainedWALWarn:
 			d.rep.add(Warn, check, msg+"; a region that does not acknowledge pins WAL on disk", "prism-cdc status --config "+cfg.Path+"  -- find the region that lags and bring it back")
 		default:
+			if sl.plugin == decode.PluginPgoutput && version < 160000 {
+				// Not a problem: a cost, and what would spare it.
+				msg += "; plugin pgoutput, which before PostgreSQL 16 sends the node every transaction applied here to be dropped (prism_pgoutput skips them: README, \"Applied transactions on PostgreSQL 15\")"
+			}
 			d.rep.ok(check, msg)
 		}
 	}

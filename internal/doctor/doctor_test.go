@@ -142,6 +142,18 @@ peers:
 				t.Errorf("Run(healthy) output lacks %q:\n%s", want, &out)
 			}
 		}
+
+		// A pgoutput slot before PostgreSQL 16 is fine, with a note on
+		// what prism_pgoutput would spare.
+		if err := eu.Exec(ctx, "postgres", "SELECT pg_create_logical_replication_slot('prism_eu', 'pgoutput')"); err != nil {
+			t.Fatal(err)
+		}
+		defer eu.Exec(ctx, "postgres", "SELECT pg_drop_replication_slot('prism_eu')")
+		rep = Run(ctx, cfg, Options{})
+		fs := rep.Find("database eu: slot prism_eu")
+		if len(fs) != 1 || fs[0].Severity != OK || !strings.Contains(fs[0].Message, "not streaming") || !strings.Contains(fs[0].Message, "prism_pgoutput skips them") {
+			t.Errorf("slot finding = %+v, want one OK finding that notes prism_pgoutput", fs)
+		}
 	})
 
 	// A refused token and a host name that does not resolve are problems

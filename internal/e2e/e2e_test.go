@@ -17,6 +17,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/prism-cdc/prism-cdc/internal/node"
+	"github.com/prism-cdc/prism-cdc/internal/pgtest"
 )
 
 const schema = `
@@ -208,9 +209,14 @@ func missingRows(d *Deployment) string {
 	return strings.Join(out, "; ")
 }
 
+// TestActiveActiveWithRandomKills writes in every region while nodes are
+// killed at random, and checks that the regions converge. Its regions'
+// servers can load prism_pgoutput, so every slot uses it (the other tests
+// run pgoutput, which before PostgreSQL 16 sends the applied transactions
+// to the node to be dropped).
 func TestActiveActiveWithRandomKills(t *testing.T) {
 	rng := rand.New(rand.NewSource(seed(t)))
-	d := New(t, threeRegions, schema)
+	d := NewWithSettings(t, threeRegions, schema, pgtest.PrismPgoutput(t))
 	d.StartAll()
 	waitReaders(d)
 	w := startWriters(t, d, 15*time.Millisecond)
@@ -233,6 +239,19 @@ func TestActiveActiveWithRandomKills(t *testing.T) {
 		t.Fatalf("only %d writes went through", total)
 	}
 	converged(t, d, total)
+	ctx := context.Background()
+	for _, r := range d.Regions {
+		conn, err := d.Clusters[r].Connect(ctx, "app")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var plugin string
+		err = conn.QueryRow(ctx, "SELECT plugin::text FROM pg_replication_slots WHERE slot_name = $1", "prism_"+r).Scan(&plugin)
+		conn.Close(ctx)
+		if err != nil || plugin != "prism_pgoutput" {
+			t.Errorf("region %s: slot prism_%s has plugin %q (%v), want prism_pgoutput", r, r, plugin, err)
+		}
+	}
 }
 
 func TestReaderFailoverWithinRegion(t *testing.T) {

@@ -78,6 +78,13 @@ func Build(t *testing.T, dir string) string {
 // the binary and writes one config per node. Nodes are not started.
 func New(t *testing.T, topo Topology, schema string) *Deployment {
 	t.Helper()
+	return NewWithSettings(t, topo, schema, nil)
+}
+
+// NewWithSettings is New with extra postgresql.conf settings for every
+// region's cluster (pgtest.Options.Settings).
+func NewWithSettings(t *testing.T, topo Topology, schema string, settings map[string]string) *Deployment {
+	t.Helper()
 	ctx := context.Background()
 	d := &Deployment{
 		t: t, Dir: t.TempDir(), topo: topo,
@@ -91,7 +98,7 @@ func New(t *testing.T, topo Topology, schema string) *Deployment {
 	sortStrings(d.Regions)
 	d.Bin = Build(t, d.Dir)
 	for _, r := range d.Regions {
-		c := pgtest.Start(t, pgtest.Options{Name: "e2e-" + r})
+		c := pgtest.Start(t, pgtest.Options{Name: "e2e-" + r, Settings: settings})
 		if err := c.CreateDatabase(ctx, "app"); err != nil {
 			t.Fatal(err)
 		}

@@ -455,6 +455,7 @@ func (n *Node) readLoop(ctx, shipCtx context.Context) error {
 			Region:      n.cfg.Region,
 			Slot:        n.cfg.Slot,
 			Publication: n.cfg.Publication,
+			Plugin:      n.cfg.OutputPlugin,
 			AppName:     decode.AppName(n.cfg.Node),
 			// In sync mode commits on the source wait for the position
 			// this reader reports: report it promptly.

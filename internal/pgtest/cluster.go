@@ -491,3 +491,74 @@ func Servers() []Server {
 		{Name: "pg16", Major: 16, Bin: PG16Bin},
 	}
 }
+
+// PrismPgoutputDirDefault is where scripts/build-prism-pgoutput.sh builds
+// contrib/prism_pgoutput, one directory per major version.
+const PrismPgoutputDirDefault = "/var/tmp/prism-cdc-plugin"
+
+// PrismPgoutput returns the postgresql.conf settings under which a
+// cluster of the machine's default PostgreSQL (BinDir) can load
+// contrib/prism_pgoutput: dynamic_library_path names the directory
+// scripts/build-prism-pgoutput.sh built it into ($PRISM_PGOUTPUT_DIR,
+// else PrismPgoutputDirDefault/<major>), then the server's own. It fails
+// t, saying how to build it, when the library is not there.
+func PrismPgoutput(t TB) map[string]string {
+	t.Helper()
+	dir, err := PrismPgoutputDir("")
+	if err != nil {
+		t.Fatalf("pgtest: %v", err)
+	}
+	return LibraryPath(dir)
+}
+
+// LibraryPath is the postgresql.conf setting under which a server loads
+// libraries from dir first, then from its own directory.
+func LibraryPath(dir string) map[string]string {
+	return map[string]string{"dynamic_library_path": "'" + dir + ":$libdir'"}
+}
+
+// PrismPgoutputDir is the directory holding prism_pgoutput.so built for
+// the server binaries in bin (BinDir's when empty); the error says how
+// to build it.
+func PrismPgoutputDir(bin string) (string, error) {
+	dir := os.Getenv("PRISM_PGOUTPUT_DIR")
+	if dir == "" {
+		if bin == "" {
+			var err error
+			if bin, err = BinDir(); err != nil {
+				return "", err
+			}
+		}
+		major, err := MajorOf(bin)
+		if err != nil {
+			return "", err
+		}
+		dir = filepath.Join(PrismPgoutputDirDefault, strconv.Itoa(major))
+	}
+	if _, err := os.Stat(filepath.Join(dir, "prism_pgoutput.so")); err != nil {
+		return "", fmt.Errorf("contrib/prism_pgoutput is not built in %s (%v): run `make plugin` (scripts/build-prism-pgoutput.sh [pg_config]), or set PRISM_PGOUTPUT_DIR to a directory holding prism_pgoutput.so", dir, err)
+	}
+	return dir, nil
+}
+
+// MajorOf is the major version of the server binaries in bin, as their
+// postgres --version prints it ("postgres (PostgreSQL) 15.18 (Debian ...)").
+func MajorOf(bin string) (int, error) {
+	out, err := exec.Command(filepath.Join(bin, "postgres"), "--version").Output()
+	if err != nil {
+		return 0, fmt.Errorf("pgtest: %s --version: %w", filepath.Join(bin, "postgres"), err)
+	}
+	fields := strings.Fields(string(out))
+	if len(fields) < 3 {
+		return 0, fmt.Errorf("pgtest: %s --version printed %q", filepath.Join(bin, "postgres"), out)
+	}
+	digits := fields[2]
+	if i := strings.IndexFunc(digits, func(r rune) bool { return r < '0' || r > '9' }); i >= 0 {
+		digits = digits[:i] // "15.18", "17beta1"
+	}
+	major, err := strconv.Atoi(digits)
+	if err != nil {
+		return 0, fmt.Errorf("pgtest: %s --version printed %q", filepath.Join(bin, "postgres"), out)
+	}
+	return major, nil
+}

@@ -48,6 +48,10 @@ type ReaderConfig struct {
 	Slot string
 	// Publication is created when missing; default "prism".
 	Publication string
+	// Plugin is the output plugin the Reader creates the slot with:
+	// PluginAuto (default), PluginPgoutput or PluginPrism. An existing
+	// slot is read with the plugin it was created with.
+	Plugin string
 	// Tables are the published tables ("schema.table" or "table") when the
 	// Reader creates the publication; empty means FOR ALL TABLES.
 	Tables []string
@@ -91,6 +95,44 @@ type ReaderConfig struct {
 	// send time, by the server's clock) and the time it arrived (by this
 	// host's). It must not block.
 	Received func(txn *Txn, sent, arrived time.Time)
+}
+
+// Output plugins a slot can be created with (ReaderConfig.Plugin).
+const (
+	// PluginAuto is PluginPrism where the server needs it (before
+	// PostgreSQL 16) and can load it, PluginPgoutput otherwise.
+	PluginAuto = "auto"
+	// PluginPgoutput is PostgreSQL's pgoutput. From PostgreSQL 16 on the
+	// Reader asks it for origin 'none' (see pluginArgs); before 16 it
+	// sends the transactions applied here, and the Assembler drops them.
+	PluginPgoutput = "pgoutput"
+	// PluginPrism is contrib/prism_pgoutput, pgoutput with the server
+	// skipping the changes of applied transactions while decoding on any
+	// version. It has to be built and installed into the server.
+	PluginPrism = "prism_pgoutput"
+)
+
+// ValidPlugin reports whether p is a ReaderConfig.Plugin ("" is
+// PluginAuto).
+func ValidPlugin(p string) bool {
+	switch p {
+	case "", PluginAuto, PluginPgoutput, PluginPrism:
+		return true
+	}
+	return false
+}
+
+// slotPlugins are the plugins to try, in order, when creating a slot
+// under setting plugin on a server of major version major.
+func slotPlugins(plugin string, major int) []string {
+	switch {
+	case plugin == PluginPgoutput, plugin == PluginPrism:
+		return []string{plugin}
+	case major >= 16:
+		return []string{PluginPgoutput}
+	default:
+		return []string{PluginPrism, PluginPgoutput}
+	}
 }
 
 // DefaultLinger is the default ReaderConfig.Linger.
@@ -148,6 +190,7 @@ type Reader struct {
 	lastQueued pglogrepl.LSN // EndLSN of the last Txn put into out: never queue one at or below it
 	idle       pglogrepl.LSN // highest keepalive position confirmed while nothing was in flight
 	streamed   bool          // a session reached START_REPLICATION once
+	slotPlugin string        // the slot's output plugin, as prepare found it ("" when it did not exist)
 }
 
 // NewReader returns a Reader; it connects on the first Next.
@@ -455,8 +498,8 @@ func checkSlot(slot, pub string, s slotState, usedBefore bool) (slotAction, erro
 		}
 		return slotCreate, nil
 	}
-	if s.slotType != "logical" || s.plugin != "pgoutput" || s.slotDatabase != s.database {
-		return 0, permanent(fmt.Errorf("slot %s is a %s slot with plugin %q in database %q, want a logical pgoutput slot in %q; drop it or choose another slot name",
+	if s.slotType != "logical" || (s.plugin != PluginPgoutput && s.plugin != PluginPrism) || s.slotDatabase != s.database {
+		return 0, permanent(fmt.Errorf("slot %s is a %s slot with plugin %q in database %q, want a logical pgoutput or prism_pgoutput slot in %q; drop it or choose another slot name",
 			slot, s.slotType, s.plugin, s.slotDatabase, s.database))
 	}
 	if s.walStatus == "lost" {
@@ -500,6 +543,7 @@ func (r *Reader) prepare(ctx context.Context) (slotAction, pglogrepl.LSN, error)
 		}
 	}
 	confirmedLSN, _ := pglogrepl.ParseLSN(s.confirmedFlush) // 0/0 when the slot does not exist yet
+	r.slotPlugin = s.plugin
 	return action, confirmedLSN, nil
 }
 
@@ -592,6 +636,11 @@ func serverCause(err error, slot, pub string, usedBefore bool, state func() (slo
 	switch pgErr.Code {
 	case "55006":
 		return fmt.Errorf("%w: %w", ErrSlotBusy, err)
+	case "58P01":
+		// undefined_file: the server cannot load the slot's output
+		// plugin (a library removed after the slot was created with it).
+		return permanent(fmt.Errorf("slot %s: the server cannot load the slot's output plugin; install contrib/prism_pgoutput into the server again (README), "+
+			"or drop the slot so that the node creates it anew (changes since it was last read are then not shipped): %w", slot, err))
 	case "55000", "42704":
 		s, serr := state()
 		if serr != nil {
@@ -641,18 +690,11 @@ func (r *Reader) session(ctx context.Context) (progressed bool, err error) {
 	}
 	r.log.Debug().Str("system", sys.SystemID).Int32("timeline", sys.Timeline).Stringer("xlogpos", sys.XLogPos).Msg("connected")
 
+	major := serverMajor(conn.ParameterStatus("server_version"))
+	plugin := r.slotPlugin
 	if action == slotCreate {
-		res, err := pglogrepl.CreateReplicationSlot(ctx, conn, r.cfg.Slot, "pgoutput",
-			pglogrepl.CreateReplicationSlotOptions{Mode: pglogrepl.LogicalReplication, SnapshotAction: "NOEXPORT_SNAPSHOT"})
-		var pgErr *pgconn.PgError
-		switch {
-		case errors.As(err, &pgErr) && pgErr.Code == "42710":
-			// Created concurrently by another node: use it like any other.
-		case err != nil:
-			return false, fmt.Errorf("create slot %s: %w", r.cfg.Slot, err)
-		default:
-			slotConfirmed, _ = pglogrepl.ParseLSN(res.ConsistentPoint)
-			r.log.Info().Str("consistent_point", res.ConsistentPoint).Msg("created replication slot")
+		if plugin, slotConfirmed, err = r.createSlot(ctx, conn, major); err != nil {
+			return false, err
 		}
 	}
 
@@ -663,7 +705,7 @@ func (r *Reader) session(ctx context.Context) (progressed bool, err error) {
 	pubs := strings.ReplaceAll(pgx.Identifier{r.cfg.Publication}.Sanitize(), "'", "''")
 	err = pglogrepl.StartReplication(ctx, conn, r.cfg.Slot, start, pglogrepl.StartReplicationOptions{
 		Mode:       pglogrepl.LogicalReplication,
-		PluginArgs: pluginArgs(pubs, serverMajor(conn.ParameterStatus("server_version"))),
+		PluginArgs: pluginArgs(pubs, major),
 	})
 	if err != nil {
 		return false, r.classify(ctx, fmt.Errorf("start replication on %s: %w", r.cfg.Slot, err))
@@ -674,10 +716,46 @@ func (r *Reader) session(ctx context.Context) (progressed bool, err error) {
 	}
 	// The server resumes from the slot's confirmed_flush_lsn when start
 	// is below it (start is 0/0 after a restart): log where it resumes.
-	r.log.Info().Stringer("start", max(start, slotConfirmed)).Msg("streaming")
+	r.log.Info().Stringer("start", max(start, slotConfirmed)).Str("plugin", plugin).Msg("streaming")
 	r.setStreaming(true)
 	defer r.setStreaming(false)
 	return true, r.stream(ctx, conn)
+}
+
+// createSlot creates the slot over replication connection conn to a
+// server of major version major, with the first plugin of slotPlugins
+// that the server can load. It returns the plugin and the slot's
+// consistent point (0/0 when another node created it meanwhile, with the
+// plugin unknown).
+func (r *Reader) createSlot(ctx context.Context, conn *pgconn.PgConn, major int) (string, pglogrepl.LSN, error) {
+	plugins := slotPlugins(r.cfg.Plugin, major)
+	for i, plugin := range plugins {
+		res, err := pglogrepl.CreateReplicationSlot(ctx, conn, r.cfg.Slot, plugin,
+			pglogrepl.CreateReplicationSlotOptions{Mode: pglogrepl.LogicalReplication, SnapshotAction: "NOEXPORT_SNAPSHOT"})
+		var pgErr *pgconn.PgError
+		switch {
+		case errors.As(err, &pgErr) && pgErr.Code == "42710":
+			// Created concurrently by another node: use it like any other.
+			return "", 0, nil
+		case errors.As(err, &pgErr) && pgErr.Code == "58P01" && i+1 < len(plugins):
+			// undefined_file: the server cannot load the library. The
+			// slot was not created (it is persisted only once its
+			// decoding context is built), and the connection is usable.
+			r.log.Warn().Str("plugin", plugin).Str("instead", plugins[i+1]).Str("error", pgErr.Message).
+				Msgf("%s is not installed on this server: the region's walsender will decode every transaction applied here and send it to this node to be dropped; "+
+					"install contrib/prism_pgoutput to skip them (README, \"Applied transactions on PostgreSQL 15\")", plugin)
+			continue
+		case errors.As(err, &pgErr) && pgErr.Code == "58P01":
+			return "", 0, permanent(fmt.Errorf("create slot %s with output plugin %s: the server cannot load it; install contrib/prism_pgoutput into the server (README), or set output_plugin to auto or pgoutput: %w",
+				r.cfg.Slot, plugin, err))
+		case err != nil:
+			return "", 0, fmt.Errorf("create slot %s: %w", r.cfg.Slot, err)
+		}
+		lsn, _ := pglogrepl.ParseLSN(res.ConsistentPoint)
+		r.log.Info().Str("consistent_point", res.ConsistentPoint).Str("plugin", plugin).Msg("created replication slot")
+		return plugin, lsn, nil
+	}
+	return "", 0, fmt.Errorf("create slot %s: no output plugin to try for setting %q", r.cfg.Slot, r.cfg.Plugin)
 }
 
 // pluginArgs are pgoutput's options for publications pubs (quoted) on

@@ -227,20 +227,38 @@ func TestReaderConfirm(t *testing.T) {
 // TestReaderOriginFiltered checks that a transaction applied with a
 // replication origin is not returned, while a later local one is, and
 // that the slot moves past applied transactions once nothing is in
-// flight. PostgreSQL 15 sends the applied transaction and the Assembler
-// drops it (Filtered 1); PostgreSQL 16 leaves it out itself (origin
-// 'none'), so the reader never sees it (Filtered 0).
+// flight. PostgreSQL 15's pgoutput sends the applied transaction and the
+// Assembler drops it (Filtered 1); PostgreSQL 16 leaves it out itself
+// (origin 'none'), and so does prism_pgoutput on 15, which the reader
+// creates its slot with where the server can load it: the reader never
+// sees it (Filtered 0).
 func TestReaderOriginFiltered(t *testing.T) {
+	type variant struct {
+		pgtest.Server
+		settings func(t *testing.T) map[string]string
+		plugin   string // the slot's plugin
+	}
+	variants := []variant{{
+		Server:   pgtest.Server{Name: "prism_pgoutput", Bin: func(pgtest.TB) string { return "" }},
+		settings: func(t *testing.T) map[string]string { return pgtest.PrismPgoutput(t) },
+		plugin:   PluginPrism,
+	}}
 	for _, v := range pgtest.Servers() {
+		variants = append(variants, variant{Server: v, settings: func(*testing.T) map[string]string { return nil }, plugin: PluginPgoutput})
+	}
+	for _, v := range variants {
 		t.Run(v.Name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 			defer cancel()
-			c := pgtest.Start(t, pgtest.Options{Name: "origin", Bin: v.Bin(t)})
+			c := pgtest.Start(t, pgtest.Options{Name: "origin", Bin: v.Bin(t), Settings: v.settings(t)})
 			exec(ctx, t, c, "CREATE TABLE t (id serial PRIMARY KEY, batch int)")
 			r := newTestReader(t, c, ReaderConfig{})
 			ch := collect(t, r)
 			deadline := time.Now().Add(time.Minute)
 			poll(t, deadline, "slot active", func() bool { return slotActive(ctx, t, c, "prism_na") })
+			if got := query[string](ctx, t, c, "SELECT plugin::text FROM pg_replication_slots WHERE slot_name = 'prism_na'"); got != v.plugin {
+				t.Fatalf("the reader created its slot with plugin %s, want %s", got, v.plugin)
+			}
 
 			conn, err := c.Connect(ctx, "postgres")
 			if err != nil {
@@ -254,7 +272,7 @@ func TestReaderOriginFiltered(t *testing.T) {
 				t.Fatalf("server %s; want major version %d", version, v.Major)
 			}
 			filtered := uint64(1) // the Assembler drops it
-			if major >= 16 {
+			if major >= 16 || v.plugin == PluginPrism {
 				filtered = 0 // the server left it out
 			}
 			run := func(sqls ...string) {
@@ -294,6 +312,84 @@ func TestReaderOriginFiltered(t *testing.T) {
 				t.Fatalf("Stats() = %+v, want Filtered %d Received 1", s, 2*filtered)
 			}
 		})
+	}
+}
+
+// TestReaderPluginChoice checks the output_plugin settings on PostgreSQL
+// 15: prism_pgoutput asked for where the server cannot load it is a
+// permanent error that says how to install it, with no slot left behind;
+// pgoutput is used when asked for even where prism_pgoutput could be
+// loaded; and a slot whose plugin the server can no longer load stops
+// the reader with an error that names the plugin, instead of retrying.
+func TestReaderPluginChoice(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c := pgtest.Start(t, pgtest.Options{Name: "plugin"})
+	if major := serverMajor(query[string](ctx, t, c, "SHOW server_version")); major >= 16 {
+		t.Fatalf("server major version %d: this test needs one older than 16, whose pgoutput has no origin filter", major)
+	}
+	exec(ctx, t, c, "CREATE TABLE t (id serial PRIMARY KEY, batch int)")
+	slotPlugin := func(slot string) string {
+		return query[string](ctx, t, c, "SELECT coalesce((SELECT plugin::text FROM pg_replication_slots WHERE slot_name = $1), 'none')", slot)
+	}
+	var perm *permanentError
+
+	r := newTestReader(t, c, ReaderConfig{Slot: "explicit", Plugin: PluginPrism})
+	_, err := r.Next(ctx)
+	if !errors.As(err, &perm) || !strings.Contains(err.Error(), "install contrib/prism_pgoutput") {
+		t.Fatalf("Next() with prism_pgoutput not installed = %v, want a permanent error saying to install it", err)
+	}
+	t.Logf("not installed: %v", err)
+	if got := slotPlugin("explicit"); got != "none" {
+		t.Fatalf("slot explicit has plugin %s after the failed creation, want no slot", got)
+	}
+
+	dir, err := pgtest.PrismPgoutputDir("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetConf("dynamic_library_path", pgtest.LibraryPath(dir)["dynamic_library_path"]); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(time.Minute)
+	for _, tc := range []struct{ slot, plugin, want string }{
+		{"plain", PluginPgoutput, PluginPgoutput},
+		{"installed", PluginAuto, PluginPrism},
+	} {
+		r := newTestReader(t, c, ReaderConfig{Slot: tc.slot, Plugin: tc.plugin})
+		ch := collect(t, r)
+		poll(t, deadline, "slot "+tc.slot+" active", func() bool { return slotActive(ctx, t, c, tc.slot) })
+		if got := slotPlugin(tc.slot); got != tc.want {
+			t.Fatalf("output_plugin %s: slot %s has plugin %s, want %s", tc.plugin, tc.slot, got, tc.want)
+		}
+		exec(ctx, t, c, "INSERT INTO t (batch) VALUES (1)")
+		if txn := recv(t, ch, deadline); batchOf(t, txn) != 1 {
+			t.Fatalf("slot %s: got batch %d, want 1", tc.slot, batchOf(t, txn))
+		}
+		if err := r.Close(); err != nil {
+			t.Fatal(err)
+		}
+		poll(t, deadline, "slot "+tc.slot+" released", func() bool { return !slotActive(ctx, t, c, tc.slot) })
+	}
+
+	// The library goes away under the slot that uses it.
+	if err := c.SetConf("dynamic_library_path", "'$libdir'"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	r = newTestReader(t, c, ReaderConfig{Slot: "installed"})
+	_, err = r.Next(ctx)
+	if !errors.As(err, &perm) || !strings.Contains(err.Error(), "cannot load the slot's output plugin") || !strings.Contains(err.Error(), "prism_pgoutput") {
+		t.Fatalf("Next() on a slot whose plugin is gone = %v, want a permanent error naming prism_pgoutput", err)
+	}
+	t.Logf("plugin gone: %v", err)
+	if got := slotPlugin("installed"); got != PluginPrism {
+		t.Fatalf("slot installed has plugin %s after the failure, want it kept (%s)", got, PluginPrism)
 	}
 }
 
@@ -560,6 +656,7 @@ func TestCheckSlot(t *testing.T) {
 		{name: "publication dropped", s: with(func(s *slotState) { s.pubExists = false }), wantErr: ErrPublicationMissing, permanent: true},
 		{name: "busy", s: with(func(s *slotState) { s.activePID = 4242 }), wantErr: ErrSlotBusy},
 		{name: "physical slot", s: with(func(s *slotState) { s.slotType = "physical"; s.plugin = "" }), permanent: true},
+		{name: "prism_pgoutput", s: with(func(s *slotState) { s.plugin = PluginPrism }), want: slotUse},
 		{name: "other plugin", s: with(func(s *slotState) { s.plugin = "wal2json" }), permanent: true},
 		{name: "other database", s: with(func(s *slotState) { s.slotDatabase = "postgres" }), permanent: true},
 	}
@@ -860,5 +957,27 @@ func TestReaderSignalsChanges(t *testing.T) {
 	}
 	if r.Stats().Streaming {
 		t.Fatalf("Stats().Streaming = true after Close, want false")
+	}
+}
+
+// TestSlotPlugins: auto tries prism_pgoutput first before PostgreSQL 16
+// only; a plugin set by name is the only one tried.
+func TestSlotPlugins(t *testing.T) {
+	for _, tc := range []struct {
+		plugin string
+		major  int
+		want   string
+	}{
+		{"", 15, "prism_pgoutput,pgoutput"},
+		{PluginAuto, 13, "prism_pgoutput,pgoutput"},
+		{PluginAuto, 16, "pgoutput"},
+		{PluginAuto, 17, "pgoutput"},
+		{PluginPgoutput, 15, "pgoutput"},
+		{PluginPrism, 15, "prism_pgoutput"},
+		{PluginPrism, 16, "prism_pgoutput"},
+	} {
+		if got := strings.Join(slotPlugins(tc.plugin, tc.major), ","); got != tc.want {
+			t.Errorf("slotPlugins(%q, %d) = %s, want %s", tc.plugin, tc.major, got, tc.want)
+		}
 	}
 }
