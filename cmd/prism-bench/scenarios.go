@@ -299,6 +299,9 @@ func (e *env) lagPhase(ctx context.Context, c lagContender, m *mesh, script stri
 	if err != nil {
 		return res, err
 	}
+	if err := m.waitReady(ctx, time.Minute); err != nil {
+		return res, err
+	}
 	e.logf("lag %s: pgbench at %d tps for %ds", c.name, e.cfg.lagRate, e.cfg.lagSeconds)
 	if c.name == prism {
 		if err := e.resetStatements(ctx); err != nil {

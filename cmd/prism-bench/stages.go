@@ -53,6 +53,37 @@ func (m *mesh) scrape(ctx context.Context, line func(string)) error {
 	return nil
 }
 
+// waitReady waits until every node of m answers /readyz with 200 (its
+// slot streamed, its peers reached), failing when one exits. A phase
+// that starts its writes earlier measures the nodes' start-up, and its
+// first scrape of /metrics can find a node not listening yet.
+func (m *mesh) waitReady(ctx context.Context, timeout time.Duration) error {
+	if m == nil {
+		return nil
+	}
+	c := http.Client{Timeout: 2 * time.Second}
+	return pollUntil(ctx, timeout, pollInterval, "the prism-cdc nodes to be ready", func() (bool, error) {
+		if err := m.sample(); err != nil {
+			return false, err
+		}
+		for _, p := range m.procs {
+			req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+p.spec.http+"/readyz", nil)
+			if err != nil {
+				return false, err
+			}
+			resp, err := c.Do(req)
+			if err != nil {
+				return false, nil // not listening yet
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				return false, nil
+			}
+		}
+		return true, nil
+	})
+}
+
 // stageDelays reads the stage histograms of every node of m.
 func (m *mesh) stageDelays(ctx context.Context) (stageCounts, error) {
 	out := stageCounts{}
