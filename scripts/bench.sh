@@ -7,5 +7,8 @@
 # Results (Markdown tables) go to stdout, progress to stderr.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# prism-cdc's slots use contrib/prism_pgoutput where it is built for the
+# servers' major version (-output-plugin auto); without it they use pgoutput.
+scripts/build-prism-pgoutput.sh || echo "warning: contrib/prism_pgoutput not built; prism-cdc's slots use pgoutput" >&2
 go build -o bin/prism-bench ./cmd/prism-bench
 exec bin/prism-bench "$@"
