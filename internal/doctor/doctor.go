@@ -238,7 +238,7 @@ func (d *doctor) slotHealth(db string, sl slotFacts, version int) {
 		d.rep.add(Problem, check, "wal_status is lost: WAL the slot needs was removed (max_slot_wal_keep_size); changes since were not shipped",
 			fmt.Sprintf("SELECT pg_drop_replication_slot('%s');  -- then resynchronise the regions (prism-cdc verify --repair) and restart the nodes", cfg.Slot))
 	default:
-		msg := fmt.Sprintf("wal_status %s, retains %s of WAL", orNone(sl.walStatus), bytesText(sl.retained))
+		msg := fmt.Sprintf("plugin %s, wal_status %s, retains %s of WAL", sl.plugin, orNone(sl.walStatus), bytesText(sl.retained))
 		if sl.active {
 			msg += ", streaming"
 		} else {
@@ -252,7 +252,7 @@ func (d *doctor) slotHealth(db string, sl slotFacts, version int) {
 		default:
 			if sl.plugin == decode.PluginPgoutput && version < 160000 {
 				// Not a problem: a cost, and what would spare it.
-				msg += "; plugin pgoutput, which before PostgreSQL 16 sends the node every transaction applied here to be dropped (prism_pgoutput skips them: README, \"Applied transactions on PostgreSQL 15\")"
+				msg += "; before PostgreSQL 16 pgoutput sends the node every transaction applied here, to be dropped (prism_pgoutput skips them: README, \"Applied transactions on PostgreSQL 15\")"
 			}
 			d.rep.ok(check, msg)
 		}

@@ -151,7 +151,7 @@ peers:
 		defer eu.Exec(ctx, "postgres", "SELECT pg_drop_replication_slot('prism_eu')")
 		rep = Run(ctx, cfg, Options{})
 		fs := rep.Find("database eu: slot prism_eu")
-		if len(fs) != 1 || fs[0].Severity != OK || !strings.Contains(fs[0].Message, "not streaming") || !strings.Contains(fs[0].Message, "prism_pgoutput skips them") {
+		if len(fs) != 1 || fs[0].Severity != OK || !strings.Contains(fs[0].Message, "plugin pgoutput, ") || !strings.Contains(fs[0].Message, "not streaming") || !strings.Contains(fs[0].Message, "prism_pgoutput skips them") {
 			t.Errorf("slot finding = %+v, want one OK finding that notes prism_pgoutput", fs)
 		}
 	})

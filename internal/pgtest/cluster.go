@@ -542,15 +542,16 @@ func PrismPgoutputDir(bin string) (string, error) {
 }
 
 // MajorOf is the major version of the server binaries in bin, as their
-// postgres --version prints it ("postgres (PostgreSQL) 15.18 (Debian ...)").
+// pg_ctl --version prints it ("pg_ctl (PostgreSQL) 15.18 (Debian ...)").
 func MajorOf(bin string) (int, error) {
-	out, err := exec.Command(filepath.Join(bin, "postgres"), "--version").Output()
+	pgctl := filepath.Join(bin, "pg_ctl")
+	out, err := exec.Command(pgctl, "--version").Output()
 	if err != nil {
-		return 0, fmt.Errorf("pgtest: %s --version: %w", filepath.Join(bin, "postgres"), err)
+		return 0, fmt.Errorf("pgtest: %s --version: %w", pgctl, err)
 	}
 	fields := strings.Fields(string(out))
 	if len(fields) < 3 {
-		return 0, fmt.Errorf("pgtest: %s --version printed %q", filepath.Join(bin, "postgres"), out)
+		return 0, fmt.Errorf("pgtest: %s --version printed %q", pgctl, out)
 	}
 	digits := fields[2]
 	if i := strings.IndexFunc(digits, func(r rune) bool { return r < '0' || r > '9' }); i >= 0 {
@@ -558,7 +559,7 @@ func MajorOf(bin string) (int, error) {
 	}
 	major, err := strconv.Atoi(digits)
 	if err != nil {
-		return 0, fmt.Errorf("pgtest: %s --version printed %q", filepath.Join(bin, "postgres"), out)
+		return 0, fmt.Errorf("pgtest: %s --version printed %q", pgctl, out)
 	}
 	return major, nil
 }
