@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/prism-cdc/prism-cdc/internal/config"
 	"github.com/prism-cdc/prism-cdc/pkg/apply"
@@ -90,6 +91,7 @@ func (d *doctor) local(ctx context.Context) string {
 	d.applyPrivilege(ctx, conn, db, s.role, s.super)
 	d.publication(ctx, conn, db, s.super)
 	d.slotHealth(db, slot, s.version)
+	d.outputPlugin(ctx, conn, db, slot, s)
 
 	tables := d.tables(ctx, conn, db)
 	d.identities(ctx, conn, db, tables)
@@ -256,6 +258,59 @@ func (d *doctor) slotHealth(db string, sl slotFacts, version int) {
 			}
 			d.rep.ok(check, msg)
 		}
+	}
+}
+
+// outputPlugin checks that the server can load prism_pgoutput where the
+// configuration or the slot needs it, and says what it would spare where
+// the node's slot will be created or is on pgoutput before PostgreSQL 16.
+// Only a superuser may LOAD a library outside $libdir/plugins, so for
+// other roles it says nothing unless the plugin is required.
+func (d *doctor) outputPlugin(ctx context.Context, conn *pgx.Conn, db string, sl slotFacts, s serverFacts) {
+	check := db + ": output plugin"
+	required := d.cfg.OutputPlugin == decode.PluginPrism && !sl.exists || sl.plugin == decode.PluginPrism
+	useful := s.version < 160000 && d.cfg.OutputPlugin != decode.PluginPgoutput && (!sl.exists || sl.plugin == decode.PluginPgoutput)
+	if !required && !useful {
+		return
+	}
+	loaded, known := false, s.super
+	if s.super {
+		// LOAD dlopens the library in this session and checks its magic
+		// block; prism_pgoutput runs no code of its own when loaded.
+		_, err := conn.Exec(ctx, "LOAD 'prism_pgoutput'")
+		var pgErr *pgconn.PgError
+		switch {
+		case err == nil:
+			loaded = true
+		case errors.As(err, &pgErr) && pgErr.Code == "58P01":
+		default:
+			known = false
+			d.rep.add(Warn, check, "could not check whether the server can load prism_pgoutput: "+err.Error(), "")
+			return
+		}
+	}
+	const install = "make -C contrib/prism_pgoutput install  -- on the database's host, with the server's headers (README, \"Applied transactions on PostgreSQL 15\")"
+	switch {
+	case required && known && !loaded:
+		what := "output_plugin is prism_pgoutput"
+		if sl.exists {
+			what = "slot " + d.cfg.Slot + " uses prism_pgoutput"
+		}
+		d.rep.add(Problem, check, what+", which the server cannot load: the node stops at its start", install)
+	case required && !known:
+		d.rep.add(Warn, check, "prism_pgoutput is needed, and only a superuser can check that the server can load it", "run doctor as a superuser, or check that prism_pgoutput.so is in the server's pg_config --pkglibdir")
+	case required:
+		d.rep.ok(check, "the server loads prism_pgoutput")
+	case !known:
+		// Useful only: nothing to say without knowing.
+	case loaded && !sl.exists:
+		d.rep.ok(check, "prism_pgoutput is installed; the node creates its slot with it")
+	case loaded:
+		d.rep.ok(check, "prism_pgoutput is installed, but slot "+d.cfg.Slot+" uses pgoutput, which sends the node every transaction applied here to be dropped; "+
+			"to move it, drop the slot at a quiet moment (README, \"Applied transactions on PostgreSQL 15\")")
+	default:
+		d.rep.ok(check, "prism_pgoutput is not installed: the region's walsender will send the node every transaction applied here, to be dropped; "+
+			"installed before the node creates its slot, it skips them (README, \"Applied transactions on PostgreSQL 15\")")
 	}
 }
 

@@ -395,3 +395,70 @@ peers: []
 		t.Fatalf("the node's next start: %v", err)
 	}
 }
+
+// TestDoctorOutputPlugin checks the output plugin finding on PostgreSQL
+// 15, as a superuser, as the server's library path changes: prism_pgoutput
+// not installed, installed, installed under a pgoutput slot, required by
+// the configuration, and required by a slot while no longer loadable.
+func TestDoctorOutputPlugin(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "doctor-plugin"})
+	dir, err := pgtest.PrismPgoutputDir("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	libraryPath := func(value string) {
+		t.Helper()
+		if err := c.SetConf("dynamic_library_path", value); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Reload(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	finding := func(plugin string) Finding {
+		t.Helper()
+		cfg := loadConfig(t, fmt.Sprintf(`node: eu1
+region: eu
+database: %q
+output_plugin: %s
+listen: "127.0.0.1:1"
+auth: {token: right-token}
+peers:
+  - region: na
+    nodes: [{name: na1, addr: %q}]
+    database: %q
+`, c.DSN("postgres"), plugin, closedAddr(t), c.DSN("postgres")))
+		fs := Run(ctx, cfg, Options{Timeout: 2 * time.Second}).Find("database eu: output plugin")
+		if len(fs) != 1 {
+			t.Fatalf("output_plugin %s: %d output plugin findings, want 1: %+v", plugin, len(fs), fs)
+		}
+		return fs[0]
+	}
+	for _, step := range []struct {
+		name, libraryPath, plugin, slot string // slot: plugin to create prism_eu with first ("" none)
+		severity                        Severity
+		message                         string
+	}{
+		{"not installed", "'$libdir'", "auto", "", OK, "prism_pgoutput is not installed"},
+		{"installed", "'" + dir + ":$libdir'", "auto", "", OK, "the node creates its slot with it"},
+		{"installed, pgoutput slot", "'" + dir + ":$libdir'", "auto", "pgoutput", OK, "but slot prism_eu uses pgoutput"},
+		{"required, not installed", "'$libdir'", "prism_pgoutput", "", Problem, "output_plugin is prism_pgoutput, which the server cannot load"},
+		{"required, installed", "'" + dir + ":$libdir'", "prism_pgoutput", "", OK, "the server loads prism_pgoutput"},
+		{"slot's plugin gone", "'$libdir'", "auto", "prism_pgoutput", Problem, "slot prism_eu uses prism_pgoutput, which the server cannot load"},
+	} {
+		t.Run(step.name, func(t *testing.T) {
+			libraryPath("'" + dir + ":$libdir'") // to create a prism_pgoutput slot
+			mustExec(t, c, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots")
+			if step.slot != "" {
+				mustExec(t, c, fmt.Sprintf("SELECT pg_create_logical_replication_slot('prism_eu', '%s')", step.slot))
+			}
+			libraryPath(step.libraryPath)
+			f := finding(step.plugin)
+			if f.Severity != step.severity || !strings.Contains(f.Message, step.message) {
+				t.Fatalf("finding = %s %q, want %s with %q", f.Severity, f.Message, step.severity, step.message)
+			}
+			t.Logf("%s: %s", f.Severity, f.Message)
+		})
+	}
+}
