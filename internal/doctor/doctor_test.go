@@ -34,6 +34,23 @@ func mustExec(t *testing.T, c *pgtest.Cluster, sql string) {
 }
 
 // loadConfig writes yaml to a file and loads it as the command would.
+// euConfig loads the configuration of node eu1 of region eu on database
+// db, with token right-token, one peer region na (node na1 at naAddr,
+// fallback naDB) and the YAML lines extra.
+func euConfig(t *testing.T, db, naAddr, naDB, extra string) *config.Config {
+	t.Helper()
+	return loadConfig(t, fmt.Sprintf(`node: eu1
+region: eu
+database: %q
+listen: "127.0.0.1:1"
+auth: {token: right-token}
+peers:
+  - region: na
+    nodes: [{name: na1, addr: %q}]
+    database: %q
+%s`, db, naAddr, naDB, extra))
+}
+
 func loadConfig(t *testing.T, yaml string) *config.Config {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), "node.yaml")
@@ -110,16 +127,7 @@ func TestDoctor(t *testing.T) {
 	deadNode := closedAddr(t)
 
 	t.Run("healthy", func(t *testing.T) {
-		cfg := loadConfig(t, fmt.Sprintf(`node: eu1
-region: eu
-database: %q
-listen: "127.0.0.1:1"
-auth: {token: right-token}
-peers:
-  - region: na
-    nodes: [{name: na1, addr: %q}]
-    database: %q
-`, eu.DSN("postgres"), naNode, na.DSN("postgres")))
+		cfg := euConfig(t, eu.DSN("postgres"), naNode, na.DSN("postgres"), "")
 		rep := Run(ctx, cfg, Options{})
 		var out strings.Builder
 		rep.Write(&out)
@@ -418,17 +426,7 @@ func TestDoctorOutputPlugin(t *testing.T) {
 	}
 	finding := func(plugin string) Finding {
 		t.Helper()
-		cfg := loadConfig(t, fmt.Sprintf(`node: eu1
-region: eu
-database: %q
-output_plugin: %s
-listen: "127.0.0.1:1"
-auth: {token: right-token}
-peers:
-  - region: na
-    nodes: [{name: na1, addr: %q}]
-    database: %q
-`, c.DSN("postgres"), plugin, closedAddr(t), c.DSN("postgres")))
+		cfg := euConfig(t, c.DSN("postgres"), closedAddr(t), c.DSN("postgres"), "output_plugin: "+plugin+"\n")
 		fs := Run(ctx, cfg, Options{Timeout: 2 * time.Second}).Find("database eu: output plugin")
 		if len(fs) != 1 {
 			t.Fatalf("output_plugin %s: %d output plugin findings, want 1: %+v", plugin, len(fs), fs)
