@@ -39,6 +39,7 @@ type slotFacts struct {
 	Name           string `json:"name"`
 	Exists         bool   `json:"exists"`
 	Active         bool   `json:"active"`
+	Plugin         string `json:"plugin,omitempty"` // output plugin: pgoutput or prism_pgoutput
 	ConfirmedFlush string `json:"confirmed_flush_lsn,omitempty"`
 	WALStatus      string `json:"wal_status,omitempty"`
 	RetainedBytes  int64  `json:"retained_wal_bytes"`
@@ -154,9 +155,9 @@ func dbFacts(ctx context.Context, cfg *config.Config, rep *statusReport) {
 			current, _ = parseLSN(lsn)
 		}
 		var confirmed *string
-		err := conn.QueryRow(cctx, `SELECT active, confirmed_flush_lsn::text, coalesce(wal_status, ''),
+		err := conn.QueryRow(cctx, `SELECT active, coalesce(plugin::text, ''), confirmed_flush_lsn::text, coalesce(wal_status, ''),
 			coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint
-			FROM pg_replication_slots WHERE slot_name = $1`, cfg.Slot).Scan(&rep.Slot.Active, &confirmed, &rep.Slot.WALStatus, &rep.Slot.RetainedBytes)
+			FROM pg_replication_slots WHERE slot_name = $1`, cfg.Slot).Scan(&rep.Slot.Active, &rep.Slot.Plugin, &confirmed, &rep.Slot.WALStatus, &rep.Slot.RetainedBytes)
 		switch {
 		case errors.Is(err, pgx.ErrNoRows):
 		case err != nil:
@@ -230,8 +231,8 @@ func printStatus(w io.Writer, rep statusReport) {
 		if rep.Slot.Active {
 			active = "streaming"
 		}
-		fmt.Fprintf(w, "region %s: WAL at %s, slot %s %s, confirmed %s, retains %d bytes of WAL (wal_status %s)\n",
-			rep.Region, rep.CurrentLSN, rep.Slot.Name, active, rep.Slot.ConfirmedFlush, rep.Slot.RetainedBytes, rep.Slot.WALStatus)
+		fmt.Fprintf(w, "region %s: WAL at %s, slot %s (%s) %s, confirmed %s, retains %d bytes of WAL (wal_status %s)\n",
+			rep.Region, rep.CurrentLSN, rep.Slot.Name, rep.Slot.Plugin, active, rep.Slot.ConfirmedFlush, rep.Slot.RetainedBytes, rep.Slot.WALStatus)
 	}
 	fmt.Fprintln(w)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)

@@ -51,7 +51,7 @@ peers:
 	code := run(ctx, []string{"status", "--config", cfg}, &stdout, &stderr)
 	out := stdout.String()
 	if code != exitFail || !strings.Contains(out, "NOTE: node na1 does not answer on "+httpAddr) ||
-		!strings.Contains(out, "slot prism_na not streaming") || !strings.Contains(out, "node down") {
+		!strings.Contains(out, "slot prism_na (pgoutput) not streaming") || !strings.Contains(out, "node down") {
 		t.Fatalf("status(node down) = %d, want %d with a note and database facts\n%s%s", code, exitFail, out, &stderr)
 	}
 	stdout.Reset()
@@ -60,7 +60,7 @@ peers:
 	if err := json.Unmarshal(stdout.Bytes(), &rep); err != nil {
 		t.Fatalf("status --json: %v\n%s", err, &stdout)
 	}
-	if code != exitFail || rep.Node != nil || rep.NodeError == "" || !rep.Slot.Exists || rep.Slot.RetainedBytes <= 0 ||
+	if code != exitFail || rep.Node != nil || rep.NodeError == "" || !rep.Slot.Exists || rep.Slot.Plugin != "pgoutput" || rep.Slot.RetainedBytes <= 0 ||
 		len(rep.Targets) != 1 || rep.Targets[0].AppliedLSN != "0/100" || rep.Targets[0].WALSinceApplied <= 0 {
 		t.Fatalf("status --json = %d %+v", code, rep)
 	}
