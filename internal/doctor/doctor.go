@@ -284,7 +284,6 @@ func (d *doctor) outputPlugin(ctx context.Context, conn *pgx.Conn, db string, sl
 			loaded = true
 		case errors.As(err, &pgErr) && pgErr.Code == "58P01":
 		default:
-			known = false
 			d.rep.add(Warn, check, "could not check whether the server can load prism_pgoutput: "+err.Error(), "")
 			return
 		}
