@@ -19,6 +19,8 @@ import (
 var stageMetrics = []struct{ metric, name string }{
 	{"prism_source_send_delay_seconds", "walsender sent"},
 	{"prism_source_read_delay_seconds", "node read"},
+	{"prism_peer_receive_delay_seconds", "peer received"},
+	{"prism_apply_begin_delay_seconds", "apply began"},
 	{"prism_apply_delay_seconds", "applied"},
 }
 

@@ -29,9 +29,10 @@ func metricSum(d *Deployment, name, metric string) (sum float64, ok bool) {
 
 // TestStageDelays: the nodes' /metrics show where a transaction's time
 // went. For each of 20 transactions written in na, na1 observes the
-// walsender's send and its own read of it, and eu1 its apply, labelled
-// with the source region; the delays are those of a quiet machine, not
-// zeros and not clock garbage.
+// walsender's send and its own read of it, and eu1 its receipt, the
+// start of its apply and its apply, labelled with the source region; the
+// delays are those of a quiet machine, not zeros and not clock garbage,
+// and they grow along the path.
 func TestStageDelays(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
@@ -50,6 +51,8 @@ func TestStageDelays(t *testing.T) {
 	for _, c := range []struct{ node, metric, labels string }{
 		{"na1", "prism_source_send_delay_seconds", ""},
 		{"na1", "prism_source_read_delay_seconds", ""},
+		{"eu1", "prism_peer_receive_delay_seconds", `source="na"`},
+		{"eu1", "prism_apply_begin_delay_seconds", `source="na"`},
 		{"eu1", "prism_apply_delay_seconds", `source="na"`},
 	} {
 		var n, sum float64
@@ -69,6 +72,16 @@ func TestStageDelays(t *testing.T) {
 				t.Errorf("%s's %s has no series with %s", c.node, c.metric, c.labels)
 			}
 		}
+	}
+	// Each transaction is received before its apply begins, and applied
+	// after: the sums of its delays grow along the path.
+	var last float64
+	for _, m := range []string{"prism_peer_receive_delay_seconds_sum", "prism_apply_begin_delay_seconds_sum", "prism_apply_delay_seconds_sum"} {
+		sum, _ := metricSum(d, "eu1", m)
+		if sum < last {
+			t.Errorf("eu1's %s is %.6f s, below the stage before it (%.6f s)", m, sum, last)
+		}
+		last = sum
 	}
 	// eu had no local transaction to send.
 	if n, _ := metricSum(d, "eu1", "prism_source_send_delay_seconds_count"); n != 0 {

@@ -313,7 +313,7 @@ func (n *Node) servePeers(runCtx context.Context, wg *sync.WaitGroup, fatal chan
 	sc.Region, sc.Node, sc.AcceptRegions = n.cfg.Region, n.cfg.Node, accept
 	sc.Token, sc.TLS, sc.Insecure = n.cfg.Auth.Token, serverTLS, n.plaintext()
 	sc.Errors = newErrorPolicy(n.cfg, n.log)
-	sc.Applied = n.delays.appliedTxns
+	sc.Received, sc.Applying, sc.Applied = n.delays.peerReceived, n.delays.applying, n.delays.appliedTxns
 	server := peers.NewWaitingServer(sc, fmt.Sprintf("node %s of region %s is waiting for its database", n.cfg.Node, n.cfg.Region),
 		n.log.With().Str("component", "server").Logger())
 	wg.Add(1)

@@ -98,6 +98,8 @@ func pageFixture(t *testing.T) (*monitor, *httptest.Server) {
 	// region's, in a real node).
 	n.applied.Store(apps["eu"])
 	// One transaction of eu applied here 3 ms after its commit.
+	n.delays.peerReceived("eu", &decode.Txn{Origin: "eu", CommitTime: time.Now().Add(-time.Millisecond)})
+	n.delays.applying("eu", []*decode.Txn{{Origin: "eu", CommitTime: time.Now().Add(-1500 * time.Microsecond)}})
 	n.delays.appliedTxns("eu", []*decode.Txn{{Origin: "eu", CommitTime: time.Now().Add(-3 * time.Millisecond)}})
 	ship := func(source, target, addr string) *peers.Shipper {
 		d := config.DefaultDelivery()
@@ -293,6 +295,10 @@ func TestStatusMetricsAndPage(t *testing.T) {
 		"# TYPE prism_retries_total counter",
 		`prism_apply_delay_seconds_bucket{node="na1",region="na",source="eu",le="0.005"} 1`,
 		`prism_apply_delay_seconds_bucket{node="na1",region="na",source="eu",le="0.002"} 0`,
+		`prism_peer_receive_delay_seconds_bucket{node="na1",region="na",source="eu",le="0.002"} 1`,
+		`prism_peer_receive_delay_seconds_bucket{node="na1",region="na",source="eu",le="0.0005"} 0`,
+		`prism_apply_begin_delay_seconds_bucket{node="na1",region="na",source="eu",le="0.002"} 1`,
+		`prism_apply_begin_delay_seconds_bucket{node="na1",region="na",source="eu",le="0.001"} 0`,
 		`prism_source_send_delay_seconds_count{node="na1",region="na"} 0`,
 		"go_goroutines",
 	} {

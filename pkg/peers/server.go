@@ -74,6 +74,14 @@ type ServerConfig struct {
 	// region that were just applied (committed and visible, durable or
 	// not yet), in order. It must not block.
 	Applied func(region string, txns []*decode.Txn)
+	// Received, when set, is called with every transaction of source
+	// region region as its frame (or a streamed one's first frame) is
+	// read, before it is queued. It must not block.
+	Received func(region string, txn *decode.Txn)
+	// Applying, when set, is called with the transactions of source
+	// region region that the Server hands its Applier next, in order,
+	// before it does. It must not block.
+	Applying func(region string, txns []*decode.Txn)
 }
 
 // Server receives update messages from other regions' shippers and applies
@@ -489,8 +497,14 @@ func (s *Server) readFrames(ctx context.Context, fc *frameConn, region string, q
 		case *undoneFrame:
 			s.undone(ctx, region, f, log)
 		case *txnFrame:
+			if s.cfg.Received != nil {
+				s.cfg.Received(region, f.Txn)
+			}
 			run = append(run, &queued{txn: f.Txn})
 		case *txnBegin:
+			if s.cfg.Received != nil {
+				s.cfg.Received(region, f.Txn)
+			}
 			if err = enqueue(); err == nil {
 				open = &queued{txn: f.Txn, count: f.Count, chunks: make(chan []decode.Change, 2)}
 				run = []*queued{open}
@@ -596,6 +610,9 @@ func gather(queue <-chan []*queued, pending []*queued, batch []*decode.Txn, batc
 // applyBatch reports that the stream halted.
 func (s *Server) applyBatch(ctx context.Context, fc *frameConn, region string, lazy *lazyAcks, batch []*decode.Txn, log zerolog.Logger) (halted bool, err error) {
 	for len(batch) > 0 && !halted {
+		if s.cfg.Applying != nil {
+			s.cfg.Applying(region, batch)
+		}
 		n, aerr := applyTxns(ctx, s.app, batch)
 		if n > 0 && s.cfg.Applied != nil {
 			s.cfg.Applied(region, batch[:n])
@@ -777,6 +794,9 @@ func (s *Server) applyStreamed(ctx context.Context, fc *frameConn, q *queued, lo
 		case <-ctx.Done():
 			return nil, context.Cause(ctx)
 		}
+	}
+	if s.cfg.Applying != nil {
+		s.cfg.Applying(q.txn.Origin, []*decode.Txn{q.txn})
 	}
 	var aerr error
 	if sa, ok := s.app.(streamApplier); ok {
