@@ -264,8 +264,8 @@ func (d *doctor) slotHealth(db string, sl slotFacts, version int) {
 // outputPlugin checks that the server can load prism_pgoutput where the
 // configuration or the slot needs it, and says what it would spare where
 // the node's slot will be created or is on pgoutput before PostgreSQL 16.
-// Only a superuser may LOAD a library outside $libdir/plugins, so for
-// other roles it says nothing unless the plugin is required.
+// It finds out with pluginLoads; a role that can neither LOAD nor create
+// a slot gets nothing said unless the plugin is required.
 func (d *doctor) outputPlugin(ctx context.Context, conn *pgx.Conn, db string, sl slotFacts, s serverFacts) {
 	check := db + ": output plugin"
 	required := d.cfg.OutputPlugin == decode.PluginPrism && !sl.exists || sl.plugin == decode.PluginPrism
@@ -273,20 +273,10 @@ func (d *doctor) outputPlugin(ctx context.Context, conn *pgx.Conn, db string, sl
 	if !required && !useful {
 		return
 	}
-	loaded, known := false, s.super
-	if s.super {
-		// LOAD dlopens the library in this session and checks its magic
-		// block; prism_pgoutput runs no code of its own when loaded.
-		_, err := conn.Exec(ctx, "LOAD 'prism_pgoutput'")
-		var pgErr *pgconn.PgError
-		switch {
-		case err == nil:
-			loaded = true
-		case errors.As(err, &pgErr) && pgErr.Code == "58P01":
-		default:
-			d.rep.add(Warn, check, "could not check whether the server can load prism_pgoutput: "+err.Error(), "")
-			return
-		}
+	loaded, known, err := pluginLoads(ctx, conn, s)
+	if err != nil {
+		d.rep.add(Warn, check, "could not check whether the server can load prism_pgoutput: "+err.Error(), "")
+		return
 	}
 	const install = "make -C contrib/prism_pgoutput install  -- on the database's host, with the server's headers (README, \"Applied transactions on PostgreSQL 15\")"
 	switch {
@@ -297,7 +287,8 @@ func (d *doctor) outputPlugin(ctx context.Context, conn *pgx.Conn, db string, sl
 		}
 		d.rep.add(Problem, check, what+", which the server cannot load: the node stops at its start", install)
 	case required && !known:
-		d.rep.add(Warn, check, "prism_pgoutput is needed, and only a superuser can check that the server can load it", "run doctor as a superuser, or check that prism_pgoutput.so is in the server's pg_config --pkglibdir")
+		d.rep.add(Warn, check, "prism_pgoutput is needed, and only a superuser or a role with REPLICATION (where wal_level is logical) can check that the server can load it",
+			"run doctor as such a role, or check that prism_pgoutput.so is in the server's pg_config --pkglibdir")
 	case required:
 		d.rep.ok(check, "the server loads prism_pgoutput")
 	case !known:
@@ -311,6 +302,59 @@ func (d *doctor) outputPlugin(ctx context.Context, conn *pgx.Conn, db string, sl
 		d.rep.ok(check, "prism_pgoutput is not installed: the region's walsender will send the node every transaction applied here, to be dropped; "+
 			"installed before the node creates its slot, it skips them (README, \"Applied transactions on PostgreSQL 15\")")
 	}
+}
+
+// pluginProbeTimeout bounds pluginLoads' temporary slot: creating one
+// waits for the transactions running at the time to end, but the server
+// loads the output plugin before it waits.
+const pluginProbeTimeout = "1s"
+
+// pluginLoads reports whether the server can load prism_pgoutput (loaded)
+// and whether it could find out (known). A superuser LOADs the library,
+// which dlopens it in this session and checks its magic block
+// (prism_pgoutput runs no code of its own when loaded); only a superuser
+// may LOAD a library outside $libdir/plugins. A role with REPLICATION
+// creates a temporary logical slot with the plugin instead, which loads
+// it first: a missing library fails at once (58P01); a slot created, or
+// a creation that outlasts pluginProbeTimeout waiting for running
+// transactions, means it loaded. The slot is dropped at once, or with
+// the rolled-back creation, and never outlives this session.
+func pluginLoads(ctx context.Context, conn *pgx.Conn, s serverFacts) (loaded, known bool, err error) {
+	var pgErr *pgconn.PgError
+	switch {
+	case s.super:
+		_, err := conn.Exec(ctx, "LOAD 'prism_pgoutput'")
+		switch {
+		case err == nil:
+			return true, true, nil
+		case errors.As(err, &pgErr) && pgErr.Code == "58P01":
+			return false, true, nil
+		}
+		return false, false, err
+	case !s.repl || s.walLevel != "logical":
+		return false, false, nil
+	}
+	tx, err := conn.Begin(ctx)
+	if err != nil {
+		return false, false, err
+	}
+	defer tx.Rollback(context.WithoutCancel(ctx))
+	if _, err := tx.Exec(ctx, "SET LOCAL statement_timeout = '"+pluginProbeTimeout+"'"); err != nil {
+		return false, false, err
+	}
+	_, err = tx.Exec(ctx, `SELECT pg_catalog.pg_create_logical_replication_slot('prism_doctor_' || pg_catalog.pg_backend_pid(), 'prism_pgoutput', true);
+		SELECT pg_catalog.pg_drop_replication_slot('prism_doctor_' || pg_catalog.pg_backend_pid())`)
+	switch {
+	case err == nil:
+		return true, true, tx.Commit(ctx)
+	case errors.As(err, &pgErr) && pgErr.Code == "58P01":
+		return false, true, nil
+	case ctx.Err() != nil:
+		return false, false, err
+	case errors.As(err, &pgErr) && pgErr.Code == "57014":
+		return true, true, nil // cancelled while it waited: the plugin loaded
+	}
+	return false, false, err
 }
 
 func orNone(s string) string {

@@ -405,9 +405,12 @@ peers: []
 }
 
 // TestDoctorOutputPlugin checks the output plugin finding on PostgreSQL
-// 15, as a superuser, as the server's library path changes: prism_pgoutput
-// not installed, installed, installed under a pgoutput slot, required by
-// the configuration, and required by a slot while no longer loadable.
+// 15 as the server's library path changes: prism_pgoutput not installed,
+// installed, installed under a pgoutput slot, required by the
+// configuration, and required by a slot while no longer loadable. Each
+// step runs as a superuser (which LOADs the library) and as a role with
+// only REPLICATION (which creates a temporary slot with it), and leaves no
+// slot of its own behind; a role with neither cannot tell.
 func TestDoctorOutputPlugin(t *testing.T) {
 	ctx := testCtx(t)
 	c := pgtest.Start(t, pgtest.Options{Name: "doctor-plugin"})
@@ -424,9 +427,11 @@ func TestDoctorOutputPlugin(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	finding := func(plugin string) Finding {
+	mustExec(t, c, "CREATE ROLE replicator LOGIN REPLICATION; CREATE ROLE plain LOGIN")
+	finding := func(user, plugin string) Finding {
 		t.Helper()
-		cfg := euConfig(t, c.DSN("postgres"), closedAddr(t), c.DSN("postgres"), "output_plugin: "+plugin+"\n")
+		dsn := strings.Replace(c.DSN("postgres"), "user=postgres", "user="+user, 1)
+		cfg := euConfig(t, dsn, closedAddr(t), c.DSN("postgres"), "output_plugin: "+plugin+"\n")
 		fs := Run(ctx, cfg, Options{Timeout: 2 * time.Second}).Find("database eu: output plugin")
 		if len(fs) != 1 {
 			t.Fatalf("output_plugin %s: %d output plugin findings, want 1: %+v", plugin, len(fs), fs)
@@ -445,18 +450,56 @@ func TestDoctorOutputPlugin(t *testing.T) {
 		{"required, installed", "'" + dir + ":$libdir'", "prism_pgoutput", "", OK, "the server loads prism_pgoutput"},
 		{"slot's plugin gone", "'$libdir'", "auto", "prism_pgoutput", Problem, "slot prism_eu uses prism_pgoutput, which the server cannot load"},
 	} {
-		t.Run(step.name, func(t *testing.T) {
-			libraryPath("'" + dir + ":$libdir'") // to create a prism_pgoutput slot
-			mustExec(t, c, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots")
-			if step.slot != "" {
-				mustExec(t, c, fmt.Sprintf("SELECT pg_create_logical_replication_slot('prism_eu', '%s')", step.slot))
-			}
-			libraryPath(step.libraryPath)
-			f := finding(step.plugin)
-			if f.Severity != step.severity || !strings.Contains(f.Message, step.message) {
-				t.Fatalf("finding = %s %q, want %s with %q", f.Severity, f.Message, step.severity, step.message)
-			}
-			t.Logf("%s: %s", f.Severity, f.Message)
-		})
+		for _, user := range []string{"postgres", "replicator"} {
+			t.Run(step.name+" as "+user, func(t *testing.T) {
+				libraryPath("'" + dir + ":$libdir'") // to create a prism_pgoutput slot
+				mustExec(t, c, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots")
+				if step.slot != "" {
+					mustExec(t, c, fmt.Sprintf("SELECT pg_create_logical_replication_slot('prism_eu', '%s')", step.slot))
+				}
+				libraryPath(step.libraryPath)
+				f := finding(user, step.plugin)
+				if f.Severity != step.severity || !strings.Contains(f.Message, step.message) {
+					t.Fatalf("finding = %s %q, want %s with %q", f.Severity, f.Message, step.severity, step.message)
+				}
+				t.Logf("%s: %s", f.Severity, f.Message)
+				conn, err := c.Connect(ctx, "postgres")
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer conn.Close(context.Background())
+				var left int
+				if err := conn.QueryRow(ctx, "SELECT count(*)::int FROM pg_replication_slots WHERE slot_name <> 'prism_eu'").Scan(&left); err != nil || left != 0 {
+					t.Fatalf("slots other than prism_eu after doctor = %d, %v; want 0", left, err)
+				}
+			})
+		}
+	}
+	// A transaction running meanwhile keeps the temporary slot waiting
+	// past its timeout, after the server loaded the plugin: installed.
+	libraryPath("'" + dir + ":$libdir'")
+	mustExec(t, c, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots")
+	open, err := c.Connect(ctx, "postgres")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer open.Close(context.Background())
+	if _, err := open.Exec(ctx, "BEGIN; SELECT pg_current_xact_id()"); err != nil {
+		t.Fatal(err)
+	}
+	if f := finding("replicator", "auto"); f.Severity != OK || !strings.Contains(f.Message, "the node creates its slot with it") {
+		t.Fatalf("installed, a transaction running, as replicator: finding = %s %q, want the plugin found", f.Severity, f.Message)
+	}
+	if _, err := open.Exec(ctx, "ROLLBACK"); err != nil {
+		t.Fatal(err)
+	}
+	// A role that can neither LOAD nor create a slot cannot tell; it says
+	// so only where the plugin is required.
+	if f := finding("plain", "prism_pgoutput"); f.Severity != Warn || !strings.Contains(f.Message, "can check that the server can load it") {
+		t.Fatalf("required, as a role without REPLICATION: finding = %s %q, want a warning that it cannot check", f.Severity, f.Message)
+	}
+	cfg := euConfig(t, strings.Replace(c.DSN("postgres"), "user=postgres", "user=plain", 1), closedAddr(t), c.DSN("postgres"), "output_plugin: auto\n")
+	if fs := Run(ctx, cfg, Options{Timeout: 2 * time.Second}).Find("database eu: output plugin"); len(fs) != 0 {
+		t.Fatalf("useful only, as a role without REPLICATION: %+v, want no finding", fs)
 	}
 }
