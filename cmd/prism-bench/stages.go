@@ -5,13 +5,14 @@ import (
 	"context"
 	"fmt"
 	"maps"
-	"math"
 	"net/http"
 	"regexp"
 	"slices"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/prism-cdc/prism-cdc/internal/node"
 )
 
 // The nodes' stage delay histograms (see the README's /metrics), in the
@@ -175,29 +176,9 @@ func stageSummary(before, after stageCounts) string {
 			continue
 		}
 		parts = append(parts, fmt.Sprintf("%s: %d, p50 %s, p99 %s", s.name, int(cum[len(cum)-1]),
-			fmtMS(bucketQuantile(0.5, les, cum)), fmtMS(bucketQuantile(0.99, les, cum))))
+			fmtMS(node.BucketQuantile(0.5, les, cum)), fmtMS(node.BucketQuantile(0.99, les, cum))))
 	}
 	return strings.Join(parts, "; ")
-}
-
-// bucketQuantile is the q-quantile of cumulative counts cum at upper
-// bounds les (ascending, the last +Inf), linear within a bucket.
-func bucketQuantile(q float64, les, cum []float64) float64 {
-	rank := q * cum[len(cum)-1]
-	lower, below := 0.0, 0.0
-	for i, le := range les {
-		if cum[i] >= rank {
-			if math.IsInf(le, 1) {
-				return lower
-			}
-			if cum[i] == below {
-				return le
-			}
-			return lower + (le-lower)*(rank-below)/(cum[i]-below)
-		}
-		lower, below = le, cum[i]
-	}
-	return lower
 }
 
 func fmtMS(seconds float64) string {

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -263,11 +264,59 @@ func printStatus(w io.Writer, rep statusReport) {
 		fmt.Fprintf(w, "\nAUTH REFUSED: node %s of region %s refuses this node's credentials. Give both nodes the same auth.token (and, with auth.tls, certificates signed by a CA the other trusts), then restart the node whose config changed.\n",
 			strings.Join(t.AuthRefused, ", "), t.Region)
 	}
+	if rep.Node != nil {
+		printDelays(w, rep.Node.Delays)
+	}
 	if rep.Node == nil {
 		fmt.Fprintln(w, "\nLAG BYTES / LAG SECONDS: unknown while the node is down; WAL SINCE is the database's figure.")
 	}
 	fmt.Fprintln(w, "\nLAG SECONDS: time since the source commit of the oldest transaction the region has not acknowledged (0 when caught up).")
 	fmt.Fprintln(w, "APPLIED THERE / WAL SINCE: origin "+decode.OriginName(rep.Region)+" in the region's database, and this region's WAL written after it (an upper bound on the lag: it includes WAL that is not shipped).")
+}
+
+// stageNames name the stages of node.StageDelay for the status text.
+var stageNames = map[string]string{
+	node.StageSent:     "walsender sent",
+	node.StageRead:     "node read",
+	node.StageReceived: "received here",
+	node.StageBegan:    "apply began",
+	node.StageApplied:  "applied",
+}
+
+// printDelays prints where transactions' time went over the last minute:
+// this region's own transactions, then those of every source region
+// applied here.
+func printDelays(w io.Writer, ds []node.StageDelay) {
+	if len(ds) == 0 {
+		return
+	}
+	fmt.Fprintf(w, "\nDELAYS over the last %s, from the source commit, p50 / p99 (transactions):\n", node.DelayWindow)
+	var line []string
+	source := ds[0].Source
+	flush := func() {
+		who := "  this region's transactions: "
+		if source != "" {
+			who = "  from " + source + ", applied here: "
+		}
+		fmt.Fprintln(w, who+strings.Join(line, ", "))
+		line = nil
+	}
+	for _, d := range ds {
+		if d.Source != source {
+			flush()
+			source = d.Source
+		}
+		line = append(line, fmt.Sprintf("%s %s / %s (%d)", stageNames[d.Stage], fmtSeconds(d.P50), fmtSeconds(d.P99), d.Count))
+	}
+	flush()
+}
+
+// fmtSeconds renders a delay in ms below a second, else in seconds.
+func fmtSeconds(s float64) string {
+	if s < 1 {
+		return strconv.FormatFloat(s*1000, 'f', 1, 64) + " ms"
+	}
+	return strconv.FormatFloat(s, 'f', 1, 64) + " s"
 }
 
 func parseLSN(s string) (pglogrepl.LSN, error) { return pglogrepl.ParseLSN(s) }

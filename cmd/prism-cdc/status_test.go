@@ -15,6 +15,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/prism-cdc/prism-cdc/internal/config"
+	"github.com/prism-cdc/prism-cdc/internal/node"
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
 	"github.com/prism-cdc/prism-cdc/pkg/apply"
 	"github.com/prism-cdc/prism-cdc/pkg/peers"
@@ -101,6 +102,32 @@ func TestErrorCell(t *testing.T) {
 				t.Fatalf("errorCell(%q) = %q, want %q", tc.msg, got, tc.want)
 			}
 		})
+	}
+}
+
+// TestPrintDelays: status prints the stage delays of the last minute on a
+// line for this region's transactions and one per source region, in ms
+// below a second, and nothing without any.
+func TestPrintDelays(t *testing.T) {
+	var b bytes.Buffer
+	printDelays(&b, []node.StageDelay{
+		{Stage: node.StageSent, Count: 9, P50: .0007, P99: .0048},
+		{Stage: node.StageRead, Count: 9, P50: .0008, P99: .0049},
+		{Stage: node.StageReceived, Source: "as", Count: 4, P50: .001, P99: .0063},
+		{Stage: node.StageApplied, Source: "as", Count: 4, P50: .0023, P99: 1.5},
+		{Stage: node.StageApplied, Source: "na", Count: 2, P50: .003, P99: .004},
+	})
+	want := "\nDELAYS over the last 1m0s, from the source commit, p50 / p99 (transactions):\n" +
+		"  this region's transactions: walsender sent 0.7 ms / 4.8 ms (9), node read 0.8 ms / 4.9 ms (9)\n" +
+		"  from as, applied here: received here 1.0 ms / 6.3 ms (4), applied 2.3 ms / 1.5 s (4)\n" +
+		"  from na, applied here: applied 3.0 ms / 4.0 ms (2)\n"
+	if b.String() != want {
+		t.Errorf("printDelays =\n%s\nwant\n%s", b.String(), want)
+	}
+	b.Reset()
+	printDelays(&b, nil)
+	if b.Len() != 0 {
+		t.Errorf("printDelays(nil) = %q, want nothing", b.String())
 	}
 }
 

@@ -1,9 +1,13 @@
 package node
 
 import (
+	"math"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/prism-cdc/prism-cdc/pkg/decode"
 )
@@ -117,4 +121,152 @@ func observe(hv *prometheus.HistogramVec, source string, txns []*decode.Txn) {
 // nonNegative is d in seconds, 0 when clocks made it negative.
 func nonNegative(d time.Duration) float64 {
 	return max(d.Seconds(), 0)
+}
+
+// Stages of StageDelay, in the order a transaction passes them.
+const (
+	StageSent     = "sent"
+	StageRead     = "read"
+	StageReceived = "received"
+	StageBegan    = "began"
+	StageApplied  = "applied"
+)
+
+// DelayWindow is how far back /status looks at the stage delays.
+const DelayWindow = time.Minute
+
+// StageDelay is what a stage's histogram observed over the last
+// DelayWindow (less since the node started): the delays from the source
+// commit of the transactions that passed it, interpolated within the
+// histogram's buckets as Prometheus' histogram_quantile does.
+type StageDelay struct {
+	Stage string `json:"stage"`
+	// Source is the source region of received, began and applied.
+	Source string  `json:"source,omitempty"`
+	Count  uint64  `json:"count"`
+	P50    float64 `json:"p50_seconds"`
+	P99    float64 `json:"p99_seconds"`
+}
+
+// stageCounts are the cumulative bucket counts of every stage series, by
+// stage and source ("stage\x00source"), the last one +Inf's.
+type stageCounts map[string][]uint64
+
+// delayWindow keeps a snapshot of the histograms every HistoryEvery over
+// the last DelayWindow; the monitor takes them.
+type delayWindow struct {
+	snaps [int(DelayWindow/HistoryEvery) + 1]stageCounts
+	next  int
+	n     int
+}
+
+// counts reads every stage series' cumulative bucket counts.
+func (d *delays) counts() stageCounts {
+	out := stageCounts{}
+	if d == nil {
+		return out
+	}
+	for _, s := range []struct {
+		stage string
+		c     prometheus.Collector
+	}{{StageSent, d.sent}, {StageRead, d.read}, {StageReceived, d.peer}, {StageBegan, d.began}, {StageApplied, d.applied}} {
+		ch := make(chan prometheus.Metric, 16)
+		go func() { s.c.Collect(ch); close(ch) }()
+		for m := range ch {
+			var pb dto.Metric
+			if m.Write(&pb) != nil || pb.Histogram == nil {
+				continue
+			}
+			source := ""
+			for _, l := range pb.Label {
+				if l.GetName() == "source" {
+					source = l.GetValue()
+				}
+			}
+			cum := make([]uint64, 0, len(pb.Histogram.Bucket)+1)
+			for _, b := range pb.Histogram.Bucket {
+				cum = append(cum, b.GetCumulativeCount())
+			}
+			out[s.stage+"\x00"+source] = append(cum, pb.Histogram.GetSampleCount())
+		}
+	}
+	return out
+}
+
+// recentDelays is what the stages observed over the last DelayWindow.
+func (m *monitor) recentDelays() []StageDelay {
+	now := m.n.delays.counts()
+	m.mu.Lock()
+	before := m.window.oldest()
+	m.mu.Unlock()
+	return recent(before, now)
+}
+
+// add records a snapshot, dropping the one it replaces.
+func (w *delayWindow) add(c stageCounts) {
+	w.snaps[w.next] = c
+	w.next = (w.next + 1) % len(w.snaps)
+	w.n = min(w.n+1, len(w.snaps))
+}
+
+// oldest is the oldest snapshot held (nil before the first).
+func (w *delayWindow) oldest() stageCounts {
+	if w.n == 0 {
+		return nil
+	}
+	return w.snaps[(w.next+len(w.snaps)-w.n)%len(w.snaps)]
+}
+
+// recent returns what every stage observed between the snapshot before
+// and the counts now, stages in order and sources sorted; a stage that
+// observed nothing is left out.
+func recent(before, now stageCounts) []StageDelay {
+	order := map[string]int{StageSent: 0, StageRead: 1, StageReceived: 2, StageBegan: 3, StageApplied: 4}
+	out := []StageDelay{}
+	for key, cum := range now {
+		stage, source, _ := strings.Cut(key, "\x00")
+		prev := before[key]
+		d := make([]float64, len(cum))
+		for i, c := range cum {
+			if i < len(prev) && prev[i] <= c {
+				c -= prev[i]
+			}
+			d[i] = float64(c)
+		}
+		if len(d) == 0 || d[len(d)-1] == 0 {
+			continue
+		}
+		les := append(slices.Clone(delayBuckets), math.Inf(1))
+		out = append(out, StageDelay{Stage: stage, Source: source, Count: uint64(d[len(d)-1]),
+			P50: BucketQuantile(0.5, les, d), P99: BucketQuantile(0.99, les, d)})
+	}
+	slices.SortFunc(out, func(a, b StageDelay) int {
+		if a.Source != b.Source {
+			return strings.Compare(a.Source, b.Source)
+		}
+		return order[a.Stage] - order[b.Stage]
+	})
+	return out
+}
+
+// BucketQuantile is the q-quantile of cumulative counts cum at upper
+// bounds les (ascending, the last +Inf), linear within a bucket as
+// Prometheus' histogram_quantile is; in the +Inf bucket it is the last
+// finite bound.
+func BucketQuantile(q float64, les, cum []float64) float64 {
+	rank := q * cum[len(cum)-1]
+	lower, below := 0.0, 0.0
+	for i, le := range les {
+		if cum[i] >= rank {
+			if math.IsInf(le, 1) {
+				return lower
+			}
+			if cum[i] == below {
+				return le
+			}
+			return lower + (le-lower)*(rank-below)/(cum[i]-below)
+		}
+		lower, below = le, cum[i]
+	}
+	return lower
 }

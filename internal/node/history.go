@@ -76,8 +76,10 @@ func (r *ring) samples() []Sample {
 // record takes one sample of every target region from the status.
 func (m *monitor) record(now time.Time) {
 	st := m.status(now)
+	counts := m.n.delays.counts()
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	m.window.add(counts)
 	for _, t := range st.Targets {
 		r := m.history[t.Region]
 		if r == nil {

@@ -36,6 +36,11 @@ type Status struct {
 	Switches []Switch `json:"switches"`
 	// Peers lists every peer region's nodes in failover order.
 	Peers []PeerNodes `json:"peers"`
+	// Delays are where transactions' time went over the last
+	// DelayWindow, per stage (see StageDelay): this node's own
+	// transactions (sent, read) and, per source region, those it applied
+	// here (received, began, applied).
+	Delays []StageDelay `json:"delays"`
 }
 
 // PeerNodes names a peer region's nodes.
@@ -187,6 +192,7 @@ func (m *monitor) status(now time.Time) Status {
 		st.Peers = append(st.Peers, pn)
 	}
 	st.Decoded = m.decodedTotal()
+	st.Delays = m.recentDelays()
 	st.Switches = m.recentSwitches()
 	if st.Switches == nil {
 		st.Switches = []Switch{}

@@ -43,6 +43,7 @@ type monitor struct {
 
 	history map[string]*ring // per target region: the samples the page charts
 	order   []string         // target regions in the order first sampled
+	window  delayWindow      // the stage delays' snapshots of the last DelayWindow
 }
 
 // targetTrack accumulates one target region's counters.

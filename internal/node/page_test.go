@@ -262,6 +262,17 @@ func TestStatusMetricsAndPage(t *testing.T) {
 	if eu := target(st, "eu"); eu.LagSeconds != 0 {
 		t.Errorf("eu lag = %.1fs, want 0 (caught up)", eu.LagSeconds)
 	}
+	// eu's transaction applied here 3 ms after its commit (pageFixture),
+	// in the last minute.
+	var sawDelay bool
+	for _, d := range st.Delays {
+		if d.Stage == StageApplied && d.Source == "eu" && d.Count == 1 && d.P50 > .002 && d.P50 <= .005 {
+			sawDelay = true
+		}
+	}
+	if !sawDelay {
+		t.Errorf("delays %+v lack eu's transaction applied after 3 ms", st.Delays)
+	}
 	var sawEU bool
 	for _, s := range st.Switches {
 		if s.Region == "eu" && s.From == peers.PathConnecting && s.To == "eu1" {
