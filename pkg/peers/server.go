@@ -609,10 +609,10 @@ func gather(queue <-chan []*queued, pending []*queued, batch []*decode.Txn, batc
 // acknowledged too and the rest follow; otherwise it is nacked and
 // applyBatch reports that the stream halted.
 func (s *Server) applyBatch(ctx context.Context, fc *frameConn, region string, lazy *lazyAcks, batch []*decode.Txn, log zerolog.Logger) (halted bool, err error) {
+	if s.cfg.Applying != nil && len(batch) > 0 {
+		s.cfg.Applying(region, batch) // once: what follows a parked failure is not begun again
+	}
 	for len(batch) > 0 && !halted {
-		if s.cfg.Applying != nil {
-			s.cfg.Applying(region, batch)
-		}
 		n, aerr := applyTxns(ctx, s.app, batch)
 		if n > 0 && s.cfg.Applied != nil {
 			s.cfg.Applied(region, batch[:n])
