@@ -4,7 +4,8 @@ package node
 // /status every second and draws this node's region and every peer region
 // with their nodes as an SVG, each link coloured by its state (ok green;
 // retrying, fallback or standby amber; halted or node down red), with the
-// lag and the recent path switches. A target whose nodes refuse this
+// lag, where transactions' time went over the last minute (the stage
+// delays of /status) and the recent path switches. A target whose nodes refuse this
 // node's credentials is red ("auth-refused") whatever path carries its
 // data. Every link is horizontal (this region's box spans the height of the
 // peer regions) and its label sits above it, so no label crosses a link. It
@@ -56,6 +57,8 @@ svg.chart { border-radius: 4px; }
 <table id="targets"><thead><tr><th>target region</th><th>state</th><th>path</th><th>acked LSN</th><th>lag bytes</th><th>lag seconds</th><th>in flight</th><th>retries / failovers / fallbacks (last hour)</th><th>last error</th></tr></thead><tbody></tbody></table>
 <h2 style="font-size:1.1em">Last 15 minutes</h2>
 <div id="history">collecting samples…</div>
+<h2 style="font-size:1.1em">Where the time went, last minute (from the source commit)</h2>
+<table id="delays"><thead><tr><th>transactions</th><th>stage</th><th>p50</th><th>p99</th><th>count</th></tr></thead><tbody></tbody></table>
 <h2 style="font-size:1.1em">Recent path switches</h2>
 <table id="switches"><thead><tr><th>at (UTC)</th><th>region</th><th>from</th><th>to</th></tr></thead><tbody></tbody></table>
 <script>
@@ -142,6 +145,19 @@ function draw(st, down) {
       ? "refused by " + t.auth_refused.join(", ") + ": give both nodes the same auth.token (and TLS CA). " + (t.last_error || "")
       : (t.last_error_at ? t.last_error_at.replace("T", " ").replace(/\.\d+Z$/, "Z") + ": " : "") + (t.last_error || ""));
     tb.appendChild(tr);
+  }
+  const STAGES = { sent: "walsender sent", read: "node read", received: "received here", began: "apply began", applied: "applied" };
+  const fmtDelay = v => v < 1 ? (v * 1000).toFixed(1) + " ms" : v.toFixed(1) + " s";
+  const db = document.querySelector("#delays tbody");
+  db.textContent = "";
+  const ds = st.delays || [];
+  if (ds.length === 0) { const tr = document.createElement("tr"); cell(tr, "none in the last minute"); cell(tr, ""); cell(tr, ""); cell(tr, ""); cell(tr, ""); db.appendChild(tr); }
+  for (const d of ds) {
+    const tr = document.createElement("tr");
+    tr.setAttribute("data-stage", d.stage + (d.source ? "-" + d.source : ""));
+    cell(tr, d.source ? "from " + d.source + ", applied here" : "this region's"); cell(tr, STAGES[d.stage] || d.stage);
+    cell(tr, fmtDelay(d.p50_seconds)); cell(tr, fmtDelay(d.p99_seconds)); cell(tr, String(d.count));
+    db.appendChild(tr);
   }
   const sb = document.querySelector("#switches tbody");
   sb.textContent = "";

@@ -353,6 +353,10 @@ func TestStatusMetricsAndPage(t *testing.T) {
 		"refused by sa1: give both nodes the same auth.token",
 		">region eu<", ">region as<", ">region ap<", ">eu2<",
 		"connecting", // the switch table
+		// the delays table: eu's transaction applied here after 3 ms,
+		// received after 1 ms, begun after 1.5 ms (pageFixture)
+		`<tr data-stage="applied-eu"><td>from eu, applied here</td><td>applied</td>`,
+		`<tr data-stage="received-eu">`, `<tr data-stage="began-eu">`,
 		// one chart per series and target region, every sample drawn
 		`data-region="eu" data-chart="lag_bytes"`, `data-region="as" data-chart="lag_seconds"`, `data-region="ap" data-chart="apply_rate"`,
 		`class="series c-rate" data-points="180"`,
