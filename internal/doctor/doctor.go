@@ -90,7 +90,7 @@ func (d *doctor) local(ctx context.Context) string {
 	d.replicationRole(db, s)
 	d.applyPrivilege(ctx, conn, db, s.role, s.super)
 	d.publication(ctx, conn, db, s.super)
-	d.slotHealth(db, slot, s.version)
+	d.slotHealth(db, slot)
 	d.outputPlugin(ctx, conn, db, slot, s)
 
 	tables := d.tables(ctx, conn, db)
@@ -226,9 +226,8 @@ func (d *doctor) publication(ctx context.Context, conn *pgx.Conn, db string, sup
 	}
 }
 
-// slotHealth checks the slot's plugin and how much WAL it retains, on a
-// server of version (server_version_num).
-func (d *doctor) slotHealth(db string, sl slotFacts, version int) {
+// slotHealth checks the slot's plugin and how much WAL it retains.
+func (d *doctor) slotHealth(db string, sl slotFacts) {
 	cfg, check := d.cfg, db+": slot "+d.cfg.Slot
 	switch {
 	case !sl.exists:
@@ -252,10 +251,8 @@ func (d *doctor) slotHealth(db string, sl slotFacts, version int) {
 		case sl.retained != nil && *sl.retained > RetainedWALWarn:
 			d.rep.add(Warn, check, msg+"; a region that does not acknowledge pins WAL on disk", "prism-cdc status --config "+cfg.Path+"  -- find the region that lags and bring it back")
 		default:
-			if sl.plugin == decode.PluginPgoutput && version < 160000 {
-				// Not a problem: a cost, and what would spare it.
-				msg += "; before PostgreSQL 16 pgoutput sends the node every transaction applied here, to be dropped (prism_pgoutput skips them: README, \"Applied transactions on PostgreSQL 15\")"
-			}
+			// What pgoutput costs before PostgreSQL 16 is the output
+			// plugin check's to say.
 			d.rep.ok(check, msg)
 		}
 	}
@@ -298,6 +295,9 @@ func (d *doctor) outputPlugin(ctx context.Context, conn *pgx.Conn, db string, sl
 	case loaded:
 		d.rep.ok(check, "prism_pgoutput is installed, but slot "+d.cfg.Slot+" uses pgoutput, which sends the node every transaction applied here to be dropped; "+
 			"to move it, drop the slot at a quiet moment (README, \"Applied transactions on PostgreSQL 15\")")
+	case sl.exists:
+		d.rep.ok(check, "prism_pgoutput is not installed, and slot "+d.cfg.Slot+" uses pgoutput, which before PostgreSQL 16 sends the node every transaction applied here, to be dropped; "+
+			"installed, and the slot dropped at a quiet moment, it skips them (README, \"Applied transactions on PostgreSQL 15\")")
 	default:
 		d.rep.ok(check, "prism_pgoutput is not installed: the region's walsender will send the node every transaction applied here, to be dropped; "+
 			"installed before the node creates its slot, it skips them (README, \"Applied transactions on PostgreSQL 15\")")

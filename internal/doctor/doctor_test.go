@@ -151,16 +151,21 @@ func TestDoctor(t *testing.T) {
 			}
 		}
 
-		// A pgoutput slot before PostgreSQL 16 is fine, with a note on
-		// what prism_pgoutput would spare.
+		// A pgoutput slot before PostgreSQL 16 is fine; the output plugin
+		// check, not the slot's finding, says what prism_pgoutput would
+		// spare.
 		if err := eu.Exec(ctx, "postgres", "SELECT pg_create_logical_replication_slot('prism_eu', 'pgoutput')"); err != nil {
 			t.Fatal(err)
 		}
 		defer eu.Exec(ctx, "postgres", "SELECT pg_drop_replication_slot('prism_eu')")
 		rep = Run(ctx, cfg, Options{})
 		fs := rep.Find("database eu: slot prism_eu")
-		if len(fs) != 1 || fs[0].Severity != OK || !strings.Contains(fs[0].Message, "plugin pgoutput, ") || !strings.Contains(fs[0].Message, "not streaming") || !strings.Contains(fs[0].Message, "prism_pgoutput skips them") {
-			t.Errorf("slot finding = %+v, want one OK finding that notes prism_pgoutput", fs)
+		if len(fs) != 1 || fs[0].Severity != OK || !strings.Contains(fs[0].Message, "plugin pgoutput, ") || !strings.Contains(fs[0].Message, "not streaming") || strings.Contains(fs[0].Message, "prism_pgoutput") {
+			t.Errorf("slot finding = %+v, want one OK finding that names the plugin and leaves prism_pgoutput to the output plugin check", fs)
+		}
+		fs = rep.Find("database eu: output plugin")
+		if len(fs) != 1 || fs[0].Severity != OK || !strings.Contains(fs[0].Message, "not installed, and slot prism_eu uses pgoutput") || !strings.Contains(fs[0].Message, "it skips them") {
+			t.Errorf("output plugin finding = %+v, want one OK finding on what prism_pgoutput would spare this slot", fs)
 		}
 	})
 
