@@ -266,8 +266,7 @@ func printStatus(w io.Writer, rep statusReport) {
 	}
 	if rep.Node != nil {
 		printDelays(w, rep.Node.Delays)
-	}
-	if rep.Node == nil {
+	} else {
 		fmt.Fprintln(w, "\nLAG BYTES / LAG SECONDS: unknown while the node is down; WAL SINCE is the database's figure.")
 	}
 	fmt.Fprintln(w, "\nLAG SECONDS: time since the source commit of the oldest transaction the region has not acknowledged (0 when caught up).")

@@ -33,7 +33,6 @@ func mustExec(t *testing.T, c *pgtest.Cluster, sql string) {
 	}
 }
 
-// loadConfig writes yaml to a file and loads it as the command would.
 // euConfig loads the configuration of node eu1 of region eu on database
 // db, with token right-token, one peer region na (node na1 at naAddr,
 // fallback naDB) and the YAML lines extra.
@@ -51,6 +50,7 @@ peers:
 %s`, db, naAddr, naDB, extra))
 }
 
+// loadConfig writes yaml to a file and loads it as the command would.
 func loadConfig(t *testing.T, yaml string) *config.Config {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), "node.yaml")

@@ -222,6 +222,7 @@ func (w *delayWindow) oldest() stageCounts {
 // observed nothing is left out.
 func recent(before, now stageCounts) []StageDelay {
 	order := map[string]int{StageSent: 0, StageRead: 1, StageReceived: 2, StageBegan: 3, StageApplied: 4}
+	les := append(slices.Clone(delayBuckets), math.Inf(1))
 	out := []StageDelay{}
 	for key, cum := range now {
 		stage, source, _ := strings.Cut(key, "\x00")
@@ -236,7 +237,6 @@ func recent(before, now stageCounts) []StageDelay {
 		if len(d) == 0 || d[len(d)-1] == 0 {
 			continue
 		}
-		les := append(slices.Clone(delayBuckets), math.Inf(1))
 		out = append(out, StageDelay{Stage: stage, Source: source, Count: uint64(d[len(d)-1]),
 			P50: BucketQuantile(0.5, les, d), P99: BucketQuantile(0.99, les, d)})
 	}
