@@ -363,11 +363,12 @@ func BenchmarkApplyCost(b *testing.B) {
 			// Every variant starts from tables without dead rows.
 			mustExec(b, ctx, c, "postgres", "VACUUM pgbench_branches, pgbench_tellers, pgbench_accounts")
 			mustExec(b, ctx, c, "postgres", "CHECKPOINT")
-			cpu := clusterCPU(b, c)
+			cpu, client := clusterCPU(b, c), processCPU(b)
 			b.ResetTimer()
 			apply(txns)
 			b.StopTimer()
 			b.ReportMetric((clusterCPU(b, c)-cpu)/float64(b.N)*1e6, "server-us/txn")
+			b.ReportMetric((processCPU(b)-client)/float64(b.N)*1e6, "client-us/txn")
 		})
 	}
 	arrays, stamped := applyArray(false), applyArray(true)
