@@ -13,8 +13,11 @@ import (
 )
 
 // delayBuckets are the upper bounds of the delay histograms, in seconds:
-// 0.5 ms to a minute, about three per decade.
-var delayBuckets = []float64{.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5, 10, 30, 60}
+// 0.25 ms to a minute, about six per decade up to 0.1 s, where a healthy
+// region's p99 lies and quantiles are interpolated within a bucket (status,
+// histogram_quantile), and about three per decade above.
+var delayBuckets = []float64{.00025, .0005, .00075, .001, .0015, .002, .003, .005, .0075, .01, .015, .02, .03, .05, .075, .1,
+	.2, .5, 1, 2, 5, 10, 30, 60}
 
 // delays are histograms of where a transaction's time goes between its
 // source commit and its apply in another region, so that an operator
