@@ -3,8 +3,10 @@ package doctor
 import (
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"regexp"
 	"slices"
@@ -100,6 +102,7 @@ func (d *doctor) local(ctx context.Context) string {
 	owners := d.privileges(ctx, conn, db, s.role, tables)
 	d.schemaPrivilege(ctx, conn, db, s.role, owners)
 	d.eventTrigger(ctx, conn, db, s.super)
+	d.applyPolicy(ctx, conn, db)
 	d.sequences(ctx, conn, db)
 	d.sync(ctx, conn, db)
 	d.scopes(ctx, conn, db)
@@ -819,6 +822,46 @@ func (d *doctor) eventTrigger(ctx context.Context, conn *pgx.Conn, db string, su
 		d.rep.add(Warn, check, "missing, and the role is not a superuser, which creating it takes: a table created from now on gets its conflict triggers (prism_clock, prism_tombstone) only when a running node of the region next looks for such tables (once a minute); until then last_write_wins there does not see local deletes or a lagging clock (every node start warns \"cannot create event trigger prism_install\")",
 			fix+"\n-- or, without it, leave a node of the region running: it installs them within a minute of a CREATE TABLE")
 	}
+}
+
+// applyPolicy compares the on_apply_error recorded in the database (by the
+// region's node that started last; other regions' direct-SQL fallbacks
+// follow it) with this node's.
+func (d *doctor) applyPolicy(ctx context.Context, conn *pgx.Conn, db string) {
+	check := db + ": on_apply_error recorded for fallbacks"
+	own := map[string]string{}
+	for t, p := range d.cfg.OnApplyErrorTables {
+		own[t] = string(p)
+	}
+	var exists bool
+	if err := conn.QueryRow(ctx, "SELECT to_regprocedure('prism.apply_policy()') IS NOT NULL").Scan(&exists); err != nil {
+		d.rep.add(Warn, check, "read: "+err.Error(), "")
+		return
+	}
+	if !exists {
+		d.rep.ok(check, "not recorded yet; a node of region "+d.cfg.Region+" records its on_apply_error when it starts, and other regions' direct-SQL fallbacks follow it")
+		return
+	}
+	var js string
+	if err := conn.QueryRow(ctx, "SELECT prism.apply_policy()::text").Scan(&js); err != nil {
+		d.rep.add(Warn, check, "read: "+err.Error(), "")
+		return
+	}
+	var rec struct {
+		Region, Policy, Node string
+		Tables               map[string]string
+	}
+	if err := json.Unmarshal([]byte(js), &rec); err != nil {
+		d.rep.add(Warn, check, "read: "+err.Error(), "")
+		return
+	}
+	if rec.Region == d.cfg.Region && rec.Policy == string(d.cfg.OnApplyError) && maps.Equal(rec.Tables, own) {
+		d.rep.ok(check, fmt.Sprintf("%s (recorded by %s), as this node's", rec.Policy, rec.Node))
+		return
+	}
+	d.rep.add(Warn, check, fmt.Sprintf("node %s of region %s recorded on_apply_error %s, tables %v; this node's is %s, tables %v: other regions' direct-SQL fallbacks follow whichever node of the region started last",
+		rec.Node, rec.Region, rec.Policy, rec.Tables, d.cfg.OnApplyError, own),
+		"give every node of region "+d.cfg.Region+" the same on_apply_error and on_apply_error_tables, and restart them")
 }
 
 // eventTriggerFix is the statement the node runs at start to create event

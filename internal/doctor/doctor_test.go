@@ -145,6 +145,7 @@ func TestDoctor(t *testing.T) {
 			"fix: ALTER SEQUENCE public.orders_id_seq INCREMENT BY 2 START WITH 2 RESTART WITH 2;", // eu is 0 of 2
 			"[ok]      database eu: sync off",
 			"[ok]      database eu: conflict triggers: not installed yet",
+			"[ok]      database eu: on_apply_error recorded for fallbacks: not recorded yet",
 		} {
 			if !strings.Contains(out.String(), want) {
 				t.Errorf("Run(healthy) output lacks %q:\n%s", want, &out)
@@ -166,6 +167,26 @@ func TestDoctor(t *testing.T) {
 		fs = rep.Find("database eu: output plugin")
 		if len(fs) != 1 || fs[0].Severity != OK || !strings.Contains(fs[0].Message, "not installed, and slot prism_eu uses pgoutput") || !strings.Contains(fs[0].Message, "it skips them") {
 			t.Errorf("output plugin finding = %+v, want one OK finding on what prism_pgoutput would spare this slot", fs)
+		}
+	})
+
+	// Another node of the region recorded another on_apply_error: other
+	// regions' fallbacks follow it, not this node's.
+	t.Run("apply policy recorded by another node", func(t *testing.T) {
+		cfg := euConfig(t, eu.DSN("postgres"), naNode, na.DSN("postgres"), "")
+		mustExec(t, eu, `CREATE SCHEMA prism; CREATE FUNCTION prism.apply_policy() RETURNS jsonb LANGUAGE sql
+			AS $$ SELECT '{"region": "eu", "policy": "dead_letter", "tables": {}, "node": "eu9"}'::jsonb $$`)
+		defer mustExec(t, eu, "DROP SCHEMA prism CASCADE")
+		fs := Run(ctx, cfg, Options{}).Find("database eu: on_apply_error recorded for fallbacks")
+		if len(fs) != 1 || fs[0].Severity != Warn || !strings.Contains(fs[0].Message, "node eu9 of region eu recorded on_apply_error dead_letter") ||
+			!strings.Contains(fs[0].Message, "this node's is halt") || !strings.Contains(fs[0].Fix, "same on_apply_error") {
+			t.Fatalf("findings = %+v, want one warning naming eu9's dead_letter against this node's halt", fs)
+		}
+		mustExec(t, eu, `CREATE OR REPLACE FUNCTION prism.apply_policy() RETURNS jsonb LANGUAGE sql
+			AS $$ SELECT '{"region": "eu", "policy": "halt", "tables": {}, "node": "eu9"}'::jsonb $$`)
+		fs = Run(ctx, cfg, Options{}).Find("database eu: on_apply_error recorded for fallbacks")
+		if len(fs) != 1 || fs[0].Severity != OK || fs[0].Message != "halt (recorded by eu9), as this node's" {
+			t.Fatalf("findings = %+v, want halt as this node's", fs)
 		}
 	})
 

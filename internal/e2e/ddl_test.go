@@ -270,10 +270,15 @@ func TestDDLReplicates(t *testing.T) {
 		return strings.Contains(got, "a schema change cannot be undone") && strings.Contains(got, "CREATE TABLE clash1")
 	})
 	// Halted: eu, now with on_apply_error: halt, stops as's stream at it
-	// until the cause is gone.
+	// until the cause is gone, whether eu1 applies it or, while eu1 is
+	// starting, as1's direct-SQL fallback does (it follows the policy eu1
+	// recorded in eu's database when it started).
 	policy["eu"] = "halt"
 	d.Kill("eu1")
 	d.Start("eu1")
+	d.Eventually(30*time.Second, "eu1 to record on_apply_error: halt", func() bool {
+		return query("eu", "SELECT prism.apply_policy()->>'policy'") == "halt"
+	})
 	sql("eu", "SET prism.ddl = 'local'; CREATE TABLE clash2 (id int PRIMARY KEY)")
 	sql("as", "CREATE TABLE clash2 (id int PRIMARY KEY, v text)")
 	sql("as", "INSERT INTO items (id, region) VALUES ('as-after-clash2', 'as')")

@@ -434,6 +434,11 @@ func (n *Node) openOnce(ctx context.Context) (*pgxpool.Pool, *apply.Applier, err
 		pool.Close()
 		return nil, nil, fmt.Errorf("prepare schema prism: %w", err)
 	}
+	// Another region's direct-SQL fallback follows this region's
+	// on_apply_error (see errorPolicy).
+	if err := applier.RecordPolicy(ctx, n.cfg.Region, n.cfg.Node, string(n.cfg.OnApplyError), policyTables(n.cfg)); err != nil {
+		n.log.Warn().Err(redactedError{err}).Msg("cannot record on_apply_error in the database: another region's direct-SQL fallback follows its own node's instead")
+	}
 	// One apply session for each region that sends here.
 	applier.OpenSessions(ctx, len(n.cfg.Peers))
 	return pool, applier, nil
@@ -744,7 +749,7 @@ func (n *Node) shipperConfig(target string, nodes []peers.NodeAddr) peers.Shippe
 	sc.Retries, sc.Backoff, sc.MaxBackoff, sc.MaxInFlight = d.Retries, d.Backoff, d.MaxBackoff, int64(d.MaxInFlight)
 	sc.SourceRegion, sc.SourceNode, sc.TargetRegion, sc.Nodes = n.cfg.Region, n.cfg.Node, target, nodes
 	sc.Token, sc.TLS, sc.Insecure = n.cfg.Auth.Token, n.clientTLS, n.plaintext()
-	sc.Errors = newErrorPolicy(n.cfg, n.log)
+	sc.Errors = newFallbackPolicy(n.cfg, n.log, target)
 	sc.Undo = newErrorPolicy(n.cfg, n.log).undoFunc(n.applier)
 	sc.OnAck = n.signalAcked
 	if n.cfg.Sync.Mode != config.SyncOff {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 
 	"github.com/jackc/pglogrepl"
 	"github.com/rs/zerolog"
@@ -25,22 +26,77 @@ import (
 //     origin passes it in the same database transaction;
 //   - undo: parked like dead_letter with status undo_requested, and the
 //     source is asked to revert it.
+//
+// The direct-SQL fallback to a region follows that region's policy, which
+// its nodes record in its database (apply.RecordPolicy) when they start:
+// a transaction that fails in a region is handled as the region chose,
+// whether its node or another region's fallback applied it. Only where no
+// node of the region has recorded one does the fallback follow this
+// node's own configuration (and says so once).
 type errorPolicy struct {
 	cfg *config.Config
 	log zerolog.Logger
+	// target is the region whose database a fallback applies to; empty
+	// for the node's own applier.
+	target string
+	// unrecorded is set once the fallback warned that target has no
+	// recorded policy.
+	unrecorded atomic.Bool
 }
 
 func newErrorPolicy(cfg *config.Config, log zerolog.Logger) *errorPolicy {
 	return &errorPolicy{cfg: cfg, log: log.With().Str("component", "policy").Logger()}
 }
 
-// policyFor returns the configured policy for an apply failure.
-func (p *errorPolicy) policyFor(err error) config.ApplyErrorPolicy {
+// newFallbackPolicy returns the errorPolicy of the direct-SQL fallback to
+// region target.
+func newFallbackPolicy(cfg *config.Config, log zerolog.Logger, target string) *errorPolicy {
+	p := newErrorPolicy(cfg, log)
+	p.target = target
+	p.log = p.log.With().Str("target", target).Logger()
+	return p
+}
+
+// failedTable returns the table of an apply failure's change, if known.
+func failedTable(err error) string {
 	var ae *apply.Error
 	if errors.As(err, &ae) {
-		return p.cfg.ApplyErrorFor(ae.Table)
+		return ae.Table
 	}
-	return p.cfg.OnApplyError
+	return ""
+}
+
+// policyFor returns the policy for an apply failure: this node's
+// configuration, or for a fallback the one target's nodes recorded in the
+// database a reads and writes.
+func (p *errorPolicy) policyFor(ctx context.Context, a *apply.Applier, err error) config.ApplyErrorPolicy {
+	table := failedTable(err)
+	if p.target == "" {
+		return p.cfg.ApplyErrorFor(table)
+	}
+	policy, tables, node, found, rerr := a.RecordedPolicy(ctx, p.target)
+	switch {
+	case rerr != nil:
+		p.log.Warn().Err(rerr).Str("on_apply_error", string(p.cfg.ApplyErrorFor(table))).
+			Msg("cannot read the region's on_apply_error from its database; the direct-SQL fallback follows this node's")
+		return p.cfg.ApplyErrorFor(table)
+	case !found:
+		if !p.unrecorded.Swap(true) {
+			p.log.Warn().Str("on_apply_error", string(p.cfg.ApplyErrorFor(table))).
+				Msg("no node of the region has recorded its on_apply_error in its database (prism.apply_policy(); a node records it when it starts): the direct-SQL fallback follows this node's")
+		}
+		return p.cfg.ApplyErrorFor(table)
+	}
+	chosen := config.ApplyErrorPolicy(policy)
+	if tp, ok := tables[table]; ok && table != "" {
+		chosen = config.ApplyErrorPolicy(tp)
+	}
+	if !chosen.Valid() {
+		p.log.Warn().Str("recorded", string(chosen)).Str("node", node).Str("on_apply_error", string(p.cfg.ApplyErrorFor(table))).
+			Msg("the region's recorded on_apply_error is not a policy this node knows; the direct-SQL fallback follows this node's")
+		return p.cfg.ApplyErrorFor(table)
+	}
+	return chosen
 }
 
 // Handle implements peers.ErrorHandler.
@@ -49,7 +105,7 @@ func (p *errorPolicy) Handle(ctx context.Context, app peers.Applier, txn *decode
 	if !ok {
 		return peers.ActionHalt, nil
 	}
-	switch p.policyFor(err) {
+	switch p.policyFor(ctx, a, err) {
 	case config.DeadLetter:
 		if _, perr := a.Park(ctx, txn, err, apply.StatusParked); perr != nil {
 			return peers.ActionHalt, perr
@@ -126,4 +182,13 @@ func (p *errorPolicy) undoFunc(a *apply.Applier) peers.UndoFunc {
 		}
 		return res.Status, res.Detail, nil
 	}
+}
+
+// policyTables is on_apply_error_tables as apply.RecordPolicy records it.
+func policyTables(cfg *config.Config) map[string]string {
+	tables := make(map[string]string, len(cfg.OnApplyErrorTables))
+	for t, p := range cfg.OnApplyErrorTables {
+		tables[t] = string(p)
+	}
+	return tables
 }

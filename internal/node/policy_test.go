@@ -17,6 +17,7 @@ import (
 	"github.com/prism-cdc/prism-cdc/internal/logtest"
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
 	"github.com/prism-cdc/prism-cdc/pkg/apply"
+	"github.com/prism-cdc/prism-cdc/pkg/peers"
 )
 
 // syncBuf collects log output across goroutines.
@@ -44,15 +45,30 @@ type policyRegions struct {
 	t        *testing.T
 	clusters map[string]*pgtest.Cluster
 	nodes    map[string]*Node
-	logs     *syncBuf
+	// stop stops a region's node (and waits for it).
+	stop map[string]func()
+	logs *syncBuf
 }
 
 var policyRegionNames = []string{"as", "eu", "na"}
 
+// startPolicyRegions starts the regions with on_apply_error policy in
+// every node.
 func startPolicyRegions(t *testing.T, policy string) *policyRegions {
 	t.Helper()
+	policies := map[string]string{}
+	for _, r := range policyRegionNames {
+		policies[r] = policy
+	}
+	return startPolicyRegionsWith(t, policies)
+}
+
+// startPolicyRegionsWith starts the regions with each node's
+// on_apply_error from policies, by region.
+func startPolicyRegionsWith(t *testing.T, policies map[string]string) *policyRegions {
+	t.Helper()
 	ctx := context.Background()
-	d := &policyRegions{t: t, clusters: map[string]*pgtest.Cluster{}, nodes: map[string]*Node{}, logs: &syncBuf{}}
+	d := &policyRegions{t: t, clusters: map[string]*pgtest.Cluster{}, nodes: map[string]*Node{}, stop: map[string]func(){}, logs: &syncBuf{}}
 	listen := map[string]string{}
 	for _, r := range policyRegionNames {
 		c := pgtest.Start(t, pgtest.Options{Name: "pol-" + r})
@@ -87,7 +103,7 @@ func startPolicyRegions(t *testing.T, policy string) *policyRegions {
 		fmt.Fprintf(&b, "node: %s1\nregion: %s\ndatabase: %q\nlisten: %q\n", r, r, d.clusters[r].DSN("app"), listen[r])
 		b.WriteString("auth: {token: policy-test-token, insecure: true}\n")
 		b.WriteString("delivery: {ack_timeout: 1s, retries: 2, backoff: 50ms, max_backoff: 300ms}\n")
-		fmt.Fprintf(&b, "on_apply_error: %s\npeers:\n", policy)
+		fmt.Fprintf(&b, "on_apply_error: %s\npeers:\n", policies[r])
 		for _, p := range policyRegionNames {
 			if p != r {
 				fmt.Fprintf(&b, "  - region: %s\n    database: %q\n    nodes: [{name: %s1, addr: %q}]\n", p, d.clusters[p].DSN("app"), p, listen[p])
@@ -104,10 +120,14 @@ func startPolicyRegions(t *testing.T, policy string) *policyRegions {
 		log := zerolog.New(checked).With().Timestamp().Str("node", r+"1").Str("region", r).Logger()
 		n := New(cfg, log)
 		d.nodes[r] = n
+		nodeCtx, stop := context.WithCancel(ctx)
+		done := make(chan struct{})
+		d.stop[r] = func() { stop(); <-done }
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := n.Run(ctx); err != nil && ctx.Err() == nil {
+			defer close(done)
+			if err := n.Run(nodeCtx); err != nil && nodeCtx.Err() == nil {
 				d.logs.Write([]byte("node " + r + " stopped: " + err.Error() + "\n"))
 			}
 		}()
@@ -317,5 +337,93 @@ func TestApplyErrorUndo(t *testing.T) {
 		if p := d.target(r, "eu").Path; strings.HasPrefix(p, "halted") {
 			t.Fatalf("%s -> eu path = %q", r, p)
 		}
+	}
+}
+
+// TestFallbackFollowsTargetPolicy: the direct-SQL fallback to a region
+// handles a transaction that fails there by the on_apply_error that
+// region's nodes recorded (dead_letter in eu), not by its own node's
+// (halt in na), so the failure is handled the same way whichever path
+// applied it.
+func TestFallbackFollowsTargetPolicy(t *testing.T) {
+	d := startPolicyRegionsWith(t, map[string]string{"na": "halt", "eu": "dead_letter", "as": "halt"})
+	if got := d.query("eu", "SELECT p->>'region' || ' ' || (p->>'policy') || ' ' || (p->>'node') FROM prism.apply_policy() p"); got != "eu dead_letter eu1" {
+		t.Fatalf("eu's recorded apply policy = %q, want dead_letter eu1", got)
+	}
+	d.stop["eu"]()
+	d.exec("na", "INSERT INTO users VALUES (2, 'dup@example.com')")
+	d.exec("na", "INSERT INTO users VALUES (4, 'na@example.com')")
+	// na1 applies to eu's database itself, parks row 2 there and goes on.
+	d.eventually(30*time.Second, "na's fallback to eu parks row 2 and applies row 4", func() bool {
+		return d.usersIn("eu", "1=dup@example.com,4=na@example.com") &&
+			d.query("eu", "SELECT status || ' ' || table_name FROM prism.dead_letters WHERE source_region = 'na'") == "parked public.users"
+	})
+	if p := d.target("na", "eu").Path; p != peers.PathFallback {
+		t.Fatalf("na -> eu path = %q, want the fallback", p)
+	}
+	// Row 2 stays where it was written.
+	d.eventually(30*time.Second, "as gets na's rows", func() bool {
+		return d.usersIn("as", "1=dup@example.com,2=dup@example.com,4=na@example.com")
+	})
+}
+
+// TestFallbackPolicyChoice: the fallback's policy by what the target
+// region recorded: this node's own (and one warning) while nothing is
+// recorded, the recorded policy and its table overrides once it is, and
+// this node's own again for a recorded value it does not know.
+func TestFallbackPolicyChoice(t *testing.T) {
+	ctx := context.Background()
+	c := pgtest.Start(t, pgtest.Options{Name: "fallback-policy"})
+	pool, err := apply.NewPool(ctx, c.DSN("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	var logs bytes.Buffer
+	a := apply.NewApplier(pool, zerolog.New(&logs))
+	defer a.Close()
+	if err := a.Setup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	cfg := &config.Config{OnApplyError: config.Halt}
+	p := newFallbackPolicy(cfg, zerolog.New(&logs), "eu")
+	failure := func(table string) error { return &apply.Error{Table: table, Err: fmt.Errorf("fails")} }
+	check := func(table string, want config.ApplyErrorPolicy) {
+		t.Helper()
+		if got := p.policyFor(ctx, a, failure(table)); got != want {
+			t.Errorf("policy for %q = %s, want %s", table, got, want)
+		}
+	}
+	check("public.t", config.Halt)
+	check("public.t", config.Halt)
+	if n := strings.Count(logs.String(), "no node of the region has recorded its on_apply_error"); n != 1 {
+		t.Errorf("%d warnings about the missing record, want 1:\n%s", n, logs.String())
+	}
+	if err := a.RecordPolicy(ctx, "eu", "eu1", "dead_letter", map[string]string{"public.t": "undo"}); err != nil {
+		t.Fatal(err)
+	}
+	check("public.t", config.Undo)
+	check("public.other", config.DeadLetter)
+	check("", config.DeadLetter)
+	// The node that starts last records its own.
+	if err := a.RecordPolicy(ctx, "eu", "eu2", "bogus", nil); err != nil {
+		t.Fatal(err)
+	}
+	check("public.t", config.Halt)
+	if !strings.Contains(logs.String(), `"recorded":"bogus","node":"eu2"`) {
+		t.Errorf("no warning naming the unknown recorded policy:\n%s", logs.String())
+	}
+	// A record of another region (a database a DSN mixed up) is not eu's.
+	if err := a.RecordPolicy(ctx, "na", "na1", "dead_letter", nil); err != nil {
+		t.Fatal(err)
+	}
+	check("public.t", config.Halt)
+	if !strings.Contains(logs.String(), "the database holds region na's (node na1)") {
+		t.Errorf("no warning naming the other region's record:\n%s", logs.String())
+	}
+	// The node's own applier never reads the record.
+	own := newErrorPolicy(&config.Config{OnApplyError: config.DeadLetter}, zerolog.Nop())
+	if got := own.policyFor(ctx, a, failure("public.t")); got != config.DeadLetter {
+		t.Errorf("own policy = %s, want dead_letter", got)
 	}
 }

@@ -695,3 +695,76 @@ func (a *Applier) Skip(ctx context.Context, source string, lsn pglogrepl.LSN, no
 	a.log.Warn().Str("origin", source).Stringer("end_lsn", lsn).Msg("halted transaction skipped by the operator")
 	return nil
 }
+
+// RecordPolicy records what the nodes of region (this database's) do with
+// a transaction they cannot apply: on_apply_error as policy, and its
+// overrides by table. Another region's node that applies here through the
+// direct-SQL fallback reads it (RecordedPolicy), so a transaction that
+// fails here is handled the same way whichever path applied it; the node
+// that starts last records its own.
+//
+// The record is the body of function prism.apply_policy(), not a row: a
+// row would be a write of this region that the slot may not pass before
+// every other region acknowledged it (so a region whose peers are down
+// could not stop its server with a fast shutdown, which waits for the
+// slot's consumer to confirm it); a function is catalog state, which
+// logical decoding does not carry.
+func (a *Applier) RecordPolicy(ctx context.Context, region, node, policy string, tables map[string]string) error {
+	if tables == nil {
+		tables = map[string]string{}
+	}
+	js, err := json.Marshal(recordedPolicy{Region: region, Policy: policy, Tables: tables, Node: node, At: time.Now().UTC()})
+	if err != nil {
+		return fmt.Errorf("record apply policy: %w", err)
+	}
+	tx, err := a.pool.Begin(ctx)
+	if err != nil {
+		return fmt.Errorf("record apply policy: %w", err)
+	}
+	defer tx.Rollback(ctx)
+	// Not a schema change to replicate (event trigger prism_ddl).
+	if _, err := tx.Exec(ctx, "SELECT pg_catalog.set_config('prism.ddl', 'local', true)"); err != nil {
+		return fmt.Errorf("record apply policy: %w", err)
+	}
+	body := "SELECT " + lit(string(js)) + "::pg_catalog.jsonb"
+	if _, err := tx.Exec(ctx, "CREATE OR REPLACE FUNCTION prism.apply_policy() RETURNS pg_catalog.jsonb LANGUAGE sql IMMUTABLE AS "+lit(body)); err != nil {
+		return fmt.Errorf("record apply policy: %w", err)
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return fmt.Errorf("record apply policy: %w", err)
+	}
+	return nil
+}
+
+// recordedPolicy is what RecordPolicy records.
+type recordedPolicy struct {
+	Region string            `json:"region"`
+	Policy string            `json:"policy"`
+	Tables map[string]string `json:"tables"`
+	Node   string            `json:"node"`
+	At     time.Time         `json:"recorded_at"`
+}
+
+// RecordedPolicy returns the policy RecordPolicy recorded for region, and
+// which node recorded it; found is false when no node of the region has.
+func (a *Applier) RecordedPolicy(ctx context.Context, region string) (policy string, tables map[string]string, node string, found bool, err error) {
+	var js string
+	err = a.pool.QueryRow(ctx, "SELECT prism.apply_policy()::text").Scan(&js)
+	var pgErr *pgconn.PgError
+	switch {
+	case errors.As(err, &pgErr) && (pgErr.Code == "42883" || pgErr.Code == "3F000"):
+		// No node of the region has recorded one (or none of this
+		// version has started there).
+		return "", nil, "", false, nil
+	case err != nil:
+		return "", nil, "", false, fmt.Errorf("read the apply policy of region %s: %w", region, err)
+	}
+	var rp recordedPolicy
+	if err := json.Unmarshal([]byte(js), &rp); err != nil {
+		return "", nil, "", false, fmt.Errorf("read the apply policy of region %s: %w", region, err)
+	}
+	if rp.Region != region {
+		return "", nil, "", false, fmt.Errorf("read the apply policy of region %s: the database holds region %s's (node %s)", region, rp.Region, rp.Node)
+	}
+	return rp.Policy, rp.Tables, rp.Node, true, nil
+}
