@@ -3,7 +3,6 @@ package doctor
 import (
 	"context"
 	"crypto/tls"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
@@ -829,39 +828,46 @@ func (d *doctor) eventTrigger(ctx context.Context, conn *pgx.Conn, db string, su
 // follow it) with this node's.
 func (d *doctor) applyPolicy(ctx context.Context, conn *pgx.Conn, db string) {
 	check := db + ": on_apply_error recorded for fallbacks"
+	rec, found, err := apply.ReadRegionPolicy(ctx, conn, d.cfg.Region)
+	switch {
+	case err != nil:
+		d.rep.add(Warn, check, err.Error(), "")
+		return
+	case !found:
+		d.rep.ok(check, "not recorded yet; a node of region "+d.cfg.Region+" records its on_apply_error when it starts, and other regions' direct-SQL fallbacks follow it")
+		return
+	}
 	own := map[string]string{}
 	for t, p := range d.cfg.OnApplyErrorTables {
 		own[t] = string(p)
 	}
-	var exists bool
-	if err := conn.QueryRow(ctx, "SELECT to_regprocedure('prism.apply_policy()') IS NOT NULL").Scan(&exists); err != nil {
-		d.rep.add(Warn, check, "read: "+err.Error(), "")
-		return
-	}
-	if !exists {
-		d.rep.ok(check, "not recorded yet; a node of region "+d.cfg.Region+" records its on_apply_error when it starts, and other regions' direct-SQL fallbacks follow it")
-		return
-	}
-	var js string
-	if err := conn.QueryRow(ctx, "SELECT prism.apply_policy()::text").Scan(&js); err != nil {
-		d.rep.add(Warn, check, "read: "+err.Error(), "")
-		return
-	}
-	var rec struct {
-		Region, Policy, Node string
-		Tables               map[string]string
-	}
-	if err := json.Unmarshal([]byte(js), &rec); err != nil {
-		d.rep.add(Warn, check, "read: "+err.Error(), "")
-		return
-	}
-	if rec.Region == d.cfg.Region && rec.Policy == string(d.cfg.OnApplyError) && maps.Equal(rec.Tables, own) {
-		d.rep.ok(check, fmt.Sprintf("%s (recorded by %s), as this node's", rec.Policy, rec.Node))
+	if rec.OnApplyError == string(d.cfg.OnApplyError) && maps.Equal(rec.ErrorTables, own) {
+		d.rep.ok(check, fmt.Sprintf("%s (recorded by %s), as this node's", rec.OnApplyError, rec.Node))
 		return
 	}
 	d.rep.add(Warn, check, fmt.Sprintf("node %s of region %s recorded on_apply_error %s, tables %v; this node's is %s, tables %v: other regions' direct-SQL fallbacks follow whichever node of the region started last",
-		rec.Node, rec.Region, rec.Policy, rec.Tables, d.cfg.OnApplyError, own),
+		rec.Node, rec.Region, rec.OnApplyError, rec.ErrorTables, d.cfg.OnApplyError, own),
 		"give every node of region "+d.cfg.Region+" the same on_apply_error and on_apply_error_tables, and restart them")
+}
+
+// peerConflicts compares the conflict policies region's nodes recorded in
+// its database (conn) with this node's: regions that resolve the same
+// conflict differently keep different versions of the row.
+func (d *doctor) peerConflicts(ctx context.Context, conn *pgx.Conn, region, check string) {
+	rec, found, err := apply.ReadRegionPolicy(ctx, conn, region)
+	if err != nil || !found || rec.Conflicts == "" {
+		return // nothing recorded to compare with
+	}
+	own := map[string]string{}
+	for t, c := range d.cfg.Conflicts.Tables {
+		own[t] = string(c)
+	}
+	if rec.Conflicts == string(d.cfg.Conflicts.Default) && maps.Equal(rec.ConflictTables, own) {
+		return
+	}
+	d.rep.add(Warn, check, fmt.Sprintf("region %s resolves conflicts by %s, tables %v (recorded by node %s); this node by %s, tables %v: two regions that decide the same conflict differently keep different rows",
+		region, rec.Conflicts, rec.ConflictTables, rec.Node, d.cfg.Conflicts.Default, own),
+		"give every region the same conflicts: default and tables")
 }
 
 // eventTriggerFix is the statement the node runs at start to create event
@@ -966,6 +972,7 @@ func (d *doctor) fallbacks(ctx context.Context, localID string) {
 			continue
 		}
 		id := d.systemID(ctx, conn, check)
+		d.peerConflicts(ctx, conn, p.Region, check)
 		conn.Close(context.Background())
 		if id != "" && id == localID {
 			d.rep.add(Problem, check, fmt.Sprintf("is in the same PostgreSQL cluster as region %s's database (system identifier %s): replication origins are cluster-wide, so the regions would share progress and skip each other's changes", d.cfg.Region, id),

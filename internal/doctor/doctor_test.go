@@ -188,6 +188,19 @@ func TestDoctor(t *testing.T) {
 		if len(fs) != 1 || fs[0].Severity != OK || fs[0].Message != "halt (recorded by eu9), as this node's" {
 			t.Fatalf("findings = %+v, want halt as this node's", fs)
 		}
+		// Region na resolves conflicts otherwise than this node.
+		mustExec(t, na, `CREATE FUNCTION prism.apply_policy() RETURNS jsonb LANGUAGE sql
+			AS $$ SELECT '{"region": "na", "policy": "halt", "tables": {}, "node": "na3", "conflicts": "keep_local"}'::jsonb $$`)
+		defer mustExec(t, na, "DROP FUNCTION prism.apply_policy()")
+		var warned []Finding
+		for _, f := range Run(ctx, cfg, Options{}).Find("fallback database na") {
+			if f.Severity == Warn {
+				warned = append(warned, f)
+			}
+		}
+		if len(warned) != 1 || !strings.Contains(warned[0].Message, "region na resolves conflicts by keep_local, tables map[] (recorded by node na3); this node by last_write_wins") {
+			t.Fatalf("fallback database na warnings = %+v, want one about na's keep_local", warned)
+		}
 	})
 
 	// A refused token and a host name that does not resolve are problems

@@ -436,7 +436,7 @@ func (n *Node) openOnce(ctx context.Context) (*pgxpool.Pool, *apply.Applier, err
 	}
 	// Another region's direct-SQL fallback follows this region's
 	// on_apply_error (see errorPolicy).
-	if err := applier.RecordPolicy(ctx, n.cfg.Region, n.cfg.Node, string(n.cfg.OnApplyError), policyTables(n.cfg)); err != nil {
+	if err := applier.RecordPolicy(ctx, regionPolicy(n.cfg)); err != nil {
 		n.log.Warn().Err(redactedError{err}).Msg("cannot record on_apply_error in the database: another region's direct-SQL fallback follows its own node's instead")
 	}
 	// One apply session for each region that sends here.

@@ -74,7 +74,7 @@ func (p *errorPolicy) policyFor(ctx context.Context, a *apply.Applier, err error
 	if p.target == "" {
 		return p.cfg.ApplyErrorFor(table)
 	}
-	policy, tables, node, found, rerr := a.RecordedPolicy(ctx, p.target)
+	rec, found, rerr := a.RecordedPolicy(ctx, p.target)
 	switch {
 	case rerr != nil:
 		p.log.Warn().Err(rerr).Str("on_apply_error", string(p.cfg.ApplyErrorFor(table))).
@@ -87,12 +87,12 @@ func (p *errorPolicy) policyFor(ctx context.Context, a *apply.Applier, err error
 		}
 		return p.cfg.ApplyErrorFor(table)
 	}
-	chosen := config.ApplyErrorPolicy(policy)
-	if tp, ok := tables[table]; ok && table != "" {
+	chosen := config.ApplyErrorPolicy(rec.OnApplyError)
+	if tp, ok := rec.ErrorTables[table]; ok && table != "" {
 		chosen = config.ApplyErrorPolicy(tp)
 	}
 	if !chosen.Valid() {
-		p.log.Warn().Str("recorded", string(chosen)).Str("node", node).Str("on_apply_error", string(p.cfg.ApplyErrorFor(table))).
+		p.log.Warn().Str("recorded", string(chosen)).Str("node", rec.Node).Str("on_apply_error", string(p.cfg.ApplyErrorFor(table))).
 			Msg("the region's recorded on_apply_error is not a policy this node knows; the direct-SQL fallback follows this node's")
 		return p.cfg.ApplyErrorFor(table)
 	}
@@ -184,11 +184,19 @@ func (p *errorPolicy) undoFunc(a *apply.Applier) peers.UndoFunc {
 	}
 }
 
-// policyTables is on_apply_error_tables as apply.RecordPolicy records it.
-func policyTables(cfg *config.Config) map[string]string {
-	tables := make(map[string]string, len(cfg.OnApplyErrorTables))
-	for t, p := range cfg.OnApplyErrorTables {
-		tables[t] = string(p)
+// regionPolicy is what this node records in its database for other
+// regions' direct-SQL fallbacks and doctor (apply.RecordPolicy).
+func regionPolicy(cfg *config.Config) apply.RegionPolicy {
+	p := apply.RegionPolicy{Region: cfg.Region, Node: cfg.Node, OnApplyError: string(cfg.OnApplyError),
+		ErrorTables: map[string]string{}, Conflicts: string(cfg.Conflicts.Default)}
+	for t, e := range cfg.OnApplyErrorTables {
+		p.ErrorTables[t] = string(e)
 	}
-	return tables
+	if len(cfg.Conflicts.Tables) > 0 {
+		p.ConflictTables = make(map[string]string, len(cfg.Conflicts.Tables))
+		for t, c := range cfg.Conflicts.Tables {
+			p.ConflictTables[t] = string(c)
+		}
+	}
+	return p
 }

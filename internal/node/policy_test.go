@@ -347,8 +347,8 @@ func TestApplyErrorUndo(t *testing.T) {
 // applied it.
 func TestFallbackFollowsTargetPolicy(t *testing.T) {
 	d := startPolicyRegionsWith(t, map[string]string{"na": "halt", "eu": "dead_letter", "as": "halt"})
-	if got := d.query("eu", "SELECT p->>'region' || ' ' || (p->>'policy') || ' ' || (p->>'node') FROM prism.apply_policy() p"); got != "eu dead_letter eu1" {
-		t.Fatalf("eu's recorded apply policy = %q, want dead_letter eu1", got)
+	if got := d.query("eu", "SELECT p->>'region' || ' ' || (p->>'policy') || ' ' || (p->>'node') || ' ' || (p->>'conflicts') FROM prism.apply_policy() p"); got != "eu dead_letter eu1 last_write_wins" {
+		t.Fatalf("eu's recorded apply policy = %q, want eu dead_letter eu1 last_write_wins", got)
 	}
 	d.stop["eu"]()
 	d.exec("na", "INSERT INTO users VALUES (2, 'dup@example.com')")
@@ -399,14 +399,14 @@ func TestFallbackPolicyChoice(t *testing.T) {
 	if n := strings.Count(logs.String(), "no node of the region has recorded its on_apply_error"); n != 1 {
 		t.Errorf("%d warnings about the missing record, want 1:\n%s", n, logs.String())
 	}
-	if err := a.RecordPolicy(ctx, "eu", "eu1", "dead_letter", map[string]string{"public.t": "undo"}); err != nil {
+	if err := a.RecordPolicy(ctx, apply.RegionPolicy{Region: "eu", Node: "eu1", OnApplyError: "dead_letter", ErrorTables: map[string]string{"public.t": "undo"}}); err != nil {
 		t.Fatal(err)
 	}
 	check("public.t", config.Undo)
 	check("public.other", config.DeadLetter)
 	check("", config.DeadLetter)
 	// The node that starts last records its own.
-	if err := a.RecordPolicy(ctx, "eu", "eu2", "bogus", nil); err != nil {
+	if err := a.RecordPolicy(ctx, apply.RegionPolicy{Region: "eu", Node: "eu2", OnApplyError: "bogus"}); err != nil {
 		t.Fatal(err)
 	}
 	check("public.t", config.Halt)
@@ -414,7 +414,7 @@ func TestFallbackPolicyChoice(t *testing.T) {
 		t.Errorf("no warning naming the unknown recorded policy:\n%s", logs.String())
 	}
 	// A record of another region (a database a DSN mixed up) is not eu's.
-	if err := a.RecordPolicy(ctx, "na", "na1", "dead_letter", nil); err != nil {
+	if err := a.RecordPolicy(ctx, apply.RegionPolicy{Region: "na", Node: "na1", OnApplyError: "dead_letter"}); err != nil {
 		t.Fatal(err)
 	}
 	check("public.t", config.Halt)

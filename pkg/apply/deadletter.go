@@ -696,9 +696,24 @@ func (a *Applier) Skip(ctx context.Context, source string, lsn pglogrepl.LSN, no
 	return nil
 }
 
-// RecordPolicy records what the nodes of region (this database's) do with
-// a transaction they cannot apply: on_apply_error as policy, and its
-// overrides by table. Another region's node that applies here through the
+// RegionPolicy is what a region's nodes record in its database
+// (RecordPolicy) for other regions' direct-SQL fallbacks and for doctor.
+type RegionPolicy struct {
+	Region string `json:"region"`
+	Node   string `json:"node"` // the node that recorded it
+	// OnApplyError and ErrorTables are on_apply_error and its overrides
+	// by table ("schema.table").
+	OnApplyError string            `json:"policy"`
+	ErrorTables  map[string]string `json:"tables"`
+	// Conflicts and ConflictTables are the conflict policy and its
+	// overrides by table.
+	Conflicts      string            `json:"conflicts,omitempty"`
+	ConflictTables map[string]string `json:"conflict_tables,omitempty"`
+	RecordedAt     time.Time         `json:"recorded_at"`
+}
+
+// RecordPolicy records p, the policies of the nodes of p.Region (this
+// database's). Another region's node that applies here through the
 // direct-SQL fallback reads it (RecordedPolicy), so a transaction that
 // fails here is handled the same way whichever path applied it; the node
 // that starts last records its own.
@@ -709,11 +724,14 @@ func (a *Applier) Skip(ctx context.Context, source string, lsn pglogrepl.LSN, no
 // could not stop its server with a fast shutdown, which waits for the
 // slot's consumer to confirm it); a function is catalog state, which
 // logical decoding does not carry.
-func (a *Applier) RecordPolicy(ctx context.Context, region, node, policy string, tables map[string]string) error {
-	if tables == nil {
-		tables = map[string]string{}
+func (a *Applier) RecordPolicy(ctx context.Context, p RegionPolicy) error {
+	if p.ErrorTables == nil {
+		p.ErrorTables = map[string]string{}
 	}
-	js, err := json.Marshal(recordedPolicy{Region: region, Policy: policy, Tables: tables, Node: node, At: time.Now().UTC()})
+	if p.RecordedAt.IsZero() {
+		p.RecordedAt = time.Now().UTC()
+	}
+	js, err := json.Marshal(p)
 	if err != nil {
 		return fmt.Errorf("record apply policy: %w", err)
 	}
@@ -736,35 +754,36 @@ func (a *Applier) RecordPolicy(ctx context.Context, region, node, policy string,
 	return nil
 }
 
-// recordedPolicy is what RecordPolicy records.
-type recordedPolicy struct {
-	Region string            `json:"region"`
-	Policy string            `json:"policy"`
-	Tables map[string]string `json:"tables"`
-	Node   string            `json:"node"`
-	At     time.Time         `json:"recorded_at"`
+// RecordedPolicy returns the policy recorded for region; found is false
+// when no node of the region has recorded one.
+func (a *Applier) RecordedPolicy(ctx context.Context, region string) (p RegionPolicy, found bool, err error) {
+	return ReadRegionPolicy(ctx, a.pool, region)
 }
 
-// RecordedPolicy returns the policy RecordPolicy recorded for region, and
-// which node recorded it; found is false when no node of the region has.
-func (a *Applier) RecordedPolicy(ctx context.Context, region string) (policy string, tables map[string]string, node string, found bool, err error) {
+// Querier is what ReadRegionPolicy reads with (a pool or a connection).
+type Querier interface {
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// ReadRegionPolicy reads the policy recorded (RecordPolicy) in the
+// database q reads, which must be region's.
+func ReadRegionPolicy(ctx context.Context, q Querier, region string) (p RegionPolicy, found bool, err error) {
 	var js string
-	err = a.pool.QueryRow(ctx, "SELECT prism.apply_policy()::text").Scan(&js)
+	err = q.QueryRow(ctx, "SELECT prism.apply_policy()::text").Scan(&js)
 	var pgErr *pgconn.PgError
 	switch {
 	case errors.As(err, &pgErr) && (pgErr.Code == "42883" || pgErr.Code == "3F000"):
 		// No node of the region has recorded one (or none of this
 		// version has started there).
-		return "", nil, "", false, nil
+		return RegionPolicy{}, false, nil
 	case err != nil:
-		return "", nil, "", false, fmt.Errorf("read the apply policy of region %s: %w", region, err)
+		return RegionPolicy{}, false, fmt.Errorf("read the apply policy of region %s: %w", region, err)
 	}
-	var rp recordedPolicy
-	if err := json.Unmarshal([]byte(js), &rp); err != nil {
-		return "", nil, "", false, fmt.Errorf("read the apply policy of region %s: %w", region, err)
+	if err := json.Unmarshal([]byte(js), &p); err != nil {
+		return RegionPolicy{}, false, fmt.Errorf("read the apply policy of region %s: %w", region, err)
 	}
-	if rp.Region != region {
-		return "", nil, "", false, fmt.Errorf("read the apply policy of region %s: the database holds region %s's (node %s)", region, rp.Region, rp.Node)
+	if p.Region != region {
+		return RegionPolicy{}, false, fmt.Errorf("read the apply policy of region %s: the database holds region %s's (node %s)", region, p.Region, p.Node)
 	}
-	return rp.Policy, rp.Tables, rp.Node, true, nil
+	return p, true, nil
 }
