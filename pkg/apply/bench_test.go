@@ -169,26 +169,18 @@ func clusterCPU(b *testing.B, c *pgtest.Cluster) float64 {
 	return secs
 }
 
-// BenchmarkApplyCost reports the server CPU per pgbench transaction of
-// the applier next to the same rows as bare prepared statements (no
-// conflict checks, same transaction set-up, pipelines of 100 transactions
-// and one WAL flush each), with and without the prism_clock trigger on
-// the tables:
-//
-//	go test ./pkg/apply -run '^$' -bench ApplyCost -benchtime 4000x
-//
-// The difference is what conflict handling costs the region's server.
-func BenchmarkApplyCost(b *testing.B) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
-	c, a := pgbenchApplier(b, ctx, "cost")
+// bareSession connects to c's database postgres with replication origin
+// origin set up and asynchronous commits, and prepares pgbench's four
+// statements as bare statements (no conflict checks), for benchmarks to
+// compare the applier with. The connection closes with the benchmark.
+func bareSession(b *testing.B, ctx context.Context, c *pgtest.Cluster, origin string) (*pgx.Conn, []*pgconn.StatementDescription) {
 	conn, err := c.Connect(ctx, "postgres")
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer conn.Close(context.Background())
-	pc := conn.PgConn()
-	if _, err := pc.Exec(ctx, "SELECT pg_replication_origin_create('prism_bare'); SELECT pg_replication_origin_session_setup('prism_bare'); SET synchronous_commit = off").ReadAll(); err != nil {
+	b.Cleanup(func() { conn.Close(context.Background()) })
+	if _, err := conn.PgConn().Exec(ctx, fmt.Sprintf("SELECT pg_replication_origin_create(%s); SELECT pg_replication_origin_session_setup(%s); SET synchronous_commit = off",
+		lit(origin), lit(origin))).ReadAll(); err != nil {
 		b.Fatal(err)
 	}
 	bare := []string{
@@ -203,6 +195,24 @@ func BenchmarkApplyCost(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+	return conn, sds
+}
+
+// BenchmarkApplyCost reports the server CPU per pgbench transaction of
+// the applier next to the same rows as bare prepared statements (no
+// conflict checks, same transaction set-up, pipelines of 100 transactions
+// and one WAL flush each), with and without the prism_clock trigger on
+// the tables:
+//
+//	go test ./pkg/apply -run '^$' -bench ApplyCost -benchtime 4000x
+//
+// The difference is what conflict handling costs the region's server.
+func BenchmarkApplyCost(b *testing.B) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	c, a := pgbenchApplier(b, ctx, "cost")
+	conn, sds := bareSession(b, ctx, c, "prism_bare")
+	pc := conn.PgConn()
 	setup, err := conn.Prepare(ctx, "bare_setup", txnSetupSQL)
 	if err != nil {
 		b.Fatal(err)

@@ -39,27 +39,9 @@ func BenchmarkApplyStreamPrototype(b *testing.B) {
 	for _, proc := range []string{"prism_apply_copy", "prism_apply_copy_spi"} {
 		mustExec(b, ctx, c, "postgres", fmt.Sprintf("CREATE PROCEDURE %s() AS %s, %s LANGUAGE C", proc, lit(lib), lit(proc)))
 	}
-	conn, err := c.Connect(ctx, "postgres")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer conn.Close(context.Background())
+	conn, sds := bareSession(b, ctx, c, "prism_proto")
 	pc := conn.PgConn()
-	if _, err := pc.Exec(ctx, "SELECT pg_replication_origin_create('prism_proto'); SELECT pg_replication_origin_session_setup('prism_proto'); SET synchronous_commit = off").ReadAll(); err != nil {
-		b.Fatal(err)
-	}
-	bare := []string{
-		"UPDATE pgbench_accounts SET bid = $2::int, abalance = $3::int, filler = $4::bpchar WHERE aid = $1::int",
-		"UPDATE pgbench_tellers SET bid = $2::int, tbalance = $3::int, filler = $4::bpchar WHERE tid = $1::int",
-		"UPDATE pgbench_branches SET bbalance = $2::int, filler = $3::bpchar WHERE bid = $1::int",
-		"INSERT INTO pgbench_history (tid, bid, aid, delta, mtime, filler) VALUES ($1::int, $2::int, $3::int, $4::int, $5::timestamp, $6::bpchar)",
-	}
-	sds := make([]*pgconn.StatementDescription, len(bare))
-	for i, sql := range bare {
-		if sds[i], err = conn.Prepare(ctx, fmt.Sprintf("proto_%d", i), sql); err != nil {
-			b.Fatal(err)
-		}
-	}
+	var err error
 	control := map[string]*pgconn.StatementDescription{}
 	for name, sql := range map[string]string{"begin": beginSQL, "setup": txnSetupSQL, "commit": "COMMIT"} {
 		if control[name], err = conn.Prepare(ctx, "proto_"+name, sql); err != nil {
