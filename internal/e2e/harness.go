@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -181,7 +182,10 @@ func (d *Deployment) ConfigPath(name string) string {
 // Start starts node name.
 func (d *Deployment) Start(name string) *Proc {
 	d.t.Helper()
-	logf, err := os.OpenFile(filepath.Join(d.Dir, name+".log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err := endKilledLine(d.LogPath(name)); err != nil {
+		d.t.Fatal(err)
+	}
+	logf, err := os.OpenFile(d.LogPath(name), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
 	if err != nil {
 		d.t.Fatal(err)
 	}
@@ -219,6 +223,24 @@ func (d *Deployment) Listen(name string) string { return d.listen[name] }
 
 // Nodes returns region's nodes in failover order.
 func (d *Deployment) Nodes(region string) []string { return d.topo[region] }
+
+// endKilledLine ends a log file whose last line a killed process left
+// incomplete (SIGKILL can cut a write short), so that the next process's
+// first line does not continue it: the fragment moves to a line of its
+// own that says what it is, which logtest does not take for a log line.
+func endKilledLine(path string) error {
+	data, err := os.ReadFile(path)
+	if err != nil || len(data) == 0 || data[len(data)-1] == '\n' {
+		if os.IsNotExist(err) {
+			return nil
+		}
+		return err
+	}
+	start := bytes.LastIndexByte(data, '\n') + 1
+	fixed := append(data[:start:start], "incomplete line of a killed process: "...)
+	fixed = append(append(fixed, data[start:]...), '\n')
+	return os.WriteFile(path, fixed, 0o644)
+}
 
 // LogPath returns the path of node name's log file.
 func (d *Deployment) LogPath(name string) string { return filepath.Join(d.Dir, name+".log") }
