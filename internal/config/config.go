@@ -228,6 +228,16 @@ func (c *Config) ApplyErrorFor(table string) ApplyErrorPolicy {
 	return c.OnApplyError
 }
 
+// Strings returns a policy map (on_apply_error_tables, conflicts.tables)
+// with its values as plain strings, never nil.
+func Strings[V ~string](m map[string]V) map[string]string {
+	out := make(map[string]string, len(m))
+	for k, v := range m {
+		out[k] = string(v)
+	}
+	return out
+}
+
 // LogFormat is the encoding of log lines.
 type LogFormat string
 

@@ -837,10 +837,7 @@ func (d *doctor) applyPolicy(ctx context.Context, conn *pgx.Conn, db string) {
 		d.rep.ok(check, "not recorded yet; a node of region "+d.cfg.Region+" records its on_apply_error when it starts, and other regions' direct-SQL fallbacks follow it")
 		return
 	}
-	own := map[string]string{}
-	for t, p := range d.cfg.OnApplyErrorTables {
-		own[t] = string(p)
-	}
+	own := config.Strings(d.cfg.OnApplyErrorTables)
 	if rec.OnApplyError == string(d.cfg.OnApplyError) && maps.Equal(rec.ErrorTables, own) {
 		d.rep.ok(check, fmt.Sprintf("%s (recorded by %s), as this node's", rec.OnApplyError, rec.Node))
 		return
@@ -858,10 +855,7 @@ func (d *doctor) peerConflicts(ctx context.Context, conn *pgx.Conn, region, chec
 	if err != nil || !found || rec.Conflicts == "" {
 		return // nothing recorded to compare with
 	}
-	own := map[string]string{}
-	for t, c := range d.cfg.Conflicts.Tables {
-		own[t] = string(c)
-	}
+	own := config.Strings(d.cfg.Conflicts.Tables)
 	if rec.Conflicts == string(d.cfg.Conflicts.Default) && maps.Equal(rec.ConflictTables, own) {
 		return
 	}

@@ -230,10 +230,10 @@ func (d *Deployment) Nodes(region string) []string { return d.topo[region] }
 // own that says what it is, which logtest does not take for a log line.
 func endKilledLine(path string) error {
 	data, err := os.ReadFile(path)
+	if os.IsNotExist(err) {
+		return nil
+	}
 	if err != nil || len(data) == 0 || data[len(data)-1] == '\n' {
-		if os.IsNotExist(err) {
-			return nil
-		}
 		return err
 	}
 	start := bytes.LastIndexByte(data, '\n') + 1

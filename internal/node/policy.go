@@ -187,16 +187,7 @@ func (p *errorPolicy) undoFunc(a *apply.Applier) peers.UndoFunc {
 // regionPolicy is what this node records in its database for other
 // regions' direct-SQL fallbacks and doctor (apply.RecordPolicy).
 func regionPolicy(cfg *config.Config) apply.RegionPolicy {
-	p := apply.RegionPolicy{Region: cfg.Region, Node: cfg.Node, OnApplyError: string(cfg.OnApplyError),
-		ErrorTables: map[string]string{}, Conflicts: string(cfg.Conflicts.Default)}
-	for t, e := range cfg.OnApplyErrorTables {
-		p.ErrorTables[t] = string(e)
-	}
-	if len(cfg.Conflicts.Tables) > 0 {
-		p.ConflictTables = make(map[string]string, len(cfg.Conflicts.Tables))
-		for t, c := range cfg.Conflicts.Tables {
-			p.ConflictTables[t] = string(c)
-		}
-	}
-	return p
+	return apply.RegionPolicy{Region: cfg.Region, Node: cfg.Node,
+		OnApplyError: string(cfg.OnApplyError), ErrorTables: config.Strings(cfg.OnApplyErrorTables),
+		Conflicts: string(cfg.Conflicts.Default), ConflictTables: config.Strings(cfg.Conflicts.Tables)}
 }
