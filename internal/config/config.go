@@ -11,6 +11,7 @@ import (
 const (
 	DefaultPublication  = "prism"
 	DefaultOutputPlugin = "auto"
+	DefaultApplyProc    = "auto"
 	DefaultAckTimeout   = 2 * time.Second
 	MinAckTimeout       = 100 * time.Millisecond
 	DefaultRetries      = 5
@@ -41,11 +42,15 @@ type Config struct {
 	// OutputPlugin is what the node creates its slot with: auto (the
 	// default), pgoutput or prism_pgoutput (decode.ReaderConfig.Plugin).
 	OutputPlugin string
-	Listen       string // host:port where other regions ship to
-	Auth         Auth
-	Peers        []Peer // every other region
-	Delivery     Delivery
-	Conflicts    Conflicts
+	// ApplyProcedure is auto (the default: apply through procedure
+	// prism.apply_copy, contrib/prism_apply, where it is installed) or
+	// off (apply.WithoutApplyProcedure).
+	ApplyProcedure string
+	Listen         string // host:port where other regions ship to
+	Auth           Auth
+	Peers          []Peer // every other region
+	Delivery       Delivery
+	Conflicts      Conflicts
 	// OnApplyError is what a node does with a transaction it cannot apply.
 	OnApplyError ApplyErrorPolicy
 	// OnApplyErrorTables overrides OnApplyError per table; keys are
