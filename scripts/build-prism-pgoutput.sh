@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Builds contrib/prism_pgoutput and contrib/prism_apply for the machine's
-# PostgreSQL, into a directory of its own, for the tests and prism-bench
-# (which point dynamic_library_path of their throwaway clusters at it). Where the
+# Builds contrib/prism_pgoutput for the machine's PostgreSQL, into a
+# directory of its own, for the tests and prism-bench (which point
+# dynamic_library_path of their throwaway clusters at it). Where the
 # server's headers are not installed (Debian's postgresql-server-dev-<major>
 # pulls in clang and LLVM), it downloads that package with apt-get and
 # unpacks only its headers. Idempotent: does nothing when the library is
@@ -13,12 +13,11 @@
 # the tests' clusters do), dir to /var/tmp/prism-cdc-plugin/<major>. The
 # directory must be readable by the OS user the clusters run as.
 #
-# To install them into a real server use their Makefiles instead (make
-# install), see the README.
+# To install the plugin into a real server use contrib/prism_pgoutput's
+# Makefile instead (make install), see the README.
 set -euo pipefail
 
-root=$(cd "$(dirname "$0")/.." && pwd)
-libs=(prism_pgoutput prism_apply)
+src=$(cd "$(dirname "$0")/.." && pwd)/contrib/prism_pgoutput/prism_pgoutput.c
 pg_config=${1:-}
 if [ -z "$pg_config" ]; then
 	pg_config=$(ls -d /usr/lib/postgresql/*/bin/pg_config 2>/dev/null | sort -t/ -k5 -n | tail -n1 || true)
@@ -31,15 +30,9 @@ fi
 version=$("$pg_config" --version | awk '{print $2}')
 major=${version%%.*}
 dir=${2:-/var/tmp/prism-cdc-plugin/$major}
+out=$dir/prism_pgoutput.so
 
-current=1
-for lib in "${libs[@]}"; do
-	out=$dir/$lib.so
-	if ! { [ -f "$out" ] && [ "$out" -nt "$root/contrib/$lib/$lib.c" ]; }; then
-		current=
-	fi
-done
-if [ -n "$current" ] && [ "$(cat "$dir/VERSION" 2>/dev/null)" = "$version" ]; then
+if [ -f "$out" ] && [ "$out" -nt "$src" ] && [ "$(cat "$dir/VERSION" 2>/dev/null)" = "$version" ]; then
 	exit 0
 fi
 
@@ -74,30 +67,12 @@ if [ ! -f "$inc/postgres.h" ]; then
 	}
 fi
 
-# prism_apply includes libpq/libpq-be.h, which includes gssapi's header
-# where the server was built with GSSAPI; it uses none of it, so where
-# that header is not installed a stub with the types the header names
-# stands in.
-stub=$work/stub
-mkdir -p "$stub/gssapi"
-if grep -q '^#define ENABLE_GSS 1' "$inc/pg_config.h" && ! echo '#include <gssapi/gssapi.h>' | cc -E -x c - >/dev/null 2>&1; then
-	cat >"$stub/gssapi/gssapi.h" <<'STUB'
-/* Stand-in for building prism-cdc's libraries, which use no GSSAPI. */
-typedef struct gss_buffer_desc_struct { size_t length; void *value; } gss_buffer_desc;
-typedef void *gss_cred_id_t;
-typedef void *gss_ctx_id_t;
-typedef void *gss_name_t;
-STUB
-fi
-
 cc=${CC:-$("$pg_config" --cc | awk '{print $1}')}
 command -v "$cc" >/dev/null 2>&1 || cc=gcc
 mkdir -p "$dir"
-for lib in "${libs[@]}"; do
-	# shellcheck disable=SC2046 # pg_config prints flags meant to be split
-	"$cc" $("$pg_config" --cflags) $("$pg_config" --cflags_sl) -I"$inc" -idirafter "$stub" -shared -o "$work/$lib.so" "$root/contrib/$lib/$lib.c"
-	mv "$work/$lib.so" "$dir/$lib.so"
-	echo "== built $dir/$lib.so for PostgreSQL $version"
-done
+# shellcheck disable=SC2046 # pg_config prints flags meant to be split
+"$cc" $("$pg_config" --cflags) $("$pg_config" --cflags_sl) -I"$inc" -shared -o "$work/prism_pgoutput.so" "$src"
+mv "$work/prism_pgoutput.so" "$out"
 echo "$version" >"$dir/VERSION"
 chmod -R a+rX "$dir"
+echo "== built $out for PostgreSQL $version"

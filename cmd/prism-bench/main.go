@@ -50,9 +50,6 @@ type benchConfig struct {
 	// outputPlugin is the prism-cdc slots' plugin: auto, pgoutput or
 	// prism_pgoutput (-output-plugin).
 	outputPlugin string
-	// applyProc is the nodes' apply_procedure: auto or off
-	// (-apply-procedure).
-	applyProc string
 }
 
 func main() {
@@ -97,9 +94,6 @@ func parseArgs(args []string, stderr io.Writer) (benchConfig, error) {
 	if err := cfg.check(); err != nil {
 		return cfg, err
 	}
-	if cfg.applyProc != "auto" && cfg.applyProc != "off" {
-		return cfg, fmt.Errorf("apply-procedure: %q is not auto or off", cfg.applyProc)
-	}
 	if !decode.ValidPlugin(cfg.outputPlugin) {
 		return cfg, fmt.Errorf("output-plugin: %q is not auto, pgoutput or prism_pgoutput", cfg.outputPlugin)
 	}
@@ -139,7 +133,6 @@ func newFlagSet(cfg *benchConfig, stderr io.Writer) (*flag.FlagSet, *flagValues)
 	fs.StringVar(&cfg.lagDump, "lag-dump", "", "directory: write each lag and active phase's samples to <contender>-<time>.csv there (region, id, source commit, lag in ms), to see when the slow ones came")
 	fs.BoolVar(&cfg.pgss, "pgss", false, "load pg_stat_statements in every cluster and log the source's and prism regions' top statements after each prism-cdc drain, lag and active phase (adds overhead)")
 	fs.StringVar(&cfg.serverBin, "pg-bin", "", "directory of the PostgreSQL server binaries (initdb, pg_ctl, postgres) every cluster runs, e.g. "+pgtest.PG16BinDefault+" after make pg16 (default: the machine's newest); pgbench and pg_recvlogical stay the machine's")
-	fs.StringVar(&cfg.applyProc, "apply-procedure", "auto", "prism-cdc nodes' apply_procedure: auto (procedure prism.apply_copy where make plugin built contrib/prism_apply for the servers' major version) or off")
 	fs.StringVar(&cfg.outputPlugin, "output-plugin", decode.PluginAuto, "prism-cdc's slots' output plugin: auto (prism_pgoutput where make plugin built it for the servers' major version and they are older than 16, else pgoutput), pgoutput, or prism_pgoutput")
 	fs.BoolVar(&cfg.keep, "keep", false, "keep the work directory (node logs and configs)")
 	fs.BoolVar(&fv.quick, "quick", false, "small run: scale 1, 5000 transactions, 1 run, 10s lag, 32 MB large transaction, 10s active phases")

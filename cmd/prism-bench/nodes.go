@@ -64,11 +64,10 @@ func freeAddrs(n int) ([]string, error) {
 }
 
 // nodeConfig is node n's YAML configuration in the full mesh ns, whose
-// slots use output plugin plugin and whose apply_procedure is proc.
-func nodeConfig(n nodeSpec, ns []nodeSpec, plugin, proc string) string {
+// slots use output plugin plugin.
+func nodeConfig(n nodeSpec, ns []nodeSpec, plugin string) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "node: %s\nregion: %s\ndatabase: %q\noutput_plugin: %s\napply_procedure: %q\nlisten: %q\nhttp: %q\n",
-		n.name, n.region, n.cluster.DSN(db), plugin, proc, n.listen, n.http)
+	fmt.Fprintf(&b, "node: %s\nregion: %s\ndatabase: %q\noutput_plugin: %s\nlisten: %q\nhttp: %q\n", n.name, n.region, n.cluster.DSN(db), plugin, n.listen, n.http)
 	b.WriteString("auth: {token: \"${PRISM_TOKEN}\"}\nlog: {level: info, format: json}\npeers:\n")
 	for _, p := range ns {
 		if p.region == n.region {
@@ -139,7 +138,7 @@ func (e *env) startMesh(ctx context.Context, tag string, extraEnv func(name stri
 	m := &mesh{}
 	for _, n := range ns {
 		cfgPath := filepath.Join(e.dir, n.name+".yaml")
-		if err := os.WriteFile(cfgPath, []byte(nodeConfig(n, ns, e.slotPlugin, e.cfg.applyProc)), 0o600); err != nil {
+		if err := os.WriteFile(cfgPath, []byte(nodeConfig(n, ns, e.slotPlugin)), 0o600); err != nil {
 			m.stop()
 			return nil, fmt.Errorf("write config: %w", err)
 		}

@@ -11,7 +11,6 @@ import (
 const (
 	DefaultPublication  = "prism"
 	DefaultOutputPlugin = "auto"
-	DefaultApplyProc    = "auto"
 	DefaultAckTimeout   = 2 * time.Second
 	MinAckTimeout       = 100 * time.Millisecond
 	DefaultRetries      = 5
@@ -42,15 +41,11 @@ type Config struct {
 	// OutputPlugin is what the node creates its slot with: auto (the
 	// default), pgoutput or prism_pgoutput (decode.ReaderConfig.Plugin).
 	OutputPlugin string
-	// ApplyProcedure is auto (the default: apply through procedure
-	// prism.apply_copy, contrib/prism_apply, where it is installed) or
-	// off (apply.WithoutApplyProcedure).
-	ApplyProcedure string
-	Listen         string // host:port where other regions ship to
-	Auth           Auth
-	Peers          []Peer // every other region
-	Delivery       Delivery
-	Conflicts      Conflicts
+	Listen       string // host:port where other regions ship to
+	Auth         Auth
+	Peers        []Peer // every other region
+	Delivery     Delivery
+	Conflicts    Conflicts
 	// OnApplyError is what a node does with a transaction it cannot apply.
 	OnApplyError ApplyErrorPolicy
 	// OnApplyErrorTables overrides OnApplyError per table; keys are

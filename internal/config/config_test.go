@@ -53,7 +53,6 @@ func TestDefaults(t *testing.T) {
 	}{
 		{"publication", c.Publication, "prism"},
 		{"output_plugin", c.OutputPlugin, "auto"},
-		{"apply_procedure", c.ApplyProcedure, "auto"},
 		{"slot", c.Slot, "prism_eu"},
 		{"token", c.Auth.Token, "tok-1234567890"},
 		{"ack_timeout", c.Delivery.AckTimeout, 2 * time.Second},
@@ -141,7 +140,6 @@ func TestExplicitValues(t *testing.T) {
 	yml := base + `publication: pub
 slot: my_slot
 output_plugin: prism_pgoutput
-apply_procedure: "off"
 delivery: {ack_timeout: 500ms, retries: 0, backoff: 1s, max_backoff: 1m, max_in_flight: 2MB}
 conflicts:
   default: source_wins
@@ -168,7 +166,6 @@ procs: 3
 		{"publication", c.Publication, "pub"},
 		{"slot", c.Slot, "my_slot"},
 		{"output_plugin", c.OutputPlugin, "prism_pgoutput"},
-		{"apply_procedure", c.ApplyProcedure, "off"},
 		{"ack_timeout", c.Delivery.AckTimeout, 500 * time.Millisecond},
 		{"retries", c.Delivery.Retries, 0},
 		{"max_backoff", c.Delivery.MaxBackoff, time.Minute},
@@ -354,7 +351,6 @@ func TestValidate(t *testing.T) {
 		{"tiny ack_timeout", appendYAML("delivery: {ack_timeout: 5ms}\n"), "eu1.yaml:17: delivery.ack_timeout: 5ms is too short"},
 		{"spill dir missing", appendYAML("spill: {dir: /nonexistent/prism-spill}\n"), `spill.dir: "/nonexistent/prism-spill" is not a directory`},
 		{"unknown output plugin", appendYAML("output_plugin: wal2json\n"), `output_plugin: "wal2json" is not an output plugin prism-cdc reads; write auto`},
-		{"unknown apply procedure", appendYAML("apply_procedure: on\n"), `apply_procedure: "on" is neither auto`},
 		{"negative procs", appendYAML("procs: -1\n"), "procs: -1 is not a number of CPUs; write a number from 1 to 1024, or 0 (the default) to let the node choose"},
 		{"spill above zero", appendYAML("spill: {above: 0}\n"), "spill.above: 0 must be greater than zero; write e.g. 32MiB"},
 		{"negative backoff", appendYAML("delivery: {backoff: -1s}\n"), "delivery.backoff: -1s must be greater than zero"},

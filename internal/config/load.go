@@ -82,21 +82,19 @@ func unjoin(err error) []error {
 // are parsed with errors that name their key and defaults can tell an
 // absent key from a zero value.
 type rawConfig struct {
-	Node         string `yaml:"node"`
-	Region       string `yaml:"region"`
-	Database     string `yaml:"database"`
-	Publication  string `yaml:"publication"`
-	Slot         string `yaml:"slot"`
-	OutputPlugin string `yaml:"output_plugin"`
-	// ApplyProcedure is auto or off.
-	ApplyProcedure string       `yaml:"apply_procedure"`
-	Listen         string       `yaml:"listen"`
-	Auth           rawAuth      `yaml:"auth"`
-	Peers          []rawPeer    `yaml:"peers"`
-	Scope          rawScope     `yaml:"scope"`
-	Delivery       rawDelivery  `yaml:"delivery"`
-	Conflicts      rawConflicts `yaml:"conflicts"`
-	OnApplyError   string       `yaml:"on_apply_error"`
+	Node         string       `yaml:"node"`
+	Region       string       `yaml:"region"`
+	Database     string       `yaml:"database"`
+	Publication  string       `yaml:"publication"`
+	Slot         string       `yaml:"slot"`
+	OutputPlugin string       `yaml:"output_plugin"`
+	Listen       string       `yaml:"listen"`
+	Auth         rawAuth      `yaml:"auth"`
+	Peers        []rawPeer    `yaml:"peers"`
+	Scope        rawScope     `yaml:"scope"`
+	Delivery     rawDelivery  `yaml:"delivery"`
+	Conflicts    rawConflicts `yaml:"conflicts"`
+	OnApplyError string       `yaml:"on_apply_error"`
 	// OnApplyErrorTables overrides on_apply_error per table.
 	OnApplyErrorTables map[string]string `yaml:"on_apply_error_tables"`
 	Sync               string            `yaml:"sync"`
@@ -172,21 +170,20 @@ type rawLog struct {
 // not report it a second time.
 func (r *rawConfig) config(file string, lines map[string]int) (*Config, []error) {
 	c := &Config{
-		Path:           file,
-		Node:           r.Node,
-		Region:         r.Region,
-		Database:       r.Database,
-		Publication:    orDefault(r.Publication, DefaultPublication),
-		Slot:           r.Slot,
-		OutputPlugin:   orDefault(r.OutputPlugin, DefaultOutputPlugin),
-		ApplyProcedure: orDefault(r.ApplyProcedure, DefaultApplyProc),
-		Listen:         r.Listen,
-		Auth:           Auth{Token: r.Auth.Token, TLS: TLS(r.Auth.TLS), Insecure: r.Auth.Insecure},
-		OnApplyError:   ApplyErrorPolicy(orDefault(r.OnApplyError, string(DefaultOnApplyError))),
-		DDL:            DDLMode(orDefault(r.DDL, string(DefaultDDL))),
-		HTTP:           r.HTTP,
-		Procs:          r.Procs,
-		Scope:          Scope(r.Scope),
+		Path:         file,
+		Node:         r.Node,
+		Region:       r.Region,
+		Database:     r.Database,
+		Publication:  orDefault(r.Publication, DefaultPublication),
+		Slot:         r.Slot,
+		OutputPlugin: orDefault(r.OutputPlugin, DefaultOutputPlugin),
+		Listen:       r.Listen,
+		Auth:         Auth{Token: r.Auth.Token, TLS: TLS(r.Auth.TLS), Insecure: r.Auth.Insecure},
+		OnApplyError: ApplyErrorPolicy(orDefault(r.OnApplyError, string(DefaultOnApplyError))),
+		DDL:          DDLMode(orDefault(r.DDL, string(DefaultDDL))),
+		HTTP:         r.HTTP,
+		Procs:        r.Procs,
+		Scope:        Scope(r.Scope),
 		Log: Log{
 			Level:  orDefault(r.Log.Level, DefaultLogLevel),
 			Format: LogFormat(orDefault(r.Log.Format, string(DefaultLogFormat))),

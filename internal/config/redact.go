@@ -101,7 +101,6 @@ func (c *Config) MarshalZerologObject(e *zerolog.Event) {
 		Str("publication", r.Publication).
 		Str("slot", r.Slot).
 		Str("output_plugin", r.OutputPlugin).
-		Str("apply_procedure", r.ApplyProcedure).
 		Bool("token_set", c.Auth.Token != "").
 		Bool("insecure", r.Auth.Insecure).
 		Bool("tls", r.Auth.TLS.Enabled())

@@ -137,9 +137,6 @@ func (v *validator) node(c *Config, nodes, addrs map[string]string) {
 	if !decode.ValidPlugin(c.OutputPlugin) {
 		v.add("output_plugin", "%q is not an output plugin prism-cdc reads; write auto (the default: prism_pgoutput where it is installed and the server is older than PostgreSQL 16, else pgoutput), pgoutput or prism_pgoutput", c.OutputPlugin)
 	}
-	if c.ApplyProcedure != "auto" && c.ApplyProcedure != "off" {
-		v.add("apply_procedure", "%q is neither auto (the default: apply through procedure prism.apply_copy where contrib/prism_apply is installed) nor off (statement by statement)", c.ApplyProcedure)
-	}
 	if c.Listen == "" {
 		v.add("listen", `missing; write the host:port where other regions reach this node, e.g. "127.0.0.1:7201"`)
 	} else if v.addr("listen", c.Listen, true) {

@@ -93,7 +93,6 @@ func (d *doctor) local(ctx context.Context) string {
 	d.publication(ctx, conn, db, s.super)
 	d.slotHealth(db, slot)
 	d.outputPlugin(ctx, conn, db, slot, s)
-	d.applyProcedure(ctx, conn, db, s.role, s.super)
 
 	tables := d.tables(ctx, conn, db)
 	d.identities(ctx, conn, db, tables)
@@ -304,50 +303,6 @@ func (d *doctor) outputPlugin(ctx context.Context, conn *pgx.Conn, db string, sl
 	default:
 		d.rep.ok(check, "prism_pgoutput is not installed: the region's walsender will send the node every transaction applied here, to be dropped; "+
 			"installed before the node creates its slot, it skips them (README, \"Applied transactions on PostgreSQL 15\")")
-	}
-}
-
-// applyProcedure says whether the node applies through procedure
-// prism.apply_copy (contrib/prism_apply, optional), and what it takes
-// where it does not.
-func (d *doctor) applyProcedure(ctx context.Context, conn *pgx.Conn, db, role string, super bool) {
-	check := db + ": apply procedure"
-	const readme = " (README, \"The apply procedure\")"
-	if d.cfg.ApplyProcedure == "off" {
-		d.rep.ok(check, "apply_procedure is off: other regions' transactions are applied statement by statement")
-		return
-	}
-	var exists, callable bool
-	err := conn.QueryRow(ctx, `SELECT p IS NOT NULL, p IS NOT NULL AND pg_catalog.has_function_privilege(p, 'EXECUTE')
-		FROM pg_catalog.to_regprocedure('prism.apply_copy(boolean)') AS p`).Scan(&exists, &callable)
-	if err != nil {
-		d.rep.add(Warn, check, "could not look for procedure prism.apply_copy: "+err.Error(), "")
-		return
-	}
-	loads := false
-	if super {
-		// LOAD checks the library's magic block; prism_apply runs no
-		// code when loaded.
-		_, err := conn.Exec(ctx, "LOAD 'prism_apply'")
-		loads = err == nil
-	}
-	switch {
-	case callable && (!super || loads):
-		d.rep.ok(check, "procedure prism.apply_copy is installed: other regions' transactions are applied through it")
-	case exists && super:
-		d.rep.add(Warn, check, "procedure prism.apply_copy exists but the server cannot load its library prism_apply: the node tries it, then applies statement by statement",
-			"make -C contrib/prism_apply install  -- on the database's host, with the server's headers"+readme)
-	case exists:
-		d.rep.add(Warn, check, "procedure prism.apply_copy exists but role "+role+" may not execute it: other regions' transactions are applied statement by statement",
-			"as its owner: GRANT EXECUTE ON PROCEDURE prism.apply_copy(boolean) TO "+pgx.Identifier{role}.Sanitize())
-	case loads:
-		d.rep.ok(check, "contrib/prism_apply is installed; the node creates procedure prism.apply_copy when it starts and applies through it")
-	case super:
-		d.rep.ok(check, "contrib/prism_apply is not installed: other regions' transactions are applied statement by statement; "+
-			"installed, it spares about a third of the apply's server CPU"+readme)
-	default:
-		d.rep.ok(check, "procedure prism.apply_copy does not exist: other regions' transactions are applied statement by statement; "+
-			"a superuser can install contrib/prism_apply and create it"+readme)
 	}
 }
 

@@ -106,7 +106,7 @@ func TestDoctor(t *testing.T) {
 	ctx := testCtx(t)
 	// eu is healthy; na has wal_level=replica, a table without a key and a
 	// role without REPLICATION or privileges on one table.
-	eu := pgtest.Start(t, pgtest.Options{Name: "doctor-eu", Settings: pgtest.NoLibraries()})
+	eu := pgtest.Start(t, pgtest.Options{Name: "doctor-eu"})
 	na := pgtest.Start(t, pgtest.Options{Name: "doctor-na", Settings: map[string]string{"wal_level": "replica", "track_commit_timestamp": "off"}})
 	mustExec(t, eu, `CREATE TABLE accounts (id int PRIMARY KEY, balance int);
 		CREATE TABLE orders (id bigserial PRIMARY KEY, note text)`)
@@ -540,51 +540,5 @@ func TestDoctorOutputPlugin(t *testing.T) {
 	cfg := euConfig(t, strings.Replace(c.DSN("postgres"), "user=postgres", "user=plain", 1), closedAddr(t), c.DSN("postgres"), "output_plugin: auto\n")
 	if fs := Run(ctx, cfg, Options{Timeout: 2 * time.Second}).Find("database eu: output plugin"); len(fs) != 0 {
 		t.Fatalf("useful only, as a role without REPLICATION: %+v, want no finding", fs)
-	}
-}
-
-// TestDoctorApplyProcedure checks the apply procedure finding as the
-// server's library path, the procedure and the role's privilege change.
-func TestDoctorApplyProcedure(t *testing.T) {
-	ctx := testCtx(t)
-	c := pgtest.Start(t, pgtest.Options{Name: "doctor-proc"})
-	dir, err := pgtest.PrismPgoutputDir("")
-	if err != nil {
-		t.Fatal(err)
-	}
-	mustExec(t, c, "CREATE ROLE plain LOGIN; CREATE SCHEMA prism; GRANT USAGE ON SCHEMA prism TO plain")
-	for _, step := range []struct {
-		name, libraryPath, sql, user, extra string
-		severity                            Severity
-		message                             string
-	}{
-		{"not installed", "'$libdir'", "", "postgres", "", OK, "contrib/prism_apply is not installed"},
-		{"installed", "'" + dir + ":$libdir'", "", "postgres", "", OK, "the node creates procedure prism.apply_copy when it starts"},
-		{"created", "'" + dir + ":$libdir'", "CREATE PROCEDURE prism.apply_copy(flush boolean) LANGUAGE c AS 'prism_apply', 'prism_apply_copy'",
-			"postgres", "", OK, "procedure prism.apply_copy is installed"},
-		{"created, as another role", "'" + dir + ":$libdir'", "", "plain", "", OK, "procedure prism.apply_copy is installed"},
-		{"library gone", "'$libdir'", "", "postgres", "", Warn, "the server cannot load its library prism_apply"},
-		{"no privilege", "'" + dir + ":$libdir'", "REVOKE EXECUTE ON PROCEDURE prism.apply_copy(boolean) FROM PUBLIC",
-			"plain", "", Warn, "role plain may not execute it"},
-		{"turned off", "'" + dir + ":$libdir'", "", "postgres", "apply_procedure: \"off\"\n", OK, "apply_procedure is off"},
-		{"dropped, as another role", "'" + dir + ":$libdir'", "DROP PROCEDURE prism.apply_copy(boolean)", "plain", "", OK, "procedure prism.apply_copy does not exist"},
-	} {
-		t.Run(step.name, func(t *testing.T) {
-			if err := c.SetConf("dynamic_library_path", step.libraryPath); err != nil {
-				t.Fatal(err)
-			}
-			if err := c.Reload(); err != nil {
-				t.Fatal(err)
-			}
-			if step.sql != "" {
-				mustExec(t, c, step.sql)
-			}
-			dsn := strings.Replace(c.DSN("postgres"), "user=postgres", "user="+step.user, 1)
-			fs := Run(ctx, euConfig(t, dsn, closedAddr(t), c.DSN("postgres"), step.extra), Options{Timeout: 2 * time.Second}).Find("database eu: apply procedure")
-			if len(fs) != 1 || fs[0].Severity != step.severity || !strings.Contains(fs[0].Message, step.message) {
-				t.Fatalf("findings %+v, want one %s with %q", fs, step.severity, step.message)
-			}
-			t.Logf("%s: %s", fs[0].Severity, fs[0].Message)
-		})
 	}
 }

@@ -64,15 +64,11 @@ func (n *Node) applyOptions(localRegion string) []apply.Option {
 	for t, p := range n.cfg.Conflicts.Tables {
 		perTable[t] = apply.Policy(p)
 	}
-	opts := []apply.Option{
+	return []apply.Option{
 		apply.WithLocalRegion(localRegion),
 		apply.WithConflicts(apply.Policy(n.cfg.Conflicts.Default), perTable),
 		apply.WithDDL(n.cfg.DDL == config.DDLReplicate),
 	}
-	if n.cfg.ApplyProcedure == "off" {
-		opts = append(opts, apply.WithoutApplyProcedure())
-	}
-	return opts
 }
 
 // serverApplyOptions are applyOptions for the applier of the transactions

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"maps"
 	"net"
 	"os"
 	"os/exec"
@@ -264,13 +263,6 @@ func (c *Cluster) initdb(opts Options) error {
 		settings["full_page_writes"] = "off"
 		settings["synchronous_commit"] = "on"
 	}
-	// prism-cdc's libraries (make plugin), where they are built for
-	// this server, as a region's server would have them installed: the
-	// node then uses them as it would there (prism_pgoutput for its slot
-	// before PostgreSQL 16, procedure prism.apply_copy to apply).
-	if dir, err := PrismPgoutputDir(c.bin); err == nil {
-		maps.Copy(settings, LibraryPath(dir))
-	}
 	for k, v := range opts.Settings {
 		settings[k] = v
 	}
@@ -517,13 +509,6 @@ func PrismPgoutput(t TB) map[string]string {
 		t.Fatalf("pgtest: %v", err)
 	}
 	return LibraryPath(dir)
-}
-
-// NoLibraries is the postgresql.conf setting under which a server loads
-// only its own libraries, for a test of a server that lacks prism-cdc's
-// (a cluster otherwise loads them where make plugin built them).
-func NoLibraries() map[string]string {
-	return map[string]string{"dynamic_library_path": "'$libdir'"}
 }
 
 // LibraryPath is the postgresql.conf setting under which a server loads

@@ -108,10 +108,6 @@ type Applier struct {
 	appName   string
 	ddl       bool // WithDDL
 	lazy      bool // WithLazyFlush
-	noProc    bool // WithoutApplyProcedure
-	// proc: the row path's runs go through prism.apply_copy (see
-	// procedure.go).
-	proc atomic.Bool
 
 	mu sync.Mutex
 	// sessPool holds the apply sessions' connections (see sessions);
@@ -196,9 +192,6 @@ type Stats struct {
 	// applied already (a replay) count in neither, nor do large ones
 	// that arrived in chunks and were applied as they came (Streamed).
 	Batched, ByRow, Streamed uint64
-	// Procedure counts the transactions of ByRow that the apply
-	// procedure ran (see WithoutApplyProcedure).
-	Procedure uint64
 	// Batches committed; RolledBack were rolled back (a conflict, a
 	// missing row, a serialization failure, an error) and their
 	// transactions applied by rows; Skipped went straight to the row
@@ -304,9 +297,6 @@ func (a *Applier) setup1(ctx context.Context) error {
 		a.log.Debug().Int("tables", installed).Msg("conflict triggers installed")
 	}
 	if err := a.setupDDL(ctx, conn.Conn()); err != nil {
-		return fmt.Errorf("apply setup: %w", err)
-	}
-	if err := a.setupProcedure(ctx, conn.Conn()); err != nil {
 		return fmt.Errorf("apply setup: %w", err)
 	}
 	a.mu.Lock()
@@ -1264,9 +1254,6 @@ type pipeline struct {
 
 	cmds []cmd
 	size int
-	// copyIDs and copyBuf are sendCopy's, kept for the next send.
-	copyIDs map[*pgconn.StatementDescription]int32
-	copyBuf []byte
 	// first is the index in cmds of the first command of the transaction
 	// being queued (0 once part of it was sent).
 	first int
@@ -1415,11 +1402,6 @@ func (p *pipeline) cut(ctx context.Context, i int, be *buildError) error {
 func (p *pipeline) send(ctx context.Context, final bool) error {
 	if len(p.cmds) == 0 {
 		return nil
-	}
-	if p.copyable() {
-		if done, err := p.sendCopy(ctx, final); done || err != nil || len(p.cmds) == 0 {
-			return err
-		}
 	}
 	// The barrier goes after the last COMMIT, at the end: when a
 	// transaction is still open it runs inside it harmlessly (right after

@@ -781,7 +781,7 @@ func applyCounted(t *testing.T, ctx context.Context, a *Applier, name string, tx
 	if got := a.batches.Load(); got != batches {
 		t.Fatalf("%s: %d batches sent, want %d", name, got, batches)
 	}
-	if got := paths(a.Stats()["na"]); got != stats {
+	if got := a.Stats()["na"]; got != stats {
 		t.Fatalf("%s: stats %+v, want %+v", name, got, stats)
 	}
 }
@@ -999,7 +999,7 @@ func TestBatchInsertConcurrentInsertNamed(t *testing.T) {
 	if r := <-done; r.n != len(txns) || r.err != nil {
 		t.Fatalf("ApplyBatch = %d, %v", r.n, r.err)
 	}
-	if got, want := paths(a.Stats()["na"]), (Stats{Batches: 2, Batched: 9, ByRow: 1, RolledBack: 1}); got != want {
+	if got, want := a.Stats()["na"], (Stats{Batches: 2, Batched: 9, ByRow: 1, RolledBack: 1}); got != want {
 		t.Errorf("stats %+v, want %+v", got, want)
 	}
 	for _, w := range []struct{ ids, want string }{{"2, 11, 12, 13, 14", "1"}, {"16, 17, 18, 19", "1"}} {

@@ -354,27 +354,17 @@ func BenchmarkApplyCost(b *testing.B) {
 			}
 		}
 	}
-	// stmts applies statement by statement where a uses procedure
-	// prism.apply_copy (contrib/prism_apply, where make plugin built it).
-	stmts := newApplier(b, ctx, c, "postgres", WithLocalRegion("bench-target"), WithoutApplyProcedure())
-	if err := stmts.Setup(ctx); err != nil {
-		b.Fatal(err)
-	}
-	b.Logf("applier: through procedure prism.apply_copy: %v", a.ApplyProcedure())
-	applierEvery := func(app *Applier, per int) func([]*decode.Txn) {
+	applierEvery := func(per int) func([]*decode.Txn) {
 		return func(txns []*decode.Txn) {
-			// The other applier's idle session lets go of the origin.
-			a.Release("bench")
-			stmts.Release("bench")
 			for i := 0; i < len(txns); i += per {
 				end := min(len(txns), i+per)
-				if n, err := app.ApplyBatch(ctx, txns[i:end]); err != nil || n != end-i {
+				if n, err := a.ApplyBatch(ctx, txns[i:end]); err != nil || n != end-i {
 					b.Fatalf("ApplyBatch = %d, %v", n, err)
 				}
 			}
 		}
 	}
-	applier := applierEvery(a, 100)
+	applier := applierEvery(100)
 	var lsn uint64
 	run := func(name string, apply func([]*decode.Txn)) {
 		b.Run(name, func(b *testing.B) {
@@ -397,8 +387,7 @@ func BenchmarkApplyCost(b *testing.B) {
 		run(fmt.Sprintf("bare/%d", round), applyBare)
 		run(fmt.Sprintf("array/%d", round), arrays)
 		run(fmt.Sprintf("array-stamps/%d", round), stamped)
-		run(fmt.Sprintf("applier-lone/%d", round), applierEvery(a, 1))
-		run(fmt.Sprintf("applier-lone-statements/%d", round), applierEvery(stmts, 1))
+		run(fmt.Sprintf("applier-lone/%d", round), applierEvery(1))
 		run(fmt.Sprintf("bare-lone/%d", round), bareEvery(1))
 	}
 	// The hourly compaction of the applier's batch stamps (see

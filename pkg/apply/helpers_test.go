@@ -119,14 +119,6 @@ func txn(origin string, lsn uint64, sec float64, changes ...decode.Change) *deco
 	}
 }
 
-// paths returns st without Procedure: the part of ByRow that procedure
-// prism.apply_copy ran depends on whether make plugin built
-// contrib/prism_apply (TestApplyProcedure counts it).
-func paths(st Stats) Stats {
-	st.Procedure = 0
-	return st
-}
-
 func decodeLSN(v uint64) pglogrepl.LSN { return pglogrepl.LSN(v) }
 
 // localTxn begins a transaction on a connection of its own (a local

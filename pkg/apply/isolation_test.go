@@ -273,7 +273,7 @@ func TestConcurrentWriteRetriedOnSession(t *testing.T) {
 	if got := a.holds.Load(); got != 1 {
 		t.Fatalf("%d origin sessions set up, want 1 (the retry keeps the session)", got)
 	}
-	if got, want := paths(a.Stats()["na"]), (Stats{ByRow: 3, Retries: 1}); got != want {
+	if got, want := a.Stats()["na"], (Stats{ByRow: 3, Retries: 1}); got != want {
 		t.Fatalf("stats %+v, want %+v", got, want)
 	}
 	if got := tableRows(t, ctx, a.pool, "(SELECT id, v FROM kv WHERE id <= 3)"); got != `{"id":1,"v":"a"}`+"\n"+`{"id":2,"v":"b"}`+"\n"+`{"id":3,"v":"c"}` {

@@ -244,7 +244,7 @@ func TestReaderOriginFiltered(t *testing.T) {
 		plugin:   PluginPrism,
 	}}
 	for _, v := range pgtest.Servers() {
-		variants = append(variants, variant{Server: v, settings: func(*testing.T) map[string]string { return pgtest.NoLibraries() }, plugin: PluginPgoutput})
+		variants = append(variants, variant{Server: v, settings: func(*testing.T) map[string]string { return nil }, plugin: PluginPgoutput})
 	}
 	for _, v := range variants {
 		t.Run(v.Name, func(t *testing.T) {
@@ -324,7 +324,7 @@ func TestReaderOriginFiltered(t *testing.T) {
 func TestReaderPluginChoice(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	c := pgtest.Start(t, pgtest.Options{Name: "plugin", Settings: pgtest.NoLibraries()})
+	c := pgtest.Start(t, pgtest.Options{Name: "plugin"})
 	if major := serverMajor(query[string](ctx, t, c, "SHOW server_version")); major >= 16 {
 		t.Fatalf("server major version %d: this test needs one older than 16, whose pgoutput has no origin filter", major)
 	}
