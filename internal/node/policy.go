@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"sync/atomic"
 
 	"github.com/jackc/pglogrepl"
@@ -186,6 +187,42 @@ func (p *errorPolicy) undoFunc(a *apply.Applier) peers.UndoFunc {
 
 // regionPolicy is what this node records in its database for other
 // regions' direct-SQL fallbacks and doctor (apply.RecordPolicy).
+// fallbackConflicts returns the conflict policies of the direct-SQL
+// fallback to region: the ones region's nodes recorded in its database
+// (apply.RecordPolicy, read through q), so that a row written in two
+// regions ends as that region's own nodes would have decided it, whichever
+// path applied it. Where nothing is recorded (or a node of an earlier
+// version recorded no conflict policies), or a recorded policy is not one
+// this node knows, it is this node's own, and it says so.
+func fallbackConflicts(ctx context.Context, q apply.Querier, own config.Conflicts, region string, log zerolog.Logger) config.Conflicts {
+	rec, found, err := apply.ReadRegionPolicy(ctx, q, region)
+	switch {
+	case err != nil:
+		log.Warn().Err(err).Msg("cannot read the region's conflict policies from its database; the direct-SQL fallback resolves conflicts as this node does")
+		return own
+	case !found || rec.Conflicts == "":
+		log.Warn().Msg("no node of the region has recorded its conflict policies in its database (prism.apply_policy(); a node records them when it starts): the direct-SQL fallback resolves conflicts as this node does")
+		return own
+	}
+	c := config.Conflicts{Default: config.ConflictPolicy(rec.Conflicts), Tables: make(map[string]config.ConflictPolicy, len(rec.ConflictTables)), Keep: own.Keep}
+	valid := c.Default.Valid()
+	for t, p := range rec.ConflictTables {
+		c.Tables[t] = config.ConflictPolicy(p)
+		valid = valid && c.Tables[t].Valid()
+	}
+	if !valid {
+		log.Warn().Str("recorded", rec.Conflicts).Interface("recorded_tables", rec.ConflictTables).Str("node", rec.Node).
+			Msg("the region's recorded conflict policies are not all ones this node knows; the direct-SQL fallback resolves conflicts as this node does")
+		return own
+	}
+	if c.Default != own.Default || !maps.Equal(rec.ConflictTables, config.Strings(own.Tables)) {
+		log.Warn().Str("recorded", rec.Conflicts).Interface("recorded_tables", rec.ConflictTables).Str("node", rec.Node).
+			Str("own", string(own.Default)).Interface("own_tables", config.Strings(own.Tables)).
+			Msg("the region resolves conflicts differently from this node (regions that decide the same conflict differently keep different rows; prism-cdc doctor checks this); the direct-SQL fallback follows the region's")
+	}
+	return c
+}
+
 func regionPolicy(cfg *config.Config) apply.RegionPolicy {
 	return apply.RegionPolicy{Region: cfg.Region, Node: cfg.Node,
 		OnApplyError: string(cfg.OnApplyError), ErrorTables: config.Strings(cfg.OnApplyErrorTables),

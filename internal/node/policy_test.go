@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -17,6 +18,7 @@ import (
 	"github.com/prism-cdc/prism-cdc/internal/logtest"
 	"github.com/prism-cdc/prism-cdc/internal/pgtest"
 	"github.com/prism-cdc/prism-cdc/pkg/apply"
+	"github.com/prism-cdc/prism-cdc/pkg/decode"
 	"github.com/prism-cdc/prism-cdc/pkg/peers"
 )
 
@@ -425,5 +427,89 @@ func TestFallbackPolicyChoice(t *testing.T) {
 	own := newErrorPolicy(&config.Config{OnApplyError: config.DeadLetter}, zerolog.Nop())
 	if got := own.policyFor(ctx, a, failure("public.t")); got != config.DeadLetter {
 		t.Errorf("own policy = %s, want dead_letter", got)
+	}
+}
+
+// TestFallbackConflicts: the direct-SQL fallback to a region resolves
+// conflicts by the policies that region's nodes recorded (keep_local in
+// eu, with a table override), not by its own node's (source_wins in na):
+// this node's own only while nothing, nothing of the kind, or nothing it
+// knows is recorded, and it says so.
+func TestFallbackConflicts(t *testing.T) {
+	ctx := context.Background()
+	c := pgtest.Start(t, pgtest.Options{Name: "fallback-conflicts"})
+	if err := c.Exec(ctx, "postgres", "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE u (id int PRIMARY KEY, v text)"); err != nil {
+		t.Fatal(err)
+	}
+	pool, err := apply.NewPool(ctx, c.DSN("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	rec := apply.NewApplier(pool, zerolog.Nop())
+	defer rec.Close()
+	if err := rec.Setup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	own := config.Conflicts{Default: config.SourceWins, Tables: map[string]config.ConflictPolicy{"public.u": config.LastWriteWins}}
+	var logs syncBuf
+	record := func(p apply.RegionPolicy) {
+		t.Helper()
+		p.Region, p.OnApplyError = "eu", "halt"
+		if err := rec.RecordPolicy(ctx, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	choice := func(name string, want config.Conflicts, warning string) {
+		t.Helper()
+		before := logs.String()
+		got := fallbackConflicts(ctx, pool, own, "eu", zerolog.New(&logs))
+		if got.Default != want.Default || !maps.Equal(got.Tables, want.Tables) {
+			t.Errorf("%s: conflicts %v %v, want %v %v", name, got.Default, got.Tables, want.Default, want.Tables)
+		}
+		if logged := strings.TrimPrefix(logs.String(), before); !strings.Contains(logged, warning) {
+			t.Errorf("%s: logged %q, want %q", name, logged, warning)
+		}
+	}
+	choice("nothing recorded", own, "no node of the region has recorded its conflict policies")
+	record(apply.RegionPolicy{Node: "eu0"})
+	choice("an earlier version's record", own, "no node of the region has recorded its conflict policies")
+	record(apply.RegionPolicy{Node: "eu1", Conflicts: "keep_local", ConflictTables: map[string]string{"public.u": "source_wins"}})
+	choice("recorded", config.Conflicts{Default: config.KeepLocal, Tables: map[string]config.ConflictPolicy{"public.u": config.SourceWins}},
+		"the region resolves conflicts differently from this node")
+	record(apply.RegionPolicy{Node: "eu2", Conflicts: "keep_local", ConflictTables: map[string]string{"public.u": "bogus"}})
+	choice("an unknown one recorded", own, `"recorded":"keep_local"`)
+
+	// The fallback applies by the record: na's update, older than the row
+	// eu wrote, keeps eu's row in t (keep_local) and takes na's in u
+	// (source_wins); by na's own it would be the other way round.
+	record(apply.RegionPolicy{Node: "eu1", Conflicts: "keep_local", ConflictTables: map[string]string{"public.u": "source_wins"}})
+	if err := c.Exec(ctx, "postgres", "INSERT INTO t VALUES (1, 'eu'); INSERT INTO u VALUES (1, 'eu')"); err != nil {
+		t.Fatal(err)
+	}
+	n := &Node{cfg: &config.Config{Region: "na", Node: "na1", Conflicts: own}, log: zerolog.New(&logs)}
+	open := n.fallback(config.Peer{Region: "eu", Database: c.DSN("postgres")})
+	app, closeFallback, err := open(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeFallback()
+	row := func(table string) decode.Change {
+		r := &decode.Relation{ID: 1, Schema: "public", Table: table, ReplicaIdentity: decode.IdentityDefault,
+			Columns: []decode.Column{{Name: "id", Key: true}, {Name: "v"}}}
+		return decode.Change{Op: decode.OpUpdate, Rel: r, New: []decode.Value{
+			{Kind: decode.ValueText, Data: []byte("1")}, {Kind: decode.ValueText, Data: []byte("na")}}}
+	}
+	txn := &decode.Txn{Origin: "na", CommitLSN: 0x1000, EndLSN: 0x1008, CommitTime: time.Now().Add(-time.Hour),
+		Changes: []decode.Change{row("t"), row("u")}}
+	if err := app.(*apply.Applier).Apply(ctx, txn); err != nil {
+		t.Fatal(err)
+	}
+	var got string
+	if err := pool.QueryRow(ctx, "SELECT (SELECT v FROM t WHERE id = 1) || ',' || (SELECT v FROM u WHERE id = 1)").Scan(&got); err != nil {
+		t.Fatal(err)
+	}
+	if got != "eu,na" {
+		t.Fatalf("t, u after the fallback applied na's updates = %s, want eu,na (eu's keep_local, and source_wins for u)", got)
 	}
 }

@@ -59,14 +59,16 @@ func Preflight(ctx context.Context, dsn string, log zerolog.Logger) error {
 	return nil
 }
 
-func (n *Node) applyOptions(localRegion string) []apply.Option {
-	perTable := make(map[string]apply.Policy, len(n.cfg.Conflicts.Tables))
-	for t, p := range n.cfg.Conflicts.Tables {
+// applyOptions are the options of an applier into localRegion's
+// database that resolves conflicts by conflicts.
+func (n *Node) applyOptions(localRegion string, conflicts config.Conflicts) []apply.Option {
+	perTable := make(map[string]apply.Policy, len(conflicts.Tables))
+	for t, p := range conflicts.Tables {
 		perTable[t] = apply.Policy(p)
 	}
 	return []apply.Option{
 		apply.WithLocalRegion(localRegion),
-		apply.WithConflicts(apply.Policy(n.cfg.Conflicts.Default), perTable),
+		apply.WithConflicts(apply.Policy(conflicts.Default), perTable),
 		apply.WithDDL(n.cfg.DDL == config.DDLReplicate),
 	}
 }
@@ -75,7 +77,7 @@ func (n *Node) applyOptions(localRegion string) []apply.Option {
 // other regions' nodes ship here: it flushes lazily (apply.WithLazyFlush),
 // and the peer server acknowledges by the durable progress.
 func (n *Node) serverApplyOptions() []apply.Option {
-	return append(n.applyOptions(n.cfg.Region), apply.WithLazyFlush())
+	return append(n.applyOptions(n.cfg.Region, n.cfg.Conflicts), apply.WithLazyFlush())
 }
 
 // fallback opens the direct-SQL path to a peer region's database: the same
@@ -93,7 +95,9 @@ func (n *Node) fallback(p config.Peer) peers.Fallback {
 			pool.Close()
 			return nil, nil, fmt.Errorf("fallback database of region %s: %s", p.Region, config.RedactDSN(err.Error()))
 		}
-		a := apply.NewApplier(pool, n.log.With().Str("component", "fallback").Str("target", p.Region).Logger(), n.applyOptions(p.Region)...)
+		log := n.log.With().Str("component", "fallback").Str("target", p.Region).Logger()
+		conflicts := fallbackConflicts(ctx, pool, n.cfg.Conflicts, p.Region, log)
+		a := apply.NewApplier(pool, log, n.applyOptions(p.Region, conflicts)...)
 		if err := a.Setup(ctx); err != nil {
 			pool.Close()
 			return nil, nil, fmt.Errorf("fallback database of region %s: %w", p.Region, err)
