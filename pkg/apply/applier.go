@@ -1336,8 +1336,9 @@ func (p *pipeline) queue(ctx context.Context, i int) error {
 	t := p.txns[i]
 	p.first = len(p.cmds)
 	ts := []byte(t.CommitTime.UTC().Format("2006-01-02 15:04:05.999999Z07:00"))
+	lsn := lsnText(t.EndLSN)
 	p.cmds = append(p.cmds, cmd{txn: i, change: -1, sd: p.begin},
-		cmd{txn: i, change: -1, sd: p.setup, vals: [][]byte{[]byte(t.EndLSN.String()), ts, []byte(t.Origin), []byte(p.a.local)}})
+		cmd{txn: i, change: -1, sd: p.setup, vals: [][]byte{lsn, ts, []byte(t.Origin), []byte(p.a.local)}})
 	for j := range t.Changes {
 		c := &t.Changes[j]
 		if c.Op == decode.OpDDL {
@@ -1376,7 +1377,7 @@ func (p *pipeline) queue(ctx context.Context, i int) error {
 		}
 	}
 	p.cmds = append(p.cmds, cmd{txn: i, change: -1, sd: p.immediate},
-		cmd{txn: i, change: -1, sd: p.origin, vals: [][]byte{[]byte(t.EndLSN.String()), ts}},
+		cmd{txn: i, change: -1, sd: p.origin, vals: [][]byte{lsn, ts}},
 		cmd{txn: i, change: -1, commit: true, sd: p.commit})
 	return nil
 }

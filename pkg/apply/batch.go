@@ -726,12 +726,13 @@ func (p *pipeline) batch(ctx context.Context, i, end int, bp *batchPlan) (ok, co
 	ts := []byte(commit.UTC().Format("2006-01-02 15:04:05.999999Z07:00"))
 	b := &pgconn.Batch{}
 	b.ExecStatement(p.begin, nil, nil, nil)
-	b.ExecStatement(p.batchSetup, [][]byte{[]byte(last.EndLSN.String()), ts, []byte(last.Origin), []byte(p.a.local)}, nil, nil)
+	lsn := lsnText(last.EndLSN)
+	b.ExecStatement(p.batchSetup, [][]byte{lsn, ts, []byte(last.Origin), []byte(p.a.local)}, nil, nil)
 	for k, call := range calls {
 		b.ExecStatement(sds[k], call.args, nil, nil)
 	}
 	b.ExecStatement(p.immediate, nil, nil, nil)
-	b.ExecStatement(p.origin, [][]byte{[]byte(last.EndLSN.String()), ts}, nil, nil)
+	b.ExecStatement(p.origin, [][]byte{lsn, ts}, nil, nil)
 	b.ExecStatement(p.commit, nil, nil, nil)
 	if p.barrier != nil {
 		b.ExecStatement(p.barrier, nil, nil, nil)

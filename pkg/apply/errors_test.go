@@ -8,6 +8,7 @@ import (
 	"net"
 	"testing"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5/pgconn"
 )
 
@@ -106,5 +107,15 @@ func TestOriginHolder(t *testing.T) {
 				t.Errorf("OriginHolder(%v) = %d, %v, want %d, %v", tc.err, pid, ok, tc.pid, tc.ok)
 			}
 		})
+	}
+}
+
+// TestLSNText: lsnText writes what pglogrepl.LSN.String does.
+func TestLSNText(t *testing.T) {
+	for _, v := range []uint64{0, 1, 0xA, 0xFFFFFFFF, 0x100000000, 0x16B3748, 0xDEADBEEF00C0FFEE, ^uint64(0)} {
+		l := pglogrepl.LSN(v)
+		if got, want := string(lsnText(l)), l.String(); got != want {
+			t.Errorf("lsnText(%#x) = %q, want %q", v, got, want)
+		}
 	}
 }
