@@ -852,8 +852,16 @@ func (d *doctor) applyPolicy(ctx context.Context, conn *pgx.Conn, db string) {
 // conflict differently keep different versions of the row.
 func (d *doctor) peerConflicts(ctx context.Context, conn *pgx.Conn, region, check string) {
 	rec, found, err := apply.ReadRegionPolicy(ctx, conn, region)
-	if err != nil || !found || rec.Conflicts == "" {
+	if err != nil || !found {
 		return // nothing recorded to compare with
+	}
+	if rec.DDL != "" && rec.DDL != string(d.cfg.DDL) {
+		d.rep.add(Warn, check, fmt.Sprintf("region %s's nodes run with ddl: %s (recorded by node %s); this node with ddl: %s: schema changes travel only between regions that all replicate them, and this node's direct-SQL fallback applies them there as region %s does",
+			region, rec.DDL, rec.Node, d.cfg.DDL, region),
+			"give every region's nodes the same ddl setting")
+	}
+	if rec.Conflicts == "" {
+		return
 	}
 	own := config.Strings(d.cfg.Conflicts.Tables)
 	if rec.Conflicts == string(d.cfg.Conflicts.Default) && maps.Equal(rec.ConflictTables, own) {

@@ -201,6 +201,18 @@ func TestDoctor(t *testing.T) {
 		if len(warned) != 1 || !strings.Contains(warned[0].Message, "region na resolves conflicts by keep_local, tables map[] (recorded by node na3); this node by last_write_wins") {
 			t.Fatalf("fallback database na warnings = %+v, want one about na's keep_local", warned)
 		}
+		// And replicates schema changes where this node does not.
+		mustExec(t, na, `CREATE OR REPLACE FUNCTION prism.apply_policy() RETURNS jsonb LANGUAGE sql
+			AS $$ SELECT '{"region": "na", "policy": "halt", "tables": {}, "node": "na3", "conflicts": "last_write_wins", "ddl": "replicate"}'::jsonb $$`)
+		warned = warned[:0]
+		for _, f := range Run(ctx, cfg, Options{}).Find("fallback database na") {
+			if f.Severity == Warn {
+				warned = append(warned, f)
+			}
+		}
+		if len(warned) != 1 || !strings.Contains(warned[0].Message, "region na's nodes run with ddl: replicate (recorded by node na3); this node with ddl: off") {
+			t.Fatalf("fallback database na warnings = %+v, want one about na's ddl: replicate", warned)
+		}
 	})
 
 	// A refused token and a host name that does not resolve are problems

@@ -187,20 +187,25 @@ func (p *errorPolicy) undoFunc(a *apply.Applier) peers.UndoFunc {
 
 // regionPolicy is what this node records in its database for other
 // regions' direct-SQL fallbacks and doctor (apply.RecordPolicy).
-// fallbackConflicts returns the conflict policies of the direct-SQL
-// fallback to region: the ones region's nodes recorded in its database
-// (apply.RecordPolicy, read through q), so that a row written in two
-// regions ends as that region's own nodes would have decided it, whichever
-// path applied it. Where nothing is recorded (or a node of an earlier
-// version recorded no conflict policies), or a recorded policy is not one
-// this node knows, it is this node's own, and it says so.
-func fallbackConflicts(ctx context.Context, q apply.Querier, own config.Conflicts, region string, log zerolog.Logger) config.Conflicts {
+// fallbackSettings returns the conflict policies and the ddl setting of
+// the direct-SQL fallback to region: the ones region's nodes recorded in
+// its database (apply.RecordPolicy, read through q), so that a row written
+// in two regions ends as that region's own nodes would have decided it,
+// and a schema change is applied there or refused as they would,
+// whichever path applied it. Where nothing is recorded (or a node of an
+// earlier version recorded less), or a recorded value is not one this node
+// knows, it is this node's own (own), and it says so.
+func fallbackSettings(ctx context.Context, q apply.Querier, own *config.Config, region string, log zerolog.Logger) (config.Conflicts, config.DDLMode) {
 	rec, found, err := apply.ReadRegionPolicy(ctx, q, region)
-	switch {
-	case err != nil:
-		log.Warn().Err(err).Msg("cannot read the region's conflict policies from its database; the direct-SQL fallback resolves conflicts as this node does")
-		return own
-	case !found || rec.Conflicts == "":
+	if err != nil {
+		log.Warn().Err(err).Msg("cannot read the region's conflict policies and ddl setting from its database; the direct-SQL fallback follows this node's")
+		return own.Conflicts, own.DDL
+	}
+	return fallbackConflicts(rec, found, own.Conflicts, log), fallbackDDL(rec, found, own.DDL, log)
+}
+
+func fallbackConflicts(rec apply.RegionPolicy, found bool, own config.Conflicts, log zerolog.Logger) config.Conflicts {
+	if !found || rec.Conflicts == "" {
 		log.Warn().Msg("no node of the region has recorded its conflict policies in its database (prism.apply_policy(); a node records them when it starts): the direct-SQL fallback resolves conflicts as this node does")
 		return own
 	}
@@ -223,8 +228,25 @@ func fallbackConflicts(ctx context.Context, q apply.Querier, own config.Conflict
 	return c
 }
 
+func fallbackDDL(rec apply.RegionPolicy, found bool, own config.DDLMode, log zerolog.Logger) config.DDLMode {
+	ddl := config.DDLMode(rec.DDL)
+	switch {
+	case !found || rec.DDL == "":
+		log.Warn().Str("ddl", string(own)).Msg("no node of the region has recorded its ddl setting in its database: the direct-SQL fallback applies schema changes there by this node's")
+		return own
+	case !ddl.Valid():
+		log.Warn().Str("recorded", rec.DDL).Str("node", rec.Node).Str("ddl", string(own)).
+			Msg("the region's recorded ddl setting is not one this node knows; the direct-SQL fallback follows this node's")
+		return own
+	case ddl != own:
+		log.Warn().Str("recorded", rec.DDL).Str("node", rec.Node).Str("own", string(own)).
+			Msg("the region's ddl setting differs from this node's (ddl: replicate must be in every region's configuration); the direct-SQL fallback follows the region's")
+	}
+	return ddl
+}
+
 func regionPolicy(cfg *config.Config) apply.RegionPolicy {
 	return apply.RegionPolicy{Region: cfg.Region, Node: cfg.Node,
 		OnApplyError: string(cfg.OnApplyError), ErrorTables: config.Strings(cfg.OnApplyErrorTables),
-		Conflicts: string(cfg.Conflicts.Default), ConflictTables: config.Strings(cfg.Conflicts.Tables)}
+		Conflicts: string(cfg.Conflicts.Default), ConflictTables: config.Strings(cfg.Conflicts.Tables), DDL: string(cfg.DDL)}
 }

@@ -432,9 +432,10 @@ func TestFallbackPolicyChoice(t *testing.T) {
 
 // TestFallbackConflicts: the direct-SQL fallback to a region resolves
 // conflicts by the policies that region's nodes recorded (keep_local in
-// eu, with a table override), not by its own node's (source_wins in na):
-// this node's own only while nothing, nothing of the kind, or nothing it
-// knows is recorded, and it says so.
+// eu, with a table override), not by its own node's (source_wins in na),
+// and applies schema changes by their ddl setting: this node's own only
+// while nothing, nothing of the kind, or nothing it knows is recorded, and
+// it says so. It never installs the region's DDL capture.
 func TestFallbackConflicts(t *testing.T) {
 	ctx := context.Background()
 	c := pgtest.Start(t, pgtest.Options{Name: "fallback-conflicts"})
@@ -460,34 +461,38 @@ func TestFallbackConflicts(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	choice := func(name string, want config.Conflicts, warning string) {
+	cfg := &config.Config{Region: "na", Node: "na1", Conflicts: own, DDL: config.DDLReplicate}
+	choice := func(name string, want config.Conflicts, wantDDL config.DDLMode, warning string) {
 		t.Helper()
 		before := logs.String()
-		got := fallbackConflicts(ctx, pool, own, "eu", zerolog.New(&logs))
-		if got.Default != want.Default || !maps.Equal(got.Tables, want.Tables) {
-			t.Errorf("%s: conflicts %v %v, want %v %v", name, got.Default, got.Tables, want.Default, want.Tables)
+		got, ddl := fallbackSettings(ctx, pool, cfg, "eu", zerolog.New(&logs))
+		if got.Default != want.Default || !maps.Equal(got.Tables, want.Tables) || ddl != wantDDL {
+			t.Errorf("%s: conflicts %v %v, ddl %s; want %v %v, ddl %s", name, got.Default, got.Tables, ddl, want.Default, want.Tables, wantDDL)
 		}
 		if logged := strings.TrimPrefix(logs.String(), before); !strings.Contains(logged, warning) {
 			t.Errorf("%s: logged %q, want %q", name, logged, warning)
 		}
 	}
-	choice("nothing recorded", own, "no node of the region has recorded its conflict policies")
+	choice("nothing recorded", own, config.DDLReplicate, "no node of the region has recorded its conflict policies")
 	record(apply.RegionPolicy{Node: "eu0"})
-	choice("an earlier version's record", own, "no node of the region has recorded its conflict policies")
-	record(apply.RegionPolicy{Node: "eu1", Conflicts: "keep_local", ConflictTables: map[string]string{"public.u": "source_wins"}})
-	choice("recorded", config.Conflicts{Default: config.KeepLocal, Tables: map[string]config.ConflictPolicy{"public.u": config.SourceWins}},
+	choice("an earlier version's record", own, config.DDLReplicate, "no node of the region has recorded its ddl setting")
+	record(apply.RegionPolicy{Node: "eu1", Conflicts: "keep_local", ConflictTables: map[string]string{"public.u": "source_wins"}, DDL: "off"})
+	choice("recorded", config.Conflicts{Default: config.KeepLocal, Tables: map[string]config.ConflictPolicy{"public.u": config.SourceWins}}, config.DDLOff,
 		"the region resolves conflicts differently from this node")
-	record(apply.RegionPolicy{Node: "eu2", Conflicts: "keep_local", ConflictTables: map[string]string{"public.u": "bogus"}})
-	choice("an unknown one recorded", own, `"recorded":"keep_local"`)
+	choice("recorded ddl", config.Conflicts{Default: config.KeepLocal, Tables: map[string]config.ConflictPolicy{"public.u": config.SourceWins}}, config.DDLOff,
+		"the region's ddl setting differs from this node's")
+	record(apply.RegionPolicy{Node: "eu2", Conflicts: "keep_local", ConflictTables: map[string]string{"public.u": "bogus"}, DDL: "sometimes"})
+	choice("unknown ones recorded", own, config.DDLReplicate, `"recorded":"keep_local"`)
+	choice("an unknown ddl recorded", own, config.DDLReplicate, `"recorded":"sometimes"`)
 
 	// The fallback applies by the record: na's update, older than the row
 	// eu wrote, keeps eu's row in t (keep_local) and takes na's in u
 	// (source_wins); by na's own it would be the other way round.
-	record(apply.RegionPolicy{Node: "eu1", Conflicts: "keep_local", ConflictTables: map[string]string{"public.u": "source_wins"}})
+	record(apply.RegionPolicy{Node: "eu1", Conflicts: "keep_local", ConflictTables: map[string]string{"public.u": "source_wins"}, DDL: "replicate"})
 	if err := c.Exec(ctx, "postgres", "INSERT INTO t VALUES (1, 'eu'); INSERT INTO u VALUES (1, 'eu')"); err != nil {
 		t.Fatal(err)
 	}
-	n := &Node{cfg: &config.Config{Region: "na", Node: "na1", Conflicts: own}, log: zerolog.New(&logs)}
+	n := &Node{cfg: cfg, log: zerolog.New(&logs)}
 	open := n.fallback(config.Peer{Region: "eu", Database: c.DSN("postgres")})
 	app, closeFallback, err := open(ctx)
 	if err != nil {
@@ -511,5 +516,11 @@ func TestFallbackConflicts(t *testing.T) {
 	}
 	if got != "eu,na" {
 		t.Fatalf("t, u after the fallback applied na's updates = %s, want eu,na (eu's keep_local, and source_wins for u)", got)
+	}
+	// ddl: replicate here and there, and still no capture installed by
+	// the fallback: that is eu's nodes' to do.
+	var capture bool
+	if err := pool.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'prism_ddl')").Scan(&capture); err != nil || capture {
+		t.Fatalf("event trigger prism_ddl in eu after the fallback opened: %v, %v; want none", capture, err)
 	}
 }

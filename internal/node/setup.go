@@ -60,8 +60,9 @@ func Preflight(ctx context.Context, dsn string, log zerolog.Logger) error {
 }
 
 // applyOptions are the options of an applier into localRegion's
-// database that resolves conflicts by conflicts.
-func (n *Node) applyOptions(localRegion string, conflicts config.Conflicts) []apply.Option {
+// database that resolves conflicts by conflicts and applies schema
+// changes by ddl.
+func (n *Node) applyOptions(localRegion string, conflicts config.Conflicts, ddl config.DDLMode) []apply.Option {
 	perTable := make(map[string]apply.Policy, len(conflicts.Tables))
 	for t, p := range conflicts.Tables {
 		perTable[t] = apply.Policy(p)
@@ -69,7 +70,7 @@ func (n *Node) applyOptions(localRegion string, conflicts config.Conflicts) []ap
 	return []apply.Option{
 		apply.WithLocalRegion(localRegion),
 		apply.WithConflicts(apply.Policy(conflicts.Default), perTable),
-		apply.WithDDL(n.cfg.DDL == config.DDLReplicate),
+		apply.WithDDL(ddl == config.DDLReplicate),
 	}
 }
 
@@ -77,7 +78,7 @@ func (n *Node) applyOptions(localRegion string, conflicts config.Conflicts) []ap
 // other regions' nodes ship here: it flushes lazily (apply.WithLazyFlush),
 // and the peer server acknowledges by the durable progress.
 func (n *Node) serverApplyOptions() []apply.Option {
-	return append(n.applyOptions(n.cfg.Region, n.cfg.Conflicts), apply.WithLazyFlush())
+	return append(n.applyOptions(n.cfg.Region, n.cfg.Conflicts, n.cfg.DDL), apply.WithLazyFlush())
 }
 
 // fallback opens the direct-SQL path to a peer region's database: the same
@@ -96,8 +97,10 @@ func (n *Node) fallback(p config.Peer) peers.Fallback {
 			return nil, nil, fmt.Errorf("fallback database of region %s: %s", p.Region, config.RedactDSN(err.Error()))
 		}
 		log := n.log.With().Str("component", "fallback").Str("target", p.Region).Logger()
-		conflicts := fallbackConflicts(ctx, pool, n.cfg.Conflicts, p.Region, log)
-		a := apply.NewApplier(pool, log, n.applyOptions(p.Region, conflicts)...)
+		conflicts, ddl := fallbackSettings(ctx, pool, n.cfg, p.Region, log)
+		// Whether the region's own schema changes are captured is its
+		// nodes' business: the fallback installs no event trigger there.
+		a := apply.NewApplier(pool, log, append(n.applyOptions(p.Region, conflicts, ddl), apply.WithoutDDLCapture())...)
 		if err := a.Setup(ctx); err != nil {
 			pool.Close()
 			return nil, nil, fmt.Errorf("fallback database of region %s: %w", p.Region, err)

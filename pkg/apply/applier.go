@@ -107,6 +107,7 @@ type Applier struct {
 	local     string
 	appName   string
 	ddl       bool // WithDDL
+	noCapture bool // WithoutDDLCapture
 	lazy      bool // WithLazyFlush
 
 	mu sync.Mutex

@@ -22,6 +22,15 @@ func WithDDL(on bool) Option {
 	return func(a *Applier) { a.ddl = on }
 }
 
+// WithoutDDLCapture keeps Setup from installing event trigger prism_ddl
+// even WithDDL(true): an applier into another region's database (the
+// direct-SQL fallback) applies schema changes there as that region's
+// nodes would, but whether that region's own schema changes are captured
+// is its nodes' configuration, not this one's.
+func WithoutDDLCapture() Option {
+	return func(a *Applier) { a.noCapture = true }
+}
+
 // ddlSetupSQL creates what DDL replication needs in a database.
 //
 // prism.ddl_words splits a query string into tokens the way the server's
@@ -415,6 +424,9 @@ func (a *Applier) setupDDL(ctx context.Context, conn *pgx.Conn) error {
 	}
 	if _, err := conn.PgConn().Exec(ctx, ddlSetupSQL).ReadAll(); err != nil {
 		return fmt.Errorf("ddl functions: %w", err)
+	}
+	if a.noCapture {
+		return nil
 	}
 	if _, err := conn.Exec(ctx, ddlTriggerSQL); err != nil {
 		return fmt.Errorf("create event trigger prism_ddl (ddl: replicate needs a superuser for it, once; or a superuser runs: %s): %w", DDLTriggerFix, err)

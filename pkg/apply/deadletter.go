@@ -709,7 +709,9 @@ type RegionPolicy struct {
 	// overrides by table.
 	Conflicts      string            `json:"conflicts,omitempty"`
 	ConflictTables map[string]string `json:"conflict_tables,omitempty"`
-	RecordedAt     time.Time         `json:"recorded_at"`
+	// DDL is the nodes' ddl setting: off or replicate.
+	DDL        string    `json:"ddl,omitempty"`
+	RecordedAt time.Time `json:"recorded_at"`
 }
 
 // RecordPolicy records p, the policies of the nodes of p.Region (this
