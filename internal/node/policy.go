@@ -185,8 +185,6 @@ func (p *errorPolicy) undoFunc(a *apply.Applier) peers.UndoFunc {
 	}
 }
 
-// regionPolicy is what this node records in its database for other
-// regions' direct-SQL fallbacks and doctor (apply.RecordPolicy).
 // fallbackSettings returns the conflict policies and the ddl setting of
 // the direct-SQL fallback to region: the ones region's nodes recorded in
 // its database (apply.RecordPolicy, read through q), so that a row written
@@ -197,16 +195,21 @@ func (p *errorPolicy) undoFunc(a *apply.Applier) peers.UndoFunc {
 // knows, it is this node's own (own), and it says so.
 func fallbackSettings(ctx context.Context, q apply.Querier, own *config.Config, region string, log zerolog.Logger) (config.Conflicts, config.DDLMode) {
 	rec, found, err := apply.ReadRegionPolicy(ctx, q, region)
-	if err != nil {
+	switch {
+	case err != nil:
 		log.Warn().Err(err).Msg("cannot read the region's conflict policies and ddl setting from its database; the direct-SQL fallback follows this node's")
 		return own.Conflicts, own.DDL
+	case !found:
+		log.Warn().Msg("no node of the region has recorded its conflict policies and ddl setting in its database (prism.apply_policy(); a node records them when it starts): the direct-SQL fallback follows this node's")
+		return own.Conflicts, own.DDL
 	}
-	return fallbackConflicts(rec, found, own.Conflicts, log), fallbackDDL(rec, found, own.DDL, log)
+	return fallbackConflicts(rec, own.Conflicts, log), fallbackDDL(rec, own.DDL, log)
 }
 
-func fallbackConflicts(rec apply.RegionPolicy, found bool, own config.Conflicts, log zerolog.Logger) config.Conflicts {
-	if !found || rec.Conflicts == "" {
-		log.Warn().Msg("no node of the region has recorded its conflict policies in its database (prism.apply_policy(); a node records them when it starts): the direct-SQL fallback resolves conflicts as this node does")
+// fallbackConflicts is fallbackSettings' conflict policies from rec.
+func fallbackConflicts(rec apply.RegionPolicy, own config.Conflicts, log zerolog.Logger) config.Conflicts {
+	if rec.Conflicts == "" {
+		log.Warn().Str("node", rec.Node).Msg("the region's node recorded no conflict policies (an earlier version): the direct-SQL fallback resolves conflicts as this node does")
 		return own
 	}
 	c := config.Conflicts{Default: config.ConflictPolicy(rec.Conflicts), Tables: make(map[string]config.ConflictPolicy, len(rec.ConflictTables)), Keep: own.Keep}
@@ -228,11 +231,12 @@ func fallbackConflicts(rec apply.RegionPolicy, found bool, own config.Conflicts,
 	return c
 }
 
-func fallbackDDL(rec apply.RegionPolicy, found bool, own config.DDLMode, log zerolog.Logger) config.DDLMode {
+// fallbackDDL is fallbackSettings' ddl setting from rec.
+func fallbackDDL(rec apply.RegionPolicy, own config.DDLMode, log zerolog.Logger) config.DDLMode {
 	ddl := config.DDLMode(rec.DDL)
 	switch {
-	case !found || rec.DDL == "":
-		log.Warn().Str("ddl", string(own)).Msg("no node of the region has recorded its ddl setting in its database: the direct-SQL fallback applies schema changes there by this node's")
+	case rec.DDL == "":
+		log.Warn().Str("node", rec.Node).Str("ddl", string(own)).Msg("the region's node recorded no ddl setting (an earlier version): the direct-SQL fallback applies schema changes there by this node's")
 		return own
 	case !ddl.Valid():
 		log.Warn().Str("recorded", rec.DDL).Str("node", rec.Node).Str("ddl", string(own)).
@@ -245,6 +249,8 @@ func fallbackDDL(rec apply.RegionPolicy, found bool, own config.DDLMode, log zer
 	return ddl
 }
 
+// regionPolicy is what this node records in its database for other
+// regions' direct-SQL fallbacks and doctor (apply.RecordPolicy).
 func regionPolicy(cfg *config.Config) apply.RegionPolicy {
 	return apply.RegionPolicy{Region: cfg.Region, Node: cfg.Node,
 		OnApplyError: string(cfg.OnApplyError), ErrorTables: config.Strings(cfg.OnApplyErrorTables),

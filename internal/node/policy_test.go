@@ -475,7 +475,7 @@ func TestFallbackConflicts(t *testing.T) {
 	}
 	choice("nothing recorded", own, config.DDLReplicate, "no node of the region has recorded its conflict policies")
 	record(apply.RegionPolicy{Node: "eu0"})
-	choice("an earlier version's record", own, config.DDLReplicate, "no node of the region has recorded its ddl setting")
+	choice("an earlier version's record", own, config.DDLReplicate, "recorded no ddl setting (an earlier version)")
 	record(apply.RegionPolicy{Node: "eu1", Conflicts: "keep_local", ConflictTables: map[string]string{"public.u": "source_wins"}, DDL: "off"})
 	choice("recorded", config.Conflicts{Default: config.KeepLocal, Tables: map[string]config.ConflictPolicy{"public.u": config.SourceWins}}, config.DDLOff,
 		"the region resolves conflicts differently from this node")
