@@ -69,6 +69,18 @@ func pgbenchSchema(b *testing.B, ctx context.Context, c *pgtest.Cluster) {
 	mustExec(b, ctx, c, "postgres", "VACUUM ANALYZE")
 }
 
+// freshPgbenchRun returns b.N pgbench transactions whose LSNs follow
+// *lsn (which it advances), after vacuuming pgbench's tables and a
+// checkpoint: every variant of a benchmark starts from tables without
+// dead rows.
+func freshPgbenchRun(b *testing.B, ctx context.Context, c *pgtest.Cluster, lsn *uint64) []*decode.Txn {
+	txns := pgbenchTxnsFrom(b.N, int64(*lsn), *lsn)
+	*lsn += uint64(100*b.N + 1000)
+	mustExec(b, ctx, c, "postgres", "VACUUM pgbench_branches, pgbench_tellers, pgbench_accounts")
+	mustExec(b, ctx, c, "postgres", "CHECKPOINT")
+	return txns
+}
+
 // pgbenchApplier starts cluster name with pgbench's tables (pgbenchSchema)
 // and autovacuum off, and sets up an applier of region bench-target on it.
 func pgbenchApplier(b *testing.B, ctx context.Context, name string) (*pgtest.Cluster, *Applier) {
@@ -368,11 +380,7 @@ func BenchmarkApplyCost(b *testing.B) {
 	var lsn uint64
 	run := func(name string, apply func([]*decode.Txn)) {
 		b.Run(name, func(b *testing.B) {
-			txns := pgbenchTxnsFrom(b.N, int64(lsn), lsn)
-			lsn += uint64(100*b.N + 1000)
-			// Every variant starts from tables without dead rows.
-			mustExec(b, ctx, c, "postgres", "VACUUM pgbench_branches, pgbench_tellers, pgbench_accounts")
-			mustExec(b, ctx, c, "postgres", "CHECKPOINT")
+			txns := freshPgbenchRun(b, ctx, c, &lsn)
 			cpu, client := clusterCPU(b, c), processCPU(b)
 			b.ResetTimer()
 			apply(txns)

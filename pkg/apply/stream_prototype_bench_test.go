@@ -134,10 +134,7 @@ func BenchmarkApplyStreamPrototype(b *testing.B) {
 	var lsn uint64
 	run := func(name string, apply func([]*decode.Txn)) {
 		b.Run(name, func(b *testing.B) {
-			txns := pgbenchTxnsFrom(b.N, int64(lsn), lsn)
-			lsn += uint64(100*b.N + 1000)
-			mustExec(b, ctx, c, "postgres", "VACUUM pgbench_branches, pgbench_tellers, pgbench_accounts")
-			mustExec(b, ctx, c, "postgres", "CHECKPOINT")
+			txns := freshPgbenchRun(b, ctx, c, &lsn)
 			before := queryString(b, ctx, a.pool, "SELECT count(*)::text FROM pgbench_history")
 			cpu := clusterCPU(b, c)
 			b.ResetTimer()
