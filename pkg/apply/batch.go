@@ -65,14 +65,19 @@ type batchTable struct {
 	rows   map[string]*batchRow
 	order  []string         // keys in order of first change
 	append [][]decode.Value // groupAppend rows
+	kbuf   []byte           // room for key's text
 }
 
 // batchPlan is the net effect of consecutive source transactions.
 type batchPlan struct {
 	tables map[string]*batchTable
 	order  []string
-	rows   int
-	bytes  int
+	// byRel finds a change's table by its relation: a stream's relations
+	// are interned (decode.Relations), so most changes find theirs here
+	// without building the table's name.
+	byRel map[*decode.Relation]*batchTable
+	rows  int
+	bytes int
 	// journal records what the transaction being added changed in the
 	// tables, so that undo can put the plan back (see mark).
 	journal []undoEntry
@@ -107,7 +112,7 @@ var errNotBatchable = errors.New("not batchable")
 // other than AFTER row ones, an update or delete of a table with those,
 // a column the target lacks) ends the batch before that transaction.
 func (a *Applier) plan(ctx context.Context, conn *pgx.Conn, txns []*decode.Txn) (*batchPlan, int) {
-	bp := &batchPlan{tables: map[string]*batchTable{}}
+	bp := &batchPlan{tables: map[string]*batchTable{}, byRel: map[*decode.Relation]*batchTable{}}
 	for n, t := range txns {
 		m := bp.mark()
 		if err := bp.add(ctx, a, conn, t, n); err != nil {
@@ -146,6 +151,13 @@ func (bp *batchPlan) undo(m planMark) {
 		}
 	}
 	bp.journal = bp.journal[:0]
+	if len(bp.order) > m.tables {
+		for rel, bt := range bp.byRel {
+			if bp.added(bt, m.tables) {
+				delete(bp.byRel, rel)
+			}
+		}
+	}
 	for _, name := range bp.order[m.tables:] {
 		delete(bp.tables, name)
 	}
@@ -153,10 +165,21 @@ func (bp *batchPlan) undo(m planMark) {
 	bp.rows, bp.bytes = m.rows, m.bytes
 }
 
+// added reports whether bt is one of the tables the plan added after its
+// first n.
+func (bp *batchPlan) added(bt *batchTable, n int) bool {
+	for _, name := range bp.order[n:] {
+		if bp.tables[name] == bt {
+			return true
+		}
+	}
+	return false
+}
+
 // key is the text of a keyed row's key columns, or false when one is not
-// a plain value.
+// a plain value. It is built in bt.kbuf, so a key costs one allocation.
 func (bt *batchTable) key(vs []decode.Value) (string, bool) {
-	var b strings.Builder
+	b := bt.kbuf[:0]
 	for i, col := range bt.rel.Columns {
 		if !col.Key {
 			continue
@@ -164,11 +187,12 @@ func (bt *batchTable) key(vs []decode.Value) (string, bool) {
 		if i >= len(vs) || vs[i].Kind != decode.ValueText {
 			return "", false
 		}
-		b.WriteString(strconv.Itoa(len(vs[i].Data)))
-		b.WriteByte(':')
-		b.Write(vs[i].Data)
+		b = strconv.AppendInt(b, int64(len(vs[i].Data)), 10)
+		b = append(b, ':')
+		b = append(b, vs[i].Data...)
 	}
-	return b.String(), true
+	bt.kbuf = b
+	return string(b), true
 }
 
 func sameColumns(a, b *decode.Relation) bool {
@@ -238,11 +262,15 @@ func (bp *batchPlan) add(ctx context.Context, a *Applier, conn *pgx.Conn, t *dec
 // change, or errNotBatchable when its rows cannot be batched (or its
 // columns changed within the batch).
 func (bp *batchPlan) table(ctx context.Context, a *Applier, conn *pgx.Conn, c *decode.Change) (*batchTable, error) {
+	if bt := bp.byRel[c.Rel]; bt != nil {
+		return bt, nil
+	}
 	name := relName(c)
 	if bt := bp.tables[name]; bt != nil {
 		if !sameColumns(bt.rel, c.Rel) {
 			return nil, errNotBatchable
 		}
+		bp.byRel[c.Rel] = bt
 		return bt, nil
 	}
 	tg, err := a.target(ctx, conn, c.Rel, false)
@@ -260,6 +288,7 @@ func (bp *batchPlan) table(ctx context.Context, a *Applier, conn *pgx.Conn, c *d
 	bt := &batchTable{t: tg, rel: c.Rel, keyed: sourceKeyed(c.Rel), rows: map[string]*batchRow{}}
 	bp.tables[name] = bt
 	bp.order = append(bp.order, name)
+	bp.byRel[c.Rel] = bt
 	return bt, nil
 }
 
@@ -492,6 +521,42 @@ func (bp *batchPlan) statements() ([]batchCall, error) {
 // are they looked up), and records the stamps of its rows in
 // prism.batch_stamps (one row with two arrays) in the same statement.
 func (bt *batchTable) statement(kind int) (*batchStatement, error) {
+	key := batchStatementKey{rel: bt.rel, kind: kind}
+	bt.t.batchMu.Lock()
+	st := bt.t.batchStatements[key]
+	bt.t.batchMu.Unlock()
+	if st != nil {
+		return st, nil
+	}
+	st, err := bt.build(kind)
+	if err != nil {
+		return nil, err
+	}
+	bt.t.batchMu.Lock()
+	if bt.t.batchStatements == nil || len(bt.t.batchStatements) >= maxBatchStatements {
+		bt.t.batchStatements = map[batchStatementKey]*batchStatement{}
+	}
+	bt.t.batchStatements[key] = st
+	bt.t.batchMu.Unlock()
+	return st, nil
+}
+
+// batchStatementKey names an array statement of a target: the relation
+// of its changes (interned, never mutated) and its group kind. Every
+// batch of a stream uses the same few.
+type batchStatementKey struct {
+	rel  *decode.Relation
+	kind int
+}
+
+// maxBatchStatements bounds a target's statements: a stream that
+// reconnects interns its relations again, and the old ones are then
+// never asked for.
+const maxBatchStatements = 64
+
+// build builds the array statement of one group kind of the table (see
+// statement).
+func (bt *batchTable) build(kind int) (*batchStatement, error) {
 	b := &builder{t: bt.t, rel: bt.rel, keys: matchKey(bt.t, bt.rel), index: map[paramRef]int{}}
 	st := &batchStatement{cols: bt.groupColumns(b, kind)}
 	st.withCheck = kind == groupUpdate || kind == groupDelete

@@ -657,6 +657,17 @@ func TestPlanUndo(t *testing.T) {
 		if len(bp.tables) != len(bp.order) {
 			fmt.Fprintf(&b, "%d tables in the map\n", len(bp.tables))
 		}
+		// A relation finds only tables the plan has.
+		var byRel []string
+		for r, bt := range bp.byRel {
+			if bp.tables[r.Schema+"."+r.Table] != bt {
+				byRel = append(byRel, "stale "+r.Table)
+				continue
+			}
+			byRel = append(byRel, r.Table)
+		}
+		slices.Sort(byRel)
+		fmt.Fprintf(&b, "by relation %v\n", byRel)
 		return b.String()
 	}
 	bp, n := a.plan(ctx, conn.Conn(), txns)
@@ -669,6 +680,71 @@ func TestPlanUndo(t *testing.T) {
 	}
 	if got, w := fingerprint(bp), fingerprint(want); got != w {
 		t.Fatalf("plan after the undone third transaction:\n%s\nwant, as after the first two:\n%s", got, w)
+	}
+}
+
+// TestBatchStatementsKept: a table's array statements are built once per
+// relation and group kind and kept with its target, so the next batch
+// of the stream takes them as they are; a relation with other columns
+// gets statements of its own.
+func TestBatchStatementsKept(t *testing.T) {
+	ctx := testCtx(t)
+	c := pgtest.Start(t, pgtest.Options{Name: "batchkept"})
+	mustExec(t, ctx, c, "postgres", `CREATE TABLE kv (id int PRIMARY KEY, v text)`)
+	a := newApplier(t, ctx, c, "postgres", WithLocalRegion("eu"))
+	if err := a.Setup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	conn, err := a.pool.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Release()
+	kv := rel("public", "kv", decode.IdentityDefault, "id*", "v")
+	keyOnly := rel("public", "kv", decode.IdentityDefault, "id*")
+	statements := func(txns ...*decode.Txn) []batchCall {
+		t.Helper()
+		bp, n := a.plan(ctx, conn.Conn(), txns)
+		if n != len(txns) {
+			t.Fatalf("plan took %d of %d transactions", n, len(txns))
+		}
+		calls, err := bp.statements()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return calls
+	}
+	first := statements(txn("na", 0x100, 1, ins(kv, "1", "a")), txn("na", 0x200, 2, upd(kv, nil, "2", "b")))
+	second := statements(txn("na", 0x300, 3, ins(kv, "3", "c")), txn("na", 0x400, 4, upd(kv, nil, "4", "d")))
+	if len(first) != 2 || len(second) != 2 {
+		t.Fatalf("statements: %d and %d, want 2 each (updates, inserts)", len(first), len(second))
+	}
+	tg, err := a.target(ctx, conn.Conn(), kv, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range first {
+		if first[i].st != second[i].st {
+			t.Fatalf("statement %d built again for the second batch", i)
+		}
+		bt := &batchTable{t: tg, rel: kv}
+		built, err := bt.build([]int{groupUpdate, groupInsert}[i])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if built.sql != first[i].st.sql || built.name != first[i].st.name {
+			t.Fatalf("kept statement %d:\n%s\nwant, built anew:\n%s", i, first[i].st.sql, built.sql)
+		}
+	}
+	other := statements(txn("na", 0x500, 5, upd(keyOnly, nil, "5")), txn("na", 0x600, 6, upd(keyOnly, nil, "6")))
+	if len(other) != 1 {
+		t.Fatalf("statements of the key-only relation: %d, want 1 (updates)", len(other))
+	}
+	if other[0].st == first[0].st || other[0].st.sql == first[0].st.sql {
+		t.Fatalf("a relation without column v took kv's update statement: %s", other[0].st.sql)
+	}
+	if strings.Contains(other[0].st.sql, `"v" =`) {
+		t.Fatalf("update statement of a relation without column v sets it: %s", other[0].st.sql)
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/jackc/pgx/v5"
 
@@ -49,6 +50,11 @@ type target struct {
 	// the row path. Its updates and deletes may not, since a batch keeps
 	// only a key's last version.
 	insertsOnly bool
+	// batchStatements are the array statements built for the table (see
+	// batchTable.statement), guarded by batchMu: sessions of several
+	// sources share a target.
+	batchMu         sync.Mutex
+	batchStatements map[batchStatementKey]*batchStatement
 }
 
 const loadTargetSQL = `
