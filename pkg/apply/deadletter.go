@@ -762,11 +762,6 @@ func (a *Applier) RecordedPolicy(ctx context.Context, region string) (p RegionPo
 	return ReadRegionPolicy(ctx, a.pool, region)
 }
 
-// Querier is what ReadRegionPolicy reads with (a pool or a connection).
-type Querier interface {
-	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
-}
-
 // ReadRegionPolicy reads the policy recorded (RecordPolicy) in the
 // database q reads, which must be region's.
 func ReadRegionPolicy(ctx context.Context, q Querier, region string) (p RegionPolicy, found bool, err error) {

@@ -224,23 +224,3 @@ func errTable(err error) string {
 // SQLCode returns the SQLSTATE of the failure ("" when it has none), for
 // callers that classify errors by behaviour.
 func (e *Error) SQLCode() string { return e.SQLState }
-
-// lsnText is l in pg_lsn's text form, as l.String() writes it, without
-// fmt: the apply statements take it as a parameter twice per transaction.
-func lsnText(l pglogrepl.LSN) []byte {
-	b := make([]byte, 0, 17)
-	b = appendUpperHex(b, uint64(l)>>32)
-	b = append(b, '/')
-	return appendUpperHex(b, uint64(l)&0xFFFFFFFF)
-}
-
-func appendUpperHex(b []byte, v uint64) []byte {
-	start := len(b)
-	b = strconv.AppendUint(b, v, 16)
-	for i := start; i < len(b); i++ {
-		if b[i] >= 'a' {
-			b[i] -= 'a' - 'A'
-		}
-	}
-	return b
-}
